@@ -1,0 +1,528 @@
+"""Checkpoints: our own directories (atomic, resumable) and nanochat's, behind one load_model.
+
+A run directory holds one sub-directory per saved step and a `latest` pointer:
+
+    out/
+      latest                  text: "step_000200" (replaced atomically, only after the save)
+      step_000200/
+        config.json           GPTConfig
+        model.pt              state dict (torch.save; keys as gpt.py, LoRA keys if adapters)
+        adapters.pt           instead of model.pt for an adapter-only LoRA checkpoint,
+        adapter_config.json   with rank/alpha/targets and the base checkpoint it fits
+        tokenizer/            a copy of the tokenizer dir, so the checkpoint is self-contained
+        optim.pt              optimizer state_dict (resume)
+        rng.pt                python/numpy/torch/cuda RNG states, one entry per rank (resume)
+        meta.json             step, time, git commit, data sources, whatever the caller adds
+
+Atomicity: everything is written into `step_000200.tmp-<pid>`, fsynced, then renamed; the
+`latest` file is replaced with os.replace after that. A crash at any moment leaves `latest`
+naming a complete checkpoint (or absent), never a half-written one.
+
+Loading: `load_model(path)` takes a run dir (follows `latest`), a step dir, a LoRA adapter
+dir (loads its base, then the adapters), or a nanochat checkpoint dir (model_XXXXXX.pt +
+meta_XXXXXX.json). `load_checkpoint(path, model, optimizer)` restores weights, optimizer and
+RNG into objects the caller built: that is `--resume`.
+
+Only rank 0 saves (DDP keeps weights and optimizer identical on every rank); RNG states of
+all ranks come in through `gather_rng_states()`, which every rank must call.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from nanostoney.errors import UserError
+from nanostoney.gpt import GPT, GPTConfig, unwrap
+from nanostoney import lora
+
+FORMAT = "nanostoney-checkpoint-1"
+LATEST = "latest"
+MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.json", "meta.json"
+OPTIM_FILE, RNG_FILE, TOKENIZER_DIR = "optim.pt", "rng.pt", "tokenizer"
+STEP_RE = re.compile(r"^step_(\d+)$")
+NANOCHAT_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
+
+
+def step_dir_name(step):
+    return f"step_{step:06d}"
+
+
+# -----------------------------------------------------------------------------
+# RNG state (exact resume)
+
+def rng_state():
+    """This process's RNG states, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states():
+    """Every rank's rng_state(), as a list indexed by rank (call on all ranks)."""
+    import torch.distributed as td
+    mine = rng_state()
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return [mine]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, mine)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def git_commit():
+    """The commit of the code that wrote the checkpoint (None outside a git checkout)."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True, timeout=10)
+        return (r.stdout.strip() or None) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fsync_tree(root):
+    """Flush every file and directory under root to disk, so the rename publishes real bytes."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; the checkpoint is incomplete or the path is wrong.")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); the checkpoint is damaged.") from None
+
+
+def _torch_load(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; the checkpoint is incomplete or the path is wrong.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}); the file is damaged or not a "
+                        f"torch checkpoint.") from None
+
+
+def describe(cfg):
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
+
+
+def describe_weights(sd):
+    """The shape a state dict implies (heads are not visible in weights, widths are)."""
+    def get(k):
+        return sd.get(k, sd.get("_orig_mod." + k))
+    wte, ck = get("transformer.wte.weight"), get("transformer.h.0.attn.c_k.weight")
+    layers = {int(m.group(1)) for k in sd for m in [re.search(r"transformer\.h\.(\d+)\.", k)] if m}
+    parts = []
+    if wte is not None:
+        parts += [f"vocab_size={wte.shape[0]}", f"n_embd={wte.shape[1]}"]
+    parts.append(f"n_layer={max(layers) + 1 if layers else 0}")
+    if ck is not None:
+        parts.append(f"kv width={ck.shape[0]}")
+    return ", ".join(parts)
+
+
+def config_from_dict(d, where):
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"{where} has model settings {unknown} that nanostoney's GPT does not "
+                        f"implement (a newer architecture?); only {sorted(known)} are supported.")
+    missing = sorted(known - set(d))
+    if missing:
+        raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
+    return GPTConfig(**{k: int(v) for k, v in d.items()})
+
+
+def load_weights(model, sd, where):
+    """load_state_dict with the failure modes turned into one sentence naming both shapes."""
+    own = model.state_dict()
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if bad or missing or extra:
+        raise UserError(f"{where} holds a model of shape ({describe_weights(sd)}) but the model "
+                        f"being loaded is ({describe(model.config)}); load it with its own config."
+                        + (f" (missing keys {missing[:3]}, unexpected {extra[:3]})" if missing or extra else ""))
+    model.load_state_dict(sd, strict=True)
+
+
+def check_same_shape(cfg_a, cfg_b, where):
+    if any(getattr(cfg_a, k) != getattr(cfg_b, k) for k in SHAPE_FIELDS):
+        raise UserError(f"{where} holds a model of shape ({describe(cfg_a)}) but the model being "
+                        f"loaded is ({describe(cfg_b)}); build the model from the checkpoint's config.")
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
+                    tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None):
+    """Write out_dir/step_XXXXXX atomically and point out_dir/latest at it. Returns its path.
+
+    model: a GPT (DDP/compile wrappers are unwrapped). With LoRA adapters and base_checkpoint
+      given, only the adapters are written (a small checkpoint that names its base);
+      otherwise the full state dict (adapter keys included, if any).
+    optimizer: anything with state_dict() (a list of them works too).
+    meta: extra JSON-able run metadata; put the data files behind the run in meta["data_sources"].
+      Secret-looking keys are redacted.
+    tokenizer_dir / tokenizer: copied in (files of the dir) / saved in with tokenizer.save().
+    rng_states: gather_rng_states() from all ranks; default: this process only.
+    keep_last: keep only the newest N step directories (None keeps all).
+    """
+    from nanostoney.logging import scrub  # light module; no wandb import at top
+    model = unwrap(model)
+    os.makedirs(out_dir, exist_ok=True)
+    name = step_dir_name(step)
+    final = os.path.join(out_dir, name)
+    _remove_stale_tmp(out_dir)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        _write_json(os.path.join(tmp, CONFIG_FILE), asdict(model.config))
+        if lora.lora_modules(model) and base_checkpoint is not None:
+            lora.write_adapter_files(model, tmp, base_checkpoint)
+        else:
+            if any(m.merged for _, m in lora.lora_modules(model)):
+                raise UserError("the LoRA adapters are merged into the weights; unmerge_lora() "
+                                "or remove_lora() before saving.")
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       os.path.join(tmp, MODEL_FILE))
+            if lora.lora_modules(model):
+                _write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+        elif tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+        if optimizer is not None:
+            state = ([o.state_dict() for o in optimizer] if isinstance(optimizer, (list, tuple))
+                     else optimizer.state_dict())
+            torch.save(state, os.path.join(tmp, OPTIM_FILE))
+        torch.save({"per_rank": rng_states if rng_states is not None else [rng_state()]},
+                   os.path.join(tmp, RNG_FILE))
+        full_meta = {"format": FORMAT, "step": int(step), "time": time.time(),
+                     "git_commit": git_commit(), "torch_version": torch.__version__,
+                     "config": asdict(model.config), **scrub(dict(meta or {}))}
+        _write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
+        _fsync_tree(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _set_latest(out_dir, name)
+    if keep_last:
+        _prune(out_dir, keep_last, keep=name)
+    return final
+
+
+def _copy_tokenizer(src, dst):
+    if not os.path.isdir(src):
+        raise UserError(f"tokenizer directory {src} does not exist; train one with scripts/tok_train.py.")
+    os.makedirs(dst)
+    for entry in os.listdir(src):
+        p = os.path.join(src, entry)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst, entry))
+
+
+def _publish(tmp, final):
+    """rename tmp -> final. An older directory of the same name (a re-run into the same out
+    dir) is moved aside first and deleted after, so `final` is never a mix of the two."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_latest(out_dir, name):
+    tmp = os.path.join(out_dir, f"{LATEST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out_dir, LATEST))
+    _fsync_dir(out_dir)
+
+
+def _remove_stale_tmp(out_dir):
+    """Leftovers of saves that crashed (their process is gone; ours are removed on error)."""
+    for entry in os.listdir(out_dir):
+        m = re.search(r"\.(?:tmp|old)-(\d+)$", entry)
+        if m and int(m.group(1)) != os.getpid():
+            p = os.path.join(out_dir, entry)
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+
+
+def _step_dirs(out_dir):
+    out = []
+    for entry in os.listdir(out_dir):
+        m = STEP_RE.match(entry)
+        if m and os.path.isfile(os.path.join(out_dir, entry, META_FILE)):
+            out.append((int(m.group(1)), entry))
+    return sorted(out)
+
+
+def _prune(out_dir, keep_last, keep):
+    for _, entry in _step_dirs(out_dir)[:-keep_last]:
+        if entry != keep:
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint under a run dir (following `latest`), or None.
+    A checkpoint directory itself is returned as is."""
+    if not os.path.isdir(out_dir):
+        return None
+    if os.path.isfile(os.path.join(out_dir, META_FILE)):
+        return out_dir
+    pointer = os.path.join(out_dir, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            cand = os.path.join(out_dir, f.read().strip())
+        if os.path.isfile(os.path.join(cand, META_FILE)):
+            return cand
+    steps = _step_dirs(out_dir)  # pointer missing or stale: the newest complete step dir
+    return os.path.join(out_dir, steps[-1][1]) if steps else None
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
+    """Restore weights (and optimizer, RNG of this rank) from one of our checkpoints into
+    objects built by the caller. path: a step dir or a run dir (its latest). Returns meta."""
+    ckpt = _resolve(path)
+    model = unwrap(model)
+    cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
+    check_same_shape(cfg, model.config, ckpt)
+    if os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
+        sd = _torch_load(os.path.join(ckpt, MODEL_FILE))
+        if any(k.endswith(".lora_A") for k in sd) and not lora.lora_modules(model):
+            acfg = lora.read_adapter_config(ckpt)
+            lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
+        load_weights(model, sd, ckpt)
+    else:
+        lora.load_adapters(model, ckpt)
+    if optimizer is not None:
+        state = _torch_load(os.path.join(ckpt, OPTIM_FILE))
+        if isinstance(optimizer, (list, tuple)):
+            for o, s in zip(optimizer, state):
+                o.load_state_dict(s)
+        else:
+            optimizer.load_state_dict(state)
+    if restore_rng and os.path.isfile(os.path.join(ckpt, RNG_FILE)):
+        per_rank = _torch_load(os.path.join(ckpt, RNG_FILE))["per_rank"]
+        if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
+            set_rng_state(per_rank[rank])
+    return _read_json(os.path.join(ckpt, META_FILE))
+
+
+def _resolve(path):
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or --out of the run).")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"{path} holds no complete checkpoint (no meta.json, no `latest`).")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# loading for use (eval, SFT on top of a base, GRPO, interp)
+
+def _load_tokenizer(directory, cfg):
+    """Our tokenizer from a checkpoint's tokenizer/ (None when the checkpoint has none)."""
+    tdir = os.path.join(directory, TOKENIZER_DIR)
+    if not os.path.isdir(tdir):
+        return None
+    from nanostoney.tokenizer import Tokenizer
+    tok = Tokenizer.load(tdir)
+    if tok.vocab_size > cfg.vocab_size:  # ids past the embedding would crash much later
+        raise UserError(f"{tdir} has {tok.vocab_size} tokens but the model has vocab_size="
+                        f"{cfg.vocab_size}; the checkpoint was saved with the wrong tokenizer.")
+    return tok
+
+
+def load_model(path, device="cpu"):
+    """(model, tokenizer or None, meta) from any checkpoint we understand; model in eval mode.
+
+    path: our run dir or step dir, a LoRA adapter dir, or a nanochat checkpoint dir.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path.")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is a file; pass the checkpoint directory that contains it.")
+    if _nanochat_model_dir(path):
+        return load_nanochat(path, device=device)
+    ckpt = latest_checkpoint(path) or path
+    has_model = os.path.isfile(os.path.join(ckpt, MODEL_FILE))
+    has_adapters = os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE))
+    if has_adapters and not has_model:
+        return _load_adapter_dir(ckpt, device)
+    if not has_model:
+        raise UserError(f"{path} is not a checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} (nanostoney), "
+                        f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), or "
+                        f"model_XXXXXX.pt + meta_XXXXXX.json (nanochat).")
+    cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
+    sd = _torch_load(os.path.join(ckpt, MODEL_FILE))
+    model = GPT(cfg)
+    if any(k.endswith(".lora_A") for k in sd):
+        acfg = lora.read_adapter_config(ckpt)
+        lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
+    load_weights(model, sd, ckpt)
+    meta = _read_json(os.path.join(ckpt, META_FILE)) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
+    meta.setdefault("checkpoint", os.path.abspath(ckpt))
+    return model.to(device).eval(), _load_tokenizer(ckpt, cfg), meta
+
+
+def _load_adapter_dir(path, device):
+    base = lora.base_checkpoint_of(path)
+    if base is None:
+        raise UserError(f"the adapters in {path} do not name their base checkpoint; load the base "
+                        f"with load_model(base) and then lora.load_adapters(model, '{path}').")
+    model, tokenizer, base_meta = load_model(base, device="cpu")
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        cfg = config_from_dict(_read_json(os.path.join(path, CONFIG_FILE)), os.path.join(path, CONFIG_FILE))
+        check_same_shape(cfg, model.config, f"the base of {path} ({base})")
+    lora.load_adapters(model, path)
+    meta = _read_json(os.path.join(path, META_FILE)) if os.path.isfile(os.path.join(path, META_FILE)) else {}
+    meta.setdefault("checkpoint", os.path.abspath(path))
+    meta["base"] = base_meta
+    return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# nanochat import
+
+def _nanochat_steps(directory):
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for f in os.listdir(directory) for m in [NANOCHAT_MODEL_RE.match(f)] if m)
+
+
+def _nanochat_model_dir(path):
+    """path if it holds model_XXXXXX.pt files; else the deepest d<N> sub-folder that does
+    (nanochat's base_checkpoints/ layout, one folder per depth); else None."""
+    if _nanochat_steps(path):
+        return path
+    if not os.path.isdir(path):
+        return None
+    depths = sorted((int(m.group(1)), e) for e in os.listdir(path)
+                    for m in [re.match(r"^d(\d+)$", e)] if m and _nanochat_steps(os.path.join(path, e)))
+    return os.path.join(path, depths[-1][1]) if depths else None
+
+
+def _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir):
+    """nanochat keeps tokenizer.pkl in ~/.cache/nanochat/tokenizer, two levels above
+    base_checkpoints/d20; published model folders often put it next to the weights."""
+    if tokenizer_dir is not None:
+        cands = [tokenizer_dir]
+    else:
+        c = os.path.abspath(checkpoint_dir)
+        cands = [c, os.path.join(c, "tokenizer"), os.path.join(os.path.dirname(c), "tokenizer"),
+                 os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")]
+    for d in cands:
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            from nanostoney.tokenizer import Tokenizer
+            return Tokenizer.load(d)
+        if os.path.isfile(os.path.join(d, "tokenizer.pkl")):
+            from nanostoney.tokenizer import Tokenizer
+            return Tokenizer.from_nanochat_pickle(os.path.join(d, "tokenizer.pkl"))
+    if tokenizer_dir is not None:
+        raise UserError(f"no tokenizer.pkl or tokenizer.json in {tokenizer_dir}; point --tokenizer "
+                        f"at nanochat's tokenizer directory.")
+    return None
+
+
+def load_nanochat(checkpoint_dir, tokenizer_dir=None, device="cpu", step=None):
+    """Import a nanochat (Oct 2025) checkpoint: (model, tokenizer or None, meta).
+
+    Reads model_XXXXXX.pt (highest step unless `step` is given) and meta_XXXXXX.json. Keys
+    lose torch.compile's `_orig_mod.` prefix; bf16 tensors (nanochat keeps the embedding in
+    bf16 on GPU) become fp32, which is exact. The rotary tables are rebuilt in bf16 by gpt.py
+    exactly as nanochat builds them, so logits match nanochat's.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"nanochat checkpoint directory {checkpoint_dir} does not exist; check the path.")
+    model_dir = _nanochat_model_dir(checkpoint_dir)
+    if model_dir is None:
+        raise UserError(f"{checkpoint_dir} has no nanochat model_XXXXXX.pt file; point at the folder "
+                        f"holding model_*.pt and meta_*.json (e.g. base_checkpoints/d20).")
+    checkpoint_dir, steps = model_dir, _nanochat_steps(model_dir)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{checkpoint_dir} has no model_{step:06d}.pt; available steps: {steps}.")
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    meta = _read_json(meta_path)
+    if "model_config" not in meta:
+        raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
+    cfg = config_from_dict(meta["model_config"], meta_path)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    raw = _torch_load(model_path)
+    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
+    model = GPT(cfg)
+    load_weights(model, sd, model_path)
+    tokenizer = _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # (a padded vocab is fine)
+        raise UserError(f"the tokenizer found for {checkpoint_dir} has {tokenizer.vocab_size} tokens but "
+                        f"the model has vocab_size={cfg.vocab_size}; pass the matching tokenizer_dir.")
+    meta = {**meta, "source": "nanochat", "step": step, "checkpoint": os.path.abspath(checkpoint_dir)}
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,227 @@
+"""Run records: W&B (online or offline) behind one small interface, plus a plain JSON-lines file.
+
+Every run leaves `<out_dir>/metrics.jsonl` (one JSON object per `.log` call, and the config as
+the first line), so a run can be compared later even where wandb is not installed. On top of
+that, W&B:
+  mode "auto"     -> $WANDB_MODE if set, else "online" when WANDB_API_KEY is set and
+                     "offline" run files otherwise
+  mode "online"   -> sync to wandb.ai (wandb reads the key from the environment itself)
+  mode "offline"  -> run files under <out_dir>/wandb/, `wandb sync` them later
+  mode "disabled" -> no W&B at all (the jsonl is still written)
+Entity/project/run name come from the arguments, else WANDB_ENTITY / WANDB_PROJECT / WANDB_NAME.
+Only rank 0 logs; on other ranks every method is a no-op, so callers need no `if master`.
+
+The API key is never read into our objects: configs are scrubbed of anything that looks like a
+key/token/secret, and messages from a failed wandb.init have secret values masked.
+
+    logger = Logger(mode="auto", project="nanostoney", config=vars(args), out_dir=out_dir)
+    logger.log({"train/loss": 2.3, "attn/entropy_mean": 1.7}, step=step)
+    logger.finish()
+"""
+import json
+import os
+import re
+import time
+
+from nanostoney.errors import UserError
+
+MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_PROJECT = "nanostoney"
+REDACTED = "<redacted>"
+# name parts (split on _ - . space) that mark a secret: api_key, hf_token, WANDB_API_KEY, ...
+_SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "credential",
+                 "credentials", "auth", "bearer", "cookie"}
+
+
+def _looks_secret(name):
+    parts = re.split(r"[_\-.\s/]+", str(name).lower())
+    return any(p in _SECRET_PARTS for p in parts)
+
+
+def secret_values():
+    """Values of environment variables whose names look secret (to mask them in any text)."""
+    return [v for k, v in os.environ.items() if _looks_secret(k) and len(v) >= 6]
+
+
+def mask_secrets(text):
+    """Replace every secret environment value inside `text` with <redacted>."""
+    text = str(text)
+    for value in secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def scrub(obj):
+    """A copy of a (nested) config with secret-looking keys and secret values redacted."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _looks_secret(k) else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return mask_secrets(obj)
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    return mask_secrets(str(obj))  # paths, dtypes, devices: keep a readable string
+
+
+def _plain(v):
+    """Metric values as JSON numbers (tensors and numpy scalars -> float)."""
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return str(v)
+
+
+def resolve_mode(mode):
+    if mode not in MODES:
+        raise UserError(f"unknown --wandb mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE")  # wandb's own switch, if the user set it, wins
+        if env in ("online", "offline", "disabled"):
+            return env
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+def _rank():
+    try:
+        import torch.distributed as td
+        if td.is_available() and td.is_initialized():
+            return td.get_rank()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def add_logging_args(parser):
+    """The W&B flags every training script shares."""
+    parser.add_argument("--wandb", default="auto", choices=MODES,
+                        help="auto: online if WANDB_API_KEY is set, else offline run files")
+    parser.add_argument("--wandb-project", default=None, help="default: $WANDB_PROJECT or nanostoney")
+    parser.add_argument("--wandb-entity", default=None, help="default: $WANDB_ENTITY")
+    parser.add_argument("--run-name", default=None, help="default: $WANDB_NAME or wandb's own")
+    return parser
+
+
+class Logger:
+    def __init__(self, mode="auto", project=None, run_name=None, entity=None, config=None,
+                 out_dir=None, rank=None, tags=None):
+        self.active = (_rank() if rank is None else rank) == 0
+        self.mode = resolve_mode(mode)
+        self.out_dir = out_dir
+        self.run = None
+        self._jsonl = None
+        if config is not None and not isinstance(config, dict):
+            config = vars(config)  # an argparse.Namespace
+        self.config = scrub(dict(config or {}))
+        if not self.active:
+            return
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._write({"event": "config", "time": time.time(), "config": self.config})
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            print(f"wandb is not installed, so this run is recorded only in "
+                  f"{os.path.join(out_dir, 'metrics.jsonl') if out_dir else 'nothing (no out_dir)'}.")
+            return
+        project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+        entity = entity or os.environ.get("WANDB_ENTITY") or None
+        run_name = run_name or os.environ.get("WANDB_NAME") or None
+        try:
+            self.run = wandb.init(mode=self.mode, project=project, entity=entity, name=run_name,
+                                  config=self.config, dir=out_dir, tags=tags, reinit="finish_previous")
+        except Exception as e:  # never let a message carrying the key escape
+            raise UserError(f"could not start W&B in {self.mode} mode ({mask_secrets(e)}); "
+                            f"check WANDB_API_KEY/network or pass --wandb=offline") from None
+
+    def _write(self, record):
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+
+    def log(self, metrics, step=None):
+        """Log a flat dict of scalars (floats, ints, 0-d tensors) at `step`."""
+        if not self.active:
+            return
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        self._write({"step": step, "time": time.time(), **metrics})
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_table(self, name, columns, rows, step=None):
+        """A small table (e.g. sample completions); in the jsonl as one record."""
+        if not self.active:
+            return
+        rows = [[_plain(v) for v in row] for row in rows]
+        self._write({"step": step, "time": time.time(), "table": name, "columns": list(columns),
+                     "rows": rows})
+        if self.run is not None:
+            import wandb
+            self.run.log({name: wandb.Table(columns=list(columns), data=rows)}, step=step)
+
+    def log_image(self, name, path, step=None):
+        """An image file (e.g. a report figure); the jsonl records its path."""
+        if not self.active:
+            return
+        self._write({"step": step, "time": time.time(), "image": name, "path": str(path)})
+        if self.run is not None:
+            import wandb
+            self.run.log({name: wandb.Image(str(path))}, step=step)
+
+    def log_artifact(self, path, sources, name=None, type="model"):
+        """Upload a file/dir as a W&B artifact, but only if every data source it was made from
+        is approved for public release (raises UserError otherwise, before anything leaves)."""
+        from nanostoney.data import check_sources  # lazy: the governance gate lives with data
+        check_sources(list(sources), use="public_release")
+        if not self.active:
+            return
+        self._write({"time": time.time(), "artifact": str(path), "sources": [str(s) for s in sources]})
+        if self.run is None:
+            return
+        import wandb
+        art = wandb.Artifact(name or os.path.basename(os.path.normpath(str(path))), type=type,
+                             metadata={"sources": [str(s) for s in sources]})
+        if os.path.isdir(path):
+            art.add_dir(str(path))
+        else:
+            art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def summary(self, metrics):
+        """Final numbers for the run (shown in the W&B run table)."""
+        if not self.active:
+            return
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        self._write({"event": "summary", "time": time.time(), **metrics})
+        if self.run is not None:
+            for k, v in metrics.items():
+                self.run.summary[k] = v
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+
+def from_args(args, config=None, out_dir=None):
+    """A Logger from the flags of add_logging_args."""
+    return Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+                  run_name=args.run_name, config=config if config is not None else vars(args),
+                  out_dir=out_dir)

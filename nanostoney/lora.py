@@ -1,0 +1,306 @@
+"""LoRA: train a low-rank update W + (alpha/r) B A of chosen linear layers, base frozen.
+
+LoRALinear *is* an nn.Linear that keeps the base `weight` Parameter (the very same tensor,
+no copy) and adds `lora_A` (r x in) and `lora_B` (out x r). So while adapters are applied the
+base keys of the state dict are unchanged (`...attn.c_q.weight`) and the adapters sit next to
+them (`...attn.c_q.lora_A`, `...lora_B`); `remove_lora(model, merge=True)` folds B A into the
+weights and leaves a plain GPT whose state dict is an ordinary checkpoint.
+
+B starts at zero, so a freshly applied model computes exactly the base function. A starts
+like nn.Linear's own init (kaiming-uniform), so the first gradient step on B is not zero.
+
+    names = apply_lora(model, rank=8, alpha=16)      # freezes everything but the adapters
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+    with disable_adapters(model):                    # the base model: GRPO's KL reference
+        ref_logits = model(x)
+    save_adapters(model, "out/sft_lora", base_checkpoint="out/base/step_001000")
+"""
+import fnmatch
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanostoney.errors import UserError
+
+ATTN_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj")
+MLP_TARGETS = ("mlp.c_fc", "mlp.c_proj")
+DEFAULT_TARGETS = ATTN_TARGETS
+ALIASES = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ATTN_TARGETS + MLP_TARGETS,
+           "q": ("attn.c_q",), "k": ("attn.c_k",), "v": ("attn.c_v",), "o": ("attn.c_proj",),
+           "proj": ("attn.c_proj",)}
+ADAPTER_FILE = "adapters.pt"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "nanostoney-lora-1"
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T, with W shared with the wrapped layer."""
+
+    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a new weight
+        if rank < 1:
+            raise UserError(f"LoRA rank must be at least 1, got {rank}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True   # False inside disable_adapters
+        self.merged = False   # True when B A has been added into weight
+
+    def delta_weight(self):
+        # in float32 so merge followed by unmerge returns (almost) exactly the old weight
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.enabled and not self.merged:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def parse_targets(targets):
+    """"attn.c_q,attn.c_v" or ["attn", "mlp"] or aliases (attn, mlp, all, q, k, v, o) -> tuple."""
+    if targets is None:
+        return DEFAULT_TARGETS
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    out = []
+    for t in targets:
+        for name in ALIASES.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise UserError("no LoRA targets given; use e.g. --lora-targets attn.c_q,attn.c_v (or attn, mlp, all).")
+    return tuple(out)
+
+
+def _matches(name, pattern):
+    # "attn.c_q" matches "transformer.h.3.attn.c_q"; glob patterns match the full name
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def lora_modules(model):
+    """(name, LoRALinear) pairs, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
+    """Wrap every nn.Linear whose name matches a target; freeze all other parameters.
+
+    Returns the names of the wrapped modules. Raises UserError when no module matches.
+    """
+    targets = parse_targets(targets)
+    if lora_modules(model):
+        raise UserError("this model already has LoRA adapters; remove_lora() before applying new ones.")
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(_matches(n, t) for t in targets)]
+    if not names:
+        raise UserError(f"no linear layer matches the LoRA targets {', '.join(targets)}; "
+                        f"valid ones look like {', '.join(ATTN_TARGETS + MLP_TARGETS)}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        _set_submodule(model, n, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
+    model.lora_config = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout),
+                         "targets": list(targets)}
+    return names
+
+
+def lora_parameters(model):
+    """The adapter parameters (A and B of every LoRALinear): what the optimizer should see."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+def lora_state_dict(model):
+    """Only the adapter tensors, under their full model names (small: r * (in + out) each)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+@contextmanager
+def disable_adapters(model):
+    """Inside the block the model computes the base function (the frozen weights alone).
+
+    No copy of the model is made: GRPO's reference policy costs no memory. Merged adapters are
+    unmerged for the duration and merged back after.
+    """
+    mods = [m for _, m in lora_modules(model)]
+    state = [(m.enabled, m.merged) for m in mods]
+    for m in mods:
+        m.unmerge()
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, (enabled, merged) in zip(mods, state):
+            m.enabled = enabled
+            if merged:
+                m.merge()
+
+
+def merge_lora(model):
+    """Fold B A into the weights (faster inference; the adapters stay, so unmerge can undo it)."""
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model):
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def remove_lora(model, merge=True):
+    """Replace every LoRALinear by a plain nn.Linear holding the same weight (merged first when
+    merge=True, else the base weight). The result is a plain model: base state-dict keys, all
+    parameters trainable again."""
+    for name, m in lora_modules(model):
+        if merge:
+            m.merge()
+        else:
+            m.unmerge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight = m.weight
+        if m.bias is not None:
+            lin.bias = m.bias
+        _set_submodule(model, name, lin)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _rel_or_abs(path, start):
+    return {"path": os.path.abspath(path), "relpath": os.path.relpath(os.path.abspath(path), start)}
+
+
+def adapter_config(model, base_checkpoint=None, at=None):
+    """The JSON that goes next to the adapter tensors."""
+    if not lora_modules(model):
+        raise UserError("the model has no LoRA adapters to save; apply_lora() first.")
+    cfg = dict(getattr(model, "lora_config", {}))
+    if not cfg:  # adapters built by hand: read the shape from the first module
+        m = lora_modules(model)[0][1]
+        cfg = {"rank": m.rank, "alpha": m.alpha, "dropout": 0.0, "targets": list(DEFAULT_TARGETS)}
+    cfg["format"] = FORMAT
+    cfg["modules"] = [n for n, _ in lora_modules(model)]
+    if base_checkpoint is not None:
+        cfg["base_checkpoint"] = _rel_or_abs(base_checkpoint, at or os.getcwd())
+    return cfg
+
+
+def write_adapter_files(model, directory, base_checkpoint=None):
+    """adapters.pt + adapter_config.json into an existing directory (checkpoint.py reuses this)."""
+    if any(m.merged for _, m in lora_modules(model)):
+        raise UserError("the LoRA adapters are merged into the weights; unmerge_lora() before saving them.")
+    cfg = adapter_config(model, base_checkpoint, at=os.path.dirname(os.path.abspath(directory)))
+    torch.save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()},
+               os.path.join(directory, ADAPTER_FILE))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def save_adapters(model, path, base_checkpoint=None):
+    """Write the adapters alone (a small directory) naming the base checkpoint they fit.
+
+    The base is recorded both absolute and relative to the adapter dir's parent, so the pair
+    can be moved together. Written to a temporary name and renamed: never half a directory.
+    """
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write_adapter_files(model, tmp, base_checkpoint)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_adapter_config(path):
+    f = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(f):
+        raise UserError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG}).")
+    with open(f) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f} is not valid JSON ({e}); re-save the adapters.") from None
+
+
+def base_checkpoint_of(path):
+    """The base checkpoint an adapter dir was trained on (relative location first, so a moved
+    pair still resolves), or None when the adapters do not name one."""
+    ref = read_adapter_config(path).get("base_checkpoint")
+    if not ref:
+        return None
+    rel = os.path.join(os.path.dirname(os.path.abspath(path)), ref["relpath"])
+    for cand in (rel, ref["path"]):
+        if os.path.exists(cand):
+            return cand
+    raise UserError(f"the base checkpoint of the adapters in {path} is missing "
+                    f"(looked for {rel} and {ref['path']}); copy it back or load the base explicitly.")
+
+
+def load_adapters(model, path):
+    """Apply adapters with the saved rank/alpha/targets to a base model and load their weights."""
+    cfg = read_adapter_config(path)
+    f = os.path.join(path, ADAPTER_FILE)
+    if not os.path.isfile(f):
+        raise UserError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}; the save did not finish.")
+    if not lora_modules(model):
+        apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"])
+    load_adapter_state(model, torch.load(f, map_location="cpu", weights_only=True), path)
+    return model
+
+
+def load_adapter_state(model, sd, where="the adapters"):
+    own = lora_state_dict(model)
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra:
+        raise UserError(f"{where} do not fit this model's LoRA modules (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}); load them onto the base they were trained on.")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise UserError(f"{where}: {k} has shape {tuple(v.shape)} but this model's is "
+                            f"{tuple(own[k].shape)}; load them onto the base they were trained on.")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
