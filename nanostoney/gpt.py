@@ -1,0 +1,274 @@
+"""The GPT: nanochat's October-2025 architecture, written out so every line can be read.
+
+- token embedding, then a parameter-free RMSNorm (no weights anywhere in the norms)
+- blocks: x + attn(norm(x)), x + mlp(norm(x))
+- attention: bias-free q/k/v/proj, rotary embeddings (base 10000, head dim split in halves),
+  then RMSNorm of q and k ("QK norm"), grouped-query attention, causal SDPA
+- MLP: 4x width, ReLU^2
+- final norm, untied lm_head, logits soft-capped to 15*tanh(z/15) in float32
+
+Module names match nanochat's exactly (transformer.wte, transformer.h[i].attn.c_q, ...,
+lm_head), so a nanochat state dict loads with load_state_dict. The rotary cos/sin tables are
+kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits.
+
+Precision: the caller chooses. On CUDA wrap forward in torch.autocast(bfloat16); on CPU run
+plain float32. Nothing in here assumes either.
+
+KV cache (see engine.KVCache): forward(idx, kv_cache=cache) reads `cache.pos` (slots already
+filled), `cache.pad` (None or a LongTensor [B] of left-padding per row) and calls
+`cache.insert(layer, k, v) -> (k_all, v_all)`; forward advances `cache.pos` by T at the end.
+A row with pad p has its first real token in slot p, and that token gets rotary position 0.
+
+Probes (see probes.py) hang on `model.probes`, a plain list shared by every attention module.
+It is empty by default, and each forward only checks `if self.probes:` -- nothing else runs
+and torch.compile sees no probe code while it is empty.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SOFTCAP = 15.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6      # query heads
+    n_kv_head: int = 6   # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+
+
+def config_for_depth(depth, vocab_size, sequence_len, head_dim=128):
+    """nanochat's sizing rule: width = 64 * depth, heads of about head_dim channels.
+
+    nanochat takes ceil(n_embd / head_dim) heads; where that count does not divide the width
+    into even-sized heads (e.g. depth 5: 320 / 3), nanochat would fail, so we take the next
+    count that does. For every depth nanochat accepts the result is the same as nanochat's.
+    """
+    n_embd = depth * 64
+    n_head = max(1, math.ceil(n_embd / head_dim))
+    while n_embd % n_head or (n_embd // n_head) % 2:
+        n_head += 1
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+def norm(x):
+    # RMSNorm without learnable weights
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, H, D); cos/sin broadcast to (B, T, 1, D/2). Rotate pairs (i, i + D/2).
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], -1).to(x.dtype)
+
+
+def repeat_kv(x, n_rep):
+    # (B, Hkv, T, D) -> (B, Hkv * n_rep, T, D), each kv head serving n_rep consecutive q heads
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx, probes):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        assert config.n_kv_head <= config.n_head and config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.probes = probes  # the model's shared list; empty = probes off
+
+    def forward(self, x, cos_sin, kv_cache=None, mask=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        # mask None means causal aligned to the end: query i of Tq sees keys <= Tk - Tq + i.
+        # That is plain causal when Tq == Tk and "see everything" for one decoded token.
+        # Every other case (chunks after a cache, left padding) gets an explicit bool mask.
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
+        if self.probes:  # per-head outputs y: (B, H, Tq, D), before the heads are mixed
+            for p in self.probes:
+                y = p.on_attn(self.layer_idx, q, k, v, y, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx, probes):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, probes)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache=None, mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, mask)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.probes = []  # see probes.py; shared with every attention module
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i, self.probes) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 10x the training length (cheap), so generation can run past it.
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._rotary_tables(self.rotary_seq_len, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))),
+        embedding N(0, 1), every residual output projection zero (each block starts as the
+        identity), lm_head tiny so the first logits are near uniform but not exactly tied."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                fan_out, fan_in = m.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = self._rotary_tables(self.rotary_seq_len, self.config.n_embd // self.config.n_head)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+
+    def _rotary_tables(self, seq_len, head_dim, base=10000):
+        device = self.transformer.wte.weight.device
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        # bfloat16, as nanochat: an imported model reproduces its logits only with these values
+        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward), as nanochat / PaLM appendix B:
+        6 per non-embedding parameter, plus 12 * layers * heads * head_dim * seq_len for the
+        attention score and value matmuls (counted over the full, not causal, T x T)."""
+        c = self.config
+        n = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
+
+    def _rotary_and_mask(self, B, T, kv_cache):
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"sequence of {T} tokens is longer than the rotary tables"
+            return (self.cos[:, :T], self.sin[:, :T]), None
+        t0, pad = kv_cache.pos, kv_cache.pad
+        assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens is longer than the rotary tables"
+        slots = torch.arange(t0, t0 + T, device=self.cos.device)
+        if pad is None:
+            cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+            mask = None
+            if T > 1 and t0 > 0:  # a chunk after cached tokens: all of the prefix + causal
+                keys = torch.arange(t0 + T, device=slots.device)
+                mask = keys[None, :] <= slots[:, None]  # (T, Tk)
+            return cos_sin, mask
+        # left padding: row b's slot s holds position s - pad[b]; pad keys are hidden, except
+        # that a pad query sees itself so its softmax row is never empty (its output is unused)
+        pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        cos_sin = self.cos[0, pos], self.sin[0, pos]                      # (B, T, 1, D/2)
+        keys = torch.arange(t0 + T, device=slots.device)
+        causal = keys[None, :] <= slots[:, None]                           # (T, Tk)
+        real = keys[None, :] >= pad[:, None]                               # (B, Tk)
+        diag = keys[None, :] == slots[:, None]                             # (T, Tk)
+        mask = causal[None] & (real[:, None, :] | diag[None])              # (B, T, Tk)
+        return cos_sin, mask[:, None]                                      # (B, 1, T, Tk)
+
+    def trunk(self, idx, kv_cache=None):
+        """Token ids (B, T) -> residual stream after the last block (before the final norm)."""
+        B, T = idx.shape
+        cos_sin, mask = self._rotary_and_mask(B, T, kv_cache)
+        x = norm(self.transformer.wte(idx))
+        if self.probes:
+            for p in self.probes:
+                p.on_resid(0, x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos_sin, kv_cache, mask)
+            if self.probes:
+                for p in self.probes:
+                    p.on_resid(i + 1, x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return x
+
+    def lm_logits(self, x):
+        """Residual stream (any layer) -> soft-capped float32 logits: final norm, lm_head,
+        15*tanh(z/15). On the last layer's output this is exactly the model's logits; on an
+        earlier layer's it is the logit lens."""
+        return softcap(self.lm_head(norm(x)).float())
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        logits = self.lm_logits(self.trunk(idx, kv_cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+
+def unwrap(model):
+    """The GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers, in any nesting."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
