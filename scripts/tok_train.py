@@ -1,0 +1,67 @@
+"""Train the BPE tokenizer (rustbpe) and save it for the training scripts.
+
+    python scripts/tok_train.py                                  # bundled corpus, vocab 4096
+    python scripts/tok_train.py --vocab-size 65536 --data my_corpus/ --out out/tokenizer
+
+Default corpus: the bundled data's train splits (nanostoney.data.training_corpus_texts), so no
+held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
+base_train.py; every source passes the governance gate first. `--vocab-size` counts the 256
+byte tokens and the special tokens too, so it is the model's vocabulary size.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanostoney.errors import run_main  # noqa: E402
+from nanostoney.tokenizer import Tokenizer  # noqa: E402
+
+DEFAULT_CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
+SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the nanostoney BPE tokenizer.")
+    p.add_argument("--vocab-size", type=int, default=4096, help="total vocabulary: bytes + merges + special tokens")
+    p.add_argument("--out", default="out/tokenizer", help="directory to write tokenizer.json into")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
+    p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
+    p.add_argument("--manifest", nargs="+", default=None,
+                   help="governance manifest(s) (SOURCE_MANIFEST.yml); default data/SOURCE_MANIFEST.yml")
+    p.add_argument("--threads", type=int, default=None, help="threads for training (default: all cores)")
+    return p.parse_args(argv)
+
+
+def load_texts(args):
+    """The training documents, after the governance gate."""
+    from nanostoney.data import check_sources, sources_for_tasks, training_corpus_texts
+    if args.data is None:
+        check_sources(sources_for_tasks(DEFAULT_CORPUS_TASKS), use="training", manifest=args.manifest)
+        return training_corpus_texts()
+    from nanostoney import batches as B
+    sources = B.expand_sources(args.data)
+    check_sources([B.gate_name(s) for s in sources], use="training", manifest=args.manifest)
+    return B.read_sources(sources, args.text_column)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    texts = load_texts(args)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    print(f"training on {len(texts)} documents, {n_bytes / 1e6:.2f} MB, vocab size {args.vocab_size}")
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(texts, args.vocab_size, num_threads=args.threads)
+    print(f"trained in {time.perf_counter() - t0:.2f} s")
+    tok.save(args.out)
+    n_tokens = sum(map(len, tok.encode_batch(texts)))
+    print(f"saved to {args.out}: {tok.vocab_size} tokens; {n_bytes / n_tokens:.2f} bytes/token on the training text")
+    for s in SAMPLES:
+        pieces = [tok.decode([i]) for i in tok.encode(s)]
+        print(f"  {s!r} -> {len(pieces)} tokens {pieces}")
+
+
+if __name__ == "__main__":
+    run_main(main)
