@@ -1,0 +1,35 @@
+"""python -m nanostoney.tasks [--baselines] [--source bundled|hub|auto] [--task NAME ...]
+
+Prints each task's split sizes and one rendered example; with --baselines, the surface-cue
+baselines of the multiple-choice tasks (each should be near the 20% chance level)."""
+import argparse
+
+from nanostoney.errors import run_main
+from nanostoney.tasks import SPLITS, TASK_NAMES, baselines, get_task
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", nargs="*", default=list(TASK_NAMES), help="tasks to show (default: all)")
+    parser.add_argument("--source", default="bundled", help="bundled (default), hub, or auto")
+    parser.add_argument("--baselines", action="store_true", help="print surface-cue baselines of the MC tasks")
+    args = parser.parse_args()
+    for name in args.task:
+        task = get_task(name, source=args.source)
+        sizes = {split: len(task.examples(split)) for split in SPLITS}
+        print(f"== {name} ({task.family}, {task.kind})  " + "  ".join(f"{s}={n}" for s, n in sizes.items())
+              + f"  sources: {', '.join(task.sources())}")
+        if args.baselines:
+            if task.kind == "mc":
+                for split in SPLITS:
+                    b = baselines(task.examples(split))
+                    print(f"   {split:5s} " + "  ".join(f"{k}={v:.1%}" for k, v in b.items()))
+            continue
+        ex = task.examples("train")[0]
+        for m in ex["messages"]:
+            print(f"--- {m['role']}\n{m['content']}")
+        print(f"--- answer: {ex['answer']!r}   regions: {ex['regions']}\n")
+
+
+if __name__ == "__main__":
+    run_main(main)

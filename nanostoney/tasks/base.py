@@ -1,0 +1,278 @@
+"""What every task shares: the Task class, deterministic splits, the multiple-choice format,
+answer parsing, and the surface-cue baselines.
+
+One format for all families, so that Stoney and math differ in content, not in shape:
+    user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks)
+    assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
+"""
+import hashlib
+import math
+import re
+import statistics
+import unicodedata
+
+from nanostoney.errors import UserError
+
+SPLITS = ("train", "val", "test")
+LETTERS = "ABCDE"
+SYSTEM_JOIN = "\n\n"  # the tokenizer prepends the system message to the first user turn like this
+
+
+def stable_hash(text):
+    """An integer hash that is the same on every machine and Python run (unlike hash())."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:15], 16)
+
+
+def short_id(text):
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def split_by_hash(key, val=0.1, test=0.1):
+    """train/val/test from a hash of the *source* text, so everything derived from one
+    source lands in one split, whatever order the rows come in."""
+    u = (stable_hash(key) % 10_000) / 10_000
+    return "val" if u < val else "test" if u < val + test else "train"
+
+
+def normalize(text):
+    """Case-folded, whitespace-collapsed, trimmed of surrounding punctuation and quotes, with
+    diacritics KEPT (î â û ṯ ẖ are distinct Stoney sounds). NFC on both sides of casefold
+    so composed and decomposed spellings compare equal."""
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
+    text = " ".join(text.split())
+    return text.strip(" \t\n.,;:!?\"'`“”‘’()[]{}*_")
+
+
+def answer_after(completion):
+    """Text after the last "Answer:" (stripped), or None when there is none."""
+    i = completion.rfind("Answer:")
+    return None if i < 0 else completion[i + len("Answer:"):].strip()
+
+
+def parse_letter(text):
+    """"C", "C)", "(C)", "C) 600", "c." -> "C"; anything else -> None."""
+    if text is None:
+        return None
+    m = re.match(r"^[\s(\[*]*([A-Ea-e])(?![A-Za-z0-9])", text)
+    return m.group(1).upper() if m else None
+
+
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def parse_number(text):
+    """First number in `text` ("$1,080.00" -> 1080.0), or None."""
+    if text is None:
+        return None
+    m = NUMBER_RE.search(text.replace("$", "").replace("−", "-"))
+    if not m:
+        return None
+    try:
+        return float(m.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numbers_equal(a, b):
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def format_number(x):
+    """72.0 -> "72", 0.5 -> "0.5"; the way a person writes an answer."""
+    if abs(x - round(x)) < 1e-9:
+        return str(int(round(x)))
+    return f"{x:.6f}".rstrip("0").rstrip(".")
+
+
+def gold(reasoning, answer):
+    return f"<think>{reasoning.strip()}</think>\nAnswer: {answer}"
+
+
+def user_regions(system, user, regions):
+    """(rendered user text, regions) where the rendered text is what the tokenizer shows the
+    model: the system message (if any) prepended to the user turn. `regions` are spans in
+    `user`; they are shifted and a "system" span is added."""
+    if not system:
+        return user, dict(regions)
+    shift = len(system) + len(SYSTEM_JOIN)
+    out = {"system": (0, len(system))}
+    out.update({k: (a + shift, b + shift) for k, (a, b) in regions.items()})
+    return system + SYSTEM_JOIN + user, out
+
+
+def render_mc(question, choices):
+    """(user text, regions) for a 5-option question; regions are char spans of the question,
+    the options block and each option line."""
+    assert len(choices) == 5, choices
+    text = question.strip() + "\n\n"
+    regions = {"question": (0, len(question.strip()))}
+    start = len(text)
+    for letter, choice in zip(LETTERS, choices):
+        line = f"{letter}) {choice}"
+        regions[f"option_{letter}"] = (len(text), len(text) + len(line))
+        text += line + "\n"
+    text = text.rstrip("\n")
+    regions["options"] = (start, len(text))
+    return text, regions
+
+
+def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **extra):
+    user, regions = render_mc(question, choices)
+    ex = {"id": eid, "source_id": source_id,
+          "messages": [{"role": "user", "content": user},
+                       {"role": "assistant", "content": gold(reasoning, answer_letter)}],
+          "answer": answer_letter, "regions": regions, "choices": list(choices)}
+    ex.update(extra)
+    return ex
+
+
+class Task:
+    """A task: examples per split, a prompt, a reward in [0, 1] and a verifier.
+
+    Subclasses set name/family/kind and implement `_build() -> {split: [example]}` and
+    `sources() -> [file path or hf:// id]`. Examples are built once per (task, source,
+    data_dir) per process."""
+    name = family = kind = None
+
+    def __init__(self, source="bundled", data_dir=None):
+        self.source = source
+        self.data_dir = data_dir
+        self._splits = None
+
+    def _build(self):
+        raise NotImplementedError
+
+    def sources(self):
+        raise NotImplementedError
+
+    def splits(self):
+        if self._splits is None:
+            self._splits = self._build()
+        return self._splits
+
+    def examples(self, split):
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r} for task {self.name}; use one of {', '.join(SPLITS)}.")
+        rows = self.splits()[split]
+        if not rows:
+            raise UserError(f"task {self.name} has no examples in its {split} split (sources: "
+                            f"{', '.join(self.sources())}); the data file is empty or too small to split.")
+        return rows
+
+    def prompt(self, example):
+        """The conversation minus the gold assistant turn (what the model is asked)."""
+        return [dict(m) for m in example["messages"][:-1]]
+
+    def reward(self, example, completion):
+        return 1.0 if self.evaluate(example, completion) else 0.0
+
+    def evaluate(self, example, completion):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<Task {self.name} ({self.family}, {self.kind}) source={self.source}>"
+
+
+class MCTask(Task):
+    """Multiple choice: the verifier reads the letter after the last "Answer:"."""
+    kind = "mc"
+
+    def evaluate(self, example, completion):
+        return parse_letter(answer_after(completion)) == example["answer"]
+
+
+# -----------------------------------------------------------------------------
+# surface-cue baselines: pickers that never read the meaning. Each should be near 20%.
+
+def _ngrams(text, n=3):
+    t = " ".join(text.casefold().split())
+    return {t[i:i + n] for i in range(max(0, len(t) - n + 1))}
+
+
+def _question_text(example):
+    user = example["messages"][-2]["content"]
+    a, b = example["regions"]["question"]
+    return user[a:b]
+
+
+def _best(scores):
+    """Indices of the best score (all of them when tied): a tie is scored as a random choice
+    among the tied options, so a picker earns nothing from the letter order."""
+    top = max(scores)
+    return [i for i, x in enumerate(scores) if x == top]
+
+
+def pick_longest(ex):
+    return _best([len(c) for c in ex["choices"]])
+
+
+def pick_shortest(ex):
+    return _best([-len(c) for c in ex["choices"]])
+
+
+def pick_most_similar(ex):
+    """Most character-3-gram overlap with the question (share of the option's 3-grams)."""
+    q = _ngrams(_question_text(ex))
+    return _best([len(q & _ngrams(c)) / max(1, len(_ngrams(c))) for c in ex["choices"]])
+
+
+def _numbers(ex):
+    nums = [parse_number(c) for c in ex["choices"]]
+    return None if any(n is None for n in nums) else nums
+
+
+def pick_median_number(ex):
+    nums = _numbers(ex)
+    return None if nums is None else _best([-abs(n - statistics.median(nums)) for n in nums])
+
+
+def pick_central_number(ex):
+    """The number closest to the others on a log scale (the "odd ones out are wrong" guess)."""
+    nums = _numbers(ex)
+    if nums is None:
+        return None
+    logs = [math.log10(abs(n) + 1) for n in nums]
+    return _best([-sum(abs(a - b) for b in logs) for a in logs])
+
+
+def pick_odd_ending(ex):
+    """The option whose last two characters the fewest other options share."""
+    ends = [normalize(c)[-2:] for c in ex["choices"]]
+    return _best([-ends.count(e) for e in ends])
+
+
+def pick_common_ending(ex):
+    """The option whose last two characters the most other options share."""
+    ends = [normalize(c)[-2:] for c in ex["choices"]]
+    return _best([ends.count(e) for e in ends])
+
+
+PICKERS = {"longest": pick_longest, "shortest": pick_shortest, "most_similar_to_question": pick_most_similar,
+           "median_number": pick_median_number, "central_number": pick_central_number,
+           "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
+
+
+def baselines(examples):
+    """{baseline: accuracy} over MC examples: each letter always, and each surface-cue picker
+    (pickers that do not apply to an example, e.g. median on words, are skipped)."""
+    out = {}
+    for letter in LETTERS:
+        out[f"always_{letter}"] = sum(ex["answer"] == letter for ex in examples) / len(examples)
+    for name, pick in PICKERS.items():
+        hits = total = 0
+        for ex in examples:
+            best = pick(ex)
+            if best is None:
+                continue
+            total += 1
+            hits += (LETTERS.index(ex["answer"]) in best) / len(best)
+        if total:
+            out[name] = hits / total
+    return out
+
+
+def balanced_slots(keys, k=5, salt=""):
+    """Assign each key a slot 0..k-1 so that counts differ by at most one, in an order fixed
+    by the keys' hashes (not by file order): used for the gold letter and the gold's rank."""
+    order = sorted(keys, key=lambda s: stable_hash(salt + s))
+    return {key: i % k for i, key in enumerate(order)}

@@ -1,0 +1,278 @@
+"""GSM8K: grade-school word problems. Two tasks over the same problems (and the same splits):
+
+- gsm8k: open numeric answer, compared as a number ("1,080" == "1080.0").
+- gsm8k_mc: five sorted numeric options, the wrong ones being numbers a wrong reasoning step
+  gives: the problem's own calculation chain re-run with one operator slipped (+ - * /
+  swapped in one step, the error carried through later steps), the chain's intermediate
+  results (stopping early), and as a last resort scale slips. The gold's rank among the
+  sorted options is balanced across the five positions, so "pick the median / largest /
+  smallest" is worth 20%, and since options are sorted, so is the letter.
+
+Splits: the bundled train file minus a hashed ~7% slice is train, that slice is val, the
+bundled test file is test. A problem whose text is also in the test file never enters train.
+"""
+import functools
+import re
+
+from nanostoney import data
+from nanostoney.errors import UserError
+from nanostoney.tasks.base import (LETTERS, Task, answer_after, balanced_slots, format_number, gold, mc_example,
+                                   MCTask, numbers_equal, parse_number, short_id, split_by_hash)
+
+CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+SAFE_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")
+VAL_FRACTION = 0.07
+
+
+def split_answer(answer_text):
+    """(rationale without calculator annotations, final number as text) of a GSM8K answer."""
+    body, sep, final = answer_text.rpartition("####")
+    if not sep:
+        return None, None
+    body = CALC_RE.sub("", body).strip()
+    value = parse_number(final)
+    return body, (format_number(value) if value is not None else None)
+
+
+TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|(.))")
+
+
+@functools.lru_cache(maxsize=65536)
+def _eval(expr):
+    """Value of an arithmetic expression (+ - * / parentheses, unary minus), or None. A small
+    recursive-descent parser: safe on any input and much faster than eval()."""
+    if not SAFE_EXPR.match(expr):
+        return None
+    tokens = [(float(n) if n else op) for n, op in TOKEN_RE.findall(expr) if n or op.strip()]
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def atom():
+        nonlocal pos
+        t = peek()
+        pos += 1
+        if t == "-":
+            return -atom()
+        if t == "(":
+            v = sum_()
+            if peek() != ")":
+                raise ValueError
+            pos += 1
+            return v
+        if isinstance(t, float):
+            return t
+        raise ValueError
+
+    def product():
+        nonlocal pos
+        v = atom()
+        while peek() in ("*", "/"):
+            op = peek()
+            pos += 1
+            r = atom()
+            v = v * r if op == "*" else v / r
+        return v
+
+    def sum_():
+        nonlocal pos
+        v = product()
+        while peek() in ("+", "-"):
+            op = peek()
+            pos += 1
+            r = product()
+            v = v + r if op == "+" else v - r
+        return v
+
+    try:
+        v = sum_()
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return v if pos == len(tokens) and abs(v) < 1e15 else None
+
+
+def calc_steps(answer_text):
+    """The calculator annotations <<expr=value>> of a rationale, as (expr, value) pairs."""
+    steps = []
+    for expr, value in CALC_RE.findall(answer_text):
+        v = parse_number(value)
+        if v is not None and _eval(expr) is not None:
+            steps.append((expr.strip(), v))
+    return steps
+
+
+def _rerun(steps, i, new_value):
+    """Final value of the chain when step i yields `new_value`: later steps that use an earlier
+    result (the same number written in their expression) use the wrong one instead."""
+    wrong = {steps[i][1]: new_value}
+    value = new_value
+    for expr, old in steps[i + 1:]:
+        def swap(m):
+            x = float(m.group(0))
+            return format_number(wrong[x]) if x in wrong else m.group(0)
+        value = _eval(re.sub(r"\d+(?:\.\d+)?", swap, expr))
+        if value is None:
+            return None
+        wrong[old] = value
+    return value
+
+
+def wrong_answers(steps, gold_value):
+    """Numbers a wrong reasoning step gives, most plausible first."""
+    out = []
+    for i, (expr, _) in enumerate(reversed(steps)):  # slips late in the chain first
+        i = len(steps) - 1 - i
+        ops = [m.start() for m in re.finditer(r"(?<=[\d)\s])[+\-*/]", expr)]
+        for pos in ops:
+            for op in "+-*/":
+                if op != expr[pos]:
+                    v = _eval(expr[:pos] + op + expr[pos + 1:])
+                    if v is not None:
+                        out.append(_rerun(steps, i, v))
+    out += [v for _, v in steps]  # stopping early
+    out += [gold_value * 10, gold_value / 10, gold_value * 2, gold_value / 2, gold_value * 3]
+    return out
+
+
+def choose_options(gold_value, candidates, rank):
+    """Four distractors so that the gold is the `rank`-th smallest of five, or None if the
+    candidates cannot place it there. Distractors keep the gold's kind: whole numbers for a
+    whole-number answer, no negatives for a non-negative one, no near-duplicates."""
+    whole = abs(gold_value - round(gold_value)) < 1e-9
+    seen, below, above = {round(gold_value, 6)}, [], []
+    for v in candidates:
+        if v is None or abs(v) > 1e9 or (whole and abs(v - round(v)) > 1e-9) or (gold_value >= 0 > v):
+            continue
+        if gold_value > 0 and (v <= 0 or max(v / gold_value, gold_value / v) > 10):
+            continue  # a different order of magnitude is easy to rule out
+        if not whole and abs(v * 100 - round(v * 100)) > 1e-9:
+            continue
+        key = round(v, 6)
+        if key in seen:
+            continue
+        seen.add(key)
+        (below if v < gold_value else above).append(v)
+    if len(below) < rank or len(above) < 4 - rank:
+        return None
+    # nearest first on a log scale: the gold then sits inside a cluster of look-alikes rather
+    # than next to far-off numbers that give away which end it is on
+    below = sorted(below, key=lambda v: -v)[:rank]
+    above = sorted(above, key=lambda v: v)[:4 - rank]
+    return sorted(below + [gold_value] + above)
+
+
+def _problems(rows, path):
+    out = []
+    for k, row in enumerate(rows):
+        if "question" not in row or "answer" not in row:
+            raise UserError(f"{path}: row {k + 1} lacks 'question' or 'answer'; GSM8K rows need both.")
+        body, final = split_answer(row["answer"])
+        if final is None:
+            raise UserError(f"{path}: row {k + 1} has no '#### <number>' final answer; fix that row.")
+        out.append({"question": row["question"].strip(), "rationale": body, "final": final,
+                    "steps": calc_steps(row["answer"]), "source_id": "gsm8k:" + short_id(row["question"].strip())})
+    return out
+
+
+def load_problems(source="bundled", data_dir=None):
+    """{split: [problem]} shared by gsm8k and gsm8k_mc (same problems, same splits)."""
+    return _load_problems(source, str(data_dir) if data_dir else None)
+
+
+_CACHE = {}
+
+
+def _load_problems(source, data_dir):
+    key = (source, data_dir)
+    if key in _CACHE:
+        return _CACHE[key]
+    test_rows, test_path = data.bundled_rows("gsm8k", "test", data_dir)
+    test = _problems(test_rows, test_path)
+    held_ids = {p["source_id"] for p in test}
+    train_rows, train_path = data.bundled_rows("gsm8k", "train", data_dir)
+    bundled_train = _problems(train_rows, train_path)
+    # val: a hashed slice of the bundled train file (kept even when the hub supplies train)
+    val = [p for p in bundled_train if split_by_hash(p["source_id"], val=VAL_FRACTION, test=0) == "val"]
+    held_ids |= {p["source_id"] for p in val}
+    hub = data.hub_rows("gsm8k", source)
+    pool, used = (_problems(*hub), [hub[1], train_path, test_path]) if hub else (bundled_train, [train_path, test_path])
+    train = [p for p in pool if p["source_id"] not in held_ids]
+    splits = {"train": _dedupe(train), "val": _dedupe(val), "test": _dedupe(test)}
+    _CACHE[key] = (splits, used)
+    return _CACHE[key]
+
+
+def _dedupe(problems):
+    seen, out = set(), []
+    for p in problems:
+        if p["source_id"] not in seen:
+            seen.add(p["source_id"])
+            out.append(p)
+    return out
+
+
+def sources(source="bundled", data_dir=None):
+    """The files (and hub id) behind the GSM8K tasks, known without loading except for "auto"
+    (where it depends on whether the hub answered)."""
+    if source == "auto":
+        return list(load_problems(source, data_dir)[1])
+    paths = [str(data.bundled_path("gsm8k", part, data_dir)) for part in ("train", "test")]
+    return ([data.hub_label("gsm8k")] if source == "hub" else []) + paths
+
+
+class GSM8K(Task):
+    name, family, kind = "gsm8k", "math", "numeric"
+
+    def sources(self):
+        return sources(self.source, self.data_dir)
+
+    def _build(self):
+        splits, _ = load_problems(self.source, self.data_dir)
+        return {split: [self._example(p) for p in probs] for split, probs in splits.items()}
+
+    def _example(self, p):
+        return {"id": "gsm8k/" + p["source_id"], "source_id": p["source_id"],
+                "messages": [{"role": "user", "content": p["question"]},
+                             {"role": "assistant", "content": gold(p["rationale"], p["final"])}],
+                "answer": p["final"], "regions": {"question": (0, len(p["question"]))}}
+
+    def evaluate(self, example, completion):
+        return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
+
+
+class GSM8KMC(MCTask):
+    name, family = "gsm8k_mc", "math"
+
+    def sources(self):
+        return sources(self.source, self.data_dir)
+
+    def _build(self):
+        splits, _ = load_problems(self.source, self.data_dir)
+        return {split: self._mc(probs) for split, probs in splits.items()}
+
+    def _mc(self, problems):
+        """Build the options each problem allows for each gold rank, then hand out ranks so the
+        five are used equally: the most constrained problems choose first, each taking its
+        least-used feasible rank. Options are sorted, so the rank is the letter."""
+        slots = balanced_slots([p["source_id"] for p in problems], salt="gsm8k_mc")
+        feasible = []
+        for p in problems:
+            g = float(p["final"])
+            cands = wrong_answers(p["steps"], g)
+            by_rank = {r: o for r in range(5) if (o := choose_options(g, cands, r))}
+            if by_rank:  # else too few wrong numbers of the right kind (a handful of problems)
+                feasible.append((p, by_rank))
+        counts, chosen = [0] * 5, {}
+        for p, by_rank in sorted(feasible, key=lambda x: (len(x[1]), slots[x[0]["source_id"]])):
+            r = min(by_rank, key=lambda r: (counts[r], (r - slots[p["source_id"]]) % 5))
+            counts[r] += 1
+            chosen[p["source_id"]] = r
+        out = []
+        for p, by_rank in feasible:
+            r = chosen[p["source_id"]]
+            letter = LETTERS[r]
+            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {letter}."
+            out.append(mc_example("gsm8k_mc/" + p["source_id"], p["source_id"], p["question"],
+                                  [format_number(v) for v in by_rank[r]], letter, reasoning))
+        return out

@@ -1,0 +1,49 @@
+"""Check data before a run: the manifest, the governance gate, and that the tasks load.
+
+    python scripts/check_data.py --manifest data/SOURCE_MANIFEST.yml --use training FILE...
+    python scripts/check_data.py --tasks stoney_mc,gsm8k_mc            # gate + load + split sizes
+    python scripts/check_data.py --manifest ../StoneyNakoda/SOURCE_MANIFEST.yml \\
+        --use training ../StoneyNakoda/OpenAIFineTune/stoney_train.jsonl
+
+Prints one "ok" line per approved source (and the split sizes of each task with --tasks);
+any problem (unapproved source, missing or malformed file, empty split, unknown task) is one
+sentence on stderr and exit code 2. Writes nothing.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanostoney.errors import UserError, run_main  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Validate a manifest and gate data sources.")
+    p.add_argument("sources", nargs="*", help="data files (or hf://owner/name ids) to gate")
+    p.add_argument("--manifest", action="append", default=None,
+                   help="manifest (repeat for several, records pooled); default data/SOURCE_MANIFEST.yml")
+    p.add_argument("--use", default="training", help="training, upload, public_release or publishing")
+    p.add_argument("--tasks", default="", help="comma list of tasks: gate their sources and load their splits")
+    p.add_argument("--source", default="bundled", help="task data source: bundled, hub or auto")
+    p.add_argument("--data-dir", default=None, help="a directory laid out like data/ to read instead")
+    args = p.parse_args(argv)
+    from nanostoney.data import check_sources, load_manifest, sources_for_tasks
+    from nanostoney.tasks import SPLITS, get_task
+
+    for m in args.manifest or [None]:
+        path, records = load_manifest(m)
+        print(f"manifest {path}: {len(records)} records")
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    sources = list(args.sources) + sources_for_tasks(names, source=args.source, data_dir=args.data_dir)
+    if not sources:
+        raise UserError("nothing to check; name data files or pass --tasks.")
+    for src, record in check_sources(sources, use=args.use, manifest=args.manifest):
+        print(f"ok: {src} may be used for {args.use} (record {record})")
+    for name in names:
+        task = get_task(name, source=args.source, data_dir=args.data_dir)
+        print(f"{name}: " + "  ".join(f"{s}={len(task.examples(s))}" for s in SPLITS))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,177 @@
+"""The governance gate: default-deny, our manifest and the upstream one, one-sentence refusals."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanostoney import data
+from nanostoney.data import check_sources, glob_matches, load_manifest, mini_yaml, sources_for_tasks
+from nanostoney.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM = ROOT / "tests" / "fixtures" / "upstream_SOURCE_MANIFEST.yml"
+OURS = ROOT / "data" / "SOURCE_MANIFEST.yml"
+STONEY = ROOT / "data" / "stoney" / "stoney_valid.jsonl"
+
+
+@pytest.mark.parametrize("manifest", [OURS, UPSTREAM])
+def test_manifests_follow_the_upstream_schema(manifest):
+    jsonschema = pytest.importorskip("jsonschema")
+    yaml = pytest.importorskip("yaml")
+    schema = json.loads((ROOT / "data" / "source_manifest.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load(manifest.read_text()), schema)
+
+
+@pytest.mark.parametrize("manifest", [OURS, UPSTREAM])
+def test_mini_yaml_reads_manifests_like_pyyaml(manifest):
+    # the gate must work on a machine without pyyaml (core path: torch, numpy, tokenizers only)
+    yaml = pytest.importorskip("yaml")
+    text = manifest.read_text()
+    assert mini_yaml(text) == yaml.safe_load(text)
+
+
+def test_gate_without_pyyaml(monkeypatch, tmp_path):
+    manifest = tmp_path / "SOURCE_MANIFEST.yml"
+    shutil.copy(OURS, manifest)
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
+    (tmp_path / "stoney").mkdir()
+    f = tmp_path / "stoney" / "stoney_valid.jsonl"
+    f.write_text("{}\n")
+    assert check_sources([str(f)], "training", manifest=manifest) == [(str(f), "stoney_valid_jsonl")]
+
+
+def test_bundled_sources_are_approved_for_training_and_release():
+    sources = sources_for_tasks(["stoney_qa", "stoney_mc", "aqua_mc", "gsm8k_mc"])
+    assert str(STONEY) in sources and len(sources) == 5
+    assert [s for s, _ in check_sources(sources, "training")] == sources
+    assert [s for s, _ in check_sources(sources, "public_release")] == sources
+    assert dict(check_sources([str(STONEY)], "training"))[str(STONEY)] == "stoney_valid_jsonl"
+    assert dict(check_sources([str(STONEY)], "upload"))[str(STONEY)] == "stoney_valid_jsonl_public_release"
+
+
+def test_hub_stoney_set_is_refused_until_approved():
+    sources = sources_for_tasks(["stoney_qa"], source="hub")  # known without downloading anything
+    assert sources[0] == "hf://HarleyCooper/StoneyNakoda45k"
+    with pytest.raises(UserError) as e:
+        check_sources(sources, "training")
+    msg = str(e.value)
+    assert "hf://HarleyCooper/StoneyNakoda45k" in msg and "unknown" in msg
+    assert "approved_for_training" in msg and str(OURS) in msg
+    # the maths hub sets are recorded
+    check_sources(sources_for_tasks(["aqua_mc", "gsm8k"], source="hub"), "training")
+
+
+def test_upstream_manifest_unchanged_approves_finetune_files_and_refuses_dictionaries(tmp_path):
+    # the user keeps the upstream files anywhere: globs match on trailing components
+    ok = tmp_path / "OpenAIFineTune" / "x.jsonl"
+    bad = tmp_path / "Dictionaries" / "stoney_dictionary.jsonl"
+    assert check_sources([str(ok)], "training", manifest=UPSTREAM) == [(str(ok), "openai_finetune_jsonl")]
+    assert check_sources([str(ok)], "public_release", manifest=UPSTREAM) == \
+        [(str(ok), "openai_finetune_jsonl_public_release")]
+    with pytest.raises(UserError) as e:
+        check_sources([str(bad)], "training", manifest=UPSTREAM)
+    msg = str(e.value)
+    assert str(bad) in msg and "unknown" in msg and "dictionaries_stoney_raw" in msg
+    assert "add a record" in msg and str(UPSTREAM) in msg
+    assert msg.count(". ") == 0  # one sentence
+
+
+def test_upstream_manifest_does_not_cover_our_copy():
+    with pytest.raises(UserError, match="no record"):
+        check_sources([str(STONEY)], "training", manifest=UPSTREAM)
+    # pooled with ours, it does; the maths files need ours too
+    pooled = [UPSTREAM, OURS]
+    assert len(check_sources(sources_for_tasks(["stoney_qa", "gsm8k"]), "training", manifest=pooled)) == 3
+
+
+def _manifest(tmp_path, records):
+    base = dict(data_type="x", origin="x", rights_holder="x", license="x", contains_sensitive_content=False,
+                review_contact="x", notes="x")
+    lines = ['schema_version: "1.0"', "records:"]
+    for r in records:
+        r = dict(base, **r)
+        lines.append(f"  - source_id: {r.pop('source_id')}")
+        for k, v in r.items():
+            lines.append(f"    {k}: {json.dumps(v)}")
+    path = tmp_path / "SOURCE_MANIFEST.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_restricted_record_wins_over_an_approval(tmp_path):
+    m = _manifest(tmp_path, [
+        dict(source_id="ok", path_glob="*.jsonl", permission_status="approved_for_training",
+             allowed_uses=["training"], prohibited_uses=[]),
+        dict(source_id="takedown", path_glob="a.jsonl", permission_status="removed_pending_review",
+             allowed_uses=[], prohibited_uses=["training"]),
+    ])
+    check_sources([str(tmp_path / "b.jsonl")], "training", manifest=m)
+    with pytest.raises(UserError, match="removed_pending_review"):
+        check_sources([str(tmp_path / "a.jsonl")], "training", manifest=m)
+
+
+@pytest.mark.parametrize("status,allowed,prohibited", [
+    ("unknown", [], []), ("internal_only", ["training"], []), ("restricted", ["training"], []),
+    ("approved_for_public_release", ["training", "upload"], []),  # release does not imply training
+    ("approved_for_training", [], []),  # "subject to allowed_uses"
+    ("approved_for_training", ["training"], ["training"]),
+])
+def test_default_deny(tmp_path, status, allowed, prohibited):
+    m = _manifest(tmp_path, [dict(source_id="s", path_glob="d/*.jsonl", permission_status=status,
+                                  allowed_uses=allowed, prohibited_uses=prohibited)])
+    with pytest.raises(UserError, match="may not be used for training"):
+        check_sources([str(tmp_path / "d" / "x.jsonl")], "training", manifest=m)
+
+
+def test_release_needs_a_release_record(tmp_path):
+    m = _manifest(tmp_path, [dict(source_id="s", path_glob="x.jsonl", permission_status="approved_for_training",
+                                  allowed_uses=["training"], prohibited_uses=[])])
+    check_sources([str(tmp_path / "x.jsonl")], "training", manifest=m)
+    with pytest.raises(UserError, match="approved_for_public_release"):
+        check_sources([str(tmp_path / "x.jsonl")], "upload", manifest=m)
+
+
+def test_glob_is_relative_to_the_manifest_directory(tmp_path):
+    d = tmp_path.resolve()
+    assert glob_matches("stoney/*.jsonl", str(d / "stoney" / "a.jsonl"), d)
+    assert not glob_matches("stoney/*.jsonl", str(d / "x" / "stoney" / "a.jsonl"), d)  # under it: full path
+    assert not glob_matches("*.jsonl", str(d / "stoney" / "a.jsonl"), d)  # * does not cross /
+    assert glob_matches("stoney/*.jsonl", "/elsewhere/stoney/a.jsonl", d)  # outside: trailing parts
+    assert glob_matches("hf://deepmind/aqua_rat", "hf://deepmind/aqua_rat", d)
+    assert not glob_matches("hf://deepmind/aqua_rat", "hf://someone/aqua_rat", d)
+
+
+def test_bad_manifests_and_uses(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        check_sources([str(STONEY)], manifest=tmp_path / "nope.yml")
+    broken = tmp_path / "broken.yml"
+    broken.write_text('schema_version: "1.0"\nrecords:\n  - source_id: a\n    path_glob: "*"\n')
+    with pytest.raises(UserError, match="lacks"):
+        load_manifest(broken)
+    with pytest.raises(UserError, match="unknown data use"):
+        check_sources([str(STONEY)], use="sharing")
+
+
+def test_check_data_script_exit_codes(tmp_path):
+    script = str(ROOT / "scripts" / "check_data.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    before = sorted(os.listdir(tmp_path))
+    refused = subprocess.run([sys.executable, script, "--manifest", str(UPSTREAM), str(STONEY)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: ") and "no record" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    ok = subprocess.run([sys.executable, script, "--manifest", str(UPSTREAM), "--use", "training",
+                         str(tmp_path / "OpenAIFineTune" / "x.jsonl")], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stderr
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_default_manifest_path_is_the_shipped_one():
+    assert data.DEFAULT_MANIFEST == OURS
+    path, records = load_manifest()
+    assert path == OURS and len(records) >= 4

@@ -1,0 +1,258 @@
+"""Tasks: disjoint splits, no leakage into training corpora, balanced letters, verifiers that
+accept the gold and reject a distractor, and surface-cue baselines near chance."""
+import collections
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nanostoney.data import training_corpus_texts
+from nanostoney.tasks import SPLITS, TASK_NAMES, baselines, extract_answer, get_task
+from nanostoney.tasks.base import LETTERS, normalize, parse_letter, parse_number
+from nanostoney.tasks.stoney import Lang, _conversations, answer_part, chrf, extract_pairs, load_corpus
+
+MC_TASKS = [n for n in TASK_NAMES if get_task(n).kind == "mc"]
+HELD_OUT = ("val", "test")
+
+
+def _sources(ex):
+    return set(ex.get("source_ids") or [ex["source_id"]])
+
+
+def _user(ex):
+    return next(m["content"] for m in ex["messages"] if m["role"] == "user")
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_examples_follow_the_contract(name):
+    task = get_task(name)
+    assert task.family in ("stoney", "math") and task.kind in ("mc", "open", "numeric")
+    for split in SPLITS:
+        exs = task.examples(split)
+        assert exs and exs is task.examples(split)  # built once, cached
+        assert len({e["id"] for e in exs}) == len(exs)
+        for ex in exs[:50]:
+            msgs = ex["messages"]
+            assert msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user"
+            assert task.prompt(ex) == msgs[:-1]
+            if name != "stoney_qa":
+                assert re.fullmatch(r"<think>.+</think>\nAnswer: .+", msgs[-1]["content"], re.S)
+                assert extract_answer(msgs[-1]["content"]) == ex["answer"]
+            # regions are spans of the rendered user text (system prepended, as the tokenizer does)
+            rendered = (msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else "") + msgs[-2]["content"]
+            a, b = ex["regions"]["question"]
+            assert 0 <= a < b <= len(rendered) and rendered[a:b].strip() == rendered[a:b]
+            if task.kind == "mc":
+                assert len(ex["choices"]) == 5 and ex["answer"] in LETTERS
+                for letter, choice in zip(LETTERS, ex["choices"]):
+                    s, e = ex["regions"][f"option_{letter}"]
+                    assert rendered[s:e] == f"{letter}) {choice}"
+                assert len({normalize(c) for c in ex["choices"]}) == 5, ex["choices"]
+
+
+DIGEST = """
+import hashlib, json, sys
+if "--no-datasets" in sys.argv:
+    sys.modules["datasets"] = None  # the plain JSON-lines reader, as on a machine without datasets
+from nanostoney.tasks import get_task
+h = hashlib.sha1()
+for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc"):
+    for split in ("train", "val", "test"):
+        for ex in get_task(name).examples(split):
+            h.update(json.dumps([ex["id"], ex["messages"], ex["answer"]], sort_keys=True).encode())
+print(h.hexdigest())
+"""
+
+
+def test_splits_and_examples_are_deterministic():
+    """Same examples in another process with another hash seed, read without `datasets`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", DIGEST, "--no-datasets"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    h = hashlib.sha1()
+    for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc"):
+        for split in SPLITS:
+            for ex in get_task(name).examples(split):
+                h.update(json.dumps([ex["id"], ex["messages"], ex["answer"]], sort_keys=True).encode())
+    assert out.stdout.strip() == h.hexdigest()
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_splits_are_disjoint_by_source_and_prompt(name):
+    task = get_task(name)
+    srcs = {s: set().union(*(_sources(e) for e in task.examples(s))) for s in SPLITS}
+    prompts = {s: {_user(e) for e in task.examples(s)} for s in SPLITS}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not srcs[a] & srcs[b], (name, a, b)
+        assert not prompts[a] & prompts[b], (name, a, b)
+
+
+def _question(ex):
+    a, b = ex["regions"]["question"]
+    msgs = ex["messages"]
+    shown = (msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else "") + msgs[-2]["content"]
+    return shown[a:b]
+
+
+def _train_texts():
+    """Every default training corpus: pretraining text, and the train split of every task (which
+    SFT, reward-model pairs and GRPO prompts are drawn from)."""
+    texts = list(training_corpus_texts())
+    for name in TASK_NAMES:
+        texts += ["\n\n".join(m["content"] for m in ex["messages"]) for ex in get_task(name).examples("train")]
+    return texts
+
+
+def test_no_held_out_item_or_source_in_any_training_corpus():
+    train_srcs, train_questions, train_prompts = set(), set(), set()
+    for name in TASK_NAMES:
+        for ex in get_task(name).examples("train"):
+            train_srcs |= _sources(ex)
+            train_questions.add(_question(ex))
+            train_prompts.add(_user(ex))
+    assert set(training_corpus_texts()) <= set(_train_texts())
+    for name in TASK_NAMES:
+        for split in HELD_OUT:
+            for ex in get_task(name).examples(split):
+                assert not _sources(ex) & train_srcs, (name, split, ex["id"])
+                assert _question(ex) not in train_questions, (name, split, ex["id"])
+                assert _user(ex) not in train_prompts, (name, split, ex["id"])
+    # the conversations held-out Stoney items come from are nowhere in the training text
+    stoney_blob = "\n".join(t for t in _train_texts() if re.search("[îâûṯẖ]", t))
+    corpus = load_corpus()
+    for c in corpus["convs"]["val"] + corpus["convs"]["test"]:
+        assert c["user"] not in stoney_blob and c["assistant"] not in stoney_blob
+
+
+def test_held_out_stoney_terms_never_appear_in_training_text():
+    """A held-out term (what stoney_lexicon/stoney_mc test) is written nowhere in the Stoney
+    training text. (The maths text is English; it holds "Abe" and "pop", which are not leaks.)"""
+    texts = [t.casefold() for t in _train_texts() if re.search("[îâûṯẖ]", t)]
+    index = collections.defaultdict(set)
+    for i, t in enumerate(texts):
+        for w in re.findall(r"[^\W\d_]+", t):
+            index[w].add(i)
+    corpus = load_corpus()
+    leaked = []
+    for p in corpus["lexicon"]["val"] + corpus["lexicon"]["test"]:
+        words = re.findall(r"[^\W\d_]+", p["term_key"])
+        candidates = set.intersection(*(index.get(w, set()) for w in words))
+        pattern = re.compile(r"(?<!\w)" + re.escape(p["term_key"].rstrip("-")) + r"(?!\w)")
+        leaked += [p["term"] for i in candidates if pattern.search(texts[i])]
+    assert leaked == []
+
+
+@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc", "aqua_mc"])
+def test_letters_are_balanced(name):
+    for split in SPLITS:
+        counts = collections.Counter(e["answer"] for e in get_task(name).examples(split))
+        assert set(counts) == set(LETTERS)
+        assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
+
+
+@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc"])
+def test_surface_cue_baselines_stay_near_chance(name):
+    for split in SPLITS:
+        exs = get_task(name).examples(split)
+        tol = 0.04 if len(exs) > 1000 else 0.06
+        for cue, acc in baselines(exs).items():
+            assert abs(acc - 0.2) <= tol, (name, split, cue, acc)
+
+
+def test_gsm8k_mc_options_are_sorted_plausible_numbers():
+    for ex in get_task("gsm8k_mc").examples("val"):
+        nums = [parse_number(c) for c in ex["choices"]]
+        assert nums == sorted(nums)
+        gold = nums[LETTERS.index(ex["answer"])]
+        if gold > 0:
+            assert all(0 < n and max(n / gold, gold / n) <= 10 for n in nums)
+        if gold == int(gold):
+            assert all(n == int(n) for n in nums)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_verifiers_accept_gold_and_reject_a_distractor(name):
+    task = get_task(name)
+    for ex in task.examples("val")[:100]:
+        gold = ex["messages"][-1]["content"]
+        assert task.evaluate(ex, gold) and task.reward(ex, gold) == 1.0
+        if task.kind == "mc":
+            wrong = next(L for L in LETTERS if L != ex["answer"])
+            bad = f"<think>...</think>\nAnswer: {wrong}"
+            assert not task.evaluate(ex, bad) and task.reward(ex, bad) == 0.0
+            assert task.evaluate(ex, f"Answer: ({ex['answer']}) {ex['choices'][LETTERS.index(ex['answer'])]}")
+        elif task.kind == "numeric":
+            bad = f"Answer: {float(ex['answer']) + 1:g}"
+            assert not task.evaluate(ex, bad)
+            assert task.evaluate(ex, f"<think>x</think>\nAnswer: ${float(ex['answer']):,.2f}")
+        elif name == "stoney_lexicon":
+            other = next(e for e in task.examples("val") if normalize(e["answer"]) not in
+                         {normalize(a) for a in ex["aliases"] + [ex["answer"]]})
+            assert not task.evaluate(ex, f"Answer: {other['answer']}")
+        else:  # stoney_qa: chrF against the reference
+            other = next(e for e in task.examples("val") if e["id"] != ex["id"])
+            assert not task.evaluate(ex, other["answer"]) and task.reward(ex, other["answer"]) < 0.5
+        assert not task.evaluate(ex, "") and task.reward(ex, "") == 0.0
+        assert 0.0 <= task.reward(ex, "Answer: garbage") <= 1.0
+
+
+def test_lexicon_match_keeps_diacritics_and_ignores_case():
+    task = get_task("stoney_lexicon")
+    ex = next(e for e in task.examples("train") if e["direction"] == "e2s" and "â" in e["answer"])
+    assert task.evaluate(ex, f"Answer: `{ex['answer'].upper()}`.")
+    assert not task.evaluate(ex, "Answer: " + ex["answer"].replace("â", "a"))  # â is not a
+    s2e = next(e for e in task.examples("train") if e["direction"] == "s2e" and e["answer"].startswith("to "))
+    assert task.evaluate(s2e, "Answer: " + s2e["answer"][3:].upper())  # "to" optional
+
+
+def test_extract_answer_and_parsers():
+    assert extract_answer("<think>Answer: A?</think>\nAnswer: C") == "C"
+    assert extract_answer("no answer here") is None
+    assert [parse_letter(x) for x in ("C", "(c)", "D) 600", "E.", "Both", "", None)] == \
+        ["C", "C", "D", "E", None, None, None]
+    assert parse_number("$1,080.50 dollars") == 1080.5 and parse_number("-3") == -3 and parse_number("none") is None
+    assert answer_part("<think>x</think>\nAnswer: keya") == "keya" and answer_part("just text") == "just text"
+
+
+def test_chrf_matches_sacrebleu():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    pairs = [("the cat sat on the mat", "the cat is on the mat"), ("îyârhe", "îyârhe hîrhpa"),
+             ("", "reference"), ("completely different", "nothing alike"), ("same", "same")]
+    for hyp, ref in pairs:
+        assert chrf(hyp, ref) == pytest.approx(sacrebleu.sentence_chrf(hyp, [ref]).score, abs=1e-6)
+
+
+def test_extractor_on_hand_written_sentences():
+    from nanostoney import data
+    lang = Lang(_conversations(*data.bundled_rows("stoney", "all")))  # English/Stoney judged from the corpus
+
+    def found(text):
+        return {(t, g) for t, g, _ in extract_pairs(text, lang)}
+    assert found("You would use `îbuṯẖach`. This stative verb means 'to be thirsty'.") == \
+        {("îbuṯẖach", "to be thirsty")}
+    assert found("`îthîya` is an \"alienable noun\" meaning \"sunset\".") == {("îthîya", "sunset")}
+    assert found("Both 'to conceal something' (`anarhmân aiyach`) end in -ach.") == \
+        {("anarhmân aiyach", "to conceal something")}
+    assert found("The direct translation for 'aspen' is `warhtîja`.") == {("warhtîja", "aspen")}
+    # hedges, parts of speech and another term's meaning are not glosses
+    assert found("The element \"tûmnârhti\" is likely the Stoney word for \"bee\".") == set()
+    assert found("`wîchasta` (alienable noun) is common.") == set()
+    assert found("changing the element for 'over' (like 'iyabi') to one meaning 'under'") == set()
+
+
+def test_lexicon_size_and_mc_derivation():
+    corpus = load_corpus()
+    pairs = [p for s in SPLITS for p in corpus["lexicon"][s]]
+    assert len(pairs) > 1500
+    assert len({p["term_key"] for p in pairs}) == len(pairs)  # a term maps to one gloss
+    lex, mc = get_task("stoney_lexicon"), get_task("stoney_mc")
+    for split in SPLITS:
+        assert len(mc.examples(split)) >= 0.95 * len(lex.examples(split))
+        pool = {normalize(x) for p in corpus["lexicon"][split] for x in (p["term"], p["gloss"])}
+        for ex in mc.examples(split):  # options come from the same split's pairs only
+            assert all(normalize(c) in pool for c in ex["choices"]), ex["id"]
