@@ -1,0 +1,312 @@
+"""Evaluate a model on a task: batched generation through the Engine, then the task's metrics.
+
+    examples = select_examples(task, "val", 50)
+    greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
+    result = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
+    result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
+
+scripts/eval.py runs this for every checkpoint x task; training scripts can call the same two
+functions for their periodic accuracy.
+
+Completions stop at <|assistant_end|> or after the task's length budget: its longest
+reference plus 16 tokens, at most --max-new-tokens.
+
+What is measured (every number with a 95% percentile-bootstrap interval over examples):
+- accuracy: greedy completions scored by task.evaluate (stoney_qa: chrF >= 50, its verifier).
+- answered: share of greedy completions with an "Answer:" line (all tasks but stoney_qa,
+  whose references have none) -- separates "wrong" from "never learned the format".
+- pass@k: num_samples completions per prompt at `temperature`, k = 1, 2, 4, ... <= n, by the
+  unbiased estimator (metrics.pass_at_k); problems are the bootstrap unit.
+- chrF++ (open answers, OPEN_TEXT below): greedy hypothesis vs reference, corpus-level; the
+  interval resamples sentences and re-pools their n-gram statistics.
+- MAUVE (open answers): the whole assistant turn of the model vs the gold assistant turn,
+  both featurised by `featurize` (final hidden states of a model on disk, never a download).
+  The model's texts are its first *sampled* completions (MAUVE compares distributions; greedy
+  text is one mode of it), or the greedy ones when num_samples is 0. Pairs are resampled
+  together for the interval (mauve_boot k-means fits, the slow part).
+- COMET (open answers), only when the package and a checkpoint are on disk; one system
+  score, no interval (metrics.comet_score returns no segment scores).
+
+Determinism: the examples are a fixed subset (by a hash of their ids, so 50 is a prefix of
+100); generation batches are a fixed partition of the prompts and batch b samples with seed
+task_seed + b, so the same checkpoint and flags give the same completions, on 1 process or
+under torchrun (ranks take batches b = rank, rank + world, ... and the results are gathered).
+MAUVE's k-means runs single-threaded: faiss/OpenBLAS threads fighting torch's idle OpenMP
+threads made one fit take seconds on 2 cores, and one thread also makes it reproducible.
+"""
+import contextlib
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+from nanostoney.errors import UserError
+from nanostoney.gpt import unwrap
+
+# task -> which text of a completion is compared with which reference by chrF++:
+# "answer": the open answer (after </think> / "Answer:") vs example["answer"];
+# "rationale": the <think> reasoning vs the gold reasoning.
+OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale"}
+N_SHOWN = 3  # completions kept verbatim in the results, per task
+
+
+# -----------------------------------------------------------------------------
+# examples and prompts
+
+def _hash(text):
+    from nanostoney.tasks.base import stable_hash
+    return stable_hash(text)
+
+
+def select_examples(task, split, max_examples=0):
+    """The examples of a split to evaluate: all of them, or max_examples picked by a stable
+    hash of their ids (not the first ones: some splits are ordered, e.g. lexicon directions)."""
+    rows = task.examples(split)
+    if max_examples and max_examples < len(rows):
+        rows = sorted(rows, key=lambda ex: _hash(ex["id"]))[:max_examples]
+    return rows
+
+
+def task_seed(seed, task_name):
+    """Seed of one task's sampling: independent across tasks, so adding a task to the list
+    does not change another task's numbers."""
+    return _hash(f"{seed}/{task_name}") % (2 ** 31)
+
+
+def powers_of_two(n):
+    """1, 2, 4, ... up to n (and n itself when it is not a power of two)."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if n >= 1 and ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def _gather(items, info):
+    from nanostoney.train import _gather as gather  # the training scripts' all_gather of lists
+    return gather(items, info) if info is not None else items
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
+                         top_k=None, max_new_tokens=256, seed=0, batch_size=32, desc=None):
+    """Completions (decoded text, stop token dropped) for a list of prompt-id lists:
+    a list per prompt of num_samples strings. temperature 0 = greedy.
+
+    Prompts are cut into fixed batches of batch_size // num_samples prompts; batch b draws with
+    seed + b. Under torchrun, rank r runs batches r, r + world, ... and every rank returns the
+    whole list. Each batch generates at most max_new_tokens, fewer when a prompt would
+    overrun the model's rotary positions.
+    """
+    from tqdm import tqdm
+    from nanostoney.dist import autocast_ctx
+    from nanostoney.engine import Engine
+    model = unwrap(model)
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    engine = Engine(model, tokenizer)
+    stops = set(engine.stop_ids)
+    positions = model.cos.size(1)
+    per = max(1, batch_size // max(1, num_samples))
+    batches = [list(range(i, min(i + per, len(prompts)))) for i in range(0, len(prompts), per)]
+    was_training = model.training
+    model.eval()
+    mine = []
+    try:
+        for b in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, leave=False):
+            chunk = [prompts[i] for i in batches[b]]
+            longest = max(len(p) for p in chunk)
+            n_new = min(max_new_tokens, positions - longest)
+            if n_new < 1:
+                raise UserError(f"a prompt of {longest} tokens leaves no room in the model's {positions} "
+                                f"positions; evaluate a model with a longer sequence_len.")
+            with autocast_ctx(info) if info is not None else contextlib.nullcontext():
+                out = engine.generate(chunk, n_new, temperature=temperature, top_k=top_k,
+                                      seed=seed + b, num_samples=num_samples)
+            texts = [tokenizer.decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
+            for j, i in enumerate(batches[b]):
+                mine.append((i, texts[j * num_samples:(j + 1) * num_samples]))
+    finally:
+        model.train(was_training)
+    return [c for _, c in sorted(_gather(mine, info))]
+
+
+def length_budget(tokenizer, examples, max_new_tokens, margin=16):
+    """New tokens allowed on a task: its longest reference (in this tokenizer) plus a margin,
+    at most max_new_tokens. A model that answers like the references is never cut short,
+    and one that rambles costs ~50 tokens on lexicon/MC items instead of the full cap."""
+    longest = max(len(tokenizer.encode(ex["messages"][-1]["content"])) for ex in examples)
+    return max(1, min(max_new_tokens, longest + margin))
+
+
+def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, temperature=1.0,
+                  top_k=None, max_new_tokens=256, seed=0, batch_size=32):
+    """(greedy: [str per example], sampled: [[str] * num_samples per example]) for a task.
+    sampled is empty lists when num_samples is 0. Generation stops at <|assistant_end|> or
+    after length_budget(...) tokens."""
+    prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
+    max_new_tokens = length_budget(tokenizer, examples, max_new_tokens)
+    greedy = generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
+                                  0, batch_size, desc=f"{task.name} greedy")
+    greedy = [g[0] for g in greedy]
+    if num_samples <= 0:
+        return greedy, [[] for _ in examples]
+    sampled = generate_completions(model, tokenizer, prompts, info, num_samples, temperature, top_k,
+                                   max_new_tokens, task_seed(seed, task.name), batch_size,
+                                   desc=f"{task.name} x{num_samples}")
+    return greedy, sampled
+
+
+# -----------------------------------------------------------------------------
+# texts compared with references
+
+def answer_part(text):
+    """The open answer: after the last </think>, without an "Answer:" label."""
+    from nanostoney.tasks.stoney import answer_part as part
+    return part(text)
+
+
+def rationale_part(text):
+    """The reasoning: inside <think>...</think>, else everything before the last "Answer:"."""
+    m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
+    if m:
+        return m.group(1).strip()
+    i = text.rfind("Answer:")
+    return (text if i < 0 else text[:i]).strip()
+
+
+def open_pair(task, example, completion):
+    """(hypothesis, reference) for chrF++ of an open-answer task."""
+    if OPEN_TEXT[task.name] == "answer":
+        return answer_part(completion), example["answer"]
+    return rationale_part(completion), rationale_part(example["messages"][-1]["content"])
+
+
+# -----------------------------------------------------------------------------
+# metrics with intervals
+
+def _ci(point, lo, hi):
+    return {"value": float(point), "ci95": [float(lo), float(hi)]}
+
+
+def chrf_with_ci(hyps, refs, n_boot=1000, seed=0):
+    """Corpus chrF++ (metrics.chrf_pp) and a bootstrap interval: sentences are resampled and
+    their character/word n-gram statistics re-pooled, which is what the corpus score does."""
+    from sacrebleu.metrics import CHRF
+    from nanostoney.metrics import bootstrap_ci, chrf_pp
+    point, _ = chrf_pp(hyps, refs)
+    metric = CHRF(word_order=2)
+    stats = np.asarray(metric._extract_corpus_statistics(list(hyps), [list(refs)]))
+
+    def corpus(idx):
+        return metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score
+
+    _, lo, hi = bootstrap_ci(np.arange(len(hyps)), stat=corpus, n_boot=n_boot, seed=seed)
+    return point, min(lo, point), max(hi, point)
+
+
+@contextlib.contextmanager
+def _mauve_quietly():
+    """One BLAS/OpenMP thread, and faiss's C-level "please provide at least N training points"
+    warnings (one per k-means fit on small samples) kept off the terminal."""
+    import mauve  # noqa: F401  (loads faiss and OpenBLAS, so the limit below reaches them)
+    from threadpoolctl import threadpool_limits
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
+    """MAUVE between paired feature rows, with a bootstrap over pairs (n_boot k-means fits)."""
+    from nanostoney.metrics import bootstrap_ci, mauve_score
+    p, q = np.asarray(p_features), np.asarray(q_features)
+    with _mauve_quietly():
+        return bootstrap_ci(np.arange(len(p)), stat=lambda i: mauve_score(p[i], q[i], seed=seed),
+                            n_boot=n_boot, seed=seed)
+
+
+def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
+               comet=True, comet_model=None):
+    """Metrics of one task from its completions: (result dict, notes).
+
+    featurize(texts) -> (N, d) array for MAUVE, or None to skip MAUVE. result holds
+    "metrics" ({name: {"value", "ci95"}}), "per_example" (ids and 0/1 outcomes, for paired
+    comparisons between checkpoints) and "samples" (the first N_SHOWN completions).
+    notes: sentences about what was skipped and why.
+    """
+    from nanostoney.metrics import bootstrap_ci, comet_score, pass_at_k_by_task
+    from nanostoney.tasks import extract_answer
+    notes = []
+    correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
+    metrics = {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}
+    if task.name != "stoney_qa":
+        answered = [float(extract_answer(c) is not None) for c in greedy]
+        metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
+    n_samples = len(sampled[0]) if sampled else 0
+    sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
+    if n_samples:
+        entry = pass_at_k_by_task({task.name: sample_correct}, powers_of_two(n_samples),
+                                  n_boot=n_boot, seed=seed)[task.name]
+        for k in powers_of_two(n_samples):
+            metrics[f"pass@{k}"] = _ci(*entry[f"pass@{k}"])
+    if task.name in OPEN_TEXT:
+        hyps, refs = zip(*[open_pair(task, ex, c) for ex, c in zip(examples, greedy)])
+        metrics["chrf++"] = _ci(*chrf_with_ci(hyps, refs, n_boot=n_boot, seed=seed))
+        if featurize is not None and len(examples) >= 2:
+            model_texts = [cs[0] for cs in sampled] if n_samples else list(greedy)
+            gold_texts = [ex["messages"][-1]["content"] for ex in examples]
+            p, q = featurize(model_texts), featurize(gold_texts)
+            metrics["mauve"] = _ci(*mauve_with_ci(p, q, n_boot=mauve_boot, seed=seed))
+        elif featurize is not None:
+            notes.append(f"MAUVE skipped for {task.name}: it needs at least 2 examples.")
+        if comet:
+            srcs = [ex["messages"][-2]["content"] for ex in examples]
+            score, why = comet_score(srcs, list(hyps), list(refs), model_path=comet_model,
+                                     gpus=1 if torch.cuda.is_available() else 0)
+            if score is None:
+                notes.append(why)
+            else:
+                metrics["comet"] = {"value": score, "ci95": None}
+    result = {"family": task.family, "kind": task.kind, "n": len(examples), "n_samples": n_samples,
+              "metrics": metrics,
+              "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
+                              "n_correct_samples": [sum(s) for s in sample_correct]},
+              "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
+                           "reference": ex["messages"][-1]["content"], "greedy": g,
+                           "sampled": list(cs)}
+                          for ex, g, cs in list(zip(examples, greedy, sampled))[:N_SHOWN]]}
+    return result, notes
+
+
+def family_metrics(task_results, n_boot=1000, seed=0):
+    """Accuracy and pass@k pooled over the examples of each family's tasks (a micro-average:
+    bigger tasks weigh more). task_results: {task: score_task result}."""
+    from nanostoney.metrics import bootstrap_ci, pass_at_k
+    out = {}
+    for family in sorted({r["family"] for r in task_results.values()}):
+        members = [t for t, r in task_results.items() if r["family"] == family]
+        correct = [c for t in members for c in task_results[t]["per_example"]["correct"]]
+        entry = {"tasks": members, "n": len(correct),
+                 "metrics": {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}}
+        ns = {task_results[t]["n_samples"] for t in members}
+        if len(ns) == 1 and next(iter(ns)) > 0:
+            n = ns.pop()
+            counts = [c for t in members for c in task_results[t]["per_example"]["n_correct_samples"]]
+            for k in powers_of_two(n):
+                values = np.array([pass_at_k(n, c, k) for c in counts])
+                entry["metrics"][f"pass@{k}"] = _ci(*bootstrap_ci(values, n_boot=n_boot, seed=seed))
+        out[family] = entry
+    return out

@@ -1,0 +1,294 @@
+"""Evaluate checkpoints on chat tasks: accuracy, pass@k, chrF++, MAUVE (and COMET when present).
+
+    python scripts/eval.py --checkpoints out/base out/sft out/grpo                  # CPU default
+    python scripts/eval.py --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \
+        --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
+
+The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) is sized for
+the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On a GPU, raise
+--max-examples, --num-samples and --max-new-tokens.
+    torchrun --nproc_per_node=8 scripts/eval.py --checkpoints ...                   # 8 GPUs
+
+A checkpoint is our run or step dir, a LoRA adapter dir, or a nanochat checkpoint dir, given
+as a path (named by its folder) or name=path. Every metric comes with a 95% bootstrap
+interval; what each one measures is in nanostoney/evaluate.py. The table is printed, written
+as JSON (--out, atomically; same checkpoint + flags = byte-identical file) and logged to W&B
+(offline run files unless WANDB_API_KEY is set; --wandb disabled for none).
+
+MAUVE features come from the evaluated model's own final hidden states, so each checkpoint is
+judged in its own feature space; pass --mauve-featurizer CHECKPOINT to measure every
+checkpoint with one fixed model (comparable across checkpoints). Nothing is ever downloaded:
+HF_HUB_OFFLINE is set before anything could try.
+Under torchrun the generation batches are spread over the ranks and gathered; the metrics are
+computed on rank 0. The numbers do not depend on the number of processes.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # MAUVE/COMET must never fetch a featuriser or a model
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from nanostoney.errors import UserError, run_main  # noqa: E402
+from nanostoney.logging import add_logging_args, from_args  # noqa: E402
+
+DEFAULT_TASKS = "stoney_mc,stoney_lexicon,stoney_qa,aqua_mc,gsm8k,gsm8k_mc"
+FORMAT = "nanostoney-eval-1"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate checkpoints on chat tasks.")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="checkpoint dirs (ours, LoRA adapters, nanochat), as PATH or NAME=PATH")
+    p.add_argument("--tasks", nargs="+", default=[DEFAULT_TASKS], help="comma- or space-separated task names")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--max-examples", type=int, default=50,
+                   help="examples per task, a fixed hash-chosen subset (0 = the whole split)")
+    p.add_argument("--num-samples", type=int, default=2,
+                   help="sampled completions per prompt for pass@k, k = 1, 2, 4, ... up to it (0 = none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled completions")
+    p.add_argument("--top-k", type=int, default=None, help="top-k of the sampled completions (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled completions and the bootstrap")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="generation cap per completion (each task also stops at its longest reference + 16)")
+    p.add_argument("--batch-size", type=int, default=32, help="completions generated together")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each interval")
+    p.add_argument("--mauve", action=argparse.BooleanOptionalAction, default=True, help="MAUVE on open answers")
+    p.add_argument("--mauve-boot", type=int, default=50,
+                   help="bootstrap resamples of MAUVE intervals (each is a k-means fit)")
+    p.add_argument("--mauve-featurizer", default=None,
+                   help="checkpoint whose final hidden states featurise MAUVE texts (default: the evaluated model)")
+    p.add_argument("--comet", action=argparse.BooleanOptionalAction, default=True,
+                   help="COMET on open answers when unbabel-comet and a checkpoint are installed")
+    p.add_argument("--comet-model", default=None,
+                   help="local COMET checkpoint (default: Unbabel/wmt22-comet-da in the local HF cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--out", default="out/eval/results.json", help="results JSON")
+    p.add_argument("--completions", default=None, help="also write every completion to this JSON-lines file")
+    add_logging_args(p)
+    return p.parse_args(argv)
+
+
+def parse_checkpoints(specs):
+    """[(name, path)]: NAME=PATH, or PATH named by its folder (a step dir by run and step)."""
+    out, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or os.sep in name:
+            path = spec
+            norm = os.path.normpath(path)
+            name = os.path.basename(norm)
+            if re.fullmatch(r"step_\d+", name):
+                name = f"{os.path.basename(os.path.dirname(os.path.abspath(norm)))}@{int(name[5:])}"
+        base, i = name, 2
+        while name in seen:
+            name, i = f"{base}-{i}", i + 1
+        seen.add(name)
+        if not os.path.exists(path):
+            raise UserError(f"checkpoint {path} does not exist; pass a checkpoint directory (a run "
+                            f"dir, step dir, LoRA adapter dir or nanochat dir).")
+        out.append((name, path))
+    return out
+
+
+def parse_tasks(specs):
+    from nanostoney.tasks import TASK_NAMES
+    names = [n for spec in specs for n in spec.replace(",", " ").split()]
+    if not names:
+        raise UserError(f"--tasks is empty; name at least one of {', '.join(TASK_NAMES)}.")
+    for n in names:
+        if n not in TASK_NAMES:
+            raise UserError(f"unknown task {n!r}; valid tasks are {', '.join(TASK_NAMES)}.")
+    return list(dict.fromkeys(names))
+
+
+def load_for_eval(path, device):
+    from nanostoney.checkpoint import load_model
+    model, tok, meta = load_model(path, device=device)
+    if tok is None:
+        raise UserError(f"checkpoint {path} has no tokenizer; save it with its tokenizer/ (or put "
+                        f"nanochat's tokenizer.pkl next to it).")
+    return model, tok, meta
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+def fmt(metric, entry):
+    if entry is None:
+        return ""
+    v, ci = entry["value"], entry["ci95"]
+    if metric in ("chrf++",):  # sacrebleu's 0-100 scale
+        return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def metric_order(names):
+    def key(m):
+        if m.startswith("pass@"):
+            return (2, int(m[5:]))
+        return ({"accuracy": 0, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}.get(m, 6), 0)
+    return sorted(names, key=key)
+
+
+def format_table(results, split):
+    """One block per task (and per family), a row per checkpoint, a column per metric."""
+    lines = []
+    ckpts = list(results["checkpoints"])
+    blocks = []
+    for task in results["config"]["tasks"]:
+        rows = [(c, results["checkpoints"][c]["tasks"][task]) for c in ckpts]
+        head = f"{task} ({rows[0][1]['family']}, {rows[0][1]['kind']}; {split} n={rows[0][1]['n']})"
+        blocks.append((head, rows))
+    for fam in sorted(results["checkpoints"][ckpts[0]]["families"]):
+        rows = [(c, results["checkpoints"][c]["families"][fam]) for c in ckpts]
+        blocks.append((f"{fam} family, pooled over {', '.join(rows[0][1]['tasks'])} (n={rows[0][1]['n']})", rows))
+    for head, rows in blocks:
+        metrics = metric_order({m for _, r in rows for m in r["metrics"]})
+        table = [["checkpoint"] + metrics] + [[c] + [fmt(m, r["metrics"].get(m)) for m in metrics] for c, r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines.append(head)
+        for j, row in enumerate(table):
+            lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+            if j == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def flat_metrics(results):
+    """{"ckpt/task/metric": value, ..._lo, ..._hi} for W&B."""
+    out = {}
+    for c, r in results["checkpoints"].items():
+        for group in ("tasks", "families"):
+            for t, tr in r[group].items():
+                for m, e in tr["metrics"].items():
+                    out[f"{c}/{t}/{m}"] = e["value"]
+                    if e["ci95"]:
+                        out[f"{c}/{t}/{m}_lo"], out[f"{c}/{t}/{m}_hi"] = e["ci95"]
+    return out
+
+
+def write_json(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_completions(path, rows):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks_wanted = parse_tasks(args.tasks)          # bad flags fail before any slow work
+    ckpts = parse_checkpoints(args.checkpoints)
+    if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
+        raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
+                        f"directory, or leave it out to featurise with each evaluated model.")
+    for flag in ("max_examples", "num_samples", "batch_size", "n_boot", "mauve_boot"):
+        if getattr(args, flag) < (1 if flag in ("batch_size", "n_boot", "mauve_boot") else 0):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; use a positive number.")
+    if args.max_new_tokens < 1 or args.temperature <= 0 and args.num_samples > 0:
+        raise UserError("--max-new-tokens must be >= 1 and --temperature > 0 when --num-samples > 0.")
+
+    from nanostoney import evaluate as E
+    from nanostoney.dist import cleanup, init_dist, print0
+    from nanostoney.metrics import model_features
+    from nanostoney.tasks import get_task
+
+    t_start = time.perf_counter()
+    info = init_dist(args.device)
+    tasks = [get_task(n) for n in tasks_wanted]
+    examples = {t.name: E.select_examples(t, args.split, args.max_examples) for t in tasks}
+    featurizer = None
+    if args.mauve and args.mauve_featurizer:
+        featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2]
+    ks = E.powers_of_two(args.num_samples)
+    config = {"split": args.split, "tasks": tasks_wanted, "max_examples": args.max_examples,
+              "num_samples": args.num_samples, "ks": ks, "temperature": args.temperature,
+              "top_k": args.top_k, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+              "batch_size": args.batch_size, "n_boot": args.n_boot, "mauve": args.mauve,
+              "mauve_boot": args.mauve_boot,
+              "mauve_featurizer": os.path.abspath(args.mauve_featurizer) if args.mauve_featurizer else "self",
+              "examples_per_task": {t: len(x) for t, x in examples.items()}}
+    results = {"format": FORMAT, "config": config, "checkpoints": {}, "notes": []}
+    completions, notes, timings = [], [], {}
+    print0(f"evaluating {len(ckpts)} checkpoint(s) on {', '.join(f'{t} ({len(x)})' for t, x in examples.items())} "
+           f"[{args.split}], {args.num_samples} samples/prompt at T={args.temperature}")
+    for name, path in ckpts:
+        t0 = time.perf_counter()
+        model, tok, meta = load_for_eval(path, info.device)
+        fmodel, ftok = featurizer or (model, tok)
+
+        def featurize(texts, fmodel=fmodel, ftok=ftok):
+            return model_features(fmodel, ftok, texts, device=info.device)
+
+        entry = {"path": os.path.abspath(path), "resolved": meta.get("checkpoint", os.path.abspath(path)),
+                 "step": meta.get("step"), "stage": meta.get("stage"),
+                 "lora": "base" in meta, "tasks": {}}
+        for task in tasks:
+            exs = examples[task.name]
+            greedy, sampled = E.complete_task(model, tok, task, exs, info, args.num_samples, args.temperature,
+                                              args.top_k, args.max_new_tokens, args.seed, args.batch_size)
+            if not info.is_master:
+                continue
+            res, task_notes = E.score_task(task, exs, greedy, sampled, featurize=featurize if args.mauve else None,
+                                           n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
+                                           comet=args.comet and not any(n.startswith("COMET skipped") for n in notes),
+                                           comet_model=args.comet_model)
+            notes += [n for n in task_notes if n not in notes]
+            entry["tasks"][task.name] = res
+            if args.completions:
+                completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
+                                for ex, g, s in zip(exs, greedy, sampled)]
+            acc = res["metrics"]["accuracy"]
+            print0(f"  {name} {task.name}: accuracy {acc['value']:.3f}")
+        if info.is_master:
+            entry["families"] = E.family_metrics(entry["tasks"], n_boot=args.n_boot, seed=args.seed)
+        results["checkpoints"][name] = entry
+        timings[name] = time.perf_counter() - t0
+        print0(f"{name}: evaluated in {timings[name]:.1f} s")
+        del model
+
+    if info.is_master:
+        results["notes"] = notes
+        write_json(args.out, results)
+        if args.completions:
+            write_completions(args.completions, completions)
+        print("\n" + format_table(results, args.split))
+        for n in notes:
+            print(n)
+        total = time.perf_counter() - t_start
+        print(f"wrote {args.out}; {total:.1f} s in all (" +
+              ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
+        log_dir = os.path.dirname(os.path.abspath(args.out))
+        logger = from_args(args, config={**config, "checkpoints": {c: p for c, p in ckpts}}, out_dir=log_dir)
+        logger.summary({**flat_metrics(results), "eval/time_s": total})
+        rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
+                for c, r in results["checkpoints"].items() for group in ("tasks", "families")
+                for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+        logger.log_table("eval/results", ["checkpoint", "task", "metric", "value", "lo", "hi", "n"], rows)
+        logger.finish()
+    cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)
