@@ -1,0 +1,598 @@
+"""The reasoning report: PNG figures, a self-contained index.html beside them, and metrics.json.
+
+    write_report(out_dir, metrics, logger=None)
+
+`metrics` is what scripts/compare_reasoning.py builds from nanostoney.interp: every number the
+figures show is in it, so a report can be re-rendered from a saved metrics.json
+(`render(json.load(...), out_dir)`). The directory is built under a temporary name and renamed
+into place, so a reader never sees half a report. The HTML uses no scripts and no network:
+it opens offline from a file:// URL. Figures are drawn with matplotlib's Agg backend, imported
+only here.
+"""
+import html
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+
+from nanostoney.interp import ABLATION_MODES, LEXICAL_REGIONS, SPLIT_GROUPS, STRUCT_REGIONS
+
+FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "all": "#555555"}
+GROUP_STYLES = {"train": "-", "heldout": "--", "all": ":"}
+EXTRA_COLORS = ["#2c6fbb", "#8e44ad", "#d68910", "#17a2b8"]
+REGION_COLORS = {"question": "#1f4e9c", "options": "#b8860b", "rationale": "#2e7d32", "answer_cue": "#c0392b"}
+REGION_NAMES = {"question": "blue", "options": "gold", "rationale": "green", "answer_cue": "red"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 100,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def color(family, i=0):
+    return FAMILY_COLORS.get(family, EXTRA_COLORS[i % len(EXTRA_COLORS)])
+
+
+def arr(s, key="mean"):
+    return np.array(s[key], dtype=float)
+
+
+def families_of(metrics):
+    return [f for f in metrics["config"]["families"]]
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+
+
+# -----------------------------------------------------------------------------
+# figures across checkpoints
+
+def _legend_below(fig, axes):
+    """One legend for every panel, under them (so no panel's lines are hidden)."""
+    handles, labels = {}, []
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            key = re.sub(r", n=\d+\)$", ")", lab)  # sample sizes differ per panel; they are in the tables
+            if key not in handles:
+                handles[key] = h
+                labels.append(key)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=max(1, len(labels)), fontsize=7,
+               frameon=False)
+
+
+def fig_entropy(metrics, path):
+    """Rows: entropy over all query positions, entropy of the answer position; a panel per checkpoint."""
+    plt = _plt()
+    cks = list(metrics["checkpoints"])
+    rows = [("entropy:layer", "entropy (nats)\nall query positions"),
+            ("entropy_answer:layer", "entropy (nats)\nanswer position"),
+            ("entropy_norm:layer", "H / log(keys seen)\nall query positions")]
+    fig, axes = plt.subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False, sharex="col")
+    for c, ck in enumerate(cks):
+        for r, (key, label) in enumerate(rows):
+            ax = axes[r][c]
+            for i, fam in enumerate(families_of(metrics)):
+                for grp in ("train", "heldout"):
+                    s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
+                    if not s:
+                        continue
+                    m = arr(s)
+                    x = np.arange(len(m))
+                    ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3,
+                            label=f"{fam} ({grp}, n={s['n']})")
+                    ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+            if r == 0:
+                ax.set_title(ck)
+            if c == 0:
+                ax.set_ylabel(label)
+            if r == len(rows) - 1:
+                ax.set_xlabel("layer")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    _legend_below(fig, axes)
+    fig.suptitle("Attention entropy by layer (mean over heads)", fontsize=10, x=0.01, ha="left")
+    _save(fig, path)
+
+
+def fig_logit_lens(metrics, path):
+    plt = _plt()
+    cks = list(metrics["checkpoints"])
+    rows = [("lens_logprob", "answer log-prob"), ("lens_top1", "top-1 rate"), ("lens_choice", "MC letter accuracy")]
+    fig, axes = plt.subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False, sharex="col")
+    for c, ck in enumerate(cks):
+        for r, (key, label) in enumerate(rows):
+            ax = axes[r][c]
+            for i, fam in enumerate(families_of(metrics)):
+                for grp in ("train", "heldout"):
+                    s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
+                    if not s:
+                        continue
+                    m = arr(s)
+                    x = np.arange(len(m))
+                    ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=f"{fam} ({grp})")
+                    ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+            if key == "lens_choice":
+                ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
+            if key != "lens_logprob":
+                ax.set_ylim(-0.04, 1.04)
+            if r == 0:
+                ax.set_title(ck)
+            if c == 0:
+                ax.set_ylabel(label)
+            if r == len(rows) - 1:
+                ax.set_xlabel("depth (0 = embeddings, last = output)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    _legend_below(fig, axes)
+    fig.suptitle("Logit lens: where the answer is decided", fontsize=10, x=0.01, ha="left")
+    _save(fig, path)
+
+
+# -----------------------------------------------------------------------------
+# figures for one checkpoint
+
+def _heat(ax, m, title, cmap="viridis", vmin=None, vmax=None, annotate=True, marks=None):
+    m = np.asarray(m, dtype=float)
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_yticks(range(m.shape[0]))
+    if annotate and m.size <= 64:
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                dark = abs(im.norm(v) - 0.5) > 0.3 if cmap in ("RdBu_r", "PuOr_r") else im.norm(v) < 0.5
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    if marks is not None:
+        from matplotlib.patches import Rectangle
+        for i, j in zip(*np.nonzero(marks)):
+            ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="black", lw=1.4))
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    return im
+
+
+def fig_ablation(metrics, ck, mode, path):
+    """Rows: split groups; columns: each family's drop map and their difference."""
+    plt = _plt()
+    res = metrics["checkpoints"][ck]["families"]
+    fams = [f for f in families_of(metrics) if f in res][:2]
+    groups = [g for g in SPLIT_GROUPS if all(res.get(f, {}).get(g) for f in fams)] or ["all"]
+    ncol = len(fams) + (1 if len(fams) == 2 else 0)
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(3.3 * ncol, 2.6 * len(groups) + 0.4), squeeze=False)
+    key = f"ablate_{mode}"
+    for r, grp in enumerate(groups):
+        maps = [res[f][grp][key] for f in fams if res.get(f, {}).get(grp, {}).get(key)]
+        if not maps:
+            continue
+        vmax = max(1e-6, max(np.nanmax(np.abs(arr(s))) for s in maps))
+        for c, (fam, s) in enumerate(zip(fams, maps)):
+            _heat(axes[r][c], arr(s), f"{fam}, {grp} (n={s['n']})", "RdBu_r", -vmax, vmax)
+        if len(maps) == 2:
+            a, b = maps
+            sep = (arr(a, "lo") > arr(b, "hi")) | (arr(b, "lo") > arr(a, "hi"))
+            d = arr(a) - arr(b)
+            lim = max(1e-6, np.nanmax(np.abs(d)))
+            _heat(axes[r][2], d, f"{fams[0]} − {fams[1]} (boxed: intervals apart)", "PuOr_r", -lim, lim, marks=sep)
+    fig.suptitle(f"{ck}: drop in answer log-prob when one head is {mode}-ablated (red = the head helps)",
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def fig_topk(metrics, ck, path):
+    """Groups: the family evaluated and split; bars: whose top-k heads were ablated (or random k)."""
+    plt = _plt()
+    res = metrics["checkpoints"][ck]
+    fams = [f for f in families_of(metrics) if f in res["families"]]
+    sources = fams + ["random"]
+    fig, axes = plt.subplots(1, len(ABLATION_MODES), figsize=(9, 2.9), squeeze=False)
+    for ax, mode in zip(axes[0], ABLATION_MODES):
+        groups = [(f, g) for f in fams for g in SPLIT_GROUPS if res["families"][f].get(g)]
+        w = 0.8 / len(sources)
+        for j, src in enumerate(sources):
+            xs, ms, err = [], [], [[], []]
+            for gi, (fam, grp) in enumerate(groups):
+                v = res["families"][fam][grp].get(f"topk_{mode}:{'own' if src == fam else src}")
+                if not v or v["mean"] is None:
+                    continue
+                xs.append(gi + (j - (len(sources) - 1) / 2) * w)
+                ms.append(v["mean"])
+                err[0].append(v["mean"] - v["lo"])
+                err[1].append(v["hi"] - v["mean"])
+            ax.bar(xs, ms, w, color=color(src, j) if src != "random" else "#aaaaaa",
+                   label=f"{src}'s top-{res['topk']['k']} heads" if src != "random" else "random heads (mean)")
+            ax.errorbar(xs, ms, err, fmt="none", color="k", lw=0.8, capsize=2)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{f} items\n{g}" for f, g in groups])
+        ax.axhline(0, color="#666", lw=0.6)
+        ax.set_title(f"{mode} ablation of k heads together")
+        ax.set_ylabel("drop in answer log-prob")
+    axes[0][-1].legend(fontsize=6.5, frameon=False)
+    fig.suptitle(f"{ck}: do the families rely on the same heads? (heads chosen on train items)",
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def fig_regions(metrics, ck, path):
+    plt = _plt()
+    res = metrics["checkpoints"][ck]["families"]
+    fams = families_of(metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.9), gridspec_kw={"width_ratios": [len(STRUCT_REGIONS),
+                                                                                     len(LEXICAL_REGIONS) + 1]})
+    for ax, (key, share_key, names, title) in zip(axes, [
+            ("struct_mass:all", "struct_share", STRUCT_REGIONS, "structure"),
+            ("lex_mass:all", "lex_share", LEXICAL_REGIONS, "lexical classes")]):
+        bars = [(f, g) for f in fams for g in SPLIT_GROUPS if res.get(f, {}).get(g, {}).get(key)]
+        w = 0.8 / max(1, len(bars))
+        for b, (fam, grp) in enumerate(bars):
+            s, sh = res[fam][grp][key], res[fam][grp].get(share_key)
+            x = np.arange(len(names)) + (b - (len(bars) - 1) / 2) * w
+            m = arr(s)
+            ax.bar(x, m, w, color=color(fam, b), alpha=1.0 if grp == "train" else 0.55,
+                   label=f"{fam} ({grp}, n={s['n']})")
+            ax.errorbar(x, m, [m - arr(s, "lo"), arr(s, "hi") - m], fmt="none", color="k", lw=0.7, capsize=1.5)
+            if sh:
+                ax.scatter(x, arr(sh), marker="_", s=60, color="k", zorder=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_title(f"mass from the answer position: {title} (— = token share)")
+        ax.set_ylabel("mass (mean over layers and heads)")
+    axes[1].legend(fontsize=6.5, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def fig_roles(metrics, ck, path):
+    plt = _plt()
+    res = metrics["checkpoints"][ck]
+    every = res["families"]["all"]["all"]
+    th = metrics["definitions"].get("role_thresholds", {})
+    panels = [("previous-token (task prompts)", every["previous_token"], "previous_token"),
+              ("induction (random repeats)", res["induction"]["induction"], "induction"),
+              ("attention sink (mass on bos)", every["sink"], "sink"),
+              ("attention entropy (nats)", every["entropy"], None)]
+    for fam in families_of(metrics):
+        s = res["families"].get(fam, {}).get("all", {}).get("option_lookup")
+        if s:
+            panels.append((f"option lookup ({fam})", s, "option_lookup"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.7), squeeze=False)
+    for ax, (title, s, role) in zip(axes[0], panels):
+        # a role's colour scale tops out at its threshold or above: bright means "has the role"
+        top = max(float(np.nanmax(arr(s))), th.get(role, 0.0)) if role else float(np.nanmax(arr(s)))
+        _heat(ax, arr(s), title, "magma", 0, max(1e-6, top))
+    roles = "; ".join(f"{r} {h}" for r, h in res["roles"].items() if h) or "no head reaches a role threshold"
+    fig.suptitle(f"{ck}: head-role scores, mean over examples (colour scale reaches at least the role threshold); "
+                 f"roles: {roles}", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def fig_example(metrics, ck, ex, path):
+    """Attention of every head from the answer position over the example's tokens, and the full
+    pattern of the family's most important head."""
+    plt = _plt()
+    rows = np.array(ex["answer_rows"], dtype=float)  # [L, H, T]
+    L, H, T = rows.shape
+    toks = ex["tokens"]
+    width = min(22, max(9, 0.09 * T + 2))
+    fig = plt.figure(figsize=(width, 3.0 + 0.14 * L * H + min(7.5, 0.07 * T + 2)))
+    gs = fig.add_gridspec(2, 1, height_ratios=[0.14 * L * H + 0.8, min(7.5, 0.07 * T + 2)])
+    ax = fig.add_subplot(gs[0])
+    im = ax.imshow(rows.reshape(L * H, T), aspect="auto", cmap="Blues", vmin=0, vmax=max(1e-6, rows.max()),
+                   interpolation="nearest")
+    ax.set_yticks(range(L * H))
+    ax.set_yticklabels([f"L{l}.H{h}" for l in range(L) for h in range(H)], fontsize=5)
+    step = max(1, T // 160)
+    ax.set_xticks(range(0, T, step))
+    ax.set_xticklabels(toks[::step], rotation=90, fontsize=5)
+    for lab, r in zip(ax.get_xticklabels(), ex["struct"][::step]):
+        lab.set_color(REGION_COLORS.get(STRUCT_REGIONS[r], "black"))
+    ax.set_title(f"{ck} — {ex['task']} ({ex['split']}) {ex['id']}: attention from the answer position "
+                 f"(last token) for every head; token colours: " +
+                 " ".join(f"{r}={c}" for r, c in REGION_NAMES.items()))
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    ax2 = fig.add_subplot(gs[1])
+    p = np.array(ex["pattern"], dtype=float)
+    im2 = ax2.imshow(p, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    step = max(1, T // 90)
+    ax2.set_xticks(range(0, T, step))
+    ax2.set_xticklabels(toks[::step], rotation=90, fontsize=4.5)
+    ax2.set_yticks(range(0, T, step))
+    ax2.set_yticklabels(toks[::step], fontsize=4.5)
+    for labels in (ax2.get_xticklabels(), ax2.get_yticklabels()):
+        for lab, r in zip(labels, ex["struct"][::step]):
+            lab.set_color(REGION_COLORS.get(STRUCT_REGIONS[r], "black"))
+    ax2.set_title(f"full pattern of L{ex['head'][0]}.H{ex['head'][1]} (largest mean zero-ablation drop for "
+                  f"{ex['family']}); rows = queries, columns = keys")
+    fig.colorbar(im2, ax=ax2, fraction=0.02, pad=0.01)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# -----------------------------------------------------------------------------
+# how one checkpoint moved relative to another (e.g. GRPO vs SFT), paired by example
+
+def fig_delta(metrics, name, d, path):
+    plt = _plt()
+    fams = [f for f in families_of(metrics) if f in d["families"]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.9))
+    for ax, key, title, x0 in [(axes[0], "entropy:layer", "Δ attention entropy by layer (nats)", 0),
+                               (axes[1], "lens_logprob", "Δ logit-lens answer log-prob", 0)]:
+        for i, fam in enumerate(fams):
+            for grp in SPLIT_GROUPS:
+                s = d["families"][fam].get(grp, {}).get(key)
+                if not s:
+                    continue
+                m = arr(s)
+                x = np.arange(len(m)) + x0
+                ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=f"{fam} ({grp})")
+                ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+        ax.axhline(0, color="#666", lw=0.6)
+        ax.set_title(title)
+        ax.set_xlabel("layer" if key == "entropy:layer" else "depth")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=6.5, frameon=False)
+    ax = axes[2]
+    bars = [(f, g) for f in fams for g in SPLIT_GROUPS if d["families"][f].get(g, {}).get("struct_mass:all")]
+    w = 0.8 / max(1, len(bars))
+    for b, (fam, grp) in enumerate(bars):
+        s = d["families"][fam][grp]["struct_mass:all"]
+        x = np.arange(len(STRUCT_REGIONS)) + (b - (len(bars) - 1) / 2) * w
+        m = arr(s)
+        ax.bar(x, m, w, color=color(fam, b), alpha=1.0 if grp == "train" else 0.55, label=f"{fam} ({grp})")
+        ax.errorbar(x, m, [m - arr(s, "lo"), arr(s, "hi") - m], fmt="none", color="k", lw=0.7, capsize=1.5)
+    ax.axhline(0, color="#666", lw=0.6)
+    ax.set_xticks(range(len(STRUCT_REGIONS)))
+    ax.set_xticklabels(STRUCT_REGIONS, rotation=30, ha="right")
+    ax.set_title("Δ attention mass from the answer position")
+    fig.suptitle(f"{name}: change per example, paired (n={d['n_paired']}); bands = 95% bootstrap",
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def fig_delta_maps(metrics, name, d, path):
+    plt = _plt()
+    fams = [f for f in families_of(metrics) if f in d["families"]]
+    panels = []
+    for fam in fams:
+        s = d["families"][fam].get("all", {})
+        for key, title in (("ablate_zero", "Δ zero-ablation drop"), ("option_lookup", "Δ option lookup")):
+            if s.get(key) and isinstance(s[key]["mean"], list):
+                panels.append((f"{title} ({fam})", s[key]))
+    s = d["families"].get("all", {}).get("all", {})
+    for key, title in (("previous_token", "Δ previous-token"), ("sink", "Δ sink")):
+        if s.get(key) and isinstance(s[key]["mean"], list):
+            panels.append((title, s[key]))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.7), squeeze=False)
+    for ax, (title, s) in zip(axes[0], panels):
+        m = arr(s)
+        lim = max(1e-6, float(np.nanmax(np.abs(m))))
+        sep = (arr(s, "lo") > 0) | (arr(s, "hi") < 0)
+        _heat(ax, m, title, "PuOr_r", -lim, lim, marks=sep)
+    fig.suptitle(f"{name}: per-head change (boxed: interval excludes 0)", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# html
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:14px 18px;color:#222;font-size:13px}
+h1{font-size:19px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:12px 0 4px} .meta{color:#666;font-size:12px}
+.summary{background:#f6f8f7;border-left:4px solid #1b7f5c;padding:6px 12px;margin:8px 0}
+.summary li{margin:2px 0} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:10px}
+.grid img,.wide img{max-width:100%;border:1px solid #eee} figure{margin:0} figcaption{font-size:11px;color:#555}
+table{border-collapse:collapse;font-size:11.5px;margin:6px 0}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:right} th{background:#f3f3f3} td.l{text-align:left}
+details{margin:6px 0} pre{font-size:11px;background:#fafafa;padding:6px;overflow:auto}
+"""
+
+
+def esc(x):
+    return html.escape(str(x))
+
+
+def cell(s):
+    if not s or s.get("mean") is None or isinstance(s["mean"], list):
+        return "—"
+    return f"{s['mean']:.3g} <span class=meta>[{s['lo']:.3g}, {s['hi']:.3g}]</span>"
+
+
+TABLE_COLS = [("accuracy", "accuracy"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
+              ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
+              ("previous_token:all", "prev-token"),
+              ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
+              ("topk_zero:own", "top-k zero drop (own)"), ("topk_zero:random", "random-k zero drop")]
+
+
+def table(metrics, ck):
+    res = metrics["checkpoints"][ck]
+    head = "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLS)
+    rows = []
+    for fam in families_of(metrics) + ["all"]:
+        for grp in SPLIT_GROUPS:
+            s = res["families"].get(fam, {}).get(grp)
+            if s:
+                rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
+                            "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
+    task_rows = []
+    for task, by in res["tasks"].items():
+        for grp, s in by.items():
+            task_rows.append(f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>"
+                             f"<td>{cell(s.get('accuracy'))}</td><td>{cell(s.get('answer_logprob'))}</td>"
+                             f"<td>{cell(s.get('entropy:all'))}</td><td>{cell(s.get('sink:all'))}</td></tr>")
+    ov = "; ".join(f"{m}: Jaccard {o['jaccard']:.2f} (shared {o['shared']}), Spearman {o['spearman']:.2f}"
+                   for m, o in res.get("overlap", {}).items())
+    tk = "; ".join(f"{m} {f}: {h}" for m, v in res["topk"]["heads"].items() for f, h in v.items())
+    return (f"<table><tr><th>family</th><th>split</th><th>n</th>{head}</tr>{''.join(rows)}</table>"
+            f"<details><summary>per task</summary><table><tr><th>task</th><th>split</th><th>n</th><th>accuracy</th>"
+            f"<th>answer log-prob</th><th>entropy</th><th>sink</th></tr>{''.join(task_rows)}</table></details>"
+            f"<p class=meta>top-{res['topk']['k']} heads [layer, head] ({esc(res['topk']['chosen_on'])}): {esc(tk)}."
+            f"<br>overlap of the families' heads — {esc(ov) or 'one family only'}.<br>roles: "
+            f"{esc(res['roles'])}. Induction on {res['induction']['n_rep']}-token random repeats. "
+            f"Skipped (longer than --max-len): {esc(res['skipped_too_long'] or 'none')}.</p>")
+
+
+def fig_html(figs, cls="grid"):
+    return f"<div class={cls}>" + "".join(
+        f"<figure><img src='figures/{esc(f)}' alt='{esc(cap)}'><figcaption>{esc(cap)}</figcaption></figure>"
+        for f, cap in figs) + "</div>"
+
+
+def render_html(metrics, figs):
+    cfg = metrics["config"]
+    summ = metrics["summary"]
+    top = "".join(f"<li>{esc(s)}</li>" for s in summ["top"]) or "<li>No difference between families or " \
+        "checkpoints is outside its 95% interval at this sample size.</li>"
+    rest = "".join(f"<li>{esc(d['text'])}</li>" for d in metrics["differences"])
+    ck_desc = ", ".join(f"{n} = {c['path']}" for n, c in cfg["checkpoints"].items())
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>nanostoney reasoning report</title>"
+             f"<style>{CSS}</style></head><body>",
+             "<h1>How the models reason: Stoney Nakoda vs math</h1>",
+             f"<div class=meta>{esc(ck_desc)} · tasks {esc(', '.join(cfg['tasks']))} · up to {cfg['max_examples']} "
+             f"examples per task and split (held-out = val + test) · answer context: {esc(cfg['rationale'])} "
+             f"rationale · {esc(metrics['created'])}</div>",
+             f"<div class=summary><b>Summary</b> ({esc(summ['note'])})<ul>{top}</ul>"
+             f"<div class=meta>Reading notes: the answer is scored after the {esc(cfg['rationale'])} rationale "
+             f"(teacher forcing), so attention to the rationale is often copying; the families differ in prompt "
+             f"length and format (stoney_lexicon is open-answer and short), and entropy in nats grows with "
+             f"length — compare the normalised entropy; 'differ' means non-overlapping 95% intervals.</div>"
+             f"<details><summary>all {len(metrics['differences'])} differences outside their intervals</summary>"
+             f"<ul>{rest}</ul></details></div>",
+             # with three or more checkpoints the overview figures are wide: one per row
+             fig_html(figs["overview"], "wide" if len(metrics["checkpoints"]) >= 3 else "grid")]
+    for ck in metrics["checkpoints"]:
+        parts.append(f"<h2>{esc(ck)}</h2>" + table(metrics, ck) + fig_html(figs.get(ck, [])))
+        if figs.get(f"{ck}/examples"):
+            parts.append(f"<h3>{esc(ck)}: example prompts</h3>" + fig_html(figs[f"{ck}/examples"], "wide"))
+    for name in metrics.get("deltas", {}):
+        parts.append(f"<h2>{esc(name)}</h2>" + fig_html(figs.get(name, [])))
+    parts.append("<h2>Definitions</h2><ul>" + "".join(
+        f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in metrics["definitions"].items()) + "</ul>")
+    parts.append(f"<h2>Configuration</h2><pre>{esc(json.dumps(cfg, indent=1))}</pre>"
+                 f"<p class=meta>Every number is in metrics.json next to this file.</p></body></html>")
+    return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def render(metrics, out_dir):
+    """Figures and index.html into out_dir (which exists); returns {section: [(file, caption)]}."""
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    figs = {"overview": []}
+
+    def add(section, name, caption, draw):
+        path = os.path.join(fig_dir, name)
+        if draw(path) is not False:
+            figs.setdefault(section, []).append((name, caption))
+
+    add("overview", "entropy_by_layer.png", "Attention entropy by layer: over all query positions, at the answer "
+        "position, and normalised by its maximum (prompt-length free); solid = train split, dashed = held-out",
+        lambda p: fig_entropy(metrics, p))
+    add("overview", "logit_lens.png", "Logit lens: answer log-prob, top-1 rate, MC letter accuracy by depth",
+        lambda p: fig_logit_lens(metrics, p))
+    for i, ck in enumerate(metrics["checkpoints"]):
+        add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head",
+            lambda p, ck=ck: fig_ablation(metrics, ck, "zero", p))
+        add(ck, f"{i}_regions.png", f"{ck}: attention mass per region", lambda p, ck=ck: fig_regions(metrics, ck, p))
+        add(ck, f"{i}_roles.png", f"{ck}: head roles", lambda p, ck=ck: fig_roles(metrics, ck, p))
+        add(ck, f"{i}_ablation_mean.png", f"{ck}: mean-ablation drop per head",
+            lambda p, ck=ck: fig_ablation(metrics, ck, "mean", p))
+        add(ck, f"{i}_topk.png", f"{ck}: top-k heads ablated together",
+            lambda p, ck=ck: fig_topk(metrics, ck, p))
+        for j, ex in enumerate(metrics["checkpoints"][ck].get("examples", [])):
+            add(f"{ck}/examples", f"{i}_example_{j}.png", f"{ck}: {ex['task']} {ex['id']}",
+                lambda p, ck=ck, ex=ex: fig_example(metrics, ck, ex, p))
+    for i, (name, d) in enumerate(metrics.get("deltas", {}).items()):
+        add(name, f"delta_{i}.png", f"{name}: entropy, logit lens, region mass", lambda p, d=d, n=name:
+            fig_delta(metrics, n, d, p))
+        add(name, f"delta_{i}_maps.png", f"{name}: per-head changes", lambda p, d=d, n=name:
+            fig_delta_maps(metrics, n, d, p))
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+        f.write(render_html(metrics, figs))
+    return figs
+
+
+def clean_json(x):
+    """NaN/inf -> None, numpy -> python, so metrics.json is strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): clean_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean_json(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return clean_json(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_report(out_dir, metrics, logger=None):
+    """Build the report under a temporary name, then rename it to out_dir (replacing an old one)."""
+    metrics = clean_json(metrics)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        figs = render(metrics, tmp)
+        with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=1, ensure_ascii=False, allow_nan=False)
+        old = None
+        if os.path.exists(out_dir):
+            old = f"{out_dir}.old-{os.getpid()}-{int(time.time())}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if logger is not None:
+        log_to(logger, metrics, figs, out_dir)
+    return out_dir
+
+
+def log_to(logger, metrics, figs, out_dir):
+    """The report's figures and tables in W&B (and the run's jsonl)."""
+    for section, items in figs.items():
+        for name, _ in items:
+            logger.log_image(f"report/{os.path.splitext(name)[0]}", os.path.join(out_dir, "figures", name))
+    cols = ["checkpoint", "family", "split", "n"] + [k for k, _ in TABLE_COLS]
+    rows, scalars = [], {}
+    for ck, res in metrics["checkpoints"].items():
+        for fam, by in res["families"].items():
+            for grp, s in by.items():
+                vals = []
+                for k, _ in TABLE_COLS:
+                    v = s.get(k)
+                    ok = v and not isinstance(v.get("mean"), list) and v.get("mean") is not None
+                    vals.append(v["mean"] if ok else None)
+                    if ok and grp in SPLIT_GROUPS:
+                        scalars[f"report/{ck}/{fam}/{grp}/{k}"] = v["mean"]
+                rows.append([ck, fam, grp, s["n"]] + vals)
+    logger.log_table("report/summary", cols, rows)
+    logger.log_table("report/differences", ["text"], [[d["text"]] for d in metrics["differences"]])
+    logger.summary(scalars)

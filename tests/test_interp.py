@@ -1,0 +1,276 @@
+"""interp: scores checked on planted ground truth (hand-set weights and hand-made patterns), and
+the answer position / region labels checked on a small tokenizer."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nanostoney import interp, probes
+from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.metrics import bootstrap_ci
+from nanostoney.tasks.base import mc_example
+from nanostoney.tokenizer import Tokenizer
+
+BOS = 0
+
+
+def planted_model():
+    """Layer 0: head 0 is a previous-token head (rotary: q is k turned by one position, in the
+    three fastest channel pairs), head 1 an attention sink (a slow channel where the key is +u on
+    <|bos|> and -u elsewhere, the query always +u). Layer 1: zero queries, so uniform attention."""
+    cfg = GPTConfig(sequence_len=64, vocab_size=40, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    model = GPT(cfg)
+    model.init_weights()
+    d, half = 64, 32
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte.zero_()
+        wte[:, 0] = -1.0
+        wte[BOS, 0] = 1.0   # channel 0: is this <|bos|>?
+        wte[:, 1] = 1.0     # channel 1: constant
+        for block in model.transformer.h:
+            block.attn.c_q.weight.zero_()
+            block.attn.c_k.weight.zero_()
+        a0 = model.transformer.h[0].attn
+        for c in range(3):
+            theta = 10000 ** (-2 * c / d)
+            a0.c_q.weight[c, 1] = math.cos(theta)
+            a0.c_q.weight[half + c, 1] = math.sin(theta)
+            a0.c_k.weight[c, 1] = 1.0
+        a0.c_q.weight[d + half - 1, 1] = 1.0   # head 1, slowest channel pair
+        a0.c_k.weight[d + half - 1, 0] = 1.0
+    return model.eval()
+
+
+def random_prompts(n=4, T=32, vocab=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (n, T), generator=g)
+    x[:, 0] = BOS
+    return x
+
+
+def fake_item(ids, target=3):
+    T = len(ids)
+    return interp.Item(task="t", family="math", split="val", id="x", ids=list(ids), target=target,
+                       struct=np.zeros(T, dtype=int), lexical=np.zeros(T, dtype=int))
+
+
+def test_planted_heads_are_classified():
+    model = planted_model()
+    s = interp.pattern_scores(model, random_prompts())
+    prev, sink = s["previous_token"].mean(0), s["sink"].mean(0)   # [L, H]
+    assert prev[0, 0] > 0.7 and sink[0, 1] > 0.95
+    ind = interp.induction_scores(model, 40, n_seqs=4, n_rep=12, bos_id=BOS)["induction"].mean(0)
+    roles = interp.classify_heads({"previous_token": prev, "sink": sink, "induction": ind})
+    assert roles["previous_token"] == [(0, 0)]
+    assert roles["sink"] == [(0, 1)]
+    assert roles["induction"] == []
+    # the per-example pipeline agrees with the batch scores
+    x = random_prompts(1)[0].tolist()
+    rec, _, _ = interp.analyse_item(model, fake_item(x))
+    s1 = interp.pattern_scores(model, [x])
+    assert np.allclose(rec["previous_token"], s1["previous_token"][0], atol=1e-5)
+    assert np.allclose(rec["sink"], s1["sink"][0], atol=1e-5)
+
+
+def test_scores_on_hand_made_patterns():
+    T, n = 9, 4  # bos + R (4) + R (4)
+    prev = torch.zeros(T, T)
+    prev[0, 0] = 1
+    prev[torch.arange(1, T), torch.arange(T - 1)] = 1
+    ind = torch.eye(T)
+    for j in range(n):
+        ind[1 + n + j] = 0
+        ind[1 + n + j, 2 + j] = 1
+    assert interp.previous_token_score(prev) == 1.0
+    assert interp.induction_score(prev, n) == 0.0
+    assert interp.induction_score(ind, n) == 1.0
+    assert interp.sink_score(prev) == pytest.approx(1 / (T - 1))
+    assert interp.normalized_entropy(prev) == 0.0
+    rows = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    assert torch.allclose(interp.region_mass(rows, torch.tensor([0, 1, 1, -1]), 2), torch.tensor([[0.5, 0.5]]))
+
+
+def test_uniform_attention_has_entropy_log_n():
+    for n in (1, 2, 7, 50):
+        assert interp.entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), abs=1e-5)
+    model = planted_model()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_q.weight.zero_()   # every score 0: uniform over the visible keys
+    T = 20
+    rec, _, _ = interp.analyse_item(model, fake_item(random_prompts(1, T)[0].tolist()))
+    assert np.allclose(rec["entropy_answer"], math.log(T), atol=1e-5)
+    assert np.allclose(rec["entropy"], np.log(np.arange(1, T + 1)).mean(), atol=1e-4)
+    assert np.allclose(rec["entropy_norm"], 1.0, atol=1e-4) and np.allclose(rec["entropy_answer_norm"], 1.0, atol=1e-4)
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "c_proj" in name or "lm_head" in name:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_ablating_a_head_with_zero_output_projection_changes_nothing():
+    model = random_model()
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[:, 2 * 16:3 * 16] = 0  # layer 1, head 2
+    item = fake_item(torch.randint(0, 61, (12,)).tolist(), target=7)
+    means = torch.randn(2, 4, 16)
+    for mean in (None, means):
+        drops = interp.ablation_drops(model, item, mean)
+        assert drops.shape == (2, 4)
+        assert drops[1, 2] == 0.0
+        assert np.abs(drops).max() > 1e-4
+    # the batched per-row ablation (which reuses the clean stream before the first ablated
+    # layer) equals a full forward under probes.ablate: one head, mean mode, and a set of heads
+    x = torch.tensor([item.ids])
+
+    def full_drop(**kw):
+        with torch.no_grad():
+            base = torch.log_softmax(model(x)[0, -1], -1)[7]
+            with probes.ablate(model, **kw):
+                return (base - torch.log_softmax(model(x)[0, -1], -1)[7]).item()
+
+    assert interp.ablation_drops(model, item)[0, 1] == pytest.approx(full_drop(heads=[(0, 1)]), abs=1e-5)
+    assert interp.ablation_drops(model, item, means)[1, 3] == pytest.approx(
+        full_drop(heads=[(1, 3)], mean=means), abs=1e-5)
+    rows = [(interp.head_set_scale(2, 4, [(0, 2), (1, 0)]), False), (torch.ones(2, 4), False)]
+    d = interp.ablation_logprob_drops(model, item.ids, 7, rows, means)
+    assert d[0].item() == pytest.approx(full_drop(heads=[(0, 2), (1, 0)]), abs=1e-5) and d[1] == 0
+    assert not model.probes
+
+
+def test_blocks_from_continues_the_trunk():
+    model = random_model(2)
+    x = torch.randint(0, 61, (2, 9))
+    with torch.no_grad(), probes.residuals(model) as res:
+        out = model.trunk(x)
+        for layer in range(3):
+            assert torch.allclose(interp.blocks_from(model, res.resid[layer], layer), out, atol=1e-6)
+
+
+def test_logit_lens_at_the_last_layer_is_the_output():
+    model = random_model(1)
+    ids = torch.randint(0, 61, (10,)).tolist()
+    rec, _, _ = interp.analyse_item(model, fake_item(ids, target=5))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0, -1], -1)
+    assert rec["lens_logprob"].shape == (3,)
+    assert rec["lens_logprob"][-1] == pytest.approx(logp[5].item(), abs=1e-5)
+    assert rec["answer_logprob"] == pytest.approx(logp[5].item(), abs=1e-5)
+    assert rec["lens_top1"][-1] == float(logp.argmax() == 5)
+    assert abs(rec["lens_logprob"][0] - rec["lens_logprob"][-1]) > 1e-4
+
+
+def test_bootstrap_matches_metrics_and_skips_nan():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=25)
+    b = interp.bootstrap(v, n_boot=300, seed=4)
+    point, lo, hi = bootstrap_ci(v, n_boot=300, seed=4)
+    assert (b["mean"], b["lo"], b["hi"]) == pytest.approx((point, lo, hi), abs=1e-6)
+    m = interp.bootstrap(np.stack([v, np.full(25, np.nan)], 1), n_boot=300, seed=4)
+    assert m["mean"][0] == pytest.approx(point, abs=1e-6) and m["mean"][1] is None or math.isnan(m["mean"][1])
+    a = interp.bootstrap(rng.normal(size=(30, 2, 3)), n_boot=100)
+    assert np.shape(a["lo"]) == (2, 3) and (np.array(a["lo"]) <= np.array(a["mean"])).all()
+
+
+# -----------------------------------------------------------------------------
+# items: answer position and labels
+
+class FakeTask:
+    def __init__(self, name, family):
+        self.name, self.family = name, family
+
+    def prompt(self, example):
+        return [dict(m) for m in example["messages"][:-1]]
+
+
+STONEY = mc_example("s1", "src1", "Which Stoney Nakoda term means 'cloud'?",
+                    ["châmnî", "gamubi", "snasnan", "wîchanâ", "nohâṯẖi"], "E",
+                    "'cloud' in Stoney Nakoda is `nohâṯẖi`, which is option E.")
+MATH = mc_example("m1", "src2", "Natalia sold 48 clips in April and half as many in May. How many in all?",
+                  ["72", "94", "98", "144", "216"], "A", "48/2 = 24 and 48+24 = 72, which is option A.")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [m["content"] for ex in (STONEY, MATH) for m in ex["messages"]] * 30
+    return Tokenizer.train(texts, 390)
+
+
+def judge(word):
+    return "s" if interp.STONEY_LETTERS & set(word) or word in {"gamubi", "snasnan"} else "e"
+
+
+def joined(item, mask):
+    return "".join(t for t, m in zip(item.tokens, mask) if m).replace("↵", "\n")
+
+
+def test_answer_position_and_regions(tok):
+    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge)
+    assert item.group == "train" and item.ids[0] == tok.bos_id
+    assert tok.decode(item.ids).endswith("Answer:") or tok.decode(item.ids).endswith("Answer: ")
+    assert tok.decode(item.ids + [item.target]).endswith("Answer: E")
+    assert item.ids[:len(tok.render_prompt(STONEY["messages"]))] == tok.render_prompt(STONEY["messages"])
+    R = interp.STRUCT_REGIONS
+    assert item.struct[0] == R.index("bos") and item.struct[1] == R.index("template")
+    assert joined(item, item.struct == R.index("question")).strip() == "Which Stoney Nakoda term means 'cloud'?"
+    assert joined(item, item.option == 4).strip() == "E) nohâṯẖi"
+    assert joined(item, item.struct == R.index("rationale")).startswith("<think>'cloud'")
+    assert joined(item, item.struct == R.index("answer_cue")).strip() == "Answer:"
+    assert item.answer_index == 4
+    if item.letter_ids is not None:
+        assert item.letter_ids[4] == item.target and len(set(item.letter_ids)) == 5
+    L = interp.LEXICAL_REGIONS
+    stoney_text = joined(item, item.lexical == L.index("stoney_term"))
+    for w in ("châmnî", "gamubi", "snasnan", "nohâṯẖi"):
+        assert w in stoney_text
+    assert "cloud" in joined(item, item.lexical == L.index("english"))
+    assert "cloud" not in stoney_text
+
+
+def test_math_labels(tok):
+    item = interp.prepare_item(tok, FakeTask("fake_math", "math"), MATH, "val", judge)
+    assert item.group == "heldout"
+    L = interp.LEXICAL_REGIONS
+    digits = joined(item, item.lexical == L.index("digit"))
+    assert "48" in digits and "144" in digits and "Natalia" not in digits
+    assert "+" in joined(item, item.lexical == L.index("operator"))
+    assert "=" in joined(item, item.lexical == L.index("operator"))
+    assert (item.lexical == L.index("stoney_term")).sum() == 0
+    assert tok.decode(item.ids + [item.target]).endswith("Answer: A")
+
+
+def test_empty_rationale(tok):
+    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge, rationale="empty")
+    assert tok.decode(item.ids + [item.target]).endswith("<|assistant_start|><think></think>\nAnswer: E")
+
+
+def test_run_checkpoint_on_a_tiny_model(tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    examples = {"fake_mc": (FakeTask("fake_mc", "stoney"), {"train": [STONEY], "val": [STONEY]}),
+                "fake_math": (FakeTask("fake_math", "math"), {"train": [MATH], "test": [MATH]})}
+    out = interp.run_checkpoint(model, tok, examples, top_k=2, n_induction=2, n_boot=50, judge=judge,
+                                progress=False)
+    assert set(out["families"]) == {"stoney", "math", "all"}
+    s = out["families"]["stoney"]["heldout"]
+    assert s["n"] == 1 and np.shape(s["ablate_zero"]["mean"]) == (2, 2)
+    assert np.shape(s["struct_mass:all"]["mean"]) == (len(interp.STRUCT_REGIONS),)
+    assert sum(s["struct_mass:all"]["mean"]) == pytest.approx(1.0, abs=1e-4)
+    assert out["topk"]["k"] == 2 and len(out["topk"]["heads"]["zero"]["math"]) == 2
+    assert out["overlap"]["zero"]["families"] == ["stoney", "math"]
+    assert {e["id"] for e in out["examples"]} == {"s1", "m1"}
+    assert np.shape(out["examples"][0]["answer_rows"])[:2] == (2, 2)
+    # init_weights zeroes every output projection: no head can matter yet
+    assert np.abs(np.array(s["ablate_zero"]["mean"])).max() == 0.0
+    delta = interp.paired_delta({"a": out, "b": out}, "a", "b", n_boot=50)
+    assert delta["n_paired"] == 2 and delta["families"]["stoney"]["all"]["answer_logprob"]["mean"] == 0.0

@@ -1,0 +1,116 @@
+"""The report end to end (tiny random model + tiny tokenizer, our checkpoint and a nanochat-format
+export of it), its atomic write, and the script's one-sentence errors."""
+import json
+import os
+import re
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from nanostoney import report
+from nanostoney.checkpoint import save_checkpoint
+from nanostoney.errors import run_main
+from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.tokenizer import Tokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import compare_reasoning  # noqa: E402
+
+TASKS = ["stoney_mc", "aqua_mc"]
+
+
+def export_nanochat(model, directory, step=1):
+    """Our GPT as nanochat saves it: model_XXXXXX.pt (compiled-model keys, bf16 embedding) and
+    meta_XXXXXX.json with model_config."""
+    os.makedirs(directory, exist_ok=True)
+    sd = {"_orig_mod." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
+    torch.save(sd, os.path.join(directory, f"model_{step:06d}.pt"))
+    with open(os.path.join(directory, f"meta_{step:06d}.json"), "w") as f:
+        json.dump({"step": step, "model_config": asdict(model.config)}, f)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from nanostoney.tasks import get_task
+    root = tmp_path_factory.mktemp("ck")
+    texts = [m["content"] for name in TASKS for ex in get_task(name).examples("train")[:150] for m in ex["messages"]]
+    tok = Tokenizer.train(texts, 700)
+    tok.save(str(root / "tok"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "c_proj" in name:
+                p.normal_(0, 0.05)
+    save_checkpoint(str(root / "sft"), model, 1, tokenizer=tok)
+    export_nanochat(model, str(root / "nanochat"))
+    return root
+
+
+def test_report_end_to_end(checkpoints, tmp_path):
+    out = str(tmp_path / "report")
+    os.makedirs(out)
+    open(os.path.join(out, "stale.txt"), "w").close()  # an older report is replaced whole
+    compare_reasoning.main(["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}",
+                            "--tokenizer", str(checkpoints / "tok"), "--tasks", *TASKS, "--max-examples", "1",
+                            "--n-boot", "50", "--induction-seqs", "2", "--top-k", "2", "--out", out,
+                            "--no-progress"])
+    assert sorted(os.listdir(out)) == ["figures", "index.html", "metrics.json"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(m) >= {"config", "definitions", "summary", "differences", "checkpoints", "deltas", "created"}
+    assert list(m["checkpoints"]) == ["sft", "grpo"] and list(m["deltas"]) == ["grpo vs sft"]
+    assert m["config"]["families"] == ["stoney", "math"] and m["config"]["tasks"] == TASKS
+    assert m["config"]["checkpoints"]["grpo"]["source"] == "nanochat"
+    ck = m["checkpoints"]["sft"]
+    assert set(ck) >= {"model", "families", "tasks", "induction", "roles", "topk", "overlap", "examples"}
+    for fam in ("stoney", "math"):
+        s = ck["families"][fam]["heldout"]
+        assert set(s) >= {"entropy:layer", "lens_logprob", "ablate_zero", "ablate_mean", "struct_mass:all",
+                          "lex_mass:all", "option_lookup", "topk_zero:own", "topk_zero:random"}
+        assert len(s["entropy:layer"]["mean"]) == 2 and len(s["lens_logprob"]["mean"]) == 3
+    assert {e["family"] for e in ck["examples"]} == {"stoney", "math"}
+    assert m["deltas"]["grpo vs sft"]["n_paired"] > 0
+    page = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    imgs = re.findall(r"<img src='([^']+)'", page)
+    assert len(imgs) >= 12 and all(os.path.isfile(os.path.join(out, p)) for p in imgs)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    for name in ("entropy_by_layer.png", "logit_lens.png", "0_ablation_zero.png", "0_regions.png", "0_roles.png",
+                 "0_example_0.png", "delta_0.png"):
+        assert f"figures/{name}" in imgs
+    # re-rendering from the saved numbers alone works
+    report.render(m, str(tmp_path))
+    assert os.path.isfile(tmp_path / "index.html")
+
+
+def test_clean_json_makes_strict_json():
+    import numpy as np
+    x = report.clean_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2)], "c": np.array([np.inf, 0.0])})
+    assert x == {"a": None, "b": [1.5, 2], "c": [None, 0.0]}
+    json.dumps(x, allow_nan=False)
+
+
+def exit_message(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: compare_reasoning.main(argv))
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+def test_missing_checkpoint_and_unknown_task_exit_2(tmp_path, capsys, checkpoints):
+    code, err = exit_message(["--checkpoints", f"a={tmp_path / 'nope'}", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.startswith("error: checkpoint a = ") and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", "--tasks", "nope",
+                              "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "unknown task 'nope'" in err and len(err.splitlines()) == 1
+    code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", "--tasks", "stoney_qa",
+                              "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "no 'Answer:' line" in err
+    code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", f"a={checkpoints / 'sft'}"], capsys)
+    assert code == 2 and "given twice" in err
+    assert not os.path.exists(tmp_path / "r")
