@@ -58,4 +58,38 @@ stage() {
     touch "$OUT/.done_$name"
 }
 
+if [ "$SIZE" = cpu ]; then
+    # CPU-sized: about half an hour end to end on 2 cores (see BENCHMARKS.md for stage times).
+    BASE_ARGS="--num-iterations 160 --eval-every 40"
+    SFT_ARGS="--num-iterations 60 --max-train-examples 32 --final-eval-examples 32 --eval-every 0"
+    RM_ARGS="--num-iterations 30"
+    GRPO_ARGS="--num-iterations 12 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
+    EVAL_ARGS="--max-examples 50 --num-samples 2"
+    REPORT_ARGS="--max-examples 8"
+else
+    BASE_ARGS="--sequence-len 1024 --total-batch-size 524288 --device-batch-size 32 --num-iterations 2000"
+    SFT_ARGS="--num-iterations 1000"
+    RM_ARGS="--num-iterations 300"
+    GRPO_ARGS="--num-iterations 200 --rewards accuracy=1,format=0.2,reward_model=0.2"
+    EVAL_ARGS="--max-examples 500 --num-samples 8"
+    REPORT_ARGS="--max-examples 100"
+fi
+COMMON="--wandb $WANDB"
+
 stage tokenizer $PY scripts/tok_train.py --out "$OUT/tokenizer"
+stage base $LAUNCH scripts/base_train.py --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
+    --out "$OUT/base" --run-name base $COMMON $BASE_ARGS
+stage sft $LAUNCH scripts/sft_train.py --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS
+stage rm $LAUNCH scripts/rm_train.py --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS
+stage grpo $LAUNCH scripts/grpo_train.py --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
+    --run-name grpo $COMMON $GRPO_ARGS
+stage eval $PY scripts/eval.py --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
+    --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
+stage report $PY scripts/compare_reasoning.py --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
+    --out "$OUT/report" --run-name report $COMMON $REPORT_ARGS
+
+echo
+echo "nanostoney: done. Stage times (s) in $OUT/stage_times.tsv, logs in $OUT/logs/"
+echo "  report:      $OUT/report/index.html"
+echo "  eval table:  $OUT/eval/results.json"
+echo "  checkpoints: $OUT/base $OUT/sft $OUT/rm $OUT/grpo"

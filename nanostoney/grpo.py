@@ -1,0 +1,617 @@
+"""GRPO: group-relative policy optimisation, on token ids and a reward callable.
+
+One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
+
+  1. sample   for each prompt, G completions with the Engine (KV cache, batched)
+  2. score    reward_fn(prompt_index, completions) -> total per row (+ each function's part)
+  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (--no-std-scaling: no division)
+  4. prepare  old log-probs and reference log-probs, one no-grad forward each, in eval mode and
+              with the very micro-batches the update uses: the first update's ratio is then
+              exactly 1 (the engine's own log-probs come from a KV-cached, left-padded forward
+              and differ in the last bits; we keep them only to report the gap)
+  5. update   mu inner epochs over the same rollouts, one optimizer step each, minimising
+                 -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * k3,   rho = exp(logp - logp_old)
+                 k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, >= 0 KL estimate)
+              normalised per token over the whole batch (--loss-norm token) or per sequence
+              then over sequences (--loss-norm sequence, the paper's 1/G sum 1/|o| sum).
+
+Nothing here knows about text: prompts and completions are token-id lists and the reward is a
+callable, so a test can train "emit token 3" on a tiny model without a tokenizer.
+
+    cfg = GRPOConfig(group_size=8, max_new_tokens=128, clip_eps=0.2, kl_beta=0.04)
+    reference = make_reference(model, "init")          # adapters off / snapshot / frozen copy
+    stats = grpo_step(model, optimizer, prompts, reward_fn, cfg, reference, seed=step)
+
+The script (scripts/grpo_train.py) calls the phases one by one (sample, score, prepare,
+update) so it can time them and measure the letter diagnostics between sampling and update.
+
+Several processes: each rank takes its own prompts (a group never spans ranks), the loss is
+normalised by the token / sequence count of all ranks, and gradients are summed over ranks
+by `sync_grads` (no DDP wrapper: the forward here is trunk + gathered logits, not forward()).
+"""
+import copy
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from nanostoney import lora, probes
+from nanostoney.engine import Engine
+from nanostoney.errors import UserError
+from nanostoney.gpt import unwrap
+
+LOSS_NORMS = ("token", "sequence")
+REFERENCES = ("init", "base")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8            # G completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0       # sampling only; log-probs are always those of the model (T=1)
+    top_k: int | None = None
+    clip_eps: float = 0.2
+    kl_beta: float = 0.04
+    inner_epochs: int = 1          # mu: optimizer steps over the same rollouts
+    std_scaling: bool = True       # divide advantages by the group's std
+    adv_eps: float = 1e-4
+    loss_norm: str = "token"
+    micro_batch: int = 16          # rows per forward/backward
+    grad_clip: float = 1.0         # 0 = none
+    stop_ids: list = field(default_factory=list)
+    autocast: object = None        # a context factory for forwards (dist.autocast_ctx), or None
+
+    def check(self):
+        if self.group_size < 2:
+            raise UserError(f"--group-size must be at least 2 (advantages compare within a group), got {self.group_size}.")
+        if self.loss_norm not in LOSS_NORMS:
+            raise UserError(f"--loss-norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}.")
+        if self.inner_epochs < 1:
+            raise UserError(f"--inner-epochs must be at least 1, got {self.inner_epochs}.")
+        if not 0 < self.clip_eps < 1:
+            raise UserError(f"--clip-eps must be in (0, 1), got {self.clip_eps}.")
+        if self.kl_beta < 0:
+            raise UserError(f"--kl-beta must be >= 0, got {self.kl_beta}.")
+        return self
+
+
+# -----------------------------------------------------------------------------
+# the maths: advantages, k3, the clipped objective
+
+
+def group_advantages(rewards, group_size, std_scaling=True, eps=1e-4):
+    """(r - mean of its group) / (std of its group + eps); rows are group-major (G consecutive
+    rows per prompt, as Engine.generate(num_samples=G) returns them). A group whose rewards are
+    all equal gets advantage 0: it carries no signal about which completion was better.
+    std is the population std (divide by G), as TRL."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    adv = g - g.mean(1, keepdim=True)
+    if std_scaling:
+        adv = adv / (g.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimate of KL(policy || reference) on samples from the policy:
+    exp(ref - logp) - (ref - logp) - 1 >= 0, exactly 0 where the two agree. The log-ratio is
+    clamped to +-20 so one wild token cannot produce an inf."""
+    d = (ref_logp - logp).clamp(-20.0, 20.0)
+    return torch.exp(d) - d - 1.0
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, n_tokens, n_seqs):
+    """The clipped surrogate plus beta * k3 for one micro-batch, scaled so that summing it over
+    all micro-batches (and ranks) gives the batch loss: `n_tokens` / `n_seqs` are the totals of
+    the whole batch on all ranks. logp etc. are (B, L) over completion tokens; adv is (B,).
+
+    Returns (loss, stats) with stats summed over this micro-batch's tokens (for logging):
+    pg, kl, clipped (tokens whose gradient the clip removed), ratio deviation."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * a
+    pg = -torch.min(unclipped, clipped)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = pg + beta * kl if beta else pg
+    if loss_norm == "token":
+        loss = (per_token * mask).sum() / n_tokens
+    elif loss_norm == "sequence":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    else:
+        raise UserError(f"--loss-norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}.")
+    with torch.no_grad():
+        # the clip removes the gradient where the clipped term is the smaller one: rho > 1+eps
+        # with A > 0, or rho < 1-eps with A < 0
+        cut = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))
+        stats = {"pg": (pg * mask).sum().item(), "kl": (kl * mask).sum().item(),
+                 "clipped": (cut.float() * mask).sum().item(),
+                 "ratio_dev": ((ratio - 1).abs() * mask).max().item() if mask.any() else 0.0}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# rollouts and their log-probs
+
+
+@dataclass
+class Rollout:
+    prompts: list            # per row: prompt ids (each prompt repeated G times, group-major)
+    completions: list        # per row: completion ids (stop token included if hit)
+    prompt_index: list       # row -> index into the step's prompt list
+    stopped: list            # row -> ended on a stop token
+    engine_logprobs: list    # row -> the Engine's log-probs of the completion tokens
+    rewards: torch.Tensor = None
+    parts: dict = None
+    advantages: torch.Tensor = None
+    batches: list = None     # micro-batches (prepare fills these)
+
+
+def sample(model, prompts, cfg, seed=0):
+    """G completions per prompt through the Engine (no grad, eval mode)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    gen = Engine(model, stop_ids=cfg.stop_ids).generate(
+        prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
+        num_samples=cfg.group_size)
+    model.train(was_training)
+    R = len(gen.tokens)
+    lps = [gen.logprobs[r, :len(gen.tokens[r])].tolist() for r in range(R)]
+    return Rollout(prompts=[list(prompts[i]) for i in gen.prompt_index], completions=gen.tokens,
+                   prompt_index=list(gen.prompt_index), stopped=list(gen.stopped), engine_logprobs=lps)
+
+
+def score(rollout, reward_fn, cfg):
+    """Rewards and advantages. reward_fn(prompt_index, completions) returns a list of totals or
+    (totals, {name: list}) with each reward function's raw values."""
+    out = reward_fn(rollout.prompt_index, rollout.completions)
+    totals, parts = out if isinstance(out, tuple) else (out, {})
+    if len(totals) != len(rollout.completions):
+        raise ValueError(f"reward_fn returned {len(totals)} rewards for {len(rollout.completions)} completions")
+    rollout.rewards = torch.tensor([float(t) for t in totals], dtype=torch.float32)
+    rollout.parts = {k: torch.tensor([float(x) for x in v]) for k, v in parts.items()}
+    rollout.advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.std_scaling, cfg.adv_eps)
+    return rollout
+
+
+@dataclass
+class MicroBatch:
+    idx: torch.Tensor        # (B, T) prompt + completion minus its last token, right-padded
+    pos: torch.Tensor        # (B, L) position whose logits predict completion token j
+    targets: torch.Tensor    # (B, L) completion ids (0 on padding)
+    mask: torch.Tensor       # (B, L) 1 on real completion tokens
+    valid: torch.Tensor      # (B, T) True on real input tokens (not right padding)
+    rows: list               # rollout rows in this micro-batch
+    old_logp: torch.Tensor = None
+    ref_logp: torch.Tensor = None
+
+
+def pack(prompts, completions, device):
+    """Right-padded inputs for the training forward. Right padding needs no attention mask: a
+    causal model never lets a real token see the pads after it, and positions start at 0."""
+    B = len(prompts)
+    seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions)]
+    T = max(len(s) for s in seqs)
+    L = max(1, max(len(c) for c in completions))
+    idx = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    targets = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for r, (p, c, s) in enumerate(zip(prompts, completions, seqs)):
+        idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        n = len(c)
+        if n:
+            targets[r, :n] = torch.tensor(c, dtype=torch.long)
+            mask[r, :n] = 1
+        # token j of the completion is predicted at position len(p) - 1 + j; pads point at a
+        # valid position and are masked out
+        pos[r] = (len(p) - 1 + torch.arange(L)).clamp(max=T - 1)
+    valid = torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
+    return idx.to(device), pos.to(device), targets.to(device), mask.to(device), valid.to(device)
+
+
+def completion_logits(model, idx, pos):
+    """Logits (B, L, V) at the positions that predict the completion tokens only: the prompt's
+    positions go through the trunk but never through lm_head (saves B x P x V floats)."""
+    h = model.trunk(idx)
+    h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
+    return model.lm_logits(h)
+
+
+def token_logprobs(model, mb, with_entropy=False, peek=None):
+    """(logp, entropy, peeked): log p(completion token) (B, L) under `model`; the entropy of
+    each position's distribution (B, L) if asked, else None; and with peek = (where, ids),
+    where a list of (batch row, completion index k), the logits that predict token k of those
+    rows restricted to `ids` (len(where), len(ids)), else None."""
+    logits = completion_logits(model, mb.idx, mb.pos)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, mb.targets[..., None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    peeked = None
+    if peek and peek[0]:
+        where, ids = peek
+        rows = torch.tensor([b for b, _ in where], device=logits.device)
+        cols = torch.tensor([k for _, k in where], device=logits.device)
+        peeked = logits[rows, cols][:, torch.tensor(ids, device=logits.device)].float()
+    return logp, ent, peeked
+
+
+def micro_batches(rollout, size, device):
+    out = []
+    R = len(rollout.completions)
+    for i in range(0, R, size):
+        rows = list(range(i, min(R, i + size)))
+        tensors = pack([rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], device)
+        out.append(MicroBatch(*tensors, rows))
+    return out
+
+
+class RealTokenEntropy(probes.Probe):
+    """Exact attention entropy per layer and head (probes.attention_entropy), averaged over the
+    real query positions only: right padding would otherwise add made-up queries. Set `.valid`
+    (B, T) before each forward; per_layer_head / all_reduce as probes.EntropyProbe, so
+    train.entropy_metrics reads it."""
+
+    def __init__(self, n_layer, n_head):
+        self.sum = torch.zeros(n_layer, n_head)
+        self.count = torch.zeros(())
+        self.valid = None
+
+    @torch.compiler.disable
+    def on_attn(self, layer, q, k, v, y, mask):
+        h = probes.attention_entropy(q, k, mask).float()            # (B, H, Tq)
+        w = self.valid[:, None, -h.size(2):].to(h.device, h.dtype)  # (B, 1, Tq)
+        if self.sum.device != h.device:
+            self.sum, self.count = self.sum.to(h.device), self.count.to(h.device)
+        self.sum[layer] += (h * w).sum((0, 2))
+        if layer == 0:
+            self.count += w.sum()
+        return y
+
+    @property
+    def per_layer_head(self):
+        return self.sum / self.count.clamp(min=1)
+
+    def all_reduce(self):
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sum)
+            dist.all_reduce(self.count)
+        return self
+
+
+def _autocast(cfg):
+    return cfg.autocast() if cfg.autocast is not None else nullcontext()
+
+
+@torch.no_grad()
+def prepare(model, rollout, cfg, reference=None, attn_entropy=None, peek=None):
+    """Old and reference log-probs per micro-batch, in eval mode, plus the diagnostics that come
+    free with the old-policy forward: token entropy, KL(policy || reference) by k3, the gap to the
+    Engine's log-probs. `attn_entropy`: a RealTokenEntropy probe, attached during the old-policy
+    forwards only (the caller keeps it and reads it after).
+    `peek`: (slots, ids) with slots {row: completion index k}: the logits predicting token k of
+    those rows, over `ids`, from the same forwards, in stats["peek"] = {row: (policy, reference)}
+    (the letter diagnostics read the A-E logits at the answer slot this way, for free).
+    Returns a dict of summed statistics."""
+    model = unwrap(model)
+    device = model.get_device()
+    was_training = model.training
+    model.eval()
+    rollout.batches = micro_batches(rollout, cfg.micro_batch, device)
+    s = {"tokens": 0.0, "entropy": 0.0, "kl": 0.0, "engine_gap": 0.0, "peek": {}}
+    slots, peek_ids = peek if peek else ({}, None)
+
+    def where(mb):
+        return [(j, slots[r]) for j, r in enumerate(mb.rows) if r in slots]
+
+    with probes.attach(model, attn_entropy) if attn_entropy is not None else nullcontext():
+        for mb in rollout.batches:
+            if attn_entropy is not None:
+                attn_entropy.valid = mb.valid
+            with _autocast(cfg):
+                logp, ent, seen = token_logprobs(model, mb, with_entropy=True, peek=(where(mb), peek_ids))
+            for (j, _), row in zip(where(mb), seen if seen is not None else []):
+                s["peek"][mb.rows[j]] = (row, None)
+            mb.old_logp = logp.float()
+            m = mb.mask.float()
+            s["tokens"] += m.sum().item()
+            s["entropy"] += (ent.float() * m).sum().item()
+            for j, r in enumerate(mb.rows):
+                n = len(rollout.completions[r])
+                if n:
+                    eng = torch.tensor(rollout.engine_logprobs[r], device=device)
+                    s["engine_gap"] = max(s["engine_gap"], (eng - mb.old_logp[j, :n]).abs().max().item())
+    if reference is not None:
+        with reference() as ref:
+            ref.eval()
+            for mb in rollout.batches:
+                with _autocast(cfg):
+                    logp, _, seen = token_logprobs(ref, mb, peek=(where(mb), peek_ids))
+                mb.ref_logp = logp.float()
+                for (j, _), row in zip(where(mb), seen if seen is not None else []):
+                    s["peek"][mb.rows[j]] = (s["peek"][mb.rows[j]][0], row)
+                s["kl"] += (kl_k3(mb.old_logp, mb.ref_logp) * mb.mask).sum().item()
+    model.train(was_training)
+    return s
+
+
+def update(model, optimizer, rollout, cfg, params=None, world_tokens=None, world_seqs=None):
+    """cfg.inner_epochs optimizer steps over the prepared micro-batches. world_tokens /
+    world_seqs: completion tokens / rows of all ranks (default: this rank's, i.e. one process).
+    Returns summed statistics of every epoch."""
+    model = unwrap(model)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    n_tokens = world_tokens or sum(mb.mask.sum().item() for mb in rollout.batches)
+    n_seqs = world_seqs or len(rollout.completions)
+    adv = rollout.advantages.to(model.get_device())
+    beta = cfg.kl_beta if rollout.batches[0].ref_logp is not None else 0.0
+    model.train()
+    s = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "ratio_dev": 0.0, "tokens": 0.0, "grad_norm": 0.0,
+         "ratio_dev_first": 0.0}
+    for epoch in range(cfg.inner_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for mb in rollout.batches:
+            with _autocast(cfg):
+                logp = token_logprobs(model, mb)[0]
+            loss, st = policy_loss(logp.float(), mb.old_logp, mb.ref_logp, adv[mb.rows], mb.mask,
+                                   cfg.clip_eps, beta, cfg.loss_norm, n_tokens, n_seqs)
+            loss.backward()
+            for k in ("pg", "kl", "clipped"):
+                s[k] += st[k]
+            s["ratio_dev"] = max(s["ratio_dev"], st["ratio_dev"])
+            if epoch == 0:
+                s["ratio_dev_first"] = max(s["ratio_dev_first"], st["ratio_dev"])
+            s["tokens"] += mb.mask.sum().item()
+        sync_grads(params)
+        clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
+        s["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, clip).item() / cfg.inner_epochs
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return s
+
+
+def sync_grads(params):
+    """Sum gradients over ranks (one flat all-reduce). Every rank must call it the same number of
+    times; a parameter without a gradient on this rank counts as zero."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def world_sum(values, device):
+    """Element-wise sum of a list of floats over ranks (identity in one process)."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# the reference policy
+
+
+@contextmanager
+def swapped_adapters(model, snapshot):
+    """Inside the block the LoRA adapters hold `snapshot` (a lora_state_dict); restored after."""
+    own = lora.lora_state_dict(model)
+    saved = {k: v.detach().clone() for k, v in own.items()}
+    with torch.no_grad():
+        for k, v in snapshot.items():
+            own[k].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                own[k].copy_(v)
+
+
+def make_reference(model, kind="init"):
+    """A callable returning a context manager that yields the reference policy.
+
+    LoRA model, kind "base": the frozen weights with the adapters disabled (no copy).
+    LoRA model, kind "init": the policy as it is now, i.e. at the start of RL. When every
+      lora_B is zero (fresh adapters) this is the same function as "base" and costs nothing;
+      otherwise (RL continues the SFT adapters) a snapshot of the adapter tensors (r x (in+out)
+      per layer, small) is swapped in for the reference forwards.
+    Model without adapters (full fine-tuning): a frozen copy made now.
+    """
+    if kind not in REFERENCES:
+        raise UserError(f"--reference must be one of {', '.join(REFERENCES)}, got {kind!r}.")
+    model = unwrap(model)
+    if lora.lora_modules(model):
+        fresh = all(bool((m.lora_B == 0).all()) for _, m in lora.lora_modules(model))
+        if kind == "base" or fresh:
+            return lambda: lora.disable_adapters(model)
+        snapshot = {k: v.detach().clone() for k, v in lora.lora_state_dict(model).items()}
+        return lambda: swapped_adapters(model, snapshot)
+    if kind == "base":
+        raise UserError("--reference base needs LoRA adapters (the base is the model with them off); "
+                        "with --full the reference is the initial model (--reference init).")
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda: nullcontext(frozen)
+
+
+# -----------------------------------------------------------------------------
+# multiple-choice diagnostics: the A-E letter distribution at the answer slot
+
+LETTERS = "ABCDE"
+
+
+def letter_tokens(encode):
+    """(marker ids, [5 letter ids]) such that encode(f"Answer: {L}") == marker + [letter id L],
+    or None when a letter is not one token after the marker (e.g. a tiny tokenizer)."""
+    seqs = [encode(f"Answer: {L}") for L in LETTERS]
+    marker = seqs[0][:-1]
+    if not marker or any(s[:-1] != marker for s in seqs):
+        return None
+    ids = [s[-1] for s in seqs]
+    return (marker, ids) if len(set(ids)) == 5 else None
+
+
+def answer_slot(completion, marker, stop_ids=()):
+    """Where the answer letter goes. Returns (k, prefix): when the completion has `marker`
+    ("Answer: ") followed by a token, k is the index of that token in the completion (its
+    logits are already computed by prepare(): pass it as a peek slot) and prefix is None;
+    otherwise k is None and prefix is the completion without its stop token followed by the
+    marker, i.e. the answer forced into the gold format after the model's own reasoning, for
+    letter_logits() to run."""
+    c = list(completion)
+    n = len(marker)
+    for j in range(len(c) - n, -1, -1):
+        if c[j:j + n] == list(marker):
+            if j + n < len(c):
+                return j + n, None
+            break
+    while c and c[-1] in stop_ids:
+        c = c[:-1]
+    if c[-n:] != list(marker):
+        c = c + list(marker)
+    return None, c
+
+
+@torch.no_grad()
+def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=None):
+    """(policy, reference) logits over letter_ids at the last position of each sequence, each
+    (len(seqs), len(letter_ids)) float32 on CPU."""
+    model = unwrap(model)
+    device = model.get_device()
+    ids = torch.tensor(letter_ids, device=device)
+    was_training = model.training
+
+    def last_logits(m):
+        m.eval()
+        out = []
+        for i in range(0, len(seqs), micro_batch):
+            chunk = seqs[i:i + micro_batch]
+            T = max(len(s) for s in chunk)
+            idx = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, s in enumerate(chunk):
+                idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+            last = torch.tensor([len(s) - 1 for s in chunk])
+            with autocast() if autocast is not None else nullcontext():
+                logits = completion_logits(m, idx.to(device), last[:, None].to(device))[:, 0]
+            out.append(logits.float()[:, ids].cpu())
+        return torch.cat(out)
+
+    pol = last_logits(model)
+    with reference() as ref:
+        refl = last_logits(ref)
+    model.train(was_training)
+    return pol, refl
+
+
+def letter_summary(pol, ref, gold):
+    """Per row, from policy and reference logits over the 5 letters (R, 5) and the gold letter
+    index: kl = KL(policy || reference) of the letter distributions renormalised over A-E,
+    margin = policy logit of the gold letter minus the best other, pred = policy argmax."""
+    pol, ref = pol.float().cpu(), ref.float().cpu()
+    lp, lq = torch.log_softmax(pol, -1), torch.log_softmax(ref, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    g = torch.as_tensor(gold, dtype=torch.long)
+    gold_logit = pol.gather(1, g[:, None]).squeeze(1)
+    others = pol.scatter(1, g[:, None], float("-inf")).max(1).values
+    return {"kl": kl, "margin": gold_logit - others, "pred": pol.argmax(1)}
+
+
+# -----------------------------------------------------------------------------
+# one whole step (tests, simple callers)
+
+
+def grpo_step(model, optimizer, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None):
+    """sample -> score -> prepare -> update. Returns (stats, rollout); stats are means:
+    reward_mean/std, kl (policy that sampled vs reference, before this step's update),
+    clip_frac, entropy, length, and the time of each phase."""
+    cfg.check()
+    t0 = time.perf_counter()
+    ro = sample(model, prompts, cfg, seed=seed)
+    t1 = time.perf_counter()
+    score(ro, reward_fn, cfg)
+    t2 = time.perf_counter()
+    prep = prepare(model, ro, cfg, reference, attn_entropy)
+    t3 = time.perf_counter()
+    upd = update(model, optimizer, ro, cfg)
+    t4 = time.perf_counter()
+    return summarize(ro, prep, upd, cfg, {"sample": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2,
+                                          "update": t4 - t3}), ro
+
+
+def summarize(ro, prep, upd, cfg, times=None):
+    """Flat metrics of one step from the statistics prepare() and update() summed (over ranks,
+    if the caller summed them)."""
+    tok = max(prep["tokens"], 1.0)
+    lengths = torch.tensor([float(len(c)) for c in ro.completions])
+    out = {"reward/mean": ro.rewards.mean().item(), "reward/std": ro.rewards.std(unbiased=False).item(),
+           "kl/mean": prep["kl"] / tok, "policy/entropy": prep["entropy"] / tok,
+           "clip_frac": upd["clipped"] / max(upd["tokens"], 1.0),
+           "loss/pg": upd["pg"] / max(upd["tokens"], 1.0), "loss/kl_k3": upd["kl"] / max(upd["tokens"], 1.0),
+           "ratio/max_dev": upd["ratio_dev"], "ratio/max_dev_first_epoch": upd["ratio_dev_first"],
+           "grad_norm": upd["grad_norm"],
+           "completion/length": lengths.mean().item(), "completion/stopped": sum(ro.stopped) / len(ro.stopped),
+           "rollout/engine_logprob_gap": prep["engine_gap"]}
+    g = ro.rewards.view(-1, cfg.group_size)
+    out["adv/zero_groups"] = (g.std(1, unbiased=False) == 0).float().mean().item()
+    for name, v in (ro.parts or {}).items():
+        out[f"reward/{name}/mean"] = v.mean().item()
+        out[f"reward/{name}/std"] = v.std(unbiased=False).item()
+    for k, v in (times or {}).items():
+        out[f"time/{k}_s"] = v
+    if times:
+        out["time/step_s"] = sum(times.values())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# loading a policy to fine-tune (grpo_train, rm_train, star_train share this)
+
+
+def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
+    """(model, tokenizer, checkpoint dir, base checkpoint for adapter saves or None).
+
+    init: a run dir (its latest step), a step dir, or a LoRA adapter dir (e.g. the SFT output).
+    - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
+      adapter saves name the same base the init's adapters name.
+    - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
+      become the base that adapter saves name.
+    - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
+    """
+    from nanostoney import checkpoint
+    ckpt = checkpoint.latest_checkpoint(init) if os.path.isdir(init) else None
+    if ckpt is None:
+        raise UserError(f"--init {init}: no checkpoint there; point it at the output of "
+                        f"scripts/sft_train.py (or base_train.py).")
+    model, tok, _ = checkpoint.load_model(ckpt, device=device)
+    if tok is None:
+        raise UserError(f"{ckpt} has no tokenizer (nor does its base); re-save it with its tokenizer.")
+    has_adapters = bool(lora.lora_modules(model))
+    if full:
+        if has_adapters:
+            lora.remove_lora(model, merge=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, tok, ckpt, None
+    if has_adapters:
+        return model, tok, ckpt, lora.base_checkpoint_of(ckpt)
+    lora.apply_lora(model, rank, alpha, dropout, targets)
+    return model, tok, ckpt, ckpt

@@ -1,0 +1,289 @@
+"""A learned reward: the GPT trunk with a scalar head, trained with the Bradley-Terry loss.
+
+    rm = RewardModel(gpt)                           # gpt: a GPT, with LoRA applied or not
+    r = rm(idx, last)                               # (B,) scores, one per right-padded row
+    loss = bt_loss(r_chosen, r_rejected)            # -log sigmoid(r_c - r_r), mean over pairs
+    rm.score([[ids...], [ids...]])                  # (B,) for rewards.LearnedReward
+    save_reward_model(out, rm, step, base_checkpoint=...); load_reward_model(out)
+
+The score of a sequence is head(final_norm(h_last)), where h_last is the residual stream at
+its last token. Sequences are whole rendered conversations (prompt + answer + <|assistant_end|>,
+tokenizer.render_conversation), the same rendering rewards.LearnedReward scores, so the last
+token has seen the question and the whole answer. lm_head is not used.
+
+Pairs come from the ground truth of each task's TRAIN split (`build_pairs`): the gold answer
+against the same answer made wrong, per answer kind (see `rejected_text`), and optionally
+against wrong answers sampled from the SFT model (`sampled_pairs`). Held-out pairs come from
+the val (or test) split the same way; `pairwise_accuracy` is the share of pairs ranked right.
+
+Saving goes through checkpoint.save_checkpoint: LoRA adapters (naming their base) or the
+full trunk, and the head's n_embd + 1 numbers in meta.json["reward_head"] (written in the
+same atomic save as the rest; JSON floats round-trip float32 exactly).
+"""
+import os
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanostoney.errors import UserError
+from nanostoney.gpt import norm, unwrap
+
+LETTERS = "ABCDE"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, gpt, head_std=None):
+        super().__init__()
+        self.gpt = gpt
+        n = gpt.config.n_embd
+        self.head = nn.Linear(n, 1, device=gpt.get_device())
+        # the input is RMS-normalised (unit scale per channel), so std 0.1/sqrt(n) starts the
+        # scores near 0 (std ~0.1) without zeroing the trunk's first gradients
+        nn.init.normal_(self.head.weight, std=head_std if head_std is not None else 0.1 / n ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        gpt.lm_head.weight.requires_grad_(False)  # unused here; keep it out of the optimizer
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def forward(self, idx, last):
+        """idx (B, T) right-padded token ids, last (B,) index of each row's last real token."""
+        h = self.gpt.trunk(idx)
+        h = norm(h[torch.arange(idx.size(0), device=idx.device), last])
+        return self.head(h).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, ids_batch, batch_size=16):
+        """Scores (B,) float32 on CPU for a list of token-id lists (any lengths)."""
+        if not ids_batch or any(len(s) == 0 for s in ids_batch):
+            raise UserError("the reward model needs at least one sequence and no empty sequence.")
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        out = []
+        for i in range(0, len(ids_batch), batch_size):
+            idx, last = pad_right(ids_batch[i:i + batch_size], device)
+            out.append(self(idx, last).cpu())
+        self.train(was_training)
+        return torch.cat(out)
+
+
+def pad_right(seqs, device, pad_id=0):
+    """(idx (B, T), last (B,)) for a list of id lists, padded at the end."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
+    return idx.to(device), last.to(device)
+
+
+def bt_loss(r_chosen, r_rejected):
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), as softplus for stability."""
+    return F.softplus(-(r_chosen - r_rejected)).mean()
+
+
+def pair_forward(rm, pairs, device):
+    """Chosen and rejected scores of a list of (chosen ids, rejected ids) in one forward."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    idx, last = pad_right(seqs, device)
+    s = rm(idx, last)
+    return s[:len(pairs)], s[len(pairs):]
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm, pairs, batch_size=16):
+    """Share of (chosen, rejected) id pairs with score(chosen) > score(rejected) (ties count
+    half), plus the mean margin."""
+    if not pairs:
+        return float("nan"), float("nan")
+    c = rm.score([p[0] for p in pairs], batch_size)
+    r = rm.score([p[1] for p in pairs], batch_size)
+    wins = (c > r).float() + 0.5 * (c == r).float()
+    return wins.mean().item(), (c - r).mean().item()
+
+
+# -----------------------------------------------------------------------------
+# pairs from ground truth
+
+
+def _stable_rng(key):
+    from nanostoney.tasks.base import stable_hash
+    return random.Random(stable_hash(key))
+
+
+def _split_gold(text):
+    """(think body, answer) of a gold "<think>...</think>\\nAnswer: X" text, or None."""
+    if not text.startswith("<think>") or "</think>" not in text:
+        return None
+    think, _, rest = text[len("<think>"):].partition("</think>")
+    rest = rest.strip()
+    if not rest.startswith("Answer:"):
+        return None
+    return think, rest[len("Answer:"):].strip()
+
+
+def _join_gold(think, answer):
+    return f"<think>{think}</think>\nAnswer: {answer}"
+
+
+def wrong_number(value, key):
+    """A plausible wrong number near `value`: off by one, by ten, doubled or halved, chosen by
+    a hash of `key` (deterministic)."""
+    from nanostoney.tasks.base import format_number, parse_number
+    x = parse_number(value)
+    if x is None:
+        return None
+    cands = [x + 1, x - 1, x + 10, x * 2, x / 2 if x % 2 == 0 else x + 2]
+    cands = [c for c in cands if abs(c - x) > 1e-9]
+    return format_number(_stable_rng(key).choice(cands))
+
+
+def rejected_text(task, example, others=None):
+    """The gold assistant text made wrong, the ground-truth negative of a pair, or None.
+
+    mc:      another letter, in "Answer:" and in the last reasoning line, where the gold
+             option's text is also swapped for that distractor's text ("... is `X`, which is
+             option C." -> "... is `Y`, which is option A."); earlier lines are kept, so the
+             negative differs only where it is wrong
+    numeric: the final answer replaced by a nearby wrong number (wrong_number)
+    open:    another example's answer (same split; for the lexicon the same direction), in
+             the answer and wherever the gold answer appears in the reasoning
+    """
+    gold = example["messages"][-1]["content"]
+    parts = _split_gold(gold)
+    rng = _stable_rng("rm/" + example["id"])
+    if task.kind == "mc":
+        if parts is None:
+            return None
+        think, letter = parts
+        g = LETTERS.index(example["answer"])
+        w = rng.choice([i for i in range(5) if i != g])
+        lines = think.split("\n")
+        last = lines[-1]
+        choices = example.get("choices") or []
+        if len(choices) == 5 and choices[g] and choices[g] in last:
+            last = last.replace(choices[g], choices[w])
+        lines[-1] = last.replace(f"option {LETTERS[g]}", f"option {LETTERS[w]}")
+        return _join_gold("\n".join(lines), LETTERS[w])
+    if task.kind == "numeric":
+        if parts is None:
+            return None
+        think, ans = parts
+        wrong = wrong_number(ans, example["id"])
+        return None if wrong is None else _join_gold(think, wrong)
+    # open answers: a different example's answer
+    pool = [o for o in (others or []) if o["id"] != example["id"]
+            and o.get("direction") == example.get("direction")]
+    if not pool:
+        return None
+    from nanostoney.tasks.base import normalize
+    accepted = {normalize(a) for a in example.get("aliases", [])} | {normalize(example["answer"])}
+    for _ in range(8):
+        other = rng.choice(pool)
+        if normalize(other["answer"]) not in accepted:
+            break
+    else:
+        return None
+    ans = example["answer"]
+    if ans and ans in gold:
+        return gold.replace(ans, other["answer"])
+    return other["messages"][-1]["content"]
+
+
+def build_pairs(task, tokenizer, split, max_examples=0, max_len=None):
+    """Ground-truth pairs of one task and split: list of dicts with the task, family, example
+    id, and chosen / rejected token ids (whole rendered conversations). Examples without a
+    usable negative, or longer than max_len tokens, are skipped."""
+    exs = task.examples(split)
+    if max_examples:
+        exs = exs[:max_examples]
+    pairs = []
+    for ex in exs:
+        bad = rejected_text(task, ex, exs)
+        if bad is None or bad == ex["messages"][-1]["content"]:
+            continue
+        p = make_pair(task, tokenizer, ex, ex["messages"][-1]["content"], bad, "ground_truth", max_len)
+        if p:
+            pairs.append(p)
+    return pairs
+
+
+def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
+    prompt = task.prompt(example)
+    ids = [tokenizer.render_conversation({"messages": prompt + [{"role": "assistant", "content": t}]})[0]
+           for t in (chosen, rejected)]
+    if max_len and max(len(i) for i in ids) > max_len:
+        return None
+    return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind,
+            "chosen": ids[0], "rejected": ids[1]}
+
+
+def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, seed=0,
+                  max_len=None, temperature=1.0):
+    """Gold vs wrong answers sampled from `model` (e.g. the SFT policy) on `examples` (train
+    items of `task`): every sampled completion the task's verifier rejects becomes a pair."""
+    from nanostoney.engine import Engine
+    exs = list(examples)
+    if not exs:
+        return []
+    stop = tokenizer.token_id("<|assistant_end|>")
+    engine = Engine(model, tokenizer)
+    pairs = []
+    for i in range(0, len(exs), 8):
+        chunk = exs[i:i + 8]
+        prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
+        gen = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed + i,
+                              num_samples=samples)
+        for r, toks in enumerate(gen.tokens):
+            ex = chunk[gen.prompt_index[r]]
+            toks = toks[:-1] if toks and toks[-1] == stop else toks
+            text = tokenizer.decode(toks)
+            if text.strip() and not task.evaluate(ex, text):
+                p = make_pair(task, tokenizer, ex, ex["messages"][-1]["content"], text, "sampled", max_len)
+                if p:
+                    pairs.append(p)
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# save / load
+
+
+def save_reward_model(out_dir, rm, step, optimizer=None, base_checkpoint=None, meta=None,
+                      tokenizer=None, rng_states=None):
+    """Adapters (or the full trunk) through checkpoint.save_checkpoint, with the head in meta."""
+    from nanostoney import checkpoint
+    head = {"weight": rm.head.weight.detach().float().cpu().reshape(-1).tolist(),
+            "bias": float(rm.head.bias.detach().float().cpu().item())}
+    meta = {**(meta or {}), "stage": "reward_model", "reward_head": head}
+    return checkpoint.save_checkpoint(out_dir, unwrap(rm.gpt), step, optimizer=optimizer, meta=meta,
+                                      tokenizer=tokenizer, rng_states=rng_states,
+                                      base_checkpoint=base_checkpoint)
+
+
+def load_reward_model(path, device="cpu"):
+    """(RewardModel in eval mode, tokenizer or None, meta) from save_reward_model's output."""
+    from nanostoney import checkpoint
+    ckpt = checkpoint.latest_checkpoint(path) if os.path.isdir(path) else None
+    if ckpt is None:
+        raise UserError(f"reward model {path}: no checkpoint there; train one with scripts/rm_train.py.")
+    gpt, tok, meta = checkpoint.load_model(ckpt, device=device)
+    head = meta.get("reward_head")
+    if not head:
+        raise UserError(f"{ckpt} is not a reward model checkpoint (meta.json has no reward_head); "
+                        f"pass the --out of scripts/rm_train.py.")
+    rm = RewardModel(gpt)
+    w = torch.tensor(head["weight"], dtype=torch.float32)
+    if w.numel() != gpt.config.n_embd:
+        raise UserError(f"{ckpt}: reward head has {w.numel()} weights but the trunk is {gpt.config.n_embd} "
+                        f"wide; the checkpoint is damaged.")
+    with torch.no_grad():
+        rm.head.weight.copy_(w.view(1, -1))
+        rm.head.bias.fill_(float(head["bias"]))
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm.to(device).eval(), tok, meta

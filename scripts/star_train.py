@@ -1,0 +1,224 @@
+"""STaR (Zelikman et al. 2022, arXiv 2203.14465): rejection-sampling fine-tuning, the baseline
+RL is compared against.
+
+    python scripts/star_train.py --init out/sft --out out/star                      # CPU default
+    python scripts/star_train.py --init out/sft --rounds 3 --rationalize ...
+
+Each round: sample --samples-per-prompt rationales on --prompts-per-round TRAIN prompts per
+task with the current model; keep those the task's verifier accepts (deduplicated); with
+--rationalize, prompts the model still failed are retried with the answer given as a hint,
+and correct rationales are kept WITHOUT the hint (the paper's rationalisation). Then SFT on
+every rationale kept so far, through the same loss, batches and loop as scripts/sft_train.py
+(nanostoney.batches.SFTBatches + nanostoney.train.train_loop). As in the paper each round
+fine-tunes again from --init (--continue trains on from the previous round instead).
+Greedy accuracy on the VAL split of --eval-tasks after every round, and the kept counts,
+go to <out>/star_eval.json; the last round's model is saved in <out>.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from nanostoney import batches as B  # noqa: E402
+from nanostoney import train as T  # noqa: E402
+from nanostoney.errors import UserError, run_main  # noqa: E402
+from nanostoney.logging import add_logging_args, from_args  # noqa: E402
+
+DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
+    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="name=weight,... (train prompts; weights mix the SFT)")
+    p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc")
+    p.add_argument("--eval-examples", type=int, default=64, help="val items per eval task after each round")
+    p.add_argument("--manifest", nargs="+", default=None)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--prompts-per-round", type=int, default=64, help="train prompts per task per round")
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--rationalize", action="store_true", help="retry failed prompts with the answer as a hint")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="train each round on from the previous one (default: restart from --init, as STaR)")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", default="all")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--total-batch-size", type=int, default=8, help="conversations per optimizer step")
+    T.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
+    T.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=0.02, unembedding_lr=0.0004,
+                     matrix_flags=("--lr", "--matrix-lr"))
+    add_logging_args(p)
+    args = p.parse_args(argv)
+    return args
+
+
+def _gather(items, info):
+    if not info.is_distributed:
+        return items
+    import torch.distributed as dist
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def hinted(task, ex):
+    """The prompt with the gold answer given as a hint (rationalisation)."""
+    msgs = task.prompt(ex)
+    msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + f"\n\n(Hint: the answer is {ex['answer']}.)"}
+    return msgs
+
+
+@torch.no_grad()
+def collect(model, tok, task, examples, args, info, seed, hint=False):
+    """[(example index, completion text)] of correct samples (ranks split the prompts)."""
+    from nanostoney.engine import Engine
+    model.eval()
+    engine = Engine(model, tok)
+    stop = tok.token_id("<|assistant_end|>")
+    idx = list(range(info.rank, len(examples), info.world_size))
+    kept = []
+    for i in range(0, len(idx), 8):
+        chunk = idx[i:i + 8]
+        prompts = [tok.render_prompt({"messages": hinted(task, examples[j]) if hint else task.prompt(examples[j])})
+                   for j in chunk]
+        gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, seed=seed + i,
+                              num_samples=args.samples_per_prompt)
+        for r, toks in enumerate(gen.tokens):
+            j = chunk[gen.prompt_index[r]]
+            text = tok.decode(toks[:-1] if toks and toks[-1] == stop else toks)
+            if gen.stopped[r] and task.evaluate(examples[j], text):
+                kept.append((j, text))
+    return _gather(kept, info)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from nanostoney import grpo
+    from nanostoney.data import check_sources, sources_for_tasks
+    from nanostoney.dist import cleanup, init_dist, print0
+    from nanostoney.tasks import get_task
+
+    info = init_dist(args.device, seed=args.seed)
+    T.apply_dtype(info, args.dtype)
+    out = args.out or "out/star"
+    mix = B.parse_mixture(args.tasks)
+    names = list(mix)
+    tasks = [get_task(n) for n in names]
+    eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
+    sources = sources_for_tasks(names)
+    check_sources(sources, use="training", manifest=args.manifest)
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}.")
+
+    def fresh():
+        return grpo.load_for_training(args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets,
+                                      args.lora_dropout, device=info.device)
+
+    model, tok, init_ckpt, base_ckpt = fresh()
+    seq_len = model.config.sequence_len
+    pad_id = tok.token_id("<|assistant_end|>")
+    logger = from_args(args, config={**vars(args), "model": vars(model.config), "data_sources": sources,
+                                     "init_checkpoint": os.path.abspath(init_ckpt)}, out_dir=out)
+
+    def accuracy():
+        res = {}
+        for task in eval_tasks:
+            c = T.task_accuracy(model, tok, task, task.examples("val")[:args.eval_examples], info, args.max_new_tokens)
+            res[task.name] = sum(c) / max(1, len(c))
+        return res
+
+    report = {"init": os.path.abspath(init_ckpt), "rounds": [], "start": accuracy()}
+    print0("start (init) val accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["start"].items()))
+    logger.log({f"star/acc/{k}": v for k, v in report["start"].items()}, step=0)
+    kept = {t.name: {} for t in tasks}  # task -> {(example index, text): None}, insertion-ordered
+    offset = 0
+    for rnd in range(args.rounds):
+        seed = args.seed * 1000 + rnd * 100
+        round_info = {"round": rnd + 1, "sampled_correct": {}, "kept_total": {}}
+        for t_idx, task in enumerate(tasks):
+            exs = task.examples("train")
+            g = torch.Generator().manual_seed(seed + t_idx)
+            pick = torch.randperm(len(exs), generator=g)[:args.prompts_per_round].tolist()
+            subset = [exs[i] for i in pick]
+            got = collect(model, tok, task, subset, args, info, seed)
+            solved = {j for j, _ in got}
+            if args.rationalize:
+                failed = [j for j in range(len(subset)) if j not in solved]
+                hint_got = collect(model, tok, task, [subset[j] for j in failed], args, info, seed + 7, hint=True)
+                got += [(failed[j], text) for j, text in hint_got]
+            for j, text in got:
+                kept[task.name][(pick[j], text)] = None
+            round_info["sampled_correct"][task.name] = len(solved) / max(1, len(subset))
+            round_info["kept_total"][task.name] = len(kept[task.name])
+        print0(f"round {rnd + 1}: prompts solved by sampling "
+               + ", ".join(f"{k} {v:.2f}" for k, v in round_info["sampled_correct"].items())
+               + "; rationales kept so far " + ", ".join(f"{k} {v}" for k, v in round_info["kept_total"].items()))
+
+        # SFT on everything kept so far, with the SFT stage's own batches and loop
+        rendered, weights = [], []
+        for task in tasks:
+            exs = task.examples("train")
+            convs = [{"messages": task.prompt(exs[i]) + [{"role": "assistant", "content": text}]}
+                     for i, text in kept[task.name]]
+            rows = B.render_examples(tok, convs, seq_len + 1)[0] if convs else []
+            if rows:
+                rendered.append(rows)
+                weights.append(mix[task.name])
+        if not rendered:
+            why = "none fits in the model's sequence_len" if any(kept.values()) else "none yet"
+            print0(f"round {rnd + 1}: no correct rationale to train on ({why}).")
+            round_info["accuracy"] = accuracy()
+            report["rounds"].append(round_info)
+            continue
+        if not args.continue_ and rnd > 0:
+            model, tok, _, base_ckpt = fresh()
+        model.train()
+        accum = T.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size,
+                                   unit="conversations")
+        optimizer = T.build_optimizer(model, args.optimizer, args.matrix_lr, args.embedding_lr,
+                                      args.unembedding_lr, args.scalar_lr, args.weight_decay)
+        loader = B.SFTBatches(rendered, weights, args.num_iterations, args.device_batch_size, accum, info,
+                              pad_id, seed=seed)
+        T.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+                     grad_accum=accum, start_step=0, logger=_Offset(logger, offset),
+                     train_model=T.wrap_ddp(model, info))
+        offset += args.num_iterations
+        round_info["accuracy"] = accuracy()
+        report["rounds"].append(round_info)
+        logger.log({f"star/acc/{k}": v for k, v in round_info["accuracy"].items()}
+                   | {f"star/kept/{k}": v for k, v in round_info["kept_total"].items()}, step=offset)
+        print0(f"round {rnd + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in round_info["accuracy"].items()))
+
+    T.save_run(out, model, offset, None, info, {"stage": "star", "init": os.path.abspath(init_ckpt),
+                                                 "rounds": args.rounds, "seed": args.seed},
+               base_checkpoint=None if args.full else base_ckpt)
+    if info.is_master:
+        tmp = os.path.join(out, "star_eval.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, os.path.join(out, "star_eval.json"))
+    logger.finish()
+    print0(f"done: model and star_eval.json in {out}")
+    cleanup()
+
+
+class _Offset:
+    """The run's logger with steps shifted, so every round's loop logs after the previous one."""
+
+    def __init__(self, logger, offset):
+        self.logger, self.offset = logger, offset
+
+    def log(self, metrics, step=None):
+        self.logger.log(metrics, step=None if step is None else step + self.offset)
+
+
+if __name__ == "__main__":
+    run_main(main)

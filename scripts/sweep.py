@@ -1,0 +1,149 @@
+"""Run a W&B sweep's grid locally: one subprocess per point, W&B offline, a results table.
+
+    python scripts/sweep.py                                   # sweep.yaml, out/sweep
+    python scripts/sweep.py --config sweep.yaml --out out/sweep -- --num-iterations 40 --eval-every 0
+
+Reads the same sweep.yaml that `wandb sweep` takes (method grid: every combination of the
+`values` lists, plus the fixed `value`s), runs `program` with --name=value flags as a W&B agent
+would, plus whatever follows `--` (small step counts for a laptop), each point into
+<out>/<point name>/. Then writes <out>/results.json and <out>/results.md: the final val loss
+and the final accuracies (from each run's sft_eval.json) per point. A point that fails is
+recorded with its error line; the others still run.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanostoney.errors import UserError, run_main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_sweep(path):
+    if not os.path.isfile(path):
+        raise UserError(f"sweep config {path} does not exist; pass --config (e.g. sweep.yaml).")
+    text = open(path, encoding="utf-8").read()
+    try:
+        import yaml
+        cfg = yaml.safe_load(text)
+    except ImportError:  # the gate's YAML subset reader covers sweep files too
+        from nanostoney.data import mini_yaml
+        cfg = mini_yaml(text)
+    except Exception as e:
+        raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix the file.") from None
+    if not isinstance(cfg, dict) or "program" not in cfg or not isinstance(cfg.get("parameters"), dict):
+        raise UserError(f"{path} needs `program:` and a `parameters:` mapping (W&B sweep format).")
+    if cfg.get("method", "grid") != "grid":
+        raise UserError(f"{path}: method {cfg['method']!r}; the local runner does grids only "
+                        f"(use `wandb agent` for random/bayes).")
+    return cfg
+
+
+def grid_points(parameters):
+    """[{name: value}] over the cartesian product of every `values` list (fixed `value`s added)."""
+    fixed, axes = {}, []
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict) or not ("values" in spec or "value" in spec):
+            raise UserError(f"sweep parameter {name!r} needs `values: [...]` or `value: x`.")
+        if "values" in spec:
+            axes.append((name, list(spec["values"])))
+        else:
+            fixed[name] = spec["value"]
+    names = [n for n, _ in axes]
+    return [{**dict(zip(names, combo)), **fixed} for combo in itertools.product(*[v for _, v in axes])], names
+
+
+def point_name(point, axes):
+    return "_".join(f"{n.replace('-', '')}{point[n]}" for n in axes) or "point"
+
+
+def read_result(out_dir):
+    """Final numbers of one point from its sft_eval.json (None where a run wrote none)."""
+    path = os.path.join(out_dir, "sft_eval.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rep = json.load(f)
+    res = {"val_loss": rep.get("val_loss")}
+    for task, splits in rep.get("tasks", {}).items():
+        for split, r in splits.items():
+            res[f"{task}/{split}"] = r["accuracy"]
+    return res
+
+
+def write_table(out, rows, axes, goal_key):
+    cols = sorted({k for r in rows for k in r["result"]} - {"val_loss"})
+    lines = ["| " + " | ".join(axes + ["val loss"] + cols + ["status", "s"]) + " |",
+             "|" + "---|" * (len(axes) + len(cols) + 3)]
+    for r in rows:
+        res = r["result"]
+        fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        lines.append("| " + " | ".join([str(r["params"][a]) for a in axes] + [fmt(res.get("val_loss"))]
+                                      + [fmt(res.get(c)) for c in cols] + [r["status"], f"{r['seconds']:.0f}"]) + " |")
+    done = [r for r in rows if r["result"].get("val_loss") is not None]
+    if done:
+        best = min(done, key=lambda r: r["result"]["val_loss"])
+        lines += ["", f"best {goal_key}: " + ", ".join(f"{a}={best['params'][a]}" for a in axes)
+                  + f" (val loss {best['result']['val_loss']:.4f})"]
+    tmp = os.path.join(out, "results.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "results.md"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description="Run a W&B sweep grid locally (offline) and tabulate it.")
+    p.add_argument("--config", default=os.path.join(ROOT, "sweep.yaml"))
+    p.add_argument("--out", default="out/sweep")
+    p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B mode of each point")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = p.parse_args(argv)
+
+    cfg = load_sweep(args.config)
+    points, axes = grid_points(cfg["parameters"])
+    program = cfg["program"] if os.path.isabs(cfg["program"]) else os.path.join(ROOT, cfg["program"])
+    goal_key = (cfg.get("metric") or {}).get("name", "val/loss")
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for point in points:
+        name = point_name(point, axes)
+        out_dir = os.path.join(args.out, name)
+        cmd = [sys.executable, program] + [f"--{k}={v}" for k, v in point.items()] + extra + \
+              ["--wandb", args.wandb, "--run-name", name, "--out", out_dir]
+        print(" ".join(cmd), flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+        status = "ok" if r.returncode == 0 else (err[-1] if err else f"exit {r.returncode}")
+        rows.append({"name": name, "params": point, "status": status, "seconds": time.time() - t0,
+                     "result": read_result(out_dir) if r.returncode == 0 else {}})
+        print(f"  -> {status}: {rows[-1]['result']}", flush=True)
+        with open(os.path.join(out_dir if os.path.isdir(out_dir) else args.out, f"{name}.log"), "w") as f:
+            f.write(r.stdout + "\n--- stderr ---\n" + r.stderr)
+    if args.dry_run:
+        return
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config": os.path.abspath(args.config), "extra_args": extra, "metric": goal_key,
+                   "points": rows}, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
+    print(write_table(args.out, rows, axes, goal_key))
+    print(f"results in {os.path.join(args.out, 'results.md')} and results.json")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,225 @@
+"""The reward model: Bradley-Terry training separates held-out toy pairs; scores do not depend
+on batch padding; save/load round-trips; ground-truth negatives are wrong exactly where they
+should be."""
+import pytest
+import torch
+
+from nanostoney import checkpoint, lora
+from nanostoney import reward_model as RM
+from nanostoney.errors import UserError
+from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+V = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, vocab=V):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.1)
+    return model
+
+
+def copy_pairs(n, seed):
+    """Toy preference: the answer (last token) should repeat the prompt's first token. Solving
+    it needs attention from the last position back to the first: not a per-token bias."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(1, V, (4,), generator=g).tolist()
+        bad = p[0]
+        while bad == p[0]:
+            bad = int(torch.randint(1, V, (1,), generator=g))
+        out.append(([0] + p + [p[0]], [0] + p + [bad]))
+    return out
+
+
+def test_bradley_terry_training_separates_held_out_pairs():
+    train, held_out = copy_pairs(256, 0), copy_pairs(64, 1)
+    assert not {tuple(c) for c, _ in held_out} & {tuple(c) for c, _ in train}
+    model = tiny()
+    lora.apply_lora(model, rank=4, alpha=8, targets="all")
+    rm = RM.RewardModel(model)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    before, _ = RM.pairwise_accuracy(rm, held_out)
+    for step in range(100):
+        batch = [train[(step * 32 + i) % len(train)] for i in range(32)]
+        c, r = RM.pair_forward(rm, batch, "cpu")
+        loss = RM.bt_loss(c, r)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after, margin = RM.pairwise_accuracy(rm, held_out)
+    assert before < 0.75
+    assert after > 0.85 and margin > 0
+
+
+def test_bt_loss_is_minus_log_sigmoid_of_the_margin():
+    c, r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
+    want = -torch.log(torch.sigmoid(c - r)).mean()
+    assert RM.bt_loss(c, r).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_score_reads_the_last_token_and_ignores_padding():
+    rm = RM.RewardModel(tiny())
+    seqs = [[0, 3, 4, 5, 6, 7], [0, 3], [0, 9, 9, 9]]
+    together = rm.score(seqs)
+    alone = torch.cat([rm.score([s]) for s in seqs])
+    assert torch.allclose(together, alone, atol=1e-5)
+    # changing a token before the last changes the score (the head sees the whole sequence)
+    assert rm.score([[0, 3, 4, 5, 6, 7]]).item() != rm.score([[0, 3, 4, 1, 6, 7]]).item()
+    with pytest.raises(UserError):
+        rm.score([[]])
+
+
+def byte_tokenizer():
+    ranks = {bytes([i]): i for i in range(256)}
+    specials = {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)}
+    return Tokenizer.from_mergeable_ranks(ranks, SPLIT_PATTERN, specials)
+
+
+def test_save_and_load_round_trip_and_learned_reward(tmp_path):
+    from nanostoney.rewards import LearnedReward
+    tok = byte_tokenizer()
+    gpt = tiny(vocab=tok.vocab_size)
+    base = checkpoint.save_checkpoint(str(tmp_path / "base"), gpt, 1, tokenizer=tok)
+    lora.apply_lora(gpt, rank=4, alpha=8)
+    rm = RM.RewardModel(gpt)
+    with torch.no_grad():
+        for p in lora.lora_parameters(gpt):
+            p.add_(0.05 * torch.randn_like(p))
+        rm.head.bias.fill_(0.25)
+    seqs = [[tok.bos_id, 65, 66, 67], [tok.bos_id, 70]]
+    want = rm.score(seqs)
+    RM.save_reward_model(str(tmp_path / "rm"), rm, 3, base_checkpoint=base)
+    loaded, loaded_tok, meta = RM.load_reward_model(str(tmp_path / "rm"))
+    assert torch.equal(loaded.score(seqs), want)
+    assert loaded_tok is not None and meta["stage"] == "reward_model"
+    # the learned reward wraps it: a probability per completion
+    ex = {"id": "x", "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    vals = LearnedReward(loaded, loaded_tok).batch([ex, ex], ["Answer: 4", "Answer: 5"], None)
+    assert len(vals) == 2 and all(0 < v < 1 for v in vals) and vals[0] != vals[1]
+    # a plain checkpoint is not a reward model
+    with pytest.raises(UserError):
+        RM.load_reward_model(str(tmp_path / "base"))
+
+
+class FakeTask:
+    def __init__(self, kind, exs, name="fake", family="math"):
+        self.kind, self.rows, self.name, self.family = kind, exs, name, family
+
+    def examples(self, split):
+        return self.rows[split]
+
+    def prompt(self, ex):
+        return ex["messages"][:-1]
+
+    def evaluate(self, ex, completion):
+        got = completion.rpartition("Answer:")[2].strip()
+        return got == ex["answer"]
+
+
+def conv(user, assistant):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+MC = {"id": "mc1", "answer": "C", "choices": ["11", "12", "72", "96", "144"],
+      "messages": conv("How many clips?\n\nA) 11\nB) 12\nC) 72\nD) 96\nE) 144",
+                       "<think>48/2 = 24.\n48+24 = 72.\nThe answer is 72, which is option C.</think>\nAnswer: C")}
+NUM = {"id": "n1", "answer": "72", "messages": conv("How many clips?", "<think>48+24 = 72.</think>\nAnswer: 72")}
+LEX = [{"id": f"l{i}", "answer": a, "aliases": [a], "direction": "s2e",
+        "messages": conv(f"What does `{t}` mean?", f"<think>`{t}` means '{a}'.</think>\nAnswer: {a}")}
+       for i, (t, a) in enumerate([("îyâ", "to speak"), ("mînî", "water"), ("wîchasta", "man")])]
+
+
+def test_ground_truth_negatives_are_wrong_only_where_they_should_be():
+    task = FakeTask("mc", {"train": [MC]})
+    bad = RM.rejected_text(task, MC)
+    think, letter = RM._split_gold(bad)
+    assert letter != "C" and letter in "ABDE" and not task.evaluate(MC, bad)
+    w = MC["choices"]["ABCDE".index(letter)]
+    assert think.split("\n")[:2] == ["48/2 = 24.", "48+24 = 72."]      # the reasoning is kept
+    assert think.split("\n")[-1] == f"The answer is {w}, which is option {letter}."
+    assert RM.rejected_text(task, MC) == bad                              # deterministic
+
+    num = FakeTask("numeric", {"train": [NUM]})
+    bad = RM.rejected_text(num, NUM)
+    assert bad.startswith("<think>48+24 = 72.</think>\nAnswer: ") and not num.evaluate(NUM, bad)
+
+    lex = FakeTask("open", {"train": LEX}, family="stoney")
+    bad = RM.rejected_text(lex, LEX[0], LEX)
+    other = RM._split_gold(bad)[1]
+    assert other in ("water", "man") and f"means '{other}'" in bad
+
+
+def test_build_pairs_renders_whole_conversations_and_respects_max_len():
+    tok = byte_tokenizer()
+    task = FakeTask("mc", {"train": [MC], "val": [MC]})
+    pairs = RM.build_pairs(task, tok, "train")
+    assert len(pairs) == 1
+    p = pairs[0]
+    assert p["chosen"] != p["rejected"] and p["family"] == "math" and p["kind"] == "ground_truth"
+    assert p["chosen"][0] == tok.bos_id and p["chosen"][-1] == tok.token_id("<|assistant_end|>")
+    assert RM.build_pairs(task, tok, "train", max_len=20) == []
+
+
+def test_sampled_negatives_are_the_models_wrong_answers():
+    tok = byte_tokenizer()
+    gpt = tiny(vocab=tok.vocab_size)
+    task = FakeTask("numeric", {"train": [NUM]})
+    pairs = RM.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5, seed=0)
+    assert 1 <= len(pairs) <= 3 and all(p["kind"] == "sampled" for p in pairs)
+    gold_ids = tok.render_conversation({"messages": NUM["messages"]})[0]
+    assert all(p["chosen"] == gold_ids and p["rejected"] != gold_ids for p in pairs)
+    # a model that is always right yields no pair
+    task.evaluate = lambda ex, c: True
+    assert RM.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5) == []
+
+
+@pytest.mark.slow
+def test_real_task_pairs_chosen_pass_and_rejected_fail_the_verifier():
+    from nanostoney.tasks import get_task
+    for name in ("gsm8k_mc", "aqua_mc", "gsm8k", "stoney_lexicon", "stoney_mc"):
+        task = get_task(name)
+        exs = task.examples("train")[:40]
+        made = 0
+        for ex in exs:
+            bad = RM.rejected_text(task, ex, exs)
+            if bad is None:
+                continue
+            made += 1
+            assert task.evaluate(ex, ex["messages"][-1]["content"])
+            assert not task.evaluate(ex, bad), (name, bad)
+        assert made >= 30, name
+
+
+def test_rm_train_script_reports_held_out_accuracy_and_saves(tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import rm_train
+    tok = byte_tokenizer()
+    gpt = GPT(GPTConfig(sequence_len=1024, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    gpt.init_weights()
+    base = checkpoint.save_checkpoint(str(tmp_path / "base"), gpt, 1, tokenizer=tok)
+    out = str(tmp_path / "rm")
+    rm_train.main(["--init", base, "--out", out, "--tasks", "aqua_mc", "--max-train-examples", "4",
+                   "--eval-pairs", "4", "--num-iterations", "2", "--total-batch-size", "2",
+                   "--device-batch-size", "2", "--device", "cpu", "--wandb", "disabled"])
+    report = json.load(open(os.path.join(out, "rm_eval.json")))
+    assert {"aqua_mc", "family/math"} <= set(report["after"])
+    rm, _, meta = RM.load_reward_model(out)
+    assert meta["stage"] == "reward_model" and rm.score([[1, 2, 3]]).shape == (1,)
