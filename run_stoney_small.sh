@@ -60,8 +60,8 @@ stage() {
 
 if [ "$SIZE" = cpu ]; then
     # CPU-sized: about half an hour end to end on 2 cores (see BENCHMARKS.md for stage times).
-    BASE_ARGS="--num-iterations 160 --eval-every 40"
-    SFT_ARGS="--num-iterations 60 --max-train-examples 32 --final-eval-examples 32 --eval-every 0"
+    BASE_ARGS="--num-iterations 200 --eval-every 50"
+    SFT_ARGS="--num-iterations 300 --final-eval-examples 32 --eval-every 0"
     RM_ARGS="--num-iterations 30"
     GRPO_ARGS="--num-iterations 12 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
     EVAL_ARGS="--max-examples 50 --num-samples 2"
