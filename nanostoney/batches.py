@@ -295,6 +295,17 @@ class SFTBatches:
         g = first_row(step, micro, self.accum, self.info.world_size, self.info.rank, self.B)
         return [self.rendered[t][i] for t, i in self.schedule[g:g + self.B]]
 
+    def first_drawn(self, task, k):
+        """Indices of the first k distinct examples of `task` in the order the run draws them
+        (the "trained items" an accuracy check should use)."""
+        seen = []
+        for t, i in self.schedule:
+            if t == task and i not in seen:
+                seen.append(i)
+                if len(seen) == k:
+                    break
+        return seen
+
     def get(self, step, micro):
         return collate(self.rows(step, micro), self.pad_id, self.info.device)
 
@@ -317,3 +328,24 @@ def render_examples(tokenizer, examples, max_tokens, drop_truncated=True):
             rows.append((list(ids), list(mask)))
             kept.append(i)
     return rows, kept
+
+
+def render_train_sets(tokenizer, tasks, max_tokens, limit=0, drop_truncated=True):
+    """Per task: (its first `limit` train examples that fit, their rendered rows); 0 = all.
+    Renders in chunks so a small limit does not tokenize a whole 7k-example task."""
+    examples, rendered = [], []
+    for task in tasks:
+        exs = task.examples("train")
+        limit_t = limit if limit > 0 else len(exs)
+        rows, kept = [], []
+        for start in range(0, len(exs), 256):
+            r, k = render_examples(tokenizer, exs[start:start + 256], max_tokens, drop_truncated)
+            rows, kept = rows + r, kept + [start + i for i in k]
+            if len(rows) >= limit_t:
+                break
+        if not rows:
+            raise UserError(f"task {task.name}: no train conversation fits in {max_tokens} tokens; "
+                            f"raise --sequence-len or pass --keep-truncated.")
+        examples.append([exs[i] for i in kept[:limit_t]])
+        rendered.append(rows[:limit_t])
+    return examples, rendered

@@ -369,6 +369,18 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
     return [c for _, c in sorted(_gather(mine, info))]
 
 
+def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
+    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...]}} for
+    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items."""
+    from nanostoney.metrics import bootstrap_ci
+    table = {}
+    for (task, split), exs in item_sets.items():
+        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens) if exs else []
+        point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
+        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
+    return table
+
+
 @torch.no_grad()
 def masked_loss(model, rows, pad_id, info, batch_size=16):
     """Mean loss (nats/token) over the 1-mask (assistant) tokens of rendered (ids, mask) rows,

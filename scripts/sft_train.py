@@ -71,7 +71,6 @@ def main(argv=None):
     from nanostoney import checkpoint, lora
     from nanostoney.data import check_sources, sources_for_tasks
     from nanostoney.dist import cleanup, init_dist, print0
-    from nanostoney.metrics import bootstrap_ci
     from nanostoney.tasks import get_task
 
     info = init_dist(args.device, seed=args.seed)
@@ -87,7 +86,7 @@ def main(argv=None):
     if base_ckpt is None:
         raise UserError(f"--init {args.init}: no checkpoint there; run scripts/base_train.py first "
                         f"or point --init at its --out directory.")
-    model, tok, base_meta = checkpoint.load_model(base_ckpt, device=info.device)
+    model, tok, _ = checkpoint.load_model(base_ckpt, device=info.device)
     if tok is None:
         raise UserError(f"{base_ckpt} has no tokenizer/ directory; re-save the base with its tokenizer.")
     model.train()
@@ -102,23 +101,9 @@ def main(argv=None):
     optimizer = T.build_optimizer(model, args.optimizer, args.matrix_lr, args.embedding_lr,
                                   args.unembedding_lr, args.scalar_lr, args.weight_decay)
 
-    # data: rendered train rows per task (the first --max-train-examples), and val rows
-    train_sets, rendered = [], []
-    for task in tasks:
-        exs = task.examples("train")
-        limit = args.max_train_examples if args.max_train_examples > 0 else len(exs)
-        rows, kept = [], []
-        for start in range(0, len(exs), 256):  # render only as many as --max-train-examples needs
-            r, k = B.render_examples(tok, exs[start:start + 256], seq_len + 1, drop_truncated=not args.keep_truncated)
-            rows, kept = rows + r, kept + [start + i for i in k]
-            if len(rows) >= limit:
-                break
-        rows, kept = rows[:limit], kept[:limit]
-        if not rows:
-            raise UserError(f"task {task.name}: no train conversation fits in {seq_len + 1} tokens; "
-                            f"raise --sequence-len or pass --keep-truncated.")
-        train_sets.append([exs[i] for i in kept])
-        rendered.append(rows)
+    # data: the first --max-train-examples fitting train conversations per task; val rows for the loss
+    train_sets, rendered = B.render_train_sets(tok, tasks, seq_len + 1, args.max_train_examples,
+                                               drop_truncated=not args.keep_truncated)
     pad_id = tok.token_id("<|assistant_end|>")
     loader = B.SFTBatches(rendered, [weights[n] for n in names], args.num_iterations, args.device_batch_size,
                           accum, info, pad_id, seed=args.seed)
@@ -126,18 +111,15 @@ def main(argv=None):
     for task in tasks:
         val_rows += B.render_examples(tok, task.examples("val")[:args.eval_loss_examples], seq_len + 1,
                                       drop_truncated=False)[0]
-    mc = [t for t in tasks if t.kind == "mc"]
 
-    def trained_items(t, k):
-        """The first k distinct examples of task t in the order the run draws them."""
-        seen, out_ = set(), []
-        for ti, i in loader.schedule:
-            if ti == t and i not in seen:
-                seen.add(i)
-                out_.append(train_sets[t][i])
-                if len(out_) == k:
-                    break
-        return out_
+    def item_sets(k):
+        """k trained items (in the order the run draws them) and k val items per MC task."""
+        sets = {}
+        for t, task in enumerate(tasks):
+            if task.kind == "mc":
+                sets[(task, "train")] = [train_sets[t][i] for i in loader.first_drawn(t, k)]
+                sets[(task, "val")] = task.examples("val")[:k]
+        return sets
 
     mode = {"base_checkpoint": os.path.abspath(base_ckpt), "full": args.full, "seed": args.seed,
             "total_batch_size": args.total_batch_size, "tasks": args.tasks,
@@ -157,21 +139,11 @@ def main(argv=None):
            f"{run_config['trainable_params']:,} trainable params; train examples "
            + ", ".join(f"{n}={len(r)}" for n, r in zip(names, rendered)))
 
-    def accuracy(k):
-        metrics, detail = {}, {}
-        for t_idx, task in enumerate(tasks):
-            if task.kind != "mc":
-                continue
-            for split, exs in (("train", trained_items(t_idx, k)), ("val", task.examples("val")[:k])):
-                correct = T.task_accuracy(model, tok, task, exs, info, args.max_new_tokens)
-                metrics[f"acc/{task.name}/{split}"] = sum(correct) / max(1, len(correct))
-                detail[(task.name, split)] = correct
-        return metrics, detail
-
     def evaluate(step):
         metrics = {"val/loss": T.masked_loss(model, val_rows, pad_id, info)}
         if args.eval_examples > 0:
-            metrics.update(accuracy(args.eval_examples)[0])
+            table = T.accuracy_table(model, tok, item_sets(args.eval_examples), info, args.max_new_tokens)
+            metrics.update({f"acc/{name}/{split}": r["accuracy"] for (name, split), r in table.items()})
         print0(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
@@ -185,14 +157,14 @@ def main(argv=None):
 
     # final accuracy with intervals: trained items vs held-out (val) items
     report = {"chance": 0.2, "step": args.num_iterations, "val_loss": final.get("val/loss"), "tasks": {}}
-    if args.final_eval_examples > 0 and mc:
-        _, detail = accuracy(args.final_eval_examples)
-        for (name, split), correct in detail.items():
-            point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=args.seed)
-            report["tasks"].setdefault(name, {})[split] = {"n": len(correct), "accuracy": point,
-                                                           "ci95": [lo, hi]}
-            logger.summary({f"final/acc/{name}/{split}": point})
-            print0(f"final {name:>10} {split:>5}: {point:.3f} [{lo:.3f}, {hi:.3f}] (n={len(correct)})")
+    if args.final_eval_examples > 0:
+        table = T.accuracy_table(model, tok, item_sets(args.final_eval_examples), info, args.max_new_tokens,
+                                 seed=args.seed)
+        for (name, split), r in table.items():
+            report["tasks"].setdefault(name, {})[split] = r
+            logger.summary({f"final/acc/{name}/{split}": r["accuracy"]})
+            print0(f"final {name:>10} {split:>5}: {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+                   f"(n={r['n']})")
     if info.is_master:
         tmp = os.path.join(out, "sft_eval.json.tmp")
         with open(tmp, "w") as f:
