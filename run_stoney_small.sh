@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end, on the bundled data:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (about half an hour on 2 cores).
+# runs a CPU-sized configuration (about 20 minutes on 2 cores).
 #
 #   bash run_stoney_small.sh                 # everything; finished stages are skipped on rerun
 #   bash run_stoney_small.sh --force         # rerun every stage
@@ -59,13 +59,13 @@ stage() {
 }
 
 if [ "$SIZE" = cpu ]; then
-    # CPU-sized: about half an hour end to end on 2 cores (see BENCHMARKS.md for stage times).
-    BASE_ARGS="--num-iterations 200 --eval-every 50"
+    # CPU-sized: about 20 minutes end to end on 2 idle cores (stage times in BENCHMARKS.md).
+    BASE_ARGS="--num-iterations 500 --eval-every 100"
     SFT_ARGS="--num-iterations 300 --final-eval-examples 32 --eval-every 0"
-    RM_ARGS="--num-iterations 30"
-    GRPO_ARGS="--num-iterations 12 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
+    RM_ARGS="--num-iterations 100"
+    GRPO_ARGS="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
     EVAL_ARGS="--max-examples 50 --num-samples 2"
-    REPORT_ARGS="--max-examples 8"
+    REPORT_ARGS="--max-examples 16"
 else
     BASE_ARGS="--sequence-len 1024 --total-batch-size 524288 --device-batch-size 32 --num-iterations 2000"
     SFT_ARGS="--num-iterations 1000"

@@ -120,6 +120,15 @@ def all_reduce_mean(x):
     return t.item() / dist.get_world_size()
 
 
+def gather_lists(items, info):
+    """Every rank's list concatenated in rank order, on every rank (identity in one process or with info None)."""
+    if info is None or not info.is_distributed:
+        return items
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

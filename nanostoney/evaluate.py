@@ -89,10 +89,6 @@ def powers_of_two(n):
 # -----------------------------------------------------------------------------
 # generation
 
-def _gather(items, info):
-    from nanostoney.train import _gather as gather  # the training scripts' all_gather of lists
-    return gather(items, info) if info is not None else items
-
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
@@ -106,7 +102,7 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
     overrun the model's rotary positions.
     """
     from tqdm import tqdm
-    from nanostoney.dist import autocast_ctx
+    from nanostoney.dist import autocast_ctx, gather_lists
     from nanostoney.engine import Engine
     model = unwrap(model)
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
@@ -134,7 +130,7 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
                 mine.append((i, texts[j * num_samples:(j + 1) * num_samples]))
     finally:
         model.train(was_training)
-    return [c for _, c in sorted(_gather(mine, info))]
+    return [c for _, c in sorted(gather_lists(mine, info))]
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):
@@ -195,22 +191,6 @@ def _ci(point, lo, hi):
     return {"value": float(point), "ci95": [float(lo), float(hi)]}
 
 
-def chrf_with_ci(hyps, refs, n_boot=1000, seed=0):
-    """Corpus chrF++ (metrics.chrf_pp) and a bootstrap interval: sentences are resampled and
-    their character/word n-gram statistics re-pooled, which is what the corpus score does."""
-    from sacrebleu.metrics import CHRF
-    from nanostoney.metrics import bootstrap_ci, chrf_pp
-    point, _ = chrf_pp(hyps, refs)
-    metric = CHRF(word_order=2)
-    stats = np.asarray(metric._extract_corpus_statistics(list(hyps), [list(refs)]))
-
-    def corpus(idx):
-        return metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score
-
-    _, lo, hi = bootstrap_ci(np.arange(len(hyps)), stat=corpus, n_boot=n_boot, seed=seed)
-    return point, min(lo, point), max(hi, point)
-
-
 @contextlib.contextmanager
 def _mauve_quietly():
     """One BLAS/OpenMP thread, and faiss's C-level "please provide at least N training points"
@@ -247,7 +227,7 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
     comparisons between checkpoints) and "samples" (the first N_SHOWN completions).
     notes: sentences about what was skipped and why.
     """
-    from nanostoney.metrics import bootstrap_ci, comet_score, pass_at_k_by_task
+    from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, pass_at_k_by_task
     from nanostoney.tasks import extract_answer
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
@@ -264,7 +244,7 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
             metrics[f"pass@{k}"] = _ci(*entry[f"pass@{k}"])
     if task.name in OPEN_TEXT:
         hyps, refs = zip(*[open_pair(task, ex, c) for ex, c in zip(examples, greedy)])
-        metrics["chrf++"] = _ci(*chrf_with_ci(hyps, refs, n_boot=n_boot, seed=seed))
+        metrics["chrf++"] = _ci(*chrf_pp_ci(hyps, refs, n_boot=n_boot, seed=seed))
         if featurize is not None and len(examples) >= 2:
             model_texts = [cs[0] for cs in sampled] if n_samples else list(greedy)
             gold_texts = [ex["messages"][-1]["content"] for ex in examples]

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nanostoney.dist import autocast_ctx, print0
+from nanostoney.dist import autocast_ctx, gather_lists, print0
 from nanostoney.errors import UserError
 from nanostoney.muon import Muon
 
@@ -335,19 +335,6 @@ def generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=16):
 # chat-task evaluation (SFT, sweeps)
 
 
-def _gather(items, info):
-    """Concatenate per-rank lists on every rank (identity in one process)."""
-    if not info.is_distributed:
-        return items
-    import torch.distributed as dist
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, items)
-    out = []
-    for part in parts:
-        out.extend(part)
-    return out
-
-
 def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16):
     """Greedy completions through the Engine, scored by task.evaluate: per-example 0/1 list,
     in the order of `examples` (ranks split the work and gather the results).
@@ -366,7 +353,7 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
         outs = generate_greedy(model, tokenizer, prompts, n_new, batch_size=len(chunk))
         for j, ex, toks in zip(idx[i:i + batch_size], chunk, outs):
             mine.append((j, int(bool(task.evaluate(ex, tokenizer.decode(toks))))))
-    return [c for _, c in sorted(_gather(mine, info))]
+    return [c for _, c in sorted(gather_lists(mine, info))]
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.dist import gather_lists  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                    help="val items per eval task at the start (the SFT model) and the end; 0 = skip both")
     p.add_argument("--pass-k", type=int, default=4, help="samples per item for pass@k (0 = greedy only)")
     p.add_argument("--eval-temperature", type=float, default=1.0)
+    p.add_argument("--probe-prompts", type=int, default=8,
+                   help="training prompts per task whose mean reward is measured at the start and the end "
+                        "(G fixed-seed samples each); 0 = skip")
     T.add_loop_args(p, num_iterations=40, device_batch_size=16, eval_every=0, save_every=0,
                     entropy_every=1, warmup_steps=0, warmdown_ratio=0.0)
     T.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=1e-3, unembedding_lr=1e-4,
@@ -83,15 +87,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # evaluation: greedy pass@1 and sampled pass@k on val items
-
-
-def _gather(items, info):
-    if not info.is_distributed:
-        return items
-    import torch.distributed as dist
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
 
 
 @torch.no_grad()
@@ -115,7 +110,7 @@ def sampled_correct(model, tok, task, examples, k, temperature, max_new_tokens, 
                 toks = toks[:-1] if toks and toks[-1] == stop else toks
                 outs.append(bool(task.evaluate(examples[j], tok.decode(toks))))
             mine.append((j, outs))
-    return [c for _, c in sorted(_gather(mine, info))]
+    return [c for _, c in sorted(gather_lists(mine, info))]
 
 
 def evaluate(model, tok, eval_tasks, n, args, info, seed=0):
@@ -248,6 +243,13 @@ def main(argv=None):
             print0(f"start {name:>10}: pass@1 {row['pass@1'][0]:.3f}"
                    + (f"  pass@{args.pass_k} {row[f'pass@{args.pass_k}'][0]:.3f}" if args.pass_k > 0 else ""))
 
+    # a fixed set of training prompts (the first ones the run draws per task), scored before and after
+    probe = probe_items(schedule, train_sets, len(tasks), args.probe_prompts)
+    if start_step == 0 and probe:
+        report["train_reward_start"] = probe_reward(model, tok, probe, tasks, cfg, reward_fn_for, info, args.seed)
+        print0("start reward on training prompts: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in report["train_reward_start"].items()))
+
     def every(k, step):
         return k > 0 and step % k == 0
 
@@ -306,6 +308,13 @@ def main(argv=None):
             save(out, model, done, optimizer, info, mode, args, base_ckpt)
     pbar.close()
 
+    if probe:
+        report["train_reward_final"] = probe_reward(model, tok, probe, tasks, cfg, reward_fn_for, info, args.seed)
+        logger.summary({f"final/train_reward/{k}": v for k, v in report["train_reward_final"].items()})
+        start_r = report.get("train_reward_start", {})
+        print0("final reward on training prompts: " + ", ".join(
+            f"{k} {v:.3f} (start {start_r.get(k, float('nan')):.3f})" for k, v in report["train_reward_final"].items()))
+
     table = {}
     if args.final_eval_examples > 0:
         table = evaluate(model, tok, eval_tasks, args.final_eval_examples, args, info, seed=args.seed)
@@ -326,6 +335,34 @@ def main(argv=None):
     logger.finish()
     print0(f"done: checkpoint and grpo_eval.json in {out}")
     cleanup()
+
+
+def probe_items(schedule, train_sets, n_tasks, k):
+    """[(task index, example)]: the first k distinct training prompts per task in schedule order."""
+    seen = {t: [] for t in range(n_tasks)}
+    for t, i in schedule:
+        if len(seen[t]) < k and i not in seen[t]:
+            seen[t].append(i)
+    return [(t, train_sets[t][i]) for t in range(n_tasks) for i in seen[t]]
+
+
+@torch.no_grad()
+def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
+    """{task name: mean total reward} over G samples of each probe prompt, same seed every call,
+    so start and end differ only by the policy (ranks split the prompts and sum)."""
+    from nanostoney import grpo
+    mine = items[info.rank::info.world_size]
+    sums = [0.0] * (2 * len(tasks))
+    for i in range(0, len(mine), 8):
+        chunk = mine[i:i + 8]
+        ro = grpo.sample(model, [tok.render_prompt({"messages": tasks[t].prompt(ex)}) for t, ex in chunk],
+                         cfg, seed=seed * 7919 + info.rank * 104729 + i)
+        grpo.score(ro, reward_fn_for(chunk), cfg)
+        for r, pi in enumerate(ro.prompt_index):
+            sums[2 * chunk[pi][0]] += float(ro.rewards[r])
+            sums[2 * chunk[pi][0] + 1] += 1.0
+    sums = grpo.world_sum(sums, info.device)
+    return {task.name: sums[2 * t] / sums[2 * t + 1] for t, task in enumerate(tasks) if sums[2 * t + 1] > 0}
 
 
 def save(out, model, step, optimizer, info, mode, args, base_ckpt):

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.dist import gather_lists  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(argv=None):
             mine = task.examples("train")[info.rank:args.sampled_negatives:info.world_size]
             sampled = RM.sampled_pairs(gpt, tok, task, mine, args.samples_per_prompt, args.sample_max_new_tokens,
                                        seed=args.seed + info.rank, max_len=max_len)
-            ps += _gather_lists(sampled, info)
+            ps += gather_lists(sampled, info)
         counts[task.name] = {"ground_truth": sum(p["kind"] == "ground_truth" for p in ps),
                              "sampled": sum(p["kind"] == "sampled" for p in ps)}
         train_pairs += ps
@@ -190,15 +191,6 @@ def main(argv=None):
     logger.finish()
     print0(f"done: reward model and rm_eval.json in {out}")
     cleanup()
-
-
-def _gather_lists(items, info):
-    if not info.is_distributed:
-        return items
-    import torch.distributed as dist
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
 
 
 def _null():

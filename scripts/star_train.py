@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.dist import gather_lists  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -60,15 +61,6 @@ def parse_args(argv=None):
     return args
 
 
-def _gather(items, info):
-    if not info.is_distributed:
-        return items
-    import torch.distributed as dist
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
 def hinted(task, ex):
     """The prompt with the gold answer given as a hint (rationalisation)."""
     msgs = task.prompt(ex)
@@ -96,7 +88,7 @@ def collect(model, tok, task, examples, args, info, seed, hint=False):
             text = tok.decode(toks[:-1] if toks and toks[-1] == stop else toks)
             if gen.stopped[r] and task.evaluate(examples[j], text):
                 kept.append((j, text))
-    return _gather(kept, info)
+    return gather_lists(kept, info)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanostoney import checkpoint, lora
+from nanostoney import checkpoint, dist, lora, metrics
 from nanostoney import evaluate as E
 from nanostoney.gpt import GPT, GPTConfig
 
@@ -177,7 +177,7 @@ def test_generation_is_the_same_on_one_or_two_ranks(tiny_ckpt, monkeypatch):
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=6, seed=3, batch_size=4)
     single = E.generate_completions(model, tok, prompts, None, **kw)
     parts = []
-    monkeypatch.setattr(E, "_gather", lambda items, info: parts.extend(items) or items)
+    monkeypatch.setattr(dist, "gather_lists", lambda items, info: parts.extend(items) or items)
     for rank in (0, 1):
         info = SimpleNamespace(rank=rank, world_size=2, autocast_dtype=None, is_distributed=False)
         E.generate_completions(model, tok, prompts, info, **kw)
@@ -206,7 +206,7 @@ def test_chrf_interval_and_text_parts():
     hyps = ["the cat sat on the mat", "a dog barked", "îchiyach ne", ""]
     refs = ["the cat sat on a mat", "the dog barked loudly", "îchiyach", "something"]
     from sacrebleu.metrics import CHRF
-    point, lo, hi = E.chrf_with_ci(hyps, refs, n_boot=300, seed=0)
+    point, lo, hi = metrics.chrf_pp_ci(hyps, refs, n_boot=300, seed=0)
     assert point == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
     assert lo <= point <= hi and lo < hi
     assert E.rationale_part("<think>6 * 7 = 42</think>\nAnswer: 42") == "6 * 7 = 42"
