@@ -356,6 +356,12 @@ def _grants(rec, use):
             and use not in (rec["prohibited_uses"] or []))
 
 
+def add_manifest_arg(parser):
+    """The --manifest flag every script shares: repeatable, records pooled over all files given."""
+    parser.add_argument("--manifest", action="append", default=None,
+                        help="governance manifest (repeat the flag for several); default data/SOURCE_MANIFEST.yml")
+
+
 def check_sources(paths, use="training", manifest=None):
     """The governance gate. Refuses (UserError, one sentence: the file, its status, how to record
     approval) any source without a manifest record granting `use`. Returns [(source, source_id)].

@@ -31,7 +31,11 @@ from nanostoney.errors import UserError
 ATTN_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj")
 MLP_TARGETS = ("mlp.c_fc", "mlp.c_proj")
 DEFAULT_TARGETS = ATTN_TARGETS
-ALIASES = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ATTN_TARGETS + MLP_TARGETS,
+# "head" adapts the unembedding too. Chat fine-tuning needs it: the base never saw the chat
+# tokens as targets, so lm_head's <|assistant_end|> row is near zero and, frozen, the model can
+# only make the stop token top-1 of a flat distribution (greedy stops, sampling never does).
+HEAD_TARGETS = ("lm_head",)
+ALIASES = {"attn": ATTN_TARGETS, "mlp": MLP_TARGETS, "all": ATTN_TARGETS + MLP_TARGETS, "head": HEAD_TARGETS,
            "q": ("attn.c_q",), "k": ("attn.c_k",), "v": ("attn.c_v",), "o": ("attn.c_proj",),
            "proj": ("attn.c_proj",)}
 ADAPTER_FILE = "adapters.pt"
@@ -86,7 +90,7 @@ class LoRALinear(nn.Linear):
 
 
 def parse_targets(targets):
-    """"attn.c_q,attn.c_v" or ["attn", "mlp"] or aliases (attn, mlp, all, q, k, v, o) -> tuple."""
+    """"attn.c_q,attn.c_v" or ["attn", "mlp"] or aliases (attn, mlp, all, head, q, k, v, o) -> tuple."""
     if targets is None:
         return DEFAULT_TARGETS
     if isinstance(targets, str):

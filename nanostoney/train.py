@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nanostoney.dist import autocast_ctx, gather_lists, print0
+from nanostoney.dist import autocast_ctx, print0
 from nanostoney.errors import UserError
 from nanostoney.muon import Muon
 
@@ -148,7 +148,7 @@ def build_optimizer(model, kind="adamw", matrix_lr=None, embedding_lr=0.2, unemb
                     scalar_lr=0.01, weight_decay=0.0, betas=(0.8, 0.95)):
     """Parameter groups by role, only over parameters that require grad (so LoRA just works).
 
-    Roles: "matrix" = 2-D weights inside transformer.h (incl. LoRA A/B), "embedding" = wte,
+    Roles: "matrix" = 2-D weights inside transformer.h and every LoRA A/B, "embedding" = wte,
     "unembedding" = lm_head, "scalar" = anything else. AdamW LRs of embedding/head are scaled
     by (n_embd / 768)^-0.5 as nanochat does, so the same flags suit every depth.
     Each group remembers its initial_lr; set_lr multiplies it by the schedule.
@@ -160,7 +160,9 @@ def build_optimizer(model, kind="adamw", matrix_lr=None, embedding_lr=0.2, unemb
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("transformer.wte"):
+        if ".lora_" in name:  # adapters are matrices wherever they sit (lm_head's included)
+            roles["matrix"].append(p)
+        elif name.startswith("transformer.wte"):
             roles["embedding"].append(p)
         elif name.startswith("lm_head"):
             roles["unembedding"].append(p)
@@ -336,24 +338,16 @@ def generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=16):
 
 
 def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16):
-    """Greedy completions through the Engine, scored by task.evaluate: per-example 0/1 list,
-    in the order of `examples` (ranks split the work and gather the results).
-
-    Each batch generates only as far as its longest gold answer + 16 tokens (capped at
-    max_new_tokens): a model that has learned the format stops earlier anyway.
-    """
-    idx = list(range(info.rank, len(examples), info.world_size))
-    mine = []
-    for i in range(0, len(idx), batch_size):
-        chunk = [examples[j] for j in idx[i:i + batch_size]]
-        prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
-        gold = max(len(tokenizer.encode(ex["messages"][-1]["content"])) for ex in chunk)
-        room = model.config.sequence_len * 10 - max(len(p) for p in prompts)  # rotary table length
-        n_new = max(1, min(max_new_tokens, gold + 16, room))
-        outs = generate_greedy(model, tokenizer, prompts, n_new, batch_size=len(chunk))
-        for j, ex, toks in zip(idx[i:i + batch_size], chunk, outs):
-            mine.append((j, int(bool(task.evaluate(ex, tokenizer.decode(toks))))))
-    return [c for _, c in sorted(gather_lists(mine, info))]
+    """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
+    split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
+    at max_new_tokens): a model that has learned the format stops earlier anyway."""
+    from nanostoney.evaluate import generate_completions, length_budget
+    if not examples:
+        return []
+    prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
+    texts = generate_completions(model, tokenizer, prompts, info, max_new_tokens=length_budget(
+        tokenizer, examples, max_new_tokens), batch_size=batch_size, desc=f"eval {task.name}")
+    return [int(bool(task.evaluate(ex, t[0]))) for ex, t in zip(examples, texts)]
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
@@ -513,15 +507,16 @@ def resolve_resume(resume, out_dir):
 
 
 def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, base_checkpoint=None,
-             keep_last=None):
-    """A checkpoint from rank 0 with every rank's RNG state (call on all ranks)."""
+             keep_last=None, tokenizer=None):
+    """A checkpoint from rank 0 with every rank's RNG state (call on all ranks). Pass the
+    tokenizer (tokenizer_dir or the object) so the checkpoint loads on its own."""
     from nanostoney import checkpoint
     from nanostoney.dist import barrier
     states = checkpoint.gather_rng_states()
     path = None
     if info.is_master:
         path = checkpoint.save_checkpoint(out_dir, model, step, optimizer=optimizer, meta=meta,
-                                          tokenizer_dir=tokenizer_dir, rng_states=states,
+                                          tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, rng_states=states,
                                           base_checkpoint=base_checkpoint, keep_last=keep_last)
     barrier()  # nobody runs ahead (and e.g. exits) before the checkpoint is complete
     return path

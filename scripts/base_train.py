@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -41,8 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--val-docs", type=int, default=100, help="documents held out of --data when no --val-data")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
-    p.add_argument("--manifest", nargs="+", default=None,
-                   help="governance manifest(s) (SOURCE_MANIFEST.yml); default data/SOURCE_MANIFEST.yml")
+    add_manifest_arg(p)
     p.add_argument("--depth", type=int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--sequence-len", type=int, default=256)

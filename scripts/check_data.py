@@ -15,14 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Validate a manifest and gate data sources.")
     p.add_argument("sources", nargs="*", help="data files (or hf://owner/name ids) to gate")
-    p.add_argument("--manifest", action="append", default=None,
-                   help="manifest (repeat for several, records pooled); default data/SOURCE_MANIFEST.yml")
+    add_manifest_arg(p)
     p.add_argument("--use", default="training", help="training, upload, public_release or publishing")
     p.add_argument("--tasks", default="", help="comma list of tasks: gate their sources and load their splits")
     p.add_argument("--source", default="bundled", help="task data source: bundled, hub or auto")

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
-from nanostoney.dist import gather_lists  # noqa: E402
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -47,14 +47,14 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="training prompts: name=weight,... (train splits)")
     p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, help="comma list evaluated on their val split")
     p.add_argument("--max-train-examples", type=int, default=0, help="first N train examples per task (0 = all)")
-    p.add_argument("--manifest", nargs="+", default=None, help="governance manifest(s)")
+    add_manifest_arg(p)
     p.add_argument("--rewards", default="accuracy=1,format=0.2",
                    help="weighted reward functions: accuracy, format, reasoning_steps, length, repetition, chrf, reward_model")
     p.add_argument("--reward-model", default=None, help="scripts/rm_train.py output, for the reward_model reward")
     p.add_argument("--full", action="store_true", help="full fine-tune (reference = frozen copy) instead of LoRA")
     p.add_argument("--lora-rank", type=int, default=16, help="fresh adapters only (an adapter --init keeps its own)")
     p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-targets", default="all")
+    p.add_argument("--lora-targets", default="all,head")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--reference", default="init", choices=["init", "base"],
                    help="KL reference: the policy at the start of RL, or the base weights with adapters off")
@@ -89,28 +89,14 @@ def parse_args(argv=None):
 # evaluation: greedy pass@1 and sampled pass@k on val items
 
 
-@torch.no_grad()
-def sampled_correct(model, tok, task, examples, k, temperature, max_new_tokens, info, seed=0, batch=8):
+def sampled_correct(model, tok, task, examples, k, temperature, max_new_tokens, info, seed=0):
     """[[bool] * k per example] (ranks split the examples and gather)."""
-    from nanostoney.engine import Engine
-    model.eval()
-    engine = Engine(model, tok)
-    stop = tok.token_id("<|assistant_end|>")
-    idx = list(range(info.rank, len(examples), info.world_size))
-    mine = []
-    for i in range(0, len(idx), batch):
-        chunk = [examples[j] for j in idx[i:i + batch]]
-        prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
-        gold = max(len(tok.encode(ex["messages"][-1]["content"])) for ex in chunk)
-        gen = engine.generate(prompts, max(1, min(max_new_tokens, gold + 16)), temperature=temperature,
-                              seed=seed + i, num_samples=k)
-        for b, j in enumerate(idx[i:i + batch]):
-            outs = []
-            for toks in gen.tokens[b * k:(b + 1) * k]:
-                toks = toks[:-1] if toks and toks[-1] == stop else toks
-                outs.append(bool(task.evaluate(examples[j], tok.decode(toks))))
-            mine.append((j, outs))
-    return [c for _, c in sorted(gather_lists(mine, info))]
+    from nanostoney.evaluate import generate_completions, length_budget
+    prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
+    texts = generate_completions(model, tok, prompts, info, num_samples=k, temperature=temperature,
+                                 max_new_tokens=length_budget(tok, examples, max_new_tokens), seed=seed,
+                                 desc=f"pass@{k} {task.name}")
+    return [[bool(task.evaluate(ex, t)) for t in ts] for ex, ts in zip(examples, texts)]
 
 
 def evaluate(model, tok, eval_tasks, n, args, info, seed=0):
@@ -305,7 +291,7 @@ def main(argv=None):
             table = evaluate(model, tok, eval_tasks, args.eval_examples, args, info, seed=args.seed + done)
             logger.log(eval_metrics(table), step=done)
         if every(args.save_every, done) and done < n:
-            save(out, model, done, optimizer, info, mode, args, base_ckpt)
+            save(out, model, done, optimizer, info, mode, args, base_ckpt, tok)
     pbar.close()
 
     if probe:
@@ -326,7 +312,7 @@ def main(argv=None):
         print0(f"final {name:>10}: pass@1 {row['pass@1'][0]:.3f} [{row['pass@1'][1]:.3f}, {row['pass@1'][2]:.3f}]"
                f" (start {before:.3f}, n={row['n']})"
                + (f"  pass@{args.pass_k} {row[f'pass@{args.pass_k}'][0]:.3f}" if args.pass_k > 0 else ""))
-    save(out, model, n, optimizer, info, mode, args, base_ckpt)
+    save(out, model, n, optimizer, info, mode, args, base_ckpt, tok)
     if info.is_master:
         tmp = os.path.join(out, "grpo_eval.json.tmp")
         with open(tmp, "w") as f:
@@ -365,9 +351,9 @@ def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
     return {task.name: sums[2 * t] / sums[2 * t + 1] for t, task in enumerate(tasks) if sums[2 * t + 1] > 0}
 
 
-def save(out, model, step, optimizer, info, mode, args, base_ckpt):
+def save(out, model, step, optimizer, info, mode, args, base_ckpt, tok):
     T.save_run(out, model, step, optimizer, info, {**mode, "stage": "grpo", "num_iterations": args.num_iterations},
-               base_checkpoint=None if args.full else base_ckpt)
+               base_checkpoint=None if args.full else base_ckpt, tokenizer=tok)
 
 
 def step_line(done, m, tasks):

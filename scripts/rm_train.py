@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.dist import gather_lists  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--sample-max-new-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=None, help="drop pairs longer than this; default the model's sequence_len")
-    p.add_argument("--manifest", nargs="+", default=None, help="governance manifest(s)")
+    add_manifest_arg(p)
     p.add_argument("--full", action="store_true", help="train the whole trunk instead of LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
@@ -42,11 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--max-train-examples", type=int, default=16,
                    help="use only the first N train examples of each task that fit --sequence-len (0 = all); "
                         "small N = learnable in minutes on CPU")
-    p.add_argument("--manifest", nargs="+", default=None, help="governance manifest(s); default data/SOURCE_MANIFEST.yml")
+    add_manifest_arg(p)
     p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale is alpha / rank")
-    p.add_argument("--lora-targets", default="all", help="comma list or alias: attn, mlp, all, q, k, v, o")
+    p.add_argument("--lora-targets", default="all,head",
+                   help="comma list or alias: attn, mlp, all, head (lm_head), q, k, v, o")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--sequence-len", type=int, default=None, help="max tokens per conversation; default: the base model's")
     p.add_argument("--keep-truncated", action="store_true",
@@ -149,7 +151,7 @@ def main(argv=None):
 
     def save(step):
         T.save_run(out, model, step, optimizer, info, {**mode, "stage": "sft", "num_iterations": args.num_iterations},
-                   base_checkpoint=None if args.full else base_ckpt)
+                   base_checkpoint=None if args.full else base_ckpt, tokenizer=tok)
 
     final = T.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                          grad_accum=accum, start_step=start_step, logger=logger, evaluate=evaluate,

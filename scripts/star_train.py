@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from nanostoney import batches as B  # noqa: E402
 from nanostoney import train as T  # noqa: E402
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.dist import gather_lists  # noqa: E402
 from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.logging import add_logging_args, from_args  # noqa: E402
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="name=weight,... (train prompts; weights mix the SFT)")
     p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc")
     p.add_argument("--eval-examples", type=int, default=64, help="val items per eval task after each round")
-    p.add_argument("--manifest", nargs="+", default=None)
+    add_manifest_arg(p)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--prompts-per-round", type=int, default=64, help="train prompts per task per round")
     p.add_argument("--samples-per-prompt", type=int, default=4)
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-targets", default="all")
+    p.add_argument("--lora-targets", default="all,head")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--total-batch-size", type=int, default=8, help="conversations per optimizer step")
     T.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
@@ -191,7 +192,7 @@ def main(argv=None):
 
     T.save_run(out, model, offset, None, info, {"stage": "star", "init": os.path.abspath(init_ckpt),
                                                  "rounds": args.rounds, "seed": args.seed},
-               base_checkpoint=None if args.full else base_ckpt)
+               base_checkpoint=None if args.full else base_ckpt, tokenizer=tok)
     if info.is_master:
         tmp = os.path.join(out, "star_eval.json.tmp")
         with open(tmp, "w") as f:

@@ -15,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanostoney.data import add_manifest_arg  # noqa: E402
 from nanostoney.errors import run_main  # noqa: E402
 from nanostoney.tokenizer import Tokenizer  # noqa: E402
 
@@ -29,8 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
-    p.add_argument("--manifest", nargs="+", default=None,
-                   help="governance manifest(s) (SOURCE_MANIFEST.yml); default data/SOURCE_MANIFEST.yml")
+    add_manifest_arg(p)
     p.add_argument("--threads", type=int, default=None, help="threads for training (default: all cores)")
     return p.parse_args(argv)
 

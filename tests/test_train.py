@@ -341,6 +341,7 @@ def test_sft_lora_end_to_end_trains_only_adapters(ws, tmp_path):
     assert set(report["tasks"]["stoney_mc"]) == {"train", "val"}
     ckpt = Path(latest_checkpoint(str(out)))
     assert (ckpt / "adapters.pt").exists() and not (ckpt / "model.pt").exists()  # small: adapters only
+    assert (ckpt / "tokenizer" / "tokenizer.json").exists()  # loads without the base's tokenizer
     tuned, _, _ = load_model(str(out))
     plain, _, _ = load_model(str(base))
     sd_t, sd_p = tuned.state_dict(), plain.state_dict()

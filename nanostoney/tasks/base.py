@@ -5,6 +5,7 @@ One format for all families, so that Stoney and math differ in content, not in s
     user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks)
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
+import abc
 import hashlib
 import math
 import re
@@ -126,7 +127,7 @@ def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **ex
     return ex
 
 
-class Task:
+class Task(abc.ABC):
     """A task: examples per split, a prompt, a reward in [0, 1] and a verifier.
 
     Subclasses set name/family/kind and implement `_build() -> {split: [example]}` and
@@ -139,11 +140,13 @@ class Task:
         self.data_dir = data_dir
         self._splits = None
 
+    @abc.abstractmethod
     def _build(self):
-        raise NotImplementedError
+        """{split: [example]} for this source."""
 
+    @abc.abstractmethod
     def sources(self):
-        raise NotImplementedError
+        """The files or hf:// ids the examples come from (what the governance gate checks)."""
 
     def splits(self):
         if self._splits is None:
@@ -166,8 +169,9 @@ class Task:
     def reward(self, example, completion):
         return 1.0 if self.evaluate(example, completion) else 0.0
 
+    @abc.abstractmethod
     def evaluate(self, example, completion):
-        raise NotImplementedError
+        """Is the completion's answer correct for this example?"""
 
     def __repr__(self):
         return f"<Task {self.name} ({self.family}, {self.kind}) source={self.source}>"
