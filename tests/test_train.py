@@ -150,6 +150,18 @@ def test_build_optimizer_roles():
     assert all(g["lr"] == 0.5 * g["initial_lr"] for g in adam.param_groups)
 
 
+def test_lora_on_the_head_learns_at_the_matrix_lr():
+    """SFT's default targets adapt lm_head too, and those adapters are matrices for the optimizer
+    (the unembedding LR is ~7x smaller, too small to teach the stop token in a short run)."""
+    from nanostoney import lora
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    wrapped = lora.apply_lora(model, rank=4, alpha=4, targets="all,head")
+    assert "lm_head" in wrapped and len(wrapped) == 2 * 6 + 1
+    opt = T.build_optimizer(model, "adamw", matrix_lr=5e-3)
+    (group,) = opt.param_groups
+    assert group["role"] == "matrix" and any(p is model.lm_head.lora_B for p in group["params"])
+
+
 def test_batches_same_rows_for_any_world_size_and_resumable():
     tokens = torch.arange(1000)
     w = B.TokenWindows(tokens, seq_len=8, seed=3)
