@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end, on the bundled data:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (about 20 minutes on 2 cores).
+# runs a CPU-sized configuration (16 minutes on 2 idle cores).
 #
 #   bash run_stoney_small.sh                 # everything; finished stages are skipped on rerun
 #   bash run_stoney_small.sh --force         # rerun every stage
@@ -59,7 +59,7 @@ stage() {
 }
 
 if [ "$SIZE" = cpu ]; then
-    # CPU-sized: about 20 minutes end to end on 2 idle cores (stage times in BENCHMARKS.md).
+    # CPU-sized: 16 minutes end to end on 2 idle cores (stage times in BENCHMARKS.md).
     BASE_ARGS="--num-iterations 500 --eval-every 100"
     SFT_ARGS="--num-iterations 300 --final-eval-examples 32 --eval-every 0"
     RM_ARGS="--num-iterations 100"

@@ -356,7 +356,7 @@ def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0
     from nanostoney.metrics import bootstrap_ci
     table = {}
     for (task, split), exs in item_sets.items():
-        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens) if exs else []
+        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
         point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
         table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
     return table
