@@ -82,16 +82,7 @@ def fig_entropy(metrics, path):
     for c, ck in enumerate(cks):
         for r, (key, label) in enumerate(rows):
             ax = axes[r][c]
-            for i, fam in enumerate(families_of(metrics)):
-                for grp in ("train", "heldout"):
-                    s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
-                    if not s:
-                        continue
-                    m = arr(s)
-                    x = np.arange(len(m))
-                    ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3,
-                            label=f"{fam} ({grp}, n={s['n']})")
-                    ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+            _layer_lines(ax, metrics, ck, key, show_n=True)
             if r == 0:
                 ax.set_title(ck)
             if c == 0:
@@ -104,6 +95,21 @@ def fig_entropy(metrics, path):
     _save(fig, path)
 
 
+def _layer_lines(ax, metrics, ck, key, show_n=False):
+    """One line per family and item group over layers (train solid, held-out dashed), with its
+    95% interval as a band."""
+    for i, fam in enumerate(families_of(metrics)):
+        for grp in ("train", "heldout"):
+            s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
+            if not s:
+                continue
+            m = arr(s)
+            x = np.arange(len(m))
+            label = f"{fam} ({grp}, n={s['n']})" if show_n else f"{fam} ({grp})"
+            ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=label)
+            ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+
+
 def fig_logit_lens(metrics, path):
     plt = _plt()
     cks = list(metrics["checkpoints"])
@@ -112,15 +118,7 @@ def fig_logit_lens(metrics, path):
     for c, ck in enumerate(cks):
         for r, (key, label) in enumerate(rows):
             ax = axes[r][c]
-            for i, fam in enumerate(families_of(metrics)):
-                for grp in ("train", "heldout"):
-                    s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
-                    if not s:
-                        continue
-                    m = arr(s)
-                    x = np.arange(len(m))
-                    ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=f"{fam} ({grp})")
-                    ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+            _layer_lines(ax, metrics, ck, key)
             if key == "lens_choice":
                 ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
             if key != "lens_logprob":
