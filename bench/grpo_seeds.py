@@ -15,6 +15,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nanostoney.errors import UserError, run_main  # noqa: E402
 
 
 def run_seeds(args, extra):
@@ -39,7 +42,7 @@ def run_seeds(args, extra):
         code = proc.wait()
         log.close()
         if code != 0:
-            sys.exit(f"error: seed {seed} failed with exit code {code}; see {args.out}/seed_{seed}/run.log.")
+            raise UserError(f"seed {seed} failed with exit code {code}; see {args.out}/seed_{seed}/run.log.")
     results = {}
     for seed in args.seeds:
         with open(os.path.join(args.out, f"seed_{seed}", "grpo_eval.json")) as f:
@@ -90,7 +93,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per run")
     args = p.parse_args(argv)
     if not os.path.exists(args.init):
-        sys.exit(f"error: --init {args.init} does not exist; train an SFT checkpoint first (scripts/sft_train.py).")
+        raise UserError(f"--init {args.init} does not exist; train an SFT checkpoint first (scripts/sft_train.py).")
     results = run_seeds(args, extra)
     table = summarize(results)
     print(table)
@@ -104,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from nanostoney import checkpoint  # noqa: E402
 from nanostoney.engine import Engine  # noqa: E402
+from nanostoney.errors import UserError, run_main  # noqa: E402
 from nanostoney.tasks import get_task  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main():
     args = p.parse_args()
     model, tok, _ = checkpoint.load_model(args.checkpoint)
     if tok is None:
-        sys.exit(f"error: {args.checkpoint} has no tokenizer; point at a checkpoint saved with one.")
+        raise UserError(f"{args.checkpoint} has no tokenizer; point at a checkpoint saved with one.")
     print(f"{args.checkpoint}: T={args.temperature}, {args.samples} samples of up to {args.max_new_tokens} tokens")
     print("| task | P(<|assistant_end|> after the gold answer) | samples that stop | mean length |")
     print("|---|---|---|---|")
@@ -59,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

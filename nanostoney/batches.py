@@ -251,6 +251,18 @@ def parse_mixture(spec):
     return weights
 
 
+def training_tasks(spec, manifest=None):
+    """({name: weight}, [Task], sources) for a "name=weight,..." mixture, after the governance
+    gate has approved every source for training (else a one-sentence UserError)."""
+    from nanostoney.data import check_sources, sources_for_tasks
+    from nanostoney.tasks import get_task
+    weights = parse_mixture(spec)
+    tasks = [get_task(n) for n in weights]  # unknown names: one-sentence UserError
+    sources = sources_for_tasks(list(weights))
+    check_sources(sources, use="training", manifest=manifest)
+    return weights, tasks, sources
+
+
 def mixture_schedule(sizes, weights, n, seed=0):
     """n draws of (task index, example index): task by weight, then each task's examples in a
     seeded shuffled order, reshuffled after every pass. Deterministic in (sizes, weights, n, seed)."""

@@ -130,7 +130,6 @@ def eval_metrics(table, prefix="eval"):
 def main(argv=None):
     args = parse_args(argv)
     from nanostoney import grpo, rewards
-    from nanostoney.data import check_sources, sources_for_tasks
     from nanostoney.dist import autocast_ctx, cleanup, init_dist, print0
     from nanostoney.tasks import get_task
     from tqdm import tqdm
@@ -144,12 +143,9 @@ def main(argv=None):
     if args.prompts_per_step % info.world_size:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
                         f"{info.world_size} processes, so every rank takes whole groups.")
-    mix = B.parse_mixture(args.tasks)
+    mix, tasks, sources = B.training_tasks(args.tasks, args.manifest)
     names = list(mix)
-    tasks = [get_task(n) for n in names]
     eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
-    sources = sources_for_tasks(names)
-    check_sources(sources, use="training", manifest=args.manifest)
     weights = rewards.parse_weights(args.rewards)
 
     model, tok, init_ckpt, base_ckpt = grpo.load_for_training(

@@ -71,18 +71,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from nanostoney import checkpoint, lora
-    from nanostoney.data import check_sources, sources_for_tasks
     from nanostoney.dist import cleanup, init_dist, print0
-    from nanostoney.tasks import get_task
 
     info = init_dist(args.device, seed=args.seed)
     T.apply_dtype(info, args.dtype)
     out = args.out or "out/sft"
-    weights = B.parse_mixture(args.tasks)
+    weights, tasks, sources = B.training_tasks(args.tasks, args.manifest)
     names = list(weights)
-    tasks = [get_task(n) for n in names]  # unknown names: one-sentence UserError
-    sources = sources_for_tasks(names)
-    check_sources(sources, use="training", manifest=args.manifest)
 
     base_ckpt = checkpoint.latest_checkpoint(args.init) if os.path.isdir(args.init) else None
     if base_ckpt is None:

@@ -95,19 +95,15 @@ def collect(model, tok, task, examples, args, info, seed, hint=False):
 def main(argv=None):
     args = parse_args(argv)
     from nanostoney import grpo
-    from nanostoney.data import check_sources, sources_for_tasks
     from nanostoney.dist import cleanup, init_dist, print0
     from nanostoney.tasks import get_task
 
     info = init_dist(args.device, seed=args.seed)
     T.apply_dtype(info, args.dtype)
     out = args.out or "out/star"
-    mix = B.parse_mixture(args.tasks)
+    mix, tasks, sources = B.training_tasks(args.tasks, args.manifest)
     names = list(mix)
-    tasks = [get_task(n) for n in names]
     eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
-    sources = sources_for_tasks(names)
-    check_sources(sources, use="training", manifest=args.manifest)
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}.")
 
