@@ -76,16 +76,16 @@ else
 fi
 COMMON="--wandb $WANDB"
 
-stage tokenizer $PY scripts/tok_train.py --out "$OUT/tokenizer"
-stage base $LAUNCH scripts/base_train.py --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
+stage tokenizer $PY -m scripts.tok_train --out "$OUT/tokenizer"
+stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
     --out "$OUT/base" --run-name base $COMMON $BASE_ARGS
-stage sft $LAUNCH scripts/sft_train.py --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS
-stage rm $LAUNCH scripts/rm_train.py --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS
-stage grpo $LAUNCH scripts/grpo_train.py --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
+stage sft $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS
+stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS
+stage grpo $LAUNCH -m scripts.grpo_train --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
     --run-name grpo $COMMON $GRPO_ARGS
-stage eval $PY scripts/eval.py --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
+stage eval $PY -m scripts.eval --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
     --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
-stage report $PY scripts/compare_reasoning.py --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
+stage report $PY -m scripts.compare_reasoning --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
     --out "$OUT/report" --run-name report $COMMON $REPORT_ARGS
 
 echo

@@ -1,10 +1,10 @@
 """GRPO from one SFT checkpoint over several seeds: does RL raise the reward on its own training
-prompts, and what does it do to held-out accuracy? Runs scripts/grpo_train.py once per seed and
+prompts, and what does it do to held-out accuracy? Runs scripts.grpo_train once per seed and
 tabulates each run's grpo_eval.json (issue 6's three-seed figure).
 
-    python bench/grpo_seeds.py --init out/sft --out out/grpo_seeds -- --num-iterations 40
+    python -m bench.grpo_seeds --init out/sft --out out/grpo_seeds -- --num-iterations 40
 
-Arguments after `--` go to every grpo_train.py run. A seed whose grpo_eval.json already exists is
+Arguments after `--` go to every scripts.grpo_train run. A seed whose grpo_eval.json already exists is
 not rerun. Writes summary.md and summary.json in --out.
 """
 import argparse
@@ -14,10 +14,7 @@ import statistics
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from nanostoney.errors import UserError, run_main  # noqa: E402
+from nanostoney.errors import UserError, run_main
 
 
 def run_seeds(args, extra):
@@ -31,7 +28,7 @@ def run_seeds(args, extra):
             if os.path.exists(os.path.join(out, "grpo_eval.json")):
                 continue
             os.makedirs(out, exist_ok=True)
-            cmd = [sys.executable, os.path.join(REPO, "scripts", "grpo_train.py"), "--init", args.init,
+            cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,
                    "--out", out, "--seed", str(seed)] + extra
             log = open(os.path.join(out, "run.log"), "w")
             print(f"seed {seed}: {' '.join(cmd[1:])} (log in {out}/run.log)", flush=True)
@@ -93,7 +90,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per run")
     args = p.parse_args(argv)
     if not os.path.exists(args.init):
-        raise UserError(f"--init {args.init} does not exist; train an SFT checkpoint first (scripts/sft_train.py).")
+        raise UserError(f"--init {args.init} does not exist; train an SFT checkpoint first (python -m scripts.sft_train).")
     results = run_seeds(args, extra)
     table = summarize(results)
     print(table)

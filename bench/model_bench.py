@@ -1,8 +1,8 @@
 """Model benchmarks: training throughput and MFU, the cost of entropy logging, rollout speed.
 
-    python bench/model_bench.py --threads 1           # CPU: small depths, fp32
-    python bench/model_bench.py --depths 12,20 --batch 16 --seq 2048 --compile   # GPU, bf16
-    python bench/model_bench.py --mode rollout        # tokens/s with and without the KV cache
+    python -m bench.model_bench --threads 1           # CPU: small depths, fp32
+    python -m bench.model_bench --depths 12,20 --batch 16 --seq 2048 --compile   # GPU, bf16
+    python -m bench.model_bench --mode rollout        # tokens/s with and without the KV cache
 
 train mode, per depth: forward+backward tokens/s (no optimizer step), MFU = achieved FLOPs /
 peak, with FLOPs per token from model.estimate_flops() (6N + attention, as nanochat). Peak:
@@ -21,10 +21,9 @@ import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from nanostoney import probes  # noqa: E402
-from nanostoney.engine import Engine  # noqa: E402
-from nanostoney.gpt import GPT, config_for_depth  # noqa: E402
+from nanostoney import probes
+from nanostoney.engine import Engine
+from nanostoney.gpt import GPT, config_for_depth
 
 H100_BF16_DENSE = 989e12
 
@@ -81,7 +80,7 @@ def bench_train(args, device, autocast, peak):
             t = time.perf_counter()
             with autocast:
                 if log_entropy:
-                    with probes.entropy(run) as ent:
+                    with probes.attention_entropy_probe(run) as ent:
                         if time_probe:
                             ent.on_attn = timed(ent.on_attn, probe_time, device)
                         loss = run(x, x)

@@ -2,24 +2,20 @@
 <|assistant_end|> right after the gold answer (teacher-forced), and how many sampled completions
 stop before the token limit, with their mean length.
 
-    python bench/stop_token.py out/sft
-    python bench/stop_token.py out/sft --tasks stoney_mc,gsm8k_mc --items 8 --samples 4
+    python -m bench.stop_token out/sft
+    python -m bench.stop_token out/sft --tasks stoney_mc,gsm8k_mc --items 8 --samples 4
 
 Greedy accuracy can look fine while sampling never stops (the stop token top-1 of a flat
 distribution); GRPO and pass@k sample, so this is the check to run before RL.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from nanostoney import checkpoint  # noqa: E402
-from nanostoney.engine import Engine  # noqa: E402
-from nanostoney.errors import UserError, run_main  # noqa: E402
-from nanostoney.tasks import get_task  # noqa: E402
+from nanostoney import checkpoint
+from nanostoney.engine import Engine
+from nanostoney.errors import UserError, run_main
+from nanostoney.tasks import get_task
 
 
 @torch.no_grad()

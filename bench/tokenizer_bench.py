@@ -9,7 +9,7 @@ PyPI's rustbpe is a benchmark-only dependency. Install it apart from the project
 shadows anything, then point the benchmark at it:
 
     pip install --target /tmp/rustbpe010 rustbpe==0.1.0
-    .venv/bin/python bench/tokenizer_bench.py --rustbpe010 /tmp/rustbpe010
+    .venv/bin/python -m bench.tokenizer_bench --rustbpe010 /tmp/rustbpe010
 
 Each trainer runs in its own fresh process (same corpus, same interpreter); the time is the
 training call alone, best of --repeat runs, as wall time and as the process's CPU time (all
@@ -27,10 +27,9 @@ import sys
 import sysconfig
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from nanostoney.tokenizer import SPLIT_PATTERN
 
-from nanostoney.tokenizer import SPLIT_PATTERN  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DOC_SUFFIXES = (".py", ".md", ".rst", ".txt")
 
@@ -163,7 +162,7 @@ def main():
     for name, label in trainers:
         times, cpus = [], []
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, "--worker", name, "--vocab-size", str(args.vocab_size),
+            cmd = [sys.executable, "-m", "bench.tokenizer_bench", "--worker", name, "--vocab-size", str(args.vocab_size),
                    "--min-mb", str(args.min_mb), "--rustbpe010", args.rustbpe010]
             out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             times.append(out["seconds"])

@@ -11,141 +11,15 @@ document, and cut into windows of seq_len + 1 tokens (inputs and shifted targets
 over the windows visits them in a fresh seeded permutation.
 SFT: a precomputed schedule of (task, example) draws by mixture weight; rows are padded to
 the longest in the micro-batch, with targets -1 outside assistant tokens.
-
-Reading text files (txt / jsonl / json / parquet / a hub dataset) is here too, with errors that
-name the file and line.
 """
-import glob
-import json
-import os
-
 import torch
 
+from nanostoney.data import check_sources
 from nanostoney.errors import UserError
-
-TEXT_EXTS = (".txt", ".jsonl", ".json", ".parquet")
+from nanostoney.tasks import get_task, sources_for_tasks
 
 # -----------------------------------------------------------------------------
-# reading documents
-
-
-def expand_sources(sources):
-    """Files and hub ids from --data values: a file, a directory (its data files, sorted),
-    a glob, or an owner/name hub dataset id (kept as is)."""
-    out = []
-    for src in sources:
-        if os.path.isdir(src):
-            files = sorted(f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
-                           if f.endswith(TEXT_EXTS))
-            if not files:
-                raise UserError(f"--data {src}: the directory has no {'/'.join(TEXT_EXTS)} files.")
-            out.extend(files)
-        elif os.path.isfile(src):
-            out.append(src)
-        elif any(ch in src for ch in "*?["):
-            files = sorted(glob.glob(src))
-            if not files:
-                raise UserError(f"--data {src}: the pattern matches no file.")
-            out.extend(files)
-        elif looks_like_hub_id(src):
-            out.append(src)
-        else:
-            raise UserError(f"--data {src}: no such file or directory (nor a hub dataset id "
-                            f"like owner/name).")
-    return out
-
-
-def looks_like_hub_id(src):
-    return src.count("/") == 1 and not src.startswith((".", "/")) and not src.endswith(TEXT_EXTS)
-
-
-def _record_text(rec, where, text_key):
-    """The text of one JSON record: rec[text_key], or a chat's message contents joined."""
-    if isinstance(rec, dict) and isinstance(rec.get(text_key), str):
-        return rec[text_key]
-    if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-        try:
-            return "\n".join(m["content"] for m in rec["messages"])
-        except (TypeError, KeyError):
-            pass
-        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.")
-    raise UserError(f"{where}: the record has no string {text_key!r} field (nor 'messages'); "
-                    f"pass --text-column to name the text field.")
-
-
-def read_documents(path, text_key="text"):
-    """Documents of one local file: .txt is one document; .jsonl/.json one per line; .parquet
-    one per row of the text column."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
-        if text_key not in table.column_names:
-            raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.column_names)}); "
-                            f"pass --text-column.")
-        return [t for t in table.column(text_key).to_pylist() if t]
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".txt"):
-                return [f.read()]
-            docs = []
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line.") from None
-                docs.append(_record_text(rec, f"{path}:{lineno}", text_key))
-            return docs
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; convert it or leave it out of --data.") from None
-
-
-def read_hub_dataset(name, split="train", text_key="text"):
-    """Documents of a Hugging Face hub dataset (needs network and the `datasets` package)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"--data {name} is a hub dataset but `datasets` is not installed; "
-                        f"pip install datasets or pass local files.") from None
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise UserError(f"could not load hub dataset {name!r} split {split!r} ({type(e).__name__}); "
-                        f"check the name and network, or pass local files.") from None
-    if text_key not in ds.column_names:
-        raise UserError(f"hub dataset {name}: no {text_key!r} column (columns: "
-                        f"{', '.join(ds.column_names)}); pass --text-column.")
-    return [t for t in ds[text_key] if t]
-
-
-def read_sources(sources, text_key="text", split="train"):
-    """All documents of expanded --data sources, in order."""
-    docs = []
-    for src in sources:
-        if os.path.isfile(src):
-            docs.extend(read_documents(src, text_key))
-        else:
-            docs.extend(read_hub_dataset(src, split, text_key))
-    if not docs:
-        raise UserError(f"--data {' '.join(sources)} holds no text; check the files and --text-column.")
-    return docs
-
-
-def gate_name(src):
-    """How the governance manifest names a source: a local path, or hf://owner/name."""
-    return src if os.path.exists(src) else "hf://" + src
-
-
-def validation_corpus_texts(task_names=("stoney_qa", "aqua_mc", "gsm8k")):
-    """Held-out texts in the format of data.training_corpus_texts (a conversation's turns
-    joined by blank lines), from the *val* split of the same tasks."""
-    from nanostoney.tasks import get_task
-    return ["\n\n".join(m["content"] for m in ex["messages"])
-            for name in task_names for ex in get_task(name).examples("val")]
+# pretraining windows
 
 
 def tokenize_documents(tokenizer, docs):
@@ -156,10 +30,6 @@ def tokenize_documents(tokenizer, docs):
         stream.append(bos)
         stream.extend(ids)
     return torch.tensor(stream, dtype=torch.long)
-
-
-# -----------------------------------------------------------------------------
-# pretraining windows
 
 
 class TokenWindows:
@@ -254,8 +124,6 @@ def parse_mixture(spec):
 def training_tasks(spec, manifest=None):
     """({name: weight}, [Task], sources) for a "name=weight,..." mixture, after the governance
     gate has approved every source for training (else a one-sentence UserError)."""
-    from nanostoney.data import check_sources, sources_for_tasks
-    from nanostoney.tasks import get_task
     weights = parse_mixture(spec)
     tasks = [get_task(n) for n in weights]  # unknown names: one-sentence UserError
     sources = sources_for_tasks(list(weights))

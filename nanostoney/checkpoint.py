@@ -26,7 +26,6 @@ RNG into objects the caller built: that is `--resume`.
 Only rank 0 saves (DDP keeps weights and optimizer identical on every rank); RNG states of
 all ranks come in through `gather_rng_states()`, which every rank must call.
 """
-import json
 import os
 import random
 import re
@@ -38,9 +37,13 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from nanostoney.errors import UserError
-from nanostoney.gpt import GPT, GPTConfig, unwrap
 from nanostoney import lora
+from nanostoney.dist import gather_lists
+from nanostoney.errors import UserError
+from nanostoney.files import read_json, write_json
+from nanostoney.gpt import GPT, GPTConfig, unwrap
+from nanostoney.logging import scrub
+from nanostoney.tokenizer import Tokenizer
 
 FORMAT = "nanostoney-checkpoint-1"
 LATEST = "latest"
@@ -81,13 +84,7 @@ def set_rng_state(state):
 
 def gather_rng_states():
     """Every rank's rng_state(), as a list indexed by rank (call on all ranks)."""
-    import torch.distributed as td
-    mine = rng_state()
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
-        return [mine]
-    out = [None] * td.get_world_size()
-    td.all_gather_object(out, mine)
-    return out
+    return gather_lists([rng_state()])
 
 
 # -----------------------------------------------------------------------------
@@ -128,19 +125,8 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 def _read_json(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing; the checkpoint is incomplete or the path is wrong.")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e}); the checkpoint is damaged.") from None
+    return read_json(path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
 
 
 def _torch_load(path):
@@ -219,7 +205,6 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
     rng_states: gather_rng_states() from all ranks; default: this process only.
     keep_last: keep only the newest N step directories (None keeps all).
     """
-    from nanostoney.logging import scrub  # light module; no wandb import at top
     model = unwrap(model)
     os.makedirs(out_dir, exist_ok=True)
     name = step_dir_name(step)
@@ -229,7 +214,7 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        _write_json(os.path.join(tmp, CONFIG_FILE), asdict(model.config))
+        write_json(os.path.join(tmp, CONFIG_FILE), asdict(model.config))
         if lora.lora_modules(model) and base_checkpoint is not None:
             lora.write_adapter_files(model, tmp, base_checkpoint)
         else:
@@ -239,7 +224,7 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                        os.path.join(tmp, MODEL_FILE))
             if lora.lora_modules(model):
-                _write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
+                write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
         if tokenizer_dir is not None:
             _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
         elif tokenizer is not None:
@@ -253,7 +238,7 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
         full_meta = {"format": FORMAT, "step": int(step), "time": time.time(),
                      "git_commit": git_commit(), "torch_version": torch.__version__,
                      "config": asdict(model.config), **scrub(dict(meta or {}))}
-        _write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
+        write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
         _fsync_tree(tmp)
         _publish(tmp, final)
     except BaseException:
@@ -267,7 +252,7 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
 
 def _copy_tokenizer(src, dst):
     if not os.path.isdir(src):
-        raise UserError(f"tokenizer directory {src} does not exist; train one with scripts/tok_train.py.")
+        raise UserError(f"tokenizer directory {src} does not exist; train one with python -m scripts.tok_train.")
     os.makedirs(dst)
     for entry in os.listdir(src):
         p = os.path.join(src, entry)
@@ -392,7 +377,6 @@ def _load_tokenizer(directory, cfg):
     tdir = os.path.join(directory, TOKENIZER_DIR)
     if not os.path.isdir(tdir):
         return None
-    from nanostoney.tokenizer import Tokenizer
     tok = Tokenizer.load(tdir)
     if tok.vocab_size > cfg.vocab_size:  # ids past the embedding would crash much later
         raise UserError(f"{tdir} has {tok.vocab_size} tokens but the model has vocab_size="
@@ -448,6 +432,37 @@ def _load_adapter_dir(path, device):
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
 
 
+def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
+    """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None):
+    the model a fine-tuning stage (SFT, reward model, GRPO, STaR) starts from.
+
+    init: a run dir (its latest step), a step dir, or a LoRA adapter dir (e.g. the SFT output).
+    - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
+      adapter saves name the same base the init's adapters name.
+    - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
+      become the base that adapter saves name.
+    - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
+    """
+    ckpt = latest_checkpoint(init) if os.path.isdir(init) else None
+    if ckpt is None:
+        raise UserError(f"--init {init}: no checkpoint there; point it at the --out of the stage before "
+                        f"(scripts.base_train for SFT, scripts.sft_train for the others).")
+    model, tok, _ = load_model(ckpt, device=device)
+    if tok is None:
+        raise UserError(f"{ckpt} has no tokenizer (nor does its base); re-save it with its tokenizer.")
+    has_adapters = bool(lora.lora_modules(model))
+    if full:
+        if has_adapters:
+            lora.remove_lora(model, merge=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, tok, ckpt, None
+    if has_adapters:
+        return model, tok, ckpt, lora.base_checkpoint_of(ckpt)
+    lora.apply_lora(model, rank, alpha, dropout, targets)
+    return model, tok, ckpt, ckpt
+
+
 # -----------------------------------------------------------------------------
 # nanochat import
 
@@ -480,10 +495,8 @@ def _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir):
                  os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")]
     for d in cands:
         if os.path.isfile(os.path.join(d, "tokenizer.json")):
-            from nanostoney.tokenizer import Tokenizer
             return Tokenizer.load(d)
         if os.path.isfile(os.path.join(d, "tokenizer.pkl")):
-            from nanostoney.tokenizer import Tokenizer
             return Tokenizer.from_nanochat_pickle(os.path.join(d, "tokenizer.pkl"))
     if tokenizer_dir is not None:
         raise UserError(f"no tokenizer.pkl or tokenizer.json in {tokenizer_dir}; point --tokenizer "

@@ -1,13 +1,12 @@
-"""Data: reading the bundled files (or their hub copies), and the governance gate.
+"""Data: reading files (the bundled sets, --data corpora, hub copies) and the governance gate.
 
-Two jobs, both small:
-
-1. Loading. Every task reads rows through `bundled_rows` (the files under data/, through
-   `datasets` when it is installed, else a plain JSON-lines reader, so the core training path
-   needs only torch, numpy and tokenizers) or `hub_rows` (the full sets on the Hugging Face
-   Hub, for users who are online). The bundled files are the default. Asking for the hub
-   explicitly (source="hub") and failing is an error; preferring it (source="auto") and
-   failing prints one sentence and falls back to the bundled file.
+1. Reading. Every task reads rows through `bundled_rows` (the JSON-lines files under data/) or
+   `hub_rows` (the full sets on the Hugging Face Hub, for users who are online). The bundled
+   files are the default. Asking for the hub explicitly (source="hub") and failing is an
+   error; preferring it (source="auto") and failing prints one sentence and falls back to the
+   bundled file. Pretraining and tokenizer corpora given with --data (txt / jsonl / json /
+   parquet files, directories, globs or a hub id) are read by `gated_documents`, with errors
+   that name the file and line.
 
 2. The governance gate, `check_sources(paths, use)`. Stoney Nakoda is the language of a First
    Nations community and the upstream project runs a default-deny policy: every source that
@@ -15,17 +14,20 @@ Two jobs, both small:
    approved_for_training, and every upload/publish needs approved_for_public_release. We
    read the upstream schema unchanged, so `--manifest` can point at the upstream repo's own
    manifest. Derived data (tasks, distractors, preference pairs) inherits its source's
-   status: every task knows the files behind it (`sources_for_tasks`), and training scripts
-   gate those.
+   status: every task knows the files behind it (`tasks.sources_for_tasks`), and training
+   scripts gate those.
 """
 import fnmatch
 import functools
+import glob
 import json
 import os
 import socket
 import sys
 import urllib.parse
 from pathlib import Path, PurePosixPath
+
+import yaml
 
 from nanostoney.errors import UserError
 
@@ -47,6 +49,7 @@ HUB = {
     "gsm8k": ("openai/gsm8k", "main", "train"),
 }
 SOURCES = ("bundled", "hub", "auto")
+TEXT_EXTS = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def hub_label(family):
@@ -55,59 +58,51 @@ def hub_label(family):
 
 
 # -----------------------------------------------------------------------------
-# reading files
+# JSON-lines files
+
+def iter_jsonl(path):
+    """(line number, value) of every non-blank line of a JSON-lines file. A bad line or a file
+    that is not UTF-8 is a UserError naming it, so the user can open the file at the right place."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
+
 
 def read_jsonl(path):
-    """Rows of a JSON-lines file (one object per line, blank lines skipped). A bad line is a
-    UserError naming file:line, so the user can open the file at the right place."""
+    """Rows (JSON objects) of a JSON-lines file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the path (bundled files live under {DATA_DIR}).")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line.") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object on each line, "
-                                f"got {type(row).__name__}; fix that line.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object on each line, "
+                            f"got {type(row).__name__}; fix that line.")
+        rows.append(row)
     return rows
 
 
-def _datasets():
-    """The `datasets` module, or None where it is not installed (e.g. a bare GPU box)."""
-    try:
-        import datasets
-    except ImportError:
-        return None
-    datasets.disable_progress_bars()
-    return datasets
-
-
 @functools.lru_cache(maxsize=32)
-def _load_local(path, mtime, size):
-    ds = _datasets()
-    if ds is not None:
-        try:
-            return ds.load_dataset("json", data_files=path, split="train").to_list()
-        except Exception:
-            pass  # re-read below: names the bad line, or works where datasets' schema inference did not
+def _read_jsonl_cached(path, mtime, size):
     return read_jsonl(path)
 
 
 def load_local(path):
-    """Rows of a local JSON-lines file, through `datasets` when installed. Cached per process
-    (keyed on the file's mtime and size, so an edited file is re-read). Returns a fresh list."""
+    """Rows of a local JSON-lines file, cached per process (keyed on the file's mtime and size,
+    so an edited file is re-read). Returns a fresh list."""
     path = Path(path).resolve()
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the path (bundled files live under {DATA_DIR}).")
     st = path.stat()
-    rows = _load_local(str(path), st.st_mtime_ns, st.st_size)
+    rows = _read_jsonl_cached(path, st.st_mtime_ns, st.st_size)
     if not rows:
         raise UserError(f"data file {path} has no rows; point at a file with one JSON object per line.")
     return [dict(r) for r in rows]
@@ -123,6 +118,9 @@ def bundled_rows(family, part, data_dir=None):
     return load_local(path), str(path)
 
 
+# -----------------------------------------------------------------------------
+# the Hugging Face Hub
+
 def _hub_reachable(timeout=3.0):
     """A quick TCP check of the hub, so an offline machine learns it in seconds rather than
     after `datasets`' retries. Skipped when the user runs the hub offline from its cache."""
@@ -136,21 +134,24 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-@functools.lru_cache(maxsize=8)
-def _load_hub(family):
-    ds = _datasets()
-    if ds is None:
-        raise UserError(f"loading {hub_label(family)} needs the `datasets` package; "
-                        "install it or use source='bundled'.")
-    name, config, split = HUB[family]
+def hub_dataset(name, config=None, split="train"):
+    """A Hugging Face hub dataset, or a UserError naming it when it cannot be loaded."""
+    import datasets  # lazy: heavy, and only hub users need it (the core path reads local files)
+    datasets.disable_progress_bars()
     if not _hub_reachable():
         raise UserError(f"the Hugging Face Hub is unreachable, so {name} cannot be loaded; "
-                        "check the connection or use the bundled files (source='bundled').")
+                        "check the connection or use local files.")
     try:
-        return ds.load_dataset(name, config, split=split).to_list()
-    except Exception as e:  # offline, no such dataset, gated...: all the same to the user
-        raise UserError(f"could not load {name} from the Hugging Face Hub ({type(e).__name__}); "
-                        "check the connection or use the bundled files (source='bundled').") from None
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, no such dataset or split, gated...: all the same to the user
+        raise UserError(f"could not load {name} (split {split}) from the Hugging Face Hub "
+                        f"({type(e).__name__}); check the name and the connection, or use local files.") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hub(family):
+    name, config, split = HUB[family]
+    return hub_dataset(name, config, split).to_list()
 
 
 def hub_rows(family, source):
@@ -175,30 +176,99 @@ def hub_rows(family, source):
 
 
 # -----------------------------------------------------------------------------
-# corpora built from the tasks
+# --data corpora: documents of files, directories, globs or a hub dataset
 
-def training_corpus_texts(source="bundled", data_dir=None):
-    """Plain texts for pretraining / tokenizer training: the *train* split of stoney_qa, aqua_mc
-    and gsm8k, one text per conversation (its turns joined by blank lines). No val/test item
-    and no conversation a held-out item was derived from is in here (tests/test_tasks.py)."""
-    from nanostoney.tasks import get_task  # tasks import this module; import here to avoid a cycle
-    texts = []
-    for name in ("stoney_qa", "aqua_mc", "gsm8k"):
-        for ex in get_task(name, source=source, data_dir=data_dir).examples("train"):
-            texts.append("\n\n".join(m["content"] for m in ex["messages"]))
-    return texts
-
-
-def sources_for_tasks(task_names, source="bundled", data_dir=None):
-    """The source files (or hf:// ids) behind the given tasks, for the governance gate:
-    derived data inherits its source's status, so gate these, not the task names."""
-    from nanostoney.tasks import get_task
+def expand_sources(sources):
+    """Files and hub ids from --data values: a file, a directory (its data files, sorted),
+    a glob, or an owner/name hub dataset id (kept as is)."""
     out = []
-    for name in task_names:
-        for s in get_task(name, source=source, data_dir=data_dir).sources():
-            if s not in out:
-                out.append(s)
+    for src in sources:
+        if os.path.isdir(src):
+            files = sorted(f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
+                           if f.endswith(TEXT_EXTS))
+            if not files:
+                raise UserError(f"--data {src}: the directory has no {'/'.join(TEXT_EXTS)} files.")
+            out.extend(files)
+        elif os.path.isfile(src):
+            out.append(src)
+        elif any(ch in src for ch in "*?["):
+            files = sorted(glob.glob(src))
+            if not files:
+                raise UserError(f"--data {src}: the pattern matches no file.")
+            out.extend(files)
+        elif looks_like_hub_id(src):
+            out.append(src)
+        else:
+            raise UserError(f"--data {src}: no such file or directory (nor a hub dataset id "
+                            f"like owner/name).")
     return out
+
+
+def looks_like_hub_id(src):
+    return src.count("/") == 1 and not src.startswith((".", "/")) and not src.endswith(TEXT_EXTS)
+
+
+def gate_name(src):
+    """How the governance manifest names a source: a local path, or hf://owner/name."""
+    return src if os.path.exists(src) else "hf://" + src
+
+
+def _record_text(rec, where, text_key):
+    """The text of one JSON record: rec[text_key], or a chat's message contents joined."""
+    if isinstance(rec, dict) and isinstance(rec.get(text_key), str):
+        return rec[text_key]
+    if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+        try:
+            return "\n".join(m["content"] for m in rec["messages"])
+        except (TypeError, KeyError):
+            pass
+        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.")
+    raise UserError(f"{where}: the record has no string {text_key!r} field (nor 'messages'); "
+                    f"pass --text-column to name the text field.")
+
+
+def read_documents(path, text_key="text"):
+    """Documents of one local file: .txt is one document; .jsonl/.json one per line; .parquet
+    one per row of the text column."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
+        if text_key not in table.column_names:
+            raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.column_names)}); "
+                            f"pass --text-column.")
+        return [t for t in table.column(text_key).to_pylist() if t]
+    if path.endswith(".txt"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
+    return [_record_text(rec, f"{path}:{lineno}", text_key) for lineno, rec in iter_jsonl(path)]
+
+
+def read_hub_documents(name, split="train", text_key="text"):
+    """Documents of a Hugging Face hub dataset (needs the network)."""
+    ds = hub_dataset(name, split=split)
+    if text_key not in ds.column_names:
+        raise UserError(f"hub dataset {name}: no {text_key!r} column (columns: "
+                        f"{', '.join(ds.column_names)}); pass --text-column.")
+    return [t for t in ds[text_key] if t]
+
+
+def gated_documents(values, manifest=None, text_key="text", split="train"):
+    """(documents, sources) of --data values, in order, once the governance gate has approved
+    every source for training."""
+    sources = expand_sources(values)
+    check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
+    docs = []
+    for src in sources:
+        docs.extend(read_documents(src, text_key) if os.path.isfile(src) else read_hub_documents(src, split, text_key))
+    if not docs:
+        raise UserError(f"--data {' '.join(values)} holds no text; check the files and --text-column.")
+    return docs, sources
 
 
 # -----------------------------------------------------------------------------
@@ -215,85 +285,9 @@ USES = {"training": "approved_for_training", "upload": "approved_for_public_rele
         "public_release": "approved_for_public_release", "publishing": "approved_for_public_release"}
 
 
-def _parse_scalar(s):
-    s = s.strip()
-    if s in ("[]",):
-        return []
-    if s.startswith('"'):
-        return json.loads(s)
-    if s.startswith("'"):
-        return s[1:-1].replace("''", "'")
-    if s.startswith("[") and s.endswith("]"):
-        return [_parse_scalar(x) for x in s[1:-1].split(",") if x.strip()]
-    return {"true": True, "false": False, "null": None, "~": None}.get(s, s)
-
-
-def _strip_comment(line):
-    """Drop a `#` comment that is outside quotes."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-    return line
-
-
-def mini_yaml(text):
-    """The subset of YAML that manifests use (mappings, block lists, quoted or bare scalars,
-    [] and booleans), for machines without pyyaml: the gate must run on the core path."""
-    lines = []
-    for raw in text.splitlines():
-        line = _strip_comment(raw).rstrip()
-        if line.strip():
-            lines.append((len(line) - len(line.lstrip(" ")), line.strip()))
-
-    def block(i, indent):
-        if lines[i][1].startswith("- ") or lines[i][1] == "-":
-            out = []
-            while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
-                rest = lines[i][1][1:].strip()
-                if ":" in rest and not rest.startswith(('"', "'")):
-                    # "- key: value" opens a mapping whose keys sit two columns in
-                    lines[i] = (indent + 2, rest)
-                    item, i = block(i, indent + 2)
-                else:
-                    item, i = _parse_scalar(rest), i + 1
-                out.append(item)
-            return out, i
-        out = {}
-        while i < len(lines) and lines[i][0] == indent:
-            key, sep, value = lines[i][1].partition(":")
-            if not sep:
-                raise ValueError(f"line {lines[i][1]!r} is not 'key: value'")
-            i += 1
-            if value.strip():
-                out[key.strip()] = _parse_scalar(value)
-            elif i < len(lines) and (lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("-"))):
-                out[key.strip()], i = block(i, lines[i][0])
-            else:
-                out[key.strip()] = None
-        return out, i
-
-    if not lines:
-        return None
-    value, i = block(0, lines[0][0])
-    if i != len(lines):
-        raise ValueError(f"unexpected indentation at {lines[i][1]!r}")
-    return value
-
-
 def _read_yaml(path):
-    text = path.read_text(encoding="utf-8")
     try:
-        import yaml
-    except ImportError:
-        yaml = None
-    try:
-        return yaml.safe_load(text) if yaml else mini_yaml(text)
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"manifest {path} is not valid YAML ({type(e).__name__}: {first}); fix the file.") from None

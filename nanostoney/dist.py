@@ -106,25 +106,71 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def all_reduce_mean(x):
-    """Average a tensor (in place) or a float over all ranks; identity in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
+# -----------------------------------------------------------------------------
+# collectives: every rank calls them the same number of times; in one process they are
+# identities, so callers never branch on the world size.
+
+def _grouped():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reduce_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(x):
+    """Sum over ranks: a tensor (in place, returned) or a list of floats (a new list, summed in
+    float64)."""
     if isinstance(x, torch.Tensor):
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x.div_(dist.get_world_size())
+        if _grouped():
+            dist.all_reduce(x)
         return x
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    t = torch.tensor(x, dtype=torch.float64)
+    if _grouped():
+        t = t.to(_reduce_device())
+        dist.all_reduce(t)
+    return t.tolist()
 
 
-def gather_lists(items, info):
-    """Every rank's list concatenated in rank order, on every rank (identity in one process or with info None)."""
-    if info is None or not info.is_distributed:
+def all_reduce_mean(x):
+    """Mean over ranks: a tensor (in place, returned), a float, or a dict of floats (the same
+    keys on every rank; one collective for all of them)."""
+    if not _grouped():
+        return x
+    n = dist.get_world_size()
+    if isinstance(x, torch.Tensor):
+        dist.all_reduce(x)
+        return x.div_(n)
+    if isinstance(x, dict):
+        keys = sorted(x)
+        return dict(zip(keys, (v / n for v in all_reduce_sum([float(x[k]) for k in keys]))))
+    return all_reduce_sum([float(x)])[0] / n
+
+
+def sync_grads(params):
+    """Sum gradients over ranks (one flat all-reduce), for models trained without a DDP wrapper
+    (GRPO: its forward is trunk + gathered logits, not forward()). A parameter without a
+    gradient on this rank counts as zero."""
+    if not _grouped():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def gather_lists(items):
+    """Every rank's list concatenated in rank order, on every rank."""
+    if not _grouped():
         return items
-    parts = [None] * info.world_size
+    parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
 

@@ -1,12 +1,15 @@
-"""Evaluate a model on a task: batched generation through the Engine, then the task's metrics.
+"""Evaluate a model: on a task (batched generation through the Engine, then the task's
+metrics), and on held-out text during training (bits per byte, masked loss).
 
     examples = select_examples(task, "val", 50)
     greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
     result = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
     result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
+    task_accuracy(model, tok, task, examples, info)     # 0/1 per example (training scripts)
+    evaluate_bpb(model, batches, token_byte_lengths(tok), info)   # pretraining's val metric
 
-scripts/eval.py runs this for every checkpoint x task; training scripts can call the same two
-functions for their periodic accuracy.
+scripts/eval.py runs complete_task and score_task for every checkpoint x task; the training
+scripts use task_accuracy / accuracy_table for their periodic accuracy.
 
 Completions stop at <|assistant_end|> or after the task's length budget: its longest
 reference plus 16 tokens, at most --max-new-tokens.
@@ -35,15 +38,21 @@ MAUVE's k-means runs single-threaded: faiss/OpenBLAS threads fighting torch's id
 threads made one fit take seconds on 2 cores, and one thread also makes it reproducible.
 """
 import contextlib
+import math
 import os
-import re
 import sys
 
 import numpy as np
 import torch
 
+from nanostoney.answers import answer_after, answer_part, rationale_part
+from nanostoney.batches import collate
+from nanostoney.dist import all_reduce_sum, autocast_ctx, gather_lists
+from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
+from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, mauve_score, pass_at_k, pass_at_k_by_task
+from nanostoney.tasks.base import stable_hash
 
 # task -> which text of a completion is compared with which reference by chrF++:
 # "answer": the open answer (after </think> / "Answer:") vs example["answer"];
@@ -55,24 +64,19 @@ N_SHOWN = 3  # completions kept verbatim in the results, per task
 # -----------------------------------------------------------------------------
 # examples and prompts
 
-def _hash(text):
-    from nanostoney.tasks.base import stable_hash
-    return stable_hash(text)
-
-
 def select_examples(task, split, max_examples=0):
     """The examples of a split to evaluate: all of them, or max_examples picked by a stable
     hash of their ids (not the first ones: some splits are ordered, e.g. lexicon directions)."""
     rows = task.examples(split)
     if max_examples and max_examples < len(rows):
-        rows = sorted(rows, key=lambda ex: _hash(ex["id"]))[:max_examples]
+        rows = sorted(rows, key=lambda ex: stable_hash(ex["id"]))[:max_examples]
     return rows
 
 
 def task_seed(seed, task_name):
     """Seed of one task's sampling: independent across tasks, so adding a task to the list
     does not change another task's numbers."""
-    return _hash(f"{seed}/{task_name}") % (2 ** 31)
+    return stable_hash(f"{seed}/{task_name}") % (2 ** 31)
 
 
 def powers_of_two(n):
@@ -101,9 +105,7 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
     whole list. Each batch generates at most max_new_tokens, fewer when a prompt would
     overrun the model's rotary positions.
     """
-    from tqdm import tqdm
-    from nanostoney.dist import autocast_ctx, gather_lists
-    from nanostoney.engine import Engine
+    from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     model = unwrap(model)
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     engine = Engine(model, tokenizer)
@@ -130,7 +132,7 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
                 mine.append((i, texts[j * num_samples:(j + 1) * num_samples]))
     finally:
         model.train(was_training)
-    return [c for _, c in sorted(gather_lists(mine, info))]
+    return [c for _, c in sorted(gather_lists(mine))]
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):
@@ -162,21 +164,6 @@ def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, te
 # -----------------------------------------------------------------------------
 # texts compared with references
 
-def answer_part(text):
-    """The open answer: after the last </think>, without an "Answer:" label."""
-    from nanostoney.tasks.stoney import answer_part as part
-    return part(text)
-
-
-def rationale_part(text):
-    """The reasoning: inside <think>...</think>, else everything before the last "Answer:"."""
-    m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
-    if m:
-        return m.group(1).strip()
-    i = text.rfind("Answer:")
-    return (text if i < 0 else text[:i]).strip()
-
-
 def open_pair(task, example, completion):
     """(hypothesis, reference) for chrF++ of an open-answer task."""
     if OPEN_TEXT[task.name] == "answer":
@@ -195,7 +182,8 @@ def _ci(point, lo, hi):
 def _mauve_quietly():
     """One BLAS/OpenMP thread, and faiss's C-level "please provide at least N training points"
     warnings (one per k-means fit on small samples) kept off the terminal."""
-    import mauve  # noqa: F401  (loads faiss and OpenBLAS, so the limit below reaches them)
+    # lazy (heavy, eval only); importing mauve loads faiss and OpenBLAS, so the limit reaches them
+    import mauve  # noqa: F401
     from threadpoolctl import threadpool_limits
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -211,7 +199,6 @@ def _mauve_quietly():
 
 def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
     """MAUVE between paired feature rows, with a bootstrap over pairs (n_boot k-means fits)."""
-    from nanostoney.metrics import bootstrap_ci, mauve_score
     p, q = np.asarray(p_features), np.asarray(q_features)
     with _mauve_quietly():
         return bootstrap_ci(np.arange(len(p)), stat=lambda i: mauve_score(p[i], q[i], seed=seed),
@@ -227,13 +214,11 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
     comparisons between checkpoints) and "samples" (the first N_SHOWN completions).
     notes: sentences about what was skipped and why.
     """
-    from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, pass_at_k_by_task
-    from nanostoney.tasks import extract_answer
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
     metrics = {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}
     if task.name != "stoney_qa":
-        answered = [float(extract_answer(c) is not None) for c in greedy]
+        answered = [float(answer_after(c) is not None) for c in greedy]
         metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
     n_samples = len(sampled[0]) if sampled else 0
     sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
@@ -274,7 +259,6 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
 def family_metrics(task_results, n_boot=1000, seed=0):
     """Accuracy and pass@k pooled over the examples of each family's tasks (a micro-average:
     bigger tasks weigh more). task_results: {task: score_task result}."""
-    from nanostoney.metrics import bootstrap_ci, pass_at_k
     out = {}
     for family in sorted({r["family"] for r in task_results.values()}):
         members = [t for t, r in task_results.items() if r["family"] == family]
@@ -290,3 +274,75 @@ def family_metrics(task_results, n_boot=1000, seed=0):
                 entry["metrics"][f"pass@{k}"] = _ci(*bootstrap_ci(values, n_boot=n_boot, seed=seed))
         out[family] = entry
     return out
+
+
+# -----------------------------------------------------------------------------
+# during training: accuracy on chat tasks, bits per byte, masked loss
+
+
+def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16):
+    """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
+    split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
+    at max_new_tokens): a model that has learned the format stops earlier anyway."""
+    if not examples:
+        return []
+    prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
+    texts = generate_completions(model, tokenizer, prompts, info, max_new_tokens=length_budget(
+        tokenizer, examples, max_new_tokens), batch_size=batch_size, desc=f"eval {task.name}")
+    return [int(bool(task.evaluate(ex, t[0]))) for ex, t in zip(examples, texts)]
+
+
+def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
+    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...]}} for
+    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items."""
+    table = {}
+    for (task, split), exs in item_sets.items():
+        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
+        point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
+        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
+    return table
+
+
+def token_byte_lengths(tokenizer, device="cpu"):
+    """LongTensor: UTF-8 bytes of text each token id stands for; 0 for special tokens."""
+    return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes, info):
+    """Bits per byte over an iterable of (x, y) batches (this rank's share), summed over ranks.
+
+    bpb = sum of nats over target tokens / (ln 2 x sum of their UTF-8 bytes): comparable across
+    tokenizers (a loss per token is not). Targets that are special tokens (0 bytes) or ignored
+    (-1) count in neither sum.
+    """
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, bytes
+    for x, y in batches:
+        with autocast_ctx(info):
+            loss = model(x, y, loss_reduction="none").reshape(-1).double()
+        y = y.reshape(-1)
+        counted = token_bytes[y.clamp(min=0)] * (y >= 0)
+        stats += torch.stack([(loss * (counted > 0)).sum(), counted.sum().double()])
+    nats, nbytes = all_reduce_sum(stats).tolist()
+    model.train(was_training)
+    return float("nan") if nbytes == 0 else nats / (math.log(2) * nbytes)
+
+
+@torch.no_grad()
+def masked_loss(model, rows, pad_id, info, batch_size=16):
+    """Mean loss (nats/token) over the 1-mask (assistant) tokens of rendered (ids, mask) rows,
+    all ranks together."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    mine = rows[info.rank::info.world_size]
+    for i in range(0, len(mine), batch_size):
+        x, y = collate(mine[i:i + batch_size], pad_id, info.device)
+        with autocast_ctx(info):
+            loss = model(x, y, loss_reduction="sum")
+        total += torch.stack([loss.double(), (y >= 0).sum().double()])
+    all_reduce_sum(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()

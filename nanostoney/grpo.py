@@ -22,15 +22,15 @@ callable, so a test can train "emit token 3" on a tiny model without a tokenizer
     reference = make_reference(model, "init")          # adapters off / snapshot / frozen copy
     stats = grpo_step(model, optimizer, prompts, reward_fn, cfg, reference, seed=step)
 
-The script (scripts/grpo_train.py) calls the phases one by one (sample, score, prepare,
-update) so it can time them and measure the letter diagnostics between sampling and update.
+grpo_step is experience() (sample, score, prepare) then learn() (update); a caller that
+measures something of the policy that sampled, before it moves (scripts/grpo_train.py: the
+multiple-choice letter diagnostics of nanostoney/letters.py), calls the two halves itself.
 
 Several processes: each rank takes its own prompts (a group never spans ranks), the loss is
 normalised by the token / sequence count of all ranks, and gradients are summed over ranks
-by `sync_grads` (no DDP wrapper: the forward here is trunk + gathered logits, not forward()).
+by `dist.sync_grads` (no DDP wrapper: the forward here is trunk + gathered logits, not forward()).
 """
 import copy
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanostoney import lora, probes
+from nanostoney.dist import all_reduce_sum, sync_grads
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
@@ -150,6 +151,8 @@ class Rollout:
     parts: dict = None
     advantages: torch.Tensor = None
     batches: list = None     # micro-batches (prepare fills these)
+    stats: dict = field(default_factory=dict)   # summed statistics of prepare() and update()
+    times: dict = field(default_factory=dict)   # seconds per phase
 
 
 def sample(model, prompts, cfg, seed=0):
@@ -224,22 +227,14 @@ def completion_logits(model, idx, pos):
     return model.lm_logits(h)
 
 
-def token_logprobs(model, mb, with_entropy=False, peek=None):
-    """(logp, entropy, peeked): log p(completion token) (B, L) under `model`; the entropy of
-    each position's distribution (B, L) if asked, else None; and with peek = (where, ids),
-    where a list of (batch row, completion index k), the logits that predict token k of those
-    rows restricted to `ids` (len(where), len(ids)), else None."""
+def token_logprobs(model, mb, with_entropy=False):
+    """(logp, token_entropy): log p(completion token) (B, L) under `model`, and the entropy of
+    the policy's next-token distribution at each of those positions (B, L) if asked, else None."""
     logits = completion_logits(model, mb.idx, mb.pos)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, mb.targets[..., None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    peeked = None
-    if peek and peek[0]:
-        where, ids = peek
-        rows = torch.tensor([b for b, _ in where], device=logits.device)
-        cols = torch.tensor([k for _, k in where], device=logits.device)
-        peeked = logits[rows, cols][:, torch.tensor(ids, device=logits.device)].float()
-    return logp, ent, peeked
+    token_entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, token_entropy
 
 
 def micro_batches(rollout, size, device):
@@ -252,77 +247,33 @@ def micro_batches(rollout, size, device):
     return out
 
 
-class RealTokenEntropy(probes.Probe):
-    """Exact attention entropy per layer and head (probes.attention_entropy), averaged over the
-    real query positions only: right padding would otherwise add made-up queries. Set `.valid`
-    (B, T) before each forward; per_layer_head / all_reduce as probes.EntropyProbe, so
-    train.entropy_metrics reads it."""
-
-    def __init__(self, n_layer, n_head):
-        self.sum = torch.zeros(n_layer, n_head)
-        self.count = torch.zeros(())
-        self.valid = None
-
-    @torch.compiler.disable
-    def on_attn(self, layer, q, k, v, y, mask):
-        h = probes.attention_entropy(q, k, mask).float()            # (B, H, Tq)
-        w = self.valid[:, None, -h.size(2):].to(h.device, h.dtype)  # (B, 1, Tq)
-        if self.sum.device != h.device:
-            self.sum, self.count = self.sum.to(h.device), self.count.to(h.device)
-        self.sum[layer] += (h * w).sum((0, 2))
-        if layer == 0:
-            self.count += w.sum()
-        return y
-
-    @property
-    def per_layer_head(self):
-        return self.sum / self.count.clamp(min=1)
-
-    def all_reduce(self):
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sum)
-            dist.all_reduce(self.count)
-        return self
-
-
 def _autocast(cfg):
     return cfg.autocast() if cfg.autocast is not None else nullcontext()
 
 
 @torch.no_grad()
-def prepare(model, rollout, cfg, reference=None, attn_entropy=None, peek=None):
+def prepare(model, rollout, cfg, reference=None, attn_entropy=None):
     """Old and reference log-probs per micro-batch, in eval mode, plus the diagnostics that come
     free with the old-policy forward: token entropy, KL(policy || reference) by k3, the gap to the
-    Engine's log-probs. `attn_entropy`: a RealTokenEntropy probe, attached during the old-policy
-    forwards only (the caller keeps it and reads it after).
-    `peek`: (slots, ids) with slots {row: completion index k}: the logits predicting token k of
-    those rows, over `ids`, from the same forwards, in stats["peek"] = {row: (policy, reference)}
-    (the letter diagnostics read the A-E logits at the answer slot this way, for free).
+    Engine's log-probs. `attn_entropy`: a probes.EntropyProbe, attached during the old-policy
+    forwards only and told each micro-batch's real tokens (the caller keeps it and reads it after).
     Returns a dict of summed statistics."""
     model = unwrap(model)
     device = model.get_device()
     was_training = model.training
     model.eval()
     rollout.batches = micro_batches(rollout, cfg.micro_batch, device)
-    s = {"tokens": 0.0, "entropy": 0.0, "kl": 0.0, "engine_gap": 0.0, "peek": {}}
-    slots, peek_ids = peek if peek else ({}, None)
-
-    def where(mb):
-        return [(j, slots[r]) for j, r in enumerate(mb.rows) if r in slots]
-
+    s = {"tokens": 0.0, "token_entropy": 0.0, "kl": 0.0, "engine_gap": 0.0}
     with probes.attach(model, attn_entropy) if attn_entropy is not None else nullcontext():
         for mb in rollout.batches:
             if attn_entropy is not None:
                 attn_entropy.valid = mb.valid
             with _autocast(cfg):
-                logp, ent, seen = token_logprobs(model, mb, with_entropy=True, peek=(where(mb), peek_ids))
-            for (j, _), row in zip(where(mb), seen if seen is not None else []):
-                s["peek"][mb.rows[j]] = (row, None)
+                logp, token_entropy = token_logprobs(model, mb, with_entropy=True)
             mb.old_logp = logp.float()
             m = mb.mask.float()
             s["tokens"] += m.sum().item()
-            s["entropy"] += (ent.float() * m).sum().item()
+            s["token_entropy"] += (token_entropy.float() * m).sum().item()
             for j, r in enumerate(mb.rows):
                 n = len(rollout.completions[r])
                 if n:
@@ -333,23 +284,19 @@ def prepare(model, rollout, cfg, reference=None, attn_entropy=None, peek=None):
             ref.eval()
             for mb in rollout.batches:
                 with _autocast(cfg):
-                    logp, _, seen = token_logprobs(ref, mb, peek=(where(mb), peek_ids))
-                mb.ref_logp = logp.float()
-                for (j, _), row in zip(where(mb), seen if seen is not None else []):
-                    s["peek"][mb.rows[j]] = (s["peek"][mb.rows[j]][0], row)
+                    mb.ref_logp = token_logprobs(ref, mb)[0].float()
                 s["kl"] += (kl_k3(mb.old_logp, mb.ref_logp) * mb.mask).sum().item()
     model.train(was_training)
     return s
 
 
-def update(model, optimizer, rollout, cfg, params=None, world_tokens=None, world_seqs=None):
-    """cfg.inner_epochs optimizer steps over the prepared micro-batches. world_tokens /
-    world_seqs: completion tokens / rows of all ranks (default: this rank's, i.e. one process).
-    Returns summed statistics of every epoch."""
+def update(model, optimizer, rollout, cfg, params=None):
+    """cfg.inner_epochs optimizer steps over the prepared micro-batches, the loss normalised by
+    the completion tokens / rows of all ranks. Returns summed statistics of every epoch."""
     model = unwrap(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    n_tokens = world_tokens or sum(mb.mask.sum().item() for mb in rollout.batches)
-    n_seqs = world_seqs or len(rollout.completions)
+    n_tokens, n_seqs = all_reduce_sum([sum(mb.mask.sum().item() for mb in rollout.batches),
+                                       float(len(rollout.completions))])
     adv = rollout.advantages.to(model.get_device())
     beta = cfg.kl_beta if rollout.batches[0].ref_logp is not None else 0.0
     model.train()
@@ -375,34 +322,6 @@ def update(model, optimizer, rollout, cfg, params=None, world_tokens=None, world
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return s
-
-
-def sync_grads(params):
-    """Sum gradients over ranks (one flat all-reduce). Every rank must call it the same number of
-    times; a parameter without a gradient on this rank counts as zero."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
-
-
-def world_sum(values, device):
-    """Element-wise sum of a list of floats over ranks (identity in one process)."""
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -454,120 +373,52 @@ def make_reference(model, kind="init"):
 
 
 # -----------------------------------------------------------------------------
-# multiple-choice diagnostics: the A-E letter distribution at the answer slot
-
-LETTERS = "ABCDE"
+# one whole step
 
 
-def letter_tokens(encode):
-    """(marker ids, [5 letter ids]) such that encode(f"Answer: {L}") == marker + [letter id L],
-    or None when a letter is not one token after the marker (e.g. a tiny tokenizer)."""
-    seqs = [encode(f"Answer: {L}") for L in LETTERS]
-    marker = seqs[0][:-1]
-    if not marker or any(s[:-1] != marker for s in seqs):
-        return None
-    ids = [s[-1] for s in seqs]
-    return (marker, ids) if len(set(ids)) == 5 else None
-
-
-def answer_slot(completion, marker, stop_ids=()):
-    """Where the answer letter goes. Returns (k, prefix): when the completion has `marker`
-    ("Answer: ") followed by a token, k is the index of that token in the completion (its
-    logits are already computed by prepare(): pass it as a peek slot) and prefix is None;
-    otherwise k is None and prefix is the completion without its stop token followed by the
-    marker, i.e. the answer forced into the gold format after the model's own reasoning, for
-    letter_logits() to run."""
-    c = list(completion)
-    n = len(marker)
-    for j in range(len(c) - n, -1, -1):
-        if c[j:j + n] == list(marker):
-            if j + n < len(c):
-                return j + n, None
-            break
-    while c and c[-1] in stop_ids:
-        c = c[:-1]
-    if c[-n:] != list(marker):
-        c = c + list(marker)
-    return None, c
-
-
-@torch.no_grad()
-def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=None):
-    """(policy, reference) logits over letter_ids at the last position of each sequence, each
-    (len(seqs), len(letter_ids)) float32 on CPU."""
-    model = unwrap(model)
-    device = model.get_device()
-    ids = torch.tensor(letter_ids, device=device)
-    was_training = model.training
-
-    def last_logits(m):
-        m.eval()
-        out = []
-        for i in range(0, len(seqs), micro_batch):
-            chunk = seqs[i:i + micro_batch]
-            T = max(len(s) for s in chunk)
-            idx = torch.zeros(len(chunk), T, dtype=torch.long)
-            for r, s in enumerate(chunk):
-                idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-            last = torch.tensor([len(s) - 1 for s in chunk])
-            with autocast() if autocast is not None else nullcontext():
-                logits = completion_logits(m, idx.to(device), last[:, None].to(device))[:, 0]
-            out.append(logits.float()[:, ids].cpu())
-        return torch.cat(out)
-
-    pol = last_logits(model)
-    with reference() as ref:
-        refl = last_logits(ref)
-    model.train(was_training)
-    return pol, refl
-
-
-def letter_summary(pol, ref, gold):
-    """Per row, from policy and reference logits over the 5 letters (R, 5) and the gold letter
-    index: kl = KL(policy || reference) of the letter distributions renormalised over A-E,
-    margin = policy logit of the gold letter minus the best other, pred = policy argmax."""
-    pol, ref = pol.float().cpu(), ref.float().cpu()
-    lp, lq = torch.log_softmax(pol, -1), torch.log_softmax(ref, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    g = torch.as_tensor(gold, dtype=torch.long)
-    gold_logit = pol.gather(1, g[:, None]).squeeze(1)
-    others = pol.scatter(1, g[:, None], float("-inf")).max(1).values
-    return {"kl": kl, "margin": gold_logit - others, "pred": pol.argmax(1)}
-
-
-# -----------------------------------------------------------------------------
-# one whole step (tests, simple callers)
-
-
-def grpo_step(model, optimizer, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None):
-    """sample -> score -> prepare -> update. Returns (stats, rollout); stats are means:
-    reward_mean/std, kl (policy that sampled vs reference, before this step's update),
-    clip_frac, entropy, length, and the time of each phase."""
+def experience(model, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None):
+    """The first half of a step: sample -> score -> prepare. Returns the Rollout, with
+    prepare()'s statistics in .stats and the time of each phase in .times."""
     cfg.check()
     t0 = time.perf_counter()
     ro = sample(model, prompts, cfg, seed=seed)
     t1 = time.perf_counter()
     score(ro, reward_fn, cfg)
     t2 = time.perf_counter()
-    prep = prepare(model, ro, cfg, reference, attn_entropy)
-    t3 = time.perf_counter()
-    upd = update(model, optimizer, ro, cfg)
-    t4 = time.perf_counter()
-    return summarize(ro, prep, upd, cfg, {"sample": t1 - t0, "score": t2 - t1, "logprobs": t3 - t2,
-                                          "update": t4 - t3}), ro
+    ro.stats = prepare(model, ro, cfg, reference, attn_entropy)
+    ro.times.update(sample=t1 - t0, score=t2 - t1, logprobs=time.perf_counter() - t2)
+    return ro
 
 
-def summarize(ro, prep, upd, cfg, times=None):
-    """Flat metrics of one step from the statistics prepare() and update() summed (over ranks,
-    if the caller summed them)."""
-    tok = max(prep["tokens"], 1.0)
+def learn(model, optimizer, rollout, cfg, params=None):
+    """The second half of a step: update() on a prepared rollout; its statistics join .stats."""
+    t0 = time.perf_counter()
+    upd = update(model, optimizer, rollout, cfg, params)
+    rollout.stats.update({f"update/{k}": v for k, v in upd.items()})
+    rollout.times["update"] = time.perf_counter() - t0
+    return rollout
+
+
+def grpo_step(model, optimizer, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None, params=None):
+    """sample -> score -> prepare -> update. Returns (stats, rollout); stats are means:
+    reward_mean/std, kl (policy that sampled vs reference, before this step's update),
+    clip_frac, token entropy, length, and the time of each phase."""
+    ro = learn(model, optimizer, experience(model, prompts, reward_fn, cfg, reference, seed, attn_entropy),
+               cfg, params)
+    return summarize(ro, cfg), ro
+
+
+def summarize(ro, cfg):
+    """Flat metrics of one step from a rollout's statistics and times."""
+    prep = ro.stats
+    tok, upd_tok = max(prep["tokens"], 1.0), max(prep["update/tokens"], 1.0)
     lengths = torch.tensor([float(len(c)) for c in ro.completions])
     out = {"reward/mean": ro.rewards.mean().item(), "reward/std": ro.rewards.std(unbiased=False).item(),
-           "kl/mean": prep["kl"] / tok, "policy/entropy": prep["entropy"] / tok,
-           "clip_frac": upd["clipped"] / max(upd["tokens"], 1.0),
-           "loss/pg": upd["pg"] / max(upd["tokens"], 1.0), "loss/kl_k3": upd["kl"] / max(upd["tokens"], 1.0),
-           "ratio/max_dev": upd["ratio_dev"], "ratio/max_dev_first_epoch": upd["ratio_dev_first"],
-           "grad_norm": upd["grad_norm"],
+           "kl/mean": prep["kl"] / tok, "policy/entropy": prep["token_entropy"] / tok,
+           "clip_frac": prep["update/clipped"] / upd_tok,
+           "loss/pg": prep["update/pg"] / upd_tok, "loss/kl_k3": prep["update/kl"] / upd_tok,
+           "ratio/max_dev": prep["update/ratio_dev"], "ratio/max_dev_first_epoch": prep["update/ratio_dev_first"],
+           "grad_norm": prep["update/grad_norm"],
            "completion/length": lengths.mean().item(), "completion/stopped": sum(ro.stopped) / len(ro.stopped),
            "rollout/engine_logprob_gap": prep["engine_gap"]}
     g = ro.rewards.view(-1, cfg.group_size)
@@ -575,43 +426,8 @@ def summarize(ro, prep, upd, cfg, times=None):
     for name, v in (ro.parts or {}).items():
         out[f"reward/{name}/mean"] = v.mean().item()
         out[f"reward/{name}/std"] = v.std(unbiased=False).item()
-    for k, v in (times or {}).items():
+    for k, v in ro.times.items():
         out[f"time/{k}_s"] = v
-    if times:
-        out["time/step_s"] = sum(times.values())
+    if ro.times:
+        out["time/step_s"] = sum(ro.times.values())
     return out
-
-
-# -----------------------------------------------------------------------------
-# loading a policy to fine-tune (grpo_train, rm_train, star_train share this)
-
-
-def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
-    """(model, tokenizer, checkpoint dir, base checkpoint for adapter saves or None).
-
-    init: a run dir (its latest step), a step dir, or a LoRA adapter dir (e.g. the SFT output).
-    - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
-      adapter saves name the same base the init's adapters name.
-    - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
-      become the base that adapter saves name.
-    - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
-    """
-    from nanostoney import checkpoint
-    ckpt = checkpoint.latest_checkpoint(init) if os.path.isdir(init) else None
-    if ckpt is None:
-        raise UserError(f"--init {init}: no checkpoint there; point it at the output of "
-                        f"scripts/sft_train.py (or base_train.py).")
-    model, tok, _ = checkpoint.load_model(ckpt, device=device)
-    if tok is None:
-        raise UserError(f"{ckpt} has no tokenizer (nor does its base); re-save it with its tokenizer.")
-    has_adapters = bool(lora.lora_modules(model))
-    if full:
-        if has_adapters:
-            lora.remove_lora(model, merge=True)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, tok, ckpt, None
-    if has_adapters:
-        return model, tok, ckpt, lora.base_checkpoint_of(ckpt)
-    lora.apply_lora(model, rank, alpha, dropout, targets)
-    return model, tok, ckpt, ckpt

@@ -28,27 +28,26 @@ one ablation per batch row, each row starting from the clean residual stream at 
 layer it ablates (blocks before it cannot change).
 """
 import random
-import re
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nanostoney import probes
+from nanostoney.answers import LETTERS, MARKER
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
+from nanostoney.metrics import bootstrap_means
+from nanostoney.tasks.stoney import WORD_RE, Lang, load_corpus
 from nanostoney.tokenizer import SYSTEM_JOIN
 
-LETTERS = "ABCDE"
 STRUCT_REGIONS = ("bos", "template", "system", "question", "options", "prompt_other", "rationale", "answer_cue")
 LEXICAL_REGIONS = ("stoney_term", "english", "digit", "operator", "other")
 SPLIT_GROUPS = ("train", "heldout")
 ABLATION_MODES = ("zero", "mean")
 ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "sink": 0.5, "option_lookup": 0.3}
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
-STONEY_LETTERS = set("îâûṯẖôÎÂÛṮÔ")
-WORD_RE = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 
 DEFINITIONS = {
     "answer_position": "the prompt (tokenizer.render_prompt) followed by the gold assistant text up to its first "
@@ -58,7 +57,7 @@ DEFINITIONS = {
                 "(and MC when the tokenizer does not give the five letters as single tokens in that place): the "
                 "gold first token is the model's top-1 token.",
     "entropy": "attention entropy in nats, -sum_j p_j log p_j, averaged over every query position of the context "
-               "(position 0, which sees only itself, counts as 0); exact (probes.entropy).",
+               "(position 0, which sees only itself, counts as 0); exact (probes.attention_entropy_probe).",
     "entropy_answer": "attention entropy (nats) of the answer position's query; log(T) would be uniform over the "
                       "T context tokens.",
     "entropy_norm": "entropy as a share of its maximum, H_i / log(i + 1), averaged over query positions i >= 1: "
@@ -106,8 +105,8 @@ DEFINITIONS = {
 # -----------------------------------------------------------------------------
 # scores from attention patterns (pure functions; p is [..., Tq, Tk], rows sum to 1)
 
-def entropy(p, dim=-1):
-    """Entropy in nats of distributions along `dim` (0 log 0 = 0)."""
+def pattern_entropy(p, dim=-1):
+    """Entropy in nats of attention distributions along `dim` (0 log 0 = 0)."""
     return -(p * torch.log(p.clamp_min(1e-30))).sum(dim)
 
 
@@ -121,7 +120,7 @@ def normalized_entropy(p):
     entropy as a share of its maximum (uniform over the i + 1 visible keys), which removes the
     growth of entropy with prompt length."""
     T = p.size(-1)
-    return (entropy(p[..., 1:, :]) / torch.log(torch.arange(2, T + 1, device=p.device, dtype=p.dtype))).mean(-1)
+    return (pattern_entropy(p[..., 1:, :]) / torch.log(torch.arange(2, T + 1, device=p.device, dtype=p.dtype))).mean(-1)
 
 
 def sink_score(p):
@@ -209,13 +208,8 @@ def first_char_label(char_labels, offsets, text):
 
 def word_judge():
     """(judge(word) -> "s"|"e", description): the Stoney task's own language judge."""
-    try:
-        from nanostoney.tasks.stoney import Lang, load_corpus
-        corpus = load_corpus()
-        lang = Lang([c for convs in corpus["convs"].values() for c in convs])
-        return lang.word, "nanostoney.tasks.stoney.Lang over the bundled conversations"
-    except (ImportError, AttributeError, KeyError):
-        return (lambda w: "s" if STONEY_LETTERS & set(w) else "e"), "Stoney letters only (î â û ṯ ẖ ô)"
+    lang = Lang([c for convs in load_corpus()["convs"].values() for c in convs])
+    return lang.word, "nanostoney.tasks.stoney.Lang over the bundled conversations"
 
 
 def lexical_char_labels(text, family, judge):
@@ -263,7 +257,7 @@ def display_token(text):
 
 def answer_cue(task, example):
     """Where the gold assistant text's last "Answer:" starts; a UserError when there is none."""
-    cue = example["messages"][-1]["content"].rfind("Answer:")
+    cue = example["messages"][-1]["content"].rfind(MARKER)
     if cue < 0:
         raise UserError(f"task {task.name} has no 'Answer:' line in its gold answers, so it has no answer "
                         f"position; pick tasks with one (e.g. stoney_mc, stoney_lexicon, aqua_mc, gsm8k_mc).")
@@ -275,7 +269,7 @@ def prepare_item(tokenizer, task, example, split, judge, rationale="gold"):
     prompt = task.prompt(example)
     gold = example["messages"][-1]["content"]
     cue = answer_cue(task, example)
-    start = cue + len("Answer:")
+    start = cue + len(MARKER)
     while start < len(gold) and gold[start].isspace():
         start += 1
     if start >= len(gold):
@@ -414,13 +408,14 @@ def analyse_item(model, item, keep_full=False):
     device = gpt.get_device()
     x = torch.tensor([item.ids], device=device)
     probe = ItemProbe(c.n_layer, item.pos, keep_full)
-    with probes.entropy(gpt, dtype=torch.float32) as ent, probes.attach(gpt, probe), probes.residuals(gpt) as res:
+    with probes.attention_entropy_probe(gpt, dtype=torch.float32) as ent, probes.attach(gpt, probe), \
+            probes.residuals(gpt) as res:
         gpt(x)
     rows = torch.stack(probe.rows).float()  # [L, H, T]
     rec = {"entropy": ent.per_layer_head.cpu().numpy(),
-           "entropy_answer": entropy(rows).numpy(),
+           "entropy_answer": pattern_entropy(rows).numpy(),
            "entropy_norm": torch.stack(probe.norm_ent).numpy(),
-           "entropy_answer_norm": (entropy(rows) / np.log(len(item.ids))).numpy(),
+           "entropy_answer_norm": (pattern_entropy(rows) / np.log(len(item.ids))).numpy(),
            "previous_token": torch.stack(probe.prev).numpy(),
            "sink": torch.stack(probe.sink).numpy(),
            "struct_mass": region_mass(rows, item.struct, len(STRUCT_REGIONS)).numpy(),
@@ -535,34 +530,18 @@ def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None
 
 
 # -----------------------------------------------------------------------------
-# bootstrap over examples, for arrays
+# intervals over examples
 
-def bootstrap(values, n_boot=1000, seed=0, alpha=0.05, stat="mean"):
-    """{"mean", "lo", "hi", "n"} for values [N, ...]: the mean over the first axis and its
-    percentile-bootstrap interval, vectorised (same resamples as metrics.bootstrap_ci, and the
-    interval widened to include the point like it). NaN entries (statistic undefined for an
-    example) are left out per entry."""
+def interval(values, n_boot=1000, seed=0):
+    """{"mean", "lo", "hi", "n"} for values [N, ...]: the mean over examples and its bootstrap
+    95% interval per entry (metrics.bootstrap_means: NaN entries left out), rounded for the
+    report; None when there are no examples."""
     v = np.asarray(values, dtype=np.float64)
-    n = v.shape[0]
-    if n == 0:
+    if v.shape[0] == 0:
         return None
-    flat = v.reshape(n, -1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    ok = ~np.isnan(flat)
-    x = np.where(ok, flat, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        point = x.sum(0) / ok.sum(0)
-        boots = (counts @ x) / (counts @ ok)
-    with warnings.catch_warnings():  # a statistic undefined for every example stays NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2], axis=0) if n_boot else (point, point)
-    lo, hi = np.fmin(lo, point), np.fmax(hi, point)
-    shape = v.shape[1:]
-    r = lambda a: np.round(a.reshape(shape), 6).tolist() if shape else round(float(a[0]), 6)  # noqa: E731
-    return {"mean": r(point), "lo": r(lo), "hi": r(hi), "n": int(n)}
+    point, lo, hi = bootstrap_means(v, n_boot, seed)
+    r = (lambda a: np.round(a, 6).tolist()) if v.ndim > 1 else (lambda a: round(float(a), 6))
+    return {"mean": r(point), "lo": r(lo), "hi": r(hi), "n": int(v.shape[0])}
 
 
 # -----------------------------------------------------------------------------
@@ -602,11 +581,11 @@ def summarize(recs, n_boot=1000, seed=0):
     for key in SUMMARY_KEYS:
         arr = derived(recs, key)
         if arr is not None:
-            out[key] = bootstrap(arr, n_boot, seed)
+            out[key] = interval(arr, n_boot, seed)
     for mode in ABLATION_MODES:
         for name in sorted({k for r in recs for k in r.get(f"topk_{mode}", {})}):
             arr = np.array([r.get(f"topk_{mode}", {}).get(name, np.nan) for r in recs], dtype=np.float64)
-            out[f"topk_{mode}:{name}"] = bootstrap(arr, n_boot, seed)
+            out[f"topk_{mode}:{name}"] = interval(arr, n_boot, seed)
     return out
 
 
@@ -625,21 +604,9 @@ def top_heads(drops, k):
     return [(int(i // m.shape[1]), int(i % m.shape[1])) for i in order]
 
 
-def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_sets=3, n_induction=16,
-                   induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1, rationale="gold", judge=None,
-                   progress=True):
-    """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
-    list the first `limit` examples whose context fits in max_len tokens are analysed.
-
-    Returns a JSON-able dict: per family and split group the bootstrap summaries, per task the
-    scalars, head roles, top-k heads and their overlap, and data for example attention figures.
-    """
-    from tqdm import tqdm
-    gpt = unwrap(model).eval()
-    c = gpt.config
-    L, H = c.n_layer, c.n_head
-    max_len = max_len or c.sequence_len
-    judge = judge or word_judge()[0]
+def build_items(tokenizer, examples, limit, max_len, vocab_size, judge, rationale):
+    """(items, {task: examples skipped as too long}): of each split's list the first `limit`
+    examples whose context fits in max_len tokens (and the model's vocabulary)."""
     items, skipped = [], {}
     for name, (task, by_split) in examples.items():
         for split, rows in by_split.items():
@@ -648,21 +615,27 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_
                 if limit is not None and kept >= limit:
                     break
                 it = prepare_item(tokenizer, task, ex, split, judge, rationale)
-                if len(it.ids) > max_len or max(it.ids + [it.target]) >= c.vocab_size:
+                if len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
                     skipped[name] = skipped.get(name, 0) + 1
                     continue
                 items.append(it)
                 kept += 1
     if not items:
         raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")
-    families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
-    figure_ids = set()  # the first held-out items of each family (its first task first) for figures
+    return items, skipped
+
+
+def analyse_items(gpt, items, families, figure_examples, progress):
+    """Pass 1, one forward per item: (per-example records, every head's mean output over all
+    analysed positions [L, H, head_dim], full patterns of the figure items). The figure items
+    are the first held-out items of each family (its first task first)."""
+    c = gpt.config
+    figure_ids = set()
     for fam in families:
         held = [it for it in items if it.family == fam and it.group == "heldout"] or \
             [it for it in items if it.family == fam]
         figure_ids |= {it.id for it in held[:figure_examples]}
-    # pass 1: one forward per item
-    recs, out_sum, n_pos, figures = [], torch.zeros(L, H, c.n_embd // H), 0, {}
+    recs, out_sum, n_pos, figures = [], torch.zeros(c.n_layer, c.n_head, c.n_embd // c.n_head), 0, {}
     for it in tqdm(items, desc="analyse", disable=not progress, leave=False):
         rec, s, full = analyse_item(gpt, it, keep_full=it.id in figure_ids)
         out_sum += s
@@ -672,13 +645,18 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_
         if full is not None:
             figures[it.id] = {"task": it.task, "family": it.family, "split": it.split, "tokens": it.tokens,
                               "struct": it.struct.tolist(), "full": full}
-    means = out_sum / n_pos  # [L, H, head_dim]: every head's mean output over all analysed positions
-    # pass 2: single-head ablations, both modes, batched (rows share the clean prefix)
+    return recs, out_sum / n_pos, figures
+
+
+def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress):
+    """Pass 2, single-head ablations (both modes, into each record), then the top-k heads of
+    each family (chosen on its train items, or all its items if none), the other family's and
+    random k-head sets ablated together. Returns (k, {mode: {family: heads}}, random sets)."""
+    L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
     for it, rec in tqdm(list(zip(items, recs)), desc="ablate heads", disable=not progress, leave=False):
         d = ablation_logprob_drops(gpt, it.ids, it.target, single, means).view(2, L, H).numpy()
         rec["ablate_zero"], rec["ablate_mean"] = d[0], d[1]
-    # top-k heads per family (chosen on its train items, or all its items if none), then ablate sets
     k = max(1, min(top_k, L * H - 1))
     topk, rng = {}, np.random.default_rng(seed)
     random_sets = [[(int(i // H), int(i % H)) for i in rng.choice(L * H, k, replace=False)]
@@ -698,17 +676,19 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
             d["random"] = float(dm[len(families):].mean()) if n_random_sets else float("nan")
             rec[f"topk_{mode}"] = d
-    # summaries per family (and all) x split group (and all)
-    out = {"model": {"n_layer": L, "n_head": H, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
-                     "vocab_size": c.vocab_size, "sequence_len": c.sequence_len},
-           "n_items": {}, "skipped_too_long": skipped, "families": {}, "tasks": {}}
+    return k, topk, random_sets
+
+
+def group_summaries(recs, families, task_names, n_boot, seed):
+    """{"n_items", "families": {family or all: {group or all: summary}}, "tasks": {task: {group: scalars}}}."""
+    out = {"n_items": {}, "families": {}, "tasks": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {}
         for grp in SPLIT_GROUPS + ("all",):
             sel = [r for r in recs if fam in (r["family"], "all") and grp in (r["group"], "all")]
             if sel:
                 out["families"][fam][grp] = summarize(sel, n_boot, seed)
-    for name in examples:
+    for name in task_names:
         out["tasks"][name] = {}
         for grp in SPLIT_GROUPS:
             sel = [r for r in recs if r["task"] == name and r["group"] == grp]
@@ -718,40 +698,74 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_
                 for key in ("answer_logprob", "accuracy", "entropy:all", "sink:all", "option_lookup:all"):
                     arr = derived(sel, key)
                     if arr is not None:
-                        s[key] = bootstrap(arr, n_boot, seed)
+                        s[key] = interval(arr, n_boot, seed)
                 out["tasks"][name][grp] = s
-    # induction on random sequences
-    vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
-    ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
-    out["induction"] = {"n_rep": ind["n_rep"], "induction": bootstrap(ind["induction"], n_boot, seed),
-                        "previous_token_random": bootstrap(ind["previous_token_random"], n_boot, seed)}
-    # roles, top-k heads and their overlap
+    return out
+
+
+def head_roles(out, k, topk, random_sets, families):
+    """{"roles", "topk", "overlap"}: head roles from the all-items scores, the top-k heads and
+    how much the first two families' heads overlap."""
     every = out["families"]["all"]["all"]
     scores = {"previous_token": every["previous_token"]["mean"], "sink": every["sink"]["mean"],
               "induction": out["induction"]["induction"]["mean"],
               "option_lookup": every["option_lookup"]["mean"] if "option_lookup" in every else None}
-    out["roles"] = {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()}
-    out["topk"] = {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
-                   "random_sets": [[list(h) for h in s] for s in random_sets],
-                   "chosen_on": "each family's train items (all its items when it has none)"}
-    out["overlap"] = {}
+    overlap = {}
     if len(families) >= 2:
         a, b = families[:2]
         for mode in ABLATION_MODES:
             sa, sb = set(topk[mode][a]), set(topk[mode][b])
             ma = out["families"][a]["all"][f"ablate_{mode}"]["mean"]
             mb = out["families"][b]["all"][f"ablate_{mode}"]["mean"]
-            out["overlap"][mode] = {"families": [a, b], "jaccard": len(sa & sb) / len(sa | sb),
-                                    "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(ma, mb)}
-    # example attention figures: the answer row of every head and the full pattern of the
-    # family's most important head (largest mean zero-ablation drop)
-    out["examples"] = []
+            overlap[mode] = {"families": [a, b], "jaccard": len(sa & sb) / len(sa | sb),
+                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(ma, mb)}
+    return {"roles": {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()},
+            "topk": {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
+                     "random_sets": [[list(h) for h in s] for s in random_sets],
+                     "chosen_on": "each family's train items (all its items when it has none)"},
+            "overlap": overlap}
+
+
+def example_figures(figures, topk):
+    """Example attention figures: the answer row of every head and the full pattern of the
+    family's most important head (largest mean zero-ablation drop)."""
+    out = []
     for eid, f in figures.items():
         lh = topk["zero"][f["family"]][0]
         full = f.pop("full")
         f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=list(lh),
                  pattern=np.round(full[lh[0], lh[1]].astype(np.float32), 4).tolist())
-        out["examples"].append({"id": eid, **f})
+        out.append({"id": eid, **f})
+    return out
+
+
+def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_sets=3, n_induction=16,
+                   induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1, rationale="gold", judge=None,
+                   progress=True):
+    """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
+    list the first `limit` examples whose context fits in max_len tokens are analysed.
+
+    Returns a JSON-able dict: per family and split group the bootstrap summaries, per task the
+    scalars, head roles, top-k heads and their overlap, and data for example attention figures.
+    """
+    gpt = unwrap(model).eval()
+    c = gpt.config
+    items, skipped = build_items(tokenizer, examples, limit, max_len or c.sequence_len, c.vocab_size,
+                                 judge or word_judge()[0], rationale)
+    families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
+    recs, means, figures = analyse_items(gpt, items, families, figure_examples, progress)
+    k, topk, random_sets = ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress)
+    out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
+                     "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}}
+    groups = group_summaries(recs, families, list(examples), n_boot, seed)
+    out.update(n_items=groups["n_items"], skipped_too_long=skipped, families=groups["families"], tasks=groups["tasks"])
+    # induction on random sequences
+    vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
+    ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
+    out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),
+                        "previous_token_random": interval(ind["previous_token_random"], n_boot, seed)}
+    out.update(head_roles(out, k, topk, random_sets, families))
+    out["examples"] = example_figures(figures, topk)
     out["per_example"] = [{"id": r["id"], "task": r["task"], "split": r["split"],
                            "answer_logprob": round(r["answer_logprob"], 5), "accuracy": r["accuracy"]}
                           for r in recs]
@@ -781,66 +795,72 @@ def fmt(s):
     return f"{s['mean']:.3g} [{s['lo']:.3g}, {s['hi']:.3g}]"
 
 
-def differences(results, families):
-    """Structured list of non-overlapping intervals: between families within a checkpoint and
-    split group, and between consecutive checkpoints within a family and split group."""
-    diffs = []
-    names = list(results)
-
-    def scalar_items(fam_summary):
-        for key, label in COMPARE:
-            s = fam_summary.get(key)
-            if s is not None and not isinstance(s["mean"], list):
-                yield key, label, s
+def scalar_items(fam_summary):
+    """(key, label, {"mean","lo","hi"}) of every scalar statistic a summary can be compared on."""
+    for key, label in COMPARE:
+        s = fam_summary.get(key)
+        if s is not None and not isinstance(s["mean"], list):
+            yield key, label, s
+    s = fam_summary.get("struct_mass:all")
+    if s is not None:
         for i, region in enumerate(STRUCT_REGIONS):
-            s = fam_summary.get("struct_mass:all")
-            if s is not None:
-                yield f"struct_mass:{region}", f"attention mass on {region}", \
-                    {"mean": s["mean"][i], "lo": s["lo"][i], "hi": s["hi"][i]}
+            yield f"struct_mass:{region}", f"attention mass on {region}", \
+                {"mean": s["mean"][i], "lo": s["lo"][i], "hi": s["hi"][i]}
 
-    if len(families) >= 2:
-        a, b = families[:2]
-        for ck in names:
-            fams = results[ck]["families"]
-            for grp in SPLIT_GROUPS:
-                sa, sb = fams.get(a, {}).get(grp), fams.get(b, {}).get(grp)
-                if not sa or not sb:
-                    continue
-                right = dict(((k, s) for k, _, s in scalar_items(sb)))
-                for key, label, s in scalar_items(sa):
-                    if separated(s, right.get(key)):
-                        o = right[key]
-                        claim = f"{label} is {'higher' if s['mean'] > o['mean'] else 'lower'} for {a} than for {b}"
-                        values = f"{a} {fmt(s)} vs {b} {fmt(o)}"
-                        diffs.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "label": label,
-                                      "a": a, "b": b, "a_value": s, "b_value": o, "claim": claim, "values": values,
-                                      "size": abs(s["mean"] - o["mean"]) / (abs(o["mean"]) + abs(s["mean"]) + 1e-9),
-                                      "text": f"{ck}, {grp}: {claim} ({values})."})
-                for key, what, size in (("entropy_norm:layer", "normalised attention entropy", 0.6),
-                                        ("entropy:layer", "attention entropy (nats; grows with length)", 0.3)):
-                    la, lb = sa.get(key), sb.get(key)
-                    if not la or not lb:
-                        continue
-                    hi = [i for i in range(len(la["mean"])) if la["lo"][i] > lb["hi"][i]]
-                    lo = [i for i in range(len(la["mean"])) if lb["lo"][i] > la["hi"][i]]
-                    if hi or lo:
-                        parts = ([f"higher for {a} in layers {hi}"] if hi else []) + \
-                                ([f"lower for {a} in layers {lo}"] if lo else [])
-                        claim = f"{what} is " + " and ".join(parts)
-                        diffs.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key,
-                                      "layers_higher": hi, "layers_lower": lo, "size": size, "claim": claim,
-                                      "values": "", "text": f"{ck}, {grp}: {claim}."})
-                za, zb = sa.get("ablate_zero"), sb.get("ablate_zero")
-                if za and zb:
-                    A, B = (np.array(za[x]) for x in ("lo", "hi"))
-                    C, D = (np.array(zb[x]) for x in ("lo", "hi"))
-                    n_sep = int(((A > D) | (C > B)).sum())
-                    if n_sep:
-                        claim = (f"{n_sep} of {A.size} heads matter differently to {a} and {b} when zeroed "
-                                 f"(non-overlapping drop intervals)")
-                        diffs.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": "ablate_zero:heads",
-                                      "n_heads": n_sep, "size": 0.4, "claim": claim, "values": "",
-                                      "text": f"{ck}, {grp}: {claim}."})
+
+def relative_size(s, o):
+    return abs(s["mean"] - o["mean"]) / (abs(o["mean"]) + abs(s["mean"]) + 1e-9)
+
+
+def scalar_differences(ck, grp, a, b, sa, sb):
+    """Scalar statistics whose intervals separate family a from family b."""
+    out, right = [], {k: s for k, _, s in scalar_items(sb)}
+    for key, label, s in scalar_items(sa):
+        if separated(s, right.get(key)):
+            o = right[key]
+            claim = f"{label} is {'higher' if s['mean'] > o['mean'] else 'lower'} for {a} than for {b}"
+            values = f"{a} {fmt(s)} vs {b} {fmt(o)}"
+            out.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "label": label,
+                        "a": a, "b": b, "a_value": s, "b_value": o, "claim": claim, "values": values,
+                        "size": relative_size(s, o), "text": f"{ck}, {grp}: {claim} ({values})."})
+    return out
+
+
+def layer_differences(ck, grp, a, sa, sb):
+    """Layers whose (normalised) attention entropy separates family a from the other."""
+    out = []
+    for key, what, size in (("entropy_norm:layer", "normalised attention entropy", 0.6),
+                            ("entropy:layer", "attention entropy (nats; grows with length)", 0.3)):
+        la, lb = sa.get(key), sb.get(key)
+        if not la or not lb:
+            continue
+        hi = [i for i in range(len(la["mean"])) if la["lo"][i] > lb["hi"][i]]
+        lo = [i for i in range(len(la["mean"])) if lb["lo"][i] > la["hi"][i]]
+        if hi or lo:
+            parts = ([f"higher for {a} in layers {hi}"] if hi else []) + ([f"lower for {a} in layers {lo}"] if lo else [])
+            claim = f"{what} is " + " and ".join(parts)
+            out.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "layers_higher": hi,
+                        "layers_lower": lo, "size": size, "claim": claim, "values": "", "text": f"{ck}, {grp}: {claim}."})
+    return out
+
+
+def head_differences(ck, grp, a, b, sa, sb):
+    """How many heads' zero-ablation drops separate the two families."""
+    za, zb = sa.get("ablate_zero"), sb.get("ablate_zero")
+    if not za or not zb:
+        return []
+    a_lo, a_hi, b_lo, b_hi = (np.array(z[x]) for z in (za, zb) for x in ("lo", "hi"))
+    n_sep = int(((a_lo > b_hi) | (b_lo > a_hi)).sum())
+    if not n_sep:
+        return []
+    claim = f"{n_sep} of {a_lo.size} heads matter differently to {a} and {b} when zeroed (non-overlapping drop intervals)"
+    return [{"kind": "family", "checkpoint": ck, "group": grp, "stat": "ablate_zero:heads", "n_heads": n_sep,
+             "size": 0.4, "claim": claim, "values": "", "text": f"{ck}, {grp}: {claim}."}]
+
+
+def checkpoint_differences(results, families):
+    """Scalar statistics that moved between consecutive checkpoints, per family and split group."""
+    out, names = [], list(results)
     for prev, cur in zip(names, names[1:]):
         for fam in families:
             for grp in SPLIT_GROUPS:
@@ -848,16 +868,32 @@ def differences(results, families):
                 sc = results[cur]["families"].get(fam, {}).get(grp)
                 if not sp or not sc:
                     continue
-                right = dict(((k, s) for k, _, s in scalar_items(sp)))
+                right = {k: s for k, _, s in scalar_items(sp)}
                 for key, label, s in scalar_items(sc):
                     o = right.get(key)
                     if separated(s, o):
-                        diffs.append({"kind": "checkpoint", "a": cur, "b": prev, "family": fam, "group": grp,
-                                      "stat": key, "label": label, "a_value": s, "b_value": o,
-                                      "size": abs(s["mean"] - o["mean"]) / (abs(o["mean"]) + abs(s["mean"]) + 1e-9),
-                                      "text": f"{fam}, {grp}: {label} went {'up' if s['mean'] > o['mean'] else 'down'}"
-                                              f" from {prev} ({fmt(o)}) to {cur} ({fmt(s)})."})
-    return diffs
+                        out.append({"kind": "checkpoint", "a": cur, "b": prev, "family": fam, "group": grp,
+                                    "stat": key, "label": label, "a_value": s, "b_value": o, "size": relative_size(s, o),
+                                    "text": f"{fam}, {grp}: {label} went {'up' if s['mean'] > o['mean'] else 'down'}"
+                                            f" from {prev} ({fmt(o)}) to {cur} ({fmt(s)})."})
+    return out
+
+
+def differences(results, families):
+    """Structured list of non-overlapping intervals: between families within a checkpoint and
+    split group (scalars, layers, heads), then between consecutive checkpoints within a family
+    and split group."""
+    diffs = []
+    if len(families) >= 2:
+        a, b = families[:2]
+        for ck in results:
+            fams = results[ck]["families"]
+            for grp in SPLIT_GROUPS:
+                sa, sb = fams.get(a, {}).get(grp), fams.get(b, {}).get(grp)
+                if sa and sb:
+                    diffs += (scalar_differences(ck, grp, a, b, sa, sb) + layer_differences(ck, grp, a, sa, sb)
+                              + head_differences(ck, grp, a, b, sa, sb))
+    return diffs + checkpoint_differences(results, families)
 
 
 def paired_delta(results, new, old, n_boot=1000, seed=0):
@@ -883,6 +919,6 @@ def paired_delta(results, new, old, n_boot=1000, seed=0):
             for key in keys:
                 a, b = derived([rn[i] for i in sel], key), derived([ro[i] for i in sel], key)
                 if a is not None and b is not None and a.shape == b.shape:
-                    d[key] = bootstrap(a - b, n_boot, seed)
+                    d[key] = interval(a - b, n_boot, seed)
             out["families"][fam][grp] = d
     return out

@@ -23,6 +23,8 @@ import os
 import re
 import time
 
+from nanostoney.data import check_sources
+from nanostoney.dist import get_rank
 from nanostoney.errors import UserError
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -87,16 +89,6 @@ def resolve_mode(mode):
     return mode
 
 
-def _rank():
-    try:
-        import torch.distributed as td
-        if td.is_available() and td.is_initialized():
-            return td.get_rank()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def add_logging_args(parser):
     """The W&B flags every training script shares."""
     parser.add_argument("--wandb", default="auto", choices=MODES,
@@ -110,10 +102,11 @@ def add_logging_args(parser):
 class Logger:
     def __init__(self, mode="auto", project=None, run_name=None, entity=None, config=None,
                  out_dir=None, rank=None, tags=None):
-        self.active = (_rank() if rank is None else rank) == 0
+        self.active = (get_rank() if rank is None else rank) == 0
         self.mode = resolve_mode(mode)
         self.out_dir = out_dir
         self.run = None
+        self.wandb = None  # the wandb module once a run has started
         self._jsonl = None
         if config is not None and not isinstance(config, dict):
             config = vars(config)  # an argparse.Namespace
@@ -127,7 +120,7 @@ class Logger:
         if self.mode == "disabled":
             return
         try:
-            import wandb
+            import wandb  # lazy: heavy, and not needed with --wandb disabled
         except ImportError:
             print(f"wandb is not installed, so this run is recorded only in "
                   f"{os.path.join(out_dir, 'metrics.jsonl') if out_dir else 'nothing (no out_dir)'}.")
@@ -135,6 +128,7 @@ class Logger:
         project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
         entity = entity or os.environ.get("WANDB_ENTITY") or None
         run_name = run_name or os.environ.get("WANDB_NAME") or None
+        self.wandb = wandb
         try:
             self.run = wandb.init(mode=self.mode, project=project, entity=entity, name=run_name,
                                   config=self.config, dir=out_dir, tags=tags, reinit="finish_previous")
@@ -164,8 +158,7 @@ class Logger:
         self._write({"step": step, "time": time.time(), "table": name, "columns": list(columns),
                      "rows": rows})
         if self.run is not None:
-            import wandb
-            self.run.log({name: wandb.Table(columns=list(columns), data=rows)}, step=step)
+            self.run.log({name: self.wandb.Table(columns=list(columns), data=rows)}, step=step)
 
     def log_image(self, name, path, step=None):
         """An image file (e.g. a report figure); the jsonl records its path."""
@@ -173,21 +166,18 @@ class Logger:
             return
         self._write({"step": step, "time": time.time(), "image": name, "path": str(path)})
         if self.run is not None:
-            import wandb
-            self.run.log({name: wandb.Image(str(path))}, step=step)
+            self.run.log({name: self.wandb.Image(str(path))}, step=step)
 
     def log_artifact(self, path, sources, name=None, type="model"):
         """Upload a file/dir as a W&B artifact, but only if every data source it was made from
         is approved for public release (raises UserError otherwise, before anything leaves)."""
-        from nanostoney.data import check_sources  # lazy: the governance gate lives with data
         check_sources(list(sources), use="public_release")
         if not self.active:
             return
         self._write({"time": time.time(), "artifact": str(path), "sources": [str(s) for s in sources]})
         if self.run is None:
             return
-        import wandb
-        art = wandb.Artifact(name or os.path.basename(os.path.normpath(str(path))), type=type,
+        art = self.wandb.Artifact(name or os.path.basename(os.path.normpath(str(path))), type=type,
                              metadata={"sources": [str(s) for s in sources]})
         if os.path.isdir(path):
             art.add_dir(str(path))
@@ -208,6 +198,10 @@ class Logger:
     def finish(self):
         if self.run is not None:
             self.run.finish()
+            # finish() can return before wandb's service process has flushed the run file (an
+            # offline .wandb file was once read back holding only its header); teardown waits for
+            # that process to exit, so the files are whole when we return
+            self.wandb.teardown()
             self.run = None
         if self._jsonl is not None:
             self._jsonl.close()

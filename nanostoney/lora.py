@@ -16,7 +16,6 @@ like nn.Linear's own init (kaiming-uniform), so the first gradient step on B is 
     save_adapters(model, "out/sft_lora", base_checkpoint="out/base/step_001000")
 """
 import fnmatch
-import json
 import math
 import os
 import shutil
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanostoney.errors import UserError
+from nanostoney.files import read_json, write_json
 
 ATTN_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj")
 MLP_TARGETS = ("mlp.c_fc", "mlp.c_proj")
@@ -87,6 +87,20 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def add_lora_args(parser, rank=16, alpha=32.0, targets="all,head", dropout=0.0):
+    """The fine-tuning flags of SFT, the reward model, GRPO and STaR (defaults differ per stage).
+    Rank, alpha, targets and dropout shape fresh adapters; an --init that already carries
+    adapters keeps its own (checkpoint.load_for_training)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
+    g.add_argument("--lora-rank", type=int, default=rank, help="adapter rank r")
+    g.add_argument("--lora-alpha", type=float, default=alpha, help="adapter scale is alpha / rank")
+    g.add_argument("--lora-targets", default=targets,
+                   help="comma list or alias: attn, mlp, all, head (lm_head), q, k, v, o")
+    g.add_argument("--lora-dropout", type=float, default=dropout)
+    return parser
 
 
 def parse_targets(targets):
@@ -233,8 +247,7 @@ def write_adapter_files(model, directory, base_checkpoint=None):
     cfg = adapter_config(model, base_checkpoint, at=os.path.dirname(os.path.abspath(directory)))
     torch.save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()},
                os.path.join(directory, ADAPTER_FILE))
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
+    write_json(os.path.join(directory, ADAPTER_CONFIG), cfg)
 
 
 def save_adapters(model, path, base_checkpoint=None):
@@ -262,11 +275,7 @@ def read_adapter_config(path):
     f = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(f):
         raise UserError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG}).")
-    with open(f) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{f} is not valid JSON ({e}); re-save the adapters.") from None
+    return read_json(f, fix="re-save the adapters")
 
 
 def base_checkpoint_of(path):

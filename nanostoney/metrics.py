@@ -1,18 +1,24 @@
-"""Evaluation metrics that work offline: pass@k, bootstrap intervals, chrF++, MAUVE, COMET.
+"""Evaluation metrics that work offline: pass@k, bootstrap intervals, chrF, MAUVE, COMET.
 
-scripts/eval.py builds its table from these. Every metric is deterministic given its inputs
-(and seed), so two evaluations of one checkpoint agree to the last digit.
-sacrebleu, mauve and comet are imported inside the functions that use them: the core training
-path imports nothing beyond torch/numpy/tokenizers.
+scripts/eval.py builds its table from these, the interpretability report its intervals
+(bootstrap_means) and the Stoney tasks their verifier (sentence_chrf). Every metric is
+deterministic given its inputs (and seed), so two evaluations of one checkpoint agree to the
+last digit. sacrebleu, mauve and comet are imported inside the functions that use them: the
+core training path imports nothing beyond torch/numpy/tokenizers.
 
 MAUVE never featurises text itself here: the features come from `model_features` (a nanostoney
 GPT we have on disk), because mauve's own featuriser downloads gpt2-large from the Hub.
 """
+import functools
+import importlib.util
 import os
+import warnings
 
 import numpy as np
+import torch
 
 from nanostoney.errors import UserError
+from nanostoney.gpt import norm, unwrap
 
 
 # -----------------------------------------------------------------------------
@@ -60,13 +66,18 @@ def pass_at_k_by_task(correct_by_task, ks, n_boot=1000, seed=0, alpha=0.05):
 # -----------------------------------------------------------------------------
 # bootstrap
 
+def resample(n, n_boot, seed):
+    """Indices (n_boot, n) of n_boot resamples with replacement of n items: numpy's Generator
+    seeded with `seed`, so every interval built on them is the same on every run."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
 def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
     """(point, lo, hi): stat(values) and its percentile-bootstrap (1 - alpha) interval.
 
-    Resamples `values` (a sequence, or an array whose first axis is the items) with
-    replacement n_boot times using numpy's Generator seeded with `seed`, so the interval is
-    the same on every run. `stat` receives a resampled array (e.g. np.mean, np.median, or a
-    function of index arrays for corpus-level metrics: pass np.arange(N) as values).
+    Resamples `values` (a sequence, or an array whose first axis is the items) n_boot times.
+    `stat` receives a resampled array (e.g. np.mean, np.median, or a function of index arrays
+    for corpus-level metrics: pass np.arange(N) as values).
     The interval is widened to include the point if needed: with a handful of items the
     percentile interval of a skewed statistic can miss its own point estimate, and a table
     should never show that.
@@ -75,8 +86,7 @@ def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
     if values.shape[0] == 0:
         raise UserError("bootstrap_ci got no values; evaluate at least one example.")
     point = float(stat(values))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
+    idx = resample(values.shape[0], n_boot, seed)
     if stat is np.mean and values.ndim == 1:
         boots = values[idx].mean(axis=1)  # vectorised fast path for the common case
     else:
@@ -85,23 +95,61 @@ def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
     return point, float(min(lo, point)), float(max(hi, point))
 
 
+def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
+    """bootstrap_ci of the mean for every entry of values [N, ...] at once (the same resamples
+    of the N items for all entries): (point, lo, hi) arrays of shape values.shape[1:]. A NaN
+    entry (a statistic undefined for an example) is left out of that entry's mean. Resampled
+    means are one product of resample counts (n_boot, N) with the values, so memory does not
+    grow with n_boot x N x entries."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[0]
+    flat = v.reshape(n, -1)
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], resample(n, n_boot, seed)), 1.0)
+    ok = ~np.isnan(flat)
+    x = np.where(ok, flat, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = x.sum(0) / ok.sum(0)
+        boots = (counts @ x) / (counts @ ok)
+    with warnings.catch_warnings():  # an entry undefined for every example stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2], axis=0) if n_boot else (point, point)
+    lo, hi = np.fmin(lo, point), np.fmax(hi, point)
+    return point.reshape(v.shape[1:]), lo.reshape(v.shape[1:]), hi.reshape(v.shape[1:])
+
+
 # -----------------------------------------------------------------------------
-# chrF++
+# chrF and chrF++
+
+@functools.lru_cache(maxsize=None)
+def _chrf(word_order):
+    from sacrebleu.metrics import CHRF  # lazy: the core training path must not need sacrebleu
+    return CHRF(word_order=word_order)
+
+
+def sentence_chrf(hypothesis, reference, word_order=0):
+    """sacrebleu's sentence chrF (character 1..6-grams, beta 2; word_order=2 is chrF++) of one
+    hypothesis against one reference, on its 0-100 scale."""
+    return _chrf(word_order).sentence_score(hypothesis, [reference]).score
+
+
+def _chrf_pp_stats(hyps, refs, who):
+    """chrF++ n-gram statistics (N, n_stats) of hypothesis/reference pairs."""
+    hyps, refs = list(hyps), list(refs)
+    if len(hyps) != len(refs):
+        raise ValueError(f"{who} got {len(hyps)} hypotheses but {len(refs)} references")
+    if not hyps:
+        raise UserError(f"{who} got no hypotheses; evaluate at least one open-answer example.")
+    return np.array(_chrf(2)._extract_corpus_statistics(hyps, [refs]))
+
 
 def chrf_pp(hyps, refs):
     """chrF++ (sacrebleu CHRF, char order 6, word order 2) with one reference per hypothesis.
-    Returns (corpus_score, sentence_scores), both on sacrebleu's 0–100 scale.
+    Returns (corpus_score, sentence_scores), both on sacrebleu's 0-100 scale.
     The corpus score pools n-gram statistics over all pairs (not the mean of sentences)."""
-    from sacrebleu.metrics import CHRF
-    hyps, refs = list(hyps), list(refs)
-    if len(hyps) != len(refs):
-        raise ValueError(f"chrf_pp got {len(hyps)} hypotheses but {len(refs)} references")
-    if not hyps:
-        raise UserError("chrf_pp got no hypotheses; evaluate at least one open-answer example.")
-    metric = CHRF(word_order=2)
-    corpus = metric.corpus_score(hyps, [refs]).score
-    sentences = [metric.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
-    return corpus, sentences
+    stats = _chrf_pp_stats(hyps, refs, "chrf_pp")
+    score = _chrf(2)._compute_score_from_stats
+    return score(stats.sum(axis=0).tolist()).score, [score(row.tolist()).score for row in stats]
 
 
 def chrf_pp_ci(hyps, refs, n_boot=1000, seed=0, alpha=0.05):
@@ -109,18 +157,11 @@ def chrf_pp_ci(hyps, refs, n_boot=1000, seed=0, alpha=0.05):
     Per-pair n-gram statistics are extracted once and the resamples only re-sum them
     (sacrebleu's own bootstrap does the same, through these two semi-private methods), so
     1000 resamples cost about as much as one corpus score."""
-    from sacrebleu.metrics import CHRF
-    hyps, refs = list(hyps), list(refs)
-    if len(hyps) != len(refs):
-        raise ValueError(f"chrf_pp_ci got {len(hyps)} hypotheses but {len(refs)} references")
-    if not hyps:
-        raise UserError("chrf_pp_ci got no hypotheses; evaluate at least one open-answer example.")
-    metric = CHRF(word_order=2)
-    stats = np.array(metric._extract_corpus_statistics(hyps, [refs]))  # (N, n_stats)
+    stats = _chrf_pp_stats(hyps, refs, "chrf_pp_ci")
 
     def corpus(idx):
-        return metric._compute_score_from_stats(stats[idx].sum(axis=0).tolist()).score
-    return bootstrap_ci(np.arange(len(hyps)), stat=corpus, n_boot=n_boot, seed=seed, alpha=alpha)
+        return _chrf(2)._compute_score_from_stats(stats[idx].sum(axis=0).tolist()).score
+    return bootstrap_ci(np.arange(len(stats)), stat=corpus, n_boot=n_boot, seed=seed, alpha=alpha)
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +188,7 @@ def mauve_score(p_features, q_features, seed=0, num_buckets="auto", kmeans_num_r
     if p.shape[1] != q.shape[1]:
         raise UserError(f"mauve_score needs features of one width, got {p.shape[1]} and "
                         f"{q.shape[1]}; featurise both samples with the same model.")
-    from mauve import compute_mauve
+    from mauve import compute_mauve  # lazy: heavy (faiss, sklearn), only the eval stage needs it
     out = compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets,
                         pca_max_data=pca_max_data, kmeans_explained_var=kmeans_explained_var,
                         kmeans_num_redo=kmeans_num_redo, kmeans_max_iter=kmeans_max_iter,
@@ -168,8 +209,6 @@ def model_features(model, tokenizer, texts, device=None, pool="mean", batch_size
     for the vocabulary-sized logits. LoRA adapters, if applied, are active (they are part of
     the evaluated model).
     """
-    import torch
-    from nanostoney.gpt import norm, unwrap
     model = unwrap(model)
     device = device or model.get_device()
     if pool not in ("mean", "last"):
@@ -214,7 +253,7 @@ def _local_comet_checkpoint(model_path):
         p = os.path.join(model_path, "checkpoints", "model.ckpt") if os.path.isdir(model_path) else model_path
         return p if os.path.isfile(p) else None
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: only when COMET is asked for
         d = snapshot_download(COMET_MODEL, local_files_only=True)
     except Exception:  # not in the local cache (or huggingface_hub absent)
         return None
@@ -227,7 +266,6 @@ def comet_score(srcs, hyps, refs, model_path=None, batch_size=8, gpus=0):
     are on this machine, else (None, one sentence saying what is missing). Never downloads:
     model_path is a local checkpoint (file or model dir); without it the Hugging Face cache is
     searched offline for Unbabel/wmt22-comet-da."""
-    import importlib.util
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if importlib.util.find_spec("comet") is None:
         return None, "COMET skipped: the unbabel-comet package is not installed."
@@ -235,7 +273,7 @@ def comet_score(srcs, hyps, refs, model_path=None, batch_size=8, gpus=0):
     if ckpt is None:
         where = model_path or f"the local Hugging Face cache ({COMET_MODEL})"
         return None, f"COMET skipped: no COMET checkpoint found in {where} and this machine cannot download one."
-    from comet import load_from_checkpoint
+    from comet import load_from_checkpoint  # lazy: optional, rarely installed
     model = load_from_checkpoint(ckpt)
     data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs)]
     out = model.predict(data, batch_size=batch_size, gpus=gpus, progress_bar=False)

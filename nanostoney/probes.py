@@ -7,11 +7,13 @@ torch.compile wrapper and detaches it on exit; they nest (e.g. ablate + capture 
 
     from nanostoney import probes
 
-    with probes.entropy(model) as ent:            # (a) exact attention entropy, no T x T
+    with probes.attention_entropy_probe(model) as ent:   # (a) exact attention entropy, no T x T
         loss = model(x, y)                          #     any number of forwards (grad accum)
     ent.per_layer_head                              # FloatTensor [n_layer, n_head] in nats,
                                                     # mean over batch, query positions, forwards
     ent.all_reduce()                                # optional, under DDP: mean over all ranks
+    ent.valid = real                                # before a forward of right-padded rows:
+                                                    # (B, T) bool, only real queries count
 
     with probes.capture(model, head_outputs=True) as cap:   # (b) short prompts only
         model(x)
@@ -74,6 +76,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from nanostoney.dist import all_reduce_sum
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
 
@@ -147,34 +150,43 @@ def attach(model, probe):
 
 
 class EntropyProbe(Probe):
+    """Attention entropy per layer and head, summed over queries and forwards. `valid`: None
+    (every query position counts) or a (B, T) bool mask of the real tokens of the next forward's
+    rows, so that right padding adds no made-up queries (GRPO's packed rollouts)."""
+
     def __init__(self, n_layer, n_head, dtype=None):
         self.dtype = dtype
         self.sum = torch.zeros(n_layer, n_head)
         self.count = torch.zeros(())
+        self.valid = None
 
     @_eager
     def on_attn(self, layer, q, k, v, y, mask):
         h = attention_entropy(q, k, mask, self.dtype)  # (B, H, Tq)
         if self.sum.device != h.device:
             self.sum, self.count = self.sum.to(h.device), self.count.to(h.device)
-        self.sum[layer] += h.sum((0, 2))
+        if self.valid is None:
+            self.sum[layer] += h.sum((0, 2))
+            n = h.size(0) * h.size(2)
+        else:
+            w = self.valid[:, None, -h.size(2):].to(h.device, h.dtype)  # (B, 1, Tq)
+            self.sum[layer] += (h * w).sum((0, 2))
+            n = w.sum()
         if layer == 0:
-            self.count += h.size(0) * h.size(2)
+            self.count += n
         return y
 
     @property
     def per_layer_head(self):
-        return self.sum / self.count
+        return self.sum / self.count.clamp(min=1)
 
     def all_reduce(self):
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sum)
-            dist.all_reduce(self.count)
+        all_reduce_sum(self.sum)
+        all_reduce_sum(self.count)
         return self
 
 
-def entropy(model, dtype=None):
+def attention_entropy_probe(model, dtype=None):
     c = unwrap(model).config
     return attach(model, EntropyProbe(c.n_layer, c.n_head, dtype))
 

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from nanostoney.files import write_json
 from nanostoney.interp import ABLATION_MODES, LEXICAL_REGIONS, SPLIT_GROUPS, STRUCT_REGIONS
 
 FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "all": "#555555"}
@@ -29,6 +30,7 @@ REGION_NAMES = {"question": "blue", "options": "gold", "rationale": "green", "an
 
 
 def _plt():
+    # lazy: matplotlib is heavy, and only drawing needs it (metrics.json is written without it)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,7 +51,12 @@ def families_of(metrics):
     return [f for f in metrics["config"]["families"]]
 
 
-def _save(fig, path):
+def _save(fig, path, title=None, layout=True):
+    """Title the figure (top left), lay it out (unless the caller did), write it and close it."""
+    if title:
+        fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     _plt().close(fig)
 
@@ -71,28 +78,34 @@ def _legend_below(fig, axes):
                frameon=False)
 
 
-def fig_entropy(metrics, path):
-    """Rows: entropy over all query positions, entropy of the answer position; a panel per checkpoint."""
+def _layer_grid(metrics, rows, title, xlabel, path, show_n=False, decorate=None):
+    """A panel per checkpoint (columns) and statistic (rows: (key, y label)), lines over layers."""
     plt = _plt()
     cks = list(metrics["checkpoints"])
-    rows = [("entropy:layer", "entropy (nats)\nall query positions"),
-            ("entropy_answer:layer", "entropy (nats)\nanswer position"),
-            ("entropy_norm:layer", "H / log(keys seen)\nall query positions")]
     fig, axes = plt.subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False, sharex="col")
     for c, ck in enumerate(cks):
         for r, (key, label) in enumerate(rows):
             ax = axes[r][c]
-            _layer_lines(ax, metrics, ck, key, show_n=True)
+            _layer_lines(ax, metrics, ck, key, show_n=show_n)
+            if decorate is not None:
+                decorate(ax, key)
             if r == 0:
                 ax.set_title(ck)
             if c == 0:
                 ax.set_ylabel(label)
             if r == len(rows) - 1:
-                ax.set_xlabel("layer")
+                ax.set_xlabel(xlabel)
             ax.xaxis.get_major_locator().set_params(integer=True)
     _legend_below(fig, axes)
-    fig.suptitle("Attention entropy by layer (mean over heads)", fontsize=10, x=0.01, ha="left")
-    _save(fig, path)
+    _save(fig, path, title, layout=False)
+
+
+def fig_entropy(metrics, path):
+    """Rows: entropy over all query positions, entropy of the answer position; a panel per checkpoint."""
+    rows = [("entropy:layer", "entropy (nats)\nall query positions"),
+            ("entropy_answer:layer", "entropy (nats)\nanswer position"),
+            ("entropy_norm:layer", "H / log(keys seen)\nall query positions")]
+    _layer_grid(metrics, rows, "Attention entropy by layer (mean over heads)", "layer", path, show_n=True)
 
 
 def _layer_lines(ax, metrics, ck, key, show_n=False):
@@ -111,28 +124,14 @@ def _layer_lines(ax, metrics, ck, key, show_n=False):
 
 
 def fig_logit_lens(metrics, path):
-    plt = _plt()
-    cks = list(metrics["checkpoints"])
+    def decorate(ax, key):
+        if key == "lens_choice":
+            ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
+        if key != "lens_logprob":
+            ax.set_ylim(-0.04, 1.04)
     rows = [("lens_logprob", "answer log-prob"), ("lens_top1", "top-1 rate"), ("lens_choice", "MC letter accuracy")]
-    fig, axes = plt.subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False, sharex="col")
-    for c, ck in enumerate(cks):
-        for r, (key, label) in enumerate(rows):
-            ax = axes[r][c]
-            _layer_lines(ax, metrics, ck, key)
-            if key == "lens_choice":
-                ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
-            if key != "lens_logprob":
-                ax.set_ylim(-0.04, 1.04)
-            if r == 0:
-                ax.set_title(ck)
-            if c == 0:
-                ax.set_ylabel(label)
-            if r == len(rows) - 1:
-                ax.set_xlabel("depth (0 = embeddings, last = output)")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-    _legend_below(fig, axes)
-    fig.suptitle("Logit lens: where the answer is decided", fontsize=10, x=0.01, ha="left")
-    _save(fig, path)
+    _layer_grid(metrics, rows, "Logit lens: where the answer is decided", "depth (0 = embeddings, last = output)",
+                path, decorate=decorate)
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def _heat(ax, m, title, cmap="viridis", vmin=None, vmax=None, annotate=True, mar
                 dark = abs(im.norm(v) - 0.5) > 0.3 if cmap in ("RdBu_r", "PuOr_r") else im.norm(v) < 0.5
                 ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
     if marks is not None:
-        from matplotlib.patches import Rectangle
+        from matplotlib.patches import Rectangle  # lazy, as _plt()
         for i, j in zip(*np.nonzero(marks)):
             ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="black", lw=1.4))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
@@ -181,10 +180,7 @@ def fig_ablation(metrics, ck, mode, path):
             d = arr(a) - arr(b)
             lim = max(1e-6, np.nanmax(np.abs(d)))
             _heat(axes[r][2], d, f"{fams[0]} − {fams[1]} (boxed: intervals apart)", "PuOr_r", -lim, lim, marks=sep)
-    fig.suptitle(f"{ck}: drop in answer log-prob when one head is {mode}-ablated (red = the head helps)",
-                 fontsize=10, x=0.01, ha="left")
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, f"{ck}: drop in answer log-prob when one head is {mode}-ablated (red = the head helps)")
 
 
 def fig_topk(metrics, ck, path):
@@ -216,10 +212,7 @@ def fig_topk(metrics, ck, path):
         ax.set_title(f"{mode} ablation of k heads together")
         ax.set_ylabel("drop in answer log-prob")
     axes[0][-1].legend(fontsize=6.5, frameon=False)
-    fig.suptitle(f"{ck}: do the families rely on the same heads? (heads chosen on train items)",
-                 fontsize=10, x=0.01, ha="left")
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, f"{ck}: do the families rely on the same heads? (heads chosen on train items)")
 
 
 def fig_regions(metrics, ck, path):
@@ -247,7 +240,6 @@ def fig_regions(metrics, ck, path):
         ax.set_title(f"mass from the answer position: {title} (— = token share)")
         ax.set_ylabel("mass (mean over layers and heads)")
     axes[1].legend(fontsize=6.5, frameon=False)
-    fig.tight_layout()
     _save(fig, path)
 
 
@@ -272,7 +264,6 @@ def fig_roles(metrics, ck, path):
     roles = "; ".join(f"{r} {h}" for r, h in res["roles"].items() if h) or "no head reaches a role threshold"
     fig.suptitle(f"{ck}: head-role scores, mean over examples (colour scale reaches at least the role threshold); "
                  f"roles: {roles}", fontsize=9, x=0.01, ha="left")
-    fig.tight_layout()
     _save(fig, path)
 
 
@@ -314,7 +305,6 @@ def fig_example(metrics, ck, ex, path):
     ax2.set_title(f"full pattern of L{ex['head'][0]}.H{ex['head'][1]} (largest mean zero-ablation drop for "
                   f"{ex['family']}); rows = queries, columns = keys")
     fig.colorbar(im2, ax=ax2, fraction=0.02, pad=0.01)
-    fig.tight_layout()
     _save(fig, path)
 
 
@@ -354,10 +344,7 @@ def fig_delta(metrics, name, d, path):
     ax.set_xticks(range(len(STRUCT_REGIONS)))
     ax.set_xticklabels(STRUCT_REGIONS, rotation=30, ha="right")
     ax.set_title("Δ attention mass from the answer position")
-    fig.suptitle(f"{name}: change per example, paired (n={d['n_paired']}); bands = 95% bootstrap",
-                 fontsize=10, x=0.01, ha="left")
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, f"{name}: change per example, paired (n={d['n_paired']}); bands = 95% bootstrap")
 
 
 def fig_delta_maps(metrics, name, d, path):
@@ -381,9 +368,7 @@ def fig_delta_maps(metrics, name, d, path):
         lim = max(1e-6, float(np.nanmax(np.abs(m))))
         sep = (arr(s, "lo") > 0) | (arr(s, "hi") < 0)
         _heat(ax, m, title, "PuOr_r", -lim, lim, marks=sep)
-    fig.suptitle(f"{name}: per-head change (boxed: interval excludes 0)", fontsize=10, x=0.01, ha="left")
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, f"{name}: per-head change (boxed: interval excludes 0)")
     return True
 
 
@@ -556,8 +541,7 @@ def write_report(out_dir, metrics, logger=None):
     os.makedirs(tmp)
     try:
         figs = render(metrics, tmp)
-        with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=1, ensure_ascii=False, allow_nan=False)
+        write_json(os.path.join(tmp, "metrics.json"), metrics, indent=1)
         old = None
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{os.getpid()}-{int(time.time())}"

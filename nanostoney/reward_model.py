@@ -27,10 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanostoney import checkpoint
+from nanostoney.answers import LETTERS, format_answer, format_number, parse_number, split_answer
+from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
-
-LETTERS = "ABCDE"
+from nanostoney.tasks.base import normalize, stable_hash
 
 
 class RewardModel(nn.Module):
@@ -44,10 +46,14 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=head_std if head_std is not None else 0.1 / n ** 0.5)
         nn.init.zeros_(self.head.bias)
         gpt.lm_head.weight.requires_grad_(False)  # unused here; keep it out of the optimizer
+        self.probes = gpt.probes  # probes attached to the reward model measure its trunk
 
     @property
     def config(self):
         return self.gpt.config
+
+    def estimate_flops(self):
+        return self.gpt.estimate_flops()  # per token; the head is negligible
 
     def forward(self, idx, last):
         """idx (B, T) right-padded token ids, last (B,) index of each row's last real token."""
@@ -94,6 +100,14 @@ def pair_forward(rm, pairs, device):
     return s[:len(pairs)], s[len(pairs):]
 
 
+def pair_loss(rm, pairs, device):
+    """The reward model's loss for train.train_loop: (Bradley-Terry loss of a batch of pair
+    dicts, tokens in the forward, {"train/pair_accuracy": share of pairs ranked right})."""
+    c, r = pair_forward(rm, [(p["chosen"], p["rejected"]) for p in pairs], device)
+    tokens = 2 * len(pairs) * max(len(ids) for p in pairs for ids in (p["chosen"], p["rejected"]))
+    return bt_loss(c, r), tokens, {"train/pair_accuracy": (c > r).float().mean()}
+
+
 @torch.no_grad()
 def pairwise_accuracy(rm, pairs, batch_size=16):
     """Share of (chosen, rejected) id pairs with score(chosen) > score(rejected) (ties count
@@ -111,29 +125,12 @@ def pairwise_accuracy(rm, pairs, batch_size=16):
 
 
 def _stable_rng(key):
-    from nanostoney.tasks.base import stable_hash
     return random.Random(stable_hash(key))
-
-
-def _split_gold(text):
-    """(think body, answer) of a gold "<think>...</think>\\nAnswer: X" text, or None."""
-    if not text.startswith("<think>") or "</think>" not in text:
-        return None
-    think, _, rest = text[len("<think>"):].partition("</think>")
-    rest = rest.strip()
-    if not rest.startswith("Answer:"):
-        return None
-    return think, rest[len("Answer:"):].strip()
-
-
-def _join_gold(think, answer):
-    return f"<think>{think}</think>\nAnswer: {answer}"
 
 
 def wrong_number(value, key):
     """A plausible wrong number near `value`: off by one, by ten, doubled or halved, chosen by
     a hash of `key` (deterministic)."""
-    from nanostoney.tasks.base import format_number, parse_number
     x = parse_number(value)
     if x is None:
         return None
@@ -154,7 +151,7 @@ def rejected_text(task, example, others=None):
              the answer and wherever the gold answer appears in the reasoning
     """
     gold = example["messages"][-1]["content"]
-    parts = _split_gold(gold)
+    parts = split_answer(gold)
     rng = _stable_rng("rm/" + example["id"])
     if task.kind == "mc":
         if parts is None:
@@ -168,19 +165,18 @@ def rejected_text(task, example, others=None):
         if len(choices) == 5 and choices[g] and choices[g] in last:
             last = last.replace(choices[g], choices[w])
         lines[-1] = last.replace(f"option {LETTERS[g]}", f"option {LETTERS[w]}")
-        return _join_gold("\n".join(lines), LETTERS[w])
+        return format_answer("\n".join(lines), LETTERS[w])
     if task.kind == "numeric":
         if parts is None:
             return None
         think, ans = parts
         wrong = wrong_number(ans, example["id"])
-        return None if wrong is None else _join_gold(think, wrong)
+        return None if wrong is None else format_answer(think, wrong)
     # open answers: a different example's answer
     pool = [o for o in (others or []) if o["id"] != example["id"]
             and o.get("direction") == example.get("direction")]
     if not pool:
         return None
-    from nanostoney.tasks.base import normalize
     accepted = {normalize(a) for a in example.get("aliases", [])} | {normalize(example["answer"])}
     for _ in range(8):
         other = rng.choice(pool)
@@ -226,7 +222,6 @@ def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, see
                   max_len=None, temperature=1.0):
     """Gold vs wrong answers sampled from `model` (e.g. the SFT policy) on `examples` (train
     items of `task`): every sampled completion the task's verifier rejects becomes a pair."""
-    from nanostoney.engine import Engine
     exs = list(examples)
     if not exs:
         return []
@@ -253,29 +248,31 @@ def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, see
 # save / load
 
 
+def head_meta(rm):
+    """The scalar head as checkpoint meta (n_embd + 1 numbers; JSON floats round-trip float32)."""
+    head = {"weight": rm.head.weight.detach().float().cpu().reshape(-1).tolist(),
+            "bias": float(rm.head.bias.detach().float().cpu().item())}
+    return {"stage": "reward_model", "reward_head": head}
+
+
 def save_reward_model(out_dir, rm, step, optimizer=None, base_checkpoint=None, meta=None,
                       tokenizer=None, rng_states=None):
     """Adapters (or the full trunk) through checkpoint.save_checkpoint, with the head in meta."""
-    from nanostoney import checkpoint
-    head = {"weight": rm.head.weight.detach().float().cpu().reshape(-1).tolist(),
-            "bias": float(rm.head.bias.detach().float().cpu().item())}
-    meta = {**(meta or {}), "stage": "reward_model", "reward_head": head}
-    return checkpoint.save_checkpoint(out_dir, unwrap(rm.gpt), step, optimizer=optimizer, meta=meta,
-                                      tokenizer=tokenizer, rng_states=rng_states,
-                                      base_checkpoint=base_checkpoint)
+    return checkpoint.save_checkpoint(out_dir, unwrap(rm.gpt), step, optimizer=optimizer,
+                                      meta={**(meta or {}), **head_meta(rm)}, tokenizer=tokenizer,
+                                      rng_states=rng_states, base_checkpoint=base_checkpoint)
 
 
 def load_reward_model(path, device="cpu"):
     """(RewardModel in eval mode, tokenizer or None, meta) from save_reward_model's output."""
-    from nanostoney import checkpoint
     ckpt = checkpoint.latest_checkpoint(path) if os.path.isdir(path) else None
     if ckpt is None:
-        raise UserError(f"reward model {path}: no checkpoint there; train one with scripts/rm_train.py.")
+        raise UserError(f"reward model {path}: no checkpoint there; train one with python -m scripts.rm_train.")
     gpt, tok, meta = checkpoint.load_model(ckpt, device=device)
     head = meta.get("reward_head")
     if not head:
         raise UserError(f"{ckpt} is not a reward model checkpoint (meta.json has no reward_head); "
-                        f"pass the --out of scripts/rm_train.py.")
+                        f"pass the --out of python -m scripts.rm_train.")
     rm = RewardModel(gpt)
     w = torch.tensor(head["weight"], dtype=torch.float32)
     if w.numel() != gpt.config.n_embd:

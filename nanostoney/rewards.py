@@ -22,15 +22,18 @@ relative weights matter, not the offsets.
 """
 import re
 
-from nanostoney.errors import UserError
+import torch
 
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-NUMBER_RE = re.compile(r"[-+]?\$?\s*\d[\d,]*(?:\.\d+)?%?")
-MC_LETTERS = "ABCDE"
+from nanostoney.answers import LETTERS, MARKER, THINK_RE, after_think, answer_part, think_content
+from nanostoney.errors import UserError
+from nanostoney.metrics import sentence_chrf
+
+# a well-formed numeric answer line: the number and nothing else ("$", "," and "%" allowed)
+NUMERIC_ANSWER_RE = re.compile(r"[-+]?\$?\s*\d[\d,]*(?:\.\d+)?%?")
 
 
 # -----------------------------------------------------------------------------
-# small parsing helpers shared by the rewards
+# small helpers shared by the rewards
 
 def _kind(example, task):
     """The answer kind ("mc", "numeric", "open"): from the task, else from the example."""
@@ -39,26 +42,6 @@ def _kind(example, task):
         raise UserError(f"reward functions need a task kind of mc, numeric or open, got {kind!r}; "
                         "pass the Task object that made the example.")
     return kind
-
-
-def think_content(text):
-    """Text inside the first closed <think>...</think> block, or None when there is none."""
-    m = THINK_RE.search(text)
-    return m.group(1) if m else None
-
-
-def after_think(text):
-    """Everything after the last </think> (the whole text when there is no think block)."""
-    i = text.rfind("</think>")
-    return text if i < 0 else text[i + len("</think>"):]
-
-
-def answer_text(text):
-    """The answer part of a completion: after the last "Answer:" if any, else all text after
-    the think block. Stripped. Used for open answers, where "Answer:" is optional."""
-    tail = after_think(text)
-    i = tail.rfind("Answer:")
-    return (tail[i + len("Answer:"):] if i >= 0 else tail).strip()
 
 
 def _gold_text(example):
@@ -73,9 +56,9 @@ def _valid_answer(value, kind):
     """Is `value` (the text after "Answer:") in the task's format?"""
     value = value.strip()
     if kind == "mc":
-        return len(value) == 1 and value in MC_LETTERS
+        return len(value) == 1 and value in LETTERS
     if kind == "numeric":
-        return NUMBER_RE.fullmatch(value) is not None
+        return NUMERIC_ANSWER_RE.fullmatch(value) is not None
     return len(value) > 0
 
 
@@ -116,16 +99,17 @@ def format_reward(example, completion, task):
     tail = after_think(text)
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
     if kind == "open":
-        return think + (0.5 if answer_text(text) else 0.0)
-    ans_lines = [ln for ln in lines if ln.startswith("Answer:")]
+        return think + (0.5 if answer_part(text) else 0.0)
+    n = len(MARKER)
+    ans_lines = [ln for ln in lines if ln.startswith(MARKER)]
     answer = 0.0
-    if lines and lines[-1].startswith("Answer:") and _valid_answer(lines[-1][7:], kind):
+    if lines and lines[-1].startswith(MARKER) and _valid_answer(lines[-1][n:], kind):
         answer = 0.5
-    elif any(_valid_answer(ln[7:], kind) for ln in ans_lines):
+    elif any(_valid_answer(ln[n:], kind) for ln in ans_lines):
         answer = 0.25
     elif ans_lines:
         # an Answer line whose value starts with a valid answer ("Answer: C) 600") is half right
-        first = ans_lines[-1][7:].strip().split()
+        first = ans_lines[-1][n:].strip().split()
         if first and _valid_answer(first[0].rstrip(").:,"), kind):
             answer = 0.25
     return think + answer
@@ -196,29 +180,21 @@ def chrf_reference(example, completion, task):
     the gold think block, so the reasoning text itself is scored.
     """
     if _kind(example, task) == "open":
-        ref = example.get("answer") or answer_text(_gold_text(example))
-        return answer_text(completion), ref
+        ref = example.get("answer") or answer_part(_gold_text(example))
+        return answer_part(completion), ref
     ref = think_content(_gold_text(example))
     if not ref or not ref.strip():
         return None
     return think_content(completion) or "", ref
 
 
-_CHRF = None
-
-
 def chrf(example, completion, task):
     """chrF++ (sacrebleu CHRF with word_order=2) of the completion against the reference text,
     scaled to [0, 1]; 0 when the example has no reference text to compare with."""
-    global _CHRF
     pair = chrf_reference(example, completion, task)
     if pair is None or not pair[1].strip():
         return 0.0
-    if _CHRF is None:
-        from sacrebleu.metrics import CHRF  # lazy: the core path must not need sacrebleu
-        _CHRF = CHRF(word_order=2)
-    hyp, ref = pair
-    return _CHRF.sentence_score(hyp, [ref]).score / 100.0
+    return sentence_chrf(*pair, word_order=2) / 100.0
 
 
 class LearnedReward:
@@ -250,7 +226,6 @@ class LearnedReward:
 
     def batch(self, examples, completions, task):
         """Scores of many completions in one rm.score call; task: one Task or one per example."""
-        import torch
         tasks = task if isinstance(task, (list, tuple)) else [task] * len(examples)
         ids = [self._ids(e, c, t) for e, c, t in zip(examples, completions, tasks)]
         with torch.no_grad():

@@ -14,15 +14,14 @@ Chats are rendered like nanochat: `<|bos|>`, then `<|user_start|>...<|user_end|>
 user turn with a blank line between. The loss mask is 1 exactly on the assistant's content and
 its `<|assistant_end|>`.
 """
-import json
 import os
 import pickle
-import tempfile
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanostoney.errors import UserError
+from nanostoney.files import read_json, write_json, write_text
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
@@ -113,7 +112,7 @@ class Tokenizer:
     def train(cls, texts, vocab_size, pattern=None, num_threads=None):
         """Trains on an iterable of strings. `vocab_size` counts everything: 256 bytes, the
         merges, and the special tokens."""
-        import nanostoney_rustbpe
+        import nanostoney_rustbpe  # lazy: the compiled trainer is needed to train, not to load
         pattern = pattern or SPLIT_PATTERN
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
@@ -166,7 +165,7 @@ class Tokenizer:
         state = getattr(state, "state", None)
         if isinstance(state, str):  # a registered encoding pickled by name, e.g. "cl100k_base"
             try:
-                import tiktoken
+                import tiktoken  # lazy: an optional extra, only for nanochat's pickled encodings
             except ImportError:
                 raise UserError(f"{path} names the tiktoken encoding {state!r}; pip install tiktoken to load it") from None
             enc = tiktoken.get_encoding(state)
@@ -182,11 +181,8 @@ class Tokenizer:
         if not os.path.isfile(tj):
             if os.path.isfile(os.path.join(path, "tokenizer.pkl")):
                 return cls.from_nanochat_pickle(os.path.join(path, "tokenizer.pkl"))
-            raise UserError(f"no tokenizer in {path}: expected tokenizer.json (train one with scripts/tok_train.py)")
-        meta = {}
-        if os.path.isfile(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+            raise UserError(f"no tokenizer in {path}: expected tokenizer.json (train one with python -m scripts.tok_train)")
+        meta = read_json(meta_path, fix="re-save the tokenizer") if os.path.isfile(meta_path) else {}
         try:
             hf = HFTokenizer.from_file(tj)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -195,18 +191,9 @@ class Tokenizer:
 
     def save(self, path):
         """Writes tokenizer.json and tokenizer_meta.json into `path`, each atomically."""
-        os.makedirs(path, exist_ok=True)
-        meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.vocab_size}
-        for name, write in (("tokenizer.json", lambda tmp: self.hf.save(tmp)),
-                            (META_FILE, lambda tmp: _write_json(tmp, meta))):
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, os.path.join(path, name))
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        write_text(os.path.join(path, "tokenizer.json"), self.hf.to_str(pretty=True))
+        write_json(os.path.join(path, META_FILE), {"pattern": self.pattern, "special_tokens": self.special_tokens,
+                                                   "vocab_size": self.vocab_size})
 
     # ------------------------------------------------------------------ ids
 
@@ -324,8 +311,3 @@ class _EncodingUnpickler(pickle.Unpickler):
         if (module, name) in (("copyreg", "_reconstructor"), ("builtins", "object")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unexpected class {module}.{name}")
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)

@@ -1,36 +1,35 @@
-"""The training loop and its parts, shared by scripts/base_train.py and scripts/sft_train.py.
+"""The training loop shared by pretraining, SFT, the reward model and STaR's SFT rounds.
 
-    optimizer = build_optimizer(model, "adamw")         # or "muon": Muon for matrices + AdamW
     accum = grad_accum_steps(total_batch, device_batch, seq_len, world_size)
-    train_loop(info, model, optimizer, args, get_batch, ...)          # the step loop
+    start = resume(args.resume, out, model, optimizer, info, expect=geometry)   # 0 without --resume
+    train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+               grad_accum=accum, start_step=start, logger=logger, evaluate=..., save=...)
 
 What lives here and why:
+- the loop's flags (add_loop_args; the optimizer's and its schedule are in optim.py).
 - batch geometry: the global batch is fixed by the user; gradient accumulation fills in what
   world_size x device_batch does not cover, so 1 CPU and 8 GPUs take the same optimiser steps.
-- optimizer: nanochat's split (Muon for block matrices, AdamW for embeddings and the head) or
-  plain AdamW, one object with state_dict() for checkpoints.
-- LR schedule: linear warmup, constant, linear warmdown to a floor; a pure function of the step,
-  so a resumed run is at the same point of the schedule without saving anything.
-- evaluation in bits per byte: nats summed over target tokens / (ln 2 x their UTF-8 bytes),
-  comparable across tokenizers (a loss per token is not).
+- the loss, as a function loss_fn(model, batch) -> (loss, tokens, extra metrics): lm_loss
+  for pretraining and SFT, reward_model.pair_loss for the reward model.
 - throughput: tokens/s and MFU (model FLOPs / peak FLOPs of the device).
-- checkpoint glue: model + optimizer + RNG + data position + step, and resume from it.
-The data side (which tokens form which batch) is in nanostoney/batches.py.
+- DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
+Which tokens form which batch is in batches.py; what evaluations measure is in evaluate.py.
 """
-import contextlib
-import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from nanostoney.dist import autocast_ctx, print0
+from nanostoney import checkpoint, probes
+from nanostoney.dist import autocast_ctx, barrier, print0
 from nanostoney.errors import UserError
-from nanostoney.muon import Muon
+from nanostoney.optim import lr_multiplier, set_lr
 
 # -----------------------------------------------------------------------------
-# flags shared by the training scripts
+# flags and geometry
 
 
 def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save_every,
@@ -67,21 +66,6 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     return parser
 
 
-def add_optim_args(parser, *, optimizer="adamw", matrix_lr=None, embedding_lr=0.2,
-                   unembedding_lr=0.004, scalar_lr=0.01, weight_decay=0.0, matrix_flags=("--matrix-lr",)):
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default=optimizer, choices=["muon", "adamw"],
-                   help="muon: Muon for block matrices + AdamW for embeddings/head; adamw: AdamW for all")
-    g.add_argument(*matrix_flags, dest="matrix_lr", type=float, default=matrix_lr,
-                   help=f"LR of the block matrices (default: {MATRIX_LR['muon']} with Muon, "
-                        f"{MATRIX_LR['adamw']} with AdamW)")
-    g.add_argument("--embedding-lr", type=float, default=embedding_lr, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=unembedding_lr, help="AdamW LR of lm_head")
-    g.add_argument("--scalar-lr", type=float, default=scalar_lr, help="AdamW LR of any other (1-D) parameter")
-    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
-    return parser
-
-
 def apply_dtype(info, dtype):
     """--dtype: override dist's choice of autocast dtype (auto = bf16 on CUDA, fp32 elsewhere)."""
     if dtype == "float32":
@@ -89,10 +73,6 @@ def apply_dtype(info, dtype):
     elif dtype == "bfloat16":
         info.autocast_dtype = torch.bfloat16
     return info
-
-
-# -----------------------------------------------------------------------------
-# batch geometry
 
 
 def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="tokens"):
@@ -106,110 +86,9 @@ def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="toke
     return total_batch // per_pass
 
 
-# -----------------------------------------------------------------------------
-# optimizer
-
-# Muon's LR is in spectral units (0.02 as nanochat); AdamW's for the same matrices is per element.
-# AdamW 3e-3 beat 1e-2 clearly in the CPU comparison (depth 4, 120 steps: 1.103 vs 1.207 bpb).
-MATRIX_LR = {"muon": 0.02, "adamw": 3e-3}
-
-
-class Optimizers:
-    """Several torch optimizers stepped, zeroed, scheduled and checkpointed as one."""
-
-    def __init__(self, optimizers):
-        self.optimizers = list(optimizers)
-
-    @property
-    def param_groups(self):
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state):
-        states = state["optimizers"]
-        if len(states) != len(self.optimizers):
-            raise UserError(f"the checkpoint's optimizer has {len(states)} parts but this run builds "
-                            f"{len(self.optimizers)}; resume with the same --optimizer.")
-        for opt, s in zip(self.optimizers, states):
-            opt.load_state_dict(s)
-
-
-def build_optimizer(model, kind="adamw", matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004,
-                    scalar_lr=0.01, weight_decay=0.0, betas=(0.8, 0.95)):
-    """Parameter groups by role, only over parameters that require grad (so LoRA just works).
-
-    Roles: "matrix" = 2-D weights inside transformer.h and every LoRA A/B, "embedding" = wte,
-    "unembedding" = lm_head, "scalar" = anything else. AdamW LRs of embedding/head are scaled
-    by (n_embd / 768)^-0.5 as nanochat does, so the same flags suit every depth.
-    Each group remembers its initial_lr; set_lr multiplies it by the schedule.
-    """
-    if kind not in MATRIX_LR:
-        raise UserError(f"unknown --optimizer {kind!r}; use muon or adamw.")
-    matrix_lr = MATRIX_LR[kind] if matrix_lr is None else matrix_lr
-    roles = {"matrix": [], "embedding": [], "unembedding": [], "scalar": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".lora_" in name:  # adapters are matrices wherever they sit (lm_head's included)
-            roles["matrix"].append(p)
-        elif name.startswith("transformer.wte"):
-            roles["embedding"].append(p)
-        elif name.startswith("lm_head"):
-            roles["unembedding"].append(p)
-        elif p.ndim == 2 and name.startswith("transformer.h"):
-            roles["matrix"].append(p)
-        else:
-            roles["scalar"].append(p)
-    if not any(roles.values()):
-        raise UserError("the model has no trainable parameters; check --lora-targets or use --full.")
-    n_embd = model.config.n_embd
-    dmodel_scale = (n_embd / 768) ** -0.5
-    adam_groups = []
-    for role, lr in (("embedding", embedding_lr * dmodel_scale),
-                     ("unembedding", unembedding_lr * dmodel_scale), ("scalar", scalar_lr)):
-        if roles[role]:
-            adam_groups.append({"params": roles[role], "lr": lr, "role": role})
-    optimizers = []
-    if kind == "muon":
-        if roles["matrix"]:
-            optimizers.append(Muon([{"params": roles["matrix"], "lr": matrix_lr, "role": "matrix"}]))
-    elif roles["matrix"]:
-        adam_groups.append({"params": roles["matrix"], "lr": matrix_lr, "role": "matrix"})
-    if adam_groups:
-        # fused AdamW on CUDA is one kernel for all params; eps small because grads can be tiny
-        fused = next(model.parameters()).is_cuda
-        optimizers.append(torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10,
-                                            weight_decay=weight_decay, fused=fused))
-    opt = Optimizers(optimizers)
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
-    return opt
-
-
-def lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0):
-    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac over the last part."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    warmdown_steps = round(warmdown_ratio * num_iterations)
-    if warmdown_steps <= 0 or step < num_iterations - warmdown_steps:
-        return 1.0
-    progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 over the warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def set_lr(optimizer, mult):
-    for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * mult
+def every(k, step):
+    """Is `step` (optimizer steps done) one of the --*-every k points? Never when k is 0."""
+    return k > 0 and step % k == 0
 
 
 # -----------------------------------------------------------------------------
@@ -260,258 +139,135 @@ def sync_device(device):
 
 
 # -----------------------------------------------------------------------------
-# bits per byte
+# the step loop
 
 
-def token_byte_lengths(tokenizer, device="cpu"):
-    """LongTensor: UTF-8 bytes of text each token id stands for; 0 for special tokens."""
-    return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long, device=device)
+def lm_loss(model, batch):
+    """Next-token cross-entropy of a batch (x, y) (targets -1 are ignored): the loss of
+    pretraining and SFT. Returns (loss, tokens in the forward, extra metrics)."""
+    x, y = batch
+    return model(x, y), x.numel(), {}
 
 
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes, info):
-    """Bits per byte over an iterable of (x, y) batches (this rank's share), summed over ranks.
-
-    bpb = sum of nats over target tokens / (ln 2 x sum of their UTF-8 bytes). Targets that are
-    special tokens (0 bytes) or ignored (-1) count in neither sum.
-    """
-    was_training = model.training
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=info.device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=info.device)
-    for x, y in batches:
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="none").reshape(-1).double()
-        y = y.reshape(-1)
-        counted = token_bytes[y.clamp(min=0)] * (y >= 0)
-        nats += (loss * (counted > 0)).sum()
-        nbytes += counted.sum()
-    if info.is_distributed:
-        import torch.distributed as dist
-        stats = torch.stack([nats, nbytes])
-        dist.all_reduce(stats)
-        nats, nbytes = stats[0], stats[1]
-    model.train(was_training)
-    if nbytes.item() == 0:
-        return float("nan")
-    return nats.item() / (math.log(2) * nbytes.item())
-
-
-# -----------------------------------------------------------------------------
-# attention entropy from the model's probes
-
-
-def entropy_metrics(probe):
-    """{"attn/entropy/layer_i": mean over heads (nats), "attn/entropy_mean"} from probes.entropy."""
+def attention_entropy_metrics(probe):
+    """{"attn/entropy/layer_i": mean over heads (nats), "attn/entropy_mean"} from an EntropyProbe."""
     per_layer = probe.per_layer_head.float().mean(1).tolist()
     out = {f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)}
     out["attn/entropy_mean"] = sum(per_layer) / max(1, len(per_layer))
     return out
 
 
-# -----------------------------------------------------------------------------
-# greedy generation for periodic samples and accuracy
-
-
-@torch.no_grad()
-def generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=16):
-    """Greedy completions (token ids, stop token dropped) for a list of prompt-id lists."""
-    from nanostoney.engine import Engine
-    was_training = model.training
-    model.eval()
-    engine = Engine(model, tokenizer)
-    stop = set(engine.stop_ids)  # <|assistant_end|>, and <|bos|> (a base model ends a document)
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        res = engine.generate(prompts[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0)
-        for toks in res.tokens:
-            toks = list(toks)
-            if toks and toks[-1] in stop:
-                toks = toks[:-1]
-            outs.append(toks)
-    model.train(was_training)
-    return outs
-
-
-# -----------------------------------------------------------------------------
-# chat-task evaluation (SFT, sweeps)
-
-
-def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16):
-    """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
-    split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
-    at max_new_tokens): a model that has learned the format stops earlier anyway."""
-    from nanostoney.evaluate import generate_completions, length_budget
-    if not examples:
-        return []
-    prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
-    texts = generate_completions(model, tokenizer, prompts, info, max_new_tokens=length_budget(
-        tokenizer, examples, max_new_tokens), batch_size=batch_size, desc=f"eval {task.name}")
-    return [int(bool(task.evaluate(ex, t[0]))) for ex, t in zip(examples, texts)]
-
-
-def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...]}} for
-    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items."""
-    from nanostoney.metrics import bootstrap_ci
-    table = {}
-    for (task, split), exs in item_sets.items():
-        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
-        point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
-        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
-    return table
-
-
-@torch.no_grad()
-def masked_loss(model, rows, pad_id, info, batch_size=16):
-    """Mean loss (nats/token) over the 1-mask (assistant) tokens of rendered (ids, mask) rows,
-    all ranks together."""
-    from nanostoney.batches import collate
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    mine = rows[info.rank::info.world_size]
-    for i in range(0, len(mine), batch_size):
-        x, y = collate(mine[i:i + batch_size], pad_id, info.device)
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="sum")
-        total += torch.stack([loss.double(), (y >= 0).sum().double()])
-    if info.is_distributed:
-        import torch.distributed as dist
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-# -----------------------------------------------------------------------------
-# the step loop
-
-
 def wrap_ddp(model, info):
     """DDP around the model when there are several processes (gloo on CPU, NCCL on CUDA)."""
     if not info.is_distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_step, logger,
+def train_step(info, model, train_model, optimizer, params, batches, loss_fn, grad_accum, grad_clip,
+               measure_entropy=False):
+    """One optimizer step over the grad_accum micro-batches of `batches`. With measure_entropy
+    the first micro-batch's forward runs with the entropy probe attached (exact per-layer
+    attention entropy, no extra forward). Returns a dict of the step's statistics."""
+    sync_device(info.device)
+    t0 = time.perf_counter()
+    loss_sum, tokens, extra, probe = torch.zeros((), device=info.device), 0, {}, None
+    for micro, batch in enumerate(batches):
+        # DDP all-reduces grads on every backward unless told not to: only on the last micro
+        last = micro == grad_accum - 1
+        sync = train_model.no_sync() if hasattr(train_model, "no_sync") and not last else nullcontext()
+        watch = micro == 0 and measure_entropy
+        with sync, (probes.attention_entropy_probe(model) if watch else nullcontext()) as p:
+            with autocast_ctx(info):
+                loss, n, more = loss_fn(train_model, batch)
+            (loss / grad_accum).backward()
+        probe = p if watch else probe
+        loss_sum += loss.detach()
+        tokens += n
+        for k, v in more.items():
+            extra[k] = extra.get(k, 0.0) + v.detach() / grad_accum
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync_device(info.device)
+    return {"loss": loss_sum.item() / grad_accum, "grad_norm": grad_norm.item(), "tokens": tokens,
+            "seconds": time.perf_counter() - t0, "extra": extra, "entropy": probe}
+
+
+def step_metrics(stats, optimizer, mult, info, flops_per_token, peak):
+    """The logged numbers of one step (throughput per process, times world_size for the run)."""
+    tok_per_s = stats["tokens"] / stats["seconds"]
+    metrics = {"train/loss": stats["loss"], "train/lr_mult": mult, "train/grad_norm": stats["grad_norm"],
+               "train/tokens_per_s": tok_per_s * info.world_size, "train/step_time_s": stats["seconds"],
+               **stats["extra"]}
+    for g in optimizer.param_groups:
+        metrics[f"lr/{g.get('role', 'group')}"] = g["lr"]
+    if peak:
+        metrics["train/mfu"] = flops_per_token * tok_per_s / peak
+    return metrics
+
+
+def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_step, logger, loss_fn=lm_loss,
                evaluate=None, sample=None, save=None, train_model=None):
     """Run optimizer steps start_step .. args.num_iterations - 1; returns the last eval metrics.
 
-    get_batch(step, micro) -> (x, y) on the device: must be a pure function of its arguments
-    (and the rank), which is what makes --resume exact and DDP equal to accumulation.
+    get_batch(step, micro) -> a batch for loss_fn(model, batch) (default lm_loss: (x, y) on the
+    device); it must be a pure function of its arguments (and the rank), which is what makes
+    --resume exact and DDP equal to accumulation.
     evaluate(step) -> dict of metrics, sample(step) -> None, save(step) -> None are called at
     their --*-every intervals (step = optimizer steps done) and once at the end; they run on
-    every rank (evaluate and save may hold collectives).
-    Every --entropy-every steps the first micro-batch's forward runs with the entropy probe
-    attached (exact per-layer attention entropy, no extra forward pass).
+    every rank (evaluate and save may hold collectives). Every --entropy-every steps the
+    attention entropy of the step's first forward is logged.
     train_model: the (DDP-wrapped / compiled) module to train through; default `model`.
     """
-    from tqdm import tqdm
-    from nanostoney import probes
+    from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     train_model = model if train_model is None else train_model
     params = [p for p in model.parameters() if p.requires_grad]
-    flops_per_token = model.estimate_flops()
-    peak = peak_flops(info.device, getattr(args, "peak_flops", None))
+    flops_per_token, peak = model.estimate_flops(), peak_flops(info.device, getattr(args, "peak_flops", None))
     n = args.num_iterations
     last_metrics = {}
-
-    def every(k, step):
-        return k > 0 and step % k == 0
 
     def run_eval(step):
         metrics = evaluate(step)
         last_metrics.update(metrics)
         logger.log(metrics, step=step)
 
+    callbacks = [(run_eval if evaluate is not None else None, args.eval_every), (sample, args.sample_every),
+                 (save, args.save_every)]
     if start_step == 0 and evaluate is not None and args.eval_every > 0:
         run_eval(0)
-    pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master,
-                dynamic_ncols=True)
+    pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
     for step in pbar:
         done = step + 1
         mult = lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         set_lr(optimizer, mult)
-        sync_device(info.device)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=info.device)
-        tokens = 0
-        probe = None
-        for micro in range(grad_accum):
-            x, y = get_batch(step, micro)
-            # DDP all-reduces grads on every backward unless told not to: only on the last micro
-            last = micro == grad_accum - 1
-            ddp = hasattr(train_model, "no_sync")
-            sync = train_model.no_sync() if ddp and not last else contextlib.nullcontext()
-            measure = micro == 0 and every(args.entropy_every, done)
-            with sync, (probes.entropy(model) if measure else contextlib.nullcontext()) as p:
-                with autocast_ctx(info):
-                    loss = train_model(x, y)
-                (loss / grad_accum).backward()
-            probe = p if measure else probe
-            loss_sum += loss.detach()
-            tokens += x.numel()
-        clip = args.grad_clip if args.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync_device(info.device)
-        dt = time.perf_counter() - t0
-
+        batches = (get_batch(step, micro) for micro in range(grad_accum))
+        stats = train_step(info, model, train_model, optimizer, params, batches, loss_fn, grad_accum,
+                           args.grad_clip, every(args.entropy_every, done))
         if every(args.log_every, done) or done == n:
-            loss_val = loss_sum.item() / grad_accum
-            tok_per_s = tokens / dt  # this process; the whole run does world_size times that
-            metrics = {"train/loss": loss_val, "train/lr_mult": mult, "train/grad_norm": grad_norm.item(),
-                       "train/tokens_per_s": tok_per_s * info.world_size, "train/step_time_s": dt}
-            for g in optimizer.param_groups:
-                metrics[f"lr/{g.get('role', 'group')}"] = g["lr"]
-            if peak:
-                metrics["train/mfu"] = flops_per_token * tok_per_s / peak
-            logger.log(metrics, step=done)
-            pbar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_per_s * info.world_size:.0f}")
-        if probe is not None:
-            logger.log(entropy_metrics(probe.all_reduce()), step=done)
-        if evaluate is not None and every(args.eval_every, done) and done < n:
-            run_eval(done)
-        if sample is not None and every(args.sample_every, done) and done < n:
-            sample(done)
-        if save is not None and every(args.save_every, done) and done < n:
-            save(done)
+            logger.log(step_metrics(stats, optimizer, mult, info, flops_per_token, peak), step=done)
+            pbar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens'] / stats['seconds'] * info.world_size:.0f}")
+        if stats["entropy"] is not None:
+            logger.log(attention_entropy_metrics(stats["entropy"].all_reduce()), step=done)
+        for callback, k in callbacks:
+            if callback is not None and every(k, done) and done < n:
+                callback(done)
     pbar.close()
-    if evaluate is not None:
-        run_eval(n)
-    if sample is not None:
-        sample(n)
-    if save is not None:
-        save(n)
+    for callback, _ in callbacks:  # and once at the end
+        if callback is not None:
+            callback(n)
     return last_metrics
 
 
-def resolve_resume(resume, out_dir):
-    """The checkpoint dir to resume from (--resume DIR, or the latest step under --out)."""
-    if resume is None:
-        return None
-    if resume != "latest":
-        if not os.path.isdir(resume):
-            raise UserError(f"--resume {resume}: no such checkpoint directory.")
-        return resume
-    if out_dir is None:
-        raise UserError("--resume without a directory needs --out (the run to continue).")
-    from nanostoney import checkpoint
-    path = checkpoint.latest_checkpoint(out_dir)
-    if path is None:
-        raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
-    return path
+# -----------------------------------------------------------------------------
+# checkpoints: save, resume
 
 
 def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, base_checkpoint=None,
              keep_last=None, tokenizer=None):
     """A checkpoint from rank 0 with every rank's RNG state (call on all ranks). Pass the
     tokenizer (tokenizer_dir or the object) so the checkpoint loads on its own."""
-    from nanostoney import checkpoint
-    from nanostoney.dist import barrier
     states = checkpoint.gather_rng_states()
     path = None
     if info.is_master:
@@ -522,17 +278,27 @@ def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, ba
     return path
 
 
-def resume_run(path, model, optimizer, info, expect=None):
-    """Weights, optimizer and this rank's RNG from a checkpoint; returns its meta.
-
-    expect: {key: value} of run settings that must match the checkpoint's meta (batch
-    geometry, seed...), else the data order would silently differ from the original run.
-    """
-    from nanostoney import checkpoint
+def resume(resume_arg, out_dir, model, optimizer, info, expect=None):
+    """The step to start from: 0 without --resume; else the step of the checkpoint it names (a
+    directory, or "latest": the newest under --out), after restoring weights, optimizer and
+    this rank's RNG. expect: {key: value} of run settings that must match the checkpoint's meta
+    (batch geometry, seed...), else the data order would silently differ from the original run."""
+    if resume_arg is None:
+        return 0
+    if resume_arg != "latest":
+        if not os.path.isdir(resume_arg):
+            raise UserError(f"--resume {resume_arg}: no such checkpoint directory.")
+        path = resume_arg
+    elif out_dir is None:
+        raise UserError("--resume without a directory needs --out (the run to continue).")
+    else:
+        path = checkpoint.latest_checkpoint(out_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
     meta = checkpoint.load_checkpoint(path, model, optimizer, rank=info.rank)
     for key, value in (expect or {}).items():
         if key in meta and meta[key] != value:
             raise UserError(f"--resume {path}: the run used {key}={meta[key]!r} but this one has "
                             f"{value!r}; resume with the original settings.")
     print0(f"resumed from {path} at step {meta['step']}")
-    return meta
+    return meta["step"]

@@ -1,11 +1,11 @@
 """Pretrain a GPT on a text corpus: one process, torchrun on 8 GPUs, or several nodes.
 
-    python scripts/base_train.py --tokenizer out/tokenizer --out out/base            # CPU default
-    torchrun --nproc_per_node=8 scripts/base_train.py --depth 20 --device-batch-size 32 \
+    python -m scripts.base_train --tokenizer out/tokenizer --out out/base            # CPU default
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
         --total-batch-size 524288 --sequence-len 2048 --num-iterations 5000 ...       # 8xH100
 
-Default corpus: the bundled data's train splits (nanostoney.data.training_corpus_texts), held
-out against the val splits of the same tasks. `--data` takes txt/jsonl/json/parquet files,
+Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), held out
+against the val splits of the same tasks. `--data` takes txt/jsonl/json/parquet files,
 directories or globs, or a hub dataset id; every source passes the governance gate first.
 The CPU default (depth 4 = 256 wide, 4 heads of 64; 256-token rows; 2048-token steps; 500 steps,
 about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default optimizer is AdamW:
@@ -14,26 +14,25 @@ after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
+from nanostoney import batches, evaluate, optim, train
+from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney.dist import cleanup, init_dist, print0
+from nanostoney.errors import UserError, run_main
+from nanostoney.gpt import GPT, config_for_depth
+from nanostoney.logging import add_logging_args, from_args
+from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
+from nanostoney.tokenizer import Tokenizer
 
-from nanostoney import batches as B  # noqa: E402
-from nanostoney import train as T  # noqa: E402
-from nanostoney.data import add_manifest_arg  # noqa: E402
-from nanostoney.errors import UserError, run_main  # noqa: E402
-from nanostoney.logging import add_logging_args, from_args  # noqa: E402
-
-DEFAULT_CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
 SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows and buys 5 more.",
                   "Janet has three apples and"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a nanostoney GPT.")
-    p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir from scripts/tok_train.py")
+    p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir from scripts.tok_train")
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; "
                         "default: the bundled corpus")
@@ -50,26 +49,23 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample-tokens", type=int, default=32, help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0 = all)")
-    T.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250,
-                    sample_every=250, entropy_every=50)
-    T.add_optim_args(p, optimizer="adamw")
+    train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250,
+                        sample_every=250, entropy_every=50)
+    optim.add_optim_args(p, optimizer="adamw")
     add_logging_args(p)
     return p.parse_args(argv)
 
 
 def load_corpus(args):
     """(train docs, val docs, the source files behind them), after the governance gate."""
-    from nanostoney.data import check_sources, sources_for_tasks, training_corpus_texts
     if args.data is None:
-        sources = sources_for_tasks(DEFAULT_CORPUS_TASKS)
+        sources = sources_for_tasks(CORPUS_TASKS)
         check_sources(sources, use="training", manifest=args.manifest)
-        return training_corpus_texts(), B.validation_corpus_texts(DEFAULT_CORPUS_TASKS), sources
-    sources = B.expand_sources(args.data)
-    val_sources = B.expand_sources(args.val_data) if args.val_data else []
-    check_sources([B.gate_name(s) for s in sources + val_sources], use="training", manifest=args.manifest)
-    docs = B.read_sources(sources, args.text_column)
-    if val_sources:
-        return docs, B.read_sources(val_sources, args.text_column, split=args.val_split), sources + val_sources
+        return corpus_texts("train"), corpus_texts("val"), sources
+    docs, sources = gated_documents(args.data, args.manifest, args.text_column)
+    if args.val_data:
+        val_docs, val_sources = gated_documents(args.val_data, args.manifest, args.text_column, split=args.val_split)
+        return docs, val_docs, sources + val_sources
     n_val = min(args.val_docs, len(docs) // 10)
     if n_val < 1:
         raise UserError(f"--data holds {len(docs)} documents, too few to hold out validation ones; "
@@ -79,41 +75,32 @@ def load_corpus(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from nanostoney.dist import cleanup, init_dist, print0
-    from nanostoney.gpt import GPT, config_for_depth
-    from nanostoney.tokenizer import Tokenizer
-
-    info = init_dist(args.device, seed=args.seed)
-    T.apply_dtype(info, args.dtype)
+    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     if not os.path.isdir(args.tokenizer):
         raise UserError(f"tokenizer directory {args.tokenizer} does not exist; train one with "
-                        f"scripts/tok_train.py or pass --tokenizer.")
+                        f"python -m scripts.tok_train or pass --tokenizer.")
     tok = Tokenizer.load(args.tokenizer)
-    accum = T.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.sequence_len, info.world_size)
+    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.sequence_len, info.world_size)
     out = args.out or "out/base"
 
     train_docs, val_docs, sources = load_corpus(args)
-    train_tokens = B.tokenize_documents(tok, train_docs)
-    val_tokens = B.tokenize_documents(tok, val_docs)
-    windows = B.TokenWindows(train_tokens, args.sequence_len, seed=args.seed, what="training corpus")
-    val_windows = B.TokenWindows(val_tokens, args.sequence_len, shuffle=False, what="validation corpus")
+    train_tokens = batches.tokenize_documents(tok, train_docs)
+    val_tokens = batches.tokenize_documents(tok, val_docs)
+    windows = batches.TokenWindows(train_tokens, args.sequence_len, seed=args.seed, what="training corpus")
+    val_windows = batches.TokenWindows(val_tokens, args.sequence_len, shuffle=False, what="validation corpus")
 
     config = config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim)
     model = GPT(config)
     model.init_weights()
     model.to(info.device)
-    optimizer = T.build_optimizer(model, args.optimizer, args.matrix_lr, args.embedding_lr,
-                                  args.unembedding_lr, args.scalar_lr, args.weight_decay)
+    optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": args.total_batch_size, "sequence_len": args.sequence_len,
                 "seed": args.seed, "optimizer": args.optimizer}
-    start_step = 0
-    resume = T.resolve_resume(args.resume, out)
-    if resume:
-        start_step = T.resume_run(resume, model, optimizer, info, expect=geometry)["step"]
-    train_model = T.wrap_ddp(torch.compile(model) if args.compile else model, info)
-    loader = B.PretrainBatches(windows, args.device_batch_size, accum, info)
-    token_bytes = T.token_byte_lengths(tok, info.device)
+    start_step = train.resume(args.resume, out, model, optimizer, info, expect=geometry)
+    train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
+    loader = batches.PretrainBatches(windows, args.device_batch_size, accum, info)
+    token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
     run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
                   "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
@@ -125,10 +112,10 @@ def main(argv=None):
            f"{args.total_batch_size} tokens/step = {args.device_batch_size} x {args.sequence_len} x "
            f"{info.world_size} proc x {accum} accum; {args.num_iterations} steps")
 
-    def evaluate(step):
+    def validate(step):
         rows = max(1, args.eval_tokens // args.sequence_len)
-        bpb = T.evaluate_bpb(model, B.eval_batches(val_windows, args.device_batch_size, info, rows),
-                             token_bytes, info)
+        bpb = evaluate.evaluate_bpb(model, batches.eval_batches(val_windows, args.device_batch_size, info, rows),
+                                    token_bytes, info)
         print0(f"step {step}: val bpb {bpb:.4f}")
         return {"val/bpb": bpb}
 
@@ -136,8 +123,8 @@ def main(argv=None):
         if not info.is_master or args.sample_tokens <= 0:
             return
         prompts = [[tok.bos_id] + tok.encode(p) for p in SAMPLE_PROMPTS]
-        outs = T.generate_greedy(model, tok, prompts, args.sample_tokens)
-        rows = [[p, tok.decode(o)] for p, o in zip(SAMPLE_PROMPTS, outs)]
+        outs = evaluate.generate_completions(model, tok, prompts, max_new_tokens=args.sample_tokens)
+        rows = [[p, c[0]] for p, c in zip(SAMPLE_PROMPTS, outs)]
         for p, c in rows:
             print0(f"  sample | {p}{c!r}")
         logger.log_table("samples", ["prompt", "completion"], rows, step=step)
@@ -145,12 +132,12 @@ def main(argv=None):
     def save(step):
         meta = {**geometry, "data_position": loader.position(step), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "base"}
-        T.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
-                   keep_last=args.keep_last or None)
+        train.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
+                       keep_last=args.keep_last or None)
 
-    final = T.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
-                         grad_accum=accum, start_step=start_step, logger=logger, evaluate=evaluate,
-                         sample=sample, save=save, train_model=train_model)
+    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+                             grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
+                             sample=sample, save=save, train_model=train_model)
     logger.summary(final)
     logger.finish()
     print0(f"done: val bpb {final.get('val/bpb', float('nan')):.4f}; checkpoint in {out}")

@@ -1,8 +1,8 @@
 """Check data before a run: the manifest, the governance gate, and that the tasks load.
 
-    python scripts/check_data.py --manifest data/SOURCE_MANIFEST.yml --use training FILE...
-    python scripts/check_data.py --tasks stoney_mc,gsm8k_mc            # gate + load + split sizes
-    python scripts/check_data.py --manifest ../StoneyNakoda/SOURCE_MANIFEST.yml \\
+    python -m scripts.check_data --manifest data/SOURCE_MANIFEST.yml --use training FILE...
+    python -m scripts.check_data --tasks stoney_mc,gsm8k_mc            # gate + load + split sizes
+    python -m scripts.check_data --manifest ../StoneyNakoda/SOURCE_MANIFEST.yml \\
         --use training ../StoneyNakoda/OpenAIFineTune/stoney_train.jsonl
 
 Prints one "ok" line per approved source (and the split sizes of each task with --tasks);
@@ -10,13 +10,11 @@ any problem (unapproved source, missing or malformed file, empty split, unknown 
 sentence on stderr and exit code 2. Writes nothing.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanostoney.data import add_manifest_arg  # noqa: E402
-from nanostoney.errors import UserError, run_main  # noqa: E402
+from nanostoney.data import add_manifest_arg, check_sources, load_manifest
+from nanostoney.errors import UserError, run_main
+from nanostoney.tasks import get_task, sources_for_tasks
+from nanostoney.tasks.base import SPLITS
 
 
 def main(argv=None):
@@ -28,9 +26,6 @@ def main(argv=None):
     p.add_argument("--source", default="bundled", help="task data source: bundled, hub or auto")
     p.add_argument("--data-dir", default=None, help="a directory laid out like data/ to read instead")
     args = p.parse_args(argv)
-    from nanostoney.data import check_sources, load_manifest, sources_for_tasks
-    from nanostoney.tasks import SPLITS, get_task
-
     for m in args.manifest or [None]:
         path, records = load_manifest(m)
         print(f"manifest {path}: {len(records)} records")

@@ -1,8 +1,8 @@
 """Compare how checkpoints reason over Stoney Nakoda and over math: the interpretability report.
 
-    python scripts/compare_reasoning.py --checkpoints base=out/base sft=out/sft grpo=out/grpo \
+    python -m scripts.compare_reasoning --checkpoints base=out/base sft=out/sft grpo=out/grpo \
         --max-examples 16 --out out/report
-    python scripts/compare_reasoning.py --checkpoints nanochat=~/.cache/nanochat/base_checkpoints/d20 \
+    python -m scripts.compare_reasoning --checkpoints nanochat=~/.cache/nanochat/base_checkpoints/d20 \
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
@@ -18,10 +18,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from tqdm import tqdm
 
-from nanostoney.errors import UserError, run_main  # noqa: E402
-from nanostoney.logging import MODES  # noqa: E402
+from nanostoney import interp, report
+from nanostoney.checkpoint import git_commit, load_model
+from nanostoney.errors import UserError, run_main
+from nanostoney.logging import MODES, Logger
+from nanostoney.tasks import get_task
+from nanostoney.tokenizer import Tokenizer
 
 DEFAULT_TASKS = ("stoney_mc", "stoney_lexicon", "aqua_mc", "gsm8k_mc")
 
@@ -95,7 +100,6 @@ def parse_deltas(specs, names):
 
 def base_tokenizer(meta):
     """The tokenizer of the checkpoint this one was fine-tuned from, when it carries none itself."""
-    from nanostoney.tokenizer import Tokenizer
     inner = meta.get("base") or {}  # LoRA adapters: the meta of the checkpoint they sit on
     for base in (meta.get("base_checkpoint"), inner.get("checkpoint"), inner.get("base_checkpoint")):
         if base and os.path.isfile(os.path.join(base, "tokenizer", "tokenizer.json")):
@@ -134,13 +138,6 @@ def summary_lines(diffs, limit=6):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    import torch
-    from tqdm import tqdm
-    from nanostoney import interp, report
-    from nanostoney.checkpoint import git_commit, load_model
-    from nanostoney.tasks import get_task
-    from nanostoney.tokenizer import Tokenizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.max_examples < 1:
@@ -182,7 +179,7 @@ def main(argv=None):
                   candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
                   deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
                   git_commit=git_commit(), torch_version=torch.__version__,
-                  command="python scripts/compare_reasoning.py " + " ".join(sys.argv[1:] if argv is None else argv))
+                  command="python -m scripts.compare_reasoning " + " ".join(sys.argv[1:] if argv is None else argv))
     metrics = {"config": config, "definitions": interp.DEFINITIONS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "summary": {"top": summary_lines(diffs),
                            "note": "differences whose 95% bootstrap intervals over examples do not overlap; "
@@ -190,7 +187,6 @@ def main(argv=None):
                "differences": diffs, "checkpoints": results, "deltas": delta_out}
     logger = None
     if args.wandb != "disabled":
-        from nanostoney.logging import Logger
         logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
                         run_name=args.run_name, config=config, out_dir=args.out + ".wandb")
     try:

@@ -1,13 +1,13 @@
 """Evaluate checkpoints on chat tasks: accuracy, pass@k, chrF++, MAUVE (and COMET when present).
 
-    python scripts/eval.py --checkpoints out/base out/sft out/grpo                  # CPU default
-    python scripts/eval.py --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \
+    python -m scripts.eval --checkpoints out/base out/sft out/grpo                  # CPU default
+    python -m scripts.eval --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \
         --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
 
 The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) is sized for
 the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On a GPU, raise
 --max-examples, --num-samples and --max-new-tokens.
-    torchrun --nproc_per_node=8 scripts/eval.py --checkpoints ...                   # 8 GPUs
+    torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
 A checkpoint is our run or step dir, a LoRA adapter dir, or a nanochat checkpoint dir, given
 as a path (named by its folder) or name=path. Every metric comes with a 95% bootstrap
@@ -26,16 +26,20 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanostoney import evaluate
+from nanostoney.checkpoint import load_model
+from nanostoney.dist import cleanup, init_dist, print0
+from nanostoney.errors import UserError, run_main
+from nanostoney.files import write_json, write_text
+from nanostoney.logging import add_logging_args, from_args
+from nanostoney.metrics import model_features
+from nanostoney.tasks import TASK_NAMES, get_task
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # MAUVE/COMET must never fetch a featuriser or a model
+# MAUVE and COMET (imported when they are first used) must never fetch a featuriser or a model
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-from nanostoney.errors import UserError, run_main  # noqa: E402
-from nanostoney.logging import add_logging_args, from_args  # noqa: E402
 
 DEFAULT_TASKS = "stoney_mc,stoney_lexicon,stoney_qa,aqua_mc,gsm8k,gsm8k_mc"
 FORMAT = "nanostoney-eval-1"
@@ -97,7 +101,6 @@ def parse_checkpoints(specs):
 
 
 def parse_tasks(specs):
-    from nanostoney.tasks import TASK_NAMES
     names = [n for spec in specs for n in spec.replace(",", " ").split()]
     if not names:
         raise UserError(f"--tasks is empty; name at least one of {', '.join(TASK_NAMES)}.")
@@ -108,7 +111,6 @@ def parse_tasks(specs):
 
 
 def load_for_eval(path, device):
-    from nanostoney.checkpoint import load_model
     model, tok, meta = load_model(path, device=device)
     if tok is None:
         raise UserError(f"checkpoint {path} has no tokenizer; save it with its tokenizer/ (or put "
@@ -174,31 +176,15 @@ def flat_metrics(results):
     return out
 
 
-def write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def write_completions(path, rows):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    tasks_wanted = parse_tasks(args.tasks)          # bad flags fail before any slow work
+def check_flags(args):
+    """(task names, [(name, path)]): bad flags fail before any slow work."""
+    tasks_wanted = parse_tasks(args.tasks)
     ckpts = parse_checkpoints(args.checkpoints)
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
         raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
@@ -208,85 +194,87 @@ def main(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; use a positive number.")
     if args.max_new_tokens < 1 or args.temperature <= 0 and args.num_samples > 0:
         raise UserError("--max-new-tokens must be >= 1 and --temperature > 0 when --num-samples > 0.")
+    return tasks_wanted, ckpts
 
-    from nanostoney import evaluate as E
-    from nanostoney.dist import cleanup, init_dist, print0
-    from nanostoney.metrics import model_features
-    from nanostoney.tasks import get_task
 
+def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, notes, completions):
+    """The results entry of one checkpoint (tasks and families, on rank 0); appends to the run's
+    notes and completions."""
+    model, tok, meta = load_for_eval(path, info.device)
+    fmodel, ftok = featurizer or (model, tok)
+
+    def featurize(texts):
+        return model_features(fmodel, ftok, texts, device=info.device)
+
+    entry = {"path": os.path.abspath(path), "resolved": meta.get("checkpoint", os.path.abspath(path)),
+             "step": meta.get("step"), "stage": meta.get("stage"), "lora": "base" in meta, "tasks": {}}
+    for task in tasks:
+        exs = examples[task.name]
+        greedy, sampled = evaluate.complete_task(model, tok, task, exs, info, args.num_samples, args.temperature,
+                                                 args.top_k, args.max_new_tokens, args.seed, args.batch_size)
+        if not info.is_master:
+            continue
+        res, task_notes = evaluate.score_task(task, exs, greedy, sampled, featurize=featurize if args.mauve else None,
+                                              n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
+                                              comet=args.comet and not any(n.startswith("COMET skipped") for n in notes),
+                                              comet_model=args.comet_model)
+        notes += [n for n in task_notes if n not in notes]
+        entry["tasks"][task.name] = res
+        if args.completions:
+            completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
+                            for ex, g, s in zip(exs, greedy, sampled)]
+        print0(f"  {name} {task.name}: accuracy {res['metrics']['accuracy']['value']:.3f}")
+    if info.is_master:
+        entry["families"] = evaluate.family_metrics(entry["tasks"], n_boot=args.n_boot, seed=args.seed)
+    return entry
+
+
+def publish(args, results, config, ckpts, completions, timings, total):
+    """Rank 0: the JSON file(s), the table on stdout, and the W&B run."""
+    write_json(args.out, results)
+    if args.completions:
+        write_completions(args.completions, completions)
+    print("\n" + format_table(results, args.split))
+    for n in results["notes"]:
+        print(n)
+    print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
+    logger = from_args(args, config={**config, "checkpoints": {c: p for c, p in ckpts}},
+                       out_dir=os.path.dirname(os.path.abspath(args.out)))
+    logger.summary({**flat_metrics(results), "eval/time_s": total})
+    rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
+            for c, r in results["checkpoints"].items() for group in ("tasks", "families")
+            for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+    logger.log_table("eval/results", ["checkpoint", "task", "metric", "value", "lo", "hi", "n"], rows)
+    logger.finish()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks_wanted, ckpts = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
     tasks = [get_task(n) for n in tasks_wanted]
-    examples = {t.name: E.select_examples(t, args.split, args.max_examples) for t in tasks}
-    featurizer = None
-    if args.mauve and args.mauve_featurizer:
-        featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2]
-    ks = E.powers_of_two(args.num_samples)
+    examples = {t.name: evaluate.select_examples(t, args.split, args.max_examples) for t in tasks}
+    featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None
     config = {"split": args.split, "tasks": tasks_wanted, "max_examples": args.max_examples,
-              "num_samples": args.num_samples, "ks": ks, "temperature": args.temperature,
-              "top_k": args.top_k, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-              "batch_size": args.batch_size, "n_boot": args.n_boot, "mauve": args.mauve,
-              "mauve_boot": args.mauve_boot,
+              "num_samples": args.num_samples, "ks": evaluate.powers_of_two(args.num_samples),
+              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "n_boot": args.n_boot,
+              "mauve": args.mauve, "mauve_boot": args.mauve_boot,
               "mauve_featurizer": os.path.abspath(args.mauve_featurizer) if args.mauve_featurizer else "self",
               "examples_per_task": {t: len(x) for t, x in examples.items()}}
     results = {"format": FORMAT, "config": config, "checkpoints": {}, "notes": []}
-    completions, notes, timings = [], [], {}
+    completions, timings = [], {}
     print0(f"evaluating {len(ckpts)} checkpoint(s) on {', '.join(f'{t} ({len(x)})' for t, x in examples.items())} "
            f"[{args.split}], {args.num_samples} samples/prompt at T={args.temperature}")
     for name, path in ckpts:
         t0 = time.perf_counter()
-        model, tok, meta = load_for_eval(path, info.device)
-        fmodel, ftok = featurizer or (model, tok)
-
-        def featurize(texts, fmodel=fmodel, ftok=ftok):
-            return model_features(fmodel, ftok, texts, device=info.device)
-
-        entry = {"path": os.path.abspath(path), "resolved": meta.get("checkpoint", os.path.abspath(path)),
-                 "step": meta.get("step"), "stage": meta.get("stage"),
-                 "lora": "base" in meta, "tasks": {}}
-        for task in tasks:
-            exs = examples[task.name]
-            greedy, sampled = E.complete_task(model, tok, task, exs, info, args.num_samples, args.temperature,
-                                              args.top_k, args.max_new_tokens, args.seed, args.batch_size)
-            if not info.is_master:
-                continue
-            res, task_notes = E.score_task(task, exs, greedy, sampled, featurize=featurize if args.mauve else None,
-                                           n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
-                                           comet=args.comet and not any(n.startswith("COMET skipped") for n in notes),
-                                           comet_model=args.comet_model)
-            notes += [n for n in task_notes if n not in notes]
-            entry["tasks"][task.name] = res
-            if args.completions:
-                completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
-                                for ex, g, s in zip(exs, greedy, sampled)]
-            acc = res["metrics"]["accuracy"]
-            print0(f"  {name} {task.name}: accuracy {acc['value']:.3f}")
-        if info.is_master:
-            entry["families"] = E.family_metrics(entry["tasks"], n_boot=args.n_boot, seed=args.seed)
-        results["checkpoints"][name] = entry
+        results["checkpoints"][name] = evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info,
+                                                           results["notes"], completions)
         timings[name] = time.perf_counter() - t0
         print0(f"{name}: evaluated in {timings[name]:.1f} s")
-        del model
-
     if info.is_master:
-        results["notes"] = notes
-        write_json(args.out, results)
-        if args.completions:
-            write_completions(args.completions, completions)
-        print("\n" + format_table(results, args.split))
-        for n in notes:
-            print(n)
-        total = time.perf_counter() - t_start
-        print(f"wrote {args.out}; {total:.1f} s in all (" +
-              ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
-        log_dir = os.path.dirname(os.path.abspath(args.out))
-        logger = from_args(args, config={**config, "checkpoints": {c: p for c, p in ckpts}}, out_dir=log_dir)
-        logger.summary({**flat_metrics(results), "eval/time_s": total})
-        rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
-                for c, r in results["checkpoints"].items() for group in ("tasks", "families")
-                for t, tr in r[group].items() for m, e in tr["metrics"].items()]
-        logger.log_table("eval/results", ["checkpoint", "task", "metric", "value", "lo", "hi", "n"], rows)
-        logger.finish()
+        publish(args, results, config, ckpts, completions, timings, time.perf_counter() - t_start)
     cleanup()
 
 

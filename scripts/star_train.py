@@ -1,8 +1,8 @@
 """STaR (Zelikman et al. 2022, arXiv 2203.14465): rejection-sampling fine-tuning, the baseline
 RL is compared against.
 
-    python scripts/star_train.py --init out/sft --out out/star                      # CPU default
-    python scripts/star_train.py --init out/sft --rounds 3 --rationalize ...
+    python -m scripts.star_train --init out/sft --out out/star                      # CPU default
+    python -m scripts.star_train --init out/sft --rounds 3 --rationalize ...
 
 Each round: sample --samples-per-prompt rationales on --prompts-per-round TRAIN prompts per
 task with the current model; keep those the task's verifier accepts (deduplicated); with
@@ -15,20 +15,18 @@ Greedy accuracy on the VAL split of --eval-tasks after every round, and the kept
 go to <out>/star_eval.json; the last round's model is saved in <out>.
 """
 import argparse
-import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from nanostoney import batches as B  # noqa: E402
-from nanostoney import train as T  # noqa: E402
-from nanostoney.data import add_manifest_arg  # noqa: E402
-from nanostoney.dist import gather_lists  # noqa: E402
-from nanostoney.errors import UserError, run_main  # noqa: E402
-from nanostoney.logging import add_logging_args, from_args  # noqa: E402
+from nanostoney import batches, checkpoint, evaluate, lora, optim, train
+from nanostoney.data import add_manifest_arg
+from nanostoney.dist import cleanup, gather_lists, init_dist, print0
+from nanostoney.engine import Engine
+from nanostoney.errors import UserError, run_main
+from nanostoney.files import write_json
+from nanostoney.logging import add_logging_args, from_args
+from nanostoney.tasks import get_task
 
 DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
 
@@ -48,18 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--rationalize", action="store_true", help="retry failed prompts with the answer as a hint")
     p.add_argument("--continue", dest="continue_", action="store_true",
                    help="train each round on from the previous one (default: restart from --init, as STaR)")
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-targets", default="all,head")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_lora_args(p)
     p.add_argument("--total-batch-size", type=int, default=8, help="conversations per optimizer step")
-    T.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
-    T.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=0.02, unembedding_lr=0.0004,
-                     matrix_flags=("--lr", "--matrix-lr"))
+    train.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
+    optim.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=0.02, unembedding_lr=0.0004,
+                         matrix_flags=("--lr", "--matrix-lr"))
     add_logging_args(p)
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def hinted(task, ex):
@@ -72,7 +65,6 @@ def hinted(task, ex):
 @torch.no_grad()
 def collect(model, tok, task, examples, args, info, seed, hint=False):
     """[(example index, completion text)] of correct samples (ranks split the prompts)."""
-    from nanostoney.engine import Engine
     model.eval()
     engine = Engine(model, tok)
     stop = tok.token_id("<|assistant_end|>")
@@ -89,111 +81,115 @@ def collect(model, tok, task, examples, args, info, seed, hint=False):
             text = tok.decode(toks[:-1] if toks and toks[-1] == stop else toks)
             if gen.stopped[r] and task.evaluate(examples[j], text):
                 kept.append((j, text))
-    return gather_lists(kept, info)
+    return gather_lists(kept)
+
+
+def sample_round(model, tok, tasks, kept, args, info, seed):
+    """Sample (and rationalise) every task's prompts of this round; add the correct rationales to
+    `kept` ({task: {(example index, text): None}}, insertion-ordered). Returns the round's record."""
+    record = {"sampled_correct": {}, "kept_total": {}}
+    for t_idx, task in enumerate(tasks):
+        exs = task.examples("train")
+        pick = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed + t_idx))
+        pick = pick[:args.prompts_per_round].tolist()
+        subset = [exs[i] for i in pick]
+        got = collect(model, tok, task, subset, args, info, seed)
+        solved = {j for j, _ in got}
+        if args.rationalize:
+            failed = [j for j in range(len(subset)) if j not in solved]
+            hint_got = collect(model, tok, task, [subset[j] for j in failed], args, info, seed + 7, hint=True)
+            got += [(failed[j], text) for j, text in hint_got]
+        for j, text in got:
+            kept[task.name][(pick[j], text)] = None
+        record["sampled_correct"][task.name] = len(solved) / max(1, len(subset))
+        record["kept_total"][task.name] = len(kept[task.name])
+    return record
+
+
+def rendered_rationales(tok, tasks, kept, mix, seq_len):
+    """(rendered rows per task, mixture weights) of the tasks with a kept rationale that fits."""
+    rendered, weights = [], []
+    for task in tasks:
+        exs = task.examples("train")
+        convs = [{"messages": task.prompt(exs[i]) + [{"role": "assistant", "content": text}]}
+                 for i, text in kept[task.name]]
+        rows = batches.render_examples(tok, convs, seq_len + 1)[0] if convs else []
+        if rows:
+            rendered.append(rows)
+            weights.append(mix[task.name])
+    return rendered, weights
+
+
+def fine_tune(model, rendered, weights, pad_id, args, info, logger, seed, offset):
+    """SFT on the kept rationales with the SFT stage's own batches, loss and loop."""
+    model.train()
+    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size,
+                                   unit="conversations")
+    optimizer = optim.optimizer_from_args(model, args)
+    loader = batches.SFTBatches(rendered, weights, args.num_iterations, args.device_batch_size, accum, info,
+                                pad_id, seed=seed)
+    train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+                     grad_accum=accum, start_step=0, logger=_Offset(logger, offset),
+                     train_model=train.wrap_ddp(model, info))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from nanostoney import grpo
-    from nanostoney.dist import cleanup, init_dist, print0
-    from nanostoney.tasks import get_task
-
-    info = init_dist(args.device, seed=args.seed)
-    T.apply_dtype(info, args.dtype)
+    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     out = args.out or "out/star"
-    mix, tasks, sources = B.training_tasks(args.tasks, args.manifest)
-    names = list(mix)
+    mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}.")
 
     def fresh():
-        return grpo.load_for_training(args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets,
-                                      args.lora_dropout, device=info.device)
+        return checkpoint.load_for_training(args.init, args.full, args.lora_rank, args.lora_alpha,
+                                            args.lora_targets, args.lora_dropout, info.device)
 
     model, tok, init_ckpt, base_ckpt = fresh()
-    seq_len = model.config.sequence_len
-    pad_id = tok.token_id("<|assistant_end|>")
     logger = from_args(args, config={**vars(args), "model": vars(model.config), "data_sources": sources,
                                      "init_checkpoint": os.path.abspath(init_ckpt)}, out_dir=out)
 
     def accuracy():
         res = {}
         for task in eval_tasks:
-            c = T.task_accuracy(model, tok, task, task.examples("val")[:args.eval_examples], info, args.max_new_tokens)
+            c = evaluate.task_accuracy(model, tok, task, task.examples("val")[:args.eval_examples], info,
+                                       args.max_new_tokens)
             res[task.name] = sum(c) / max(1, len(c))
         return res
 
     report = {"init": os.path.abspath(init_ckpt), "rounds": [], "start": accuracy()}
     print0("start (init) val accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["start"].items()))
     logger.log({f"star/acc/{k}": v for k, v in report["start"].items()}, step=0)
-    kept = {t.name: {} for t in tasks}  # task -> {(example index, text): None}, insertion-ordered
+    kept = {t.name: {} for t in tasks}
     offset = 0
     for rnd in range(args.rounds):
         seed = args.seed * 1000 + rnd * 100
-        round_info = {"round": rnd + 1, "sampled_correct": {}, "kept_total": {}}
-        for t_idx, task in enumerate(tasks):
-            exs = task.examples("train")
-            g = torch.Generator().manual_seed(seed + t_idx)
-            pick = torch.randperm(len(exs), generator=g)[:args.prompts_per_round].tolist()
-            subset = [exs[i] for i in pick]
-            got = collect(model, tok, task, subset, args, info, seed)
-            solved = {j for j, _ in got}
-            if args.rationalize:
-                failed = [j for j in range(len(subset)) if j not in solved]
-                hint_got = collect(model, tok, task, [subset[j] for j in failed], args, info, seed + 7, hint=True)
-                got += [(failed[j], text) for j, text in hint_got]
-            for j, text in got:
-                kept[task.name][(pick[j], text)] = None
-            round_info["sampled_correct"][task.name] = len(solved) / max(1, len(subset))
-            round_info["kept_total"][task.name] = len(kept[task.name])
+        record = {"round": rnd + 1, **sample_round(model, tok, tasks, kept, args, info, seed)}
         print0(f"round {rnd + 1}: prompts solved by sampling "
-               + ", ".join(f"{k} {v:.2f}" for k, v in round_info["sampled_correct"].items())
-               + "; rationales kept so far " + ", ".join(f"{k} {v}" for k, v in round_info["kept_total"].items()))
-
-        # SFT on everything kept so far, with the SFT stage's own batches and loop
-        rendered, weights = [], []
-        for task in tasks:
-            exs = task.examples("train")
-            convs = [{"messages": task.prompt(exs[i]) + [{"role": "assistant", "content": text}]}
-                     for i, text in kept[task.name]]
-            rows = B.render_examples(tok, convs, seq_len + 1)[0] if convs else []
-            if rows:
-                rendered.append(rows)
-                weights.append(mix[task.name])
-        if not rendered:
+               + ", ".join(f"{k} {v:.2f}" for k, v in record["sampled_correct"].items())
+               + "; rationales kept so far " + ", ".join(f"{k} {v}" for k, v in record["kept_total"].items()))
+        rendered, weights = rendered_rationales(tok, tasks, kept, mix, model.config.sequence_len)
+        if rendered:
+            if not args.continue_ and rnd > 0:
+                model, tok, _, base_ckpt = fresh()
+            fine_tune(model, rendered, weights, tok.token_id("<|assistant_end|>"), args, info, logger, seed, offset)
+            offset += args.num_iterations
+        else:
             why = "none fits in the model's sequence_len" if any(kept.values()) else "none yet"
             print0(f"round {rnd + 1}: no correct rationale to train on ({why}).")
-            round_info["accuracy"] = accuracy()
-            report["rounds"].append(round_info)
-            continue
-        if not args.continue_ and rnd > 0:
-            model, tok, _, base_ckpt = fresh()
-        model.train()
-        accum = T.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size,
-                                   unit="conversations")
-        optimizer = T.build_optimizer(model, args.optimizer, args.matrix_lr, args.embedding_lr,
-                                      args.unembedding_lr, args.scalar_lr, args.weight_decay)
-        loader = B.SFTBatches(rendered, weights, args.num_iterations, args.device_batch_size, accum, info,
-                              pad_id, seed=seed)
-        T.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
-                     grad_accum=accum, start_step=0, logger=_Offset(logger, offset),
-                     train_model=T.wrap_ddp(model, info))
-        offset += args.num_iterations
-        round_info["accuracy"] = accuracy()
-        report["rounds"].append(round_info)
-        logger.log({f"star/acc/{k}": v for k, v in round_info["accuracy"].items()}
-                   | {f"star/kept/{k}": v for k, v in round_info["kept_total"].items()}, step=offset)
-        print0(f"round {rnd + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in round_info["accuracy"].items()))
+        record["accuracy"] = accuracy()
+        report["rounds"].append(record)
+        if rendered:
+            logger.log({f"star/acc/{k}": v for k, v in record["accuracy"].items()}
+                       | {f"star/kept/{k}": v for k, v in record["kept_total"].items()}, step=offset)
+            print0(f"round {rnd + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in record["accuracy"].items()))
 
-    T.save_run(out, model, offset, None, info, {"stage": "star", "init": os.path.abspath(init_ckpt),
-                                                 "rounds": args.rounds, "seed": args.seed},
-               base_checkpoint=None if args.full else base_ckpt, tokenizer=tok)
+    train.save_run(out, model, offset, None, info, {"stage": "star", "init": os.path.abspath(init_ckpt),
+                                                     "rounds": args.rounds, "seed": args.seed},
+                   base_checkpoint=base_ckpt, tokenizer=tok)
     if info.is_master:
-        tmp = os.path.join(out, "star_eval.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, os.path.join(out, "star_eval.json"))
+        write_json(os.path.join(out, "star_eval.json"), report)
     logger.finish()
     print0(f"done: model and star_eval.json in {out}")
     cleanup()

@@ -1,11 +1,11 @@
 """Run a W&B sweep's grid locally: one subprocess per point, W&B offline, a results table.
 
-    python scripts/sweep.py                                   # sweep.yaml, out/sweep
-    python scripts/sweep.py --config sweep.yaml --out out/sweep -- --num-iterations 40 --eval-every 0
+    python -m scripts.sweep                                   # sweep.yaml, out/sweep
+    python -m scripts.sweep --config sweep.yaml --out out/sweep -- --num-iterations 40 --eval-every 0
 
 Reads the same sweep.yaml that `wandb sweep` takes (method grid: every combination of the
-`values` lists, plus the fixed `value`s), runs `program` with --name=value flags as a W&B agent
-would, plus whatever follows `--` (small step counts for a laptop), each point into
+`values` lists, plus the fixed `value`s), runs `program` (scripts/sft_train.py, as the module
+scripts.sft_train from the repo root) with --name=value flags as a W&B agent would, plus whatever follows `--` (small step counts for a laptop), each point into
 <out>/<point name>/. Then writes <out>/results.json and <out>/results.md: the final val loss
 and the final accuracies (from each run's sft_eval.json) per point. A point that fails is
 recorded with its error line; the others still run.
@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import yaml
 
-from nanostoney.errors import UserError, run_main  # noqa: E402
+from nanostoney.errors import UserError, run_main
+from nanostoney.files import write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,13 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_sweep(path):
     if not os.path.isfile(path):
         raise UserError(f"sweep config {path} does not exist; pass --config (e.g. sweep.yaml).")
-    text = open(path, encoding="utf-8").read()
     try:
-        import yaml
-        cfg = yaml.safe_load(text)
-    except ImportError:  # the gate's YAML subset reader covers sweep files too
-        from nanostoney.data import mini_yaml
-        cfg = mini_yaml(text)
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
     except Exception as e:
         raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix the file.") from None
     if not isinstance(cfg, dict) or "program" not in cfg or not isinstance(cfg.get("parameters"), dict):
@@ -91,10 +88,7 @@ def write_table(out, rows, axes, goal_key):
         best = min(done, key=lambda r: r["result"]["val_loss"])
         lines += ["", f"best {goal_key}: " + ", ".join(f"{a}={best['params'][a]}" for a in axes)
                   + f" (val loss {best['result']['val_loss']:.4f})"]
-    tmp = os.path.join(out, "results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "results.md"))
+    write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -113,14 +107,14 @@ def main(argv=None):
 
     cfg = load_sweep(args.config)
     points, axes = grid_points(cfg["parameters"])
-    program = cfg["program"] if os.path.isabs(cfg["program"]) else os.path.join(ROOT, cfg["program"])
+    module = os.path.splitext(os.path.normpath(cfg["program"]))[0].replace(os.sep, ".")  # scripts.sft_train
     goal_key = (cfg.get("metric") or {}).get("name", "val/loss")
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for point in points:
         name = point_name(point, axes)
         out_dir = os.path.join(args.out, name)
-        cmd = [sys.executable, program] + [f"--{k}={v}" for k, v in point.items()] + extra + \
+        cmd = [sys.executable, "-m", module] + [f"--{k}={v}" for k, v in point.items()] + extra + \
               ["--wandb", args.wandb, "--run-name", name, "--out", out_dir]
         print(" ".join(cmd), flush=True)
         if args.dry_run:
@@ -136,11 +130,8 @@ def main(argv=None):
             f.write(r.stdout + "\n--- stderr ---\n" + r.stderr)
     if args.dry_run:
         return
-    tmp = os.path.join(args.out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"config": os.path.abspath(args.config), "extra_args": extra, "metric": goal_key,
-                   "points": rows}, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "results.json"))
+    write_json(os.path.join(args.out, "results.json"), {"config": os.path.abspath(args.config), "extra_args": extra,
+                                                        "metric": goal_key, "points": rows})
     print(write_table(args.out, rows, axes, goal_key))
     print(f"results in {os.path.join(args.out, 'results.md')} and results.json")
 

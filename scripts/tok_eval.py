@@ -1,7 +1,7 @@
 """Compression of a tokenizer per kind of text: bytes of UTF-8 per token (higher = fewer tokens).
 
-    python scripts/tok_eval.py                                   # out/tokenizer
-    python scripts/tok_eval.py --tokenizer out/tokenizer --compare ~/.cache/nanochat/tokenizer
+    python -m scripts.tok_eval                                   # out/tokenizer
+    python -m scripts.tok_eval --tokenizer out/tokenizer --compare ~/.cache/nanochat/tokenizer
 
 Families, all from the held-out (val + test) splits so the vocabulary never saw them:
   stoney_terms     Stoney Nakoda terms (stoney_lexicon, English -> Stoney answers)
@@ -13,17 +13,14 @@ in smaller pieces. `--compare` takes another tokenizer dir: ours, or nanochat's 
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanostoney.errors import run_main  # noqa: E402
-from nanostoney.tokenizer import Tokenizer  # noqa: E402
+from nanostoney.errors import run_main
+from nanostoney.tasks import get_task
+from nanostoney.tokenizer import Tokenizer
 
 
 def family_texts(splits):
     """{family: [texts]} from the tasks' held-out splits."""
-    from nanostoney.tasks import get_task
     fam = {"stoney_terms": [], "english_glosses": [], "stoney_answers": [], "math": []}
     for split in splits:
         for ex in get_task("stoney_lexicon").examples(split):
@@ -45,7 +42,7 @@ def compression(tok, texts):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenizer compression per text family.")
-    p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir (scripts/tok_train.py output)")
+    p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir (scripts.tok_train output)")
     p.add_argument("--compare", default=None, help="another tokenizer dir to put beside it (ours or nanochat's)")
     p.add_argument("--splits", default="val,test", help="task splits to measure on, comma-separated")
     args = p.parse_args(argv)

@@ -1,25 +1,21 @@
 """Train the BPE tokenizer (rustbpe) and save it for the training scripts.
 
-    python scripts/tok_train.py                                  # bundled corpus, vocab 4096
-    python scripts/tok_train.py --vocab-size 65536 --data my_corpus/ --out out/tokenizer
+    python -m scripts.tok_train                                  # bundled corpus, vocab 4096
+    python -m scripts.tok_train --vocab-size 65536 --data my_corpus/ --out out/tokenizer
 
-Default corpus: the bundled data's train splits (nanostoney.data.training_corpus_texts), so no
+Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
 held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
-base_train.py; every source passes the governance gate first. `--vocab-size` counts the 256
+scripts.base_train; every source passes the governance gate first. `--vocab-size` counts the 256
 byte tokens and the special tokens too, so it is the model's vocabulary size.
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney.errors import run_main
+from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
+from nanostoney.tokenizer import Tokenizer
 
-from nanostoney.data import add_manifest_arg  # noqa: E402
-from nanostoney.errors import run_main  # noqa: E402
-from nanostoney.tokenizer import Tokenizer  # noqa: E402
-
-DEFAULT_CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
 SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]
 
 
@@ -37,14 +33,10 @@ def parse_args(argv=None):
 
 def load_texts(args):
     """The training documents, after the governance gate."""
-    from nanostoney.data import check_sources, sources_for_tasks, training_corpus_texts
     if args.data is None:
-        check_sources(sources_for_tasks(DEFAULT_CORPUS_TASKS), use="training", manifest=args.manifest)
-        return training_corpus_texts()
-    from nanostoney import batches as B
-    sources = B.expand_sources(args.data)
-    check_sources([B.gate_name(s) for s in sources], use="training", manifest=args.manifest)
-    return B.read_sources(sources, args.text_column)
+        check_sources(sources_for_tasks(CORPUS_TASKS), use="training", manifest=args.manifest)
+        return corpus_texts("train")
+    return gated_documents(args.data, args.manifest, args.text_column)[0]
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
 """Loading the bundled files, the hub fallback, and bad input: one clear sentence, exit code 2."""
+import functools
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import pytest
 
 from nanostoney import data
 from nanostoney.errors import UserError, run_main
-from nanostoney.tasks import get_task
+from nanostoney.tasks import corpus_texts, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,14 +22,12 @@ def test_bundled_files_load_with_expected_rows():
         assert Path(path).is_file()
 
 
-def test_datasets_and_plain_reader_agree(monkeypatch):
+def test_cached_reader_returns_fresh_rows():
     path = ROOT / "data" / "aqua_rat" / "test.json"
     plain = data.read_jsonl(path)
-    assert plain == data.load_local(path)  # through `datasets` when it is installed
-    monkeypatch.setattr(data, "_datasets", lambda: None)  # a machine without `datasets`
-    data._load_local.cache_clear()
+    assert plain == data.load_local(path)
+    data.load_local(path)[0]["question"] = "changed"  # a caller's edit does not reach the cache
     assert data.load_local(path) == plain
-    data._load_local.cache_clear()
 
 
 def _write(path, lines):
@@ -47,10 +46,7 @@ def test_missing_file(tmp_path):
     assert str(tmp_path) in str(e.value)
 
 
-@pytest.mark.parametrize("use_datasets", [True, False])
-def test_malformed_line_names_file_and_line(tmp_path, monkeypatch, use_datasets):
-    if not use_datasets:
-        monkeypatch.setattr(data, "_datasets", lambda: None)
+def test_malformed_line_names_file_and_line(tmp_path):
     _write(tmp_path / "gsm8k" / "test.jsonl", [_gsm_row()])
     bad = _write(tmp_path / "gsm8k" / "train.jsonl", [_gsm_row(), _gsm_row("Q2"), '{"question": "Q3", "answer"'])
     with pytest.raises(UserError) as e:
@@ -95,10 +91,7 @@ def test_unknown_task_split_and_source():
 
 def test_bad_input_exits_with_code_2(tmp_path, capsys):
     """Script level: run_main turns the UserError into one line on stderr and exit code 2."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("check_data", ROOT / "scripts" / "check_data.py")
-    check_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_data)
+    from scripts import check_data
     _write(tmp_path / "gsm8k" / "test.jsonl", [_gsm_row()])
     bad = _write(tmp_path / "gsm8k" / "train.jsonl", ["{not json"])
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -138,7 +131,8 @@ def test_hub_rows_replace_only_the_training_pool(monkeypatch):
     monkeypatch.setattr(data, "_load_hub", lambda family: [leaked, fresh])
     monkeypatch.setattr(data, "_hub_reachable", lambda: True)
     from nanostoney.tasks import aqua
-    monkeypatch.setattr(aqua, "_CACHE", {})
+    # a fresh cache for this test only: the fake hub rows must not outlive it
+    monkeypatch.setattr(aqua, "load_problems", functools.lru_cache(maxsize=None)(aqua.load_problems.__wrapped__))
     task = aqua.AquaMC(source="hub")
     train = task.examples("train")
     assert len(train) == 1 and "brand new problem" in train[0]["messages"][0]["content"]
@@ -147,7 +141,7 @@ def test_hub_rows_replace_only_the_training_pool(monkeypatch):
 
 
 def test_training_corpus_is_train_splits_only():
-    texts = data.training_corpus_texts()
+    texts = corpus_texts("train")
     n = sum(len(get_task(t).examples("train")) for t in ("stoney_qa", "aqua_mc", "gsm8k"))
     assert len(texts) == n and all(isinstance(t, str) and t for t in texts)
 

@@ -1,4 +1,4 @@
-"""scripts/eval.py and nanostoney/evaluate.py on a tiny model.
+"""scripts.eval and nanostoney/evaluate.py on a tiny model.
 
 The model is taught in a few seconds to answer every prompt with "<think>x</think>\nAnswer: L",
 L a uniformly random letter: its greedy accuracy is one letter's share, its samples spread
@@ -7,7 +7,6 @@ wrong would make "monotone" trivially true).
 (chrF++ of a text against itself and MAUVE of same vs different distributions are tested in
 tests/test_metrics.py.)
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,21 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from nanostoney import checkpoint, dist, lora, metrics
-from nanostoney import evaluate as E
+from nanostoney import answers, checkpoint, evaluate, lora, metrics
 from nanostoney.gpt import GPT, GPTConfig
+from scripts import eval as eval_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "scripts", "eval.py")
+SCRIPT = ["-m", "scripts.eval"]  # run from the repo root
 FAST = ["--max-examples", "10", "--num-samples", "4", "--max-new-tokens", "20", "--n-boot", "200",
         "--mauve-boot", "4", "--batch-size", "16", "--wandb", "disabled"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("nanostoney_eval_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def corpus_texts():
@@ -89,7 +81,7 @@ def tiny_ckpt(one_thread, tmp_path_factory):
 
 
 def run_eval(args):
-    load_script().main(args)
+    eval_script.main(args)
 
 
 def test_eval_json_structure_and_pass_at_k_monotone(tiny_ckpt):
@@ -161,7 +153,7 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     (["--checkpoints", REPO, "--tasks", "aqua_mc,not_a_task"], ["not_a_task", "valid tasks"]),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(args, words):
-    r = subprocess.run([sys.executable, SCRIPT] + args + ["--wandb", "disabled"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *SCRIPT] + args + ["--wandb", "disabled"], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -175,17 +167,17 @@ def test_generation_is_the_same_on_one_or_two_ranks(tiny_ckpt, monkeypatch):
     prompts = [[tok.bos_id] + tok.encode(t)[:20] + [tok.token_id("<|assistant_start|>")]
                for t in corpus_texts()[:7]]
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=6, seed=3, batch_size=4)
-    single = E.generate_completions(model, tok, prompts, None, **kw)
+    single = evaluate.generate_completions(model, tok, prompts, None, **kw)
     parts = []
-    monkeypatch.setattr(dist, "gather_lists", lambda items, info: parts.extend(items) or items)
+    monkeypatch.setattr(evaluate, "gather_lists", lambda items: parts.extend(items) or items)
     for rank in (0, 1):
         info = SimpleNamespace(rank=rank, world_size=2, autocast_dtype=None, is_distributed=False)
-        E.generate_completions(model, tok, prompts, info, **kw)
+        evaluate.generate_completions(model, tok, prompts, info, **kw)
     assert [c for _, c in sorted(parts)] == single
     assert len(single) == 7 and all(len(c) == 2 for c in single)
     ex = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Answer: 42"}]}
-    assert E.length_budget(tok, [ex], 1000) == len(tok.encode("Answer: 42")) + 16
-    assert E.length_budget(tok, [ex], 5) == 5
+    assert evaluate.length_budget(tok, [ex], 1000) == len(tok.encode("Answer: 42")) + 16
+    assert evaluate.length_budget(tok, [ex], 5) == 5
 
 
 @pytest.mark.slow
@@ -195,9 +187,9 @@ def test_torchrun_two_ranks_gives_the_same_json(tiny_ckpt):
     args = ["--checkpoints", tiny_ckpt.path, "--tasks", "aqua_mc,gsm8k"] + FAST
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tiny_ckpt.root / "one.json", tiny_ckpt.root / "two.json"
-    subprocess.run([sys.executable, SCRIPT] + args + ["--out", str(one)], check=True, env=env, cwd=REPO,
+    subprocess.run([sys.executable, *SCRIPT] + args + ["--out", str(one)], check=True, env=env, cwd=REPO,
                    capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", SCRIPT] + args
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *SCRIPT] + args
                    + ["--out", str(two)], check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
     assert one.read_bytes() == two.read_bytes()
 
@@ -209,10 +201,10 @@ def test_chrf_interval_and_text_parts():
     point, lo, hi = metrics.chrf_pp_ci(hyps, refs, n_boot=300, seed=0)
     assert point == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
     assert lo <= point <= hi and lo < hi
-    assert E.rationale_part("<think>6 * 7 = 42</think>\nAnswer: 42") == "6 * 7 = 42"
-    assert E.rationale_part("6 * 7 = 42\nAnswer: 42") == "6 * 7 = 42"
-    assert E.answer_part("<think>r</think>\nAnswer: mildewed") == "mildewed"
-    assert E.powers_of_two(4) == [1, 2, 4] and E.powers_of_two(6) == [1, 2, 4, 6] and E.powers_of_two(0) == []
+    assert evaluate.rationale_part("<think>6 * 7 = 42</think>\nAnswer: 42") == "6 * 7 = 42"
+    assert evaluate.rationale_part("6 * 7 = 42\nAnswer: 42") == "6 * 7 = 42"
+    assert answers.answer_part("<think>r</think>\nAnswer: mildewed") == "mildewed"
+    assert evaluate.powers_of_two(4) == [1, 2, 4] and evaluate.powers_of_two(6) == [1, 2, 4, 6] and evaluate.powers_of_two(0) == []
 
 
 def test_mauve_interval_separates_distributions():
@@ -220,6 +212,6 @@ def test_mauve_interval_separates_distributions():
     shifted distribution's."""
     rng = np.random.default_rng(0)
     p, q_same, q_far = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 3.0
-    same = E.mauve_with_ci(p, q_same, n_boot=8, seed=0)
-    far = E.mauve_with_ci(p, q_far, n_boot=8, seed=0)
+    same = evaluate.mauve_with_ci(p, q_same, n_boot=8, seed=0)
+    far = evaluate.mauve_with_ci(p, q_far, n_boot=8, seed=0)
     assert same[1] <= same[0] <= same[2] and far[2] < same[1], (same, far)

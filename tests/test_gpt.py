@@ -146,7 +146,7 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model)
     idx = torch.randint(0, 61, (2, 8))
     assert torch.allclose(compiled(idx), model(idx), atol=1e-5)
-    with probes.entropy(compiled) as ent:
+    with probes.attention_entropy_probe(compiled) as ent:
         out = compiled(idx)
     assert torch.allclose(out, model(idx), atol=1e-5)
     assert torch.isfinite(ent.per_layer_head).all()

@@ -5,7 +5,7 @@ sign or the ratio wrong)."""
 import pytest
 import torch
 
-from nanostoney import grpo, lora
+from nanostoney import grpo, letters, lora, probes
 from nanostoney.gpt import GPT, GPTConfig
 
 V, TARGET = 8, 3
@@ -191,18 +191,17 @@ def test_full_finetune_uses_a_frozen_copy_as_reference():
 
 
 def test_attention_entropy_counts_real_tokens_only():
-    from nanostoney import probes
     model = tiny()
     cfg = grpo.GRPOConfig(group_size=2, micro_batch=4)
     ro = grpo.Rollout(prompts=[[0, 1, 2, 3], [0, 5]], completions=[[4, 4, 1], [6]], prompt_index=[0, 1],
                       stopped=[True, True], engine_logprobs=[[0.0] * 3, [0.0]])
     ro.advantages = torch.zeros(2)
-    ent = grpo.RealTokenEntropy(1, 2)
+    ent = probes.EntropyProbe(1, 2)
     grpo.prepare(model, ro, cfg, None, ent)
     # the same as measuring each row alone (6 and 2 real input tokens), weighted by tokens
     alone = []
     for seq in ([0, 1, 2, 3, 4, 4], [0, 5]):
-        with probes.entropy(model) as e:
+        with probes.attention_entropy_probe(model) as e:
             model(torch.tensor([seq]))
         alone.append(e.per_layer_head * len(seq))
     assert torch.allclose(ent.per_layer_head, (alone[0] + alone[1]) / 8, atol=1e-5)
@@ -210,30 +209,32 @@ def test_attention_entropy_counts_real_tokens_only():
 
 def test_letter_slot_and_letter_stats():
     marker = [5, 6]
-    assert grpo.answer_slot([1, 5, 6, 2, 7], marker, (7,)) == (3, None)          # read in place
-    assert grpo.answer_slot([1, 2, 7], marker, (7,)) == (None, [1, 2, 5, 6])     # forced format
-    assert grpo.answer_slot([1, 5, 6], marker, (7,)) == (None, [1, 5, 6])        # cut after the marker
+    assert letters.letter_context([1, 5, 6, 2, 7], marker, (7,)) == (True, [1, 5, 6])       # read in place
+    assert letters.letter_context([1, 2, 7], marker, (7,)) == (False, [1, 2, 5, 6])        # forced format
+    assert letters.letter_context([1, 5, 6], marker, (7,)) == (False, [1, 5, 6])           # cut after the marker
     # a tokenizer where "Answer: X" is marker + one letter token
     fake = {f"Answer: {L}": [9, 9, i] for i, L in enumerate("ABCDE")}
-    assert grpo.letter_tokens(fake.get) == ([9, 9], [0, 1, 2, 3, 4])
+    assert letters.letter_tokens(fake.get) == ([9, 9], [0, 1, 2, 3, 4])
     model, _, _, ref = setup()
     ids = [1, 2, 3, 4, 5]
-    pol, rf = grpo.letter_logits(model, ref, [[0, 1, 2], [0, 3]], ids)
-    st = grpo.letter_summary(pol, rf, [0, 2])
+    pol, rf = letters.letter_logits(model, ref, [[0, 1, 2], [0, 3]], ids)
+    st = letters.letter_summary(pol, rf, [0, 2])
     assert torch.equal(st["kl"], torch.zeros(2))     # policy == reference at the start
     logits = model(torch.tensor([[0, 1, 2]]))[0, -1, ids]
     assert st["margin"][0].item() == pytest.approx((logits[0] - logits[1:].max()).item(), abs=1e-5)
     assert st["pred"][0].item() == logits.argmax().item()
-    # the same logits read from prepare()'s forwards (peek) as from a separate forward
-    cfg = grpo.GRPOConfig(group_size=2, max_new_tokens=3, micro_batch=4)
+    # the letter logits of rollout rows (own forward of the context) equal the logits that
+    # training's packed, right-padded forward of the whole completion computes at that slot
     ro = grpo.Rollout(prompts=[[0, 1], [0, 1]], completions=[[2, 4, 6], [3, 3, 3]], prompt_index=[0, 0],
                       stopped=[False, False], engine_logprobs=[[0.0] * 3] * 2)
-    grpo.score(ro, lambda pi, c: [0.0, 1.0], cfg)
-    prep = grpo.prepare(model, ro, cfg, ref, peek=({0: 2, 1: 0}, ids))
-    for row, seq in ((0, [0, 1, 2, 4]), (1, [0, 1])):
-        want = model(torch.tensor([seq]))[0, -1, ids]
-        assert torch.allclose(prep["peek"][row][0], want, atol=1e-5)
-        assert torch.allclose(prep["peek"][row][1], want, atol=1e-5)   # fresh adapters: ref == policy
+    mb = grpo.micro_batches(ro, 4, "cpu")[0]
+    packed = grpo.completion_logits(model, mb.idx, mb.pos)
+    seqs = [ro.prompts[0] + ro.completions[0][:2], ro.prompts[1] + ro.completions[1][:0]]
+    pol, rf = letters.letter_logits(model, ref, seqs, ids)
+    for row, k in ((0, 2), (1, 0)):
+        want = packed[row, k, ids]
+        assert torch.allclose(pol[row], want, atol=1e-5)
+        assert torch.allclose(rf[row], want, atol=1e-5)   # fresh adapters: ref == policy
 
 
 # -----------------------------------------------------------------------------
@@ -271,10 +272,8 @@ COMMON = ["--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--device", "cpu", "-
 def test_grpo_train_script_logs_everything_and_saves_adapters(tiny_sft):
     import json
     import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import grpo_train
     from nanostoney import checkpoint
+    from scripts import grpo_train
     root, sft = tiny_sft
     out = str(root / "grpo")
     grpo_train.main(COMMON + ["--init", sft, "--out", out, "--max-train-examples", "4", "--num-iterations", "2",
@@ -295,11 +294,8 @@ def test_grpo_train_script_logs_everything_and_saves_adapters(tiny_sft):
 
 
 def test_grpo_train_rejects_bad_flags_in_one_sentence(tiny_sft):
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import grpo_train
     from nanostoney.errors import UserError
+    from scripts import grpo_train
     root, sft = tiny_sft
     with pytest.raises(UserError, match="unknown reward 'bogus'"):
         grpo_train.main(COMMON + ["--init", sft, "--rewards", "accuracy=1,bogus=2"])
@@ -312,9 +308,7 @@ def test_grpo_train_rejects_bad_flags_in_one_sentence(tiny_sft):
 def test_star_train_script_keeps_correct_rationales_and_fine_tunes_on_them(tiny_sft, monkeypatch):
     import json
     import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import star_train
+    from scripts import star_train
     root, sft = tiny_sft
     calls = []
     real_collect = star_train.collect
@@ -371,9 +365,8 @@ def fixed_update(rank=0, world=1, loss_norm="token"):
                       prompt_index=[rows[r][0] for r in mine], stopped=[False] * len(mine),
                       engine_logprobs=[[0.0] * len(rows[r][1]) for r in mine])
     grpo.score(ro, lambda pi, c: [rewards[r] for r in mine], cfg)
-    prep = grpo.prepare(model, ro, cfg, ref)
-    tokens, seqs = grpo.world_sum([prep["tokens"], float(len(mine))], "cpu")
-    grpo.update(model, opt, ro, cfg, world_tokens=tokens, world_seqs=seqs)
+    grpo.prepare(model, ro, cfg, ref)
+    grpo.update(model, opt, ro, cfg)   # normalised by the tokens and rows of all ranks
     return {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
 
 

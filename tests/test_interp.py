@@ -10,6 +10,7 @@ from nanostoney import interp, probes
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks.base import mc_example
+from nanostoney.tasks.stoney import STONEY_LETTERS
 from nanostoney.tokenizer import Tokenizer
 
 BOS = 0
@@ -94,7 +95,7 @@ def test_scores_on_hand_made_patterns():
 
 def test_uniform_attention_has_entropy_log_n():
     for n in (1, 2, 7, 50):
-        assert interp.entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), abs=1e-5)
+        assert interp.pattern_entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), abs=1e-5)
     model = planted_model()
     with torch.no_grad():
         for block in model.transformer.h:
@@ -172,12 +173,12 @@ def test_logit_lens_at_the_last_layer_is_the_output():
 def test_bootstrap_matches_metrics_and_skips_nan():
     rng = np.random.default_rng(3)
     v = rng.normal(size=25)
-    b = interp.bootstrap(v, n_boot=300, seed=4)
+    b = interp.interval(v, n_boot=300, seed=4)
     point, lo, hi = bootstrap_ci(v, n_boot=300, seed=4)
     assert (b["mean"], b["lo"], b["hi"]) == pytest.approx((point, lo, hi), abs=1e-6)
-    m = interp.bootstrap(np.stack([v, np.full(25, np.nan)], 1), n_boot=300, seed=4)
+    m = interp.interval(np.stack([v, np.full(25, np.nan)], 1), n_boot=300, seed=4)
     assert m["mean"][0] == pytest.approx(point, abs=1e-6) and m["mean"][1] is None or math.isnan(m["mean"][1])
-    a = interp.bootstrap(rng.normal(size=(30, 2, 3)), n_boot=100)
+    a = interp.interval(rng.normal(size=(30, 2, 3)), n_boot=100)
     assert np.shape(a["lo"]) == (2, 3) and (np.array(a["lo"]) <= np.array(a["mean"])).all()
 
 
@@ -206,7 +207,7 @@ def tok():
 
 
 def judge(word):
-    return "s" if interp.STONEY_LETTERS & set(word) or word in {"gamubi", "snasnan"} else "e"
+    return "s" if STONEY_LETTERS & set(word) or word in {"gamubi", "snasnan"} else "e"
 
 
 def joined(item, mask):

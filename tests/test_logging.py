@@ -129,14 +129,12 @@ def test_init_failure_message_masks_the_key(clean_env, tmp_path):
 
 def test_log_artifact_checks_sources_first(clean_env, tmp_path):
     calls = []
-    fake_data = type(sys)("nanostoney.data")
 
     def check_sources(paths, use="training", manifest=None):
         calls.append((list(paths), use))
         raise UserError("not approved for public_release")
 
-    fake_data.check_sources = check_sources
-    clean_env.setitem(sys.modules, "nanostoney.data", fake_data)
+    clean_env.setattr(nlog, "check_sources", check_sources)
     logger = nlog.Logger(mode="disabled", out_dir=str(tmp_path))
     with pytest.raises(UserError, match="not approved"):
         logger.log_artifact(str(tmp_path), ["data/stoney/stoney_valid.jsonl"])

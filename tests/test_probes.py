@@ -57,7 +57,7 @@ def test_uniform_attention_in_the_model():
     model = tiny()
     with torch.no_grad():
         model.transformer.h[1].attn.c_q.weight.zero_()
-    with probes.entropy(model) as ent:
+    with probes.attention_entropy_probe(model) as ent:
         model(torch.randint(0, 61, (2, 10)))
     expected = torch.log(torch.arange(1, 11, dtype=torch.float32)).mean()
     assert torch.allclose(ent.per_layer_head[1], expected.expand(4), atol=1e-5)
@@ -68,7 +68,7 @@ def test_uniform_attention_in_the_model():
 def test_model_entropy_matches_naive_over_several_forwards(n_kv_head):
     model = tiny(n_kv_head)
     xs = [torch.randint(0, 61, (2, 12)), torch.randint(0, 61, (3, 12))]
-    with probes.entropy(model) as ent, probes.capture(model) as cap:
+    with probes.attention_entropy_probe(model) as ent, probes.capture(model) as cap:
         naive = []
         for x in xs:
             model(x)
@@ -187,7 +187,7 @@ def test_probes_do_not_change_logits_or_gradients():
     loss_off.backward()
     grads_off = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    with probes.entropy(model), probes.capture(model, head_outputs=True), probes.residuals(model), \
+    with probes.attention_entropy_probe(model), probes.capture(model, head_outputs=True), probes.residuals(model), \
             probes.region_mass(model, torch.zeros(11, dtype=torch.long)):
         assert len(model.probes) == 4
         loss_on = model(x, x)
@@ -210,7 +210,7 @@ def test_probes_attach_through_wrappers():
             return self.module(*a, **kw)
 
     wrapped = Wrapper(model)
-    with probes.entropy(wrapped) as ent:
+    with probes.attention_entropy_probe(wrapped) as ent:
         wrapped(torch.randint(0, 61, (1, 5)))
     assert torch.isfinite(ent.per_layer_head).all() and ent.count == 5
 
@@ -223,7 +223,7 @@ def test_ddp_single_process(tmp_path):
         model = tiny()
         ddp = DDP(model)
         x = torch.randint(0, 61, (2, 8))
-        with probes.entropy(ddp) as ent, probes.capture(model) as cap:
+        with probes.attention_entropy_probe(ddp) as ent, probes.capture(model) as cap:
             ddp(x, x).backward()
         ent.all_reduce()
         ref = torch.stack([naive_entropy(p) for p in cap.patterns]).mean((1, 3))

@@ -3,7 +3,6 @@ export of it), its atomic write, and the script's one-sentence errors."""
 import json
 import os
 import re
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -14,9 +13,7 @@ from nanostoney.checkpoint import save_checkpoint
 from nanostoney.errors import run_main
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import Tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import compare_reasoning  # noqa: E402
+from scripts import compare_reasoning
 
 TASKS = ["stoney_mc", "aqua_mc"]
 

@@ -4,8 +4,8 @@ should be."""
 import pytest
 import torch
 
-from nanostoney import checkpoint, lora
-from nanostoney import reward_model as RM
+from nanostoney import checkpoint, lora, reward_model
+from nanostoney.answers import split_answer
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -51,17 +51,17 @@ def test_bradley_terry_training_separates_held_out_pairs():
     assert not {tuple(c) for c, _ in held_out} & {tuple(c) for c, _ in train}
     model = tiny()
     lora.apply_lora(model, rank=4, alpha=8, targets="all")
-    rm = RM.RewardModel(model)
+    rm = reward_model.RewardModel(model)
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
-    before, _ = RM.pairwise_accuracy(rm, held_out)
+    before, _ = reward_model.pairwise_accuracy(rm, held_out)
     for step in range(100):
         batch = [train[(step * 32 + i) % len(train)] for i in range(32)]
-        c, r = RM.pair_forward(rm, batch, "cpu")
-        loss = RM.bt_loss(c, r)
+        c, r = reward_model.pair_forward(rm, batch, "cpu")
+        loss = reward_model.bt_loss(c, r)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after, margin = RM.pairwise_accuracy(rm, held_out)
+    after, margin = reward_model.pairwise_accuracy(rm, held_out)
     assert before < 0.75
     assert after > 0.85 and margin > 0
 
@@ -69,11 +69,11 @@ def test_bradley_terry_training_separates_held_out_pairs():
 def test_bt_loss_is_minus_log_sigmoid_of_the_margin():
     c, r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
     want = -torch.log(torch.sigmoid(c - r)).mean()
-    assert RM.bt_loss(c, r).item() == pytest.approx(want.item(), rel=1e-6)
+    assert reward_model.bt_loss(c, r).item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_score_reads_the_last_token_and_ignores_padding():
-    rm = RM.RewardModel(tiny())
+    rm = reward_model.RewardModel(tiny())
     seqs = [[0, 3, 4, 5, 6, 7], [0, 3], [0, 9, 9, 9]]
     together = rm.score(seqs)
     alone = torch.cat([rm.score([s]) for s in seqs])
@@ -96,15 +96,15 @@ def test_save_and_load_round_trip_and_learned_reward(tmp_path):
     gpt = tiny(vocab=tok.vocab_size)
     base = checkpoint.save_checkpoint(str(tmp_path / "base"), gpt, 1, tokenizer=tok)
     lora.apply_lora(gpt, rank=4, alpha=8)
-    rm = RM.RewardModel(gpt)
+    rm = reward_model.RewardModel(gpt)
     with torch.no_grad():
         for p in lora.lora_parameters(gpt):
             p.add_(0.05 * torch.randn_like(p))
         rm.head.bias.fill_(0.25)
     seqs = [[tok.bos_id, 65, 66, 67], [tok.bos_id, 70]]
     want = rm.score(seqs)
-    RM.save_reward_model(str(tmp_path / "rm"), rm, 3, base_checkpoint=base)
-    loaded, loaded_tok, meta = RM.load_reward_model(str(tmp_path / "rm"))
+    reward_model.save_reward_model(str(tmp_path / "rm"), rm, 3, base_checkpoint=base)
+    loaded, loaded_tok, meta = reward_model.load_reward_model(str(tmp_path / "rm"))
     assert torch.equal(loaded.score(seqs), want)
     assert loaded_tok is not None and meta["stage"] == "reward_model"
     # the learned reward wraps it: a probability per completion
@@ -113,7 +113,7 @@ def test_save_and_load_round_trip_and_learned_reward(tmp_path):
     assert len(vals) == 2 and all(0 < v < 1 for v in vals) and vals[0] != vals[1]
     # a plain checkpoint is not a reward model
     with pytest.raises(UserError):
-        RM.load_reward_model(str(tmp_path / "base"))
+        reward_model.load_reward_model(str(tmp_path / "base"))
 
 
 class FakeTask:
@@ -146,46 +146,46 @@ LEX = [{"id": f"l{i}", "answer": a, "aliases": [a], "direction": "s2e",
 
 def test_ground_truth_negatives_are_wrong_only_where_they_should_be():
     task = FakeTask("mc", {"train": [MC]})
-    bad = RM.rejected_text(task, MC)
-    think, letter = RM._split_gold(bad)
+    bad = reward_model.rejected_text(task, MC)
+    think, letter = split_answer(bad)
     assert letter != "C" and letter in "ABDE" and not task.evaluate(MC, bad)
     w = MC["choices"]["ABCDE".index(letter)]
     assert think.split("\n")[:2] == ["48/2 = 24.", "48+24 = 72."]      # the reasoning is kept
     assert think.split("\n")[-1] == f"The answer is {w}, which is option {letter}."
-    assert RM.rejected_text(task, MC) == bad                              # deterministic
+    assert reward_model.rejected_text(task, MC) == bad                              # deterministic
 
     num = FakeTask("numeric", {"train": [NUM]})
-    bad = RM.rejected_text(num, NUM)
+    bad = reward_model.rejected_text(num, NUM)
     assert bad.startswith("<think>48+24 = 72.</think>\nAnswer: ") and not num.evaluate(NUM, bad)
 
     lex = FakeTask("open", {"train": LEX}, family="stoney")
-    bad = RM.rejected_text(lex, LEX[0], LEX)
-    other = RM._split_gold(bad)[1]
+    bad = reward_model.rejected_text(lex, LEX[0], LEX)
+    other = split_answer(bad)[1]
     assert other in ("water", "man") and f"means '{other}'" in bad
 
 
 def test_build_pairs_renders_whole_conversations_and_respects_max_len():
     tok = byte_tokenizer()
     task = FakeTask("mc", {"train": [MC], "val": [MC]})
-    pairs = RM.build_pairs(task, tok, "train")
+    pairs = reward_model.build_pairs(task, tok, "train")
     assert len(pairs) == 1
     p = pairs[0]
     assert p["chosen"] != p["rejected"] and p["family"] == "math" and p["kind"] == "ground_truth"
     assert p["chosen"][0] == tok.bos_id and p["chosen"][-1] == tok.token_id("<|assistant_end|>")
-    assert RM.build_pairs(task, tok, "train", max_len=20) == []
+    assert reward_model.build_pairs(task, tok, "train", max_len=20) == []
 
 
 def test_sampled_negatives_are_the_models_wrong_answers():
     tok = byte_tokenizer()
     gpt = tiny(vocab=tok.vocab_size)
     task = FakeTask("numeric", {"train": [NUM]})
-    pairs = RM.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5, seed=0)
+    pairs = reward_model.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5, seed=0)
     assert 1 <= len(pairs) <= 3 and all(p["kind"] == "sampled" for p in pairs)
     gold_ids = tok.render_conversation({"messages": NUM["messages"]})[0]
     assert all(p["chosen"] == gold_ids and p["rejected"] != gold_ids for p in pairs)
     # a model that is always right yields no pair
     task.evaluate = lambda ex, c: True
-    assert RM.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5) == []
+    assert reward_model.sampled_pairs(gpt, tok, task, [NUM], samples=3, max_new_tokens=5) == []
 
 
 @pytest.mark.slow
@@ -196,7 +196,7 @@ def test_real_task_pairs_chosen_pass_and_rejected_fail_the_verifier():
         exs = task.examples("train")[:40]
         made = 0
         for ex in exs:
-            bad = RM.rejected_text(task, ex, exs)
+            bad = reward_model.rejected_text(task, ex, exs)
             if bad is None:
                 continue
             made += 1
@@ -208,9 +208,7 @@ def test_real_task_pairs_chosen_pass_and_rejected_fail_the_verifier():
 def test_rm_train_script_reports_held_out_accuracy_and_saves(tmp_path):
     import json
     import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import rm_train
+    from scripts import rm_train
     tok = byte_tokenizer()
     gpt = GPT(GPTConfig(sequence_len=1024, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     gpt.init_weights()
@@ -221,5 +219,5 @@ def test_rm_train_script_reports_held_out_accuracy_and_saves(tmp_path):
                    "--device-batch-size", "2", "--device", "cpu", "--wandb", "disabled"])
     report = json.load(open(os.path.join(out, "rm_eval.json")))
     assert {"aqua_mc", "family/math"} <= set(report["after"])
-    rm, _, meta = RM.load_reward_model(out)
+    rm, _, meta = reward_model.load_reward_model(out)
     assert meta["stage"] == "reward_model" and rm.score([[1, 2, 3]]).shape == (1,)

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from nanostoney.data import training_corpus_texts
-from nanostoney.tasks import SPLITS, TASK_NAMES, baselines, extract_answer, get_task
-from nanostoney.tasks.base import LETTERS, normalize, parse_letter, parse_number
-from nanostoney.tasks.stoney import Lang, _conversations, answer_part, chrf, extract_pairs, load_corpus
+from nanostoney.answers import LETTERS, answer_after, answer_part, parse_letter, parse_number
+from nanostoney.metrics import sentence_chrf
+from nanostoney.tasks import TASK_NAMES, corpus_texts, get_task
+from nanostoney.tasks.base import SPLITS, baselines, normalize
+from nanostoney.tasks.stoney import Lang, _conversations, extract_pairs, load_corpus
 
 MC_TASKS = [n for n in TASK_NAMES if get_task(n).kind == "mc"]
 HELD_OUT = ("val", "test")
@@ -41,7 +42,7 @@ def test_examples_follow_the_contract(name):
             assert task.prompt(ex) == msgs[:-1]
             if name != "stoney_qa":
                 assert re.fullmatch(r"<think>.+</think>\nAnswer: .+", msgs[-1]["content"], re.S)
-                assert extract_answer(msgs[-1]["content"]) == ex["answer"]
+                assert answer_after(msgs[-1]["content"]) == ex["answer"]
             # regions are spans of the rendered user text (system prepended, as the tokenizer does)
             rendered = (msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else "") + msgs[-2]["content"]
             a, b = ex["regions"]["question"]
@@ -102,7 +103,7 @@ def _question(ex):
 def _train_texts():
     """Every default training corpus: pretraining text, and the train split of every task (which
     SFT, reward-model pairs and GRPO prompts are drawn from)."""
-    texts = list(training_corpus_texts())
+    texts = list(corpus_texts("train"))
     for name in TASK_NAMES:
         texts += ["\n\n".join(m["content"] for m in ex["messages"]) for ex in get_task(name).examples("train")]
     return texts
@@ -115,7 +116,7 @@ def test_no_held_out_item_or_source_in_any_training_corpus():
             train_srcs |= _sources(ex)
             train_questions.add(_question(ex))
             train_prompts.add(_user(ex))
-    assert set(training_corpus_texts()) <= set(_train_texts())
+    assert set(corpus_texts("train")) <= set(_train_texts())
     for name in TASK_NAMES:
         for split in HELD_OUT:
             for ex in get_task(name).examples(split):
@@ -211,8 +212,8 @@ def test_lexicon_match_keeps_diacritics_and_ignores_case():
 
 
 def test_extract_answer_and_parsers():
-    assert extract_answer("<think>Answer: A?</think>\nAnswer: C") == "C"
-    assert extract_answer("no answer here") is None
+    assert answer_after("<think>Answer: A?</think>\nAnswer: C") == "C"
+    assert answer_after("no answer here") is None
     assert [parse_letter(x) for x in ("C", "(c)", "D) 600", "E.", "Both", "", None)] == \
         ["C", "C", "D", "E", None, None, None]
     assert parse_number("$1,080.50 dollars") == 1080.5 and parse_number("-3") == -3 and parse_number("none") is None
@@ -224,7 +225,9 @@ def test_chrf_matches_sacrebleu():
     pairs = [("the cat sat on the mat", "the cat is on the mat"), ("îyârhe", "îyârhe hîrhpa"),
              ("", "reference"), ("completely different", "nothing alike"), ("same", "same")]
     for hyp, ref in pairs:
-        assert chrf(hyp, ref) == pytest.approx(sacrebleu.sentence_chrf(hyp, [ref]).score, abs=1e-6)
+        assert sentence_chrf(hyp, ref) == pytest.approx(sacrebleu.sentence_chrf(hyp, [ref]).score, abs=1e-6)
+        assert sentence_chrf(hyp, ref, word_order=2) == pytest.approx(
+            sacrebleu.sentence_chrf(hyp, [ref], word_order=2).score, abs=1e-6)
 
 
 def test_extractor_on_hand_written_sentences():

@@ -1,8 +1,9 @@
 """Training loop, batching, optimizer, resume, logging and error behaviour (CPU, tiny sizes).
 
-The end-to-end tests run scripts/base_train.py as a user would, on a tiny corpus and a tiny
+The end-to-end tests run scripts.base_train as a user would, on a tiny corpus and a tiny
 tokenizer made here; tests/test_ddp.py reuses `make_workspace` and `base_cmd` for torchrun.
 """
+import importlib
 import json
 import math
 import os
@@ -17,14 +18,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from nanostoney import batches, evaluate, optim, train
+from nanostoney.errors import UserError
+from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.muon import Muon, orthogonalize
 
-from nanostoney import batches as B  # noqa: E402
-from nanostoney import train as T  # noqa: E402
-from nanostoney.errors import UserError  # noqa: E402
-from nanostoney.gpt import GPT, GPTConfig  # noqa: E402
-from nanostoney.muon import Muon, orthogonalize  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PY = sys.executable
 
@@ -73,7 +72,7 @@ def make_workspace(root):
 
 
 def base_cmd(ws, out, *extra, launcher=(PY,)):
-    return [*launcher, str(ROOT / "scripts" / "base_train.py"),
+    return [*launcher, "-m", "scripts.base_train",
             "--tokenizer", str(ws.tok), "--data", str(ws.corpus), "--manifest", str(ws.manifest),
             "--depth", "1", "--head-dim", "32", "--sequence-len", "16", "--device-batch-size", "2",
             "--total-batch-size", "64", "--num-iterations", "6", "--eval-every", "3",
@@ -112,14 +111,14 @@ def ws(tmp_path_factory):
 
 
 def test_grad_accum_steps_and_error():
-    assert T.grad_accum_steps(2048, 8, 256, 1) == 1
-    assert T.grad_accum_steps(4096, 4, 256, 2) == 2
+    assert train.grad_accum_steps(2048, 8, 256, 1) == 1
+    assert train.grad_accum_steps(4096, 4, 256, 2) == 2
     with pytest.raises(UserError, match="not a positive multiple"):
-        T.grad_accum_steps(3000, 8, 256, 1)
+        train.grad_accum_steps(3000, 8, 256, 1)
 
 
 def test_lr_schedule_warmup_flat_warmdown():
-    m = [T.lr_multiplier(s, 100, warmup_steps=10, warmdown_ratio=0.2, final_lr_frac=0.1) for s in range(100)]
+    m = [optim.lr_multiplier(s, 100, warmup_steps=10, warmdown_ratio=0.2, final_lr_frac=0.1) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in m[10:80])
     assert m[80] == pytest.approx(1.0) and m[99] == pytest.approx(0.1 + 0.9 * 1 / 20)
@@ -138,15 +137,15 @@ def test_orthogonalize_flattens_singular_values():
 
 def test_build_optimizer_roles():
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
-    opt = T.build_optimizer(model, "muon")
+    opt = optim.build_optimizer(model, "muon")
     roles = {g["role"] for g in opt.param_groups}
     assert roles == {"matrix", "embedding", "unembedding"}
     assert isinstance(opt.optimizers[0], Muon)
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == model.num_params()  # every parameter in exactly one group
-    adam = T.build_optimizer(model, "adamw")
+    adam = optim.build_optimizer(model, "adamw")
     assert all(isinstance(o, torch.optim.AdamW) for o in adam.optimizers)
-    T.set_lr(adam, 0.5)
+    optim.set_lr(adam, 0.5)
     assert all(g["lr"] == 0.5 * g["initial_lr"] for g in adam.param_groups)
 
 
@@ -157,38 +156,38 @@ def test_lora_on_the_head_learns_at_the_matrix_lr():
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     wrapped = lora.apply_lora(model, rank=4, alpha=4, targets="all,head")
     assert "lm_head" in wrapped and len(wrapped) == 2 * 6 + 1
-    opt = T.build_optimizer(model, "adamw", matrix_lr=5e-3)
+    opt = optim.build_optimizer(model, "adamw", matrix_lr=5e-3)
     (group,) = opt.param_groups
     assert group["role"] == "matrix" and any(p is model.lm_head.lora_B for p in group["params"])
 
 
 def test_batches_same_rows_for_any_world_size_and_resumable():
     tokens = torch.arange(1000)
-    w = B.TokenWindows(tokens, seq_len=8, seed=3)
+    w = batches.TokenWindows(tokens, seq_len=8, seed=3)
     one = SimpleNamespace(world_size=1, rank=0, device="cpu")
-    single = B.PretrainBatches(w, device_batch=2, grad_accum=2, info=one)
-    ranks = [B.PretrainBatches(w, 2, 1, SimpleNamespace(world_size=2, rank=r, device="cpu")) for r in range(2)]
+    single = batches.PretrainBatches(w, device_batch=2, grad_accum=2, info=one)
+    ranks = [batches.PretrainBatches(w, 2, 1, SimpleNamespace(world_size=2, rank=r, device="cpu")) for r in range(2)]
     for step in range(5):
         a = torch.cat([single.get(step, m)[0] for m in range(2)])
         b = torch.cat([ranks[r].get(step, 0)[0] for r in range(2)])
         assert torch.equal(a, b)
     # a fresh loader (a resumed run) gives the same rows at the same step, past an epoch boundary
-    again = B.PretrainBatches(B.TokenWindows(tokens, 8, seed=3), 2, 2, one)
+    again = batches.PretrainBatches(batches.TokenWindows(tokens, 8, seed=3), 2, 2, one)
     assert torch.equal(again.get(40, 1)[1], single.get(40, 1)[1])
     x, y = single.get(0, 0)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
 
 
 def test_mixture_schedule_weights_and_determinism():
-    s = B.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
-    assert s == B.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
+    s = batches.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
+    assert s == batches.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
     frac = sum(t == 1 for t, _ in s) / len(s)
     assert abs(frac - 0.75) < 0.03
     first_pass = [i for t, i in s if t == 0][:5]
     assert sorted(first_pass) == list(range(5))  # every example once before any repeats
-    assert B.parse_mixture("a=1, b=2,c") == {"a": 1.0, "b": 2.0, "c": 1.0}
+    assert batches.parse_mixture("a=1, b=2,c") == {"a": 1.0, "b": 2.0, "c": 1.0}
     with pytest.raises(UserError):
-        B.parse_mixture("a=x")
+        batches.parse_mixture("a=x")
 
 
 def test_bpb_of_a_uniform_model_is_log2_vocab_per_byte(ws):
@@ -200,13 +199,13 @@ def test_bpb_of_a_uniform_model_is_log2_vocab_per_byte(ws):
     model.init_weights()
     torch.nn.init.zeros_(model.lm_head.weight)
     docs = ["Ada has 12 stones.", "Bo found 7 more.", "Îyâhe Nakoda ṯ ẖ û — multi-byte text"] * 3
-    w = B.TokenWindows(B.tokenize_documents(tok, docs), 16, shuffle=False)
+    w = batches.TokenWindows(batches.tokenize_documents(tok, docs), 16, shuffle=False)
     assert w.n >= 3
     info = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"), is_distributed=False,
                            autocast_dtype=None)
-    tb = T.token_byte_lengths(tok)
-    bpb = T.evaluate_bpb(model, B.eval_batches(w, 4, info), tb, info)
-    ys = torch.cat([y.reshape(-1) for _, y in B.eval_batches(w, 4, info)])
+    tb = evaluate.token_byte_lengths(tok)
+    bpb = evaluate.evaluate_bpb(model, batches.eval_batches(w, 4, info), tb, info)
+    ys = torch.cat([y.reshape(-1) for _, y in batches.eval_batches(w, 4, info)])
     text_targets = ys[tb[ys] > 0]
     expected = math.log2(V) * len(text_targets) / tb[text_targets].sum().item()
     assert bpb == pytest.approx(expected, rel=1e-6)
@@ -220,15 +219,15 @@ def test_sft_loss_mask_covers_only_assistant_tokens(ws):
                          {"role": "assistant", "content": "<think>3+4</think>\nAnswer: 7"},
                          {"role": "user", "content": "And Bo?"},
                          {"role": "assistant", "content": "Answer: 9"}]}
-    rows, kept = B.render_examples(tok, [conv], max_tokens=200)
-    x, y = B.collate(rows + [(rows[0][0][:5], rows[0][1][:5])], pad_id=0, device="cpu")
+    rows, kept = batches.render_examples(tok, [conv], max_tokens=200)
+    x, y = batches.collate(rows + [(rows[0][0][:5], rows[0][1][:5])], pad_id=0, device="cpu")
     trained = y[0][y[0] >= 0].tolist()
     end = tok.token_id("<|assistant_end|>")
     # exactly the two assistant contents, each followed by <|assistant_end|>
     assert trained == (tok.encode("<think>3+4</think>\nAnswer: 7") + [end] + tok.encode("Answer: 9") + [end])
     assert (y[1] == -1).all()  # a row cut before the answer trains nothing (padding never does)
     # the truncated conversation with no assistant token left is dropped by render_examples
-    assert B.render_examples(tok, [conv], max_tokens=5) == ([], [])
+    assert batches.render_examples(tok, [conv], max_tokens=5) == ([], [])
 
 
 # -----------------------------------------------------------------------------
@@ -253,8 +252,7 @@ def test_malformed_shard_gives_one_sentence_and_exit_2(ws, tmp_path):
 
 def cli_error(script, argv, capsys):
     """Run a script's main() in this process the way its __main__ does; (exit code, stderr)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    module = __import__(script)
+    module = importlib.import_module(f"scripts.{script}")
     from nanostoney.errors import run_main
     with pytest.raises(SystemExit) as e:
         run_main(lambda: module.main(argv))
@@ -262,9 +260,9 @@ def cli_error(script, argv, capsys):
 
 
 def test_wrong_flag_and_bad_batch_exit_2(ws, tmp_path, capsys):
-    code, err = cli_error("base_train", base_cmd(ws, tmp_path / "o1", "--depht", "3")[2:], capsys)
+    code, err = cli_error("base_train", base_cmd(ws, tmp_path / "o1", "--depht", "3")[3:], capsys)
     assert code == 2 and "unrecognized arguments: --depht" in err
-    code, err = cli_error("base_train", base_cmd(ws, tmp_path / "o2", "--total-batch-size", "100")[2:], capsys)
+    code, err = cli_error("base_train", base_cmd(ws, tmp_path / "o2", "--total-batch-size", "100")[3:], capsys)
     assert code == 2 and err.strip().splitlines() == [
         "error: --total-batch-size 100 tokens is not a positive multiple of 32 (2 x 16 x 1 processes); "
         "pick a multiple or change --device-batch-size."]
@@ -273,7 +271,7 @@ def test_wrong_flag_and_bad_batch_exit_2(ws, tmp_path, capsys):
 def test_unapproved_data_is_refused(ws, tmp_path, capsys):
     other = tmp_path / "other.txt"
     other.write_text("some text " * 100)
-    argv = base_cmd(ws, tmp_path / "o")[2:]
+    argv = base_cmd(ws, tmp_path / "o")[3:]
     argv[argv.index("--data") + 1] = str(other)
     code, err = cli_error("base_train", argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -343,7 +341,7 @@ def test_sft_lora_end_to_end_trains_only_adapters(ws, tmp_path):
     r = run(base_cmd(ws, base, "--sequence-len", "64", "--total-batch-size", "128", "--num-iterations", "2",
                      "--eval-every", "0"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([PY, str(ROOT / "scripts" / "sft_train.py"), "--init", str(base), "--tasks", "stoney_mc=1",
+    r = run([PY, "-m", "scripts.sft_train", "--init", str(base), "--tasks", "stoney_mc=1",
              "--max-train-examples", "4", "--sequence-len", "400", "--num-iterations", "3",
              "--device-batch-size", "2", "--total-batch-size", "4", "--eval-every", "0",
              "--final-eval-examples", "2", "--max-new-tokens", "4", "--entropy-every", "1",
@@ -364,13 +362,12 @@ def test_sft_lora_end_to_end_trains_only_adapters(ws, tmp_path):
 
 
 def test_sweep_yaml_grid_is_what_sft_train_accepts():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import sft_train
-    import sweep
+    from scripts import sft_train, sweep
     cfg = sweep.load_sweep(str(ROOT / "sweep.yaml"))
     points, axes = sweep.grid_points(cfg["parameters"])
     assert axes == ["lr", "lora-rank"] and len(points) == 9
     assert "${args}" in cfg["command"] and (ROOT / cfg["program"]).exists()
+    assert cfg["command"][2:4] == ["-m", "scripts.sft_train"]  # the program, run as a module from the repo root
     for point in points:  # the flags a W&B agent (and sweep.py) pass parse, with their values
         args = sft_train.parse_args([f"--{k}={v}" for k, v in point.items()])
         assert args.matrix_lr == float(point["lr"]) and args.lora_rank == int(point["lora-rank"])

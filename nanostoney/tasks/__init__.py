@@ -13,17 +13,15 @@ sizes and an example per task; `--baselines` prints the surface-cue baselines of
 """
 from nanostoney.data import SOURCES
 from nanostoney.errors import UserError
-from nanostoney.tasks.base import SPLITS, Task, answer_after, baselines  # noqa: F401
+from nanostoney.tasks.aqua import AquaMC
+from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
+from nanostoney.tasks.stoney import StoneyLexicon, StoneyMC, StoneyQA
 
-TASK_NAMES = ("stoney_qa", "stoney_lexicon", "stoney_mc", "aqua_mc", "gsm8k", "gsm8k_mc")
-_TASKS = {}
-
-
-def _registry():
-    from nanostoney.tasks.aqua import AquaMC
-    from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
-    from nanostoney.tasks.stoney import StoneyLexicon, StoneyMC, StoneyQA
-    return {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC)}
+TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC)}
+TASK_NAMES = tuple(TASKS)
+# the tasks whose conversations make the default pretraining and tokenizer corpus
+CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
+_BUILT = {}
 
 
 def get_task(name, source="bundled", data_dir=None):
@@ -31,16 +29,30 @@ def get_task(name, source="bundled", data_dir=None):
     hub's training pool, an error if unreachable) or "auto" (hub if reachable, else bundled,
     with a one-line note). data_dir: a directory laid out like data/ to read instead.
     Tasks are cached per process, so examples are built once."""
-    if name not in TASK_NAMES:
+    if name not in TASKS:
         raise UserError(f"unknown task {name!r}; valid tasks are {', '.join(TASK_NAMES)}.")
     if source not in SOURCES:
         raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}.")
     key = (name, source, str(data_dir) if data_dir else None)
-    if key not in _TASKS:
-        _TASKS[key] = _registry()[name](source=source, data_dir=data_dir)
-    return _TASKS[key]
+    if key not in _BUILT:
+        _BUILT[key] = TASKS[name](source=source, data_dir=data_dir)
+    return _BUILT[key]
 
 
-def extract_answer(completion):
-    """The text after the last "Answer:" in a completion, stripped; None if there is none."""
-    return answer_after(completion)
+def sources_for_tasks(task_names, source="bundled", data_dir=None):
+    """The source files (or hf:// ids) behind the given tasks, for the governance gate:
+    derived data inherits its source's status, so gate these, not the task names."""
+    out = []
+    for name in task_names:
+        for s in get_task(name, source=source, data_dir=data_dir).sources():
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def corpus_texts(split="train", task_names=CORPUS_TASKS, source="bundled", data_dir=None):
+    """Plain texts for pretraining and tokenizer training: one per conversation of the tasks'
+    `split`, its turns joined by blank lines. The train corpus holds no val/test item and no
+    conversation a held-out item was derived from (tests/test_tasks.py)."""
+    return ["\n\n".join(m["content"] for m in ex["messages"])
+            for name in task_names for ex in get_task(name, source=source, data_dir=data_dir).examples(split)]

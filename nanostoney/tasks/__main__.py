@@ -5,7 +5,8 @@ baselines of the multiple-choice tasks (each should be near the 20% chance level
 import argparse
 
 from nanostoney.errors import run_main
-from nanostoney.tasks import SPLITS, TASK_NAMES, baselines, get_task
+from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks.base import SPLITS, baselines
 
 
 def main():

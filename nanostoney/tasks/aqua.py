@@ -8,12 +8,14 @@ too large") are renamed to follow their options. Splits: the bundled dev set is 
 hub's 97k train split when asked for), the bundled test set is cut in two by a hash of the
 question: val and test.
 """
+import functools
 import random
 import re
 
 from nanostoney import data
+from nanostoney.answers import LETTERS
 from nanostoney.errors import UserError
-from nanostoney.tasks.base import LETTERS, MCTask, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
+from nanostoney.tasks.base import MCTask, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
 
 OPTION_RE = re.compile(r"^\s*([A-E])\s*\)\s*(.*)$", re.DOTALL)
 _REF = r"(?:the\s+)?(?:correct\s+)?(?:answer|ans|option|choice)\b[^A-Za-z\n]{0,4}(?:is\s+)?(?:option\s*)?\(?"
@@ -67,14 +69,9 @@ def _problems(rows, path):
     return out
 
 
-_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def load_problems(source="bundled", data_dir=None):
-    """({split: [problem]}, [sources])."""
-    key = (source, str(data_dir) if data_dir else None)
-    if key in _CACHE:
-        return _CACHE[key]
+    """({split: [problem]}, [sources]), read once per process."""
     held_rows, held_path = data.bundled_rows("aqua", "heldout", data_dir)
     held = _problems(held_rows, held_path)
     val = [p for p in held if split_by_hash(p["source_id"], val=0.5, test=0.5) == "val"]
@@ -91,8 +88,7 @@ def load_problems(source="bundled", data_dir=None):
         if p["source_id"] not in seen:
             seen.add(p["source_id"])
             train.append(p)
-    _CACHE[key] = ({"train": train, "val": val, "test": test}, used)
-    return _CACHE[key]
+    return {"train": train, "val": val, "test": test}, used
 
 
 def sources(source="bundled", data_dir=None):

@@ -1,5 +1,5 @@
-"""What every task shares: the Task class, deterministic splits, the multiple-choice format,
-answer parsing, and the surface-cue baselines.
+"""What every task shares: the Task class, deterministic splits, the multiple-choice format
+and the surface-cue baselines (answers are written and read by nanostoney/answers.py).
 
 One format for all families, so that Stoney and math differ in content, not in shape:
     user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks)
@@ -8,15 +8,14 @@ One format for all families, so that Stoney and math differ in content, not in s
 import abc
 import hashlib
 import math
-import re
 import statistics
 import unicodedata
 
+from nanostoney.answers import LETTERS, answer_after, format_answer, parse_letter, parse_number
 from nanostoney.errors import UserError
+from nanostoney.tokenizer import SYSTEM_JOIN  # how the tokenizer folds a system message into the user turn
 
 SPLITS = ("train", "val", "test")
-LETTERS = "ABCDE"
-SYSTEM_JOIN = "\n\n"  # the tokenizer prepends the system message to the first user turn like this
 
 
 def stable_hash(text):
@@ -42,51 +41,6 @@ def normalize(text):
     text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
     text = " ".join(text.split())
     return text.strip(" \t\n.,;:!?\"'`“”‘’()[]{}*_")
-
-
-def answer_after(completion):
-    """Text after the last "Answer:" (stripped), or None when there is none."""
-    i = completion.rfind("Answer:")
-    return None if i < 0 else completion[i + len("Answer:"):].strip()
-
-
-def parse_letter(text):
-    """"C", "C)", "(C)", "C) 600", "c." -> "C"; anything else -> None."""
-    if text is None:
-        return None
-    m = re.match(r"^[\s(\[*]*([A-Ea-e])(?![A-Za-z0-9])", text)
-    return m.group(1).upper() if m else None
-
-
-NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def parse_number(text):
-    """First number in `text` ("$1,080.00" -> 1080.0), or None."""
-    if text is None:
-        return None
-    m = NUMBER_RE.search(text.replace("$", "").replace("−", "-"))
-    if not m:
-        return None
-    try:
-        return float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
-
-
-def numbers_equal(a, b):
-    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
-
-
-def format_number(x):
-    """72.0 -> "72", 0.5 -> "0.5"; the way a person writes an answer."""
-    if abs(x - round(x)) < 1e-9:
-        return str(int(round(x)))
-    return f"{x:.6f}".rstrip("0").rstrip(".")
-
-
-def gold(reasoning, answer):
-    return f"<think>{reasoning.strip()}</think>\nAnswer: {answer}"
 
 
 def user_regions(system, user, regions):
@@ -121,7 +75,7 @@ def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **ex
     user, regions = render_mc(question, choices)
     ex = {"id": eid, "source_id": source_id,
           "messages": [{"role": "user", "content": user},
-                       {"role": "assistant", "content": gold(reasoning, answer_letter)}],
+                       {"role": "assistant", "content": format_answer(reasoning, answer_letter)}],
           "answer": answer_letter, "regions": regions, "choices": list(choices)}
     ex.update(extra)
     return ex

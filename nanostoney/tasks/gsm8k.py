@@ -12,12 +12,13 @@ Splits: the bundled train file minus a hashed ~7% slice is train, that slice is 
 bundled test file is test. A problem whose text is also in the test file never enters train.
 """
 import functools
+import operator
 import re
 
 from nanostoney import data
+from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
 from nanostoney.errors import UserError
-from nanostoney.tasks.base import (LETTERS, Task, answer_after, balanced_slots, format_number, gold, mc_example,
-                                   MCTask, numbers_equal, parse_number, short_id, split_by_hash)
+from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash
 
 CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 SAFE_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")
@@ -34,6 +35,7 @@ def split_answer(answer_text):
     return body, (format_number(value) if value is not None else None)
 
 
+OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|(.))")
 
 
@@ -65,25 +67,20 @@ def _eval(expr):
             return t
         raise ValueError
 
-    def product():
+    def level(operand, ops):  # operand (op operand)*, left to right
         nonlocal pos
-        v = atom()
-        while peek() in ("*", "/"):
+        v = operand()
+        while peek() in ops:
             op = peek()
             pos += 1
-            r = atom()
-            v = v * r if op == "*" else v / r
+            v = OPERATORS[op](v, operand())
         return v
 
+    def product():
+        return level(atom, ("*", "/"))
+
     def sum_():
-        nonlocal pos
-        v = product()
-        while peek() in ("+", "-"):
-            op = peek()
-            pos += 1
-            r = product()
-            v = v + r if op == "+" else v - r
-        return v
+        return level(product, ("+", "-"))
 
     try:
         v = sum_()
@@ -175,18 +172,10 @@ def _problems(rows, path):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def load_problems(source="bundled", data_dir=None):
-    """{split: [problem]} shared by gsm8k and gsm8k_mc (same problems, same splits)."""
-    return _load_problems(source, str(data_dir) if data_dir else None)
-
-
-_CACHE = {}
-
-
-def _load_problems(source, data_dir):
-    key = (source, data_dir)
-    if key in _CACHE:
-        return _CACHE[key]
+    """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc (same problems, same
+    splits), read once per process."""
     test_rows, test_path = data.bundled_rows("gsm8k", "test", data_dir)
     test = _problems(test_rows, test_path)
     held_ids = {p["source_id"] for p in test}
@@ -198,9 +187,7 @@ def _load_problems(source, data_dir):
     hub = data.hub_rows("gsm8k", source)
     pool, used = (_problems(*hub), [hub[1], train_path, test_path]) if hub else (bundled_train, [train_path, test_path])
     train = [p for p in pool if p["source_id"] not in held_ids]
-    splits = {"train": _dedupe(train), "val": _dedupe(val), "test": _dedupe(test)}
-    _CACHE[key] = (splits, used)
-    return _CACHE[key]
+    return {"train": _dedupe(train), "val": _dedupe(val), "test": _dedupe(test)}, used
 
 
 def _dedupe(problems):
@@ -221,35 +208,38 @@ def sources(source="bundled", data_dir=None):
     return ([data.hub_label("gsm8k")] if source == "hub" else []) + paths
 
 
-class GSM8K(Task):
-    name, family, kind = "gsm8k", "math", "numeric"
+class GSM8KTask(Task):
+    """What gsm8k and gsm8k_mc share: the problems, their splits and the files behind them."""
+    family = "math"
 
     def sources(self):
         return sources(self.source, self.data_dir)
 
+    def problems(self):
+        return load_problems(self.source, self.data_dir)[0]
+
+
+class GSM8K(GSM8KTask):
+    name, kind = "gsm8k", "numeric"
+
     def _build(self):
-        splits, _ = load_problems(self.source, self.data_dir)
-        return {split: [self._example(p) for p in probs] for split, probs in splits.items()}
+        return {split: [self._example(p) for p in probs] for split, probs in self.problems().items()}
 
     def _example(self, p):
         return {"id": "gsm8k/" + p["source_id"], "source_id": p["source_id"],
                 "messages": [{"role": "user", "content": p["question"]},
-                             {"role": "assistant", "content": gold(p["rationale"], p["final"])}],
+                             {"role": "assistant", "content": format_answer(p["rationale"], p["final"])}],
                 "answer": p["final"], "regions": {"question": (0, len(p["question"]))}}
 
     def evaluate(self, example, completion):
         return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
 
 
-class GSM8KMC(MCTask):
-    name, family = "gsm8k_mc", "math"
-
-    def sources(self):
-        return sources(self.source, self.data_dir)
+class GSM8KMC(GSM8KTask, MCTask):
+    name = "gsm8k_mc"
 
     def _build(self):
-        splits, _ = load_problems(self.source, self.data_dir)
-        return {split: self._mc(probs) for split, probs in splits.items()}
+        return {split: self._mc(probs) for split, probs in self.problems().items()}
 
     def _mc(self, problems):
         """Build the options each problem allows for each gold rank, then hand out ranks so the

@@ -29,15 +29,18 @@ pair count and the precision measured by hand.
 """
 import bisect
 import collections
+import functools
 import math
 import random
 import re
 import unicodedata
 
 from nanostoney import data
+from nanostoney.answers import LETTERS, answer_part, format_answer
 from nanostoney.errors import UserError
-from nanostoney.tasks.base import (LETTERS, SPLITS, MCTask, Task, answer_after, balanced_slots, gold, mc_example,
-                                   normalize, short_id, split_by_hash, stable_hash, user_regions)
+from nanostoney.metrics import sentence_chrf
+from nanostoney.tasks.base import (SPLITS, MCTask, Task, balanced_slots, mc_example, normalize, short_id,
+                                   split_by_hash, stable_hash, user_regions)
 
 # -----------------------------------------------------------------------------
 # conversations
@@ -467,14 +470,9 @@ def assign_splits(convs, lexicon):
     return split, [dict(p, split=split[p["sources"][0]]) for p in lexicon]
 
 
-_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def load_corpus(source="bundled", data_dir=None):
     """{"convs": {split: [conv]}, "lexicon": {split: [pair]}, "sources": [...]}, built once."""
-    key = (source, str(data_dir) if data_dir else None)
-    if key in _CACHE:
-        return _CACHE[key]
     rows, path = data.bundled_rows("stoney", "all", data_dir)
     convs = _conversations(rows, path)
     conv_split, lexicon = assign_splits(convs, build_lexicon(convs))
@@ -484,7 +482,6 @@ def load_corpus(source="bundled", data_dir=None):
     hub = data.hub_rows("stoney", source)
     if hub:
         out = _with_hub_train(out, *hub, path)
-    _CACHE[key] = out
     return out
 
 
@@ -505,41 +502,6 @@ def _with_hub_train(out, rows, label, path):
     out["convs"] = dict(out["convs"], train=train)
     out["lexicon"] = dict(out["lexicon"], train=lexicon)
     return out
-
-
-# -----------------------------------------------------------------------------
-# chrF (sacrebleu's sentence chrF: character 1..6-grams, whitespace removed, beta 2), here so
-# that the reward needs no extra package on the core path
-
-def _char_ngrams(text, n):
-    return collections.Counter(text[i:i + n] for i in range(len(text) - n + 1))
-
-
-def chrf(hypothesis, reference, order=6, beta=2.0):
-    """chrF in [0, 100], as sacrebleu.sentence_chrf computes it (tested): precision and recall
-    of character n-grams, averaged over the orders both sides have, then F-beta."""
-    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
-    avg_prec = avg_rec = 0.0
-    effective = 0
-    for n in range(1, order + 1):
-        h, r = _char_ngrams(hyp, n), _char_ngrams(ref, n)
-        n_hyp, n_ref = sum(h.values()), sum(r.values())
-        if n_hyp > 0 and n_ref > 0:
-            match = sum((h & r).values())
-            avg_prec += match / n_hyp
-            avg_rec += match / n_ref
-            effective += 1
-    if not effective or avg_prec + avg_rec == 0:
-        return 0.0
-    p, r, f = avg_prec / effective, avg_rec / effective, beta ** 2
-    return 100 * (1 + f) * p * r / (f * p + r)
-
-
-def answer_part(completion):
-    """The answer of an open completion: after the think block, without an "Answer:" label."""
-    tail = completion.rsplit("</think>", 1)[-1]
-    after = answer_after(tail)
-    return (after if after is not None else tail).strip()
 
 
 # -----------------------------------------------------------------------------
@@ -583,10 +545,10 @@ class StoneyQA(StoneyTask):
                 "answer": c["assistant"], "regions": regions}
 
     def reward(self, example, completion):
-        return chrf(answer_part(completion), example["answer"]) / 100.0
+        return sentence_chrf(answer_part(completion), example["answer"]) / 100.0
 
     def evaluate(self, example, completion):
-        return chrf(answer_part(completion), example["answer"]) >= self.CHRF_PASS
+        return sentence_chrf(answer_part(completion), example["answer"]) >= self.CHRF_PASS
 
 
 def english_key(text):
@@ -594,6 +556,24 @@ def english_key(text):
     "be thirsty"), so the dictionary form is not the only accepted one."""
     g = normalize(text)
     return re.sub(r"^(?:to|a|an|the)\s+", "", g)
+
+
+# the question and the gold reasoning of a lexicon item, per task kind and direction
+LEXICON_TEXTS = {
+    ("open", "s2e"): ("What does the Stoney Nakoda term `{term}` mean in English?",
+                      "`{term}` is a Stoney Nakoda term; in English it means '{gloss}'."),
+    ("open", "e2s"): ("How do you say '{gloss}' in Stoney Nakoda?", "'{gloss}' in Stoney Nakoda is `{term}`."),
+    ("mc", "s2e"): ("What does the Stoney Nakoda term `{term}` mean?", "`{term}` means '{gloss}', which is option {letter}."),
+    ("mc", "e2s"): ("Which Stoney Nakoda term means '{gloss}'?",
+                    "'{gloss}' in Stoney Nakoda is `{term}`, which is option {letter}."),
+}
+
+
+def lexicon_texts(kind, item, letter=None):
+    """(question, gold reasoning) of a lexicon item for an open or an MC task (whose gold is `letter`)."""
+    question, reasoning = LEXICON_TEXTS[(kind, item["dir"])]
+    words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
+    return question.format(**words), reasoning.format(**words)
 
 
 def _lexicon_items(pairs):
@@ -620,17 +600,11 @@ class StoneyLexicon(StoneyTask):
         return {s: [self._example(it) for it in _lexicon_items(pairs)] for s, pairs in self.corpus()["lexicon"].items()}
 
     def _example(self, it):
-        p = it["pair"]
-        if it["dir"] == "s2e":
-            question = f"What does the Stoney Nakoda term `{p['term']}` mean in English?"
-            reasoning = f"`{p['term']}` is a Stoney Nakoda term; in English it means '{p['gloss']}'."
-        else:
-            question = f"How do you say '{p['gloss']}' in Stoney Nakoda?"
-            reasoning = f"'{p['gloss']}' in Stoney Nakoda is `{p['term']}`."
+        question, reasoning = lexicon_texts(self.kind, it)
         return {"id": f"stoney_lexicon/{it['dir']}/{short_id(it['key'])}", "source_id": it["sources"][0],
                 "source_ids": it["sources"], "direction": it["dir"],
                 "messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": gold(reasoning, it["answer"])}],
+                             {"role": "assistant", "content": format_answer(reasoning, it["answer"])}],
                 "answer": it["answer"], "aliases": it["aliases"], "regions": {"question": (0, len(question))}}
 
     def evaluate(self, example, completion):
@@ -730,13 +704,7 @@ class StoneyMC(StoneyTask, MCTask):
             random.Random(stable_hash(iid)).shuffle(distractors)
             choices = distractors[:letter] + [it["answer"]] + distractors[letter:]
             L = LETTERS[letter]
-            p = it["pair"]
-            if it["dir"] == "s2e":
-                question = f"What does the Stoney Nakoda term `{p['term']}` mean?"
-                reasoning = f"`{p['term']}` means '{p['gloss']}', which is option {L}."
-            else:
-                question = f"Which Stoney Nakoda term means '{p['gloss']}'?"
-                reasoning = f"'{p['gloss']}' in Stoney Nakoda is `{p['term']}`, which is option {L}."
+            question, reasoning = lexicon_texts(self.kind, it, L)
             out.append(mc_example(f"stoney_mc/{it['dir']}/{short_id(it['key'])}", it["sources"][0], question,
                                   choices, L, reasoning, source_ids=it["sources"], direction=it["dir"]))
         return sorted(out, key=lambda ex: ex["id"])

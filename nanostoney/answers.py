@@ -1,0 +1,100 @@
+"""How an answer is written and read: one format for every task, one parser for every reader.
+
+Every gold assistant turn reads
+
+    <think>{reasoning}</think>
+    Answer: {answer}
+
+with a letter A-E (multiple choice), a number (numeric) or text (open). The tasks verify with
+these parsers, the rewards score the format with them, evaluation compares the answer and the
+reasoning parts with references, and the reward model makes wrong answers by splitting golds.
+"""
+import re
+
+LETTERS = "ABCDE"
+MARKER = "Answer:"
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def format_answer(reasoning, answer):
+    """The gold assistant text of a task example."""
+    return f"<think>{reasoning.strip()}</think>\n{MARKER} {answer}"
+
+
+def split_answer(text):
+    """(reasoning, answer) of a text written by format_answer, or None for any other shape."""
+    if not text.startswith("<think>") or "</think>" not in text:
+        return None
+    reasoning, _, rest = text[len("<think>"):].partition("</think>")
+    rest = rest.strip()
+    if not rest.startswith(MARKER):
+        return None
+    return reasoning, rest[len(MARKER):].strip()
+
+
+def answer_after(text):
+    """Text after the last "Answer:" (stripped), or None when there is none."""
+    i = text.rfind(MARKER)
+    return None if i < 0 else text[i + len(MARKER):].strip()
+
+
+def after_think(text):
+    """Everything after the last </think> (the whole text when there is no think block)."""
+    return text.rsplit("</think>", 1)[-1]
+
+
+def think_content(text):
+    """Text inside the first closed <think>...</think> block, or None when there is none."""
+    m = THINK_RE.search(text)
+    return m.group(1) if m else None
+
+
+def answer_part(text):
+    """The answer of an open completion: after the think block, without an "Answer:" label
+    (the label is optional for open answers). Stripped."""
+    tail = after_think(text)
+    after = answer_after(tail)
+    return (after if after is not None else tail).strip()
+
+
+def rationale_part(text):
+    """The reasoning: inside <think>...</think> (or an unclosed <think>), else everything before
+    the last "Answer:"."""
+    m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
+    if m:
+        return m.group(1).strip()
+    i = text.rfind(MARKER)
+    return (text if i < 0 else text[:i]).strip()
+
+
+def parse_letter(text):
+    """"C", "C)", "(C)", "C) 600", "c." -> "C"; anything else -> None."""
+    if text is None:
+        return None
+    m = re.match(r"^[\s(\[*]*([A-Ea-e])(?![A-Za-z0-9])", text)
+    return m.group(1).upper() if m else None
+
+
+def parse_number(text):
+    """First number in `text` ("$1,080.00" -> 1080.0), or None."""
+    if text is None:
+        return None
+    m = NUMBER_RE.search(text.replace("$", "").replace("−", "-"))
+    if not m:
+        return None
+    try:
+        return float(m.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numbers_equal(a, b):
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def format_number(x):
+    """72.0 -> "72", 0.5 -> "0.5"; the way a person writes an answer."""
+    if abs(x - round(x)) < 1e-9:
+        return str(int(round(x)))
+    return f"{x:.6f}".rstrip("0").rstrip(".")
