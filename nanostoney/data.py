@@ -71,7 +71,8 @@ def iter_jsonl(path):
                 try:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line.") from None
+                    raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); "
+                                    f"fix or remove that line.") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
 

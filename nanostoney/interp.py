@@ -837,10 +837,12 @@ def layer_differences(ck, grp, a, sa, sb):
         hi = [i for i in range(len(la["mean"])) if la["lo"][i] > lb["hi"][i]]
         lo = [i for i in range(len(la["mean"])) if lb["lo"][i] > la["hi"][i]]
         if hi or lo:
-            parts = ([f"higher for {a} in layers {hi}"] if hi else []) + ([f"lower for {a} in layers {lo}"] if lo else [])
+            parts = ([f"higher for {a} in layers {hi}"] if hi else []) + \
+                ([f"lower for {a} in layers {lo}"] if lo else [])
             claim = f"{what} is " + " and ".join(parts)
             out.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "layers_higher": hi,
-                        "layers_lower": lo, "size": size, "claim": claim, "values": "", "text": f"{ck}, {grp}: {claim}."})
+                        "layers_lower": lo, "size": size, "claim": claim, "values": "",
+                        "text": f"{ck}, {grp}: {claim}."})
     return out
 
 
@@ -853,7 +855,8 @@ def head_differences(ck, grp, a, b, sa, sb):
     n_sep = int(((a_lo > b_hi) | (b_lo > a_hi)).sum())
     if not n_sep:
         return []
-    claim = f"{n_sep} of {a_lo.size} heads matter differently to {a} and {b} when zeroed (non-overlapping drop intervals)"
+    claim = (f"{n_sep} of {a_lo.size} heads matter differently to {a} and {b} when zeroed "
+             f"(non-overlapping drop intervals)")
     return [{"kind": "family", "checkpoint": ck, "group": grp, "stat": "ablate_zero:heads", "n_heads": n_sep,
              "size": 0.4, "claim": claim, "values": "", "text": f"{ck}, {grp}: {claim}."}]
 
@@ -873,7 +876,8 @@ def checkpoint_differences(results, families):
                     o = right.get(key)
                     if separated(s, o):
                         out.append({"kind": "checkpoint", "a": cur, "b": prev, "family": fam, "group": grp,
-                                    "stat": key, "label": label, "a_value": s, "b_value": o, "size": relative_size(s, o),
+                                    "stat": key, "label": label, "a_value": s, "b_value": o,
+                                    "size": relative_size(s, o),
                                     "text": f"{fam}, {grp}: {label} went {'up' if s['mean'] > o['mean'] else 'down'}"
                                             f" from {prev} ({fmt(o)}) to {cur} ({fmt(s)})."})
     return out

@@ -247,7 +247,8 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
                            args.grad_clip, every(args.entropy_every, done))
         if every(args.log_every, done) or done == n:
             logger.log(step_metrics(stats, optimizer, mult, info, flops_per_token, peak), step=done)
-            pbar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens'] / stats['seconds'] * info.world_size:.0f}")
+            tok_s = stats["tokens"] / stats["seconds"] * info.world_size
+            pbar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tok_s:.0f}")
         if stats["entropy"] is not None:
             logger.log(attention_entropy_metrics(stats["entropy"].all_reduce()), step=done)
         for callback, k in callbacks:

@@ -214,10 +214,10 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
                                                  args.top_k, args.max_new_tokens, args.seed, args.batch_size)
         if not info.is_master:
             continue
+        comet = args.comet and not any(n.startswith("COMET skipped") for n in notes)
         res, task_notes = evaluate.score_task(task, exs, greedy, sampled, featurize=featurize if args.mauve else None,
                                               n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
-                                              comet=args.comet and not any(n.startswith("COMET skipped") for n in notes),
-                                              comet_model=args.comet_model)
+                                              comet=comet, comet_model=args.comet_model)
         notes += [n for n in task_notes if n not in notes]
         entry["tasks"][task.name] = res
         if args.completions:

@@ -137,7 +137,8 @@ class RewardFn:
     example)]: each completion's weighted rewards, scored per task in one batch."""
 
     def __init__(self, items, tasks, tok, weights, fns, stop_ids):
-        self.items, self.tasks, self.tok, self.weights, self.fns, self.stop_ids = items, tasks, tok, weights, fns, stop_ids
+        self.items, self.tasks, self.tok = items, tasks, tok
+        self.weights, self.fns, self.stop_ids = weights, fns, stop_ids
 
     def __call__(self, prompt_index, completions):
         texts = [self.tok.decode([t for t in c if t not in self.stop_ids]) for c in completions]
@@ -293,7 +294,8 @@ def setup(args, info):
         init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, weights=weights, cfg=cfg,
         optimizer=optimizer, params=[p for p in model.parameters() if p.requires_grad], train_sets=train_sets,
         schedule=schedule, letters=letter_ids, mc_names=mc_names,
-        reward_fn_for=functools.partial(RewardFn, tasks=tasks, tok=tok, weights=weights, fns=fns, stop_ids=cfg.stop_ids))
+        reward_fn_for=functools.partial(RewardFn, tasks=tasks, tok=tok, weights=weights, fns=fns,
+                                        stop_ids=cfg.stop_ids))
 
 
 def measure_start(run, report, logger):
@@ -377,7 +379,8 @@ def main(argv=None):
         if info.is_master and train.every(args.log_every, done):
             pbar.write(step_line(done, metrics, run.tasks))
         if train.every(args.eval_every, done) and done < n and args.eval_examples > 0:
-            table = evaluate_tasks(run.model, run.tok, run.eval_tasks, args.eval_examples, args, info, seed=args.seed + done)
+            table = evaluate_tasks(run.model, run.tok, run.eval_tasks, args.eval_examples, args, info,
+                                   seed=args.seed + done)
             logger.log(eval_metrics(table), step=done)
         if train.every(args.save_every, done) and done < n:
             save(done)

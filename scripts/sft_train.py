@@ -131,8 +131,8 @@ def main(argv=None):
         return metrics
 
     def save(step):
-        train.save_run(out, model, step, optimizer, info, {**mode, "stage": "sft", "num_iterations": args.num_iterations},
-                       base_checkpoint=base_ckpt, tokenizer=tok)
+        meta = {**mode, "stage": "sft", "num_iterations": args.num_iterations}
+        train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt, tokenizer=tok)
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,

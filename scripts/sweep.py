@@ -5,7 +5,8 @@
 
 Reads the same sweep.yaml that `wandb sweep` takes (method grid: every combination of the
 `values` lists, plus the fixed `value`s), runs `program` (scripts/sft_train.py, as the module
-scripts.sft_train from the repo root) with --name=value flags as a W&B agent would, plus whatever follows `--` (small step counts for a laptop), each point into
+scripts.sft_train from the repo root) with --name=value flags as a W&B agent would, plus
+whatever follows `--` (small step counts for a laptop), each point into
 <out>/<point name>/. Then writes <out>/results.json and <out>/results.md: the final val loss
 and the final accuracies (from each run's sft_eval.json) per point. A point that fails is
 recorded with its error line; the others still run.
