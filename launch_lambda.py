@@ -1,40 +1,61 @@
 #!/usr/bin/env python3
 """
-Rent a Lambda Cloud GPU node, run the speedrun on it, bring the report back, terminate the node.
+Rent a Lambda Cloud GPU node, run the speedrun on it, bring the results back, terminate the node.
 
     export LAMBDA_API_KEY=...     # create one at https://cloud.lambda.ai/api-keys
-    export WANDB_API_KEY=...      # optional: without it the speedrun logs to W&B offline
-    python launch_lambda.py --dry-run                    # plan and cost estimate, launches nothing
-    python launch_lambda.py --ssh-key my-key --hours 4   # the real thing
+    export WANDB_API_KEY=...      # optional: without it the speedrun logs to W&B offline (fetched back)
+    python launch_lambda.py --dry-run                    # plan, expected and worst-case cost; launches nothing
+    python launch_lambda.py --ssh-key my-key --hours 4   # the real thing (in tmux: see the README)
     python launch_lambda.py --ssh-key my-key -- --depth 12   # arguments after -- go to the speedrun
 
 Top to bottom: list instance types (prices, regions with capacity) -> pick type and region ->
-check the SSH key -> launch -> poll until active -> copy the repo (git ls-files) -> start
-`bash run_stoney_small.sh` detached on the node -> follow its log -> copy the report back ->
-terminate. The node is terminated when done, on any error, on Ctrl-C and on SIGTERM, unless --keep.
-Standard library only, so it runs from any laptop with Python 3 and ssh.
+check the SSH key -> launch (next region on insufficient capacity) -> poll until active -> copy the
+repo (git ls-files) -> start `bash run_stoney_small.sh` detached on the node -> follow its log ->
+copy the results back -> terminate the node and confirm it. Standard library only, so it runs from
+any laptop with Python 3 and ssh.
+
+A paid node is never left running silently (an 8xH100 node costs about $24 an hour):
+- every ending (success, failure, Ctrl-C, SIGTERM, SIGHUP from a closed terminal, SIGQUIT) fetches
+  what the run left and then terminates, unless --keep; further signals during that are counted,
+  not obeyed (a further one only skips the fetch). A signal ignored when we start (nohup) stays so;
+- a print never raises: with stdout's reader gone (`| tee` killed by the same Ctrl-C, a closed
+  terminal) text goes to stderr, then nowhere;
+- terminate is retried on every error but 404, with backoff that honours Retry-After, and then
+  confirmed by polling until the instance is terminating; instances it cannot confirm are named,
+  with the dashboard URL, and the exit code is 1;
+- a launch whose answer was lost (timeout, 5xx, a garbled answer, Ctrl-C) may still have started a
+  node: we look for its unique name in the instance list for several minutes;
+- on the node, the run lives under `timeout` (--max-hours) and a power-off is scheduled for that
+  deadline plus NODE_GRACE_MIN, so the node stops working even when this launcher is gone.
+  Lambda bills until an instance is terminated, so the terminate (ours, or yours on the dashboard)
+  is still what ends the bill: the cap limits what a lost launcher costs, it does not replace it.
 
 Secrets. The Lambda key comes from LAMBDA_API_KEY or --api-key-file, never from the command line
-(argv is visible to every user of the machine in `ps`), and is redacted from every message we print.
-The W&B key travels to the node on ssh's stdin: the remote shell `read`s one line into
-WANDB_API_KEY, exports it and starts the speedrun, so the key lives only in that process tree's
-environment -- never on a command line (local or remote `ps`), in a file on the node, or in a log.
-We did not use ssh's SendEnv because sshd silently drops variables missing from its AcceptEnv list
-(Ubuntu's default sshd_config, which Lambda's Ubuntu images keep, accepts only locale variables
-such as LANG and LC_*): the key would not arrive and nothing would say so.
+(argv is visible to every user of the machine in `ps`), is redacted from every message we print and
+travels only to the API: https (plain http only to localhost, for tests) and no redirects, which
+would carry the Authorization header elsewhere. The W&B key travels to the node on ssh's stdin: the
+remote shell `read`s one line into WANDB_API_KEY, exports it and starts the speedrun, so the key
+lives only in that process tree's environment -- never on a command line (local or remote `ps`), in
+a file on the node, or in a log. We did not use ssh's SendEnv because sshd silently drops variables
+missing from its AcceptEnv list (Ubuntu's default accepts only LANG and LC_*).
 
 API: Lambda Cloud API v1, spec in ../shared/lambda/lambda_openapi.json (the subset the tests use is
 in tests/fixtures/lambda_openapi_subset.json). Its limits are honoured: at most one request per
-second overall and one launch per 12 seconds; errors whose code starts with `provider/` (upstream
-hiccups) are retried with bounded exponential backoff; every other error is printed with its
-`code`, `message` and `suggestion`.
+second overall and one launch per 12 seconds. provider/* errors and 429 are retried, and so are 5xx,
+network errors and garbled answers except on launch; every other error is printed with its `code`,
+`message` and `suggestion`.
 
-Exit codes: 0 done, 1 API or remote failure, 2 bad input (fix the command), 130 interrupted.
+Exit codes: 0 done; 1 API or remote failure, or an instance we could not confirm stopped (its id is
+printed); 2 bad input (fix the command); 130 interrupted by a signal (the node was still terminated).
 """
 import argparse
+import email.utils
+import http.client
 import io
 import json
+import math
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -44,6 +65,7 @@ import tarfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -53,11 +75,20 @@ DASHBOARD_URL = "https://cloud.lambda.ai/instances"
 DEFAULT_TYPE = "gpu_8x_h100_sxm5"  # 8x H100 80GB SXM5, the nanochat speedrun node
 REMOTE_DIR = "nanostoney"  # on the node, relative to the ssh user's home
 SPEEDRUN = "run_stoney_small.sh"
-# What to bring back (relative to the repo on the node); a path that is missing is only a warning.
-# out/ is run_stoney_small.sh's default --out; speedrun.log is the node-side log we write.
-DEFAULT_FETCH = ["out/report", "out/eval", "out/logs", "out/stage_times.tsv", "out/speedrun.log"]
+# The launcher's own files on the node, next to the repo; the speedrun's outputs go to its --out.
+NODE_LOG, NODE_EXIT, NODE_PID = ".launch_log", ".launch_exit", ".launch_pid"
+# Brought back by default, under the speedrun's --out: small files only (checkpoints: --fetch).
+FETCH_UNDER_OUT = ("report", "eval", "logs", "stage_times.tsv", "*/metrics.jsonl", "*/wandb")
+# The node powers off this long after --max-hours: time to fetch a run cut short (logins stop 5 min
+# before a scheduled power-off, and the launcher sees the deadline within a poll).
+NODE_GRACE_MIN = 10
+FETCH_SECONDS = {"normal": 600, "interrupted": 60}  # a signal's sender (shutdown, tmux kill) won't wait long
 SECRET_ENV = ("LAMBDA_API_KEY", "WANDB_API_KEY")
-GONE = ("terminated", "terminating", "preempted")  # instance statuses that will never become active
+GONE = ("terminated", "terminating", "preempted")  # statuses that no longer run (or bill)
+INSUFFICIENT_CAPACITY = "instance-operations/launch/insufficient-capacity"
+BAD_ANSWER = "http/bad-answer"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4 / 3.12
 
 NEED_KEY = (f"launch_lambda.py needs a Lambda Cloud API key in the LAMBDA_API_KEY environment variable "
             f"(create one at {API_KEYS_URL}), even for --dry-run, which reads prices and capacity from the API.")
@@ -71,13 +102,25 @@ class RemoteError(Exception):
     """The node or the speedrun on it failed; exit code 1."""
 
 
-class ApiError(Exception):
-    """An error answer from the Lambda API, in the spec's shape {"error": {code, message, suggestion}}."""
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived. A KeyboardInterrupt, so that no `except Exception` swallows it."""
 
-    def __init__(self, status, code, message, suggestion=None):
-        self.status, self.code = status, code
+
+class ApiError(Exception):
+    """An error answer from the Lambda API, in the spec's shape {"error": {code, message, suggestion}},
+    or our stand-in for one (network/error, http/bad-answer)."""
+
+    def __init__(self, status, code, message, suggestion=None, retry_after=None):
+        self.status, self.code, self.retry_after = status, code, retry_after
         self.message, self.suggestion = redact(message or ""), redact(suggestion or "")
         super().__init__(f"{code}: {self.message}")
+
+    @property
+    def lost(self):
+        """True when we cannot tell whether the request took effect: no answer, a 5xx that is not the
+        API's own provider/* error, or an answer we could not read."""
+        return (self.status is None or self.code == BAD_ANSWER
+                or (self.status >= 500 and not self.code.startswith("provider/")))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,6 +158,67 @@ def read_api_key(key_file):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Output that cannot fail, and signals that cannot skip the cleanup
+
+_DEAD = set()  # "stdout" / "stderr" once its reader is gone
+
+
+def say(text="", err=False, end="\n"):
+    """print() that never raises. A write to a pipe whose reader exited (EPIPE) or to a closed
+    terminal (EIO) moves on to the other stream, then to silence: a print must never abort a cleanup
+    that still has a node to terminate."""
+    text = redact(text) + end
+    for name in ("stderr", "stdout") if err else ("stdout", "stderr"):
+        if name in _DEAD:
+            continue
+        stream = getattr(sys, name)
+        try:
+            stream.write(text)
+            stream.flush()
+            return
+        except (OSError, ValueError):
+            _DEAD.add(name)
+            _drain_to_devnull(stream)
+
+
+def _drain_to_devnull(stream):
+    """Point a dead stream's file descriptor at /dev/null, so what is still buffered in it drains there
+    rather than failing again at exit (which would also turn our exit code into 120)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, stream.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
+class _Signals:
+    armed = True  # the next stop signal raises Interrupted; False while cleaning up
+    seen = []  # every stop signal received, for the exit code
+
+
+def on_signal(signum, frame):
+    _Signals.seen.append(signum)
+    if _Signals.armed:
+        _Signals.armed = False  # one raise per arming: nothing can interrupt whoever handles this one
+        raise Interrupted(signum)
+
+
+def guarded(fn, *args):
+    """Run fn(*args) with signals armed and return (result, exception), disarmed whatever happened.
+    The first signal stops fn; since the handler disarms itself before raising, no later signal can
+    escape between fn's end and the caller's cleanup: from then on signals are only counted."""
+    try:
+        try:
+            _Signals.armed = True
+            return fn(*args), None
+        finally:
+            _Signals.armed = False
+    except BaseException as e:  # Interrupted included: the caller decides
+        return None, e
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rate limiting and the API client
 
 class RateLimiter:
@@ -138,6 +242,11 @@ class RateLimiter:
             self.last[b] = now
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):  # a followed redirect would carry our Authorization header along
+        return None
+
+
 class LambdaAPI:
     """The few Lambda Cloud API v1 endpoints we use. Every attempt waits its turn on the limiter."""
 
@@ -147,30 +256,25 @@ class LambdaAPI:
         self._key = key
         self.limiter = RateLimiter({"any": interval, "launch": launch_interval}, clock, sleep)
         self.retries, self.backoff, self.sleep, self.timeout = retries, backoff, sleep, timeout
+        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def __repr__(self):  # never show the key, even in a debugger or a traceback's locals
         return f"LambdaAPI({self.base!r})"
 
-    def request(self, method, path, body=None, launch=False):
-        """Send one request, retrying provider/* errors, HTTP 429 and (except for launch) network errors."""
+    def request(self, method, path, body=None, launch=False, retries=None):
+        """Send one request, retrying what is safe to retry (see retryable) with exponential backoff."""
+        retries = self.retries if retries is None else retries
         buckets = ("any", "launch") if launch else ("any",)
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             self.limiter.wait(*buckets)
             try:
                 return self._send(method, path, body)
             except ApiError as e:
-                if not (e.code.startswith("provider/") or e.status == 429) or attempt == self.retries:
+                if attempt == retries or not retryable(e, launch):
                     raise
-                reason = f"{e.code}: {e.message}"
-            except OSError as e:  # connection refused/reset, DNS, timeout (HTTP errors are ApiError)
-                # a launch whose answer got lost may still have started a node: never send it twice
-                if launch or attempt == self.retries:
-                    raise ApiError(None, "network/error", f"{method} {path} failed: {e}",
-                                   "check your network connection and --api-base, then try again") from None
-                reason = f"network error: {redact(e)}"
-            delay = min(self.backoff * 2 ** attempt, 60.0)
-            print(f"lambda api: {reason}; retrying in {delay:.1f}s ({attempt + 1}/{self.retries})", flush=True)
-            self.sleep(delay)
+                delay = max(min(self.backoff * 2 ** attempt, 60.0), min(e.retry_after or 0, 300.0))
+                say(f"lambda api: {e.code}: {e.message}; retrying in {delay:.1f}s ({attempt + 1}/{retries})")
+                self.sleep(delay)
 
     def _send(self, method, path, body):
         data = None if body is None else json.dumps(body).encode()
@@ -178,10 +282,18 @@ class LambdaAPI:
             "Authorization": f"Bearer {self._key}", "Accept": "application/json",
             "Content-Type": "application/json", "User-Agent": "nanostoney-launch-lambda"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())["data"]
+            with self.opener.open(req, timeout=self.timeout) as resp:
+                status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as e:
-            raise parse_error(e.code, e.read()) from None
+            raise http_error(e) from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS, timeout, cut-off answer
+            raise ApiError(None, "network/error", f"{method} {path} failed: {e!r}",
+                           "check your network connection and --api-base, then try again") from None
+        try:
+            return json.loads(raw)["data"]
+        except (ValueError, KeyError, TypeError):  # a proxy's page, a truncated body
+            raise ApiError(status, BAD_ANSWER, f"{method} {path}: the answer is not the API's JSON: "
+                           f"{raw[:200].decode('utf-8', 'replace')!r}") from None
 
     def instance_types(self):
         return self.request("GET", "/instance-types")
@@ -190,39 +302,86 @@ class LambdaAPI:
         return self.request("GET", "/ssh-keys")
 
     def launch(self, body):
-        return self.request("POST", "/instance-operations/launch", body, launch=True)["instance_ids"]
+        data = self.request("POST", "/instance-operations/launch", body, launch=True)
+        ids = data.get("instance_ids") if isinstance(data, dict) else None
+        if not ids:  # it may have launched all the same: treat it like a lost answer
+            raise ApiError(200, BAD_ANSWER, f"the launch answer holds no instance ids: {str(data)[:200]}")
+        return ids
 
-    def instance(self, instance_id):
-        return self.request("GET", f"/instances/{instance_id}")
+    def instance(self, instance_id, retries=None):
+        return self.request("GET", f"/instances/{instance_id}", retries=retries)
 
     def instances(self):
         return self.request("GET", "/instances")
 
-    def terminate(self, instance_ids):
-        return self.request("POST", "/instance-operations/terminate", {"instance_ids": list(instance_ids)})
+    def terminate(self, instance_ids, retries=None):
+        return self.request("POST", "/instance-operations/terminate",
+                            {"instance_ids": sorted(instance_ids)}, retries=retries)
 
 
-def parse_error(status, raw):
+def retryable(e, launch):
+    """provider/* (upstream hiccups) and 429 are answers that nothing happened: always retried. 5xx,
+    network errors and garbled answers leave a launch's outcome unknown: never resent (see
+    find_lost_launch), but a GET or a terminate is safe to repeat."""
+    if e.code.startswith("provider/") or e.status == 429:
+        return True
+    return not launch and e.lost
+
+
+def http_error(e):
+    """An ApiError from urllib's HTTPError: the spec's error shape if the body has it."""
+    try:
+        raw = e.read()
+    except (OSError, http.client.HTTPException):
+        raw = b""
+    retry_after = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
+    if 300 <= e.code < 400:
+        return ApiError(e.code, f"http/{e.code}", "the API answered with a redirect, which we do not follow "
+                        "(it would carry your key to another address)", "check --api-base")
     try:
         err = json.loads(raw)["error"]
-        return ApiError(status, err.get("code") or f"http/{status}", err.get("message"), err.get("suggestion"))
+        return ApiError(e.code, err.get("code") or f"http/{e.code}", err.get("message"), err.get("suggestion"),
+                        retry_after)
     except (ValueError, KeyError, TypeError, AttributeError):  # not the spec's shape (a proxy, an outage page)
-        return ApiError(status, f"http/{status}", raw.decode("utf-8", "replace")[:300])
+        return ApiError(e.code, f"http/{e.code}", raw.decode("utf-8", "replace")[:300], None, retry_after)
+
+
+def retry_after_seconds(value):
+    """Retry-After is seconds or an HTTP date (RFC 9110); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def check_api_base(base):
+    """https only; plain http just for a local fake API (the key must never cross a network in clear)."""
+    url = urllib.parse.urlsplit(base)
+    if url.scheme == "https" or (url.scheme == "http" and url.hostname in ("localhost", "127.0.0.1", "::1")):
+        return base
+    raise UserError(f"--api-base must be an https:// URL (plain http only for localhost), not {base!r}; "
+                    f"the default is {DEFAULT_API_BASE}.")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Choosing what to rent
 
-def pick_type_and_region(types, type_name, region=None):
-    """Return (instance_type dict, region name or None if no capacity there, regions with capacity)."""
+def pick_type_and_regions(types, type_name, region=None):
+    """Return (instance_type dict, regions to try in order, regions with capacity now)."""
     if type_name not in types:
         raise UserError(f"Lambda does not offer instance type {type_name!r}; choose one of "
                         f"{', '.join(sorted(types))} with --type.")
     item = types[type_name]
-    regions = [r["name"] for r in item["regions_with_capacity_available"]]
+    capacity = [r["name"] for r in item["regions_with_capacity_available"]]
     if region:
-        return item["instance_type"], (region if region in regions else None), regions
-    return item["instance_type"], (regions[0] if regions else None), regions
+        return item["instance_type"], [region] if region in capacity else [], capacity
+    return item["instance_type"], capacity, capacity
 
 
 def types_with_capacity(types):
@@ -242,21 +401,33 @@ def resolve_ssh_key(api, wanted):
     raise UserError(f"{what}; your SSH keys: {have}.")
 
 
-def print_plan(args, itype, region, regions, ssh_key, files):
+def shutdown_minutes(max_hours):
+    return math.ceil(max_hours * 60) + NODE_GRACE_MIN
+
+
+def print_plan(args, itype, regions, capacity, ssh_key, files):
     price = itype["price_cents_per_hour"] / 100
     wandb = "online (key sent on ssh stdin)" if os.environ.get("WANDB_API_KEY") else "offline (WANDB_API_KEY not set)"
     speedrun = " ".join(["bash", SPEEDRUN, *map(shlex.quote, args.speedrun_args)])
-    print("plan:")
-    print(f"  instance type  {itype['name']} -- {itype['description']}, ${price:.2f}/h")
-    print(f"  region         {region or 'none: no capacity right now'} "
-          f"(capacity now in: {', '.join(regions) or 'none'})")
-    print(f"  ssh key        {ssh_key} (user {args.ssh_user})")
-    print(f"  copy           {len(files)} files (git ls-files) to ~/{REMOTE_DIR}")
-    print(f"  run            {speedrun}, W&B {wandb}")
-    print(f"  bring back     {', '.join(args.fetch)} -> {args.out_dir}/<instance name>/")
-    print(f"  afterwards     {'keep the instance running (--keep)' if args.keep else 'terminate the instance'}")
-    print(f"  estimate       {args.hours:g} h x ${price:.2f}/h = ${args.hours * price:.2f} "
-          f"(--hours sets the expected run length; billing is per minute while the instance exists)", flush=True)
+    then = f" (then {', '.join(regions[1:])} if it runs out of capacity)" if len(regions) > 1 else ""
+    worst_h = shutdown_minutes(args.max_hours) / 60
+    say("plan:")
+    say(f"  instance type  {itype['name']} -- {itype['description']}, ${price:.2f}/h")
+    say(f"  region         {regions[0] if regions else 'none: no capacity right now'}{then} "
+        f"(capacity now in: {', '.join(capacity) or 'none'})")
+    say(f"  ssh key        {ssh_key} (user {args.ssh_user})")
+    say(f"  copy           {len(files)} files (git ls-files) to ~/{REMOTE_DIR}")
+    say(f"  run            {speedrun}, W&B {wandb}")
+    say(f"  bring back     {', '.join(args.fetch)} -> {args.out_dir}/<instance name>/")
+    say(f"  afterwards     {'keep the instance running (--keep)' if args.keep else 'terminate the instance'}")
+    say(f"  node-side cap  the run is stopped on the node after {args.max_hours:g} h (--max-hours)"
+        + ("" if args.keep else f" and the node powers itself off {NODE_GRACE_MIN} min later, "
+                                "even if this launcher is gone"))
+    say(f"  estimate       {args.hours:g} h x ${price:.2f}/h = ${args.hours * price:.2f} expected (--hours); "
+        f"billing is per minute until the instance is terminated")
+    say("  worst case     " + ("unbounded: --keep leaves the instance billing until you terminate it" if args.keep
+                               else f"{worst_h:.2f} h x ${price:.2f}/h = ${worst_h * price:.2f} "
+                                    f"(the cap; Lambda bills a powered-off node until it is terminated)"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,14 +456,14 @@ def tarball(repo, files):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ssh and scp: one place starts them
+# ssh: one place starts it
 
-def run_command(argv, stdin=None, capture=False):
-    """Run ssh/scp. argv never holds a secret (secrets travel on stdin), and children get our
-    environment minus the secrets, so even an ssh config with `SendEnv *` cannot leak them.
-    Tests replace ssh/scp with fakes first on PATH, or pass another runner to Remote."""
+def run_command(argv, **kwargs):
+    """Run ssh. argv never holds a secret (secrets travel on stdin), and children get our environment
+    minus the secrets, so even an ssh config with `SendEnv *` cannot leak them. Tests put a fake ssh
+    first on PATH, or pass another runner to Remote."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    return subprocess.run(argv, input=stdin, stdout=subprocess.PIPE if capture else None, env=env)
+    return subprocess.run(argv, env=env, **kwargs)
 
 
 class Remote:
@@ -306,32 +477,60 @@ class Remote:
         if identity_file:
             self.opts += ["-i", str(identity_file)]
 
-    def ssh(self, command, stdin=None, capture=False, quiet=False):
-        if not quiet:
-            print(f"[{self.host}] $ {command}", flush=True)
-        return self.runner(["ssh", *self.opts, self.target, command], stdin=stdin, capture=capture)
+    def ssh(self, command, note=None, **kwargs):
+        """Output is captured unless the caller says otherwise: an ssh writing to our stdout would die
+        with it when the terminal or `| tee` goes away."""
+        if note:
+            say(f"[{self.host}] {note}")
+        if "input" not in kwargs:
+            kwargs.setdefault("stdin", subprocess.DEVNULL)  # never our terminal's keystrokes
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return self.runner(["ssh", *self.opts, self.target, command], **kwargs)
 
-    def fetch(self, remote_path, local_dir):
-        print(f"[{self.host}] scp -r {remote_path} -> {local_dir}/", flush=True)
-        return self.runner(["scp", "-r", *self.opts, f"{self.target}:{REMOTE_DIR}/{remote_path}", str(local_dir)])
+
+def last_line(raw):
+    lines = (raw or b"").decode("utf-8", "replace").strip().splitlines()
+    return redact(lines[-1]) if lines else "no message"
 
 
-# The speedrun runs detached (setsid nohup) so a dropped connection costs one poll, not hours of
-# training; it writes its exit code to out/.launch_exit when it ends. The first stdin line is the
+# The speedrun runs detached (setsid nohup), so a dropped connection costs one poll, not hours of
+# training. The wrapper records its pid with the boot id (a poll can tell it died, even across a
+# reboot), runs the speedrun under `timeout` (the node-side deadline) and writes the exit code last,
+# atomically. A power-off is scheduled for the deadline plus NODE_GRACE_MIN: systemd keeps that timer,
+# so it fires even if the wrapper, ssh and this launcher are all gone. The first stdin line is the
 # W&B key (empty when there is none): `read` keeps it off every command line and out of every file.
-START = ("cd {dir} && mkdir -p out && rm -f out/.launch_exit || exit 1; IFS= read -r WANDB_API_KEY; "
-         "if [ -n \"$WANDB_API_KEY\" ]; then export WANDB_API_KEY; else unset WANDB_API_KEY; fi; "
-         "setsid nohup bash -c {run} > out/speedrun.log 2>&1 < /dev/null &")
-# Exit code (or "running") on the first line, then the log from byte `start` on. The exit file is
-# read first, so once it exists the log we read after it is complete. The log may not exist yet.
-POLL = ("cd {dir} && {{ cat out/.launch_exit 2>/dev/null || echo running; "
-        "tail -c +{start} out/speedrun.log 2>/dev/null || true; }}")
+WRAPPER = ('echo "$$ $(cat /proc/sys/kernel/random/boot_id)" > {pid}; timeout --kill-after=60 {seconds:.1f} {run}; '
+           'echo $? > {exit}.tmp && mv {exit}.tmp {exit}')
+SHUTDOWN = ('sudo -n shutdown -h +{minutes} >/dev/null 2>&1 '
+            '&& echo "node-side cap: the run stops after {hours:g} h and this node powers off in {minutes} min" '
+            '|| echo "WARNING: could not schedule the node-side power-off (sudo shutdown failed)"')
+START = """cd {dir} && rm -f {exit} {pid} || exit 1
+IFS= read -r WANDB_API_KEY
+if [ -n "$WANDB_API_KEY" ]; then export WANDB_API_KEY; else unset WANDB_API_KEY; fi
+{cap}
+setsid nohup bash -c {wrapper} > {log} 2>&1 < /dev/null &
+for i in $(seq 100); do [ -s {pid} ] && exit 0; sleep 0.1; done
+echo "the run did not start on the node" >&2; exit 1"""
+# First line: the exit code, "running" (the wrapper's pid is alive in this boot, and not a zombie:
+# a killed process passes `kill -0` until its parent reaps it) or "dead"; then the log from byte
+# `start` on. The exit file is read before the log, so once it exists the log is complete; it is read
+# again after the liveness check, for a wrapper that ended in between.
+POLL = """cd {dir} || exit 1
+if [ -s {exit} ]; then cat {exit}
+elif read pid boot 2>/dev/null < {pid} && [ "$boot" = "$(cat /proc/sys/kernel/random/boot_id)" ] \\
+     && kill -0 "$pid" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/"$pid"/status; then echo running
+elif [ -s {exit} ]; then cat {exit}
+else echo dead; fi
+tail -c +{start} {log} 2>/dev/null || true"""
+# One gzipped tar stream of the paths that exist (globs expanded on the node), on stdout.
+FETCH = """cd {dir} && for p in {patterns}; do [ -e "$p" ] && printf '%s\\0' "$p"; done | tar -czf - --null -T -"""
 
 
 def wait_for_ssh(remote, poll, tries=40):
     """sshd comes up a little after the API says active."""
     for _ in range(tries):
-        if remote.ssh("true", quiet=True).returncode == 0:
+        if remote.ssh("true").returncode == 0:
             return
         time.sleep(poll)
     raise RemoteError(f"could not ssh into {remote.target} after {tries} tries; check --ssh-key, "
@@ -339,139 +538,318 @@ def wait_for_ssh(remote, poll, tries=40):
 
 
 def upload_repo(remote, repo, files):
-    r = remote.ssh(f"mkdir -p {REMOTE_DIR} && tar -xzf - -C {REMOTE_DIR}", stdin=tarball(repo, files))
+    r = remote.ssh(f"mkdir -p {REMOTE_DIR} && tar -xzf - -C {REMOTE_DIR}", note=f"copying {len(files)} files",
+                   input=tarball(repo, files))
     if r.returncode != 0:
-        raise RemoteError(f"copying the repo to the node failed (ssh exit {r.returncode}).")
+        raise RemoteError(f"copying the repo to the node failed (ssh exit {r.returncode}: {last_line(r.stderr)}).")
 
 
-def start_speedrun(remote, speedrun_args):
-    run = " ".join(["bash", SPEEDRUN, *map(shlex.quote, speedrun_args)])
-    command = START.format(dir=REMOTE_DIR, run=shlex.quote(f"{run}; echo $? > out/.launch_exit"))
+def start_speedrun(remote, args):
+    run = " ".join(["bash", SPEEDRUN, *map(shlex.quote, args.speedrun_args)])
+    names = {"pid": NODE_PID, "exit": NODE_EXIT}
+    wrapper = WRAPPER.format(seconds=args.max_hours * 3600, run=run, **names)
+    cap = "true" if args.keep else SHUTDOWN.format(minutes=shutdown_minutes(args.max_hours), hours=args.max_hours)
+    command = START.format(dir=REMOTE_DIR, cap=cap, wrapper=shlex.quote(wrapper), log=NODE_LOG, **names)
     wandb_key = remember_secret(os.environ.get("WANDB_API_KEY", "").strip())
-    r = remote.ssh(command, stdin=(wandb_key + "\n").encode())
+    r = remote.ssh(command, note=f"starting {run} (detached)", input=(wandb_key + "\n").encode())
+    say(r.stdout.decode("utf-8", "replace"), end="")
     if r.returncode != 0:
-        raise RemoteError(f"starting the speedrun failed (ssh exit {r.returncode}).")
+        raise RemoteError(f"starting the speedrun failed (ssh exit {r.returncode}: {last_line(r.stderr)}).")
 
 
 def follow_speedrun(remote, poll, max_seconds, max_failures=10):
     """Print the node's log as it grows; return the speedrun's exit code."""
     offset, failures, deadline = 0, 0, time.monotonic() + max_seconds
     while time.monotonic() < deadline:
-        r = remote.ssh(POLL.format(dir=REMOTE_DIR, start=offset + 1), capture=True, quiet=True)
+        r = remote.ssh(POLL.format(dir=REMOTE_DIR, start=offset + 1, exit=NODE_EXIT, pid=NODE_PID, log=NODE_LOG))
         if r.returncode != 0:
             failures += 1  # a network blip: the detached run goes on, so just try again
             if failures >= max_failures:
-                raise RemoteError(f"lost the connection to {remote.target} ({failures} failed polls in a row).")
+                raise RemoteError(f"lost the connection to {remote.target} ({failures} failed polls in a row; "
+                                  f"last: {last_line(r.stderr)}).")
         else:
             failures = 0
             status, _, log = r.stdout.partition(b"\n")
             offset += len(log)
-            sys.stdout.write(redact(log.decode("utf-8", "replace")))
-            sys.stdout.flush()
-            if status.strip() != b"running":
-                return int(status) if status.strip().isdigit() else 1
+            say(log.decode("utf-8", "replace"), end="")
+            status = status.strip()
+            if status == b"dead":
+                raise RemoteError("the run on the node died without an exit code (the node rebooted, or its "
+                                  "wrapper was killed, e.g. out of memory).")
+            if status != b"running":
+                return int(status) if status.isdigit() else 1
         time.sleep(poll)
     raise RemoteError("the speedrun was still running after --max-hours; giving up on it.")
 
 
-def fetch_results(remote, paths, out_dir):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        if remote.fetch(p, out_dir).returncode != 0:
-            print(f"warning: could not copy {p} back (not produced on the node?)", flush=True)
-    print(f"results in {out_dir}", flush=True)
+def glob_quote(path):
+    """Quote a path for the remote shell but leave * ? [ ] live, so out/*/metrics.jsonl expands there."""
+    return "".join(p if p in "*?[]" else shlex.quote(p) for p in re.split(r"([*?\[\]])", path) if p)
+
+
+def fetch_results(remote, paths, out_dir, seconds):
+    """Copy paths (relative to the repo on the node, globs allowed) back as one tar stream, best effort:
+    a missing path is skipped, a stream cut short keeps the files that arrived."""
+    archive = out_dir / "results.tgz.part"
+    say(f"[{remote.host}] copying back {', '.join(paths)}")
+    problem = None
+    try:
+        with open(archive, "wb") as f:
+            r = remote.ssh(FETCH.format(dir=REMOTE_DIR, patterns=" ".join(map(glob_quote, [NODE_LOG, *paths]))),
+                           stdout=f, timeout=seconds)
+        if r.returncode != 0:
+            problem = f"ssh exit {r.returncode}: {last_line(r.stderr)}"
+    except subprocess.TimeoutExpired:
+        problem = f"it took longer than {seconds:.0f} s"
+    names = unpack(archive, out_dir)
+    archive.unlink()
+    if (out_dir / NODE_LOG).is_file():
+        os.replace(out_dir / NODE_LOG, out_dir / "speedrun.log")
+    if problem:
+        say(f"warning: copying the results back failed ({problem}); kept the {len(names)} files that arrived.")
+    say(f"results in {out_dir} ({len(names)} files)")
+
+
+def unpack(archive, out_dir):
+    """Extract regular files and folders, never outside out_dir; return the file names."""
+    names = []
+    if not archive.stat().st_size:
+        return names
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in tar:
+                if (m.isfile() or m.isdir()) and not os.path.isabs(m.name) and ".." not in Path(m.name).parts:
+                    tar.extract(m, out_dir, **TAR_FILTER)
+                    names += [m.name] if m.isfile() else []
+    except (tarfile.TarError, EOFError, OSError) as e:  # a stream cut short: keep what came before the cut
+        say(f"warning: the results archive is incomplete ({e}); kept the files before the cut.")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launch, run, and always clean up
+# Launching, and finding a launch whose answer was lost
+
+class Rental:
+    """What we rented and how far the run got: everything the cleanup needs."""
+
+    def __init__(self, out_root):
+        self.name = f"nanostoney-{secrets.token_hex(4)}"  # unique, so an instance can be found without its id
+        self.out_dir = Path(out_root) / self.name
+        self.ids = []
+        self.launch_pending = False  # a launch was sent and we do not know whether it started a node
+        self.remote, self.started = None, False
+
+
+def launch(api, args, rental, itype, regions, ssh_key):
+    """Launch in the first region that has capacity; fills rental.ids."""
+    for n, region in enumerate(regions):
+        say(f"launching {itype['name']} in {region} as {rental.name} ...")
+        rental.launch_pending = True
+        try:
+            rental.ids = api.launch({"region_name": region, "instance_type_name": itype["name"],
+                                     "ssh_key_names": [ssh_key], "name": rental.name})
+        except ApiError as e:
+            if e.lost:
+                rental.ids = find_lost_launch(api, args, rental, e)
+            elif e.code == INSUFFICIENT_CAPACITY and n + 1 < len(regions):
+                rental.launch_pending = False
+                say(f"no capacity in {region} after all; trying {regions[n + 1]}")
+                continue
+            else:
+                rental.launch_pending = False
+                raise
+        rental.launch_pending = False
+        return
+
+
+def find_lost_launch(api, args, rental, error):
+    minutes = args.lost_launch_seconds / 60
+    say(f"the launch answer was lost ({error.code}); the node may have started all the same: looking for "
+        f"{rental.name} in your instances for up to {minutes:.0f} min")
+    ids = instances_named(api, rental.name, args.lost_launch_seconds, args.poll_seconds)
+    if not ids:
+        rental.launch_pending = False  # looked long enough; the cleanup looks once more
+        raise RemoteError(f"the launch answer was lost and no instance named {rental.name} appeared within "
+                          f"{minutes:.0f} min; if one shows up at {DASHBOARD_URL}, terminate it there.")
+    say(f"found {rental.name}: {', '.join(ids)}")
+    return ids
+
+
+def instances_named(api, name, patience, poll):
+    """Ids of live instances carrying our unique name, looking for up to `patience` seconds until one
+    shows up (a launch whose answer was lost can be listed late). Never raises."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            found = sorted(i["id"] for i in api.instances() if i.get("name") == name and i.get("status") not in GONE)
+        except Exception as e:  # a proxy's page, a bug: the ids we already know are terminated anyway
+            say(f"warning: could not list instances to look for {name} ({redact(e)})")
+            found = []
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(poll)
+
 
 def wait_until_active(api, instance_id, poll, max_seconds):
     deadline, last = time.monotonic() + max_seconds, None
     while time.monotonic() < deadline:
-        inst = api.instance(instance_id)
+        inst = api.instance(instance_id)  # 5xx and network errors are retried inside
         if inst["status"] == "active" and inst.get("ip"):
-            print(f"instance {instance_id} active at {inst['ip']}", flush=True)
+            say(f"instance {instance_id} active at {inst['ip']}")
             return inst["ip"]
-        if inst["status"] in GONE:
-            raise RemoteError(f"instance {instance_id} is {inst['status']} before it became active.")
+        if inst["status"] in GONE or inst["status"] == "unhealthy":
+            raise RemoteError(f"instance {instance_id} is {inst['status']} before it became active; "
+                              f"terminating it; try again.")
         if inst["status"] != last:
-            print(f"instance {instance_id}: {inst['status']}", flush=True)
+            say(f"instance {instance_id}: {inst['status']}")
             last = inst["status"]
         time.sleep(poll)
     raise RemoteError(f"instance {instance_id} did not become active within {max_seconds / 60:.0f} minutes.")
 
 
-def cleanup(api, name, launched, keep):
-    """Terminate what we launched: the ids the API gave us, plus any instance carrying our unique name
-    (a launch interrupted before its answer arrived may still have started one)."""
-    if keep:
-        for i in launched:
-            print(f"--keep: instance {i} ({name}) is still running and billing; end it with "
-                  f"`python launch_lambda.py --terminate {i}` or at {DASHBOARD_URL}", flush=True)
-        return
-    # a second Ctrl-C must not stop us halfway and leave a paid machine running
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    ids = set(launched)
+# ---------------------------------------------------------------------------------------------------
+# Stopping what we rented, and confirming it
+
+def terminate_once(api, ids):
+    """One terminate request; never raises. Returns (accepted, seconds the API asked us to wait)."""
     try:
-        try:
-            ids |= {i["id"] for i in api.instances() if i.get("name") == name and i["status"] not in GONE}
-        except ApiError as e:
-            print(f"warning: could not list instances to double-check ({e})", flush=True)
-        if ids:
-            print(f"terminating {', '.join(sorted(ids))} ...", flush=True)
-            api.terminate(sorted(ids))
-            print("terminated.", flush=True)
+        api.terminate(ids, retries=0)
+        return True, 0.0
+    except ApiError as e:
+        if e.status != 404:  # 404: one of them is gone already; the polls say which
+            say(f"warning: terminate {', '.join(sorted(ids))} failed ({e.code}: {e.message}); trying again")
+        return False, e.retry_after or 0.0
     except Exception as e:
-        print(f"WARNING: could not terminate {', '.join(sorted(ids))}: {redact(e)}\n"
-              f"  It may still be billing: terminate it at {DASHBOARD_URL} "
-              f"or with `python launch_lambda.py --terminate ID`.", file=sys.stderr, flush=True)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        say(f"warning: terminate {', '.join(sorted(ids))} failed ({redact(e)}); trying again")
+        return False, 0.0
 
 
-def launch_and_run(api, args, itype, region, ssh_key, files):
-    name = f"nanostoney-{secrets.token_hex(4)}"  # unique, so cleanup can find it even without an id
-    out_dir = Path(args.out_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    launched = []
+def is_stopped(api, instance_id):
     try:
-        print(f"launching {itype['name']} in {region} as {name} ...", flush=True)
-        launched += api.launch({"region_name": region, "instance_type_name": itype["name"],
-                                "ssh_key_names": [ssh_key], "name": name})
-        ip = wait_until_active(api, launched[0], args.poll_seconds, args.boot_timeout_min * 60)
-        remote = Remote(ip, args.ssh_user, args.identity_file, out_dir / "known_hosts")
-        wait_for_ssh(remote, args.poll_seconds)
-        upload_repo(remote, args.repo, files)
-        start_speedrun(remote, args.speedrun_args)
-        code = follow_speedrun(remote, args.poll_seconds, args.max_hours * 3600)
-        fetch_results(remote, args.fetch, out_dir)  # also after a failure: the log says why
-        if code != 0:
-            raise RemoteError(f"{SPEEDRUN} exited with code {code}; its log is in {out_dir}/speedrun.log.")
-        return 0
-    finally:
-        cleanup(api, name, launched, args.keep)
+        return api.instance(instance_id, retries=0)["status"] in GONE
+    except ApiError as e:
+        return e.status == 404  # gone long enough to be forgotten
+    except Exception:
+        return False
+
+
+def stop_instances(api, ids, patience, requested=()):
+    """Terminate ids until polling says each is terminating or gone: every error but 404 is retried,
+    with backoff that honours Retry-After, for up to `patience` seconds. `requested` already had an
+    accepted terminate. Returns the ids never confirmed stopped."""
+    pending, deadline, delay = set(ids), time.monotonic() + patience, max(api.backoff, 0.01)
+    ask = pending - set(requested)
+    while True:
+        wait = terminate_once(api, ask)[1] if ask else 0.0
+        pending = {i for i in sorted(pending) if not is_stopped(api, i)}
+        left = deadline - time.monotonic()
+        if not pending or left <= 0:
+            return pending
+        api.sleep(min(max(delay, wait), left))
+        delay, ask = min(delay * 2, 30.0), pending
+
+
+def stop_rental(api, args, rental):
+    """Terminate every instance we may have started, then confirm; return the ids not confirmed."""
+    known = set(rental.ids)
+    requested = known if known and terminate_once(api, known)[0] else set()  # first, before any talk
+    patience = args.lost_launch_seconds if rental.launch_pending else 0
+    if patience:
+        say(f"a launch answer was lost: watching your instances for {rental.name} for up to {patience / 60:.0f} min")
+    ids = known | set(instances_named(api, rental.name, patience, args.poll_seconds))
+    if not ids:
+        return set()
+    unstopped = stop_instances(api, ids, args.cleanup_seconds, requested)
+    if ids - unstopped:
+        say(f"terminated {', '.join(sorted(ids - unstopped))} (the API confirms it is terminating).")
+    return unstopped
+
+
+def stop_by_hand(ids):
+    say(f"ERROR: could not confirm that {', '.join(sorted(ids))} stopped; it may still be billing.\n"
+        f"  Terminate it at {DASHBOARD_URL} or with `python launch_lambda.py --terminate ID`.", err=True)
+
+
+def finish(api, args, rental):
+    """Every ending: fetch what the run left, then stop what we rented. Runs disarmed: signals are
+    counted, not obeyed; a further signal can only cut the fetch short. Returns unconfirmed ids."""
+    if rental.started:
+        seconds = FETCH_SECONDS["interrupted" if _Signals.seen else "normal"]
+        _, e = guarded(fetch_results, rental.remote, args.fetch, rental.out_dir, seconds)
+        if e is not None:
+            why = "skipped by a signal" if isinstance(e, KeyboardInterrupt) else redact(e)
+            say(f"warning: results not copied back ({why}).")
+    if args.keep:
+        for i in rental.ids:
+            say(f"--keep: instance {i} ({rental.name}) is still running and billing; end it with "
+                f"`python launch_lambda.py --terminate {i}` or at {DASHBOARD_URL}")
+        return set()
+    return stop_rental(api, args, rental)
+
+
+def run_on_node(api, args, rental, itype, regions, ssh_key, files):
+    rental.out_dir.mkdir(parents=True, exist_ok=True)
+    launch(api, args, rental, itype, regions, ssh_key)
+    ip = wait_until_active(api, rental.ids[0], args.poll_seconds, args.boot_timeout_min * 60)
+    remote = rental.remote = Remote(ip, args.ssh_user, args.identity_file, rental.out_dir / "known_hosts")
+    wait_for_ssh(remote, args.poll_seconds)
+    upload_repo(remote, args.repo, files)
+    rental.started = True  # from here on there may be results to fetch
+    start_speedrun(remote, args)
+    code = follow_speedrun(remote, args.poll_seconds, args.max_hours * 3600 + NODE_GRACE_MIN * 60)
+    if code == 124:  # timeout's code: the node-side deadline
+        raise RemoteError(f"the run passed --max-hours ({args.max_hours:g} h) and was stopped on the node; "
+                          f"what it wrote is in {rental.out_dir}.")
+    if code != 0:
+        raise RemoteError(f"{SPEEDRUN} exited with code {code}; its log is in {rental.out_dir}/speedrun.log.")
+    return 0
+
+
+def launch_and_run(api, args, itype, regions, ssh_key, files):
+    rental = Rental(args.out_dir)
+    result, error = guarded(run_on_node, api, args, rental, itype, regions, ssh_key, files)
+    unstopped = finish(api, args, rental)  # disarmed from here on: nothing can skip it
+    if unstopped:  # what the user must act on comes last, after why the run ended
+        if error is not None and not isinstance(error, KeyboardInterrupt):
+            say(f"error: {redact(error)}", err=True)
+        stop_by_hand(unstopped)
+        return 1
+    if _Signals.seen:
+        raise Interrupted(_Signals.seen[0])
+    if error is not None:
+        raise error
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
+
+def speedrun_out(speedrun_args):
+    """The speedrun's --out (run_stoney_small.sh's parser: `--out DIR`, default out)."""
+    out = "out"
+    for flag, value in zip(speedrun_args, speedrun_args[1:]):
+        if flag == "--out":
+            out = value
+    return out.rstrip("/") or "/"
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Run the nanostoney speedrun on a rented Lambda Cloud GPU node.",
                                 allow_abbrev=False)  # no prefix matching: --api-key must never mean --api-key-file
     p.add_argument("--type", default=DEFAULT_TYPE, help="instance type name (default %(default)s)")
-    p.add_argument("--region", help="region name (default: the first with capacity)")
+    p.add_argument("--region", help="region name (default: each region with capacity in turn)")
     p.add_argument("--ssh-key", help="name of your SSH key in Lambda Cloud (default: your only one)")
-    p.add_argument("--identity-file", help="private key file for ssh/scp (default: ssh's own choice)")
+    p.add_argument("--identity-file", help="private key file for ssh (default: ssh's own choice)")
     p.add_argument("--ssh-user", default="ubuntu")
     p.add_argument("--hours", type=float, default=4.0, help="expected run length, for the cost estimate")
-    p.add_argument("--max-hours", type=float, default=12.0, help="give up on the run (and terminate) after this")
+    p.add_argument("--max-hours", type=float, help="node-side deadline: the run is stopped after this and the "
+                   f"node powers off {NODE_GRACE_MIN} min later (default: twice --hours)")
     p.add_argument("--boot-timeout-min", type=float, default=30.0, help="give up if not active after this")
-    p.add_argument("--fetch", action="append", help=f"path under the repo on the node to copy back "
-                   f"(repeatable; default {' '.join(DEFAULT_FETCH)})")
+    p.add_argument("--fetch", action="append", help="path (glob) under the repo on the node to copy back "
+                   f"(repeatable; default {', '.join(FETCH_UNDER_OUT)} under the speedrun's --out)")
     p.add_argument("--out-dir", default="out/lambda", help="where results land, one folder per instance")
     p.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate, launch nothing")
-    p.add_argument("--keep", action="store_true", help="leave the instance running at the end")
-    p.add_argument("--terminate", metavar="INSTANCE_ID", help="only terminate this instance, then exit")
+    p.add_argument("--keep", action="store_true", help="leave the instance running at the end (no power-off)")
+    p.add_argument("--terminate", metavar="INSTANCE_ID", help="only terminate this instance, confirm, exit")
     p.add_argument("--api-key-file", help="file holding the API key (default: the LAMBDA_API_KEY env var)")
     p.add_argument("--api-base", default=DEFAULT_API_BASE, help="API root (default %(default)s)")
     p.add_argument("--poll-seconds", type=float, default=15.0, help="seconds between status polls")
@@ -482,9 +860,18 @@ def parse_args(argv):
     p.add_argument("--launch-interval", type=float, default=12.0, help=hidden)
     p.add_argument("--backoff-seconds", type=float, default=2.0, help=hidden)
     p.add_argument("--retries", type=int, default=5, help=hidden)
+    p.add_argument("--http-timeout", type=float, default=60.0, help=hidden)
+    p.add_argument("--lost-launch-seconds", type=float, default=300.0, help=hidden)
+    p.add_argument("--cleanup-seconds", type=float, default=600.0, help=hidden)
     p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent, help=hidden)
     args = p.parse_args(argv)
-    args.fetch = args.fetch or DEFAULT_FETCH
+    check_api_base(args.api_base)
+    args.max_hours = 2 * args.hours if args.max_hours is None else args.max_hours
+    if not 0 < args.hours <= args.max_hours:
+        raise UserError(f"--max-hours ({args.max_hours:g}) must be at least --hours ({args.hours:g}) and both "
+                        f"positive; raise --max-hours or lower --hours.")
+    out = speedrun_out(args.speedrun_args)
+    args.fetch = args.fetch or [f"{out}/{p}" for p in FETCH_UNDER_OUT]
     return args
 
 
@@ -493,56 +880,64 @@ def main(argv=None):
     if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):  # refuse before argparse echoes it
         raise UserError("the API key is never taken on the command line (every user can read it in `ps`); "
                         "set LAMBDA_API_KEY or use --api-key-file.")
+    for s in STOP_SIGNALS:  # Ctrl-C, kill, a closed terminal, Ctrl-\ : all unwind through the cleanup
+        if signal.getsignal(s) is not signal.SIG_IGN:  # but under nohup a closed terminal must not end the run
+            signal.signal(s, on_signal)
     args = parse_args(argv)
-
-    def interrupted(signum, frame):  # Ctrl-C and `kill` both unwind through the cleanup in launch_and_run
-        raise KeyboardInterrupt
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, interrupted)
-
     api = LambdaAPI(args.api_base, read_api_key(args.api_key_file), interval=args.api_interval,
-                    launch_interval=args.launch_interval, retries=args.retries, backoff=args.backoff_seconds)
+                    launch_interval=args.launch_interval, retries=args.retries, backoff=args.backoff_seconds,
+                    timeout=args.http_timeout)
     if args.terminate:
-        api.terminate([args.terminate])
-        print(f"terminated {args.terminate}")
+        unstopped = stop_instances(api, [args.terminate], args.cleanup_seconds)
+        if unstopped:
+            stop_by_hand(unstopped)
+            return 1
+        say(f"{args.terminate} is terminating or gone (the API confirms it).")
         return 0
     files = repo_files(args.repo)  # before any money is spent
     types = api.instance_types()
-    itype, region, regions = pick_type_and_region(types, args.type, args.region)
+    itype, regions, capacity = pick_type_and_regions(types, args.type, args.region)
     try:
         ssh_key = resolve_ssh_key(api, args.ssh_key)
     except UserError as e:
         if not args.dry_run:
             raise
         ssh_key = f"! {e}"
-    print_plan(args, itype, region, regions, ssh_key, files)
+    print_plan(args, itype, regions, capacity, ssh_key, files)
     if args.dry_run:
         return 0
-    if region is None:
+    if not regions:
         where = f"in {args.region}" if args.region else "in any region"
         raise RemoteError(f"no capacity for {args.type} {where} right now; types with capacity: "
                           f"{types_with_capacity(types)}.")
-    return launch_and_run(api, args, itype, region, ssh_key, files)
+    return launch_and_run(api, args, itype, regions, ssh_key, files)
+
+
+def exit_code():
+    """Run main and turn its ending into an exit code and (at most) a few lines on stderr."""
+    try:
+        return main()
+    except UserError as e:
+        say(f"error: {e}", err=True)
+        return 2
+    except ApiError as e:
+        say(f"error: Lambda API request failed: {e.code}\n  message: {e.message}"
+            + (f"\n  suggestion: {e.suggestion}" if e.suggestion else ""), err=True)
+        return 1
+    except RemoteError as e:
+        say(f"error: {e}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted.", err=True)
+        return 130
+    except Exception:  # a bug: show where, but never a secret
+        say(traceback.format_exc(), err=True)
+        return 1
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)
     try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {redact(e)}", file=sys.stderr)
-        sys.exit(2)
-    except ApiError as e:
-        print(f"error: Lambda API request failed: {e.code}\n  message: {e.message}", file=sys.stderr)
-        if e.suggestion:
-            print(f"  suggestion: {e.suggestion}", file=sys.stderr)
-        sys.exit(1)
-    except RemoteError as e:
-        print(f"error: {redact(e)}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
-        sys.exit(130)
-    except Exception:  # a bug: show where, but never a secret
-        print(redact(traceback.format_exc()), file=sys.stderr)
-        sys.exit(1)
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+        pass
+    sys.exit(exit_code())

@@ -1,19 +1,26 @@
-"""launch_lambda.py against a fake Lambda Cloud API and fake ssh/scp; no real network, no real node.
+"""launch_lambda.py against a fake Lambda Cloud API and a fake ssh; no real network, no real node.
 
 The fake API is a threading HTTP server on 127.0.0.1 built from the spec subset in
 tests/fixtures/lambda_openapi_subset.json: it routes only the spec's paths and methods, validates
 every request body against the spec's request schema (and its own answers against the response
-schema) with jsonschema, and records every request. ssh and scp are small Python scripts put first
-on PATH; they record their argv and what arrives on stdin, and play the node's part.
+schema) with jsonschema, records every request, and can be told to misbehave (slow or lost answers,
+5xx, garbled JSON, redirects, a terminate that fails).
+
+The fake ssh is a small Python script first on PATH: it records its argv, checks that its environment
+holds no key, and runs the remote command for real with bash in a sandbox "node" home directory, so
+the detached wrapper, `timeout`, the pid liveness check and the tar streams all run as on a node. A
+fake `sudo` records the scheduled power-off. The launcher always runs in its own session and signals
+go to its process group, as a real Ctrl-C or a closed terminal does; every test kills what it started.
 """
 import importlib.util
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +35,8 @@ SPEC = json.loads((ROOT / "tests/fixtures/lambda_openapi_subset.json").read_text
 LAMBDA_KEY = "secret_nanostoney-test-key_7f3a9c1e5b2d4f60"  # distinctive, so a leak is easy to spot
 WANDB_KEY = "wandb-test-key-0123456789abcdef0123456789abcdef"
 PREFIX = "/api/v1"
+DASHBOARD = "https://cloud.lambda.ai/instances"
+FIRST_ID = "0" * 32
 
 
 def spec_validator(schema):
@@ -48,9 +57,20 @@ def instance_type(name, gpus, cents):
                                                      "storage_gib": 2750 * gpus, "gpus": gpus}}
 
 
+def api_error(code, message):
+    return {"error": {"code": code, "message": message}}
+
+
+BAD_GATEWAY = b"<html><body><h1>502 Bad Gateway</h1></body></html>"  # a proxy's page, not the API's JSON
+
+
 class FakeLambda:
-    """Scenario knobs: launch_errors (answers to the first launches), boot_polls (GETs that still say
-    booting), unauthorized_message (answer 401 with this message to everything)."""
+    """Scenario knobs: launch_errors / terminate_errors / get_errors (answers to the first calls:
+    (status, body) with body a dict or raw bytes), terminate_fails (every terminate answers 500),
+    delays (operationId -> seconds before answering), boot_polls (GETs that still say booting),
+    boot_status (what booting turns into), garbled_listing (raw bytes GET /instances answers with),
+    redirect (every request answers 302 to another path), retry_after (header on error answers),
+    unauthorized_message (answer 401 with this message to everything)."""
 
     def __init__(self):
         regions = [{"name": "us-east-1", "description": "Virginia, USA"},
@@ -63,18 +83,29 @@ class FakeLambda:
         }
         self.ssh_keys = [{"id": "ddf9a910ceb744a0bb95242cbba6cb50", "name": "my-key",
                           "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICN+lJwsONkwrdsSnQsu1ydUkIu me"}]
-        self.launch_errors = []  # (http status, error object), consumed one per launch
-        self.boot_polls = 1
+        self.launch_errors, self.terminate_errors, self.get_errors = [], [], []
+        self.terminate_fails = False
+        self.delays = {}
+        self.boot_polls, self.boot_status = 1, "active"
+        self.garbled_listing = None  # raw bytes to answer GET /instances with
+        self.redirect = False
+        self.retry_after = None
         self.unauthorized_message = None
         self.instances = {}
-        self.requests = []  # (method, path, body)
+        self.requests = []  # (time, method, path, body)
         self.violations = []  # anything that breaks the spec, from either side
         self.lock = threading.Lock()
         self.routes = [(m.upper(), re.compile("^" + re.sub(r"\{[^}]+\}", "([^/]+)", p) + "$"), p, op)
                        for p, ops in SPEC["paths"].items() for m, op in ops.items()]
 
     def paths(self, method, path):
-        return [b for (m, p, b) in self.requests if m == method and p == PREFIX + path]
+        return [b for (_, m, p, b) in self.requests if m == method and p == PREFIX + path]
+
+    def times(self, method, path):
+        return [t for (t, m, p, _) in self.requests if m == method and p == PREFIX + path]
+
+    def statuses(self):
+        return {iid: inst["status"] for iid, inst in self.instances.items()}
 
     def instance(self, iid):
         inst = self.instances[iid]
@@ -86,35 +117,40 @@ class FakeLambda:
                             for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}}
 
     def handle(self, method, path, headers, raw):
-        """Return (status, body); record the request and every spec violation."""
+        """Return (status, body, headers); record the request and every spec violation."""
         route = next(((op, tmpl, m.groups()) for (mm, rx, tmpl, op) in self.routes
                       if mm == method and (m := rx.match(path))), None)
         body = json.loads(raw) if raw else None
         with self.lock:
-            self.requests.append((method, path, body))
+            self.requests.append((time.time(), method, path, body))
+            if self.redirect:
+                return 302, b"", {"Location": PREFIX + "/elsewhere"}
             if route is None:
                 self.violations.append(f"{method} {path} is not in the spec")
-                return 404, {"error": {"code": "global/object-does-not-exist", "message": "no such route"}}
+                return 404, api_error("global/object-does-not-exist", "no such route"), {}
             op, tmpl, params = route
             if headers.get("Authorization") != f"Bearer {LAMBDA_KEY}" or self.unauthorized_message:
                 return 401, {"error": {"code": "global/invalid-api-key",
                                        "message": self.unauthorized_message or "API key was invalid.",
-                                       "suggestion": "Check your API key or create a new one, then try again."}}
+                                       "suggestion": "Check your API key or create a new one, then try again."}}, {}
             if "requestBody" in op:
                 schema = op["requestBody"]["content"]["application/json"]["schema"]
                 errors = ["no body"] if body is None else schema_errors(schema, body)
                 if errors:
                     self.violations.append(f"{method} {path}: {errors}")
-                    return 400, {"error": {"code": "global/invalid-parameters", "message": "; ".join(errors)}}
+                    return 400, api_error("global/invalid-parameters", "; ".join(errors)), {}
             elif body is not None:
                 self.violations.append(f"{method} {path} sent a body the spec does not take")
+        time.sleep(self.delays.get(op["operationId"], 0))  # outside the lock: other requests go on
+        with self.lock:
             status, answer = self.answer(op["operationId"], params, body)
             declared = op["responses"].get(str(status))
-            if declared:  # keep the fake honest: its answers must match the spec too
+            if declared and not isinstance(answer, bytes):  # keep the fake honest: its answers match the spec
                 errors = schema_errors(declared["content"]["application/json"]["schema"], answer)
                 if errors:
                     self.violations.append(f"fake answer to {method} {path}: {errors}")
-            return status, answer
+            extra = {"Retry-After": self.retry_after} if self.retry_after and status >= 429 else {}
+            return status, answer, extra
 
     def answer(self, operation, params, body):
         if operation == "listInstanceTypes":
@@ -131,16 +167,26 @@ class FakeLambda:
                                    "ssh_key_names": body["ssh_key_names"]}
             return 200, {"data": {"instance_ids": [iid]}}
         if operation == "listInstances":
+            if self.garbled_listing:
+                return 200, self.garbled_listing
             return 200, {"data": [self.instance(i) for i in self.instances]}
         if operation == "getInstance":
+            if self.get_errors:
+                return self.get_errors.pop(0)
             inst = self.instances.get(params[0])
             if inst is None:
-                return 404, {"error": {"code": "global/object-does-not-exist", "message": "no such instance"}}
+                return 404, api_error("global/object-does-not-exist", "Specified instance does not exist.")
             inst["polls"] += 1
             if inst["status"] == "booting" and inst["polls"] > self.boot_polls:
-                inst["status"] = "active"
+                inst["status"] = self.boot_status
             return 200, {"data": self.instance(params[0])}
         if operation == "terminateInstance":
+            if self.terminate_fails:
+                return 500, api_error("global/unknown", "Internal server error")
+            if self.terminate_errors:
+                return self.terminate_errors.pop(0)
+            if any(i not in self.instances for i in body["instance_ids"]):
+                return 404, api_error("global/object-does-not-exist", "Specified instance does not exist.")
             for iid in body["instance_ids"]:
                 self.instances[iid]["status"] = "terminating"
             return 200, {"data": {"terminated_instances": [self.instance(i) for i in body["instance_ids"]]}}
@@ -160,18 +206,24 @@ def api():
 
         def reply(self):
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            status, answer = fake.handle(self.command, self.path, self.headers, raw)
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            status, answer, headers = fake.handle(self.command, self.path, self.headers, raw)
+            data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html" if isinstance(answer, bytes) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:  # the client gave up waiting (a launch whose answer is lost): fine
+                pass
 
         def log_message(self, *args):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     server.timeout = 0.05
     stop = threading.Event()
     deadline = time.monotonic() + 120  # the server stops by itself even if teardown never runs
@@ -190,10 +242,11 @@ def api():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Fake ssh/scp and a tiny repo to ship
+# Fake ssh and sudo, a fake node home, and a tiny repo to ship
 
 FAKE_SSH = r'''
-import json, os, sys, time
+import json, os, signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # die quietly on Ctrl-C, as ssh does
 state = os.environ["FAKE_STATE"]
 args = sys.argv[1:]
 i = 0
@@ -203,62 +256,88 @@ command = " ".join(args[i + 1:])
 if any(k in os.environ for k in ("LAMBDA_API_KEY", "WANDB_API_KEY")):
     open(os.path.join(state, "env_leak"), "w").write(command)
 with open(os.path.join(state, "calls.jsonl"), "a") as f:
-    f.write(json.dumps(sys.argv) + "\n")
-if "tar -xzf" in command:                      # the repo upload
-    open(os.path.join(state, "upload.tgz"), "wb").write(sys.stdin.buffer.read())
-elif "run_stoney_small.sh" in command:         # the detached start: the W&B key arrives on stdin
-    open(os.path.join(state, "wandb_stdin"), "w").write(sys.stdin.readline())
-elif ".launch_exit" in command:                # a poll of the running speedrun
-    path = os.path.join(state, "polls")
-    n = int(open(path).read()) + 1 if os.path.exists(path) else 1
-    open(path, "w").write(str(n))
-    if os.environ.get("FAKE_RUN_HANG"):
-        time.sleep(0.2)
-    if n >= 2 and not os.environ.get("FAKE_RUN_HANG"):
-        print(os.environ.get("FAKE_RUN_EXIT", "0")); print("speedrun finished")
-    else:
-        print("running"); print(f"step {n}")
+    f.write(json.dumps({"time": time.time(), "argv": sys.argv}) + "\n")
+if os.path.exists(os.path.join(state, "network_down")):
+    sys.stderr.write("ssh: connect to host 198.51.100.7 port 22: Connection timed out\n")
+    sys.exit(255)
+home = os.path.join(state, "home")
+os.makedirs(home, exist_ok=True)
+sys.exit(subprocess.run(["bash", "-c", command], cwd=home).returncode)
 '''
 
-FAKE_SCP = r'''
+FAKE_SUDO = r'''
 import json, os, sys
-state = os.environ["FAKE_STATE"]
-with open(os.path.join(state, "calls.jsonl"), "a") as f:
-    f.write(json.dumps(sys.argv) + "\n")
-dest, sources = sys.argv[-1], [a for a in sys.argv[1:-1] if ":" in a and not a.startswith("-") and "=" not in a]
-for src in sources:
-    name = os.path.basename(src.split(":", 1)[1])
-    if name in os.environ.get("FAKE_SCP_MISSING", "").split(","):
-        sys.exit(1)
-    if "." in name:
-        open(os.path.join(dest, name), "w").write("log\n")
-    else:
-        os.makedirs(os.path.join(dest, name), exist_ok=True)
-        open(os.path.join(dest, name, "index.html"), "w").write("<html></html>\n")
+with open(os.path.join(os.environ["FAKE_STATE"], "sudo.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
 '''
+
+# Plays run_stoney_small.sh on the node: writes what the real one writes under its --out, then ends
+# as FAKE_RUN says: ok (exit FAKE_RUN_EXIT), hang (until killed), die (kills its wrapper, as an OOM
+# kill or a reboot would, and lingers).
+FAKE_SPEEDRUN = r'''#!/usr/bin/env bash
+OUT=out ARGS="$*"
+while [ $# -gt 0 ]; do case "$1" in --out) OUT="$2"; shift ;; esac; shift; done
+mkdir -p "$OUT/report" "$OUT/eval" "$OUT/logs" "$OUT/base/wandb/offline-run-1"
+echo '<html></html>' > "$OUT/report/index.html"
+echo '{"step": 1, "loss": 3.2}' > "$OUT/base/metrics.jsonl"
+echo run > "$OUT/base/wandb/offline-run-1/run-1.wandb"
+echo weights > "$OUT/base/model.pt"
+printf 'base\t1\n' > "$OUT/stage_times.tsv"
+printf '%s' "${WANDB_API_KEY:-}" > "$FAKE_STATE/wandb_env"
+echo "step 1 (args: $ARGS)"
+case "${FAKE_RUN:-ok}" in
+    hang) exec sleep 600 ;;
+    die) kill -9 "$(cut -d' ' -f1 .launch_pid)"; echo '{"died": true}' >> "$FAKE_STATE/calls.jsonl"; exec sleep 600 ;;
+    *) echo "speedrun finished"; exit "${FAKE_RUN_EXIT:-0}" ;;
+esac
+'''
+
+
+def node_sessions(state):
+    """Pids of every process in the detached wrapper's session on the fake node (timeout moves the
+    speedrun into its own process group, but not out of the session)."""
+    pid_file = state / "home" / "nanostoney" / ".launch_pid"
+    if not pid_file.exists() or not pid_file.read_text().split():
+        return []
+    sid, pids = pid_file.read_text().split()[0], []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and fields[3] == sid:
+            pids.append(int(proc.name))
+    return pids
 
 
 @pytest.fixture
 def node(tmp_path):
-    """Fake bin dir, node state dir, and a tiny git repo with a speedrun script."""
+    """Fake bin dir, node state (its home under state/home), and a tiny git repo with a fake speedrun."""
     bin_dir, state, repo = tmp_path / "bin", tmp_path / "state", tmp_path / "repo"
     for d in (bin_dir, state, repo):
         d.mkdir()
-    for name, body in (("ssh", FAKE_SSH), ("scp", FAKE_SCP)):
+    for name, body in (("ssh", FAKE_SSH), ("sudo", FAKE_SUDO)):
         (bin_dir / name).write_text(f"#!{sys.executable}\n{body}")
         (bin_dir / name).chmod(0o755)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "run_stoney_small.sh").write_text("echo speedrun\n")
+    (repo / "run_stoney_small.sh").write_text(FAKE_SPEEDRUN)
     (repo / ".gitignore").write_text("out/\n")
     (repo / "out").mkdir()
     (repo / "out" / "ignored.bin").write_text("never shipped\n")
-    return {"bin": bin_dir, "state": state, "repo": repo, "out": tmp_path / "results"}
+    yield {"bin": bin_dir, "state": state, "repo": repo, "out": tmp_path / "results",
+           "home": state / "home" / "nanostoney"}
+    for pid in node_sessions(state):  # whatever the test left running on the "node"
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def launcher_cmd(api, node, *extra):
     return [sys.executable, str(LAUNCHER), "--api-base", api.base, "--repo", str(node["repo"]),
-            "--out-dir", str(node["out"]), "--poll-seconds", "0.01", "--api-interval", "0.001",
-            "--launch-interval", "0.002", "--backoff-seconds", "0.001", *extra]
+            "--out-dir", str(node["out"]), "--poll-seconds", "0.05", "--api-interval", "0.001",
+            "--launch-interval", "0.002", "--backoff-seconds", "0.001", "--cleanup-seconds", "5",
+            "--lost-launch-seconds", "10", *extra]
 
 
 def launcher_env(node, key=LAMBDA_KEY, **extra):
@@ -271,10 +350,60 @@ def launcher_env(node, key=LAMBDA_KEY, **extra):
 
 
 def run_launcher(api, node, *extra, key=LAMBDA_KEY, **env):
-    r = subprocess.run(launcher_cmd(api, node, *extra), env=launcher_env(node, key, **env),
-                       capture_output=True, text=True, timeout=60)
-    assert_no_secrets(r.stdout + r.stderr)
-    return r
+    proc = subprocess.Popen(launcher_cmd(api, node, *extra), env=launcher_env(node, key, **env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert_no_secrets(out + err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(proc):
+    """The launcher and anything left in its process group (ssh children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class Launcher:
+    """The launcher in its own session (so a signal to its group reaches it and its ssh children, as
+    a terminal's Ctrl-C does), killed with its whole group on exit."""
+
+    def __init__(self, api, node, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, prefix=(), **env):
+        self.proc = subprocess.Popen([*prefix, *launcher_cmd(api, node, "--ssh-key", "my-key", *extra)],
+                                     env=launcher_env(node, **env), stdin=subprocess.DEVNULL,
+                                     stdout=stdout, stderr=stderr, start_new_session=True)
+
+    def signal(self, sig):
+        os.killpg(self.proc.pid, sig)
+
+    def wait_for(self, condition, what):
+        for _ in range(600):  # bounded: at most ~30 s
+            if condition():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        kill_group(self.proc)
+        out, err = self.proc.communicate()
+        pytest.fail(f"never saw {what}; launcher exit {self.proc.returncode}\n{out}\n{err}")
+
+    def finish(self, timeout=60):
+        out, err = self.proc.communicate(timeout=timeout)
+        out, err = (x.decode() if isinstance(x, bytes) else x or "" for x in (out, err))
+        assert_no_secrets(out + err)
+        return self.proc.returncode, out, err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        kill_group(self.proc)
 
 
 def assert_no_secrets(text):
@@ -286,14 +415,41 @@ def ssh_calls(node):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def polls(node):
+    return [c for c in ssh_calls(node) if "argv" in c and ".launch_exit" in c["argv"][-1]]
+
+
+def sudo_calls(node):
+    path = node["state"] / "sudo.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def terminated_ids(api):
     return [i for body in api.paths("POST", "/instance-operations/terminate") for i in body["instance_ids"]]
+
+
+def assert_all_stopped(api):
+    """Every launched instance was terminated and the launcher then checked it with a GET."""
+    assert api.instances and set(api.statuses().values()) == {"terminating"}, api.statuses()
+    last_terminate = max(api.times("POST", "/instance-operations/terminate"))
+    for iid in api.instances:
+        assert any(t > last_terminate for t in api.times("GET", f"/instances/{iid}")), "termination not confirmed"
+    assert api.violations == []
+
+
+def result_dir(node):
+    (d,) = node["out"].iterdir()
+    return d
+
+
+def run_started(node):
+    return lambda: (node["home"] / ".launch_pid").exists() and polls(node)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The full flow
 
-def test_success_validates_requests_ships_repo_passes_key_on_stdin_and_terminates(api, node):
+def test_success_ships_repo_passes_key_on_stdin_fetches_results_and_terminates(api, node):
     r = run_launcher(api, node, "--ssh-key", "my-key")
     assert r.returncode == 0, r.stderr
     assert api.violations == []
@@ -303,95 +459,243 @@ def test_success_validates_requests_ships_repo_passes_key_on_stdin_and_terminate
     assert launches[0]["region_name"] == "us-east-1"  # the first region with capacity
     assert launches[0]["ssh_key_names"] == ["my-key"]
     assert terminated_ids(api) == list(api.instances)
-    assert [i["status"] for i in api.instances.values()] == ["terminating"]
+    assert_all_stopped(api)
     # the repo went over: tracked/untracked files yes, ignored ones no
-    with tarfile.open(node["state"] / "upload.tgz") as tar:
-        names = tar.getnames()
-    assert "run_stoney_small.sh" in names and not any(n.startswith("out/") for n in names)
-    # the W&B key arrived on stdin, and never on an ssh/scp command line
-    assert (node["state"] / "wandb_stdin").read_text() == WANDB_KEY + "\n"
-    calls = ssh_calls(node)
+    assert (node["home"] / "run_stoney_small.sh").exists() and not (node["home"] / "out" / "ignored.bin").exists()
+    # the W&B key reached the speedrun's environment through ssh's stdin, never an argv or ssh's env
+    assert (node["state"] / "wandb_env").read_text() == WANDB_KEY
+    calls = [c["argv"] for c in ssh_calls(node)]
     assert calls and not any(WANDB_KEY in arg or LAMBDA_KEY in arg for call in calls for arg in call)
-    assert not (node["state"] / "env_leak").exists()  # ssh's environment carries neither key
-    # the report came back
-    (result_dir,) = node["out"].iterdir()
-    assert (result_dir / "report" / "index.html").exists()
-    assert (result_dir / "speedrun.log").exists()
+    assert not (node["state"] / "env_leak").exists()
+    # the results came back from the speedrun's --out, checkpoints excepted, and the node's log too
+    out = result_dir(node)
+    for path in ("out/report/index.html", "out/base/metrics.jsonl", "out/base/wandb/offline-run-1/run-1.wandb",
+                 "out/stage_times.tsv", "speedrun.log"):
+        assert (out / path).is_file(), path
+    assert not (out / "out" / "base" / "model.pt").exists()
+    assert "speedrun finished" in (out / "speedrun.log").read_text()
     assert "step 1" in r.stdout and "terminated" in r.stdout
+    # the node-side cap: a power-off scheduled for --max-hours (default twice --hours) + 10 min
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{8 * 60 + 10}"]]
 
 
-def test_remote_failure_reports_and_terminates(api, node):
-    r = run_launcher(api, node, "--ssh-key", "my-key", FAKE_RUN_EXIT="3", FAKE_SCP_MISSING="report")
+def test_remote_failure_fetches_results_and_terminates(api, node):
+    r = run_launcher(api, node, "--ssh-key", "my-key", FAKE_RUN_EXIT="3")
     assert r.returncode == 1
     assert "exited with code 3" in r.stderr
-    assert terminated_ids(api) == list(api.instances) and len(api.instances) == 1
-    assert api.violations == []
+    assert (result_dir(node) / "out/base/metrics.jsonl").is_file()
+    assert (result_dir(node) / "speedrun.log").is_file()
+    assert len(api.instances) == 1
+    assert_all_stopped(api)
 
 
-def test_launch_without_ssh_key_uses_the_only_one_and_speedrun_args_pass_through(api, node):
-    r = run_launcher(api, node, "--", "--depth", "4")
+def test_only_ssh_key_speedrun_args_and_its_out_dir(api, node):
+    r = run_launcher(api, node, "--", "--depth", "4", "--out", "runs/d4")
     assert r.returncode == 0, r.stderr
     assert api.paths("POST", "/instance-operations/launch")[0]["ssh_key_names"] == ["my-key"]
-    start = next(c for c in ssh_calls(node) if "run_stoney_small.sh" in c[-1])
-    assert "run_stoney_small.sh --depth 4" in start[-1]
+    assert "step 1 (args: --depth 4 --out runs/d4)" in r.stdout
+    out = result_dir(node)
+    assert (out / "runs/d4/report/index.html").is_file() and (out / "runs/d4/base/metrics.jsonl").is_file()
+    assert not (out / "out").exists()
 
 
-def wait_for(condition, what, proc):
-    for _ in range(600):  # bounded: at most ~30 s
-        if condition():
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    out, err = proc.communicate()
-    pytest.fail(f"never saw {what}; launcher exit {proc.returncode}\n{out}\n{err}")
-
-
-@pytest.mark.parametrize("sig, phase", [(signal.SIGINT, "remote run"), (signal.SIGTERM, "boot poll")])
-def test_interrupt_terminates_the_instance(api, node, sig, phase):
-    if phase == "boot poll":
-        api.boot_polls = 10 ** 9  # never becomes active: the launcher sits polling the API
-        ready = lambda: len(api.paths("GET", f"/instances/{'0' * 32}")) >= 2
-        extra = {}
-    else:
-        ready = lambda: (node["state"] / "polls").exists()  # the fake speedrun runs forever
-        extra = {"FAKE_RUN_HANG": "1"}
-    proc = subprocess.Popen(launcher_cmd(api, node, "--ssh-key", "my-key"), env=launcher_env(node, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(ready, phase, proc)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert_no_secrets(out + err)
-    assert proc.returncode == 130, err
-    assert terminated_ids(api) == ["0" * 32], out + err
-    assert api.violations == []
-
-
-def test_keep_leaves_the_instance_running(api, node):
+def test_keep_leaves_the_instance_running_without_a_power_off(api, node):
     r = run_launcher(api, node, "--ssh-key", "my-key", "--keep")
     assert r.returncode == 0, r.stderr
     assert terminated_ids(api) == []
     assert "--terminate" in r.stdout
+    assert sudo_calls(node) == []
 
 
 # ---------------------------------------------------------------------------------------------------
-# Errors
+# Signals, to the process group, as a terminal sends them
 
-def test_insufficient_capacity_is_reported_with_code_and_suggestion(api, node):
-    api.launch_errors = [(400, {"code": "instance-operations/launch/insufficient-capacity",
-                                "message": "Not enough capacity to fulfill launch request.",
-                                "suggestion": "Try another region or instance type."})]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
+def test_signal_during_the_run_fetches_results_and_terminates(api, node, sig):
+    with Launcher(api, node, FAKE_RUN="hang") as launcher:
+        launcher.wait_for(run_started(node), "the run")
+        launcher.signal(sig)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert terminated_ids(api) == [FIRST_ID], out + err
+    assert_all_stopped(api)
+    assert (result_dir(node) / "out/report/index.html").is_file()
+    fetch = [c["time"] for c in ssh_calls(node) if "argv" in c and "tar -czf" in c["argv"][-1]]
+    assert fetch and max(fetch) < min(api.times("POST", "/instance-operations/terminate"))
+
+
+def test_sigterm_during_the_boot_poll_terminates(api, node):
+    api.boot_polls = 10 ** 9  # never becomes active: the launcher sits polling the API
+    with Launcher(api, node) as launcher:
+        launcher.wait_for(lambda: len(api.paths("GET", f"/instances/{FIRST_ID}")) >= 2, "the boot poll")
+        launcher.signal(signal.SIGTERM)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert_all_stopped(api)
+
+
+def test_sighup_with_the_terminal_gone_still_terminates(api, node):
+    """The terminal closes: writes to it fail with EIO, and the session gets SIGHUP."""
+    master, slave = pty.openpty()
+    stop, seen = threading.Event(), []
+
+    def drain():  # the terminal's side, until it closes
+        while not stop.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    seen.append(os.read(master, 65536))
+                except OSError:
+                    break
+        os.close(master)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        with Launcher(api, node, stdout=slave, stderr=slave, FAKE_RUN="hang") as launcher:
+            os.close(slave)
+            launcher.wait_for(run_started(node), "the run")
+            stop.set()
+            reader.join()  # the terminal is closed now
+            launcher.signal(signal.SIGHUP)
+            code, _, _ = launcher.finish()
+    finally:
+        stop.set()
+        reader.join()
+    assert code == 130
+    assert_all_stopped(api)
+    assert LAMBDA_KEY.encode() not in b"".join(seen) and WANDB_KEY.encode() not in b"".join(seen)
+
+
+def test_under_nohup_a_closed_terminal_does_not_end_the_run(api, node):
+    with Launcher(api, node, prefix=["nohup"], FAKE_RUN="hang") as launcher:
+        launcher.wait_for(run_started(node), "the run")
+        launcher.signal(signal.SIGHUP)
+        seen = len(polls(node))
+        launcher.wait_for(lambda: len(polls(node)) >= seen + 3, "polls going on after SIGHUP")
+        assert terminated_ids(api) == []
+        launcher.signal(signal.SIGINT)  # nohup leaves Ctrl-C (and kill) working
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert_all_stopped(api)
+
+
+def test_ctrl_c_with_stdout_piped_into_a_reader_that_exited(api, node):
+    """`launch_lambda.py | tee log` and Ctrl-C: tee dies too; cleanup must survive EPIPE."""
+    read_end, write_end = os.pipe()
+    with Launcher(api, node, stdout=write_end, FAKE_RUN="hang") as launcher:
+        os.close(write_end)
+        launcher.wait_for(run_started(node), "the run")
+        os.close(read_end)  # the reader exits
+        launcher.signal(signal.SIGINT)
+        code, _, err = launcher.finish()
+    assert code == 130, err
+    assert_all_stopped(api)
+    assert "terminated" in err  # what could not go to stdout went to stderr
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_second_signal_during_cleanup_does_not_skip_it(api, node):
+    api.delays["terminateInstance"] = 0.5  # a slow terminate: signals arrive while it is in flight
+    with Launcher(api, node, FAKE_RUN="hang") as launcher:
+        launcher.wait_for(run_started(node), "the run")
+        launcher.signal(signal.SIGINT)
+        launcher.wait_for(lambda: api.paths("POST", "/instance-operations/terminate"), "the terminate")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            launcher.signal(sig)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert_all_stopped(api)
+
+
+def test_interrupt_during_a_launch_finds_and_terminates_the_node(api, node):
+    api.delays["launchInstance"] = 1.0  # the node is created while the answer is still on its way
+    with Launcher(api, node) as launcher:
+        launcher.wait_for(lambda: api.paths("POST", "/instance-operations/launch"), "the launch")
+        launcher.signal(signal.SIGINT)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert terminated_ids(api) == [FIRST_ID], out + err
+    assert_all_stopped(api)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The API misbehaving
+
+def test_terminate_errors_are_retried_and_confirmed(api, node):
+    api.terminate_errors = [(500, api_error("global/unknown", "Internal server error")), (502, BAD_GATEWAY)]
     r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 0, r.stderr
+    assert len(api.paths("POST", "/instance-operations/terminate")) == 3
+    assert_all_stopped(api)
+
+
+def test_terminate_that_never_succeeds_names_the_instance_and_fails(api, node):
+    api.terminate_fails = True
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--cleanup-seconds", "1", FAKE_RUN_EXIT="3")
+    assert r.returncode == 1 and "exited with code 3" in r.stderr
+    assert FIRST_ID in r.stderr and DASHBOARD in r.stderr and "may still be billing" in r.stderr
+    assert len(api.paths("POST", "/instance-operations/terminate")) >= 2
+
+
+def test_terminate_subcommand_confirms(api, node):
+    api.instances[FIRST_ID] = {"name": "x", "status": "active", "polls": 0, "region": "us-east-1",
+                               "type": "gpu_8x_h100_sxm5", "ssh_key_names": ["my-key"]}
+    r = run_launcher(api, node, "--terminate", FIRST_ID)
+    assert r.returncode == 0, r.stderr
+    assert_all_stopped(api)
+    api.terminate_fails = True
+    r = run_launcher(api, node, "--terminate", "f" * 32, "--cleanup-seconds", "0.5")
+    assert r.returncode == 0, r.stderr  # 404 on the GET: it does not exist, so nothing bills
+
+
+@pytest.mark.parametrize("listing", [BAD_GATEWAY, b'{"data": "not a list of instances"}'])
+def test_garbled_listing_during_cleanup_still_terminates_the_known_node(api, node, listing):
+    api.garbled_listing = listing
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--retries", "1")
+    assert r.returncode == 0, r.stderr
+    assert "could not list instances" in r.stdout + r.stderr
+    assert_all_stopped(api)
+
+
+def test_launch_that_times_out_is_found_by_its_name(api, node):
+    api.delays["launchInstance"] = 1.5  # the answer comes after the client gave up
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--http-timeout", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert len(api.paths("POST", "/instance-operations/launch")) == 1  # never sent twice
+    assert "launch answer was lost" in r.stdout
+    assert (result_dir(node) / "out/report/index.html").is_file()  # and the run went on, on that node
+    assert_all_stopped(api)
+
+
+def test_5xx_during_the_boot_poll_is_retried(api, node):
+    api.get_errors = [(502, BAD_GATEWAY), (503, api_error("global/unknown", "unavailable"))]
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 0, r.stderr
+    assert_all_stopped(api)
+
+
+def test_unhealthy_instance_is_terminated(api, node):
+    api.boot_status = "unhealthy"
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 1 and "unhealthy" in r.stderr
+    assert_all_stopped(api)
+
+
+def test_insufficient_capacity_tries_the_next_region_unless_one_was_given(api, node):
+    no_capacity = (400, {"code": "instance-operations/launch/insufficient-capacity",
+                         "message": "Not enough capacity to fulfill launch request.",
+                         "suggestion": "Try another region or instance type."})
+    api.launch_errors = [no_capacity]
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--region", "us-east-1")
     assert r.returncode == 1
     assert "instance-operations/launch/insufficient-capacity" in r.stderr
     assert "Try another region or instance type." in r.stderr
-    assert len(api.paths("POST", "/instance-operations/launch")) == 1  # not a provider error: no retry
-    assert terminated_ids(api) == [] and api.violations == []
+    assert len(api.paths("POST", "/instance-operations/launch")) == 1 and terminated_ids(api) == []
+    api.launch_errors = [no_capacity]
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 0, r.stderr
+    assert [b["region_name"] for b in api.paths("POST", "/instance-operations/launch")[1:]] == \
+        ["us-east-1", "us-west-2"]
+    assert_all_stopped(api)
 
 
 def test_provider_errors_are_retried(api, node):
@@ -402,7 +706,7 @@ def test_provider_errors_are_retried(api, node):
     assert r.returncode == 0, r.stderr
     assert len(api.paths("POST", "/instance-operations/launch")) == 3
     assert r.stdout.count("provider/internal-unavailable") == 2
-    assert terminated_ids(api) == list(api.instances)
+    assert_all_stopped(api)
 
 
 def test_provider_retries_are_bounded(api, node):
@@ -412,6 +716,19 @@ def test_provider_retries_are_bounded(api, node):
     assert r.returncode == 1
     assert len(api.paths("POST", "/instance-operations/launch")) == 3
     assert "provider/internal-unavailable" in r.stderr and "Try again shortly" in r.stderr
+
+
+def test_redirects_are_not_followed(api, node):
+    api.redirect = True
+    r = run_launcher(api, node, "--dry-run")
+    assert r.returncode == 1 and "redirect" in r.stderr
+    assert [p for (_, _, p, _) in api.requests] == [PREFIX + "/instance-types"]  # never /elsewhere
+
+
+def test_plain_http_is_refused_except_for_localhost(api, node):
+    r = run_launcher(api, node, "--dry-run", "--api-base", "http://cloud.lambda.ai/api/v1")
+    assert r.returncode == 2 and "https" in r.stderr and "\n" not in r.stderr.strip()
+    assert api.requests == []
 
 
 def test_api_key_is_redacted_even_when_the_api_echoes_it(api, node):
@@ -446,6 +763,52 @@ def test_unknown_type_and_region_without_capacity(api, node):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The node: a dead wrapper, and the node-side cap
+
+def test_dead_wrapper_is_noticed_in_one_poll(api, node):
+    r = run_launcher(api, node, "--ssh-key", "my-key", FAKE_RUN="die")
+    assert r.returncode == 1 and "died without an exit code" in r.stderr
+    calls = ssh_calls(node)
+    died = next(n for n, c in enumerate(calls) if c.get("died"))
+    assert len([c for c in calls[died:] if "argv" in c and ".launch_exit" in c["argv"][-1]]) <= 1
+    assert (result_dir(node) / "out/base/metrics.jsonl").is_file()
+    assert_all_stopped(api)
+
+
+def test_lost_connection_still_terminates(api, node):
+    with Launcher(api, node, FAKE_RUN="hang") as launcher:
+        launcher.wait_for(run_started(node), "the run")
+        (node["state"] / "network_down").touch()  # every ssh from now on fails, fetch included
+        code, out, err = launcher.finish()
+    assert code == 1 and "lost the connection" in err and "Connection timed out" in err
+    assert "copying the results back failed" in out
+    assert_all_stopped(api)
+
+
+def test_max_hours_stops_the_run_on_the_node(api, node):
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--hours", "0.0001", "--max-hours", "0.0005",
+                     FAKE_RUN="hang")  # a 1.8 s deadline
+    assert r.returncode == 1 and "--max-hours" in r.stderr
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10}"]]
+    assert (result_dir(node) / "out/report/index.html").is_file()
+    assert_all_stopped(api)
+
+
+def test_node_side_cap_works_without_the_launcher(api, node):
+    with Launcher(api, node, "--hours", "0.0001", "--max-hours", "0.0005", FAKE_RUN="hang") as launcher:
+        launcher.wait_for(run_started(node), "the run")
+        launcher.signal(signal.SIGKILL)  # the launcher and its ssh die without a word
+        launcher.proc.wait()
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10}"]]  # the power-off is the node's own
+    exit_file = node["home"] / ".launch_exit"
+    for _ in range(200):  # the run still ends at its deadline on the node (bounded wait, ~10 s)
+        if exit_file.exists():
+            break
+        time.sleep(0.05)
+    assert exit_file.read_text().strip() == "124"  # timeout's code
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dry run
 
 def test_dry_run_without_key_explains_in_one_sentence(tmp_path):
@@ -462,14 +825,17 @@ def test_dry_run_without_key_explains_in_one_sentence(tmp_path):
 def test_dry_run_prints_plan_and_cost_and_launches_nothing(api, node):
     r = run_launcher(api, node, "--dry-run", "--hours", "2.5")
     assert r.returncode == 0, r.stderr
-    assert "gpu_8x_h100_sxm5" in r.stdout and "us-east-1" in r.stdout
+    assert "gpu_8x_h100_sxm5" in r.stdout and "us-east-1" in r.stdout and "us-west-2" in r.stdout
     assert "$23.92/h" in r.stdout and "$59.80" in r.stdout  # 2392 cents/h x 2.5 h
+    assert "$123.59" in r.stdout  # worst case: the 5 h cap (twice --hours) + 10 min x $23.92/h
     assert "my-key" in r.stdout
     assert api.paths("POST", "/instance-operations/launch") == [] and api.violations == []
+    r = run_launcher(api, node, "--dry-run", "--hours", "3", "--max-hours", "2")
+    assert r.returncode == 2 and "--max-hours" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rate limiting, with a fake clock (no wall-clock assertions)
+# The client, with a fake clock (no wall-clock assertions)
 
 @pytest.fixture(scope="module")
 def launcher():
@@ -535,7 +901,7 @@ def test_client_spaces_requests_and_backs_off_on_provider_errors(launcher, api):
     assert repr(client).count(LAMBDA_KEY) == 0
 
 
-def test_backoff_is_bounded(launcher, api):
+def test_backoff_is_bounded_and_honours_retry_after(launcher, api):
     clock = FakeClock()
     client = launcher.LambdaAPI(api.base, LAMBDA_KEY, clock=clock, sleep=clock.sleep, retries=8, backoff=2.0,
                                 interval=0.0, launch_interval=0.0)
@@ -545,3 +911,35 @@ def test_backoff_is_bounded(launcher, api):
     assert e.value.code == "provider/x"
     assert len(api.paths("POST", "/instance-operations/launch")) == 9
     assert max(clock.sleeps) == 60.0  # capped
+    clock.sleeps.clear()
+    api.retry_after = "7"
+    api.get_errors = [(429, api_error("global/rate-limited", "slow down"))] * 2
+    with pytest.raises(launcher.ApiError):  # the id does not exist: 404 after two 429s
+        client.instance(FIRST_ID)
+    assert clock.sleeps == [7.0, 7.0]  # the server's Retry-After beats our 2 s and 4 s
+
+
+def test_lost_answers_are_told_apart_from_refusals(launcher):
+    def err(status, code):
+        return launcher.ApiError(status, code, "m")
+    assert err(None, "network/error").lost and err(502, "http/502").lost and err(200, launcher.BAD_ANSWER).lost
+    assert not err(503, "provider/internal-unavailable").lost and not err(400, launcher.INSUFFICIENT_CAPACITY).lost
+    assert launcher.retryable(err(502, "http/502"), launch=False)
+    assert not launcher.retryable(err(502, "http/502"), launch=True)  # a launch is never sent twice blindly
+    assert launcher.retryable(err(429, "global/rate-limited"), launch=True)
+    assert launcher.glob_quote("my out/*/metrics.jsonl") == "'my out/'*/metrics.jsonl"
+    assert launcher.speedrun_out(["--depth", "4", "--out", "runs/x/"]) == "runs/x"
+
+
+def test_a_signal_raises_once_per_arming_and_cleanup_runs_disarmed(launcher):
+    launcher._Signals.armed, launcher._Signals.seen = True, []
+    with pytest.raises(launcher.Interrupted):
+        launcher.on_signal(signal.SIGINT, None)
+    try:
+        launcher.on_signal(signal.SIGTERM, None)  # the first disarmed the handler: counted, not raised
+    except KeyboardInterrupt:
+        pytest.fail("a second signal raised: it would cut a cleanup short")
+    assert launcher._Signals.seen == [signal.SIGINT, signal.SIGTERM]
+    result, error = launcher.guarded(launcher.on_signal, signal.SIGHUP, None)  # a signal inside fn
+    assert result is None and isinstance(error, launcher.Interrupted) and not launcher._Signals.armed
+    assert launcher.guarded(lambda: 5) == (5, None) and not launcher._Signals.armed
