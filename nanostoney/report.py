@@ -575,7 +575,8 @@ TABLE_COLS = [("own_correct", "own greedy accuracy"), ("accuracy", "slot accurac
               ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
               ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
-              ("topk_mean:own", "top-k mean-ablation drop (own)"), ("topk_mean:random", "random-k mean-ablation drop")]
+              ("topk_mean:own", "top-k mean-ablation drop (own)"),
+              ("topk_mean:random", "random-k mean-ablation drop")]
 
 
 def table(metrics, ck):
