@@ -1,19 +1,22 @@
 """Interpretability: which attention heads a model uses to answer, and how that differs between
 reasoning over Stoney Nakoda and reasoning over math.
 
-Everything is measured at one place, the *answer position*: the task prompt rendered with
-`tokenizer.render_prompt`, then the gold assistant text up to the answer, so the next token is
-the answer's first token (for multiple choice, the letter). The gold text is tokenized as the
-model saw it in training, so the scored token is the gold's own first answer token (" E", with
-the space BPE attaches to it); the context is every token before it, "... Answer:" included.
-The model reads the gold rationale first (teacher forcing): the statistics describe how it
-gets from question + rationale to the answer. `rationale="empty"` replaces the rationale by
-"<think></think>" to ask for the answer straight from the question instead.
+Everything is measured at one place, the *answer slot*: the task prompt rendered with
+`tokenizer.render_prompt`, then a rationale, then "</think>\\nAnswer:", so the next token is the
+answer's first token (for multiple choice, the letter). Which rationale (the *context*):
+- "own" (default): the model's own greedy completion of the prompt (evaluate.complete_task);
+- "gold": the gold rationale (teacher forcing).
+Either way the rationale is cut before its first sentence that states the answer: a sentence
+naming an option letter ("which is option E", "(E)", "E)", "the answer is", "Answer:") or stating
+the gold answer or the model's own answer (the option's text, or its number for a numeric
+option). Every MC gold rationale ends "..., which is option L.": left in, the statistics would
+measure copying a letter a few tokens back. Cut, the slot is where the model commits. Whether
+the model got an item right is its own greedy completion's verdict (task.evaluate).
 
-Statistics (each per example, then a mean with a bootstrap 95% interval over examples, for
-the train split and for held-out items (val + test) separately; see DEFINITIONS):
-- attention entropy per layer and head, over all query positions and at the answer position
-- attention mass from the answer position onto labelled regions of the context: structure
+Statistics (per example, then means with bootstrap intervals over examples, per family and item
+group: train, held-out (val + test), held-out right, held-out wrong; see DEFINITIONS):
+- attention entropy per layer and head, over all query positions and at the answer slot
+- attention mass from the answer slot onto labelled regions of the context: structure
   (bos, template, system, question, options, rest of the prompt, rationale, answer cue) and
   lexical (Stoney-term words, English words, digits, operators, other)
 - head roles: previous-token, induction (on repeated random tokens), attention sink, option
@@ -21,13 +24,19 @@ the train split and for held-out items (val + test) separately; see DEFINITIONS)
 - logit lens: log-prob and rank of the answer token read from every layer's residual stream
 - head ablation: the drop in the answer's log-prob when one head (or the top-k heads) is
   zeroed or replaced by its mean output
+These are exploratory. The claims are a few declared headline tests (HEADLINES, at the end):
+permutation p-values, Holm-corrected across every headline test of the report, intervals at
+the Bonferroni level; heads are chosen on a selection subset of items and scored on a
+disjoint one.
 
 Probes come from nanostoney.probes; our own (ItemProbe, PatternProbe, RowAblate) subclass
 probes.Probe, so one forward collects every statistic of a prompt, and ablations run batched,
 one ablation per batch row, each row starting from the clean residual stream at the first
-layer it ablates (blocks before it cannot change).
+layer it ablates (blocks before it cannot change). The per-item passes (item_records,
+ablate_single, ablate_sets) are functions of a list of items, so ranks can share the items.
 """
-import random
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,39 +44,54 @@ import torch
 from tqdm import tqdm
 
 from nanostoney import probes
-from nanostoney.answers import LETTERS, MARKER
+from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
+    parse_letter, parse_number, rationale_part
 from nanostoney.errors import UserError
+from nanostoney.evaluate import complete_task
 from nanostoney.gpt import unwrap
-from nanostoney.metrics import bootstrap_means
+from nanostoney.metrics import bootstrap_means, holm, mean_difference
+from nanostoney.tasks.base import stable_hash
 from nanostoney.tasks.stoney import WORD_RE, Lang, load_corpus
 from nanostoney.tokenizer import SYSTEM_JOIN
 
 STRUCT_REGIONS = ("bos", "template", "system", "question", "options", "prompt_other", "rationale", "answer_cue")
 LEXICAL_REGIONS = ("stoney_term", "english", "digit", "operator", "other")
 SPLIT_GROUPS = ("train", "heldout")
+OUTCOME_GROUPS = ("heldout_right", "heldout_wrong")  # held-out items the model's own greedy answer gets right/wrong
+CONTEXTS = ("own", "gold")
 ABLATION_MODES = ("zero", "mean")
+HEADLINE_MODE = "mean"  # the ablation the headline tests use (zero ablation stays exploratory)
 ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "sink": 0.5, "option_lookup": 0.3}
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+ALPHA = 0.05  # family-wise error rate of the headline tests
+MIN_N = 10  # items a side for a headline test: 10 sign flips reach p = 2 / 2**10 at best
 
 DEFINITIONS = {
-    "answer_position": "the prompt (tokenizer.render_prompt) followed by the gold assistant text up to its first "
-                       "answer token; statistics are read where the model predicts that token.",
-    "answer_logprob": "log-probability (nats) of the gold answer's first token at the answer position.",
-    "accuracy": "multiple choice: the correct letter has the highest logit among the five letters; open answers "
-                "(and MC when the tokenizer does not give the five letters as single tokens in that place): the "
-                "gold first token is the model's top-1 token.",
+    "context": "what precedes the answer slot: the prompt, then a rationale cut before its first sentence that "
+               "states the answer, then '</think>\\nAnswer:'. own = the model's own greedy completion (default); "
+               "gold = the gold rationale (teacher forcing). A sentence states the answer when it names an option "
+               "letter ('option E', '(E)', 'E)', 'the answer is', 'Answer:') or mentions the gold answer or the "
+               "model's own answer (an option's text, or its number when the option is one number).",
+    "answer_position": "the answer slot: the position after the context where the answer's first token (the "
+                       "letter for multiple choice) is predicted; statistics are read there.",
+    "right_wrong": "held-out items split by the model's own greedy completion of the prompt: right when "
+                   "task.evaluate accepts it (heldout_right), else heldout_wrong.",
+    "answer_logprob": "log-probability (nats) of the gold answer's first token at the answer slot.",
+    "accuracy": "multiple choice: the correct letter has the highest logit among the five letters at the slot; "
+                "open answers (and MC when the tokenizer does not give the five letters as single tokens in that "
+                "place): the gold first token is the model's top-1 token.",
     "entropy": "attention entropy in nats, -sum_j p_j log p_j, averaged over every query position of the context "
                "(position 0, which sees only itself, counts as 0); exact (probes.attention_entropy_probe).",
-    "entropy_answer": "attention entropy (nats) of the answer position's query; log(T) would be uniform over the "
+    "entropy_answer": "attention entropy (nats) of the answer slot's query; log(T) would be uniform over the "
                       "T context tokens.",
     "entropy_norm": "entropy as a share of its maximum, H_i / log(i + 1), averaged over query positions i >= 1: "
                     "free of the growth of entropy with prompt length (families differ in length); "
-                    "entropy_answer_norm: H / log(T) at the answer position.",
-    "struct_mass": "attention mass from the answer position onto each structural region: bos (first token), "
+                    "entropy_answer_norm: H / log(T) at the answer slot.",
+    "struct_mass": "attention mass from the answer slot onto each structural region: bos (first token), "
                    "template (the other special tokens), system, question, options, prompt_other (the rest of "
-                   "the user turn), rationale (gold assistant text through </think>), answer_cue (the rest, "
+                   "the user turn), rationale (assistant text through </think>), answer_cue (the rest, "
                    "e.g. '\\nAnswer:'). A token belongs to the region of its first non-space character.",
-    "lex_mass": "attention mass from the answer position onto lexical classes: digit (a token with a digit), "
+    "lex_mass": "attention mass from the answer slot onto lexical classes: digit (a token with a digit), "
                 "operator (+ - * / = ^ % < > and the like, not hyphens inside words), stoney_term (a letter word "
                 "judged Stoney by the Stoney task's language judge: Stoney letters, vocabularies learned from "
                 "the bundled conversations, a character-trigram fallback; Stoney prompts only), english (other "
@@ -78,24 +102,36 @@ DEFINITIONS = {
     "sink": "mean attention from each query i >= 1 onto the first token (<|bos|>), over the task prompts.",
     "induction": "on <|bos|> + R + R (R: random tokens), mean attention from each token of the second copy onto "
                  "the token that followed its earlier occurrence; interval over random sequences.",
-    "option_lookup": "multiple choice only: attention mass from the answer position onto the tokens of the "
+    "option_lookup": "multiple choice only: attention mass from the answer slot onto the tokens of the "
                      "correct option's line ('E) 32400').",
     "option_share": "option_lookup divided by the mass on all five option lines (about 0.2 when a head does not "
                     "prefer the correct one).",
     "logit_lens": "for each depth l (0 = embeddings, l = after block l), the residual stream at the answer "
-                  "position read through the final norm and lm_head: log-prob of the answer token, top-1 rate "
+                  "slot read through the final norm and lm_head: log-prob of the answer token, top-1 rate "
                   "(rank 1), mean log10 rank, and for multiple choice the letter accuracy; the last depth is the "
-                  "model's own output.",
+                  "model's own output. decodable: the correct letter wins among the five (MC) or the answer token "
+                  "is top-1 (open).",
+    "lens_first": "the first depth from which the answer stays decodable through the output; undefined for an "
+                  "item whose answer is not decodable at the output.",
     "ablation": "drop in the answer's log-prob (base minus ablated; positive = the head helps) when one head's "
                 "output is set to zero (zero) or to its mean over every position of every analysed prompt of "
                 "this checkpoint (mean), one head at a time.",
-    "topk_ablation": "the same drop when the k heads with the largest mean single-head drop on a family's train "
-                     "items are ablated together; 'own' = the family's heads, '<family>' = the other family's "
+    "subsets": "items are hash-split (by task and id) into a selection subset (every train item and about half "
+               "of the held-out items) and a score subset (the other held-out items): heads are chosen on the "
+               "first, their ablation effect is scored on the second.",
+    "topk_ablation": "the same drop when k heads are ablated together: 'own' = the family's top-k heads (largest "
+                     "mean single-head drop on the family's selection items), '<family>' = the other family's "
                      "heads, 'random' = the mean over random sets of k heads (a control).",
     "overlap": "agreement of the families' head maps: Jaccard index of their top-k heads and Spearman rank "
                "correlation of their mean single-head drops.",
-    "interval": "95% percentile bootstrap over examples (1000 resamples, seeded); two numbers 'differ' in the "
-                "summary when their intervals do not overlap (a conservative test).",
+    "interval": "exploratory tables and figures: 95% percentile bootstrap over examples (seeded), not corrected "
+                "for multiple comparisons.",
+    "headline": "the declared headline tests (HEADLINES), on held-out items: two-sided permutation p-values "
+                "(sign flips for paired differences, label shuffles for two samples), Holm-Bonferroni adjusted "
+                "across every headline test of the report (family-wise error 0.05); intervals are percentile "
+                "bootstrap intervals at the Bonferroni level 1 - 0.05/m for m tests (simultaneous 95%). A result "
+                "is significant when its Holm p is below 0.05 and its interval excludes 0. A test enters only with "
+                "at least 10 items a side (decided before looking at the outcome).",
     "roles": "a head gets a role when its score is at least the threshold: " +
              ", ".join(f"{k} >= {v}" for k, v in ROLE_THRESHOLDS.items()) + ".",
     "role_thresholds": ROLE_THRESHOLDS,
@@ -171,10 +207,28 @@ class Item:
     answer_index: int = None   # index of the correct option (MC)
     letter_ids: list = None    # the five candidate answer tokens (MC)
     tokens: list = field(default_factory=list)  # display strings
+    own_correct: bool = None   # the model's own greedy completion of the prompt is right
+
+    @property
+    def key(self):
+        return f"{self.task}/{self.id}"
 
     @property
     def group(self):
         return "train" if self.split == "train" else "heldout"
+
+    @property
+    def outcome(self):
+        """heldout_right / heldout_wrong by the model's own greedy answer; None for train items."""
+        if self.group != "heldout" or self.own_correct is None:
+            return None
+        return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
+
+    @property
+    def subset(self):
+        """"select" (heads are chosen here: train items and a hash half of the held-out ones) or
+        "score" (the other held-out items: chosen heads are scored here)."""
+        return "select" if self.split == "train" or stable_hash(f"subset/{self.key}") % 2 == 0 else "score"
 
     @property
     def pos(self):
@@ -251,8 +305,9 @@ def user_text(prompt):
 
 
 def display_token(text):
-    """A token's text for figure labels (newlines and tabs made visible)."""
-    return text.replace("\n", "↵").replace("\t", "⇥")
+    """A token's text for figure labels (newlines, tabs and other control characters made visible)."""
+    text = text.replace("\n", "↵").replace("\t", "⇥")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def answer_cue(task, example):
@@ -264,19 +319,97 @@ def answer_cue(task, example):
     return cue
 
 
-def prepare_item(tokenizer, task, example, split, judge, rationale="gold"):
-    """An Item for one example, or a UserError when the example has no answer line."""
-    prompt = task.prompt(example)
+# -----------------------------------------------------------------------------
+# contexts: what the model reads before the answer slot, with no answer in it
+
+# a sentence that names an option letter or announces the answer
+LETTER_NAMING = re.compile(r"(?i:\boption)\s*\(?[A-E]\b|\([A-E]\)|(?<!\w)[A-E]\)|(?i:\banswer\s*(?:is\b|:))")
+SENTENCE_END = re.compile(r"\n|[.!?;](?=\s)")
+STATED_VALUE = re.compile(r"(?i:answer is)\s*(.+?)\s*(?:,\s|\.\s|\.?$|\n|;)", re.MULTILINE)
+
+
+def answer_value(text):
+    """The number an answer text states ("$27.30", "64 minutes", "Rs. 4270", "4,800"), or None
+    when it is not one number with at most a unit (a formula "12/25", a pair, "None of these")."""
+    nums = NUMBER_RE.findall(text)
+    rest = NUMBER_RE.sub("", text)
+    if len(nums) != 1 or re.search(r"[^\sA-Za-z.%$€£₹/]", rest):
+        return None
+    return parse_number(nums[0])
+
+
+def mention_positions(text, answers):
+    """Where `text` first mentions each of `answers`: an answer that is one number wherever a number
+    of that size appears (so "= 72" and "72.0" count, "172" does not), any answer as a whole word
+    or phrase, ignoring case."""
+    hits = []
+    for ans in answers:
+        ans = unicodedata.normalize("NFC", (ans or "").strip())
+        if not ans:
+            continue
+        value = answer_value(ans)
+        if value is not None:
+            hits += [m.start() for m in NUMBER_RE.finditer(text.replace("$", " "))
+                     if numbers_equal(abs(parse_number(m.group(0)) or 0.0), abs(value))][:1]
+        m = re.search(r"(?<!\w)" + re.escape(ans) + r"(?!\w)", text, flags=re.IGNORECASE)
+        hits += [m.start()] if m else []
+    return hits
+
+
+def strip_answer(rationale, answers):
+    """The rationale up to its first sentence (or ';' clause) that states an answer: names an
+    option letter, says "the answer is" / "Answer:", or mentions one of `answers`."""
+    hits = mention_positions(rationale, answers)
+    m = LETTER_NAMING.search(rationale)
+    hits += [m.start()] if m else []
+    if not hits:
+        return rationale.strip()
+    first = min(hits)
+    starts = [0] + [e.end() for e in SENTENCE_END.finditer(rationale) if e.end() <= first]
+    return rationale[:max(starts)].strip()
+
+
+def option_text(example, letter):
+    choices = example.get("choices")
+    return choices[LETTERS.index(letter)] if choices and letter and letter in LETTERS else None
+
+
+def stated_answers(example, completion=None):
+    """Texts whose mention states an answer: the gold answer (for MC the gold option's text) and
+    the answer of the model's `completion` (its chosen option's text, or its open answer)."""
+    gold = answer_after(example["messages"][-1]["content"]) or ""
+    out = [option_text(example, gold) if example.get("choices") else gold]
+    own = answer_after(completion) if completion else None
+    if own:
+        out.append(option_text(example, parse_letter(own)) if example.get("choices") else own)
+    said = STATED_VALUE.search(completion or "")  # "The answer is 27, which is option D": 27 too
+    return [a for a in out + [said.group(1) if said else None] if a]
+
+
+def context_text(example, completion, context="own"):
+    """The assistant text the answer slot is read after: "<think>{rationale}</think>\\nAnswer: {gold}",
+    the rationale being the model's own (`completion`, context "own") or the gold one ("gold"),
+    cut by strip_answer before it states the gold answer or the model's own answer."""
+    if context not in CONTEXTS:
+        raise UserError(f"unknown context {context!r}; use one of {', '.join(CONTEXTS)}.")
     gold = example["messages"][-1]["content"]
-    cue = answer_cue(task, example)
+    rationale = unicodedata.normalize("NFC", rationale_part(completion if context == "own" else gold))
+    return format_answer(strip_answer(rationale, stated_answers(example, completion)), answer_after(gold))
+
+
+def prepare_item(tokenizer, task, example, split, judge, assistant):
+    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
+    holds the gold answer (context_text makes one): the context is the prompt and every token of
+    `assistant` before the answer's first token."""
+    prompt = task.prompt(example)
+    gold = assistant
+    cue = gold.rfind(MARKER)
     start = cue + len(MARKER)
     while start < len(gold) and gold[start].isspace():
         start += 1
-    if start >= len(gold):
-        raise UserError(f"example {example['id']} of task {task.name} has an empty answer; fix the task data.")
-    if rationale == "empty":
-        head = "<think></think>\n" + gold[cue:start]
-        gold, start = head + gold[start:], len(head)
+    if cue < 0 or start >= len(gold):
+        raise UserError(f"example {example['id']} of task {task.name} has no answer after 'Answer:'; fix the "
+                        f"task data.")
     prompt_ids = tokenizer.render_prompt(prompt)
     text = user_text(prompt)
     u_ids, u_off = token_offsets(tokenizer, text)
@@ -308,35 +441,72 @@ def prepare_item(tokenizer, task, example, split, judge, rationale="gold"):
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
                 struct=np.array(struct), lexical=np.array(lex))
     if example.get("choices") and all(f"option_{c}" in regions for c in LETTERS):
-        ch_opt = np.full(len(text), -1)
-        for n, c in enumerate(LETTERS):
-            a, b = regions[f"option_{c}"]
-            ch_opt[a:b] = n
-        item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
-        letters = []
-        for c in LETTERS:  # the same gold with each letter: the candidate's token at position k
-            c_ids = tokenizer.encode(gold[:start] + c)
-            letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == a_ids[:k] else None)
-        answer = str(example.get("answer", "")).strip()
-        if answer in LETTERS:
-            item.answer_index = LETTERS.index(answer)
-            if None not in letters and len(set(letters)) == 5:  # else the tokenizer splits letters unevenly
-                item.letter_ids = letters
+        mc_fields(item, tokenizer, example, text, u_off, gold[:start], a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
     item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
                    ["<|user_end|>", "<|assistant_start|>"] + [display_token(gold[a:b]) for a, b in a_off[:k]])
     return item
 
 
+def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
+    """Option-line labels, the correct option's index and the five letter tokens at the slot (the
+    assistant text with each letter in the gold's place: the candidate's token there)."""
+    regions, k = example["regions"], len(head_ids)
+    ch_opt = np.full(len(text), -1)
+    for n, c in enumerate(LETTERS):
+        a, b = regions[f"option_{c}"]
+        ch_opt[a:b] = n
+    item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
+    letters = []
+    for c in LETTERS:
+        c_ids = tokenizer.encode(before_answer + c)
+        letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
+    answer = str(example.get("answer", "")).strip()
+    if answer in LETTERS:
+        item.answer_index = LETTERS.index(answer)
+        if None not in letters and len(set(letters)) == 5:  # else the tokenizer splits letters unevenly
+            item.letter_ids = letters
+
+
 def select_examples(task, n, seed=0, spare=3):
-    """{split: [example]}: a seeded sample of up to n * spare examples per split, in a fixed
-    random order (the same for every checkpoint). run_checkpoint keeps the first n that fit the
-    model's context, so a few over-long prompts do not shrink the sample."""
+    """{split: [example]}: up to n * spare examples per split in a seeded hash order of their ids
+    (the same for every checkpoint; never a prefix of the stored order). fitting_examples keeps
+    the first n that fit the model's context, so a few over-long prompts do not shrink the sample."""
+    return {split: sorted(task.examples(split), key=lambda ex: stable_hash(f"{seed}/{task.name}/{ex['id']}"))
+            [:n * spare] for split in ("train", "val", "test")}
+
+
+def fitting_examples(tokenizer, examples, limit, max_len):
+    """({task: [(split, example)]}, {task: number passed over}): of each split's list the first
+    `limit` examples whose prompt and gold assistant text fit in max_len tokens."""
+    chosen, skipped = {}, {}
+    for name, (task, by_split) in examples.items():
+        chosen[name] = []
+        for split, rows in by_split.items():
+            kept = 0
+            for ex in rows:
+                if limit is not None and kept >= limit:
+                    break
+                n = len(tokenizer.render_prompt(task.prompt(ex))) + len(tokenizer.encode(ex["messages"][-1]["content"]))
+                if n > max_len:
+                    skipped[name] = skipped.get(name, 0) + 1
+                    continue
+                chosen[name].append((split, ex))
+                kept += 1
+    return chosen, skipped
+
+
+def own_completions(model, tokenizer, examples, chosen, max_len):
+    """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
+    up to the task's longest reference + 16 tokens, and within max_len)."""
     out = {}
-    for split in ("train", "val", "test"):
-        rows = list(task.examples(split))
-        random.Random(f"{seed}:{task.name}:{split}").shuffle(rows)
-        out[split] = rows[:n * spare]
+    for name, pairs in chosen.items():
+        if not pairs:
+            continue
+        task, exs = examples[name][0], [ex for _, ex in pairs]
+        longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
+        greedy, _ = complete_task(model, tokenizer, task, exs, max_new_tokens=max(1, max_len - longest))
+        out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
     return out
 
 
@@ -439,13 +609,23 @@ def analyse_item(model, item, keep_full=False):
     if item.letter_ids is not None:
         choice = logits[:, item.letter_ids].argmax(-1)
         rec["lens_choice"] = (choice == item.answer_index).float().cpu().numpy()
-        rec["accuracy"] = float(rec["lens_choice"][-1])
-    else:
-        rec["accuracy"] = float(rec["lens_top1"][-1])
+    rec["lens_decodable"] = rec.get("lens_choice", rec["lens_top1"])
+    rec["lens_first"] = first_decodable(rec["lens_decodable"])
+    rec["accuracy"] = float(rec["lens_decodable"][-1])
     rec["answer_logprob"] = float(rec["lens_logprob"][-1])
     out_sum = torch.stack(probe.out_sum)  # [L, H, D]
     full = torch.stack(probe.full).numpy() if keep_full else None
     return rec, out_sum, full
+
+
+def first_decodable(decodable):
+    """The first depth from which the answer stays decodable through the output (NaN when the
+    output itself does not decode it)."""
+    d = np.asarray(decodable) > 0.5
+    if not d[-1]:
+        return float("nan")
+    wrong = np.nonzero(~d)[0]
+    return float(wrong[-1] + 1) if wrong.size else 0.0
 
 
 def blocks_from(gpt, x, layer):
@@ -547,11 +727,11 @@ def interval(values, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # one checkpoint, every statistic
 
-SCALAR_KEYS = ("answer_logprob", "accuracy")
+SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first")
 ARRAY_KEYS = ("entropy", "entropy_answer", "entropy_norm", "entropy_answer_norm", "previous_token", "sink",
               "struct_mass", "lex_mass", "struct_share",
               "lex_share", "option_lookup", "option_share", "lens_logprob", "lens_top1", "lens_log10_rank",
-              "lens_choice", "ablate_zero", "ablate_mean")
+              "lens_choice", "lens_decodable", "ablate_zero", "ablate_mean")
 
 
 def derived(recs, key):
@@ -604,69 +784,87 @@ def top_heads(drops, k):
     return [(int(i // m.shape[1]), int(i % m.shape[1])) for i in order]
 
 
-def build_items(tokenizer, examples, limit, max_len, vocab_size, judge, rationale):
-    """(items, {task: examples skipped as too long}): of each split's list the first `limit`
-    examples whose context fits in max_len tokens (and the model's vocabulary)."""
+def build_items(tokenizer, examples, chosen, completions, judge, context, max_len, vocab_size):
+    """(items, {task: number skipped}): an Item per chosen example, read after its context
+    (context_text of the model's completion); one whose context does not fit in max_len tokens
+    (or the model's vocabulary) is skipped."""
     items, skipped = [], {}
-    for name, (task, by_split) in examples.items():
-        for split, rows in by_split.items():
-            kept = 0
-            for ex in rows:
-                if limit is not None and kept >= limit:
-                    break
-                it = prepare_item(tokenizer, task, ex, split, judge, rationale)
-                if len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
-                    skipped[name] = skipped.get(name, 0) + 1
-                    continue
-                items.append(it)
-                kept += 1
+    for name, pairs in chosen.items():
+        task = examples[name][0]
+        for split, ex in pairs:
+            completion = completions[(name, ex["id"])]
+            it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
+            if len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
+                skipped[name] = skipped.get(name, 0) + 1
+                continue
+            it.own_correct = bool(task.evaluate(ex, completion))
+            items.append(it)
     if not items:
         raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")
     return items, skipped
 
 
-def analyse_items(gpt, items, families, figure_examples, progress):
-    """Pass 1, one forward per item: (per-example records, every head's mean output over all
-    analysed positions [L, H, head_dim], full patterns of the figure items). The figure items
-    are the first held-out items of each family (its first task first)."""
-    c = gpt.config
-    figure_ids = set()
+def figure_item_keys(items, families, n):
+    """The items drawn as example figures: each family's first n held-out items (any if none)."""
+    keys = set()
     for fam in families:
         held = [it for it in items if it.family == fam and it.group == "heldout"] or \
             [it for it in items if it.family == fam]
-        figure_ids |= {it.id for it in held[:figure_examples]}
+        keys |= {it.key for it in held[:n]}
+    return keys
+
+
+def item_records(gpt, items, figure_keys=(), progress=True):
+    """Pass 1, one forward per item: (records, every head's output summed over all positions
+    [L, H, head_dim], the number of positions, {key: full patterns} of the figure items)."""
+    c = gpt.config
     recs, out_sum, n_pos, figures = [], torch.zeros(c.n_layer, c.n_head, c.n_embd // c.n_head), 0, {}
     for it in tqdm(items, desc="analyse", disable=not progress, leave=False):
-        rec, s, full = analyse_item(gpt, it, keep_full=it.id in figure_ids)
+        rec, s, full = analyse_item(gpt, it, keep_full=it.key in figure_keys)
         out_sum += s
         n_pos += len(it.ids)
-        rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id)
+        rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
+                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct))
         recs.append(rec)
         if full is not None:
-            figures[it.id] = {"task": it.task, "family": it.family, "split": it.split, "tokens": it.tokens,
-                              "struct": it.struct.tolist(), "full": full}
-    return recs, out_sum / n_pos, figures
+            figures[it.key] = {"id": it.id, "task": it.task, "family": it.family, "split": it.split,
+                               "tokens": it.tokens, "struct": it.struct.tolist(), "full": full}
+    return recs, out_sum, n_pos, figures
 
 
-def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress):
-    """Pass 2, single-head ablations (both modes, into each record), then the top-k heads of
-    each family (chosen on its train items, or all its items if none), the other family's and
-    random k-head sets ablated together. Returns (k, {mode: {family: heads}}, random sets)."""
+def ablate_single(gpt, items, recs, means, progress=True):
+    """Pass 2: every head ablated alone, zero and mean mode, into each record ([L, H] drops)."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
     for it, rec in tqdm(list(zip(items, recs)), desc="ablate heads", disable=not progress, leave=False):
         d = ablation_logprob_drops(gpt, it.ids, it.target, single, means).view(2, L, H).numpy()
         rec["ablate_zero"], rec["ablate_mean"] = d[0], d[1]
-    k = max(1, min(top_k, L * H - 1))
-    topk, rng = {}, np.random.default_rng(seed)
-    random_sets = [[(int(i // H), int(i % H)) for i in rng.choice(L * H, k, replace=False)]
-                   for _ in range(n_random_sets)]
+
+
+def choose_heads(recs, families, k):
+    """{mode: {family: its k heads with the largest mean single-head drop}}, chosen on the
+    family's selection subset only (all its items when that is empty), so the score subset
+    judges them out of sample."""
+    topk = {}
     for mode in ABLATION_MODES:
         topk[mode] = {}
         for fam in families:
             fr = [r for r in recs if r["family"] == fam]
-            chosen = [r for r in fr if r["group"] == "train"] or fr
+            chosen = [r for r in fr if r["subset"] == "select"] or fr
             topk[mode][fam] = top_heads(np.mean([r[f"ablate_{mode}"] for r in chosen], 0), k)
+    return topk
+
+
+def random_head_sets(n_layer, n_head, k, n_sets, seed):
+    rng = np.random.default_rng(seed)
+    return [[(int(i // n_head), int(i % n_head)) for i in rng.choice(n_layer * n_head, k, replace=False)]
+            for _ in range(n_sets)]
+
+
+def ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress=True):
+    """Pass 3: each family's top-k heads, and random k-head sets, ablated together; per record
+    topk_<mode> = {"own", <other family>, "random" (mean over the random sets)}."""
+    L, H = gpt.config.n_layer, gpt.config.n_head
     sets = {mode: [topk[mode][f] for f in families] + random_sets for mode in ABLATION_MODES}
     rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
     for it, rec in tqdm(list(zip(items, recs)), desc="ablate top-k", disable=not progress, leave=False):
@@ -674,32 +872,49 @@ def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, 
         for m, mode in enumerate(ABLATION_MODES):
             dm = drop[m * len(sets[mode]):(m + 1) * len(sets[mode])]
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
-            d["random"] = float(dm[len(families):].mean()) if n_random_sets else float("nan")
+            d["random"] = float(dm[len(families):].mean()) if random_sets else float("nan")
             rec[f"topk_{mode}"] = d
-    return k, topk, random_sets
+
+
+def in_group(rec, grp):
+    return grp in ("all", rec["group"], rec["outcome"])
 
 
 def group_summaries(recs, families, task_names, n_boot, seed):
-    """{"n_items", "families": {family or all: {group or all: summary}}, "tasks": {task: {group: scalars}}}."""
+    """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}}}
+    for the groups train, heldout, heldout_right, heldout_wrong and all."""
     out = {"n_items": {}, "families": {}, "tasks": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {}
-        for grp in SPLIT_GROUPS + ("all",):
-            sel = [r for r in recs if fam in (r["family"], "all") and grp in (r["group"], "all")]
+        for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
+            sel = [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)]
             if sel:
                 out["families"][fam][grp] = summarize(sel, n_boot, seed)
     for name in task_names:
         out["tasks"][name] = {}
-        for grp in SPLIT_GROUPS:
-            sel = [r for r in recs if r["task"] == name and r["group"] == grp]
+        for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
+            sel = [r for r in recs if r["task"] == name and in_group(r, grp)]
             out["n_items"][f"{name}/{grp}"] = len(sel)
             if sel:
                 s = {"n": len(sel)}
-                for key in ("answer_logprob", "accuracy", "entropy:all", "sink:all", "option_lookup:all"):
+                for key in ("own_correct", "answer_logprob", "accuracy", "entropy:all", "sink:all",
+                            "option_lookup:all"):
                     arr = derived(sel, key)
                     if arr is not None:
                         s[key] = interval(arr, n_boot, seed)
                 out["tasks"][name][grp] = s
+    return out
+
+
+def head_maps(recs, families, mode=HEADLINE_MODE):
+    """{family: {"mean": [L, H] mean single-head drop, "n"}} over the family's held-out score
+    items: the out-of-sample map the report's first figure shows."""
+    out = {}
+    for fam in families:
+        sel = [r[f"ablate_{mode}"] for r in recs if r["family"] == fam and r["group"] == "heldout"
+               and r["subset"] == "score"]
+        if sel:
+            out[fam] = {"mean": np.mean(sel, 0).round(6).tolist(), "n": len(sel), "mode": mode}
     return out
 
 
@@ -722,7 +937,8 @@ def head_roles(out, k, topk, random_sets, families):
     return {"roles": {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()},
             "topk": {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
                      "random_sets": [[list(h) for h in s] for s in random_sets],
-                     "chosen_on": "each family's train items (all its items when it has none)"},
+                     "chosen_on": "each family's selection subset (train items and a hash half of the "
+                                  "held-out items)"},
             "overlap": overlap}
 
 
@@ -730,182 +946,206 @@ def example_figures(figures, topk):
     """Example attention figures: the answer row of every head and the full pattern of the
     family's most important head (largest mean zero-ablation drop)."""
     out = []
-    for eid, f in figures.items():
+    for f in figures.values():
         lh = topk["zero"][f["family"]][0]
         full = f.pop("full")
         f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=list(lh),
                  pattern=np.round(full[lh[0], lh[1]].astype(np.float32), 4).tolist())
-        out.append({"id": eid, **f})
+        out.append(f)
     return out
 
 
-def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_sets=3, n_induction=16,
-                   induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1, rationale="gold", judge=None,
-                   progress=True):
-    """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
-    list the first `limit` examples whose context fits in max_len tokens are analysed.
+def context_samples(tokenizer, items, n=2):
+    """The first n probed contexts of each task, as the model read them after the prompt (the
+    report shows them, so a reader can check that no answer is in them)."""
+    out, seen = [], {}
+    for it in items:
+        if seen.get(it.task, 0) < n and it.group == "heldout":
+            seen[it.task] = seen.get(it.task, 0) + 1
+            k = it.ids.index(tokenizer.token_id("<|assistant_start|>")) + 1
+            out.append({"task": it.task, "id": it.id, "own_correct": it.own_correct,
+                        "text": tokenizer.decode(it.ids[k:])})
+    return out
 
-    Returns a JSON-able dict: per family and split group the bootstrap summaries, per task the
-    scalars, head roles, top-k heads and their overlap, and data for example attention figures.
-    """
+
+def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=3,
+                   n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1,
+                   judge=None, progress=True):
+    """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
+    list the first `limit` examples whose prompt and gold fit in max_len tokens are analysed,
+    each read after its context (`context`: "own" or "gold", see context_text).
+
+    Returns a JSON-able dict: per family and item group the bootstrap summaries, per task the
+    scalars, head roles, top-k heads, their overlap and out-of-sample head maps, example
+    contexts and data for example attention figures; "_recs" keeps the per-item records."""
     gpt = unwrap(model).eval()
     c = gpt.config
-    items, skipped = build_items(tokenizer, examples, limit, max_len or c.sequence_len, c.vocab_size,
-                                 judge or word_judge()[0], rationale)
+    max_len = max_len or c.sequence_len
+    chosen, skipped = fitting_examples(tokenizer, examples, limit, max_len)
+    completions = own_completions(gpt, tokenizer, examples, chosen, max_len)
+    items, too_long = build_items(tokenizer, examples, chosen, completions, judge or word_judge()[0], context,
+                                  max_len, c.vocab_size)
+    for name, n in too_long.items():
+        skipped[name] = skipped.get(name, 0) + n
     families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
-    recs, means, figures = analyse_items(gpt, items, families, figure_examples, progress)
-    k, topk, random_sets = ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress)
+    recs, out_sum, n_pos, figures = item_records(gpt, items, figure_item_keys(items, families, figure_examples),
+                                                 progress)
+    means = out_sum / n_pos
+    ablate_single(gpt, items, recs, means, progress)
+    k = max(1, min(top_k, c.n_layer * c.n_head - 1))
+    topk = choose_heads(recs, families, k)
+    random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
+    ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress)
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
-                     "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}}
+                     "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)
     out.update(n_items=groups["n_items"], skipped_too_long=skipped, families=groups["families"], tasks=groups["tasks"])
-    # induction on random sequences
     vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
     ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
     out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),
                         "previous_token_random": interval(ind["previous_token_random"], n_boot, seed)}
     out.update(head_roles(out, k, topk, random_sets, families))
+    out["head_maps"] = head_maps(recs, families)
     out["examples"] = example_figures(figures, topk)
-    out["per_example"] = [{"id": r["id"], "task": r["task"], "split": r["split"],
-                           "answer_logprob": round(r["answer_logprob"], 5), "accuracy": r["accuracy"]}
-                          for r in recs]
-    out["_recs"] = recs  # raw per-example arrays for paired comparisons (dropped before writing)
+    out["contexts"] = context_samples(tokenizer, items)
+    out["per_example"] = [{"key": r["key"], "split": r["split"], "subset": r["subset"],
+                           "own_correct": r["own_correct"], "answer_logprob": round(r["answer_logprob"], 5),
+                           "accuracy": r["accuracy"], "lens_first": r["lens_first"]} for r in recs]
+    out["_recs"] = recs  # raw per-example arrays for the headline tests and paired deltas (dropped before writing)
     return out
 
 
 # -----------------------------------------------------------------------------
-# comparisons: families, checkpoints, and paired deltas
+# headline tests: a few comparisons declared in advance, corrected together
 
-COMPARE = (("answer_logprob", "answer log-prob"), ("accuracy", "accuracy"),
-           ("entropy:all", "mean attention entropy (nats)"), ("entropy_answer:all", "entropy at the answer (nats)"),
-           ("entropy_norm:all", "normalised attention entropy"),
-           ("entropy_answer_norm:all", "normalised entropy at the answer"),
-           ("sink:all", "sink score"), ("previous_token:all", "previous-token score"),
-           ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
-           ("ablate_zero:all", "mean single-head zero-ablation drop"),
-           ("topk_zero:own", "top-k zero-ablation drop"), ("topk_mean:own", "top-k mean-ablation drop"))
-
-
-def separated(a, b):
-    """True when two {"mean","lo","hi"} scalar intervals do not overlap."""
-    return a is not None and b is not None and (a["lo"] > b["hi"] or b["lo"] > a["hi"])
-
-
-def fmt(s):
-    return f"{s['mean']:.3g} [{s['lo']:.3g}, {s['hi']:.3g}]"
+HEADLINES = {
+    "topk_vs_random": "which heads carry the answer: the drop in the answer's log-prob when the family's top-k "
+                      "heads (chosen on its selection subset) are mean-ablated together, minus the drop for "
+                      "random k heads; paired per held-out score item",
+    "topk_vs_other": "whether the families use different heads: the same drop for the family's own top-k heads "
+                     "minus the other family's top-k heads; paired per held-out score item",
+    "lens_first": "where the answer is decided: the first depth from which the logit lens decodes the answer, "
+                  "first family minus second, over held-out items it decodes at the output",
+    "entropy_answer": "how focused the answer slot's attention is, per layer: normalised entropy H / log T "
+                      "(mean over heads), first family minus second, held-out items",
+    "delta": "for each NEW:OLD checkpoint pair, the paired change per held-out item (by task and id) of "
+             "topk_vs_random, lens_first and entropy_answer, per family",
+}
 
 
-def scalar_items(fam_summary):
-    """(key, label, {"mean","lo","hi"}) of every scalar statistic a summary can be compared on."""
-    for key, label in COMPARE:
-        s = fam_summary.get(key)
-        if s is not None and not isinstance(s["mean"], list):
-            yield key, label, s
-    s = fam_summary.get("struct_mass:all")
-    if s is not None:
-        for i, region in enumerate(STRUCT_REGIONS):
-            yield f"struct_mass:{region}", f"attention mass on {region}", \
-                {"mean": s["mean"][i], "lo": s["lo"][i], "hi": s["hi"][i]}
+def topk_drop(rec, heads):
+    return rec.get(f"topk_{HEADLINE_MODE}", {}).get(heads, float("nan"))
 
 
-def relative_size(s, o):
-    return abs(s["mean"] - o["mean"]) / (abs(o["mean"]) + abs(s["mean"]) + 1e-9)
+def slot_entropy(rec):
+    """[L] normalised entropy at the answer slot, mean over heads."""
+    return np.asarray(rec["entropy_answer_norm"], dtype=np.float64).mean(1)
 
 
-def scalar_differences(ck, grp, a, b, sa, sb):
-    """Scalar statistics whose intervals separate family a from family b."""
-    out, right = [], {k: s for k, _, s in scalar_items(sb)}
-    for key, label, s in scalar_items(sa):
-        if separated(s, right.get(key)):
-            o = right[key]
-            claim = f"{label} is {'higher' if s['mean'] > o['mean'] else 'lower'} for {a} than for {b}"
-            values = f"{a} {fmt(s)} vs {b} {fmt(o)}"
-            out.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "label": label,
-                        "a": a, "b": b, "a_value": s, "b_value": o, "claim": claim, "values": values,
-                        "size": relative_size(s, o), "text": f"{ck}, {grp}: {claim} ({values})."})
-    return out
+def heldout(recs, fam, score_only=False):
+    return [r for r in recs if r["family"] == fam and r["group"] == "heldout"
+            and (r["subset"] == "score" or not score_only)]
 
 
-def layer_differences(ck, grp, a, sa, sb):
-    """Layers whose (normalised) attention entropy separates family a from the other."""
-    out = []
-    for key, what, size in (("entropy_norm:layer", "normalised attention entropy", 0.6),
-                            ("entropy:layer", "attention entropy (nats; grows with length)", 0.3)):
-        la, lb = sa.get(key), sb.get(key)
-        if not la or not lb:
-            continue
-        hi = [i for i in range(len(la["mean"])) if la["lo"][i] > lb["hi"][i]]
-        lo = [i for i in range(len(la["mean"])) if lb["lo"][i] > la["hi"][i]]
-        if hi or lo:
-            parts = ([f"higher for {a} in layers {hi}"] if hi else []) + \
-                ([f"lower for {a} in layers {lo}"] if lo else [])
-            claim = f"{what} is " + " and ".join(parts)
-            out.append({"kind": "family", "checkpoint": ck, "group": grp, "stat": key, "layers_higher": hi,
-                        "layers_lower": lo, "size": size, "claim": claim, "values": "",
-                        "text": f"{ck}, {grp}: {claim}."})
-    return out
-
-
-def head_differences(ck, grp, a, b, sa, sb):
-    """How many heads' zero-ablation drops separate the two families."""
-    za, zb = sa.get("ablate_zero"), sb.get("ablate_zero")
-    if not za or not zb:
-        return []
-    a_lo, a_hi, b_lo, b_hi = (np.array(z[x]) for z in (za, zb) for x in ("lo", "hi"))
-    n_sep = int(((a_lo > b_hi) | (b_lo > a_hi)).sum())
-    if not n_sep:
-        return []
-    claim = (f"{n_sep} of {a_lo.size} heads matter differently to {a} and {b} when zeroed "
-             f"(non-overlapping drop intervals)")
-    return [{"kind": "family", "checkpoint": ck, "group": grp, "stat": "ablate_zero:heads", "n_heads": n_sep,
-             "size": 0.4, "claim": claim, "values": "", "text": f"{ck}, {grp}: {claim}."}]
-
-
-def checkpoint_differences(results, families):
-    """Scalar statistics that moved between consecutive checkpoints, per family and split group."""
-    out, names = [], list(results)
-    for prev, cur in zip(names, names[1:]):
-        for fam in families:
-            for grp in SPLIT_GROUPS:
-                sp = results[prev]["families"].get(fam, {}).get(grp)
-                sc = results[cur]["families"].get(fam, {}).get(grp)
-                if not sp or not sc:
-                    continue
-                right = {k: s for k, _, s in scalar_items(sp)}
-                for key, label, s in scalar_items(sc):
-                    o = right.get(key)
-                    if separated(s, o):
-                        out.append({"kind": "checkpoint", "a": cur, "b": prev, "family": fam, "group": grp,
-                                    "stat": key, "label": label, "a_value": s, "b_value": o,
-                                    "size": relative_size(s, o),
-                                    "text": f"{fam}, {grp}: {label} went {'up' if s['mean'] > o['mean'] else 'down'}"
-                                            f" from {prev} ({fmt(o)}) to {cur} ({fmt(s)})."})
-    return out
-
-
-def differences(results, families):
-    """Structured list of non-overlapping intervals: between families within a checkpoint and
-    split group (scalars, layers, heads), then between consecutive checkpoints within a family
-    and split group."""
-    diffs = []
+def checkpoint_specs(ck, recs, families):
+    """The headline tests within one checkpoint: (description, x, y, paired) per test."""
+    specs = []
+    for fam in families:
+        score = heldout(recs, fam, score_only=True)
+        for other in ["random"] + [f for f in families if f != fam][:1]:
+            kind = "topk_vs_random" if other == "random" else "topk_vs_other"
+            specs.append(({"kind": kind, "checkpoint": ck, "family": fam, "a": fam, "b": other},
+                          [topk_drop(r, "own") for r in score], [topk_drop(r, other) for r in score], True))
     if len(families) >= 2:
         a, b = families[:2]
-        for ck in results:
-            fams = results[ck]["families"]
-            for grp in SPLIT_GROUPS:
-                sa, sb = fams.get(a, {}).get(grp), fams.get(b, {}).get(grp)
-                if sa and sb:
-                    diffs += (scalar_differences(ck, grp, a, b, sa, sb) + layer_differences(ck, grp, a, sa, sb)
-                              + head_differences(ck, grp, a, b, sa, sb))
-    return diffs + checkpoint_differences(results, families)
+        ha, hb = heldout(recs, a), heldout(recs, b)
+        specs.append(({"kind": "lens_first", "checkpoint": ck, "a": a, "b": b},
+                      [r["lens_first"] for r in ha], [r["lens_first"] for r in hb], False))
+        for layer in range(len(slot_entropy(ha[0])) if ha else 0):
+            specs.append(({"kind": "entropy_answer", "checkpoint": ck, "layer": layer, "a": a, "b": b},
+                          [slot_entropy(r)[layer] for r in ha], [slot_entropy(r)[layer] for r in hb], False))
+    return specs
 
+
+def delta_specs(new, old, recs_new, recs_old, families):
+    """The headline tests of one checkpoint pair, paired by item: new minus old per family."""
+    ro = {r["key"]: r for r in recs_old}
+    specs = []
+    for fam in families:
+        pairs = [(r, ro[r["key"]]) for r in heldout(recs_new, fam) if r["key"] in ro]
+        score = [(n, o) for n, o in pairs if n["subset"] == "score"]
+        head = {"checkpoint": f"{new} vs {old}", "family": fam, "a": new, "b": old}
+        specs.append(({"kind": "delta_topk_vs_random", **head},
+                      [topk_drop(n, "own") - topk_drop(n, "random") for n, _ in score],
+                      [topk_drop(o, "own") - topk_drop(o, "random") for _, o in score], True))
+        specs.append(({"kind": "delta_lens_first", **head},
+                      [n["lens_first"] for n, _ in pairs], [o["lens_first"] for _, o in pairs], True))
+        same_depth = bool(pairs) and len(slot_entropy(pairs[0][0])) == len(slot_entropy(pairs[0][1]))
+        for layer in range(len(slot_entropy(pairs[0][0])) if same_depth else 0):
+            specs.append(({"kind": "delta_entropy_answer", "layer": layer, **head},
+                          [slot_entropy(n)[layer] for n, _ in pairs], [slot_entropy(o)[layer] for _, o in pairs],
+                          True))
+    return specs
+
+
+def testable(x, y, paired):
+    """MIN_N values on each side (MIN_N complete pairs when paired): fewer could not reach a
+    corrected significance level, and would only dilute the correction of the others."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if paired:
+        return x.size > 0 and int((~np.isnan(x - y)).sum()) >= MIN_N
+    return int((~np.isnan(x)).sum()) >= MIN_N and int((~np.isnan(y)).sum()) >= MIN_N
+
+
+def side_means(x, y, paired):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if paired:
+        ok = ~np.isnan(x - y)
+        x, y = x[ok], y[ok]
+    return float(np.nanmean(x)), float(np.nanmean(y))
+
+
+def headline_tests(specs, n_boot=10000, n_perm=9999, seed=0, alpha=ALPHA):
+    """Run the declared tests and correct them together: {"tests": [...], "m", "alpha",
+    "correction", "interval_level"}. Each test gets the difference of means with a bootstrap
+    interval at the Bonferroni level 1 - alpha/m (simultaneous coverage for all m), a
+    two-sided permutation p and its Holm-Bonferroni adjusted p_holm. significant: p_holm < alpha
+    and the interval excludes 0 (both must agree; with few items a bootstrap interval can be
+    narrower than the exact test allows). Tests with fewer than MIN_N items a side are left out
+    of m (and listed as untestable)."""
+    ok = [s for s in specs if testable(*s[1:])]
+    m = len(ok)
+    tests = []
+    for desc, x, y, paired in ok:
+        tid = "/".join(f"{k}={v}" for k, v in desc.items())
+        r = mean_difference(x, y, paired, n_boot, n_perm, seed + stable_hash(tid) % 2 ** 31, alpha / m)
+        mean_a, mean_b = side_means(x, y, paired)
+        tests.append({"id": tid, **desc, **r, "paired": paired, "mean_a": mean_a, "mean_b": mean_b})
+    for t, p in zip(tests, holm([t["p"] for t in tests]) if tests else []):
+        t["p_holm"] = float(p)
+        t["significant"] = bool(p < alpha and (t["lo"] > 0 or t["hi"] < 0))
+    return {"tests": tests, "m": m, "alpha": alpha, "correction": "Holm-Bonferroni", "n_perm": n_perm,
+            "interval_level": 1 - alpha / m if m else None,
+            "untestable": ["/".join(f"{k}={v}" for k, v in s[0].items()) for s in specs if not testable(*s[1:])]}
+
+
+def headlines(results, deltas, families, n_boot=10000, n_perm=9999, seed=0):
+    """Every headline test of a report (each checkpoint, each NEW:OLD pair), corrected together."""
+    specs = [s for ck, res in results.items() for s in checkpoint_specs(ck, res["_recs"], families)]
+    for new, old in deltas:
+        specs += delta_specs(new, old, results[new]["_recs"], results[old]["_recs"], families)
+    return headline_tests(specs, n_boot, n_perm, seed)
+
+
+# -----------------------------------------------------------------------------
+# exploratory: how one checkpoint moved relative to another, per statistic, paired by item
 
 def paired_delta(results, new, old, n_boot=1000, seed=0):
     """How `new` moved each statistic relative to `old`, paired by example id: per family and
     split group, the bootstrap mean of (new - old) per example. Array statistics are compared
     only when their shapes agree (same architecture)."""
-    rn = {r["id"]: r for r in results[new]["_recs"]}
-    ro = {r["id"]: r for r in results[old]["_recs"]}
+    rn = {r["key"]: r for r in results[new]["_recs"]}
+    ro = {r["key"]: r for r in results[old]["_recs"]}
     ids = [i for i in rn if i in ro]
     keys = ["answer_logprob", "accuracy", "entropy:layer", "entropy_answer:layer", "entropy_norm:layer",
             "lens_logprob", "lens_top1",

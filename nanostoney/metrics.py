@@ -119,6 +119,65 @@ def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
 
 
 # -----------------------------------------------------------------------------
+# tests of a difference of means, and the correction for testing many of them
+
+def mean_difference(a, b=None, paired=False, n_boot=10000, n_perm=9999, seed=0, alpha=0.05):
+    """A difference of means with its percentile-bootstrap (1 - alpha) interval and a two-sided
+    permutation p-value: {"diff", "lo", "hi", "p", "n"}.
+
+    b None: is mean(a) zero? (one sample, tested by sign flips). paired: mean(a - b) over pairs
+    (a[i] and b[i] are one item measured twice), resampling pairs and flipping signs of a - b.
+    Otherwise two independent samples: mean(a) - mean(b), each resampled on its own, the labels
+    shuffled for the test. NaN values are left out (pairs with a NaN side as a whole).
+    p = (1 + #{|T*| >= |T|}) / (1 + n_perm): never 0, exact under exchangeability; the smallest
+    reachable p is 1 / (1 + n_perm), so n_perm must be large when many tests are corrected.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if b is not None and paired:
+        b = np.asarray(b, dtype=np.float64)
+        a, b = a - b, None
+    a = a[~np.isnan(a)]
+    rng = np.random.default_rng(seed)
+    if b is None:
+        if a.size == 0:
+            return None
+        boots = a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+        t = abs(a.mean())
+        flips = rng.choice(np.array([-1.0, 1.0]), (n_perm, a.size))
+        t_null = np.abs(flips @ a) / a.size
+        diff, n = float(a.mean()), int(a.size)
+    else:
+        b = np.asarray(b, dtype=np.float64)
+        b = b[~np.isnan(b)]
+        if a.size == 0 or b.size == 0:
+            return None
+        boots = (a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+                 - b[rng.integers(0, b.size, (n_boot, b.size))].mean(1))
+        both = np.concatenate([a, b])
+        t = abs(a.mean() - b.mean())
+        perm = rng.permuted(np.broadcast_to(both, (n_perm, both.size)), axis=1)
+        t_null = np.abs(perm[:, :a.size].mean(1) - perm[:, a.size:].mean(1))
+        diff, n = float(a.mean() - b.mean()), [int(a.size), int(b.size)]
+    p = (1 + int((t_null >= t - 1e-12 * max(1.0, t)).sum())) / (1 + n_perm)  # ties count against us
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return {"diff": diff, "lo": float(min(lo, diff)), "hi": float(max(hi, diff)), "p": float(p), "n": n}
+
+
+def holm(pvalues):
+    """Holm-Bonferroni adjusted p-values (same order as given): the k-th smallest p times
+    (m - k + 1), made non-decreasing in that order and capped at 1. Rejecting every hypothesis
+    whose adjusted p is below alpha keeps the chance of any false rejection among all m at
+    most alpha, whatever their dependence."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adj = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # chrF and chrF++
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from nanostoney.files import write_json
-from nanostoney.interp import ABLATION_MODES, LEXICAL_REGIONS, SPLIT_GROUPS, STRUCT_REGIONS
+from nanostoney.interp import ABLATION_MODES, HEADLINE_MODE, HEADLINES, LEXICAL_REGIONS, MIN_N, OUTCOME_GROUPS, \
+    SPLIT_GROUPS, STRUCT_REGIONS
 
 FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "all": "#555555"}
 GROUP_STYLES = {"train": "-", "heldout": "--", "all": ":"}
@@ -135,6 +136,59 @@ def fig_logit_lens(metrics, path):
 
 
 # -----------------------------------------------------------------------------
+# the first screen's figures
+
+def fig_head_maps(metrics, path):
+    """The last checkpoint's heads x layers map per family: drop in the answer's log-prob when one
+    head is mean-ablated, on held-out score items; boxed: the family's top-k heads (chosen on the
+    selection items, so the map judges them out of sample)."""
+    plt = _plt()
+    ck = list(metrics["checkpoints"])[-1]
+    res = metrics["checkpoints"][ck]
+    maps = res.get("head_maps", {})
+    fams = [f for f in families_of(metrics) if f in maps]
+    if not fams:
+        return False
+    vmax = max(1e-6, max(np.nanmax(np.abs(arr(maps[f]))) for f in fams))
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.2 * len(fams) + 0.4, 2.9), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        m = arr(maps[fam])
+        marks = np.zeros(m.shape, dtype=bool)
+        for l, h in res["topk"]["heads"][HEADLINE_MODE].get(fam, []):
+            marks[l, h] = True
+        _heat(ax, m, f"{fam} (n={maps[fam]['n']})", "RdBu_r", -vmax, vmax, marks=marks)
+    _save(fig, path, f"{ck}: answer log-prob drop when one head is mean-ablated\n(held-out score items; "
+                     f"boxed = top-{res['topk']['k']} heads chosen on selection items)")
+    return True
+
+
+def fig_lens_curves(metrics, path):
+    """Per family: the share of held-out items whose answer the logit lens decodes at each depth,
+    a line per checkpoint (bands: uncorrected 95%)."""
+    plt = _plt()
+    fams = families_of(metrics)
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.2 * len(fams) + 0.4, 2.9), squeeze=False, sharey=True)
+    for ax, fam in zip(axes[0], fams):
+        for i, ck in enumerate(metrics["checkpoints"]):
+            s = metrics["checkpoints"][ck]["families"].get(fam, {}).get("heldout", {}).get("lens_decodable")
+            if not s:
+                continue
+            m, x = arr(s), np.arange(len(arr(s)))
+            ax.plot(x, m, marker="o", ms=3, color=EXTRA_COLORS[i % len(EXTRA_COLORS)], label=f"{ck} (n={s['n']})")
+            ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=EXTRA_COLORS[i % len(EXTRA_COLORS)], alpha=0.1, lw=0)
+        ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(fam)
+        ax.set_xlabel("depth (0 = embeddings, last = output)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=6.5, frameon=False)
+    axes[0][0].set_ylabel("answer decodable (share of items)")
+    _save(fig, path, "Logit lens at the answer slot: where the answer becomes decodable\n(held-out items; "
+                     "dotted = chance for five options)")
+    return True
+
+
+# -----------------------------------------------------------------------------
 # figures for one checkpoint
 
 def _heat(ax, m, title, cmap="viridis", vmin=None, vmax=None, annotate=True, marks=None):
@@ -175,11 +229,9 @@ def fig_ablation(metrics, ck, mode, path):
         for c, (fam, s) in enumerate(zip(fams, maps)):
             _heat(axes[r][c], arr(s), f"{fam}, {grp} (n={s['n']})", "RdBu_r", -vmax, vmax)
         if len(maps) == 2:
-            a, b = maps
-            sep = (arr(a, "lo") > arr(b, "hi")) | (arr(b, "lo") > arr(a, "hi"))
-            d = arr(a) - arr(b)
+            d = arr(maps[0]) - arr(maps[1])
             lim = max(1e-6, np.nanmax(np.abs(d)))
-            _heat(axes[r][2], d, f"{fams[0]} − {fams[1]} (boxed: intervals apart)", "PuOr_r", -lim, lim, marks=sep)
+            _heat(axes[r][2], d, f"{fams[0]} − {fams[1]}", "PuOr_r", -lim, lim)
     _save(fig, path, f"{ck}: drop in answer log-prob when one head is {mode}-ablated (red = the head helps)")
 
 
@@ -212,7 +264,7 @@ def fig_topk(metrics, ck, path):
         ax.set_title(f"{mode} ablation of k heads together")
         ax.set_ylabel("drop in answer log-prob")
     axes[0][-1].legend(fontsize=6.5, frameon=False)
-    _save(fig, path, f"{ck}: do the families rely on the same heads? (heads chosen on train items)")
+    _save(fig, path, f"{ck}: do the families rely on the same heads? (heads chosen on selection items)")
 
 
 def fig_regions(metrics, ck, path):
@@ -366,10 +418,124 @@ def fig_delta_maps(metrics, name, d, path):
     for ax, (title, s) in zip(axes[0], panels):
         m = arr(s)
         lim = max(1e-6, float(np.nanmax(np.abs(m))))
-        sep = (arr(s, "lo") > 0) | (arr(s, "hi") < 0)
-        _heat(ax, m, title, "PuOr_r", -lim, lim, marks=sep)
-    _save(fig, path, f"{name}: per-head change (boxed: interval excludes 0)")
+        _heat(ax, m, title, "PuOr_r", -lim, lim)
+    _save(fig, path, f"{name}: per-head change, mean over paired items (exploratory)")
     return True
+
+
+# -----------------------------------------------------------------------------
+# the headline: plain sentences from the corrected tests
+
+CONTEXT_NAMES = {"own": "each model's own greedy rationale with its answer sentence removed, then 'Answer:'",
+                 "gold": "the gold rationale with its answer sentence removed (teacher forced), then 'Answer:'"}
+
+
+def heads_text(heads):
+    return ", ".join(f"L{l}.H{h}" for l, h in heads)
+
+
+def p_text(t):
+    return f"p_Holm = {t['p_holm']:.2g}, " + ("significant" if t["significant"] else "not significant")
+
+
+def ci_text(t):
+    return f"{t['diff']:+.3g} [{t['lo']:+.3g}, {t['hi']:+.3g}]"
+
+
+def n_text(n):
+    return f"n = {n}" if not isinstance(n, list) else f"n = {n[0]} and {n[1]}"
+
+
+def where(t):
+    return t["checkpoint"] + (f", {t['family']}" if t.get("family") else "") + \
+        (f", layer {t['layer']}" if t.get("layer") is not None else "")
+
+
+BODIES = {  # a headline test in words; {ci}: its corrected interval, {stats}: n and the Holm p-value
+    "topk_vs_random": "ablating its top-{k} heads lowers the answer's log-prob by {mean_a:.2f} nats vs {mean_b:.2f} "
+                      "for random heads: {ci} ({stats})",
+    "topk_vs_other": "its own top-{k} heads lower it {ci} nats more than {b}'s top heads ({mean_a:.2f} vs "
+                     "{mean_b:.2f}; {stats})",
+    "lens_first": "the logit lens first decodes the answer at depth {mean_a:.1f} for {a} and {mean_b:.1f} for {b}: "
+                  "{ci} ({stats})",
+    "entropy_answer": "answer-slot attention entropy (share of its maximum) is {mean_a:.2f} for {a} and {mean_b:.2f} "
+                      "for {b}: {ci} ({stats})",
+    "delta_topk_vs_random": "the top heads' effect beyond random heads went from {mean_b:.2f} to {mean_a:.2f} nats: "
+                            "{ci} (paired, {stats})",
+    "delta_lens_first": "the first decodable depth went from {mean_b:.2f} to {mean_a:.2f}: {ci} (paired, {stats})",
+    "delta_entropy_answer": "answer-slot entropy went from {mean_b:.2f} to {mean_a:.2f}: {ci} (paired, {stats})",
+}
+
+
+def test_body(t, k):
+    return BODIES[t["kind"]].format(k=k, ci=ci_text(t), stats=f"{n_text(t['n'])}, {p_text(t)}", **t)
+
+
+def test_sentence(t, k):
+    return f"{where(t)}: {test_body(t, k)}."
+
+
+def test_phrase(t):
+    """A significant test in a few words, for the line that lists them per checkpoint."""
+    what = {"topk_vs_random": f"{t.get('family')} top heads beyond random heads",
+            "topk_vs_other": f"{t.get('family')} top heads beyond {t['b']}'s",
+            "lens_first": f"first decodable depth {t['a']} − {t['b']}",
+            "entropy_answer": f"layer {t.get('layer')} slot entropy {t['a']} − {t['b']}",
+            "delta_topk_vs_random": f"{t.get('family')} top heads' effect beyond random",
+            "delta_lens_first": f"{t.get('family')} first decodable depth",
+            "delta_entropy_answer": f"{t.get('family')} layer {t.get('layer')} slot entropy"}[t["kind"]]
+    return f"{what} {ci_text(t)}"
+
+
+def undecided_sentence(res, last, families):
+    """Why there is no lens_first test: how many held-out items the lens decodes at the output."""
+    n = {f: round(res["families"][f]["heldout"]["accuracy"]["mean"] * res["families"][f]["heldout"]["n"])
+         for f in families if res["families"].get(f, {}).get("heldout", {}).get("accuracy")}
+    return (f"{last}: the output decodes the answer on too few held-out items to compare where it becomes "
+            f"decodable ({', '.join(f'{f} {v}' for f, v in n.items())}; {MIN_N} a side needed).")
+
+
+def summary(metrics):
+    """The report's answer in plain sentences: how it was measured; for the last checkpoint which
+    heads carry the answer in each family, where it becomes decodable and how the families differ;
+    then every other headline test that survives the correction."""
+    h, cfg = metrics["headline"], metrics["config"]
+    last = list(metrics["checkpoints"])[-1]
+    res = metrics["checkpoints"][last]
+    k, tests = res["topk"]["k"], h["tests"]
+    if h["m"]:
+        lines = [f"{h['m']} declared headline tests on held-out items, Holm-Bonferroni corrected together "
+                 f"(family-wise error {h['alpha']}); intervals are simultaneous {100 * h['interval_level']:.2f}% "
+                 f"(Bonferroni) bootstrap intervals. Context: {CONTEXT_NAMES[cfg['context']]}."]
+    else:
+        lines = [f"No headline test has {MIN_N} held-out items a side at this size, so this report claims nothing; "
+                 f"raise --max-examples. Context: {CONTEXT_NAMES[cfg['context']]}."]
+    acc = [f"{fam} {cell_text(res['families'][fam]['heldout'].get('own_correct'))}"
+           for fam in families_of(metrics) if res["families"].get(fam, {}).get("heldout")]
+    lines.append(f"{last}: held-out accuracy of its own greedy answers (uncorrected 95%): {'; '.join(acc)}.")
+    mine = [t for t in tests if t["checkpoint"] == last]
+    for fam in families_of(metrics):
+        ts = [t for t in mine if t.get("family") == fam and t["kind"] in ("topk_vs_random", "topk_vs_other")]
+        heads = heads_text(res["topk"]["heads"][HEADLINE_MODE].get(fam, []))
+        tested = "; ".join(test_body(t, k) for t in ts) or "too few held-out score items to test them"
+        lines.append(f"{last}, {fam}: top-{k} heads {heads} (chosen on selection items); {tested}.")
+    lens = [test_sentence(t, k) for t in mine if t["kind"] == "lens_first"]
+    lines += lens or ([undecided_sentence(res, last, families_of(metrics))] if len(families_of(metrics)) > 1 else [])
+    entropy = [t for t in mine if t["kind"] == "entropy_answer"]
+    lines += [test_sentence(t, k) for t in entropy if t["significant"]]
+    if entropy and not any(t["significant"] for t in entropy):
+        lines.append(f"{last}: answer-slot attention entropy differs between the families in no layer after "
+                     f"correction.")
+    rest = [t for t in tests if t["checkpoint"] != last]
+    for ck in dict.fromkeys(t["checkpoint"] for t in rest if t["significant"]):
+        lines.append(f"{ck}, significant: " + "; ".join(test_phrase(t) for t in rest
+                                                        if t["checkpoint"] == ck and t["significant"]) + ".")
+    if rest:
+        n_sig = sum(t["significant"] for t in rest)
+        lines.append(f"{n_sig} of the {len(rest)} headline tests of other checkpoints and checkpoint pairs survive "
+                     f"the correction{' (above)' if n_sig else ''}; every test is in the headline table. "
+                     f"Everything below the table is exploratory.")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -398,11 +564,19 @@ def cell(s):
     return f"{s['mean']:.3g} <span class=meta>[{s['lo']:.3g}, {s['hi']:.3g}]</span>"
 
 
-TABLE_COLS = [("accuracy", "accuracy"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
+def cell_text(s):
+    if not s or s.get("mean") is None or isinstance(s["mean"], list):
+        return "—"
+    return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})"
+
+
+TABLE_COLS = [("own_correct", "own greedy accuracy"), ("accuracy", "slot accuracy"),
+              ("lens_first", "first decodable depth"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
               ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
               ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
-              ("topk_zero:own", "top-k zero drop (own)"), ("topk_zero:random", "random-k zero drop")]
+              ("topk_mean:own", "top-k mean-ablation drop (own)"),
+              ("topk_mean:random", "random-k mean-ablation drop")]
 
 
 def table(metrics, ck):
@@ -410,7 +584,7 @@ def table(metrics, ck):
     head = "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLS)
     rows = []
     for fam in families_of(metrics) + ["all"]:
-        for grp in SPLIT_GROUPS:
+        for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
             s = res["families"].get(fam, {}).get(grp)
             if s:
                 rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
@@ -439,34 +613,56 @@ def fig_html(figs, cls="grid"):
         for f, cap in figs) + "</div>"
 
 
+def headline_table(metrics):
+    h = metrics["headline"]
+    k = list(metrics["checkpoints"].values())[-1]["topk"]["k"]
+    rows = "".join(
+        f"<tr><td class=l>{esc(t['kind'])}</td><td class=l>{esc(where(t))}</td><td>{esc(t['n'])}</td>"
+        f"<td>{t['mean_a']:.3g}</td><td>{t['mean_b']:.3g}</td><td>{t['diff']:+.3g} <span class=meta>"
+        f"[{t['lo']:+.3g}, {t['hi']:+.3g}]</span></td><td>{t['p']:.2g}</td><td>{t['p_holm']:.2g}</td>"
+        f"<td class=l>{'<b>yes</b>' if t['significant'] else 'no'}</td></tr>" for t in h["tests"])
+    untestable = ", ".join(h["untestable"]) or "none"
+    return (f"<details><summary>headline table: all {h['m']} tests (a − b; interval at the "
+            f"{100 * (h['interval_level'] or 0):.2f}% Bonferroni level; p two-sided permutation, {h['n_perm']} "
+            f"permutations; p_Holm across all {h['m']})</summary>"
+            f"<table><tr><th>test</th><th>where</th><th>n</th><th>mean a</th><th>mean b</th><th>a − b</th>"
+            f"<th>p</th><th>p_Holm</th><th>significant</th></tr>{rows}</table>"
+            f"<p class=meta>k = {k}. Definitions: " + "; ".join(f"<b>{esc(n)}</b>: {esc(d)}" for n, d in
+                                                                 HEADLINES.items()) +
+            f". Not testable (fewer than two items a side): {esc(untestable)}.</p></details>")
+
+
+def contexts_html(metrics):
+    """The first probed contexts of each task at the last checkpoint, as the model read them."""
+    ck = list(metrics["checkpoints"])[-1]
+    rows = "".join(f"<tr><td class=l>{esc(c['task'])} {esc(c['id'])}</td><td class=l>"
+                   f"{'right' if c['own_correct'] else 'wrong'}</td><td class=l><code>{esc(c['text'])}</code></td></tr>"
+                   for c in metrics["checkpoints"][ck].get("contexts", []))
+    return (f"<details><summary>{esc(ck)}: what the model read after the prompt (first held-out items of each "
+            f"task)</summary><table><tr><th>item</th><th>own answer</th><th>context after the prompt, up to the "
+            f"answer slot</th></tr>{rows}</table></details>")
+
+
 def render_html(metrics, figs):
     cfg = metrics["config"]
-    summ = metrics["summary"]
-    top = "".join(f"<li>{esc(s)}</li>" for s in summ["top"]) or "<li>No difference between families or " \
-        "checkpoints is outside its 95% interval at this sample size.</li>"
-    rest = "".join(f"<li>{esc(d['text'])}</li>" for d in metrics["differences"])
     ck_desc = ", ".join(f"{n} = {c['path']}" for n, c in cfg["checkpoints"].items())
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>nanostoney reasoning report</title>"
              f"<style>{CSS}</style></head><body>",
-             "<h1>How the models reason: Stoney Nakoda vs math</h1>",
+             "<h1>Which heads and layers carry the answer: Stoney Nakoda vs math</h1>",
              f"<div class=meta>{esc(ck_desc)} · tasks {esc(', '.join(cfg['tasks']))} · up to {cfg['max_examples']} "
-             f"examples per task and split (held-out = val + test) · answer context: {esc(cfg['rationale'])} "
-             f"rationale · {esc(metrics['created'])}</div>",
-             f"<div class=summary><b>Summary</b> ({esc(summ['note'])})<ul>{top}</ul>"
-             f"<div class=meta>Reading notes: the answer is scored after the {esc(cfg['rationale'])} rationale "
-             f"(teacher forcing), so attention to the rationale is often copying; the families differ in prompt "
-             f"length and format (stoney_lexicon is open-answer and short), and entropy in nats grows with "
-             f"length — compare the normalised entropy; 'differ' means non-overlapping 95% intervals.</div>"
-             f"<details><summary>all {len(metrics['differences'])} differences outside their intervals</summary>"
-             f"<ul>{rest}</ul></details></div>",
+             f"examples per task and split (held-out = val + test) · context: {esc(cfg['context'])} · "
+             f"{esc(metrics['created'])}</div>",
+             "<div class=summary><ul>" + "".join(f"<li>{esc(s)}</li>" for s in metrics["summary"]) + "</ul></div>",
+             fig_html(figs.get("headline", [])), headline_table(metrics), contexts_html(metrics),
+             "<h2>Exploratory (uncorrected 95% intervals; not claims)</h2>",
              # with three or more checkpoints the overview figures are wide: one per row
              fig_html(figs["overview"], "wide" if len(metrics["checkpoints"]) >= 3 else "grid")]
     for ck in metrics["checkpoints"]:
-        parts.append(f"<h2>{esc(ck)}</h2>" + table(metrics, ck) + fig_html(figs.get(ck, [])))
+        parts.append(f"<h2>{esc(ck)} (exploratory)</h2>" + table(metrics, ck) + fig_html(figs.get(ck, [])))
         if figs.get(f"{ck}/examples"):
             parts.append(f"<h3>{esc(ck)}: example prompts</h3>" + fig_html(figs[f"{ck}/examples"], "wide"))
     for name in metrics.get("deltas", {}):
-        parts.append(f"<h2>{esc(name)}</h2>" + fig_html(figs.get(name, [])))
+        parts.append(f"<h2>{esc(name)} (exploratory)</h2>" + fig_html(figs.get(name, [])))
     parts.append("<h2>Definitions</h2><ul>" + "".join(
         f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in metrics["definitions"].items()) + "</ul>")
     parts.append(f"<h2>Configuration</h2><pre>{esc(json.dumps(cfg, indent=1))}</pre>"
@@ -481,13 +677,18 @@ def render(metrics, out_dir):
     """Figures and index.html into out_dir (which exists); returns {section: [(file, caption)]}."""
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    figs = {"overview": []}
+    figs = {"headline": [], "overview": []}
 
     def add(section, name, caption, draw):
         path = os.path.join(fig_dir, name)
         if draw(path) is not False:
             figs.setdefault(section, []).append((name, caption))
 
+    add("headline", "head_maps.png", "Which heads carry the answer: per-head ablation map of the last checkpoint "
+        "on held-out score items, per family (boxed: the top heads, chosen on the other items)",
+        lambda p: fig_head_maps(metrics, p))
+    add("headline", "lens_curves.png", "Where the answer becomes decodable: logit lens at the answer slot per "
+        "family, a line per checkpoint", lambda p: fig_lens_curves(metrics, p))
     add("overview", "entropy_by_layer.png", "Attention entropy by layer: over all query positions, at the answer "
         "position, and normalised by its maximum (prompt-length free); solid = train split, dashed = held-out",
         lambda p: fig_entropy(metrics, p))
@@ -576,5 +777,6 @@ def log_to(logger, metrics, figs, out_dir):
                         scalars[f"report/{ck}/{fam}/{grp}/{k}"] = v["mean"]
                 rows.append([ck, fam, grp, s["n"]] + vals)
     logger.log_table("report/summary", cols, rows)
-    logger.log_table("report/differences", ["text"], [[d["text"]] for d in metrics["differences"]])
+    hcols = ["id", "diff", "lo", "hi", "p", "p_holm", "significant"]
+    logger.log_table("report/headline", hcols, [[t[c] for c in hcols] for t in metrics["headline"]["tests"]])
     logger.summary(scalars)

@@ -8,10 +8,14 @@
 Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
 nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
 "stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples examples of each task
-from each split (a seeded sample, the same for every checkpoint). Writes <out>/index.html (opens
-offline), <out>/figures/*.png and <out>/metrics.json (every number and the configuration); the
-directory appears complete or not at all. With --wandb the figures and tables go to W&B too.
-The definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
+from each split (a seeded hash order, the same for every checkpoint). Each item is read after the
+model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
+teacher forced, with its answer sentence removed). The report's summary is a few declared
+headline tests (interp.HEADLINES) with Holm-corrected p-values and Bonferroni-level intervals;
+every other table and figure is exploratory. Writes <out>/index.html (opens offline),
+<out>/figures/*.png and <out>/metrics.json (every number and the configuration); the directory
+appears complete or not at all. With --wandb the figures and tables go to W&B too. The
+definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
 """
 import argparse
 import os
@@ -43,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-len", type=int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
-    p.add_argument("--rationale", default="gold", choices=("gold", "empty"),
-                   help="context before the answer: the gold rationale, or an empty <think></think>")
+    p.add_argument("--context", default="own", choices=interp.CONTEXTS,
+                   help="rationale before the answer slot, its answer sentence removed: the model's own greedy "
+                        "one (own) or the gold one (gold, teacher forced)")
     p.add_argument("--top-k", type=int, default=5, help="heads ablated together per family")
     p.add_argument("--random-sets", type=int, default=3, help="random k-head sets (control)")
     p.add_argument("--induction-seqs", type=int, default=16)
@@ -107,32 +112,12 @@ def base_tokenizer(meta):
     return None
 
 
-def summary_lines(diffs, limit=6):
-    """The most telling differences first: between families on held-out items, then between
-    checkpoints, then the rest; larger relative gaps first. A family difference found in
-    several checkpoints is one line that names them all."""
-    merged, order = {}, []
-    for d in diffs:
-        key = (d["kind"], d["group"], d["claim"]) if d["kind"] == "family" else id(d)
-        if key not in merged:
-            merged[key] = []
-            order.append(key)
-        merged[key].append(d)
-    lines = []
-    for key in order:
-        ds = merged[key]
-        if ds[0]["kind"] == "family":
-            if len(ds) == 1:
-                where = ds[0]["checkpoint"] + (f" {ds[0]['values']}" if ds[0]["values"] else "")
-            else:  # means only; the intervals are in the full list
-                where = "; ".join(d["checkpoint"] + (f" {d['a_value']['mean']:.3g} vs {d['b_value']['mean']:.3g}"
-                                                     if "a_value" in d else "") for d in ds)
-            text = f"{ds[0]['group']}: {ds[0]['claim']} — {where}."
-        else:
-            text = ds[0]["text"]
-        lines.append((ds[0]["group"] != "heldout", ds[0]["kind"] != "family", -len(ds),
-                      -max(d.get("size", 0) for d in ds), text))
-    return [t[-1] for t in sorted(lines)[:limit]]
+def check_ranges(args):
+    """Counting flags out of range: one sentence naming the flag."""
+    for flag, low in (("max_examples", 1), ("top_k", 1), ("random_sets", 0), ("induction_seqs", 1),
+                      ("induction_len", 2), ("figure_examples", 0), ("n_boot", 1)):
+        if getattr(args, flag) < low:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; use {low} or more.")
 
 
 def main(argv=None):
@@ -140,8 +125,7 @@ def main(argv=None):
     t0 = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_examples < 1:
-        raise UserError("--max-examples must be at least 1.")
+    check_ranges(args)
     ckpts = parse_checkpoints(args.checkpoints)
     deltas = parse_deltas(args.delta, list(ckpts))
     tasks = [get_task(name, source=args.source) for name in args.tasks]
@@ -162,7 +146,7 @@ def main(argv=None):
         results[name] = interp.run_checkpoint(
             model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
             n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed, n_boot=args.n_boot,
-            max_len=args.max_len, figure_examples=args.figure_examples, rationale=args.rationale, judge=judge,
+            max_len=args.max_len, figure_examples=args.figure_examples, context=args.context, judge=judge,
             progress=not args.no_progress)
         ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
                         "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
@@ -170,7 +154,7 @@ def main(argv=None):
         del model
     delta_out = {f"{new} vs {old}": interp.paired_delta(results, new, old, args.n_boot, args.seed)
                  for new, old in deltas}
-    diffs = interp.differences(results, families)
+    headline = interp.headlines(results, deltas, families, seed=args.seed)
     for r in results.values():
         r.pop("_recs")
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
@@ -181,10 +165,8 @@ def main(argv=None):
                   git_commit=git_commit(), torch_version=torch.__version__,
                   command="python -m scripts.compare_reasoning " + " ".join(sys.argv[1:] if argv is None else argv))
     metrics = {"config": config, "definitions": interp.DEFINITIONS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "summary": {"top": summary_lines(diffs),
-                           "note": "differences whose 95% bootstrap intervals over examples do not overlap; "
-                                   "held-out = val + test"},
-               "differences": diffs, "checkpoints": results, "deltas": delta_out}
+               "headline": headline, "checkpoints": results, "deltas": delta_out}
+    metrics["summary"] = report.summary(metrics)
     logger = None
     if args.wandb != "disabled":
         logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
@@ -195,7 +177,7 @@ def main(argv=None):
         if logger is not None:
             logger.finish()
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
-    for line in metrics["summary"]["top"]:
+    for line in metrics["summary"]:
         print(" -", line)
     return out
 

@@ -9,7 +9,7 @@ import torch
 from nanostoney import interp, probes
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.metrics import bootstrap_ci
-from nanostoney.tasks.base import mc_example
+from nanostoney.tasks.base import MCTask, mc_example
 from nanostoney.tasks.stoney import STONEY_LETTERS
 from nanostoney.tokenizer import Tokenizer
 
@@ -185,12 +185,16 @@ def test_bootstrap_matches_metrics_and_skips_nan():
 # -----------------------------------------------------------------------------
 # items: answer position and labels
 
-class FakeTask:
+class FakeTask(MCTask):
     def __init__(self, name, family):
+        super().__init__()
         self.name, self.family = name, family
 
-    def prompt(self, example):
-        return [dict(m) for m in example["messages"][:-1]]
+    def _build(self):
+        return {}
+
+    def sources(self):
+        return []
 
 
 STONEY = mc_example("s1", "src1", "Which Stoney Nakoda term means 'cloud'?",
@@ -206,6 +210,10 @@ def tok():
     return Tokenizer.train(texts, 390)
 
 
+def gold(ex):
+    return ex["messages"][-1]["content"]
+
+
 def judge(word):
     return "s" if STONEY_LETTERS & set(word) or word in {"gamubi", "snasnan"} else "e"
 
@@ -215,7 +223,7 @@ def joined(item, mask):
 
 
 def test_answer_position_and_regions(tok):
-    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge)
+    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge, gold(STONEY))
     assert item.group == "train" and item.ids[0] == tok.bos_id
     assert tok.decode(item.ids).endswith("Answer:") or tok.decode(item.ids).endswith("Answer: ")
     assert tok.decode(item.ids + [item.target]).endswith("Answer: E")
@@ -238,7 +246,7 @@ def test_answer_position_and_regions(tok):
 
 
 def test_math_labels(tok):
-    item = interp.prepare_item(tok, FakeTask("fake_math", "math"), MATH, "val", judge)
+    item = interp.prepare_item(tok, FakeTask("fake_math", "math"), MATH, "val", judge, gold(MATH))
     assert item.group == "heldout"
     L = interp.LEXICAL_REGIONS
     digits = joined(item, item.lexical == L.index("digit"))
@@ -249,9 +257,21 @@ def test_math_labels(tok):
     assert tok.decode(item.ids + [item.target]).endswith("Answer: A")
 
 
-def test_empty_rationale(tok):
-    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge, rationale="empty")
-    assert tok.decode(item.ids + [item.target]).endswith("<|assistant_start|><think></think>\nAnswer: E")
+def test_context_cuts_the_answer_sentence(tok):
+    """The gold rationale of both examples is one answer sentence: nothing of it is left."""
+    for ex, letter in ((STONEY, "E"), (MATH, "A")):
+        for context in interp.CONTEXTS:
+            text = interp.context_text(ex, gold(ex), context)
+            assert text == f"<think></think>\nAnswer: {letter}"
+            item = interp.prepare_item(tok, FakeTask("fake", "stoney"), ex, "val", judge, text)
+            read = tok.decode(item.ids + [item.target])
+            assert read.endswith(f"<|assistant_start|><think></think>\nAnswer: {letter}")
+    # steps before the sentence that states the answer stay; the model's own answer is cut as well
+    own = "<think>48/2 = 24.\nThen 24 + 48 = 72, so (A).</think>\nAnswer: A"
+    assert interp.context_text(MATH, own) == "<think>48/2 = 24.</think>\nAnswer: A"
+    wrong = "<think>48/2 = 24.\nHalf again is 12.\nSo 48+24+12 = 144.\nThe answer is 144.</think>\nAnswer: D"
+    assert interp.context_text(MATH, wrong) == "<think>48/2 = 24.\nHalf again is 12.</think>\nAnswer: A"
+    assert interp.context_text(MATH, wrong, "gold") == "<think></think>\nAnswer: A"
 
 
 def test_run_checkpoint_on_a_tiny_model(tok):
@@ -275,3 +295,87 @@ def test_run_checkpoint_on_a_tiny_model(tok):
     assert np.abs(np.array(s["ablate_zero"]["mean"])).max() == 0.0
     delta = interp.paired_delta({"a": out, "b": out}, "a", "b", n_boot=50)
     assert delta["n_paired"] == 2 and delta["families"]["stoney"]["all"]["answer_logprob"]["mean"] == 0.0
+    # the model's own greedy answers split the held-out items (a random model gets them wrong)
+    assert out["context"] == "own" and s["own_correct"]["mean"] == 0.0
+    assert out["families"]["stoney"]["heldout_wrong"]["n"] == 1 and "heldout_right" not in out["families"]["stoney"]
+    assert {r["subset"] for r in out["_recs"] if r["split"] == "train"} == {"select"}
+    gold = interp.run_checkpoint(model, tok, examples, context="gold", top_k=2, n_induction=2, n_boot=50,
+                                 judge=judge, progress=False)
+    assert gold["context"] == "gold"
+    assert [c["text"] for c in gold["contexts"]] == ["<think></think>\nAnswer:"] * 2  # one answer sentence: all cut
+
+
+# -----------------------------------------------------------------------------
+# subsets and headline tests
+
+def test_selection_and_score_subsets_are_disjoint():
+    items = [interp.Item(task=t, family="math", split=s, id=f"x{i}", ids=[0], target=0, struct=np.zeros(1),
+                         lexical=np.zeros(1)) for t in ("a", "b") for s in ("train", "val", "test") for i in range(200)]
+    select = {it.key + it.split for it in items if it.subset == "select"}
+    score = {it.key + it.split for it in items if it.subset == "score"}
+    assert select.isdisjoint(score) and len(select) + len(score) == len(items)
+    assert all(it.subset == "select" for it in items if it.split == "train")  # held-out items are the score ones
+    held = [it for it in items if it.group == "heldout"]
+    assert 0.4 < sum(it.subset == "score" for it in held) / len(held) < 0.6   # a hash half, not a prefix
+    assert {it.subset for it in held if it.id == "x7"} == {held[7].subset}  # by task and id: the same every time
+
+
+def fake_recs(rng, families=("stoney", "math"), n=40, shift=None, L=3, H=2):
+    """Records as run_checkpoint makes them: every statistic drawn from one distribution, except
+    `shift` = {family: extra drop of its own top heads}."""
+    recs = []
+    for fam in families:
+        other = [f for f in families if f != fam][0]
+        for i in range(n):
+            drops = rng.normal(size=4)
+            recs.append({"family": fam, "group": "heldout" if i % 4 else "train", "key": f"{fam}/{i}",
+                         "subset": "score" if i % 2 else "select",
+                         "topk_mean": {"own": drops[0] + (shift or {}).get(fam, 0.0), "random": drops[1],
+                                       other: drops[2]},
+                         "ablate_mean": rng.normal(size=(L, H)),
+                         "lens_first": float(rng.integers(0, L + 1)) if i % 3 else float("nan"),
+                         "entropy_answer_norm": rng.random((L, H))})
+    return recs
+
+
+def test_heads_are_chosen_on_the_selection_subset_only():
+    recs = fake_recs(np.random.default_rng(0))
+    for r in recs:
+        r["ablate_zero"] = r["ablate_mean"]
+        r["ablate_mean"] = np.zeros((3, 2))
+        r["ablate_mean"][(0, 0) if r["subset"] == "select" else (2, 1)] = 5.0
+    heads = interp.choose_heads(recs, ["stoney", "math"], 1)
+    assert heads["mean"] == {"stoney": [(0, 0)], "math": [(0, 0)]}
+    # and the headline scores them on held-out score items only
+    specs = interp.checkpoint_specs("ck", recs, ["stoney", "math"])
+    n_score = sum(r["family"] == "stoney" and r["group"] == "heldout" and r["subset"] == "score" for r in recs)
+    topk = [s for s in specs if s[0]["kind"] == "topk_vs_random" and s[0]["family"] == "stoney"][0]
+    assert len(topk[1]) == n_score and 0 < n_score < len(recs) / 2
+
+
+def run_headlines(seed, shift_old=None, shift_new=None):
+    rng = np.random.default_rng(seed)
+    results = {"sft": {"_recs": fake_recs(rng, shift=shift_old)}, "grpo": {"_recs": fake_recs(rng, shift=shift_new)}}
+    return interp.headlines(results, [("grpo", "sft")], ["stoney", "math"], n_boot=2000, n_perm=4999, seed=seed)
+
+
+def test_headline_on_a_planted_null_reports_nothing():
+    """Families and checkpoints drawn from one distribution: over ten runs of the whole headline
+    (about 20 tests each), at most one run reports anything (the family-wise error is 5%)."""
+    runs = [run_headlines(seed) for seed in range(10)]
+    assert all(h["m"] >= 15 and h["correction"] == "Holm-Bonferroni" for h in runs)
+    assert all(0 < t["p_holm"] <= 1 and t["p_holm"] >= t["p"] for h in runs for t in h["tests"])
+    assert sum(any(t["significant"] for t in h["tests"]) for h in runs) <= 1
+    raw = sum(any(t["p"] < 0.05 for t in h["tests"]) for h in runs)
+    assert raw >= 3  # uncorrected, the same runs 'find' something much more often
+
+
+def test_headline_reports_a_planted_effect():
+    """stoney's own top heads matter more (at grpo only): those tests are reported, and only those."""
+    h = run_headlines(0, shift_new={"stoney": 3.0})
+    found = {(t["kind"], t["checkpoint"], t.get("family")) for t in h["tests"] if t["significant"]}
+    assert found == {("topk_vs_random", "grpo", "stoney"), ("topk_vs_other", "grpo", "stoney"),
+                     ("delta_topk_vs_random", "grpo vs sft", "stoney")}
+    t = next(t for t in h["tests"] if t["kind"] == "topk_vs_random" and t["checkpoint"] == "grpo"
+             and t["family"] == "stoney")
+    assert t["lo"] > 0.5 and h["interval_level"] == pytest.approx(1 - 0.05 / h["m"])

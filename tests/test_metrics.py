@@ -197,3 +197,58 @@ def test_comet_skips_with_reason_when_unavailable(tmp_path):
         assert reason.startswith("COMET skipped:") and reason.endswith(".") and reason.count(". ") == 0
     else:  # a machine with unbabel-comet and that checkpoint: then it must be a number
         assert isinstance(score, float)
+
+
+# -----------------------------------------------------------------------------
+# tests of differences, and the correction for many of them
+
+def test_holm_hand_case():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.5
+    assert metrics.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert metrics.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_mean_difference_paired_and_two_sample():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=30)
+    same = metrics.mean_difference(a, a.copy(), paired=True, n_perm=999)
+    assert same["diff"] == 0 and same["p"] == 1.0 and same["lo"] == same["hi"] == 0
+    shifted = metrics.mean_difference(a + 2.0, a, paired=True, n_perm=999)
+    assert shifted["diff"] == pytest.approx(2.0) and shifted["p"] == pytest.approx(1 / 1000)
+    b = rng.normal(size=25) + 1.5
+    r = metrics.mean_difference(a, b, n_perm=999, alpha=0.01)
+    assert r["n"] == [30, 25] and r["lo"] < r["diff"] < r["hi"] < 0 and r["p"] < 0.01
+    # NaN values are left out; pairs with a NaN side as a whole
+    r = metrics.mean_difference([1.0, np.nan, 3.0, 5.0], [0.0, 0.0, np.nan, 1.0], paired=True, n_perm=99)
+    assert r["n"] == 2 and r["diff"] == pytest.approx(2.5)
+    assert metrics.mean_difference([np.nan], None) is None
+
+
+def planted(rng, n_tests, effect=0.0, n=20):
+    """p-values of n_tests comparisons of identical distributions, the first shifted by `effect`."""
+    ps = []
+    for j in range(n_tests):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        shift = effect if j == 0 else 0.0
+        r = metrics.mean_difference(x + shift, y, paired=bool(j % 2), n_boot=100, n_perm=1999,
+                                    seed=int(rng.integers(1 << 30)))
+        ps.append(r["p"])
+    return np.array(ps)
+
+
+def test_correction_on_a_planted_null_reports_nothing():
+    """40 tests on identical distributions, 30 times: uncorrected, most runs 'find' something;
+    Holm-corrected, at most a few do (the family-wise error is 5%)."""
+    rng = np.random.default_rng(1)
+    raw = holm_hits = 0
+    for _ in range(30):
+        p = planted(rng, 40)
+        raw += bool((p < 0.05).any())
+        holm_hits += bool((metrics.holm(p) < 0.05).any())
+    assert raw >= 20 and holm_hits <= 3
+
+
+def test_correction_keeps_a_planted_effect():
+    p = planted(np.random.default_rng(2), 40, effect=1.5, n=40)
+    adjusted = metrics.holm(p)
+    assert adjusted[0] < 0.05 and (adjusted[1:] >= 0.05).all()

@@ -59,7 +59,9 @@ def test_report_end_to_end(checkpoints, tmp_path):
     assert sorted(os.listdir(out)) == ["figures", "index.html", "metrics.json"]
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert set(m) >= {"config", "definitions", "summary", "differences", "checkpoints", "deltas", "created"}
+    assert set(m) >= {"config", "definitions", "summary", "headline", "checkpoints", "deltas", "created"}
+    assert m["config"]["context"] == "own" and "differences" not in m
+    assert m["summary"][0].startswith("No headline test has 10 held-out items")  # one item per split claims nothing
     assert list(m["checkpoints"]) == ["sft", "grpo"] and list(m["deltas"]) == ["grpo vs sft"]
     assert m["config"]["families"] == ["stoney", "math"] and m["config"]["tasks"] == TASKS
     assert m["config"]["checkpoints"]["grpo"]["source"] == "nanochat"
@@ -76,6 +78,7 @@ def test_report_end_to_end(checkpoints, tmp_path):
     imgs = re.findall(r"<img src='([^']+)'", page)
     assert len(imgs) >= 12 and all(os.path.isfile(os.path.join(out, p)) for p in imgs)
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert imgs[:2] == ["figures/head_maps.png", "figures/lens_curves.png"]  # the first screen's figures
     for name in ("entropy_by_layer.png", "logit_lens.png", "0_ablation_zero.png", "0_regions.png", "0_roles.png",
                  "0_example_0.png", "delta_0.png"):
         assert f"figures/{name}" in imgs
@@ -110,4 +113,7 @@ def test_missing_checkpoint_and_unknown_task_exit_2(tmp_path, capsys, checkpoint
     assert code == 2 and "no 'Answer:' line" in err
     code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", f"a={checkpoints / 'sft'}"], capsys)
     assert code == 2 and "given twice" in err
+    for flag in ("--top-k", "--max-examples", "--n-boot"):
+        code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", flag, "0"], capsys)
+        assert code == 2 and err == f"error: {flag} 0 is out of range; use 1 or more."
     assert not os.path.exists(tmp_path / "r")

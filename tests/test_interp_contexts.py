@@ -1,0 +1,96 @@
+"""No answer text inside a probed context: the answer slot is read after a rationale cut before
+it states the answer, whichever rationale is used and however it names the answer. Checked on
+many held-out items of every task with an answer line, by a checker independent of interp."""
+import re
+import unicodedata
+
+import pytest
+
+from nanostoney import interp
+from nanostoney.answers import LETTERS, answer_after
+from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tokenizer import Tokenizer
+
+N_ITEMS = 60
+TASKS = [n for n in TASK_NAMES if answer_after(get_task(n).examples("val")[0]["messages"][-1]["content"])]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [m["content"] for name in TASKS for ex in get_task(name).examples("train")[:100] for m in ex["messages"]]
+    return Tokenizer.train(texts, 900)
+
+
+def gold_text(ex):
+    return ex["messages"][-1]["content"]
+
+
+def answer_strings(ex):
+    """What would give the answer away: the gold option's text (MC) or the gold answer."""
+    return [ex["choices"][LETTERS.index(ex["answer"])]] if ex.get("choices") else [answer_after(gold_text(ex))]
+
+
+def numeric(text):
+    """The value of a plain-number answer ("$1,080", "64 minutes"), else None."""
+    m = re.fullmatch(r"\s*(?:Rs\.?\s*|\$)?(-?\d[\d,]*(?:\.\d+)?)\s*(?:%|[A-Za-z]+(?:/[A-Za-z]+)?)?\s*", text)
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def leaks(tok, ex, ids):
+    """What of the answer the context after the prompt still says (empty: nothing)."""
+    start = ids.index(tok.token_id("<|assistant_start|>")) + 1
+    text = unicodedata.normalize("NFC", tok.decode(ids[start:]))
+    found = []
+    if ex.get("choices"):
+        L = ex["answer"]
+        if re.search(rf"option\s*\(?{L}\b|\({L}\)|(?<![A-Za-z]){L}\)", text, flags=re.I):
+            found.append(f"letter {L}")
+    for s in answer_strings(ex):
+        s = unicodedata.normalize("NFC", s.strip())
+        if re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", text, flags=re.I):
+            found.append(s)
+        value = numeric(s)
+        if value is not None and any(abs(float(x.replace(",", "")) - value) < 1e-9
+                                     for x in re.findall(r"\d[\d,]*(?:\.\d+)?", text)):
+            found.append(f"value {s}")
+        seq = tok.encode(" " + s)
+        if len(s) >= 3 and any(ids[start + i:start + i + len(seq)] == seq for i in range(len(ids) - start)):
+            found.append(f"tokens of {s!r}")
+    return found
+
+
+def completions(ex):
+    """The ways a model's own rationale can state the answer: the gold text word for word, the
+    option text, a bare letter, an options line, a wrong answer argued for."""
+    g = gold_text(ex)
+    answer = answer_after(g)
+    out = [g, f"<think>First we look at it. It is {answer_strings(ex)[0]}! Done.</think>\nAnswer: {answer}"]
+    if ex.get("choices"):
+        L, text = ex["answer"], answer_strings(ex)[0]
+        other = LETTERS[(LETTERS.index(L) + 1) % 5]
+        out += [f"<think>Some reasoning here.\nSo the right one is ({L}).</think>\nAnswer: {L}",
+                f"<think>Checking the options.\n{L}) {text}\nThat settles it.</think>\nAnswer: {L}",
+                f"<think>It must be {ex['choices'][LETTERS.index(other)]}; option {other}.</think>\nAnswer: {other}"]
+    return out
+
+
+class Judge:
+    def __call__(self, word):
+        return "e"
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_no_answer_text_in_the_probed_context(tok, name):
+    task = get_task(name)
+    examples = interp.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
+    caught = 0
+    for ex in examples:
+        # the checker is not blind: the uncut gold context gives the answer away
+        caught += bool(leaks(tok, ex, interp.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
+        for completion in completions(ex):
+            for context in interp.CONTEXTS:
+                item = interp.prepare_item(tok, task, ex, "val", Judge(), interp.context_text(ex, completion, context))
+                assert not leaks(tok, ex, item.ids), (ex["id"], context, completion, tok.decode(item.ids))
+                assert tok.decode(item.ids).rstrip().endswith("Answer:")  # the slot: the answer comes next
+                assert answer_after(gold_text(ex)).startswith(tok.decode([item.target]).strip())
+    assert caught >= 0.9 * len(examples)
