@@ -13,7 +13,6 @@ offline), <out>/figures/*.png and <out>/metrics.json (every number and the confi
 directory appears complete or not at all. With --wandb the figures and tables go to W&B too.
 The definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
 """
-import argparse
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import interp, report
+from nanostoney import cli, interp, report
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import MODES, Logger
@@ -32,35 +31,38 @@ DEFAULT_TASKS = ("stoney_mc", "stoney_lexicon", "aqua_mc", "gsm8k_mc")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Interpretability report: Stoney Nakoda vs math reasoning.")
+    p = cli.ArgumentParser(description="Interpretability report: Stoney Nakoda vs math reasoning.")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH",
                    help="checkpoints to compare, in order (e.g. base=out/base sft=out/sft grpo=out/grpo)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    p.add_argument("--max-examples", type=int, default=16, help="examples per task and split")
-    p.add_argument("--out", default="out/report", help="report directory (replaced atomically)")
+    p.add_argument("--max-examples", type=cli.positive_int, default=16, help="examples per task and split")
+    p.add_argument("--out", default="out/report",
+                   help="report directory (our files in it are replaced whole; nothing else is touched)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the report into an --out that holds files nanostoney did not write (they are kept)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for checkpoints that carry none (default: the base checkpoint's, if named)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--rationale", default="gold", choices=("gold", "empty"),
                    help="context before the answer: the gold rationale, or an empty <think></think>")
-    p.add_argument("--top-k", type=int, default=5, help="heads ablated together per family")
-    p.add_argument("--random-sets", type=int, default=3, help="random k-head sets (control)")
-    p.add_argument("--induction-seqs", type=int, default=16)
-    p.add_argument("--induction-len", type=int, default=32, help="length of the repeated random block")
-    p.add_argument("--figure-examples", type=int, default=1, help="example prompts drawn per family")
+    p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
+    p.add_argument("--random-sets", type=cli.positive_int, default=3, help="random k-head sets (control)")
+    p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
+    p.add_argument("--induction-len", type=cli.positive_int, default=32, help="length of the repeated random block")
+    p.add_argument("--figure-examples", type=cli.nonneg_int, default=1, help="example prompts drawn per family")
     p.add_argument("--delta", nargs="*", default=None, metavar="NEW:OLD",
                    help="paired comparisons to draw (default: grpo:sft when both names are given)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=cli.positive_int, default=1000)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--source", default="bundled", help="task data source (see nanostoney.tasks.get_task)")
     p.add_argument("--wandb", nargs="?", const="auto", default="disabled", choices=MODES,
                    help="log figures and tables to W&B (bare --wandb = auto)")
     p.add_argument("--wandb-project", default=None)
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--run-name", default=None)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's own; 1 is fastest on a shared, busy machine)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -140,8 +142,6 @@ def main(argv=None):
     t0 = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_examples < 1:
-        raise UserError("--max-examples must be at least 1.")
     ckpts = parse_checkpoints(args.checkpoints)
     deltas = parse_deltas(args.delta, list(ckpts))
     tasks = [get_task(name, source=args.source) for name in args.tasks]
@@ -152,6 +152,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     judge, judge_desc = interp.word_judge()
     extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES)
     results, ck_cfg = {}, {}
     for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress):
         model, tok, meta = load_model(path, device=device)
@@ -188,7 +189,7 @@ def main(argv=None):
     logger = None
     if args.wandb != "disabled":
         logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                        run_name=args.run_name, config=config, out_dir=args.out + ".wandb")
+                        run_name=args.run_name, config=config, out_dir=args.out)
     try:
         out = report.write_report(args.out, metrics, logger=logger)
     finally:
