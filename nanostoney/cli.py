@@ -383,7 +383,8 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a directory; pick a directory path.")
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
-    _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
+    if _rank() == 0:  # (the other ranks would see rank 0's own lock)
+        _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
     if entries and not overwrite:
         if not _is_ours(path, entries, own):
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")

@@ -9,8 +9,10 @@ Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (
 nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
 "stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples examples of each task
 from each split (a seeded sample, the same for every checkpoint). Writes <out>/index.html (opens
-offline), <out>/figures/*.png and <out>/metrics.json (every number and the configuration); the
-directory appears complete or not at all. With --wandb the figures and tables go to W&B too.
+offline), <out>/figures/*.png and <out>/metrics.json (every number and the configuration): built
+beside <out>, then each moved in whole, index.html last; nothing else in <out> is touched, and a
+directory holding files we did not write is refused unless --overwrite. With --wandb the figures
+and tables go to W&B too.
 The definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
 """
 import os

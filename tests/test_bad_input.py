@@ -229,6 +229,9 @@ CASES = [
     # output paths: never destroyed, checked before any work
     Case("out_is_a_file", [BASE, *tiny_base("{ws}", "{d}/file")], 2, "{d}/file", a_file),
     Case("out_under_a_file", [BASE, *tiny_base("{ws}", "{d}/file/run")], 2, "{d}/file/run", a_file),
+    Case("out_not_writable", [BASE, *tiny_base("{ws}", "/sys/nanostoney_out")], 2, "/sys/nanostoney_out"),
+    Case("eval_out_not_writable", ["scripts.eval", "--checkpoints", "{ws}/R", "--out", "/sys/nanostoney/r.json",
+                                   *EVAL_QUICK], 2, "/sys/nanostoney/r.json"),
     Case("out_holds_their_files", [BASE, *tiny_base("{ws}", "{d}/notes")], 2, "{d}/notes", notes_dir,
          ["notes.txt", "--overwrite"]),
     Case("out_holds_a_run", [BASE, *tiny_base("{ws}", "{ws}/R")], 2, "{ws}/R", None, ["--resume"]),
@@ -537,3 +540,27 @@ def test_killed_speedrun_stage_resumes_from_its_checkpoint(tmp_path):
     a = torch.load(out / "base" / "step_000012" / "model.pt", weights_only=True)
     b = torch.load(ref / "step_000012" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_tok_train_memory_does_not_grow_with_a_long_line(ws, tmp_path):
+    """A one-line 8 MB JSONL once cost tok_train ~1.5 GB more than a tiny file (it encoded the
+    whole line at once); streamed in pieces it costs about the line itself."""
+    import random
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyzîṯẖ") for _ in range(rng.randint(2, 9)))
+             for _ in range(5000)]
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": " ".join(rng.choice(words) for _ in range(1_400_000))},
+                                                    ensure_ascii=False) + "\n")
+    (tmp_path / "short.jsonl").write_text(json.dumps({"text": " ".join(words[:300])}) + "\n")
+    shutil.copy(ws / "MANIFEST.yml", tmp_path / "MANIFEST.yml")
+
+    def peak_mb(name):
+        proc = subprocess.Popen([PY, "-m", "scripts.tok_train", "--data", str(tmp_path / name), "--manifest",
+                                 str(tmp_path / "MANIFEST.yml"), "--vocab-size", "300", "--out", str(tmp_path / name[:-6])],
+                                env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-3000:]
+        return usage.ru_maxrss / 1024
+    assert (tmp_path / "long.jsonl").stat().st_size > 8e6
+    assert peak_mb("long.jsonl") - peak_mb("short.jsonl") < 400

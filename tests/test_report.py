@@ -118,6 +118,19 @@ def test_disk_full_while_writing_the_report_keeps_the_old_one(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["report"]
 
 
+@pytest.mark.slow
+def test_one_head_model_report_shows_undefined_statistics_as_na(checkpoints, tmp_path):
+    """One layer of one head: rank correlations over heads are undefined (NaN), and say so."""
+    tok = Tokenizer.load(str(checkpoints / "tok"))
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
+    model.init_weights()
+    save_checkpoint(str(tmp_path / "one"), model, 1, tokenizer=tok)
+    out = compare_reasoning.main(["--checkpoints", f"one={tmp_path / 'one'}", "--tasks", *TASKS, "--max-examples", "1",
+                                  "--n-boot", "20", "--induction-seqs", "2", "--out", str(tmp_path / "r"),
+                                  "--no-progress"])
+    assert "Spearman n/a" in open(os.path.join(out, "index.html"), encoding="utf-8").read()
+
+
 def test_clean_json_makes_strict_json():
     import numpy as np
     x = report.clean_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2)], "c": np.array([np.inf, 0.0])})
