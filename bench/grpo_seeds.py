@@ -28,8 +28,8 @@ def run_seeds(args, extra):
             if os.path.exists(os.path.join(out, "grpo_eval.json")):
                 continue
             os.makedirs(out, exist_ok=True)
-            cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,
-                   "--out", out, "--seed", str(seed)] + extra
+            cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,  # an unfinished seed again
+                   "--out", out, "--seed", str(seed), "--overwrite"] + extra
             log = open(os.path.join(out, "run.log"), "w")
             print(f"seed {seed}: {' '.join(cmd[1:])} (log in {out}/run.log)", flush=True)
             running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
