@@ -46,7 +46,7 @@ class _Writes:
     (torch turns it into 'unexpected pos', which names neither the file nor the reason)."""
 
     def __init__(self, f):
-        self.f, self.error = f, None
+        self.f, self.name, self.error = f, f.name, None
 
     def write(self, data):
         view = memoryview(data).cast("B")
