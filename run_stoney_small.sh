@@ -7,82 +7,139 @@
 #   bash run_stoney_small.sh                 # everything; finished stages are skipped on rerun
 #   bash run_stoney_small.sh --force         # rerun every stage
 #   bash run_stoney_small.sh --depth 12      # bigger model (or DEPTH=12 bash run_stoney_small.sh)
+#   bash run_stoney_small.sh --until sft     # stop after a stage
+#   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE SFT RM GRPO EVAL REPORT)
 #
-# W&B: online when WANDB_API_KEY is set, offline run files otherwise; WANDB_MODE=disabled turns it off.
+# A training stage that was stopped midway (Ctrl-C, a kill, a crash) continues from its last
+# checkpoint on the next run (--resume: base, sft, grpo) or trains again (--overwrite: rm);
+# $OUT is locked while the script runs, so a second run on it is refused.
+# W&B: online when WANDB_API_KEY is set (the server is checked once here; unreachable = offline
+# run files), offline run files otherwise; WANDB_MODE=disabled turns it off.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+STAGES="tokenizer base sft rm grpo eval report"
+usage="use --force, --depth N, --out DIR, --until STAGE"
+value() {  # value FLAG VALUE: an option that takes a value has one
+    if [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
+        echo "error: $1 needs a value ($usage)" >&2; exit 2
+    fi
+}
 FORCE=${FORCE:-0}
+UNTIL=report
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1 ;;
-        --depth) DEPTH="$2"; shift ;;
-        --out) OUT="$2"; shift ;;
-        *) echo "error: unknown option $1 (use --force, --depth N, --out DIR)" >&2; exit 2 ;;
+        --depth) value "$1" "${2:-}"; DEPTH="$2"; shift ;;
+        --out) value "$1" "${2:-}"; OUT="$2"; shift ;;
+        --until) value "$1" "${2:-}"; UNTIL="$2"; shift ;;
+        *) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     esac
     shift
 done
+if [ -n "${DEPTH:-}" ] && ! [[ "$DEPTH" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --depth must be a positive integer, got '$DEPTH'" >&2; exit 2
+fi
+if [[ " $STAGES " != *" $UNTIL "* ]]; then
+    echo "error: --until $UNTIL is not a stage; use one of: $STAGES" >&2; exit 2
+fi
 
 source scripts/setup_env.sh
 
 OUT=${OUT:-out}
+PY="uv run --frozen python"
+# the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
+$PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
+trap 'rm -f "$OUT/.lock"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$OUT/logs"
 WANDB=${WANDB_MODE:-auto}
+if [ "$WANDB" != disabled ] && [ "$WANDB" != offline ] && [ -n "${WANDB_API_KEY:-}" ] && \
+        ! $PY -c "import sys; from nanostoney.logging import wandb_reachable; sys.exit(not wandb_reachable())"; then
+    echo "note: W&B cannot be reached, so every stage records offline run files (wandb sync them later)."
+    WANDB=offline
+fi
 
-NGPU=$(uv run --frozen python -c "import torch; print(torch.cuda.device_count())")
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -gt 0 ]; then
     DEPTH=${DEPTH:-12}
     LAUNCH="uv run --frozen torchrun --standalone --nproc_per_node=$NGPU"
     SIZE="gpu"
 else
     DEPTH=${DEPTH:-4}
-    LAUNCH="uv run --frozen python"
+    LAUNCH="$PY"
     SIZE="cpu"
 fi
-PY="uv run --frozen python"
 echo "nanostoney: $NGPU GPU(s), depth $DEPTH, outputs in $OUT/"
+
+# again NAME DIR ARGS: what a training stage needs when DIR holds an earlier attempt: --resume
+# when it stopped midway after a checkpoint (base, sft, grpo), else --overwrite (train again).
+again() {
+    local name=$1 dir=$2 iters latest
+    if [ -z "$(ls "$dir" 2>/dev/null)" ]; then
+        return
+    fi
+    iters=$(grep -o -- '--num-iterations [0-9]*' <<< "$3" | tail -1 | cut -d' ' -f2)
+    latest=$(sed -n 's/^step_0*\([0-9]\)/\1/p' "$dir/latest" 2>/dev/null || true)
+    if [ "$FORCE" != 1 ] && [[ " base sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
+            [ "$latest" -lt "${iters:-0}" ]; then
+        echo "--resume"
+    else
+        echo "--overwrite"
+    fi
+}
 
 # stage NAME COMMAND...: run once, log to $OUT/logs/NAME.log, record its time; skip when done.
 stage() {
     local name=$1; shift
     if [ -f "$OUT/.done_$name" ] && [ "$FORCE" != 1 ]; then
         echo "== $name: already done (skipped; --force reruns it)"
-        return
+    else
+        local how=""
+        [[ " $* " == *" --resume "* ]] && how=" (resuming from its last checkpoint)"
+        echo "== $name$how"
+        local start=$SECONDS
+        "$@" 2>&1 | tee -a "$OUT/logs/$name.log"
+        local took=$((SECONDS - start))
+        printf '%s\t%s\n' "$name" "$took" >> "$OUT/stage_times.tsv"
+        echo "== $name done in ${took}s"
+        touch "$OUT/.done_$name"
     fi
-    echo "== $name"
-    local start=$SECONDS
-    "$@" 2>&1 | tee "$OUT/logs/$name.log"
-    local took=$((SECONDS - start))
-    printf '%s\t%s\n' "$name" "$took" >> "$OUT/stage_times.tsv"
-    echo "== $name done in ${took}s"
-    touch "$OUT/.done_$name"
+    if [ "$name" = "$UNTIL" ]; then
+        echo "nanostoney: stopped after $name (--until); logs in $OUT/logs/"
+        exit 0
+    fi
 }
 
 if [ "$SIZE" = cpu ]; then
     # CPU-sized: 16 minutes end to end on 2 idle cores (stage times in BENCHMARKS.md).
-    BASE_ARGS="--num-iterations 500 --eval-every 100"
-    SFT_ARGS="--num-iterations 300 --final-eval-examples 32 --eval-every 0"
-    RM_ARGS="--num-iterations 100"
-    GRPO_ARGS="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
-    EVAL_ARGS="--max-examples 50 --num-samples 2"
-    REPORT_ARGS="--max-examples 16"
+    BASE_ARGS=${BASE_ARGS-"--num-iterations 500 --eval-every 100"}
+    SFT_ARGS=${SFT_ARGS-"--num-iterations 300 --final-eval-examples 32 --eval-every 0"}
+    RM_ARGS=${RM_ARGS-"--num-iterations 100"}
+    GRPO_ARGS=${GRPO_ARGS-"--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"}
+    EVAL_ARGS=${EVAL_ARGS-"--max-examples 50 --num-samples 2"}
+    REPORT_ARGS=${REPORT_ARGS-"--max-examples 16"}
 else
-    BASE_ARGS="--sequence-len 1024 --total-batch-size 524288 --device-batch-size 32 --num-iterations 2000"
-    SFT_ARGS="--num-iterations 1000"
-    RM_ARGS="--num-iterations 300"
-    GRPO_ARGS="--num-iterations 200 --rewards accuracy=1,format=0.2,reward_model=0.2"
-    EVAL_ARGS="--max-examples 500 --num-samples 8"
-    REPORT_ARGS="--max-examples 100"
+    BASE_ARGS=${BASE_ARGS-"--sequence-len 1024 --total-batch-size 524288 --device-batch-size 32 --num-iterations 2000"}
+    SFT_ARGS=${SFT_ARGS-"--num-iterations 1000"}
+    RM_ARGS=${RM_ARGS-"--num-iterations 300"}
+    GRPO_ARGS=${GRPO_ARGS-"--num-iterations 200 --rewards accuracy=1,format=0.2,reward_model=0.2"}
+    EVAL_ARGS=${EVAL_ARGS-"--max-examples 500 --num-samples 8"}
+    REPORT_ARGS=${REPORT_ARGS-"--max-examples 100"}
 fi
+TOK_ARGS=${TOK_ARGS-}
 COMMON="--wandb $WANDB"
 
-stage tokenizer $PY -m scripts.tok_train --out "$OUT/tokenizer"
+stage tokenizer $PY -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS
 stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
-    --out "$OUT/base" --run-name base $COMMON $BASE_ARGS
-stage sft $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS
-stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS
+    --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
+stage sft $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS \
+    $(again sft "$OUT/sft" "$SFT_ARGS")
+stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS \
+    $(again rm "$OUT/rm" "$RM_ARGS")
 stage grpo $LAUNCH -m scripts.grpo_train --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
-    --run-name grpo $COMMON $GRPO_ARGS
+    --run-name grpo $COMMON $GRPO_ARGS $(again grpo "$OUT/grpo" "$GRPO_ARGS")
 stage eval $PY -m scripts.eval --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
     --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
 stage report $PY -m scripts.compare_reasoning --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \

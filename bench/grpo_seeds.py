@@ -7,13 +7,13 @@ tabulates each run's grpo_eval.json (issue 6's three-seed figure).
 Arguments after `--` go to every scripts.grpo_train run. A seed whose grpo_eval.json already exists is
 not rerun. Writes summary.md and summary.json in --out.
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 
+from nanostoney import cli
 from nanostoney.errors import UserError, run_main
 
 
@@ -28,8 +28,8 @@ def run_seeds(args, extra):
             if os.path.exists(os.path.join(out, "grpo_eval.json")):
                 continue
             os.makedirs(out, exist_ok=True)
-            cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,
-                   "--out", out, "--seed", str(seed)] + extra
+            cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,  # an unfinished seed again
+                   "--out", out, "--seed", str(seed), "--overwrite"] + extra
             log = open(os.path.join(out, "run.log"), "w")
             print(f"seed {seed}: {' '.join(cmd[1:])} (log in {out}/run.log)", flush=True)
             running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
@@ -82,12 +82,12 @@ def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", required=True, help="the SFT checkpoint every seed starts from")
     p.add_argument("--out", default="out/grpo_seeds")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (2 single-thread jobs suit 2 cores)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per run")
+    p.add_argument("--seeds", type=cli.nonneg_int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=cli.positive_int, default=1, help="runs at once (2 single-thread jobs suit 2 cores)")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="OMP_NUM_THREADS per run")
     args = p.parse_args(argv)
     if not os.path.exists(args.init):
         raise UserError(f"--init {args.init} does not exist; train an SFT checkpoint first (python -m scripts.sft_train).")

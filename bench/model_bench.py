@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from nanostoney import probes
+from nanostoney import cli, probes
+from nanostoney.errors import run_main
 from nanostoney.engine import Engine
 from nanostoney.gpt import GPT, config_for_depth
 
@@ -145,22 +146,22 @@ def bench_rollout(args, device, autocast):
 
 def main():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["train", "rollout"], default="train")
     p.add_argument("--depths", default="12,20,26" if cuda else "2,4,6")
-    p.add_argument("--batch", type=int, default=16 if cuda else 4)
-    p.add_argument("--seq", type=int, default=2048 if cuda else 256)
-    p.add_argument("--vocab", type=int, default=65536 if cuda else 8192)
-    p.add_argument("--steps", type=int, default=10 if cuda else 6)
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1)
-    p.add_argument("--log-every", type=int, default=20, help="entropy logged every N steps")
+    p.add_argument("--batch", type=cli.positive_int, default=16 if cuda else 4)
+    p.add_argument("--seq", type=cli.positive_int, default=2048 if cuda else 256)
+    p.add_argument("--vocab", type=cli.positive_int, default=65536 if cuda else 8192)
+    p.add_argument("--steps", type=cli.positive_int, default=10 if cuda else 6)
+    p.add_argument("--warmup", type=cli.nonneg_int, default=3 if cuda else 1)
+    p.add_argument("--log-every", type=cli.positive_int, default=20, help="entropy logged every N steps")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 = steadier on a busy machine)")
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--prompts", type=int, default=8 if cuda else 4)
-    p.add_argument("--samples", type=int, default=8 if cuda else 4)
-    p.add_argument("--prompt-len", type=int, default=256 if cuda else 64)
-    p.add_argument("--new-tokens", type=int, default=256 if cuda else 64)
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (1 = steadier on a busy machine)")
+    p.add_argument("--peak-tflops", type=cli.positive_float, default=None)
+    p.add_argument("--prompts", type=cli.positive_int, default=8 if cuda else 4)
+    p.add_argument("--samples", type=cli.positive_int, default=8 if cuda else 4)
+    p.add_argument("--prompt-len", type=cli.positive_int, default=256 if cuda else 64)
+    p.add_argument("--new-tokens", type=cli.positive_int, default=256 if cuda else 64)
     args = p.parse_args()
     args.depths = [int(d) for d in args.depths.split(",")]
     if args.threads:
@@ -190,4 +191,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

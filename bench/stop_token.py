@@ -8,11 +8,10 @@ stop before the token limit, with their mean length.
 Greedy accuracy can look fine while sampling never stops (the stop token top-1 of a flat
 distribution); GRPO and pass@k sample, so this is the check to run before RL.
 """
-import argparse
 
 import torch
 
-from nanostoney import checkpoint
+from nanostoney import checkpoint, cli
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
 from nanostoney.tasks import get_task
@@ -35,13 +34,13 @@ def stop_stats(model, tok, task, items, samples, max_new_tokens, temperature, se
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--tasks", default="stoney_mc,gsm8k_mc")
-    p.add_argument("--items", type=int, default=8, help="val items per task")
-    p.add_argument("--samples", type=int, default=4, help="samples per item")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--items", type=cli.positive_int, default=8, help="val items per task")
+    p.add_argument("--samples", type=cli.positive_int, default=4, help="samples per item")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0)
     args = p.parse_args()
     model, tok, _ = checkpoint.load_model(args.checkpoint)
     if tok is None:

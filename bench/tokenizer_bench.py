@@ -27,6 +27,8 @@ import sys
 import sysconfig
 import time
 
+from nanostoney import cli
+from nanostoney.errors import run_main
 from nanostoney.tokenizer import SPLIT_PATTERN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,10 +128,10 @@ def train_once(trainer, texts, vocab_size, rustbpe010):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--min-mb", type=float, default=30.0, help="corpus size in MB (10^6 bytes)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per trainer; the best is reported")
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab-size", type=cli.positive_int, default=8192)
+    p.add_argument("--min-mb", type=cli.positive_float, default=30.0, help="corpus size in MB (10^6 bytes)")
+    p.add_argument("--repeat", type=cli.positive_int, default=3, help="runs per trainer; the best is reported")
     p.add_argument("--rustbpe010", default="/tmp/rustbpe010",
                    help="directory holding PyPI rustbpe==0.1.0 (pip install --target DIR rustbpe==0.1.0)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one trainer, print JSON
@@ -179,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,8 @@ over the windows visits them in a fresh seeded permutation.
 SFT: a precomputed schedule of (task, example) draws by mixture weight; rows are padded to
 the longest in the micro-batch, with targets -1 outside assistant tokens.
 """
+import math
+
 import torch
 
 from nanostoney.data import check_sources
@@ -112,7 +114,9 @@ def parse_mixture(spec):
         try:
             weight = float(w) if w else 1.0
         except ValueError:
-            raise UserError(f"--tasks: weight {w!r} of {name!r} is not a number; write name=weight.") from None
+            weight = float("nan")
+        if not math.isfinite(weight):
+            raise UserError(f"--tasks: weight {w!r} of {name!r} is not a finite number; write name=weight.")
         if weight < 0:
             raise UserError(f"--tasks: weight of {name!r} is negative; weights must be >= 0.")
         weights[name.strip()] = weight

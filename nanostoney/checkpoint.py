@@ -40,7 +40,7 @@ import torch
 from nanostoney import lora
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
-from nanostoney.files import read_json, write_json
+from nanostoney.files import read_json, read_torch, save_torch, write_failed, write_json
 from nanostoney.gpt import GPT, GPTConfig, unwrap
 from nanostoney.logging import scrub
 from nanostoney.tokenizer import Tokenizer
@@ -129,14 +129,14 @@ def _read_json(path):
     return read_json(path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
 
 
-def _torch_load(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing; the checkpoint is incomplete or the path is wrong.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"could not read {path} ({type(e).__name__}); the file is damaged or not a "
-                        f"torch checkpoint.") from None
+def read_meta(ckpt):
+    """A checkpoint's meta.json: a JSON object with an integer step, else one sentence."""
+    path = os.path.join(ckpt, META_FILE)
+    meta = _read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise UserError(f"{path} is not a checkpoint's meta (a JSON object with an integer 'step'); the "
+                        f"checkpoint is damaged: point at another one.")
+    return meta
 
 
 def describe(cfg):
@@ -159,6 +159,8 @@ def describe_weights(sd):
 
 
 def config_from_dict(d, where):
+    if not isinstance(d, dict):
+        raise UserError(f"{where} is not a model config (a JSON object); the checkpoint is damaged.")
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -167,7 +169,10 @@ def config_from_dict(d, where):
     missing = sorted(known - set(d))
     if missing:
         raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
-    return GPTConfig(**{k: int(v) for k, v in d.items()})
+    bad = sorted(k for k, v in d.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1)
+    if bad:
+        raise UserError(f"{where} has model settings {bad} that are not positive integers; the checkpoint is damaged.")
+    return GPTConfig(**d)
 
 
 def load_weights(model, sd, where):
@@ -192,7 +197,7 @@ def check_same_shape(cfg_a, cfg_b, where):
 # saving
 
 def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
-                    tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None):
+                    tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None, replace=False):
     """Write out_dir/step_XXXXXX atomically and point out_dir/latest at it. Returns its path.
 
     model: a GPT (DDP/compile wrappers are unwrapped). With LoRA adapters and base_checkpoint
@@ -203,51 +208,65 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
       Secret-looking keys are redacted.
     tokenizer_dir / tokenizer: copied in (files of the dir) / saved in with tokenizer.save().
     rng_states: gather_rng_states() from all ranks; default: this process only.
-    keep_last: keep only the newest N step directories (None keeps all).
+    keep_last: keep only the newest N step directories up to this one (None keeps all).
+    replace: an existing directory of this step (another run's) may be replaced (--overwrite);
+      without it that is refused, so no checkpoint is ever overwritten by other weights.
+    A write that fails (disk full, permission) leaves every published checkpoint and `latest`
+    as they were and raises RunFailed naming the file and the reason.
     """
     model = unwrap(model)
-    os.makedirs(out_dir, exist_ok=True)
     name = step_dir_name(step)
     final = os.path.join(out_dir, name)
-    _remove_stale_tmp(out_dir)
+    if os.path.exists(final) and not replace:
+        raise UserError(f"{final} already exists and holds other weights; nothing was replaced (continue that "
+                        f"run with --resume, or pass --overwrite to replace it).")
     tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        write_json(os.path.join(tmp, CONFIG_FILE), asdict(model.config))
-        if lora.lora_modules(model) and base_checkpoint is not None:
-            lora.write_adapter_files(model, tmp, base_checkpoint)
-        else:
-            if any(m.merged for _, m in lora.lora_modules(model)):
-                raise UserError("the LoRA adapters are merged into the weights; unmerge_lora() "
-                                "or remove_lora() before saving.")
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                       os.path.join(tmp, MODEL_FILE))
-            if lora.lora_modules(model):
-                write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
-        if tokenizer_dir is not None:
-            _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
-        elif tokenizer is not None:
-            tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
-        if optimizer is not None:
-            state = ([o.state_dict() for o in optimizer] if isinstance(optimizer, (list, tuple))
-                     else optimizer.state_dict())
-            torch.save(state, os.path.join(tmp, OPTIM_FILE))
-        torch.save({"per_rank": rng_states if rng_states is not None else [rng_state()]},
-                   os.path.join(tmp, RNG_FILE))
-        full_meta = {"format": FORMAT, "step": int(step), "time": time.time(),
-                     "git_commit": git_commit(), "torch_version": torch.__version__,
-                     "config": asdict(model.config), **scrub(dict(meta or {}))}
-        write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
-        _fsync_tree(tmp)
+        os.makedirs(out_dir, exist_ok=True)
+        _remove_stale_tmp(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng_states, base_checkpoint)
         _publish(tmp, final)
+        _set_latest(out_dir, name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(final, e, kept=f"no checkpoint was replaced and {os.path.join(out_dir, LATEST)} "
+                           f"still names the last complete one") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _set_latest(out_dir, name)
     if keep_last:
         _prune(out_dir, keep_last, keep=name)
     return final
+
+
+def _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng_states, base_checkpoint):
+    """Every file of one checkpoint into the directory `tmp`; meta.json last (it marks complete)."""
+    write_json(os.path.join(tmp, CONFIG_FILE), asdict(model.config))
+    if lora.lora_modules(model) and base_checkpoint is not None:
+        lora.write_adapter_files(model, tmp, base_checkpoint)
+    else:
+        if any(m.merged for _, m in lora.lora_modules(model)):
+            raise UserError("the LoRA adapters are merged into the weights; unmerge_lora() "
+                            "or remove_lora() before saving.")
+        save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, MODEL_FILE))
+        if lora.lora_modules(model):
+            write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
+    if tokenizer_dir is not None:
+        _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+    elif tokenizer is not None:
+        tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+    if optimizer is not None:
+        state = ([o.state_dict() for o in optimizer] if isinstance(optimizer, (list, tuple))
+                 else optimizer.state_dict())
+        save_torch(state, os.path.join(tmp, OPTIM_FILE))
+    save_torch({"per_rank": rng_states if rng_states is not None else [rng_state()]}, os.path.join(tmp, RNG_FILE))
+    full_meta = {"format": FORMAT, "step": int(step), "time": time.time(),
+                 "git_commit": git_commit(), "torch_version": torch.__version__,
+                 "config": asdict(model.config), **scrub(dict(meta or {}))}
+    write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
+    _fsync_tree(tmp)
 
 
 def _copy_tokenizer(src, dst):
@@ -285,10 +304,11 @@ def _set_latest(out_dir, name):
 
 
 def _remove_stale_tmp(out_dir):
-    """Leftovers of saves that crashed (their process is gone; ours are removed on error)."""
+    """Leftovers of our saves that crashed (their process is gone; ours are removed on error).
+    Only our own names: a user's file that happens to end in .tmp-123 is not ours to delete."""
     for entry in os.listdir(out_dir):
-        m = re.search(r"\.(?:tmp|old)-(\d+)$", entry)
-        if m and int(m.group(1)) != os.getpid():
+        m = re.fullmatch(r"(?:step_\d+|latest)\.(?:tmp|old)-(\d+)", entry)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
             p = os.path.join(out_dir, entry)
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -296,7 +316,8 @@ def _remove_stale_tmp(out_dir):
                 os.remove(p)
 
 
-def _step_dirs(out_dir):
+def saved_steps(out_dir):
+    """[(step, step dir name)] of the complete checkpoints under a run dir, oldest first."""
     out = []
     for entry in os.listdir(out_dir):
         m = STEP_RE.match(entry)
@@ -305,8 +326,21 @@ def _step_dirs(out_dir):
     return sorted(out)
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _prune(out_dir, keep_last, keep):
-    for _, entry in _step_dirs(out_dir)[:-keep_last]:
+    """Delete the older step directories, keeping the newest keep_last up to `keep` (steps past
+    it are another run's, written before an --overwrite: not this run's to prune)."""
+    upto = int(STEP_RE.match(keep).group(1))
+    for _, entry in [d for d in saved_steps(out_dir) if d[0] <= upto][:-keep_last]:
         if entry != keep:
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
 
@@ -324,7 +358,7 @@ def latest_checkpoint(out_dir):
             cand = os.path.join(out_dir, f.read().strip())
         if os.path.isfile(os.path.join(cand, META_FILE)):
             return cand
-    steps = _step_dirs(out_dir)  # pointer missing or stale: the newest complete step dir
+    steps = saved_steps(out_dir)  # pointer missing or stale: the newest complete step dir
     return os.path.join(out_dir, steps[-1][1]) if steps else None
 
 
@@ -339,7 +373,7 @@ def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
     cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
     check_same_shape(cfg, model.config, ckpt)
     if os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
-        sd = _torch_load(os.path.join(ckpt, MODEL_FILE))
+        sd = read_torch(os.path.join(ckpt, MODEL_FILE))
         if any(k.endswith(".lora_A") for k in sd) and not lora.lora_modules(model):
             acfg = lora.read_adapter_config(ckpt)
             lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
@@ -347,17 +381,17 @@ def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
     else:
         lora.load_adapters(model, ckpt)
     if optimizer is not None:
-        state = _torch_load(os.path.join(ckpt, OPTIM_FILE))
+        state = read_torch(os.path.join(ckpt, OPTIM_FILE))
         if isinstance(optimizer, (list, tuple)):
             for o, s in zip(optimizer, state):
                 o.load_state_dict(s)
         else:
             optimizer.load_state_dict(state)
     if restore_rng and os.path.isfile(os.path.join(ckpt, RNG_FILE)):
-        per_rank = _torch_load(os.path.join(ckpt, RNG_FILE))["per_rank"]
+        per_rank = read_torch(os.path.join(ckpt, RNG_FILE))["per_rank"]
         if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
             set_rng_state(per_rank[rank])
-    return _read_json(os.path.join(ckpt, META_FILE))
+    return read_meta(ckpt)
 
 
 def _resolve(path):
@@ -405,13 +439,13 @@ def load_model(path, device="cpu"):
                         f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), or "
                         f"model_XXXXXX.pt + meta_XXXXXX.json (nanochat).")
     cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
-    sd = _torch_load(os.path.join(ckpt, MODEL_FILE))
+    sd = read_torch(os.path.join(ckpt, MODEL_FILE))
     model = GPT(cfg)
     if any(k.endswith(".lora_A") for k in sd):
         acfg = lora.read_adapter_config(ckpt)
         lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
     load_weights(model, sd, ckpt)
-    meta = _read_json(os.path.join(ckpt, META_FILE)) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
+    meta = read_meta(ckpt) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
     meta.setdefault("checkpoint", os.path.abspath(ckpt))
     return model.to(device).eval(), _load_tokenizer(ckpt, cfg), meta
 
@@ -426,7 +460,7 @@ def _load_adapter_dir(path, device):
         cfg = config_from_dict(_read_json(os.path.join(path, CONFIG_FILE)), os.path.join(path, CONFIG_FILE))
         check_same_shape(cfg, model.config, f"the base of {path} ({base})")
     lora.load_adapters(model, path)
-    meta = _read_json(os.path.join(path, META_FILE)) if os.path.isfile(os.path.join(path, META_FILE)) else {}
+    meta = read_meta(path) if os.path.isfile(os.path.join(path, META_FILE)) else {}
     meta.setdefault("checkpoint", os.path.abspath(path))
     meta["base"] = base_meta
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
@@ -529,7 +563,7 @@ def load_nanochat(checkpoint_dir, tokenizer_dir=None, device="cpu", step=None):
         raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
     cfg = config_from_dict(meta["model_config"], meta_path)
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    raw = _torch_load(model_path)
+    raw = read_torch(model_path)
     sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
     model = GPT(cfg)
     load_weights(model, sd, model_path)

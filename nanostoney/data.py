@@ -231,23 +231,88 @@ def _record_text(rec, where, text_key):
 def read_documents(path, text_key="text"):
     """Documents of one local file: .txt is one document; .jsonl/.json one per line; .parquet
     one per row of the text column."""
+    return list(iter_documents(path, text_key))
+
+
+def iter_documents(path, text_key="text", max_chars=None):
+    """read_documents one at a time. max_chars: long documents come in pieces of at most that
+    many characters (cut after whitespace where there is some) and a .txt is read in blocks, so
+    memory stays bounded by the longest JSON line whatever the size of the file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
-        if text_key not in table.column_names:
-            raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.column_names)}); "
-                            f"pass --text-column.")
-        return [t for t in table.column(text_key).to_pylist() if t]
-    if path.endswith(".txt"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return [f.read()]
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
-    return [_record_text(rec, f"{path}:{lineno}", text_key) for lineno, rec in iter_jsonl(path)]
+        docs = _parquet_documents(path, text_key)
+    elif path.endswith(".txt"):
+        docs = _text_blocks(path, max_chars)
+    else:
+        docs = (_record_text(rec, f"{path}:{lineno}", text_key) for lineno, rec in iter_jsonl(path))
+    for doc in docs:
+        yield from (pieces(doc, max_chars) if max_chars else [doc])
+
+
+def check_readable(path):
+    """A UserError naming `path` (and the line) when it is missing, not UTF-8, or malformed; the
+    file is streamed, so any size is fine. Hub ids (hf://...) are not read."""
+    if str(path).startswith("hf://") or looks_like_hub_id(str(path)) and not os.path.exists(path):
+        return
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist or is not a file; check the path.")
+    if str(path).endswith(".parquet"):
+        next(_parquet_documents(str(path), _first_column(str(path))), None)
+    elif str(path).endswith(".txt"):
+        for _ in _text_blocks(str(path), 1 << 20):
+            pass
+    else:
+        for _ in iter_jsonl(path):
+            pass
+
+
+def _first_column(path):
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path).schema_arrow.names[0]
+    except Exception as e:
+        raise UserError(f"{path}: not a readable parquet file ({e}).") from None
+
+
+def pieces(text, max_chars):
+    """`text` in consecutive pieces of at most max_chars, each cut just before a whitespace
+    (the last in the second half of the piece, if any), so a cut rarely splits a word."""
+    while len(text) > max_chars:
+        cut = max(text.rfind(" ", max_chars // 2, max_chars), text.rfind("\n", max_chars // 2, max_chars))
+        cut = cut if cut > 0 else max_chars
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def _text_blocks(path, max_chars):
+    """A .txt file: the whole file as one document, or (max_chars) blocks of it read in turn."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not max_chars:
+                yield f.read()
+                return
+            rest = ""
+            while block := f.read(max_chars):
+                *done, rest = pieces(rest + block, max_chars)
+                yield from done
+            if rest:
+                yield rest
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
+
+
+def _parquet_documents(path, text_key):
+    import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable parquet file ({e}).") from None
+    if text_key not in table.schema_arrow.names:
+        raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.schema_arrow.names)}); "
+                        f"pass --text-column.")
+    for batch in table.iter_batches(columns=[text_key]):
+        yield from (t for t in batch.column(0).to_pylist() if t)
 
 
 def read_hub_documents(name, split="train", text_key="text"):
@@ -262,14 +327,28 @@ def read_hub_documents(name, split="train", text_key="text"):
 def gated_documents(values, manifest=None, text_key="text", split="train"):
     """(documents, sources) of --data values, in order, once the governance gate has approved
     every source for training."""
-    sources = expand_sources(values)
-    check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
-    docs = []
-    for src in sources:
-        docs.extend(read_documents(src, text_key) if os.path.isfile(src) else read_hub_documents(src, split, text_key))
+    sources = gated_sources(values, manifest)
+    docs = list(stream_documents(sources, text_key, split))
     if not docs:
         raise UserError(f"--data {' '.join(values)} holds no text; check the files and --text-column.")
     return docs, sources
+
+
+def gated_sources(values, manifest=None):
+    """The files and hub ids of --data values, once the gate has approved every one for training."""
+    sources = expand_sources(values)
+    check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
+    return sources
+
+
+def stream_documents(sources, text_key="text", split="train", max_chars=None):
+    """The documents of gated sources one at a time (iter_documents per local file)."""
+    for src in sources:
+        if os.path.isfile(src):
+            yield from iter_documents(src, text_key, max_chars)
+        else:
+            yield from (p for doc in read_hub_documents(src, split, text_key)
+                        for p in (pieces(doc, max_chars) if max_chars else [doc]))
 
 
 # -----------------------------------------------------------------------------

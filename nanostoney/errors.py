@@ -1,18 +1,21 @@
-"""One kind of error for things the user can fix: bad paths, bad flags, unapproved data.
+"""The two kinds of failure a user is told about in one sentence, without a traceback.
 
-Scripts wrap their main() in run_main so such errors print one sentence and exit with code 2,
-instead of a traceback that hides the fix.
+UserError: a problem in the user's input (a bad path, flag or data file, unapproved data); the
+message names the problem and the fix; exit code 2. RunFailed: a run that cannot go on for a
+reason the message states (the loss became NaN, the disk filled up); exit code 1. The runner
+that prints them (and everything else) is nanostoney.cli.run_main.
 """
-import sys
 
 
 class UserError(Exception):
     """A problem in the user's input; the message names the problem and the fix."""
 
 
+class RunFailed(Exception):
+    """A run stopped for a reason the message states; what it had finished is intact."""
+
+
 def run_main(main):
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The runner, under the name scripts have always imported (it lives in nanostoney.cli)."""
+    from nanostoney.cli import run_main as run  # lazy: cli imports this module
+    run(main)

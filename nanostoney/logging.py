@@ -5,7 +5,10 @@ the first line), so a run can be compared later even where wandb is not installe
 that, W&B:
   mode "auto"     -> $WANDB_MODE if set, else "online" when WANDB_API_KEY is set and
                      "offline" run files otherwise
-  mode "online"   -> sync to wandb.ai (wandb reads the key from the environment itself)
+  mode "online"   -> sync to wandb.ai (wandb reads the key from the environment itself); the
+                     server ($WANDB_BASE_URL or api.wandb.ai) is checked once, in seconds, and
+                     when it cannot be reached (or refuses the key) the run says so in one
+                     line and records offline instead of stalling for minutes
   mode "offline"  -> run files under <out_dir>/wandb/, `wandb sync` them later
   mode "disabled" -> no W&B at all (the jsonl is still written)
 Entity/project/run name come from the arguments, else WANDB_ENTITY / WANDB_PROJECT / WANDB_NAME.
@@ -18,10 +21,14 @@ key/token/secret, and messages from a failed wandb.init have secret values maske
     logger.log({"train/loss": 2.3, "attn/entropy_mean": 1.7}, step=step)
     logger.finish()
 """
+import functools
 import json
 import os
 import re
+import socket
+import threading
 import time
+import urllib.parse
 
 from nanostoney.data import check_sources
 from nanostoney.dist import get_rank
@@ -51,6 +58,12 @@ def mask_secrets(text):
     for value in secret_values():
         text = text.replace(value, REDACTED)
     return text
+
+
+def first_line(e):
+    """The first non-blank line of an exception's message, secrets masked."""
+    lines = [ln.strip() for ln in mask_secrets(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def scrub(obj):
@@ -89,6 +102,32 @@ def resolve_mode(mode):
     return mode
 
 
+@functools.lru_cache(maxsize=1)
+def wandb_reachable(timeout=3.0):
+    """Can we open a TCP connection to the W&B server within `timeout` seconds? Name lookup
+    included: it runs in a thread, so a dead resolver cannot stall the run either."""
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    ok = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except (OSError, ValueError):
+            pass
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _go_offline(why, out_dir):
+    where = os.path.join(out_dir, "wandb") if out_dir else "the wandb/ folder"
+    print(f"note: {why}, so this run is recorded offline in {where} (`wandb sync` it later).")
+    return "offline"
+
+
 def add_logging_args(parser):
     """The W&B flags every training script shares."""
     parser.add_argument("--wandb", default="auto", choices=MODES,
@@ -119,6 +158,9 @@ class Logger:
             self._write({"event": "config", "time": time.time(), "config": self.config})
         if self.mode == "disabled":
             return
+        if self.mode == "online" and not wandb_reachable():
+            host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+            self.mode = _go_offline(f"W&B ({host}) cannot be reached", out_dir)
         try:
             import wandb  # lazy: heavy, and not needed with --wandb disabled
         except ImportError:
@@ -129,12 +171,16 @@ class Logger:
         entity = entity or os.environ.get("WANDB_ENTITY") or None
         run_name = run_name or os.environ.get("WANDB_NAME") or None
         self.wandb = wandb
+        init = dict(project=project, entity=entity, name=run_name, config=self.config, dir=out_dir, tags=tags,
+                    reinit="finish_previous")
         try:
-            self.run = wandb.init(mode=self.mode, project=project, entity=entity, name=run_name,
-                                  config=self.config, dir=out_dir, tags=tags, reinit="finish_previous")
+            self.run = wandb.init(mode=self.mode, **init)
         except Exception as e:  # never let a message carrying the key escape
-            raise UserError(f"could not start W&B in {self.mode} mode ({mask_secrets(e)}); "
-                            f"check WANDB_API_KEY/network or pass --wandb=offline") from None
+            if self.mode != "online":
+                raise UserError(f"could not start W&B in {self.mode} mode ({first_line(e)}); "
+                                f"pass --wandb disabled to run without it") from None
+            self.mode = _go_offline(f"W&B refused to start online ({first_line(e)})", out_dir)
+            self.run = wandb.init(mode=self.mode, **init)
 
     def _write(self, record):
         if self._jsonl is not None:

@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanostoney.cli import positive_float, positive_int, probability
 from nanostoney.errors import UserError
-from nanostoney.files import read_json, write_json
+from nanostoney.files import read_json, read_torch, save_torch, write_json
 
 ATTN_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj")
 MLP_TARGETS = ("mlp.c_fc", "mlp.c_proj")
@@ -95,11 +96,11 @@ def add_lora_args(parser, rank=16, alpha=32.0, targets="all,head", dropout=0.0):
     adapters keeps its own (checkpoint.load_for_training)."""
     g = parser.add_argument_group("LoRA")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
-    g.add_argument("--lora-rank", type=int, default=rank, help="adapter rank r")
-    g.add_argument("--lora-alpha", type=float, default=alpha, help="adapter scale is alpha / rank")
+    g.add_argument("--lora-rank", type=positive_int, default=rank, help="adapter rank r")
+    g.add_argument("--lora-alpha", type=positive_float, default=alpha, help="adapter scale is alpha / rank")
     g.add_argument("--lora-targets", default=targets,
                    help="comma list or alias: attn, mlp, all, head (lm_head), q, k, v, o")
-    g.add_argument("--lora-dropout", type=float, default=dropout)
+    g.add_argument("--lora-dropout", type=probability, default=dropout)
     return parser
 
 
@@ -245,8 +246,7 @@ def write_adapter_files(model, directory, base_checkpoint=None):
     if any(m.merged for _, m in lora_modules(model)):
         raise UserError("the LoRA adapters are merged into the weights; unmerge_lora() before saving them.")
     cfg = adapter_config(model, base_checkpoint, at=os.path.dirname(os.path.abspath(directory)))
-    torch.save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()},
-               os.path.join(directory, ADAPTER_FILE))
+    save_torch({k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, os.path.join(directory, ADAPTER_FILE))
     write_json(os.path.join(directory, ADAPTER_CONFIG), cfg)
 
 
@@ -262,7 +262,9 @@ def save_adapters(model, path, base_checkpoint=None):
     os.makedirs(tmp)
     try:
         write_adapter_files(model, tmp, base_checkpoint)
-        if os.path.isdir(path):
+        if os.path.exists(path):  # only an adapter dir of ours is replaced, never anything else
+            if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+                raise UserError(f"{path} exists and is not a LoRA adapter directory; pick another path.")
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
@@ -275,7 +277,11 @@ def read_adapter_config(path):
     f = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(f):
         raise UserError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG}).")
-    return read_json(f, fix="re-save the adapters")
+    cfg = read_json(f, fix="re-save the adapters")
+    if not isinstance(cfg, dict) or not {"rank", "alpha", "targets"} <= set(cfg):
+        raise UserError(f"{f} is not a LoRA adapter config (a JSON object with rank, alpha and targets); "
+                        f"re-save the adapters.")
+    return cfg
 
 
 def base_checkpoint_of(path):
@@ -300,12 +306,14 @@ def load_adapters(model, path):
         raise UserError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}; the save did not finish.")
     if not lora_modules(model):
         apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"])
-    load_adapter_state(model, torch.load(f, map_location="cpu", weights_only=True), path)
+    load_adapter_state(model, read_torch(f, fix="the adapters are damaged; re-save them"), path)
     return model
 
 
 def load_adapter_state(model, sd, where="the adapters"):
     own = lora_state_dict(model)
+    if not isinstance(sd, dict):
+        raise UserError(f"{where} hold a {type(sd).__name__}, not a state dict; re-save them.")
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or extra:
         raise UserError(f"{where} do not fit this model's LoRA modules (missing {missing[:3]}, "

@@ -11,6 +11,7 @@
 """
 import torch
 
+from nanostoney.cli import nonneg_float
 from nanostoney.errors import UserError
 from nanostoney.muon import Muon
 
@@ -24,13 +25,13 @@ def add_optim_args(parser, *, optimizer="adamw", matrix_lr=None, embedding_lr=0.
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=optimizer, choices=["muon", "adamw"],
                    help="muon: Muon for block matrices + AdamW for embeddings/head; adamw: AdamW for all")
-    g.add_argument(*matrix_flags, dest="matrix_lr", type=float, default=matrix_lr,
+    g.add_argument(*matrix_flags, dest="matrix_lr", type=nonneg_float, default=matrix_lr,
                    help=f"LR of the block matrices (default: {MATRIX_LR['muon']} with Muon, "
                         f"{MATRIX_LR['adamw']} with AdamW)")
-    g.add_argument("--embedding-lr", type=float, default=embedding_lr, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=unembedding_lr, help="AdamW LR of lm_head")
-    g.add_argument("--scalar-lr", type=float, default=scalar_lr, help="AdamW LR of any other (1-D) parameter")
-    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
+    g.add_argument("--embedding-lr", type=nonneg_float, default=embedding_lr, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=nonneg_float, default=unembedding_lr, help="AdamW LR of lm_head")
+    g.add_argument("--scalar-lr", type=nonneg_float, default=scalar_lr, help="AdamW LR of any other (1-D) parameter")
+    g.add_argument("--weight-decay", type=nonneg_float, default=weight_decay, help="AdamW weight decay")
     return parser
 
 

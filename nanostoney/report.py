@@ -15,11 +15,10 @@ import math
 import os
 import re
 import shutil
-import time
 
 import numpy as np
 
-from nanostoney.files import write_json
+from nanostoney.files import write_failed, write_json
 from nanostoney.interp import ABLATION_MODES, HEADLINE_MODE, HEADLINES, LEXICAL_REGIONS, MIN_N, OUTCOME_GROUPS, \
     SPLIT_GROUPS, STRUCT_REGIONS
 
@@ -558,10 +557,15 @@ def esc(x):
     return html.escape(str(x))
 
 
+def num(x, spec=".3g"):
+    """A number for the page; "n/a" where the statistic is undefined (NaN became None in clean_json)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def cell(s):
     if not s or s.get("mean") is None or isinstance(s["mean"], list):
         return "—"
-    return f"{s['mean']:.3g} <span class=meta>[{s['lo']:.3g}, {s['hi']:.3g}]</span>"
+    return f"{num(s['mean'])} <span class=meta>[{num(s.get('lo'))}, {num(s.get('hi'))}]</span>"
 
 
 def cell_text(s):
@@ -595,7 +599,8 @@ def table(metrics, ck):
             task_rows.append(f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>"
                              f"<td>{cell(s.get('accuracy'))}</td><td>{cell(s.get('answer_logprob'))}</td>"
                              f"<td>{cell(s.get('entropy:all'))}</td><td>{cell(s.get('sink:all'))}</td></tr>")
-    ov = "; ".join(f"{m}: Jaccard {o['jaccard']:.2f} (shared {o['shared']}), Spearman {o['spearman']:.2f}"
+    ov = "; ".join(f"{m}: Jaccard {num(o['jaccard'], '.2f')} (shared {o['shared']}), "
+                   f"Spearman {num(o['spearman'], '.2f')}"
                    for m, o in res.get("overlap", {}).items())
     tk = "; ".join(f"{m} {f}: {h}" for m, v in res["topk"]["heads"].items() for f, h in v.items())
     return (f"<table><tr><th>family</th><th>split</th><th>n</th>{head}</tr>{''.join(rows)}</table>"
@@ -731,28 +736,35 @@ def clean_json(x):
     return x
 
 
+REPORT_FILES = ("figures", "metrics.json", "index.html")  # what write_report puts into out_dir, in order
+
+
 def write_report(out_dir, metrics, logger=None):
-    """Build the report under a temporary name, then rename it to out_dir (replacing an old one)."""
+    """Build the report in a temporary directory beside out_dir, then move its files into
+    out_dir one by one (index.html last), each replacing our own previous one whole. Nothing else
+    in out_dir is touched; a failure leaves out_dir as it was and names the file and the reason."""
     metrics = clean_json(metrics)
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         figs = render(metrics, tmp)
         write_json(os.path.join(tmp, "metrics.json"), metrics, indent=1)
-        old = None
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}-{int(time.time())}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in REPORT_FILES:
+            old = os.path.join(out_dir, name)
+            if os.path.isdir(old):  # the previous figures/ moves into tmp, deleted with it below
+                os.replace(old, os.path.join(tmp, f"{name}.old"))
+            os.replace(os.path.join(tmp, name), old)
+    except OSError as e:
+        for name in REPORT_FILES:  # a figures/ moved aside but not replaced goes back
+            old, final = os.path.join(tmp, f"{name}.old"), os.path.join(out_dir, name)
+            if os.path.exists(old) and not os.path.exists(final):
+                os.replace(old, final)
+        raise write_failed(tmp, e, kept=f"the report in {out_dir} was not replaced") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if logger is not None:
         log_to(logger, metrics, figs, out_dir)
     return out_dir

@@ -20,6 +20,7 @@ Ranges: accuracy, format, reasoning_steps, chrf, reward_model in [0, 1]; length 
 repetition in [-1, 0]. GRPO standardises the weighted total within each group, so only the
 relative weights matter, not the offsets.
 """
+import math
 import re
 
 import torch
@@ -274,7 +275,9 @@ def parse_weights(spec):
         try:
             weights[name] = float(value) if value.strip() else 1.0
         except ValueError:
-            raise UserError(f"reward weight for {name!r} must be a number, got {value!r} "
+            weights[name] = float("nan")
+        if not math.isfinite(weights[name]):
+            raise UserError(f"reward weight for {name!r} must be a finite number, got {value!r} "
                             f"(write e.g. {name}=0.5).") from None
     if not weights:
         raise UserError(f"no rewards in {spec!r}; write e.g. 'accuracy=1,format=0.2' using "

@@ -109,9 +109,9 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def train(cls, texts, vocab_size, pattern=None, num_threads=None):
+    def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
         """Trains on an iterable of strings. `vocab_size` counts everything: 256 bytes, the
-        merges, and the special tokens."""
+        merges, and the special tokens. The trainer holds `buffer_size` strings at a time."""
         import nanostoney_rustbpe  # lazy: the compiled trainer is needed to train, not to load
         pattern = pattern or SPLIT_PATTERN
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
@@ -120,7 +120,8 @@ class Tokenizer:
                             f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         rust = nanostoney_rustbpe.Tokenizer()
         try:
-            rust.train_from_iterator(iter(texts), 256 + num_merges, pattern=pattern, num_threads=num_threads)
+            rust.train_from_iterator(iter(texts), 256 + num_merges, buffer_size=buffer_size, pattern=pattern,
+                                     num_threads=num_threads)
         except ValueError as e:  # a pattern the regex engine rejects
             raise UserError(f"tokenizer training failed: {e}") from e
         if rust.vocab_size < 256 + num_merges:

@@ -15,6 +15,7 @@ What lives here and why:
 - DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
 Which tokens form which batch is in batches.py; what evaluations measure is in evaluate.py.
 """
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -24,8 +25,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nanostoney import checkpoint, probes
+from nanostoney.cli import finite_float, nonneg_int, positive_float, positive_int, probability
 from nanostoney.dist import autocast_ctx, barrier, print0
-from nanostoney.errors import UserError
+from nanostoney.errors import RunFailed, UserError
 from nanostoney.optim import lr_multiplier, set_lr
 
 # -----------------------------------------------------------------------------
@@ -37,32 +39,38 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
                   final_lr_frac=0.0, grad_clip=1.0, log_every=1):
     """Flags of the step loop (defaults differ between base and SFT, so they are arguments)."""
     g = parser.add_argument_group("loop")
-    g.add_argument("--num-iterations", type=int, default=num_iterations, help="optimizer steps")
-    g.add_argument("--device-batch-size", type=int, default=device_batch_size,
+    g.add_argument("--num-iterations", type=positive_int, default=num_iterations, help="optimizer steps")
+    g.add_argument("--device-batch-size", type=positive_int, default=device_batch_size,
                    help="rows per forward pass on each process")
-    g.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear LR warmup")
-    g.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
+    g.add_argument("--warmup-steps", type=nonneg_int, default=warmup_steps, help="linear LR warmup")
+    g.add_argument("--warmdown-ratio", type=probability, default=warmdown_ratio,
                    help="fraction of the run at the end with the LR decaying linearly")
-    g.add_argument("--final-lr-frac", type=float, default=final_lr_frac,
+    g.add_argument("--final-lr-frac", type=probability, default=final_lr_frac,
                    help="LR at the end of warmdown, as a fraction of the initial LR")
-    g.add_argument("--grad-clip", type=float, default=grad_clip, help="max grad norm; 0 = no clipping")
-    g.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations; 0 = only at the end")
-    g.add_argument("--sample-every", type=int, default=sample_every, help="steps between samples; 0 = only at the end")
-    g.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints; 0 = only at the end")
-    g.add_argument("--entropy-every", type=int, default=entropy_every,
+    g.add_argument("--grad-clip", type=finite_float(0), default=grad_clip, help="max grad norm; 0 = no clipping")
+    g.add_argument("--eval-every", type=nonneg_int, default=eval_every,
+                   help="steps between evaluations; 0 = only at the end")
+    g.add_argument("--sample-every", type=nonneg_int, default=sample_every,
+                   help="steps between samples; 0 = only at the end")
+    g.add_argument("--save-every", type=nonneg_int, default=save_every,
+                   help="steps between checkpoints; 0 = only at the end")
+    g.add_argument("--entropy-every", type=nonneg_int, default=entropy_every,
                    help="steps between attention-entropy logs (measured in that step's first forward); 0 = never")
-    g.add_argument("--log-every", type=int, default=log_every, help="steps between loss/throughput logs")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between loss/throughput logs")
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype: auto = bf16 on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--peak-flops", type=float, default=None,
+    g.add_argument("--peak-flops", type=positive_float, default=None,
                    help="peak FLOP/s of one device for MFU; default: datasheet bf16 figure on CUDA "
                         "(H100 989e12), nominal fp32 peak on CPU (threads x clock x FLOPs/cycle)")
     g.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl, wandb/)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: a checkpoint dir, or no value for the latest one in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files or an older run (ours are replaced, "
+                        "nothing else is deleted)")
     return parser
 
 
@@ -245,6 +253,7 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
         batches = (get_batch(step, micro) for micro in range(grad_accum))
         stats = train_step(info, model, train_model, optimizer, params, batches, loss_fn, grad_accum,
                            args.grad_clip, every(args.entropy_every, done))
+        check_finite(done, loss=stats["loss"], grad_norm=stats["grad_norm"])
         if every(args.log_every, done) or done == n:
             logger.log(step_metrics(stats, optimizer, mult, info, flops_per_token, peak), step=done)
             tok_s = stats["tokens"] / stats["seconds"] * info.world_size
@@ -261,41 +270,62 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
     return last_metrics
 
 
+def check_finite(step, **values):
+    """Stop the run (RunFailed, exit 1) at the first NaN/inf loss: nothing of that step is saved,
+    so the last checkpoint stays the last good one."""
+    bad = [f"the {k.replace('_', ' ')} is {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise RunFailed(f"training stopped at step {step}: {' and '.join(bad)}; nothing of this step was saved "
+                        f"and the last checkpoint is intact; lower the learning rate (or check the data) and "
+                        f"start again, or --resume from that checkpoint.")
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: save, resume
 
 
 def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, base_checkpoint=None,
-             keep_last=None, tokenizer=None):
+             keep_last=None, tokenizer=None, replace=False):
     """A checkpoint from rank 0 with every rank's RNG state (call on all ranks). Pass the
-    tokenizer (tokenizer_dir or the object) so the checkpoint loads on its own."""
+    tokenizer (tokenizer_dir or the object) so the checkpoint loads on its own; replace:
+    --overwrite (an older run's checkpoint of the same step may be replaced)."""
     states = checkpoint.gather_rng_states()
     path = None
     if info.is_master:
         path = checkpoint.save_checkpoint(out_dir, model, step, optimizer=optimizer, meta=meta,
                                           tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, rng_states=states,
-                                          base_checkpoint=base_checkpoint, keep_last=keep_last)
+                                          base_checkpoint=base_checkpoint, keep_last=keep_last, replace=replace)
     barrier()  # nobody runs ahead (and e.g. exits) before the checkpoint is complete
     return path
 
 
-def resume(resume_arg, out_dir, model, optimizer, info, expect=None):
+def resume(args, out_dir, model, optimizer, info, expect=None):
     """The step to start from: 0 without --resume; else the step of the checkpoint it names (a
     directory, or "latest": the newest under --out), after restoring weights, optimizer and
     this rank's RNG. expect: {key: value} of run settings that must match the checkpoint's meta
-    (batch geometry, seed...), else the data order would silently differ from the original run."""
-    if resume_arg is None:
+    (batch geometry, seed...), else the data order would silently differ from the original run.
+    History is never rewritten: --num-iterations must go past the saved step, and --out must not
+    already hold a later step of the run (unless --overwrite)."""
+    if args.resume is None:
         return 0
-    if resume_arg != "latest":
-        if not os.path.isdir(resume_arg):
-            raise UserError(f"--resume {resume_arg}: no such checkpoint directory.")
-        path = resume_arg
-    elif out_dir is None:
-        raise UserError("--resume without a directory needs --out (the run to continue).")
+    if args.resume != "latest":
+        if not os.path.isdir(args.resume):
+            raise UserError(f"--resume {args.resume}: no such checkpoint directory.")
+        path = checkpoint.latest_checkpoint(args.resume)
+        if path is None:
+            raise UserError(f"--resume {args.resume} holds no complete checkpoint (no meta.json, no `latest`).")
     else:
         path = checkpoint.latest_checkpoint(out_dir)
         if path is None:
             raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
+    saved = checkpoint.read_meta(path)["step"]
+    if args.num_iterations <= saved:
+        raise UserError(f"--resume {path} is at step {saved} and --num-iterations {args.num_iterations} does not "
+                        f"go past it; pass a larger --num-iterations to continue that run (nothing was written).")
+    later = [name for step, name in checkpoint.saved_steps(out_dir) if step > saved] if os.path.isdir(out_dir) else []
+    if later and not getattr(args, "overwrite", False):
+        raise UserError(f"--resume from step {saved}: {out_dir} already holds the later {later[0]}, which going on "
+                        f"from here would replace; resume from the latest checkpoint, or pass --overwrite.")
     meta = checkpoint.load_checkpoint(path, model, optimizer, rank=info.rank)
     for key, value in (expect or {}).items():
         if key in meta and meta[key] != value:

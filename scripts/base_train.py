@@ -12,12 +12,11 @@ about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default opti
 on this CPU config Muon (--optimizer muon) reached the same val bpb per step (0.959 vs 0.959
 after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
 """
-import argparse
 import os
 
 import torch
 
-from nanostoney import batches, evaluate, optim, train
+from nanostoney import batches, cli, evaluate, optim, train
 from nanostoney.data import add_manifest_arg, check_sources, gated_documents
 from nanostoney.dist import cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -31,24 +30,25 @@ SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain a nanostoney GPT.")
+    p = cli.ArgumentParser(description="Pretrain a nanostoney GPT.")
     p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir from scripts.tok_train")
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; "
                         "default: the bundled corpus")
     p.add_argument("--val-data", nargs="+", default=None,
                    help="validation text (same forms); default with --data: the last --val-docs documents")
-    p.add_argument("--val-docs", type=int, default=100, help="documents held out of --data when no --val-data")
+    p.add_argument("--val-docs", type=cli.positive_int, default=100, help="documents held out of --data when no --val-data")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
     add_manifest_arg(p)
-    p.add_argument("--depth", type=int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--sequence-len", type=int, default=256)
-    p.add_argument("--total-batch-size", type=int, default=2048, help="tokens per optimizer step, all processes")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation")
-    p.add_argument("--sample-tokens", type=int, default=32, help="tokens per periodic sample (0 = no samples)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0 = all)")
+    p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
+    p.add_argument("--head-dim", type=cli.positive_int, default=64)
+    p.add_argument("--sequence-len", type=cli.positive_int, default=256)
+    p.add_argument("--total-batch-size", type=cli.positive_int, default=2048,
+                   help="tokens per optimizer step, all processes")
+    p.add_argument("--eval-tokens", type=cli.positive_int, default=32768, help="validation tokens per evaluation")
+    p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32, help="tokens per periodic sample (0 = no samples)")
+    p.add_argument("--keep-last", type=cli.nonneg_int, default=2, help="checkpoints to keep (0 = all)")
     train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250,
                         sample_every=250, entropy_every=50)
     optim.add_optim_args(p, optimizer="adamw")
@@ -75,13 +75,15 @@ def load_corpus(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     if not os.path.isdir(args.tokenizer):
         raise UserError(f"tokenizer directory {args.tokenizer} does not exist; train one with "
                         f"python -m scripts.tok_train or pass --tokenizer.")
+    if args.head_dim < 2:
+        raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+    out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
+    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     tok = Tokenizer.load(args.tokenizer)
     accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.sequence_len, info.world_size)
-    out = args.out or "out/base"
 
     train_docs, val_docs, sources = load_corpus(args)
     train_tokens = batches.tokenize_documents(tok, train_docs)
@@ -97,7 +99,7 @@ def main(argv=None):
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": args.total_batch_size, "sequence_len": args.sequence_len,
                 "seed": args.seed, "optimizer": args.optimizer}
-    start_step = train.resume(args.resume, out, model, optimizer, info, expect=geometry)
+    start_step = train.resume(args, out, model, optimizer, info, expect=geometry)
     train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
     loader = batches.PretrainBatches(windows, args.device_batch_size, accum, info)
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
@@ -133,7 +135,7 @@ def main(argv=None):
         meta = {**geometry, "data_position": loader.position(step), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "base"}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
-                       keep_last=args.keep_last or None)
+                       keep_last=args.keep_last or None, replace=args.overwrite)
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,

@@ -5,20 +5,20 @@
     python -m scripts.check_data --manifest ../StoneyNakoda/SOURCE_MANIFEST.yml \\
         --use training ../StoneyNakoda/OpenAIFineTune/stoney_train.jsonl
 
-Prints one "ok" line per approved source (and the split sizes of each task with --tasks);
-any problem (unapproved source, missing or malformed file, empty split, unknown task) is one
-sentence on stderr and exit code 2. Writes nothing.
+Prints one "ok" line per approved source that exists and reads whole (and the split sizes of
+each task with --tasks); any problem (unapproved source, missing, non-UTF-8 or malformed file
+(with its line), empty split, unknown task) is one sentence on stderr and exit code 2. Writes
+nothing.
 """
-import argparse
-
-from nanostoney.data import add_manifest_arg, check_sources, load_manifest
+from nanostoney import cli
+from nanostoney.data import add_manifest_arg, check_readable, check_sources, load_manifest
 from nanostoney.errors import UserError, run_main
 from nanostoney.tasks import get_task, sources_for_tasks
 from nanostoney.tasks.base import SPLITS
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Validate a manifest and gate data sources.")
+    p = cli.ArgumentParser(description="Validate a manifest and gate data sources.")
     p.add_argument("sources", nargs="*", help="data files (or hf://owner/name ids) to gate")
     add_manifest_arg(p)
     p.add_argument("--use", default="training", help="training, upload, public_release or publishing")
@@ -34,6 +34,7 @@ def main(argv=None):
     if not sources:
         raise UserError("nothing to check; name data files or pass --tasks.")
     for src, record in check_sources(sources, use=args.use, manifest=args.manifest):
+        check_readable(src)
         print(f"ok: {src} may be used for {args.use} (record {record})")
     for name in names:
         task = get_task(name, source=args.source, data_dir=args.data_dir)

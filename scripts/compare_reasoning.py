@@ -13,11 +13,11 @@ model's own greedy rationale with its answer sentence removed (--context gold: t
 teacher forced, with its answer sentence removed). The report's summary is a few declared
 headline tests (interp.HEADLINES) with Holm-corrected p-values and Bonferroni-level intervals;
 every other table and figure is exploratory. Writes <out>/index.html (opens offline),
-<out>/figures/*.png and <out>/metrics.json (every number and the configuration); the directory
-appears complete or not at all. With --wandb the figures and tables go to W&B too. The
+<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built beside <out>, then each moved in whole,
+index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
+refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
 definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
 """
-import argparse
 import os
 import sys
 import time
@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import interp, report
+from nanostoney import cli, interp, report
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import MODES, Logger
@@ -36,36 +36,39 @@ DEFAULT_TASKS = ("stoney_mc", "stoney_lexicon", "aqua_mc", "gsm8k_mc")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Interpretability report: Stoney Nakoda vs math reasoning.")
+    p = cli.ArgumentParser(description="Interpretability report: Stoney Nakoda vs math reasoning.")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH",
                    help="checkpoints to compare, in order (e.g. base=out/base sft=out/sft grpo=out/grpo)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    p.add_argument("--max-examples", type=int, default=16, help="examples per task and split")
-    p.add_argument("--out", default="out/report", help="report directory (replaced atomically)")
+    p.add_argument("--max-examples", type=cli.positive_int, default=16, help="examples per task and split")
+    p.add_argument("--out", default="out/report",
+                   help="report directory (our files in it are replaced whole; nothing else is touched)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the report into an --out that holds files nanostoney did not write (they are kept)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for checkpoints that carry none (default: the base checkpoint's, if named)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--context", default="own", choices=interp.CONTEXTS,
                    help="rationale before the answer slot, its answer sentence removed: the model's own greedy "
                         "one (own) or the gold one (gold, teacher forced)")
-    p.add_argument("--top-k", type=int, default=5, help="heads ablated together per family")
-    p.add_argument("--random-sets", type=int, default=3, help="random k-head sets (control)")
-    p.add_argument("--induction-seqs", type=int, default=16)
-    p.add_argument("--induction-len", type=int, default=32, help="length of the repeated random block")
-    p.add_argument("--figure-examples", type=int, default=1, help="example prompts drawn per family")
+    p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
+    p.add_argument("--random-sets", type=cli.nonneg_int, default=3, help="random k-head sets (control)")
+    p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
+    p.add_argument("--induction-len", type=cli.positive_int, default=32, help="length of the repeated random block")
+    p.add_argument("--figure-examples", type=cli.nonneg_int, default=1, help="example prompts drawn per family")
     p.add_argument("--delta", nargs="*", default=None, metavar="NEW:OLD",
                    help="paired comparisons to draw (default: grpo:sft when both names are given)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=cli.positive_int, default=1000)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--source", default="bundled", help="task data source (see nanostoney.tasks.get_task)")
     p.add_argument("--wandb", nargs="?", const="auto", default="disabled", choices=MODES,
                    help="log figures and tables to W&B (bare --wandb = auto)")
     p.add_argument("--wandb-project", default=None)
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--run-name", default=None)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's own; 1 is fastest on a shared, busy machine)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -113,11 +116,9 @@ def base_tokenizer(meta):
 
 
 def check_ranges(args):
-    """Counting flags out of range: one sentence naming the flag."""
-    for flag, low in (("max_examples", 1), ("top_k", 1), ("random_sets", 0), ("induction_seqs", 1),
-                      ("induction_len", 2), ("figure_examples", 0), ("n_boot", 1)):
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; use {low} or more.")
+    """The one range the flag types do not say: an induction block needs two tokens to repeat."""
+    if args.induction_len < 2:
+        raise UserError(f"--induction-len {args.induction_len} is out of range; use 2 or more.")
 
 
 def main(argv=None):
@@ -136,6 +137,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     judge, judge_desc = interp.word_judge()
     extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES)
     results, ck_cfg = {}, {}
     for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress):
         model, tok, meta = load_model(path, device=device)
@@ -170,7 +172,7 @@ def main(argv=None):
     logger = None
     if args.wandb != "disabled":
         logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                        run_name=args.run_name, config=config, out_dir=args.out + ".wandb")
+                        run_name=args.run_name, config=config, out_dir=args.out)
     try:
         out = report.write_report(args.out, metrics, logger=logger)
     finally:

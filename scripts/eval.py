@@ -28,7 +28,7 @@ import os
 import re
 import time
 
-from nanostoney import evaluate
+from nanostoney import cli, evaluate
 from nanostoney.checkpoint import load_model
 from nanostoney.dist import cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -46,24 +46,24 @@ FORMAT = "nanostoney-eval-1"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints on chat tasks.")
+    p = cli.ArgumentParser(description="Evaluate checkpoints on chat tasks.")
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="checkpoint dirs (ours, LoRA adapters, nanochat), as PATH or NAME=PATH")
     p.add_argument("--tasks", nargs="+", default=[DEFAULT_TASKS], help="comma- or space-separated task names")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--max-examples", type=int, default=50,
+    p.add_argument("--max-examples", type=cli.nonneg_int, default=50,
                    help="examples per task, a fixed hash-chosen subset (0 = the whole split)")
-    p.add_argument("--num-samples", type=int, default=2,
+    p.add_argument("--num-samples", type=cli.nonneg_int, default=2,
                    help="sampled completions per prompt for pass@k, k = 1, 2, 4, ... up to it (0 = none)")
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled completions")
-    p.add_argument("--top-k", type=int, default=None, help="top-k of the sampled completions (default: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled completions and the bootstrap")
-    p.add_argument("--max-new-tokens", type=int, default=128,
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="temperature of the sampled completions")
+    p.add_argument("--top-k", type=cli.positive_int, default=None, help="top-k of the sampled completions (default: none)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the sampled completions and the bootstrap")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128,
                    help="generation cap per completion (each task also stops at its longest reference + 16)")
-    p.add_argument("--batch-size", type=int, default=32, help="completions generated together")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each interval")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="completions generated together")
+    p.add_argument("--n-boot", type=cli.positive_int, default=1000, help="bootstrap resamples of each interval")
     p.add_argument("--mauve", action=argparse.BooleanOptionalAction, default=True, help="MAUVE on open answers")
-    p.add_argument("--mauve-boot", type=int, default=50,
+    p.add_argument("--mauve-boot", type=cli.positive_int, default=50,
                    help="bootstrap resamples of MAUVE intervals (each is a k-means fit)")
     p.add_argument("--mauve-featurizer", default=None,
                    help="checkpoint whose final hidden states featurise MAUVE texts (default: the evaluated model)")
@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--out", default="out/eval/results.json", help="results JSON")
     p.add_argument("--completions", default=None, help="also write every completion to this JSON-lines file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out/--completions file that nanostoney did not write")
     add_logging_args(p)
     return p.parse_args(argv)
 
@@ -189,12 +191,28 @@ def check_flags(args):
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
         raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
                         f"directory, or leave it out to featurise with each evaluated model.")
-    for flag in ("max_examples", "num_samples", "batch_size", "n_boot", "mauve_boot"):
-        if getattr(args, flag) < (1 if flag in ("batch_size", "n_boot", "mauve_boot") else 0):
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range; use a positive number.")
-    if args.max_new_tokens < 1 or args.temperature <= 0 and args.num_samples > 0:
-        raise UserError("--max-new-tokens must be >= 1 and --temperature > 0 when --num-samples > 0.")
+    cli.claim_out_file(args.out, overwrite=args.overwrite, is_ours=ours_results)
+    if args.completions:
+        cli.claim_out_file(args.completions, overwrite=args.overwrite, is_ours=ours_completions, flag="--completions")
     return tasks_wanted, ckpts
+
+
+def ours_results(path):
+    """A results file this script wrote (so a rerun may replace it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def ours_completions(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+        return isinstance(first, dict) and {"checkpoint", "task", "greedy"} <= set(first)
+    except (OSError, ValueError):
+        return False
 
 
 def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, notes, completions):

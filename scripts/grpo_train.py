@@ -29,7 +29,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import batches, checkpoint, grpo, letters, lora, optim, probes, rewards, train
+from nanostoney import batches, checkpoint, cli, grpo, letters, lora, optim, probes, rewards, train
 from nanostoney.data import add_manifest_arg
 from nanostoney.dist import all_reduce_mean, all_reduce_sum, autocast_ctx, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -45,11 +45,12 @@ DEFAULT_EVAL_TASKS = "stoney_mc,gsm8k_mc,aqua_mc"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GRPO (LoRA or full) from an SFT checkpoint.")
+    p = cli.ArgumentParser(description="GRPO (LoRA or full) from an SFT checkpoint.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="training prompts: name=weight,... (train splits)")
     p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, help="comma list evaluated on their val split")
-    p.add_argument("--max-train-examples", type=int, default=0, help="first N train examples per task (0 = all)")
+    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=0,
+                   help="first N train examples per task (0 = all)")
     add_manifest_arg(p)
     p.add_argument("--rewards", default="accuracy=1,format=0.2",
                    help="weighted reward functions: accuracy, format, reasoning_steps, length, repetition, chrf, reward_model")
@@ -57,23 +58,23 @@ def parse_args(argv=None):
     lora.add_lora_args(p)
     p.add_argument("--reference", default="init", choices=["init", "base"],
                    help="KL reference: the policy at the start of RL, or the base weights with adapters off")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step, all ranks together")
-    p.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--clip-eps", type=float, default=0.2)
-    p.add_argument("--kl-beta", type=float, default=0.04)
-    p.add_argument("--inner-epochs", type=int, default=1, help="mu: optimizer steps per batch of rollouts")
+    p.add_argument("--prompts-per-step", type=cli.positive_int, default=8, help="prompts per step, all ranks together")
+    p.add_argument("--group-size", type=cli.positive_int, default=8, help="G: completions per prompt")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--top-k", type=cli.positive_int, default=None)
+    p.add_argument("--clip-eps", type=cli.finite_float(0, 1, lo_open=True), default=0.2)
+    p.add_argument("--kl-beta", type=cli.nonneg_float, default=0.04)
+    p.add_argument("--inner-epochs", type=cli.positive_int, default=1, help="mu: optimizer steps per batch of rollouts")
     p.add_argument("--no-std-scaling", action="store_true", help="advantages r - mean(group), not divided by std")
     p.add_argument("--loss-norm", default="token", choices=["token", "sequence"])
-    p.add_argument("--letter-every", type=int, default=1, help="steps between MC letter diagnostics; 0 = never")
-    p.add_argument("--eval-examples", type=int, default=32, help="val items per eval task, periodic evals")
-    p.add_argument("--final-eval-examples", type=int, default=64,
+    p.add_argument("--letter-every", type=cli.nonneg_int, default=1, help="steps between MC letter diagnostics; 0 = never")
+    p.add_argument("--eval-examples", type=cli.nonneg_int, default=32, help="val items per eval task, periodic evals")
+    p.add_argument("--final-eval-examples", type=cli.nonneg_int, default=64,
                    help="val items per eval task at the start (the SFT model) and the end; 0 = skip both")
-    p.add_argument("--pass-k", type=int, default=4, help="samples per item for pass@k (0 = greedy only)")
-    p.add_argument("--eval-temperature", type=float, default=1.0)
-    p.add_argument("--probe-prompts", type=int, default=8,
+    p.add_argument("--pass-k", type=cli.nonneg_int, default=4, help="samples per item for pass@k (0 = greedy only)")
+    p.add_argument("--eval-temperature", type=cli.positive_float, default=1.0)
+    p.add_argument("--probe-prompts", type=cli.nonneg_int, default=8,
                    help="training prompts per task whose mean reward is measured at the start and the end "
                         "(G fixed-seed samples each); 0 = skip")
     train.add_loop_args(p, num_iterations=40, device_batch_size=16, eval_every=0, save_every=0,
@@ -226,12 +227,7 @@ def grpo_config(args, tok, info):
 def reward_functions(args, tok, info):
     """(weights, {name: reward callable}) from --rewards (and --reward-model)."""
     weights = rewards.parse_weights(args.rewards)
-    rm = None
-    if "reward_model" in weights:
-        if not args.reward_model:
-            raise UserError("--rewards uses reward_model but no --reward-model PATH was given; "
-                            "train one with python -m scripts.rm_train.")
-        rm = load_reward_model(args.reward_model, device=info.device)[0]
+    rm = load_reward_model(args.reward_model, device=info.device)[0] if "reward_model" in weights else None
     return weights, rewards.build_rewards(weights, rm, tok)
 
 
@@ -334,21 +330,39 @@ def measure_final(run, report, logger):
             print0(pass_line("final", name, row, args, start=start))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    out = args.out or "out/grpo"
+def check_flags(args):
+    """Combinations that would run without a learning signal, refused before any work."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
     if args.compile:
         raise UserError("--compile is not supported by grpo_train (sampling and the gathered-logit "
                         "forward run eagerly); drop the flag.")
-    if args.prompts_per_step % info.world_size:
+    if args.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
-                        f"{info.world_size} processes, so every rank takes whole groups.")
+                        f"{world} processes, so every rank takes whole groups.")
+    if args.temperature == 0:
+        raise UserError("--temperature 0 makes every completion of a group the same, so GRPO has nothing to "
+                        "compare; use a temperature > 0 (e.g. 1.0).")
+    if args.group_size < 2:
+        raise UserError(f"--group-size must be at least 2 (advantages compare within a group), got {args.group_size}.")
+    weights = rewards.parse_weights(args.rewards)
+    if not any(weights.values()):
+        raise UserError(f"--rewards {args.rewards!r} weighs every reward 0, so there is no learning signal; "
+                        f"give at least one reward a non-zero weight.")
+    if "reward_model" in weights and not args.reward_model:
+        raise UserError("--rewards uses reward_model but no --reward-model PATH was given; "
+                        "train one with python -m scripts.rm_train.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    out = cli.claim_out(args.out or "out/grpo", overwrite=args.overwrite, resume=args.resume is not None)
+    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     run = setup(args, info)
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
             "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards}
-    start_step = train.resume(args.resume, out, run.model, run.optimizer, info, expect=mode)
+    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)
     run_config = {**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in run.params), "data_sources": run.sources,
                   "init_checkpoint": os.path.abspath(run.init_ckpt),
@@ -360,7 +374,7 @@ def main(argv=None):
 
     def save(step):
         train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},
-                       base_checkpoint=run.base_ckpt, tokenizer=run.tok)
+                       base_checkpoint=run.base_ckpt, tokenizer=run.tok, replace=args.overwrite)
 
     report = {"chance": 0.2, "init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n}
     # a fixed set of training prompts (the first ones the run draws per task), scored before and after
@@ -373,6 +387,8 @@ def main(argv=None):
         optim.set_lr(run.optimizer, optim.lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio,
                                                         args.final_lr_frac))
         metrics = rl_step(step, run)
+        train.check_finite(done, loss=metrics["loss/pg"] + metrics["loss/kl_k3"], grad_norm=metrics["grad_norm"],
+                           reward=metrics["reward/mean"])
         logger.log(metrics, step=done)
         pbar.set_postfix(r=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.4f}",
                          len=f"{metrics['completion/length']:.0f}")

@@ -16,12 +16,11 @@ with reward_model.pair_loss as the loss). The reward model is saved through chec
 (adapters naming their base, or the full trunk, plus the head) and loads with
 reward_model.load_reward_model.
 """
-import argparse
 import os
 
 import torch
 
-from nanostoney import batches, checkpoint, lora, reward_model, train
+from nanostoney import batches, checkpoint, cli, lora, reward_model, train
 from nanostoney.data import add_manifest_arg, check_sources
 from nanostoney.dist import cleanup, gather_lists, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -34,24 +33,24 @@ DEFAULT_TASKS = "stoney_mc,stoney_lexicon,gsm8k_mc,aqua_mc,gsm8k"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Reward model (Bradley-Terry) on ground-truth pairs.")
+    p = cli.ArgumentParser(description="Reward model (Bradley-Terry) on ground-truth pairs.")
     p.add_argument("--init", default="out/sft", help="trunk: SFT output (adapter dir, run dir or step dir)")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list of tasks to build pairs from")
-    p.add_argument("--max-train-examples", type=int, default=1000,
+    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
                    help="first N train examples per task to build pairs from (0 = all)")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])
-    p.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs per task")
-    p.add_argument("--sampled-negatives", type=int, default=0,
+    p.add_argument("--eval-pairs", type=cli.positive_int, default=100, help="held-out pairs per task")
+    p.add_argument("--sampled-negatives", type=cli.nonneg_int, default=0,
                    help="train prompts per task on which to sample wrong answers from the init model")
-    p.add_argument("--samples-per-prompt", type=int, default=4)
-    p.add_argument("--sample-max-new-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=None, help="drop pairs longer than this; default the model's sequence_len")
+    p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
+    p.add_argument("--sample-max-new-tokens", type=cli.positive_int, default=128)
+    p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
     add_manifest_arg(p)
     lora.add_lora_args(p, targets="all")
-    p.add_argument("--total-batch-size", type=int, default=16, help="pairs per optimizer step, all processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="AdamW LR of the scalar head")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--total-batch-size", type=cli.positive_int, default=16, help="pairs per optimizer step, all processes")
+    p.add_argument("--lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
+    p.add_argument("--head-lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the scalar head")
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0)
     train.add_loop_args(p, num_iterations=60, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=5)
     add_logging_args(p)
     return p.parse_args(argv)
@@ -101,8 +100,10 @@ def accuracy_line(table, when):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume is not None:
+        raise UserError("--resume: rm_train does not resume (it trains in about a minute); rerun it with --overwrite.")
+    out = cli.claim_out(args.out or "out/rm", overwrite=args.overwrite)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    out = args.out or "out/rm"
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise UserError("--tasks names no task; e.g. --tasks stoney_mc,gsm8k_mc.")
@@ -148,7 +149,7 @@ def main(argv=None):
     def save(step):
         meta = {"init": os.path.abspath(init_ckpt), "tasks": names, "seed": args.seed, "data_sources": sources,
                 "pairs": counts, **reward_model.head_meta(rm)}
-        train.save_run(out, gpt, step, optimizer, info, meta, base_checkpoint=base_ckpt)
+        train.save_run(out, gpt, step, optimizer, info, meta, base_checkpoint=base_ckpt, replace=args.overwrite)
 
     n = args.num_iterations
     train.train_loop(info=info, model=rm, optimizer=optimizer, args=args, get_batch=batch, grad_accum=accum,

@@ -18,12 +18,11 @@ quiet cores and a depth-4 base: enough to learn the trained items, not to genera
 on that base: LoRA at lr 3e-3 barely moved in 150 steps, at 3e-2 it diverged; --full learns the
 trained items fastest (100% in 300 steps). On a GPU use all examples: --max-train-examples 0.
 """
-import argparse
 import os
 
 import torch
 
-from nanostoney import batches, checkpoint, evaluate, lora, optim, train
+from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
 from nanostoney.data import add_manifest_arg
 from nanostoney.dist import cleanup, init_dist, print0
 from nanostoney.errors import run_main
@@ -34,23 +33,27 @@ DEFAULT_TASKS = "stoney_qa=1,stoney_lexicon=1,stoney_mc=2,aqua_mc=1,gsm8k_mc=2"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised fine-tuning (LoRA or full) on chat tasks.")
+    p = cli.ArgumentParser(description="Supervised fine-tuning (LoRA or full) on chat tasks.")
     p.add_argument("--init", default="out/base", help="base checkpoint: a run dir (its latest step) or a step dir")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="mixture: name=weight,... (train splits only)")
-    p.add_argument("--max-train-examples", type=int, default=16,
+    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=16,
                    help="use only the first N train examples of each task that fit --sequence-len (0 = all); "
                         "small N = learnable in minutes on CPU")
     add_manifest_arg(p)
     lora.add_lora_args(p, rank=32)
-    p.add_argument("--sequence-len", type=int, default=None, help="max tokens per conversation; default: the base model's")
+    p.add_argument("--sequence-len", type=cli.positive_int, default=None, help="max tokens per conversation; default: the base model's")
     p.add_argument("--keep-truncated", action="store_true",
                    help="train on conversations longer than --sequence-len, cut (default: leave them out, "
                         "since the answer comes last)")
-    p.add_argument("--total-batch-size", type=int, default=8, help="conversations per optimizer step, all processes")
-    p.add_argument("--eval-examples", type=int, default=16, help="items per MC task and split for periodic accuracy")
-    p.add_argument("--eval-loss-examples", type=int, default=64, help="val conversations per task for the val loss")
-    p.add_argument("--final-eval-examples", type=int, default=100, help="items per MC task and split at the end")
-    p.add_argument("--max-new-tokens", type=int, default=384, help="generation cap for accuracy")
+    p.add_argument("--total-batch-size", type=cli.positive_int, default=8,
+                   help="conversations per optimizer step, all processes")
+    p.add_argument("--eval-examples", type=cli.nonneg_int, default=16,
+                   help="items per MC task and split for periodic accuracy")
+    p.add_argument("--eval-loss-examples", type=cli.positive_int, default=64,
+                   help="val conversations per task for the val loss")
+    p.add_argument("--final-eval-examples", type=cli.nonneg_int, default=100,
+                   help="items per MC task and split at the end")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=384, help="generation cap for accuracy")
     p.add_argument("--save-merged", action="store_true", help="also save LoRA merged into the weights (<out>/merged)")
     train.add_loop_args(p, num_iterations=600, device_batch_size=8, eval_every=200, save_every=0,
                         entropy_every=50, warmup_steps=10)
@@ -87,8 +90,8 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
 
 def main(argv=None):
     args = parse_args(argv)
+    out = cli.claim_out(args.out or "out/sft", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    out = args.out or "out/sft"
     weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
@@ -110,7 +113,7 @@ def main(argv=None):
     mode = {"base_checkpoint": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed,
             "total_batch_size": args.total_batch_size, "tasks": args.tasks,
             "max_train_examples": args.max_train_examples, "optimizer": args.optimizer}
-    start_step = train.resume(args.resume, out, model, optimizer, info, expect=mode)
+    start_step = train.resume(args, out, model, optimizer, info, expect=mode)
     train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
     run_config = {**vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -132,7 +135,8 @@ def main(argv=None):
 
     def save(step):
         meta = {**mode, "stage": "sft", "num_iterations": args.num_iterations}
-        train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt, tokenizer=tok)
+        train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt, tokenizer=tok,
+                       replace=args.overwrite)
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
@@ -143,7 +147,7 @@ def main(argv=None):
     if args.save_merged and not args.full and info.is_master:
         lora.remove_lora(model, merge=True)
         checkpoint.save_checkpoint(os.path.join(out, "merged"), model, args.num_iterations, tokenizer=tok,
-                                   meta={**mode, "stage": "sft-merged"})
+                                   meta={**mode, "stage": "sft-merged"}, replace=args.overwrite)
     logger.summary(final)
     logger.finish()
     print0(f"done: adapters/checkpoint in {out}")

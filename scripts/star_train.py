@@ -14,12 +14,11 @@ fine-tunes again from --init (--continue trains on from the previous round inste
 Greedy accuracy on the VAL split of --eval-tasks after every round, and the kept counts,
 go to <out>/star_eval.json; the last round's model is saved in <out>.
 """
-import argparse
 import os
 
 import torch
 
-from nanostoney import batches, checkpoint, evaluate, lora, optim, train
+from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
 from nanostoney.data import add_manifest_arg
 from nanostoney.dist import cleanup, gather_lists, init_dist, print0
 from nanostoney.engine import Engine
@@ -32,22 +31,22 @@ DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
+    p = cli.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="name=weight,... (train prompts; weights mix the SFT)")
     p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc")
-    p.add_argument("--eval-examples", type=int, default=64, help="val items per eval task after each round")
+    p.add_argument("--eval-examples", type=cli.nonneg_int, default=64, help="val items per eval task after each round")
     add_manifest_arg(p)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--prompts-per-round", type=int, default=64, help="train prompts per task per round")
-    p.add_argument("--samples-per-prompt", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=cli.positive_int, default=2)
+    p.add_argument("--prompts-per-round", type=cli.positive_int, default=64, help="train prompts per task per round")
+    p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--rationalize", action="store_true", help="retry failed prompts with the answer as a hint")
     p.add_argument("--continue", dest="continue_", action="store_true",
                    help="train each round on from the previous one (default: restart from --init, as STaR)")
     lora.add_lora_args(p)
-    p.add_argument("--total-batch-size", type=int, default=8, help="conversations per optimizer step")
+    p.add_argument("--total-batch-size", type=cli.positive_int, default=8, help="conversations per optimizer step")
     train.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
     optim.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=0.02, unembedding_lr=0.0004,
                          matrix_flags=("--lr", "--matrix-lr"))
@@ -135,12 +134,13 @@ def fine_tune(model, rendered, weights, pad_id, args, info, logger, seed, offset
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume is not None:
+        raise UserError("--resume: star_train does not resume (each round starts again from --init); rerun it with "
+                        "--overwrite.")
+    out = cli.claim_out(args.out or "out/star", overwrite=args.overwrite)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    out = args.out or "out/star"
     mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
-    if args.rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {args.rounds}.")
 
     def fresh():
         return checkpoint.load_for_training(args.init, args.full, args.lora_rank, args.lora_alpha,
@@ -187,7 +187,7 @@ def main(argv=None):
 
     train.save_run(out, model, offset, None, info, {"stage": "star", "init": os.path.abspath(init_ckpt),
                                                      "rounds": args.rounds, "seed": args.seed},
-                   base_checkpoint=base_ckpt, tokenizer=tok)
+                   base_checkpoint=base_ckpt, tokenizer=tok, replace=args.overwrite)
     if info.is_master:
         write_json(os.path.join(out, "star_eval.json"), report)
     logger.finish()

@@ -9,11 +9,10 @@ scripts.sft_train from the repo root) with --name=value flags as a W&B agent wou
 whatever follows `--` (small step counts for a laptop), each point into
 <out>/<point name>/. Then writes <out>/results.json and <out>/results.md: the final val loss
 and the final accuracies (from each run's sft_eval.json) per point. A point that fails is
-recorded with its error line; the others still run.
+recorded with its error line; the others still run. Exit code 1 when every point failed (2
+when the grid has no point); --overwrite reruns into an --out holding an earlier sweep.
 """
-import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -21,8 +20,9 @@ import time
 
 import yaml
 
-from nanostoney.errors import UserError, run_main
-from nanostoney.files import write_json, write_text
+from nanostoney import cli
+from nanostoney.errors import RunFailed, UserError, run_main
+from nanostoney.files import read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +33,8 @@ def load_sweep(path):
     try:
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
     except Exception as e:
         raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix the file.") from None
     if not isinstance(cfg, dict) or "program" not in cfg or not isinstance(cfg.get("parameters"), dict):
@@ -54,6 +56,10 @@ def grid_points(parameters):
         else:
             fixed[name] = spec["value"]
     names = [n for n, _ in axes]
+    empty = [n for n, values in axes if not values]
+    if empty:
+        raise UserError(f"sweep parameter {empty[0]!r} has an empty `values` list, so the grid has no point; "
+                        f"give it at least one value.")
     return [{**dict(zip(names, combo)), **fixed} for combo in itertools.product(*[v for _, v in axes])], names
 
 
@@ -66,8 +72,7 @@ def read_result(out_dir):
     path = os.path.join(out_dir, "sft_eval.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        rep = json.load(f)
+    rep = read_json(path)
     res = {"val_loss": rep.get("val_loss")}
     for task, splits in rep.get("tasks", {}).items():
         for split, r in splits.items():
@@ -99,9 +104,11 @@ def main(argv=None):
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description="Run a W&B sweep grid locally (offline) and tabulate it.")
+    p = cli.ArgumentParser(description="Run a W&B sweep grid locally (offline) and tabulate it.")
     p.add_argument("--config", default=os.path.join(ROOT, "sweep.yaml"))
     p.add_argument("--out", default="out/sweep")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun into an --out holding an earlier sweep (each point is passed --overwrite)")
     p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B mode of each point")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
@@ -110,7 +117,11 @@ def main(argv=None):
     points, axes = grid_points(cfg["parameters"])
     module = os.path.splitext(os.path.normpath(cfg["program"]))[0].replace(os.sep, ".")  # scripts.sft_train
     goal_key = (cfg.get("metric") or {}).get("name", "val/loss")
-    os.makedirs(args.out, exist_ok=True)
+    if not args.dry_run:
+        cli.claim_out(args.out, overwrite=args.overwrite, training=False,
+                      own=("results.json", "results.md", "*.log") + cli.SHARED_FILES)
+        if args.overwrite:
+            extra = extra + ["--overwrite"]
     rows = []
     for point in points:
         name = point_name(point, axes)
@@ -135,6 +146,12 @@ def main(argv=None):
                                                         "metric": goal_key, "points": rows})
     print(write_table(args.out, rows, axes, goal_key))
     print(f"results in {os.path.join(args.out, 'results.md')} and results.json")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and len(failed) == len(rows):
+        raise RunFailed(f"every point of the sweep failed (the first: {failed[0]['status']}); see the logs in "
+                        f"{args.out}.")
+    if failed:
+        print(f"note: {len(failed)} of {len(rows)} points failed; see results.md.", file=sys.stderr)
 
 
 if __name__ == "__main__":

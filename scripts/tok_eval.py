@@ -11,9 +11,9 @@ Families, all from the held-out (val + test) splits so the vocabulary never saw 
 A Stoney term costing many more tokens per byte than its English gloss means the model sees it
 in smaller pieces. `--compare` takes another tokenizer dir: ours, or nanochat's (tokenizer.pkl).
 """
-import argparse
 import os
 
+from nanostoney import cli
 from nanostoney.errors import run_main
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def compression(tok, texts):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenizer compression per text family.")
+    p = cli.ArgumentParser(description="Tokenizer compression per text family.")
     p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir (scripts.tok_train output)")
     p.add_argument("--compare", default=None, help="another tokenizer dir to put beside it (ours or nanochat's)")
     p.add_argument("--splits", default="val,test", help="task splits to measure on, comma-separated")

@@ -6,50 +6,91 @@
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
 held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
 scripts.base_train; every source passes the governance gate first. `--vocab-size` counts the 256
-byte tokens and the special tokens too, so it is the model's vocabulary size.
+byte tokens and the special tokens too, so it is the model's vocabulary size. The text is
+streamed in pieces (PIECE_CHARS, cut before a space), to the trainer and again to measure the
+compression, so memory does not grow with the corpus or with the length of one line.
 """
-import argparse
 import time
 
-from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney import cli
+from nanostoney.data import add_manifest_arg, check_sources, gated_sources, stream_documents
 from nanostoney.errors import run_main
 from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
 from nanostoney.tokenizer import Tokenizer
 
 SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]
+# the trainer and the encoder see text in pieces of at most this many characters, BUFFER of them
+# at a time, so memory is bounded whatever the corpus (a 50 MB one-line JSONL took 10 GB encoded whole)
+PIECE_CHARS = 1 << 14
+BUFFER = 1024
+ENCODE_CHARS = 1 << 20  # the encoder keeps ~100 bytes per token: encode about 1M characters at a time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the nanostoney BPE tokenizer.")
-    p.add_argument("--vocab-size", type=int, default=4096, help="total vocabulary: bytes + merges + special tokens")
+    p = cli.ArgumentParser(description="Train the nanostoney BPE tokenizer.")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=4096,
+                   help="total vocabulary: bytes + merges + special tokens")
     p.add_argument("--out", default="out/tokenizer", help="directory to write tokenizer.json into")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds files nanostoney did not write (they are kept)")
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     add_manifest_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="threads for training (default: all cores)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="threads for training (default: all cores)")
     return p.parse_args(argv)
 
 
-def load_texts(args):
-    """The training documents, after the governance gate."""
+def corpus(args):
+    """A function returning a fresh iterator over the training text in pieces, after the
+    governance gate (the text is streamed twice: to train, then to measure compression)."""
     if args.data is None:
         check_sources(sources_for_tasks(CORPUS_TASKS), use="training", manifest=args.manifest)
-        return corpus_texts("train")
-    return gated_documents(args.data, args.manifest, args.text_column)[0]
+        return lambda: iter(corpus_texts("train"))
+    sources = gated_sources(args.data, args.manifest)
+    return lambda: stream_documents(sources, args.text_column, max_chars=PIECE_CHARS)
+
+
+class Counted:
+    """An iterator that counts the pieces and UTF-8 bytes passing through it."""
+
+    def __init__(self, it):
+        self.it, self.pieces, self.bytes = it, 0, 0
+
+    def __iter__(self):
+        for text in self.it:
+            self.pieces += 1
+            self.bytes += len(text.encode())
+            yield text
+
+
+def count_tokens(tok, texts):
+    """Tokens of the whole text, encoded about ENCODE_CHARS characters at a time."""
+    n, batch, chars = 0, [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= ENCODE_CHARS:
+            n += sum(map(len, tok.encode_batch(batch)))
+            batch, chars = [], 0
+    return n + sum(map(len, tok.encode_batch(batch)))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    texts = load_texts(args)
-    n_bytes = sum(len(t.encode()) for t in texts)
-    print(f"training on {len(texts)} documents, {n_bytes / 1e6:.2f} MB, vocab size {args.vocab_size}")
+    out = cli.claim_out(args.out, overwrite=args.overwrite, training=False,
+                        own=("tokenizer.json", "tokenizer_meta.json") + cli.SHARED_FILES)
+    texts = corpus(args)
+    seen = Counted(texts())
+    print(f"training on {'the bundled corpus' if args.data is None else ' '.join(args.data)}, vocab size "
+          f"{args.vocab_size}")
     t0 = time.perf_counter()
-    tok = Tokenizer.train(texts, args.vocab_size, num_threads=args.threads)
-    print(f"trained in {time.perf_counter() - t0:.2f} s")
-    tok.save(args.out)
-    n_tokens = sum(map(len, tok.encode_batch(texts)))
-    print(f"saved to {args.out}: {tok.vocab_size} tokens; {n_bytes / n_tokens:.2f} bytes/token on the training text")
+    tok = Tokenizer.train(seen, args.vocab_size, num_threads=args.threads, buffer_size=BUFFER)
+    print(f"trained on {seen.pieces} texts, {seen.bytes / 1e6:.2f} MB in {time.perf_counter() - t0:.2f} s")
+    tok.save(out)
+    n_tokens = count_tokens(tok, texts())
+    print(f"saved to {out}: {tok.vocab_size} tokens; {seen.bytes / max(n_tokens, 1):.2f} bytes/token on the "
+          f"training text")
     for s in SAMPLES:
         pieces = [tok.decode([i]) for i in tok.encode(s)]
         print(f"  {s!r} -> {len(pieces)} tokens {pieces}")

@@ -1,4 +1,5 @@
 """checkpoint.py: atomic saves, exact resume, LoRA adapter dirs, and the nanochat import."""
+import errno
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nanostoney import checkpoint, lora
-from nanostoney.errors import UserError
+from nanostoney.errors import RunFailed, UserError
 from nanostoney.gpt import GPT, GPTConfig
 
 CFG = dict(sequence_len=16, vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
@@ -68,27 +69,40 @@ def test_latest_follows_newest_and_keep_last_prunes(tmp_path):
         checkpoint.save_checkpoint(str(tmp_path), model, step, keep_last=2)
     assert sorted(e for e in os.listdir(tmp_path) if e.startswith("step_")) == ["step_000002", "step_000003"]
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000003")
-    checkpoint.save_checkpoint(str(tmp_path), model, 3)  # re-saving a step replaces it whole
+    before = (tmp_path / "step_000003" / "model.pt").read_bytes()
+    with pytest.raises(UserError, match="already exists"):  # another run's step is never overwritten
+        checkpoint.save_checkpoint(str(tmp_path), tiny(), 3)
+    assert (tmp_path / "step_000003" / "model.pt").read_bytes() == before
+    checkpoint.save_checkpoint(str(tmp_path), model, 3, replace=True)  # --overwrite: replaced whole
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000003")
     assert checkpoint.latest_checkpoint(str(tmp_path / "nothing")) is None
 
 
-def test_save_that_fails_midway_leaves_latest_alone(tmp_path, monkeypatch):
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_during_checkpoint_leaves_the_last_one_intact(tmp_path, monkeypatch):
+    """ENOSPC halfway through the optimizer file: one sentence naming the file and the reason,
+    the previous checkpoint and `latest` byte for byte as they were, no temporary left."""
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     checkpoint.save_checkpoint(str(tmp_path), model, 1, optimizer=opt)
+    before = tree_bytes(tmp_path)
     real_save = torch.save
 
     def failing_save(obj, f, *a, **k):
-        if str(f).endswith("optim.pt"):  # weights already written, optimizer not yet
-            raise OSError("disk full")
+        if getattr(f, "name", str(f)).endswith("optim.pt"):  # weights already written, optimizer not yet
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunFailed) as e:
         checkpoint.save_checkpoint(str(tmp_path), model, 2, optimizer=opt)
-    assert open(tmp_path / "latest").read().strip() == "step_000001"
-    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]  # no partial step, no tmp
+    msg = str(e.value)
+    assert "optim.pt" in msg and "No space left on device" in msg and "\n" not in msg
+    assert tree_bytes(tmp_path) == before  # no partial step, no tmp, latest unchanged
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000001")
 
 

@@ -151,6 +151,9 @@ def test_bad_manifests_and_uses(tmp_path):
 def test_check_data_script_exit_codes(tmp_path):
     script = ["-m", "scripts.check_data"]  # from another directory: the repo root on PYTHONPATH
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    approved = tmp_path / "OpenAIFineTune" / "x.jsonl"  # the upstream manifest approves this glob
+    approved.parent.mkdir()
+    approved.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     before = sorted(os.listdir(tmp_path))
     refused = subprocess.run([sys.executable, *script, "--manifest", str(UPSTREAM), str(STONEY)],
                              capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -158,7 +161,7 @@ def test_check_data_script_exit_codes(tmp_path):
     assert refused.stderr.startswith("error: ") and "no record" in refused.stderr
     assert "Traceback" not in refused.stderr
     ok = subprocess.run([sys.executable, *script, "--manifest", str(UPSTREAM), "--use", "training",
-                         str(tmp_path / "OpenAIFineTune" / "x.jsonl")], capture_output=True, text=True, env=env)
+                         str(approved)], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stderr
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
 

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("wandb", "mauve", "datasets", "pyarrow", "sacrebleu", "matplotlib", "tqdm", "transformers",
          "huggingface_hub", "faiss", "sklearn", "comet")
 CORE = ("gpt", "lora", "muon", "optim", "engine", "probes", "tokenizer", "data", "tasks", "batches", "train",
-        "checkpoint", "dist", "logging", "files", "answers", "metrics", "evaluate", "rewards", "reward_model", "grpo",
+        "checkpoint", "dist", "logging", "files", "cli", "answers", "metrics", "evaluate", "rewards", "reward_model", "grpo",
         "letters")
 
 CHECK = f"""

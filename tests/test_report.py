@@ -1,5 +1,6 @@
 """The report end to end (tiny random model + tiny tokenizer, our checkpoint and a nanochat-format
 export of it), its atomic write, and the script's one-sentence errors."""
+import errno
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import torch
 
 from nanostoney import report
 from nanostoney.checkpoint import save_checkpoint
-from nanostoney.errors import run_main
+from nanostoney.errors import RunFailed, run_main
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import Tokenizer
 from scripts import compare_reasoning
@@ -48,16 +49,25 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-def test_report_end_to_end(checkpoints, tmp_path):
+def test_report_end_to_end(checkpoints, tmp_path, capsys):
     out = str(tmp_path / "report")
     os.makedirs(out)
-    open(os.path.join(out, "stale.txt"), "w").close()  # an older report is replaced whole
-    compare_reasoning.main(["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}",
-                            "--tokenizer", str(checkpoints / "tok"), "--tasks", *TASKS, "--max-examples", "1",
-                            "--n-boot", "50", "--induction-seqs", "2", "--top-k", "2", "--out", out,
-                            "--no-progress"])
-    assert sorted(os.listdir(out)) == ["figures", "index.html", "metrics.json"]
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    with open(os.path.join(out, "notes.txt"), "w") as f:  # the user's: never deleted
+        f.write("my notes")
+    argv = ["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}",
+            "--tokenizer", str(checkpoints / "tok"), "--tasks", *TASKS, "--max-examples", "1",
+            "--n-boot", "50", "--induction-seqs", "2", "--top-k", "2", "--out", out, "--no-progress"]
+    code, err = exit_message(argv, capsys)  # a directory holding someone else's file is refused
+    assert code == 2 and "notes.txt" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    ours = [".lock", ".nanostoney", "figures", "index.html", "metrics.json", "notes.txt"]  # (locked: main() runs)
+    compare_reasoning.main(argv + ["--overwrite"])  # ... or written beside it
+    assert sorted(os.listdir(out)) == ours
+    compare_reasoning.main(argv)  # now ours: a rerun replaces its own files only
+    assert sorted(os.listdir(out)) == ours
+    assert open(os.path.join(out, "notes.txt")).read() == "my notes"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old" in p]
+    assert not [p for p in os.listdir(os.path.join(out, "figures")) if p.endswith(".old")]
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m) >= {"config", "definitions", "summary", "headline", "checkpoints", "deltas", "created"}
     assert m["config"]["context"] == "own" and "differences" not in m
@@ -85,6 +95,43 @@ def test_report_end_to_end(checkpoints, tmp_path):
     # re-rendering from the saved numbers alone works
     report.render(m, str(tmp_path))
     assert os.path.isfile(tmp_path / "index.html")
+
+
+def test_disk_full_while_writing_the_report_keeps_the_old_one(tmp_path, monkeypatch):
+    """ENOSPC halfway through the figures: the previous report stays byte for byte, the user's
+    file too, no temporary directory is left, and the message names the file and the reason."""
+    out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    for name, text in (("index.html", "old page"), ("metrics.json", "{}"), ("figures/a.png", "old"),
+                       ("notes.txt", "mine")):
+        (out / name).write_text(text)
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def render(metrics, directory):
+        path = os.path.join(directory, "figures", "entropy_by_layer.png")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(report, "render", render)
+    with pytest.raises(RunFailed) as e:
+        report.write_report(str(out), {"config": {}})
+    assert "entropy_by_layer.png" in str(e.value) and "No space left on device" in str(e.value)
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["report"]
+
+
+@pytest.mark.slow
+def test_one_head_model_report_shows_undefined_statistics_as_na(checkpoints, tmp_path):
+    """One layer of one head: rank correlations over heads are undefined (NaN), and say so."""
+    tok = Tokenizer.load(str(checkpoints / "tok"))
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
+    model.init_weights()
+    save_checkpoint(str(tmp_path / "one"), model, 1, tokenizer=tok)
+    out = compare_reasoning.main(["--checkpoints", f"one={tmp_path / 'one'}", "--tasks", *TASKS, "--max-examples", "1",
+                                  "--n-boot", "20", "--induction-seqs", "2", "--out", str(tmp_path / "r"),
+                                  "--no-progress"])
+    assert "Spearman n/a" in open(os.path.join(out, "index.html"), encoding="utf-8").read()
 
 
 def test_clean_json_makes_strict_json():
@@ -115,5 +162,7 @@ def test_missing_checkpoint_and_unknown_task_exit_2(tmp_path, capsys, checkpoint
     assert code == 2 and "given twice" in err
     for flag in ("--top-k", "--max-examples", "--n-boot"):
         code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", flag, "0"], capsys)
-        assert code == 2 and err == f"error: {flag} 0 is out of range; use 1 or more."
+        assert code == 2 and err.startswith(f"error: argument {flag}: must be a positive integer, got '0'")
+    code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", "--induction-len", "1"], capsys)
+    assert code == 2 and err == "error: --induction-len 1 is out of range; use 2 or more."
     assert not os.path.exists(tmp_path / "r")

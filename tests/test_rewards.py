@@ -190,8 +190,10 @@ def test_parse_weights():
     assert parse_weights("accuracy=1,format=0.2,repetition=0.1") == \
         {"accuracy": 1.0, "format": 0.2, "repetition": 0.1}
     assert parse_weights(" accuracy , chrf=0.5 ") == {"accuracy": 1.0, "chrf": 0.5}
-    with pytest.raises(UserError, match="must be a number"):
+    with pytest.raises(UserError, match="must be a finite number"):
         parse_weights("accuracy=lots")
+    with pytest.raises(UserError, match="must be a finite number"):
+        parse_weights("accuracy=nan")
     with pytest.raises(UserError, match="twice"):
         parse_weights("accuracy=1,accuracy=2")
     with pytest.raises(UserError):

@@ -1,0 +1,450 @@
+"""What every entry point shares: flags checked where they are parsed, one runner that turns
+any failure into one line, and the output directory a run owns (with its lock).
+
+    p = cli.ArgumentParser(description="...")             # a bad flag: one line, exit 2
+    p.add_argument("--depth", type=cli.positive_int, default=4)
+    p.add_argument("--lr", type=cli.finite_float(0), default=3e-3)
+    args = p.parse_args(argv)
+    cli.claim_out(out, overwrite=args.overwrite, resume=args.resume is not None, own=cli.RUN_FILES)
+    ...
+    if __name__ == "__main__":
+        cli.run_main(main)
+
+Exit codes: 0 done; 2 bad input (UserError: one sentence naming the problem and the fix);
+1 the run failed (RunFailed: one sentence; anything unexpected: one sentence naming the stage
+and the log file holding the traceback, which --debug prints instead); 130 Ctrl-C; 128+N
+another signal. Nothing half-written is left behind on any of these paths: writes go to a
+temporary name first (files.py, checkpoint.py) and the lock goes with the process.
+
+An output directory is ours when it holds our marker file (written when a run first claims
+it) or only names we write. A run refuses a non-empty directory that is not ours unless told
+--overwrite, and even then deletes nothing of the user's: it only writes its own names there.
+A training run refuses a directory that already holds checkpoints unless told --resume (go
+on) or --overwrite (replace them). While a run writes, `<out>/.lock` names it (pid, host,
+command, start); a second run on the same directory is refused with that name. A lock whose
+process is gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
+"""
+import argparse
+import atexit
+import fnmatch
+import json
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+from nanostoney.errors import RunFailed, UserError
+
+MARKER, LOCK = ".nanostoney", ".lock"
+# names a stage writes into its output directory (a directory holding only these is ours)
+RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged",
+             "*.log")
+SHARED_FILES = ("metrics.jsonl", "wandb", "logs")
+
+_state = {"log_dir": None, "locks": [], "created": []}
+
+
+def _rank():
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+# -----------------------------------------------------------------------------
+# flags: types that refuse a bad value where it is parsed
+
+
+def _number(text, kind, what):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text):
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text):
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_float(lo=None, hi=None, lo_open=False):
+    """A float in [lo, hi] ((lo, hi] with lo_open); NaN and inf are refused."""
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"<= {hi:g}")
+    what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+
+    def parse(text):
+        value = _number(text, float, what)
+        if not math.isfinite(value) or (lo is not None and (value < lo or lo_open and value == lo)) or \
+                (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = "finite_float"
+    return parse
+
+
+probability = finite_float(0, 1)
+positive_float = finite_float(0, lo_open=True)
+nonneg_float = finite_float(0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and the --debug flag the runner reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
+
+    def error(self, message):
+        if _rank() == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# the runner
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGHUP: unwinds like Ctrl-C so temporary files are removed and the lock released."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Stopped(signum)
+
+
+def _install_signal_handlers():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:  # keep nohup's SIG_IGN
+            signal.signal(sig, _on_signal)
+
+
+def _command_line():
+    """How this process was started, as the user typed it (python -m scripts.X ...)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return " ".join(head + sys.argv[1:])
+
+
+def stage_name():
+    """scripts.base_train -> base_train (also under python -m and torchrun)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = spec.name if spec is not None else os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return name.rsplit(".", 1)[-1] or "nanostoney"
+
+
+def _say(line, every_rank=False):
+    if every_rank or _rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _stdout_broken():
+    """Has the reader of stdout gone away (e.g. `| head`)? A pipe whose read end is closed polls
+    as an error; a file or a terminal does not."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except ValueError:  # closed
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll (Windows)
+        return False
+
+
+def _write_traceback(stage):
+    """The traceback into <out>/logs/<stage>-error.log (a temp file when there is no --out yet);
+    returns the path, or None when it cannot be written anywhere."""
+    rank = _rank()
+    name = f"{stage}-error{f'-rank{rank}' if rank else ''}.log"
+    text = f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}"
+    try:
+        from nanostoney.logging import mask_secrets  # lazy: the runner works before anything imports
+        text = mask_secrets(text)
+    except Exception:
+        pass
+    for folder in (_state["log_dir"], None):
+        try:
+            if folder is None:
+                fd, path = tempfile.mkstemp(prefix=f"nanostoney-{name[:-4]}-", suffix=".log")
+                os.close(fd)
+            else:
+                os.makedirs(folder, exist_ok=True)
+                path = os.path.join(folder, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _first_line(e):
+    """`Type: first line of the message`, secrets masked (the traceback keeps the rest)."""
+    try:
+        from nanostoney.logging import first_line  # lazy: the runner works before anything imports
+        return f"{type(e).__name__}: {first_line(e)}"
+    except Exception:  # the failure may be that very import
+        return type(e).__name__
+
+
+def run_main(main):
+    """Run an entry point's main(); every way out is one line on stderr and an exit code."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("NANOSTONEY_DEBUG") == "1"
+    stage = stage_name()
+    _install_signal_handlers()
+    _state["log_dir"] = None
+    code = 0
+    try:
+        main()
+        sys.stdout.flush()
+    except UserError as e:
+        _say(f"error: {e}")
+        code = 2
+    except RunFailed as e:
+        _say(f"error: {e}")
+        code = 1
+    except KeyboardInterrupt:
+        _say(f"interrupted: {stage} stopped by Ctrl-C; checkpoints and outputs already written are intact.")
+        code = 130
+    except Stopped as e:
+        _say(f"stopped: {stage} received {signal.Signals(e.signum).name}; checkpoints and outputs already "
+             f"written are intact.")
+        code = 128 + e.signum
+    except BrokenPipeError:
+        if not _stdout_broken():
+            code = _unexpected(stage, debug)
+        else:  # the reader went away (e.g. `| head`): nothing left to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
+    except Exception:
+        code = _unexpected(stage, debug)
+    release_locks()
+    if _stdout_broken():
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
+
+
+def _unexpected(stage, debug):
+    e = sys.exc_info()[1]
+    if debug:
+        traceback.print_exc()
+    log = _write_traceback(stage)
+    where = f"the traceback is in {log}" if log else "the traceback could not be written to a file"
+    _say(f"error: {stage} failed ({_first_line(e)}); {where}"
+         + ("." if debug else "; rerun with --debug to print it."), every_rank=True)
+    return 1
+
+
+# -----------------------------------------------------------------------------
+# output directories and their lock
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(path, holder):
+    """A lock nobody holds any more: its process is gone (same host), or it was never written
+    whole and is old."""
+    if not holder:
+        try:
+            return time.time() - os.path.getmtime(path) > 10
+        except OSError:
+            return True
+    return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+        and not _pid_alive(holder["pid"])
+
+
+def _refuse_if_locked(path, what):
+    holder = _read_lock(path) if os.path.exists(path) else None
+    if holder is not None and not _stale(path, holder) and holder.get("pid") != os.getpid():
+        raise UserError(_in_use(path, what, holder))
+
+
+def _in_use(path, what, holder):
+    who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+           f"({holder.get('command')})") if holder else "another run"
+    return (f"{what} is in use by {who}; wait for that run to finish or pick another output (remove {path} "
+            f"only if no run is using it).")
+
+
+def take_lock(path, what, pid=None, command=None):
+    """Create the lock file `path` (O_EXCL) naming this run; refuse in one sentence when another
+    live run holds it. Released at exit (atexit; Ctrl-C and SIGTERM unwind to it)."""
+    me = {"pid": pid or os.getpid(), "host": socket.gethostname(), "command": command or _command_line(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
+                return path  # this process holds it already (main() called twice in one process)
+            if _stale(path, holder):
+                _say(f"note: taking over the stale lock {path} (pid {holder.get('pid', '?')} is no longer running).")
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            raise UserError(_in_use(path, what, holder)) from None
+        except OSError as e:
+            raise UserError(f"cannot write in {os.path.dirname(path) or '.'} ({e.strerror}); pick a place you can "
+                            f"write to.") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        if pid is None:  # a lock held for another process (a shell script) is its to release
+            _state["locks"].append((path, me["pid"]))
+        return path
+    raise UserError(f"could not lock {what}: other runs keep taking it; pick another output.")
+
+
+def release_locks():
+    """Remove our locks; and a directory claim_out created that got nothing but our marker (the run
+    stopped before writing anything) goes too, so a refused run leaves nothing behind."""
+    for path, pid in _state["locks"]:
+        if _read_lock(path).get("pid") == pid:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    _state["locks"].clear()
+    for leaf, top in _state["created"]:
+        try:
+            if os.listdir(leaf) == [MARKER]:
+                os.remove(os.path.join(leaf, MARKER))
+                while True:  # up to the first folder claim_out made
+                    os.rmdir(leaf)
+                    if leaf == top:
+                        break
+                    leaf = os.path.dirname(leaf)
+        except OSError:
+            pass
+    _state["created"].clear()
+
+
+atexit.register(release_locks)
+
+
+def _is_ours(path, entries, own):
+    """Our marker, or nothing but names we write (or sub-directories holding our marker)."""
+    return os.path.exists(os.path.join(path, MARKER)) or all(
+        any(fnmatch.fnmatchcase(e, pat) for pat in own) or os.path.isfile(os.path.join(path, e, MARKER))
+        for e in entries)
+
+
+def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=True, flag="--out", pid=None,
+              command=None):
+    """Make `path` this run's output directory, or refuse in one sentence before any work:
+    a file; a directory holding files that are not ours (unless overwrite); with training,
+    one already holding checkpoints (unless resume or overwrite); one another run holds.
+    Rank 0 then creates it, locks it and marks it ours; unexpected errors log into it.
+    pid, command: lock on behalf of that process (a shell script), which removes the lock itself."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a directory; pick a directory path.")
+    entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
+    if _rank() == 0:  # (the other ranks would see rank 0's own lock)
+        _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
+    if entries and not overwrite:
+        if not _is_ours(path, entries, own):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
+                            f"empty directory, or pass --overwrite to write beside them (nothing of theirs is "
+                            f"deleted).")
+        if training and not resume and ("latest" in entries or any(e.startswith("step_") for e in entries)):
+            raise UserError(f"{flag} {path} already holds the checkpoints of a run; pass --resume to continue it, "
+                            f"--overwrite to train again over it, or pick a new {flag}.")
+    if _rank() == 0:
+        top = os.path.abspath(path)  # the first folder of path that does not exist yet
+        while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+            top = os.path.dirname(top)
+        existed = os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {flag} {path} ({e.strerror}); pick a directory you can write to.") from None
+        if pid is None and not existed:
+            _state["created"].append((os.path.abspath(path), top))
+        take_lock(os.path.join(path, LOCK), f"{flag} {path}", pid=pid, command=command)
+        marker = os.path.join(path, MARKER)
+        if not os.path.exists(marker):
+            with open(marker, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"created_by": stage_name(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    _state["log_dir"] = os.path.join(path, "logs")
+    return path
+
+
+def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out"):
+    """The same for an output that is one file: refuse a directory, or an existing file that is
+    not ours (unless overwrite); create its folder; lock it (<file>.lock) on rank 0."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; pass a file path such as {os.path.join(path, 'results.json')}.")
+    if os.path.exists(path) and not overwrite and not is_ours(path):
+        raise UserError(f"{flag} {path} already exists and was not written by nanostoney; pick another file name "
+                        f"or pass --overwrite to replace it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if _rank() == 0:
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable place.") from None
+        take_lock(f"{path}.lock", f"{flag} {path}")
+    return path
+
+
+def main(argv=None):
+    """`python -m nanostoney.cli DIR --pid PID --own NAME...`: claim and lock DIR for a shell
+    script (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits."""
+    p = ArgumentParser(description="Claim and lock an output directory for a shell script.")
+    p.add_argument("directory")
+    p.add_argument("--pid", type=positive_int, required=True)
+    p.add_argument("--own", nargs="+", default=["*"], help="names the script writes there")
+    p.add_argument("--flag", default="--out")
+    p.add_argument("--command-line", default=None)
+    args = p.parse_args(argv)
+    claim_out(args.directory, own=args.own, training=False, flag=args.flag, pid=args.pid,
+              command=args.command_line)
+
+
+if __name__ == "__main__":
+    run_main(main)
