@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from nanostoney import probes
 from nanostoney.answers import LETTERS, MARKER
+from nanostoney.dist import get_rank, map_over_ranks
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
 from nanostoney.metrics import bootstrap_means
@@ -625,38 +626,56 @@ def build_items(tokenizer, examples, limit, max_len, vocab_size, judge, rational
     return items, skipped
 
 
-def analyse_items(gpt, items, families, figure_examples, progress):
+def analyse_items(gpt, items, families, figure_examples, progress, info=None):
     """Pass 1, one forward per item: (per-example records, every head's mean output over all
     analysed positions [L, H, head_dim], full patterns of the figure items). The figure items
-    are the first held-out items of each family (its first task first)."""
-    c = gpt.config
+    are the first held-out items of each family (its first task first). Under torchrun the
+    items are shared out over the ranks and every rank gets all results (summed in item order:
+    the same numbers at any world size)."""
     figure_ids = set()
     for fam in families:
         held = [it for it in items if it.family == fam and it.group == "heldout"] or \
             [it for it in items if it.family == fam]
         figure_ids |= {it.id for it in held[:figure_examples]}
-    recs, out_sum, n_pos, figures = [], torch.zeros(c.n_layer, c.n_head, c.n_embd // c.n_head), 0, {}
-    for it in tqdm(items, desc="analyse", disable=not progress, leave=False):
+
+    def analyse(it):
         rec, s, full = analyse_item(gpt, it, keep_full=it.id in figure_ids)
-        out_sum += s
-        n_pos += len(it.ids)
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id)
-        recs.append(rec)
+        return rec, s, full
+
+    done = map_over_ranks(analyse, items, info, wrap=_bar("analyse", progress, info))
+    recs, figures = [rec for rec, _, _ in done], {}
+    out_sum = torch.stack([s for _, s, _ in done]).sum(0)
+    for it, (_, _, full) in zip(items, done):
         if full is not None:
             figures[it.id] = {"task": it.task, "family": it.family, "split": it.split, "tokens": it.tokens,
                               "struct": it.struct.tolist(), "full": full}
-    return recs, out_sum / n_pos, figures
+    return recs, out_sum / sum(len(it.ids) for it in items), figures
 
 
-def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress):
+def _rank(info):
+    return info.rank if info is not None else get_rank()
+
+
+def _bar(desc, progress, info):
+    """A progress bar around this rank's share of the items (rank 0 only)."""
+    return lambda idx: tqdm(idx, desc=desc, disable=not progress or _rank(info) != 0, leave=False)
+
+
+def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress, info=None):
     """Pass 2, single-head ablations (both modes, into each record), then the top-k heads of
     each family (chosen on its train items, or all its items if none), the other family's and
-    random k-head sets ablated together. Returns (k, {mode: {family: heads}}, random sets)."""
+    random k-head sets ablated together. Returns (k, {mode: {family: heads}}, random sets).
+    Items are shared out over the ranks as in analyse_items."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
-    for it, rec in tqdm(list(zip(items, recs)), desc="ablate heads", disable=not progress, leave=False):
-        d = ablation_logprob_drops(gpt, it.ids, it.target, single, means).view(2, L, H).numpy()
-        rec["ablate_zero"], rec["ablate_mean"] = d[0], d[1]
+
+    def drops_of(rows):
+        return lambda it: ablation_logprob_drops(gpt, it.ids, it.target, rows, means).numpy()
+
+    drops = map_over_ranks(drops_of(single), items, info, wrap=_bar("ablate heads", progress, info))
+    for rec, d in zip(recs, drops):
+        rec["ablate_zero"], rec["ablate_mean"] = d.reshape(2, L, H)
     k = max(1, min(top_k, L * H - 1))
     topk, rng = {}, np.random.default_rng(seed)
     random_sets = [[(int(i // H), int(i % H)) for i in rng.choice(L * H, k, replace=False)]
@@ -669,8 +688,8 @@ def ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, 
             topk[mode][fam] = top_heads(np.mean([r[f"ablate_{mode}"] for r in chosen], 0), k)
     sets = {mode: [topk[mode][f] for f in families] + random_sets for mode in ABLATION_MODES}
     rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
-    for it, rec in tqdm(list(zip(items, recs)), desc="ablate top-k", disable=not progress, leave=False):
-        drop = ablation_logprob_drops(gpt, it.ids, it.target, rows, means).numpy()
+    drops = map_over_ranks(drops_of(rows), items, info, wrap=_bar("ablate top-k", progress, info))
+    for it, rec, drop in zip(items, recs, drops):
         for m, mode in enumerate(ABLATION_MODES):
             dm = drop[m * len(sets[mode]):(m + 1) * len(sets[mode])]
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
@@ -741,20 +760,24 @@ def example_figures(figures, topk):
 
 def run_checkpoint(model, tokenizer, examples, *, limit=None, top_k=5, n_random_sets=3, n_induction=16,
                    induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1, rationale="gold", judge=None,
-                   progress=True):
+                   progress=True, info=None):
     """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
     list the first `limit` examples whose context fits in max_len tokens are analysed.
 
     Returns a JSON-able dict: per family and split group the bootstrap summaries, per task the
     scalars, head roles, top-k heads and their overlap, and data for example attention figures.
+    Under torchrun (info: a DistInfo) the per-item passes are shared out over the ranks; rank 0
+    computes the summaries and the other ranks return None.
     """
     gpt = unwrap(model).eval()
     c = gpt.config
     items, skipped = build_items(tokenizer, examples, limit, max_len or c.sequence_len, c.vocab_size,
                                  judge or word_judge()[0], rationale)
     families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
-    recs, means, figures = analyse_items(gpt, items, families, figure_examples, progress)
-    k, topk, random_sets = ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress)
+    recs, means, figures = analyse_items(gpt, items, families, figure_examples, progress, info)
+    k, topk, random_sets = ablate_heads(gpt, items, recs, means, families, top_k, n_random_sets, seed, progress, info)
+    if _rank(info) != 0:
+        return None
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)

@@ -21,8 +21,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import interp, report
+from nanostoney import interp, lora, report
 from nanostoney.checkpoint import git_commit, load_model
+from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/report", help="report directory (replaced atomically)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for checkpoints that carry none (default: the base checkpoint's, if named)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (auto: cuda when available)")
     p.add_argument("--max-len", type=int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--rationale", default="gold", choices=("gold", "empty"),
@@ -149,25 +150,37 @@ def main(argv=None):
     for t, by in examples.values():  # fail before loading any model
         interp.answer_cue(t, next(ex for rows in by.values() for ex in rows))
     families = sorted({t.family for t in tasks}, key=lambda f: (f != "stoney", f))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_dist(args.device)
+    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})
+    device = info.device
     judge, judge_desc = interp.word_judge()
     extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    print0(f"report plan: {info.world_size} process(es) on {device.type}; {len(ckpts)} checkpoint(s) x "
+           f"{len(tasks)} tasks x up to {args.max_examples} items per split, shared out over the processes")
     results, ck_cfg = {}, {}
-    for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress):
+    for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress or not info.is_master):
         model, tok, meta = load_model(path, device=device)
+        lora.merge_lora(model)  # only read here, never saved: the merged weights are the same function
         tok = tok or extra_tok or base_tokenizer(meta)
         if tok is None:
             raise UserError(f"checkpoint {name} ({path}) carries no tokenizer; pass --tokenizer DIR.")
+        print0(f"{name}: depth {model.config.n_layer} (width {model.config.n_embd}), "
+               f"{model.num_params() / 1e6:.2f}M params")
         t1 = time.time()
-        results[name] = interp.run_checkpoint(
-            model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
-            n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed, n_boot=args.n_boot,
-            max_len=args.max_len, figure_examples=args.figure_examples, rationale=args.rationale, judge=judge,
-            progress=not args.no_progress)
-        ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
-                        "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
-                        "seconds": round(time.time() - t1, 1)}
+        with autocast_ctx(info):
+            results[name] = interp.run_checkpoint(
+                model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
+                n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed,
+                n_boot=args.n_boot, max_len=args.max_len, figure_examples=args.figure_examples,
+                rationale=args.rationale, judge=judge, progress=not args.no_progress, info=info)
+        if info.is_master:
+            ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
+                            "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
+                            "seconds": round(time.time() - t1, 1)}
         del model
+    if not info.is_master:
+        cleanup()
+        return None
     delta_out = {f"{new} vs {old}": interp.paired_delta(results, new, old, args.n_boot, args.seed)
                  for new, old in deltas}
     diffs = interp.differences(results, families)
@@ -175,7 +188,7 @@ def main(argv=None):
         r.pop("_recs")
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
     config.update(checkpoints=ck_cfg, families=families,
-                  family_of={t.name: t.family for t in tasks}, device=device, word_judge=judge_desc,
+                  family_of={t.name: t.family for t in tasks}, device=device.type, world_size=info.world_size, word_judge=judge_desc,
                   candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
                   deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
                   git_commit=git_commit(), torch_version=torch.__version__,
@@ -197,6 +210,7 @@ def main(argv=None):
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
     for line in metrics["summary"]["top"]:
         print(" -", line)
+    cleanup()
     return out
 
 

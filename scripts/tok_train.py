@@ -2,6 +2,7 @@
 
     python -m scripts.tok_train                                  # bundled corpus, vocab 4096
     python -m scripts.tok_train --vocab-size 65536 --data my_corpus/ --out out/tokenizer
+    torchrun --nproc_per_node=8 -m scripts.tok_train     # works too: rank 0 trains, the others wait
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
 held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
@@ -12,6 +13,7 @@ import argparse
 import time
 
 from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney.dist import barrier, cleanup, init_dist
 from nanostoney.errors import run_main
 from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
 from nanostoney.tokenizer import Tokenizer
@@ -41,7 +43,16 @@ def load_texts(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    texts = load_texts(args)
+    # under torchrun (the pipeline's --nproc) rank 0 trains and saves; the others wait for it
+    info = init_dist("cpu")
+    texts = load_texts(args)  # on every rank: bad input stops them all, none waits
+    if info.is_master:
+        train(args, texts)
+    barrier()
+    cleanup()
+
+
+def train(args, texts):
     n_bytes = sum(len(t.encode()) for t in texts)
     print(f"training on {len(texts)} documents, {n_bytes / 1e6:.2f} MB, vocab size {args.vocab_size}")
     t0 = time.perf_counter()
