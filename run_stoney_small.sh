@@ -32,11 +32,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 if [ -n "$NPROC" ] && ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: --nproc $NPROC is not a positive whole number of processes; e.g. --nproc 8." >&2
+    echo "error: --nproc $NPROC is not a positive whole number of processes (e.g. --nproc 8)." >&2
     exit 2
 fi
 if [ -n "$SIZE" ] && ! [[ "$SIZE" =~ ^(tiny|cpu|gpu)$ ]]; then
-    echo "error: --size $SIZE is not one of tiny, cpu, gpu." >&2
+    echo "error: --size $SIZE is not one of tiny, cpu, gpu (the stage sizes to run)." >&2
     exit 2
 fi
 

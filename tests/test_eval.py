@@ -146,6 +146,11 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     assert {"chrf++", "mauve"} <= set(res["lora"]["tasks"]["gsm8k"]["metrics"])
     greedy = {c: [s["greedy"] for s in res[c]["tasks"]["aqua_mc"]["samples"]] for c in ("base", "lora")}
     assert greedy["base"] != greedy["lora"], "the adapters were not applied"
+    # eval samples the adapters merged into the weights (never saved): the same function
+    merged = eval_script.load_for_eval(adapter, "cpu")[0]
+    assert all(m.merged for _, m in lora.lora_modules(merged))
+    x = torch.randint(0, merged.config.vocab_size, (2, 12))
+    assert torch.allclose(merged(x), model(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("args, words", [

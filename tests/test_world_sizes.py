@@ -129,6 +129,58 @@ def grpo_args(ckpts, out, *extra):
 
 
 # -----------------------------------------------------------------------------
+# the defaults: per-device batches that work at any world size
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+@pytest.mark.parametrize("script, rows_len", [("base_train", 256), ("sft_train", 1), ("rm_train", 1),
+                                              ("star_train", 1)])
+def test_default_batches_scale_with_the_world_size(script, rows_len, world):
+    import importlib
+    from nanostoney import train
+    args = importlib.import_module(f"scripts.{script}").parse_args([])
+    info = SimpleNamespace(world_size=world)
+    total, accum = train.batch_geometry(args, info, rows_len)
+    assert total == args.device_batch_size * rows_len * world * accum and accum == args.default_grad_accum_steps
+    # an explicit global batch still works (the N-ranks-vs-one-process tests use it) when it divides
+    args.total_batch_size = total * 2
+    assert train.batch_geometry(args, info, rows_len) == (total * 2, accum * 2)
+
+
+def test_grpo_prompts_are_per_rank_by_default():
+    from scripts import grpo_train
+    args = grpo_train.parse_args([])
+    assert args.prompts_per_step is None and args.prompts_per_rank == 8
+
+
+def test_explicit_batch_flags_that_disagree_are_refused():
+    from nanostoney import train
+    from nanostoney.errors import UserError
+    from scripts import sft_train
+    args = sft_train.parse_args(["--total-batch-size", "16", "--grad-accum-steps", "1"])
+    with pytest.raises(UserError, match="means 2 grad-accum steps on 1 process"):
+        train.batch_geometry(args, SimpleNamespace(world_size=1))
+    args = sft_train.parse_args(["--total-batch-size", "12"])
+    with pytest.raises(UserError, match="not a positive multiple of 24"):
+        train.batch_geometry(args, SimpleNamespace(world_size=3))
+
+
+def test_compile_is_on_by_default_for_base_and_sft_on_cuda_only():
+    from nanostoney import train
+    from scripts import base_train
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    args = base_train.parse_args([])
+    cpu, cuda = (SimpleNamespace(device=torch.device(d), is_distributed=False) for d in ("cpu", "cuda"))
+    assert train.training_module(model, args, cpu, compile_default=True) is model
+    assert train.training_module(model, args, cuda, compile_default=False) is model   # RM, STaR
+    assert isinstance(train.training_module(model, args, cuda, compile_default=True), torch._dynamo.OptimizedModule)
+    args = base_train.parse_args(["--no-compile"])
+    assert train.training_module(model, args, cuda, compile_default=True) is model
+    args = base_train.parse_args(["--compile"])
+    assert isinstance(train.training_module(model, args, cpu), torch._dynamo.OptimizedModule)
+
+
+# -----------------------------------------------------------------------------
 # 3 ranks: SFT, reward model, GRPO
 
 
