@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nanostoney import checkpoint, probes
-from nanostoney.dist import autocast_ctx, barrier, print0
+from nanostoney.dist import autocast_ctx, barrier, check_shared, print0
 from nanostoney.errors import UserError
 from nanostoney.optim import lr_multiplier, set_lr
 
@@ -114,7 +114,8 @@ def batch_geometry(args, info, rows_len=1):
                              args.batch_unit)
     if args.grad_accum_steps is not None and args.grad_accum_steps != accum:
         raise UserError(f"--total-batch-size {args.total_batch_size} means {accum} grad-accum steps on "
-                        f"{info.world_size} process(es), not --grad-accum-steps {args.grad_accum_steps}; give one of them.")
+                        f"{info.world_size} process(es), not --grad-accum-steps {args.grad_accum_steps}; "
+                        f"give one of them.")
     return args.total_batch_size, accum
 
 
@@ -341,6 +342,7 @@ def resume(resume_arg, out_dir, model, optimizer, info, expect=None):
     (batch geometry, seed...), else the data order would silently differ from the original run."""
     if resume_arg is None:
         return 0
+    check_shared({"--resume": out_dir if resume_arg == "latest" else resume_arg})
     if resume_arg != "latest":
         if not os.path.isdir(resume_arg):
             raise UserError(f"--resume {resume_arg}: no such checkpoint directory.")

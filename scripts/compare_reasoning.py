@@ -4,6 +4,7 @@
         --max-examples 16 --out out/report
     python -m scripts.compare_reasoning --checkpoints nanochat=~/.cache/nanochat/base_checkpoints/d20 \
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
+    torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
 nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
@@ -12,6 +13,9 @@ from each split (a seeded sample, the same for every checkpoint). Writes <out>/i
 offline), <out>/figures/*.png and <out>/metrics.json (every number and the configuration); the
 directory appears complete or not at all. With --wandb the figures and tables go to W&B too.
 The definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
+Under torchrun the per-item forwards and ablations are shared out over the ranks and gathered in
+order; rank 0 computes the statistics and writes the report, whose numbers do not depend on the
+number of processes. On CUDA the forwards run under bf16 autocast, LoRA adapters merged.
 """
 import argparse
 import os
@@ -188,7 +192,8 @@ def main(argv=None):
         r.pop("_recs")
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
     config.update(checkpoints=ck_cfg, families=families,
-                  family_of={t.name: t.family for t in tasks}, device=device.type, world_size=info.world_size, word_judge=judge_desc,
+                  family_of={t.name: t.family for t in tasks}, device=device.type, world_size=info.world_size,
+                  word_judge=judge_desc,
                   candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
                   deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
                   git_commit=git_commit(), torch_version=torch.__version__,

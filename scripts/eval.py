@@ -258,7 +258,8 @@ def main(argv=None):
     tasks_wanted, ckpts = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
-    check_shared({f"the {name} checkpoint": path for name, path in ckpts} | {"--mauve-featurizer": args.mauve_featurizer})
+    check_shared({f"the {name} checkpoint": path for name, path in ckpts}
+                 | {"--mauve-featurizer": args.mauve_featurizer})
     tasks = [get_task(n) for n in tasks_wanted]
     examples = {t.name: evaluate.select_examples(t, args.split, args.max_examples) for t in tasks}
     featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None

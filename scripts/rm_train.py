@@ -146,7 +146,8 @@ def main(argv=None):
                      tokens_per_step=total_batch * mean_len,
                      extra=f"{'full' if args.full else 'LoRA'} on {init_ckpt}; train pairs "
                            + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
-                           + f"; held-out ({args.eval_split}) " + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
+                           + f"; held-out ({args.eval_split}) "
+                           + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
 
     def batch(step, micro):
         g = batches.first_row(step, micro, accum, info.world_size, info.rank, args.device_batch_size)
