@@ -11,11 +11,16 @@ process and never touch torch.distributed, so a laptop run needs no network setu
     cleanup()
 """
 import os
+import shutil
+import socket
+import subprocess
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanostoney.errors import UserError
 
 
 @dataclass
@@ -41,8 +46,54 @@ def _env_int(name, default):
     return int(value) if value not in (None, "") else default
 
 
+def visible_gpus():
+    """GPUs this process is shown, whether or not torch can use them: the ids in
+    CUDA_VISIBLE_DEVICES when it is set (set empty, it hides every GPU), else the lines of
+    `nvidia-smi -L`; [] when there are none."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ids is not None:
+        ids = ids.strip()
+        return [] if ids in ("", "-1", "none", "NoDevFiles") else ids.split(",")
+    smi = _nvidia_smi("-L")
+    return [line for line in (smi or "").splitlines() if line.startswith("GPU")]
+
+
+def driver_version():
+    """The NVIDIA driver version from nvidia-smi, or None when nvidia-smi does not run."""
+    out = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
+    return out.splitlines()[0].strip() if out and out.strip() else None
+
+
+def _nvidia_smi(*args):
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def check_gpus_usable():
+    """Stop (UserError) when GPUs are visible but torch cannot use them: a CPU fallback would
+    run 8 slow CPU ranks on an 8-GPU node without a word. The usual cause is a driver older
+    than the CUDA version torch was built for."""
+    if torch.cuda.is_available():
+        return
+    gpus = visible_gpus()
+    if not gpus:
+        return
+    driver = driver_version()
+    driver = f"NVIDIA driver {driver}" if driver else "an NVIDIA driver nvidia-smi could not report"
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    raise UserError(f"{len(gpus)} GPU(s) are visible but torch {torch.__version__}, built for {built}, cannot "
+                    f"use them with {driver}; install a driver for {built} (README, GPUs), or run on CPU "
+                    f"on purpose with --device cpu or CUDA_VISIBLE_DEVICES=.")
+
+
 def pick_device(device=None, local_rank=0):
-    """"auto"/None: cuda:local_rank if there is a GPU, else mps (single process), else cpu."""
+    """"auto"/None: cuda:local_rank if there is a GPU, else mps (single process), else cpu.
+    GPUs that are visible but unusable stop the run (check_gpus_usable) instead of falling back."""
     if device not in (None, "", "auto"):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -50,6 +101,7 @@ def pick_device(device=None, local_rank=0):
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
+    check_gpus_usable()
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available() and _env_int("WORLD_SIZE", 1) == 1:
         return torch.device("mps")  # no multi-process backend for mps: single process only
@@ -173,6 +225,42 @@ def gather_lists(items):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def get_world_size():
+    return dist.get_world_size() if _grouped() else 1
+
+
+def map_over_ranks(fn, items, info=None, wrap=None):
+    """[fn(x) for x in items] with the work shared out: rank r computes items r, r + world, ...
+    and every rank gets the whole list back, in order. When fn(x) depends only on x (seed it
+    from x's position, not the rank), the result is the same at any world size.
+    info: a DistInfo (default: this process's group); wrap: e.g. a progress bar around this
+    rank's indices."""
+    rank, world = (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
+    idx = range(rank, len(items), world)
+    mine = [(i, fn(items[i])) for i in (wrap(idx) if wrap is not None else idx)]
+    if world > 1:  # (world 1 inside a group: one rank working alone, e.g. rank 0's samples)
+        mine = sorted(gather_lists(mine), key=lambda pair: pair[0])
+    return [r for _, r in mine]
+
+
+def check_shared(paths):
+    """Several nodes read what rank 0 reads: checkpoints, --init, tokenizers and outputs must sit
+    on a filesystem every node mounts at the same path. paths: {flag: path} (None is skipped).
+    Every rank checks them (one collective) and every rank raises the same one-sentence
+    UserError when a rank misses a path rank 0 sees, before any rank waits on the others."""
+    if not _grouped():
+        return
+    paths = {k: v for k, v in paths.items() if v}
+    seen = [os.path.exists(v) for v in paths.values()]
+    everyone = gather_lists([(get_rank(), socket.gethostname(), seen)])
+    for rank, host, mine in everyone:
+        for (flag, path), on_rank0, here in zip(paths.items(), everyone[0][2], mine):
+            if on_rank0 and not here:
+                raise UserError(f"rank {rank} on {host} cannot see {flag} {path}, which rank 0 sees; put "
+                                f"checkpoints and outputs on a filesystem shared by every node, at the same "
+                                f"path (README, several nodes).")
 
 
 def barrier():

@@ -41,13 +41,14 @@ import contextlib
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from nanostoney.answers import answer_after, answer_part, rationale_part
 from nanostoney.batches import collate
-from nanostoney.dist import all_reduce_sum, autocast_ctx, gather_lists
+from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
@@ -59,6 +60,7 @@ from nanostoney.tasks.base import stable_hash
 # "rationale": the <think> reasoning vs the gold reasoning.
 OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale"}
 N_SHOWN = 3  # completions kept verbatim in the results, per task
+ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, autocast_dtype=None)  # info=None: this process alone
 
 
 # -----------------------------------------------------------------------------
@@ -106,33 +108,34 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
     overrun the model's rotary positions.
     """
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
-    model = unwrap(model)
-    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    model, info = unwrap(model), info or ONE_PROCESS
     engine = Engine(model, tokenizer)
     stops = set(engine.stop_ids)
     positions = model.cos.size(1)
+    longest = max((len(p) for p in prompts), default=0)
+    if positions - longest < 1:  # checked up front: every rank stops, none waits in the gather
+        raise UserError(f"a prompt of {longest} tokens leaves no room in the model's {positions} "
+                        f"positions; evaluate a model with a longer sequence_len.")
     per = max(1, batch_size // max(1, num_samples))
-    batches = [list(range(i, min(i + per, len(prompts)))) for i in range(0, len(prompts), per)]
+    batches = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+
+    def generate(b):
+        chunk = batches[b]
+        n_new = min(max_new_tokens, positions - max(len(p) for p in chunk))
+        with autocast_ctx(info):
+            out = engine.generate(chunk, n_new, temperature=temperature, top_k=top_k, seed=seed + b,
+                                  num_samples=num_samples)
+        texts = [tokenizer.decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
+        return [texts[j * num_samples:(j + 1) * num_samples] for j in range(len(chunk))]
+
     was_training = model.training
     model.eval()
-    mine = []
     try:
-        for b in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, leave=False):
-            chunk = [prompts[i] for i in batches[b]]
-            longest = max(len(p) for p in chunk)
-            n_new = min(max_new_tokens, positions - longest)
-            if n_new < 1:
-                raise UserError(f"a prompt of {longest} tokens leaves no room in the model's {positions} "
-                                f"positions; evaluate a model with a longer sequence_len.")
-            with autocast_ctx(info) if info is not None else contextlib.nullcontext():
-                out = engine.generate(chunk, n_new, temperature=temperature, top_k=top_k,
-                                      seed=seed + b, num_samples=num_samples)
-            texts = [tokenizer.decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
-            for j, i in enumerate(batches[b]):
-                mine.append((i, texts[j * num_samples:(j + 1) * num_samples]))
+        done = map_over_ranks(generate, list(range(len(batches))), info,
+                              wrap=lambda idx: tqdm(idx, desc=desc, disable=info.rank != 0, leave=False))
     finally:
         model.train(was_training)
-    return [c for _, c in sorted(gather_lists(mine))]
+    return [c for part in done for c in part]
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):

@@ -160,9 +160,10 @@ def sample(model, prompts, cfg, seed=0):
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    gen = Engine(model, stop_ids=cfg.stop_ids).generate(
-        prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
-        num_samples=cfg.group_size)
+    with _autocast(cfg):  # bf16 on CUDA: rollouts are most of a step's time
+        gen = Engine(model, stop_ids=cfg.stop_ids).generate(
+            prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
+            num_samples=cfg.group_size)
     model.train(was_training)
     R = len(gen.tokens)
     lps = [gen.logprobs[r, :len(gen.tokens[r])].tolist() for r in range(R)]

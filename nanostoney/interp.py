@@ -46,6 +46,7 @@ from tqdm import tqdm
 from nanostoney import probes
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     parse_letter, parse_number, rationale_part
+from nanostoney.dist import get_rank, map_over_ranks
 from nanostoney.errors import UserError
 from nanostoney.evaluate import complete_task
 from nanostoney.gpt import unwrap
@@ -496,16 +497,20 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
-def own_completions(model, tokenizer, examples, chosen, max_len):
+def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
     """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
-    up to the task's longest reference + 16 tokens, and within max_len)."""
+    up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
+    `chunk` examples shared out over the ranks (the chunks do not depend on the world size)."""
     out = {}
     for name, pairs in chosen.items():
         if not pairs:
             continue
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
-        greedy, _ = complete_task(model, tokenizer, task, exs, max_new_tokens=max(1, max_len - longest))
+        chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
+        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part,
+                                                         max_new_tokens=max(1, max_len - longest))[0], chunks, info)
+        greedy = [g for part in done for g in part]
         out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
     return out
 
@@ -814,15 +819,23 @@ def figure_item_keys(items, families, n):
     return keys
 
 
-def item_records(gpt, items, figure_keys=(), progress=True):
+def _bar(desc, progress, info):
+    """A progress bar around this rank's share of the items (rank 0 only)."""
+    rank = info.rank if info is not None else get_rank()
+    return lambda idx: tqdm(idx, desc=desc, disable=not progress or rank != 0, leave=False)
+
+
+def item_records(gpt, items, figure_keys=(), progress=True, info=None):
     """Pass 1, one forward per item: (records, every head's output summed over all positions
-    [L, H, head_dim], the number of positions, {key: full patterns} of the figure items)."""
-    c = gpt.config
-    recs, out_sum, n_pos, figures = [], torch.zeros(c.n_layer, c.n_head, c.n_embd // c.n_head), 0, {}
-    for it in tqdm(items, desc="analyse", disable=not progress, leave=False):
-        rec, s, full = analyse_item(gpt, it, keep_full=it.key in figure_keys)
-        out_sum += s
-        n_pos += len(it.ids)
+    [L, H, head_dim], the number of positions, {key: full patterns} of the figure items). Under
+    torchrun the items are shared out over the ranks and every rank gets all results, summed in
+    item order (the same numbers at any world size)."""
+    done = map_over_ranks(lambda it: analyse_item(gpt, it, keep_full=it.key in figure_keys), items, info,
+                          wrap=_bar("analyse", progress, info))
+    out_sum = torch.stack([s for _, s, _ in done]).sum(0)
+    n_pos = sum(len(it.ids) for it in items)
+    recs, figures = [], {}
+    for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
                    outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct))
         recs.append(rec)
@@ -832,13 +845,18 @@ def item_records(gpt, items, figure_keys=(), progress=True):
     return recs, out_sum, n_pos, figures
 
 
-def ablate_single(gpt, items, recs, means, progress=True):
+def drops_of(gpt, rows, means):
+    """item -> its answer log-prob drops under each ablation row (numpy)."""
+    return lambda it: ablation_logprob_drops(gpt, it.ids, it.target, rows, means).numpy()
+
+
+def ablate_single(gpt, items, recs, means, progress=True, info=None):
     """Pass 2: every head ablated alone, zero and mean mode, into each record ([L, H] drops)."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
-    for it, rec in tqdm(list(zip(items, recs)), desc="ablate heads", disable=not progress, leave=False):
-        d = ablation_logprob_drops(gpt, it.ids, it.target, single, means).view(2, L, H).numpy()
-        rec["ablate_zero"], rec["ablate_mean"] = d[0], d[1]
+    drops = map_over_ranks(drops_of(gpt, single, means), items, info, wrap=_bar("ablate heads", progress, info))
+    for rec, d in zip(recs, drops):
+        rec["ablate_zero"], rec["ablate_mean"] = d.reshape(2, L, H)
 
 
 def choose_heads(recs, families, k):
@@ -861,14 +879,14 @@ def random_head_sets(n_layer, n_head, k, n_sets, seed):
             for _ in range(n_sets)]
 
 
-def ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress=True):
+def ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress=True, info=None):
     """Pass 3: each family's top-k heads, and random k-head sets, ablated together; per record
     topk_<mode> = {"own", <other family>, "random" (mean over the random sets)}."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     sets = {mode: [topk[mode][f] for f in families] + random_sets for mode in ABLATION_MODES}
     rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
-    for it, rec in tqdm(list(zip(items, recs)), desc="ablate top-k", disable=not progress, leave=False):
-        drop = ablation_logprob_drops(gpt, it.ids, it.target, rows, means).numpy()
+    drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=_bar("ablate top-k", progress, info))
+    for it, rec, drop in zip(items, recs, drops):
         for m, mode in enumerate(ABLATION_MODES):
             dm = drop[m * len(sets[mode]):(m + 1) * len(sets[mode])]
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
@@ -970,32 +988,36 @@ def context_samples(tokenizer, items, n=2):
 
 def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=3,
                    n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1,
-                   judge=None, progress=True):
+                   judge=None, progress=True, info=None):
     """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
     list the first `limit` examples whose prompt and gold fit in max_len tokens are analysed,
     each read after its context (`context`: "own" or "gold", see context_text).
 
     Returns a JSON-able dict: per family and item group the bootstrap summaries, per task the
     scalars, head roles, top-k heads, their overlap and out-of-sample head maps, example
-    contexts and data for example attention figures; "_recs" keeps the per-item records."""
+    contexts and data for example attention figures; "_recs" keeps the per-item records.
+    Under torchrun (info: a DistInfo) generation and the per-item passes are shared out over the
+    ranks; rank 0 computes the summaries and the other ranks return None."""
     gpt = unwrap(model).eval()
     c = gpt.config
     max_len = max_len or c.sequence_len
     chosen, skipped = fitting_examples(tokenizer, examples, limit, max_len)
-    completions = own_completions(gpt, tokenizer, examples, chosen, max_len)
+    completions = own_completions(gpt, tokenizer, examples, chosen, max_len, info)
     items, too_long = build_items(tokenizer, examples, chosen, completions, judge or word_judge()[0], context,
                                   max_len, c.vocab_size)
     for name, n in too_long.items():
         skipped[name] = skipped.get(name, 0) + n
     families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
     recs, out_sum, n_pos, figures = item_records(gpt, items, figure_item_keys(items, families, figure_examples),
-                                                 progress)
+                                                 progress, info)
     means = out_sum / n_pos
-    ablate_single(gpt, items, recs, means, progress)
+    ablate_single(gpt, items, recs, means, progress, info)
     k = max(1, min(top_k, c.n_layer * c.n_head - 1))
     topk = choose_heads(recs, families, k)
     random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
-    ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress)
+    ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress, info)
+    if (info.rank if info is not None else get_rank()) != 0:
+        return None
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)

@@ -45,7 +45,10 @@ class RewardModel(nn.Module):
         # scores near 0 (std ~0.1) without zeroing the trunk's first gradients
         nn.init.normal_(self.head.weight, std=head_std if head_std is not None else 0.1 / n ** 0.5)
         nn.init.zeros_(self.head.bias)
-        gpt.lm_head.weight.requires_grad_(False)  # unused here; keep it out of the optimizer
+        # lm_head is outside the reward's graph: none of its parameters may train (its weight, or
+        # the LoRA adapters an SFT init put on it), else DDP waits for gradients that never come
+        for p in gpt.lm_head.parameters():
+            p.requires_grad_(False)
         self.probes = gpt.probes  # probes attached to the reward model measure its trunk
 
     @property

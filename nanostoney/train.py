@@ -15,6 +15,7 @@ What lives here and why:
 - DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
 Which tokens form which batch is in batches.py; what evaluations measure is in evaluate.py.
 """
+import argparse
 import math
 import os
 import time
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanostoney import checkpoint, probes
 from nanostoney.cli import finite_float, nonneg_int, positive_float, positive_int, probability
-from nanostoney.dist import autocast_ctx, barrier, print0
+from nanostoney.dist import autocast_ctx, barrier, check_shared, print0
 from nanostoney.errors import RunFailed, UserError
 from nanostoney.optim import lr_multiplier, set_lr
 
@@ -34,14 +35,23 @@ from nanostoney.optim import lr_multiplier, set_lr
 # flags and geometry
 
 
-def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save_every,
-                  sample_every=0, entropy_every=0, warmup_steps=0, warmdown_ratio=0.2,
+def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save_every, unit="rows",
+                  grad_accum_steps=1, sample_every=0, entropy_every=0, warmup_steps=0, warmdown_ratio=0.2,
                   final_lr_frac=0.0, grad_clip=1.0, log_every=1):
-    """Flags of the step loop (defaults differ between base and SFT, so they are arguments)."""
+    """Flags of the step loop (defaults differ between stages, so they are arguments). unit: what
+    --total-batch-size counts (tokens for pretraining; conversations, pairs...)."""
     g = parser.add_argument_group("loop")
     g.add_argument("--num-iterations", type=positive_int, default=num_iterations, help="optimizer steps")
     g.add_argument("--device-batch-size", type=positive_int, default=device_batch_size,
                    help="rows per forward pass on each process")
+    g.add_argument("--grad-accum-steps", type=positive_int, default=None,
+                   help=f"micro-batches per optimizer step on each process (default {grad_accum_steps}); "
+                        f"with --total-batch-size, it follows from that")
+    g.add_argument("--total-batch-size", type=positive_int, default=None,
+                   help=f"{unit} per optimizer step, all processes together (default: device batch"
+                        f"{' x --sequence-len' if unit == 'tokens' else ''} x processes x grad-accum "
+                        f"steps, so it scales with the world size); must be a multiple of that per-pass size")
+    parser.set_defaults(default_grad_accum_steps=grad_accum_steps, batch_unit=unit)
     g.add_argument("--warmup-steps", type=nonneg_int, default=warmup_steps, help="linear LR warmup")
     g.add_argument("--warmdown-ratio", type=probability, default=warmdown_ratio,
                    help="fraction of the run at the end with the LR decaying linearly")
@@ -61,7 +71,8 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype: auto = bf16 on CUDA, fp32 elsewhere")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for training (default: on for pretraining and SFT on CUDA)")
     g.add_argument("--peak-flops", type=positive_float, default=None,
                    help="peak FLOP/s of one device for MFU; default: datasheet bf16 figure on CUDA "
                         "(H100 989e12), nominal fp32 peak on CPU (threads x clock x FLOPs/cycle)")
@@ -90,8 +101,53 @@ def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="toke
         what = f"{device_batch} x {rows_len} x {world_size} processes" if unit == "tokens" else \
             f"{device_batch} x {world_size} processes"
         raise UserError(f"--total-batch-size {total_batch} {unit} is not a positive multiple of "
-                        f"{per_pass} ({what}); pick a multiple or change --device-batch-size.")
+                        f"{per_pass} ({what}); pick a multiple, change --device-batch-size, or leave "
+                        f"--total-batch-size out to scale it with the world size.")
     return total_batch // per_pass
+
+
+def batch_geometry(args, info, rows_len=1):
+    """(total batch, grad accum steps) of a run. Batch sizes are per device: by default the total
+    is device batch x rows_len x world size x --grad-accum-steps, so the same flags work on 1, 3
+    or 8 processes. An explicit --total-batch-size fixes the global batch instead (the same
+    optimizer steps on any world size, as the N-ranks-vs-one-process tests need)."""
+    if args.device_batch_size < 1:
+        raise UserError(f"--device-batch-size must be at least 1, got {args.device_batch_size}.")
+    if args.total_batch_size is None:
+        accum = args.grad_accum_steps if args.grad_accum_steps is not None else args.default_grad_accum_steps
+        if accum < 1:
+            raise UserError(f"--grad-accum-steps must be at least 1, got {accum}.")
+        return args.device_batch_size * rows_len * info.world_size * accum, accum
+    accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, rows_len, info.world_size,
+                             args.batch_unit)
+    if args.grad_accum_steps is not None and args.grad_accum_steps != accum:
+        raise UserError(f"--total-batch-size {args.total_batch_size} means {accum} grad-accum steps on "
+                        f"{info.world_size} process(es), not --grad-accum-steps {args.grad_accum_steps}; "
+                        f"give one of them.")
+    return args.total_batch_size, accum
+
+
+def training_module(model, args, info, compile_default=False):
+    """The module to train through: torch.compile'd (--compile; by default `compile_default` on
+    CUDA, where it pays; on CPU compiling costs more than a short run saves) and DDP-wrapped
+    when there are several processes. `model` itself stays the plain module (saving, eval)."""
+    use = args.compile if args.compile is not None else compile_default and info.device.type == "cuda"
+    return wrap_ddp(torch.compile(model) if use else model, info)
+
+
+def print_plan(stage, info, model, steps, per_step, unit, per_step_detail="", tokens_per_step=None, extra=""):
+    """What a run is about to do, on rank 0, before it starts: world size, model size, batch,
+    steps and totals (tokens_per_step: exact, or an estimate, for stages that count rows)."""
+    c = model.config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    tokens = ""
+    if tokens_per_step:
+        tokens = f"; ~{tokens_per_step:,.0f} tokens/step, ~{tokens_per_step * steps:,.0f} tokens in all"
+    print0(f"{stage} plan: {info.world_size} process(es) on {info.device.type}; depth {c.n_layer} "
+           f"(width {c.n_embd}), {total / 1e6:.2f}M params, {trainable:,} trainable; {per_step:,} {unit}/step"
+           f"{f' ({per_step_detail})' if per_step_detail else ''} x {steps} steps = {per_step * steps:,} {unit}"
+           f"{tokens}{'; ' + extra if extra else ''}")
 
 
 def every(k, step):
@@ -308,6 +364,7 @@ def resume(args, out_dir, model, optimizer, info, expect=None):
     already hold a later step of the run (unless --overwrite)."""
     if args.resume is None:
         return 0
+    check_shared({"--resume": out_dir if args.resume == "latest" else args.resume})
     if args.resume != "latest":
         if not os.path.isdir(args.resume):
             raise UserError(f"--resume {args.resume}: no such checkpoint directory.")

@@ -2,23 +2,26 @@
 
     python -m scripts.base_train --tokenizer out/tokenizer --out out/base            # CPU default
     torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
-        --total-batch-size 524288 --sequence-len 2048 --num-iterations 5000 ...       # 8xH100
+        --sequence-len 2048 --num-iterations 5000 ...     # 8xH100: 32 x 2048 x 8 = 524288 tokens/step
+
+Batch sizes are per device: a step is --device-batch-size rows of --sequence-len tokens on each
+process, x --grad-accum-steps (so the global batch grows with the world size); an explicit
+--total-batch-size fixes the global batch instead and must be a multiple of the per-pass size.
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), held out
 against the val splits of the same tasks. `--data` takes txt/jsonl/json/parquet files,
 directories or globs, or a hub dataset id; every source passes the governance gate first.
-The CPU default (depth 4 = 256 wide, 4 heads of 64; 256-token rows; 2048-token steps; 500 steps,
-about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default optimizer is AdamW:
+The CPU default (depth 4 = 256 wide, 4 heads of 64; 256-token rows; 2048-token steps on one
+process; 500 steps, about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default optimizer is AdamW:
 on this CPU config Muon (--optimizer muon) reached the same val bpb per step (0.959 vs 0.959
 after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
 """
 import os
 
-import torch
 
 from nanostoney import batches, cli, evaluate, optim, train
 from nanostoney.data import add_manifest_arg, check_sources, gated_documents
-from nanostoney.dist import cleanup, init_dist, print0
+from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
@@ -44,12 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=cli.positive_int, default=64)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
-    p.add_argument("--total-batch-size", type=cli.positive_int, default=2048,
-                   help="tokens per optimizer step, all processes")
     p.add_argument("--eval-tokens", type=cli.positive_int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32, help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=cli.nonneg_int, default=2, help="checkpoints to keep (0 = all)")
-    train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250,
+    train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250, unit="tokens",
                         sample_every=250, entropy_every=50)
     optim.add_optim_args(p, optimizer="adamw")
     add_logging_args(p)
@@ -82,8 +83,9 @@ def main(argv=None):
         raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
     out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--tokenizer": args.tokenizer})
     tok = Tokenizer.load(args.tokenizer)
-    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.sequence_len, info.world_size)
+    total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
 
     train_docs, val_docs, sources = load_corpus(args)
     train_tokens = batches.tokenize_documents(tok, train_docs)
@@ -97,10 +99,10 @@ def main(argv=None):
     model.to(info.device)
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
-    geometry = {"total_batch_size": args.total_batch_size, "sequence_len": args.sequence_len,
+    geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
                 "seed": args.seed, "optimizer": args.optimizer}
     start_step = train.resume(args, out, model, optimizer, info, expect=geometry)
-    train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
+    train_model = train.training_module(model, args, info, compile_default=True)
     loader = batches.PretrainBatches(windows, args.device_batch_size, accum, info)
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
@@ -108,11 +110,11 @@ def main(argv=None):
                   "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
                   "train_tokens": len(train_tokens), "val_tokens": len(val_tokens), "data_sources": sources}
     logger = from_args(args, config=run_config, out_dir=out)
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
-           f"{model.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}")
-    print0(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; "
-           f"{args.total_batch_size} tokens/step = {args.device_batch_size} x {args.sequence_len} x "
-           f"{info.world_size} proc x {accum} accum; {args.num_iterations} steps")
+    epochs = total_batch * args.num_iterations / len(train_tokens)
+    train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
+                     f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
+                     extra=f"corpus {len(train_tokens):,} train / {len(val_tokens):,} val tokens, {epochs:.2f} epochs; "
+                           f"{config.n_head} heads, vocab {config.vocab_size}")
 
     def validate(step):
         rows = max(1, args.eval_tokens // args.sequence_len)

@@ -4,6 +4,7 @@
         --max-examples 16 --out out/report
     python -m scripts.compare_reasoning --checkpoints nanochat=~/.cache/nanochat/base_checkpoints/d20 \
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
+    torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
 nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
@@ -17,6 +18,9 @@ every other table and figure is exploratory. Writes <out>/index.html (opens offl
 index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
 refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
 definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
+Under torchrun the generations, per-item forwards and ablations are shared out over the ranks and
+gathered in order; rank 0 computes the statistics and writes the report, whose numbers do not
+depend on the number of processes. On CUDA the forwards run under bf16 autocast, LoRA adapters merged.
 """
 import os
 import sys
@@ -25,8 +29,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import cli, interp, report
+from nanostoney import cli, interp, lora, report
 from nanostoney.checkpoint import git_commit, load_model
+from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
@@ -47,7 +52,7 @@ def parse_args(argv=None):
                    help="write the report into an --out that holds files nanostoney did not write (they are kept)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for checkpoints that carry none (default: the base checkpoint's, if named)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (auto: cuda when available)")
     p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--context", default="own", choices=interp.CONTEXTS,
@@ -134,26 +139,38 @@ def main(argv=None):
     for t, by in examples.values():  # fail before loading any model
         interp.answer_cue(t, next(ex for rows in by.values() for ex in rows))
     families = sorted({t.family for t in tasks}, key=lambda f: (f != "stoney", f))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_dist(args.device)
+    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})
+    device = info.device
     judge, judge_desc = interp.word_judge()
     extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES)
+    print0(f"report plan: {info.world_size} process(es) on {device.type}; {len(ckpts)} checkpoint(s) x "
+           f"{len(tasks)} tasks x up to {args.max_examples} items per split, shared out over the processes")
     results, ck_cfg = {}, {}
-    for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress):
+    for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress or not info.is_master):
         model, tok, meta = load_model(path, device=device)
+        lora.merge_lora(model)  # only read here, never saved: the merged weights are the same function
         tok = tok or extra_tok or base_tokenizer(meta)
         if tok is None:
             raise UserError(f"checkpoint {name} ({path}) carries no tokenizer; pass --tokenizer DIR.")
+        print0(f"{name}: depth {model.config.n_layer} (width {model.config.n_embd}), "
+               f"{model.num_params() / 1e6:.2f}M params")
         t1 = time.time()
-        results[name] = interp.run_checkpoint(
-            model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
-            n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed, n_boot=args.n_boot,
-            max_len=args.max_len, figure_examples=args.figure_examples, context=args.context, judge=judge,
-            progress=not args.no_progress)
-        ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
-                        "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
-                        "seconds": round(time.time() - t1, 1)}
+        with autocast_ctx(info):
+            results[name] = interp.run_checkpoint(
+                model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
+                n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed,
+                n_boot=args.n_boot, max_len=args.max_len, figure_examples=args.figure_examples,
+                context=args.context, judge=judge, progress=not args.no_progress, info=info)
+        if info.is_master:
+            ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
+                            "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
+                            "seconds": round(time.time() - t1, 1)}
         del model
+    if not info.is_master:
+        cleanup()
+        return None
     delta_out = {f"{new} vs {old}": interp.paired_delta(results, new, old, args.n_boot, args.seed)
                  for new, old in deltas}
     headline = interp.headlines(results, deltas, families, seed=args.seed)
@@ -161,7 +178,8 @@ def main(argv=None):
         r.pop("_recs")
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
     config.update(checkpoints=ck_cfg, families=families,
-                  family_of={t.name: t.family for t in tasks}, device=device, word_judge=judge_desc,
+                  family_of={t.name: t.family for t in tasks}, device=device.type, world_size=info.world_size,
+                  word_judge=judge_desc,
                   candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
                   deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
                   git_commit=git_commit(), torch_version=torch.__version__,
@@ -181,6 +199,7 @@ def main(argv=None):
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
     for line in metrics["summary"]:
         print(" -", line)
+    cleanup()
     return out
 
 

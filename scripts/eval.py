@@ -28,9 +28,9 @@ import os
 import re
 import time
 
-from nanostoney import cli, evaluate
+from nanostoney import cli, evaluate, lora
 from nanostoney.checkpoint import load_model
-from nanostoney.dist import cleanup, init_dist, print0
+from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
@@ -113,10 +113,13 @@ def parse_tasks(specs):
 
 
 def load_for_eval(path, device):
+    """(model, tokenizer, meta), LoRA adapters merged into the weights: the model is only
+    sampled here and never saved, so each adapted layer costs one matmul instead of three."""
     model, tok, meta = load_model(path, device=device)
     if tok is None:
         raise UserError(f"checkpoint {path} has no tokenizer; save it with its tokenizer/ (or put "
                         f"nanochat's tokenizer.pkl next to it).")
+    lora.merge_lora(model)
     return model, tok, meta
 
 
@@ -219,6 +222,8 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
     """The results entry of one checkpoint (tasks and families, on rank 0); appends to the run's
     notes and completions."""
     model, tok, meta = load_for_eval(path, info.device)
+    c = model.config
+    print0(f"{name}: depth {c.n_layer} (width {c.n_embd}), {model.num_params() / 1e6:.2f}M params")
     fmodel, ftok = featurizer or (model, tok)
 
     def featurize(texts):
@@ -271,6 +276,8 @@ def main(argv=None):
     tasks_wanted, ckpts = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
+    check_shared({f"the {name} checkpoint": path for name, path in ckpts}
+                 | {"--mauve-featurizer": args.mauve_featurizer})
     tasks = [get_task(n) for n in tasks_wanted]
     examples = {t.name: evaluate.select_examples(t, args.split, args.max_examples) for t in tasks}
     featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None
@@ -283,8 +290,10 @@ def main(argv=None):
               "examples_per_task": {t: len(x) for t, x in examples.items()}}
     results = {"format": FORMAT, "config": config, "checkpoints": {}, "notes": []}
     completions, timings = [], {}
-    print0(f"evaluating {len(ckpts)} checkpoint(s) on {', '.join(f'{t} ({len(x)})' for t, x in examples.items())} "
-           f"[{args.split}], {args.num_samples} samples/prompt at T={args.temperature}")
+    print0(f"eval plan: {info.world_size} process(es) on {info.device.type}; {len(ckpts)} checkpoint(s) on "
+           f"{', '.join(f'{t} ({len(x)})' for t, x in examples.items())} [{args.split}], greedy + "
+           f"{args.num_samples} samples/prompt at T={args.temperature}, at most {args.max_new_tokens} new tokens, "
+           f"batches of {args.batch_size} completions shared out over the processes")
     for name, path in ckpts:
         t0 = time.perf_counter()
         results["checkpoints"][name] = evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info,

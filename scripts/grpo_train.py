@@ -4,11 +4,11 @@ with a KL penalty to the reference. LoRA by default.
     python -m scripts.grpo_train --init out/sft --out out/grpo                          # CPU default
     python -m scripts.grpo_train --init out/sft --rewards "accuracy=1,format=0.2,reward_model=0.5" \\
         --reward-model out/rm --kl-beta 0.04 --inner-epochs 2 --loss-norm sequence
-    torchrun --nproc_per_node=8 -m scripts.grpo_train --init out/sft --prompts-per-step 64 ...
+    torchrun --nproc_per_node=8 -m scripts.grpo_train --init out/sft ...   # 8 x 8 = 64 prompts per step
 
 Prompts come from the TRAIN splits of --tasks (a weighted mixture, after the governance gate);
-each step takes --prompts-per-step of them (split across ranks, a group stays on its rank)
-and samples --group-size completions each. The reference policy (KL) is the policy at the
+each step takes --prompts-per-rank of them on every process (a group stays on its rank), or
+--prompts-per-step in all, split across the ranks, and samples --group-size completions each. The reference policy (KL) is the policy at the
 start of RL (--reference init: the SFT adapters as loaded, kept as a small snapshot; or fresh
 adapters switched off) or the base weights with the adapters off (--reference base); with
 --full it is a frozen copy. Evaluation on the VAL split of --eval-tasks at the start (the
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, grpo, letters, lora, optim, probes, rewards, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import all_reduce_mean, all_reduce_sum, autocast_ctx, cleanup, init_dist, print0
+from nanostoney.dist import (all_reduce_mean, all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist,
+                             map_over_ranks, print0)
 from nanostoney.errors import UserError, run_main
 from nanostoney.evaluate import generate_completions, length_budget, task_accuracy
 from nanostoney.files import write_json
@@ -58,7 +59,10 @@ def parse_args(argv=None):
     lora.add_lora_args(p)
     p.add_argument("--reference", default="init", choices=["init", "base"],
                    help="KL reference: the policy at the start of RL, or the base weights with adapters off")
-    p.add_argument("--prompts-per-step", type=cli.positive_int, default=8, help="prompts per step, all ranks together")
+    p.add_argument("--prompts-per-rank", type=cli.positive_int, default=8, help="prompts per step on each process")
+    p.add_argument("--prompts-per-step", type=cli.positive_int, default=None,
+                   help="prompts per step, all ranks together (default: --prompts-per-rank x processes); "
+                        "a multiple of the number of processes")
     p.add_argument("--group-size", type=cli.positive_int, default=8, help="G: completions per prompt")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--temperature", type=cli.nonneg_float, default=1.0, help="sampling temperature of the rollouts")
@@ -187,19 +191,20 @@ def probe_items(schedule, train_sets, n_tasks, k):
 @torch.no_grad()
 def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
     """{task name: mean total reward} over G samples of each probe prompt, same seed every call,
-    so start and end differ only by the policy (ranks split the prompts and sum)."""
-    mine = items[info.rank::info.world_size]
-    sums = [0.0] * (2 * len(tasks))
-    for i in range(0, len(mine), 8):
-        chunk = mine[i:i + 8]
+    so start and end differ only by the policy (fixed chunks of 8 prompts shared out over the
+    ranks, chunk i seeded by i: the same numbers at any world size)."""
+    def chunk_rewards(i):
+        chunk = items[i:i + 8]
         ro = grpo.sample(model, [tok.render_prompt({"messages": tasks[t].prompt(ex)}) for t, ex in chunk],
-                         cfg, seed=seed * 7919 + info.rank * 104729 + i)
+                         cfg, seed=seed * 7919 + i)
         grpo.score(ro, reward_fn_for(chunk), cfg)
-        for r, pi in enumerate(ro.prompt_index):
-            sums[2 * chunk[pi][0]] += float(ro.rewards[r])
-            sums[2 * chunk[pi][0] + 1] += 1.0
-    sums = all_reduce_sum(sums)
-    return {task.name: sums[2 * t] / sums[2 * t + 1] for t, task in enumerate(tasks) if sums[2 * t + 1] > 0}
+        return [(chunk[pi][0], float(ro.rewards[r])) for r, pi in enumerate(ro.prompt_index)]
+
+    got = [x for part in map_over_ranks(chunk_rewards, list(range(0, len(items), 8)), info) for x in part]
+    by_task = {}
+    for t, r in got:
+        by_task.setdefault(tasks[t].name, []).append(r)
+    return {name: sum(rs) / len(rs) for name, rs in by_task.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -336,9 +341,11 @@ def check_flags(args):
     if args.compile:
         raise UserError("--compile is not supported by grpo_train (sampling and the gathered-logit "
                         "forward run eagerly); drop the flag.")
+    if args.prompts_per_step is None:
+        args.prompts_per_step = args.prompts_per_rank * world
     if args.prompts_per_step % world:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
-                        f"{world} processes, so every rank takes whole groups.")
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes, "
+                        f"so every rank takes whole groups; or leave it out (--prompts-per-rank x processes).")
     if args.temperature == 0:
         raise UserError("--temperature 0 makes every completion of a group the same, so GRPO has nothing to "
                         "compare; use a temperature > 0 (e.g. 1.0).")
@@ -358,6 +365,7 @@ def main(argv=None):
     check_flags(args)
     out = cli.claim_out(args.out or "out/grpo", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--init": args.init, "--reward-model": args.reward_model})
     run = setup(args, info)
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
@@ -368,9 +376,12 @@ def main(argv=None):
                   "init_checkpoint": os.path.abspath(run.init_ckpt),
                   "base_checkpoint": os.path.abspath(run.base_ckpt) if run.base_ckpt else None}
     logger = from_args(args, config=run_config, out_dir=out)
-    print0(f"GRPO {'full' if args.full else 'LoRA'} from {run.init_ckpt}: {run_config['trainable_params']:,} "
-           f"trainable params; {args.prompts_per_step} prompts x G={args.group_size} per step; rewards "
-           f"{run.weights}; beta={args.kl_beta} clip={args.clip_eps} mu={args.inner_epochs} norm={args.loss_norm}")
+    P, G = args.prompts_per_step, args.group_size
+    train.print_plan("GRPO", info, run.model, n, P * G, "completions",
+                     f"{P} prompts x G={G}; {P // info.world_size} prompts per process",
+                     extra=f"at most {args.max_new_tokens} new tokens each; {'full' if args.full else 'LoRA'} "
+                           f"from {run.init_ckpt}; rewards {run.weights}; beta={args.kl_beta} clip={args.clip_eps} "
+                           f"mu={args.inner_epochs} norm={args.loss_norm}")
 
     def save(step):
         train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},

@@ -3,7 +3,7 @@
 
     python -m scripts.rm_train --init out/sft --out out/rm                          # CPU default
     python -m scripts.rm_train --init out/sft --sampled-negatives 64 ...            # + SFT mistakes
-    torchrun --nproc_per_node=8 -m scripts.rm_train --init out/sft --total-batch-size 256 ...
+    torchrun --nproc_per_node=8 -m scripts.rm_train --init out/sft ...   # 8 x 8 pairs x 2 accum per step
 
 Pairs (nanostoney/reward_model.py): from the TRAIN split of each task, the gold answer vs the
 same answer made wrong (MC: another letter and that option's text; numeric: a nearby wrong
@@ -22,7 +22,7 @@ import torch
 
 from nanostoney import batches, checkpoint, cli, lora, reward_model, train
 from nanostoney.data import add_manifest_arg, check_sources
-from nanostoney.dist import cleanup, gather_lists, init_dist, print0
+from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
@@ -47,23 +47,30 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
     add_manifest_arg(p)
     lora.add_lora_args(p, targets="all")
-    p.add_argument("--total-batch-size", type=cli.positive_int, default=16, help="pairs per optimizer step, all processes")
     p.add_argument("--lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
     p.add_argument("--head-lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the scalar head")
     p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0)
-    train.add_loop_args(p, num_iterations=60, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=5)
+    train.add_loop_args(p, num_iterations=60, device_batch_size=8, eval_every=0, save_every=0, unit="pairs",
+                        grad_accum_steps=2, warmup_steps=5)
     add_logging_args(p)
     return p.parse_args(argv)
 
 
-def family_table(rm, eval_sets, seed=0):
+def scores(rm, seqs, info, batch_size=16):
+    """rm.score of every sequence, in fixed batches shared out over the ranks (gathered, in
+    order: the same numbers at any world size)."""
+    chunks = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
+    return torch.tensor([v for part in map_over_ranks(lambda c: rm.score(c).tolist(), chunks, info) for v in part])
+
+
+def family_table(rm, eval_sets, info, seed=0):
     """{task or family: {"n", "accuracy": (point, lo, hi), "margin"}} from per-task pair lists."""
     out, fam = {}, {}
     for name, pairs in eval_sets.items():
         if not pairs:
             continue
-        c = rm.score([p["chosen"] for p in pairs])
-        r = rm.score([p["rejected"] for p in pairs])
+        s = scores(rm, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], info)
+        c, r = s[:len(pairs)], s[len(pairs):]
         wins = ((c > r).float() + 0.5 * (c == r).float()).tolist()
         out[name] = {"n": len(wins), "accuracy": bootstrap_ci(wins, seed=seed), "margin": (c - r).mean().item()}
         fam.setdefault(pairs[0]["family"], []).extend(wins)
@@ -80,10 +87,15 @@ def training_pairs(args, gpt, tok, tasks, max_len, info):
     for task in tasks:
         ps = reward_model.build_pairs(task, tok, "train", args.max_train_examples, max_len)
         if args.sampled_negatives > 0:
-            mine = task.examples("train")[info.rank:args.sampled_negatives:info.world_size]
-            ps += gather_lists(reward_model.sampled_pairs(gpt, tok, task, mine, args.samples_per_prompt,
-                                                          args.sample_max_new_tokens, seed=args.seed + info.rank,
-                                                          max_len=max_len))
+            exs = task.examples("train")[:args.sampled_negatives]
+            chunks = [(i, exs[i:i + 8]) for i in range(0, len(exs), 8)]  # seeded by position: any world size
+
+            def sample(chunk):
+                with autocast_ctx(info):
+                    return reward_model.sampled_pairs(gpt, tok, task, chunk[1], args.samples_per_prompt,
+                                                      args.sample_max_new_tokens, seed=args.seed + chunk[0],
+                                                      max_len=max_len)
+            ps += [p for part in map_over_ranks(sample, chunks, info) for p in part]
         counts[task.name] = {"ground_truth": sum(p["kind"] == "ground_truth" for p in ps),
                              "sampled": sum(p["kind"] == "sampled" for p in ps)}
         pairs += ps
@@ -104,6 +116,7 @@ def main(argv=None):
         raise UserError("--resume: rm_train does not resume (it trains in about a minute); rerun it with --overwrite.")
     out = cli.claim_out(args.out or "out/rm", overwrite=args.overwrite)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--init": args.init})
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise UserError("--tasks names no task; e.g. --tasks stoney_mc,gsm8k_mc.")
@@ -123,26 +136,31 @@ def main(argv=None):
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size, unit="pairs")
+    total_batch, accum = train.batch_geometry(args, info)
     logger = from_args(args, config={**vars(args), "model": vars(gpt.config), "pairs": counts,
                                      "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
                                      "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)},
                        out_dir=out)
-    print0(f"reward model on {init_ckpt} ({'full' if args.full else 'LoRA'}): "
-           + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
-           + f" train pairs; held-out ({args.eval_split}) " + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
+    mean_len = sum(len(p["chosen"]) + len(p["rejected"]) for p in pairs) / len(pairs)
+    train.print_plan("reward model", info, rm, args.num_iterations, total_batch, "pairs",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else 'LoRA'} on {init_ckpt}; train pairs "
+                           + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
+                           + f"; held-out ({args.eval_split}) "
+                           + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
 
     def batch(step, micro):
         g = batches.first_row(step, micro, accum, info.world_size, info.rank, args.device_batch_size)
         return [pairs[(g + i) % len(pairs)] for i in range(args.device_batch_size)]
 
-    tables = {0: family_table(rm, eval_sets, args.seed)}
+    tables = {0: family_table(rm, eval_sets, info, args.seed)}
     print0(accuracy_line(tables[0], "held-out pairwise accuracy before"))
     logger.log({f"rm/acc/{k}": v["accuracy"][0] for k, v in tables[0].items()}, step=0)
 
     def validate(step):
         if step not in tables:
-            tables[step] = family_table(rm, eval_sets, args.seed)
+            tables[step] = family_table(rm, eval_sets, info, args.seed)
             print0(accuracy_line(tables[step], f"step {step}"))
         return {f"rm/acc/{k}": v["accuracy"][0] for k, v in tables[step].items()}
 
@@ -153,7 +171,8 @@ def main(argv=None):
 
     n = args.num_iterations
     train.train_loop(info=info, model=rm, optimizer=optimizer, args=args, get_batch=batch, grad_accum=accum,
-                     start_step=0, logger=logger, evaluate=validate, save=save, train_model=train.wrap_ddp(rm, info),
+                     start_step=0, logger=logger, evaluate=validate, save=save,
+                     train_model=train.training_module(rm, args, info),
                      loss_fn=lambda model, b: reward_model.pair_loss(model, b, info.device))
     print0(accuracy_line(tables[n], "held-out pairwise accuracy after"))
     logger.summary({f"final/rm/acc/{k}": v["accuracy"][0] for k, v in tables[n].items()})

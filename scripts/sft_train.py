@@ -13,18 +13,19 @@ Saves the LoRA adapters (small, naming their base checkpoint) and, with --save-m
 merged weights as an ordinary checkpoint in <out>/merged.
 
 CPU defaults (LoRA r=32, alpha 32, on every linear layer, AdamW lr 5e-3, 600 steps of 8
-conversations, the first 16 fitting train items per task) are sized for about 5 minutes on 2
+conversations per process, the first 16 fitting train items per task) are sized for about 5 minutes on 2
 quiet cores and a depth-4 base: enough to learn the trained items, not to generalise. Measured
 on that base: LoRA at lr 3e-3 barely moved in 150 steps, at 3e-2 it diverged; --full learns the
 trained items fastest (100% in 300 steps). On a GPU use all examples: --max-train-examples 0.
+Batch sizes are per device (--device-batch-size x processes x --grad-accum-steps conversations
+per step) unless --total-batch-size fixes the global batch.
 """
 import os
 
-import torch
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import cleanup, init_dist, print0
+from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
@@ -45,8 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--keep-truncated", action="store_true",
                    help="train on conversations longer than --sequence-len, cut (default: leave them out, "
                         "since the answer comes last)")
-    p.add_argument("--total-batch-size", type=cli.positive_int, default=8,
-                   help="conversations per optimizer step, all processes")
     p.add_argument("--eval-examples", type=cli.nonneg_int, default=16,
                    help="items per MC task and split for periodic accuracy")
     p.add_argument("--eval-loss-examples", type=cli.positive_int, default=64,
@@ -56,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=384, help="generation cap for accuracy")
     p.add_argument("--save-merged", action="store_true", help="also save LoRA merged into the weights (<out>/merged)")
     train.add_loop_args(p, num_iterations=600, device_batch_size=8, eval_every=200, save_every=0,
-                        entropy_every=50, warmup_steps=10)
+                        unit="conversations", entropy_every=50, warmup_steps=10)
     optim.add_optim_args(p, optimizer="adamw", matrix_lr=5e-3, embedding_lr=0.02, unembedding_lr=0.0004,
                          matrix_flags=("--lr", "--matrix-lr"))
     add_logging_args(p)
@@ -92,13 +91,13 @@ def main(argv=None):
     args = parse_args(argv)
     out = cli.claim_out(args.out or "out/sft", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--init": args.init})
     weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
     model.train()
     seq_len = args.sequence_len or model.config.sequence_len
-    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size,
-                                   unit="conversations")
+    total_batch, accum = train.batch_geometry(args, info)
     optimizer = optim.optimizer_from_args(model, args)
 
     # data: the first --max-train-examples fitting train conversations per task; val rows for the loss
@@ -111,18 +110,21 @@ def main(argv=None):
         tok, task.examples("val")[:args.eval_loss_examples], seq_len + 1, drop_truncated=False)[0]]
 
     mode = {"base_checkpoint": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed,
-            "total_batch_size": args.total_batch_size, "tasks": args.tasks,
+            "total_batch_size": total_batch, "tasks": args.tasks,
             "max_train_examples": args.max_train_examples, "optimizer": args.optimizer}
     start_step = train.resume(args, out, model, optimizer, info, expect=mode)
-    train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
+    train_model = train.training_module(model, args, info, compile_default=True)
     run_config = {**vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "train_examples": {n: len(r) for n, r in zip(weights, rendered)}, "data_sources": sources,
                   "base_checkpoint": os.path.abspath(init_ckpt)}
     logger = from_args(args, config=run_config, out_dir=out)
-    print0(f"SFT {'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}: "
-           f"{run_config['trainable_params']:,} trainable params; train examples "
-           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
+    mean_len = sum(len(ids) for r in rendered for ids, _ in r) / sum(len(r) for r in rendered)
+    train.print_plan("SFT", info, model, args.num_iterations, total_batch, "conversations",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
+                           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
 
     def validate(step):
         metrics = {"val/loss": evaluate.masked_loss(model, val_rows, pad_id, info)}

@@ -20,7 +20,7 @@ import torch
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import cleanup, gather_lists, init_dist, print0
+from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json
@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--continue", dest="continue_", action="store_true",
                    help="train each round on from the previous one (default: restart from --init, as STaR)")
     lora.add_lora_args(p)
-    p.add_argument("--total-batch-size", type=cli.positive_int, default=8, help="conversations per optimizer step")
-    train.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0, warmup_steps=3)
+    train.add_loop_args(p, num_iterations=30, device_batch_size=8, eval_every=0, save_every=0,
+                        unit="conversations", warmup_steps=3)
     optim.add_optim_args(p, optimizer="adamw", matrix_lr=1e-3, embedding_lr=0.02, unembedding_lr=0.0004,
                          matrix_flags=("--lr", "--matrix-lr"))
     add_logging_args(p)
@@ -63,24 +63,28 @@ def hinted(task, ex):
 
 @torch.no_grad()
 def collect(model, tok, task, examples, args, info, seed, hint=False):
-    """[(example index, completion text)] of correct samples (ranks split the prompts)."""
+    """[(example index, completion text)] of correct samples, in fixed chunks of 8 prompts shared
+    out over the ranks (chunk i draws with seed + i: the same rationales at any world size)."""
     model.eval()
     engine = Engine(model, tok)
     stop = tok.token_id("<|assistant_end|>")
-    idx = list(range(info.rank, len(examples), info.world_size))
-    kept = []
-    for i in range(0, len(idx), 8):
-        chunk = idx[i:i + 8]
+
+    def chunk_kept(i):
+        chunk = range(i, min(i + 8, len(examples)))
         prompts = [tok.render_prompt({"messages": hinted(task, examples[j]) if hint else task.prompt(examples[j])})
                    for j in chunk]
-        gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, seed=seed + i,
-                              num_samples=args.samples_per_prompt)
+        with autocast_ctx(info):
+            gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, seed=seed + i,
+                                  num_samples=args.samples_per_prompt)
+        kept = []
         for r, toks in enumerate(gen.tokens):
             j = chunk[gen.prompt_index[r]]
             text = tok.decode(toks[:-1] if toks and toks[-1] == stop else toks)
             if gen.stopped[r] and task.evaluate(examples[j], text):
                 kept.append((j, text))
-    return gather_lists(kept)
+        return kept
+
+    return [k for part in map_over_ranks(chunk_kept, list(range(0, len(examples), 8)), info) for k in part]
 
 
 def sample_round(model, tok, tasks, kept, args, info, seed):
@@ -122,14 +126,13 @@ def rendered_rationales(tok, tasks, kept, mix, seq_len):
 def fine_tune(model, rendered, weights, pad_id, args, info, logger, seed, offset):
     """SFT on the kept rationales with the SFT stage's own batches, loss and loop."""
     model.train()
-    accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, 1, info.world_size,
-                                   unit="conversations")
+    accum = train.batch_geometry(args, info)[1]
     optimizer = optim.optimizer_from_args(model, args)
     loader = batches.SFTBatches(rendered, weights, args.num_iterations, args.device_batch_size, accum, info,
                                 pad_id, seed=seed)
     train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                      grad_accum=accum, start_step=0, logger=_Offset(logger, offset),
-                     train_model=train.wrap_ddp(model, info))
+                     train_model=train.training_module(model, args, info))
 
 
 def main(argv=None):
@@ -139,6 +142,7 @@ def main(argv=None):
                         "--overwrite.")
     out = cli.claim_out(args.out or "out/star", overwrite=args.overwrite)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--init": args.init})
     mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
 
@@ -147,6 +151,11 @@ def main(argv=None):
                                             args.lora_targets, args.lora_dropout, info.device)
 
     model, tok, init_ckpt, base_ckpt = fresh()
+    total_batch, accum = train.batch_geometry(args, info)
+    train.print_plan("STaR", info, model, args.num_iterations, total_batch, "conversations",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     extra=f"per round; {args.rounds} rounds of {args.prompts_per_round} prompts per task x "
+                           f"{args.samples_per_prompt} samples (split across processes), then SFT")
     logger = from_args(args, config={**vars(args), "model": vars(model.config), "data_sources": sources,
                                      "init_checkpoint": os.path.abspath(init_ckpt)}, out_dir=out)
 

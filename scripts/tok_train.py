@@ -2,6 +2,7 @@
 
     python -m scripts.tok_train                                  # bundled corpus, vocab 4096
     python -m scripts.tok_train --vocab-size 65536 --data my_corpus/ --out out/tokenizer
+    torchrun --nproc_per_node=8 -m scripts.tok_train     # works too: rank 0 trains, the others wait
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
 held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
@@ -14,6 +15,7 @@ import time
 
 from nanostoney import cli
 from nanostoney.data import add_manifest_arg, check_sources, gated_sources, stream_documents
+from nanostoney.dist import barrier, cleanup, init_dist
 from nanostoney.errors import run_main
 from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
 from nanostoney.tokenizer import Tokenizer
@@ -78,9 +80,18 @@ def count_tokens(tok, texts):
 
 def main(argv=None):
     args = parse_args(argv)
+    # under torchrun (the pipeline's --nproc) rank 0 trains and saves; the others wait for it
+    info = init_dist("cpu")
     out = cli.claim_out(args.out, overwrite=args.overwrite, training=False,
                         own=("tokenizer.json", "tokenizer_meta.json") + cli.SHARED_FILES)
-    texts = corpus(args)
+    texts = corpus(args)  # on every rank: bad input stops them all, none waits
+    if info.is_master:
+        train(args, out, texts)
+    barrier()
+    cleanup()
+
+
+def train(args, out, texts):
     seen = Counted(texts())
     print(f"training on {'the bundled corpus' if args.data is None else ' '.join(args.data)}, vocab size "
           f"{args.vocab_size}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanostoney import answers, checkpoint, evaluate, lora, metrics
+from nanostoney import answers, checkpoint, dist, evaluate, lora, metrics
 from nanostoney.gpt import GPT, GPTConfig
 from scripts import eval as eval_script
 
@@ -146,6 +146,11 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     assert {"chrf++", "mauve"} <= set(res["lora"]["tasks"]["gsm8k"]["metrics"])
     greedy = {c: [s["greedy"] for s in res[c]["tasks"]["aqua_mc"]["samples"]] for c in ("base", "lora")}
     assert greedy["base"] != greedy["lora"], "the adapters were not applied"
+    # eval samples the adapters merged into the weights (never saved): the same function
+    merged = eval_script.load_for_eval(adapter, "cpu")[0]
+    assert all(m.merged for _, m in lora.lora_modules(merged))
+    x = torch.randint(0, merged.config.vocab_size, (2, 12))
+    assert torch.allclose(merged(x), model(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -169,11 +174,11 @@ def test_generation_is_the_same_on_one_or_two_ranks(tiny_ckpt, monkeypatch):
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=6, seed=3, batch_size=4)
     single = evaluate.generate_completions(model, tok, prompts, None, **kw)
     parts = []
-    monkeypatch.setattr(evaluate, "gather_lists", lambda items: parts.extend(items) or items)
+    monkeypatch.setattr(dist, "gather_lists", lambda items: parts.extend(items) or items)
     for rank in (0, 1):
         info = SimpleNamespace(rank=rank, world_size=2, autocast_dtype=None, is_distributed=False)
         evaluate.generate_completions(model, tok, prompts, info, **kw)
-    assert [c for _, c in sorted(parts)] == single
+    assert [c for _, batch in sorted(parts) for c in batch] == single
     assert len(single) == 7 and all(len(c) == 2 for c in single)
     ex = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Answer: 42"}]}
     assert evaluate.length_budget(tok, [ex], 1000) == len(tok.encode("Answer: 42")) + 16
@@ -181,17 +186,17 @@ def test_generation_is_the_same_on_one_or_two_ranks(tiny_ckpt, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_gives_the_same_json(tiny_ckpt):
+def test_torchrun_three_ranks_gives_the_same_json(tiny_ckpt):
     """Under torchrun the ranks share the batches and rank 0 writes a file identical to a
-    single process's."""
+    single process's (3 ranks: the batches do not divide evenly among them)."""
     args = ["--checkpoints", tiny_ckpt.path, "--tasks", "aqua_mc,gsm8k"] + FAST
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tiny_ckpt.root / "one.json", tiny_ckpt.root / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one, three = tiny_ckpt.root / "one.json", tiny_ckpt.root / "three.json"
     subprocess.run([sys.executable, *SCRIPT] + args + ["--out", str(one)], check=True, env=env, cwd=REPO,
                    capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *SCRIPT] + args
-                   + ["--out", str(two)], check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
-    assert one.read_bytes() == two.read_bytes()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", *SCRIPT]
+                   + args + ["--out", str(three)], check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
+    assert one.read_bytes() == three.read_bytes()
 
 
 def test_chrf_interval_and_text_parts():

@@ -190,6 +190,22 @@ def test_full_finetune_uses_a_frozen_copy_as_reference():
     assert hist[-1]["reward/mean"] > hist[0]["reward/mean"]
 
 
+def test_rollouts_run_under_the_configured_autocast():
+    """grpo.sample generates inside cfg.autocast (bf16 on CUDA): rollouts are most of a step."""
+    import contextlib
+    model, _, cfg, _ = setup()
+    entered = []
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(1)
+        yield
+
+    cfg.autocast = counting
+    grpo.sample(model, prompts(2), cfg, seed=0)
+    assert entered == [1]
+
+
 def test_attention_entropy_counts_real_tokens_only():
     model = tiny()
     cfg = grpo.GRPOConfig(group_size=2, micro_batch=4)

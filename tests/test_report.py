@@ -166,3 +166,26 @@ def test_missing_checkpoint_and_unknown_task_exit_2(tmp_path, capsys, checkpoint
     code, err = exit_message(["--checkpoints", f"a={checkpoints / 'sft'}", "--induction-len", "1"], capsys)
     assert code == 2 and err == "error: --induction-len 1 is out of range; use 2 or more."
     assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.slow  # ~2 min on the loaded 2-core machine (three processes load the tasks)
+def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path):
+    """Under torchrun the items are shared out over the ranks and gathered in order: the report's
+    numbers are those of one process, bit for bit."""
+    import subprocess
+    import sys
+    args = ["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}", "--tokenizer",
+            str(checkpoints / "tok"), "--tasks", *TASKS, "--max-examples", "2", "--n-boot", "50",
+            "--induction-seqs", "2", "--top-k", "2", "--no-progress", "--device", "cpu"]
+    compare_reasoning.main(args + ["--out", str(tmp_path / "one")])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
+                        "scripts.compare_reasoning", *args, "--out", str(tmp_path / "three")], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "report plan: 3 process(es)" in r.stdout
+    one, three = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "three"))
+    assert three["config"]["world_size"] == 3
+    for key in ("checkpoints", "differences", "deltas", "summary"):
+        assert one[key] == three[key], key

@@ -66,6 +66,19 @@ def test_bradley_terry_training_separates_held_out_pairs():
     assert after > 0.85 and margin > 0
 
 
+def test_every_trainable_parameter_is_in_the_loss_even_with_head_adapters():
+    """An SFT init adapts lm_head too, which the reward never uses: those adapters must not train
+    (DDP would wait for their gradients forever), while every other trainable parameter gets one."""
+    model = tiny()
+    lora.apply_lora(model, rank=2, alpha=4, targets="all,head")
+    rm = reward_model.RewardModel(model)
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert not [n for n in trainable if "lm_head" in n] and "head.weight" in trainable
+    c, r = reward_model.pair_forward(rm, copy_pairs(4, 0), "cpu")
+    reward_model.bt_loss(c, r).backward()
+    assert {n for n, p in rm.named_parameters() if p.grad is not None} == trainable
+
+
 def test_bt_loss_is_minus_log_sigmoid_of_the_margin():
     c, r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
     want = -torch.log(torch.sigmoid(c - r)).mean()

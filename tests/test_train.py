@@ -265,7 +265,8 @@ def test_wrong_flag_and_bad_batch_exit_2(ws, tmp_path, capsys):
     code, err = cli_error("base_train", base_cmd(ws, tmp_path / "o2", "--total-batch-size", "100")[3:], capsys)
     assert code == 2 and err.strip().splitlines() == [
         "error: --total-batch-size 100 tokens is not a positive multiple of 32 (2 x 16 x 1 processes); "
-        "pick a multiple or change --device-batch-size."]
+        "pick a multiple, change --device-batch-size, or leave --total-batch-size out to scale it with the "
+        "world size."]
 
 
 def test_unapproved_data_is_refused(ws, tmp_path, capsys):
