@@ -218,7 +218,7 @@ def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
     if max_len and max(len(i) for i in ids) > max_len:
         return None
     # prompt_len: where the answers start (DPO scores the completion tokens only)
-    return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind,
+    return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind, "answer": example["answer"],
             "chosen": ids[0], "rejected": ids[1], "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
 
 

@@ -179,3 +179,58 @@ def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
     assert any(not torch.equal(one[k], start[k] + 0.05) for k in one)   # the step moved something
     for k in one:
         assert torch.allclose(two[k], one[k], atol=1e-6), k
+
+
+# -----------------------------------------------------------------------------
+# the script, end to end on a tiny checkpoint (aqua_mc: the task that loads fastest)
+
+from test_grpo import tiny_sft  # noqa: E402,F401  (the module fixture: base + LoRA "SFT" checkpoints)
+
+ARGS = ["--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--device", "cpu", "--wandb", "disabled",
+        "--max-new-tokens", "6", "--max-train-examples", "6", "--eval-pairs", "3", "--final-eval-examples", "2",
+        "--num-iterations", "2", "--device-batch-size", "2"]
+
+
+def test_dpo_train_script_logs_everything_and_saves_adapters(tiny_sft):
+    from nanostoney import checkpoint
+    from scripts import dpo_train
+    root, sft = tiny_sft
+    out = str(root / "dpo")
+    dpo_train.main(ARGS + ["--init", sft, "--out", out, "--grad-accum-steps", "2"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    first = [r for r in rows if r.get("step") == 1][0]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl_proxy",
+                "grad_norm", "attn/entropy/layer_0", "attn/entropy_mean", "letters/kl", "letters/aqua_mc/margin",
+                "letters/aqua_mc/argmax_correct", "letters/count_A"):
+        assert key in first, key
+    # the SFT adapters are the reference (init): the first step starts at log 2 exactly
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["kl_proxy"] == 0.0
+    assert first["letters/kl"] == pytest.approx(0.0, abs=1e-7)
+    report = json.load(open(os.path.join(out, "dpo_eval.json")))
+    for when in ("start", "final"):
+        assert report[when]["pairs"]["aqua_mc"]["n"] == 3 and report[when]["accuracy"]["aqua_mc"]["n"] == 2
+    assert report["pairs"]["aqua_mc"] == {"ground_truth": 6, "on_policy": 0}
+    model, tok, meta = checkpoint.load_model(out)
+    assert lora.lora_modules(model) and tok is not None and meta["stage"] == "dpo" and meta["step"] == 2
+
+
+def test_dpo_train_on_policy_pairs_come_from_the_policys_samples(tiny_sft, monkeypatch):
+    from scripts import dpo_train
+    from nanostoney.errors import UserError
+    root, sft = tiny_sft
+    with pytest.raises(UserError, match="no on_policy pairs"):   # a random model is never right
+        dpo_train.main(ARGS + ["--init", sft, "--out", str(root / "none"), "--pairs", "on_policy",
+                               "--on-policy-prompts", "2", "--samples-per-prompt", "2"])
+    seen = []
+
+    def first_two(samples, correct):   # pretend the first sample was right and the second wrong
+        seen.append(samples)
+        return samples[0], samples[1]
+
+    monkeypatch.setattr(dpo, "on_policy_pair", first_two)
+    out = root / "on_policy"
+    dpo_train.main(ARGS + ["--init", sft, "--out", str(out), "--pairs", "both", "--on-policy-prompts", "3",
+                           "--samples-per-prompt", "2", "--eval-pairs", "0", "--final-eval-examples", "0"])
+    report = json.load(open(out / "dpo_eval.json"))
+    assert report["pairs"]["aqua_mc"] == {"ground_truth": 6, "on_policy": 3} and len(seen) == 3
+    assert all(len(s) == 2 and all(1 <= len(c) <= 6 for c in s) for s in seen)   # real samples, <= 6 tokens
