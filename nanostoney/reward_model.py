@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanostoney import checkpoint
-from nanostoney.answers import LETTERS, format_answer, format_number, parse_number, split_answer
+from nanostoney.answers import LETTERS, format_answer, format_number, option_letters, parse_number, split_answer
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
@@ -160,12 +160,13 @@ def rejected_text(task, example, others=None):
         if parts is None:
             return None
         think, letter = parts
-        g = LETTERS.index(example["answer"])
-        w = rng.choice([i for i in range(5) if i != g])
+        choices = example.get("choices") or []
+        letters = option_letters(len(choices)) if choices else LETTERS
+        g = letters.index(example["answer"])
+        w = rng.choice([i for i in range(len(letters)) if i != g])
         lines = think.split("\n")
         last = lines[-1]
-        choices = example.get("choices") or []
-        if len(choices) == 5 and choices[g] and choices[g] in last:
+        if choices and choices[g] and choices[g] in last:
             last = last.replace(choices[g], choices[w])
         lines[-1] = last.replace(f"option {LETTERS[g]}", f"option {LETTERS[w]}")
         return format_answer("\n".join(lines), LETTERS[w])
@@ -219,7 +220,7 @@ def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
         return None
     # prompt_len: where the answers start (DPO scores the completion tokens only)
     return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind, "answer": example["answer"],
-            "chosen": ids[0], "rejected": ids[1], "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
+            "options": len(example.get("choices") or []), "chosen": ids[0], "rejected": ids[1], "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
 
 
 def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, seed=0,

@@ -109,7 +109,7 @@ def on_policy_pairs(model, tok, task, args, info, max_len):
             pick = dpo.on_policy_pair([gen.tokens[r] for r in rows], correct)
             if pick and len(prompts[j]) + max(map(len, pick)) <= max_len:
                 out.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
-                            "answer": ex["answer"], "prompt": prompts[j], "chosen": pick[0], "rejected": pick[1]})
+                            "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompts[j], "chosen": pick[0], "rejected": pick[1]})
         return out
 
     pairs = [p for part in map_over_ranks(chunk_pairs, list(range(0, len(exs), 8)), info) for p in part]
@@ -193,7 +193,7 @@ def letter_metrics(run, drawn):
     this step's multiple-choice pairs (a collective: every rank calls it)."""
     mc = [p for p in drawn if get_task(p["task"]).kind == "mc"]
     view = SimpleNamespace(prompts=[p["prompt"] for p in mc], completions=[p["chosen"] for p in mc])
-    rows = [(r, p["task"], p["answer"]) for r, p in enumerate(mc)]
+    rows = [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)]
     sums = letters.letter_sums(run.model, run.reference, view, rows, run.mc_names, run.letters, run.stop_ids, run.cfg)
     return letters.finish(sums, run.mc_names)
 
