@@ -8,7 +8,7 @@ import pytest
 
 from nanostoney import interp
 from nanostoney.answers import LETTERS, answer_after
-from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tokenizer import Tokenizer
 
 N_ITEMS = 60

@@ -12,7 +12,7 @@ import pytest
 
 from nanostoney.answers import LETTERS, answer_after, answer_part, parse_letter, parse_number
 from nanostoney.metrics import sentence_chrf
-from nanostoney.tasks import TASK_NAMES, corpus_texts, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, corpus_texts, get_task
 from nanostoney.tasks.base import SPLITS, baselines, normalize
 from nanostoney.tasks.stoney import Lang, _conversations, extract_pairs, load_corpus
 

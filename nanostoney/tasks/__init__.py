@@ -1,4 +1,4 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, aqua.py, gsm8k.py).
+"""Tasks: conversations with verifiers, one file per family (stoney.py, aqua.py, gsm8k.py, mmlu.py).
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
@@ -15,10 +15,13 @@ from nanostoney.data import SOURCES
 from nanostoney.errors import UserError
 from nanostoney.tasks.aqua import AquaMC
 from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
+from nanostoney.tasks.mmlu import MMLUEnglish, MMLUYoruba
 from nanostoney.tasks.stoney import StoneyLexicon, StoneyMC, StoneyQA
 
-TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC)}
+TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC, MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
+# the tasks whose files ship under data/ (MMLU's are read from a local copy or the hub)
+BUNDLED_TASKS = tuple(n for n in TASK_NAMES if not n.startswith("mmlu_"))
 # the tasks whose conversations make the default pretraining and tokenizer corpus
 CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
 _BUILT = {}
