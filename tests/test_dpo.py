@@ -234,3 +234,27 @@ def test_dpo_train_on_policy_pairs_come_from_the_policys_samples(tiny_sft, monke
     report = json.load(open(out / "dpo_eval.json"))
     assert report["pairs"]["aqua_mc"] == {"ground_truth": 6, "on_policy": 3} and len(seen) == 3
     assert all(len(s) == 2 and all(1 <= len(c) <= 6 for c in s) for s in seen)   # real samples, <= 6 tokens
+
+
+@pytest.mark.slow  # 6 tiny training runs and one eval, as subprocesses
+def test_method_seeds_bench_compares_star_dpo_grpo_on_the_same_items(tiny_sft, tmp_path):
+    root, sft = tiny_sft
+    ev = "--eval-tasks aqua_mc --max-new-tokens 4 "
+    cmd = [sys.executable, "-m", "bench.method_seeds", "--init", sft, "--out", str(tmp_path / "m"), "--seeds", "0", "1",
+           "--tasks", "aqua_mc", "--max-examples", "3", "--max-new-tokens", "4", "--threads", "1",
+           "--star", ev + "--rounds 1 --prompts-per-round 2 --samples-per-prompt 2 --num-iterations 1 --eval-examples 1",
+           "--dpo", ev + "--max-train-examples 4 --num-iterations 1 --device-batch-size 2 --eval-pairs 0 "
+                         "--final-eval-examples 0",
+           "--grpo", ev + "--max-train-examples 4 --num-iterations 1 --prompts-per-rank 1 --group-size 2 "
+                          "--final-eval-examples 0 --probe-prompts 0"]
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=root_dir)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=root_dir)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.load(open(tmp_path / "m" / "eval.json"))
+    assert set(results["checkpoints"]) == {"sft"} | {f"{m}_{s}" for m in ("star", "dpo", "grpo") for s in (0, 1)}
+    rows = json.load(open(tmp_path / "m" / "summary.json"))["rows"]
+    assert [(r["a"], r["b"]) for r in rows] == [("star", "sft"), ("dpo", "sft"), ("grpo", "sft"), ("star", "dpo"),
+                                                 ("star", "grpo"), ("dpo", "grpo")]
+    assert all(r["n"] == 3 and r["lo"] <= r["diff"] <= r["hi"] and r["p_holm"] >= r["p"] for r in rows)
+    assert "| aqua_mc | dpo - sft | 3 |" in (tmp_path / "m" / "summary.md").read_text()
