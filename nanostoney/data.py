@@ -228,26 +228,26 @@ def _record_text(rec, where, text_key):
                     f"pass --text-column to name the text field.")
 
 
-def read_documents(path, text_key="text"):
-    """Documents of one local file: .txt is one document; .jsonl/.json one per line; .parquet
-    one per row of the text column."""
+def iter_documents(path, text_key="text"):
+    """Documents of one local file, one at a time: .txt is one document; .jsonl/.json one per
+    line; .parquet one per row of the text column (read a batch of rows at a time)."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
-        if text_key not in table.column_names:
-            raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.column_names)}); "
-                            f"pass --text-column.")
-        return [t for t in table.column(text_key).to_pylist() if t]
-    if path.endswith(".txt"):
+        from nanostoney.loader import parquet_texts  # lazy: only parquet needs pyarrow
+        yield from parquet_texts(path, text_key)
+    elif path.endswith(".txt"):
         try:
             with open(path, encoding="utf-8") as f:
-                return [f.read()]
+                yield f.read()
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
-    return [_record_text(rec, f"{path}:{lineno}", text_key) for lineno, rec in iter_jsonl(path)]
+    else:
+        for lineno, rec in iter_jsonl(path):
+            yield _record_text(rec, f"{path}:{lineno}", text_key)
+
+
+def read_documents(path, text_key="text"):
+    """The non-empty documents of one local file, as a list (see iter_documents)."""
+    return [t for t in iter_documents(path, text_key) if t]
 
 
 def read_hub_documents(name, split="train", text_key="text"):

@@ -13,7 +13,8 @@ What lives here and why:
   for pretraining and SFT, reward_model.pair_loss for the reward model.
 - throughput: tokens/s and MFU (model FLOPs / peak FLOPs of the device).
 - DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
-Which tokens form which batch is in batches.py; what evaluations measure is in evaluate.py.
+Which tokens form which batch is in loader.py (pretraining) and batches.py (SFT); what
+evaluations measure is in evaluate.py.
 """
 import os
 import time
@@ -279,23 +280,31 @@ def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, ba
     return path
 
 
-def resume(resume_arg, out_dir, model, optimizer, info, expect=None):
-    """The step to start from: 0 without --resume; else the step of the checkpoint it names (a
-    directory, or "latest": the newest under --out), after restoring weights, optimizer and
-    this rank's RNG. expect: {key: value} of run settings that must match the checkpoint's meta
-    (batch geometry, seed...), else the data order would silently differ from the original run."""
+def checkpoint_to_resume(resume_arg, out_dir):
+    """The checkpoint directory --resume names (a directory, or "latest": the newest under
+    --out), or None without --resume."""
     if resume_arg is None:
-        return 0
+        return None
     if resume_arg != "latest":
         if not os.path.isdir(resume_arg):
             raise UserError(f"--resume {resume_arg}: no such checkpoint directory.")
-        path = resume_arg
-    elif out_dir is None:
+        return resume_arg
+    if out_dir is None:
         raise UserError("--resume without a directory needs --out (the run to continue).")
-    else:
-        path = checkpoint.latest_checkpoint(out_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
+    path = checkpoint.latest_checkpoint(out_dir)
+    if path is None:
+        raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
+    return path
+
+
+def resume(resume_arg, out_dir, model, optimizer, info, expect=None):
+    """The step to start from: 0 without --resume; else the step of the checkpoint it names
+    (checkpoint_to_resume), after restoring weights, optimizer and this rank's RNG.
+    expect: {key: value} of run settings that must match the checkpoint's meta (batch
+    geometry, seed...), else the data order would silently differ from the original run."""
+    path = checkpoint_to_resume(resume_arg, out_dir)
+    if path is None:
+        return 0
     meta = checkpoint.load_checkpoint(path, model, optimizer, rank=info.rank)
     for key, value in (expect or {}).items():
         if key in meta and meta[key] != value:

@@ -1,26 +1,37 @@
 """Pretrain a GPT on a text corpus: one process, torchrun on 8 GPUs, or several nodes.
 
-    python -m scripts.base_train --tokenizer out/tokenizer --out out/base            # CPU default
+    python -m scripts.base_train --tokenizer out/tokenizer --out out/base --num-iterations 500   # CPU
     torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
-        --total-batch-size 524288 --sequence-len 2048 --num-iterations 5000 ...       # 8xH100
+        --total-batch-size 524288 --sequence-len 2048 --data ~/.cache/nanostoney/fineweb-edu-100b-shuffle
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), held out
-against the val splits of the same tasks. `--data` takes txt/jsonl/json/parquet files,
+against the val splits of the same tasks. `--data` takes parquet/txt/jsonl/json files,
 directories or globs, or a hub dataset id; every source passes the governance gate first.
-The CPU default (depth 4 = 256 wide, 4 heads of 64; 256-token rows; 2048-token steps; 500 steps,
-about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default optimizer is AdamW:
-on this CPU config Muon (--optimizer muon) reached the same val bpb per step (0.959 vs 0.959
-after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
+The text streams (nanostoney/loader.py): parquet row groups are read and tokenized as the
+run needs them, so memory does not grow with the corpus; other text is converted once into
+parquet in the cache. Without --val-data the last row group of --data is held out.
+
+Steps: --num-iterations, or else --target-param-data-ratio tokens per parameter (nanochat's 20).
+The plan printed at the start gives the corpus tokens (estimated from a sample for a large
+corpus) and the epochs, with a warning when the run would read the corpus more than once.
+The CPU configuration of run_stoney_small.sh (depth 4 = 256 wide, 4 heads of 64; 256-token
+rows; 2048-token steps; 500 steps, about 1M tokens) is sized for about 5 minutes on 2 quiet
+cores. The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the
+same val bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step;
+see BENCHMARKS.md.
 """
 import argparse
+import math
 import os
 
 import torch
 
-from nanostoney import batches, evaluate, optim, train
-from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney import evaluate, loader, optim, train
+from nanostoney.checkpoint import latest_checkpoint
+from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
+from nanostoney.files import read_json
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
@@ -37,8 +48,7 @@ def parse_args(argv=None):
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; "
                         "default: the bundled corpus")
     p.add_argument("--val-data", nargs="+", default=None,
-                   help="validation text (same forms); default with --data: the last --val-docs documents")
-    p.add_argument("--val-docs", type=int, default=100, help="documents held out of --data when no --val-data")
+                   help="validation text (same forms); default with --data: its last row group")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
     add_manifest_arg(p)
@@ -46,31 +56,71 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--sequence-len", type=int, default=256)
     p.add_argument("--total-batch-size", type=int, default=2048, help="tokens per optimizer step, all processes")
+    p.add_argument("--target-param-data-ratio", type=float, default=20.0,
+                   help="training tokens per parameter; sets the steps when --num-iterations is not given")
     p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample-tokens", type=int, default=32, help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0 = all)")
-    train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250,
+    train.add_loop_args(p, num_iterations=None, device_batch_size=8, eval_every=100, save_every=250,
                         sample_every=250, entropy_every=50)
     optim.add_optim_args(p, optimizer="adamw")
     add_logging_args(p)
     return p.parse_args(argv)
 
 
-def load_corpus(args):
-    """(train docs, val docs, the source files behind them), after the governance gate."""
+def load_corpus(args, info):
+    """(train corpus, validation corpus, the sources behind them), after the governance gate.
+    Text that is not parquet is converted into the cache first (once, by local rank 0)."""
+    column = args.text_column
     if args.data is None:
         sources = sources_for_tasks(CORPUS_TASKS)
         check_sources(sources, use="training", manifest=args.manifest)
-        return corpus_texts("train"), corpus_texts("val"), sources
-    docs, sources = gated_documents(args.data, args.manifest, args.text_column)
-    if args.val_data:
-        val_docs, val_sources = gated_documents(args.val_data, args.manifest, args.text_column, split=args.val_split)
-        return docs, val_docs, sources + val_sources
-    n_val = min(args.val_docs, len(docs) // 10)
-    if n_val < 1:
-        raise UserError(f"--data holds {len(docs)} documents, too few to hold out validation ones; "
-                        f"add data or pass --val-data.")
-    return docs[:-n_val], docs[-n_val:], sources
+        files = lambda: ([loader.texts_shard("bundled-train", corpus_texts("train"), column)],  # noqa: E731
+                         [loader.texts_shard("bundled-val", corpus_texts("val"), column)])
+    else:
+        train_src, val_src = expand_sources(args.data), expand_sources(args.val_data or [])
+        sources = train_src + val_src
+        check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
+        files = lambda: (loader.parquet_files(train_src, column),  # noqa: E731
+                         loader.parquet_files(val_src, column, args.val_split))
+    train_files, val_files = loader.local_rank_0_first(files, info)
+    corpus = loader.Corpus(train_files, column, what="training corpus")
+    if not val_files:
+        return (*corpus.split_last(), sources)
+    return corpus, loader.Corpus(val_files, column, what="validation corpus"), sources
+
+
+def plan_steps(args, num_params):
+    """--num-iterations, or enough steps for --target-param-data-ratio tokens per parameter."""
+    if args.num_iterations is None:
+        if args.target_param_data_ratio <= 0:
+            raise UserError("--target-param-data-ratio must be positive (or give --num-iterations).")
+        args.num_iterations = max(1, math.ceil(args.target_param_data_ratio * num_params / args.total_batch_size))
+    return args.num_iterations
+
+
+def print_plan(args, num_params, corpus, tok):
+    """What the run will read: its tokens against the corpus's, and a warning if that repeats it."""
+    tokens = args.num_iterations * args.total_batch_size
+    have, exact = loader.estimate_tokens(corpus, tok)
+    epochs = tokens / max(1, have)
+    print(f"plan: {args.num_iterations:,} steps x {args.total_batch_size:,} tokens = {tokens:,} tokens "
+          f"({tokens / num_params:.1f} per parameter); training corpus {'' if exact else '~'}{have:,} tokens "
+          f"({corpus.text_bytes / 1e6:,.1f} MB of text in {len(corpus.units):,} row groups): {epochs:.2f} epochs")
+    if epochs > 1:
+        print(f"warning: this run reads its training corpus {epochs:.1f} times; add data (python -m "
+              f"scripts.download_corpus) or lower --num-iterations / --target-param-data-ratio.")
+    return have
+
+
+def resume_position(args, out, model, optimizer, info, geometry):
+    """(start step, the loader position saved with the checkpoint, or None): --resume."""
+    ckpt = train.checkpoint_to_resume(args.resume, out)
+    start_step = train.resume(ckpt, out, model, optimizer, info, expect=geometry)
+    if ckpt is None:
+        return 0, None
+    meta = read_json(os.path.join(latest_checkpoint(ckpt), "meta.json"))
+    return start_step, meta.get("data_position")
 
 
 def main(argv=None):
@@ -82,39 +132,37 @@ def main(argv=None):
     tok = Tokenizer.load(args.tokenizer)
     accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.sequence_len, info.world_size)
     out = args.out or "out/base"
-
-    train_docs, val_docs, sources = load_corpus(args)
-    train_tokens = batches.tokenize_documents(tok, train_docs)
-    val_tokens = batches.tokenize_documents(tok, val_docs)
-    windows = batches.TokenWindows(train_tokens, args.sequence_len, seed=args.seed, what="training corpus")
-    val_windows = batches.TokenWindows(val_tokens, args.sequence_len, shuffle=False, what="validation corpus")
+    train_corpus, val_corpus, sources = load_corpus(args, info)
 
     config = config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim)
     model = GPT(config)
     model.init_weights()
     model.to(info.device)
+    plan_steps(args, model.num_params())
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": args.total_batch_size, "sequence_len": args.sequence_len,
-                "seed": args.seed, "optimizer": args.optimizer}
-    start_step = train.resume(args.resume, out, model, optimizer, info, expect=geometry)
+                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key()}
+    start_step, position = resume_position(args, out, model, optimizer, info, geometry)
     train_model = train.wrap_ddp(torch.compile(model) if args.compile else model, info)
-    loader = batches.PretrainBatches(windows, args.device_batch_size, accum, info)
+    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len, args.device_batch_size, accum, info,
+                                 seed=args.seed, position=position)
+    val_rows = loader.validation_rows(val_corpus, tok, args.sequence_len, max(1, args.eval_tokens // args.sequence_len))
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
-    run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
-                  "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
-                  "train_tokens": len(train_tokens), "val_tokens": len(val_tokens), "data_sources": sources}
-    logger = from_args(args, config=run_config, out_dir=out)
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
            f"{model.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}")
-    print0(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; "
-           f"{args.total_batch_size} tokens/step = {args.device_batch_size} x {args.sequence_len} x "
-           f"{info.world_size} proc x {accum} accum; {args.num_iterations} steps")
+    print0(f"batch: {args.total_batch_size} tokens/step = {args.device_batch_size} x {args.sequence_len} x "
+           f"{info.world_size} proc x {accum} accum; {args.num_iterations} steps; "
+           f"{len(val_rows)} validation rows")
+    corpus_tokens = print_plan(args, model.num_params(), train_corpus, tok) if info.is_master else None
+    run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
+                  "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
+                  "train_tokens": corpus_tokens, "val_tokens": val_rows.numel(), "data_sources": sources}
+    logger = from_args(args, config=run_config, out_dir=out)
 
     def validate(step):
-        rows = max(1, args.eval_tokens // args.sequence_len)
-        bpb = evaluate.evaluate_bpb(model, batches.eval_batches(val_windows, args.device_batch_size, info, rows),
+        bpb = evaluate.evaluate_bpb(model, loader.eval_batches(val_rows, args.device_batch_size, info),
                                     token_bytes, info)
         print0(f"step {step}: val bpb {bpb:.4f}")
         return {"val/bpb": bpb}
@@ -130,12 +178,12 @@ def main(argv=None):
         logger.log_table("samples", ["prompt", "completion"], rows, step=step)
 
     def save(step):
-        meta = {**geometry, "data_position": loader.position(step), "data_sources": sources,
+        meta = {**geometry, "data_position": data.position(), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "base"}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
                        keep_last=args.keep_last or None)
 
-    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=data.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
                              sample=sample, save=save, train_model=train_model)
     logger.summary(final)
