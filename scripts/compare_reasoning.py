@@ -5,12 +5,13 @@
     python -m scripts.compare_reasoning --checkpoints nanochat=~/.cache/nanochat/base_checkpoints/d20 \
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
 
-Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
-nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
-"stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples examples of each task
-from each split (a seeded sample, the same for every checkpoint). Writes <out>/index.html (opens
-offline), <out>/figures/*.png and <out>/metrics.json (every number and the configuration); the
-directory appears complete or not at all. With --wandb the figures and tables go to W&B too.
+Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
+hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc +
+stoney_lexicon (family "stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples
+examples of each task from each split (a seeded sample, the same for every checkpoint). Writes
+<out>/index.html (opens offline), <out>/figures/*.png and <out>/metrics.json (every number and
+the configuration); the directory appears complete or not at all. With --wandb the figures and
+tables go to W&B too.
 The definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
 """
 import argparse
@@ -21,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import interp, report
+from nanostoney import interp, published, report
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import MODES, Logger
@@ -76,7 +77,7 @@ def parse_checkpoints(specs):
             raise UserError(f"--checkpoints entry {spec!r} is malformed; write NAME=PATH.")
         if name in out:
             raise UserError(f"checkpoint name {name!r} is given twice; give each checkpoint its own name.")
-        path = os.path.expanduser(path)
+        path = published.resolve(os.path.expanduser(path))  # hf:OWNER/NAME -> its local copy
         if not os.path.exists(path):
             raise UserError(f"checkpoint {name} = {path} does not exist; check the path.")
         out[name] = path
