@@ -5,8 +5,9 @@
    files are the default. Asking for the hub explicitly (source="hub") and failing is an
    error; preferring it (source="auto") and failing prints one sentence and falls back to the
    bundled file. Pretraining and tokenizer corpora given with --data (txt / jsonl / json /
-   parquet files, directories, globs or a hub id) are read by `gated_documents`, with errors
-   that name the file and line.
+   parquet files, directories, globs or a hub id) are expanded by `expand_sources`, named for
+   the gate by `gate_name` and read one document at a time by `iter_documents`, with errors
+   that name the file and line (pretraining streams them through loader.py).
 
 2. The governance gate, `check_sources(paths, use)`. Stoney Nakoda is the language of a First
    Nations community and the upstream project runs a default-deny policy: every source that
@@ -245,31 +246,14 @@ def iter_documents(path, text_key="text"):
             yield _record_text(rec, f"{path}:{lineno}", text_key)
 
 
-def read_documents(path, text_key="text"):
-    """The non-empty documents of one local file, as a list (see iter_documents)."""
-    return [t for t in iter_documents(path, text_key) if t]
-
-
-def read_hub_documents(name, split="train", text_key="text"):
-    """Documents of a Hugging Face hub dataset (needs the network)."""
+def hub_documents(name, split="train", text_key="text"):
+    """(the dataset's fingerprint, its documents) of a Hugging Face hub dataset split (needs the
+    network, or its `datasets` cache); the documents stream a batch of rows at a time."""
     ds = hub_dataset(name, split=split)
     if text_key not in ds.column_names:
         raise UserError(f"hub dataset {name}: no {text_key!r} column (columns: "
                         f"{', '.join(ds.column_names)}); pass --text-column.")
-    return [t for t in ds[text_key] if t]
-
-
-def gated_documents(values, manifest=None, text_key="text", split="train"):
-    """(documents, sources) of --data values, in order, once the governance gate has approved
-    every source for training."""
-    sources = expand_sources(values)
-    check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
-    docs = []
-    for src in sources:
-        docs.extend(read_documents(src, text_key) if os.path.isfile(src) else read_hub_documents(src, split, text_key))
-    if not docs:
-        raise UserError(f"--data {' '.join(values)} holds no text; check the files and --text-column.")
-    return docs, sources
+    return ds._fingerprint, (t for batch in ds.iter(batch_size=1024) for t in batch[text_key] if t)
 
 
 # -----------------------------------------------------------------------------

@@ -126,13 +126,9 @@ def file_shard(path, column="text"):
 
 def hub_shard(name, split, column="text"):
     """A Hugging Face hub dataset split as a cached shard (keyed by its `datasets` fingerprint)."""
-    from nanostoney.data import hub_dataset
-    ds = hub_dataset(name, split=split)
-    if column not in ds.column_names:
-        raise UserError(f"hub dataset {name}: no {column!r} column (columns: {', '.join(ds.column_names)}); "
-                        f"pass --text-column.")
-    key = hashlib.sha256(f"{name}\0{split}\0{column}\0{ds._fingerprint}".encode()).hexdigest()
-    docs = (t for batch in ds.iter(batch_size=1024) for t in batch[column] if t)
+    from nanostoney.data import hub_documents
+    fingerprint, docs = hub_documents(name, split, column)
+    key = hashlib.sha256(f"{name}\0{split}\0{column}\0{fingerprint}".encode()).hexdigest()
     return cached_shard(name.replace("/", "--"), key, docs, column)
 
 

@@ -231,3 +231,47 @@ def test_memory_does_not_grow_with_the_corpus(ws, tmp_path):
         assert "epochs" in r.stdout and "~" in r.stdout  # the plan estimated, not counted, the tokens
     grew = rss[10_000] - rss[1_000]
     assert grew < 0.1 * (text_mb[10_000] - text_mb[1_000]), (rss, text_mb)
+
+
+# -----------------------------------------------------------------------------
+# getting a web corpus: the manifest record, the download script (no network), the tokenizer
+
+
+def test_the_web_corpus_record_approves_only_fineweb_shards(tmp_path):
+    from nanostoney.data import check_sources
+    ok = tmp_path / "fineweb-edu-100b-shuffle" / "shard_00007.parquet"
+    assert check_sources([str(ok)], use="training") == [(str(ok), "fineweb_edu_100b_shuffle")]
+    for other in (tmp_path / "other" / "shard_00007.parquet", tmp_path / "fineweb-edu-100b-shuffle" / "x.parquet"):
+        with pytest.raises(UserError, match="no record"):
+            check_sources([str(other)], use="training")
+    with pytest.raises(UserError, match="may not be used for public_release"):
+        check_sources([str(ok)], use="public_release")
+
+
+def test_download_corpus_keeps_shards_and_fails_offline_in_one_sentence(tmp_path):
+    out = tmp_path / "fineweb-edu-100b-shuffle"
+    out.mkdir()
+    for i in range(2):
+        write_parquet(out / f"shard_{i:05d}.parquet", synthetic_docs(50, seed=i))
+    offline = {**env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    cmd = [PY, "-m", "scripts.download_corpus", "--out", str(out)]
+    r = subprocess.run(cmd + ["--num-shards", "2"], capture_output=True, text=True, timeout=300, env=offline, cwd=ROOT)
+    assert r.returncode == 0 and "2 there, 0 to download" in r.stdout and "approved for training" in r.stdout, r.stderr
+    r = subprocess.run(cmd + ["--tokens", "1.2e8"], capture_output=True, text=True, timeout=300, env=offline, cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "3 shards" in r.stdout and lines[-1] == (
+        f"error: could not download shard_00002.parquet of karpathy/fineweb-edu-100b-shuffle (HF_HUB_OFFLINE is "
+        f"set); check the connection and run again (the shards already in {out} are kept).")
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_tok_train_streams_parquet_up_to_max_chars(ws, shards, tmp_path, capsys):
+    from scripts import tok_train
+    manifest = tmp_path / "MANIFEST.yml"
+    manifest.write_text(ws.manifest.read_text().replace('"*.jsonl"', '"*.parquet"'))
+    tok_train.main(["--data", *shards, "--manifest", str(manifest), "--vocab-size", "280", "--max-chars", "3000",
+                    "--out", str(tmp_path / "tok")])
+    out = capsys.readouterr().out
+    docs = int(out.split(" documents")[0].split()[-1])
+    assert "first 3,000 characters" in out and 0 < docs < 200  # stopped long before the end of the corpus
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
