@@ -177,9 +177,8 @@ class Corpus:
             raise UserError(f"the {what} ({', '.join(self.files[:3])}) holds no rows; check the files.")
 
     def part(self, units, what):
-        part = Corpus.__new__(Corpus)
-        part.files, part.column, part.what, part.rows, part.nbytes = self.files, self.column, what, self.rows, self.nbytes
-        part.units = list(units)
+        part = Corpus.__new__(Corpus)  # the same files and footers, fewer units
+        part.__dict__.update(self.__dict__, what=what, units=list(units))
         return part
 
     def split_last(self):

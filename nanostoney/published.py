@@ -60,7 +60,7 @@ def download(repo_id):
     """The local snapshot of a hub model repository (optimizer states are not fetched)."""
     from huggingface_hub import constants, snapshot_download  # lazy: only hf: ids need it
     try:
-        return snapshot_download(repo_id, ignore_patterns=["optim_*", "*.bin.tmp"])
+        return snapshot_download(repo_id, ignore_patterns=["optim_*"])
     except Exception as e:  # offline and not cached, no such repo, gated...: the same to the user
         if constants.HF_HUB_OFFLINE:
             raise UserError(f"hf:{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
@@ -93,11 +93,12 @@ def load(path, device="cpu"):
 
 def check_chat_tokens(tokenizer, where):
     """The special tokens our chat format renders, by name; one sentence naming a missing one."""
-    missing = [t for t in CHAT_TOKENS if tokenizer._special_ids.get(t) is None]
+    missing = [t for t in CHAT_TOKENS if not tokenizer.has_special(t)]
     if missing:
+        has = sorted(t.content for t in tokenizer.hf.get_added_tokens_decoder().values())
         raise UserError(f"the tokenizer of {where} has no {', '.join(missing)} special token (it has "
-                        f"{', '.join(tokenizer.special_tokens) or 'none'}), which the chat format needs; "
-                        f"use the model's nanochat tokenizer.")
+                        f"{', '.join(has) or 'none'}), which the chat format needs; use the model's nanochat "
+                        f"tokenizer.")
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def _check_vocab(tokenizer, cfg, where):
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"transformer.h.\1.attn.c_q."),
+HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."),
+           (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"transformer.h.\1.attn.c_q."),
            (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"transformer.h.\1.attn.c_k."),
            (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"transformer.h.\1.attn.c_v."),
            (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),

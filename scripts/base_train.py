@@ -72,18 +72,17 @@ def load_corpus(args, info):
     """(train corpus, validation corpus, the sources behind them), after the governance gate.
     Text that is not parquet is converted into the cache first (once, by local rank 0)."""
     column = args.text_column
-    if args.data is None:
-        sources = sources_for_tasks(CORPUS_TASKS)
-        check_sources(sources, use="training", manifest=args.manifest)
-        files = lambda: ([loader.texts_shard("bundled-train", corpus_texts("train"), column)],  # noqa: E731
-                         [loader.texts_shard("bundled-val", corpus_texts("val"), column)])
-    else:
-        train_src, val_src = expand_sources(args.data), expand_sources(args.val_data or [])
-        sources = train_src + val_src
-        check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
-        files = lambda: (loader.parquet_files(train_src, column),  # noqa: E731
-                         loader.parquet_files(val_src, column, args.val_split))
-    train_files, val_files = loader.local_rank_0_first(files, info)
+    train_src, val_src = expand_sources(args.data or []), expand_sources(args.val_data or [])
+    sources = train_src + val_src if args.data else sources_for_tasks(CORPUS_TASKS)
+    check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
+
+    def parquet():
+        if args.data is None:  # the bundled corpus: its train and val splits
+            return ([loader.texts_shard("bundled-train", corpus_texts("train"), column)],
+                    [loader.texts_shard("bundled-val", corpus_texts("val"), column)])
+        return loader.parquet_files(train_src, column), loader.parquet_files(val_src, column, args.val_split)
+
+    train_files, val_files = loader.local_rank_0_first(parquet, info)
     corpus = loader.Corpus(train_files, column, what="training corpus")
     if not val_files:
         return (*corpus.split_last(), sources)
