@@ -49,9 +49,9 @@ SHARED_FILES = ("metrics.jsonl", "wandb", "logs")
 _state = {"log_dir": None, "locks": [], "created": []}
 
 
-def _rank():
+def _rank(var="RANK"):
     try:
-        return int(os.environ.get("RANK") or 0)
+        return int(os.environ.get(var) or 0)
     except ValueError:
         return 0
 
@@ -155,7 +155,8 @@ def stage_name():
 
 
 def _say(line, every_rank=False):
-    if every_rank or _rank() == 0:
+    """One line on stderr, from each node's first process (a node's user reads its own log)."""
+    if every_rank or _rank("LOCAL_RANK") == 0:
         print(line, file=sys.stderr, flush=True)
 
 

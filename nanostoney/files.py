@@ -42,8 +42,9 @@ def write_json(path, obj, indent=2):
 
 
 class _Writes:
-    """The file torch.save writes into: every write whole, and the OSError of a failed one kept
-    (torch turns it into 'unexpected pos', which names neither the file nor the reason)."""
+    """The file torch.save writes into: every write whole, and the exception of a failed one kept
+    (torch turns it into 'unexpected pos', which names neither the file nor the reason): an
+    OSError, or a Ctrl-C / SIGTERM arriving mid-write, which must stay one."""
 
     def __init__(self, f):
         self.f, self.name, self.error = f, f.name, None
@@ -53,7 +54,7 @@ class _Writes:
         try:
             while view:
                 view = view[self.f.write(view):]
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
         return len(data)
