@@ -27,8 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu,
---pretrain bundled|web, --from-nanochat ID_OR_DIR"
+usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR"
 value() {  # value FLAG VALUE: an option that takes a value has one
     if [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
         echo "error: $1 needs a value ($usage)" >&2; exit 2

@@ -40,7 +40,7 @@ import torch
 from nanostoney import lora
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
-from nanostoney.files import read_json, read_torch, save_torch, write_failed, write_json
+from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
 from nanostoney.gpt import GPT, GPTConfig, unwrap
 from nanostoney.logging import scrub
 from nanostoney.tokenizer import Tokenizer
@@ -307,7 +307,7 @@ def _remove_stale_tmp(out_dir):
     Only our own names: a user's file that happens to end in .tmp-123 is not ours to delete."""
     for entry in os.listdir(out_dir):
         m = re.fullmatch(r"(?:step_\d+|latest)\.(?:tmp|old)-(\d+)", entry)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             p = os.path.join(out_dir, entry)
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -323,16 +323,6 @@ def saved_steps(out_dir):
         if m and os.path.isfile(os.path.join(out_dir, entry, META_FILE)):
             out.append((int(m.group(1)), entry))
     return sorted(out)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _prune(out_dir, keep_last, keep):
