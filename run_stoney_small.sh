@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The whole nanostoney pipeline, end to end, on the bundled data:
+# The whole nanostoney pipeline, end to end:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (16 minutes on 2 idle cores).
+# runs a CPU-sized configuration (16 minutes on 2 idle cores). The plan (every stage's command)
+# is printed before anything runs.
 #
-#   bash run_stoney_small.sh                 # everything; finished stages are skipped on rerun
+#   bash run_stoney_small.sh                 # bundled corpus; finished stages are skipped on rerun
 #   bash run_stoney_small.sh --force         # rerun every stage
 #   bash run_stoney_small.sh --depth 12      # bigger model (or DEPTH=12 bash run_stoney_small.sh)
 #   bash run_stoney_small.sh --until sft     # stop after a stage
 #   bash run_stoney_small.sh --nproc 4       # every stage under torchrun with 4 processes (GPUs or CPU)
 #   bash run_stoney_small.sh --size tiny     # minutes-sized stages, for tests (sizes: tiny, cpu, gpu)
+#   bash run_stoney_small.sh --pretrain web  # GPUs: FineWeb-Edu -> 65k tokenizer -> base at 20 tokens
+#                                            #   per parameter -> mid (chat format, full) -> SFT -> ...
+#   bash run_stoney_small.sh --from-nanochat hf:OWNER/NAME   # or a local nanochat / transformers dir:
+#                                            #   SFT -> reward model -> GRPO -> eval -> report on it
+#   bash run_stoney_small.sh --plan ...      # print the plan and stop
 #   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE SFT RM GRPO EVAL REPORT)
 #
 # A training stage that was stopped midway (Ctrl-C, a kill, a crash) continues from its last
@@ -21,20 +27,25 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-STAGES="tokenizer base sft rm grpo eval report"
-usage="use --force, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu"
+usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR"
 value() {  # value FLAG VALUE: an option that takes a value has one
     if [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
         echo "error: $1 needs a value ($usage)" >&2; exit 2
     fi
 }
 FORCE=${FORCE:-0}
+PLAN_ONLY=0
+PRETRAIN=${PRETRAIN:-bundled}
+FROM_NANOCHAT=${FROM_NANOCHAT:-}
 UNTIL=report
 NPROC=${NPROC:-}
 SIZE=${SIZE:-}
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1 ;;
+        --plan) PLAN_ONLY=1 ;;
+        --pretrain) value "$1" "${2:-}"; PRETRAIN="$2"; shift ;;
+        --from-nanochat) value "$1" "${2:-}"; FROM_NANOCHAT="$2"; shift ;;
         --depth) value "$1" "${2:-}"; DEPTH="$2"; shift ;;
         --out) value "$1" "${2:-}"; OUT="$2"; shift ;;
         --until) value "$1" "${2:-}"; UNTIL="$2"; shift ;;
@@ -47,6 +58,16 @@ done
 if [ -n "${DEPTH:-}" ] && ! [[ "$DEPTH" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --depth must be a positive integer, got '$DEPTH'" >&2; exit 2
 fi
+case "$PRETRAIN" in
+    bundled|web) ;;
+    *) echo "error: --pretrain $PRETRAIN is not a corpus; use --pretrain bundled or --pretrain web." >&2; exit 2 ;;
+esac
+if [ -n "$FROM_NANOCHAT" ] && [ "$PRETRAIN" = web ]; then
+    echo "error: --from-nanochat skips pretraining, so --pretrain web does not apply; pass one of them." >&2; exit 2
+fi
+MODE=$PRETRAIN
+[ -n "$FROM_NANOCHAT" ] && MODE="nanochat:$FROM_NANOCHAT"
+STAGES="corpus_head tokenizer corpus base mid sft rm grpo eval report"
 if [[ " $STAGES " != *" $UNTIL "* ]]; then
     echo "error: --until $UNTIL is not a stage; use one of: $STAGES" >&2; exit 2
 fi
@@ -61,12 +82,21 @@ source scripts/setup_env.sh
 
 OUT=${OUT:-out}
 PY="uv run --frozen python"
-# the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
-$PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
-trap 'rm -f "$OUT/.lock"' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-mkdir -p "$OUT/logs"
+# finished stages of another mode (another tokenizer, another base) must not be reused
+if [ "$FORCE" != 1 ] && ls "$OUT"/.done_* >/dev/null 2>&1 && [ "$(cat "$OUT/.mode" 2>/dev/null || echo bundled)" != "$MODE" ]; then
+    echo "error: $OUT holds stages of another run ($(cat "$OUT/.mode" 2>/dev/null || echo bundled)); pass --out DIR" \
+         "for this one ($MODE) or --force to redo them." >&2
+    exit 2
+fi
+if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
+    # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
+    $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
+    trap 'rm -f "$OUT/.lock"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mkdir -p "$OUT/logs"
+    echo "$MODE" > "$OUT/.mode"
+fi
 WANDB=${WANDB_MODE:-auto}
 if [ "$WANDB" != disabled ] && [ "$WANDB" != offline ] && [ -n "${WANDB_API_KEY:-}" ] && \
         ! $PY -c "import sys; from nanostoney.logging import wandb_reachable; sys.exit(not wandb_reachable())"; then
@@ -90,10 +120,19 @@ if [ "$NGPU" -gt 0 ] || [ "$NPROC" -gt 1 ]; then
 else
     LAUNCH="$PY"
 fi
-echo "nanostoney: $NGPU GPU(s), $NPROC process(es), depth $DEPTH, $SIZE sizes, outputs in $OUT/"
+if [ "$PRETRAIN" = web ] && [ "$NGPU" -eq 0 ]; then
+    echo "error: --pretrain web reads billions of tokens and needs GPUs; on CPU use the bundled corpus." >&2
+    exit 2
+fi
+if [ "$PRETRAIN" = web ]; then
+    WEB=$($PY -c "import os; from nanostoney.loader import cache_dir; print(os.path.join(cache_dir(), 'fineweb-edu-100b-shuffle'))")
+    # base_train's budget: 20 tokens per parameter of the depth-$DEPTH model with a 65,536-token vocabulary
+    WEB_TOKENS=$($PY -c "import torch; from nanostoney.gpt import GPT, config_for_depth
+with torch.device('meta'): print(20 * GPT(config_for_depth($DEPTH, 65536, 2048)).num_params())")
+fi
 
 # again NAME DIR ARGS: what a training stage needs when DIR holds an earlier attempt: --resume
-# when it stopped midway after a checkpoint (base, sft, grpo), else --overwrite (train again).
+# when it stopped midway after a checkpoint (base, mid, sft, grpo), else --overwrite (train again).
 again() {
     local name=$1 dir=$2 iters latest
     if [ -z "$(ls "$dir" 2>/dev/null)" ]; then
@@ -101,8 +140,9 @@ again() {
     fi
     iters=$(grep -o -- '--num-iterations [0-9]*' <<< "$3" | tail -1 | cut -d' ' -f2)
     latest=$(sed -n 's/^step_0*\([0-9]\)/\1/p' "$dir/latest" 2>/dev/null || true)
-    if [ "$FORCE" != 1 ] && [[ " base sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
-            [ "$latest" -lt "${iters:-0}" ]; then
+    # (no --num-iterations: the steps come from the token budget, and base_train checks the step)
+    if [ "$FORCE" != 1 ] && [[ " base mid sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
+            { [ -z "$iters" ] || [ "$latest" -lt "$iters" ]; }; then
         echo "--resume"
     else
         echo "--overwrite"
@@ -110,8 +150,15 @@ again() {
 }
 
 # stage NAME COMMAND...: run once, log to $OUT/logs/NAME.log, record its time; skip when done.
+# With PLAN=1 it only prints the stage and its command.
 stage() {
     local name=$1; shift
+    if [ "$PLAN" = 1 ]; then
+        local state=""
+        [ -f "$OUT/.done_$name" ] && [ "$FORCE" != 1 ] && state=" (done: skipped)"
+        echo "  $name$state: $*"
+        return
+    fi
     if [ -f "$OUT/.done_$name" ] && [ "$FORCE" != 1 ]; then
         echo "== $name: already done (skipped; --force reruns it)"
     else
@@ -144,7 +191,11 @@ case "$SIZE" in
         DEFAULT_REPORT="--max-examples 16" ;;
     gpu)  # 32 x 1024 tokens x 8 GPUs x 2 accum = 524288 tokens per step on 8 GPUs
         DEFAULT_TOK=""
-        DEFAULT_BASE="--sequence-len 1024 --device-batch-size 32 --grad-accum-steps 2 --num-iterations 2000"
+        # The bundled corpus is about 1.4M tokens: 200 steps of 65,536 tokens read it about 9 times
+        # (base_train's plan says how often). A model worth probing: --pretrain web or --from-nanochat.
+        DEFAULT_BASE="--sequence-len 1024 --total-batch-size 65536 --device-batch-size 8 --num-iterations 200"
+        # nanochat's recipe for --pretrain web: 2048-token rows, 0.5M-token steps, steps from 20 tokens per parameter
+        [ "$PRETRAIN" = web ] && DEFAULT_BASE="--data $WEB --sequence-len 2048 --total-batch-size 524288 --device-batch-size 32"
         DEFAULT_SFT="--num-iterations 1000"
         DEFAULT_RM="--num-iterations 300"
         DEFAULT_GRPO="--num-iterations 200 --rewards accuracy=1,format=0.2,reward_model=0.2"
@@ -171,23 +222,58 @@ GRPO_ARGS=${GRPO_ARGS-$DEFAULT_GRPO}
 EVAL_ARGS=${EVAL_ARGS-$DEFAULT_EVAL}
 REPORT_ARGS=${REPORT_ARGS-$DEFAULT_REPORT}
 COMMON="--wandb $WANDB"
+# midtraining (nanochat's mid stage): every weight, on the chat format of the Stoney conversations
+# and the math tasks, so the chat tokens are learned before the LoRA stages
+MID_ARGS=${MID_ARGS-"--full --lr 1e-3 --tasks stoney_qa=1,stoney_lexicon=1,stoney_mc=1,gsm8k=1,gsm8k_mc=1,aqua_mc=1
+    --max-train-examples 0 --total-batch-size 64 --device-batch-size 8 --num-iterations 300 --eval-every 0"}
 
-stage tokenizer $LAUNCH -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS
-stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
-    --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
-stage sft $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS \
-    $(again sft "$OUT/sft" "$SFT_ARGS")
-stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS \
-    $(again rm "$OUT/rm" "$RM_ARGS")
-stage grpo $LAUNCH -m scripts.grpo_train --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
-    --run-name grpo $COMMON $GRPO_ARGS $(again grpo "$OUT/grpo" "$GRPO_ARGS")
-stage eval $LAUNCH -m scripts.eval --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
-    --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
-stage report $LAUNCH -m scripts.compare_reasoning --checkpoints base="$OUT/base" sft="$OUT/sft" grpo="$OUT/grpo" \
-    --out "$OUT/report" --run-name report $COMMON $REPORT_ARGS
+pipeline() {
+    local init
+    if [ -n "$FROM_NANOCHAT" ]; then
+        BASE="$FROM_NANOCHAT"
+    else
+        BASE="$OUT/base"
+        if [ "$PRETRAIN" = web ]; then
+            stage corpus_head $PY -m scripts.download_corpus --num-shards 8
+            stage tokenizer $LAUNCH -m scripts.tok_train --vocab-size 65536 --data "$WEB" --max-chars 2000000000 \
+                --out "$OUT/tokenizer"
+            stage corpus $PY -m scripts.download_corpus --tokens "$WEB_TOKENS"
+        else
+            stage tokenizer $LAUNCH -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS
+        fi
+        stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
+            --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
+    fi
+    init="$BASE"
+    if [ "$PRETRAIN" = web ]; then
+        stage mid $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/mid" --run-name mid $COMMON $MID_ARGS \
+            $(again mid "$OUT/mid" "$MID_ARGS")
+        init="$OUT/mid"
+    fi
+    stage sft $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS \
+        $(again sft "$OUT/sft" "$SFT_ARGS")
+    stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS \
+        $(again rm "$OUT/rm" "$RM_ARGS")
+    stage grpo $LAUNCH -m scripts.grpo_train --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
+        --run-name grpo $COMMON $GRPO_ARGS $(again grpo "$OUT/grpo" "$GRPO_ARGS")
+    stage eval $LAUNCH -m scripts.eval --checkpoints base="$BASE" sft="$OUT/sft" grpo="$OUT/grpo" \
+        --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
+    stage report $LAUNCH -m scripts.compare_reasoning --checkpoints base="$BASE" sft="$OUT/sft" grpo="$OUT/grpo" \
+        --out "$OUT/report" --run-name report $COMMON $REPORT_ARGS
+}
+
+echo "nanostoney plan: $NGPU GPU(s), $NPROC process(es), $SIZE sizes, $([ -n "$FROM_NANOCHAT" ] && \
+    echo "the published model $FROM_NANOCHAT" || echo "depth $DEPTH on the $PRETRAIN corpus"), outputs in $OUT/"
+if [ "$PRETRAIN" = web ]; then
+    echo "  base reads ~$(awk "BEGIN {printf \"%.2f\", $WEB_TOKENS / 1e9}")B tokens (20 per parameter of" \
+         "$(awk "BEGIN {printf \"%.0f\", $WEB_TOKENS / 20e6}")M), from FineWeb-Edu shards in $WEB"
+fi
+PLAN=1 pipeline
+[ "$PLAN_ONLY" = 1 ] && exit 0
+PLAN=0 pipeline
 
 echo
 echo "nanostoney: done. Stage times (s) in $OUT/stage_times.tsv, logs in $OUT/logs/"
 echo "  report:      $OUT/report/index.html"
 echo "  eval table:  $OUT/eval/results.json"
-echo "  checkpoints: $OUT/base $OUT/sft $OUT/rm $OUT/grpo"
+echo "  checkpoints: $BASE $([ "$PRETRAIN" = web ] && echo "$OUT/mid ")$OUT/sft $OUT/rm $OUT/grpo"

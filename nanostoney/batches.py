@@ -1,4 +1,4 @@
-"""Which rows form which batch, for pretraining and SFT: deterministic and resumable.
+"""Which rows form which SFT batch: deterministic and resumable.
 
 Every batch is a pure function of (step, micro-step, rank): sequence number
     g = ((step * grad_accum + micro) * world_size + rank) * device_batch
@@ -6,11 +6,9 @@ is the first row a process takes. The data "state" is therefore just the step, s
 - --resume continues with exactly the rows an uninterrupted run would have seen, and
 - 2 processes x 1 micro-step see the same rows as 1 process x 2 micro-steps (the DDP test).
 
-Pretraining: documents are tokenized once, joined into one stream with <|bos|> before each
-document, and cut into windows of seq_len + 1 tokens (inputs and shifted targets). Each pass
-over the windows visits them in a fresh seeded permutation.
-SFT: a precomputed schedule of (task, example) draws by mixture weight; rows are padded to
-the longest in the micro-batch, with targets -1 outside assistant tokens.
+A precomputed schedule of (task, example) draws by mixture weight; rows are padded to the
+longest in the micro-batch, with targets -1 outside assistant tokens. (Pretraining text
+streams through nanostoney/loader.py instead: a corpus does not fit a precomputed schedule.)
 """
 import math
 
@@ -20,83 +18,10 @@ from nanostoney.data import check_sources
 from nanostoney.errors import UserError
 from nanostoney.tasks import get_task, sources_for_tasks
 
-# -----------------------------------------------------------------------------
-# pretraining windows
-
-
-def tokenize_documents(tokenizer, docs):
-    """One LongTensor stream: <|bos|> doc0 <|bos|> doc1 ... (bos marks every document start)."""
-    bos = tokenizer.bos_id
-    stream = []
-    for ids in tokenizer.encode_batch(list(docs)):
-        stream.append(bos)
-        stream.extend(ids)
-    return torch.tensor(stream, dtype=torch.long)
-
-
-class TokenWindows:
-    """Non-overlapping windows of seq_len + 1 tokens over a stream, read in a seeded order.
-
-    window(g) for g = 0, 1, 2, ... walks permutation 0 of all windows, then permutation 1, ...
-    (shuffle=False: the natural order, for evaluation).
-    """
-
-    def __init__(self, tokens, seq_len, seed=0, shuffle=True, what="corpus"):
-        self.tokens, self.seq_len, self.seed, self.shuffle = tokens, seq_len, seed, shuffle
-        self.n = (len(tokens) - 1) // seq_len
-        if self.n < 1:
-            raise UserError(f"the {what} has {len(tokens)} tokens, fewer than one sequence of "
-                            f"{seq_len + 1}; add data or lower --sequence-len.")
-        self._perms = {}
-
-    def _perm(self, epoch):
-        if epoch not in self._perms:
-            self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}  # keep memory flat
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def window(self, g):
-        epoch, i = divmod(g, self.n)
-        j = int(self._perm(epoch)[i]) if self.shuffle else i
-        start = j * self.seq_len
-        return self.tokens[start:start + self.seq_len + 1]
-
-    def rows(self, start, count):
-        w = torch.stack([self.window(g) for g in range(start, start + count)])
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
 
 def first_row(step, micro, grad_accum, world_size, rank, device_batch):
     """Index of the first sequence that (step, micro, rank) takes; see the module docstring."""
     return ((step * grad_accum + micro) * world_size + rank) * device_batch
-
-
-class PretrainBatches:
-    """get(step, micro) -> (x, y) of this rank, on the device."""
-
-    def __init__(self, windows, device_batch, grad_accum, info):
-        self.windows, self.B, self.accum, self.info = windows, device_batch, grad_accum, info
-
-    def get(self, step, micro):
-        g = first_row(step, micro, self.accum, self.info.world_size, self.info.rank, self.B)
-        x, y = self.windows.rows(g, self.B)
-        dev = self.info.device
-        return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-
-    def position(self, step):
-        """Sequences consumed before `step` (the loader's whole state)."""
-        return first_row(step, 0, self.accum, self.info.world_size, 0, self.B)
-
-
-def eval_batches(windows, device_batch, info, max_rows=None):
-    """This rank's share of the evaluation windows (natural order, every rank a stride)."""
-    n = windows.n if max_rows is None else min(windows.n, max_rows)
-    mine = list(range(info.rank, n, info.world_size))
-    for i in range(0, len(mine), device_batch):
-        idx = mine[i:i + device_batch]
-        w = torch.stack([windows.window(g) for g in idx]).to(info.device)
-        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
 # -----------------------------------------------------------------------------

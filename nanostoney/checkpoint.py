@@ -1,4 +1,4 @@
-"""Checkpoints: our own directories (atomic, resumable) and nanochat's, behind one load_model.
+"""Checkpoints: our own directories (atomic, resumable) and published models, behind one load_model.
 
 A run directory holds one sub-directory per saved step and a `latest` pointer:
 
@@ -19,9 +19,9 @@ Atomicity: everything is written into `step_000200.tmp-<pid>`, fsynced, then ren
 naming a complete checkpoint (or absent), never a half-written one.
 
 Loading: `load_model(path)` takes a run dir (follows `latest`), a step dir, a LoRA adapter
-dir (loads its base, then the adapters), or a nanochat checkpoint dir (model_XXXXXX.pt +
-meta_XXXXXX.json). `load_checkpoint(path, model, optimizer)` restores weights, optimizer and
-RNG into objects the caller built: that is `--resume`.
+dir (loads its base, then the adapters), or a published model (published.py: a nanochat
+checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME). `load_checkpoint(path, model,
+optimizer)` restores weights, optimizer and RNG into objects the caller built: that is `--resume`.
 
 Only rank 0 saves (DDP keeps weights and optimizer identical on every rank); RNG states of
 all ranks come in through `gather_rng_states()`, which every rank must call.
@@ -40,7 +40,7 @@ import torch
 from nanostoney import lora
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
-from nanostoney.files import read_json, read_torch, save_torch, write_failed, write_json
+from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
 from nanostoney.gpt import GPT, GPTConfig, unwrap
 from nanostoney.logging import scrub
 from nanostoney.tokenizer import Tokenizer
@@ -50,7 +50,6 @@ LATEST = "latest"
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.json", "meta.json"
 OPTIM_FILE, RNG_FILE, TOKENIZER_DIR = "optim.pt", "rng.pt", "tokenizer"
 STEP_RE = re.compile(r"^step_(\d+)$")
-NANOCHAT_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
 
 
@@ -308,7 +307,7 @@ def _remove_stale_tmp(out_dir):
     Only our own names: a user's file that happens to end in .tmp-123 is not ours to delete."""
     for entry in os.listdir(out_dir):
         m = re.fullmatch(r"(?:step_\d+|latest)\.(?:tmp|old)-(\d+)", entry)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             p = os.path.join(out_dir, entry)
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -324,16 +323,6 @@ def saved_steps(out_dir):
         if m and os.path.isfile(os.path.join(out_dir, entry, META_FILE)):
             out.append((int(m.group(1)), entry))
     return sorted(out)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _prune(out_dir, keep_last, keep):
@@ -421,14 +410,17 @@ def _load_tokenizer(directory, cfg):
 def load_model(path, device="cpu"):
     """(model, tokenizer or None, meta) from any checkpoint we understand; model in eval mode.
 
-    path: our run dir or step dir, a LoRA adapter dir, or a nanochat checkpoint dir.
+    path: our run dir or step dir, a LoRA adapter dir, or a published model (published.py): a
+    nanochat checkpoint dir, a transformers NanoChat dir, or hf:OWNER/NAME.
     """
+    from nanostoney import published  # it builds on this module's loading helpers
+    path = published.resolve(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
     if not os.path.isdir(path):
         raise UserError(f"{path} is a file; pass the checkpoint directory that contains it.")
-    if _nanochat_model_dir(path):
-        return load_nanochat(path, device=device)
+    if published.kind(path):
+        return published.load(path, device=device)
     ckpt = latest_checkpoint(path) or path
     has_model = os.path.isfile(os.path.join(ckpt, MODEL_FILE))
     has_adapters = os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE))
@@ -436,8 +428,8 @@ def load_model(path, device="cpu"):
         return _load_adapter_dir(ckpt, device)
     if not has_model:
         raise UserError(f"{path} is not a checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} (nanostoney), "
-                        f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), or "
-                        f"model_XXXXXX.pt + meta_XXXXXX.json (nanochat).")
+                        f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), model_XXXXXX.pt + "
+                        f"meta_XXXXXX.json (nanochat), or config.json + model.safetensors (transformers).")
     cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
     sd = read_torch(os.path.join(ckpt, MODEL_FILE))
     model = GPT(cfg)
@@ -470,20 +462,31 @@ def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", drop
     """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None):
     the model a fine-tuning stage (SFT, reward model, GRPO, STaR) starts from.
 
-    init: a run dir (its latest step), a step dir, or a LoRA adapter dir (e.g. the SFT output).
+    init: a run dir (its latest step), a step dir, a LoRA adapter dir (e.g. the SFT output), or a
+    published model (a nanochat checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME).
     - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
       adapter saves name the same base the init's adapters name.
     - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
-      become the base that adapter saves name.
+      become the base that adapter saves name (for a published model: its local directory).
     - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
     """
-    ckpt = latest_checkpoint(init) if os.path.isdir(init) else None
-    if ckpt is None:
-        raise UserError(f"--init {init}: no checkpoint there; point it at the --out of the stage before "
-                        f"(scripts.base_train for SFT, scripts.sft_train for the others).")
-    model, tok, _ = load_model(ckpt, device=device)
-    if tok is None:
-        raise UserError(f"{ckpt} has no tokenizer (nor does its base); re-save it with its tokenizer.")
+    from nanostoney import published
+    local = published.resolve(init)
+    if published.kind(local):
+        model, tok, meta = published.load(local, device=device)
+        ckpt = meta["checkpoint"]
+        if tok is None:
+            raise UserError(f"--init {init}: the {meta.get('source', 'published')} model in {ckpt} has no "
+                            f"tokenizer; put its tokenizer.pkl (or tokenizer.json) beside the weights.")
+    else:
+        ckpt = latest_checkpoint(local) if os.path.isdir(local) else None
+        if ckpt is None:
+            raise UserError(f"--init {init}: no checkpoint there; point it at the --out of the stage before "
+                            f"(scripts.base_train for SFT, scripts.sft_train for the others) or a nanochat model.")
+        model, tok, _ = load_model(ckpt, device=device)
+        if tok is None:
+            raise UserError(f"{ckpt} has no tokenizer (nor does its base); re-save it with its tokenizer.")
+    published.check_chat_tokens(tok, init)
     has_adapters = bool(lora.lora_modules(model))
     if full:
         if has_adapters:
@@ -495,81 +498,3 @@ def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", drop
         return model, tok, ckpt, lora.base_checkpoint_of(ckpt)
     lora.apply_lora(model, rank, alpha, dropout, targets)
     return model, tok, ckpt, ckpt
-
-
-# -----------------------------------------------------------------------------
-# nanochat import
-
-def _nanochat_steps(directory):
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for f in os.listdir(directory) for m in [NANOCHAT_MODEL_RE.match(f)] if m)
-
-
-def _nanochat_model_dir(path):
-    """path if it holds model_XXXXXX.pt files; else the deepest d<N> sub-folder that does
-    (nanochat's base_checkpoints/ layout, one folder per depth); else None."""
-    if _nanochat_steps(path):
-        return path
-    if not os.path.isdir(path):
-        return None
-    depths = sorted((int(m.group(1)), e) for e in os.listdir(path)
-                    for m in [re.match(r"^d(\d+)$", e)] if m and _nanochat_steps(os.path.join(path, e)))
-    return os.path.join(path, depths[-1][1]) if depths else None
-
-
-def _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir):
-    """nanochat keeps tokenizer.pkl in ~/.cache/nanochat/tokenizer, two levels above
-    base_checkpoints/d20; published model folders often put it next to the weights."""
-    if tokenizer_dir is not None:
-        cands = [tokenizer_dir]
-    else:
-        c = os.path.abspath(checkpoint_dir)
-        cands = [c, os.path.join(c, "tokenizer"), os.path.join(os.path.dirname(c), "tokenizer"),
-                 os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")]
-    for d in cands:
-        if os.path.isfile(os.path.join(d, "tokenizer.json")):
-            return Tokenizer.load(d)
-        if os.path.isfile(os.path.join(d, "tokenizer.pkl")):
-            return Tokenizer.from_nanochat_pickle(os.path.join(d, "tokenizer.pkl"))
-    if tokenizer_dir is not None:
-        raise UserError(f"no tokenizer.pkl or tokenizer.json in {tokenizer_dir}; point --tokenizer "
-                        f"at nanochat's tokenizer directory.")
-    return None
-
-
-def load_nanochat(checkpoint_dir, tokenizer_dir=None, device="cpu", step=None):
-    """Import a nanochat (Oct 2025) checkpoint: (model, tokenizer or None, meta).
-
-    Reads model_XXXXXX.pt (highest step unless `step` is given) and meta_XXXXXX.json. Keys
-    lose torch.compile's `_orig_mod.` prefix; bf16 tensors (nanochat keeps the embedding in
-    bf16 on GPU) become fp32, which is exact. The rotary tables are rebuilt in bf16 by gpt.py
-    exactly as nanochat builds them, so logits match nanochat's.
-    """
-    if not os.path.isdir(checkpoint_dir):
-        raise UserError(f"nanochat checkpoint directory {checkpoint_dir} does not exist; check the path.")
-    model_dir = _nanochat_model_dir(checkpoint_dir)
-    if model_dir is None:
-        raise UserError(f"{checkpoint_dir} has no nanochat model_XXXXXX.pt file; point at the folder "
-                        f"holding model_*.pt and meta_*.json (e.g. base_checkpoints/d20).")
-    checkpoint_dir, steps = model_dir, _nanochat_steps(model_dir)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"{checkpoint_dir} has no model_{step:06d}.pt; available steps: {steps}.")
-    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    meta = _read_json(meta_path)
-    if "model_config" not in meta:
-        raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
-    cfg = config_from_dict(meta["model_config"], meta_path)
-    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    raw = read_torch(model_path)
-    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
-    model = GPT(cfg)
-    load_weights(model, sd, model_path)
-    tokenizer = _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # (a padded vocab is fine)
-        raise UserError(f"the tokenizer found for {checkpoint_dir} has {tokenizer.vocab_size} tokens but "
-                        f"the model has vocab_size={cfg.vocab_size}; pass the matching tokenizer_dir.")
-    meta = {**meta, "source": "nanochat", "step": step, "checkpoint": os.path.abspath(checkpoint_dir)}
-    return model.to(device).eval(), tokenizer, meta

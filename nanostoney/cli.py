@@ -39,6 +39,7 @@ import time
 import traceback
 
 from nanostoney.errors import RunFailed, UserError
+from nanostoney.files import pid_alive
 
 MARKER, LOCK = ".nanostoney", ".lock"
 # names a stage writes into its output directory (a directory holding only these is ours)
@@ -265,16 +266,6 @@ def _unexpected(stage, debug):
 # output directories and their lock
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_lock(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -293,7 +284,7 @@ def _stale(path, holder):
         except OSError:
             return True
     return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-        and not _pid_alive(holder["pid"])
+        and not pid_alive(holder["pid"])
 
 
 def _refuse_if_locked(path, what):

@@ -5,8 +5,9 @@
    files are the default. Asking for the hub explicitly (source="hub") and failing is an
    error; preferring it (source="auto") and failing prints one sentence and falls back to the
    bundled file. Pretraining and tokenizer corpora given with --data (txt / jsonl / json /
-   parquet files, directories, globs or a hub id) are read by `gated_documents`, with errors
-   that name the file and line.
+   parquet files, directories, globs or a hub id) are expanded by `expand_sources`, named for
+   the gate by `gate_name` and read one document at a time by `iter_documents`, with errors
+   that name the file and line (pretraining streams them through loader.py).
 
 2. The governance gate, `check_sources(paths, use)`. Stoney Nakoda is the language of a First
    Nations community and the upstream project runs a default-deny policy: every source that
@@ -233,14 +234,9 @@ def _record_text(rec, where, text_key):
                     f"pass --text-column to name the text field.")
 
 
-def read_documents(path, text_key="text"):
-    """Documents of one local file: .txt is one document; .jsonl/.json one per line; .parquet
-    one per row of the text column."""
-    return list(iter_documents(path, text_key))
-
-
 def iter_documents(path, text_key="text", max_chars=None):
-    """read_documents one at a time. max_chars: long documents come in pieces of at most that
+    """Documents of one local file, one at a time: .txt is one document; .jsonl/.json one per
+    line; .parquet one per row of the text column (a batch of rows at a time). max_chars: long documents come in pieces of at most that
     many characters (cut after whitespace where there is some) and a .txt is read in blocks, so
     memory stays bounded by the longest JSON line whatever the size of the file."""
     if path.endswith(".parquet"):
@@ -320,23 +316,14 @@ def _parquet_documents(path, text_key):
         yield from (t for t in batch.column(0).to_pylist() if t)
 
 
-def read_hub_documents(name, split="train", text_key="text"):
-    """Documents of a Hugging Face hub dataset (needs the network)."""
+def hub_documents(name, split="train", text_key="text"):
+    """(the dataset's fingerprint, its documents) of a Hugging Face hub dataset split (needs the
+    network, or its `datasets` cache); the documents stream a batch of rows at a time."""
     ds = hub_dataset(name, split=split)
     if text_key not in ds.column_names:
         raise UserError(f"hub dataset {name}: no {text_key!r} column (columns: "
                         f"{', '.join(ds.column_names)}); pass --text-column.")
-    return [t for t in ds[text_key] if t]
-
-
-def gated_documents(values, manifest=None, text_key="text", split="train"):
-    """(documents, sources) of --data values, in order, once the governance gate has approved
-    every source for training."""
-    sources = gated_sources(values, manifest)
-    docs = list(stream_documents(sources, text_key, split))
-    if not docs:
-        raise UserError(f"--data {' '.join(values)} holds no text; check the files and --text-column.")
-    return docs, sources
+    return ds._fingerprint, (t for batch in ds.iter(batch_size=1024) for t in batch[text_key] if t)
 
 
 def gated_sources(values, manifest=None):
@@ -352,7 +339,7 @@ def stream_documents(sources, text_key="text", split="train", max_chars=None):
         if os.path.isfile(src):
             yield from iter_documents(src, text_key, max_chars)
         else:
-            yield from (p for doc in read_hub_documents(src, split, text_key)
+            yield from (p for doc in hub_documents(src, split, text_key)[1]
                         for p in (pieces(doc, max_chars) if max_chars else [doc]))
 
 

@@ -269,6 +269,9 @@ def barrier():
 
 
 def cleanup():
-    """Leave the process group (torchrun otherwise warns about a leaked group at exit)."""
+    """Leave the process group (torchrun otherwise warns about a leaked group at exit), once
+    every rank is here: a rank that exits while another still holds DDP's gloo group can hang
+    that one's teardown (seen at 2 CPU ranks)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -41,6 +41,17 @@ def write_json(path, obj, indent=2):
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
+def pid_alive(pid):
+    """Is process `pid` running (on this host)? Decides whether a lock or a temporary file is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours to signal
+        return True
+    return True
+
+
 class _Writes:
     """The file torch.save writes into: every write whole, and the exception of a failed one kept
     (torch turns it into 'unexpected pos', which names neither the file nor the reason): an

@@ -206,6 +206,9 @@ class Tokenizer:
     def bos_id(self):
         return self.token_id("<|bos|>")
 
+    def has_special(self, name):
+        return self._special_ids.get(name) is not None
+
     def token_id(self, name):
         if self._special_ids.get(name) is None:
             raise UserError(f"{name!r} is not a special token of this tokenizer; it has {self.special_tokens}")

@@ -13,7 +13,8 @@ What lives here and why:
   for pretraining and SFT, reward_model.pair_loss for the reward model.
 - throughput: tokens/s and MFU (model FLOPs / peak FLOPs of the device).
 - DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
-Which tokens form which batch is in batches.py; what evaluations measure is in evaluate.py.
+Which tokens form which batch is in loader.py (pretraining) and batches.py (SFT); what
+evaluations measure is in evaluate.py.
 """
 import argparse
 import math
@@ -356,14 +357,14 @@ def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, ba
 
 
 def resume(args, out_dir, model, optimizer, info, expect=None):
-    """The step to start from: 0 without --resume; else the step of the checkpoint it names (a
-    directory, or "latest": the newest under --out), after restoring weights, optimizer and
-    this rank's RNG. expect: {key: value} of run settings that must match the checkpoint's meta
+    """The meta of the checkpoint --resume names (a directory, or "latest": the newest under
+    --out), after restoring weights, optimizer and this rank's RNG: its "step" is the step to
+    start from ({"step": 0} without --resume). expect: {key: value} of run settings that must match the checkpoint's meta
     (batch geometry, seed...), else the data order would silently differ from the original run.
     History is never rewritten: --num-iterations must go past the saved step, and --out must not
     already hold a later step of the run (unless --overwrite)."""
     if args.resume is None:
-        return 0
+        return {"step": 0}
     check_shared({"--resume": out_dir if args.resume == "latest" else args.resume})
     if args.resume != "latest":
         if not os.path.isdir(args.resume):
@@ -389,4 +390,4 @@ def resume(args, out_dir, model, optimizer, info, expect=None):
             raise UserError(f"--resume {path}: the run used {key}={meta[key]!r} but this one has "
                             f"{value!r}; resume with the original settings.")
     print0(f"resumed from {path} at step {meta['step']}")
-    return meta["step"]
+    return meta

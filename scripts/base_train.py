@@ -1,26 +1,34 @@
 """Pretrain a GPT on a text corpus: one process, torchrun on 8 GPUs, or several nodes.
 
-    python -m scripts.base_train --tokenizer out/tokenizer --out out/base            # CPU default
+    python -m scripts.base_train --tokenizer out/tokenizer --out out/base --num-iterations 500   # CPU
     torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
-        --sequence-len 2048 --num-iterations 5000 ...     # 8xH100: 32 x 2048 x 8 = 524288 tokens/step
+        --sequence-len 2048 --data ~/.cache/nanostoney/fineweb-edu-100b-shuffle   # 32 x 2048 x 8 = 524288 tokens/step
 
 Batch sizes are per device: a step is --device-batch-size rows of --sequence-len tokens on each
 process, x --grad-accum-steps (so the global batch grows with the world size); an explicit
 --total-batch-size fixes the global batch instead and must be a multiple of the per-pass size.
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), held out
-against the val splits of the same tasks. `--data` takes txt/jsonl/json/parquet files,
+against the val splits of the same tasks. `--data` takes parquet/txt/jsonl/json files,
 directories or globs, or a hub dataset id; every source passes the governance gate first.
-The CPU default (depth 4 = 256 wide, 4 heads of 64; 256-token rows; 2048-token steps on one
-process; 500 steps, about 1M tokens) is sized for about 5 minutes on 2 quiet cores. The default optimizer is AdamW:
-on this CPU config Muon (--optimizer muon) reached the same val bpb per step (0.959 vs 0.959
-after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
+The text streams (nanostoney/loader.py): parquet row groups are read and tokenized as the
+run needs them, so memory does not grow with the corpus; other text is converted once into
+parquet in the cache. Without --val-data the last row group of --data is held out.
+
+Steps: --num-iterations, or else --target-param-data-ratio tokens per parameter (nanochat's 20).
+The plan printed at the start gives the corpus tokens (estimated from a sample for a large
+corpus) and the epochs, with a warning when the run would read the corpus more than once.
+The CPU configuration of run_stoney_small.sh (depth 4 = 256 wide, 4 heads of 64; 256-token
+rows; 2048-token steps; 500 steps, about 1M tokens) is sized for about 5 minutes on 2 quiet
+cores. The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the
+same val bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step;
+see BENCHMARKS.md.
 """
+import math
 import os
 
-
-from nanostoney import batches, cli, evaluate, optim, train
-from nanostoney.data import add_manifest_arg, check_sources, gated_documents
+from nanostoney import cli, evaluate, loader, optim, train
+from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.gpt import GPT, config_for_depth
@@ -39,39 +47,64 @@ def parse_args(argv=None):
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; "
                         "default: the bundled corpus")
     p.add_argument("--val-data", nargs="+", default=None,
-                   help="validation text (same forms); default with --data: the last --val-docs documents")
-    p.add_argument("--val-docs", type=cli.positive_int, default=100, help="documents held out of --data when no --val-data")
+                   help="validation text (same forms); default with --data: its last row group")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
     add_manifest_arg(p)
     p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=cli.positive_int, default=64)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
+    p.add_argument("--target-param-data-ratio", type=cli.positive_float, default=20.0,
+                   help="training tokens per parameter; sets the steps when --num-iterations is not given")
     p.add_argument("--eval-tokens", type=cli.positive_int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32, help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=cli.nonneg_int, default=2, help="checkpoints to keep (0 = all)")
-    train.add_loop_args(p, num_iterations=500, device_batch_size=8, eval_every=100, save_every=250, unit="tokens",
+    train.add_loop_args(p, num_iterations=None, device_batch_size=8, eval_every=100, save_every=250, unit="tokens",
                         sample_every=250, entropy_every=50)
     optim.add_optim_args(p, optimizer="adamw")
     add_logging_args(p)
     return p.parse_args(argv)
 
+def load_corpus(args, info):
+    """(train corpus, validation corpus, the sources behind them), after the governance gate.
+    Text that is not parquet is converted into the cache first (once, by local rank 0)."""
+    column = args.text_column
+    train_src, val_src = expand_sources(args.data or []), expand_sources(args.val_data or [])
+    sources = train_src + val_src if args.data else sources_for_tasks(CORPUS_TASKS)
+    check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
 
-def load_corpus(args):
-    """(train docs, val docs, the source files behind them), after the governance gate."""
-    if args.data is None:
-        sources = sources_for_tasks(CORPUS_TASKS)
-        check_sources(sources, use="training", manifest=args.manifest)
-        return corpus_texts("train"), corpus_texts("val"), sources
-    docs, sources = gated_documents(args.data, args.manifest, args.text_column)
-    if args.val_data:
-        val_docs, val_sources = gated_documents(args.val_data, args.manifest, args.text_column, split=args.val_split)
-        return docs, val_docs, sources + val_sources
-    n_val = min(args.val_docs, len(docs) // 10)
-    if n_val < 1:
-        raise UserError(f"--data holds {len(docs)} documents, too few to hold out validation ones; "
-                        f"add data or pass --val-data.")
-    return docs[:-n_val], docs[-n_val:], sources
+    def parquet():
+        if args.data is None:  # the bundled corpus: its train and val splits
+            return ([loader.texts_shard("bundled-train", corpus_texts("train"), column)],
+                    [loader.texts_shard("bundled-val", corpus_texts("val"), column)])
+        return loader.parquet_files(train_src, column), loader.parquet_files(val_src, column, args.val_split)
+
+    train_files, val_files = loader.local_rank_0_first(parquet, info)
+    corpus = loader.Corpus(train_files, column, what="training corpus")
+    if not val_files:
+        return (*corpus.split_last(), sources)
+    return corpus, loader.Corpus(val_files, column, what="validation corpus"), sources
+
+
+def plan_steps(args, num_params, total_batch):
+    """--num-iterations, or enough steps for --target-param-data-ratio tokens per parameter."""
+    if args.num_iterations is None:
+        args.num_iterations = max(1, math.ceil(args.target_param_data_ratio * num_params / total_batch))
+    return args.num_iterations
+
+
+def corpus_plan(args, num_params, total_batch, corpus, tok):
+    """(corpus tokens, the plan's words on them): what the run reads against what the corpus
+    holds, with a warning when that repeats it."""
+    tokens = args.num_iterations * total_batch
+    have, exact = loader.estimate_tokens(corpus, tok)
+    epochs = tokens / max(1, have)
+    words = (f"{tokens / num_params:.1f} tokens per parameter; training corpus {'' if exact else '~'}{have:,} tokens "
+             f"({corpus.text_bytes / 1e6:,.1f} MB of text in {len(corpus.units):,} row groups): {epochs:.2f} epochs")
+    if epochs > 1:
+        print0(f"warning: this run reads its training corpus {epochs:.1f} times; add data (python -m "
+               f"scripts.download_corpus) or lower --num-iterations / --target-param-data-ratio.")
+    return have, words
 
 
 def main(argv=None):
@@ -86,39 +119,37 @@ def main(argv=None):
     check_shared({"--tokenizer": args.tokenizer})
     tok = Tokenizer.load(args.tokenizer)
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
-
-    train_docs, val_docs, sources = load_corpus(args)
-    train_tokens = batches.tokenize_documents(tok, train_docs)
-    val_tokens = batches.tokenize_documents(tok, val_docs)
-    windows = batches.TokenWindows(train_tokens, args.sequence_len, seed=args.seed, what="training corpus")
-    val_windows = batches.TokenWindows(val_tokens, args.sequence_len, shuffle=False, what="validation corpus")
+    train_corpus, val_corpus, sources = load_corpus(args, info)
 
     config = config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim)
     model = GPT(config)
     model.init_weights()
     model.to(info.device)
+    plan_steps(args, model.num_params(), total_batch)
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
-                "seed": args.seed, "optimizer": args.optimizer}
-    start_step = train.resume(args, out, model, optimizer, info, expect=geometry)
+                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key()}
+    resumed = train.resume(args, out, model, optimizer, info, expect=geometry)
+    start_step = resumed["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
-    loader = batches.PretrainBatches(windows, args.device_batch_size, accum, info)
+    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len, args.device_batch_size, accum, info,
+                                 seed=args.seed, position=resumed.get("data_position"))
+    val_rows = loader.validation_rows(val_corpus, tok, args.sequence_len, max(1, args.eval_tokens // args.sequence_len))
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
-    run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
-                  "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
-                  "train_tokens": len(train_tokens), "val_tokens": len(val_tokens), "data_sources": sources}
-    logger = from_args(args, config=run_config, out_dir=out)
-    epochs = total_batch * args.num_iterations / len(train_tokens)
+    corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok)
     train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
                      f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
-                     extra=f"corpus {len(train_tokens):,} train / {len(val_tokens):,} val tokens, {epochs:.2f} epochs; "
-                           f"{config.n_head} heads, vocab {config.vocab_size}")
+                     extra=f"{corpus_words}; {len(val_rows)} validation rows; {config.n_head} heads, "
+                           f"vocab {config.vocab_size}")
+    run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
+                  "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
+                  "train_tokens": corpus_tokens, "val_tokens": val_rows.numel(), "data_sources": sources}
+    logger = from_args(args, config=run_config, out_dir=out)
 
     def validate(step):
-        rows = max(1, args.eval_tokens // args.sequence_len)
-        bpb = evaluate.evaluate_bpb(model, batches.eval_batches(val_windows, args.device_batch_size, info, rows),
+        bpb = evaluate.evaluate_bpb(model, loader.eval_batches(val_rows, args.device_batch_size, info),
                                     token_bytes, info)
         print0(f"step {step}: val bpb {bpb:.4f}")
         return {"val/bpb": bpb}
@@ -134,12 +165,12 @@ def main(argv=None):
         logger.log_table("samples", ["prompt", "completion"], rows, step=step)
 
     def save(step):
-        meta = {**geometry, "data_position": loader.position(step), "data_sources": sources,
+        meta = {**geometry, "data_position": data.position(), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "base"}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
-    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
+    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=data.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
                              sample=sample, save=save, train_model=train_model)
     logger.summary(final)

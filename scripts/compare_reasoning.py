@@ -6,8 +6,8 @@
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
-Checkpoints: our run/step dirs, LoRA adapter dirs, or nanochat checkpoint dirs (anything
-nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
+Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
+hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
 "stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples examples of each task
 from each split (a seeded hash order, the same for every checkpoint). Each item is read after the
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
@@ -29,7 +29,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import cli, interp, lora, report
+from nanostoney import cli, interp, lora, published, report
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -89,7 +89,7 @@ def parse_checkpoints(specs):
             raise UserError(f"--checkpoints entry {spec!r} is malformed; write NAME=PATH.")
         if name in out:
             raise UserError(f"checkpoint name {name!r} is given twice; give each checkpoint its own name.")
-        path = os.path.expanduser(path)
+        path = published.resolve(os.path.expanduser(path))  # hf:OWNER/NAME -> its local copy
         if not os.path.exists(path):
             raise UserError(f"checkpoint {name} = {path} does not exist; check the path.")
         out[name] = path

@@ -9,8 +9,9 @@ the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On 
 --max-examples, --num-samples and --max-new-tokens.
     torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
-A checkpoint is our run or step dir, a LoRA adapter dir, or a nanochat checkpoint dir, given
-as a path (named by its folder) or name=path. Every metric comes with a 95% bootstrap
+A checkpoint is our run or step dir, a LoRA adapter dir, or a published model (a nanochat
+checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME), given as a path (named by its
+folder) or name=path. Every metric comes with a 95% bootstrap
 interval; what each one measures is in nanostoney/evaluate.py. The table is printed, written
 as JSON (--out, atomically; same checkpoint + flags = byte-identical file) and logged to W&B
 (offline run files unless WANDB_API_KEY is set; --wandb disabled for none).
@@ -28,7 +29,7 @@ import os
 import re
 import time
 
-from nanostoney import cli, evaluate, lora
+from nanostoney import cli, evaluate, lora, published
 from nanostoney.checkpoint import load_model
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -48,7 +49,7 @@ FORMAT = "nanostoney-eval-1"
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Evaluate checkpoints on chat tasks.")
     p.add_argument("--checkpoints", nargs="+", required=True,
-                   help="checkpoint dirs (ours, LoRA adapters, nanochat), as PATH or NAME=PATH")
+                   help="checkpoints (ours, LoRA adapters, nanochat, transformers NanoChat, hf:OWNER/NAME), as PATH or NAME=PATH")
     p.add_argument("--tasks", nargs="+", default=[DEFAULT_TASKS], help="comma- or space-separated task names")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--max-examples", type=cli.nonneg_int, default=50,
@@ -95,9 +96,10 @@ def parse_checkpoints(specs):
         while name in seen:
             name, i = f"{base}-{i}", i + 1
         seen.add(name)
+        path = published.resolve(path)  # hf:OWNER/NAME -> its local copy
         if not os.path.exists(path):
             raise UserError(f"checkpoint {path} does not exist; pass a checkpoint directory (a run "
-                            f"dir, step dir, LoRA adapter dir or nanochat dir).")
+                            f"dir, step dir, LoRA adapter dir, nanochat or transformers dir) or hf:OWNER/NAME.")
         out.append((name, path))
     return out
 

@@ -370,7 +370,7 @@ def main(argv=None):
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
             "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards}
-    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)
+    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
     run_config = {**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in run.params), "data_sources": run.sources,
                   "init_checkpoint": os.path.abspath(run.init_ckpt),

@@ -112,7 +112,7 @@ def main(argv=None):
     mode = {"base_checkpoint": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed,
             "total_batch_size": total_batch, "tasks": args.tasks,
             "max_train_examples": args.max_train_examples, "optimizer": args.optimizer}
-    start_step = train.resume(args, out, model, optimizer, info, expect=mode)
+    start_step = train.resume(args, out, model, optimizer, info, expect=mode)["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
     run_config = {**vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -2,14 +2,17 @@
 
     python -m scripts.tok_train                                  # bundled corpus, vocab 4096
     python -m scripts.tok_train --vocab-size 65536 --data my_corpus/ --out out/tokenizer
+    python -m scripts.tok_train --vocab-size 65536 --data ~/.cache/nanostoney/fineweb-edu-100b-shuffle \
+        --max-chars 2000000000                                   # nanochat's 2B characters of web text
     torchrun --nproc_per_node=8 -m scripts.tok_train     # works too: rank 0 trains, the others wait
 
 Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
 held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
 scripts.base_train; every source passes the governance gate first. `--vocab-size` counts the 256
-byte tokens and the special tokens too, so it is the model's vocabulary size. The text is
-streamed in pieces (PIECE_CHARS, cut before a space), to the trainer and again to measure the
-compression, so memory does not grow with the corpus or with the length of one line.
+byte tokens and the special tokens too, so it is the model's vocabulary size. The text streams
+into the trainer in pieces (PIECE_CHARS, cut before a space), up to --max-chars, so memory does
+not grow with the corpus or with the length of one line; the compression is measured on the
+first SAMPLE_BYTES of it.
 """
 import time
 
@@ -25,6 +28,7 @@ SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks la
 # at a time, so memory is bounded whatever the corpus (a 50 MB one-line JSONL took 10 GB encoded whole)
 PIECE_CHARS = 1 << 14
 BUFFER = 1024
+SAMPLE_BYTES = 10_000_000  # the text the compression is measured on (all of it when smaller)
 ENCODE_CHARS = 1 << 20  # the encoder keeps ~100 bytes per token: encode about 1M characters at a time
 
 
@@ -39,31 +43,36 @@ def parse_args(argv=None):
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     add_manifest_arg(p)
+    p.add_argument("--max-chars", type=cli.nonneg_int, default=0, help="read at most this many characters (0 = all)")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="threads for training (default: all cores)")
     return p.parse_args(argv)
 
 
 def corpus(args):
-    """A function returning a fresh iterator over the training text in pieces, after the
-    governance gate (the text is streamed twice: to train, then to measure compression)."""
+    """The training text in pieces, after the governance gate (an iterator)."""
     if args.data is None:
         check_sources(sources_for_tasks(CORPUS_TASKS), use="training", manifest=args.manifest)
-        return lambda: iter(corpus_texts("train"))
+        return iter(corpus_texts("train"))
     sources = gated_sources(args.data, args.manifest)
-    return lambda: stream_documents(sources, args.text_column, max_chars=PIECE_CHARS)
+    return stream_documents(sources, args.text_column, max_chars=PIECE_CHARS)
 
 
-class Counted:
-    """An iterator that counts the pieces and UTF-8 bytes passing through it."""
+class Reading:
+    """Passes text through up to max_chars (0 = all), counting pieces and bytes and keeping the
+    first SAMPLE_BYTES to measure the trained tokenizer on."""
 
-    def __init__(self, it):
-        self.it, self.pieces, self.bytes = it, 0, 0
+    def __init__(self, texts, max_chars):
+        self.texts, self.max_chars, self.pieces, self.chars, self.bytes, self.sample = texts, max_chars, 0, 0, 0, []
 
     def __iter__(self):
-        for text in self.it:
-            self.pieces += 1
-            self.bytes += len(text.encode())
-            yield text
+        for t in self.texts:
+            if self.max_chars and self.chars >= self.max_chars:
+                break
+            t = t[:self.max_chars - self.chars] if self.max_chars else t
+            self.pieces, self.chars, self.bytes = self.pieces + 1, self.chars + len(t), self.bytes + len(t.encode())
+            if self.bytes <= SAMPLE_BYTES:
+                self.sample.append(t)
+            yield t
 
 
 def count_tokens(tok, texts):
@@ -92,15 +101,17 @@ def main(argv=None):
 
 
 def train(args, out, texts):
-    seen = Counted(texts())
-    print(f"training on {'the bundled corpus' if args.data is None else ' '.join(args.data)}, vocab size "
-          f"{args.vocab_size}")
+    reading = Reading(texts, args.max_chars)
+    print(f"training on {'the first ' + format(args.max_chars, ',') + ' characters of ' if args.max_chars else ''}"
+          f"{'the bundled corpus' if args.data is None else ' '.join(args.data)}, vocab size {args.vocab_size}")
     t0 = time.perf_counter()
-    tok = Tokenizer.train(seen, args.vocab_size, num_threads=args.threads, buffer_size=BUFFER)
-    print(f"trained on {seen.pieces} texts, {seen.bytes / 1e6:.2f} MB in {time.perf_counter() - t0:.2f} s")
+    tok = Tokenizer.train(reading, args.vocab_size, num_threads=args.threads, buffer_size=BUFFER)
+    print(f"trained on {reading.pieces} texts, {reading.bytes / 1e6:.2f} MB in {time.perf_counter() - t0:.2f} s")
     tok.save(out)
-    n_tokens = count_tokens(tok, texts())
-    print(f"saved to {out}: {tok.vocab_size} tokens; {seen.bytes / max(n_tokens, 1):.2f} bytes/token on the "
+    sample_bytes = sum(len(t.encode()) for t in reading.sample)
+    n_tokens = count_tokens(tok, reading.sample)
+    print(f"saved to {out}: {tok.vocab_size} tokens; {sample_bytes / max(1, n_tokens):.2f} bytes/token on "
+          f"{'the' if sample_bytes == reading.bytes else 'the first ' + f'{sample_bytes / 1e6:.1f} MB of the'} "
           f"training text")
     for s in SAMPLES:
         pieces = [tok.decode([i]) for i in tok.encode(s)]

@@ -11,9 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from nanostoney import checkpoint, lora
+from nanostoney import checkpoint, lora, published
 from nanostoney.errors import RunFailed, UserError
 from nanostoney.gpt import GPT, GPTConfig
 
@@ -140,9 +139,9 @@ def test_missing_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.load_checkpoint(str(tmp_path / "nope"), tiny())
     with pytest.raises(UserError, match="does not exist"):
-        checkpoint.load_nanochat(str(tmp_path / "nope"))
+        published.load_nanochat(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="no nanochat model_XXXXXX.pt"):
-        checkpoint.load_nanochat(str(tmp_path / "empty"))
+        published.load_nanochat(str(tmp_path / "empty"))
 
 
 def test_shape_mismatch_names_both_shapes(tmp_path):
@@ -374,7 +373,7 @@ def test_nanochat_checkpoint_imports_with_matching_logits(tmp_path):
     sd = write_nanochat_checkpoint(d, NANO_CFG, 200, seed=2)  # the highest step must win
     idx = ids(3, B=2, T=24, V=NANO_CFG["vocab_size"])
     ref = ref_nanochat_forward(sd, NANO_CFG, idx)
-    model, tok, meta = checkpoint.load_nanochat(d)
+    model, tok, meta = published.load_nanochat(d)
     assert tok is None and meta["step"] == 200 and meta["source"] == "nanochat"
     assert maxdiff(model(idx), ref) <= 1e-4
     # load_model detects the format by its files, also from nanochat's base_checkpoints/ (deepest d<N>)
@@ -398,15 +397,15 @@ def test_nanochat_checkpoint_of_another_shape_is_refused(tmp_path):
     meta["model_config"]["n_embd"] = 128
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError) as e:
-        checkpoint.load_nanochat(d)
+        published.load_nanochat(d)
     assert "n_embd=64" in str(e.value) and "n_embd=128" in str(e.value)
     meta["model_config"] = {**NANO_CFG, "window_pattern": "SSSL"}
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match="window_pattern"):
-        checkpoint.load_nanochat(d)
+        published.load_nanochat(d)
     os.remove(meta_path)
     with pytest.raises(UserError, match="meta_000010.json"):
-        checkpoint.load_nanochat(d)
+        published.load_nanochat(d)
 
 
 def test_nanochat_tokenizer_pkl_is_found_next_to_the_checkpoints(tmp_path, monkeypatch):
@@ -438,11 +437,11 @@ def test_nanochat_tokenizer_pkl_is_found_next_to_the_checkpoints(tmp_path, monke
     monkeypatch.delitem(sys.modules, "tiktoken")
     cfg = {**NANO_CFG, "vocab_size": 256 + len(specials)}
     write_nanochat_checkpoint(str(tmp_path / "base_checkpoints" / "d2"), cfg, 5, seed=4)
-    model, tok, _ = checkpoint.load_nanochat(str(tmp_path / "base_checkpoints" / "d2"))
+    model, tok, _ = published.load_nanochat(str(tmp_path / "base_checkpoints" / "d2"))
     assert tok is not None and tok.vocab_size == cfg["vocab_size"]
     assert tok.encode("hi") == [104, 105] and tok.token_id("<|assistant_end|>") == 260
     # a tokenizer bigger than the model's vocabulary is refused
     small = {**NANO_CFG, "vocab_size": 200}
     write_nanochat_checkpoint(str(tmp_path / "base_checkpoints" / "d3"), small, 5, seed=4)
     with pytest.raises(UserError, match="vocab_size=200"):
-        checkpoint.load_nanochat(str(tmp_path / "base_checkpoints" / "d3"))
+        published.load_nanochat(str(tmp_path / "base_checkpoints" / "d3"))

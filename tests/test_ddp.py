@@ -2,8 +2,9 @@
 
 Same global batch (64 tokens per step): 1 process x 2 micro-steps of gradient accumulation,
 2 processes under one torchrun x 1 micro-step, and 2 torchrun "nodes" on 127.0.0.1 x 1 process
-each. The rows each step sees are a pure function of (step, micro, rank), so all three see the
-same data; only the float summation order of the gradient differs (<= 1e-5 after training).
+each. The streaming loader reads 2 lanes in all three (micro-step m of rank r reads lane
+m x world + r: nanostoney/loader.py), so all three see the same rows; only the float summation
+order of the gradient differs (<= 1e-5 after training).
 """
 import socket
 import subprocess

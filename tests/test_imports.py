@@ -9,7 +9,7 @@ HEAVY = ("wandb", "mauve", "datasets", "pyarrow", "sacrebleu", "matplotlib", "tq
          "huggingface_hub", "faiss", "sklearn", "comet")
 CORE = ("gpt", "lora", "muon", "optim", "engine", "probes", "tokenizer", "data", "tasks", "batches", "train",
         "checkpoint", "dist", "logging", "files", "cli", "answers", "metrics", "evaluate", "rewards", "reward_model", "grpo",
-        "letters")
+        "letters", "loader", "published")
 
 CHECK = f"""
 import importlib, sys

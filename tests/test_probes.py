@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanostoney import probes
 from nanostoney.gpt import GPT, GPTConfig, apply_rotary, norm

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanostoney import batches, evaluate, optim, train
+from nanostoney import batches, evaluate, loader, optim, train
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.muon import Muon, orthogonalize
@@ -161,23 +161,6 @@ def test_lora_on_the_head_learns_at_the_matrix_lr():
     assert group["role"] == "matrix" and any(p is model.lm_head.lora_B for p in group["params"])
 
 
-def test_batches_same_rows_for_any_world_size_and_resumable():
-    tokens = torch.arange(1000)
-    w = batches.TokenWindows(tokens, seq_len=8, seed=3)
-    one = SimpleNamespace(world_size=1, rank=0, device="cpu")
-    single = batches.PretrainBatches(w, device_batch=2, grad_accum=2, info=one)
-    ranks = [batches.PretrainBatches(w, 2, 1, SimpleNamespace(world_size=2, rank=r, device="cpu")) for r in range(2)]
-    for step in range(5):
-        a = torch.cat([single.get(step, m)[0] for m in range(2)])
-        b = torch.cat([ranks[r].get(step, 0)[0] for r in range(2)])
-        assert torch.equal(a, b)
-    # a fresh loader (a resumed run) gives the same rows at the same step, past an epoch boundary
-    again = batches.PretrainBatches(batches.TokenWindows(tokens, 8, seed=3), 2, 2, one)
-    assert torch.equal(again.get(40, 1)[1], single.get(40, 1)[1])
-    x, y = single.get(0, 0)
-    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-
-
 def test_mixture_schedule_weights_and_determinism():
     s = batches.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
     assert s == batches.mixture_schedule([5, 50], [1.0, 3.0], 4000, seed=1)
@@ -199,13 +182,14 @@ def test_bpb_of_a_uniform_model_is_log2_vocab_per_byte(ws):
     model.init_weights()
     torch.nn.init.zeros_(model.lm_head.weight)
     docs = ["Ada has 12 stones.", "Bo found 7 more.", "Îyâhe Nakoda ṯ ẖ û — multi-byte text"] * 3
-    w = batches.TokenWindows(batches.tokenize_documents(tok, docs), 16, shuffle=False)
-    assert w.n >= 3
+    path = loader.texts_shard("bpb-test", docs)
+    rows = loader.validation_rows(loader.Corpus([path]), tok, 16, max_rows=100)
+    assert len(rows) >= 3
     info = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"), is_distributed=False,
                            autocast_dtype=None)
     tb = evaluate.token_byte_lengths(tok)
-    bpb = evaluate.evaluate_bpb(model, batches.eval_batches(w, 4, info), tb, info)
-    ys = torch.cat([y.reshape(-1) for _, y in batches.eval_batches(w, 4, info)])
+    bpb = evaluate.evaluate_bpb(model, loader.eval_batches(rows, 4, info), tb, info)
+    ys = torch.cat([y.reshape(-1) for _, y in loader.eval_batches(rows, 4, info)])
     text_targets = ys[tb[ys] > 0]
     expected = math.log2(V) * len(text_targets) / tb[text_targets].sum().item()
     assert bpb == pytest.approx(expected, rel=1e-6)
@@ -305,7 +289,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(ws, tmp_path):
     r = run(base_cmd(ws, killed, *extra, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
-    assert max_diff(final_weights(ref), final_weights(killed)) <= 1e-6
+    assert max_diff(final_weights(ref), final_weights(killed)) == 0.0  # bitwise
 
     def losses(out):  # the last record of each step (a resumed run appends)
         d = {}
@@ -316,7 +300,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(ws, tmp_path):
         return d
     a, b = losses(ref), losses(killed)
     assert set(a) == set(b) == set(range(1, 11))
-    assert all(a[s] == pytest.approx(b[s], abs=1e-6) for s in a)
+    assert a == b
 
 
 def test_offline_wandb_run_has_entropy_keys(ws, tmp_path):

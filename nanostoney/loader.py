@@ -1,0 +1,383 @@
+"""Streaming pretraining data: parquet row groups -> tokens -> packed rows, resumable exactly.
+
+    corpus = Corpus(files)                                 # footers only: units, sizes, checks
+    train_part, val_part = corpus.split_last()             # hold out the last row group
+    loader = PretrainLoader(train_part, tok, seq_len, device_batch, accum, info, seed)
+    x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
+    meta["data_position"] = loader.position()              # all ranks call it; resume from it
+
+Nothing ever holds the corpus: a corpus is a list of units (file, row group) read from the parquet
+footers, and a lane holds one row group's text column and the tokens of the documents it has
+started, so memory is the same for 1 MB or 1 TB of text.
+
+Lanes. The run reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane
+k = m x world_size + r. Lane k takes the units g = k, k + L, k + 2L, ... of an endless sequence
+in which epoch e is a seeded permutation of all units (g // U is the epoch, U units), so with
+accumulation 1 rank r reads row groups r, r + world, ..., and a run of 2 processes x 1 micro-step
+reads exactly the rows of 1 process x 2 micro-steps (tests/test_ddp.py). Within a lane every
+non-empty document becomes <|bos|> + its tokens, the documents are joined into one stream and
+cut into rows of seq_len + 1 tokens that overlap by one (inputs, shifted targets), so every token
+is a target once and nothing is cropped (rows may start mid-document: nanochat's original
+packing; its later BOS-aligned best-fit crops about a third of the tokens and resumes only
+approximately).
+
+Resume. A lane's position is (j, d, o): its j-th unit, document d of that row group, token o of
+that document's stream. position() gathers every lane's; a run resumed from it reads exactly the
+tokens the uninterrupted run would have read next, at any world size with the same number of
+lanes (tests/test_loader.py checks 1 and 2 ranks bitwise).
+
+Text that is not parquet (the bundled corpus, txt/jsonl/json files, hub datasets) is written once
+into parquet shards in the cache (NANOSTONEY_CACHE, default ~/.cache/nanostoney), keyed by a hash
+of its content, and read through the same code. Documents are tokenized DOC_BATCH at a time with
+`tokenizers`' encode_batch, which runs on Rust threads without the GIL.
+"""
+import hashlib
+import os
+import random
+from collections import deque
+
+import numpy as np
+import torch
+
+from nanostoney.dist import gather_lists
+from nanostoney.errors import UserError
+
+DOC_BATCH = 128       # documents read and tokenized at a time
+CACHE_ROW_GROUP = 64  # documents per row group in the shards we write (units small enough to mix)
+
+
+def cache_dir():
+    return os.environ.get("NANOSTONEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanostoney")
+
+
+def _arrow_error(path, e, fix):
+    first = (str(e).splitlines() or [""])[0][:200]
+    return UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {first}); {fix}.")
+
+
+# -----------------------------------------------------------------------------
+# parquet files and the cache of converted text
+
+def _write_shard(path, docs, column):
+    """docs (an iterable of str) -> a parquet file at `path`, CACHE_ROW_GROUP rows per row group,
+    written to a temporary name and renamed (a killed writer leaves no half shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    schema = pa.schema([(column, pa.string())])
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, write_statistics=False) as writer:
+            chunk = []
+            for doc in docs:
+                chunk.append(doc)
+                if len(chunk) == CACHE_ROW_GROUP:
+                    writer.write_table(pa.table({column: chunk}, schema=schema))
+                    rows, chunk = rows + len(chunk), []
+            if chunk:
+                writer.write_table(pa.table({column: chunk}, schema=schema))
+                rows += len(chunk)
+        if rows == 0:
+            raise UserError(f"{path}: the source holds no documents; check the files and --text-column.")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def cached_shard(name, key, docs, column="text"):
+    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only."""
+    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
+    return path if os.path.isfile(path) else _write_shard(path, docs, column)
+
+
+def texts_shard(name, texts, column="text", seed=0):
+    """A list of texts (the bundled corpus) as one cached shard, documents in a seeded shuffled
+    order so that each row group mixes the tasks the texts come from."""
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    h = hashlib.sha256(f"{seed}\0".encode())
+    for t in order:
+        h.update(t.encode())
+        h.update(b"\0")
+    return cached_shard(name, h.hexdigest(), order, column)
+
+
+def file_shard(path, column="text"):
+    """A txt/jsonl/json file as a cached shard (keyed by the file's bytes and the column)."""
+    from nanostoney.data import iter_documents
+    h = hashlib.sha256(f"{column}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return cached_shard(stem, h.hexdigest(), (t for t in iter_documents(path, column) if t), column)
+
+
+def hub_shard(name, split, column="text"):
+    """A Hugging Face hub dataset split as a cached shard (keyed by its `datasets` fingerprint)."""
+    from nanostoney.data import hub_documents
+    fingerprint, docs = hub_documents(name, split, column)
+    key = hashlib.sha256(f"{name}\0{split}\0{column}\0{fingerprint}".encode()).hexdigest()
+    return cached_shard(name.replace("/", "--"), key, docs, column)
+
+
+def parquet_files(sources, column="text", split="train"):
+    """Parquet paths for expanded --data sources (data.expand_sources): parquet files as they
+    are, other files and hub datasets converted once into the cache. Gate the sources first."""
+    out = []
+    for src in sources:
+        if src.endswith(".parquet"):
+            out.append(src)
+        elif os.path.isfile(src):
+            out.append(file_shard(src, column))
+        else:
+            out.append(hub_shard(src, split, column))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# a corpus: units (file, row group) from the parquet footers
+
+
+class Corpus:
+    """Parquet files read as units (file index, row group). Every file is opened once here, its
+    footer read and checked (readable, has the text column), so bad input fails before training."""
+
+    def __init__(self, files, column="text", units=None, what="corpus"):
+        import pyarrow.parquet as pq  # lazy: the core path imports without pyarrow
+        self.files, self.column, self.what = list(files), column, what
+        self.rows, self.nbytes = {}, {}  # per unit: documents, uncompressed text bytes
+        for i, path in enumerate(self.files):
+            try:
+                meta = pq.ParquetFile(path).metadata
+                names = meta.schema.to_arrow_schema().names
+            except Exception as e:
+                raise _arrow_error(path, e, "re-download or remove it") from None
+            if column not in names:
+                raise UserError(f"{path}: no {column!r} column (columns: {', '.join(names)}); "
+                                f"pass --text-column.")
+            c = names.index(column)
+            for rg in range(meta.num_row_groups):
+                g = meta.row_group(rg)
+                self.rows[(i, rg)] = g.num_rows
+                self.nbytes[(i, rg)] = max(0, g.column(c).total_uncompressed_size - 4 * g.num_rows)
+        self.units = [u for u in self.rows if self.rows[u] > 0] if units is None else list(units)
+        if not self.units:
+            raise UserError(f"the {what} ({', '.join(self.files[:3])}) holds no rows; check the files.")
+
+    def part(self, units, what):
+        part = Corpus.__new__(Corpus)  # the same files and footers, fewer units
+        part.__dict__.update(self.__dict__, what=what, units=list(units))
+        return part
+
+    def split_last(self):
+        """(everything but the last unit, the last unit): the held-out validation row group."""
+        if len(self.units) < 2:
+            raise UserError(f"the {self.what} has a single row group, so none can be held out for "
+                            f"validation; pass --val-data or write the files with more row groups.")
+        return self.part(self.units[:-1], self.what), self.part(self.units[-1:], "validation corpus")
+
+    @property
+    def text_bytes(self):
+        """Approximate UTF-8 bytes of text (the column's uncompressed size less length prefixes)."""
+        return sum(self.nbytes[u] for u in self.units)
+
+    def key(self):
+        """Names and sizes of the units' files: what must not change between a run and its resume."""
+        h = hashlib.sha256(self.column.encode())
+        for i, rg in self.units:
+            h.update(f"\0{os.path.basename(self.files[i])}:{rg}:{self.rows[(i, rg)]}".encode())
+        return h.hexdigest()[:16]
+
+    def texts(self, unit, start=0):
+        """(index of the first, texts) of the unit's documents from `start` on, DOC_BATCH at a time."""
+        import pyarrow.parquet as pq
+        i, rg = unit
+        path, index = self.files[i], 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(DOC_BATCH, row_groups=[rg], columns=[self.column]):
+                n = batch.num_rows
+                if index + n > start:
+                    skip = max(0, start - index)
+                    yield index + skip, batch.column(0).slice(skip).to_pylist()
+                index += n
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise _arrow_error(f"{path} (row group {rg})", e, "re-download or remove it") from None
+
+
+# -----------------------------------------------------------------------------
+# one lane: a stream of packed rows
+
+
+class Lane:
+    """Rows of seq_len + 1 tokens from units g = lane, lane + lanes, ... (see the module docstring).
+
+    position: (j, d, o) to start from (default the beginning). shuffle=False reads the units in
+    their natural order, each epoch alike (validation)."""
+
+    def __init__(self, corpus, tokenizer, seq_len, lane=0, lanes=1, seed=0, shuffle=True, position=None):
+        self.corpus, self.tok, self.T = corpus, tokenizer, seq_len
+        self.lane, self.lanes, self.seed, self.shuffle = lane, lanes, seed, shuffle
+        j, d, o = position or (0, 0, 0)
+        self._perms = {}
+        self._docs = self._documents(j, d)
+        self.buf, self.off, self.buffered = deque(), 0, 0
+        self._pull()
+        if position is not None and (tuple(self.buf[0][:2]) != (j, d) or o >= len(self.buf[0][2])):
+            raise UserError(f"the saved data position {[j, d, o]} does not fit the {corpus.what}; "
+                            f"resume with the data the run was started with.")
+        self.off = o
+
+    def unit(self, j):
+        epoch, i = divmod(self.lane + j * self.lanes, len(self.corpus.units))
+        if not self.shuffle:
+            return self.corpus.units[i]
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep memory flat
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.corpus.units), generator=g)
+        return self.corpus.units[int(self._perms[epoch][i])]
+
+    def epoch(self, j):
+        return (self.lane + j * self.lanes) // len(self.corpus.units)
+
+    def _documents(self, j, d):
+        """(j, d, tokens) of every non-empty document from unit j, document d on, forever."""
+        bos, empty = self.tok.bos_id, 0
+        while True:
+            for start, texts in self.corpus.texts(self.unit(j), d):
+                keep = [(start + k, t) for k, t in enumerate(texts) if t]
+                for (index, _), ids in zip(keep, self.tok.encode_batch([t for _, t in keep])):
+                    empty = 0
+                    yield j, index, np.array([bos] + ids, dtype=np.int32)
+            j, d, empty = j + 1, 0, empty + 1
+            if empty > 2 * len(self.corpus.units) + self.lanes:
+                raise UserError(f"the {self.corpus.what} holds no text; check the files and --text-column.")
+
+    def _pull(self):
+        doc = next(self._docs)
+        self.buf.append(doc)
+        self.buffered += len(doc[2])
+
+    def row(self):
+        """The next seq_len + 1 tokens; the lane then advances by seq_len (rows overlap by one)."""
+        need = self.T + 1
+        while self.buffered - self.off < need:
+            self._pull()
+        parts, n = [], 0
+        for k, (_, _, toks) in enumerate(self.buf):
+            piece = toks[self.off:] if k == 0 else toks
+            parts.append(piece[:need - n])
+            n += len(parts[-1])
+            if n == need:
+                break
+        left = self.T
+        while left:  # at least one token stays buffered: the row's last is the next row's first
+            avail = len(self.buf[0][2]) - self.off
+            if avail > left:
+                self.off += left
+                break
+            left -= avail
+            self.buffered -= len(self.buf.popleft()[2])
+            self.off = 0
+        return np.concatenate(parts)
+
+    def position(self):
+        j, d, _ = self.buf[0]
+        return [int(j), int(d), int(self.off)]
+
+
+# -----------------------------------------------------------------------------
+# the training loader and the validation rows
+
+
+class PretrainLoader:
+    """get(step, micro) -> (x, y) of this rank on its device, read from lane micro x world + rank.
+    Batches must be taken in order (the training loop does); position() is the resume state."""
+
+    def __init__(self, corpus, tokenizer, seq_len, device_batch, grad_accum, info, seed=0, position=None):
+        self.B, self.info, self.lanes = device_batch, info, grad_accum * info.world_size
+        states = [None] * self.lanes
+        if position is not None:
+            if not isinstance(position, dict) or position.get("lanes") != self.lanes:
+                had = position.get("lanes") if isinstance(position, dict) else "a different loader"
+                raise UserError(f"the checkpoint read {had} data lanes but this run reads {self.lanes} "
+                                f"(processes x accumulation); resume with the original --device-batch-size.")
+            states = position["states"]
+        self.mine = {m: Lane(corpus, tokenizer, seq_len, m * info.world_size + info.rank, self.lanes, seed,
+                             position=states[m * info.world_size + info.rank]) for m in range(grad_accum)}
+        self.next = (None, 0)
+
+    def get(self, step, micro):
+        if self.next[0] is not None and (step, micro) != self.next:
+            raise RuntimeError(f"the streaming loader was asked for {(step, micro)} after {self.next}; "
+                               f"batches must be read in order")
+        self.next = (step, micro + 1) if micro + 1 < len(self.mine) else (step + 1, 0)
+        rows = torch.from_numpy(np.stack([self.mine[micro].row() for _ in range(self.B)])).long()
+        if self.info.device.type == "cuda":
+            rows = rows.pin_memory()
+        rows = rows.to(self.info.device, non_blocking=True)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def epoch(self):
+        """Epochs this rank's first lane has started (0 during the first pass)."""
+        lane = self.mine[0]
+        return lane.epoch(lane.position()[0])
+
+    def position(self):
+        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective (all ranks call it)."""
+        states = sorted(gather_lists([[m * self.info.world_size + self.info.rank, lane.position()]
+                                      for m, lane in self.mine.items()]))
+        return {"lanes": self.lanes, "states": [s for _, s in states]}
+
+
+def validation_rows(corpus, tokenizer, seq_len, max_rows):
+    """The first max_rows rows of seq_len + 1 tokens of a corpus read in order, once (fewer if it
+    is shorter): the same rows at any world size, tokenized once per run, memory bounded by
+    --eval-tokens rather than by the corpus."""
+    lane = Lane(corpus, tokenizer, seq_len, shuffle=False)
+    rows = []
+    while len(rows) < max_rows and lane.epoch(lane.position()[0]) == 0:
+        rows.append(lane.row())
+    if lane.epoch(lane.position()[0]) > 0 and rows:
+        rows.pop()  # that row wrapped around into the corpus again
+    if not rows:
+        raise UserError(f"the {corpus.what} has fewer than {seq_len + 1} tokens, not one sequence; "
+                        f"add data or lower --sequence-len.")
+    return torch.from_numpy(np.stack(rows)).long()
+
+
+def eval_batches(rows, device_batch, info):
+    """This rank's share of validation rows (rows rank, rank + world, ...), device_batch at a time."""
+    mine = rows[info.rank::info.world_size]
+    for i in range(0, len(mine), device_batch):
+        w = mine[i:i + device_batch].to(info.device)
+        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def estimate_tokens(corpus, tokenizer, sample_bytes=1 << 20):
+    """(tokens in the corpus, exact?): counted when the corpus has at most about sample_bytes of
+    text; else tokens per text byte measured on its first documents times the text bytes that
+    the parquet footers give (an estimate: no need to tokenize a web corpus to plan a run)."""
+    tokens = nbytes = 0
+    for unit in corpus.units:
+        for _, texts in corpus.texts(unit):
+            texts = [t for t in texts if t]
+            nbytes += sum(len(t.encode()) for t in texts)
+            tokens += sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
+            if nbytes >= sample_bytes:
+                return int(corpus.text_bytes * tokens / nbytes), False
+    return tokens, True
+
+
+def local_rank_0_first(fn, info):
+    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
+    the others find it (no two processes write the same shard at once)."""
+    from nanostoney.dist import barrier
+    if info.local_rank == 0:
+        out = fn()
+    barrier()
+    return out if info.local_rank == 0 else fn()

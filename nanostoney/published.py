@@ -1,0 +1,279 @@
+"""Models published elsewhere, loaded as our GPT: nanochat's checkpoint directories, the Hugging
+Face transformers NanoChat layout, and hub ids hf:OWNER/NAME[/SUBDIR].
+
+    path = resolve("hf:karpathy/nanochat-d32")       # downloaded once into the hub cache
+    model, tokenizer, meta = load(path)              # what checkpoint.load_model calls
+
+- nanochat (Oct 2025): model_XXXXXX.pt + meta_XXXXXX.json (its model_config), the tokenizer as
+  tokenizer.pkl beside them, in tokenizer/ beside them, or nanochat's ~/.cache/nanochat/tokenizer
+  two levels up (base_checkpoints/d20 -> tokenizer). The state dict's names are ours (gpt.py
+  keeps nanochat's module names).
+- transformers (models/nanochat): config.json with model_type "nanochat", model.safetensors (or
+  an index of shards), tokenizer.json. Keys are renamed: model.embed_tokens -> transformer.wte,
+  model.layers.i.self_attn.{q,k,v,o}_proj -> transformer.h.i.attn.c_{q,k,v,proj},
+  model.layers.i.mlp.fc1/fc2 -> mlp.c_fc/c_proj. The format is read here (an 8-byte header
+  length, a JSON header, raw tensors), so the `safetensors` package is not needed.
+- hf:OWNER/NAME: snapshot_download into the hub cache (optimizer shards left out); with
+  HF_HUB_OFFLINE=1 a cached copy is used and a missing one is one sentence.
+
+Special tokens map by name: nanochat's are ours (tokenizer.SPECIAL_TOKENS); a tokenizer without
+one the chat format needs is refused by check_chat_tokens, naming it.
+"""
+import json
+import os
+import re
+import struct
+
+import torch
+
+from nanostoney.checkpoint import config_from_dict, load_weights
+from nanostoney.errors import UserError
+from nanostoney.files import read_json, read_torch
+from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.tokenizer import Tokenizer
+
+NANOCHAT_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+HF_PREFIX = "hf:"
+
+
+# -----------------------------------------------------------------------------
+# which format, and hf: ids
+
+
+def resolve(path):
+    """A local directory for `path`: hf:OWNER/NAME[/SUBDIR] downloaded (once) into the hub
+    cache, anything else as given."""
+    if not str(path).startswith(HF_PREFIX):
+        return path
+    parts = str(path)[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"{path}: a hub model is hf:OWNER/NAME (optionally /SUBDIR inside it).")
+    repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    local = os.path.join(download(repo_id), sub)
+    if not os.path.isdir(local):
+        raise UserError(f"{path}: the hub repository {repo_id} has no folder {sub!r}.")
+    return local
+
+
+def download(repo_id):
+    """The local snapshot of a hub model repository (optimizer states are not fetched)."""
+    from huggingface_hub import constants, snapshot_download  # lazy: only hf: ids need it
+    try:
+        return snapshot_download(repo_id, ignore_patterns=["optim_*"])
+    except Exception as e:  # offline and not cached, no such repo, gated...: the same to the user
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"hf:{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                            f"HF_HUB_OFFLINE is set; download it once online or pass a local directory.") from None
+        raise UserError(f"could not download hf:{repo_id} from the Hugging Face Hub ({type(e).__name__}); "
+                        f"check the name and the connection, or pass a local directory.") from None
+
+
+def kind(path):
+    """"nanochat", "hf" (transformers layout) or None (not a published format we read)."""
+    if not os.path.isdir(path):
+        return None
+    if _nanochat_model_dir(path):
+        return "nanochat"
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                if json.load(f).get("model_type") == "nanochat":
+                    return "hf"
+        except (ValueError, AttributeError):
+            return None
+    return None
+
+
+def load(path, device="cpu"):
+    """(model in eval mode, tokenizer or None, meta) of a published model directory."""
+    return load_nanochat(path, device=device) if kind(path) == "nanochat" else load_hf(path, device=device)
+
+
+def check_chat_tokens(tokenizer, where):
+    """The special tokens our chat format renders, by name; one sentence naming a missing one."""
+    missing = [t for t in CHAT_TOKENS if not tokenizer.has_special(t)]
+    if missing:
+        has = sorted(t.content for t in tokenizer.hf.get_added_tokens_decoder().values())
+        raise UserError(f"the tokenizer of {where} has no {', '.join(missing)} special token (it has "
+                        f"{', '.join(has) or 'none'}), which the chat format needs; use the model's nanochat "
+                        f"tokenizer.")
+
+
+# -----------------------------------------------------------------------------
+# nanochat checkpoint directories
+
+
+def _nanochat_steps(directory):
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for f in os.listdir(directory) for m in [NANOCHAT_MODEL_RE.match(f)] if m)
+
+
+def _nanochat_model_dir(path):
+    """path if it holds model_XXXXXX.pt files; else the deepest d<N> sub-folder that does
+    (nanochat's base_checkpoints/ layout, one folder per depth); else None."""
+    if _nanochat_steps(path):
+        return path
+    if not os.path.isdir(path):
+        return None
+    depths = sorted((int(m.group(1)), e) for e in os.listdir(path)
+                    for m in [re.match(r"^d(\d+)$", e)] if m and _nanochat_steps(os.path.join(path, e)))
+    return os.path.join(path, depths[-1][1]) if depths else None
+
+
+def _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir):
+    """nanochat keeps tokenizer.pkl in ~/.cache/nanochat/tokenizer, two levels above
+    base_checkpoints/d20; published model folders often put it next to the weights."""
+    if tokenizer_dir is not None:
+        cands = [tokenizer_dir]
+    else:
+        c = os.path.abspath(checkpoint_dir)
+        cands = [c, os.path.join(c, "tokenizer"), os.path.join(os.path.dirname(c), "tokenizer"),
+                 os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")]
+    for d in cands:
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return Tokenizer.load(d)
+        if os.path.isfile(os.path.join(d, "tokenizer.pkl")):
+            return Tokenizer.from_nanochat_pickle(os.path.join(d, "tokenizer.pkl"))
+    if tokenizer_dir is not None:
+        raise UserError(f"no tokenizer.pkl or tokenizer.json in {tokenizer_dir}; point --tokenizer "
+                        f"at nanochat's tokenizer directory.")
+    return None
+
+
+def load_nanochat(checkpoint_dir, tokenizer_dir=None, device="cpu", step=None):
+    """Import a nanochat (Oct 2025) checkpoint: (model, tokenizer or None, meta).
+
+    Reads model_XXXXXX.pt (highest step unless `step` is given) and meta_XXXXXX.json. Keys
+    lose torch.compile's `_orig_mod.` prefix; bf16 tensors (nanochat keeps the embedding in
+    bf16 on GPU) become fp32, which is exact. The rotary tables are rebuilt in bf16 by gpt.py
+    exactly as nanochat builds them, so logits match nanochat's.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"nanochat checkpoint directory {checkpoint_dir} does not exist; check the path.")
+    model_dir = _nanochat_model_dir(checkpoint_dir)
+    if model_dir is None:
+        raise UserError(f"{checkpoint_dir} has no nanochat model_XXXXXX.pt file; point at the folder "
+                        f"holding model_*.pt and meta_*.json (e.g. base_checkpoints/d20).")
+    checkpoint_dir, steps = model_dir, _nanochat_steps(model_dir)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{checkpoint_dir} has no model_{step:06d}.pt; available steps: {steps}.")
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    meta = read_json(meta_path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
+    if "model_config" not in meta:
+        raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
+    cfg = config_from_dict(meta["model_config"], meta_path)
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    raw = read_torch(model_path)
+    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
+    model = GPT(cfg)
+    load_weights(model, sd, model_path)
+    tokenizer = _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir)
+    _check_vocab(tokenizer, cfg, checkpoint_dir)
+    meta = {**meta, "source": "nanochat", "step": step, "checkpoint": os.path.abspath(checkpoint_dir)}
+    return model.to(device).eval(), tokenizer, meta
+
+
+def _check_vocab(tokenizer, cfg, where):
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # (a padded vocab is fine)
+        raise UserError(f"the tokenizer found for {where} has {tokenizer.vocab_size} tokens but the model "
+                        f"has vocab_size={cfg.vocab_size}; pass the matching tokenizer.")
+
+
+# -----------------------------------------------------------------------------
+# the transformers layout
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."),
+           (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"transformer.h.\1.attn.c_q."),
+           (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"transformer.h.\1.attn.c_k."),
+           (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"transformer.h.\1.attn.c_v."),
+           (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
+           (r"^model\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.h.\1.mlp.c_fc."),
+           (r"^model\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.h.\1.mlp.c_proj.")]
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: u64 little-endian header size, the JSON header
+    ({name: {dtype, shape, data_offsets}}, "__metadata__"), then the bytes of every tensor."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            start, out = 8 + n, {}
+            for name, spec in header.items():
+                if name == "__metadata__":
+                    continue
+                a, b = spec["data_offsets"]
+                buf = torch.empty(b - a, dtype=torch.uint8)
+                f.seek(start + a)
+                if f.readinto(buf.numpy()) != b - a:
+                    raise EOFError("truncated tensor data")
+                out[name] = buf.view(SAFETENSORS_DTYPES[spec["dtype"]]).reshape(spec["shape"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, struct.error, RuntimeError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); "
+                        f"re-download the model.") from None
+    return out
+
+
+def _hf_state_dict(directory):
+    """The model's tensors, from model.safetensors or the shards its index names."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index, fix="re-download the model")["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise UserError(f"{directory} has config.json (model_type nanochat) but no model.safetensors; "
+                        f"re-download the model.")
+    sd = {}
+    for shard in shards:
+        sd.update(read_safetensors(os.path.join(directory, shard)))
+    return sd
+
+
+def hf_config(cfg, where):
+    """GPTConfig from a transformers NanoChatConfig dict; settings gpt.py does not implement are refused."""
+    n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    fixed = {"hidden_act": (cfg.get("hidden_act", "relu2"), "relu2"),
+             "final_logit_softcapping": (cfg.get("final_logit_softcapping", 15.0), 15.0),
+             "attention_bias": (cfg.get("attention_bias", False), False), "rope_theta": (rope, 10000.0),
+             "intermediate_size": (cfg.get("intermediate_size", 4 * n_embd), 4 * n_embd),
+             "head_dim": (cfg.get("head_dim") or n_embd // n_head, n_embd // n_head)}
+    bad = {k: v for k, (v, want) in fixed.items() if v != want}
+    if bad:
+        raise UserError(f"{where} has settings {bad} that nanostoney's GPT (nanochat's architecture) does "
+                        f"not implement; only {', '.join(f'{k}={w}' for k, (_, w) in fixed.items())} load.")
+    return GPTConfig(sequence_len=int(cfg.get("max_position_embeddings", 2048)), vocab_size=int(cfg["vocab_size"]),
+                     n_layer=int(cfg["num_hidden_layers"]), n_head=n_head,
+                     n_kv_head=int(cfg.get("num_key_value_heads") or n_head), n_embd=n_embd)
+
+
+def load_hf(directory, device="cpu"):
+    """A transformers NanoChat directory as (model, tokenizer or None, meta)."""
+    where = os.path.join(directory, "config.json")
+    raw = read_json(where, fix="re-download the model")
+    try:
+        cfg = hf_config(raw, where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where} lacks or garbles the setting {e}; it is not a complete NanoChat config.") from None
+    sd = {}
+    for k, v in _hf_state_dict(directory).items():
+        for pat, rep in HF_KEYS:
+            k = re.sub(pat, rep, k)
+        sd[k] = v.float() if v.is_floating_point() else v
+    if "lm_head.weight" not in sd and raw.get("tie_word_embeddings") and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # ours is untied: a copy trains apart
+    model = GPT(cfg)
+    load_weights(model, sd, os.path.join(directory, "model.safetensors"))
+    tokenizer = Tokenizer.load(directory) if os.path.isfile(os.path.join(directory, "tokenizer.json")) else None
+    _check_vocab(tokenizer, cfg, directory)
+    meta = {"source": "transformers", "model_type": "nanochat", "checkpoint": os.path.abspath(directory)}
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,35 @@
+"""run_stoney_small.sh's modes, through --plan (prints every stage's command, runs none)."""
+import subprocess
+
+from test_train import ROOT, env
+
+
+def speedrun(*args):
+    return subprocess.run(["bash", str(ROOT / "run_stoney_small.sh"), "--plan", *args], capture_output=True,
+                          text=True, timeout=600, env=env(), cwd=ROOT)
+
+
+def stages(stdout):
+    return [line.split(":")[0].strip() for line in stdout.splitlines() if line.startswith("  ")]
+
+
+def test_from_nanochat_skips_tokenizer_and_pretraining(tmp_path):
+    r = speedrun("--from-nanochat", "hf:owner/model", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert stages(r.stdout) == ["sft", "rm", "grpo", "eval", "report"]
+    assert "sft_train --init hf:owner/model " in r.stdout and "--checkpoints base=hf:owner/model " in r.stdout
+    assert not (tmp_path / "o" / ".mode").exists()  # a plan changes nothing
+
+
+def test_bundled_plan_and_bad_modes(tmp_path):
+    r = speedrun("--out", str(tmp_path / "o"))
+    assert r.returncode == 0 and stages(r.stdout) == ["tokenizer", "base", "sft", "rm", "grpo", "eval", "report"]
+    for args, says in ((["--pretrain", "web"], "needs GPUs"), (["--pretrain", "books"], "is not a corpus"),
+                       (["--pretrain", "web", "--from-nanochat", "x"], "pass one of them")):
+        r = speedrun(*args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / ".done_tokenizer").touch()  # a bundled run's stage: not to be reused by another mode
+    r = speedrun("--from-nanochat", "hf:owner/model", "--out", str(done))
+    assert r.returncode == 2 and "holds stages of another run (bundled)" in r.stderr
