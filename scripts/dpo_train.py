@@ -273,7 +273,7 @@ def main(argv=None):
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
             "pairs": args.pairs, "total_batch": run.total_batch}
-    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)
+    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
     logger = from_args(args, config={**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
                                      "pairs_per_task": run.counts, "data_sources": run.sources,
                                      "init_checkpoint": os.path.abspath(run.init_ckpt)}, out_dir=out)
