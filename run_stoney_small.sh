@@ -88,15 +88,6 @@ if [ "$FORCE" != 1 ] && ls "$OUT"/.done_* >/dev/null 2>&1 && [ "$(cat "$OUT/.mod
          "for this one ($MODE) or --force to redo them." >&2
     exit 2
 fi
-if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
-    # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
-    $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
-    trap 'rm -f "$OUT/.lock"' EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
-    mkdir -p "$OUT/logs"
-    echo "$MODE" > "$OUT/.mode"
-fi
 WANDB=${WANDB_MODE:-auto}
 if [ "$WANDB" != disabled ] && [ "$WANDB" != offline ] && [ -n "${WANDB_API_KEY:-}" ] && \
         ! $PY -c "import sys; from nanostoney.logging import wandb_reachable; sys.exit(not wandb_reachable())"; then
@@ -108,21 +99,30 @@ NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -gt 0 ]; then
     SIZE=${SIZE:-gpu}
     NPROC=${NPROC:-$NGPU}
-    DEPTH=${DEPTH:-12}
 else
-    SIZE=${SIZE:-cpu}
+    SIZE=${SIZE:-$([ "$PRETRAIN" = web ] && echo gpu || echo cpu)}  # (web on CPU: the plan of the GPU run)
     NPROC=${NPROC:-1}
-    DEPTH=${DEPTH:-4}
 fi
+DEPTH=${DEPTH:-$([ "$SIZE" = cpu ] && echo 4 || echo 12)}
 if [ "$NGPU" -gt 0 ] || [ "$NPROC" -gt 1 ]; then
     # torchrun picks one GPU per process (NCCL), or CPU processes talking over gloo
     LAUNCH="uv run --frozen torchrun --standalone --nproc_per_node=$NPROC"
 else
     LAUNCH="$PY"
 fi
-if [ "$PRETRAIN" = web ] && [ "$NGPU" -eq 0 ]; then
-    echo "error: --pretrain web reads billions of tokens and needs GPUs; on CPU use the bundled corpus." >&2
+if [ "$PRETRAIN" = web ] && [ "$NGPU" -eq 0 ] && [ "$PLAN_ONLY" != 1 ]; then
+    echo "error: --pretrain web reads billions of tokens and needs GPUs; on CPU use the bundled corpus" \
+         "(--plan shows what it would run)." >&2
     exit 2
+fi
+if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
+    # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
+    $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
+    trap 'rm -f "$OUT/.lock"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mkdir -p "$OUT/logs"
+    echo "$MODE" > "$OUT/.mode"
 fi
 if [ "$PRETRAIN" = web ]; then
     WEB=$($PY -c "import os; from nanostoney.loader import cache_dir; print(os.path.join(cache_dir(), 'fineweb-edu-100b-shuffle'))")
@@ -189,7 +189,7 @@ case "$SIZE" in
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
         DEFAULT_EVAL="--max-examples 50 --num-samples 2"
         DEFAULT_REPORT="--max-examples 16" ;;
-    gpu)  # 32 x 1024 tokens x 8 GPUs x 2 accum = 524288 tokens per step on 8 GPUs
+    gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
         # The bundled corpus is about 1.4M tokens: 200 steps of 65,536 tokens read it about 9 times
         # (base_train's plan says how often). A model worth probing: --pretrain web or --from-nanochat.
@@ -265,7 +265,7 @@ pipeline() {
 echo "nanostoney plan: $NGPU GPU(s), $NPROC process(es), $SIZE sizes, $([ -n "$FROM_NANOCHAT" ] && \
     echo "the published model $FROM_NANOCHAT" || echo "depth $DEPTH on the $PRETRAIN corpus"), outputs in $OUT/"
 if [ "$PRETRAIN" = web ]; then
-    echo "  base reads ~$(awk "BEGIN {printf \"%.2f\", $WEB_TOKENS / 1e9}")B tokens (20 per parameter of" \
+    echo "web corpus: base reads ~$(awk "BEGIN {printf \"%.2f\", $WEB_TOKENS / 1e9}")B tokens (20 per parameter of" \
          "$(awk "BEGIN {printf \"%.0f\", $WEB_TOKENS / 20e6}")M), from FineWeb-Edu shards in $WEB"
 fi
 PLAN=1 pipeline

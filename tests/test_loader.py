@@ -274,3 +274,17 @@ def test_tok_train_streams_parquet_up_to_max_chars(ws, shards, tmp_path, capsys)
     docs = int(out.split("trained on ")[1].split()[0])  # pieces of text read
     assert "first 3,000 characters" in out and 0 < docs < 200  # stopped long before the end of the corpus
     assert (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_steps_come_from_the_token_budget_and_a_repeated_corpus_is_warned_about(shards, tok, capsys):
+    from scripts import base_train
+    budget = SimpleNamespace(num_iterations=None, target_param_data_ratio=20.0)
+    assert base_train.plan_steps(budget, num_params=1000, total_batch=64) == 313  # ceil(20 x 1000 / 64)
+    assert base_train.plan_steps(SimpleNamespace(num_iterations=7, target_param_data_ratio=20.0), 1000, 64) == 7
+    corpus = loader.Corpus(shards, "text")
+    have, _ = loader.estimate_tokens(corpus, tok)
+    once = SimpleNamespace(num_iterations=max(1, have // 2 // 64))  # reads half the corpus
+    tokens, words = base_train.corpus_plan(once, 1000, 64, corpus, tok)
+    assert tokens == have and "0.49 epochs" in words and "warning" not in capsys.readouterr().out
+    _, words = base_train.corpus_plan(SimpleNamespace(num_iterations=3 * have // 64), 1000, 64, corpus, tok)
+    assert "epochs" in words and "reads its training corpus 3.0 times" in capsys.readouterr().out

@@ -147,7 +147,8 @@ def test_both_layouts_load_as_the_same_model(models):
 
 
 def test_sft_then_grpo_on_a_nanochat_checkpoint(models, tmp_path):
-    from scripts import grpo_train, sft_train
+    from scripts import grpo_train, rm_train, sft_train
+    from scripts.eval import main as eval_main
     nano, _, _ = models
     sft, grpo = str(tmp_path / "sft"), str(tmp_path / "grpo")
     sft_train.main(SFT + ["--init", nano, "--out", sft])
@@ -160,6 +161,17 @@ def test_sft_then_grpo_on_a_nanochat_checkpoint(models, tmp_path):
     grpo_train.main(GRPO + ["--init", sft, "--out", grpo])
     model, _, meta = checkpoint.load_model(grpo)
     assert meta["step"] == 2 and lora.lora_modules(model)
+    rm = str(tmp_path / "rm")  # the reward model and evaluation stand on it too
+    rm_train.main(["--init", sft, "--tasks", "stoney_mc", "--max-train-examples", "4", "--eval-pairs", "2",
+                   "--num-iterations", "2", "--device-batch-size", "2", "--max-len", "512", "--lora-rank", "4",
+                   "--device", "cpu", "--wandb", "disabled", "--out", rm])
+    assert checkpoint.latest_checkpoint(rm) is not None
+    results = str(tmp_path / "eval.json")
+    eval_main(["--checkpoints", f"nanochat={nano}", f"sft={sft}", "--tasks", "stoney_mc", "--max-examples", "2",
+               "--num-samples", "0", "--max-new-tokens", "8", "--n-boot", "20", "--device", "cpu",
+               "--wandb", "disabled", "--out", results])
+    table = json.load(open(results))["checkpoints"]
+    assert set(table) == {"nanochat", "sft"} and all(table[c]["tasks"]["stoney_mc"]["n"] == 2 for c in table)
 
 
 def test_sft_on_the_transformers_layout_and_grpo_on_a_cached_hub_id_offline(models, tmp_path):

@@ -349,3 +349,21 @@ def test_eval_and_report_on_four_ranks(ckpts, tmp_path):
     assert "report plan: 4 process(es) on cpu" in r.stdout
     assert (tmp_path / "report" / "index.html").is_file()
 
+
+
+def test_the_mid_stage_flags_of_the_web_speedrun_train(ckpts, tmp_path):
+    """--pretrain web's mid stage (sft_train --full on six tasks' chat format) runs with the flags
+    the speedrun gives it, shrunk by later flags (argparse: the last one wins)."""
+    plan = subprocess.run(["bash", str(ROOT / "run_stoney_small.sh"), "--plan", "--pretrain", "web",
+                           "--out", str(tmp_path / "plan")], capture_output=True, text=True, timeout=600, env=env(),
+                          cwd=ROOT)
+    mid = next(line for line in plan.stdout.splitlines() if line.startswith("  mid:")).split()
+    flags = mid[mid.index("scripts.sft_train") + 1:]
+    flags = flags[:flags.index("--init")] + flags[flags.index("--init") + 2:]  # (its init is the web base)
+    flags = [f for f in flags if f not in ("--wandb", "auto")]
+    r = launch(0, "scripts.sft_train", [*flags, "--init", ckpts.base, "--out", str(tmp_path / "mid"),
+                                        "--max-train-examples", "4", "--num-iterations", "2", "--device-batch-size",
+                                        "2", "--total-batch-size", "4", "--eval-loss-examples", "2",
+                                        "--final-eval-examples", "0", "--wandb", "disabled"])
+    assert "SFT plan: 1 process(es)" in r.stdout and "full" in r.stdout.lower()
+    assert checkpoint.latest_checkpoint(str(tmp_path / "mid")) is not None
