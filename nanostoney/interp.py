@@ -53,6 +53,7 @@ from nanostoney.gpt import unwrap
 from nanostoney.metrics import bootstrap_means, holm, mean_difference
 from nanostoney.tasks.base import stable_hash
 from nanostoney.tasks.stoney import WORD_RE, Lang, load_corpus
+from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import SYSTEM_JOIN
 
 STRUCT_REGIONS = ("bos", "template", "system", "question", "options", "prompt_other", "rationale", "answer_cue")
@@ -470,11 +471,12 @@ def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
 
 
 def select_examples(task, n, seed=0, spare=3):
-    """{split: [example]}: up to n * spare examples per split in a seeded hash order of their ids
-    (the same for every checkpoint; never a prefix of the stored order). fitting_examples keeps
-    the first n that fit the model's context, so a few over-long prompts do not shrink the sample."""
-    return {split: sorted(task.examples(split), key=lambda ex: stable_hash(f"{seed}/{task.name}/{ex['id']}"))
-            [:n * spare] for split in ("train", "val", "test")}
+    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
+    tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
+    order). fitting_examples keeps the first n that fit the model's context, so a few over-long
+    prompts do not shrink the sample, and any prefix of the order stays balanced."""
+    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}")
+            for split in ("train", "val", "test")}
 
 
 def fitting_examples(tokenizer, examples, limit, max_len):
