@@ -302,13 +302,15 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...]}} for
-    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items."""
+    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth"}} for
+    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items (by_depth:
+    the same per reasoning depth, for arith)."""
     table = {}
     for (task, split), exs in item_sets.items():
         correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
         point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
-        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
+        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct,
+                                     "by_depth": by_depth(exs, correct, seed=seed)}
     return table
 
 

@@ -89,7 +89,8 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
             report["tasks"].setdefault(name, {})[split] = r
             logger.summary({f"final/acc/{name}/{split}": r["accuracy"]})
             print0(f"final {name:>10} {split:>5}: {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                   f"(n={r['n']})")
+                   f"(n={r['n']})" + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
+                                              for d, v in r["by_depth"].items()))
     return report
 
 
