@@ -11,6 +11,7 @@ from nanostoney import corpus
 from nanostoney.errors import UserError
 from nanostoney.tasks import TASK_NAMES, get_task
 from nanostoney.tasks.stoney import load_corpus
+from nanostoney.tasks.subset import subset
 
 HELD_OUT = ("val", "test")
 CONTROL_PARTS = ("unseen_val", "unseen_test")
@@ -127,3 +128,19 @@ def test_corpus_flags_are_checked():
     assert corpus.task_list(" gsm8k, aqua_mc ") == ["gsm8k", "aqua_mc"]
     assert "hf://" not in " ".join(corpus.pretraining_sources())
     assert "generated://nanostoney/arith" in corpus.pretraining_sources()
+
+
+def test_knowledge_probe_scores_the_gold_letter_and_the_gold_statement():
+    """bench.knowledge_probe: the letter context stops right before the gold letter, and the
+    option statements differ only in the option (the gold one states the item's own fact)."""
+    from bench import knowledge_probe as kp
+    for name in kp.TASKS:
+        task = get_task(name)
+        for ex in subset(task, "val", 10):
+            context, with_letter = kp.letter_context(ex)
+            assert context.endswith("which is option") and with_letter == f"{context} {ex['answer']}"
+            texts = kp.option_texts(task, ex)
+            prefixes = {t[:start] for t, start in texts}
+            assert len(texts) == 5 and len(prefixes) == 1
+            gold = texts["ABCDE".index(ex["answer"])][0]
+            assert ex["choices"]["ABCDE".index(ex["answer"])] in gold[texts[0][1]:]
