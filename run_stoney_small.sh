@@ -190,7 +190,7 @@ case "$SIZE" in
         DEFAULT_SFT="--num-iterations 300 --max-train-examples 0 --final-eval-examples 100 --eval-every 0"
         DEFAULT_RM="--num-iterations 100"
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
-        DEFAULT_EVAL="--max-examples 100 --num-samples 2"
+        DEFAULT_EVAL="--max-examples 100 --num-samples 2 --tasks stoney_mc,stoney_mc_unseen,arith_mc,arith"
         DEFAULT_REPORT="--max-examples 16" ;;
     gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
