@@ -471,7 +471,7 @@ def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
             item.letter_ids = letters
 
 
-def select_examples(task, n, seed=0, spare=3):
+def select_examples(task, n, seed=0, spare=10):
     """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
     tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
     order). fitting_examples keeps the first n that fit the model's context, so a few over-long
@@ -500,6 +500,9 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
+ANSWER_ROOM = 8  # tokens a context adds after the model's rationale: "</think>", "\n", "Answer:"
+
+
 def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
     """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
     up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
@@ -511,8 +514,9 @@ def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chun
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
         chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
-        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part,
-                                                         max_new_tokens=max(1, max_len - longest))[0], chunks, info)
+        budget = max(1, max_len - longest - ANSWER_ROOM)  # the item is read after "</think>\nAnswer:" too
+        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
+                              chunks, info)
         greedy = [g for part in done for g in part]
         out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
     return out
