@@ -477,8 +477,8 @@ def select_examples(task, n, seed=0, spare=3):
     tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
     order). fitting_examples keeps the first n that fit the model's context, so a few over-long
     prompts do not shrink the sample, and any prefix of the order stays balanced."""
-    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}")
-            for split in ("train", "val", "test")}
+    splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
+    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
 
 
 def fitting_examples(tokenizer, examples, limit, max_len):
@@ -501,6 +501,9 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
+SLOT_ROOM = 16  # tokens kept free after a model's own rationale for the answer slot ("Answer: X")
+
+
 def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
     """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
     up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
@@ -512,8 +515,9 @@ def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chun
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
         chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
-        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part,
-                                                         max_new_tokens=max(1, max_len - longest))[0], chunks, info)
+        budget = max(1, max_len - longest - SLOT_ROOM)  # the answer slot follows the context
+        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
+                              chunks, info)
         greedy = [g for part in done for g in part]
         out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
     return out

@@ -17,7 +17,8 @@ TASKS = [n for n in TASK_NAMES if answer_after(get_task(n).examples("val")[0]["m
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [m["content"] for name in TASKS for ex in get_task(name).examples("train")[:100] for m in ex["messages"]]
+    texts = [m["content"] for name in TASKS if not get_task(name).control
+             for ex in get_task(name).examples("train")[:100] for m in ex["messages"]]
     return Tokenizer.train(texts, 900)
 
 

@@ -117,12 +117,12 @@ def sft_args(ckpts, out, *extra):
 
 
 def rm_args(ckpts, out, *extra):
-    return ["--init", ckpts.sft, "--tasks", "aqua_mc", "--max-train-examples", "8", "--eval-pairs", "4",
+    return ["--init", ckpts.sft, "--tasks", "arith_mc", "--max-train-examples", "8", "--eval-pairs", "4",
             "--num-iterations", "3", "--device-batch-size", "2", "--wandb", "disabled", "--out", str(out), *extra]
 
 
 def dpo_args(ckpts, out, *extra):
-    return ["--init", ckpts.sft, "--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--max-train-examples", "8",
+    return ["--init", ckpts.sft, "--tasks", "arith_mc", "--eval-tasks", "arith_mc", "--max-train-examples", "8",
             "--eval-pairs", "4", "--final-eval-examples", "0", "--num-iterations", "2", "--device-batch-size", "1",
             "--wandb", "disabled", "--out", str(out), *extra]
 
@@ -219,7 +219,7 @@ def test_dpo_on_three_ranks_equals_one_process(ckpts, tmp_path):
     launch(0, "scripts.dpo_train", dpo_args(ckpts, tmp_path / "one", "--total-batch-size", "3"))
     assert max_diff(final_tensors(tmp_path / "three"), final_tensors(tmp_path / "one")) <= 1e-5
     reports = [json.load(open(tmp_path / o / "dpo_eval.json")) for o in ("three", "one")]
-    assert reports[0]["start"] == reports[1]["start"] and reports[0]["final"]["pairs"]["aqua_mc"]["n"] == 4
+    assert reports[0]["start"] == reports[1]["start"] and reports[0]["final"]["pairs"]["arith_mc"]["n"] == 4
 
 
 @pytest.mark.slow  # ~1 min on the loaded 2-core machine
