@@ -88,6 +88,14 @@ if [ "$FORCE" != 1 ] && ls "$OUT"/.done_* >/dev/null 2>&1 && [ "$(cat "$OUT/.mod
          "for this one ($MODE) or --force to redo them." >&2
     exit 2
 fi
+if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
+    # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
+    $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
+    trap 'rm -f "$OUT/.lock"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mkdir -p "$OUT/logs"
+fi
 WANDB=${WANDB_MODE:-auto}
 if [ "$WANDB" != disabled ] && [ "$WANDB" != offline ] && [ -n "${WANDB_API_KEY:-}" ] && \
         ! $PY -c "import sys; from nanostoney.logging import wandb_reachable; sys.exit(not wandb_reachable())"; then
@@ -115,15 +123,7 @@ if [ "$PRETRAIN" = web ] && [ "$NGPU" -eq 0 ] && [ "$PLAN_ONLY" != 1 ]; then
          "(--plan shows what it would run)." >&2
     exit 2
 fi
-if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
-    # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
-    $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
-    trap 'rm -f "$OUT/.lock"' EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
-    mkdir -p "$OUT/logs"
-    echo "$MODE" > "$OUT/.mode"
-fi
+[ "$PLAN_ONLY" = 1 ] || echo "$MODE" > "$OUT/.mode"
 if [ "$PRETRAIN" = web ]; then
     WEB=$($PY -c "import os; from nanostoney.loader import cache_dir; print(os.path.join(cache_dir(), 'fineweb-edu-100b-shuffle'))")
     # base_train's budget: 20 tokens per parameter of the depth-$DEPTH model with a 65,536-token vocabulary

@@ -5,13 +5,13 @@ Every gold assistant turn reads
     <think>{reasoning}</think>
     Answer: {answer}
 
-with a letter A-E (multiple choice), a number (numeric) or text (open). The tasks verify with
+with a letter (multiple choice: A-E for five options, A-D for four), a number (numeric) or text (open). The tasks verify with
 these parsers, the rewards score the format with them, evaluation compares the answer and the
 reasoning parts with references, and the reward model makes wrong answers by splitting golds.
 """
 import re
 
-LETTERS = "ABCDE"
+LETTERS = "ABCDE"  # option letters in order; a task with n options uses the first n (option_letters)
 MARKER = "Answer:"
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -66,6 +66,13 @@ def rationale_part(text):
         return m.group(1).strip()
     i = text.rfind(MARKER)
     return (text if i < 0 else text[:i]).strip()
+
+
+def option_letters(n):
+    """The letters of an n-option question: "ABCD" for MMLU's four, "ABCDE" for our five."""
+    if not 2 <= n <= len(LETTERS):
+        raise ValueError(f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {n}")
+    return LETTERS[:n]
 
 
 def parse_letter(text):

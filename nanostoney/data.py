@@ -41,6 +41,9 @@ BUNDLED = {
     "stoney": {"all": "stoney/stoney_valid.jsonl"},
     "aqua": {"train": "aqua_rat/dev.json", "heldout": "aqua_rat/test.json"},
     "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+    # not shipped: where a local copy is read from when present (tasks/mmlu.py), else the hub
+    "mmmlu_yo": {"all": "mmmlu/mmlu_YO-NG.csv"},
+    "mmlu_en": {"all": "mmlu/all_test.jsonl"},
 }
 # Hub copies: (dataset id, config, split). A hub copy only ever replaces the *training* pool;
 # val/test stay the bundled ones so that evaluations are comparable between the two modes.
@@ -48,6 +51,8 @@ HUB = {
     "stoney": ("HarleyCooper/StoneyNakoda45k", None, "train"),
     "aqua": ("deepmind/aqua_rat", "raw", "train"),
     "gsm8k": ("openai/gsm8k", "main", "train"),
+    "mmmlu_yo": ("openai/MMMLU", "YO_NG", "test"),
+    "mmlu_en": ("cais/mmlu", "all", "test"),
 }
 SOURCES = ("bundled", "hub", "auto")
 TEXT_EXTS = (".txt", ".jsonl", ".json", ".parquet")

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -270,8 +271,11 @@ def barrier():
 
 def cleanup():
     """Leave the process group (torchrun otherwise warns about a leaked group at exit), once
-    every rank is here: a rank that exits while another still holds DDP's gloo group can hang
-    that one's teardown (seen at 2 CPU ranks)."""
+    every rank is here. Then give the GIL away for a moment: gloo's worker thread frees the last
+    collectives' tensors after they complete, which needs the GIL, while DDP's reducer, freed
+    later on the main thread with the GIL held, joins that thread (a deadlock seen at 2 CPU ranks,
+    py-spy: ~ProcessGroupGloo in join, the worker in ~AsyncAllgatherWork waiting for the GIL)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.2)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from nanostoney import probes
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
-    parse_letter, parse_number, rationale_part
+    option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.dist import get_rank, map_over_ranks
 from nanostoney.errors import UserError
 from nanostoney.evaluate import complete_task
@@ -374,7 +374,7 @@ def strip_answer(rationale, answers):
 
 def option_text(example, letter):
     choices = example.get("choices")
-    return choices[LETTERS.index(letter)] if choices and letter and letter in LETTERS else None
+    return choices[LETTERS.index(letter)] if choices and letter and letter in LETTERS[:len(choices)] else None
 
 
 def stated_answers(example, completion=None):
@@ -443,7 +443,7 @@ def prepare_item(tokenizer, task, example, split, judge, assistant):
            + token_lexical(lexical_char_labels(gold, task.family, judge), a_off[:k]))
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
                 struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0)
-    if example.get("choices") and all(f"option_{c}" in regions for c in LETTERS):
+    if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, gold[:start], a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
     item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
@@ -452,22 +452,23 @@ def prepare_item(tokenizer, task, example, split, judge, assistant):
 
 
 def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
-    """Option-line labels, the correct option's index and the five letter tokens at the slot (the
-    assistant text with each letter in the gold's place: the candidate's token there)."""
+    """Option-line labels, the correct option's index and the option letters' tokens at the slot
+    (the assistant text with each letter in the gold's place: the candidate's token there)."""
     regions, k = example["regions"], len(head_ids)
+    options = option_letters(len(example["choices"]))
     ch_opt = np.full(len(text), -1)
-    for n, c in enumerate(LETTERS):
+    for n, c in enumerate(options):
         a, b = regions[f"option_{c}"]
         ch_opt[a:b] = n
     item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
     letters = []
-    for c in LETTERS:
+    for c in options:
         c_ids = tokenizer.encode(before_answer + c)
         letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
     answer = str(example.get("answer", "")).strip()
-    if answer in LETTERS:
-        item.answer_index = LETTERS.index(answer)
-        if None not in letters and len(set(letters)) == 5:  # else the tokenizer splits letters unevenly
+    if answer in options:
+        item.answer_index = options.index(answer)
+        if None not in letters and len(set(letters)) == len(options):  # else the tokenizer splits letters unevenly
             item.letter_ids = letters
 
 
@@ -476,8 +477,8 @@ def select_examples(task, n, seed=0, spare=10):
     tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
     order). fitting_examples keeps the first n that fit the model's context, so a few over-long
     prompts do not shrink the sample, and any prefix of the order stays balanced."""
-    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}")
-            for split in ("train", "val", "test")}
+    splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
+    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
 
 
 def fitting_examples(tokenizer, examples, limit, max_len):
@@ -500,7 +501,7 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
-ANSWER_ROOM = 8  # tokens a context adds after the model's rationale: "</think>", "\n", "Answer:"
+SLOT_ROOM = 16  # tokens kept free after a model's own rationale for the answer slot ("Answer: X")
 
 
 def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
@@ -514,7 +515,7 @@ def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chun
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
         chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
-        budget = max(1, max_len - longest - ANSWER_ROOM)  # the item is read after "</think>\nAnswer:" too
+        budget = max(1, max_len - longest - SLOT_ROOM)  # the answer slot follows the context
         done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
                               chunks, info)
         greedy = [g for part in done for g in part]

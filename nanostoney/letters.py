@@ -1,5 +1,5 @@
-"""Multiple-choice letter diagnostics for RL: what the policy would answer, A-E, and how far
-that has moved from the reference policy.
+"""Multiple-choice letter diagnostics for RL: what the policy would answer, A-E (A-D for a
+four-option task), and how far that has moved from the reference policy.
 
 For each multiple-choice rollout row the context before the answer letter is: the completion
 up to its "Answer: " marker when the marker is followed by a token (the answer was found), else
@@ -83,11 +83,15 @@ def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=N
     return policy, ref_logits
 
 
-def letter_summary(policy, ref, gold):
-    """Per row, from policy and reference logits over the 5 letters (R, 5) and the gold letter
-    index: kl = KL(policy || reference) of the letter distributions renormalised over A-E,
-    margin = policy logit of the gold letter minus the best other, pred = policy argmax."""
+def letter_summary(policy, ref, gold, n_options=None):
+    """Per row, from policy and reference logits over the 5 letters (R, 5), the gold letter index
+    and the row's number of options (default 5): kl = KL(policy || reference) of the letter
+    distributions renormalised over the row's own letters (A-D for four options), margin =
+    policy logit of the gold letter minus the best other, pred = policy argmax."""
     policy, ref = policy.float().cpu(), ref.float().cpu()
+    if n_options is not None:  # letters past the row's options: far below, but finite (0 * finite = 0 in kl)
+        beyond = torch.arange(policy.size(1))[None, :] >= torch.as_tensor(n_options)[:, None]
+        policy, ref = policy.masked_fill(beyond, -1e9), ref.masked_fill(beyond, -1e9)
     lp, lq = torch.log_softmax(policy, -1), torch.log_softmax(ref, -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
     g = torch.as_tensor(gold, dtype=torch.long)
@@ -98,17 +102,17 @@ def letter_summary(policy, ref, gold):
 
 def letter_sums(model, reference, rollout, mc_rows, task_names, letters, stop_ids, cfg):
     """Per task of task_names, sums of the letter statistics (STATS) over this rank's rows.
-    mc_rows: [(rollout row, task name, gold letter)] of the multiple-choice rows."""
+    mc_rows: [(rollout row, task name, gold letter, number of options)] of the multiple-choice rows."""
     sums = {f"{name}/{k}": 0.0 for name in task_names for k in STATS}
     if not mc_rows:
         return sums
     marker, letter_ids = letters
-    contexts = [letter_context(rollout.completions[r], marker, stop_ids) for r, _, _ in mc_rows]
-    seqs = [rollout.prompts[r] + context for (r, _, _), (_, context) in zip(mc_rows, contexts)]
+    contexts = [letter_context(rollout.completions[r], marker, stop_ids) for r, *_ in mc_rows]
+    seqs = [rollout.prompts[r] + context for (r, *_), (_, context) in zip(mc_rows, contexts)]
     policy, ref = letter_logits(model, reference, seqs, letter_ids, cfg.micro_batch, cfg.autocast)
-    gold = [LETTERS.index(g) for _, _, g in mc_rows]
-    st = letter_summary(policy, ref, gold)
-    for j, ((_, name, _), (found, _)) in enumerate(zip(mc_rows, contexts)):
+    gold = [LETTERS.index(g) for _, _, g, _ in mc_rows]
+    st = letter_summary(policy, ref, gold, [n for *_, n in mc_rows])
+    for j, ((_, name, _, _), (found, _)) in enumerate(zip(mc_rows, contexts)):
         pred = st["pred"][j].item()
         sums[f"{name}/n"] += 1
         sums[f"{name}/kl"] += st["kl"][j].item()

@@ -22,9 +22,9 @@ from nanostoney.files import write_failed, write_json
 from nanostoney.interp import ABLATION_MODES, HEADLINE_MODE, HEADLINES, LEXICAL_REGIONS, MIN_N, OUTCOME_GROUPS, \
     SPLIT_GROUPS, STRUCT_REGIONS
 
-FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "all": "#555555"}
+FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "yoruba": "#2c6fbb", "english": "#d68910", "all": "#555555"}
 GROUP_STYLES = {"train": "-", "heldout": "--", "all": ":"}
-EXTRA_COLORS = ["#2c6fbb", "#8e44ad", "#d68910", "#17a2b8"]
+EXTRA_COLORS = ["#8e44ad", "#17a2b8", "#7f8c8d", "#e84393"]
 REGION_COLORS = {"question": "#1f4e9c", "options": "#b8860b", "rationale": "#2e7d32", "answer_cue": "#c0392b"}
 REGION_NAMES = {"question": "blue", "options": "gold", "rationale": "green", "answer_cue": "red"}
 

@@ -194,8 +194,9 @@ def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
            for t in (chosen, rejected)]
     if max_len and max(len(i) for i in ids) > max_len:
         return None
-    return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind,
-            "chosen": ids[0], "rejected": ids[1]}
+    # prompt_len: where the answers start (DPO scores the completion tokens only)
+    return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind, "answer": example["answer"],
+            "options": len(example.get("choices") or []), "chosen": ids[0], "rejected": ids[1], "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
 
 
 def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, seed=0,

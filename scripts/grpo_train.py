@@ -256,8 +256,8 @@ def rl_step(step, run):
     t0 = time.perf_counter()
     sums = None
     if run.letters and run.mc_names and train.every(args.letter_every, done):
-        mc_rows = [(r, run.tasks[items[pi][0]].name, items[pi][1]["answer"]) for r, pi in enumerate(ro.prompt_index)
-                   if run.tasks[items[pi][0]].kind == "mc"]
+        mc_rows = [(r, run.tasks[items[pi][0]].name, items[pi][1]["answer"], len(items[pi][1]["choices"]))
+                   for r, pi in enumerate(ro.prompt_index) if run.tasks[items[pi][0]].kind == "mc"]
         sums = letters.letter_sums(model, run.reference, ro, mc_rows, run.mc_names, run.letters, cfg.stop_ids, cfg)
     ro.times["letters"] = time.perf_counter() - t0
     grpo.learn(model, run.optimizer, ro, cfg, run.params)

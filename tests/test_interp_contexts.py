@@ -8,19 +8,18 @@ import pytest
 
 from nanostoney import interp
 from nanostoney.answers import LETTERS, answer_after
-from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import Tokenizer
 
 N_ITEMS = 60
-# the tasks the report can probe: an answer line, and a train split (not the *_unseen controls)
-TASKS = [n for n in TASK_NAMES
-         if not get_task(n).control and answer_after(get_task(n).examples("val")[0]["messages"][-1]["content"])]
+TASKS = [n for n in TASK_NAMES if answer_after(get_task(n).examples("val")[0]["messages"][-1]["content"])]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [m["content"] for name in TASKS for ex in subset(get_task(name), "train", 100) for m in ex["messages"]]
+    texts = [m["content"] for name in TASKS if not get_task(name).control
+             for ex in subset(get_task(name), "train", 100) for m in ex["messages"]]
     return Tokenizer.train(texts, 900)
 
 

@@ -33,7 +33,7 @@ def test_tiny_pipeline_on_two_cpu_processes(tmp_path):
     out = tmp_path / "out"
     r = run_script("--nproc", "2", "--size", "tiny", "--out", str(out))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "nanostoney: 0 GPU(s), 2 process(es), depth 2, tiny sizes" in r.stdout
+    assert "nanostoney plan: 0 GPU(s), 2 process(es), tiny sizes, depth 2 on the bundled corpus" in r.stdout
     times = dict(line.split("\t") for line in (out / "stage_times.tsv").read_text().splitlines())
     assert list(times) == STAGES
     for stage in STAGES[1:]:  # every stage after the tokenizer states its plan for 2 processes

@@ -169,10 +169,22 @@ def test_missing_checkpoint_and_unknown_task_exit_2(tmp_path, capsys, checkpoint
     assert not os.path.exists(tmp_path / "r")
 
 
+def same_numbers(a, b, tol=1e-5):
+    """Equal structure and strings, numbers within tol (one process here runs with more threads
+    than each rank there, and a sum over other threads rounds its last bit elsewhere)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_numbers(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_numbers(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return a == b or abs(a - b) <= tol
+    return a == b
+
+
 @pytest.mark.slow  # ~2 min on the loaded 2-core machine (three processes load the tasks)
 def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path):
     """Under torchrun the items are shared out over the ranks and gathered in order: the report's
-    numbers are those of one process, bit for bit."""
+    numbers are those of one process (to the last digit but one of a 6-digit rounding)."""
     import subprocess
     import sys
     args = ["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}", "--tokenizer",
@@ -188,5 +200,6 @@ def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path)
     assert "report plan: 3 process(es)" in r.stdout
     one, three = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "three"))
     assert three["config"]["world_size"] == 3
-    for key in ("checkpoints", "differences", "deltas", "summary"):
-        assert one[key] == three[key], key
+    for key in ("checkpoints", "headline", "deltas"):
+        assert same_numbers(one[key], three[key]), key
+    assert one["summary"] == three["summary"]

@@ -47,4 +47,4 @@ def test_web_plan_on_cpu_shows_the_gpu_run_and_running_it_is_refused(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "run_stoney_small.sh"), "--pretrain", "web", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "needs GPUs" in run.stderr
-    assert not (tmp_path / "o").exists()  # refused before it claimed anything
+    assert not (tmp_path / "o" / ".mode").exists() and not (tmp_path / "o" / ".lock").exists()  # nothing ran

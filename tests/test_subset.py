@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.subset import balanced_order, subset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import pytest
 from nanostoney.answers import LETTERS, answer_after, answer_part, parse_letter, parse_number
 from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
-from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.base import SPLITS, baselines, normalize
 from nanostoney.tasks.stoney import GROUP_PARTS, Lang, _conversations, extract_pairs, load_corpus
 from nanostoney.tasks.subset import subset

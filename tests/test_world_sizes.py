@@ -122,6 +122,12 @@ def rm_args(ckpts, out, *extra):
             "--num-iterations", "3", "--device-batch-size", "2", "--wandb", "disabled", "--out", str(out), *extra]
 
 
+def dpo_args(ckpts, out, *extra):
+    return ["--init", ckpts.sft, "--tasks", "arith_mc", "--eval-tasks", "arith_mc", "--max-train-examples", "8",
+            "--eval-pairs", "4", "--final-eval-examples", "0", "--num-iterations", "2", "--device-batch-size", "1",
+            "--wandb", "disabled", "--out", str(out), *extra]
+
+
 def grpo_args(ckpts, out, *extra):
     return ["--init", ckpts.sft, "--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--max-train-examples", "6",
             "--num-iterations", "2", "--prompts-per-rank", "1", "--group-size", "2", "--max-new-tokens", "6",
@@ -135,7 +141,7 @@ def grpo_args(ckpts, out, *extra):
 
 @pytest.mark.parametrize("world", [1, 3, 8])
 @pytest.mark.parametrize("script, rows_len", [("base_train", 256), ("sft_train", 1), ("rm_train", 1),
-                                              ("star_train", 1)])
+                                              ("star_train", 1), ("dpo_train", 1)])
 def test_default_batches_scale_with_the_world_size(script, rows_len, world):
     import importlib
     from nanostoney import train
@@ -208,6 +214,17 @@ def test_reward_model_on_three_ranks_with_sft_head_adapters_equals_one_process(c
     before = [json.load(open(tmp_path / o / "rm_eval.json"))["before"]["arith_mc/policy"] for o in ("three", "one")]
     assert before[0]["n"] == before[1]["n"] > 0
     assert before[0]["accuracy"] == pytest.approx(before[1]["accuracy"], abs=1e-5)
+
+
+def test_dpo_on_three_ranks_equals_one_process(ckpts, tmp_path):
+    """Ground-truth pairs need no sampling: 3 ranks and one process accumulating the same global
+    batch end with the same adapters and measure the same held-out pairs."""
+    three = launch(3, "scripts.dpo_train", dpo_args(ckpts, tmp_path / "three"))
+    assert "DPO plan: 3 process(es) on cpu" in three.stdout and "3 pairs/step (1 x 3 proc x 1 accum)" in three.stdout
+    launch(0, "scripts.dpo_train", dpo_args(ckpts, tmp_path / "one", "--total-batch-size", "3"))
+    assert max_diff(final_tensors(tmp_path / "three"), final_tensors(tmp_path / "one")) <= 1e-5
+    reports = [json.load(open(tmp_path / o / "dpo_eval.json")) for o in ("three", "one")]
+    assert reports[0]["start"] == reports[1]["start"] and reports[0]["final"]["pairs"]["arith_mc"]["n"] == 4
 
 
 @pytest.mark.slow  # ~1 min on the loaded 2-core machine
@@ -302,10 +319,10 @@ def test_a_node_that_cannot_see_the_init_says_so(ckpts, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "rm", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "grpo", "dpo"])
 def test_eight_ranks_from_defaults_plus_sizes(ckpts, tmp_path, stage):
     module, args = {"sft": ("scripts.sft_train", sft_args), "rm": ("scripts.rm_train", rm_args),
-                    "grpo": ("scripts.grpo_train", grpo_args)}[stage]
+                    "grpo": ("scripts.grpo_train", grpo_args), "dpo": ("scripts.dpo_train", dpo_args)}[stage]
     r = launch(8, module, args(ckpts, tmp_path / stage))
     assert "plan: 8 process(es) on cpu" in r.stdout
     assert checkpoint.latest_checkpoint(str(tmp_path / stage)) is not None

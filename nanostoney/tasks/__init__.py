@@ -1,4 +1,4 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, arith.py, aqua.py, gsm8k.py).
+"""Tasks: conversations with verifiers, one file per family (stoney.py, arith.py, aqua.py, gsm8k.py, mmlu.py).
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
@@ -16,12 +16,16 @@ from nanostoney.errors import UserError
 from nanostoney.tasks.aqua import AquaMC
 from nanostoney.tasks.arith import Arith, ArithMC
 from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
+from nanostoney.tasks.mmlu import MMLUEnglish, MMLUYoruba
 from nanostoney.tasks.stoney import (StoneyLexicon, StoneyLexiconUnseen, StoneyMC, StoneyMCUnseen, StoneyQA,
                                      StoneyQAUnseen)
 
 TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC, Arith, ArithMC,
-                                  StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen)}
+                                  StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
+# the tasks that read no network: the files under data/ and the generated ones (MMLU's are read
+# from a local copy or the hub)
+BUNDLED_TASKS = tuple(n for n in TASK_NAMES if not n.startswith("mmlu_"))
 _BUILT = {}
 
 

@@ -5,13 +5,15 @@ baselines of the multiple-choice tasks (each should be near the 20% chance level
 import argparse
 
 from nanostoney.errors import run_main
-from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks import BUNDLED_TASKS, get_task
 from nanostoney.tasks.base import SPLITS, baselines
+from nanostoney.tasks.mmlu import check_alignment
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", nargs="*", default=list(TASK_NAMES), help="tasks to show (default: all)")
+    parser.add_argument("--task", nargs="*", default=list(BUNDLED_TASKS),
+                        help="tasks to show (default: every bundled one)")
     parser.add_argument("--source", default="bundled", help="bundled (default), hub, or auto")
     parser.add_argument("--baselines", action="store_true", help="print surface-cue baselines of the MC tasks")
     args = parser.parse_args()
@@ -32,6 +34,8 @@ def main():
         for m in ex["messages"]:
             print(f"--- {m['role']}\n{m['content']}")
         print(f"--- answer: {ex['answer']!r}   regions: {ex['regions']}\n")
+    if {"mmlu_yo", "mmlu_en"} <= set(args.task):  # the two languages must hold the same questions
+        print(f"mmlu_yo / mmlu_en alignment (same gold letter on shared ids): {check_alignment(args.source):.1%}")
 
 
 if __name__ == "__main__":

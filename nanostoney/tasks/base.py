@@ -2,7 +2,7 @@
 and the surface-cue baselines (answers are written and read by nanostoney/answers.py).
 
 One format for all families, so that Stoney and math differ in content, not in shape:
-    user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks)
+    user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks; MMLU stops at D)
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
 import abc
@@ -11,7 +11,7 @@ import math
 import statistics
 import unicodedata
 
-from nanostoney.answers import LETTERS, answer_after, format_answer, parse_letter, parse_number
+from nanostoney.answers import LETTERS, answer_after, format_answer, option_letters, parse_letter, parse_number
 from nanostoney.errors import UserError
 from nanostoney.tokenizer import SYSTEM_JOIN  # how the tokenizer folds a system message into the user turn
 
@@ -56,9 +56,9 @@ def user_regions(system, user, regions):
 
 
 def render_mc(question, choices):
-    """(user text, regions) for a 5-option question; regions are char spans of the question,
-    the options block and each option line."""
-    assert len(choices) == 5, choices
+    """(user text, regions) for an n-option question (n = 5 for ours, 4 for MMLU); regions are
+    char spans of the question, the options block and each option line."""
+    option_letters(len(choices))  # 2..5 options
     text = question.strip() + "\n\n"
     regions = {"question": (0, len(question.strip()))}
     start = len(text)

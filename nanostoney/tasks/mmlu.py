@@ -1,0 +1,141 @@
+"""MMLU in Yoruba (openai/MMMLU, configuration YO_NG) and in English (cais/mmlu): four options
+A-D, chance 0.25, the same questions in two languages so that language is the only change.
+
+What the dataset cards say (read offline; nothing here was downloaded):
+- openai/MMMLU is MMLU's test set (14,042 questions, 57 subjects) translated by professional
+  translators into 14 locales, one CSV per locale (test/mmlu_YO-NG.csv), one split ("test"),
+  columns Question, A, B, C, D, Answer (a letter), Subject (older revisions add an unnamed
+  index column). Licence MIT.
+- cais/mmlu, configuration "all", split "test": the same 14,042 questions, columns question,
+  subject, choices (four strings), answer (0-3). Licence MIT.
+- Neither has an id that names the other's row. Both list each subject's questions in MMLU's
+  original per-subject order, so an item is (subject, position within its subject): id
+  "mmlu:<subject>:<k>" in both tasks, which share their splits item for item. A translation
+  keeps the gold letter and a misaligned row would agree one time in four, so
+  `alignment(yoruba rows, english rows)` (the share of shared ids with the same gold letter)
+  checks the assumption on the real files; `python -m nanostoney.tasks --task mmlu_yo mmlu_en`
+  prints it.
+
+Nothing is bundled: a local copy under data/ (the hub's own file name, or the same stem as
+.jsonl / .parquet, in either schema) is read when present; otherwise the hub (through
+`datasets`). sources() names what will be read, so the governance gate checks the real thing.
+MMLU has no rationales: the gold reasoning is the closing line every MC task ends with ("The
+answer is X, which is option C."), and the options keep their original order (MMLU's "all of
+the above" options would not survive a reshuffle). Splits: 80/10/10 by a hash of the item id.
+"""
+import csv
+import functools
+import os
+
+from nanostoney import data
+from nanostoney.answers import LETTERS
+from nanostoney.errors import UserError
+from nanostoney.tasks.base import MCTask, mc_example, split_by_hash
+
+EXTS = (".csv", ".jsonl", ".parquet")
+
+
+def read_table(path):
+    """Rows (dicts) of a .csv (the hub's MMMLU files), .jsonl or .parquet file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # lazy: only parquet copies need it
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
+    if path.endswith(".jsonl"):
+        return data.read_jsonl(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
+
+
+def parse_row(row, where):
+    """(subject, question, [4 choices], gold letter) of an MMMLU row (Question, A-D, Answer,
+    Subject) or a cais/mmlu row (question, choices, answer 0-3, subject)."""
+    if "Question" in row:
+        choices, answer, question, subject = [row.get(k) for k in "ABCD"], row.get("Answer"), row["Question"], \
+            row.get("Subject")
+    elif "question" in row and "choices" in row:
+        choices, question, subject = list(row["choices"] or []), row["question"], row.get("subject")
+        answer = LETTERS[int(row["answer"])] if str(row.get("answer")).isdigit() and int(row["answer"]) < 4 \
+            else row.get("answer")
+    else:
+        raise UserError(f"{where}: a row lacks 'Question' (MMMLU schema: Question, A, B, C, D, Answer, Subject) and "
+                        f"'question'/'choices' (cais/mmlu schema); point at a file in one of these schemas.")
+    if len(choices) != 4 or any(c is None for c in choices) or answer not in LETTERS[:4] or not subject:
+        raise UserError(f"{where}: a row needs four options, an answer A-D and a subject; fix the file.")
+    return str(subject), str(question).strip(), [" ".join(str(c).split()) for c in choices], answer
+
+
+def items(rows, where):
+    """{item id: (subject, question, choices, letter)}, the id being (subject, position in subject)."""
+    out, seen = {}, {}
+    for r, row in enumerate(rows):
+        subject, q, choices, answer = parse_row(row, f"{where} row {r + 1}")
+        k = seen.get(subject, 0)
+        seen[subject] = k + 1
+        out[f"mmlu:{subject}:{k}"] = (subject, q, choices, answer)
+    return out
+
+
+def alignment(yoruba, english):
+    """Share of the items both hold whose gold letters agree (1.0 when aligned; ~0.25 if not)."""
+    shared = [k for k in yoruba if k in english]
+    return sum(yoruba[k][3] == english[k][3] for k in shared) / max(1, len(shared))
+
+
+def local_copy(family, data_dir=None):
+    """The local file of `family` under the data directory (any of EXTS), or None."""
+    stem = os.path.splitext(data.bundled_path(family, "all", data_dir))[0]
+    return next((stem + e for e in EXTS if os.path.isfile(stem + e)), None)
+
+
+def sources(family, source="bundled", data_dir=None):
+    """What the task reads: the local copy when present (and not source="hub"), else the hub id."""
+    path = None if source == "hub" else local_copy(family, data_dir)
+    return [path] if path else [data.hub_label(family)]
+
+
+@functools.lru_cache(maxsize=None)
+def load_items(family, source="bundled", data_dir=None):
+    """{item id: (subject, question, choices, letter)} of the local copy or the hub."""
+    path = sources(family, source, data_dir)[0]
+    if path.startswith("hf://"):
+        name, config, split = data.HUB[family]
+        rows, where = data.hub_dataset(name, config, split).to_list(), path
+    else:
+        rows, where = read_table(path), path
+    if not rows:
+        raise UserError(f"{where} holds no rows; point at the MMMLU / MMLU test file.")
+    return items(rows, where)
+
+
+class _MMLU(MCTask):
+    data_family = None
+
+    def sources(self):
+        return sources(self.data_family, self.source, self.data_dir)
+
+    def _build(self):
+        out = {"train": [], "val": [], "test": []}
+        for iid, (subject, q, choices, letter) in load_items(self.data_family, self.source, self.data_dir).items():
+            reasoning = f"The answer is {choices[LETTERS.index(letter)]}, which is option {letter}."
+            out[split_by_hash(iid)].append(mc_example(f"{self.name}/{iid}", iid, q, choices, letter, reasoning,
+                                                      subject=subject))
+        return out
+
+
+class MMLUYoruba(_MMLU):
+    name, family, data_family = "mmlu_yo", "yoruba", "mmmlu_yo"
+
+
+class MMLUEnglish(_MMLU):
+    name, family, data_family = "mmlu_en", "english", "mmlu_en"
+
+
+def check_alignment(source="bundled", data_dir=None):
+    """alignment() of the two tasks' files (both must be readable)."""
+    return alignment(load_items("mmmlu_yo", source, data_dir), load_items("mmlu_en", source, data_dir))

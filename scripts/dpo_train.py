@@ -1,0 +1,313 @@
+"""DPO from an SFT checkpoint: prefer one answer over another without a reward model. LoRA by default.
+
+    python -m scripts.dpo_train --init out/sft --out out/dpo                              # CPU default
+    python -m scripts.dpo_train --init out/sft --pairs on_policy --on-policy-prompts 64   # STaR-then-DPO
+    torchrun --nproc_per_node=8 -m scripts.dpo_train --init out/sft ...   # 8 x 8 pairs per step
+
+Pairs (nanostoney/dpo.py), from the TRAIN splits of --tasks (after the governance gate):
+  ground_truth  the gold answer over the same answer made wrong (reward_model.build_pairs: MC
+                another letter with its option's text, numeric a nearby number, open another gloss)
+  on_policy     a correct over a wrong sample of the init policy on the same prompt (prompts
+                chosen by a hash of their ids, --samples-per-prompt each; a prompt solved always
+                or never gives no pair): the STaR-then-DPO recipe
+  both          the two pools together
+Each step draws --device-batch-size pairs per micro-step on every rank from a seeded mixture of
+the tasks (weights of --tasks), so --resume and any world size see the same pairs.
+The reference is the policy at the start (--reference init: fresh adapters switched off, or the
+SFT adapters as loaded) or the base weights (--reference base); with --full a frozen copy.
+
+Logged every step (W&B and <out>/metrics.jsonl): loss, implicit rewards of chosen and rejected,
+their margin and accuracy, the KL proxy (mean log pi - log ref over the pairs' tokens), attention
+entropy per layer, and for MC tasks the letter diagnostics of nanostoney/letters.py on the chosen
+answers. At the start and the end: greedy val accuracy of --eval-tasks and the implicit-reward
+accuracy on held-out (val) ground-truth pairs, with 95% bootstrap intervals, in <out>/dpo_eval.json.
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from nanostoney import batches, checkpoint, cli, dpo, grpo, letters, lora, optim, probes, reward_model, train
+from nanostoney.data import add_manifest_arg
+from nanostoney.dist import all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
+from nanostoney.engine import Engine
+from nanostoney.errors import UserError, run_main
+from nanostoney.evaluate import task_accuracy
+from nanostoney.files import write_json
+from nanostoney.logging import add_logging_args, from_args
+from nanostoney.metrics import bootstrap_ci
+from nanostoney.tasks import get_task
+from nanostoney.tasks.subset import subset
+
+DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
+PAIR_KINDS = ("ground_truth", "on_policy", "both")
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description="DPO (LoRA or full) from an SFT checkpoint.")
+    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="training pairs: name=weight,... (train splits)")
+    p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc", help="comma list evaluated on their val split")
+    add_manifest_arg(p)
+    p.add_argument("--pairs", default="ground_truth", choices=PAIR_KINDS, help="where the preference pairs come from")
+    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
+                   help="first N train examples per task for ground-truth pairs (0 = all)")
+    p.add_argument("--on-policy-prompts", type=cli.positive_int, default=32, help="train prompts per task sampled")
+    p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (on-policy pairs)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    p.add_argument("--beta", type=cli.positive_float, default=0.1, help="DPO beta: larger stays nearer the reference")
+    p.add_argument("--reference", default="init", choices=grpo.REFERENCES,
+                   help="the policy at the start, or the base weights with adapters off")
+    p.add_argument("--letter-every", type=cli.nonneg_int, default=1, help="steps between MC letter diagnostics; 0 = never")
+    p.add_argument("--eval-pairs", type=cli.nonneg_int, default=32, help="held-out (val) pairs per task, start and end")
+    p.add_argument("--final-eval-examples", type=cli.nonneg_int, default=64,
+                   help="val items per eval task, greedy, at the start and the end; 0 = skip")
+    lora.add_lora_args(p)
+    train.add_loop_args(p, num_iterations=40, device_batch_size=8, eval_every=0, save_every=0, unit="pairs",
+                        entropy_every=1, warmup_steps=0, warmdown_ratio=0.0)
+    optim.add_optim_args(p, optimizer="adamw", matrix_lr=3e-4, embedding_lr=1e-3, unembedding_lr=1e-4,
+                         matrix_flags=("--lr", "--matrix-lr"))
+    add_logging_args(p)
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# pairs
+
+
+def ground_truth_pairs(task, tok, split, limit, max_len):
+    return dpo.pairs_from_conversations(reward_model.build_pairs(task, tok, split, limit, max_len))
+
+
+@torch.no_grad()
+def on_policy_pairs(model, tok, task, args, info, max_len):
+    """(correct sample, wrong sample) pairs of the policy on hashed train prompts, in fixed chunks
+    of 8 prompts shared out over the ranks (chunk i seeded by i: the same pairs at any world size)."""
+    model.eval()
+    engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
+    exs = subset(task, "train", args.on_policy_prompts, salt=f"dpo/{task.name}/{args.seed}")
+
+    def chunk_pairs(i):
+        chunk = exs[i:i + 8]
+        prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
+        with autocast_ctx(info):
+            gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed * 7919 + i, num_samples=args.samples_per_prompt)
+        out = []
+        for j, ex in enumerate(chunk):
+            rows = [r for r in range(len(gen.tokens)) if gen.prompt_index[r] == j]
+            texts = [tok.decode([t for t in gen.tokens[r] if t != stop]) for r in rows]
+            correct = [gen.stopped[r] and task.evaluate(ex, t) for r, t in zip(rows, texts)]
+            pick = dpo.on_policy_pair([gen.tokens[r] for r in rows], correct)
+            if pick and len(prompts[j]) + max(map(len, pick)) <= max_len:
+                out.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
+                            "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompts[j], "chosen": pick[0], "rejected": pick[1]})
+        return out
+
+    pairs = [p for part in map_over_ranks(chunk_pairs, list(range(0, len(exs), 8)), info) for p in part]
+    model.train()
+    return pairs
+
+
+def training_pairs(args, model, tok, tasks, mix, info):
+    """(per-task pair pools, their mixture weights, names, counts), built from the init policy
+    before anything trains (or resumes), so the pools are the same at every start."""
+    max_len = model.config.sequence_len
+    pools, weights, names, counts = [], [], [], {}
+    for task in tasks:
+        pool = []
+        if args.pairs in ("ground_truth", "both"):
+            pool += ground_truth_pairs(task, tok, "train", args.max_train_examples, max_len)
+        if args.pairs in ("on_policy", "both"):
+            pool += on_policy_pairs(model, tok, task, args, info, max_len)
+        counts[task.name] = {k: sum(p["kind"] == k for p in pool) for k in ("ground_truth", "on_policy")}
+        if pool:
+            pools.append(pool)
+            weights.append(mix[task.name])
+            names.append(task.name)
+    if not pools:
+        raise UserError(f"no {args.pairs} pairs for tasks {', '.join(t.name for t in tasks)} (on-policy pairs need "
+                        f"a prompt the model answers both right and wrong); raise --on-policy-prompts or "
+                        f"--samples-per-prompt, or use --pairs ground_truth.")
+    return pools, weights, names, counts
+
+
+# -----------------------------------------------------------------------------
+# measurements: held-out pairs, greedy accuracy, letters
+
+
+@torch.no_grad()
+def heldout_table(model, reference, held, cfg, info, seed=0):
+    """{task: {"n", "accuracy": (point, lo, hi), "margin"}}: the share of held-out pairs whose
+    implicit reward prefers the chosen answer (fixed chunks of 8 shared out over the ranks)."""
+    out = {}
+    device = model.get_device()
+    for name, pairs in held.items():
+        if not pairs:
+            continue
+
+        def margins(i):
+            pi_w, pi_l, ref_w, ref_l, _, _ = dpo.pair_forward(model, reference, dpo.as_triples(pairs[i:i + 8]), cfg,
+                                                              device)
+            return (cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l))).tolist()
+
+        m = [x for part in map_over_ranks(margins, list(range(0, len(pairs), 8)), info) for x in part]
+        out[name] = {"n": len(m), "accuracy": bootstrap_ci([float(x > 0) for x in m], seed=seed),
+                     "margin": sum(m) / len(m)}
+    return out
+
+
+def accuracy_table(model, tok, eval_tasks, n, args, info):
+    """{task: {"n", "accuracy": (point, lo, hi)}}: greedy val accuracy with a bootstrap interval."""
+    out = {}
+    for task in eval_tasks:
+        correct = task_accuracy(model, tok, task, subset(task, "val", n), info, args.max_new_tokens)
+        out[task.name] = {"n": len(correct), "accuracy": bootstrap_ci([float(c) for c in correct], seed=args.seed)}
+    model.train()
+    return out
+
+
+def measure(run, when):
+    """The held-out pair table and (if asked) the greedy accuracy table, printed and returned."""
+    args, info = run.args, run.info
+    row = {"pairs": heldout_table(run.model, run.reference, run.held, run.cfg, info, args.seed)}
+    if args.final_eval_examples > 0:
+        row["accuracy"] = accuracy_table(run.model, run.tok, run.eval_tasks, args.final_eval_examples, args, info)
+    for kind, table in row.items():
+        print0(f"{when} {'held-out pair' if kind == 'pairs' else 'val'} accuracy: "
+               + ", ".join(f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
+                           for k, v in table.items()))
+    return row
+
+
+def letter_metrics(run, drawn):
+    """letters/* of the policy vs the reference at the answer slot after the chosen answers of
+    this step's multiple-choice pairs (a collective: every rank calls it)."""
+    mc = [p for p in drawn if get_task(p["task"]).kind == "mc"]
+    view = SimpleNamespace(prompts=[p["prompt"] for p in mc], completions=[p["chosen"] for p in mc])
+    rows = [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)]
+    sums = letters.letter_sums(run.model, run.reference, view, rows, run.mc_names, run.letters, run.stop_ids, run.cfg)
+    return letters.finish(sums, run.mc_names)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def step_pairs(run, step):
+    """This rank's micro-batches of pair dicts for `step` (batches.first_row over the schedule)."""
+    B, accum, info = run.args.device_batch_size, run.accum, run.info
+    out = []
+    for micro in range(accum):
+        g = batches.first_row(step, micro, accum, info.world_size, info.rank, B)
+        out.append([run.pools[t][i] for t, i in run.schedule[g:g + B]])
+    return out
+
+
+def dpo_update(run, step):
+    """One DPO step; returns the logged metrics (averaged over all ranks' pairs)."""
+    args, info = run.args, run.info
+    done = step + 1
+    drawn = step_pairs(run, step)
+    measure_entropy = train.every(args.entropy_every, done)
+    ent = probes.EntropyProbe(run.model.config.n_layer, run.model.config.n_head) if measure_entropy else None
+    lm = None
+    if run.letters and run.mc_names and train.every(args.letter_every, done):
+        lm = letter_metrics(run, [p for mb in drawn for p in mb])  # the policy before this step moves it
+    s = dpo.dpo_step(run.model, run.optimizer, [dpo.as_triples(mb) for mb in drawn], run.cfg, run.reference,
+                     run.total_batch, run.params, ent)
+    keys = sorted(s)
+    sums = dict(zip(keys, all_reduce_sum([s[k] for k in keys])))
+    metrics = dpo.summarize(sums)
+    metrics["grad_norm"] = sums["grad_norm"] / info.world_size  # the same (synced) number on every rank
+    metrics["train/lr_mult"] = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["initial_lr"]
+    if ent is not None:
+        metrics.update(train.attention_entropy_metrics(ent.all_reduce()))
+    if lm:
+        metrics.update(lm)
+    return metrics
+
+
+def setup(args, info):
+    mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
+    eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
+    model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
+        args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
+    reference = grpo.make_reference(model, args.reference)  # before any resume moves the policy
+    cfg = dpo.DPOConfig(beta=args.beta, micro_batch=args.device_batch_size, grad_clip=args.grad_clip,
+                        autocast=lambda: autocast_ctx(info)).check()
+    pools, weights, names, counts = training_pairs(args, model, tok, tasks, mix, info)
+    held = {t.name: ground_truth_pairs(t, tok, "val", args.eval_pairs, model.config.sequence_len)
+            for t in tasks} if args.eval_pairs > 0 else {}
+    total_batch, accum = train.batch_geometry(args, info)
+    schedule = batches.mixture_schedule([len(p) for p in pools], weights, args.num_iterations * total_batch, args.seed)
+    letter_ids = letters.letter_tokens(tok.encode)
+    mc_names = [t.name for t in tasks if t.kind == "mc" and t.name in names]
+    if letter_ids is None and mc_names and args.letter_every:
+        print0("note: 'Answer: X' is not one token per letter in this tokenizer; letter diagnostics are off.")
+    return SimpleNamespace(args=args, info=info, tasks=tasks, eval_tasks=eval_tasks, sources=sources, model=model,
+                           tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg,
+                           pools=pools, counts=counts, held=held, schedule=schedule, total_batch=total_batch,
+                           accum=accum, optimizer=optim.optimizer_from_args(model, args), letters=letter_ids,
+                           mc_names=mc_names, params=[p for p in model.parameters() if p.requires_grad],
+                           stop_ids=[tok.token_id("<|assistant_end|>"), tok.token_id("<|bos|>")])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compile:
+        raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
+                        "drop the flag.")
+    out = cli.claim_out(args.out or "out/dpo", overwrite=args.overwrite, resume=args.resume is not None)
+    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    check_shared({"--init": args.init})
+    run = setup(args, info)
+    n = args.num_iterations
+    mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
+            "pairs": args.pairs, "total_batch": run.total_batch}
+    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
+    logger = from_args(args, config={**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
+                                     "pairs_per_task": run.counts, "data_sources": run.sources,
+                                     "init_checkpoint": os.path.abspath(run.init_ckpt)}, out_dir=out)
+    mean_len = sum(len(p["prompt"]) * 2 + len(p["chosen"]) + len(p["rejected"]) for pool in run.pools
+                   for p in pool) / sum(len(pool) for pool in run.pools)
+    train.print_plan("DPO", info, run.model, n, run.total_batch, "pairs",
+                     f"{args.device_batch_size} x {info.world_size} proc x {run.accum} accum",
+                     tokens_per_step=run.total_batch * mean_len,
+                     extra=f"{'full' if args.full else 'LoRA'} from {run.init_ckpt}; beta={args.beta}; {args.pairs} "
+                           f"pairs " + ", ".join(f"{k}={v['ground_truth']}+{v['on_policy']}"
+                                                 for k, v in run.counts.items()))
+
+    def save(step):
+        train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
+                       base_checkpoint=run.base_ckpt, tokenizer=run.tok, replace=args.overwrite)
+
+    report = {"init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n, "pairs": run.counts}
+    if start_step == 0:
+        report["start"] = measure(run, "start")
+    pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
+    for step in pbar:
+        optim.set_lr(run.optimizer, optim.lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio,
+                                                        args.final_lr_frac))
+        metrics = dpo_update(run, step)
+        train.check_finite(step + 1, loss=metrics["loss"], grad_norm=metrics["grad_norm"])
+        logger.log(metrics, step=step + 1)
+        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
+                         margin=f"{metrics['rewards/margin']:.3f}")
+        if train.every(args.save_every, step + 1) and step + 1 < n:
+            save(step + 1)
+    pbar.close()
+    report["final"] = measure(run, "final")
+    logger.summary({f"final/{kind}/{k}": v["accuracy"][0] for kind, t in report["final"].items() for k, v in t.items()})
+    save(n)
+    if info.is_master:
+        write_json(os.path.join(out, "dpo_eval.json"), report)
+    logger.finish()
+    print0(f"done: checkpoint and dpo_eval.json in {out}")
+    cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)
