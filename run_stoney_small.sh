@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (16 minutes on 2 idle cores). The plan (every stage's command)
+# runs a CPU-sized configuration (about 27 minutes on 2 idle cores, estimated). The plan (every stage's command)
 # is printed before anything runs.
 #
 #   bash run_stoney_small.sh                 # bundled corpus; finished stages are skipped on rerun
