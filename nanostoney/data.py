@@ -217,7 +217,7 @@ def looks_like_hub_id(src):
 
 def gate_name(src):
     """How the governance manifest names a source: a local path, or hf://owner/name."""
-    return src if os.path.exists(src) else "hf://" + src
+    return src if os.path.exists(src) or "://" in src else "hf://" + src  # (generated://... names itself)
 
 
 def _record_text(rec, where, text_key):
