@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (16 minutes on 2 idle cores). The plan (every stage's command)
+# runs a CPU-sized configuration (about 27 minutes on 2 idle cores, estimated). The plan (every stage's command)
 # is printed before anything runs.
 #
 #   bash run_stoney_small.sh                 # bundled corpus; finished stages are skipped on rerun
@@ -181,17 +181,20 @@ stage() {
 # Per-stage sizes; a stage's variable set in the environment wins (e.g. BASE_ARGS="--num-iterations 50").
 # Batch flags are per device: the defaults scale with the number of processes.
 case "$SIZE" in
-    cpu)  # 16 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md)
+    cpu)  # about 30 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
+        # 2000 base steps store the held-out Stoney facts (knowledge probe 0.84); no CPU-sized model
+        # learns to read an answer letter off the options, so MC accuracy stays at chance here
+        # (BENCHMARKS.md, "Issue 16"): held-out MC above chance needs a GPU-sized run.
         DEFAULT_TOK=""
-        DEFAULT_BASE="--num-iterations 500 --eval-every 100"
-        DEFAULT_SFT="--num-iterations 300 --final-eval-examples 32 --eval-every 0"
+        DEFAULT_BASE="--num-iterations 2000 --eval-every 250"
+        DEFAULT_SFT="--num-iterations 300 --max-train-examples 0 --final-eval-examples 100 --eval-every 0"
         DEFAULT_RM="--num-iterations 100"
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
-        DEFAULT_EVAL="--max-examples 50 --num-samples 2"
+        DEFAULT_EVAL="--max-examples 100 --num-samples 2 --tasks stoney_mc,stoney_mc_unseen,arith_mc,arith"
         DEFAULT_REPORT="--max-examples 16" ;;
     gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
-        # The bundled corpus is about 1.4M tokens: 200 steps of 65,536 tokens read it about 9 times
+        # The bundled corpus is about 1M tokens: 200 steps of 65,536 tokens read it about 13 times
         # (base_train's plan says how often). A model worth probing: --pretrain web or --from-nanochat.
         DEFAULT_BASE="--sequence-len 1024 --total-batch-size 65536 --device-batch-size 8 --num-iterations 200"
         # nanochat's recipe for --pretrain web: 2048-token rows, 0.5M-token steps, steps from 20 tokens per parameter
@@ -204,7 +207,7 @@ case "$SIZE" in
     tiny)  # every stage for real, a few steps each: the pipeline test (tests/test_pipeline.py)
         DEPTH=${DEPTH_TINY:-2}
         DEFAULT_TOK="--vocab-size 1024"
-        DEFAULT_BASE="--num-iterations 4 --eval-every 0 --eval-tokens 2048 --save-every 0 --sample-tokens 8"
+        DEFAULT_BASE="--num-iterations 4 --eval-every 0 --eval-tokens 2048 --save-every 0 --sample-tokens 8 --augment 0"
         DEFAULT_SFT="--num-iterations 3 --eval-every 0 --eval-examples 2 --eval-loss-examples 4
                   --final-eval-examples 2 --max-new-tokens 16"
         DEFAULT_RM="--num-iterations 2 --max-train-examples 16 --eval-pairs 8"

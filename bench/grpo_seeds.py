@@ -1,6 +1,9 @@
 """GRPO from one SFT checkpoint over several seeds: does RL raise the reward on its own training
 prompts, and what does it do to held-out accuracy? Runs scripts.grpo_train once per seed and
-tabulates each run's grpo_eval.json (issue 6's three-seed figure).
+tabulates each run's grpo_eval.json (issue 6's three-seed figure). The held-out change is paired:
+every seed scores the same val items at the start (the SFT model) and the end, so the interval is
+a bootstrap over items of (GRPO correct - SFT correct), per seed and pooled over the seeds (each
+item's change averaged over the seeds, then resampled).
 
     python -m bench.grpo_seeds --init out/sft --out out/grpo_seeds -- --num-iterations 40
 
@@ -53,6 +56,21 @@ def spread(values):
     return f"{mean:.3f} ± {sd:.3f}"
 
 
+def paired_change(results, task, seeds):
+    """{seed or "pooled": (mean change, lo, hi)}: per-item greedy correctness at the end minus at
+    the start on the same val items, bootstrapped over items."""
+    from nanostoney.metrics import bootstrap_ci
+    diffs = {}
+    for s in seeds:
+        start, final = results[s]["start"][task]["items"], results[s]["final"][task]["items"]
+        if start["id"] != final["id"]:
+            raise UserError(f"seed {s}: start and final evaluated different {task} items; rerun that seed.")
+        diffs[s] = [b - a for a, b in zip(start["correct"], final["correct"])]
+    out = {s: bootstrap_ci(d) for s, d in diffs.items()}
+    out["pooled"] = bootstrap_ci([sum(d[i] for d in diffs.values()) / len(diffs) for i in range(len(diffs[seeds[0]]))])
+    return out
+
+
 def summarize(results):
     """Markdown: training-prompt reward (start -> final) and held-out pass@1 (SFT -> GRPO) per task."""
     seeds = sorted(results)
@@ -75,6 +93,15 @@ def summarize(results):
         lines.append(f"| {task} | {sft[0]:.3f} [{sft[1]:.3f}, {sft[2]:.3f}] | "
                      + " | ".join(f"{g[0]:.3f} [{g[1]:.3f}, {g[2]:.3f}]" for g in grpo)
                      + f" | {spread([g[0] for g in grpo])} |")
+    paired = [t for t in first.get("final", {}) if "items" in first["final"][t]]
+    if paired:
+        lines += ["", "Paired change of held-out pass@1, GRPO - SFT on the same items (95% bootstrap over items):", "",
+                  "| task | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled over seeds |",
+                  "|---" * (len(seeds) + 2) + "|"]
+        for task in paired:
+            ch = paired_change(results, task, seeds)
+            lines.append(f"| {task} | " + " | ".join(f"{ch[s][0]:+.3f} [{ch[s][1]:+.3f}, {ch[s][2]:+.3f}]"
+                                                   for s in seeds + ["pooled"]) + " |")
     return "\n".join(lines) + "\n"
 
 

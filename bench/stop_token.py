@@ -15,12 +15,13 @@ from nanostoney import checkpoint, cli
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
 from nanostoney.tasks import get_task
+from nanostoney.tasks.subset import subset
 
 
 @torch.no_grad()
 def stop_stats(model, tok, task, items, samples, max_new_tokens, temperature, seed=0):
     end = tok.token_id("<|assistant_end|>")
-    exs = task.examples("val")[:items]
+    exs = subset(task, "val", items)
     p_end = []
     for ex in exs:
         ids, _ = tok.render_conversation(ex)  # ends with <|assistant_end|>

@@ -55,6 +55,10 @@ def training_tasks(spec, manifest=None):
     gate has approved every source for training (else a one-sentence UserError)."""
     weights = parse_mixture(spec)
     tasks = [get_task(n) for n in weights]  # unknown names: one-sentence UserError
+    for t in tasks:
+        if t.control:
+            raise UserError(f"--tasks: {t.name} is a control (no training text may hold its items); "
+                            f"train on {t.name.replace('_unseen', '')} instead.")
     sources = sources_for_tasks(list(weights))
     check_sources(sources, use="training", manifest=manifest)
     return weights, tasks, sources
@@ -140,11 +144,13 @@ def render_examples(tokenizer, examples, max_tokens, drop_truncated=True):
 
 
 def render_train_sets(tokenizer, tasks, max_tokens, limit=0, drop_truncated=True):
-    """Per task: (its first `limit` train examples that fit, their rendered rows); 0 = all.
-    Renders in chunks so a small limit does not tokenize a whole 7k-example task."""
+    """Per task: (`limit` train examples that fit, their rendered rows; 0 = all), taken in the
+    balanced hash order of tasks.subset. Renders in chunks so a small limit does not tokenize a
+    whole 7k-example task."""
+    from nanostoney.tasks.subset import subset
     examples, rendered = [], []
     for task in tasks:
-        exs = task.examples("train")
+        exs = subset(task, "train")
         limit_t = limit if limit > 0 else len(exs)
         rows, kept = [], []
         for start in range(0, len(exs), 256):

@@ -217,7 +217,7 @@ def looks_like_hub_id(src):
 
 def gate_name(src):
     """How the governance manifest names a source: a local path, or hf://owner/name."""
-    return src if os.path.exists(src) else "hf://" + src
+    return src if os.path.exists(src) or "://" in src else "hf://" + src  # (generated://... names itself)
 
 
 def _record_text(rec, where, text_key):
@@ -393,13 +393,14 @@ def load_manifest(path=None):
 
 
 def glob_matches(path_glob, source, manifest_dir):
-    """Does a manifest record's path_glob cover `source` (a file path or an hf:// id)?
+    """Does a manifest record's path_glob cover `source` (a file path, an hf:// id or the
+    generated:// name of a generated task)?
 
     Globs are relative to the manifest's directory (fnmatch per path component, so `*`
     never crosses a `/`). A file outside that directory is matched on its trailing
     components instead, so the upstream manifest's "OpenAIFineTune/*.jsonl" covers
     ".../OpenAIFineTune/stoney_train.jsonl" wherever the user keeps the upstream files."""
-    if path_glob.startswith("hf://") or str(source).startswith("hf://"):
+    if "://" in path_glob or "://" in str(source):  # hf://owner/name, generated://nanostoney/arith
         return fnmatch.fnmatchcase(str(source), path_glob)
     pattern = PurePosixPath(path_glob).parts
     p = Path(source).resolve()

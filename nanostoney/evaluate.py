@@ -1,7 +1,7 @@
 """Evaluate a model: on a task (batched generation through the Engine, then the task's
 metrics), and on held-out text during training (bits per byte, masked loss).
 
-    examples = select_examples(task, "val", 50)
+    examples = subset(task, "val", 50)                  # nanostoney.tasks.subset
     greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
     result = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
     result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
@@ -58,22 +58,14 @@ from nanostoney.tasks.base import stable_hash
 # task -> which text of a completion is compared with which reference by chrF++:
 # "answer": the open answer (after </think> / "Answer:") vs example["answer"];
 # "rationale": the <think> reasoning vs the gold reasoning.
-OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale"}
+OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale",
+             "stoney_qa_unseen": "answer", "stoney_lexicon_unseen": "answer"}
 N_SHOWN = 3  # completions kept verbatim in the results, per task
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, autocast_dtype=None)  # info=None: this process alone
 
 
 # -----------------------------------------------------------------------------
 # examples and prompts
-
-def select_examples(task, split, max_examples=0):
-    """The examples of a split to evaluate: all of them, or max_examples picked by a stable
-    hash of their ids (not the first ones: some splits are ordered, e.g. lexicon directions)."""
-    rows = task.examples(split)
-    if max_examples and max_examples < len(rows):
-        rows = sorted(rows, key=lambda ex: stable_hash(ex["id"]))[:max_examples]
-    return rows
-
 
 def task_seed(seed, task_name):
     """Seed of one task's sampling: independent across tasks, so adding a task to the list
@@ -208,6 +200,16 @@ def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
                             n_boot=n_boot, seed=seed)
 
 
+def by_depth(examples, correct, n_boot=1000, seed=0):
+    """{depth: {"n", "accuracy": {"value", "ci95"}}} for tasks whose examples record a reasoning
+    depth (arith: steps 1-4); {} otherwise."""
+    out = {}
+    for d in sorted({ex["depth"] for ex in examples if ex.get("depth")}):
+        c = [x for ex, x in zip(examples, correct) if ex.get("depth") == d]
+        out[str(d)] = {"n": len(c), "accuracy": _ci(*bootstrap_ci(np.array(c, dtype=float), n_boot=n_boot, seed=seed))}
+    return out
+
+
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
                comet=True, comet_model=None):
     """Metrics of one task from its completions: (result dict, notes).
@@ -220,7 +222,7 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
     metrics = {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}
-    if task.name != "stoney_qa":
+    if task.name not in ("stoney_qa", "stoney_qa_unseen"):
         answered = [float(answer_after(c) is not None) for c in greedy]
         metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
     n_samples = len(sampled[0]) if sampled else 0
@@ -248,8 +250,8 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
                 notes.append(why)
             else:
                 metrics["comet"] = {"value": score, "ci95": None}
-    result = {"family": task.family, "kind": task.kind, "n": len(examples), "n_samples": n_samples,
-              "metrics": metrics,
+    result = {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
+              "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
               "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
                               "n_correct_samples": [sum(s) for s in sample_correct]},
               "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
@@ -261,10 +263,14 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
 
 def family_metrics(task_results, n_boot=1000, seed=0):
     """Accuracy and pass@k pooled over the examples of each family's tasks (a micro-average:
-    bigger tasks weigh more). task_results: {task: score_task result}."""
+    bigger tasks weigh more), the control tasks (*_unseen) pooled apart as "<family> control".
+    task_results: {task: score_task result}."""
     out = {}
-    for family in sorted({r["family"] for r in task_results.values()}):
-        members = [t for t, r in task_results.items() if r["family"] == family]
+
+    def group(r):
+        return r["family"] + (" control" if r.get("control") else "")
+    for family in sorted({group(r) for r in task_results.values()}):
+        members = [t for t, r in task_results.items() if group(r) == family]
         correct = [c for t in members for c in task_results[t]["per_example"]["correct"]]
         entry = {"tasks": members, "n": len(correct),
                  "metrics": {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}}
@@ -296,13 +302,15 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...]}} for
-    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items."""
+    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth"}} for
+    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items (by_depth:
+    the same per reasoning depth, for arith)."""
     table = {}
     for (task, split), exs in item_sets.items():
         correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
         point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
-        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct}
+        table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct,
+                                     "by_depth": by_depth(exs, correct, seed=seed)}
     return table
 
 

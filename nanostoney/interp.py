@@ -53,6 +53,7 @@ from nanostoney.gpt import unwrap
 from nanostoney.metrics import bootstrap_means, holm, mean_difference
 from nanostoney.tasks.base import stable_hash
 from nanostoney.tasks.stoney import WORD_RE, Lang, load_corpus
+from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import SYSTEM_JOIN
 
 STRUCT_REGIONS = ("bos", "template", "system", "question", "options", "prompt_other", "rationale", "answer_cue")
@@ -209,6 +210,7 @@ class Item:
     letter_ids: list = None    # the five candidate answer tokens (MC)
     tokens: list = field(default_factory=list)  # display strings
     own_correct: bool = None   # the model's own greedy completion of the prompt is right
+    depth: int = 0             # reasoning steps of an arith item (1-4); 0 for other tasks
 
     @property
     def key(self):
@@ -440,7 +442,7 @@ def prepare_item(tokenizer, task, example, split, judge, assistant):
     lex = ([other] * 2 + token_lexical(lexical_char_labels(text, task.family, judge), u_off) + [other] * 2
            + token_lexical(lexical_char_labels(gold, task.family, judge), a_off[:k]))
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
-                struct=np.array(struct), lexical=np.array(lex))
+                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0)
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, gold[:start], a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
@@ -470,12 +472,13 @@ def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
             item.letter_ids = letters
 
 
-def select_examples(task, n, seed=0, spare=3):
-    """{split: [example]}: up to n * spare examples per split in a seeded hash order of their ids
-    (the same for every checkpoint; never a prefix of the stored order). fitting_examples keeps
-    the first n that fit the model's context, so a few over-long prompts do not shrink the sample."""
-    return {split: sorted(task.examples(split), key=lambda ex: stable_hash(f"{seed}/{task.name}/{ex['id']}"))
-            [:n * spare] for split in ("train", "val", "test")}
+def select_examples(task, n, seed=0, spare=10):
+    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
+    tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
+    order). fitting_examples keeps the first n that fit the model's context, so a few over-long
+    prompts do not shrink the sample, and any prefix of the order stays balanced."""
+    splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
+    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
 
 
 def fitting_examples(tokenizer, examples, limit, max_len):
@@ -498,6 +501,9 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
+SLOT_ROOM = 16  # tokens kept free after a model's own rationale for the answer slot ("Answer: X")
+
+
 def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
     """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
     up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
@@ -509,8 +515,9 @@ def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chun
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
         chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
-        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part,
-                                                         max_new_tokens=max(1, max_len - longest))[0], chunks, info)
+        budget = max(1, max_len - longest - SLOT_ROOM)  # the answer slot follows the context
+        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
+                              chunks, info)
         greedy = [g for part in done for g in part]
         out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
     return out
@@ -838,7 +845,7 @@ def item_records(gpt, items, figure_keys=(), progress=True, info=None):
     recs, figures = [], {}
     for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
-                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct))
+                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth)
         recs.append(rec)
         if full is not None:
             figures[it.key] = {"id": it.id, "task": it.task, "family": it.family, "split": it.split,
@@ -900,15 +907,20 @@ def in_group(rec, grp):
 
 
 def group_summaries(recs, families, task_names, n_boot, seed):
-    """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}}}
-    for the groups train, heldout, heldout_right, heldout_wrong and all."""
-    out = {"n_items": {}, "families": {}, "tasks": {}}
+    """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}},
+    "depths": {family: {depth: summary of its held-out items}}} for the groups train, heldout,
+    heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
+    out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
             sel = [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)]
             if sel:
                 out["families"][fam][grp] = summarize(sel, n_boot, seed)
+    for fam in families:
+        held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("depth")]
+        for d in sorted({r["depth"] for r in held}):
+            out["depths"].setdefault(fam, {})[str(d)] = summarize([r for r in held if r["depth"] == d], n_boot, seed)
     for name in task_names:
         out["tasks"][name] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
@@ -1022,7 +1034,8 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)
-    out.update(n_items=groups["n_items"], skipped_too_long=skipped, families=groups["families"], tasks=groups["tasks"])
+    out.update(n_items=groups["n_items"], skipped_too_long=skipped, families=groups["families"], tasks=groups["tasks"],
+               depths=groups["depths"])
     vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
     ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
     out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),

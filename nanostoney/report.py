@@ -593,6 +593,10 @@ def table(metrics, ck):
             if s:
                 rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
                             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
+    for fam, by in res.get("depths", {}).items():  # arith: held-out items by reasoning depth
+        for d, s in by.items():
+            rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}-step</td><td class=l>heldout</td><td>{s['n']}</td>" +
+                        "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
     task_rows = []
     for task, by in res["tasks"].items():
         for grp, s in by.items():

@@ -12,7 +12,7 @@ tokenizer.render_conversation), the same rendering rewards.LearnedReward scores,
 token has seen the question and the whole answer. lm_head is not used.
 
 Pairs come from the ground truth of each task's TRAIN split (`build_pairs`): the gold answer
-against the same answer made wrong, per answer kind (see `rejected_text`), and optionally
+against a wrong answer whose rationale argues for it (see `rejected_text`), and optionally
 against wrong answers sampled from the SFT model (`sampled_pairs`). Held-out pairs come from
 the val (or test) split the same way; `pairwise_accuracy` is the share of pairs ranked right.
 
@@ -28,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanostoney import checkpoint
-from nanostoney.answers import LETTERS, format_answer, format_number, option_letters, parse_number, split_answer
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
 from nanostoney.tasks.base import normalize, stable_hash
+from nanostoney.tasks.subset import subset
 
 
 class RewardModel(nn.Module):
@@ -131,52 +131,29 @@ def _stable_rng(key):
     return random.Random(stable_hash(key))
 
 
-def wrong_number(value, key):
-    """A plausible wrong number near `value`: off by one, by ten, doubled or halved, chosen by
-    a hash of `key` (deterministic)."""
-    x = parse_number(value)
-    if x is None:
-        return None
-    cands = [x + 1, x - 1, x + 10, x * 2, x / 2 if x % 2 == 0 else x + 2]
-    cands = [c for c in cands if abs(c - x) > 1e-9]
-    return format_number(_stable_rng(key).choice(cands))
-
-
 def rejected_text(task, example, others=None):
-    """The gold assistant text made wrong, the ground-truth negative of a pair, or None.
+    """A wrong answer with a rationale that argues for it, the ground-truth negative of a pair,
+    or None where the task has none (then only sampled negatives pair it).
 
-    mc:      another letter, in "Answer:" and in the last reasoning line, where the gold
-             option's text is also swapped for that distractor's text ("... is `X`, which is
-             option C." -> "... is `Y`, which is option A."); earlier lines are kept, so the
-             negative differs only where it is wrong
-    numeric: the final answer replaced by a nearby wrong number (wrong_number)
+    mc:      a wrong option (chosen by a hash of the id) with that option's own rationale,
+             example["option_rationales"][letter]: for arith_mc the wrong-step chain that leads
+             to it, for stoney_mc the gold's sentence asserting the distractor's gloss (term);
+             only knowing the fact or doing the sums tells it from the gold
+    numeric: one of example["wrong_answers"] (arith: a wrong-step chain and its result)
     open:    another example's answer (same split; for the lexicon the same direction), in
              the answer and wherever the gold answer appears in the reasoning
-    """
+    GSM8K and AQuA have no such rationale for their wrong answers (only the gold's, with the
+    number changed, which a model can reject by checking consistency), so they give None."""
     gold = example["messages"][-1]["content"]
-    parts = split_answer(gold)
     rng = _stable_rng("rm/" + example["id"])
     if task.kind == "mc":
-        if parts is None:
+        options = example.get("option_rationales")
+        if not options:
             return None
-        think, letter = parts
-        choices = example.get("choices") or []
-        letters = option_letters(len(choices)) if choices else LETTERS
-        g = letters.index(example["answer"])
-        w = rng.choice([i for i in range(len(letters)) if i != g])
-        lines = think.split("\n")
-        last = lines[-1]
-        if choices and choices[g] and choices[g] in last:
-            last = last.replace(choices[g], choices[w])
-        lines[-1] = last.replace(f"option {LETTERS[g]}", f"option {LETTERS[w]}")
-        return format_answer("\n".join(lines), LETTERS[w])
+        return options[rng.choice(sorted(L for L in options if L != example["answer"]))]
     if task.kind == "numeric":
-        if parts is None:
-            return None
-        think, ans = parts
-        wrong = wrong_number(ans, example["id"])
-        return None if wrong is None else format_answer(think, wrong)
-    # open answers: a different example's answer
+        wrong = example.get("wrong_answers")
+        return rng.choice(wrong) if wrong else None
     pool = [o for o in (others or []) if o["id"] != example["id"]
             and o.get("direction") == example.get("direction")]
     if not pool:
@@ -196,11 +173,10 @@ def rejected_text(task, example, others=None):
 
 def build_pairs(task, tokenizer, split, max_examples=0, max_len=None):
     """Ground-truth pairs of one task and split: list of dicts with the task, family, example
-    id, and chosen / rejected token ids (whole rendered conversations). Examples without a
-    usable negative, or longer than max_len tokens, are skipped."""
-    exs = task.examples(split)
-    if max_examples:
-        exs = exs[:max_examples]
+    id, and chosen / rejected token ids (whole rendered conversations), from max_examples
+    balanced, hash-chosen examples (tasks.subset; 0 = all). Examples without a usable
+    negative, or longer than max_len tokens, are skipped."""
+    exs = subset(task, split, max_examples)
     pairs = []
     for ex in exs:
         bad = rejected_text(task, ex, exs)

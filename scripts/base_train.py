@@ -8,8 +8,10 @@ Batch sizes are per device: a step is --device-batch-size rows of --sequence-len
 process, x --grad-accum-steps (so the global batch grows with the world size); an explicit
 --total-batch-size fixes the global batch instead and must be a multiple of the per-pass size.
 
-Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), held out
-against the val splits of the same tasks. `--data` takes parquet/txt/jsonl/json files,
+Default corpus (nanostoney/corpus.py): the Stoney extraction conversations, --augment K renderings
+of each extraction fact, and the train split of --corpus-tasks (default arith_mc,stoney_mc; add
+gsm8k,aqua_mc for larger models); validation text is their val split and the control
+conversations (read without a gradient). `--data` takes parquet/txt/jsonl/json files,
 directories or globs, or a hub dataset id; every source passes the governance gate first.
 The text streams (nanostoney/loader.py): parquet row groups are read and tokenized as the
 run needs them, so memory does not grow with the corpus; other text is converted once into
@@ -27,13 +29,12 @@ see BENCHMARKS.md.
 import math
 import os
 
-from nanostoney import cli, evaluate, loader, optim, train
+from nanostoney import cli, corpus, evaluate, loader, optim, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
-from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
 from nanostoney.tokenizer import Tokenizer
 
 SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows and buys 5 more.",
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
     add_manifest_arg(p)
+    corpus.add_corpus_args(p)
     p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=cli.positive_int, default=64)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
@@ -70,20 +72,21 @@ def load_corpus(args, info):
     Text that is not parquet is converted into the cache first (once, by local rank 0)."""
     column = args.text_column
     train_src, val_src = expand_sources(args.data or []), expand_sources(args.val_data or [])
-    sources = train_src + val_src if args.data else sources_for_tasks(CORPUS_TASKS)
+    sources = train_src + val_src if args.data else corpus.pretraining_sources(args.corpus_tasks)
     check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
 
     def parquet():
-        if args.data is None:  # the bundled corpus: its train and val splits
-            return ([loader.texts_shard("bundled-train", corpus_texts("train"), column)],
-                    [loader.texts_shard("bundled-val", corpus_texts("val"), column)])
+        if args.data is None:  # the bundled corpus (nanostoney/corpus.py) and its validation text
+            return ([loader.texts_shard("bundled-train", corpus.pretraining_texts(args.augment, args.corpus_tasks),
+                                        column)],
+                    [loader.texts_shard("bundled-val", corpus.validation_texts(args.corpus_tasks), column)])
         return loader.parquet_files(train_src, column), loader.parquet_files(val_src, column, args.val_split)
 
     train_files, val_files = loader.local_rank_0_first(parquet, info)
-    corpus = loader.Corpus(train_files, column, what="training corpus")
+    train_text = loader.Corpus(train_files, column, what="training corpus")
     if not val_files:
-        return (*corpus.split_last(), sources)
-    return corpus, loader.Corpus(val_files, column, what="validation corpus"), sources
+        return (*train_text.split_last(), sources)
+    return train_text, loader.Corpus(val_files, column, what="validation corpus"), sources
 
 
 def plan_steps(args, num_params, total_batch):

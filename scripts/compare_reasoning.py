@@ -7,9 +7,11 @@
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
-hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc + stoney_lexicon (family
-"stoney") vs aqua_mc + gsm8k_mc (family "math"); up to --max-examples examples of each task
-from each split (a seeded hash order, the same for every checkpoint). Each item is read after the
+hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc (family
+"stoney": held-out items ask about facts read in pretraining, never asked in training) vs
+arith_mc (family "math": generated multi-step problems, held out by template and numbers);
+aqua_mc, gsm8k_mc and stoney_lexicon by --tasks. Up to --max-examples examples of each task from
+each split (tasks.subset: balanced and hash-ordered, the same for every checkpoint). Each item is read after the
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
 teacher forced, with its answer sentence removed). The report's summary is a few declared
 headline tests (interp.HEADLINES) with Holm-corrected p-values and Bonferroni-level intervals;
@@ -37,7 +39,7 @@ from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
 
-DEFAULT_TASKS = ("stoney_mc", "stoney_lexicon", "aqua_mc", "gsm8k_mc")
+DEFAULT_TASKS = ("stoney_mc", "arith_mc")
 
 
 def parse_args(argv=None):

@@ -38,7 +38,7 @@ from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task
-from nanostoney.tasks.base import stable_hash
+from nanostoney.tasks.subset import subset
 
 DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
 PAIR_KINDS = ("ground_truth", "on_policy", "both")
@@ -81,19 +81,13 @@ def ground_truth_pairs(task, tok, split, limit, max_len):
     return dpo.pairs_from_conversations(reward_model.build_pairs(task, tok, split, limit, max_len))
 
 
-def hashed_subset(examples, k, seed):
-    """k examples chosen by a seeded hash of their ids (never a prefix of the stored order)."""
-    order = sorted(range(len(examples)), key=lambda i: stable_hash(f"{seed}/{examples[i]['id']}"))
-    return [examples[i] for i in order[:k]]
-
-
 @torch.no_grad()
 def on_policy_pairs(model, tok, task, args, info, max_len):
     """(correct sample, wrong sample) pairs of the policy on hashed train prompts, in fixed chunks
     of 8 prompts shared out over the ranks (chunk i seeded by i: the same pairs at any world size)."""
     model.eval()
     engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
-    exs = hashed_subset(task.examples("train"), args.on_policy_prompts, args.seed)
+    exs = subset(task, "train", args.on_policy_prompts, salt=f"dpo/{task.name}/{args.seed}")
 
     def chunk_pairs(i):
         chunk = exs[i:i + 8]
@@ -169,7 +163,7 @@ def accuracy_table(model, tok, eval_tasks, n, args, info):
     """{task: {"n", "accuracy": (point, lo, hi)}}: greedy val accuracy with a bootstrap interval."""
     out = {}
     for task in eval_tasks:
-        correct = task_accuracy(model, tok, task, task.examples("val")[:n], info, args.max_new_tokens)
+        correct = task_accuracy(model, tok, task, subset(task, "val", n), info, args.max_new_tokens)
         out[task.name] = {"n": len(correct), "accuracy": bootstrap_ci([float(c) for c in correct], seed=args.seed)}
     model.train()
     return out

@@ -37,12 +37,14 @@ from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import model_features
 from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks.subset import subset
 
 # MAUVE and COMET (imported when they are first used) must never fetch a featuriser or a model
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-DEFAULT_TASKS = "stoney_mc,stoney_lexicon,stoney_qa,aqua_mc,gsm8k,gsm8k_mc"
+DEFAULT_TASKS = ("stoney_mc,stoney_mc_unseen,stoney_lexicon,stoney_lexicon_unseen,stoney_qa,stoney_qa_unseen,"
+                 "arith_mc,arith")
 FORMAT = "nanostoney-eval-1"
 
 
@@ -281,7 +283,7 @@ def main(argv=None):
     check_shared({f"the {name} checkpoint": path for name, path in ckpts}
                  | {"--mauve-featurizer": args.mauve_featurizer})
     tasks = [get_task(n) for n in tasks_wanted]
-    examples = {t.name: evaluate.select_examples(t, args.split, args.max_examples) for t in tasks}
+    examples = {t.name: subset(t, args.split, args.max_examples) for t in tasks}
     featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None
     config = {"split": args.split, "tasks": tasks_wanted, "max_examples": args.max_examples,
               "num_samples": args.num_samples, "ks": evaluate.powers_of_two(args.num_samples),

@@ -40,9 +40,10 @@ from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci, pass_at_k
 from nanostoney.reward_model import load_reward_model
 from nanostoney.tasks import get_task
+from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
-DEFAULT_EVAL_TASKS = "stoney_mc,gsm8k_mc,aqua_mc"
+DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
+DEFAULT_EVAL_TASKS = "stoney_mc,stoney_mc_unseen,arith_mc"
 
 
 def parse_args(argv=None):
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="training prompts: name=weight,... (train splits)")
     p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, help="comma list evaluated on their val split")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=0,
-                   help="first N train examples per task (0 = all)")
+                   help="N balanced, hash-chosen train examples per task (0 = all)")
     add_manifest_arg(p)
     p.add_argument("--rewards", default="accuracy=1,format=0.2",
                    help="weighted reward functions: accuracy, format, reasoning_steps, length, repetition, chrf, reward_model")
@@ -105,12 +106,14 @@ def sampled_correct(model, tok, task, examples, k, temperature, max_new_tokens, 
 
 
 def evaluate_tasks(model, tok, eval_tasks, n, args, info, seed=0):
-    """{task: {"pass@1": (point, lo, hi), "pass@k": ..., "n": items}} on the val split."""
+    """{task: {"pass@1": (point, lo, hi), "pass@k": ..., "n": items, "items": {"id", "correct"}}} on
+    the val split (the per-item greedy results let start and end be compared item by item)."""
     out = {}
     for task in eval_tasks:
-        exs = task.examples("val")[:n]
+        exs = subset(task, "val", n)
         greedy = task_accuracy(model, tok, task, exs, info, args.max_new_tokens)
-        row = {"n": len(exs), "pass@1": bootstrap_ci([float(c) for c in greedy], seed=args.seed)}
+        row = {"n": len(exs), "pass@1": bootstrap_ci([float(c) for c in greedy], seed=args.seed),
+               "items": {"id": [ex["id"] for ex in exs], "correct": [int(c) for c in greedy]}}
         if args.pass_k > 0:
             samples = sampled_correct(model, tok, task, exs, args.pass_k, args.eval_temperature,
                                       args.max_new_tokens, info, seed=seed)
@@ -123,7 +126,8 @@ def evaluate_tasks(model, tok, eval_tasks, n, args, info, seed=0):
 
 
 def eval_metrics(table, prefix="eval"):
-    return {f"{prefix}/{name}/{k}": v[0] for name, row in table.items() for k, v in row.items() if k != "n"}
+    return {f"{prefix}/{name}/{k}": v[0] for name, row in table.items() for k, v in row.items()
+            if k not in ("n", "items")}
 
 
 def pass_line(when, name, row, args, start=None):
@@ -282,8 +286,7 @@ def setup(args, info):
     weights, fns = reward_functions(args, tok, info)
     cfg = grpo_config(args, tok, info)
     optimizer = optim.optimizer_from_args(model, args)
-    train_sets = [task.examples("train")[:args.max_train_examples] if args.max_train_examples > 0
-                  else task.examples("train") for task in tasks]
+    train_sets = [subset(task, "train", args.max_train_examples) for task in tasks]
     schedule = batches.mixture_schedule([len(s) for s in train_sets], list(mix.values()),
                                         args.num_iterations * args.prompts_per_step, seed=args.seed)
     letter_ids = letters.letter_tokens(tok.encode)

@@ -5,13 +5,15 @@
     python -m scripts.rm_train --init out/sft --sampled-negatives 64 ...            # + SFT mistakes
     torchrun --nproc_per_node=8 -m scripts.rm_train --init out/sft ...   # 8 x 8 pairs x 2 accum per step
 
-Pairs (nanostoney/reward_model.py): from the TRAIN split of each task, the gold answer vs the
-same answer made wrong (MC: another letter and that option's text; numeric: a nearby wrong
-number; lexicon: another item's gloss); with --sampled-negatives N, also gold vs the wrong
-answers the init model samples on N train prompts per task. Held-out pairs are built the same
-way from --eval-split (val by default); the pairwise accuracy per task and per family
-(stoney / math), before and after training, with 95% bootstrap intervals, goes to
-<out>/rm_eval.json. Training runs in the same loop as pretraining and SFT (train.train_loop,
+Pairs (nanostoney/reward_model.py): from the TRAIN split of each task, the gold answer vs a
+wrong answer whose rationale argues for it (arith_mc / arith: a wrong-step chain; stoney_mc:
+the gold's sentence asserting a distractor; lexicon: another item's gloss); with
+--sampled-negatives N, also gold vs the wrong answers the init model samples on N train prompts
+per task. Held-out pairs are built the same way from --eval-split (val by default), and, with
+--eval-sampled N, from the init policy's own wrong answers on N held-out prompts per task (the
+negatives GRPO will show the reward model). The pairwise accuracy per task and per family
+(stoney / math; "/policy" for the sampled ones), before and after training, with 95% bootstrap
+intervals, goes to <out>/rm_eval.json. Training runs in the same loop as pretraining and SFT (train.train_loop,
 with reward_model.pair_loss as the loss). The reward model is saved through checkpoint.py
 (adapters naming their base, or the full trunk, plus the head) and loads with
 reward_model.load_reward_model.
@@ -28,8 +30,9 @@ from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task, sources_for_tasks
+from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc,stoney_lexicon,gsm8k_mc,aqua_mc,gsm8k"
+DEFAULT_TASKS = "stoney_mc,stoney_lexicon,arith_mc,arith"
 
 
 def parse_args(argv=None):
@@ -37,11 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--init", default="out/sft", help="trunk: SFT output (adapter dir, run dir or step dir)")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list of tasks to build pairs from")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="first N train examples per task to build pairs from (0 = all)")
+                   help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])
     p.add_argument("--eval-pairs", type=cli.positive_int, default=100, help="held-out pairs per task")
     p.add_argument("--sampled-negatives", type=cli.nonneg_int, default=0,
                    help="train prompts per task on which to sample wrong answers from the init model")
+    p.add_argument("--eval-sampled", type=cli.nonneg_int, default=32,
+                   help="held-out prompts per task on which the init policy's wrong answers become eval pairs")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--sample-max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
@@ -73,10 +78,24 @@ def family_table(rm, eval_sets, info, seed=0):
         c, r = s[:len(pairs)], s[len(pairs):]
         wins = ((c > r).float() + 0.5 * (c == r).float()).tolist()
         out[name] = {"n": len(wins), "accuracy": bootstrap_ci(wins, seed=seed), "margin": (c - r).mean().item()}
-        fam.setdefault(pairs[0]["family"], []).extend(wins)
+        kind = "/policy" if pairs[0]["kind"] == "sampled" else ""
+        fam.setdefault(pairs[0]["family"] + kind, []).extend(wins)
     for family, wins in fam.items():
         out[f"family/{family}"] = {"n": len(wins), "accuracy": bootstrap_ci(wins, seed=seed)}
     return out
+
+
+def policy_pairs(gpt, tok, task, split, n, args, info, max_len):
+    """Gold vs the init policy's wrong samples on n balanced items of a split, in chunks shared
+    over the ranks (each chunk seeded by its position, so any world size gives the same pairs)."""
+    exs = subset(task, split, n)
+    chunks = [(i, exs[i:i + 8]) for i in range(0, len(exs), 8)]
+
+    def sample(chunk):
+        with autocast_ctx(info):
+            return reward_model.sampled_pairs(gpt, tok, task, chunk[1], args.samples_per_prompt,
+                                              args.sample_max_new_tokens, seed=args.seed + chunk[0], max_len=max_len)
+    return [p for part in map_over_ranks(sample, chunks, info) for p in part]
 
 
 def training_pairs(args, gpt, tok, tasks, max_len, info):
@@ -87,21 +106,14 @@ def training_pairs(args, gpt, tok, tasks, max_len, info):
     for task in tasks:
         ps = reward_model.build_pairs(task, tok, "train", args.max_train_examples, max_len)
         if args.sampled_negatives > 0:
-            exs = task.examples("train")[:args.sampled_negatives]
-            chunks = [(i, exs[i:i + 8]) for i in range(0, len(exs), 8)]  # seeded by position: any world size
-
-            def sample(chunk):
-                with autocast_ctx(info):
-                    return reward_model.sampled_pairs(gpt, tok, task, chunk[1], args.samples_per_prompt,
-                                                      args.sample_max_new_tokens, seed=args.seed + chunk[0],
-                                                      max_len=max_len)
-            ps += [p for part in map_over_ranks(sample, chunks, info) for p in part]
+            ps += policy_pairs(gpt, tok, task, "train", args.sampled_negatives, args, info, max_len)
         counts[task.name] = {"ground_truth": sum(p["kind"] == "ground_truth" for p in ps),
                              "sampled": sum(p["kind"] == "sampled" for p in ps)}
         pairs += ps
     if not pairs:
-        raise UserError(f"no training pairs fit in {max_len} tokens for tasks {[t.name for t in tasks]}; "
-                        f"raise --max-len or pick other --tasks.")
+        raise UserError(f"no training pairs for tasks {[t.name for t in tasks]}: none has a wrong answer with its "
+                        f"own rationale (GSM8K and AQuA have none; add --sampled-negatives N) that fits in "
+                        f"{max_len} tokens (else raise --max-len).")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     return [pairs[i] for i in order], counts
 
@@ -121,6 +133,10 @@ def main(argv=None):
     if not names:
         raise UserError("--tasks names no task; e.g. --tasks stoney_mc,gsm8k_mc.")
     tasks = [get_task(n) for n in names]
+    for t in tasks:
+        if t.control:
+            raise UserError(f"--tasks: {t.name} is a control (no training text may hold its items); "
+                            f"use {t.name.replace('_unseen', '')} instead.")
     sources = sources_for_tasks(names)
     check_sources(sources, use="training", manifest=args.manifest)
     gpt, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
@@ -128,6 +144,10 @@ def main(argv=None):
     max_len = args.max_len or gpt.config.sequence_len
     pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
     eval_sets = {t.name: reward_model.build_pairs(t, tok, args.eval_split, args.eval_pairs, max_len) for t in tasks}
+    if args.eval_sampled > 0:
+        for t in tasks:
+            eval_sets[f"{t.name}/policy"] = policy_pairs(gpt, tok, t, args.eval_split, args.eval_sampled, args, info,
+                                                         max_len)
 
     rm = reward_model.RewardModel(gpt).to(info.device)
     optimizer = torch.optim.AdamW([{"params": [p for p in gpt.parameters() if p.requires_grad], "lr": args.lr,

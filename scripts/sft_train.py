@@ -29,8 +29,10 @@ from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
+from nanostoney.tasks import TASKS, get_task
+from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_qa=1,stoney_lexicon=1,stoney_mc=2,aqua_mc=1,gsm8k_mc=2"
+DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
 
 
 def parse_args(argv=None):
@@ -63,12 +65,16 @@ def parse_args(argv=None):
 
 
 def item_sets(tasks, train_sets, loader, k):
-    """k trained items (in the order the run draws them) and k val items per MC task."""
+    """k trained items (in the order the run draws them) and k val items per MC task, and k
+    val items of its control twin (stoney_mc_unseen), which must stay at chance."""
     sets = {}
     for t, task in enumerate(tasks):
         if task.kind == "mc":
             sets[(task, "train")] = [train_sets[t][i] for i in loader.first_drawn(t, k)]
-            sets[(task, "val")] = task.examples("val")[:k]
+            sets[(task, "val")] = subset(task, "val", k)
+            if task.name + "_unseen" in TASKS:
+                twin = get_task(task.name + "_unseen")
+                sets[(twin, "val")] = subset(twin, "val", k)
     return sets
 
 
@@ -83,7 +89,8 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
             report["tasks"].setdefault(name, {})[split] = r
             logger.summary({f"final/acc/{name}/{split}": r["accuracy"]})
             print0(f"final {name:>10} {split:>5}: {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                   f"(n={r['n']})")
+                   f"(n={r['n']})" + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
+                                              for d, v in r["by_depth"].items()))
     return report
 
 
@@ -100,14 +107,14 @@ def main(argv=None):
     total_batch, accum = train.batch_geometry(args, info)
     optimizer = optim.optimizer_from_args(model, args)
 
-    # data: the first --max-train-examples fitting train conversations per task; val rows for the loss
+    # data: --max-train-examples balanced, hash-chosen train conversations that fit, per task; val rows for the loss
     train_sets, rendered = batches.render_train_sets(tok, tasks, seq_len + 1, args.max_train_examples,
                                                      drop_truncated=not args.keep_truncated)
     pad_id = tok.token_id("<|assistant_end|>")
     loader = batches.SFTBatches(rendered, list(weights.values()), args.num_iterations, args.device_batch_size,
                                 accum, info, pad_id, seed=args.seed)
     val_rows = [row for task in tasks for row in batches.render_examples(
-        tok, task.examples("val")[:args.eval_loss_examples], seq_len + 1, drop_truncated=False)[0]]
+        tok, subset(task, "val", args.eval_loss_examples), seq_len + 1, drop_truncated=False)[0]]
 
     mode = {"base_checkpoint": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed,
             "total_batch_size": total_batch, "tasks": args.tasks,

@@ -26,15 +26,16 @@ from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import get_task
+from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
+DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="name=weight,... (train prompts; weights mix the SFT)")
-    p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc")
+    p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc")
     p.add_argument("--eval-examples", type=cli.nonneg_int, default=64, help="val items per eval task after each round")
     add_manifest_arg(p)
     p.add_argument("--rounds", type=cli.positive_int, default=2)
@@ -95,16 +96,16 @@ def sample_round(model, tok, tasks, kept, args, info, seed):
         exs = task.examples("train")
         pick = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed + t_idx))
         pick = pick[:args.prompts_per_round].tolist()
-        subset = [exs[i] for i in pick]
-        got = collect(model, tok, task, subset, args, info, seed)
+        chosen = [exs[i] for i in pick]
+        got = collect(model, tok, task, chosen, args, info, seed)
         solved = {j for j, _ in got}
         if args.rationalize:
-            failed = [j for j in range(len(subset)) if j not in solved]
-            hint_got = collect(model, tok, task, [subset[j] for j in failed], args, info, seed + 7, hint=True)
+            failed = [j for j in range(len(chosen)) if j not in solved]
+            hint_got = collect(model, tok, task, [chosen[j] for j in failed], args, info, seed + 7, hint=True)
             got += [(failed[j], text) for j, text in hint_got]
         for j, text in got:
             kept[task.name][(pick[j], text)] = None
-        record["sampled_correct"][task.name] = len(solved) / max(1, len(subset))
+        record["sampled_correct"][task.name] = len(solved) / max(1, len(chosen))
         record["kept_total"][task.name] = len(kept[task.name])
     return record
 
@@ -162,7 +163,7 @@ def main(argv=None):
     def accuracy():
         res = {}
         for task in eval_tasks:
-            c = evaluate.task_accuracy(model, tok, task, task.examples("val")[:args.eval_examples], info,
+            c = evaluate.task_accuracy(model, tok, task, subset(task, "val", args.eval_examples), info,
                                        args.max_new_tokens)
             res[task.name] = sum(c) / max(1, len(c))
         return res

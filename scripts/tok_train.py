@@ -6,8 +6,8 @@
         --max-chars 2000000000                                   # nanochat's 2B characters of web text
     torchrun --nproc_per_node=8 -m scripts.tok_train     # works too: rank 0 trains, the others wait
 
-Default corpus: the bundled data's train splits (nanostoney.tasks.corpus_texts), so no
-held-out item shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
+Default corpus: base_train's default pretraining text (nanostoney/corpus.py, without fact
+renderings), so no control term and no held-out arith problem shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
 scripts.base_train; every source passes the governance gate first. `--vocab-size` counts the 256
 byte tokens and the special tokens too, so it is the model's vocabulary size. The text streams
 into the trainer in pieces (PIECE_CHARS, cut before a space), up to --max-chars, so memory does
@@ -20,7 +20,7 @@ from nanostoney import cli
 from nanostoney.data import add_manifest_arg, check_sources, gated_sources, stream_documents
 from nanostoney.dist import barrier, cleanup, init_dist
 from nanostoney.errors import run_main
-from nanostoney.tasks import CORPUS_TASKS, corpus_texts, sources_for_tasks
+from nanostoney.corpus import add_corpus_args, pretraining_sources, pretraining_texts
 from nanostoney.tokenizer import Tokenizer
 
 SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]
@@ -43,6 +43,7 @@ def parse_args(argv=None):
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     add_manifest_arg(p)
+    add_corpus_args(p, augment=False)
     p.add_argument("--max-chars", type=cli.nonneg_int, default=0, help="read at most this many characters (0 = all)")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="threads for training (default: all cores)")
     return p.parse_args(argv)
@@ -51,8 +52,8 @@ def parse_args(argv=None):
 def corpus(args):
     """The training text in pieces, after the governance gate (an iterator)."""
     if args.data is None:
-        check_sources(sources_for_tasks(CORPUS_TASKS), use="training", manifest=args.manifest)
-        return iter(corpus_texts("train"))
+        check_sources(pretraining_sources(args.corpus_tasks), use="training", manifest=args.manifest)
+        return iter(pretraining_texts(0, args.corpus_tasks))
     sources = gated_sources(args.data, args.manifest)
     return stream_documents(sources, args.text_column, max_chars=PIECE_CHARS)
 

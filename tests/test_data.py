@@ -9,7 +9,7 @@ import pytest
 
 from nanostoney import data
 from nanostoney.errors import UserError, run_main
-from nanostoney.tasks import corpus_texts, get_task
+from nanostoney.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,12 +138,6 @@ def test_hub_rows_replace_only_the_training_pool(monkeypatch):
     assert len(train) == 1 and "brand new problem" in train[0]["messages"][0]["content"]
     assert [e["id"] for e in task.examples("test")] == [e["id"] for e in bundled.examples("test")]
     assert task.sources()[0] == "hf://deepmind/aqua_rat"
-
-
-def test_training_corpus_is_train_splits_only():
-    texts = corpus_texts("train")
-    n = sum(len(get_task(t).examples("train")) for t in ("stoney_qa", "aqua_mc", "gsm8k"))
-    assert len(texts) == n and all(isinstance(t, str) and t for t in texts)
 
 
 def test_data_dir_copy_gives_identical_tasks(tmp_path):

@@ -118,7 +118,7 @@ def test_pairs_split_where_the_answer_starts():
     from nanostoney.tasks import get_task
     from nanostoney import reward_model
     tok = byte_tokenizer()
-    task = get_task("aqua_mc")
+    task = get_task("arith_mc")
     rm_pairs = reward_model.build_pairs(task, tok, "train", max_examples=3)
     pairs = dpo.pairs_from_conversations(rm_pairs)
     for rp, p in zip(rm_pairs, pairs):
@@ -182,11 +182,11 @@ def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the script, end to end on a tiny checkpoint (aqua_mc: the task that loads fastest)
+# the script, end to end on a tiny checkpoint (arith_mc: generated, with a rationale for every wrong option)
 
 from test_grpo import tiny_sft  # noqa: E402,F401  (the module fixture: base + LoRA "SFT" checkpoints)
 
-ARGS = ["--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--device", "cpu", "--wandb", "disabled",
+ARGS = ["--tasks", "arith_mc", "--eval-tasks", "arith_mc", "--device", "cpu", "--wandb", "disabled",
         "--max-new-tokens", "6", "--max-train-examples", "6", "--eval-pairs", "3", "--final-eval-examples", "2",
         "--num-iterations", "2", "--device-batch-size", "2"]
 
@@ -200,16 +200,16 @@ def test_dpo_train_script_logs_everything_and_saves_adapters(tiny_sft):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     first = [r for r in rows if r.get("step") == 1][0]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl_proxy",
-                "grad_norm", "attn/entropy/layer_0", "attn/entropy_mean", "letters/kl", "letters/aqua_mc/margin",
-                "letters/aqua_mc/argmax_correct", "letters/count_A"):
+                "grad_norm", "attn/entropy/layer_0", "attn/entropy_mean", "letters/kl", "letters/arith_mc/margin",
+                "letters/arith_mc/argmax_correct", "letters/count_A"):
         assert key in first, key
     # the SFT adapters are the reference (init): the first step starts at log 2 exactly
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["kl_proxy"] == 0.0
     assert first["letters/kl"] == pytest.approx(0.0, abs=1e-7)
     report = json.load(open(os.path.join(out, "dpo_eval.json")))
     for when in ("start", "final"):
-        assert report[when]["pairs"]["aqua_mc"]["n"] == 3 and report[when]["accuracy"]["aqua_mc"]["n"] == 2
-    assert report["pairs"]["aqua_mc"] == {"ground_truth": 6, "on_policy": 0}
+        assert report[when]["pairs"]["arith_mc"]["n"] == 3 and report[when]["accuracy"]["arith_mc"]["n"] == 2
+    assert report["pairs"]["arith_mc"] == {"ground_truth": 6, "on_policy": 0}
     model, tok, meta = checkpoint.load_model(out)
     assert lora.lora_modules(model) and tok is not None and meta["stage"] == "dpo" and meta["step"] == 2
 
@@ -232,16 +232,16 @@ def test_dpo_train_on_policy_pairs_come_from_the_policys_samples(tiny_sft, monke
     dpo_train.main(ARGS + ["--init", sft, "--out", str(out), "--pairs", "both", "--on-policy-prompts", "3",
                            "--samples-per-prompt", "2", "--eval-pairs", "0", "--final-eval-examples", "0"])
     report = json.load(open(out / "dpo_eval.json"))
-    assert report["pairs"]["aqua_mc"] == {"ground_truth": 6, "on_policy": 3} and len(seen) == 3
+    assert report["pairs"]["arith_mc"] == {"ground_truth": 6, "on_policy": 3} and len(seen) == 3
     assert all(len(s) == 2 and all(1 <= len(c) <= 6 for c in s) for s in seen)   # real samples, <= 6 tokens
 
 
 @pytest.mark.slow  # 6 tiny training runs and one eval, as subprocesses
 def test_method_seeds_bench_compares_star_dpo_grpo_on_the_same_items(tiny_sft, tmp_path):
     root, sft = tiny_sft
-    ev = "--eval-tasks aqua_mc --max-new-tokens 4 "
+    ev = "--eval-tasks arith_mc --max-new-tokens 4 "
     cmd = [sys.executable, "-m", "bench.method_seeds", "--init", sft, "--out", str(tmp_path / "m"), "--seeds", "0", "1",
-           "--tasks", "aqua_mc", "--max-examples", "3", "--max-new-tokens", "4", "--threads", "1",
+           "--tasks", "arith_mc", "--max-examples", "3", "--max-new-tokens", "4", "--threads", "1",
            "--star", ev + "--rounds 1 --prompts-per-round 2 --samples-per-prompt 2 --num-iterations 1 --eval-examples 1",
            "--dpo", ev + "--max-train-examples 4 --num-iterations 1 --device-batch-size 2 --eval-pairs 0 "
                          "--final-eval-examples 0",
@@ -257,4 +257,4 @@ def test_method_seeds_bench_compares_star_dpo_grpo_on_the_same_items(tiny_sft, t
     assert [(r["a"], r["b"]) for r in rows] == [("star", "sft"), ("dpo", "sft"), ("grpo", "sft"), ("star", "dpo"),
                                                  ("star", "grpo"), ("dpo", "grpo")]
     assert all(r["n"] == 3 and r["lo"] <= r["diff"] <= r["hi"] and r["p_holm"] >= r["p"] for r in rows)
-    assert "| aqua_mc | dpo - sft | 3 |" in (tmp_path / "m" / "summary.md").read_text()
+    assert "| arith_mc | dpo - sft | 3 |" in (tmp_path / "m" / "summary.md").read_text()

@@ -55,6 +55,7 @@ def one_thread():
 def tiny_ckpt(one_thread, tmp_path_factory):
     from nanostoney.batches import collate
     from nanostoney.tasks import get_task
+    from nanostoney.tasks.subset import subset
     from nanostoney.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("eval")
     tok = Tokenizer.train(corpus_texts(), vocab_size=512)
@@ -63,7 +64,7 @@ def tiny_ckpt(one_thread, tmp_path_factory):
     model.init_weights()
     task = get_task("aqua_mc")
     rows = []
-    for i, ex in enumerate(task.examples("train")[:40]):
+    for i, ex in enumerate(subset(task, "train", 40)):
         reply = {"role": "assistant", "content": f"<think>x</think>\nAnswer: {'ABCDE'[i % 5]}"}
         conv = {"messages": task.prompt(ex) + [reply]}
         ids, mask = tok.render_conversation(conv)

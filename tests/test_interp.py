@@ -353,6 +353,18 @@ def test_heads_are_chosen_on_the_selection_subset_only():
     assert len(topk[1]) == n_score and 0 < n_score < len(recs) / 2
 
 
+def test_held_out_math_items_are_summarised_by_reasoning_depth():
+    recs = fake_recs(np.random.default_rng(0))
+    for i, r in enumerate(recs):
+        r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0)
+    out = interp.group_summaries(recs, ["stoney", "math"], ["stoney_mc", "math_mc"], n_boot=50, seed=0)
+    held = [r for r in recs if r["family"] == "math" and r["group"] == "heldout"]
+    assert set(out["depths"]) == {"math"}  # stoney items have no depth
+    assert {d: s["n"] for d, s in out["depths"]["math"].items()} == {
+        str(d): sum(r["depth"] == d for r in held) for d in (1, 2, 3, 4) if any(r["depth"] == d for r in held)}
+    assert "lens_first" in out["depths"]["math"][next(iter(out["depths"]["math"]))]
+
+
 def run_headlines(seed, shift_old=None, shift_new=None):
     rng = np.random.default_rng(seed)
     results = {"sft": {"_recs": fake_recs(rng, shift=shift_old)}, "grpo": {"_recs": fake_recs(rng, shift=shift_new)}}

@@ -9,6 +9,7 @@ import pytest
 from nanostoney import interp
 from nanostoney.answers import LETTERS, answer_after
 from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
+from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import Tokenizer
 
 N_ITEMS = 60
@@ -17,7 +18,8 @@ TASKS = [n for n in TASK_NAMES if answer_after(get_task(n).examples("val")[0]["m
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [m["content"] for name in TASKS for ex in get_task(name).examples("train")[:100] for m in ex["messages"]]
+    texts = [m["content"] for name in TASKS if not get_task(name).control
+             for ex in subset(get_task(name), "train", 100) for m in ex["messages"]]
     return Tokenizer.train(texts, 900)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanostoney import checkpoint, lora, reward_model
-from nanostoney.answers import split_answer
+from nanostoney.answers import answer_after
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -148,32 +148,42 @@ def conv(user, assistant):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
-MC = {"id": "mc1", "answer": "C", "choices": ["11", "12", "72", "96", "144"],
-      "messages": conv("How many clips?\n\nA) 11\nB) 12\nC) 72\nD) 96\nE) 144",
-                       "<think>48/2 = 24.\n48+24 = 72.\nThe answer is 72, which is option C.</think>\nAnswer: C")}
-NUM = {"id": "n1", "answer": "72", "messages": conv("How many clips?", "<think>48+24 = 72.</think>\nAnswer: 72")}
+def argued(lines, value, letter):
+    return f"<think>{lines}\nThe answer is {value}, which is option {letter}.</think>\nAnswer: {letter}"
+
+
+CHAINS = {"A": ("48/2 = 24.\n48-24 = 24.", 24), "B": ("48/2 = 24.\n48+24 = 71.", 71),
+          "C": ("48/2 = 24.\n48+24 = 72.", 72), "D": ("48*2 = 96.\n96+24 = 120.", 120), "E": ("48+24 = 72.", 144)}
+MC = {"id": "mc1", "answer": "C", "choices": ["24", "71", "72", "120", "144"],
+      "messages": conv("How many clips?\n\nA) 24\nB) 71\nC) 72\nD) 120\nE) 144", argued(*CHAINS["C"], "C")),
+      "option_rationales": {L: argued(lines, v, L) for L, (lines, v) in CHAINS.items()}}
+NUM = {"id": "n1", "answer": "72", "messages": conv("How many clips?", "<think>48+24 = 72.</think>\nAnswer: 72"),
+       "wrong_answers": ["<think>48-24 = 24.</think>\nAnswer: 24", "<think>48+24 = 73.</think>\nAnswer: 73"]}
 LEX = [{"id": f"l{i}", "answer": a, "aliases": [a], "direction": "s2e",
         "messages": conv(f"What does `{t}` mean?", f"<think>`{t}` means '{a}'.</think>\nAnswer: {a}")}
        for i, (t, a) in enumerate([("îyâ", "to speak"), ("mînî", "water"), ("wîchasta", "man")])]
 
 
-def test_ground_truth_negatives_are_wrong_only_where_they_should_be():
+def test_ground_truth_negatives_argue_for_their_wrong_answer():
+    """A negative is a wrong option with the rationale that leads to it, never the gold's
+    rationale with the answer swapped (which a model could reject by checking consistency)."""
     task = FakeTask("mc", {"train": [MC]})
     bad = reward_model.rejected_text(task, MC)
-    think, letter = split_answer(bad)
-    assert letter != "C" and letter in "ABDE" and not task.evaluate(MC, bad)
-    w = MC["choices"]["ABCDE".index(letter)]
-    assert think.split("\n")[:2] == ["48/2 = 24.", "48+24 = 72."]      # the reasoning is kept
-    assert think.split("\n")[-1] == f"The answer is {w}, which is option {letter}."
-    assert reward_model.rejected_text(task, MC) == bad                              # deterministic
+    letter = answer_after(bad)
+    assert letter in "ABDE" and bad == MC["option_rationales"][letter] and not task.evaluate(MC, bad)
+    lines, value = CHAINS[letter]
+    assert bad.startswith(f"<think>{lines}\n") and f"The answer is {value}" in bad   # its own chain
+    assert reward_model.rejected_text(task, MC) == bad                               # deterministic
+    assert reward_model.rejected_text(task, dict(MC, option_rationales=None)) is None  # none to argue: no pair
 
     num = FakeTask("numeric", {"train": [NUM]})
     bad = reward_model.rejected_text(num, NUM)
-    assert bad.startswith("<think>48+24 = 72.</think>\nAnswer: ") and not num.evaluate(NUM, bad)
+    assert bad in NUM["wrong_answers"] and not num.evaluate(NUM, bad)
+    assert reward_model.rejected_text(num, dict(NUM, wrong_answers=[])) is None
 
     lex = FakeTask("open", {"train": LEX}, family="stoney")
     bad = reward_model.rejected_text(lex, LEX[0], LEX)
-    other = split_answer(bad)[1]
+    other = answer_after(bad)
     assert other in ("water", "man") and f"means '{other}'" in bad
 
 
@@ -204,9 +214,10 @@ def test_sampled_negatives_are_the_models_wrong_answers():
 @pytest.mark.slow
 def test_real_task_pairs_chosen_pass_and_rejected_fail_the_verifier():
     from nanostoney.tasks import get_task
-    for name in ("gsm8k_mc", "aqua_mc", "gsm8k", "stoney_lexicon", "stoney_mc"):
+    from nanostoney.tasks.subset import subset
+    for name in ("arith_mc", "arith", "stoney_lexicon", "stoney_mc"):
         task = get_task(name)
-        exs = task.examples("train")[:40]
+        exs = subset(task, "train", 40)
         made = 0
         for ex in exs:
             bad = reward_model.rejected_text(task, ex, exs)
@@ -227,10 +238,16 @@ def test_rm_train_script_reports_held_out_accuracy_and_saves(tmp_path):
     gpt.init_weights()
     base = checkpoint.save_checkpoint(str(tmp_path / "base"), gpt, 1, tokenizer=tok)
     out = str(tmp_path / "rm")
-    rm_train.main(["--init", base, "--out", out, "--tasks", "aqua_mc", "--max-train-examples", "4",
-                   "--eval-pairs", "4", "--num-iterations", "2", "--total-batch-size", "2",
+    rm_train.main(["--init", base, "--out", out, "--tasks", "arith_mc", "--max-train-examples", "4",
+                   "--eval-pairs", "4", "--eval-sampled", "2", "--samples-per-prompt", "2",
+                   "--sample-max-new-tokens", "8", "--num-iterations", "2", "--total-batch-size", "2",
                    "--device-batch-size", "2", "--device", "cpu", "--wandb", "disabled"])
     report = json.load(open(os.path.join(out, "rm_eval.json")))
-    assert {"aqua_mc", "family/math"} <= set(report["after"])
+    # ground-truth pairs and the init policy's own wrong answers, each scored on held-out items
+    assert {"arith_mc", "arith_mc/policy", "family/math", "family/math/policy"} <= set(report["after"])
+    assert report["after"]["arith_mc/policy"]["n"] == 4  # 2 items x 2 samples, all wrong
+    with pytest.raises(UserError, match="GSM8K and AQuA have none"):
+        rm_train.main(["--init", base, "--out", out + "_aqua", "--tasks", "aqua_mc", "--max-train-examples", "4",
+                       "--device", "cpu", "--wandb", "disabled"])
     rm, _, meta = reward_model.load_reward_model(out)
     assert meta["stage"] == "reward_model" and rm.score([[1, 2, 3]]).shape == (1,)

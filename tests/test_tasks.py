@@ -1,5 +1,6 @@
 """Tasks: disjoint splits, no leakage into training corpora, balanced letters, verifiers that
-accept the gold and reject a distractor, and surface-cue baselines near chance."""
+accept the gold and reject a distractor, and surface-cue baselines near chance. (What the
+pretraining corpus may and may not hold is tests/test_corpus.py.)"""
 import collections
 import hashlib
 import json
@@ -11,13 +12,20 @@ import sys
 import pytest
 
 from nanostoney.answers import LETTERS, answer_after, answer_part, parse_letter, parse_number
+from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
-from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, corpus_texts, get_task
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.base import SPLITS, baselines, normalize
-from nanostoney.tasks.stoney import Lang, _conversations, extract_pairs, load_corpus
+from nanostoney.tasks.stoney import GROUP_PARTS, Lang, _conversations, extract_pairs, load_corpus
+from nanostoney.tasks.subset import subset
 
 MC_TASKS = [n for n in TASK_NAMES if get_task(n).kind == "mc"]
 HELD_OUT = ("val", "test")
+TRAINABLE = [n for n in TASK_NAMES if not get_task(n).control]
+
+
+def splits_of(task):
+    return HELD_OUT if task.control else SPLITS
 
 
 def _sources(ex):
@@ -32,7 +40,10 @@ def _user(ex):
 def test_examples_follow_the_contract(name):
     task = get_task(name)
     assert task.family in ("stoney", "math") and task.kind in ("mc", "open", "numeric")
-    for split in SPLITS:
+    if task.control:
+        with pytest.raises(UserError, match="control"):
+            task.examples("train")
+    for split in splits_of(task):
         exs = task.examples(split)
         assert exs and exs is task.examples(split)  # built once, cached
         assert len({e["id"] for e in exs}) == len(exs)
@@ -40,7 +51,7 @@ def test_examples_follow_the_contract(name):
             msgs = ex["messages"]
             assert msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user"
             assert task.prompt(ex) == msgs[:-1]
-            if name != "stoney_qa":
+            if task.kind != "open" or "lexicon" in name:
                 assert re.fullmatch(r"<think>.+</think>\nAnswer: .+", msgs[-1]["content"], re.S)
                 assert answer_after(msgs[-1]["content"]) == ex["answer"]
             # regions are spans of the rendered user text (system prepended, as the tokenizer does)
@@ -61,9 +72,9 @@ if "--no-datasets" in sys.argv:
     sys.modules["datasets"] = None  # the plain JSON-lines reader, as on a machine without datasets
 from nanostoney.tasks import get_task
 h = hashlib.sha1()
-for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc"):
+for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc", "arith_mc", "stoney_mc_unseen"):
     for split in ("train", "val", "test"):
-        for ex in get_task(name).examples(split):
+        for ex in get_task(name).splits()[split]:
             h.update(json.dumps([ex["id"], ex["messages"], ex["answer"]], sort_keys=True).encode())
 print(h.hexdigest())
 """
@@ -76,9 +87,9 @@ def test_splits_and_examples_are_deterministic():
     out = subprocess.run([sys.executable, "-c", DIGEST, "--no-datasets"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     h = hashlib.sha1()
-    for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc"):
+    for name in ("stoney_mc", "stoney_qa", "gsm8k_mc", "aqua_mc", "arith_mc", "stoney_mc_unseen"):
         for split in SPLITS:
-            for ex in get_task(name).examples(split):
+            for ex in get_task(name).splits()[split]:
                 h.update(json.dumps([ex["id"], ex["messages"], ex["answer"]], sort_keys=True).encode())
     assert out.stdout.strip() == h.hexdigest()
 
@@ -86,8 +97,8 @@ def test_splits_and_examples_are_deterministic():
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_splits_are_disjoint_by_source_and_prompt(name):
     task = get_task(name)
-    srcs = {s: set().union(*(_sources(e) for e in task.examples(s))) for s in SPLITS}
-    prompts = {s: {_user(e) for e in task.examples(s)} for s in SPLITS}
+    srcs = {s: set().union(*(_sources(e) for e in task.splits()[s])) for s in SPLITS}
+    prompts = {s: {_user(e) for e in task.splits()[s]} for s in SPLITS}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not srcs[a] & srcs[b], (name, a, b)
         assert not prompts[a] & prompts[b], (name, a, b)
@@ -100,66 +111,54 @@ def _question(ex):
     return shown[a:b]
 
 
-def _train_texts():
-    """Every default training corpus: pretraining text, and the train split of every task (which
-    SFT, reward-model pairs and GRPO prompts are drawn from)."""
-    texts = list(corpus_texts("train"))
-    for name in TASK_NAMES:
-        texts += ["\n\n".join(m["content"] for m in ex["messages"]) for ex in get_task(name).examples("train")]
-    return texts
-
-
-def test_no_held_out_item_or_source_in_any_training_corpus():
+def test_no_held_out_item_or_source_in_any_task_train_split():
+    """SFT, reward-model pairs and GRPO draw from train splits: no val/test item, question or
+    source of any task is in one (the pretraining text is tests/test_corpus.py's)."""
     train_srcs, train_questions, train_prompts = set(), set(), set()
-    for name in TASK_NAMES:
+    for name in TRAINABLE:
         for ex in get_task(name).examples("train"):
             train_srcs |= _sources(ex)
             train_questions.add(_question(ex))
             train_prompts.add(_user(ex))
-    assert set(corpus_texts("train")) <= set(_train_texts())
     for name in TASK_NAMES:
         for split in HELD_OUT:
             for ex in get_task(name).examples(split):
                 assert not _sources(ex) & train_srcs, (name, split, ex["id"])
                 assert _question(ex) not in train_questions, (name, split, ex["id"])
                 assert _user(ex) not in train_prompts, (name, split, ex["id"])
-    # the conversations held-out Stoney items come from are nowhere in the training text
-    stoney_blob = "\n".join(t for t in _train_texts() if re.search("[îâûṯẖ]", t))
+
+
+def test_stoney_groups_split_into_extraction_and_control_parts():
     corpus = load_corpus()
-    for c in corpus["convs"]["val"] + corpus["convs"]["test"]:
-        assert c["user"] not in stoney_blob and c["assistant"] not in stoney_blob
+    parts = [p for p, _ in GROUP_PARTS]
+    ids = {p: {c["source_id"] for c in corpus["convs"][p]} for p in parts}
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values())) == 2000
+    for p, share in GROUP_PARTS:  # every part near its share of the 2000 conversations
+        assert abs(len(ids[p]) / 2000 - share) < 0.05, (p, len(ids[p]))
+    # a control item's sources, terms and glosses belong to no extraction pair
+    extraction = [q for p in SPLITS for q in corpus["lexicon"][p]]
+    terms = {q["term_key"] for q in extraction}
+    glosses = {g for q in extraction for g in q["gloss_keys"]}
+    for p in ("unseen_val", "unseen_test"):
+        for q in corpus["lexicon"][p]:
+            assert q["term_key"] not in terms and not set(q["gloss_keys"]) & glosses
+            assert set(q["sources"]) <= ids[p]
 
 
-def test_held_out_stoney_terms_never_appear_in_training_text():
-    """A held-out term (what stoney_lexicon/stoney_mc test) is written nowhere in the Stoney
-    training text. (The maths text is English; it holds "Abe" and "pop", which are not leaks.)"""
-    texts = [t.casefold() for t in _train_texts() if re.search("[îâûṯẖ]", t)]
-    index = collections.defaultdict(set)
-    for i, t in enumerate(texts):
-        for w in re.findall(r"[^\W\d_]+", t):
-            index[w].add(i)
-    corpus = load_corpus()
-    leaked = []
-    for p in corpus["lexicon"]["val"] + corpus["lexicon"]["test"]:
-        words = re.findall(r"[^\W\d_]+", p["term_key"])
-        candidates = set.intersection(*(index.get(w, set()) for w in words))
-        pattern = re.compile(r"(?<!\w)" + re.escape(p["term_key"].rstrip("-")) + r"(?!\w)")
-        leaked += [p["term"] for i in candidates if pattern.search(texts[i])]
-    assert leaked == []
-
-
-@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc", "aqua_mc"])
+@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc", "aqua_mc", "arith_mc", "stoney_mc_unseen"])
 def test_letters_are_balanced(name):
-    for split in SPLITS:
-        counts = collections.Counter(e["answer"] for e in get_task(name).examples(split))
+    task = get_task(name)
+    for split in splits_of(task):
+        counts = collections.Counter(e["answer"] for e in task.examples(split))
         assert set(counts) == set(LETTERS)
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
 
 
-@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc"])
+@pytest.mark.parametrize("name", ["stoney_mc", "gsm8k_mc", "arith_mc", "stoney_mc_unseen"])
 def test_surface_cue_baselines_stay_near_chance(name):
-    for split in SPLITS:
-        exs = get_task(name).examples(split)
+    task = get_task(name)
+    for split in splits_of(task):
+        exs = task.examples(split)
         tol = 0.04 if len(exs) > 1000 else 0.06
         for cue, acc in baselines(exs).items():
             assert abs(acc - 0.2) <= tol, (name, split, cue, acc)
@@ -179,7 +178,7 @@ def test_gsm8k_mc_options_are_sorted_plausible_numbers():
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_verifiers_accept_gold_and_reject_a_distractor(name):
     task = get_task(name)
-    for ex in task.examples("val")[:100]:
+    for ex in subset(task, "val", 100):
         gold = ex["messages"][-1]["content"]
         assert task.evaluate(ex, gold) and task.reward(ex, gold) == 1.0
         if task.kind == "mc":
@@ -191,7 +190,7 @@ def test_verifiers_accept_gold_and_reject_a_distractor(name):
             bad = f"Answer: {float(ex['answer']) + 1:g}"
             assert not task.evaluate(ex, bad)
             assert task.evaluate(ex, f"<think>x</think>\nAnswer: ${float(ex['answer']):,.2f}")
-        elif name == "stoney_lexicon":
+        elif "lexicon" in name:
             other = next(e for e in task.examples("val") if normalize(e["answer"]) not in
                          {normalize(a) for a in ex["aliases"] + [ex["answer"]]})
             assert not task.evaluate(ex, f"Answer: {other['answer']}")
@@ -250,12 +249,17 @@ def test_extractor_on_hand_written_sentences():
 
 def test_lexicon_size_and_mc_derivation():
     corpus = load_corpus()
-    pairs = [p for s in SPLITS for p in corpus["lexicon"][s]]
+    pairs = [p for s, _ in GROUP_PARTS for p in corpus["lexicon"][s]]
     assert len(pairs) > 1500
     assert len({p["term_key"] for p in pairs}) == len(pairs)  # a term maps to one gloss
     lex, mc = get_task("stoney_lexicon"), get_task("stoney_mc")
+    control = {"val": "unseen_val", "test": "unseen_test"}
     for split in SPLITS:
         assert len(mc.examples(split)) >= 0.95 * len(lex.examples(split))
         pool = {normalize(x) for p in corpus["lexicon"][split] for x in (p["term"], p["gloss"])}
         for ex in mc.examples(split):  # options come from the same split's pairs only
+            assert all(normalize(c) in pool for c in ex["choices"]), ex["id"]
+    for split, part in control.items():  # control options come from the control pool only
+        pool = {normalize(x) for p in corpus["lexicon"][part] for x in (p["term"], p["gloss"])}
+        for ex in get_task("stoney_mc_unseen").examples(split):
             assert all(normalize(c) in pool for c in ex["choices"]), ex["id"]

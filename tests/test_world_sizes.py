@@ -117,12 +117,13 @@ def sft_args(ckpts, out, *extra):
 
 
 def rm_args(ckpts, out, *extra):
-    return ["--init", ckpts.sft, "--tasks", "aqua_mc", "--max-train-examples", "8", "--eval-pairs", "4",
+    return ["--init", ckpts.sft, "--tasks", "arith_mc", "--max-train-examples", "8", "--eval-pairs", "4",
+            "--eval-sampled", "3", "--samples-per-prompt", "2", "--sample-max-new-tokens", "8",
             "--num-iterations", "3", "--device-batch-size", "2", "--wandb", "disabled", "--out", str(out), *extra]
 
 
 def dpo_args(ckpts, out, *extra):
-    return ["--init", ckpts.sft, "--tasks", "aqua_mc", "--eval-tasks", "aqua_mc", "--max-train-examples", "8",
+    return ["--init", ckpts.sft, "--tasks", "arith_mc", "--eval-tasks", "arith_mc", "--max-train-examples", "8",
             "--eval-pairs", "4", "--final-eval-examples", "0", "--num-iterations", "2", "--device-batch-size", "1",
             "--wandb", "disabled", "--out", str(out), *extra]
 
@@ -209,6 +210,10 @@ def test_reward_model_on_three_ranks_with_sft_head_adapters_equals_one_process(c
     assert any("lm_head" in k for k in a)  # the init's head adapters are kept (frozen), not dropped
     heads = [torch.tensor(final_meta(tmp_path / o)["reward_head"]["weight"]) for o in ("three", "one")]
     assert (heads[0] - heads[1]).abs().max() <= 1e-5
+    # the policy's own wrong answers on held-out prompts: the same pairs whatever the world size
+    before = [json.load(open(tmp_path / o / "rm_eval.json"))["before"]["arith_mc/policy"] for o in ("three", "one")]
+    assert before[0]["n"] == before[1]["n"] > 0
+    assert before[0]["accuracy"] == pytest.approx(before[1]["accuracy"], abs=1e-5)
 
 
 def test_dpo_on_three_ranks_equals_one_process(ckpts, tmp_path):
@@ -219,7 +224,7 @@ def test_dpo_on_three_ranks_equals_one_process(ckpts, tmp_path):
     launch(0, "scripts.dpo_train", dpo_args(ckpts, tmp_path / "one", "--total-batch-size", "3"))
     assert max_diff(final_tensors(tmp_path / "three"), final_tensors(tmp_path / "one")) <= 1e-5
     reports = [json.load(open(tmp_path / o / "dpo_eval.json")) for o in ("three", "one")]
-    assert reports[0]["start"] == reports[1]["start"] and reports[0]["final"]["pairs"]["aqua_mc"]["n"] == 4
+    assert reports[0]["start"] == reports[1]["start"] and reports[0]["final"]["pairs"]["arith_mc"]["n"] == 4
 
 
 @pytest.mark.slow  # ~1 min on the loaded 2-core machine

@@ -1,4 +1,4 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, aqua.py, gsm8k.py, mmlu.py).
+"""Tasks: conversations with verifiers, one file per family (stoney.py, arith.py, aqua.py, gsm8k.py, mmlu.py).
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
@@ -14,16 +14,18 @@ sizes and an example per task; `--baselines` prints the surface-cue baselines of
 from nanostoney.data import SOURCES
 from nanostoney.errors import UserError
 from nanostoney.tasks.aqua import AquaMC
+from nanostoney.tasks.arith import Arith, ArithMC
 from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
 from nanostoney.tasks.mmlu import MMLUEnglish, MMLUYoruba
-from nanostoney.tasks.stoney import StoneyLexicon, StoneyMC, StoneyQA
+from nanostoney.tasks.stoney import (StoneyLexicon, StoneyLexiconUnseen, StoneyMC, StoneyMCUnseen, StoneyQA,
+                                     StoneyQAUnseen)
 
-TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC, MMLUYoruba, MMLUEnglish)}
+TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC, Arith, ArithMC,
+                                  StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
-# the tasks whose files ship under data/ (MMLU's are read from a local copy or the hub)
+# the tasks that read no network: the files under data/ and the generated ones (MMLU's are read
+# from a local copy or the hub)
 BUNDLED_TASKS = tuple(n for n in TASK_NAMES if not n.startswith("mmlu_"))
-# the tasks whose conversations make the default pretraining and tokenizer corpus
-CORPUS_TASKS = ("stoney_qa", "aqua_mc", "gsm8k")
 _BUILT = {}
 
 
@@ -52,10 +54,3 @@ def sources_for_tasks(task_names, source="bundled", data_dir=None):
                 out.append(s)
     return out
 
-
-def corpus_texts(split="train", task_names=CORPUS_TASKS, source="bundled", data_dir=None):
-    """Plain texts for pretraining and tokenizer training: one per conversation of the tasks'
-    `split`, its turns joined by blank lines. The train corpus holds no val/test item and no
-    conversation a held-out item was derived from (tests/test_tasks.py)."""
-    return ["\n\n".join(m["content"] for m in ex["messages"])
-            for name in task_names for ex in get_task(name, source=source, data_dir=data_dir).examples(split)]

@@ -19,16 +19,18 @@ def main():
     args = parser.parse_args()
     for name in args.task:
         task = get_task(name, source=args.source)
-        sizes = {split: len(task.examples(split)) for split in SPLITS}
+        sizes = {split: len(task.splits()[split]) for split in SPLITS}
         print(f"== {name} ({task.family}, {task.kind})  " + "  ".join(f"{s}={n}" for s, n in sizes.items())
               + f"  sources: {', '.join(task.sources())}")
         if args.baselines:
             if task.kind == "mc":
                 for split in SPLITS:
+                    if not sizes[split]:
+                        continue
                     b = baselines(task.examples(split))
                     print(f"   {split:5s} " + "  ".join(f"{k}={v:.1%}" for k, v in b.items()))
             continue
-        ex = task.examples("train")[0]
+        ex = task.examples("val" if task.control else "train")[0]
         for m in ex["messages"]:
             print(f"--- {m['role']}\n{m['content']}")
         print(f"--- answer: {ex['answer']!r}   regions: {ex['regions']}\n")

@@ -86,8 +86,10 @@ class Task(abc.ABC):
 
     Subclasses set name/family/kind and implement `_build() -> {split: [example]}` and
     `sources() -> [file path or hf:// id]`. Examples are built once per (task, source,
-    data_dir) per process."""
+    data_dir) per process. A control task (control = True) asks about items no training text
+    holds: it has no train split and must score at chance."""
     name = family = kind = None
+    control = False
 
     def __init__(self, source="bundled", data_dir=None):
         self.source = source
@@ -111,6 +113,9 @@ class Task(abc.ABC):
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r} for task {self.name}; use one of {', '.join(SPLITS)}.")
         rows = self.splits()[split]
+        if not rows and self.control:
+            raise UserError(f"task {self.name} is a control (no training text holds its items), so it has no "
+                            f"{split} split; use it for evaluation on val or test only.")
         if not rows:
             raise UserError(f"task {self.name} has no examples in its {split} split (sources: "
                             f"{', '.join(self.sources())}); the data file is empty or too small to split.")

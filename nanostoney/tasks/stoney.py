@@ -11,11 +11,16 @@
   also be right, and are picked so the gold's length rank among the options is balanced,
   which keeps "pick the longest/shortest" at 20%.
 
-Splits. A pair can be stated in several conversations, and a term can be mentioned in a
-conversation that does not gloss it. So conversations are grouped (union-find) by the terms
-they mention and the glosses they share, and each group goes to one split (~80/10/10 by a
-hash of the group). Then no held-out pair, nor any conversation it came from or that
-mentions its term, is in train.
+Splits: knowledge extraction (Physics of Language Models, Part 3.1). A pair can be stated in
+several conversations, and a term can be mentioned in a conversation that does not gloss it. So
+conversations are grouped (union-find) by the terms they mention and the glosses they share,
+and each group goes to one part by a hash of the group (GROUP_PARTS):
+- train (~60%), val (~10%), test (~10%): the EXTRACTION terms. Their conversations are in the
+  pretraining text (nanostoney.corpus); SFT and RL ask only about the train part, so a val or
+  test question asks about a fact the model read in pretraining but was never asked about.
+- unseen_val, unseen_test (~10% each): the CONTROL terms. No training text holds them (not
+  pretraining, not the tokenizer's text, not SFT, reward-model pairs or RL); the *_unseen tasks
+  ask about them, with distractors from the control pool only, and must stay at chance.
 
 The extractor reads quoted spans (backticks, "double", 'single', “curly”) and keeps a pair
 only when the text states it in one of these shapes:
@@ -39,8 +44,8 @@ from nanostoney import data
 from nanostoney.answers import LETTERS, answer_part, format_answer
 from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
-from nanostoney.tasks.base import (SPLITS, MCTask, Task, balanced_slots, mc_example, normalize, short_id,
-                                   split_by_hash, stable_hash, user_regions)
+from nanostoney.tasks.base import (SPLITS, MCTask, Task, balanced_slots, mc_example, normalize, short_id, stable_hash,
+                                   user_regions)
 
 # -----------------------------------------------------------------------------
 # conversations
@@ -428,15 +433,32 @@ def mentions(convs, term_keys):
     return out
 
 
+# the parts a conversation group can go to, with their shares (by a hash of the group): the
+# extraction parts first (val/test kept where the 80/10/10 split had them), then the controls
+GROUP_PARTS = (("val", 0.1), ("test", 0.1), ("unseen_val", 0.1), ("unseen_test", 0.1), ("train", 0.6))
+EXTRACTION = SPLITS
+CONTROL = {"val": "unseen_val", "test": "unseen_test"}
+
+
+def group_part(key):
+    """The part (GROUP_PARTS) a conversation group goes to, by a hash of its first id."""
+    u, edge = (stable_hash(key) % 10_000) / 10_000, 0.0
+    for part, share in GROUP_PARTS:
+        edge += share
+        if u < edge:
+            return part
+    return GROUP_PARTS[-1][0]
+
+
 # a "term" found in more conversations is a common word or particle: vague to ask about, and
 # it would glue the splits together
 MAX_MENTIONS = 10
 
 
 def assign_splits(convs, lexicon):
-    """({source_id: split}, lexicon with a "split" per pair). Union-find over conversations:
-    a pair's sources, every conversation mentioning its term, and the sources of pairs that
-    share a gloss are kept together; each group goes to one split by a hash of its first id."""
+    """({source_id: part}, lexicon with a "split" (its part) per pair). Union-find over
+    conversations: a pair's sources, every conversation mentioning its term, and the sources of
+    pairs that share a gloss are kept together; each group goes to one part (group_part)."""
     parent = {c["source_id"]: c["source_id"] for c in convs}
 
     def find(x):
@@ -465,19 +487,21 @@ def assign_splits(convs, lexicon):
         groups[find(c["source_id"])].append(c["source_id"])
     split = {}
     for root, ids in groups.items():
-        s = split_by_hash(min(ids))
+        s = group_part(min(ids))
         split.update({i: s for i in ids})
     return split, [dict(p, split=split[p["sources"][0]]) for p in lexicon]
 
 
 @functools.lru_cache(maxsize=None)
 def load_corpus(source="bundled", data_dir=None):
-    """{"convs": {split: [conv]}, "lexicon": {split: [pair]}, "sources": [...]}, built once."""
+    """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once; the
+    parts are train/val/test (extraction) and unseen_val/unseen_test (control)."""
     rows, path = data.bundled_rows("stoney", "all", data_dir)
     convs = _conversations(rows, path)
     conv_split, lexicon = assign_splits(convs, build_lexicon(convs))
-    out = {"convs": {s: [c for c in convs if conv_split[c["source_id"]] == s] for s in SPLITS},
-           "lexicon": {s: [p for p in lexicon if p["split"] == s] for s in SPLITS},
+    parts = [part for part, _ in GROUP_PARTS]
+    out = {"convs": {s: [c for c in convs if conv_split[c["source_id"]] == s] for s in parts},
+           "lexicon": {s: [p for p in lexicon if p["split"] == s] for s in parts},
            "sources": [path]}
     hub = data.hub_rows("stoney", source)
     if hub:
@@ -487,10 +511,12 @@ def load_corpus(source="bundled", data_dir=None):
 
 def _with_hub_train(out, rows, label, path):
     """The hub's conversations as the training pool, minus any conversation that is held out
-    here or mentions a held-out term, and minus pairs whose term or gloss is held out."""
-    held = out["convs"]["val"] + out["convs"]["test"]
+    here (extraction val/test or control) or mentions such a term, and minus pairs whose term or
+    gloss is held out."""
+    held_parts = [part for part, _ in GROUP_PARTS if part != "train"]
+    held = [c for part in held_parts for c in out["convs"][part]]
     held_ids = {c["source_id"] for c in held}
-    held_pairs = out["lexicon"]["val"] + out["lexicon"]["test"]
+    held_pairs = [p for part in held_parts for p in out["lexicon"][part]]
     held_terms = {p["term_key"] for p in held_pairs}
     held_glosses = {g for p in held_pairs for g in p["gloss_keys"]}
     convs = _conversations(rows, label)
@@ -517,6 +543,8 @@ def sources(source="bundled", data_dir=None):
 
 
 class StoneyTask(Task):
+    """control = True: the *_unseen twin of a task, asking about the control terms (val and
+    test from unseen_val and unseen_test; no train split)."""
     family = "stoney"
 
     def sources(self):
@@ -524,6 +552,13 @@ class StoneyTask(Task):
 
     def corpus(self):
         return load_corpus(self.source, self.data_dir)
+
+    def parts(self, what):
+        """{split: [conv or pair]} of this task ("convs" or "lexicon")."""
+        d = self.corpus()[what]
+        if self.control:
+            return {"train": [], **{s: d[part] for s, part in CONTROL.items()}}
+        return {s: d[s] for s in EXTRACTION}
 
 
 class StoneyQA(StoneyTask):
@@ -534,14 +569,14 @@ class StoneyQA(StoneyTask):
     CHRF_PASS = 50.0
 
     def _build(self):
-        return {s: [self._example(c) for c in convs] for s, convs in self.corpus()["convs"].items()}
+        return {s: [self._example(c) for c in convs] for s, convs in self.parts("convs").items()}
 
     def _example(self, c):
         system = c.get("system")
         user, regions = user_regions(system, c["user"], {"question": (0, len(c["user"]))})
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": c["user"]}, {"role": "assistant", "content": c["assistant"]}]
-        return {"id": "stoney_qa/" + c["source_id"], "source_id": c["source_id"], "messages": msgs,
+        return {"id": f"{self.name}/" + c["source_id"], "source_id": c["source_id"], "messages": msgs,
                 "answer": c["assistant"], "regions": regions}
 
     def reward(self, example, completion):
@@ -569,10 +604,13 @@ LEXICON_TEXTS = {
 }
 
 
-def lexicon_texts(kind, item, letter=None):
-    """(question, gold reasoning) of a lexicon item for an open or an MC task (whose gold is `letter`)."""
+def lexicon_texts(kind, item, letter=None, choice=None):
+    """(question, gold reasoning) of a lexicon item for an open or an MC task (whose gold is `letter`).
+    choice: an option asserted in the answer's place (the reasoning that argues for a distractor)."""
     question, reasoning = LEXICON_TEXTS[(kind, item["dir"])]
     words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
+    if choice is not None:
+        words["gloss" if item["dir"] == "s2e" else "term"] = choice
     return question.format(**words), reasoning.format(**words)
 
 
@@ -597,11 +635,11 @@ class StoneyLexicon(StoneyTask):
     name, kind = "stoney_lexicon", "open"
 
     def _build(self):
-        return {s: [self._example(it) for it in _lexicon_items(pairs)] for s, pairs in self.corpus()["lexicon"].items()}
+        return {s: [self._example(it) for it in _lexicon_items(pairs)] for s, pairs in self.parts("lexicon").items()}
 
     def _example(self, it):
         question, reasoning = lexicon_texts(self.kind, it)
-        return {"id": f"stoney_lexicon/{it['dir']}/{short_id(it['key'])}", "source_id": it["sources"][0],
+        return {"id": f"{self.name}/{it['dir']}/{short_id(it['key'])}", "source_id": it["sources"][0],
                 "source_ids": it["sources"], "direction": it["dir"],
                 "messages": [{"role": "user", "content": question},
                              {"role": "assistant", "content": format_answer(reasoning, it["answer"])}],
@@ -665,7 +703,7 @@ class StoneyMC(StoneyTask, MCTask):
     name, kind = "stoney_mc", "mc"
 
     def _build(self):
-        return {s: self._mc(pairs) for s, pairs in self.corpus()["lexicon"].items()}
+        return {s: self._mc(pairs) for s, pairs in self.parts("lexicon").items()}
 
     def _mc(self, pairs):
         items = _lexicon_items(pairs)
@@ -705,8 +743,12 @@ class StoneyMC(StoneyTask, MCTask):
             choices = distractors[:letter] + [it["answer"]] + distractors[letter:]
             L = LETTERS[letter]
             question, reasoning = lexicon_texts(self.kind, it, L)
-            out.append(mc_example(f"stoney_mc/{it['dir']}/{short_id(it['key'])}", it["sources"][0], question,
-                                  choices, L, reasoning, source_ids=it["sources"], direction=it["dir"]))
+            # every option with the sentence that asserts it (the reward model's negatives)
+            options = {X: format_answer(lexicon_texts(self.kind, it, X, choice=c)[1], X)
+                       for X, c in zip(LETTERS, choices)}
+            out.append(mc_example(f"{self.name}/{it['dir']}/{short_id(it['key'])}", it["sources"][0], question,
+                                  choices, L, reasoning, source_ids=it["sources"], direction=it["dir"],
+                                  option_rationales=options))
         return sorted(out, key=lambda ex: ex["id"])
 
     def _distractors(self, it, info, pools, rank):
@@ -733,3 +775,18 @@ class StoneyMC(StoneyTask, MCTask):
             if got:
                 return got
         return None
+
+
+# the controls: the same tasks over the control terms, which no training text holds
+
+
+class StoneyQAUnseen(StoneyQA):
+    name, control = "stoney_qa_unseen", True
+
+
+class StoneyLexiconUnseen(StoneyLexicon):
+    name, control = "stoney_lexicon_unseen", True
+
+
+class StoneyMCUnseen(StoneyMC):
+    name, control = "stoney_mc_unseen", True

@@ -1,0 +1,160 @@
+"""What a BASE checkpoint knows, and whether it can answer in the MC format: three probes.
+
+    python -m bench.knowledge_probe --checkpoints out/base/step_000500 out/base/step_001000 --items 200
+
+1. Knowledge, five-option accuracy by log-likelihood: each option is written out the way the
+   pretraining text states such things, and the option whose continuation the model finds most
+   likely (summed token log-probability) is its answer:
+   - stoney_mc / stoney_mc_unseen: "`term` means 'OPTION'." (s2e) or "'gloss' in Stoney Nakoda
+     is `OPTION`." (e2s); held-out items ask about extraction facts read in pretraining, the
+     control items about terms no training text holds.
+   - arith_mc: the question, then each option's own chain "<think>...</think>\\nAnswer: v"
+     (the gold's correct chain, or the wrong-step chain that argues for a distractor).
+2. Letter binding: p(gold letter | the item as pretraining text states it, up to "which is
+   option"), teacher forced. The letter can only come from reading the options: 0.20 means the
+   model cannot map an answer to its letter, and then no MC accuracy can rise above chance.
+3. Induction: mean loss (nats) on the second copy of a repeated random token sequence minus the
+   first; near 0 = no in-context copying at all (letter binding is harder than copying).
+Cheap (forward passes only), so it traces what a base model has against pretraining steps; the
+pipeline's own numbers (SFT/GRPO, generated answers) come from scripts.eval.
+"""
+import torch
+
+from nanostoney import cli
+from nanostoney.answers import LETTERS
+from nanostoney.errors import UserError, run_main
+from nanostoney.files import write_json
+from nanostoney.tasks import get_task
+from nanostoney.tasks.subset import subset
+
+TASKS = ("stoney_mc", "stoney_mc_unseen", "arith_mc")
+
+
+def option_texts(task, ex):
+    """[(full text, char offset where the scored continuation starts)] for the five options."""
+    out = []
+    for letter, choice in zip(LETTERS, ex["choices"]):
+        if task.family == "stoney":
+            a, b = ex["regions"]["question"]
+            q = ex["messages"][-2]["content"][a:b]
+            if ex["direction"] == "s2e":
+                term = q.split("`")[1]
+                prefix, cont = f"`{term}` means '", f"{choice}'."
+            else:
+                gloss = q.split("'", 1)[1].rsplit("'", 1)[0]
+                prefix, cont = f"'{gloss}' in Stoney Nakoda is `", f"{choice}`."
+        else:
+            think = ex["option_rationales"][letter].split("</think>")[0]
+            chain = think.rsplit("\n", 1)[0]  # drop "The answer is v, which is option L."
+            prefix = ex["messages"][-2]["content"].split("\n\nA) ")[0] + "\n\n"
+            cont = f"{chain}</think>\nAnswer: {choice}"
+        out.append((prefix + cont, len(prefix)))
+    return out
+
+
+@torch.no_grad()
+def score(model, tok, texts, batch=32):
+    """Summed log-probability of each text's tokens from its offset on (tokens that overlap it)."""
+    rows = []
+    for text, start in texts:
+        enc = tok.hf.encode(text, add_special_tokens=False)
+        first = next(j for j, (s, e) in enumerate(enc.offsets) if e > start)
+        rows.append(([tok.bos_id] + enc.ids, first + 1))
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        T = max(len(ids) for ids, _ in chunk)
+        idx = torch.zeros(len(chunk), T, dtype=torch.long)
+        for r, (ids, _) in enumerate(chunk):
+            idx[r, :len(ids)] = torch.tensor(ids)
+        logp = torch.log_softmax(model(idx.to(model.get_device())).float(), -1).cpu()
+        for r, (ids, first) in enumerate(chunk):
+            tgt = torch.tensor(ids[first:])
+            out.append(logp[r, first - 1:len(ids) - 1].gather(1, tgt[:, None]).sum().item())
+    return out
+
+
+def probe(model, tok, task, exs):
+    """[1 if the gold option scores highest else 0] per example."""
+    texts = [t for ex in exs for t in option_texts(task, ex)]
+    s = score(model, tok, texts)
+    return [int(max(range(5), key=lambda k: s[5 * i + k]) == LETTERS.index(ex["answer"]))
+            for i, ex in enumerate(exs)]
+
+
+def letter_context(ex):
+    """(the item as the pretraining text states it, up to "which is option"; that text + " L")."""
+    text = ex["messages"][-2]["content"] + "\n\n" + ex["messages"][-1]["content"]
+    cut = text.rindex("which is option") + len("which is option")
+    return text[:cut], text[:cut + 2]
+
+
+@torch.no_grad()
+def letter_binding(model, tok, exs):
+    """p(gold letter) after "which is option" in each item's plain-text form."""
+    probs = []
+    for ex in exs:
+        context, with_letter = letter_context(ex)
+        ids = [tok.bos_id] + tok.encode(context)
+        gold = tok.encode(with_letter)[len(ids) - 1]  # " C"
+        logits = model(torch.tensor([ids], device=model.get_device()))[0, -1].float()
+        probs.append(torch.softmax(logits, -1)[gold].item())
+    return probs
+
+
+@torch.no_grad()
+def induction_gain(model, tok, n=16, length=24, seed=0):
+    """Loss on the first copy of n random token sequences minus the loss on the second copy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(256, tok.vocab_size - len(tok.special_tokens), (n, length),  # ordinary tokens
+                      generator=g)
+    seq = torch.cat([torch.full((n, 1), tok.bos_id), x, x], 1).to(model.get_device())
+    logp = torch.log_softmax(model(seq).float(), -1)
+    loss = -logp[:, :-1].gather(-1, seq[:, 1:, None]).squeeze(-1).cpu()
+    return (loss[:, :length].mean() - loss[:, length + 1:].mean()).item()
+
+
+def probe_checkpoint(model, tok, names, split, items):
+    from nanostoney.metrics import bootstrap_ci
+    row = {"induction_gain_nats": induction_gain(model, tok)}
+    for n in names:
+        task = get_task(n)
+        exs = subset(task, split, items)
+        hits = probe(model, tok, task, exs)
+        row[n] = {"n": len(hits), "accuracy": bootstrap_ci([float(h) for h in hits]),
+                  "p_gold_letter": bootstrap_ci(letter_binding(model, tok, exs))}
+        for d in sorted({ex.get("depth") for ex in exs if ex.get("depth")}):
+            h = [x for x, ex in zip(hits, exs) if ex["depth"] == d]
+            row[f"{n}/depth{d}"] = {"n": len(h), "accuracy": bootstrap_ci([float(x) for x in h])}
+    return row
+
+
+def main():
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="base checkpoint dirs (run or step dirs)")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--items", type=cli.nonneg_int, default=200, help="balanced, hash-chosen items per task (0 = all)")
+    p.add_argument("--out", default=None, help="also write the table as JSON here")
+    args = p.parse_args()
+    from nanostoney.checkpoint import load_model
+    names = [n for n in args.tasks.split(",") if n]
+    for n in names:
+        if n not in TASKS:
+            raise UserError(f"--tasks: {n!r} has no probe; use some of {', '.join(TASKS)}.")
+    rows = {}
+    for ckpt in args.checkpoints:
+        model, tok, _ = load_model(ckpt)
+        if tok is None:
+            raise UserError(f"{ckpt} has no tokenizer; pass a checkpoint saved with one.")
+        rows[ckpt] = r = probe_checkpoint(model, tok, names, args.split, args.items)
+        print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats; " + ", ".join(
+            f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
+            + (f" (p(gold letter) {v['p_gold_letter'][0]:.3f})" if "p_gold_letter" in v else "")
+            for k, v in r.items() if isinstance(v, dict)), flush=True)
+    if args.out:
+        write_json(args.out, rows)
+
+
+if __name__ == "__main__":
+    run_main(main)

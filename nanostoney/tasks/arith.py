@@ -1,0 +1,299 @@
+"""Arithmetic word problems a small model can learn: generated, multi-step, exactly verified.
+
+- arith:    open numeric answer, compared as a number.
+- arith_mc: five sorted numeric options. Each wrong option comes from a plausible wrong step and
+  carries the rationale that argues for it (example["option_rationales"], used by the reward
+  model's negatives): stopping early (an intermediate result), a wrong operation in one step, a
+  step off by one, or a step skipped, each carried through the later steps. The gold's rank
+  among the sorted options is balanced across the five letters, so "pick the median / largest"
+  is worth 20%, and so is the letter.
+
+A problem is a start value and 1-4 steps (its depth, recorded as example["depth"]), each step an
+operation (+ - * /) told by one of a few sentence templates:
+
+    Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
+    How many shells does Mia have now?
+    <think>7 + 5 = 12
+    12 / 2 = 6</think>
+    Answer: 6
+
+Every value stays a whole number in 1..99, so a depth-4 model can learn the sums it needs.
+Splits: a hash of (template, numbers) decides train / val / test (80/10/10), so no held-out
+(template, numbers) combination appears in any training text; the names and objects are
+chosen by the same hash, so a combination has exactly one wording. Problems are generated on
+the fly from a fixed seed, the same on every machine: no data file. The gate still checks
+them, under the name GATE_NAME (data/SOURCE_MANIFEST.yml, record arith_generated).
+"""
+import random
+
+from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
+from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
+
+GATE_NAME = "generated://nanostoney/arith"
+DEPTHS = (1, 2, 3, 4)
+MAX_VALUE = 99
+# problems per depth and split; depth 1 has fewer distinct combinations than its quotas ask
+QUOTA = {"train": 750, "val": 100, "test": 100}
+SEED = 1234
+
+NAMES = ("Mia", "Leo", "Ava", "Sam", "Noah", "Zoe", "Ella", "Max", "Lily", "Omar", "Nina", "Ravi",
+         "Ada", "Ben", "Cara", "Dev", "Iris", "Jon", "Kai", "Rosa")
+OBJECTS = ("apples", "shells", "stamps", "marbles", "books", "coins", "pencils", "cards", "stones", "beads",
+           "eggs", "buttons", "feathers", "shirts", "cups", "kites", "plums", "nails", "ribbons", "seeds")
+START = "{name} has {n} {obj}."
+QUESTION = "How many {obj} does {name} have now?"
+# step templates: (operation, fixed operand or None, sentence)
+STEPS = (
+    ("+", None, "{name} buys {n} more {obj}."),
+    ("+", None, "{name} finds {n} more {obj}."),
+    ("+", None, "A friend gives {name} {n} more {obj}."),
+    ("-", None, "{name} gives away {n} {obj}."),
+    ("-", None, "{name} loses {n} {obj}."),
+    ("-", None, "{name} sells {n} {obj}."),
+    ("*", 2, "{name} doubles the {obj}."),
+    ("*", 3, "{name} triples the {obj}."),
+    ("*", None, "{name} ends up with {n} times as many {obj}."),
+    ("/", 2, "{name} gives away half of the {obj}."),
+    ("/", None, "{name} splits the {obj} into {n} equal piles and keeps one pile."),
+)
+OPERANDS = {"+": range(1, 11), "-": range(1, 11), "*": range(2, 4), "/": range(2, 4)}
+
+
+def apply(op, a, n):
+    """a op n, or None when the result is not a whole number in 1..MAX_VALUE."""
+    if op == "+":
+        v = a + n
+    elif op == "-":
+        v = a - n
+    elif op == "*":
+        v = a * n
+    else:
+        v = a // n if a % n == 0 else None
+    return v if v is not None and 1 <= v <= MAX_VALUE else None
+
+
+def run(start, steps):
+    """[values after each step] of a chain of (op, operand), or None if a value leaves 1..99."""
+    values, v = [], start
+    for op, n in steps:
+        v = apply(op, v, n)
+        if v is None:
+            return None
+        values.append(v)
+    return values
+
+
+def rationale(start, steps, values):
+    """One line per step: "12 - 3 = 9" (values may be wrong ones: distractors show their slip)."""
+    lines, a = [], start
+    for (op, n), v in zip(steps, values):
+        lines.append(f"{a} {op} {n} = {v}")
+        a = v
+    return "\n".join(lines)
+
+
+def sample_problem(rng, depth):
+    """(template, start, operands) drawn from rng, or None when a value would leave 1..99."""
+    template = tuple(rng.randrange(len(STEPS)) for _ in range(depth))
+    start = rng.randint(2, 20)
+    operands = tuple(STEPS[t][1] or rng.choice(OPERANDS[STEPS[t][0]]) for t in template)
+    steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
+    return None if run(start, steps) is None else (template, start, operands)
+
+
+def make_problem(template, start, operands):
+    key = f"{'.'.join(map(str, template))}|{start},{','.join(map(str, operands))}"
+    h = stable_hash("arith/words/" + key)
+    name, obj = NAMES[h % len(NAMES)], OBJECTS[(h // len(NAMES)) % len(OBJECTS)]
+    steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
+    values = run(start, steps)
+    opening = START.format(name=name, n=start, obj=obj)
+    text = " ".join([opening]
+                    + [STEPS[t][2].format(name=name, n=n, obj=obj) for t, n in zip(template, operands)]
+                    + [QUESTION.format(name=name, obj=obj)])
+    return {"key": key, "source_id": "arith:" + short_id(key), "question": text, "depth": len(template),
+            "opening": opening, "start": start, "steps": steps, "values": values, "final": values[-1],
+            "rationale": rationale(start, steps, values)}
+
+
+def generate(quota=None, seed=SEED):
+    """{split: [problem]}: per depth, draw (template, numbers) combinations from a seeded stream
+    and file each under the split its hash names, until every split has its quota (or the
+    depth's combinations run out: depth 1 has about a thousand)."""
+    quota = quota or QUOTA
+    out = {s: [] for s in quota}
+    for depth in DEPTHS:
+        rng = random.Random(f"{seed}/{depth}")
+        seen, have = set(), {s: 0 for s in quota}
+        misses = 0
+        while any(have[s] < quota[s] for s in quota) and misses < 20_000:
+            drawn = sample_problem(rng, depth)
+            if drawn is None or drawn in seen:
+                misses += 1
+                continue
+            seen.add(drawn)
+            misses = 0
+            p = make_problem(*drawn)
+            split = split_by_hash(p["key"])
+            if have[split] < quota[split]:
+                have[split] += 1
+                out[split].append(p)
+    return out
+
+
+_CACHE = {}
+
+
+def load_problems():
+    if "splits" not in _CACHE:
+        _CACHE["splits"] = generate()
+    return _CACHE["splits"]
+
+
+# -----------------------------------------------------------------------------
+# wrong answers, each with the rationale that argues for it
+
+def wrong_chains(p):
+    """[(value, rationale)] of plausible wrong solutions: stop early, one wrong operation, one
+    step off by one or two, one step skipped or done twice; later steps carry the slip through."""
+    start, steps, values = p["start"], p["steps"], p["values"]
+    out = []
+    for k in range(len(steps)):  # stopping early: an intermediate result (depth 1: the start)
+        v = values[k - 1] if k else start
+        out.append((v, rationale(start, steps[:k], values[:k]) or p["opening"]))
+    swaps = {"+": "-*", "-": "+/", "*": "+/", "/": "-*"}
+    for i, (op, n) in enumerate(steps):
+        a = values[i - 1] if i else start
+        for wrong_op in swaps[op]:
+            v = apply(wrong_op, a, n)
+            out += _carried(start, steps, values, i, (wrong_op, n), v if v != a else None)
+        for slip in (1, -1, 2, -2):
+            v = values[i] + slip
+            out += _carried(start, steps, values, i, (op, n), v if 1 <= v <= MAX_VALUE else None)
+        for changed in (steps[:i] + steps[i + 1:], steps[:i + 1] + steps[i:]):  # skipped, done twice
+            vals = run(start, changed) if changed else None
+            if vals:
+                out.append((vals[-1], rationale(start, changed, vals)))
+    return out
+
+
+def _carried(start, steps, values, i, step, v):
+    """[(final, rationale)] when step i becomes `step` with result v, later steps unchanged."""
+    if v is None:
+        return []
+    tail = run(v, steps[i + 1:])
+    if tail is None:
+        return []
+    wrong = values[:i] + [v] + tail
+    return [(wrong[-1], rationale(start, steps[:i] + [step] + steps[i + 1:], wrong))]
+
+
+def candidates(p):
+    """{wrong value: rationale}: the wrong chains, and each of them with its last step off by one
+    or two as well (so that, like the gold, every wrong option can have near neighbours: a
+    "the one with the most options next to it" picker must not find the gold)."""
+    out = {}
+    for v, why in wrong_chains(p):
+        lines = why.split("\n")
+        out.setdefault(v, why)
+        if "=" not in lines[-1]:
+            continue
+        head = lines[-1].rsplit("=", 1)[0]
+        for slip in (1, -1, 2, -2):
+            if 1 <= v + slip <= MAX_VALUE:
+                out.setdefault(v + slip, "\n".join(lines[:-1] + [f"{head}= {v + slip}"]))
+    out.pop(p["final"], None)
+    return out
+
+
+def choose_options(p, rank):
+    """Four wrong (value, rationale) so the gold is the `rank`-th smallest of five, drawn in a
+    fixed pseudo-random order (not nearest first, which would put the gold at the centre of a
+    cluster of slips), or None when the candidates cannot place the gold there."""
+    g, cands = p["final"], candidates(p)
+    order = sorted(cands, key=lambda v: stable_hash(f"{p['key']}/{v}"))
+    low = [v for v in order if v < g][:rank]
+    high = [v for v in order if v > g][:4 - rank]
+    if len(low) < rank or len(high) < 4 - rank:
+        return None
+    return sorted([(v, cands[v]) for v in low + high] + [(g, p["rationale"])])
+
+
+# -----------------------------------------------------------------------------
+# the tasks
+
+def answer_text(value, reasoning, letter=None):
+    """The assistant text for a chain: its lines, then the answer (and the option for MC)."""
+    if letter is None:
+        return format_answer(reasoning, format_number(value))
+    return format_answer(mc_reasoning(value, reasoning, letter), letter)
+
+
+def mc_reasoning(value, reasoning, letter):
+    return f"{reasoning}\nThe answer is {format_number(value)}, which is option {letter}."
+
+
+class ArithTask(Task):
+    family = "math"
+
+    def sources(self):
+        return [GATE_NAME]
+
+
+class Arith(ArithTask):
+    name, kind = "arith", "numeric"
+
+    def _build(self):
+        return {s: [self._example(p) for p in probs] for s, probs in load_problems().items()}
+
+    def _example(self, p):
+        return {"id": "arith/" + p["source_id"], "source_id": p["source_id"], "depth": p["depth"],
+                "messages": [{"role": "user", "content": p["question"]},
+                             {"role": "assistant", "content": answer_text(p["final"], p["rationale"])}],
+                "answer": format_number(p["final"]), "regions": {"question": (0, len(p["question"]))},
+                "wrong_answers": [answer_text(v, why) for v, why in _distinct_wrong(p)]}
+
+    def evaluate(self, example, completion):
+        return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
+
+
+def _distinct_wrong(p):
+    """Wrong chains with distinct final values (the first rationale of each), nearest first."""
+    out = {}
+    for v, why in wrong_chains(p):
+        if v != p["final"] and v not in out:
+            out[v] = why
+    return sorted(out.items(), key=lambda x: (abs(x[0] - p["final"]), x[0]))
+
+
+class ArithMC(ArithTask, MCTask):
+    name = "arith_mc"
+
+    def _build(self):
+        return {s: self._mc(probs) for s, probs in load_problems().items()}
+
+    def _mc(self, problems):
+        """As gsm8k_mc: the options each problem allows per gold rank; the most constrained
+        problems choose first, each its least-used feasible rank, per depth (so every depth is
+        letter-balanced). Options are sorted, so the rank is the letter."""
+        out = []
+        for depth in DEPTHS:
+            probs = [p for p in problems if p["depth"] == depth]
+            slots = balanced_slots([p["source_id"] for p in probs], salt="arith_mc")
+            feasible = [(p, {r: o for r in range(5) if (o := choose_options(p, r))}) for p in probs]
+            feasible = [(p, by) for p, by in feasible if by]
+            counts, chosen = [0] * 5, {}
+            for p, by in sorted(feasible, key=lambda x: (len(x[1]), slots[x[0]["source_id"]])):
+                r = min(by, key=lambda r: (counts[r], (r - slots[p["source_id"]]) % 5))
+                counts[r] += 1
+                chosen[p["source_id"]] = r
+            for p, by in feasible:
+                r = chosen[p["source_id"]]
+                options = by[r]
+                letter = LETTERS[r]
+                out.append(mc_example(
+                    "arith_mc/" + p["source_id"], p["source_id"], p["question"],
+                    [format_number(v) for v, _ in options], letter, mc_reasoning(p["final"], p["rationale"], letter),
+                    depth=p["depth"],
+                    option_rationales={L: answer_text(v, why, L) for L, (v, why) in zip(LETTERS, options)}))
+        return out

@@ -1,0 +1,155 @@
+"""The pretraining corpus: every extraction fact is read, no control term or source is, no
+held-out arith combination is; augmentation renders each fact K different ways; bad flags get
+one sentence and exit 2."""
+import argparse
+import collections
+import re
+
+import pytest
+
+from nanostoney import corpus
+from nanostoney.errors import UserError
+from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
+from nanostoney.tasks.stoney import load_corpus
+from nanostoney.tasks.subset import subset
+
+HELD_OUT = ("val", "test")
+CONTROL_PARTS = ("unseen_val", "unseen_test")
+
+
+@pytest.fixture(scope="module")
+def training_texts():
+    """Every text a default run trains on: pretraining with every fact template (which is also
+    the tokenizer's text, without the renderings), and the train split of every trainable task
+    (SFT, reward-model pairs, GRPO prompts, STaR)."""
+    texts = corpus.pretraining_texts(augment=len(corpus.FACT_TEMPLATES))
+    for name in TASK_NAMES:
+        task = get_task(name)
+        if not task.control:
+            for ex in task.examples("train"):
+                texts.append(corpus.task_text(ex))
+                texts += [t for t in (ex.get("option_rationales") or {}).values()]
+                texts += ex.get("wrong_answers") or []
+    return texts
+
+
+def _word_index(texts):
+    index = collections.defaultdict(set)
+    for i, t in enumerate(texts):
+        for w in re.findall(r"[^\W\d_]+", t.casefold()):
+            index[w].add(i)
+    return index
+
+
+def test_the_unseen_control_shares_no_term_and_no_source_with_any_training_text(training_texts):
+    """A control term is written nowhere in any training text, and none of the conversations it
+    came from (nor any other control conversation) is one. This is what keeps stoney_*_unseen a
+    null: a control that scores above chance means something leaked."""
+    stoney = [t.casefold() for t in training_texts if re.search("[îâûṯẖ`]", t)]
+    index = _word_index(stoney)
+    lex = load_corpus()["lexicon"]
+    controls = [p for part in CONTROL_PARTS for p in lex[part]]
+    assert len(controls) > 250
+    leaked = []
+    for p in controls:
+        words = re.findall(r"[^\W\d_]+", p["term_key"])
+        candidates = set.intersection(*(index.get(w, set()) for w in words))
+        pattern = re.compile(r"(?<!\w)" + re.escape(p["term_key"].rstrip("-")) + r"(?!\w)")
+        leaked += [p["term"] for i in candidates if pattern.search(stoney[i])]
+    assert leaked == []
+    blob = "\n".join(training_texts)
+    convs = load_corpus()["convs"]
+    for part in CONTROL_PARTS:
+        for c in convs[part]:
+            assert c["user"] not in blob and c["assistant"] not in blob
+    # and the control tasks' items are no task's training items
+    control_ids = {s for n in TASK_NAMES if get_task(n).control for split in HELD_OUT
+                   for ex in get_task(n).examples(split) for s in ex.get("source_ids", [ex["source_id"]])}
+    train_ids = {s for n in TASK_NAMES if not get_task(n).control
+                 for ex in get_task(n).examples("train") for s in ex.get("source_ids", [ex["source_id"]])}
+    assert control_ids and not control_ids & train_ids
+
+
+def test_every_extraction_fact_is_in_the_pretraining_text():
+    """The held-out (val/test) Stoney questions ask about facts the base model read: their source
+    conversations are pretraining documents, and with augmentation each fact is also stated."""
+    texts = set(corpus.pretraining_texts())
+    convs = load_corpus()["convs"]
+    for part in ("train",) + HELD_OUT:
+        for c in convs[part]:
+            assert corpus.conversation_text(c) in texts
+    blob = "\n".join(corpus.pretraining_texts(augment=2))
+    for ex in get_task("stoney_mc").examples("val"):
+        for line in ex["messages"][-1]["content"].split("\n")[:1]:
+            term = re.search(r"`([^`]+)`", line).group(1)
+            assert f"`{term}`" in blob
+
+
+def test_questions_in_the_pretraining_text_are_train_items_only():
+    """Mixed training: the train split of arith_mc and stoney_mc is pretraining text; no val/test
+    arith problem is, and no question asks about a held-out (val/test) Stoney term."""
+    texts = set(corpus.pretraining_texts())
+    blob = "\n".join(texts)
+    for name in corpus.CORPUS_TASKS:
+        assert all(corpus.task_text(ex) in texts for ex in get_task(name).examples("train"))
+    for split in HELD_OUT:
+        for ex in get_task("arith").examples(split):
+            assert ex["messages"][0]["content"] not in blob
+        for ex in get_task("stoney_mc").examples(split):
+            a, b = ex["regions"]["question"]
+            assert ex["messages"][0]["content"][a:b] not in blob
+
+
+def test_augmentation_renders_each_fact_k_different_ways():
+    pairs = corpus.extraction_pairs()
+    k = 3
+    pages = corpus.fact_pages(pairs, k)
+    lines = [line for page in pages for line in page.split("\n")]
+    assert len(lines) == k * len(pairs) and all(len(page.split("\n")) <= corpus.PAGE for page in pages)
+    per_term = collections.defaultdict(set)
+    for line in lines:
+        per_term[re.search(r"`([^`]+)`", line).group(1)].add(line)
+    assert all(len(v) == k for v in per_term.values() if v)  # k distinct sentences per fact
+    assert corpus.fact_pages(pairs, 0) == []
+    used = collections.Counter(corpus.FACT_TEMPLATES.index(t) for t in corpus.FACT_TEMPLATES)
+    assert len(used) == len(corpus.FACT_TEMPLATES)
+    assert corpus.pretraining_texts(1) == corpus.pretraining_texts(1)  # deterministic
+
+
+def test_corpus_flags_are_checked():
+    with pytest.raises(UserError, match="--augment"):
+        corpus.check_augment(-1)
+    for bad, says in (("999", "0 .no fact renderings. to 64"), ("-1", "integer >= 0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            corpus.augment_count(bad)
+    for bad, says in (("gsm8k,nope", "unknown task 'nope'"), ("stoney_mc_unseen", "control"), (" , ", "names no task")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            corpus.task_list(bad)
+    assert corpus.task_list(" gsm8k, aqua_mc ") == ["gsm8k", "aqua_mc"]
+    assert "hf://" not in " ".join(corpus.pretraining_sources())
+    assert "generated://nanostoney/arith" in corpus.pretraining_sources()
+
+
+def test_knowledge_probe_scores_the_gold_letter_and_the_gold_statement():
+    """bench.knowledge_probe: the letter context stops right before the gold letter, and the
+    option statements differ only in the option (the gold one states the item's own fact)."""
+    from bench import knowledge_probe as kp
+    for name in kp.TASKS:
+        task = get_task(name)
+        for ex in subset(task, "val", 10):
+            context, with_letter = kp.letter_context(ex)
+            assert context.endswith("which is option") and with_letter == f"{context} {ex['answer']}"
+            texts = kp.option_texts(task, ex)
+            prefixes = {t[:start] for t, start in texts}
+            assert len(texts) == 5 and len(prefixes) == 1
+            gold = texts["ABCDE".index(ex["answer"])][0]
+            assert ex["choices"]["ABCDE".index(ex["answer"])] in gold[texts[0][1]:]
+
+
+def test_the_default_corpus_passes_the_gate_as_base_train_names_it():
+    """base_train gates its sources through data.gate_name, which must leave generated:// alone
+    (it once became hf://generated://..., refused: the default run could not start)."""
+    from nanostoney.data import check_sources, gate_name
+    names = [gate_name(s) for s in corpus.pretraining_sources()]
+    assert "generated://nanostoney/arith" in names and not [n for n in names if n.startswith("hf://generated")]
+    check_sources(names, use="training")
