@@ -5,7 +5,7 @@ change of greedy accuracy (method - SFT, and between methods) on those items: th
 seeds of each item's change, a 95% bootstrap interval over items and a sign-flip permutation p,
 Holm-corrected over every comparison of the table.
 
-    python -m bench.method_seeds --init out/sft --out out/methods --tasks arith_mc stoney_mc \\
+    python -m bench.method_seeds --init out/sft --out out/methods --tasks stoney_mc arith_mc \\
         --star "--rounds 2" --dpo "--pairs both" --grpo "--num-iterations 40"
 
 --star / --dpo / --grpo: extra flags of that method's runs (one string each); --tasks are both
@@ -116,7 +116,7 @@ def main():
     p.add_argument("--out", default="out/method_seeds")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", type=cli.nonneg_int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tasks", nargs="+", default=["stoney_mc", "gsm8k_mc"], help="trained on and evaluated")
+    p.add_argument("--tasks", nargs="+", default=["stoney_mc", "arith_mc"], help="trained on and evaluated")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])
     p.add_argument("--max-examples", type=cli.positive_int, default=100, help="held-out items per task")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)

@@ -40,7 +40,7 @@ from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task
 from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc=1,gsm8k_mc=1"
+DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
 PAIR_KINDS = ("ground_truth", "on_policy", "both")
 
 
@@ -48,11 +48,12 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description="DPO (LoRA or full) from an SFT checkpoint.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="training pairs: name=weight,... (train splits)")
-    p.add_argument("--eval-tasks", default="stoney_mc,gsm8k_mc,aqua_mc", help="comma list evaluated on their val split")
+    p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc",
+                   help="comma list evaluated on their val split")
     add_manifest_arg(p)
     p.add_argument("--pairs", default="ground_truth", choices=PAIR_KINDS, help="where the preference pairs come from")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="first N train examples per task for ground-truth pairs (0 = all)")
+                   help="train examples per task for ground-truth pairs, a balanced subset (0 = all)")
     p.add_argument("--on-policy-prompts", type=cli.positive_int, default=32, help="train prompts per task sampled")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (on-policy pairs)")

@@ -131,7 +131,7 @@ def main(argv=None):
     check_shared({"--init": args.init})
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
-        raise UserError("--tasks names no task; e.g. --tasks stoney_mc,gsm8k_mc.")
+        raise UserError("--tasks names no task; e.g. --tasks stoney_mc,arith_mc.")
     tasks = [get_task(n) for n in names]
     for t in tasks:
         if t.control:
