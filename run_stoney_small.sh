@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (about 27 minutes on 2 idle cores, estimated). The plan (every stage's command)
+# runs a CPU-sized configuration (23 minutes on 2 idle cores). The plan (every stage's command)
 # is printed before anything runs.
 #
 #   bash run_stoney_small.sh                 # bundled corpus; finished stages are skipped on rerun
@@ -12,11 +12,14 @@
 #   bash run_stoney_small.sh --nproc 4       # every stage under torchrun with 4 processes (GPUs or CPU)
 #   bash run_stoney_small.sh --size tiny     # minutes-sized stages, for tests (sizes: tiny, cpu, gpu)
 #   bash run_stoney_small.sh --pretrain web  # GPUs: FineWeb-Edu -> 65k tokenizer -> base at 20 tokens
-#                                            #   per parameter -> mid (chat format, full) -> SFT -> ...
+#                                            #   per parameter -> knowledge -> mid (chat format, full) -> SFT -> ...
 #   bash run_stoney_small.sh --from-nanochat hf:OWNER/NAME   # or a local nanochat / transformers dir:
-#                                            #   SFT -> reward model -> GRPO -> eval -> report on it
+#                                            #   knowledge -> SFT -> reward model -> GRPO -> eval -> report on it
+# (knowledge: the published or web base reads the bundled corpus, so held-out Stoney questions ask
+# about facts it has read; README, "Tasks")
 #   bash run_stoney_small.sh --plan ...      # print the plan and stop
-#   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE SFT RM GRPO EVAL REPORT)
+#   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE KNOWLEDGE MID SFT RM GRPO
+#                                                                 #   EVAL REPORT)
 #
 # A training stage that was stopped midway (Ctrl-C, a kill, a crash) continues from its last
 # checkpoint on the next run (--resume: base, sft, grpo) or trains again (--overwrite: rm);
@@ -67,7 +70,7 @@ if [ -n "$FROM_NANOCHAT" ] && [ "$PRETRAIN" = web ]; then
 fi
 MODE=$PRETRAIN
 [ -n "$FROM_NANOCHAT" ] && MODE="nanochat:$FROM_NANOCHAT"
-STAGES="corpus_head tokenizer corpus base mid sft rm grpo eval report"
+STAGES="corpus_head tokenizer corpus base knowledge mid sft rm grpo eval report"
 if [[ " $STAGES " != *" $UNTIL "* ]]; then
     echo "error: --until $UNTIL is not a stage; use one of: $STAGES" >&2; exit 2
 fi
@@ -132,7 +135,7 @@ with torch.device('meta'): print(20 * GPT(config_for_depth($DEPTH, 65536, 2048))
 fi
 
 # again NAME DIR ARGS: what a training stage needs when DIR holds an earlier attempt: --resume
-# when it stopped midway after a checkpoint (base, mid, sft, grpo), else --overwrite (train again).
+# when it stopped midway after a checkpoint (base, knowledge, mid, sft, grpo), else --overwrite (train again).
 again() {
     local name=$1 dir=$2 iters latest
     if [ -z "$(ls "$dir" 2>/dev/null)" ]; then
@@ -141,7 +144,7 @@ again() {
     iters=$(grep -o -- '--num-iterations [0-9]*' <<< "$3" | tail -1 | cut -d' ' -f2)
     latest=$(sed -n 's/^step_0*\([0-9]\)/\1/p' "$dir/latest" 2>/dev/null || true)
     # (no --num-iterations: the steps come from the token budget, and base_train checks the step)
-    if [ "$FORCE" != 1 ] && [[ " base mid sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
+    if [ "$FORCE" != 1 ] && [[ " base knowledge mid sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
             { [ -z "$iters" ] || [ "$latest" -lt "$iters" ]; }; then
         echo "--resume"
     else
@@ -181,12 +184,13 @@ stage() {
 # Per-stage sizes; a stage's variable set in the environment wins (e.g. BASE_ARGS="--num-iterations 50").
 # Batch flags are per device: the defaults scale with the number of processes.
 case "$SIZE" in
-    cpu)  # about 30 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
+    cpu)  # 23 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
         # 2000 base steps store the held-out Stoney facts (knowledge probe 0.84); no CPU-sized model
         # learns to read an answer letter off the options, so MC accuracy stays at chance here
         # (BENCHMARKS.md, "Issue 16"): held-out MC above chance needs a GPU-sized run.
         DEFAULT_TOK=""
         DEFAULT_BASE="--num-iterations 2000 --eval-every 250"
+        DEFAULT_KNOWLEDGE="--num-iterations 500 --eval-every 250"
         DEFAULT_SFT="--num-iterations 300 --max-train-examples 0 --final-eval-examples 100 --eval-every 0"
         DEFAULT_RM="--num-iterations 100"
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
@@ -197,6 +201,7 @@ case "$SIZE" in
         # The bundled corpus is about 1M tokens: 200 steps of 65,536 tokens read it about 13 times
         # (base_train's plan says how often). A model worth probing: --pretrain web or --from-nanochat.
         DEFAULT_BASE="--sequence-len 1024 --total-batch-size 65536 --device-batch-size 8 --num-iterations 200"
+        DEFAULT_KNOWLEDGE="$DEFAULT_BASE"  # the bundled corpus read about 13 times, as the bundled base does
         # nanochat's recipe for --pretrain web: 2048-token rows, 0.5M-token steps, steps from 20 tokens per parameter
         [ "$PRETRAIN" = web ] && DEFAULT_BASE="--data $WEB --sequence-len 2048 --total-batch-size 524288 --device-batch-size 32"
         DEFAULT_SFT="--num-iterations 1000"
@@ -208,6 +213,7 @@ case "$SIZE" in
         DEPTH=${DEPTH_TINY:-2}
         DEFAULT_TOK="--vocab-size 1024"
         DEFAULT_BASE="--num-iterations 4 --eval-every 0 --eval-tokens 2048 --save-every 0 --sample-tokens 8 --augment 0"
+        DEFAULT_KNOWLEDGE="$DEFAULT_BASE"
         DEFAULT_SFT="--num-iterations 3 --eval-every 0 --eval-examples 2 --eval-loss-examples 4
                   --final-eval-examples 2 --max-new-tokens 16"
         DEFAULT_RM="--num-iterations 2 --max-train-examples 16 --eval-pairs 8"
@@ -219,6 +225,7 @@ case "$SIZE" in
 esac
 TOK_ARGS=${TOK_ARGS-$DEFAULT_TOK}
 BASE_ARGS=${BASE_ARGS-$DEFAULT_BASE}
+KNOWLEDGE_ARGS=${KNOWLEDGE_ARGS-$DEFAULT_KNOWLEDGE}
 SFT_ARGS=${SFT_ARGS-$DEFAULT_SFT}
 RM_ARGS=${RM_ARGS-$DEFAULT_RM}
 GRPO_ARGS=${GRPO_ARGS-$DEFAULT_GRPO}
@@ -227,7 +234,7 @@ REPORT_ARGS=${REPORT_ARGS-$DEFAULT_REPORT}
 COMMON="--wandb $WANDB"
 # midtraining (nanochat's mid stage): every weight, on the chat format of the Stoney conversations
 # and the math tasks, so the chat tokens are learned before the LoRA stages
-MID_ARGS=${MID_ARGS-"--full --lr 1e-3 --tasks stoney_qa=1,stoney_lexicon=1,stoney_mc=1,gsm8k=1,gsm8k_mc=1,aqua_mc=1
+MID_ARGS=${MID_ARGS-"--full --lr 1e-3 --tasks stoney_qa=1,stoney_lexicon=1,stoney_mc=1,arith=1,arith_mc=1,gsm8k=1,gsm8k_mc=1,aqua_mc=1
     --max-train-examples 0 --total-batch-size 64 --device-batch-size 8 --num-iterations 300 --eval-every 0"}
 
 pipeline() {
@@ -248,8 +255,15 @@ pipeline() {
             --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
     fi
     init="$BASE"
+    if [ -n "$FROM_NANOCHAT" ] || [ "$PRETRAIN" = web ]; then
+        # continued pretraining on the bundled corpus: the Stoney facts held-out questions ask about,
+        # which neither the web nor a published model has read
+        stage knowledge $LAUNCH -m scripts.base_train --init "$BASE" --out "$OUT/knowledge" --run-name knowledge \
+            $COMMON $KNOWLEDGE_ARGS $(again knowledge "$OUT/knowledge" "$KNOWLEDGE_ARGS")
+        init="$OUT/knowledge"
+    fi
     if [ "$PRETRAIN" = web ]; then
-        stage mid $LAUNCH -m scripts.sft_train --init "$OUT/base" --out "$OUT/mid" --run-name mid $COMMON $MID_ARGS \
+        stage mid $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/mid" --run-name mid $COMMON $MID_ARGS \
             $(again mid "$OUT/mid" "$MID_ARGS")
         init="$OUT/mid"
     fi
@@ -279,4 +293,5 @@ echo
 echo "nanostoney: done. Stage times (s) in $OUT/stage_times.tsv, logs in $OUT/logs/"
 echo "  report:      $OUT/report/index.html"
 echo "  eval table:  $OUT/eval/results.json"
+[ -z "$FROM_NANOCHAT" ] && [ "$PRETRAIN" = bundled ] || BASE="$BASE $OUT/knowledge"
 echo "  checkpoints: $BASE $([ "$PRETRAIN" = web ] && echo "$OUT/mid ")$OUT/sft $OUT/rm $OUT/grpo"

@@ -766,7 +766,8 @@ SUMMARY_KEYS = (list(SCALAR_KEYS) + list(ARRAY_KEYS) +
                 ["entropy:layer", "entropy:all", "entropy_answer:layer", "entropy_answer:all", "entropy_norm:layer",
                  "entropy_norm:all", "entropy_answer_norm:layer", "entropy_answer_norm:all",
                  "previous_token:all", "sink:all", "option_lookup:all", "option_share:all",
-                 "struct_mass:all", "lex_mass:all", "struct_mass:layer", "ablate_zero:all", "ablate_mean:all"])
+                 "struct_mass:all", "lex_mass:all", "struct_mass:layer", "ablate_zero:all", "ablate_mean:all",
+                 "chance"])
 
 
 def summarize(recs, n_boot=1000, seed=0):
@@ -845,7 +846,8 @@ def item_records(gpt, items, figure_keys=(), progress=True, info=None):
     recs, figures = [], {}
     for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
-                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth)
+                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth,
+                   chance=1 / len(it.letter_ids) if it.letter_ids else None)  # a guess among the options
         recs.append(rec)
         if full is not None:
             figures[it.key] = {"id": it.id, "task": it.task, "family": it.family, "split": it.split,

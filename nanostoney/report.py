@@ -494,6 +494,22 @@ def undecided_sentence(res, last, families):
             f"decodable ({', '.join(f'{f} {v}' for f, v in n.items())}; {MIN_N} a side needed).")
 
 
+def at_chance_sentence(res, last, families):
+    """[a sentence] when a family's held-out accuracy is not above chance: then its heads carry
+    what the model does at the answer slot, not the answer, and the report must say so first."""
+    low = []
+    for fam in families:
+        held = res["families"].get(fam, {}).get("heldout", {})
+        acc, chance = held.get("own_correct"), held.get("chance")
+        if acc and chance and acc.get("lo") is not None and acc["lo"] <= chance["mean"]:
+            low.append(f"{fam} (chance {chance['mean']:.2f})")
+    if not low:
+        return []
+    return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
+            f"model does at the answer slot (the answer format, a preferred letter), not a reached answer. A claim "
+            f"about how the answer is reached needs a model above chance (BENCHMARKS.md, issue 16)."]
+
+
 def summary(metrics):
     """The report's answer in plain sentences: how it was measured; for the last checkpoint which
     heads carry the answer in each family, where it becomes decodable and how the families differ;
@@ -512,6 +528,7 @@ def summary(metrics):
     acc = [f"{fam} {cell_text(res['families'][fam]['heldout'].get('own_correct'))}"
            for fam in families_of(metrics) if res["families"].get(fam, {}).get("heldout")]
     lines.append(f"{last}: held-out accuracy of its own greedy answers (uncorrected 95%): {'; '.join(acc)}.")
+    lines += at_chance_sentence(res, last, families_of(metrics))
     mine = [t for t in tests if t["checkpoint"] == last]
     for fam in families_of(metrics):
         ts = [t for t in mine if t.get("family") == fam and t["kind"] in ("topk_vs_random", "topk_vs_other")]

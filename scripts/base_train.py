@@ -17,19 +17,22 @@ The text streams (nanostoney/loader.py): parquet row groups are read and tokeniz
 run needs them, so memory does not grow with the corpus; other text is converted once into
 parquet in the cache. Without --val-data the last row group of --data is held out.
 
+--init continues pretraining a checkpoint instead (a web base or a published nanochat model, with
+its architecture and tokenizer): the speedrun's knowledge stage, which lets such a model read the
+bundled corpus, so that held-out Stoney questions ask about facts it has read.
+
 Steps: --num-iterations, or else --target-param-data-ratio tokens per parameter (nanochat's 20).
 The plan printed at the start gives the corpus tokens (estimated from a sample for a large
 corpus) and the epochs, with a warning when the run would read the corpus more than once.
 The CPU configuration of run_stoney_small.sh (depth 4 = 256 wide, 4 heads of 64; 256-token
-rows; 2048-token steps; 500 steps, about 1M tokens) is sized for about 5 minutes on 2 quiet
-cores. The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the
+rows; 2048-token steps; 2000 steps, about 4M tokens) takes about 15 minutes on 2 quiet cores. The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the
 same val bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step;
 see BENCHMARKS.md.
 """
 import math
 import os
 
-from nanostoney import cli, corpus, evaluate, loader, optim, train
+from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -44,6 +47,9 @@ SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Pretrain a nanostoney GPT.")
     p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir from scripts.tok_train")
+    p.add_argument("--init", default=None,
+                   help="continue pretraining this checkpoint (a web base, a published nanochat model) instead of "
+                        "a fresh model: its architecture and tokenizer (--depth, --head-dim, --tokenizer unused)")
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; "
                         "default: the bundled corpus")
@@ -110,29 +116,44 @@ def corpus_plan(args, num_params, total_batch, corpus, tok):
     return have, words
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def fresh_model(args):
+    """(model with nanochat's initialisation, tokenizer) for --depth on --tokenizer."""
     if not os.path.isdir(args.tokenizer):
         raise UserError(f"tokenizer directory {args.tokenizer} does not exist; train one with "
                         f"python -m scripts.tok_train or pass --tokenizer.")
     if args.head_dim < 2:
         raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+    tok = Tokenizer.load(args.tokenizer)
+    model = GPT(config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim))
+    model.init_weights()
+    return model, tok
+
+
+def init_model(args):
+    """(model, tokenizer) that --init names, every weight trainable (adapters merged in)."""
+    model, tok, ckpt, _ = checkpoint.load_for_training(args.init, full=True)
+    if args.sequence_len > model.config.sequence_len:
+        raise UserError(f"--sequence-len {args.sequence_len} is longer than the {model.config.sequence_len} positions "
+                        f"of --init {args.init}; pass --sequence-len {model.config.sequence_len} or less.")
+    args.init = ckpt  # the checkpoint itself, for the run's meta and a --resume check
+    return model, tok
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--tokenizer": args.tokenizer})
-    tok = Tokenizer.load(args.tokenizer)
+    check_shared({"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
+    model, tok = init_model(args) if args.init else fresh_model(args)
+    config = model.config
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
     train_corpus, val_corpus, sources = load_corpus(args, info)
-
-    config = config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim)
-    model = GPT(config)
-    model.init_weights()
     model.to(info.device)
     plan_steps(args, model.num_params(), total_batch)
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
-                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key()}
+                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key(), "init": args.init}
     resumed = train.resume(args, out, model, optimizer, info, expect=geometry)
     start_step = resumed["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
@@ -170,7 +191,7 @@ def main(argv=None):
     def save(step):
         meta = {**geometry, "data_position": data.position(), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "base"}
-        train.save_run(out, model, step, optimizer, info, meta, tokenizer_dir=args.tokenizer,
+        train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=data.get,

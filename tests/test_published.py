@@ -174,6 +174,26 @@ def test_sft_then_grpo_on_a_nanochat_checkpoint(models, tmp_path):
     assert set(table) == {"nanochat", "sft"} and all(table[c]["tasks"]["stoney_mc"]["n"] == 2 for c in table)
 
 
+def test_knowledge_stage_then_sft_on_a_nanochat_checkpoint(models, tmp_path):
+    """The speedrun's knowledge stage (base_train --init): a published model continues pretraining
+    on the bundled corpus with its own tokenizer and architecture, and SFT stands on the result."""
+    from scripts import base_train, sft_train
+    nano, _, _ = models
+    knowledge, sft = str(tmp_path / "knowledge"), str(tmp_path / "sft")
+    base_train.main(["--init", nano, "--out", knowledge, "--num-iterations", "2", "--sequence-len", "64",
+                     "--device-batch-size", "2", "--total-batch-size", "128", "--eval-every", "0", "--eval-tokens",
+                     "256", "--sample-tokens", "0", "--augment", "0", "--device", "cpu", "--wandb", "disabled"])
+    model, tok, meta = checkpoint.load_model(knowledge)
+    published_model, published_tok, _ = checkpoint.load_model(nano)
+    assert model.config == published_model.config and meta["step"] == 2
+    text = "Which English word means îyâhe?"
+    assert tok.encode(text) == published_tok.encode(text)
+    assert any(not torch.equal(v, published_model.state_dict()[k]) for k, v in model.state_dict().items())
+    sft_train.main(SFT + ["--init", knowledge, "--out", sft])
+    assert os.path.samefile(lora.base_checkpoint_of(checkpoint.latest_checkpoint(sft)),
+                            checkpoint.latest_checkpoint(knowledge))
+
+
 def test_sft_on_the_transformers_layout_and_grpo_on_a_cached_hub_id_offline(models, tmp_path):
     from scripts import sft_train
     _, hf, cache = models

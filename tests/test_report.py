@@ -203,3 +203,17 @@ def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path)
     for key in ("checkpoints", "headline", "deltas"):
         assert same_numbers(one[key], three[key]), key
     assert one["summary"] == three["summary"]
+
+
+def test_the_summary_says_first_when_a_family_is_not_above_chance():
+    """Heads that 'carry the answer' of a model guessing carry the format, not an answer: the
+    headline says so whenever a family's held-out lower bound does not clear chance."""
+    def res(lo_stoney, lo_math):
+        fam = lambda lo: {"heldout": {"own_correct": {"mean": lo + 0.1, "lo": lo, "hi": lo + 0.2, "n": 50},
+                                      "chance": {"mean": 0.2, "lo": 0.2, "hi": 0.2, "n": 50}}}
+        return {"families": {"stoney": fam(lo_stoney), "math": fam(lo_math)}}
+    assert report.at_chance_sentence(res(0.3, 0.25), "grpo", ["stoney", "math"]) == []
+    said = report.at_chance_sentence(res(0.3, 0.1), "grpo", ["stoney", "math"])
+    assert len(said) == 1 and "not above chance on held-out math (chance 0.20)" in said[0] and "stoney" not in said[0]
+    said = report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"])
+    assert "held-out stoney (chance 0.20) or math" in said[0]

@@ -346,6 +346,28 @@ def test_sft_lora_end_to_end_trains_only_adapters(ws, tmp_path):
     assert sum("attn/entropy_mean" in rec for rec in recs) == 3
 
 
+def test_base_train_init_continues_a_checkpoint(ws, tmp_path):
+    """--init (the speedrun's knowledge stage on a web base or a published model): the run starts
+    from the checkpoint's weights (its first val bpb is the base's last), keeps its architecture
+    and tokenizer, and refuses rows longer than its positions in one sentence."""
+    from nanostoney.checkpoint import latest_checkpoint, load_model
+    base, more = tmp_path / "base", tmp_path / "more"
+    r = run(base_cmd(ws, base, "--num-iterations", "3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # no --tokenizer, another --depth: both come from the checkpoint
+    cmd = [a for a in base_cmd(ws, more, "--init", str(base), "--depth", "3") if a not in ("--tokenizer", str(ws.tok))]
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bpb = [[json.loads(line)["val/bpb"] for line in open(d / "metrics.jsonl") if "val/bpb" in line] for d in (base, more)]
+    assert bpb[1][0] == pytest.approx(bpb[0][-1], abs=1e-6)  # step 0 of the new run = the end of the old
+    model, tok, meta = load_model(str(more))
+    plain, _, _ = load_model(str(base))
+    assert model.config == plain.config and tok is not None and meta["init"] == latest_checkpoint(str(base))
+    assert max_diff(model.state_dict(), plain.state_dict()) > 0  # and it trained on
+    r = run([*cmd, "--out", str(tmp_path / "long"), "--sequence-len", "1000"])
+    assert r.returncode == 2 and r.stderr.startswith("error: --sequence-len 1000 is longer"), r.stderr[-2000:]
+
+
 def test_sweep_yaml_grid_is_what_sft_train_accepts():
     from scripts import sft_train, sweep
     cfg = sweep.load_sweep(str(ROOT / "sweep.yaml"))

@@ -357,7 +357,7 @@ def test_eval_and_report_on_four_ranks(ckpts, tmp_path):
 
 
 def test_the_mid_stage_flags_of_the_web_speedrun_train(ckpts, tmp_path):
-    """--pretrain web's mid stage (sft_train --full on six tasks' chat format) runs with the flags
+    """--pretrain web's mid stage (sft_train --full on eight tasks' chat format) runs with the flags
     the speedrun gives it, shrunk by later flags (argparse: the last one wins)."""
     plan = subprocess.run(["bash", str(ROOT / "run_stoney_small.sh"), "--plan", "--pretrain", "web",
                            "--out", str(tmp_path / "plan")], capture_output=True, text=True, timeout=600, env=env(),
