@@ -116,13 +116,16 @@ def corpus_plan(args, num_params, total_batch, corpus, tok):
     return have, words
 
 
-def fresh_model(args):
-    """(model with nanochat's initialisation, tokenizer) for --depth on --tokenizer."""
+def check_fresh_args(args):
     if not os.path.isdir(args.tokenizer):
         raise UserError(f"tokenizer directory {args.tokenizer} does not exist; train one with "
                         f"python -m scripts.tok_train or pass --tokenizer.")
     if args.head_dim < 2:
         raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+
+
+def fresh_model(args):
+    """(model with nanochat's initialisation, tokenizer) for --depth on --tokenizer."""
     tok = Tokenizer.load(args.tokenizer)
     model = GPT(config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim))
     model.init_weights()
@@ -141,13 +144,16 @@ def init_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.init:
+        check_fresh_args(args)
     out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
-    model, tok = init_model(args) if args.init else fresh_model(args)
-    config = model.config
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
     train_corpus, val_corpus, sources = load_corpus(args, info)
+    # the model after the corpus: a corpus conversion's transient memory must not stack on the weights
+    model, tok = init_model(args) if args.init else fresh_model(args)
+    config = model.config
     model.to(info.device)
     plan_steps(args, model.num_params(), total_batch)
     optimizer = optim.optimizer_from_args(model, args)

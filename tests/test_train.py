@@ -364,7 +364,7 @@ def test_base_train_init_continues_a_checkpoint(ws, tmp_path):
     plain, _, _ = load_model(str(base))
     assert model.config == plain.config and tok is not None and meta["init"] == latest_checkpoint(str(base))
     assert max_diff(model.state_dict(), plain.state_dict()) > 0  # and it trained on
-    r = run([*cmd, "--out", str(tmp_path / "long"), "--sequence-len", "1000"])
+    r = run([*cmd, "--out", str(tmp_path / "long"), "--sequence-len", "1000", "--total-batch-size", "2000"])
     assert r.returncode == 2 and r.stderr.startswith("error: --sequence-len 1000 is longer"), r.stderr[-2000:]
 
 
