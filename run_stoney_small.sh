@@ -185,7 +185,7 @@ stage() {
 # Batch flags are per device: the defaults scale with the number of processes.
 case "$SIZE" in
     cpu)  # 23 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
-        # 2000 base steps store the held-out Stoney facts (knowledge probe 0.84); no CPU-sized model
+        # 2000 base steps store the held-out Stoney facts (knowledge probe 0.93); no CPU-sized model
         # learns to read an answer letter off the options, so MC accuracy stays at chance here
         # (BENCHMARKS.md, "Issue 16"): held-out MC above chance needs a GPU-sized run.
         DEFAULT_TOK=""

@@ -25,9 +25,9 @@ Steps: --num-iterations, or else --target-param-data-ratio tokens per parameter 
 The plan printed at the start gives the corpus tokens (estimated from a sample for a large
 corpus) and the epochs, with a warning when the run would read the corpus more than once.
 The CPU configuration of run_stoney_small.sh (depth 4 = 256 wide, 4 heads of 64; 256-token
-rows; 2048-token steps; 2000 steps, about 4M tokens) takes about 15 minutes on 2 quiet cores. The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the
-same val bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step;
-see BENCHMARKS.md.
+rows; 2048-token steps; 2000 steps, about 4M tokens) takes about 16 minutes on 2 quiet cores.
+The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the same val
+bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
 """
 import math
 import os
@@ -196,7 +196,7 @@ def main(argv=None):
 
     def save(step):
         meta = {**geometry, "data_position": data.position(), "data_sources": sources,
-                "num_iterations": args.num_iterations, "stage": "base"}
+                "num_iterations": args.num_iterations, "stage": "knowledge" if args.init else "base"}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 

@@ -185,7 +185,7 @@ def test_knowledge_stage_then_sft_on_a_nanochat_checkpoint(models, tmp_path):
                      "256", "--sample-tokens", "0", "--augment", "0", "--device", "cpu", "--wandb", "disabled"])
     model, tok, meta = checkpoint.load_model(knowledge)
     published_model, published_tok, _ = checkpoint.load_model(nano)
-    assert model.config == published_model.config and meta["step"] == 2
+    assert model.config == published_model.config and meta["step"] == 2 and meta["stage"] == "knowledge"
     text = "Which English word means îyâhe?"
     assert tok.encode(text) == published_tok.encode(text)
     assert any(not torch.equal(v, published_model.state_dict()[k]) for k, v in model.state_dict().items())
