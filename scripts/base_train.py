@@ -32,7 +32,7 @@ bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step
 import math
 import os
 
-from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, train
+from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, published, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -116,7 +116,13 @@ def corpus_plan(args, num_params, total_batch, corpus, tok):
     return have, words
 
 
-def check_fresh_args(args):
+def check_start(args):
+    """What the run starts from exists, before the output dir is claimed and the corpus is read."""
+    if args.init:
+        if not os.path.exists(published.resolve(args.init)):
+            raise UserError(f"--init {args.init} does not exist; pass a checkpoint directory (a base run, a nanochat "
+                            f"checkpoint dir) or hf:OWNER/NAME.")
+        return
     if not os.path.isdir(args.tokenizer):
         raise UserError(f"tokenizer directory {args.tokenizer} does not exist; train one with "
                         f"python -m scripts.tok_train or pass --tokenizer.")
@@ -144,8 +150,7 @@ def init_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.init:
-        check_fresh_args(args)
+    check_start(args)
     out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})

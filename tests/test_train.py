@@ -366,6 +366,9 @@ def test_base_train_init_continues_a_checkpoint(ws, tmp_path):
     assert max_diff(model.state_dict(), plain.state_dict()) > 0  # and it trained on
     r = run([*cmd, "--out", str(tmp_path / "long"), "--sequence-len", "1000", "--total-batch-size", "2000"])
     assert r.returncode == 2 and r.stderr.startswith("error: --sequence-len 1000 is longer"), r.stderr[-2000:]
+    r = run([*cmd, "--out", str(tmp_path / "none"), "--init", str(tmp_path / "nowhere")])
+    assert r.returncode == 2 and r.stderr.startswith("error: --init ") and "does not exist" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "none").exists()  # refused before claiming --out
 
 
 def test_sweep_yaml_grid_is_what_sft_train_accepts():
