@@ -16,12 +16,14 @@
 3. Induction: mean loss (nats) on the second copy of a repeated random token sequence minus the
    first; near 0 = no in-context copying at all (letter binding is harder than copying).
 Cheap (forward passes only), so it traces what a base model has against pretraining steps; the
-pipeline's own numbers (SFT/GRPO, generated answers) come from scripts.eval.
+pipeline's own numbers (SFT/GRPO, generated answers, and their cloze accuracy: the question asked
+without options, each option's answer scored per character) come from scripts.eval.
 """
 import torch
 
 from nanostoney import cli
 from nanostoney.answers import LETTERS
+from nanostoney.cloze import option_logprobs
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json
 from nanostoney.tasks import get_task
@@ -52,26 +54,14 @@ def option_texts(task, ex):
     return out
 
 
-@torch.no_grad()
 def score(model, tok, texts, batch=32):
     """Summed log-probability of each text's tokens from its offset on (tokens that overlap it)."""
     rows = []
     for text, start in texts:
         enc = tok.hf.encode(text, add_special_tokens=False)
         first = next(j for j, (s, e) in enumerate(enc.offsets) if e > start)
-        rows.append(([tok.bos_id] + enc.ids, first + 1))
-    out = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        T = max(len(ids) for ids, _ in chunk)
-        idx = torch.zeros(len(chunk), T, dtype=torch.long)
-        for r, (ids, _) in enumerate(chunk):
-            idx[r, :len(ids)] = torch.tensor(ids)
-        logp = torch.log_softmax(model(idx.to(model.get_device())).float(), -1).cpu()
-        for r, (ids, first) in enumerate(chunk):
-            tgt = torch.tensor(ids[first:])
-            out.append(logp[r, first - 1:len(ids) - 1].gather(1, tgt[:, None]).sum().item())
-    return out
+        rows.append(([tok.bos_id] + enc.ids, first + 1, len(text) - start))
+    return [lp for i in range(0, len(rows), batch) for lp in option_logprobs(model, rows[i:i + batch])]
 
 
 def probe(model, tok, task, exs):

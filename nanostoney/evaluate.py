@@ -16,6 +16,9 @@ reference plus 16 tokens, at most --max-new-tokens.
 
 What is measured (every number with a 95% percentile-bootstrap interval over examples):
 - accuracy: greedy completions scored by task.evaluate (stoney_qa: chrF >= 50, its verifier).
+- cloze (multiple choice): the option whose answer the model finds most likely per character,
+  asked without the options (nanostoney.cloze): what it knows, whether or not it can name the
+  letter. Both are reported: a small model is often above chance here and at chance on letters.
 - answered: share of greedy completions with an "Answer:" line (all tasks but stoney_qa,
   whose references have none) -- separates "wrong" from "never learned the format".
 - pass@k: num_samples completions per prompt at `temperature`, k = 1, 2, 4, ... <= n, by the
@@ -211,8 +214,12 @@ def by_depth(examples, correct, n_boot=1000, seed=0):
 
 
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
-               comet=True, comet_model=None):
+               comet=True, comet_model=None, cloze=None):
     """Metrics of one task from its completions: (result dict, notes).
+
+    cloze: for a multiple-choice task, [0/1 per example] from nanostoney.cloze (the model's pick
+    when each option's answer is scored, with no options or letters in the context): the
+    "cloze" metric, beside the greedy letter "accuracy".
 
     featurize(texts) -> (N, d) array for MAUVE, or None to skip MAUVE. result holds
     "metrics" ({name: {"value", "ci95"}}), "per_example" (ids and 0/1 outcomes, for paired
@@ -225,6 +232,8 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
     if task.name not in ("stoney_qa", "stoney_qa_unseen"):
         answered = [float(answer_after(c) is not None) for c in greedy]
         metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
+    if cloze is not None:
+        metrics["cloze"] = _ci(*bootstrap_ci(np.array(cloze, dtype=float), n_boot=n_boot, seed=seed))
     n_samples = len(sampled[0]) if sampled else 0
     sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
     if n_samples:
@@ -253,7 +262,8 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
     result = {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
               "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
               "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
-                              "n_correct_samples": [sum(s) for s in sample_correct]},
+                              "n_correct_samples": [sum(s) for s in sample_correct],
+                              **({"cloze": list(cloze)} if cloze is not None else {})},
               "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
                            "reference": ex["messages"][-1]["content"], "greedy": g,
                            "sampled": list(cs)}
@@ -274,6 +284,10 @@ def family_metrics(task_results, n_boot=1000, seed=0):
         correct = [c for t in members for c in task_results[t]["per_example"]["correct"]]
         entry = {"tasks": members, "n": len(correct),
                  "metrics": {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}}
+        cloze = [task_results[t]["per_example"].get("cloze") for t in members]
+        if all(c is not None for c in cloze):  # every member multiple choice
+            entry["metrics"]["cloze"] = _ci(*bootstrap_ci(np.array([x for c in cloze for x in c], dtype=float),
+                                                          n_boot=n_boot, seed=seed))
         ns = {task_results[t]["n_samples"] for t in members}
         if len(ns) == 1 and next(iter(ns)) > 0:
             n = ns.pop()

@@ -5,7 +5,13 @@ Everything is measured at one place, the *answer slot*: the task prompt rendered
 `tokenizer.render_prompt`, then a rationale, then "</think>\\nAnswer:", so the next token is the
 answer's first token (for multiple choice, the letter). Which rationale (the *context*):
 - "own" (default): the model's own greedy completion of the prompt (evaluate.complete_task);
-- "gold": the gold rationale (teacher forcing).
+- "gold": the gold rationale (teacher forcing);
+- "cloze" (multiple choice): no options and no rationale of the model's. The question alone,
+  then the answers' shared beginning (nanostoney.cloze.answer_texts: "<think>'grotto' in Stoney
+  Nakoda is `", "<think>19 + 7 = "), so the slot is the first token where the options' answers
+  part: the token that decides which answer the model writes, with nothing of it in the context.
+  The item is right when the model's cloze pick is (cloze.cloze_choices). This is the slot of
+  a model that knows answers but cannot name their letters (a small one: BENCHMARKS.md).
 Either way the rationale is cut before its first sentence that states the answer: a sentence
 naming an option letter ("which is option E", "(E)", "E)", "the answer is", "Answer:") or stating
 the gold answer or the model's own answer (the option's text, or its number for a numeric
@@ -43,7 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanostoney import probes
+from nanostoney import cloze, probes
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.dist import get_rank, map_over_ranks
@@ -60,7 +66,8 @@ STRUCT_REGIONS = ("bos", "template", "system", "question", "options", "prompt_ot
 LEXICAL_REGIONS = ("stoney_term", "english", "digit", "operator", "other")
 SPLIT_GROUPS = ("train", "heldout")
 OUTCOME_GROUPS = ("heldout_right", "heldout_wrong")  # held-out items the model's own greedy answer gets right/wrong
-CONTEXTS = ("own", "gold")
+RATIONALE_CONTEXTS = ("own", "gold")  # the slot after a rationale, at "Answer:" (context_text)
+CONTEXTS = RATIONALE_CONTEXTS + ("cloze",)
 ABLATION_MODES = ("zero", "mean")
 HEADLINE_MODE = "mean"  # the ablation the headline tests use (zero ablation stays exploratory)
 ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "sink": 0.5, "option_lookup": 0.3}
@@ -393,26 +400,46 @@ def context_text(example, completion, context="own"):
     """The assistant text the answer slot is read after: "<think>{rationale}</think>\\nAnswer: {gold}",
     the rationale being the model's own (`completion`, context "own") or the gold one ("gold"),
     cut by strip_answer before it states the gold answer or the model's own answer."""
-    if context not in CONTEXTS:
-        raise UserError(f"unknown context {context!r}; use one of {', '.join(CONTEXTS)}.")
+    if context not in RATIONALE_CONTEXTS:
+        raise UserError(f"unknown context {context!r}; use one of {', '.join(RATIONALE_CONTEXTS)}.")
     gold = example["messages"][-1]["content"]
     rationale = unicodedata.normalize("NFC", rationale_part(completion if context == "own" else gold))
     return format_answer(strip_answer(rationale, stated_answers(example, completion)), answer_after(gold))
 
 
-def prepare_item(tokenizer, task, example, split, judge, assistant):
-    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
-    holds the gold answer (context_text makes one): the context is the prompt and every token of
-    `assistant` before the answer's first token."""
-    prompt = task.prompt(example)
-    gold = assistant
-    cue = gold.rfind(MARKER)
+def cloze_slot(task, example):
+    """(prompt, assistant, slot, candidates) of the cloze context: the question without its
+    options, the gold answer's text, the character where the options' answers first differ, and
+    every option's answer text (their tokens at the slot are the candidates); None when the
+    shared beginning already states the gold answer (an arith chain whose start value is it)."""
+    answers = cloze.answer_texts(example)
+    gold, slot = answers[LETTERS.index(example["answer"])], cloze.common_prefix(answers)
+    if mention_positions(gold[:slot], [option_text(example, example["answer"])]):
+        return None  # every option's chain passes through the gold value first: no unseen decision to probe
+    return cloze.question_only(task, example), gold, slot, answers
+
+
+def letter_slot(task, example, assistant):
+    """(prompt, assistant, slot, candidates) after a rationale: the slot is the first character
+    of the answer after the last "Answer:"; the candidates are the assistant text with each
+    option letter in the answer's place."""
+    cue = assistant.rfind(MARKER)
     start = cue + len(MARKER)
-    while start < len(gold) and gold[start].isspace():
+    while start < len(assistant) and assistant[start].isspace():
         start += 1
-    if cue < 0 or start >= len(gold):
+    if cue < 0 or start >= len(assistant):
         raise UserError(f"example {example['id']} of task {task.name} has no answer after 'Answer:'; fix the "
                         f"task data.")
+    options = option_letters(len(example["choices"])) if example.get("choices") else ()
+    return task.prompt(example), assistant, start, [assistant[:start] + c for c in options]
+
+
+def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
+    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
+    holds the gold answer (context_text makes one): the context is the prompt and every token of
+    `assistant` before the answer's first token. slot: a (prompt, assistant, slot, candidates) of
+    cloze_slot instead (assistant is then ignored)."""
+    prompt, gold, start, candidates = slot or letter_slot(task, example, assistant)
     prompt_ids = tokenizer.render_prompt(prompt)
     text = user_text(prompt)
     u_ids, u_off = token_offsets(tokenizer, text)
@@ -444,26 +471,26 @@ def prepare_item(tokenizer, task, example, split, judge, assistant):
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
                 struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0)
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
-        mc_fields(item, tokenizer, example, text, u_off, gold[:start], a_ids[:k])
+        mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
     item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
                    ["<|user_end|>", "<|assistant_start|>"] + [display_token(gold[a:b]) for a, b in a_off[:k]])
     return item
 
 
-def mc_fields(item, tokenizer, example, text, u_off, before_answer, head_ids):
-    """Option-line labels, the correct option's index and the option letters' tokens at the slot
-    (the assistant text with each letter in the gold's place: the candidate's token there)."""
+def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
+    """Option-line labels, the correct option's index and each option's token at the slot
+    (`candidates`: the assistant text each option would have; its token there)."""
     regions, k = example["regions"], len(head_ids)
     options = option_letters(len(example["choices"]))
     ch_opt = np.full(len(text), -1)
     for n, c in enumerate(options):
         a, b = regions[f"option_{c}"]
-        ch_opt[a:b] = n
+        ch_opt[a:b] = n  # (past the end of a cloze prompt, which has no options: no label)
     item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
     letters = []
-    for c in options:
-        c_ids = tokenizer.encode(before_answer + c)
+    for candidate in candidates:
+        c_ids = tokenizer.encode(candidate)
         letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
     answer = str(example.get("answer", "")).strip()
     if answer in options:
@@ -520,6 +547,17 @@ def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chun
                               chunks, info)
         greedy = [g for part in done for g in part]
         out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
+    return out
+
+
+def cloze_verdicts(model, tokenizer, examples, chosen, info=None):
+    """{(task, id): whether the model's cloze pick of the example is the gold option} (multiple-choice
+    tasks only: scripts.compare_reasoning checks)."""
+    out = {}
+    for name, pairs in chosen.items():
+        task, exs = examples[name][0], [ex for _, ex in pairs]
+        right = cloze.cloze_correct(model, tokenizer, task, exs, info)
+        out.update({(name, ex["id"]): bool(r) for ex, r in zip(exs, right)})
     return out
 
 
@@ -800,18 +838,23 @@ def top_heads(drops, k):
 
 def build_items(tokenizer, examples, chosen, completions, judge, context, max_len, vocab_size):
     """(items, {task: number skipped}): an Item per chosen example, read after its context
-    (context_text of the model's completion); one whose context does not fit in max_len tokens
-    (or the model's vocabulary) is skipped."""
+    (context_text of the model's completion, or cloze_slot); one whose context does not fit in
+    max_len tokens (or the model's vocabulary), or has no cloze slot, is skipped. completions: {(task, id): the model's
+    greedy completion}, for "cloze" {(task, id): whether its cloze pick is right}."""
     items, skipped = [], {}
     for name, pairs in chosen.items():
         task = examples[name][0]
         for split, ex in pairs:
-            completion = completions[(name, ex["id"])]
-            it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
-            if len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
+            if context == "cloze":
+                slot = cloze_slot(task, ex)
+                it = slot and prepare_item(tokenizer, task, ex, split, judge, None, slot)
+            else:
+                completion = completions[(name, ex["id"])]
+                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
+            if it is None or len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
                 skipped[name] = skipped.get(name, 0) + 1
                 continue
-            it.own_correct = bool(task.evaluate(ex, completion))
+            it.own_correct = completions[(name, ex["id"])] if context == "cloze" else bool(task.evaluate(ex, completion))
             items.append(it)
     if not items:
         raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")
@@ -1006,7 +1049,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
                    judge=None, progress=True, info=None):
     """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
     list the first `limit` examples whose prompt and gold fit in max_len tokens are analysed,
-    each read after its context (`context`: "own" or "gold", see context_text).
+    each read after its context (`context`: "own", "gold" (see context_text) or "cloze" (cloze_slot)).
 
     Returns a JSON-able dict: per family and item group the bootstrap summaries, per task the
     scalars, head roles, top-k heads, their overlap and out-of-sample head maps, example
@@ -1017,7 +1060,10 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     c = gpt.config
     max_len = max_len or c.sequence_len
     chosen, skipped = fitting_examples(tokenizer, examples, limit, max_len)
-    completions = own_completions(gpt, tokenizer, examples, chosen, max_len, info)
+    if context == "cloze":
+        completions = cloze_verdicts(gpt, tokenizer, examples, chosen, info)
+    else:
+        completions = own_completions(gpt, tokenizer, examples, chosen, max_len, info)
     items, too_long = build_items(tokenizer, examples, chosen, completions, judge or word_judge()[0], context,
                                   max_len, c.vocab_size)
     for name, n in too_long.items():

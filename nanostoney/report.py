@@ -426,7 +426,11 @@ def fig_delta_maps(metrics, name, d, path):
 # the headline: plain sentences from the corrected tests
 
 CONTEXT_NAMES = {"own": "each model's own greedy rationale with its answer sentence removed, then 'Answer:'",
-                 "gold": "the gold rationale with its answer sentence removed (teacher forced), then 'Answer:'"}
+                 "gold": "the gold rationale with its answer sentence removed (teacher forced), then 'Answer:'",
+                 "cloze": "the question without its options, then the beginning all options' answers share (the "
+                          "slot is the first token where they part); right = the model's cloze pick"}
+ANSWER_NAMES = {"own": "its own greedy answers", "gold": "its own greedy answers",
+                "cloze": "its cloze picks (each option's answer scored, no options in the context)"}
 
 
 def heads_text(heads):
@@ -506,7 +510,7 @@ def at_chance_sentence(res, last, families):
     if not low:
         return []
     return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
-            f"model does at the answer slot (the answer format, a preferred letter), not a reached answer. A claim "
+            f"model does at the answer slot (the answer format, a preferred option), not a reached answer. A claim "
             f"about how the answer is reached needs a model above chance (BENCHMARKS.md, issue 16)."]
 
 
@@ -527,7 +531,7 @@ def summary(metrics):
                  f"raise --max-examples. Context: {CONTEXT_NAMES[cfg['context']]}."]
     acc = [f"{fam} {cell_text(res['families'][fam]['heldout'].get('own_correct'))}"
            for fam in families_of(metrics) if res["families"].get(fam, {}).get("heldout")]
-    lines.append(f"{last}: held-out accuracy of its own greedy answers (uncorrected 95%): {'; '.join(acc)}.")
+    lines.append(f"{last}: held-out accuracy of {ANSWER_NAMES[cfg['context']]} (uncorrected 95%): {'; '.join(acc)}.")
     lines += at_chance_sentence(res, last, families_of(metrics))
     mine = [t for t in tests if t["checkpoint"] == last]
     for fam in families_of(metrics):
@@ -591,7 +595,7 @@ def cell_text(s):
     return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})"
 
 
-TABLE_COLS = [("own_correct", "own greedy accuracy"), ("accuracy", "slot accuracy"),
+TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
               ("lens_first", "first decodable depth"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
               ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
               ("previous_token:all", "prev-token"),

@@ -13,7 +13,8 @@ arith_mc (family "math": generated multi-step problems, held out by template and
 aqua_mc, gsm8k_mc and stoney_lexicon by --tasks. Up to --max-examples examples of each task from
 each split (tasks.subset: balanced and hash-ordered, the same for every checkpoint). Each item is read after the
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
-teacher forced, with its answer sentence removed). The report's summary is a few declared
+teacher forced, with its answer sentence removed; --context cloze: the question without options,
+then the options' shared answer beginning, for a model that knows answers but cannot name letters). The report's summary is a few declared
 headline tests (interp.HEADLINES) with Holm-corrected p-values and Bonferroni-level intervals;
 every other table and figure is exploratory. Writes <out>/index.html (opens offline),
 <out>/figures/*.png and <out>/metrics.json (every number and the configuration): built beside <out>, then each moved in whole,
@@ -58,8 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--context", default="own", choices=interp.CONTEXTS,
-                   help="rationale before the answer slot, its answer sentence removed: the model's own greedy "
-                        "one (own) or the gold one (gold, teacher forced)")
+                   help="what precedes the answer slot: the model's own greedy rationale, its answer sentence "
+                        "removed (own), the gold one (gold, teacher forced), or for multiple choice the question "
+                        "without options and the options' shared answer beginning (cloze: a model that knows "
+                        "answers but cannot name letters)")
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
     p.add_argument("--random-sets", type=cli.nonneg_int, default=3, help="random k-head sets (control)")
     p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
@@ -140,6 +143,9 @@ def main(argv=None):
     examples = {t.name: (t, interp.select_examples(t, args.max_examples, args.seed)) for t in tasks}
     for t, by in examples.values():  # fail before loading any model
         interp.answer_cue(t, next(ex for rows in by.values() for ex in rows))
+        if args.context == "cloze" and t.kind != "mc":
+            raise UserError(f"--context cloze needs multiple-choice tasks and {t.name} has no options; "
+                            f"drop it from --tasks or use --context own.")
     families = sorted({t.family for t in tasks}, key=lambda f: (f != "stoney", f))
     info = init_dist(args.device)
     check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})

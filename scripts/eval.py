@@ -29,7 +29,7 @@ import os
 import re
 import time
 
-from nanostoney import cli, evaluate, lora, published
+from nanostoney import cli, cloze, evaluate, lora, published
 from nanostoney.checkpoint import load_model
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -143,7 +143,7 @@ def metric_order(names):
     def key(m):
         if m.startswith("pass@"):
             return (2, int(m[5:]))
-        return ({"accuracy": 0, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}.get(m, 6), 0)
+        return ({"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}.get(m, 6), 0)
     return sorted(names, key=key)
 
 
@@ -239,18 +239,20 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
         exs = examples[task.name]
         greedy, sampled = evaluate.complete_task(model, tok, task, exs, info, args.num_samples, args.temperature,
                                                  args.top_k, args.max_new_tokens, args.seed, args.batch_size)
+        picked = cloze.cloze_correct(model, tok, task, exs, info) if task.kind == "mc" else None
         if not info.is_master:
             continue
         comet = args.comet and not any(n.startswith("COMET skipped") for n in notes)
         res, task_notes = evaluate.score_task(task, exs, greedy, sampled, featurize=featurize if args.mauve else None,
                                               n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
-                                              comet=comet, comet_model=args.comet_model)
+                                              comet=comet, comet_model=args.comet_model, cloze=picked)
         notes += [n for n in task_notes if n not in notes]
         entry["tasks"][task.name] = res
         if args.completions:
             completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
                             for ex, g, s in zip(exs, greedy, sampled)]
-        print0(f"  {name} {task.name}: accuracy {res['metrics']['accuracy']['value']:.3f}")
+        print0(f"  {name} {task.name}: accuracy {res['metrics']['accuracy']['value']:.3f}"
+               + (f", cloze {res['metrics']['cloze']['value']:.3f}" if picked is not None else ""))
     if info.is_master:
         entry["families"] = evaluate.family_metrics(entry["tasks"], n_boot=args.n_boot, seed=args.seed)
     return entry

@@ -266,6 +266,8 @@ CASES = [
                                     *EVAL_QUICK], 2, "{d}/theirs.json", their_json, ["--overwrite"]),
     Case("report_out_holds_their_files", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R",
                                           "--out", "{d}/notes"], 2, "{d}/notes", notes_dir, ["--overwrite"]),
+    Case("report_cloze_open_task", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R", "--tasks", "stoney_mc",
+                                    "arith", "--context", "cloze", "--out", "{d}/rep"], 2, "--context cloze"),
     Case("tokenizer_out_holds_their_files", ["scripts.tok_train", "--out", "{d}/notes"], 2, "{d}/notes", notes_dir),
     Case("sweep_out_holds_their_files", ["scripts.sweep", "--out", "{d}/notes"], 2, "{d}/notes", notes_dir),
     # damaged inputs

@@ -95,7 +95,8 @@ def test_eval_json_structure_and_pass_at_k_monotone(tiny_ckpt):
     assert entry["path"] == os.path.abspath(tiny_ckpt.path) and entry["step"] == 60 and entry["lora"] is False
     assert entry["resolved"] == os.path.abspath(tiny_ckpt.path)  # a step dir resolves to itself
     aqua, gsm = entry["tasks"]["aqua_mc"], entry["tasks"]["gsm8k"]
-    assert set(aqua["metrics"]) == {"accuracy", "answered", "pass@1", "pass@2", "pass@4"}
+    assert set(aqua["metrics"]) == {"accuracy", "cloze", "answered", "pass@1", "pass@2", "pass@4"}
+    assert len(aqua["per_example"]["cloze"]) == 10 and "cloze" not in gsm["metrics"]  # MC only
     assert {"accuracy", "answered", "pass@1", "pass@4", "chrf++", "mauve"} <= set(gsm["metrics"])
     for task in (aqua, gsm):
         assert task["n"] == 10 and task["n_samples"] == 4 and len(task["per_example"]["correct"]) == 10
@@ -109,6 +110,7 @@ def test_eval_json_structure_and_pass_at_k_monotone(tiny_ckpt):
     assert 0 <= gsm["metrics"]["chrf++"]["value"] <= 100 and 0 < gsm["metrics"]["mauve"]["value"] <= 1
     fam = entry["families"]["math"]
     assert fam["tasks"] == ["aqua_mc", "gsm8k"] and fam["n"] == 20 and "pass@4" in fam["metrics"]
+    assert "cloze" not in fam["metrics"]  # pooled only over families of multiple-choice tasks
     records = [json.loads(line) for line in open(tiny_ckpt.root / "metrics.jsonl")]  # the W&B-side record
     summary = next(r for r in records if r.get("event") == "summary")
     assert summary["tiny/aqua_mc/pass@4"] == aqua["metrics"]["pass@4"]["value"]
@@ -143,7 +145,7 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     assert res["config"]["mauve_featurizer"] == os.path.abspath(tiny_ckpt.path)
     res = res["checkpoints"]
     assert res["lora"]["lora"] is True and res["base"]["lora"] is False
-    assert set(res["lora"]["tasks"]["aqua_mc"]["metrics"]) == {"accuracy", "answered"}  # no samples: no pass@k
+    assert set(res["lora"]["tasks"]["aqua_mc"]["metrics"]) == {"accuracy", "cloze", "answered"}  # no samples: no pass@k
     assert {"chrf++", "mauve"} <= set(res["lora"]["tasks"]["gsm8k"]["metrics"])
     greedy = {c: [s["greedy"] for s in res[c]["tasks"]["aqua_mc"]["samples"]] for c in ("base", "lora")}
     assert greedy["base"] != greedy["lora"], "the adapters were not applied"

@@ -260,7 +260,7 @@ def test_math_labels(tok):
 def test_context_cuts_the_answer_sentence(tok):
     """The gold rationale of both examples is one answer sentence: nothing of it is left."""
     for ex, letter in ((STONEY, "E"), (MATH, "A")):
-        for context in interp.CONTEXTS:
+        for context in interp.RATIONALE_CONTEXTS:
             text = interp.context_text(ex, gold(ex), context)
             assert text == f"<think></think>\nAnswer: {letter}"
             item = interp.prepare_item(tok, FakeTask("fake", "stoney"), ex, "val", judge, text)

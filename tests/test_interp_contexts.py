@@ -90,9 +90,28 @@ def test_no_answer_text_in_the_probed_context(tok, name):
         # the checker is not blind: the uncut gold context gives the answer away
         caught += bool(leaks(tok, ex, interp.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
         for completion in completions(ex):
-            for context in interp.CONTEXTS:
+            for context in interp.RATIONALE_CONTEXTS:
                 item = interp.prepare_item(tok, task, ex, "val", Judge(), interp.context_text(ex, completion, context))
                 assert not leaks(tok, ex, item.ids), (ex["id"], context, completion, tok.decode(item.ids))
                 assert tok.decode(item.ids).rstrip().endswith("Answer:")  # the slot: the answer comes next
                 assert answer_after(gold_text(ex)).startswith(tok.decode([item.target]).strip())
     assert caught >= 0.9 * len(examples)
+
+
+@pytest.mark.parametrize("name", [n for n in TASKS if get_task(n).kind == "mc"])
+def test_cloze_context_has_no_options_and_no_answer_text(tok, name):
+    """The cloze slot reads the question without options, then only what every option's answer
+    shares: nothing in it tells the gold from a distractor."""
+    task = get_task(name)
+    examples = interp.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
+    slots = [(ex, interp.cloze_slot(task, ex)) for ex in examples]
+    assert sum(s is None for _, s in slots) <= 0.2 * len(examples)  # (its number as an operand, a start value)
+    for ex, (prompt, gold, slot, answers) in [(ex, s) for ex, s in slots if s is not None]:
+        item = interp.prepare_item(tok, task, ex, "val", Judge(), None, (prompt, gold, slot, answers))
+        start = item.ids.index(tok.token_id("<|assistant_start|>")) + 1
+        read = tok.decode(item.ids[:start])
+        assert not any(f"\n{L}) " in read for L in LETTERS), read  # no option lines
+        shared = tok.decode(item.ids[start:])
+        assert all(a.startswith(shared) for a in answers), (shared, answers)
+        assert not leaks(tok, ex, item.ids), (ex["id"], shared)
+        assert tok.encode(gold)[len(item.ids) - start] == item.target  # the gold answer's next token

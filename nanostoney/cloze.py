@@ -1,0 +1,116 @@
+"""Multiple choice scored as a cloze: which option's answer the model finds most likely.
+
+A model can answer a multiple-choice item in two ways, and scripts.eval reports both:
+- "accuracy" (greedy): it reads the question with its lettered options and writes a rationale and
+  a letter, so it must also find its answer among the options and name that option's letter;
+- "cloze accuracy" (this file): it is asked the question WITHOUT the options, each option's
+  answer is written out as the assistant would write it (arith_mc: the option's own worked
+  chain; Stoney: the statement of the fact; tasks without per-option rationales: "The answer
+  is X."), and its choice is the answer it finds most likely per character. Neither the options
+  nor a letter is in the context.
+This is OLMES's cloze formulation ("CF", per-character normalisation; Gu et al. 2024), the standard
+for small models: naming an answer's letter ("MCF") emerges late in training, long after a model
+can tell the right answer (BENCHMARKS.md, "Issue 16": a depth-4 CPU model ranks held-out Stoney
+facts at 0.84 and cannot read a letter off the options at all). Per character, not summed: a sum
+favours short answers (an arith chain that stops early), per character is tokenizer-free.
+Only the text where the five answers differ is scored (their shared beginning is the same
+evidence for each).
+"""
+from contextlib import nullcontext
+
+import torch
+
+from nanostoney.answers import LETTERS, format_answer, rationale_part
+from nanostoney.dist import autocast_ctx, map_over_ranks
+from nanostoney.gpt import unwrap
+
+
+def question_only(task, example):
+    """The prompt messages with the options block cut off the last user turn."""
+    messages = task.prompt(example)
+    content = messages[-1]["content"]
+    cut = content.rfind("\n\nA) ")
+    messages[-1] = {**messages[-1], "content": content[:cut] if cut >= 0 else content}
+    return messages
+
+
+def answer_texts(example):
+    """Each option's answer as the assistant would write it, with no letter in it."""
+    out = []
+    for letter, choice in zip(LETTERS, example["choices"]):
+        worked = example.get("option_rationales", {}).get(letter)
+        if worked is None:
+            reasoning = f"The answer is {choice}."
+        else:
+            reasoning = rationale_part(worked).replace(f", which is option {letter}", "")
+        out.append(format_answer(reasoning, choice))
+    return out
+
+
+def common_prefix(texts):
+    n = 0
+    while all(len(t) > n and t[n] == texts[0][n] for t in texts):
+        n += 1
+    return n
+
+
+def scored_rows(tokenizer, task, example):
+    """[(ids, first scored position, characters scored)] per option: the question-only prompt,
+    then the answer's tokens; scored from the first token that reaches where the answers differ."""
+    prompt = tokenizer.render_prompt({"messages": question_only(task, example)})
+    texts = answer_texts(example)
+    differ = common_prefix(texts) if len(set(texts)) > 1 else 0
+    rows = []
+    for text in texts:
+        enc = tokenizer.hf.encode(text, add_special_tokens=False)
+        first = next(j for j, (_, end) in enumerate(enc.offsets) if end > differ)
+        rows.append((prompt + enc.ids, len(prompt) + first, len(text) - enc.offsets[first][0]))
+    return rows
+
+
+@torch.no_grad()
+def option_logprobs(model, rows):
+    """Summed log-probability of each row's tokens from its first scored position on."""
+    T = max(len(ids) for ids, _, _ in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, (ids, _, _) in enumerate(rows):
+        idx[r, :len(ids)] = torch.tensor(ids)
+    logp = torch.log_softmax(model(idx.to(model.get_device())).float(), -1).cpu()
+    out = []
+    for r, (ids, first, _) in enumerate(rows):
+        target = torch.tensor(ids[first:])
+        out.append(logp[r, first - 1:len(ids) - 1].gather(1, target[:, None]).sum().item())
+    return out
+
+
+def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
+    """The letter each example's cloze picks (the answer with the highest log-probability per
+    character). Under torchrun the batches are shared out over ranks; every rank gets the list."""
+    model = unwrap(model)
+    batches = [examples[i:i + batch_items] for i in range(0, len(examples), batch_items)]
+
+    def choose(batch):
+        rows = [row for ex in batch for row in scored_rows(tokenizer, task, ex)]
+        with autocast_ctx(info) if info is not None else nullcontext():
+            logps = option_logprobs(model, rows)
+        picks, i = [], 0
+        for ex in batch:
+            n = len(ex["choices"])
+            per_char = [lp / row[2] for lp, row in zip(logps[i:i + n], rows[i:i + n])]
+            picks.append(LETTERS[max(range(n), key=per_char.__getitem__)])
+            i += n
+        return picks
+
+    was_training = model.training
+    model.eval()
+    try:
+        done = map_over_ranks(choose, batches, info)
+    finally:
+        model.train(was_training)
+    return [p for part in done for p in part]
+
+
+def cloze_correct(model, tokenizer, task, examples, info=None):
+    """[1 if the cloze picks the gold option else 0] per example."""
+    picks = cloze_choices(model, tokenizer, task, examples, info)
+    return [int(p == ex["answer"]) for p, ex in zip(picks, examples)]
