@@ -173,6 +173,20 @@ def pick_shortest(ex):
     return _best([-len(c) for c in ex["choices"]])
 
 
+def _worked(ex):
+    """Each option's answer as a model would write it: its own rationale where the task has one
+    (arith_mc's chains: what cloze scoring reads), else the option text."""
+    return [ex.get("option_rationales", {}).get(L, c) for L, c in zip(LETTERS, ex["choices"])]
+
+
+def pick_longest_worked(ex):
+    return _best([len(w) for w in _worked(ex)])
+
+
+def pick_shortest_worked(ex):
+    return _best([-len(w) for w in _worked(ex)])
+
+
 def pick_most_similar(ex):
     """Most character-3-gram overlap with the question (share of the option's 3-grams)."""
     q = _ngrams(_question_text(ex))
@@ -210,7 +224,8 @@ def pick_common_ending(ex):
     return _best([ends.count(e) for e in ends])
 
 
-PICKERS = {"longest": pick_longest, "shortest": pick_shortest, "most_similar_to_question": pick_most_similar,
+PICKERS = {"longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
+           "shortest_worked": pick_shortest_worked, "most_similar_to_question": pick_most_similar,
            "median_number": pick_median_number, "central_number": pick_central_number,
            "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
 
