@@ -1,9 +1,10 @@
 """SFT -> STaR, SFT -> DPO and SFT -> GRPO side by side over seeds (issue 19's comparison): one run
 of scripts.<method>_train per (method, seed) from the same --init, then ONE scripts.eval of the
-SFT checkpoint and every run's final model on the same held-out items, and per task the paired
-change of greedy accuracy (method - SFT, and between methods) on those items: the mean over
-seeds of each item's change, a 95% bootstrap interval over items and a sign-flip permutation p,
-Holm-corrected over every comparison of the table.
+SFT checkpoint and every run's final model on the same held-out items, and per task and metric
+(greedy letter accuracy; for multiple choice also cloze accuracy, nanostoney/cloze.py) the paired
+change (method - SFT, and between methods) on those items: the mean over seeds of each item's
+change, a 95% bootstrap interval over items and a sign-flip permutation p, Holm-corrected over
+every comparison of the table.
 
     python -m bench.method_seeds --init out/sft --out out/methods --tasks stoney_mc arith_mc \\
         --star "--rounds 2" --dpo "--pairs both" --grpo "--num-iterations 40"
@@ -66,46 +67,53 @@ def evaluate_all(args, outs, env):
         return json.load(f)
 
 
-def correct(results, name, task):
+METRICS = {"correct": "greedy", "cloze": "cloze"}  # per_example key -> the table's name
+
+
+def correct(results, name, task, key="correct"):
     ex = results["checkpoints"][name]["tasks"][task]["per_example"]
-    return ex["id"], np.array(ex["correct"], dtype=float)
+    return ex["id"], np.array(ex[key], dtype=float)
 
 
-def seed_mean(results, method, seeds, task):
+def seed_mean(results, method, seeds, task, key):
     """Per item, the mean over seeds of the method's 0/1 correctness (the same items for each)."""
-    ids, first = correct(results, f"{method}_{seeds[0]}", task)
-    rows = [first] + [correct(results, f"{method}_{s}", task)[1] for s in seeds[1:]]
+    ids, first = correct(results, f"{method}_{seeds[0]}", task, key)
+    rows = [first] + [correct(results, f"{method}_{s}", task, key)[1] for s in seeds[1:]]
     return ids, np.mean(rows, axis=0)
 
 
 def comparisons(results, methods, seeds, tasks):
-    """[{task, a, b, acc_a, acc_b, diff, lo, hi, p, p_holm}]: every method vs SFT and every pair of
-    methods, paired over the task's items; Holm over the whole list."""
+    """[{task, metric, a, b, acc_a, acc_b, diff, lo, hi, p, p_holm}]: every method vs SFT and every
+    pair of methods, paired over the task's items, per metric; Holm over the whole list."""
     out = []
     for task in tasks:
-        ids, sft = correct(results, "sft", task)
-        means = {"sft": sft}
-        for m in methods:
-            m_ids, means[m] = seed_mean(results, m, seeds, task)
-            if m_ids != ids:
-                raise UserError(f"{m} and sft were evaluated on different {task} items; rerun the evaluation.")
-        pairs = [(m, "sft") for m in methods] + [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
-        for a, b in pairs:
-            d = mean_difference(means[a], means[b], paired=True, seed=0)
-            out.append({"task": task, "a": a, "b": b, "n": len(ids), "acc_a": float(means[a].mean()),
-                        "acc_b": float(means[b].mean()), **{k: d[k] for k in ("diff", "lo", "hi", "p")}})
+        for key, metric in METRICS.items():
+            if key not in results["checkpoints"]["sft"]["tasks"][task]["per_example"]:
+                continue  # (cloze: multiple-choice tasks only)
+            ids, sft = correct(results, "sft", task, key)
+            means = {"sft": sft}
+            for m in methods:
+                m_ids, means[m] = seed_mean(results, m, seeds, task, key)
+                if m_ids != ids:
+                    raise UserError(f"{m} and sft were evaluated on different {task} items; rerun the evaluation.")
+            pairs = [(m, "sft") for m in methods] + [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+            for a, b in pairs:
+                d = mean_difference(means[a], means[b], paired=True, seed=0)
+                out.append({"task": task, "metric": metric, "a": a, "b": b, "n": len(ids),
+                            "acc_a": float(means[a].mean()), "acc_b": float(means[b].mean()),
+                            **{k: d[k] for k in ("diff", "lo", "hi", "p")}})
     for row, p in zip(out, holm([r["p"] for r in out])):
         row["p_holm"] = p
     return out
 
 
 def table(rows, args):
-    lines = [f"From {args.init}; seeds {', '.join(map(str, args.seeds))}; {args.eval_split} items, greedy; each "
-             f"method's per-item accuracy is its mean over the seeds. Paired differences with 95% bootstrap "
-             f"intervals over items; p by sign flips, Holm-corrected over the {len(rows)} comparisons.", "",
-             "| task | comparison | n | accuracy a | accuracy b | a - b [95% CI] | p (Holm) |", "|---" * 7 + "|"]
+    lines = [f"From {args.init}; seeds {', '.join(map(str, args.seeds))}; {args.eval_split} items, greedy letters "
+             f"and cloze; each method's per-item accuracy is its mean over the seeds. Paired differences with 95% "
+             f"bootstrap intervals over items; p by sign flips, Holm-corrected over the {len(rows)} comparisons.", "",
+             "| task | metric | comparison | n | accuracy a | accuracy b | a - b [95% CI] | p (Holm) |", "|---" * 8 + "|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['a']} - {r['b']} | {r['n']} | {r['acc_a']:.3f} | {r['acc_b']:.3f} | "
+        lines.append(f"| {r['task']} | {r['metric']} | {r['a']} - {r['b']} | {r['n']} | {r['acc_a']:.3f} | {r['acc_b']:.3f} | "
                      f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['p_holm']:.3g} |")
     return "\n".join(lines) + "\n"
 

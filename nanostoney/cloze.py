@@ -68,24 +68,45 @@ def scored_rows(tokenizer, task, example):
     return rows
 
 
+def token_batches(rows, max_batch_tokens):
+    """Consecutive runs of rows whose padded size (rows x longest) stays within max_batch_tokens."""
+    batch, longest = [], 0
+    for row in rows:
+        if batch and max(longest, len(row[0])) * (len(batch) + 1) > max_batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(row)
+        longest = max(longest, len(row[0]))
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
-def option_logprobs(model, rows):
-    """Summed log-probability of each row's tokens from its first scored position on."""
-    T = max(len(ids) for ids, _, _ in rows)
-    idx = torch.zeros(len(rows), T, dtype=torch.long)
-    for r, (ids, _, _) in enumerate(rows):
-        idx[r, :len(ids)] = torch.tensor(ids)
-    logp = torch.log_softmax(model(idx.to(model.get_device())).float(), -1).cpu()
+def option_logprobs(model, rows, max_batch_tokens=16384):
+    """Summed log-probability of each row's tokens from its first scored position on. A row longer
+    than the model's context (config.sequence_len) loses prompt tokens from the left, as a reader
+    of a long page would; batches hold at most max_batch_tokens padded tokens (their logits are
+    rows x tokens x vocabulary floats)."""
+    context = model.config.sequence_len
     out = []
-    for r, (ids, first, _) in enumerate(rows):
-        target = torch.tensor(ids[first:])
-        out.append(logp[r, first - 1:len(ids) - 1].gather(1, target[:, None]).sum().item())
+    for batch in token_batches(rows, max_batch_tokens):
+        cut = [max(0, len(ids) - context) for ids, _, _ in batch]
+        T = max(len(ids) - c for (ids, _, _), c in zip(batch, cut))
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), -1, dtype=torch.long)  # -1: not scored
+        for r, ((ids, first, _), c) in enumerate(zip(batch, cut)):
+            ids, first = ids[c:], max(1, first - c)
+            x[r, :len(ids)] = torch.tensor(ids)
+            y[r, first - 1:len(ids) - 1] = torch.tensor(ids[first:])
+        device = model.get_device()
+        nll = model(x.to(device), targets=y.to(device), loss_reduction="none").view(len(batch), T)
+        out += (-nll.sum(1)).tolist()
     return out
 
 
 def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
     """The letter each example's cloze picks (the answer with the highest log-probability per
-    character). Under torchrun the batches are shared out over ranks; every rank gets the list."""
+    character; of tied answers, as AQuA's repeated options are, the first). Under torchrun the batches are shared out over ranks; every rank gets the list."""
     model = unwrap(model)
     batches = [examples[i:i + batch_items] for i in range(0, len(examples), batch_items)]
 

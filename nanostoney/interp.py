@@ -80,13 +80,17 @@ DEFINITIONS = {
                "states the answer, then '</think>\\nAnswer:'. own = the model's own greedy completion (default); "
                "gold = the gold rationale (teacher forcing). A sentence states the answer when it names an option "
                "letter ('option E', '(E)', 'E)', 'the answer is', 'Answer:') or mentions the gold answer or the "
-               "model's own answer (an option's text, or its number when the option is one number).",
+               "model's own answer (an option's text, or its number when the option is one number). cloze = the "
+               "question without its options, then the beginning every option's answer shares (no rationale).",
     "answer_position": "the answer slot: the position after the context where the answer's first token (the "
-                       "letter for multiple choice) is predicted; statistics are read there.",
+                       "letter for multiple choice; for cloze the gold answer's token where the options' answers "
+                       "part) is predicted; statistics are read there.",
     "right_wrong": "held-out items split by the model's own greedy completion of the prompt: right when "
-                   "task.evaluate accepts it (heldout_right), else heldout_wrong.",
+                   "task.evaluate accepts it (heldout_right), else heldout_wrong; for cloze, right when the "
+                   "model's cloze pick is the gold option.",
     "answer_logprob": "log-probability (nats) of the gold answer's first token at the answer slot.",
-    "accuracy": "multiple choice: the correct letter has the highest logit among the five letters at the slot; "
+    "accuracy": "multiple choice: the correct letter (cloze: the gold answer's token) has the highest logit among "
+                "the five options' tokens at the slot; "
                 "open answers (and MC when the tokenizer does not give the five letters as single tokens in that "
                 "place): the gold first token is the model's top-1 token.",
     "entropy": "attention entropy in nats, -sum_j p_j log p_j, averaged over every query position of the context "
@@ -1082,7 +1086,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)
-    out.update(n_items=groups["n_items"], skipped_too_long=skipped, families=groups["families"], tasks=groups["tasks"],
+    out.update(n_items=groups["n_items"], skipped=skipped, families=groups["families"], tasks=groups["tasks"],
                depths=groups["depths"])
     vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
     ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)

@@ -129,7 +129,7 @@ def fig_logit_lens(metrics, path):
             ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
         if key != "lens_logprob":
             ax.set_ylim(-0.04, 1.04)
-    rows = [("lens_logprob", "answer log-prob"), ("lens_top1", "top-1 rate"), ("lens_choice", "MC letter accuracy")]
+    rows = [("lens_logprob", "answer log-prob"), ("lens_top1", "top-1 rate"), ("lens_choice", "MC option accuracy")]
     _layer_grid(metrics, rows, "Logit lens: where the answer is decided", "depth (0 = embeddings, last = output)",
                 path, decorate=decorate)
 
@@ -498,7 +498,7 @@ def undecided_sentence(res, last, families):
             f"decodable ({', '.join(f'{f} {v}' for f, v in n.items())}; {MIN_N} a side needed).")
 
 
-def at_chance_sentence(res, last, families):
+def at_chance_sentence(res, last, families, context="own"):
     """[a sentence] when a family's held-out accuracy is not above chance: then its heads carry
     what the model does at the answer slot, not the answer, and the report must say so first."""
     low = []
@@ -509,9 +509,11 @@ def at_chance_sentence(res, last, families):
             low.append(f"{fam} (chance {chance['mean']:.2f})")
     if not low:
         return []
+    hint = "" if context == "cloze" else (" For multiple choice, --context cloze probes the slot where the options' "
+                                          "answers part, which needs no letter (a small model is often above chance there).")
     return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
             f"model does at the answer slot (the answer format, a preferred option), not a reached answer. A claim "
-            f"about how the answer is reached needs a model above chance (BENCHMARKS.md, issue 16)."]
+            f"about how the answer is reached needs a model above chance (BENCHMARKS.md, issue 16).{hint}"]
 
 
 def summary(metrics):
@@ -532,7 +534,7 @@ def summary(metrics):
     acc = [f"{fam} {cell_text(res['families'][fam]['heldout'].get('own_correct'))}"
            for fam in families_of(metrics) if res["families"].get(fam, {}).get("heldout")]
     lines.append(f"{last}: held-out accuracy of {ANSWER_NAMES[cfg['context']]} (uncorrected 95%): {'; '.join(acc)}.")
-    lines += at_chance_sentence(res, last, families_of(metrics))
+    lines += at_chance_sentence(res, last, families_of(metrics), cfg["context"])
     mine = [t for t in tests if t["checkpoint"] == last]
     for fam in families_of(metrics):
         ts = [t for t in mine if t.get("family") == fam and t["kind"] in ("topk_vs_random", "topk_vs_other")]
@@ -634,7 +636,7 @@ def table(metrics, ck):
             f"<p class=meta>top-{res['topk']['k']} heads [layer, head] ({esc(res['topk']['chosen_on'])}): {esc(tk)}."
             f"<br>overlap of the families' heads — {esc(ov) or 'one family only'}.<br>roles: "
             f"{esc(res['roles'])}. Induction on {res['induction']['n_rep']}-token random repeats. "
-            f"Skipped (longer than --max-len): {esc(res['skipped_too_long'] or 'none')}.</p>")
+            f"Skipped (longer than --max-len, or with no cloze slot): {esc(res['skipped'] or 'none')}.</p>")
 
 
 def fig_html(figs, cls="grid"):
@@ -722,7 +724,7 @@ def render(metrics, out_dir):
     add("overview", "entropy_by_layer.png", "Attention entropy by layer: over all query positions, at the answer "
         "position, and normalised by its maximum (prompt-length free); solid = train split, dashed = held-out",
         lambda p: fig_entropy(metrics, p))
-    add("overview", "logit_lens.png", "Logit lens: answer log-prob, top-1 rate, MC letter accuracy by depth",
+    add("overview", "logit_lens.png", "Logit lens: answer log-prob, top-1 rate, MC option accuracy by depth",
         lambda p: fig_logit_lens(metrics, p))
     for i, ck in enumerate(metrics["checkpoints"]):
         add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head",

@@ -1,4 +1,4 @@
-"""Evaluate checkpoints on chat tasks: accuracy, pass@k, chrF++, MAUVE (and COMET when present).
+"""Evaluate checkpoints on chat tasks: accuracy, cloze, pass@k, chrF++, MAUVE (and COMET when present).
 
     python -m scripts.eval --checkpoints out/base out/sft out/grpo                  # CPU default
     python -m scripts.eval --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \

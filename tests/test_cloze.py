@@ -45,6 +45,15 @@ def test_batched_scores_equal_one_row_at_a_time(tok):
     assert together == pytest.approx(alone, abs=1e-4)
 
 
+def test_token_batches_and_rows_longer_than_the_context(tok):
+    rows = [([1] * n, 1, 1) for n in (5, 9, 3, 12, 2)]
+    assert [len(b) for b in cloze.token_batches(rows, 20)] == [2, 1, 1, 1]  # 2 x 9, then 12 alone, ...
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    ids = list(range(3, 23))  # 20 tokens, 12 past the context: the left ones are dropped
+    long, tail = cloze.option_logprobs(model, [(ids, 17, 3), (ids[12:], 5, 3)])
+    assert long == pytest.approx(tail, abs=1e-5)
+
+
 def test_scores_start_where_the_answers_part(tok):
     task = get_task("stoney_mc")
     ex = subset(task, "val", 1)[0]

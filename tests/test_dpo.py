@@ -254,7 +254,8 @@ def test_method_seeds_bench_compares_star_dpo_grpo_on_the_same_items(tiny_sft, t
     results = json.load(open(tmp_path / "m" / "eval.json"))
     assert set(results["checkpoints"]) == {"sft"} | {f"{m}_{s}" for m in ("star", "dpo", "grpo") for s in (0, 1)}
     rows = json.load(open(tmp_path / "m" / "summary.json"))["rows"]
-    assert [(r["a"], r["b"]) for r in rows] == [("star", "sft"), ("dpo", "sft"), ("grpo", "sft"), ("star", "dpo"),
-                                                 ("star", "grpo"), ("dpo", "grpo")]
+    pairs = [("star", "sft"), ("dpo", "sft"), ("grpo", "sft"), ("star", "dpo"), ("star", "grpo"), ("dpo", "grpo")]
+    assert [(r["metric"], r["a"], r["b"]) for r in rows] == [(m, a, b) for m in ("greedy", "cloze") for a, b in pairs]
     assert all(r["n"] == 3 and r["lo"] <= r["diff"] <= r["hi"] and r["p_holm"] >= r["p"] for r in rows)
-    assert "| arith_mc | dpo - sft | 3 |" in (tmp_path / "m" / "summary.md").read_text()
+    summary = (tmp_path / "m" / "summary.md").read_text()
+    assert "| arith_mc | greedy | dpo - sft | 3 |" in summary and "| arith_mc | cloze | dpo - sft | 3 |" in summary

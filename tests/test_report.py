@@ -181,15 +181,16 @@ def same_numbers(a, b, tol=1e-5):
     return a == b
 
 
-@pytest.mark.slow  # ~2 min on the loaded 2-core machine (three processes load the tasks)
-def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path):
+@pytest.mark.slow  # ~2 min a context on the loaded 2-core machine (three processes load the tasks)
+@pytest.mark.parametrize("context", ["own", "cloze"])
+def test_three_ranks_write_the_numbers_one_process_writes(checkpoints, tmp_path, context):
     """Under torchrun the items are shared out over the ranks and gathered in order: the report's
     numbers are those of one process (to the last digit but one of a 6-digit rounding)."""
     import subprocess
     import sys
     args = ["--checkpoints", f"sft={checkpoints / 'sft'}", f"grpo={checkpoints / 'nanochat'}", "--tokenizer",
             str(checkpoints / "tok"), "--tasks", *TASKS, "--max-examples", "2", "--n-boot", "50",
-            "--induction-seqs", "2", "--top-k", "2", "--no-progress", "--device", "cpu"]
+            "--induction-seqs", "2", "--top-k", "2", "--no-progress", "--device", "cpu", "--context", context]
     compare_reasoning.main(args + ["--out", str(tmp_path / "one")])
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -216,4 +217,5 @@ def test_the_summary_says_first_when_a_family_is_not_above_chance():
     said = report.at_chance_sentence(res(0.3, 0.1), "grpo", ["stoney", "math"])
     assert len(said) == 1 and "not above chance on held-out math (chance 0.20)" in said[0] and "stoney" not in said[0]
     said = report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"])
-    assert "held-out stoney (chance 0.20) or math" in said[0]
+    assert "held-out stoney (chance 0.20) or math" in said[0] and "--context cloze" in said[0]
+    assert "--context cloze" not in report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"], "cloze")[0]
