@@ -2,7 +2,7 @@
 # The whole nanostoney pipeline, end to end:
 #   tokenizer -> base pretraining -> LoRA SFT -> reward model -> GRPO -> eval -> comparison report
 # On a machine with GPUs every training stage runs under torchrun on all of them; without one it
-# runs a CPU-sized configuration (23 minutes on 2 idle cores). The plan (every stage's command)
+# runs a CPU-sized configuration (25 minutes on 2 idle cores). The plan (every stage's command)
 # is printed before anything runs.
 #
 #   bash run_stoney_small.sh                 # bundled corpus; finished stages are skipped on rerun
@@ -184,7 +184,7 @@ stage() {
 # Per-stage sizes; a stage's variable set in the environment wins (e.g. BASE_ARGS="--num-iterations 50").
 # Batch flags are per device: the defaults scale with the number of processes.
 case "$SIZE" in
-    cpu)  # 23 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
+    cpu)  # 25 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
         # 2000 base steps store the held-out Stoney facts; a CPU-sized model picks held-out answers
         # well above chance by cloze (eval's "cloze": each option's answer scored, no options shown)
         # but cannot read a letter off the options, so its greedy letter accuracy stays at chance
