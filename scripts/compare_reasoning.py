@@ -15,8 +15,8 @@ each split (tasks.subset: balanced and hash-ordered, the same for every checkpoi
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
 teacher forced, with its answer sentence removed; --context cloze: the question without options,
 then the options' shared answer beginning, for a model that knows answers but cannot name
-letters). The report's summary is a few declared headline tests (interp.HEADLINES) with Holm-corrected p-values and Bonferroni-level intervals;
-every other table and figure is exploratory. Writes <out>/index.html (opens offline),
+letters). The report's summary is a few declared headline tests (interp.HEADLINES) with
+Holm-corrected p-values and Bonferroni-level intervals; every other table and figure is exploratory. Writes <out>/index.html (opens offline),
 <out>/figures/*.png and <out>/metrics.json (every number and the configuration): built beside <out>, then each moved in whole,
 index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
 refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
