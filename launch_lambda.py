@@ -50,6 +50,7 @@ printed); 2 bad input (fix the command); 130 interrupted by a signal (the node w
 """
 import argparse
 import email.utils
+import fnmatch
 import http.client
 import io
 import json
@@ -58,10 +59,12 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 import urllib.error
@@ -77,14 +80,30 @@ REMOTE_DIR = "nanostoney"  # on the node, relative to the ssh user's home
 SPEEDRUN = "run_stoney_small.sh"
 # The launcher's own files on the node, next to the repo; the speedrun's outputs go to its --out.
 NODE_LOG, NODE_EXIT, NODE_PID = ".launch_log", ".launch_exit", ".launch_pid"
+NODE_HEARTBEAT, WATCHDOG_LOG, WATCHDOG_PID = ".launch_heartbeat", ".watchdog_log", ".watchdog_pid"
 # Brought back by default, under the speedrun's --out: small files only (checkpoints: --fetch).
 FETCH_UNDER_OUT = ("report", "eval", "logs", "stage_times.tsv", "*/metrics.jsonl", "*/wandb")
 # The node powers off this long after --max-hours: time to fetch a run cut short (logins stop 5 min
 # before a scheduled power-off, and the launcher sees the deadline within a poll).
 NODE_GRACE_MIN = 10
-FETCH_SECONDS = {"normal": 600, "interrupted": 60}  # a signal's sender (shutdown, tmux kill) won't wait long
+INTERRUPTED_FETCH_SECONDS = 60  # after a signal: its sender (shutdown, tmux kill) won't wait long
 SECRET_ENV = ("LAMBDA_API_KEY", "WANDB_API_KEY")
-GONE = ("terminated", "terminating", "preempted")  # statuses that no longer run (or bill)
+SECRET_NAMES = (".env", ".env.*", "*.key", "*.pem")  # never shipped, ignored by git or not
+GONE = ("terminated", "terminating", "preempted")  # statuses that no longer run
+TERMINATED = ("terminated", "terminating")  # what counts as "the bill has ended" (preempted may not)
+NOT_FOUND = "global/object-does-not-exist"  # the spec's 404 code: the API does not know the id
+NAME_PREFIX = "nanostoney-"  # every instance we launch is named so; --cleanup ends them all
+LEDGER = "UNTERMINATED"  # under --out-dir: ids we started and have not yet seen terminated
+LOG_NAME = "launch.log"  # under --out-dir: everything we print, redacted, appended run after run
+WATCHDOG = Path(__file__).resolve().parent / "lambda_watchdog.py"
+NODE_RUN_DIR = "/run/nanostoney"  # root-only, on the node's tmpfs: the watchdog's key, for milliseconds
+# With the watchdog the power-off waits this much longer, so a watchdog whose terminate meets an API
+# outage at the deadline keeps trying with the node still up (a powered-off node still bills).
+WATCHDOG_RETRY_MIN = 30
+SSH_TRIES, SSH_CONNECT_TIMEOUT = 40, 15
+UPLOAD_SECONDS = 600
+MAX_HOURS_LIMIT = 24  # above this, --max-hours needs --allow-long-runs
+EXIT_RESULTS_MISSING = 3  # the run ended well but its results did not all come back
 INSUFFICIENT_CAPACITY = "instance-operations/launch/insufficient-capacity"
 BAD_ANSWER = "http/bad-answer"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -92,6 +111,20 @@ TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Py
 
 NEED_KEY = (f"launch_lambda.py needs a Lambda Cloud API key in the LAMBDA_API_KEY environment variable "
             f"(create one at {API_KEYS_URL}), even for --dry-run, which reads prices and capacity from the API.")
+
+
+class Clock:
+    """Time as the launcher sees it. scale > 1 (tests only, --time-scale) makes simulated time pass
+    faster, so a test can live through a 20-minute API outage in seconds with every bound unchanged."""
+    scale = 1.0
+
+    @classmethod
+    def now(cls):
+        return time.monotonic() * cls.scale
+
+    @classmethod
+    def sleep(cls, seconds):
+        time.sleep(max(seconds, 0.0) / cls.scale)
 
 
 class UserError(Exception):
@@ -161,6 +194,24 @@ def read_api_key(key_file):
 # Output that cannot fail, and signals that cannot skip the cleanup
 
 _DEAD = set()  # "stdout" / "stderr" once its reader is gone
+_LOG = []  # our own log file, once open: what we print survives a killed `| tee` or a closed window
+
+
+def open_log(out_dir):
+    path = Path(out_dir) / LOG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    _LOG[:] = [os.fdopen(fd, "a", buffering=1)]
+    _LOG[0].write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} launch_lambda.py {os.getpid()}\n")
+    return path
+
+
+def _to_log(text):
+    for f in _LOG:
+        try:
+            f.write(text)
+        except (OSError, ValueError):
+            _LOG.clear()
 
 
 def say(text="", err=False, end="\n"):
@@ -168,6 +219,7 @@ def say(text="", err=False, end="\n"):
     terminal (EIO) moves on to the other stream, then to silence: a print must never abort a cleanup
     that still has a node to terminate."""
     text = redact(text) + end
+    _to_log(text)
     for name in ("stderr", "stdout") if err else ("stdout", "stderr"):
         if name in _DEAD:
             continue
@@ -228,7 +280,7 @@ class RateLimiter:
     clock and sleep are parameters so tests can check the spacing with a fake clock, not real time.
     """
 
-    def __init__(self, intervals, clock=time.monotonic, sleep=time.sleep):
+    def __init__(self, intervals, clock=Clock.now, sleep=Clock.sleep):
         self.intervals, self.clock, self.sleep = dict(intervals), clock, sleep
         self.last = {}  # bucket -> clock time of its last call
 
@@ -251,7 +303,7 @@ class LambdaAPI:
     """The few Lambda Cloud API v1 endpoints we use. Every attempt waits its turn on the limiter."""
 
     def __init__(self, base, key, interval=1.0, launch_interval=12.0, retries=5, backoff=2.0,
-                 clock=time.monotonic, sleep=time.sleep, timeout=60):
+                 clock=Clock.now, sleep=Clock.sleep, timeout=60):
         self.base = base.rstrip("/")
         self._key = key
         self.limiter = RateLimiter({"any": interval, "launch": launch_interval}, clock, sleep)
@@ -261,8 +313,9 @@ class LambdaAPI:
     def __repr__(self):  # never show the key, even in a debugger or a traceback's locals
         return f"LambdaAPI({self.base!r})"
 
-    def request(self, method, path, body=None, launch=False, retries=None):
-        """Send one request, retrying what is safe to retry (see retryable) with exponential backoff."""
+    def request(self, method, path, body=None, launch=False, retries=None, before_resend=None):
+        """Send one request, retrying what is safe to retry (see retryable) with exponential backoff.
+        before_resend(), when given, runs before each resend; a true answer is returned instead."""
         retries = self.retries if retries is None else retries
         buckets = ("any", "launch") if launch else ("any",)
         for attempt in range(retries + 1):
@@ -275,6 +328,9 @@ class LambdaAPI:
                 delay = max(min(self.backoff * 2 ** attempt, 60.0), min(e.retry_after or 0, 300.0))
                 say(f"lambda api: {e.code}: {e.message}; retrying in {delay:.1f}s ({attempt + 1}/{retries})")
                 self.sleep(delay)
+                found = before_resend() if before_resend else None
+                if found:
+                    return found
 
     def _send(self, method, path, body):
         data = None if body is None else json.dumps(body).encode()
@@ -301,8 +357,10 @@ class LambdaAPI:
     def ssh_keys(self):
         return self.request("GET", "/ssh-keys")
 
-    def launch(self, body):
-        data = self.request("POST", "/instance-operations/launch", body, launch=True)
+    def launch(self, body, find=None):
+        """find() -> ids of a node this launch already started (looked up by name before resending)."""
+        before = (lambda: {"instance_ids": found} if (found := find()) else None) if find else None
+        data = self.request("POST", "/instance-operations/launch", body, launch=True, before_resend=before)
         ids = data.get("instance_ids") if isinstance(data, dict) else None
         if not ids:  # it may have launched all the same: treat it like a lost answer
             raise ApiError(200, BAD_ANSWER, f"the launch answer holds no instance ids: {str(data)[:200]}")
@@ -311,8 +369,8 @@ class LambdaAPI:
     def instance(self, instance_id, retries=None):
         return self.request("GET", f"/instances/{instance_id}", retries=retries)
 
-    def instances(self):
-        return self.request("GET", "/instances")
+    def instances(self, retries=None):
+        return self.request("GET", "/instances", retries=retries)
 
     def terminate(self, instance_ids, retries=None):
         return self.request("POST", "/instance-operations/terminate",
@@ -401,50 +459,89 @@ def resolve_ssh_key(api, wanted):
     raise UserError(f"{what}; your SSH keys: {have}.")
 
 
-def shutdown_minutes(max_hours):
-    return math.ceil(max_hours * 60) + NODE_GRACE_MIN
+def shutdown_minutes(max_hours, watchdog):
+    return math.ceil(max_hours * 60) + NODE_GRACE_MIN + (WATCHDOG_RETRY_MIN if watchdog else 0)
 
 
-def print_plan(args, itype, regions, capacity, ssh_key, files):
+def watchdog_deadline_seconds(max_hours):
+    return max_hours * 3600 + NODE_GRACE_MIN * 60
+
+
+def worst_case_seconds(args):
+    """Every bound from the launch to the terminate: a lost launch answer, boot, ssh, the copy, the
+    run's cap, then the fetch (or the watchdog's grace, whichever is longer)."""
+    ssh = SSH_TRIES * (SSH_CONNECT_TIMEOUT + args.poll_seconds)
+    return (args.lost_launch_seconds + args.boot_timeout_min * 60 + ssh + UPLOAD_SECONDS
+            + args.max_hours * 3600 + max(NODE_GRACE_MIN * 60, args.fetch_seconds))
+
+
+def print_plan(args, itype, regions, capacity, ssh_key, files, secret):
     price = itype["price_cents_per_hour"] / 100
     wandb = "online (key sent on ssh stdin)" if os.environ.get("WANDB_API_KEY") else "offline (WANDB_API_KEY not set)"
     speedrun = " ".join(["bash", SPEEDRUN, *map(shlex.quote, args.speedrun_args)])
     then = f" (then {', '.join(regions[1:])} if it runs out of capacity)" if len(regions) > 1 else ""
-    worst_h = shutdown_minutes(args.max_hours) / 60
+    worst_h = worst_case_seconds(args) / 3600
     say("plan:")
     say(f"  instance type  {itype['name']} -- {itype['description']}, ${price:.2f}/h")
     say(f"  region         {regions[0] if regions else 'none: no capacity right now'}{then} "
         f"(capacity now in: {', '.join(capacity) or 'none'})")
     say(f"  ssh key        {ssh_key} (user {args.ssh_user})")
-    say(f"  copy           {len(files)} files (git ls-files) to ~/{REMOTE_DIR}")
+    say(f"  copy           {len(files)} files (git ls-files) to ~/{REMOTE_DIR}"
+        + (f"; withheld as secrets: {', '.join(secret)}" if secret else ""))
     say(f"  run            {speedrun}, W&B {wandb}")
-    say(f"  bring back     {', '.join(args.fetch)} -> {args.out_dir}/<instance name>/")
+    say(f"  bring back     {', '.join(args.fetch)} -> {args.out_dir}/<instance name>/ (up to {args.fetch_seconds:g} s)")
     say(f"  afterwards     {'keep the instance running (--keep)' if args.keep else 'terminate the instance'}")
-    say(f"  node-side cap  the run is stopped on the node after {args.max_hours:g} h (--max-hours)"
-        + ("" if args.keep else f" and the node powers itself off {NODE_GRACE_MIN} min later, "
-                                "even if this launcher is gone"))
+    say(f"  log            {Path(args.out_dir) / LOG_NAME}; live ids in {Path(args.out_dir) / LEDGER}")
+    say(f"  node-side cap  the run is stopped on the node after {args.max_hours:g} h (--max-hours)")
+    if args.watchdog:
+        say(f"  watchdog       on: the node terminates itself {NODE_GRACE_MIN} min after the cap, or after "
+            f"{args.heartbeat_minutes:g} min without a heartbeat from this launcher (--no-watchdog turns it off)")
+    else:
+        say(f"  watchdog       off ({'--keep' if args.keep else '--no-watchdog'})")
     say(f"  estimate       {args.hours:g} h x ${price:.2f}/h = ${args.hours * price:.2f} expected (--hours); "
         f"billing is per minute until the instance is terminated")
-    say("  worst case     " + ("unbounded: --keep leaves the instance billing until you terminate it" if args.keep
-                               else f"{worst_h:.2f} h x ${price:.2f}/h = ${worst_h * price:.2f} "
-                                    f"(the cap; Lambda bills a powered-off node until it is terminated)"))
+    bound = (f"{worst_h:.2f} h x ${price:.2f}/h = ${worst_h * price:.2f} (lost launch, boot, ssh, copy, the cap, "
+             f"the fetch: every bound)")
+    if args.keep:
+        say("  worst case     unbounded: --keep leaves the instance billing until you terminate it")
+    elif args.watchdog:
+        say(f"  worst case     {bound}, even if this launcher dies once the watchdog runs; longer only "
+            f"while the Lambda API is down")
+    else:
+        say(f"  worst case     unbounded if this launcher dies (no watchdog); {bound} if it lives")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The repo we ship
 
-def repo_files(repo):
-    """Tracked files plus untracked ones that are not ignored (work in progress ships too, but never
-    out/, .venv/ or checkpoints)."""
+def withheld(path, key_file):
+    """A file that must never reach a rented disk: named like a secret (.env, *.key), the --api-key-file,
+    or holding a secret we know (the Lambda or W&B key), ignored by git or not."""
+    if any(fnmatch.fnmatch(path.name, pattern) for pattern in SECRET_NAMES):
+        return True
+    if key_file and path.resolve() == Path(key_file).resolve():
+        return True
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return True
+    return any(s.encode() in data for s in _SECRETS)
+
+
+def repo_files(repo, key_file=None):
+    """(files to ship, files withheld as secrets): tracked files plus untracked ones that are not
+    ignored (work in progress ships too, but never out/, .venv/ or checkpoints), less any secret."""
     r = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                        capture_output=True)
     if r.returncode != 0:
         raise UserError(f"{repo} is not a git checkout (git ls-files failed); "
                         f"run launch_lambda.py from a clone of the repo.")
     files = sorted({f for f in r.stdout.decode().split("\0") if f and (repo / f).is_file()})
+    secret = [f for f in files if withheld(repo / f, key_file)]
+    files = [f for f in files if f not in secret]
     if SPEEDRUN not in files:
         raise UserError(f"{SPEEDRUN} is missing from {repo}; the node would have nothing to run.")
-    return files
+    return files, secret
 
 
 def tarball(repo, files):
@@ -488,6 +585,12 @@ class Remote:
         kwargs.setdefault("stderr", subprocess.PIPE)
         return self.runner(["ssh", *self.opts, self.target, command], **kwargs)
 
+    def popen(self, command, **kwargs):
+        """ssh in the background, in its own session, so that a terminal's signal leaves it running."""
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        return subprocess.Popen(["ssh", *self.opts, self.target, command], env=env, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **kwargs)
+
 
 def last_line(raw):
     lines = (raw or b"").decode("utf-8", "replace").strip().splitlines()
@@ -517,6 +620,7 @@ echo "the run did not start on the node" >&2; exit 1"""
 # `start` on. The exit file is read before the log, so once it exists the log is complete; it is read
 # again after the liveness check, for a wrapper that ended in between.
 POLL = """cd {dir} || exit 1
+touch {heartbeat}
 if [ -s {exit} ]; then cat {exit}
 elif read pid boot 2>/dev/null < {pid} && [ "$boot" = "$(cat /proc/sys/kernel/random/boot_id)" ] \\
      && kill -0 "$pid" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/"$pid"/status; then echo running
@@ -527,19 +631,55 @@ tail -c +{start} {log} 2>/dev/null || true"""
 FETCH = """cd {dir} && for p in {patterns}; do [ -e "$p" ] && printf '%s\\0' "$p"; done | tar -czf - --null -T -"""
 
 
-def wait_for_ssh(remote, poll, tries=40):
+# The watchdog (lambda_watchdog.py) ends the node's bill when this launcher cannot. Its stdin: the API
+# key on the first line, then the script. The key goes into a root-only file on /run (a tmpfs: never
+# on disk) through printf, a shell builtin (never on a command line); the watchdog, started as root,
+# reads it and deletes the file. NANOSTONEY_NODE_RUN moves that folder for the tests' fake node only
+# (ssh does not forward it to a real one).
+WATCHDOG_START = """cd {dir} || exit 1
+RUN="${{NANOSTONEY_NODE_RUN:-{run_dir}}}"
+IFS= read -r KEY
+sudo -n install -d -m 700 "$RUN" || exit 1
+printf '%s\\n' "$KEY" | sudo -n sh -c 'umask 077 && cat > "$1"' sh "$RUN/lambda_key" || exit 1
+unset KEY
+cat > {script} && touch {heartbeat} && rm -f {pid} || exit 1
+sudo -n setsid nohup python3 {script} --key-file "$RUN/lambda_key" {options} > {log} 2>&1 < /dev/null &
+for i in $(seq 100); do [ -s {pid} ] && exit 0; sleep 0.1; done
+echo "the watchdog did not start on the node" >&2; exit 1"""
+
+
+def start_watchdog(remote, args, instance_id, api):
+    options = {"--api-base": args.api_base, "--instance-id": instance_id, "--heartbeat": NODE_HEARTBEAT,
+               "--pid-file": WATCHDOG_PID, "--deadline-seconds": watchdog_deadline_seconds(args.max_hours),
+               "--heartbeat-seconds": args.heartbeat_minutes * 60, "--poll": min(args.poll_seconds, 30.0),
+               "--interval": args.api_interval, "--backoff": args.backoff_seconds}
+    command = WATCHDOG_START.format(dir=REMOTE_DIR, run_dir=NODE_RUN_DIR, script=".watchdog.py", pid=WATCHDOG_PID,
+                                    heartbeat=NODE_HEARTBEAT, log=WATCHDOG_LOG,
+                                    options=" ".join(f"{k} {shlex.quote(str(v))}" for k, v in options.items()))
+    r = remote.ssh(command, note=f"starting the node's watchdog (it terminates the node if this launcher is "
+                                 f"silent for {args.heartbeat_minutes:g} min)",
+                   input=(api._key + "\n" + WATCHDOG.read_text()).encode())
+    if r.returncode != 0:
+        raise RemoteError(f"starting the node's watchdog failed (ssh exit {r.returncode}: {last_line(r.stderr)}); "
+                          f"without it, use --no-watchdog.")
+
+
+def wait_for_ssh(remote, poll, tries=SSH_TRIES):
     """sshd comes up a little after the API says active."""
     for _ in range(tries):
         if remote.ssh("true").returncode == 0:
             return
-        time.sleep(poll)
+        Clock.sleep(poll)
     raise RemoteError(f"could not ssh into {remote.target} after {tries} tries; check --ssh-key, "
                       f"--identity-file and --ssh-user.")
 
 
 def upload_repo(remote, repo, files):
-    r = remote.ssh(f"mkdir -p {REMOTE_DIR} && tar -xzf - -C {REMOTE_DIR}", note=f"copying {len(files)} files",
-                   input=tarball(repo, files))
+    try:
+        r = remote.ssh(f"mkdir -p {REMOTE_DIR} && tar -xzf - -C {REMOTE_DIR}", note=f"copying {len(files)} files",
+                       input=tarball(repo, files), timeout=UPLOAD_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"copying the repo to the node took longer than {UPLOAD_SECONDS / 60:.0f} min.") from None
     if r.returncode != 0:
         raise RemoteError(f"copying the repo to the node failed (ssh exit {r.returncode}: {last_line(r.stderr)}).")
 
@@ -548,7 +688,8 @@ def start_speedrun(remote, args):
     run = " ".join(["bash", SPEEDRUN, *map(shlex.quote, args.speedrun_args)])
     names = {"pid": NODE_PID, "exit": NODE_EXIT}
     wrapper = WRAPPER.format(seconds=args.max_hours * 3600, run=run, **names)
-    cap = "true" if args.keep else SHUTDOWN.format(minutes=shutdown_minutes(args.max_hours), hours=args.max_hours)
+    minutes = shutdown_minutes(args.max_hours, args.watchdog)
+    cap = "true" if args.keep else SHUTDOWN.format(minutes=minutes, hours=args.max_hours)
     command = START.format(dir=REMOTE_DIR, cap=cap, wrapper=shlex.quote(wrapper), log=NODE_LOG, **names)
     wandb_key = remember_secret(os.environ.get("WANDB_API_KEY", "").strip())
     r = remote.ssh(command, note=f"starting {run} (detached)", input=(wandb_key + "\n").encode())
@@ -559,9 +700,10 @@ def start_speedrun(remote, args):
 
 def follow_speedrun(remote, poll, max_seconds, max_failures=10):
     """Print the node's log as it grows; return the speedrun's exit code."""
-    offset, failures, deadline = 0, 0, time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        r = remote.ssh(POLL.format(dir=REMOTE_DIR, start=offset + 1, exit=NODE_EXIT, pid=NODE_PID, log=NODE_LOG))
+    offset, failures, deadline = 0, 0, Clock.now() + max_seconds
+    while Clock.now() < deadline:
+        r = remote.ssh(POLL.format(dir=REMOTE_DIR, start=offset + 1, exit=NODE_EXIT, pid=NODE_PID, log=NODE_LOG,
+                                   heartbeat=NODE_HEARTBEAT))
         if r.returncode != 0:
             failures += 1  # a network blip: the detached run goes on, so just try again
             if failures >= max_failures:
@@ -578,7 +720,7 @@ def follow_speedrun(remote, poll, max_seconds, max_failures=10):
                                   "wrapper was killed, e.g. out of memory).")
             if status != b"running":
                 return int(status) if status.isdigit() else 1
-        time.sleep(poll)
+        Clock.sleep(poll)
     raise RemoteError("the speedrun was still running after --max-hours; giving up on it.")
 
 
@@ -588,19 +730,17 @@ def glob_quote(path):
 
 
 def fetch_results(remote, paths, out_dir, seconds):
-    """Copy paths (relative to the repo on the node, globs allowed) back as one tar stream, best effort:
-    a missing path is skipped, a stream cut short keeps the files that arrived."""
+    """Copy paths (relative to the repo on the node, globs allowed) back as one tar stream, keeping
+    whatever arrived: a missing path is skipped, a stream cut short keeps the files before the cut.
+    Returns None, or what went wrong (the exit code tells the user the results are incomplete)."""
     archive = out_dir / "results.tgz.part"
-    say(f"[{remote.host}] copying back {', '.join(paths)}")
-    problem = None
-    try:
-        with open(archive, "wb") as f:
-            r = remote.ssh(FETCH.format(dir=REMOTE_DIR, patterns=" ".join(map(glob_quote, [NODE_LOG, *paths]))),
-                           stdout=f, timeout=seconds)
-        if r.returncode != 0:
-            problem = f"ssh exit {r.returncode}: {last_line(r.stderr)}"
-    except subprocess.TimeoutExpired:
-        problem = f"it took longer than {seconds:.0f} s"
+    say(f"[{remote.host}] copying back {', '.join(paths)} (up to {seconds:.0f} s)")
+    command = FETCH.format(dir=REMOTE_DIR, patterns=" ".join(map(glob_quote, [NODE_LOG, *paths])))
+    with open(archive, "wb") as f, tempfile.TemporaryFile() as err:
+        code, problem = wait_fetch(remote.popen(command, stdout=f, stderr=err), seconds)
+        err.seek(0)
+        if code not in (0, None):
+            problem = f"ssh exit {code}: {last_line(err.read())}"
     names = unpack(archive, out_dir)
     archive.unlink()
     if (out_dir / NODE_LOG).is_file():
@@ -608,6 +748,25 @@ def fetch_results(remote, paths, out_dir, seconds):
     if problem:
         say(f"warning: copying the results back failed ({problem}); kept the {len(names)} files that arrived.")
     say(f"results in {out_dir} ({len(names)} files)")
+    return problem
+
+
+def wait_fetch(proc, seconds):
+    """Wait for the fetch's ssh (in its own session: a terminal's Ctrl-C does not reach it). The first
+    stop signal shortens what is left to INTERRUPTED_FETCH_SECONDS, a second ends it; what arrived is
+    kept either way. Returns (exit code or None, problem or None)."""
+    deadline, seen = Clock.now() + seconds, len(_Signals.seen)
+    while proc.poll() is None:
+        signals = len(_Signals.seen) - seen
+        if signals == 1 and deadline - Clock.now() > INTERRUPTED_FETCH_SECONDS:
+            say(f"signal received: the copy gets {INTERRUPTED_FETCH_SECONDS} s more (another signal ends it)")
+            deadline = Clock.now() + INTERRUPTED_FETCH_SECONDS
+        if signals >= 2 or Clock.now() >= deadline:
+            proc.kill()
+            proc.wait()
+            return None, "cut short by a second signal" if signals >= 2 else f"it took longer than {seconds:.0f} s"
+        time.sleep(0.05)
+    return proc.returncode, None
 
 
 def unpack(archive, out_dir):
@@ -633,11 +792,17 @@ class Rental:
     """What we rented and how far the run got: everything the cleanup needs."""
 
     def __init__(self, out_root):
-        self.name = f"nanostoney-{secrets.token_hex(4)}"  # unique, so an instance can be found without its id
-        self.out_dir = Path(out_root) / self.name
+        self.name = f"{NAME_PREFIX}{secrets.token_hex(4)}"  # unique, so an instance can be found without its id
+        self.out_root, self.out_dir = Path(out_root), Path(out_root) / self.name
         self.ids = []
         self.launch_pending = False  # a launch was sent and we do not know whether it started a node
-        self.remote, self.started = None, False
+        self.remote, self.started, self.fetch_problem = None, False, None
+
+    def found(self, ids):
+        """Ids we now know we started: on disk at once, in case we die before terminating them."""
+        self.ids = ids
+        ledger_update(self.out_root, add=[(i, self.name) for i in ids], drop={("?", self.name)})
+        return ids
 
 
 def launch(api, args, rental, itype, regions, ssh_key):
@@ -645,12 +810,14 @@ def launch(api, args, rental, itype, regions, ssh_key):
     for n, region in enumerate(regions):
         say(f"launching {itype['name']} in {region} as {rental.name} ...")
         rental.launch_pending = True
-        try:
-            rental.ids = api.launch({"region_name": region, "instance_type_name": itype["name"],
-                                     "ssh_key_names": [ssh_key], "name": rental.name})
+        ledger_update(rental.out_root, add=[("?", rental.name)])
+        try:  # a provider error is resent, but only after looking for a node it started all the same
+            rental.found(api.launch({"region_name": region, "instance_type_name": itype["name"],
+                                     "ssh_key_names": [ssh_key], "name": rental.name},
+                                    find=lambda: instances_named(api, rental.name, 0, 0)))
         except ApiError as e:
             if e.lost:
-                rental.ids = find_lost_launch(api, args, rental, e)
+                rental.found(find_lost_launch(api, args, rental, e))
             elif e.code == INSUFFICIENT_CAPACITY and n + 1 < len(regions):
                 rental.launch_pending = False
                 say(f"no capacity in {region} after all; trying {regions[n + 1]}")
@@ -678,21 +845,21 @@ def find_lost_launch(api, args, rental, error):
 def instances_named(api, name, patience, poll):
     """Ids of live instances carrying our unique name, looking for up to `patience` seconds until one
     shows up (a launch whose answer was lost can be listed late). Never raises."""
-    deadline = time.monotonic() + patience
+    deadline = Clock.now() + patience
     while True:
         try:
             found = sorted(i["id"] for i in api.instances() if i.get("name") == name and i.get("status") not in GONE)
         except Exception as e:  # a proxy's page, a bug: the ids we already know are terminated anyway
             say(f"warning: could not list instances to look for {name} ({redact(e)})")
             found = []
-        if found or time.monotonic() >= deadline:
+        if found or Clock.now() >= deadline:
             return found
-        time.sleep(poll)
+        Clock.sleep(poll)
 
 
 def wait_until_active(api, instance_id, poll, max_seconds):
-    deadline, last = time.monotonic() + max_seconds, None
-    while time.monotonic() < deadline:
+    deadline, last = Clock.now() + max_seconds, None
+    while Clock.now() < deadline:
         inst = api.instance(instance_id)  # 5xx and network errors are retried inside
         if inst["status"] == "active" and inst.get("ip"):
             say(f"instance {instance_id} active at {inst['ip']}")
@@ -703,82 +870,147 @@ def wait_until_active(api, instance_id, poll, max_seconds):
         if inst["status"] != last:
             say(f"instance {instance_id}: {inst['status']}")
             last = inst["status"]
-        time.sleep(poll)
+        Clock.sleep(poll)
     raise RemoteError(f"instance {instance_id} did not become active within {max_seconds / 60:.0f} minutes.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ledger: every id we may have started, on disk from the moment we know it, so that a launcher
+# that dies (SIGKILL, power, a killed `| tee` and a closed window) leaves the ids behind. The next run
+# and --cleanup read it first. "? NAME" is a launch whose answer we have not seen.
+
+def ledger_read(out_dir):
+    try:
+        lines = (Path(out_dir) / LEDGER).read_text().splitlines()
+    except OSError:
+        return []
+    return [tuple(line.split()[:2]) for line in lines if len(line.split()) >= 2]
+
+
+def ledger_update(out_dir, add=(), drop=()):
+    """Add (id, name) entries; drop entries whose id, or whose (id, name), is in drop. Never raises."""
+    path = Path(out_dir) / LEDGER
+    try:
+        entries = [e for e in ledger_read(out_dir) if e[0] not in drop and e not in drop and e not in add]
+        entries += list(add)
+        if not entries:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{LEDGER}.{os.getpid()}")
+        tmp.write_text("".join(f"{i} {n}\n" for i, n in entries))
+        os.replace(tmp, path)
+    except OSError as e:
+        say(f"warning: could not update {path} ({e.strerror}); live ids: {', '.join(i for i, _ in add) or 'none'}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Stopping what we rented, and confirming it
 
 def terminate_once(api, ids):
-    """One terminate request; never raises. Returns (accepted, seconds the API asked us to wait)."""
+    """One terminate request; never raises. Returns (seconds the API asked us to wait, refused): refused
+    is a 401/403, an answer that retrying cannot change."""
     try:
         api.terminate(ids, retries=0)
-        return True, 0.0
+        return 0.0, False
     except ApiError as e:
-        if e.status != 404:  # 404: one of them is gone already; the polls say which
-            say(f"warning: terminate {', '.join(sorted(ids))} failed ({e.code}: {e.message}); trying again")
-        return False, e.retry_after or 0.0
+        say(f"warning: terminate {', '.join(sorted(ids))} failed ({e.code}: {e.message}); trying again")
+        return e.retry_after or 0.0, e.status in (401, 403)
     except Exception as e:
         say(f"warning: terminate {', '.join(sorted(ids))} failed ({redact(e)}); trying again")
-        return False, 0.0
+        return 0.0, False
 
 
 def is_stopped(api, instance_id):
+    """Only the API's own JSON ends a bill: the instance says terminating/terminated, or a 404 in the
+    spec's shape says the id does not exist -- and the instance list agrees. A proxy's 404 page while
+    the API is failing is no answer. Never raises."""
     try:
-        return api.instance(instance_id, retries=0)["status"] in GONE
+        if api.instance(instance_id, retries=0)["status"] not in TERMINATED:
+            return False
     except ApiError as e:
-        return e.status == 404  # gone long enough to be forgotten
+        if e.status != 404 or e.code != NOT_FOUND:
+            return False
     except Exception:
         return False
+    try:
+        listed = {i["id"]: i.get("status") for i in api.instances(retries=0)}
+    except Exception:
+        return False
+    return listed.get(instance_id, "terminated") in TERMINATED
 
 
-def stop_instances(api, ids, patience, requested=()):
-    """Terminate ids until polling says each is terminating or gone: every error but 404 is retried,
-    with backoff that honours Retry-After, for up to `patience` seconds. `requested` already had an
-    accepted terminate. Returns the ids never confirmed stopped."""
-    pending, deadline, delay = set(ids), time.monotonic() + patience, max(api.backoff, 0.01)
+def detach():
+    """Carry on in a child in its own session, which a closed terminal or a signal to our group does
+    not reach; the parent returns at once (whoever signalled it may not wait). True in the child."""
+    try:
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid:
+        say(f"the terminate is still failing; a detached process (pid {pid}) keeps trying, "
+            f"logging to {_LOG[0].name if _LOG else 'nowhere'}", err=True)
+        return False
+    os.setsid()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    _DEAD.update(("stdout", "stderr"))  # the log is all it writes to
+    return True
+
+
+def stop_instances(api, ids, patience, requested=(), may_detach=False):
+    """Terminate ids until the API confirms each (is_stopped). Every failure is retried with backoff
+    that honours Retry-After for as long as the API fails (an outage is waited out, never a reason
+    to leave a node billing), up to `patience` seconds (tests bound it; by default there is none).
+    Only a refused key (401/403) ends it early. With may_detach, after a failed first round with the
+    terminal gone or a signal received, a detached child goes on. Returns the ids never confirmed."""
+    pending, deadline, delay = set(ids), Clock.now() + patience, max(api.backoff, 0.01)
     ask = pending - set(requested)
     while True:
-        wait = terminate_once(api, ask)[1] if ask else 0.0
+        wait, refused = terminate_once(api, ask) if ask else (0.0, False)
         pending = {i for i in sorted(pending) if not is_stopped(api, i)}
-        left = deadline - time.monotonic()
-        if not pending or left <= 0:
+        left = deadline - Clock.now()
+        if not pending or left <= 0 or refused:
             return pending
+        if may_detach and (_Signals.seen or {"stdout", "stderr"} <= _DEAD):
+            may_detach = False
+            if not detach():
+                return pending
         api.sleep(min(max(delay, wait), left))
-        delay, ask = min(delay * 2, 30.0), pending
+        delay, ask = min(delay * 2, 60.0), pending
 
 
 def stop_rental(api, args, rental):
     """Terminate every instance we may have started, then confirm; return the ids not confirmed."""
     known = set(rental.ids)
-    requested = known if known and terminate_once(api, known)[0] else set()  # first, before any talk
+    requested = known if known and terminate_once(api, known) == (0.0, False) else set()  # first, before any talk
     patience = args.lost_launch_seconds if rental.launch_pending else 0
     if patience:
         say(f"a launch answer was lost: watching your instances for {rental.name} for up to {patience / 60:.0f} min")
     ids = known | set(instances_named(api, rental.name, patience, args.poll_seconds))
-    if not ids:
-        return set()
-    unstopped = stop_instances(api, ids, args.cleanup_seconds, requested)
+    unstopped = stop_instances(api, ids, args.cleanup_seconds, requested, may_detach=True) if ids else set()
     if ids - unstopped:
         say(f"terminated {', '.join(sorted(ids - unstopped))} (the API confirms it is terminating).")
+    ledger_update(args.out_dir, drop={*(ids - unstopped), ("?", rental.name)})
     return unstopped
 
 
-def stop_by_hand(ids):
+def stop_by_hand(ids, out_dir):
     say(f"ERROR: could not confirm that {', '.join(sorted(ids))} stopped; it may still be billing.\n"
-        f"  Terminate it at {DASHBOARD_URL} or with `python launch_lambda.py --terminate ID`.", err=True)
+        f"  Terminate it at {DASHBOARD_URL}, with `python launch_lambda.py --terminate ID`, or with "
+        f"`python launch_lambda.py --cleanup` (the ids are in {Path(out_dir) / LEDGER}).", err=True)
 
 
 def finish(api, args, rental):
     """Every ending: fetch what the run left, then stop what we rented. Runs disarmed: signals are
-    counted, not obeyed; a further signal can only cut the fetch short. Returns unconfirmed ids."""
+    counted, not obeyed; the first one shortens the fetch, a second one ends it. Returns unconfirmed ids."""
     if rental.started:
-        seconds = FETCH_SECONDS["interrupted" if _Signals.seen else "normal"]
-        _, e = guarded(fetch_results, rental.remote, args.fetch, rental.out_dir, seconds)
-        if e is not None:
-            why = "skipped by a signal" if isinstance(e, KeyboardInterrupt) else redact(e)
-            say(f"warning: results not copied back ({why}).")
+        try:
+            seconds = min(args.fetch_seconds, INTERRUPTED_FETCH_SECONDS) if _Signals.seen else args.fetch_seconds
+            rental.fetch_problem = fetch_results(rental.remote, args.fetch, rental.out_dir, seconds)
+        except Exception as e:  # a bug or a full disk: the node must still be terminated
+            rental.fetch_problem = redact(e)
+            say(f"warning: results not copied back ({rental.fetch_problem}).")
     if args.keep:
         for i in rental.ids:
             say(f"--keep: instance {i} ({rental.name}) is still running and billing; end it with "
@@ -794,6 +1026,8 @@ def run_on_node(api, args, rental, itype, regions, ssh_key, files):
     remote = rental.remote = Remote(ip, args.ssh_user, args.identity_file, rental.out_dir / "known_hosts")
     wait_for_ssh(remote, args.poll_seconds)
     upload_repo(remote, args.repo, files)
+    if args.watchdog:
+        start_watchdog(remote, args, rental.ids[0], api)
     rental.started = True  # from here on there may be results to fetch
     start_speedrun(remote, args)
     code = follow_speedrun(remote, args.poll_seconds, args.max_hours * 3600 + NODE_GRACE_MIN * 60)
@@ -812,12 +1046,16 @@ def launch_and_run(api, args, itype, regions, ssh_key, files):
     if unstopped:  # what the user must act on comes last, after why the run ended
         if error is not None and not isinstance(error, KeyboardInterrupt):
             say(f"error: {redact(error)}", err=True)
-        stop_by_hand(unstopped)
+        stop_by_hand(unstopped, args.out_dir)
         return 1
     if _Signals.seen:
         raise Interrupted(_Signals.seen[0])
     if error is not None:
         raise error
+    if rental.fetch_problem:
+        say(f"error: the run finished but its results did not all come back ({rental.fetch_problem}); "
+            f"what arrived is in {rental.out_dir}.", err=True)
+        return EXIT_RESULTS_MISSING
     return result
 
 
@@ -841,15 +1079,24 @@ def parse_args(argv):
     p.add_argument("--identity-file", help="private key file for ssh (default: ssh's own choice)")
     p.add_argument("--ssh-user", default="ubuntu")
     p.add_argument("--hours", type=float, default=4.0, help="expected run length, for the cost estimate")
-    p.add_argument("--max-hours", type=float, help="node-side deadline: the run is stopped after this and the "
-                   f"node powers off {NODE_GRACE_MIN} min later (default: twice --hours)")
+    p.add_argument("--max-hours", type=float, help="node-side deadline: the run is stopped after this "
+                   f"(default: twice --hours; at most {MAX_HOURS_LIMIT} without --allow-long-runs)")
+    p.add_argument("--allow-long-runs", action="store_true", help=f"allow --max-hours above {MAX_HOURS_LIMIT}")
     p.add_argument("--boot-timeout-min", type=float, default=30.0, help="give up if not active after this")
-    p.add_argument("--fetch", action="append", help="path (glob) under the repo on the node to copy back "
-                   f"(repeatable; default {', '.join(FETCH_UNDER_OUT)} under the speedrun's --out)")
-    p.add_argument("--out-dir", default="out/lambda", help="where results land, one folder per instance")
+    p.add_argument("--fetch", action="append", default=[], help="another path (glob) under the repo on the node "
+                   f"to copy back, besides {', '.join(FETCH_UNDER_OUT)} under the speedrun's --out (repeatable)")
+    p.add_argument("--fetch-seconds", type=float, default=600.0, help="time limit for copying results back")
+    p.add_argument("--out-dir", default="out/lambda", help="results (one folder per instance), log, live ids")
     p.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate, launch nothing")
+    p.add_argument("--yes", action="store_true", help="launch (or --cleanup) without asking to type yes")
     p.add_argument("--keep", action="store_true", help="leave the instance running at the end (no power-off)")
+    p.add_argument("--no-watchdog", dest="watchdog", action="store_false", help="no node-side watchdog (then a "
+                   "dead launcher leaves the node billing until you terminate it)")
+    p.add_argument("--heartbeat-minutes", type=float, default=30.0, help="the watchdog terminates the node "
+                   "after this long without a word from this launcher (default %(default)s)")
     p.add_argument("--terminate", metavar="INSTANCE_ID", help="only terminate this instance, confirm, exit")
+    p.add_argument("--cleanup", action="store_true", help=f"terminate every live {NAME_PREFIX}* instance and "
+                   f"every id in --out-dir's {LEDGER} (after confirmation), exit")
     p.add_argument("--api-key-file", help="file holding the API key (default: the LAMBDA_API_KEY env var)")
     p.add_argument("--api-base", default=DEFAULT_API_BASE, help="API root (default %(default)s)")
     p.add_argument("--poll-seconds", type=float, default=15.0, help="seconds between status polls")
@@ -862,17 +1109,98 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=5, help=hidden)
     p.add_argument("--http-timeout", type=float, default=60.0, help=hidden)
     p.add_argument("--lost-launch-seconds", type=float, default=300.0, help=hidden)
-    p.add_argument("--cleanup-seconds", type=float, default=600.0, help=hidden)
+    p.add_argument("--cleanup-seconds", type=float, default=math.inf, help=hidden)  # default: while the API fails
+    p.add_argument("--time-scale", type=float, default=1.0, help=hidden)  # see Clock
     p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent, help=hidden)
     args = p.parse_args(argv)
     check_api_base(args.api_base)
-    args.max_hours = 2 * args.hours if args.max_hours is None else args.max_hours
-    if not 0 < args.hours <= args.max_hours:
-        raise UserError(f"--max-hours ({args.max_hours:g}) must be at least --hours ({args.hours:g}) and both "
-                        f"positive; raise --max-hours or lower --hours.")
+    check_numbers(args)
+    args.watchdog = args.watchdog and not args.keep
     out = speedrun_out(args.speedrun_args)
-    args.fetch = args.fetch or [f"{out}/{p}" for p in FETCH_UNDER_OUT]
+    args.fetch = [f"{out}/{p}" for p in FETCH_UNDER_OUT] + args.fetch  # --fetch adds, never replaces
     return args
+
+
+def check_numbers(args):
+    args.max_hours = 2 * args.hours if args.max_hours is None else args.max_hours
+    for flag in ("hours", "max_hours", "heartbeat_minutes", "fetch_seconds", "poll_seconds", "boot_timeout_min"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive finite number, not {value:g}; "
+                            f"give a number of {flag.rsplit('_', 1)[-1]}.")
+    if args.hours > args.max_hours:
+        raise UserError(f"--max-hours ({args.max_hours:g}) must be at least --hours ({args.hours:g}); "
+                        f"raise --max-hours or lower --hours.")
+    if args.max_hours > MAX_HOURS_LIMIT and not args.allow_long_runs:
+        raise UserError(f"--max-hours {args.max_hours:g} is above {MAX_HOURS_LIMIT} h (about "
+                        f"${args.max_hours * 24:,.0f} on an 8xH100 node); add --allow-long-runs if you mean it.")
+
+
+def check_ssh(args):
+    """Before renting: a node we cannot reach still bills."""
+    if shutil.which("ssh") is None:
+        raise UserError("ssh is not installed or not on PATH; install OpenSSH's client, then launch again.")
+    if args.identity_file and not os.access(args.identity_file, os.R_OK):
+        raise UserError(f"cannot read the --identity-file {args.identity_file}; give the private key that "
+                        f"matches your Lambda SSH key.")
+
+
+def confirm(args, question):
+    """A typed yes, or --yes: forgetting --dry-run must not rent a node."""
+    if args.yes:
+        return
+    if not sys.stdin or not sys.stdin.isatty():
+        raise UserError(f"{question} needs confirmation and stdin is not a terminal; add --yes.")
+    say(f"{question}? Type yes to go on: ", end="")
+    if sys.stdin.readline().strip().lower() != "yes":
+        raise UserError("not confirmed, so nothing was done; answer yes (or pass --yes) to go on.")
+
+
+def check_ledger(api, out_dir):
+    """Read what an earlier launcher left in the ledger first: drop what the API confirms is gone, and
+    rent nothing more while an instance of ours may still be billing."""
+    live, gone = [], set()
+    for iid, name in ledger_read(out_dir):
+        found = instances_named(api, name, 0, 0) if iid == "?" else ([] if is_stopped(api, iid) else [iid])
+        live += found
+        gone |= set() if found else {(iid, name)}
+    ledger_update(out_dir, drop=gone)
+    if live:
+        raise UserError(f"instances from an earlier launch may still be billing ({', '.join(sorted(live))}, "
+                        f"listed in {Path(out_dir) / LEDGER}); end them with `python launch_lambda.py --cleanup` "
+                        f"(or let that launch finish), then launch again.")
+
+
+def terminate_one(api, args):
+    unstopped = stop_instances(api, [args.terminate], args.cleanup_seconds)
+    if unstopped:
+        stop_by_hand(unstopped, args.out_dir)
+        return 1
+    ledger_update(args.out_dir, drop={args.terminate})
+    say(f"{args.terminate} is terminating or gone (the API confirms it).")
+    return 0
+
+
+def cleanup(api, args):
+    """--cleanup: every live instance named nanostoney-*, and every id in the ledger, terminated."""
+    listed = [i for i in api.instances() if i.get("status") not in TERMINATED]
+    ids = {i["id"] for i in listed if str(i.get("name", "")).startswith(NAME_PREFIX)}
+    ids |= {i for i, _ in ledger_read(args.out_dir) if i != "?" and not is_stopped(api, i)}
+    if not ids:
+        ledger_update(args.out_dir, drop={e for e in ledger_read(args.out_dir)})
+        say(f"no live {NAME_PREFIX}* instances: nothing to terminate.")
+        return 0
+    for i in sorted(ids):
+        info = next((x for x in listed if x["id"] == i), {})
+        say(f"  {i}  {info.get('name', '?')}  {info.get('status', 'unknown')}")
+    confirm(args, f"terminate these {len(ids)} instances")
+    unstopped = stop_instances(api, ids, args.cleanup_seconds)
+    ledger_update(args.out_dir, drop={*(ids - unstopped), *[e for e in ledger_read(args.out_dir) if e[0] == "?"]})
+    if unstopped:
+        stop_by_hand(unstopped, args.out_dir)
+        return 1
+    say(f"terminated {', '.join(sorted(ids))} (the API confirms it).")
+    return 0
 
 
 def main(argv=None):
@@ -884,17 +1212,23 @@ def main(argv=None):
         if signal.getsignal(s) is not signal.SIG_IGN:  # but under nohup a closed terminal must not end the run
             signal.signal(s, on_signal)
     args = parse_args(argv)
+    Clock.scale = args.time_scale
     api = LambdaAPI(args.api_base, read_api_key(args.api_key_file), interval=args.api_interval,
                     launch_interval=args.launch_interval, retries=args.retries, backoff=args.backoff_seconds,
                     timeout=args.http_timeout)
+    remember_secret(os.environ.get("WANDB_API_KEY", "").strip())
+    if not args.dry_run:
+        open_log(args.out_dir)
     if args.terminate:
-        unstopped = stop_instances(api, [args.terminate], args.cleanup_seconds)
-        if unstopped:
-            stop_by_hand(unstopped)
-            return 1
-        say(f"{args.terminate} is terminating or gone (the API confirms it).")
-        return 0
-    files = repo_files(args.repo)  # before any money is spent
+        return terminate_one(api, args)
+    if args.cleanup:
+        return cleanup(api, args)
+    return plan_and_launch(api, args)
+
+
+def plan_and_launch(api, args):
+    check_ssh(args)
+    files, secret = repo_files(args.repo, args.api_key_file)  # before any money is spent
     types = api.instance_types()
     itype, regions, capacity = pick_type_and_regions(types, args.type, args.region)
     try:
@@ -903,13 +1237,15 @@ def main(argv=None):
         if not args.dry_run:
             raise
         ssh_key = f"! {e}"
-    print_plan(args, itype, regions, capacity, ssh_key, files)
+    print_plan(args, itype, regions, capacity, ssh_key, files, secret)
     if args.dry_run:
         return 0
+    check_ledger(api, args.out_dir)
     if not regions:
         where = f"in {args.region}" if args.region else "in any region"
         raise RemoteError(f"no capacity for {args.type} {where} right now; types with capacity: "
                           f"{types_with_capacity(types)}.")
+    confirm(args, f"rent {itype['name']} at ${itype['price_cents_per_hour'] / 100:.2f}/h")
     return launch_and_run(api, args, itype, regions, ssh_key, files)
 
 

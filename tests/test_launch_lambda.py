@@ -68,9 +68,14 @@ class FakeLambda:
     """Scenario knobs: launch_errors / terminate_errors / get_errors (answers to the first calls:
     (status, body) with body a dict or raw bytes), terminate_fails (every terminate answers 500),
     delays (operationId -> seconds before answering), boot_polls (GETs that still say booting),
-    boot_status (what booting turns into), garbled_listing (raw bytes GET /instances answers with),
-    redirect (every request answers 302 to another path), retry_after (header on error answers),
-    unauthorized_message (answer 401 with this message to everything)."""
+    boot_status (what booting turns into), garbled_listing (raw bytes the first garbled_listings GET
+    /instances answer with), redirect (every request answers 302 to another path), retry_after (header
+    on error answers), unauthorized_message (answer 401 with this message to everything),
+    get_404_page (every GET /instances/ID answers a proxy's 404 page), launch_fails_after_start
+    (answers to the first launches, sent after the node was started), outage_after_terminate
+    (simulated seconds: from the first terminate on, every request gets a proxy's 502 page). Simulated
+    time is real time x time_scale: a 20-minute outage passes in seconds, as the launcher's own
+    --time-scale makes its clock and backoff pass, with no bound of its own changed."""
 
     def __init__(self):
         regions = [{"name": "us-east-1", "description": "Virginia, USA"},
@@ -87,7 +92,10 @@ class FakeLambda:
         self.terminate_fails = False
         self.delays = {}
         self.boot_polls, self.boot_status = 1, "active"
-        self.garbled_listing = None  # raw bytes to answer GET /instances with
+        self.garbled_listing, self.garbled_listings = None, 10 ** 9  # raw bytes to answer GET /instances with
+        self.get_404_page = False
+        self.launch_fails_after_start = []
+        self.outage_after_terminate, self.time_scale, self.outage_start = None, 1.0, None
         self.redirect = False
         self.retry_after = None
         self.unauthorized_message = None
@@ -125,6 +133,8 @@ class FakeLambda:
             self.requests.append((time.time(), method, path, body))
             if self.redirect:
                 return 302, b"", {"Location": PREFIX + "/elsewhere"}
+            if self.in_outage(path):
+                return 502, BAD_GATEWAY, {}
             if route is None:
                 self.violations.append(f"{method} {path} is not in the spec")
                 return 404, api_error("global/object-does-not-exist", "no such route"), {}
@@ -152,6 +162,14 @@ class FakeLambda:
             extra = {"Retry-After": self.retry_after} if self.retry_after and status >= 429 else {}
             return status, answer, extra
 
+    def in_outage(self, path):
+        if self.outage_after_terminate is None:
+            return False
+        if self.outage_start is None and path.endswith("/instance-operations/terminate"):
+            self.outage_start = time.time()
+        return self.outage_start is not None and \
+            (time.time() - self.outage_start) * self.time_scale < self.outage_after_terminate
+
     def answer(self, operation, params, body):
         if operation == "listInstanceTypes":
             return 200, {"data": self.types}
@@ -165,14 +183,20 @@ class FakeLambda:
             self.instances[iid] = {"name": body.get("name", ""), "status": "booting", "polls": 0,
                                    "region": body["region_name"], "type": body["instance_type_name"],
                                    "ssh_key_names": body["ssh_key_names"]}
+            if self.launch_fails_after_start:
+                status, error = self.launch_fails_after_start.pop(0)
+                return status, {"error": error}
             return 200, {"data": {"instance_ids": [iid]}}
         if operation == "listInstances":
-            if self.garbled_listing:
+            if self.garbled_listing and self.garbled_listings > 0:
+                self.garbled_listings -= 1
                 return 200, self.garbled_listing
             return 200, {"data": [self.instance(i) for i in self.instances]}
         if operation == "getInstance":
             if self.get_errors:
                 return self.get_errors.pop(0)
+            if self.get_404_page:
+                return 404, b"<html><body><h1>404 Not Found</h1>nginx</body></html>"
             inst = self.instances.get(params[0])
             if inst is None:
                 return 404, api_error("global/object-does-not-exist", "Specified instance does not exist.")
@@ -260,15 +284,24 @@ with open(os.path.join(state, "calls.jsonl"), "a") as f:
 if os.path.exists(os.path.join(state, "network_down")):
     sys.stderr.write("ssh: connect to host 198.51.100.7 port 22: Connection timed out\n")
     sys.exit(255)
+if "tar -czf" in command and os.path.exists(os.path.join(state, "fetch_fails")):
+    sys.stderr.write("ssh: connect to host 198.51.100.7 port 22: Connection reset by peer\n")
+    sys.exit(255)
+if "tar -czf" in command and os.path.exists(os.path.join(state, "fetch_slow")):
+    time.sleep(float(open(os.path.join(state, "fetch_slow")).read() or 2))
 home = os.path.join(state, "home")
 os.makedirs(home, exist_ok=True)
 sys.exit(subprocess.run(["bash", "-c", command], cwd=home).returncode)
 '''
 
+# Records its argv; runs what it is given (as the user: the fake node has no root), except shutdown.
 FAKE_SUDO = r'''
 import json, os, sys
 with open(os.path.join(os.environ["FAKE_STATE"], "sudo.jsonl"), "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")
+args = sys.argv[2:] if sys.argv[1:2] == ["-n"] else sys.argv[1:]
+if args[0] != "shutdown":
+    os.execvp(args[0], args)
 '''
 
 # Plays run_stoney_small.sh on the node: writes what the real one writes under its --out, then ends
@@ -325,25 +358,35 @@ def node(tmp_path):
     (repo / "out").mkdir()
     (repo / "out" / "ignored.bin").write_text("never shipped\n")
     yield {"bin": bin_dir, "state": state, "repo": repo, "out": tmp_path / "results",
-           "home": state / "home" / "nanostoney"}
-    for pid in node_sessions(state):  # whatever the test left running on the "node"
-        try:
+           "home": state / "home" / "nanostoney", "run": state / "run"}
+    for pid in node_sessions(state) + [p for p in [watchdog_pid(state / "home" / "nanostoney")] if p]:
+        try:  # whatever the test left running on the "node", its watchdog included
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def watchdog_pid(home):
+    """The node's watchdog, while it runs (its own session: nothing the launcher's group gets reaches it)."""
+    try:
+        pid = int((home / ".watchdog_pid").read_text())
+        return pid if ".watchdog.py" in Path(f"/proc/{pid}/cmdline").read_text() else None
+    except (OSError, ValueError):
+        return None
 
 
 def launcher_cmd(api, node, *extra):
     return [sys.executable, str(LAUNCHER), "--api-base", api.base, "--repo", str(node["repo"]),
             "--out-dir", str(node["out"]), "--poll-seconds", "0.05", "--api-interval", "0.001",
             "--launch-interval", "0.002", "--backoff-seconds", "0.001", "--cleanup-seconds", "5",
-            "--lost-launch-seconds", "10", *extra]
+            "--lost-launch-seconds", "10", "--yes", *extra]
 
 
 def launcher_env(node, key=LAMBDA_KEY, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_API_KEY", "WANDB_API_KEY")}
     env.update(PATH=f"{node['bin']}{os.pathsep}{env.get('PATH', '')}", FAKE_STATE=str(node["state"]),
-               WANDB_API_KEY=WANDB_KEY, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", **extra)
+               WANDB_API_KEY=WANDB_KEY, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+               NANOSTONEY_NODE_RUN=str(node["run"]), **extra)
     if key:
         env["LAMBDA_API_KEY"] = key
     return env
@@ -419,9 +462,10 @@ def polls(node):
     return [c for c in ssh_calls(node) if "argv" in c and ".launch_exit" in c["argv"][-1]]
 
 
-def sudo_calls(node):
+def sudo_calls(node, what="shutdown"):
     path = node["state"] / "sudo.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [c for c in calls if what in c]
 
 
 def terminated_ids(api):
@@ -438,7 +482,7 @@ def assert_all_stopped(api):
 
 
 def result_dir(node):
-    (d,) = node["out"].iterdir()
+    (d,) = [d for d in node["out"].iterdir() if d.is_dir()]  # beside it: launch.log (and UNTERMINATED)
     return d
 
 
@@ -476,7 +520,10 @@ def test_success_ships_repo_passes_key_on_stdin_fetches_results_and_terminates(a
     assert "speedrun finished" in (out / "speedrun.log").read_text()
     assert "step 1" in r.stdout and "terminated" in r.stdout
     # the node-side cap: a power-off scheduled for --max-hours (default twice --hours) + 10 min
-    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{8 * 60 + 10}"]]
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{8 * 60 + 10 + 30}"]]  # 30: the watchdog's
+    # the watchdog started as root, and its key file is gone from the node's tmpfs folder
+    assert [c[3:5] for c in sudo_calls(node, "setsid")] == [["python3", ".watchdog.py"]]
+    assert node["run"].is_dir() and list(node["run"].iterdir()) == []
 
 
 def test_remote_failure_fetches_results_and_terminates(api, node):
@@ -649,7 +696,7 @@ def test_terminate_subcommand_confirms(api, node):
 
 @pytest.mark.parametrize("listing", [BAD_GATEWAY, b'{"data": "not a list of instances"}'])
 def test_garbled_listing_during_cleanup_still_terminates_the_known_node(api, node, listing):
-    api.garbled_listing = listing
+    api.garbled_listing, api.garbled_listings = listing, 2  # then the API answers again: confirmed
     r = run_launcher(api, node, "--ssh-key", "my-key", "--retries", "1")
     assert r.returncode == 0, r.stderr
     assert "could not list instances" in r.stdout + r.stderr
@@ -789,7 +836,7 @@ def test_max_hours_stops_the_run_on_the_node(api, node):
     r = run_launcher(api, node, "--ssh-key", "my-key", "--hours", "0.0001", "--max-hours", "0.0005",
                      FAKE_RUN="hang")  # a 1.8 s deadline
     assert r.returncode == 1 and "--max-hours" in r.stderr
-    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10}"]]
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10 + 30}"]]
     assert (result_dir(node) / "out/report/index.html").is_file()
     assert_all_stopped(api)
 
@@ -799,7 +846,7 @@ def test_node_side_cap_works_without_the_launcher(api, node):
         launcher.wait_for(run_started(node), "the run")
         launcher.signal(signal.SIGKILL)  # the launcher and its ssh die without a word
         launcher.proc.wait()
-    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10}"]]  # the power-off is the node's own
+    assert sudo_calls(node) == [["-n", "shutdown", "-h", f"+{1 + 10 + 30}"]]  # the power-off is the node's own
     exit_file = node["home"] / ".launch_exit"
     for _ in range(200):  # the run still ends at its deadline on the node (bounded wait, ~10 s)
         if exit_file.exists():
@@ -827,11 +874,20 @@ def test_dry_run_prints_plan_and_cost_and_launches_nothing(api, node):
     assert r.returncode == 0, r.stderr
     assert "gpu_8x_h100_sxm5" in r.stdout and "us-east-1" in r.stdout and "us-west-2" in r.stdout
     assert "$23.92/h" in r.stdout and "$59.80" in r.stdout  # 2392 cents/h x 2.5 h
-    assert "$123.59" in r.stdout  # worst case: the 5 h cap (twice --hours) + 10 min x $23.92/h
-    assert "my-key" in r.stdout
+    # worst case, every bound: the lost-launch watch (10 s here), boot 30 min, ssh 40 x (15 + 0.05) s,
+    # the copy 10 min, the 5 h cap (twice --hours), the fetch 10 min: 6.0033 h x $23.92/h
+    assert "$143.60" in r.stdout and "even if this launcher dies" in r.stdout
+    assert "watchdog       on" in r.stdout and "my-key" in r.stdout
     assert api.paths("POST", "/instance-operations/launch") == [] and api.violations == []
-    r = run_launcher(api, node, "--dry-run", "--hours", "3", "--max-hours", "2")
-    assert r.returncode == 2 and "--max-hours" in r.stderr
+    r = run_launcher(api, node, "--dry-run", "--hours", "2.5", "--no-watchdog")
+    assert "unbounded if this launcher dies" in r.stdout and "$143.60" in r.stdout and "if it lives" in r.stdout
+    for bad in (["--hours", "3", "--max-hours", "2"], ["--max-hours", "1e6"], ["--hours", "inf"],
+                ["--hours", "nan"], ["--max-hours", "-1"]):
+        r = run_launcher(api, node, "--dry-run", *bad)
+        assert r.returncode == 2 and "hours" in r.stderr and "Traceback" not in r.stderr, bad
+        assert "\n" not in r.stderr.strip(), r.stderr
+    r = run_launcher(api, node, "--dry-run", "--max-hours", "30", "--allow-long-runs")
+    assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
