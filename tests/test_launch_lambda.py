@@ -386,7 +386,8 @@ def launcher_env(node, key=LAMBDA_KEY, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_API_KEY", "WANDB_API_KEY")}
     env.update(PATH=f"{node['bin']}{os.pathsep}{env.get('PATH', '')}", FAKE_STATE=str(node["state"]),
                WANDB_API_KEY=WANDB_KEY, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-               NANOSTONEY_NODE_RUN=str(node["run"]), **extra)
+               NANOSTONEY_NODE_RUN=str(node["run"]))
+    env.update(extra)
     if key:
         env["LAMBDA_API_KEY"] = key
     return env
@@ -999,3 +1000,215 @@ def test_a_signal_raises_once_per_arming_and_cleanup_runs_disarmed(launcher):
     result, error = launcher.guarded(launcher.on_signal, signal.SIGHUP, None)  # a signal inside fn
     assert result is None and isinstance(error, launcher.Interrupted) and not launcher._Signals.armed
     assert launcher.guarded(lambda: 5) == (5, None) and not launcher._Signals.armed
+
+
+# ---------------------------------------------------------------------------------------------------
+# A launcher that dies, or believes the wrong answer (issue 28)
+
+def wait_until(condition, what, seconds=30):
+    for _ in range(int(seconds / 0.05)):  # bounded
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"never saw {what}")
+
+
+def assert_key_nowhere(root, allowed=()):
+    """The Lambda key in no file under root (results, log, ledger, the fake node's disk and tmpfs
+    folder), and on no process's command line; the watchdog's environment does not hold it either."""
+    key = LAMBDA_KEY.encode()
+    for path in Path(root).rglob("*"):
+        if path.is_file() and path not in allowed:
+            assert key not in path.read_bytes(), path
+    for proc in Path("/proc").iterdir():
+        try:
+            assert key not in (proc / "cmdline").read_bytes(), proc
+        except OSError:
+            pass
+
+
+def ledger(node):
+    path = node["out"] / "UNTERMINATED"
+    return path.read_text() if path.exists() else ""
+
+
+def test_sigkilled_launcher_is_ended_by_the_node_watchdog(api, node, tmp_path):
+    with Launcher(api, node, "--heartbeat-minutes", "0.03", FAKE_RUN="hang") as launcher:
+        launcher.wait_for(lambda: run_started(node)() and watchdog_pid(node["home"]), "the run and the watchdog")
+        pid = watchdog_pid(node["home"])
+        assert LAMBDA_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        assert_key_nowhere(tmp_path)  # while it all runs: the key file on the "tmpfs" is already gone
+        launcher.signal(signal.SIGKILL)  # no cleanup, no word: only the node can end the bill now
+        launcher.proc.wait()
+    assert terminated_ids(api) == [] and FIRST_ID in ledger(node)  # the dead launcher left its ids behind
+    wait_until(lambda: api.statuses() == {FIRST_ID: "terminating"}, "the watchdog's terminate")
+    wait_until(lambda: watchdog_pid(node["home"]) is None, "the watchdog's end")
+    log = (node["home"] / ".watchdog_log").read_text()
+    assert "no heartbeat from the launcher" in log and "the API confirms it" in log
+    assert terminated_ids(api) == [FIRST_ID] and api.violations == []
+    assert_key_nowhere(tmp_path)
+    # the next run reads the ledger first: the API confirms the node is gone, so it launches
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 0, r.stderr
+    assert ledger(node) == ""
+
+
+def test_watchdog_retries_its_terminate_while_the_api_fails(api, node):
+    api.terminate_errors = [(500, api_error("global/unknown", "Internal server error")), (502, BAD_GATEWAY)]
+    with Launcher(api, node, "--heartbeat-minutes", "0.03", FAKE_RUN="hang") as launcher:
+        launcher.wait_for(lambda: run_started(node)() and watchdog_pid(node["home"]), "the watchdog")
+        launcher.signal(signal.SIGKILL)
+        launcher.proc.wait()
+    wait_until(lambda: api.statuses() == {FIRST_ID: "terminating"}, "the watchdog's terminate")
+    wait_until(lambda: watchdog_pid(node["home"]) is None, "the watchdog's end")
+    assert len(terminated_ids(api)) == 3
+    assert LAMBDA_KEY not in (node["home"] / ".watchdog_log").read_text()
+
+
+def test_proxy_404_during_a_failing_terminate_is_not_a_termination(api, node):
+    api.terminate_fails, api.get_404_page = True, True  # the boot poll fails on it too: cleanup at once
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--cleanup-seconds", "1")
+    assert r.returncode == 1 and FIRST_ID in r.stderr and "may still be billing" in r.stderr
+    assert api.statuses() == {FIRST_ID: "booting"} and FIRST_ID in ledger(node)
+    r = run_launcher(api, node, "--terminate", FIRST_ID, "--cleanup-seconds", "1")
+    assert r.returncode == 1 and FIRST_ID in r.stderr
+
+
+def test_a_status_that_still_bills_is_not_a_termination(api, node):
+    api.terminate_errors = [(200, {"data": {"terminated_instances": []}})] * 100  # accepted, yet nothing happens
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--cleanup-seconds", "1")
+    assert r.returncode == 1 and FIRST_ID in r.stderr and api.statuses() == {FIRST_ID: "active"}
+
+
+def test_killed_tee_leaves_the_ids_in_the_ledger_and_a_detached_cleanup_finishes(api, node):
+    api.terminate_fails = True
+    read_end, write_end = os.pipe()
+    with Launcher(api, node, "--cleanup-seconds", "60", stdout=write_end, stderr=write_end,
+                  FAKE_RUN="hang") as launcher:
+        os.close(write_end)
+        launcher.wait_for(run_started(node), "the run")
+        os.close(read_end)  # Ctrl-C kills `tee` as well: nothing we print is seen any more
+        launcher.signal(signal.SIGINT)
+        code, _, _ = launcher.finish()
+    assert code == 1
+    assert FIRST_ID in ledger(node)
+    log = (node["out"] / "launch.log").read_text()
+    assert f"could not confirm that {FIRST_ID} stopped; it may still be billing" in log
+    child = int(re.search(r"a detached process \(pid (\d+)\) keeps trying", log).group(1))
+    try:
+        api.terminate_fails = False  # the API recovers: the detached child finishes the job
+        wait_until(lambda: api.statuses() == {FIRST_ID: "terminating"} and ledger(node) == "", "the detached cleanup")
+        wait_until(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
+                   "the detached child's end")
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "terminated" in (node["out"] / "launch.log").read_text().split(str(child), 1)[1]
+    assert LAMBDA_KEY not in log
+
+
+def test_a_20_minute_api_outage_during_cleanup_still_ends_terminated(api, node):
+    """Simulated time runs 600x (the fake's outage and the launcher's own clock and backoff alike):
+    20 minutes pass in 2 s, twice the 600 s the cleanup used to give up after."""
+    api.time_scale, api.outage_after_terminate = 600.0, 20 * 60
+    cmd = launcher_cmd(api, node, "--ssh-key", "my-key", "--time-scale", "600", "--backoff-seconds", "2")
+    at = cmd.index("--cleanup-seconds")
+    del cmd[at:at + 2]  # the launcher's own default: no limit while the API fails
+    r = subprocess.run(cmd, env=launcher_env(node), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=90, start_new_session=True)
+    assert_no_secrets(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert_all_stopped(api)
+    assert r.stdout.count("warning: terminate") >= 10 and "http/502" in r.stdout
+    assert ledger(node) == ""
+
+
+def test_ledger_blocks_the_next_launch_until_cleanup(api, node):
+    for iid, name in ((FIRST_ID, "nanostoney-dead0001"), ("1" * 32, "nanostoney-orphan"), ("2" * 32, "not-ours")):
+        api.instances[iid] = {"name": name, "status": "active", "polls": 0, "region": "us-east-1",
+                              "type": "gpu_8x_h100_sxm5", "ssh_key_names": ["my-key"]}
+    node["out"].mkdir()
+    (node["out"] / "UNTERMINATED").write_text(f"{FIRST_ID} nanostoney-dead0001\n")
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 2 and FIRST_ID in r.stderr and "--cleanup" in r.stderr
+    assert api.paths("POST", "/instance-operations/launch") == []
+    r = run_launcher(api, node, "--cleanup", key=LAMBDA_KEY)  # launcher_cmd says --yes
+    assert r.returncode == 0, r.stderr
+    assert api.statuses() == {FIRST_ID: "terminating", "1" * 32: "terminating", "2" * 32: "active"}
+    assert ledger(node) == ""
+
+
+def test_no_launch_without_confirmation(api, node):
+    cmd = [a for a in launcher_cmd(api, node, "--ssh-key", "my-key") if a != "--yes"]
+    r = subprocess.run(cmd, env=launcher_env(node), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--yes" in r.stderr and "plan:" in r.stdout
+    assert api.paths("POST", "/instance-operations/launch") == []
+
+
+def test_secrets_in_the_checkout_never_reach_the_node(api, node, tmp_path):
+    repo = node["repo"]
+    (repo / ".env").write_text("HF_TOKEN=hf_something\n")
+    (repo / "lambda.key").write_text(LAMBDA_KEY + "\n")  # --api-key-file inside the checkout
+    (repo / "notes.txt").write_text(f"wandb: {WANDB_KEY}\n")  # a secret we know, in a file of any name
+    (repo / "conf").mkdir()
+    (repo / "conf" / ".env.local").write_text("X=1\n")
+    (repo / "conf" / "ok.txt").write_text("fine\n")
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--api-key-file", str(repo / "lambda.key"), key=None)
+    assert r.returncode == 0, r.stderr
+    shipped = {p.relative_to(node["home"]).as_posix() for p in node["home"].rglob("*") if p.is_file()}
+    assert "conf/ok.txt" in shipped
+    assert not shipped & {".env", "lambda.key", "notes.txt", "conf/.env.local"}
+    assert "withheld as secrets: .env, conf/.env.local, lambda.key, notes.txt" in r.stdout
+    assert_key_nowhere(tmp_path, allowed={repo / "lambda.key"})
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", ".env", "lambda.key"], capture_output=True, text=True)
+    assert ignored.stdout.split() == [".env", "lambda.key"]  # and our own checkout ignores both
+
+
+@pytest.mark.parametrize("how", ["fails", "slow"])
+def test_a_failed_fetch_after_a_good_run_exits_non_zero(api, node, how):
+    if how == "fails":
+        (node["state"] / "fetch_fails").touch()
+    else:
+        (node["state"] / "fetch_slow").write_text("5")
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--fetch-seconds", "1")
+    assert r.returncode == 3, r.stderr
+    assert "results did not all come back" in r.stderr
+    assert ("Connection reset" if how == "fails" else "longer than 1 s") in r.stdout + r.stderr
+    assert_all_stopped(api)
+
+
+def test_first_signal_during_the_fetch_shortens_it_and_keeps_what_arrived(api, node):
+    (node["state"] / "fetch_slow").write_text("1.5")
+    with Launcher(api, node) as launcher:
+        launcher.wait_for(lambda: any("tar -czf" in c["argv"][-1] for c in ssh_calls(node) if "argv" in c), "the fetch")
+        launcher.signal(signal.SIGINT)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert "the copy gets 60 s more" in out
+    assert (result_dir(node) / "out/report/index.html").is_file()
+    assert_all_stopped(api)
+
+
+def test_fetch_adds_to_the_defaults(api, node):
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--fetch", "out/base/model.pt")
+    assert r.returncode == 0, r.stderr
+    assert (result_dir(node) / "out/base/model.pt").is_file() and (result_dir(node) / "out/report/index.html").is_file()
+
+
+def test_provider_error_after_the_node_started_is_not_resent(api, node):
+    api.launch_fails_after_start = [(503, {"code": "provider/internal-unavailable", "message": "Provider unavailable"})]
+    r = run_launcher(api, node, "--ssh-key", "my-key")
+    assert r.returncode == 0, r.stderr
+    assert len(api.paths("POST", "/instance-operations/launch")) == 1 and len(api.instances) == 1
+    assert_all_stopped(api)
+
+
+def test_ssh_is_checked_before_renting(api, node, tmp_path):
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--identity-file", str(tmp_path / "no_such_key"))
+    assert r.returncode == 2 and "--identity-file" in r.stderr
+    r = run_launcher(api, node, "--ssh-key", "my-key", PATH=str(tmp_path / "empty"))
+    assert r.returncode == 2 and "ssh is not installed" in r.stderr
+    assert api.paths("POST", "/instance-operations/launch") == []
