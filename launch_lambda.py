@@ -5,8 +5,9 @@ Rent a Lambda Cloud GPU node, run the speedrun on it, bring the results back, te
     export LAMBDA_API_KEY=...     # create one at https://cloud.lambda.ai/api-keys
     export WANDB_API_KEY=...      # optional: without it the speedrun logs to W&B offline (fetched back)
     python launch_lambda.py --dry-run                    # plan, expected and worst-case cost; launches nothing
-    python launch_lambda.py --ssh-key my-key --hours 4   # the real thing (in tmux: see the README)
+    python launch_lambda.py --ssh-key my-key --hours 4   # the real thing: asks you to type yes (or --yes)
     python launch_lambda.py --ssh-key my-key -- --depth 12   # arguments after -- go to the speedrun
+    python launch_lambda.py --cleanup                    # terminate every live nanostoney-* instance
 
 Top to bottom: list instance types (prices, regions with capacity) -> pick type and region ->
 check the SSH key -> launch (next region on insufficient capacity) -> poll until active -> copy the
@@ -17,23 +18,34 @@ any laptop with Python 3 and ssh.
 A paid node is never left running silently (an 8xH100 node costs about $24 an hour):
 - every ending (success, failure, Ctrl-C, SIGTERM, SIGHUP from a closed terminal, SIGQUIT) fetches
   what the run left and then terminates, unless --keep; further signals during that are counted,
-  not obeyed (a further one only skips the fetch). A signal ignored when we start (nohup) stays so;
+  not obeyed (during the fetch the first one shortens it to a minute, a second one ends it; what
+  arrived is kept). A signal ignored when we start (nohup) stays so;
 - a print never raises: with stdout's reader gone (`| tee` killed by the same Ctrl-C, a closed
   terminal) text goes to stderr, then nowhere;
-- terminate is retried on every error but 404, with backoff that honours Retry-After, and then
-  confirmed by polling until the instance is terminating; instances it cannot confirm are named,
-  with the dashboard URL, and the exit code is 1;
+- terminate is retried with backoff that honours Retry-After for as long as the API fails (after a
+  signal, or with the terminal gone, a detached child carries on after DETACH_SECONDS), and counts as
+  done only when the API's own JSON says terminating/terminated or "does not exist" and the instance
+  list agrees: a proxy's 404 page is no answer. Instances it cannot confirm are named, with the
+  dashboard URL, and the exit code is 1;
+- every id we may have started is written to --out-dir/UNTERMINATED the moment we know it, and all
+  we print also goes to --out-dir/launch.log, so a dead launcher or a killed `| tee` loses neither.
+  The next launch reads UNTERMINATED first and rents nothing while one of them may still bill;
 - a launch whose answer was lost (timeout, 5xx, a garbled answer, Ctrl-C) may still have started a
-  node: we look for its unique name in the instance list for several minutes;
-- on the node, the run lives under `timeout` (--max-hours) and a power-off is scheduled for that
-  deadline plus NODE_GRACE_MIN, so the node stops working even when this launcher is gone.
-  Lambda bills until an instance is terminated, so the terminate (ours, or yours on the dashboard)
-  is still what ends the bill: the cap limits what a lost launcher costs, it does not replace it.
+  node: we look for its unique name in the instance list for several minutes, and a provider error
+  is resent only after looking;
+- the node ends its own bill (on by default, --no-watchdog turns it off): lambda_watchdog.py runs
+  on the node as root and terminates the instance through the API at --max-hours plus
+  NODE_GRACE_MIN, or when this launcher's heartbeat (a file touched by every poll) stops for
+  --heartbeat-minutes. Its key goes over ssh stdin into a root-only file on /run (tmpfs), which it
+  reads and deletes. The run itself lives under `timeout` (--max-hours) and a power-off is
+  scheduled as a last net (it does not end the bill: Lambda bills a powered-off node).
 
 Secrets. The Lambda key comes from LAMBDA_API_KEY or --api-key-file, never from the command line
 (argv is visible to every user of the machine in `ps`), is redacted from every message we print and
-travels only to the API: https (plain http only to localhost, for tests) and no redirects, which
-would carry the Authorization header elsewhere. The W&B key travels to the node on ssh's stdin: the
+travels to the API (https, plain http only to localhost for tests, and no redirects, which would
+carry the Authorization header elsewhere) and, for the watchdog, to the node on ssh's stdin. No file
+named like a secret (.env, *.key), the --api-key-file, or a file holding a key we know is shipped to
+the node, whatever .gitignore says. The W&B key travels to the node on ssh's stdin: the
 remote shell `read`s one line into WANDB_API_KEY, exports it and starts the speedrun, so the key
 lives only in that process tree's environment -- never on a command line (local or remote `ps`), in
 a file on the node, or in a log. We did not use ssh's SendEnv because sshd silently drops variables
@@ -46,7 +58,8 @@ network errors and garbled answers except on launch; every other error is printe
 `message` and `suggestion`.
 
 Exit codes: 0 done; 1 API or remote failure, or an instance we could not confirm stopped (its id is
-printed); 2 bad input (fix the command); 130 interrupted by a signal (the node was still terminated).
+printed); 2 bad input (fix the command); 3 the run ended well but its results did not all come back
+(what arrived is kept); 130 interrupted by a signal (the node was still terminated).
 """
 import argparse
 import email.utils
@@ -102,6 +115,7 @@ NODE_RUN_DIR = "/run/nanostoney"  # root-only, on the node's tmpfs: the watchdog
 WATCHDOG_RETRY_MIN = 30
 SSH_TRIES, SSH_CONNECT_TIMEOUT = 40, 15
 UPLOAD_SECONDS = 600
+DETACH_SECONDS = 30  # a failing cleanup after a signal, or with the terminal gone, goes on detached after this
 MAX_HOURS_LIMIT = 24  # above this, --max-hours needs --allow-long-runs
 EXIT_RESULTS_MISSING = 3  # the run ended well but its results did not all come back
 INSUFFICIENT_CAPACITY = "instance-operations/launch/insufficient-capacity"
@@ -194,24 +208,24 @@ def read_api_key(key_file):
 # Output that cannot fail, and signals that cannot skip the cleanup
 
 _DEAD = set()  # "stdout" / "stderr" once its reader is gone
-_LOG = []  # our own log file, once open: what we print survives a killed `| tee` or a closed window
+_LOG = []  # [file, path] of our own log, once open: what we print survives a killed `| tee` or a closed window
 
 
 def open_log(out_dir):
     path = Path(out_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    _LOG[:] = [os.fdopen(fd, "a", buffering=1)]
+    _LOG[:] = [os.fdopen(fd, "a", buffering=1), path]
     _LOG[0].write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} launch_lambda.py {os.getpid()}\n")
     return path
 
 
 def _to_log(text):
-    for f in _LOG:
-        try:
-            f.write(text)
-        except (OSError, ValueError):
-            _LOG.clear()
+    try:
+        if _LOG:
+            _LOG[0].write(text)
+    except (OSError, ValueError):
+        _LOG.clear()
 
 
 def say(text="", err=False, end="\n"):
@@ -949,7 +963,7 @@ def detach():
         return False
     if pid:
         say(f"the terminate is still failing; a detached process (pid {pid}) keeps trying, "
-            f"logging to {_LOG[0].name if _LOG else 'nowhere'}", err=True)
+            f"logging to {_LOG[1] if _LOG else 'nowhere'}", err=True)
         return False
     os.setsid()
     for s in STOP_SIGNALS:
@@ -962,9 +976,10 @@ def stop_instances(api, ids, patience, requested=(), may_detach=False):
     """Terminate ids until the API confirms each (is_stopped). Every failure is retried with backoff
     that honours Retry-After for as long as the API fails (an outage is waited out, never a reason
     to leave a node billing), up to `patience` seconds (tests bound it; by default there is none).
-    Only a refused key (401/403) ends it early. With may_detach, after a failed first round with the
-    terminal gone or a signal received, a detached child goes on. Returns the ids never confirmed."""
-    pending, deadline, delay = set(ids), Clock.now() + patience, max(api.backoff, 0.01)
+    Only a refused key (401/403) ends it early. With may_detach, once it has failed for DETACH_SECONDS
+    with the terminal gone or a signal received, a detached child goes on. Returns the ids never confirmed."""
+    start = Clock.now()
+    pending, deadline, delay = set(ids), start + patience, max(api.backoff, 0.01)
     ask = pending - set(requested)
     while True:
         wait, refused = terminate_once(api, ask) if ask else (0.0, False)
@@ -972,7 +987,7 @@ def stop_instances(api, ids, patience, requested=(), may_detach=False):
         left = deadline - Clock.now()
         if not pending or left <= 0 or refused:
             return pending
-        if may_detach and (_Signals.seen or {"stdout", "stderr"} <= _DEAD):
+        if may_detach and (_Signals.seen or {"stdout", "stderr"} <= _DEAD) and Clock.now() - start > DETACH_SECONDS:
             may_detach = False
             if not detach():
                 return pending

@@ -94,6 +94,7 @@ class FakeLambda:
         self.boot_polls, self.boot_status = 1, "active"
         self.garbled_listing, self.garbled_listings = None, 10 ** 9  # raw bytes to answer GET /instances with
         self.get_404_page = False
+        self.terminate_refused_while_booting = False  # as the dashboard's greyed-out button: not yet
         self.launch_fails_after_start = []
         self.outage_after_terminate, self.time_scale, self.outage_start = None, 1.0, None
         self.redirect = False
@@ -122,7 +123,14 @@ class FakeLambda:
                 "region": {"name": inst["region"], "description": "somewhere"},
                 "instance_type": self.types[inst["type"]]["instance_type"],
                 "actions": {a: {"available": True}
-                            for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}}
+                            for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}
+                | self.terminate_action(inst)}
+
+    def terminate_action(self, inst):
+        if self.terminate_refused_while_booting and inst["status"] == "booting":
+            return {"terminate": {"available": False, "reason_code": "vm-has-not-launched",
+                                  "reason_description": "The instance has not launched yet."}}
+        return {}
 
     def handle(self, method, path, headers, raw):
         """Return (status, body, headers); record the request and every spec violation."""
@@ -209,6 +217,8 @@ class FakeLambda:
                 return 500, api_error("global/unknown", "Internal server error")
             if self.terminate_errors:
                 return self.terminate_errors.pop(0)
+            if any(self.terminate_action(self.instances[i]) for i in body["instance_ids"] if i in self.instances):
+                return 400, api_error("global/invalid-parameters", "The instance cannot be terminated yet.")
             if any(i not in self.instances for i in body["instance_ids"]):
                 return 404, api_error("global/object-does-not-exist", "Specified instance does not exist.")
             for iid in body["instance_ids"]:
@@ -1083,7 +1093,8 @@ def test_a_status_that_still_bills_is_not_a_termination(api, node):
 def test_killed_tee_leaves_the_ids_in_the_ledger_and_a_detached_cleanup_finishes(api, node):
     api.terminate_fails = True
     read_end, write_end = os.pipe()
-    with Launcher(api, node, "--cleanup-seconds", "60", stdout=write_end, stderr=write_end,
+    # 100x simulated time: the launcher detaches after 30 simulated seconds of failing, 0.3 s here
+    with Launcher(api, node, "--cleanup-seconds", "6000", "--time-scale", "100", stdout=write_end, stderr=write_end,
                   FAKE_RUN="hang") as launcher:
         os.close(write_end)
         launcher.wait_for(run_started(node), "the run")
@@ -1212,3 +1223,14 @@ def test_ssh_is_checked_before_renting(api, node, tmp_path):
     r = run_launcher(api, node, "--ssh-key", "my-key", PATH=str(tmp_path / "empty"))
     assert r.returncode == 2 and "ssh is not installed" in r.stderr
     assert api.paths("POST", "/instance-operations/launch") == []
+
+
+def test_a_terminate_refused_while_booting_is_retried_until_it_is_possible(api, node):
+    api.terminate_refused_while_booting, api.boot_polls = True, 6
+    with Launcher(api, node) as launcher:
+        launcher.wait_for(lambda: api.paths("GET", f"/instances/{FIRST_ID}"), "the boot poll")
+        launcher.signal(signal.SIGTERM)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert "cannot be terminated yet" in out and len(terminated_ids(api)) >= 2
+    assert_all_stopped(api)
