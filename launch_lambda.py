@@ -659,6 +659,7 @@ unset KEY
 cat > {script} && touch {heartbeat} && rm -f {pid} || exit 1
 sudo -n setsid nohup python3 {script} --key-file "$RUN/lambda_key" {options} > {log} 2>&1 < /dev/null &
 for i in $(seq 100); do [ -s {pid} ] && exit 0; sleep 0.1; done
+sudo -n rm -f "$RUN/lambda_key"
 echo "the watchdog did not start on the node" >&2; exit 1"""
 
 
@@ -818,6 +819,11 @@ class Rental:
         ledger_update(self.out_root, add=[(i, self.name) for i in ids], drop={("?", self.name)})
         return ids
 
+    def refused(self):
+        """The API said no to the launch: nothing started, nothing to look for."""
+        self.launch_pending = False
+        ledger_update(self.out_root, drop={("?", self.name)})
+
 
 def launch(api, args, rental, itype, regions, ssh_key):
     """Launch in the first region that has capacity; fills rental.ids."""
@@ -833,11 +839,11 @@ def launch(api, args, rental, itype, regions, ssh_key):
             if e.lost:
                 rental.found(find_lost_launch(api, args, rental, e))
             elif e.code == INSUFFICIENT_CAPACITY and n + 1 < len(regions):
-                rental.launch_pending = False
+                rental.refused()
                 say(f"no capacity in {region} after all; trying {regions[n + 1]}")
                 continue
             else:
-                rental.launch_pending = False
+                rental.refused()
                 raise
         rental.launch_pending = False
         return
@@ -922,17 +928,17 @@ def ledger_update(out_dir, add=(), drop=()):
 # Stopping what we rented, and confirming it
 
 def terminate_once(api, ids):
-    """One terminate request; never raises. Returns (seconds the API asked us to wait, refused): refused
-    is a 401/403, an answer that retrying cannot change."""
+    """One terminate request; never raises. Returns (accepted, seconds the API asked us to wait,
+    refused): refused is a 401/403, an answer that retrying cannot change."""
     try:
         api.terminate(ids, retries=0)
-        return 0.0, False
+        return True, 0.0, False
     except ApiError as e:
         say(f"warning: terminate {', '.join(sorted(ids))} failed ({e.code}: {e.message}); trying again")
-        return e.retry_after or 0.0, e.status in (401, 403)
+        return False, e.retry_after or 0.0, e.status in (401, 403)
     except Exception as e:
         say(f"warning: terminate {', '.join(sorted(ids))} failed ({redact(e)}); trying again")
-        return 0.0, False
+        return False, 0.0, False
 
 
 def is_stopped(api, instance_id):
@@ -982,7 +988,7 @@ def stop_instances(api, ids, patience, requested=(), may_detach=False):
     pending, deadline, delay = set(ids), start + patience, max(api.backoff, 0.01)
     ask = pending - set(requested)
     while True:
-        wait, refused = terminate_once(api, ask) if ask else (0.0, False)
+        _, wait, refused = terminate_once(api, ask) if ask else (True, 0.0, False)
         pending = {i for i in sorted(pending) if not is_stopped(api, i)}
         left = deadline - Clock.now()
         if not pending or left <= 0 or refused:
@@ -998,7 +1004,7 @@ def stop_instances(api, ids, patience, requested=(), may_detach=False):
 def stop_rental(api, args, rental):
     """Terminate every instance we may have started, then confirm; return the ids not confirmed."""
     known = set(rental.ids)
-    requested = known if known and terminate_once(api, known) == (0.0, False) else set()  # first, before any talk
+    requested = known if known and terminate_once(api, known)[0] else set()  # first, before any talk
     patience = args.lost_launch_seconds if rental.launch_pending else 0
     if patience:
         say(f"a launch answer was lost: watching your instances for {rental.name} for up to {patience / 60:.0f} min")
@@ -1006,7 +1012,8 @@ def stop_rental(api, args, rental):
     unstopped = stop_instances(api, ids, args.cleanup_seconds, requested, may_detach=True) if ids else set()
     if ids - unstopped:
         say(f"terminated {', '.join(sorted(ids - unstopped))} (the API confirms it is terminating).")
-    ledger_update(args.out_dir, drop={*(ids - unstopped), ("?", rental.name)})
+    # a lost launch answer with no node found yet stays "? NAME": the next run looks for it again
+    ledger_update(args.out_dir, drop={*(ids - unstopped), *([("?", rental.name)] if ids else [])})
     return unstopped
 
 

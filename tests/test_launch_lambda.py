@@ -1234,3 +1234,14 @@ def test_a_terminate_refused_while_booting_is_retried_until_it_is_possible(api, 
     assert code == 130, err
     assert "cannot be terminated yet" in out and len(terminated_ids(api)) >= 2
     assert_all_stopped(api)
+
+
+def test_a_lost_launch_never_found_stays_in_the_ledger_for_the_next_run(api, node):
+    api.launch_errors = [(502, BAD_GATEWAY)]  # lost: no node was started, but we cannot know that
+    r = run_launcher(api, node, "--ssh-key", "my-key", "--lost-launch-seconds", "0.5")
+    assert r.returncode == 1 and "no instance named" in r.stderr
+    (name,) = re.findall(r"\? (nanostoney-\w+)", ledger(node))
+    r = run_launcher(api, node, "--ssh-key", "my-key")  # looks for it by name first: nothing, so it launches
+    assert r.returncode == 0, r.stderr
+    assert name not in ledger(node) and len(api.instances) == 1
+    assert_all_stopped(api)
