@@ -1245,3 +1245,30 @@ def test_a_lost_launch_never_found_stays_in_the_ledger_for_the_next_run(api, nod
     assert r.returncode == 0, r.stderr
     assert name not in ledger(node) and len(api.instances) == 1
     assert_all_stopped(api)
+
+
+def test_watchdog_ends_the_bill_at_its_deadline_and_trusts_only_the_api_json(api, tmp_path):
+    """lambda_watchdog.py on its own: a fresh heartbeat, but the deadline passes. While GET answers a
+    proxy's 404 page it keeps terminating; the spec's 404 JSON (the id is unknown) ends it."""
+    api.instances[FIRST_ID] = {"name": "nanostoney-x", "status": "active", "polls": 0, "region": "us-east-1",
+                               "type": "gpu_8x_h100_sxm5", "ssh_key_names": ["my-key"]}
+    api.get_404_page = True
+    key_file, heartbeat = tmp_path / "lambda_key", tmp_path / "heartbeat"
+    key_file.write_text(LAMBDA_KEY + "\n")
+    heartbeat.touch()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lambda_watchdog.py"), "--api-base", api.base,
+                             "--instance-id", FIRST_ID, "--key-file", str(key_file), "--heartbeat", str(heartbeat),
+                             "--pid-file", str(tmp_path / "pid"), "--deadline-seconds", "0.3",
+                             "--heartbeat-seconds", "600", "--poll", "0.05", "--interval", "0.001",
+                             "--backoff", "0.01"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: len(terminated_ids(api)) >= 3, "terminates while the GET is a proxy's page")
+        assert proc.poll() is None and not key_file.exists()  # the key lives in its memory only
+        api.get_404_page = False
+        del api.instances[FIRST_ID]  # now the API itself says: no such instance
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "the deadline" in out and "the API confirms it" in out
+    assert LAMBDA_KEY not in out
+    assert_key_nowhere(tmp_path)
