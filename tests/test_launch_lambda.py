@@ -1037,6 +1037,14 @@ def assert_key_nowhere(root, allowed=()):
             pass
 
 
+def running(pid):
+    """Alive and not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def ledger(node):
     path = node["out"] / "UNTERMINATED"
     return path.read_text() if path.exists() else ""
@@ -1109,8 +1117,7 @@ def test_killed_tee_leaves_the_ids_in_the_ledger_and_a_detached_cleanup_finishes
     try:
         api.terminate_fails = False  # the API recovers: the detached child finishes the job
         wait_until(lambda: api.statuses() == {FIRST_ID: "terminating"} and ledger(node) == "", "the detached cleanup")
-        wait_until(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
-                   "the detached child's end")
+        wait_until(lambda: not running(child), "the detached child's end")
     finally:
         try:
             os.kill(child, signal.SIGKILL)
@@ -1174,7 +1181,8 @@ def test_secrets_in_the_checkout_never_reach_the_node(api, node, tmp_path):
     assert not shipped & {".env", "lambda.key", "notes.txt", "conf/.env.local"}
     assert "withheld as secrets: .env, conf/.env.local, lambda.key, notes.txt" in r.stdout
     assert_key_nowhere(tmp_path, allowed={repo / "lambda.key"})
-    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", ".env", "lambda.key"], capture_output=True, text=True)
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", ".env", "lambda.key"],
+                             capture_output=True, text=True)
     assert ignored.stdout.split() == [".env", "lambda.key"]  # and our own checkout ignores both
 
 
