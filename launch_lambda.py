@@ -768,18 +768,19 @@ def fetch_results(remote, paths, out_dir, seconds):
 
 def wait_fetch(proc, seconds):
     """Wait for the fetch's ssh (in its own session: a terminal's Ctrl-C does not reach it). The first
-    stop signal shortens what is left to INTERRUPTED_FETCH_SECONDS, a second ends it; what arrived is
-    kept either way. Returns (exit code or None, problem or None)."""
+    stop signal shortens what is left to INTERRUPTED_FETCH_SECONDS, a second ends it (the first, when a
+    signal already ended the run); what arrived is kept either way. Returns (exit code or None, problem)."""
     deadline, seen = Clock.now() + seconds, len(_Signals.seen)
+    end_at = 1 if seen else 2
     while proc.poll() is None:
         signals = len(_Signals.seen) - seen
-        if signals == 1 and deadline - Clock.now() > INTERRUPTED_FETCH_SECONDS:
+        if 0 < signals < end_at and deadline - Clock.now() > INTERRUPTED_FETCH_SECONDS:
             say(f"signal received: the copy gets {INTERRUPTED_FETCH_SECONDS} s more (another signal ends it)")
             deadline = Clock.now() + INTERRUPTED_FETCH_SECONDS
-        if signals >= 2 or Clock.now() >= deadline:
+        if signals >= end_at or Clock.now() >= deadline:
             proc.kill()
             proc.wait()
-            return None, "cut short by a second signal" if signals >= 2 else f"it took longer than {seconds:.0f} s"
+            return None, "cut short by a signal" if signals >= end_at else f"it took longer than {seconds:.0f} s"
         time.sleep(0.05)
     return proc.returncode, None
 

@@ -1280,3 +1280,16 @@ def test_watchdog_ends_the_bill_at_its_deadline_and_trusts_only_the_api_json(api
     assert proc.returncode == 0 and "the deadline" in out and "the API confirms it" in out
     assert LAMBDA_KEY not in out
     assert_key_nowhere(tmp_path)
+
+
+def test_a_second_signal_during_the_fetch_ends_it_and_still_terminates(api, node):
+    (node["state"] / "fetch_slow").write_text("20")  # a fetch that would outlast the test
+    with Launcher(api, node) as launcher:
+        launcher.wait_for(lambda: any("tar -czf" in c["argv"][-1] for c in ssh_calls(node) if "argv" in c), "the fetch")
+        launcher.signal(signal.SIGINT)
+        launcher.wait_for(lambda: "copy gets" in (node["out"] / "launch.log").read_text(), "the shortened fetch")
+        launcher.signal(signal.SIGINT)
+        code, out, err = launcher.finish()
+    assert code == 130, err
+    assert "cut short by a signal" in out
+    assert_all_stopped(api)
