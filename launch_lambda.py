@@ -34,8 +34,8 @@ A paid node is never left running silently (an 8xH100 node costs about $24 an ho
   node: we look for its unique name in the instance list for several minutes, and a provider error
   is resent only after looking;
 - the node ends its own bill (on by default, --no-watchdog turns it off): lambda_watchdog.py runs
-  on the node as root and terminates the instance through the API at --max-hours plus
-  NODE_GRACE_MIN, or when this launcher's heartbeat (a file touched by every poll) stops for
+  on the node as root and terminates the instance through the API at --max-hours plus the copy's
+  bound and NODE_GRACE_MIN, or when this launcher's heartbeat (a file touched by every poll) stops for
   --heartbeat-minutes. Its key goes over ssh stdin into a root-only file on /run (tmpfs), which it
   reads and deletes. The run itself lives under `timeout` (--max-hours) and a power-off is
   scheduled as a last net (it does not end the bill: Lambda bills a powered-off node).
@@ -111,7 +111,7 @@ LOG_NAME = "launch.log"  # under --out-dir: everything we print, redacted, appen
 WATCHDOG = Path(__file__).resolve().parent / "lambda_watchdog.py"
 NODE_RUN_DIR = "/run/nanostoney"  # root-only, on the node's tmpfs: the watchdog's key, for milliseconds
 # With the watchdog the power-off waits this much longer, so a watchdog whose terminate meets an API
-# outage at the deadline keeps trying with the node still up (a powered-off node still bills).
+# outage at its deadline keeps trying with the node still up (a powered-off node still bills).
 WATCHDOG_RETRY_MIN = 30
 SSH_TRIES, SSH_CONNECT_TIMEOUT = 40, 15
 UPLOAD_SECONDS = 600
@@ -478,7 +478,9 @@ def shutdown_minutes(max_hours, watchdog):
 
 
 def watchdog_deadline_seconds(max_hours):
-    return max_hours * 3600 + NODE_GRACE_MIN * 60
+    """From the watchdog's start, which comes before the copy: the cap, the copy's bound and the grace
+    (the launcher's time to fetch a run cut short), so it never ends a run before --max-hours does."""
+    return max_hours * 3600 + UPLOAD_SECONDS + NODE_GRACE_MIN * 60
 
 
 def worst_case_seconds(args):
@@ -508,7 +510,8 @@ def print_plan(args, itype, regions, capacity, ssh_key, files, secret):
     say(f"  log            {Path(args.out_dir) / LOG_NAME}; live ids in {Path(args.out_dir) / LEDGER}")
     say(f"  node-side cap  the run is stopped on the node after {args.max_hours:g} h (--max-hours)")
     if args.watchdog:
-        say(f"  watchdog       on: the node terminates itself {NODE_GRACE_MIN} min after the cap, or after "
+        late = (watchdog_deadline_seconds(args.max_hours) - args.max_hours * 3600) / 60
+        say(f"  watchdog       on: the node terminates itself at most {late:.0f} min after the cap, or after "
             f"{args.heartbeat_minutes:g} min without a heartbeat from this launcher (--no-watchdog turns it off)")
     else:
         say(f"  watchdog       off ({'--keep' if args.keep else '--no-watchdog'})")
@@ -650,7 +653,7 @@ FETCH = """cd {dir} && for p in {patterns}; do [ -e "$p" ] && printf '%s\\0' "$p
 # on disk) through printf, a shell builtin (never on a command line); the watchdog, started as root,
 # reads it and deletes the file. NANOSTONEY_NODE_RUN moves that folder for the tests' fake node only
 # (ssh does not forward it to a real one).
-WATCHDOG_START = """cd {dir} || exit 1
+WATCHDOG_START = """mkdir -p {dir} && cd {dir} || exit 1
 RUN="${{NANOSTONEY_NODE_RUN:-{run_dir}}}"
 IFS= read -r KEY
 sudo -n install -d -m 700 "$RUN" || exit 1
@@ -1048,9 +1051,9 @@ def run_on_node(api, args, rental, itype, regions, ssh_key, files):
     ip = wait_until_active(api, rental.ids[0], args.poll_seconds, args.boot_timeout_min * 60)
     remote = rental.remote = Remote(ip, args.ssh_user, args.identity_file, rental.out_dir / "known_hosts")
     wait_for_ssh(remote, args.poll_seconds)
-    upload_repo(remote, args.repo, files)
-    if args.watchdog:
+    if args.watchdog:  # first thing: from here on the node ends its own bill
         start_watchdog(remote, args, rental.ids[0], api)
+    upload_repo(remote, args.repo, files)
     rental.started = True  # from here on there may be results to fetch
     start_speedrun(remote, args)
     code = follow_speedrun(remote, args.poll_seconds, args.max_hours * 3600 + NODE_GRACE_MIN * 60)
