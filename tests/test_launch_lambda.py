@@ -369,8 +369,13 @@ def node(tmp_path):
     (repo / "out" / "ignored.bin").write_text("never shipped\n")
     yield {"bin": bin_dir, "state": state, "repo": repo, "out": tmp_path / "results",
            "home": state / "home" / "nanostoney", "run": state / "run"}
+    stop_node(state)
+
+
+def stop_node(state):
+    """Kill whatever a test left running on the "node", its watchdog included."""
     for pid in node_sessions(state) + [p for p in [watchdog_pid(state / "home" / "nanostoney")] if p]:
-        try:  # whatever the test left running on the "node", its watchdog included
+        try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -1066,6 +1071,7 @@ def test_sigkilled_launcher_is_ended_by_the_node_watchdog(api, node, tmp_path):
     assert terminated_ids(api) == [FIRST_ID] and api.violations == []
     assert_key_nowhere(tmp_path)
     # the next run reads the ledger first: the API confirms the node is gone, so it launches
+    stop_node(node["state"])  # the first run's speedrun, still "hanging" on the fake node
     r = run_launcher(api, node, "--ssh-key", "my-key")
     assert r.returncode == 0, r.stderr
     assert ledger(node) == ""
