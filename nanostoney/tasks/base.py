@@ -8,6 +8,7 @@ One format for all families, so that Stoney and math differ in content, not in s
 import abc
 import hashlib
 import math
+import re
 import statistics
 import unicodedata
 
@@ -224,7 +225,25 @@ def pick_common_ending(ex):
     return _best([ends.count(e) for e in ends])
 
 
-PICKERS = {"longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
+EQUATION_RE = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/x×]) (-?\d+(?:\.\d+)?) = (-?\d+(?:\.\d+)?)")
+
+
+def equation_true(a, op, b, c):
+    a, b, c = float(a), float(b), float(c)
+    value = {"+": a + b, "-": a - b, "*": a * b, "x": a * b, "×": a * b, "/": a / b if b else math.nan}[op]
+    return abs(value - c) <= 1e-6 * max(1.0, abs(c))
+
+
+def pick_line_checker(ex):
+    """The options whose worked chain has the fewest false "a op b = c" lines: a checker that
+    tests the arithmetic of each line and never reads the question (None: no option has a line)."""
+    found = [EQUATION_RE.findall(w) for w in _worked(ex)]
+    if not any(found):
+        return None
+    return _best([-sum(not equation_true(*eq) for eq in eqs) for eqs in found])
+
+
+PICKERS = {"line_checker": pick_line_checker, "longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
            "shortest_worked": pick_shortest_worked, "most_similar_to_question": pick_most_similar,
            "median_number": pick_median_number, "central_number": pick_central_number,
            "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
