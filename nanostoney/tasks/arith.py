@@ -284,7 +284,7 @@ class ArithMC(ArithTask, MCTask):
         """As gsm8k_mc: the options each problem allows per gold rank; the most constrained
         problems choose first, each its least-used feasible rank, per depth (so every depth is
         letter-balanced). Options are sorted, so the rank is the letter."""
-        out = []
+        out, total = [], [0] * 5  # total: over all depths, the tie-breaker that balances the whole split
         for depth in DEPTHS:
             probs = [p for p in problems if p["depth"] == depth]
             slots = balanced_slots([p["source_id"] for p in probs], salt="arith_mc")
@@ -292,8 +292,9 @@ class ArithMC(ArithTask, MCTask):
             feasible = [(p, by) for p, by in feasible if by]
             counts, chosen = [0] * 5, {}
             for p, by in sorted(feasible, key=lambda x: (len(x[1]), slots[x[0]["source_id"]])):
-                r = min(by, key=lambda r: (counts[r], (r - slots[p["source_id"]]) % 5))
+                r = min(by, key=lambda r: (counts[r], total[r], (r - slots[p["source_id"]]) % 5))
                 counts[r] += 1
+                total[r] += 1
                 chosen[p["source_id"]] = r
             for p, by in feasible:
                 r = chosen[p["source_id"]]

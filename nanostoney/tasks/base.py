@@ -6,6 +6,7 @@ One format for all families, so that Stoney and math differ in content, not in s
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
 import abc
+import collections
 import hashlib
 import math
 import re
@@ -249,13 +250,23 @@ PICKERS = {"line_checker": pick_line_checker, "longest": pick_longest, "shortest
            "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
 
 
-def baselines(examples):
-    """{baseline: accuracy} over MC examples: each letter always, and each surface-cue picker
-    (pickers that do not apply to an example, e.g. median on words, are skipped)."""
+def answer_prior(train):
+    """The "answer alone" picker: the options that were the gold answer most often in `train`
+    (training examples), never reading the question: what a model that memorised the training
+    answers, not the facts, would pick."""
+    counts = collections.Counter(normalize(ex["choices"][LETTERS.index(ex["answer"])]) for ex in train)
+    return lambda ex: _best([counts[normalize(c)] for c in ex["choices"]])
+
+
+def baselines(examples, train=None):
+    """{baseline: accuracy} over MC examples: each letter always, each surface-cue picker
+    (pickers that do not apply to an example, e.g. median on words, are skipped) and, given the
+    task's `train` examples, the answer prior."""
     out = {}
     for letter in LETTERS:
         out[f"always_{letter}"] = sum(ex["answer"] == letter for ex in examples) / len(examples)
-    for name, pick in PICKERS.items():
+    pickers = dict(PICKERS, **({"answer_prior": answer_prior(train)} if train else {}))
+    for name, pick in pickers.items():
         hits = total = 0
         for ex in examples:
             best = pick(ex)
