@@ -474,3 +474,35 @@ def test_shuffled_rewards_do_not_teach_the_toy_task():
     last = sum(h["reward/mean"] for h in hist[-3:]) / 3
     assert all(h["reward/shuffled"] == 1.0 and h["reward/shuffle_moved"] > 0.5 for h in hist)
     assert last < first + 0.15
+
+
+def test_depth_curriculum_starts_shallow_and_reaches_every_depth():
+    from scripts.grpo_train import curriculum_stages, depth_curriculum
+    exs = [{"id": str(i), "depth": 1 + i % 4} for i in range(40)]
+    flat = [{"id": "s" + str(i)} for i in range(5)]
+    schedule = [(t, i) for _ in range(40) for t, i in ((0, _ % 40), (1, _ % 5))]  # 2 prompts per step, 40 steps
+    cur = depth_curriculum(schedule, [exs, flat], per_step=2, n_steps=40)
+    by_step = [max(exs[i]["depth"] for t, i in cur[2 * s:2 * s + 2] if t == 0) for s in range(40)]
+    assert by_step[:10] == [1] * 10 and max(by_step[10:20]) == 2 and max(by_step[30:]) == 4
+    assert all(d <= 1 + s * 4 // 40 for s, d in enumerate(by_step))             # never deeper than its stage
+    assert [x for x in cur if x[0] == 1] == [x for x in schedule if x[0] == 1]   # a flat task is untouched
+    assert "depth <= 1" in curriculum_stages(cur, [exs, flat], 2) and "depth <= 4" in curriculum_stages(cur, [exs, flat], 2)
+
+
+def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sft):
+    import json
+    import os
+    from scripts import grpo_train
+    root, sft = tiny_sft
+    out = str(root / "grpo_control")
+    grpo_train.main(["--tasks", "arith", "--eval-tasks", "arith", "--device", "cpu", "--wandb", "disabled",
+                     "--max-new-tokens", "6", "--init", sft, "--out", out, "--max-train-examples", "8",
+                     "--num-iterations", "2", "--prompts-per-step", "2", "--group-size", "2",
+                     "--final-eval-examples", "0", "--probe-prompts", "0", "--shuffle-rewards", "--depth-curriculum",
+                     "--rewards", "accuracy=1,chain=0.5,format=0.2"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["reward/shuffled"] == 1.0 and "reward/shuffle_moved" in r and "reward/chain/mean" in r
+        assert 0 <= r["groups/skipped"] <= 2 and "update/skipped" in r

@@ -283,7 +283,7 @@ def test_stoney_verb_is_balanced_so_spelling_and_yes_are_at_chance():
             for ex in exs:
                 term = re.search(r"`(.+?)`", _user(ex)).group(1)
                 by_end[normalize(term)[-2:]][ex["answer"]] += 1
-                assert ("is a verb" in ex["messages"][-1]["content"]) == (ex["answer"] == "yes")
+                assert ("so a verb" in ex["messages"][-1]["content"]) == (ex["answer"] == "yes")
             assert all(c["yes"] == c["no"] for c in by_end.values()), (name, split)
             assert len(exs) >= 40
 

@@ -1,11 +1,11 @@
 """stoney_verb: a two-step Stoney question, so that Stoney hop counts can match arith's depth 2.
 
     user:      Is `îbuṯẖach` a verb in Stoney Nakoda? Answer yes or no.
-    assistant: <think>Looking up `îbuṯẖach`: 'to be thirsty'. Its meaning reads "to ...", so it is a verb.</think>
+    assistant: <think>Looking up `îbuṯẖach`: 'to be thirsty', so a verb.</think>
                Answer: yes
 
 Step one is recall (the term's gloss, read in pretraining, never asked about for a held-out
-term); step two reads the recalled gloss. The approved data (data/stoney/stoney_valid.jsonl)
+term); step two reads the recalled gloss: a "to ..." meaning is a verb. The approved data (data/stoney/stoney_valid.jsonl)
 carries no part-of-speech or category labels, only text, so the label is the one the lexicon
 derives from the text itself (tasks/stoney.py gloss_kind): a gloss of the form "to ..." is a
 verb. The answer is the word "yes" or "no", never a letter.
@@ -23,8 +23,7 @@ from nanostoney.tasks.base import normalize, short_id, stable_hash
 from nanostoney.tasks.stoney import StoneyTask
 
 QUESTION = "Is `{term}` a verb in Stoney Nakoda? Answer yes or no."
-REASONING = {True: "Looking up `{term}`: '{gloss}'. Its meaning reads \"to ...\", so it is a verb.",
-             False: "Looking up `{term}`: '{gloss}'. Its meaning does not read \"to ...\", so it is not a verb."}
+REASONING = {True: "Looking up `{term}`: '{gloss}', so a verb.", False: "Looking up `{term}`: '{gloss}', so not a verb."}
 ENDING = 2  # letters of the term's ending the items are balanced on
 
 
