@@ -44,7 +44,7 @@ def test_open_questions_are_never_answered_with_a_letter(tiny_base):
     out = str(root / "sft")
     torch.set_num_threads(1)
     sft_train.main(["--init", base, "--out", out, "--full", "--lr", "1e-2", "--embedding-lr", "1e-2",
-                    "--unembedding-lr", "1e-2", "--max-train-examples", "4", "--num-iterations", "300",
+                    "--unembedding-lr", "1e-2", "--max-train-examples", "32", "--num-iterations", "300",
                     "--device-batch-size", "8", "--eval-every", "0", "--final-eval-examples", "4",
                     "--max-new-tokens", "96", "--warmup-steps", "0", "--entropy-every", "0",
                     "--device", "cpu", "--wandb", "disabled"])
