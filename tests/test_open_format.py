@@ -27,7 +27,7 @@ def tiny_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("open_format")
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
     model.init_weights()
     return root, checkpoint.save_checkpoint(str(root / "base"), model, 1, tokenizer=tok)
 
@@ -43,8 +43,8 @@ def test_open_questions_are_never_answered_with_a_letter(tiny_base):
     root, base = tiny_base
     out = str(root / "sft")
     torch.set_num_threads(1)
-    sft_train.main(["--init", base, "--out", out, "--full", "--lr", "1e-2", "--embedding-lr", "1e-2",
-                    "--unembedding-lr", "1e-2", "--max-train-examples", "32", "--num-iterations", "300",
+    sft_train.main(["--init", base, "--out", out, "--full", "--lr", "5e-3", "--embedding-lr", "1e-2",
+                    "--unembedding-lr", "1e-2", "--max-train-examples", "32", "--num-iterations", "400",
                     "--device-batch-size", "8", "--eval-every", "0", "--final-eval-examples", "4",
                     "--max-new-tokens", "96", "--warmup-steps", "0", "--entropy-every", "0",
                     "--device", "cpu", "--wandb", "disabled"])

@@ -304,3 +304,19 @@ def test_held_out_stoney_questions_need_their_question():
             if task.kind == "mc":
                 asked = re.search(r"[`'](.+?)[`']", question).group(1)
                 assert all(asked not in t for t in cloze.answer_texts(ex)), ex["id"]
+
+
+def test_blind_baseline_inputs_swap_or_drop_the_question_only():
+    """scripts.eval's question-blind baselines: every item gets another item's question (same
+    direction) or none, keeping its own options, worked answers and gold."""
+    from nanostoney.tasks.base import with_other_question, without_question
+    exs = subset(get_task("stoney_mc"), "val", 40)
+    swapped = with_other_question(exs)
+    assert [e["answer"] for e in swapped] == [e["answer"] for e in exs]
+    for ex, sw in zip(exs, swapped):
+        assert _user(sw) != _user(ex) and sw["choices"] == ex["choices"]
+        assert sw["messages"][-1] == ex["messages"][-1] and sw["option_rationales"] == ex["option_rationales"]
+        other = next(e for e in exs if _user(e) == _user(sw))
+        assert other["direction"] == ex["direction"]
+    assert sorted(_user(e) for e in swapped) == sorted(_user(e) for e in exs)   # a permutation of the questions
+    assert all(_user(e) == "" for e in without_question(exs))

@@ -279,6 +279,31 @@ def baselines(examples, train=None):
     return out
 
 
+# -----------------------------------------------------------------------------
+# the model baselines that never read the question: the same items, scored (scripts.eval, by
+# cloze) with another item's question or with none. A model that reads its question is at
+# chance on both; one that completes a remembered sentence, or checks the answer alone, is not.
+
+def with_other_question(examples, salt="other-question"):
+    """Each example with another example's prompt (same direction where the task has two: a
+    derangement in hash order), its own options, worked answers and gold."""
+    groups = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.get("direction"), []).append(i)
+    out = list(examples)
+    for idx in groups.values():
+        order = sorted(idx, key=lambda i: stable_hash(f"{salt}/{examples[i]['id']}"))
+        for a, b in zip(order, order[1:] + order[:1]):
+            if a != b:
+                out[a] = dict(examples[a], messages=[*examples[b]["messages"][:-1], examples[a]["messages"][-1]])
+    return out
+
+
+def without_question(examples):
+    """Each example with an empty question: the answer alone."""
+    return [dict(ex, messages=[{"role": "user", "content": ""}, ex["messages"][-1]]) for ex in examples]
+
+
 def balanced_slots(keys, k=5, salt=""):
     """Assign each key a slot 0..k-1 so that counts differ by at most one, in an order fixed
     by the keys' hashes (not by file order): used for the gold letter and the gold's rank."""
