@@ -47,8 +47,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 BLIND = {"cloze_other_question": with_other_question, "cloze_no_question": without_question}
-DEFAULT_TASKS = ("stoney_mc,stoney_mc_unseen,stoney_lexicon,stoney_lexicon_unseen,stoney_qa,stoney_qa_unseen,"
-                 "arith_mc,arith")
+DEFAULT_TASKS = ("stoney_mc,stoney_mc_unseen,stoney_lexicon,stoney_lexicon_unseen,stoney_verb,stoney_verb_unseen,"
+                 "stoney_qa,stoney_qa_unseen,arith_mc,arith")
 FORMAT = "nanostoney-eval-1"
 
 

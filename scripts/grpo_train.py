@@ -388,6 +388,16 @@ def measure_final(run, report, logger):
             print0(pass_line("final", name, row, args, start=start))
 
 
+def plan_extra(args, run):
+    """The plan's last line: generation, adapters, rewards, knobs, the control and the curriculum."""
+    return (f"at most {args.max_new_tokens} new tokens each; {'full' if args.full else 'LoRA'} "
+            f"from {run.init_ckpt}; rewards {run.weights}; beta={args.kl_beta} clip={args.clip_eps} "
+            f"mu={args.inner_epochs} norm={args.loss_norm}"
+            + ("; REWARDS SHUFFLED across each batch (control run)" if args.shuffle_rewards else "")
+            + (f"; depth curriculum: {curriculum_stages(run.schedule, run.train_sets, args.prompts_per_step)}"
+               if args.depth_curriculum else ""))
+
+
 def check_flags(args):
     """Combinations that would run without a learning signal, refused before any work."""
     world = int(os.environ.get("WORLD_SIZE") or 1)
@@ -433,12 +443,7 @@ def main(argv=None):
     P, G = args.prompts_per_step, args.group_size
     train.print_plan("GRPO", info, run.model, n, P * G, "completions",
                      f"{P} prompts x G={G}; {P // info.world_size} prompts per process",
-                     extra=f"at most {args.max_new_tokens} new tokens each; {'full' if args.full else 'LoRA'} "
-                           f"from {run.init_ckpt}; rewards {run.weights}; beta={args.kl_beta} clip={args.clip_eps} "
-                           f"mu={args.inner_epochs} norm={args.loss_norm}"
-                           + ("; REWARDS SHUFFLED across each batch (control run)" if args.shuffle_rewards else "")
-                           + (f"; depth curriculum: {curriculum_stages(run.schedule, run.train_sets, P)}"
-                              if args.depth_curriculum else ""))
+                     extra=plan_extra(args, run))
 
     def save(step):
         train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},

@@ -489,7 +489,7 @@ def test_depth_curriculum_starts_shallow_and_reaches_every_depth():
     assert "depth <= 1" in curriculum_stages(cur, [exs, flat], 2) and "depth <= 4" in curriculum_stages(cur, [exs, flat], 2)
 
 
-def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sft):
+def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sft, capsys):
     import json
     import os
     from scripts import grpo_train
@@ -500,6 +500,8 @@ def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sf
                      "--num-iterations", "2", "--prompts-per-step", "2", "--group-size", "2",
                      "--final-eval-examples", "0", "--probe-prompts", "0", "--shuffle-rewards", "--depth-curriculum",
                      "--rewards", "accuracy=1,chain=0.5,format=0.2"])
+    plan = capsys.readouterr().out
+    assert "REWARDS SHUFFLED" in plan and "depth curriculum: steps 1-1: depth <= 1; steps 2-2: depth <= " in plan
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in rows if "reward/mean" in r]
     assert len(steps) == 2
