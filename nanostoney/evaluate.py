@@ -49,7 +49,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from nanostoney.answers import answer_after, answer_part, rationale_part
+from nanostoney.answers import answer_after, answer_part, parse_letter, rationale_part
 from nanostoney.batches import collate
 from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks
 from nanostoney.engine import Engine
@@ -303,28 +303,43 @@ def family_metrics(task_results, n_boot=1000, seed=0):
 # during training: accuracy on chat tasks, bits per byte, masked loss
 
 
-def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16):
+def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16, texts=None):
     """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
     split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
-    at max_new_tokens): a model that has learned the format stops earlier anyway."""
+    at max_new_tokens): a model that has learned the format stops earlier anyway. `texts`: a
+    list that receives the completions."""
     if not examples:
         return []
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
-    texts = generate_completions(model, tokenizer, prompts, info, max_new_tokens=length_budget(
+    got = generate_completions(model, tokenizer, prompts, info, max_new_tokens=length_budget(
         tokenizer, examples, max_new_tokens), batch_size=batch_size, desc=f"eval {task.name}")
-    return [int(bool(task.evaluate(ex, t[0]))) for ex, t in zip(examples, texts)]
+    if texts is not None:
+        texts.extend(t[0] for t in got)
+    return [int(bool(task.evaluate(ex, t[0]))) for ex, t in zip(examples, got)]
+
+
+def letter_answer(text):
+    """Is the completion's answer a bare option letter ("C", "(C)", "C.")? An open question
+    answered this way was answered in the multiple-choice format, not with a number or a word."""
+    answer = answer_after(text)
+    return answer is not None and parse_letter(answer) is not None and len(answer.strip(" ()[]*.:")) == 1
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth"}} for
-    item_sets = {(task, split): examples}; 95% percentile-bootstrap interval over items (by_depth:
-    the same per reasoning depth, for arith)."""
+    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth",
+    "answered", "letter_answers"}} for item_sets = {(task, split): examples}; 95% percentile-bootstrap
+    interval over items (by_depth: the same per reasoning depth, for arith); answered / letter_answers:
+    the share of completions with an "Answer:" line / whose answer is a bare letter."""
     table = {}
     for (task, split), exs in item_sets.items():
-        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens)
+        texts = []
+        correct = task_accuracy(model, tokenizer, task, exs, info, max_new_tokens, texts=texts)
         point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
+        n = max(1, len(texts))
         table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct,
-                                     "by_depth": by_depth(exs, correct, seed=seed)}
+                                     "by_depth": by_depth(exs, correct, seed=seed),
+                                     "answered": sum(answer_after(t) is not None for t in texts) / n,
+                                     "letter_answers": sum(letter_answer(t) for t in texts) / n}
     return table
 
 

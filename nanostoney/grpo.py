@@ -4,7 +4,12 @@ One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
 
   1. sample   for each prompt, G completions with the Engine (KV cache, batched)
   2. score    reward_fn(prompt_index, completions) -> total per row (+ each function's part)
-  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (--no-std-scaling: no division)
+  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (--no-std-scaling: no division);
+              a group whose rewards are all equal says nothing about which completion was better:
+              it is skipped (no log-probs, no loss, not in the normalisers; counted in the metrics,
+              and a step where every group is equal takes no optimizer step at all). With
+              cfg.shuffle_rewards (the control run) the rewards are first permuted across the
+              batch, so the update follows rewards that no longer belong to their completions.
   4. prepare  old log-probs and reference log-probs, one no-grad forward each, in eval mode and
               with the very micro-batches the update uses: the first update's ratio is then
               exactly 1 (the engine's own log-probs come from a KV-cached, left-padded forward
@@ -63,6 +68,7 @@ class GRPOConfig:
     grad_clip: float = 1.0         # 0 = none
     stop_ids: list = field(default_factory=list)
     autocast: object = None        # a context factory for forwards (dist.autocast_ctx), or None
+    shuffle_rewards: bool = False  # the control run: rewards permuted across the batch before the advantages
 
     def check(self):
         if self.group_size < 2:
@@ -147,9 +153,11 @@ class Rollout:
     prompt_index: list       # row -> index into the step's prompt list
     stopped: list            # row -> ended on a stop token
     engine_logprobs: list    # row -> the Engine's log-probs of the completion tokens
-    rewards: torch.Tensor = None
+    rewards: torch.Tensor = None      # the verifiers' rewards (what is logged)
     parts: dict = None
+    train_rewards: torch.Tensor = None  # what the advantages come from: rewards, or them permuted
     advantages: torch.Tensor = None
+    keep: list = None        # rows of the groups whose train rewards differ (the rest are skipped)
     batches: list = None     # micro-batches (prepare fills these)
     stats: dict = field(default_factory=dict)   # summed statistics of prepare() and update()
     times: dict = field(default_factory=dict)   # seconds per phase
@@ -171,17 +179,36 @@ def sample(model, prompts, cfg, seed=0):
                    prompt_index=list(gen.prompt_index), stopped=list(gen.stopped), engine_logprobs=lps)
 
 
-def score(rollout, reward_fn, cfg):
-    """Rewards and advantages. reward_fn(prompt_index, completions) returns a list of totals or
-    (totals, {name: list}) with each reward function's raw values."""
+def score(rollout, reward_fn, cfg, seed=0):
+    """Rewards, advantages and the rows kept. reward_fn(prompt_index, completions) returns a list
+    of totals or (totals, {name: list}) with each reward function's raw values. With
+    cfg.shuffle_rewards the advantages come from the rewards permuted across the batch (a
+    permutation drawn from `seed`), the control run."""
     out = reward_fn(rollout.prompt_index, rollout.completions)
     totals, parts = out if isinstance(out, tuple) else (out, {})
     if len(totals) != len(rollout.completions):
         raise ValueError(f"reward_fn returned {len(totals)} rewards for {len(rollout.completions)} completions")
     rollout.rewards = torch.tensor([float(t) for t in totals], dtype=torch.float32)
     rollout.parts = {k: torch.tensor([float(x) for x in v]) for k, v in parts.items()}
-    rollout.advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.std_scaling, cfg.adv_eps)
+    rollout.train_rewards = rollout.rewards
+    if cfg.shuffle_rewards:
+        perm = torch.randperm(len(totals), generator=torch.Generator().manual_seed(seed))
+        rollout.train_rewards = rollout.rewards[perm]
+    rollout.advantages = group_advantages(rollout.train_rewards, cfg.group_size, cfg.std_scaling, cfg.adv_eps)
+    rollout.keep = informative_rows(rollout.train_rewards, cfg.group_size)
     return rollout
+
+
+def equal_groups(rewards, group_size):
+    """BoolTensor (groups,): the groups (group-major rows) whose rewards are all equal."""
+    g = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    return (g == g[:, :1]).all(1)
+
+
+def informative_rows(rewards, group_size):
+    """The rows of the groups whose rewards are not all equal, in order."""
+    skip = equal_groups(rewards, group_size)
+    return [r for r in range(len(rewards)) if not skip[r // group_size]]
 
 
 @dataclass
@@ -239,10 +266,11 @@ def token_logprobs(model, mb, with_entropy=False):
 
 
 def micro_batches(rollout, size, device):
+    """The kept rows (all rows when score() has not chosen) in micro-batches of `size`."""
     out = []
-    R = len(rollout.completions)
-    for i in range(0, R, size):
-        rows = list(range(i, min(R, i + size)))
+    kept = rollout.keep if rollout.keep is not None else list(range(len(rollout.completions)))
+    for i in range(0, len(kept), size):
+        rows = kept[i:i + size]
         tensors = pack([rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], device)
         out.append(MicroBatch(*tensors, rows))
     return out
@@ -297,12 +325,16 @@ def update(model, optimizer, rollout, cfg, params=None):
     model = unwrap(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     n_tokens, n_seqs = all_reduce_sum([sum(mb.mask.sum().item() for mb in rollout.batches),
-                                       float(len(rollout.completions))])
-    adv = rollout.advantages.to(model.get_device())
-    beta = cfg.kl_beta if rollout.batches[0].ref_logp is not None else 0.0
-    model.train()
+                                       float(sum(len(mb.rows) for mb in rollout.batches))])
     s = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "ratio_dev": 0.0, "tokens": 0.0, "grad_norm": 0.0,
-         "ratio_dev_first": 0.0}
+         "ratio_dev_first": 0.0, "skipped": 0.0}
+    if n_seqs == 0:  # every group of every rank was equal: no signal, so no step (not even decay)
+        s["skipped"] = 1.0
+        return s
+    adv = rollout.advantages.to(model.get_device())
+    has_ref = any(mb.ref_logp is not None for mb in rollout.batches)
+    beta = cfg.kl_beta if has_ref else 0.0
+    model.train()
     for epoch in range(cfg.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         for mb in rollout.batches:
@@ -384,7 +416,7 @@ def experience(model, prompts, reward_fn, cfg, reference=None, seed=0, attn_entr
     t0 = time.perf_counter()
     ro = sample(model, prompts, cfg, seed=seed)
     t1 = time.perf_counter()
-    score(ro, reward_fn, cfg)
+    score(ro, reward_fn, cfg, seed=seed)
     t2 = time.perf_counter()
     ro.stats = prepare(model, ro, cfg, reference, attn_entropy)
     ro.times.update(sample=t1 - t0, score=t2 - t1, logprobs=time.perf_counter() - t2)
@@ -424,6 +456,13 @@ def summarize(ro, cfg):
            "rollout/engine_logprob_gap": prep["engine_gap"]}
     g = ro.rewards.view(-1, cfg.group_size)
     out["adv/zero_groups"] = (g.std(1, unbiased=False) == 0).float().mean().item()
+    skipped = equal_groups(ro.train_rewards, cfg.group_size)
+    out["groups/skipped"] = skipped.float().sum().item()  # this rank's count (a caller's mean over ranks: per rank)
+    out["groups/skipped_frac"] = skipped.float().mean().item()
+    out["update/skipped"] = prep["update/skipped"]
+    out["reward/shuffled"] = float(cfg.shuffle_rewards)
+    # the control's evidence: the share of rows whose advantage came from another row's reward
+    out["reward/shuffle_moved"] = (ro.train_rewards != ro.rewards).float().mean().item()
     for name, v in (ro.parts or {}).items():
         out[f"reward/{name}/mean"] = v.mean().item()
         out[f"reward/{name}/std"] = v.std(unbiased=False).item()

@@ -16,7 +16,7 @@ One signature means GRPO never special-cases a reward: it calls `combine(...)` (
 The learned reward model is the one reward with state: build_rewards wraps it as
 `LearnedReward(rm, tokenizer)`, which scores a whole group in one batched call.
 
-Ranges: accuracy, format, reasoning_steps, chrf, reward_model in [0, 1]; length in [-0.5, 0.5];
+Ranges: accuracy, chain, format, reasoning_steps, chrf, reward_model in [0, 1]; length in [-0.5, 0.5];
 repetition in [-1, 0]. GRPO standardises the weighted total within each group, so only the
 relative weights matter, not the offsets.
 """
@@ -25,9 +25,11 @@ import re
 
 import torch
 
-from nanostoney.answers import LETTERS, MARKER, THINK_RE, after_think, answer_part, think_content
+from nanostoney.answers import (LETTERS, MARKER, THINK_RE, after_think, answer_part, numbers_equal, rationale_part,
+                                think_content)
 from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
+from nanostoney.tasks.base import EQUATION_RE
 
 # a well-formed numeric answer line: the number and nothing else ("$", "," and "%" allowed)
 NUMERIC_ANSWER_RE = re.compile(r"[-+]?\$?\s*\d[\d,]*(?:\.\d+)?%?")
@@ -126,6 +128,30 @@ def _steps(think):
         if len(p) >= 3:
             seen.add(p)
     return len(seen)
+
+
+def chain(example, completion, task):
+    """Partial credit for a worked chain, checked against the gold's: the share of the gold's
+    "a op b = c" lines (arith) that the completion's reasoning writes, in order, up to its first
+    line that differs (a misread number, a wrong sum, a missing step all end the credit). 1.0
+    only with every line right; a gold without such lines (Stoney, MC letters): the verifier's
+    accuracy, so one weight serves a mixed batch."""
+    gold = EQUATION_RE.findall(rationale_part(_gold_text(example)))
+    if not gold:
+        return accuracy(example, completion, task)
+    got = EQUATION_RE.findall(rationale_part(completion))
+    right = 0
+    for g, c in zip(gold, got):
+        if _same_line(g, c):
+            right += 1
+        else:
+            break
+    return right / len(gold)
+
+
+def _same_line(a, b):
+    """Two (a, op, b, c) lines are the same equation (numbers compared as numbers)."""
+    return a[1] == b[1] and all(numbers_equal(float(x), float(y)) for x, y in zip(a[::2] + a[3:], b[::2] + b[3:]))
 
 
 def reasoning_steps(example, completion, task, target=3):
@@ -247,6 +273,7 @@ def _reward_model_missing(example, completion, task):
 REWARDS = {
     "accuracy": accuracy,
     "format": format_reward,
+    "chain": chain,
     "reasoning_steps": reasoning_steps,
     "length": length,
     "repetition": repetition,

@@ -11,7 +11,9 @@ the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On 
 
 A checkpoint is our run or step dir, a LoRA adapter dir, or a published model (a nanochat
 checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME), given as a path (named by its
-folder) or name=path. Every metric comes with a 95% bootstrap
+folder) or name=path. A multiple-choice task also gets the baselines that never read the
+question (cloze_other_question: cloze with another item's question; cloze_no_question: the answer
+alone), which a model that reads its question keeps at chance. Every metric comes with a 95% bootstrap
 interval; what each one measures is in nanostoney/evaluate.py. The table is printed, written
 as JSON (--out, atomically; same checkpoint + flags = byte-identical file) and logged to W&B
 (offline run files unless WANDB_API_KEY is set; --wandb disabled for none).
@@ -35,16 +37,18 @@ from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
-from nanostoney.metrics import model_features
+from nanostoney.metrics import bootstrap_ci, model_features
 from nanostoney.tasks import TASK_NAMES, get_task
+from nanostoney.tasks.base import with_other_question, without_question
 from nanostoney.tasks.subset import subset
 
 # MAUVE and COMET (imported when they are first used) must never fetch a featuriser or a model
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-DEFAULT_TASKS = ("stoney_mc,stoney_mc_unseen,stoney_lexicon,stoney_lexicon_unseen,stoney_qa,stoney_qa_unseen,"
-                 "arith_mc,arith")
+BLIND = {"cloze_other_question": with_other_question, "cloze_no_question": without_question}
+DEFAULT_TASKS = ("stoney_mc,stoney_mc_unseen,stoney_lexicon,stoney_lexicon_unseen,stoney_verb,stoney_verb_unseen,"
+                 "stoney_qa,stoney_qa_unseen,arith_mc,arith")
 FORMAT = "nanostoney-eval-1"
 
 
@@ -240,6 +244,9 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
         greedy, sampled = evaluate.complete_task(model, tok, task, exs, info, args.num_samples, args.temperature,
                                                  args.top_k, args.max_new_tokens, args.seed, args.batch_size)
         picked = cloze.cloze_correct(model, tok, task, exs, info) if task.kind == "mc" else None
+        # the baselines that never read the question: cloze with another item's question, and with none
+        blind = {k: cloze.cloze_correct(model, tok, task, f(exs), info) for k, f in BLIND.items()} \
+            if task.kind == "mc" else {}
         if not info.is_master:
             continue
         comet = args.comet and not any(n.startswith("COMET skipped") for n in notes)
@@ -247,6 +254,9 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
                                               n_boot=args.n_boot, mauve_boot=args.mauve_boot, seed=args.seed,
                                               comet=comet, comet_model=args.comet_model, cloze=picked)
         notes += [n for n in task_notes if n not in notes]
+        for k, got in blind.items():
+            point, lo, hi = bootstrap_ci([float(x) for x in got], n_boot=args.n_boot, seed=args.seed)
+            res["metrics"][k] = {"value": float(point), "ci95": [float(lo), float(hi)]}
         entry["tasks"][task.name] = res
         if args.completions:
             completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}

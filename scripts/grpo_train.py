@@ -15,8 +15,17 @@ adapters switched off) or the base weights with the adapters off (--reference ba
 SFT model), every --eval-every steps, and at the end: pass@1 (greedy) and pass@k (k samples).
 The start and end numbers, with 95% bootstrap intervals, go to <out>/grpo_eval.json.
 
+Rewards are verifiers (nanostoney/rewards.py): accuracy is the task's own check (arith: the final
+number; stoney_lexicon: the exact gloss or term; MC: the letter), chain adds partial credit per
+gold line up to the first wrong one. Groups whose rewards are all equal are skipped (grpo.py).
+--depth-curriculum draws arith prompts at depth 1 first and deeper ones in later stages (the
+plan prints the stages); --shuffle-rewards is the control run: the same training with each
+step's rewards permuted across its batch, so any gain it shows is not from the verifier.
+
 Logged every step (W&B and <out>/metrics.jsonl): reward mean/std overall, per reward
-function and per task; KL (k3, sampled policy vs reference); clip fraction; policy entropy at
+function and per task; the groups skipped (groups/skipped, groups/skipped_frac) and whether the
+rewards were shuffled (reward/shuffled, reward/shuffle_moved: the share of rows that got another
+row's reward); KL (k3, sampled policy vs reference); clip fraction; policy entropy at
 the sampled positions; completion length; attention entropy per layer; for MC tasks the
 letter diagnostics of nanostoney/letters.py, measured on the policy that sampled, before it
 moves; the time of each phase.
@@ -42,8 +51,10 @@ from nanostoney.reward_model import load_reward_model
 from nanostoney.tasks import get_task
 from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
-DEFAULT_EVAL_TASKS = "stoney_mc,stoney_mc_unseen,arith_mc"
+# the open tasks, rewarded by their verifiers (the final number; the exact gloss or term; yes / no),
+# with the multiple-choice ones (issue 25); eval: each with its *_unseen control
+DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
+DEFAULT_EVAL_TASKS = "arith,stoney_lexicon,stoney_lexicon_unseen,arith_mc,stoney_mc,stoney_mc_unseen"
 
 
 def parse_args(argv=None):
@@ -55,7 +66,12 @@ def parse_args(argv=None):
                    help="N balanced, hash-chosen train examples per task (0 = all)")
     add_manifest_arg(p)
     p.add_argument("--rewards", default="accuracy=1,format=0.2",
-                   help="weighted reward functions: accuracy, format, reasoning_steps, length, repetition, chrf, reward_model")
+                   help="weighted reward functions: accuracy, chain (partial credit per gold line), format, "
+                        "reasoning_steps, length, repetition, chrf, reward_model")
+    p.add_argument("--shuffle-rewards", action="store_true",
+                   help="control run: permute the rewards across each step's batch before the advantages")
+    p.add_argument("--depth-curriculum", action="store_true",
+                   help="draw multi-depth tasks' prompts (arith) at depth 1 first, deeper in later stages")
     p.add_argument("--reward-model", default=None, help="scripts.rm_train output, for the reward_model reward")
     lora.add_lora_args(p)
     p.add_argument("--reference", default="init", choices=["init", "base"],
@@ -215,10 +231,42 @@ def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
 # the run
 
 
+def depth_curriculum(schedule, train_sets, per_step, n_steps):
+    """The prompt schedule with every entry of a task whose train items have several depths
+    (arith, arith_mc) redrawn among its items no deeper than the step's stage: with D depths,
+    stage k (depth <= k-th smallest) covers steps [(k-1) n / D, k n / D). Other tasks as they were."""
+    depths = [sorted({ex["depth"] for ex in s if ex.get("depth")}) for s in train_sets]
+    out = []
+    for j, (t, i) in enumerate(schedule):
+        ds = depths[t]
+        if len(ds) < 2:
+            out.append((t, i))
+            continue
+        limit = ds[min(len(ds) - 1, (j // per_step) * len(ds) // n_steps)]
+        pool = [k for k, ex in enumerate(train_sets[t]) if ex.get("depth", 0) <= limit]
+        out.append((t, pool[i % len(pool)]))
+    return out
+
+
+def curriculum_stages(schedule, train_sets, per_step):
+    """"steps a-b: depth <= d" per stage of the schedule, for the plan (first deep task)."""
+    deep = next((t for t, s in enumerate(train_sets) if len({ex.get("depth") for ex in s}) > 1), None)
+    if deep is None:
+        return "no task with several depths"
+    stages = {}
+    for j, (t, i) in enumerate(schedule):
+        if t == deep:
+            d = train_sets[t][i]["depth"]
+            lo, hi = stages.get(d, (j // per_step, j // per_step))
+            stages[d] = (lo, j // per_step)
+    return "; ".join(f"steps {lo + 1}-{hi + 1}: depth <= {d}" for d, (lo, hi) in sorted(stages.items()))
+
+
 def step_line(done, m, tasks):
     per_task = " ".join(f"{t.name}={m.get(f'reward/{t.name}/mean', float('nan')):.2f}" for t in tasks)
     return (f"step {done}: reward {m['reward/mean']:.3f} ({per_task}) kl {m['kl/mean']:.4f} "
-            f"clip {m['clip_frac']:.3f} ent {m['policy/entropy']:.2f} len {m['completion/length']:.0f} | "
+            f"clip {m['clip_frac']:.3f} ent {m['policy/entropy']:.2f} len {m['completion/length']:.0f} "
+            f"equal groups skipped {m['groups/skipped_frac']:.2f}{' (rewards shuffled)' if m['reward/shuffled'] else ''} | "
             f"sample {m['time/sample_s']:.1f}s score {m['time/score_s']:.1f}s letters {m['time/letters_s']:.1f}s "
             f"logprobs {m['time/logprobs_s']:.1f}s update {m['time/update_s']:.1f}s")
 
@@ -230,7 +278,7 @@ def grpo_config(args, tok, info):
                            kl_beta=args.kl_beta, inner_epochs=args.inner_epochs,
                            std_scaling=not args.no_std_scaling, loss_norm=args.loss_norm,
                            micro_batch=args.device_batch_size, grad_clip=args.grad_clip, stop_ids=stop_ids,
-                           autocast=lambda: autocast_ctx(info)).check()
+                           autocast=lambda: autocast_ctx(info), shuffle_rewards=args.shuffle_rewards).check()
 
 
 def reward_functions(args, tok, info):
@@ -289,6 +337,8 @@ def setup(args, info):
     train_sets = [subset(task, "train", args.max_train_examples) for task in tasks]
     schedule = batches.mixture_schedule([len(s) for s in train_sets], list(mix.values()),
                                         args.num_iterations * args.prompts_per_step, seed=args.seed)
+    if args.depth_curriculum:
+        schedule = depth_curriculum(schedule, train_sets, args.prompts_per_step, args.num_iterations)
     letter_ids = letters.letter_tokens(tok.encode)
     mc_names = [t.name for t in tasks if t.kind == "mc"]
     if letter_ids is None and mc_names and args.letter_every:
@@ -338,6 +388,16 @@ def measure_final(run, report, logger):
             print0(pass_line("final", name, row, args, start=start))
 
 
+def plan_extra(args, run):
+    """The plan's last line: generation, adapters, rewards, knobs, the control and the curriculum."""
+    return (f"at most {args.max_new_tokens} new tokens each; {'full' if args.full else 'LoRA'} "
+            f"from {run.init_ckpt}; rewards {run.weights}; beta={args.kl_beta} clip={args.clip_eps} "
+            f"mu={args.inner_epochs} norm={args.loss_norm}"
+            + ("; REWARDS SHUFFLED across each batch (control run)" if args.shuffle_rewards else "")
+            + (f"; depth curriculum: {curriculum_stages(run.schedule, run.train_sets, args.prompts_per_step)}"
+               if args.depth_curriculum else ""))
+
+
 def check_flags(args):
     """Combinations that would run without a learning signal, refused before any work."""
     world = int(os.environ.get("WORLD_SIZE") or 1)
@@ -372,7 +432,8 @@ def main(argv=None):
     run = setup(args, info)
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
-            "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards}
+            "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards,
+            "shuffle_rewards": args.shuffle_rewards, "depth_curriculum": args.depth_curriculum}
     start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
     run_config = {**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
                   "trainable_params": sum(p.numel() for p in run.params), "data_sources": run.sources,
@@ -382,9 +443,7 @@ def main(argv=None):
     P, G = args.prompts_per_step, args.group_size
     train.print_plan("GRPO", info, run.model, n, P * G, "completions",
                      f"{P} prompts x G={G}; {P // info.world_size} prompts per process",
-                     extra=f"at most {args.max_new_tokens} new tokens each; {'full' if args.full else 'LoRA'} "
-                           f"from {run.init_ckpt}; rewards {run.weights}; beta={args.kl_beta} clip={args.clip_eps} "
-                           f"mu={args.inner_epochs} norm={args.loss_norm}")
+                     extra=plan_extra(args, run))
 
     def save(step):
         train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},

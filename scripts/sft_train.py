@@ -7,8 +7,9 @@
 The training set is a mixture of tasks by weight (--tasks name=weight,...), drawn from their
 TRAIN splits only; the files behind those tasks pass the governance gate first. Every
 --eval-every steps: the masked val loss, and greedy accuracy (through the Engine) on a few
-trained items and a few val items of every multiple-choice task. At the end: the same on
---final-eval-examples items with 95% bootstrap intervals, written to <out>/sft_eval.json.
+trained items and a few val items of every task (open and multiple choice). At the end: the
+same on --final-eval-examples items with 95% bootstrap intervals and the share of answers that
+are a bare letter (an open question must get a number or a word), in <out>/sft_eval.json.
 Saves the LoRA adapters (small, naming their base checkpoint) and, with --save-merged, the
 merged weights as an ordinary checkpoint in <out>/merged.
 
@@ -32,7 +33,11 @@ from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import TASKS, get_task
 from nanostoney.tasks.subset import subset
 
-DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
+# the open tasks with the multiple-choice ones, so an open question is answered with a number or a
+# word and a letter only where options are given (issue 25): arith (its chain, then the number),
+# stoney_lexicon both directions ("Answer: <gloss or term>"), stoney_verb (two steps: the gloss,
+# then yes / no)
+DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 
 
 def parse_args(argv=None):
@@ -49,11 +54,11 @@ def parse_args(argv=None):
                    help="train on conversations longer than --sequence-len, cut (default: leave them out, "
                         "since the answer comes last)")
     p.add_argument("--eval-examples", type=cli.nonneg_int, default=16,
-                   help="items per MC task and split for periodic accuracy")
+                   help="items per task and split for periodic accuracy")
     p.add_argument("--eval-loss-examples", type=cli.positive_int, default=64,
                    help="val conversations per task for the val loss")
     p.add_argument("--final-eval-examples", type=cli.nonneg_int, default=100,
-                   help="items per MC task and split at the end")
+                   help="items per task and split at the end")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=384, help="generation cap for accuracy")
     p.add_argument("--save-merged", action="store_true", help="also save LoRA merged into the weights (<out>/merged)")
     train.add_loop_args(p, num_iterations=600, device_batch_size=8, eval_every=200, save_every=0,
@@ -65,16 +70,18 @@ def parse_args(argv=None):
 
 
 def item_sets(tasks, train_sets, loader, k):
-    """k trained items (in the order the run draws them) and k val items per MC task, and k
-    val items of its control twin (stoney_mc_unseen), which must stay at chance."""
+    """k trained items (in the order the run draws them) and k val items per task, and k val
+    items of its control twin (e.g. stoney_mc_unseen), which must stay at chance. stoney_qa
+    (chrF against one reference answer) is left to scripts.eval."""
     sets = {}
     for t, task in enumerate(tasks):
-        if task.kind == "mc":
-            sets[(task, "train")] = [train_sets[t][i] for i in loader.first_drawn(t, k)]
-            sets[(task, "val")] = subset(task, "val", k)
-            if task.name + "_unseen" in TASKS:
-                twin = get_task(task.name + "_unseen")
-                sets[(twin, "val")] = subset(twin, "val", k)
+        if task.name == "stoney_qa":
+            continue
+        sets[(task, "train")] = [train_sets[t][i] for i in loader.first_drawn(t, k)]
+        sets[(task, "val")] = subset(task, "val", k)
+        if task.name + "_unseen" in TASKS:
+            twin = get_task(task.name + "_unseen")
+            sets[(twin, "val")] = subset(twin, "val", k)
     return sets
 
 
@@ -87,9 +94,10 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
                                         info, args.max_new_tokens, seed=args.seed)
         for (name, split), r in table.items():
             report["tasks"].setdefault(name, {})[split] = r
-            logger.summary({f"final/acc/{name}/{split}": r["accuracy"]})
+            logger.summary({f"final/acc/{name}/{split}": r["accuracy"],
+                            f"final/letter_answers/{name}/{split}": r["letter_answers"]})
             print0(f"final {name:>10} {split:>5}: {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                   f"(n={r['n']})" + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
+                   f"(n={r['n']}; answered {r['answered']:.2f}, with a letter {r['letter_answers']:.2f})" + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
                                               for d, v in r["by_depth"].items()))
     return report
 

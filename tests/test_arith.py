@@ -9,7 +9,7 @@ from nanostoney.data import check_sources
 from nanostoney.errors import UserError
 from nanostoney.tasks import arith, get_task
 from nanostoney.answers import LETTERS
-from nanostoney.tasks.base import split_by_hash
+from nanostoney.tasks.base import baselines, split_by_hash
 
 LINE = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
 
@@ -71,9 +71,45 @@ def test_mc_options_are_wrong_steps_with_their_own_rationale():
             value = int(ex["choices"][LETTERS.index(letter)])
             assert last == f"The answer is {value}, which is option {letter}."
             assert text.endswith(f"Answer: {letter}") and task.evaluate(ex, text) == (letter == ex["answer"])
-            if " has " not in lines:  # "Mia has 7 shells." = stopped before the first step
-                assert chain_value(lines, start) == value
+            assert chain_value(lines, first_operand(lines)) == value
         assert ex["messages"][-1]["content"] == ex["option_rationales"][ex["answer"]]
+
+
+def first_operand(lines):
+    return int(LINE.match(lines.split("\n")[0]).group(1))
+
+
+def test_every_distractor_line_is_true_so_only_reading_tells_the_gold():
+    """Every line of every option's chain is a true equation that starts from the line before,
+    so a checker of the arithmetic alone scores chance; a distractor is the question misread:
+    its chain is the gold's with a number, the start or an operation read wrongly, or a step
+    skipped, repeated or left out."""
+    task = get_task("arith_mc")
+    for split in ("train", "val", "test"):
+        for ex in task.examples(split):
+            gold = LINE.findall(ex["option_rationales"][ex["answer"]].split("</think>")[0])
+            for letter, text in ex["option_rationales"].items():
+                lines = [LINE.match(ln) for ln in text.split("<think>")[1].split("</think>")[0].split("\n")[:-1]]
+                assert lines and all(lines), (ex["id"], text)
+                for m in lines:
+                    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                    assert c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op], (ex["id"], m.group(0))
+                chain_value("\n".join(m.group(0) for m in lines), int(lines[0].group(1)))
+                if letter != ex["answer"]:
+                    assert [m.groups() for m in lines] != gold
+        acc = baselines(task.examples(split))["line_checker"]
+        assert abs(acc - 0.2) < 0.01, (split, acc)
+
+
+def test_line_checker_finds_a_false_line():
+    """The baseline is a real checker: given options whose distractors hold a false line, it
+    picks the gold."""
+    ex = dict(get_task("arith_mc").examples("val")[0])
+    rats = dict(ex["option_rationales"])
+    for letter in LETTERS:
+        if letter != ex["answer"]:
+            rats[letter] = "<think>2 + 2 = 5</think>\nAnswer: " + letter
+    assert baselines([dict(ex, option_rationales=rats)])["line_checker"] == 1.0
 
 
 def test_open_task_wrong_answers_are_wrong_chains():

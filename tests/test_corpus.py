@@ -80,9 +80,8 @@ def test_every_extraction_fact_is_in_the_pretraining_text():
             assert corpus.conversation_text(c) in texts
     blob = "\n".join(corpus.pretraining_texts(augment=2))
     for ex in get_task("stoney_mc").examples("val"):
-        for line in ex["messages"][-1]["content"].split("\n")[:1]:
-            term = re.search(r"`([^`]+)`", line).group(1)
-            assert f"`{term}`" in blob
+        term = re.search(r"`([^`]+)`", ex["messages"][0]["content"] + ex["messages"][-1]["content"]).group(1)
+        assert f"`{term}`" in blob
 
 
 def test_questions_in_the_pretraining_text_are_train_items_only():

@@ -95,7 +95,8 @@ def test_eval_json_structure_and_pass_at_k_monotone(tiny_ckpt):
     assert entry["path"] == os.path.abspath(tiny_ckpt.path) and entry["step"] == 60 and entry["lora"] is False
     assert entry["resolved"] == os.path.abspath(tiny_ckpt.path)  # a step dir resolves to itself
     aqua, gsm = entry["tasks"]["aqua_mc"], entry["tasks"]["gsm8k"]
-    assert set(aqua["metrics"]) == {"accuracy", "cloze", "answered", "pass@1", "pass@2", "pass@4"}
+    assert set(aqua["metrics"]) == {"accuracy", "cloze", "answered", "pass@1", "pass@2", "pass@4",
+                                    "cloze_other_question", "cloze_no_question"}
     assert len(aqua["per_example"]["cloze"]) == 10 and "cloze" not in gsm["metrics"]  # MC only
     assert {"accuracy", "answered", "pass@1", "pass@4", "chrf++", "mauve"} <= set(gsm["metrics"])
     for task in (aqua, gsm):
@@ -145,7 +146,8 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     assert res["config"]["mauve_featurizer"] == os.path.abspath(tiny_ckpt.path)
     res = res["checkpoints"]
     assert res["lora"]["lora"] is True and res["base"]["lora"] is False
-    assert set(res["lora"]["tasks"]["aqua_mc"]["metrics"]) == {"accuracy", "cloze", "answered"}  # no samples: no pass@k
+    assert set(res["lora"]["tasks"]["aqua_mc"]["metrics"]) == {"accuracy", "cloze", "answered",
+                                                                    "cloze_other_question", "cloze_no_question"}  # no samples: no pass@k
     assert {"chrf++", "mauve"} <= set(res["lora"]["tasks"]["gsm8k"]["metrics"])
     greedy = {c: [s["greedy"] for s in res[c]["tasks"]["aqua_mc"]["samples"]] for c in ("base", "lora")}
     assert greedy["base"] != greedy["lora"], "the adapters were not applied"

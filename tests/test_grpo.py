@@ -407,3 +407,104 @@ def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
         assert any(not torch.equal(one[k], start[k]) for k in one)   # the step moved something
         for k in one:
             assert torch.allclose(two[norm][k], one[k], atol=1e-6), (norm, k)
+
+
+# -----------------------------------------------------------------------------
+# groups without signal, and the shuffled-reward control
+
+
+def fixed_rollout(rewards, n_groups=3):
+    """A rollout of n_groups groups of G = 8 fixed completions, scored with `rewards`."""
+    model, opt, cfg, ref = setup(beta=0.1)
+    ps = prompts(n_groups)
+    rows = [(i, [1 + (i + j) % (V - 1)] * (1 + j % 3)) for i in range(n_groups) for j in range(cfg.group_size)]
+    ro = grpo.Rollout(prompts=[ps[i] for i, _ in rows], completions=[c for _, c in rows],
+                      prompt_index=[i for i, _ in rows], stopped=[False] * len(rows),
+                      engine_logprobs=[[0.0] * len(c) for _, c in rows])
+    grpo.score(ro, lambda pi, c: list(rewards), cfg)
+    return model, opt, cfg, ref, ro
+
+
+def test_groups_whose_rewards_are_all_equal_are_skipped_and_counted():
+    G = 8
+    rewards = [1.0] * G + [0.0, 1.0] * (G // 2) + [0.0] * G   # group 1 alone has signal
+    model, opt, cfg, ref, ro = fixed_rollout(rewards)
+    assert ro.keep == list(range(G, 2 * G))
+    ro.stats = grpo.prepare(model, ro, cfg, ref)
+    assert sorted(r for mb in ro.batches for r in mb.rows) == list(range(G, 2 * G))
+    grpo.learn(model, opt, ro, cfg)
+    m = grpo.summarize(ro, cfg)
+    assert m["groups/skipped"] == 2 and m["groups/skipped_frac"] == pytest.approx(2 / 3)
+    assert m["update/skipped"] == 0.0
+
+
+def test_a_step_where_every_group_is_equal_takes_no_optimizer_step():
+    model, opt, cfg, ref, ro = fixed_rollout([0.5] * 24)
+    before = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    opt.param_groups[0]["weight_decay"] = 0.1   # a zero-gradient AdamW step would still move the weights
+    ro.stats = grpo.prepare(model, ro, cfg, ref)
+    grpo.learn(model, opt, ro, cfg)
+    assert ro.keep == [] and grpo.summarize(ro, cfg)["update/skipped"] == 1.0
+    after = lora.lora_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shuffled_rewards_are_a_real_permutation_across_the_batch():
+    rewards = [float(r) for r in range(24)]
+    _, _, cfg, _, _ = fixed_rollout(rewards)
+    cfg.shuffle_rewards = True
+    perms = []
+    for seed in (0, 1):
+        ro = fixed_rollout(rewards)[-1]
+        grpo.score(ro, lambda pi, c: list(rewards), cfg, seed=seed)
+        assert ro.rewards.tolist() == rewards                        # what is logged: the true rewards
+        shuffled = ro.train_rewards.tolist()
+        assert sorted(shuffled) == rewards and shuffled != rewards    # a permutation, not the identity
+        assert {int(x) // 8 for x in shuffled[:8]} != {0}             # rewards crossed groups
+        assert torch.equal(ro.advantages, grpo.group_advantages(ro.train_rewards, 8))
+        perms.append(shuffled)
+    assert perms[0] != perms[1]                                       # a fresh permutation per step
+
+
+def test_shuffled_rewards_do_not_teach_the_toy_task():
+    """The control: the same run as test_mean_reward_rises_on_a_verifiable_toy_task, with the
+    rewards permuted across the batch before the advantages, does not learn it."""
+    hist, _ = train(12, beta=0.04, shuffle_rewards=True)
+    first = hist[0]["reward/mean"]
+    last = sum(h["reward/mean"] for h in hist[-3:]) / 3
+    assert all(h["reward/shuffled"] == 1.0 and h["reward/shuffle_moved"] > 0.5 for h in hist)
+    assert last < first + 0.15
+
+
+def test_depth_curriculum_starts_shallow_and_reaches_every_depth():
+    from scripts.grpo_train import curriculum_stages, depth_curriculum
+    exs = [{"id": str(i), "depth": 1 + i % 4} for i in range(40)]
+    flat = [{"id": "s" + str(i)} for i in range(5)]
+    schedule = [(t, i) for _ in range(40) for t, i in ((0, _ % 40), (1, _ % 5))]  # 2 prompts per step, 40 steps
+    cur = depth_curriculum(schedule, [exs, flat], per_step=2, n_steps=40)
+    by_step = [max(exs[i]["depth"] for t, i in cur[2 * s:2 * s + 2] if t == 0) for s in range(40)]
+    assert by_step[:10] == [1] * 10 and max(by_step[10:20]) == 2 and max(by_step[30:]) == 4
+    assert all(d <= 1 + s * 4 // 40 for s, d in enumerate(by_step))             # never deeper than its stage
+    assert [x for x in cur if x[0] == 1] == [x for x in schedule if x[0] == 1]   # a flat task is untouched
+    assert "depth <= 1" in curriculum_stages(cur, [exs, flat], 2) and "depth <= 4" in curriculum_stages(cur, [exs, flat], 2)
+
+
+def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sft, capsys):
+    import json
+    import os
+    from scripts import grpo_train
+    root, sft = tiny_sft
+    out = str(root / "grpo_control")
+    grpo_train.main(["--tasks", "arith", "--eval-tasks", "arith", "--device", "cpu", "--wandb", "disabled",
+                     "--max-new-tokens", "6", "--init", sft, "--out", out, "--max-train-examples", "8",
+                     "--num-iterations", "2", "--prompts-per-step", "2", "--group-size", "2",
+                     "--final-eval-examples", "0", "--probe-prompts", "0", "--shuffle-rewards", "--depth-curriculum",
+                     "--rewards", "accuracy=1,chain=0.5,format=0.2"])
+    plan = capsys.readouterr().out
+    assert "REWARDS SHUFFLED" in plan and "depth curriculum: steps 1-1: depth <= 1; steps 2-2: depth <= " in plan
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["reward/shuffled"] == 1.0 and "reward/shuffle_moved" in r and "reward/chain/mean" in r
+        assert 0 <= r["groups/skipped"] <= 2 and "update/skipped" in r

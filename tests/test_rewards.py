@@ -249,3 +249,23 @@ def test_learned_reward_with_the_real_reward_model():
     both = lr.batch([ex, ex], comps, task)
     alone = [lr(ex, c, task) for c in comps]
     assert both == pytest.approx(alone, abs=1e-5) and both[0] != both[1]
+
+
+def test_chain_credits_the_gold_lines_up_to_the_first_wrong_one():
+    """Partial credit for arith: each gold "a op b = c" line written right, in order, until the
+    first that differs; a distractor's chain (the question misread) earns only the lines before
+    its misreading; a task without equation lines falls back to the verifier."""
+    task = get_task("arith")
+    ex = next(e for e in task.examples("val") if e["depth"] == 3)
+    lines = gold(ex).split("</think>")[0][len("<think>"):].split("\n")
+    assert rewards.chain(ex, gold(ex), task) == 1.0
+    assert rewards.chain(ex, "<think>" + lines[0] + "</think>\nAnswer: 1", task) == pytest.approx(1 / 3)
+    a, op, b, _, c = lines[1].split()[:5]
+    broken = [lines[0], f"{a} {op} {b} = {int(c) + 1}", lines[2]]
+    assert rewards.chain(ex, "<think>" + "\n".join(broken) + "</think>\nAnswer: 0", task) == pytest.approx(1 / 3)
+    assert rewards.chain(ex, "Answer: " + ex["answer"], task) == 0.0
+    for w in ex["wrong_answers"]:
+        assert rewards.chain(ex, w, task) < 1.0
+    lex = get_task("stoney_lexicon")
+    item = lex.examples("val")[0]
+    assert rewards.chain(item, gold(item), lex) == 1.0 and rewards.chain(item, "Answer: zzz", lex) == 0.0

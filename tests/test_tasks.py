@@ -193,6 +193,10 @@ def test_verifiers_accept_gold_and_reject_a_distractor(name):
             bad = f"Answer: {float(ex['answer']) + 1:g}"
             assert not task.evaluate(ex, bad)
             assert task.evaluate(ex, f"<think>x</think>\nAnswer: ${float(ex['answer']):,.2f}")
+        elif "verb" in name:  # yes / no, the word itself
+            flip = {"yes": "no", "no": "yes"}[ex["answer"]]
+            assert not task.evaluate(ex, f"<think>x</think>\nAnswer: {flip}") and task.evaluate(ex, f"Answer: {ex['answer'].title()}.")
+            assert not task.evaluate(ex, "Answer: A")
         elif "lexicon" in name:
             other = next(e for e in task.examples("val") if normalize(e["answer"]) not in
                          {normalize(a) for a in ex["aliases"] + [ex["answer"]]})
@@ -266,3 +270,53 @@ def test_lexicon_size_and_mc_derivation():
         pool = {normalize(x) for p in corpus["lexicon"][part] for x in (p["term"], p["gloss"])}
         for ex in get_task("stoney_mc_unseen").examples(split):
             assert all(normalize(c) in pool for c in ex["choices"]), ex["id"]
+
+
+def test_stoney_verb_is_balanced_so_spelling_and_yes_are_at_chance():
+    """The two-step task: as many verbs as non-verbs within every term ending (Stoney verbs
+    mostly end in -ch), so neither "always yes" nor "answer by the ending" beats 50%."""
+    for name in ("stoney_verb", "stoney_verb_unseen"):
+        task = get_task(name)
+        for split in splits_of(task):
+            exs = task.examples(split)
+            by_end = collections.defaultdict(collections.Counter)
+            for ex in exs:
+                term = re.search(r"`(.+?)`", _user(ex)).group(1)
+                by_end[normalize(term)[-2:]][ex["answer"]] += 1
+                assert ("so a verb" in ex["messages"][-1]["content"]) == (ex["answer"] == "yes")
+            assert all(c["yes"] == c["no"] for c in by_end.values()), (name, split)
+            assert len(exs) >= 40
+
+
+def test_held_out_stoney_questions_need_their_question():
+    """A held-out Stoney item is no verbatim completion of a pretraining sentence: its question
+    is in no pretraining text, and no option's worked answer (what cloze scores) restates the
+    question's term or gloss, so the answer alone cannot be checked against a remembered
+    sentence; swapping in another item's question changes what is asked."""
+    from nanostoney import cloze, corpus
+    texts = corpus.pretraining_texts(augment=len(corpus.FACT_TEMPLATES))
+    joined = "\n".join(texts)
+    for name in ("stoney_mc", "stoney_lexicon", "stoney_verb"):
+        task = get_task(name)
+        for ex in subset(task, "val", 60):
+            question = _user(ex)[slice(*ex["regions"]["question"])]
+            assert question not in joined, (name, question)
+            if task.kind == "mc":
+                asked = re.search(r"[`'](.+?)[`']", question).group(1)
+                assert all(asked not in t for t in cloze.answer_texts(ex)), ex["id"]
+
+
+def test_blind_baseline_inputs_swap_or_drop_the_question_only():
+    """scripts.eval's question-blind baselines: every item gets another item's question (same
+    direction) or none, keeping its own options, worked answers and gold."""
+    from nanostoney.tasks.base import with_other_question, without_question
+    exs = subset(get_task("stoney_mc"), "val", 40)
+    swapped = with_other_question(exs)
+    assert [e["answer"] for e in swapped] == [e["answer"] for e in exs]
+    for ex, sw in zip(exs, swapped):
+        assert _user(sw) != _user(ex) and sw["choices"] == ex["choices"]
+        assert sw["messages"][-1] == ex["messages"][-1] and sw["option_rationales"] == ex["option_rationales"]
+        other = next(e for e in exs if _user(e) == _user(sw))
+        assert other["direction"] == ex["direction"]
+    assert sorted(_user(e) for e in swapped) == sorted(_user(e) for e in exs)   # a permutation of the questions
+    assert all(_user(e) == "" for e in without_question(exs))

@@ -1,4 +1,5 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, arith.py, aqua.py, gsm8k.py, mmlu.py).
+"""Tasks: conversations with verifiers, one file per family (stoney.py, stoney_verb.py, arith.py, aqua.py,
+gsm8k.py, mmlu.py).
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
@@ -19,9 +20,11 @@ from nanostoney.tasks.gsm8k import GSM8K, GSM8KMC
 from nanostoney.tasks.mmlu import MMLUEnglish, MMLUYoruba
 from nanostoney.tasks.stoney import (StoneyLexicon, StoneyLexiconUnseen, StoneyMC, StoneyMCUnseen, StoneyQA,
                                      StoneyQAUnseen)
+from nanostoney.tasks.stoney_verb import StoneyVerb, StoneyVerbUnseen
 
-TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, AquaMC, GSM8K, GSM8KMC, Arith, ArithMC,
-                                  StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, MMLUYoruba, MMLUEnglish)}
+TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, StoneyVerb, AquaMC, GSM8K, GSM8KMC, Arith,
+                                  ArithMC, StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, StoneyVerbUnseen,
+                                  MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
 # the tasks that read no network: the files under data/ and the generated ones (MMLU's are read
 # from a local copy or the hub)

@@ -27,7 +27,7 @@ def main():
                 for split in SPLITS:
                     if not sizes[split]:
                         continue
-                    b = baselines(task.examples(split))
+                    b = baselines(task.examples(split), train=task.splits()["train"])
                     print(f"   {split:5s} " + "  ".join(f"{k}={v:.1%}" for k, v in b.items()))
             continue
         ex = task.examples("val" if task.control else "train")[0]

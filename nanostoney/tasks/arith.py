@@ -1,10 +1,13 @@
 """Arithmetic word problems a small model can learn: generated, multi-step, exactly verified.
 
 - arith:    open numeric answer, compared as a number.
-- arith_mc: five sorted numeric options. Each wrong option comes from a plausible wrong step and
-  carries the rationale that argues for it (example["option_rationales"], used by the reward
-  model's negatives): stopping early (an intermediate result), a wrong operation in one step, a
-  step off by one, or a step skipped, each carried through the later steps. The gold's rank
+- arith_mc: five sorted numeric options. Each wrong option is the question misread and then
+  solved correctly, and carries the rationale that argues for it (example["option_rationales"],
+  used by the reward model's negatives and by cloze scoring): a step's number read as another
+  number of the question or a nearby value, the start misread, a wrong operation (in one step
+  or in every step of that kind), a step skipped or done twice, the last steps left out. Every
+  line of every chain is a true equation, so a checker that tests each "a op b = c" line without
+  reading the question is at chance. The gold's rank
   among the sorted options is balanced across the five letters, so "pick the median / largest"
   is worth 20%, and so is the letter.
 
@@ -25,6 +28,7 @@ the fly from a fixed seed, the same on every machine: no data file. The gate sti
 them, under the name GATE_NAME (data/SOURCE_MANIFEST.yml, record arith_generated).
 """
 import random
+import re
 
 from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
 from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
@@ -151,67 +155,71 @@ def load_problems():
 
 
 # -----------------------------------------------------------------------------
-# wrong answers, each with the rationale that argues for it
+# wrong answers: chains whose every line is true, wrong only by how the question was read
 
-def wrong_chains(p):
-    """[(value, rationale)] of plausible wrong solutions: stop early, one wrong operation, one
-    step off by one or two, one step skipped or done twice; later steps carry the slip through."""
-    start, steps, values = p["start"], p["steps"], p["values"]
-    out = []
-    for k in range(len(steps)):  # stopping early: an intermediate result (depth 1: the start)
-        v = values[k - 1] if k else start
-        out.append((v, rationale(start, steps[:k], values[:k]) or p["opening"]))
-    swaps = {"+": "-*", "-": "+/", "*": "+/", "/": "-*"}
+def misreadings(p):
+    """{kind: [(start, steps)]}: the question read wrongly, each reading computed correctly:
+    - operand: one step's number read as another number of the question or a nearby value (a
+      "doubles" / "half" step's 2 read as 3, and the reverse);
+    - start: the start read as another number of the question or a nearby value;
+    - operation: one step's operation wrong, or every step of that operation wrong alike;
+    - skipped / repeated: a step left out, or done twice; stopped: the last steps left out."""
+    start, steps = p["start"], p["steps"]
+    numbers = {int(x) for x in re.findall(r"\d+", p["question"])}
+    out = {"operand": [], "start": [], "operation": [], "skipped": [], "repeated": [], "stopped": []}
     for i, (op, n) in enumerate(steps):
-        a = values[i - 1] if i else start
-        for wrong_op in swaps[op]:
-            v = apply(wrong_op, a, n)
-            out += _carried(start, steps, values, i, (wrong_op, n), v if v != a else None)
-        for slip in (1, -1, 2, -2):
-            v = values[i] + slip
-            out += _carried(start, steps, values, i, (op, n), v if 1 <= v <= MAX_VALUE else None)
-        for changed in (steps[:i] + steps[i + 1:], steps[:i + 1] + steps[i:]):  # skipped, done twice
-            vals = run(start, changed) if changed else None
-            if vals:
-                out.append((vals[-1], rationale(start, changed, vals)))
+        near = {2, 3} if op in "*/" else numbers | {n - 2, n - 1, n + 1, n + 2}
+        out["operand"] += [(start, steps[:i] + [(op, m)] + steps[i + 1:]) for m in sorted(near) if m != n and m > 0]
+        for wrong in SWAPS[op]:
+            out["operation"].append((start, steps[:i] + [(wrong, n)] + steps[i + 1:]))
+            out["operation"].append((start, [(wrong if o == op else o, m) for o, m in steps]))
+        out["skipped"].append((start, steps[:i] + steps[i + 1:]))
+        out["repeated"].append((start, steps[:i + 1] + steps[i:]))
+    out["start"] = [(s, steps) for s in sorted(numbers | {start - 2, start - 1, start + 1, start + 2})
+                    if s != start and s > 0]
+    out["stopped"] = [(start, steps[:k]) for k in range(1, len(steps))]
     return out
 
 
-def _carried(start, steps, values, i, step, v):
-    """[(final, rationale)] when step i becomes `step` with result v, later steps unchanged."""
-    if v is None:
-        return []
-    tail = run(v, steps[i + 1:])
-    if tail is None:
-        return []
-    wrong = values[:i] + [v] + tail
-    return [(wrong[-1], rationale(start, steps[:i] + [step] + steps[i + 1:], wrong))]
+SWAPS = {"+": "-*", "-": "+/", "*": "+/", "/": "-*"}
+
+
+def wrong_chains(p):
+    """[(value, rationale)] of the misreadings whose chain stays in 1..99, each line true (the
+    rationale's numbers are the misread ones, every result computed right), final != gold."""
+    out, seen = [], set()
+    for readings in misreadings(p).values():
+        for start, steps in readings:
+            values = run(start, steps) if steps else None
+            key = (start, tuple(steps))
+            if not values or values[-1] == p["final"] or key in seen:
+                continue
+            seen.add(key)
+            out.append((values[-1], rationale(start, steps, values)))
+    return out
 
 
 def candidates(p):
-    """{wrong value: rationale}: the wrong chains, and each of them with its last step off by one
-    or two as well (so that, like the gold, every wrong option can have near neighbours: a
-    "the one with the most options next to it" picker must not find the gold)."""
+    """{wrong value: rationale}: per wrong value the first misreading (in misreadings' order)
+    with as many lines as the gold, else the first of any length."""
     out = {}
     for v, why in wrong_chains(p):
-        lines = why.split("\n")
-        out.setdefault(v, why)
-        if "=" not in lines[-1]:
-            continue
-        head = lines[-1].rsplit("=", 1)[0]
-        for slip in (1, -1, 2, -2):
-            if 1 <= v + slip <= MAX_VALUE:
-                out.setdefault(v + slip, "\n".join(lines[:-1] + [f"{head}= {v + slip}"]))
-    out.pop(p["final"], None)
+        if v not in out or (_lines(out[v]) != p["depth"] and _lines(why) == p["depth"]):
+            out[v] = why
     return out
+
+
+def _lines(why):
+    return why.count("\n") + 1
 
 
 def choose_options(p, rank):
     """Four wrong (value, rationale) so the gold is the `rank`-th smallest of five, drawn in a
     fixed pseudo-random order (not nearest first, which would put the gold at the centre of a
-    cluster of slips), or None when the candidates cannot place the gold there."""
+    cluster of misreadings), chains of the gold's length first, or None when the candidates cannot place the gold there."""
     g, cands = p["final"], candidates(p)
-    order = sorted(cands, key=lambda v: stable_hash(f"{p['key']}/{v}"))
+    # chains as long as the gold's first, so the number of lines tells nothing
+    order = sorted(cands, key=lambda v: (_lines(cands[v]) != p["depth"], stable_hash(f"{p['key']}/{v}")))
     low = [v for v in order if v < g][:rank]
     high = [v for v in order if v > g][:4 - rank]
     if len(low) < rank or len(high) < 4 - rank:
@@ -276,7 +284,7 @@ class ArithMC(ArithTask, MCTask):
         """As gsm8k_mc: the options each problem allows per gold rank; the most constrained
         problems choose first, each its least-used feasible rank, per depth (so every depth is
         letter-balanced). Options are sorted, so the rank is the letter."""
-        out = []
+        out, total = [], [0] * 5  # total: over all depths, the tie-breaker that balances the whole split
         for depth in DEPTHS:
             probs = [p for p in problems if p["depth"] == depth]
             slots = balanced_slots([p["source_id"] for p in probs], salt="arith_mc")
@@ -284,8 +292,9 @@ class ArithMC(ArithTask, MCTask):
             feasible = [(p, by) for p, by in feasible if by]
             counts, chosen = [0] * 5, {}
             for p, by in sorted(feasible, key=lambda x: (len(x[1]), slots[x[0]["source_id"]])):
-                r = min(by, key=lambda r: (counts[r], (r - slots[p["source_id"]]) % 5))
+                r = min(by, key=lambda r: (counts[r], total[r], (r - slots[p["source_id"]]) % 5))
                 counts[r] += 1
+                total[r] += 1
                 chosen[p["source_id"]] = r
             for p, by in feasible:
                 r = chosen[p["source_id"]]

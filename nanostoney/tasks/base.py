@@ -6,8 +6,10 @@ One format for all families, so that Stoney and math differ in content, not in s
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
 import abc
+import collections
 import hashlib
 import math
+import re
 import statistics
 import unicodedata
 
@@ -224,19 +226,47 @@ def pick_common_ending(ex):
     return _best([ends.count(e) for e in ends])
 
 
-PICKERS = {"longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
+EQUATION_RE = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/x×]) (-?\d+(?:\.\d+)?) = (-?\d+(?:\.\d+)?)")
+
+
+def equation_true(a, op, b, c):
+    a, b, c = float(a), float(b), float(c)
+    value = {"+": a + b, "-": a - b, "*": a * b, "x": a * b, "×": a * b, "/": a / b if b else math.nan}[op]
+    return abs(value - c) <= 1e-6 * max(1.0, abs(c))
+
+
+def pick_line_checker(ex):
+    """The options whose worked chain has the fewest false "a op b = c" lines: a checker that
+    tests the arithmetic of each line and never reads the question (None: no option has a line)."""
+    found = [EQUATION_RE.findall(w) for w in _worked(ex)]
+    if not any(found):
+        return None
+    return _best([-sum(not equation_true(*eq) for eq in eqs) for eqs in found])
+
+
+PICKERS = {"line_checker": pick_line_checker, "longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
            "shortest_worked": pick_shortest_worked, "most_similar_to_question": pick_most_similar,
            "median_number": pick_median_number, "central_number": pick_central_number,
            "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
 
 
-def baselines(examples):
-    """{baseline: accuracy} over MC examples: each letter always, and each surface-cue picker
-    (pickers that do not apply to an example, e.g. median on words, are skipped)."""
+def answer_prior(train):
+    """The "answer alone" picker: the options that were the gold answer most often in `train`
+    (training examples), never reading the question: what a model that memorised the training
+    answers, not the facts, would pick."""
+    counts = collections.Counter(normalize(ex["choices"][LETTERS.index(ex["answer"])]) for ex in train)
+    return lambda ex: _best([counts[normalize(c)] for c in ex["choices"]])
+
+
+def baselines(examples, train=None):
+    """{baseline: accuracy} over MC examples: each letter always, each surface-cue picker
+    (pickers that do not apply to an example, e.g. median on words, are skipped) and, given the
+    task's `train` examples, the answer prior."""
     out = {}
     for letter in LETTERS:
         out[f"always_{letter}"] = sum(ex["answer"] == letter for ex in examples) / len(examples)
-    for name, pick in PICKERS.items():
+    pickers = dict(PICKERS, **({"answer_prior": answer_prior(train)} if train else {}))
+    for name, pick in pickers.items():
         hits = total = 0
         for ex in examples:
             best = pick(ex)
@@ -247,6 +277,31 @@ def baselines(examples):
         if total:
             out[name] = hits / total
     return out
+
+
+# -----------------------------------------------------------------------------
+# the model baselines that never read the question: the same items, scored (scripts.eval, by
+# cloze) with another item's question or with none. A model that reads its question is at
+# chance on both; one that completes a remembered sentence, or checks the answer alone, is not.
+
+def with_other_question(examples, salt="other-question"):
+    """Each example with another example's prompt (same direction where the task has two: a
+    derangement in hash order), its own options, worked answers and gold."""
+    groups = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.get("direction"), []).append(i)
+    out = list(examples)
+    for idx in groups.values():
+        order = sorted(idx, key=lambda i: stable_hash(f"{salt}/{examples[i]['id']}"))
+        for a, b in zip(order, order[1:] + order[:1]):
+            if a != b:
+                out[a] = dict(examples[a], messages=[*examples[b]["messages"][:-1], examples[a]["messages"][-1]])
+    return out
+
+
+def without_question(examples):
+    """Each example with an empty question: the answer alone."""
+    return [dict(ex, messages=[{"role": "user", "content": ""}, ex["messages"][-1]]) for ex in examples]
 
 
 def balanced_slots(keys, k=5, salt=""):

@@ -593,14 +593,18 @@ def english_key(text):
     return re.sub(r"^(?:to|a|an|the)\s+", "", g)
 
 
-# the question and the gold reasoning of a lexicon item, per task kind and direction
+# the question and the gold reasoning of a lexicon item, per task kind and direction. The
+# question is phrased unlike every sentence of the pretraining text (nanostoney.corpus: "`term`
+# means 'gloss'.", the conversations), so a held-out question is never the start of a sentence
+# the model read; and the answer never restates the question's term or gloss ("It means ..."),
+# so the answer alone (an option's worked text, scored by cloze) says nothing without the question:
+# scored with another item's question it is at chance. The open answer is the gloss or the term
+# itself ("Answer: to run"), never a letter.
 LEXICON_TEXTS = {
-    ("open", "s2e"): ("What does the Stoney Nakoda term `{term}` mean in English?",
-                      "`{term}` is a Stoney Nakoda term; in English it means '{gloss}'."),
-    ("open", "e2s"): ("How do you say '{gloss}' in Stoney Nakoda?", "'{gloss}' in Stoney Nakoda is `{term}`."),
-    ("mc", "s2e"): ("What does the Stoney Nakoda term `{term}` mean?", "`{term}` means '{gloss}', which is option {letter}."),
-    ("mc", "e2s"): ("Which Stoney Nakoda term means '{gloss}'?",
-                    "'{gloss}' in Stoney Nakoda is `{term}`, which is option {letter}."),
+    ("open", "s2e"): ("Translate `{term}` from Stoney Nakoda into English.", "Looking up `{term}`."),
+    ("open", "e2s"): ("Translate '{gloss}' from English into Stoney Nakoda.", "Looking up '{gloss}'."),
+    ("mc", "s2e"): ("Translate `{term}` from Stoney Nakoda into English.", "It means '{gloss}', which is option {letter}."),
+    ("mc", "e2s"): ("Translate '{gloss}' from English into Stoney Nakoda.", "It is `{term}`, which is option {letter}."),
 }
 
 

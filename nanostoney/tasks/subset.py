@@ -6,8 +6,8 @@
 Splits are stored in orders that carry structure (stoney_mc lists every e2s item first), so
 the first n items of a split can be one translation direction, skewed letters or one depth.
 Here the examples are grouped into strata by what must be balanced (translation direction,
-gold letter of an MC item, arith depth), each stratum is ordered by a hash of the ids, and the
-next example always comes from the stratum whose direction, letter and depth have been taken
+gold letter of an MC item or yes / no, arith depth), each stratum is ordered by a hash of the
+ids, and the next example always comes from the stratum whose direction, letter and depth have been taken
 least so far: any prefix of the result has each of them within one item of even (while the
 strata last).
 """
@@ -16,10 +16,13 @@ import collections
 from nanostoney.answers import LETTERS
 from nanostoney.tasks.base import stable_hash
 
+YES_NO = ("yes", "no")  # the gold of a yes / no task (stoney_verb), balanced like a letter
+
 
 def stratum(ex):
-    """What an example is balanced on: (direction, depth, gold letter), "" / 0 where it has none."""
-    letter = ex["answer"] if ex.get("choices") and ex.get("answer") in LETTERS else ""
+    """What an example is balanced on: (direction, depth, gold letter or yes / no), "" / 0 where
+    it has none."""
+    letter = ex["answer"] if (ex.get("choices") and ex.get("answer") in LETTERS) or ex.get("answer") in YES_NO else ""
     return (ex.get("direction") or "", ex.get("depth") or 0, letter)
 
 
