@@ -287,15 +287,18 @@ def check_same_inputs(files=(), tokenizer=None):
     listings = gather_lists([listing]) if corpus_odd else None  # every rank sees the same odd list
     what = []
     if corpus_odd:
-        first = corpus_odd[0]
-        what.append(f"a different corpus ({_first_difference(listings[0], listings[first])} on rank {first}; "
-                    f"rank {first} has {_size_words(everyone, first)}, rank 0 {_size_words(everyone, 0)})")
+        r = corpus_odd[0]
+        what.append(f"a different corpus ({_first_difference(listings[0], listings[r], r)}; rank {r} reads "
+                    f"{_size_words(everyone, r)}, rank 0 {_size_words(everyone, 0)})")
     tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]
     if tok_odd:
         r, fp = tok_odd[0]
         what.append(f"a different tokenizer (on rank {r} its vocabulary, merges and specials hash to {fp['tokenizer']}, "
                     f"{fp['vocab']} tokens; on rank 0 to {ref['tokenizer']}, {ref['vocab']} tokens)")
     ranks = ", ".join(f"{r} on {host}" for r, host, _ in odd)
+    cleanup()  # every rank is here: leave the group together (a rank exiting inside it can abort gloo)
+    if _env_int("LOCAL_RANK", 0) != 0:  # each node's local rank 0 says it (cli._say) before torchrun, seeing
+        time.sleep(5)                    # the first rank exit, stops the node's other ranks
     raise UserError(f"rank{'s' if len(odd) > 1 else ''} {ranks} read{'' if len(odd) > 1 else 's'} "
                     f"{' and '.join(what)} from rank 0 on {host0}; give every node the same corpus files "
                     f"(the same download_corpus flags, the same data/) and the same tokenizer.")
@@ -303,7 +306,7 @@ def check_same_inputs(files=(), tokenizer=None):
 
 def _size_words(everyone, rank):
     fp = everyone[rank][2]
-    return f"{fp['files']} files, {fp['bytes']:,} bytes"
+    return f"{fp['files']} files of {fp['bytes']:,} bytes"
 
 
 def _digest(x):
@@ -318,17 +321,17 @@ def _tokenizer_spec(tokenizer):
             sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))]
 
 
-def _first_difference(ref, other):
-    """The first file, by name, where another rank's (name, bytes) list differs from rank 0's."""
+def _first_difference(ref, other, rank):
+    """The first file, by name, where rank `rank`'s (name, bytes) list differs from rank 0's."""
     a, b = dict(ref), dict(other)
     for name in sorted(set(a) | set(b)):
         if name not in b:
-            return f"{name} is missing"
+            return f"rank {rank} lacks {name}"
         if name not in a:
-            return f"{name} is there but not on rank 0"
+            return f"rank {rank} has {name}, which rank 0 lacks"
         if a[name] != b[name]:
-            return f"{name} is {b[name]:,} bytes against {a[name]:,} on rank 0"
-    return "the same names and sizes in another multiplicity"
+            return f"rank {rank}'s {name} is {b[name]:,} bytes, rank 0's {a[name]:,}"
+    return f"rank {rank} has files of the same names and sizes, some twice"
 
 
 def barrier():
