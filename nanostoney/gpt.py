@@ -9,7 +9,9 @@
 
 Module names match nanochat's exactly (transformer.wte, transformer.h[i].attn.c_q, ...,
 lm_head), so a nanochat state dict loads with load_state_dict. The rotary cos/sin tables are
-kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits.
+kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits. A
+transformers NanoChat checkpoint differs only in arithmetic (RMSNorm eps 1e-6, float32 rotary
+tables): GPTConfig.norm_eps and rope_dtype, set by published.py.
 
 Precision: the caller chooses. On CUDA wrap forward in torch.autocast(bfloat16); on CPU run
 plain float32. Nothing in here assumes either.

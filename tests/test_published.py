@@ -355,3 +355,17 @@ def test_tied_transformers_embeddings_are_the_lm_head(tmp_path):
     (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     model, _, _ = published.load_hf(str(tied))
     assert torch.equal(model.lm_head.weight, sd["model.embed_tokens.weight"])
+
+
+def test_model_numerics_round_trip_and_bad_ones_are_one_sentence(tmp_path):
+    """Our checkpoints carry norm_eps and rope_dtype; one written before them loads with nanochat's
+    defaults; a damaged value is one sentence."""
+    model = GPT(GPTConfig(**CFG, norm_eps=1e-6, rope_dtype="float32"))
+    checkpoint.save_checkpoint(str(tmp_path / "run"), model, 1)
+    again, _, _ = checkpoint.load_model(str(tmp_path / "run"))
+    assert again.config == model.config and again.cos.dtype == torch.float32
+    old = checkpoint.config_from_dict(dict(CFG), "old")
+    assert old.norm_eps is None and old.rope_dtype == "bfloat16" and GPT(old).cos.dtype == torch.bfloat16
+    for bad in ({"norm_eps": "tiny"}, {"norm_eps": 0}, {"rope_dtype": "float16"}):
+        with pytest.raises(UserError, match=f"model settings \\['{next(iter(bad))}'\\] that are out of range"):
+            checkpoint.config_from_dict({**CFG, **bad}, "cfg")
