@@ -269,13 +269,15 @@ def check_shared(paths):
 def check_same_inputs(files=(), tokenizer=None):
     """Every rank reads the same corpus and the same tokenizer: nodes that downloaded different
     shards or hold another copy of the data would skip or repeat data without a word. files: the
-    corpus's source paths (what is not a file, e.g. a hub id, is skipped), compared by name and
-    size; tokenizer: compared by a hash of its vocabulary, merges and special tokens. One
+    corpus's source paths (what is not a file, e.g. a hub id, is skipped), compared by folder,
+    name and size; tokenizer: compared by a hash of its vocabulary, merges and special tokens. One
     all-gather of this small fingerprint (and, only where it differs, of the file lists); every
     rank raises the same one-sentence UserError naming the ranks and what differs."""
     if not _grouped():
         return
-    listing = sorted((os.path.basename(f), os.path.getsize(f)) for f in set(files) if os.path.isfile(f))
+    # a file goes by its folder and name: nodes may keep a clone or a cache under different roots
+    listing = sorted((os.path.join(*os.path.normpath(f).split(os.sep)[-2:]), os.path.getsize(f))
+                     for f in set(files) if os.path.isfile(f))
     mine = {"corpus": _digest(listing), "files": len(listing), "bytes": sum(n for _, n in listing),
             "tokenizer": tokenizer and _digest(_tokenizer_spec(tokenizer)), "vocab": tokenizer and tokenizer.vocab_size}
     everyone = gather_lists([(get_rank(), socket.gethostname(), mine)])

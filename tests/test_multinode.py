@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from test_train import ROOT, env, make_workspace
-from test_world_sizes import two_nodes
+from test_world_sizes import free_port, two_nodes
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
@@ -25,14 +25,14 @@ WORKER = textwrap.dedent("""
     root, case = sys.argv[1], sys.argv[2]
     info = init_dist("cpu")
     tok = Tokenizer.load(os.path.join(root, "tok"))
-    same = [os.path.join(root, "a", "corpus.jsonl"), os.path.join(root, "MANIFEST.yml"), "hf://not/a/file"]
+    same = [os.path.join(root, "a", "data", "corpus.jsonl"), os.path.join(root, "MANIFEST.yml"), "hf://not/a/file"]
     check_same_inputs(same, tok)
     open(os.path.join(root, f"passed{info.rank}"), "w").close()
     files, mine = same, tok
     if case == "tokenizer" and info.rank == 1:
         mine = Tokenizer.load(os.path.join(root, "tok2"))
     if case == "corpus" and info.rank == 2:
-        files = [os.path.join(root, "b", "corpus.jsonl"), os.path.join(root, "MANIFEST.yml")]
+        files = [os.path.join(root, "b", "data", "corpus.jsonl"), os.path.join(root, "MANIFEST.yml")]
     run_main(lambda: check_same_inputs(files, mine))
     cleanup()
 """)
@@ -60,10 +60,10 @@ def three_ranks(root, case):
 def inputs(tmp_path):
     from nanostoney.tokenizer import Tokenizer
     ws = make_workspace(tmp_path)
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-        shutil.copy(ws.corpus, tmp_path / d / "corpus.jsonl")
-    with open(tmp_path / "b" / "corpus.jsonl", "a") as f:  # one more document in rank 2's copy
+    for d in ("a", "b"):  # two copies of data/corpus.jsonl, under different roots
+        (tmp_path / d / "data").mkdir(parents=True)
+        shutil.copy(ws.corpus, tmp_path / d / "data" / "corpus.jsonl")
+    with open(tmp_path / "b" / "data" / "corpus.jsonl", "a") as f:  # one more document in rank 2's copy
         f.write(json.dumps({"text": "Eli had 3 stones."}) + "\n")
     docs = [json.loads(line)["text"] for line in ws.corpus.read_text().splitlines()]
     Tokenizer.train(docs, 290).save(str(tmp_path / "tok2"))
@@ -73,8 +73,8 @@ def inputs(tmp_path):
 
 def test_a_rank_with_another_corpus_file_stops_every_rank_with_one_sentence(inputs):
     line = three_ranks(inputs, "corpus")
-    size_a, size_b = ((inputs / d / "corpus.jsonl").stat().st_size for d in ("a", "b"))
-    assert line.startswith("error: rank 2 on ") and "reads a different corpus (rank 2's corpus.jsonl is " \
+    size_a, size_b = ((inputs / d / "data" / "corpus.jsonl").stat().st_size for d in ("a", "b"))
+    assert line.startswith("error: rank 2 on ") and "reads a different corpus (rank 2's data/corpus.jsonl is " \
         f"{size_b:,} bytes, rank 0's {size_a:,}; rank 2 reads 2 files of " in line
     assert "tokenizer (" not in line and "give every node the same corpus files" in line
 
@@ -150,3 +150,25 @@ def test_bad_multi_node_flags_are_one_sentence(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (flags, r.stderr)
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # ~12 min on the loaded 2-core machine
+def test_the_tiny_pipeline_on_two_nodes(tmp_path):
+    """run_stoney_small.sh on two "nodes" (one process each, 127.0.0.1, one shared --out): every
+    torchrun stage spans both, every stage's same-inputs check passes, both finish."""
+    out, port = tmp_path / "out", free_port()
+    e = {**env(), "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen(["bash", "run_stoney_small.sh", "--nnodes", "2", "--node-rank", str(node), "--master-addr",
+                               "127.0.0.1", "--master-port", str(port), "--size", "tiny", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT)
+             for node in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=3000)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for stage in ("base", "sft", "rm", "grpo", "eval", "report"):
+        assert "2 process(es)" in (out / "logs" / f"{stage}.log").read_text()
+    assert (out / "report" / "index.html").exists() and (out / "grpo" / "latest").exists()
