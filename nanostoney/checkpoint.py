@@ -168,12 +168,14 @@ def config_from_dict(d, where):
     missing = sorted(known - set(d) - set(NUMERICS))  # older checkpoints lack NUMERICS: nanochat's defaults
     if missing:
         raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
-    bad = sorted(k for k, v in d.items() if k not in NUMERICS and (not isinstance(v, int) or isinstance(v, bool) or v < 1))
+    bad = sorted(k for k, v in d.items()
+                 if k not in NUMERICS and (not isinstance(v, int) or isinstance(v, bool) or v < 1))
     bad += [k for k, ok in (("norm_eps", norm_eps_ok(d.get("norm_eps"))),
                             ("rope_dtype", d.get("rope_dtype", "bfloat16") in ("bfloat16", "float32"))) if not ok]
     if bad:
         raise UserError(f"{where} has model settings {bad} that are out of range (sizes are positive integers, "
-                        f"norm_eps null or a positive number, rope_dtype bfloat16 or float32); the checkpoint is damaged.")
+                        f"norm_eps null or a small positive number, rope_dtype bfloat16 or float32); the "
+                        f"checkpoint is damaged.")
     return GPTConfig(**d)
 
 

@@ -295,8 +295,8 @@ def check_same_inputs(files=(), tokenizer=None):
     tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]
     if tok_odd:
         r, fp = tok_odd[0]
-        what.append(f"a different tokenizer (on rank {r} its vocabulary, merges and specials hash to {fp['tokenizer']}, "
-                    f"{fp['vocab']} tokens; on rank 0 to {ref['tokenizer']}, {ref['vocab']} tokens)")
+        what.append(f"a different tokenizer (on rank {r} its vocabulary, merges and specials hash to "
+                    f"{fp['tokenizer']}, {fp['vocab']} tokens; on rank 0 to {ref['tokenizer']}, {ref['vocab']} tokens)")
     ranks = ", ".join(f"{r} on {host}" for r, host, _ in odd)
     cleanup()  # every rank is here: leave the group together (a rank exiting inside it can abort gloo)
     if _env_int("LOCAL_RANK", 0) != 0:  # each node's local rank 0 says it (cli._say) before torchrun, seeing

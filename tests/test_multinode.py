@@ -158,8 +158,9 @@ def test_the_tiny_pipeline_on_two_nodes(tmp_path):
     torchrun stage spans both, every stage's same-inputs check passes, both finish."""
     out, port = tmp_path / "out", free_port()
     e = {**env(), "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    procs = [subprocess.Popen(["bash", "run_stoney_small.sh", "--nnodes", "2", "--node-rank", str(node), "--master-addr",
-                               "127.0.0.1", "--master-port", str(port), "--size", "tiny", "--out", str(out)],
+    procs = [subprocess.Popen(["bash", "run_stoney_small.sh", "--nnodes", "2", "--node-rank", str(node),
+                               "--master-addr", "127.0.0.1", "--master-port", str(port), "--size", "tiny",
+                               "--out", str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT)
              for node in (0, 1)]
     try:

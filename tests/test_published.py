@@ -264,7 +264,8 @@ FIXTURES = {"nanochat-cache": ("nanochat/cache/base_checkpoints", "nanochat"),  
             "nanochat-flat": ("nanochat/flat", "nanochat"),  # a Hugging Face upload of nanochat's files
             "transformers": ("hf", "hf")}  # NanoChatForCausalLM.save_pretrained
 needs_fixtures = pytest.mark.skipif(PUBLISHED is None, reason=f"no published-model fixtures at "
-                                    f"{ROOT.parent / 'shared' / 'fixtures' / 'published'} (copy shared/ beside the clone)")
+                                    f"{ROOT.parent / 'shared' / 'fixtures' / 'published'} "
+                                    f"(copy shared/ beside the clone)")
 CHAT = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 plus 4 is 7."}]
 
 
