@@ -17,6 +17,9 @@
 #                                            #   knowledge -> SFT -> reward model -> GRPO -> eval -> report on it
 # (knowledge: the published or web base reads the bundled corpus, so held-out Stoney questions ask
 # about facts it has read; README, "Tasks")
+#   bash run_stoney_small.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # on each node (rank 1 on the
+#                                            #   other): every torchrun stage spans the nodes; $OUT, checkpoints and
+#                                            #   --from-nanochat on a filesystem all nodes share (README, several nodes)
 #   bash run_stoney_small.sh --plan ...      # print the plan and stop
 #   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE KNOWLEDGE MID SFT RM GRPO
 #                                                                 #   EVAL REPORT)
@@ -30,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR"
+usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR, --nnodes N --node-rank R --master-addr HOST [--master-port P]"
 value() {  # value FLAG VALUE: an option that takes a value has one
     if [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
         echo "error: $1 needs a value ($usage)" >&2; exit 2
@@ -43,6 +46,10 @@ FROM_NANOCHAT=${FROM_NANOCHAT:-}
 UNTIL=report
 NPROC=${NPROC:-}
 SIZE=${SIZE:-}
+NNODES=1
+NODE_RANK=0
+MASTER_ADDR=
+MASTER_PORT=29500
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1 ;;
@@ -54,6 +61,10 @@ while [ $# -gt 0 ]; do
         --until) value "$1" "${2:-}"; UNTIL="$2"; shift ;;
         --nproc) value "$1" "${2:-}"; NPROC="$2"; shift ;;
         --size) value "$1" "${2:-}"; SIZE="$2"; shift ;;
+        --nnodes) value "$1" "${2:-}"; NNODES="$2"; shift ;;
+        --node-rank) value "$1" "${2:-}"; NODE_RANK="$2"; shift ;;
+        --master-addr) value "$1" "${2:-}"; MASTER_ADDR="$2"; shift ;;
+        --master-port) value "$1" "${2:-}"; MASTER_PORT="$2"; shift ;;
         *) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     esac
     shift
@@ -80,6 +91,22 @@ fi
 if [ -n "$SIZE" ] && ! [[ "$SIZE" =~ ^(tiny|cpu|gpu)$ ]]; then
     echo "error: --size $SIZE is not one of tiny, cpu, gpu (the stage sizes to run)." >&2; exit 2
 fi
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --nnodes $NNODES is not a positive whole number of nodes (e.g. --nnodes 2)." >&2; exit 2
+fi
+if [ "$NNODES" = 1 ] && [ "$NODE_RANK$MASTER_ADDR" != 0 ]; then
+    echo "error: --node-rank and --master-addr are for several nodes; pass --nnodes N as well." >&2; exit 2
+fi
+if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+    echo "error: --node-rank $NODE_RANK is not a node of --nnodes $NNODES; number the nodes 0 to $((NNODES - 1))." >&2; exit 2
+fi
+if [ "$NNODES" -gt 1 ] && ! [[ "$MASTER_ADDR" =~ ^[A-Za-z0-9._:-]+$ ]]; then
+    echo "error: --nnodes $NNODES needs --master-addr HOST, the address of node 0 that every node can reach" \
+         "(got '$MASTER_ADDR')." >&2; exit 2
+fi
+if ! [[ "$MASTER_PORT" =~ ^[1-9][0-9]*$ ]] || [ "$MASTER_PORT" -gt 65535 ]; then
+    echo "error: --master-port $MASTER_PORT is not a TCP port (1-65535); node 0 listens there." >&2; exit 2
+fi
 
 source scripts/setup_env.sh
 
@@ -91,10 +118,12 @@ if [ "$FORCE" != 1 ] && ls "$OUT"/.done_* >/dev/null 2>&1 && [ "$(cat "$OUT/.mod
          "for this one ($MODE) or --force to redo them." >&2
     exit 2
 fi
-if [ "$PLAN_ONLY" != 1 ]; then  # a plan changes nothing
+if [ "$PLAN_ONLY" != 1 ] && [ "$NODE_RANK" = 0 ]; then  # a plan changes nothing; other nodes share node 0's $OUT
     # the whole run holds $OUT/.lock (a second run on the same $OUT is refused); removed on exit
     $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
     trap 'rm -f "$OUT/.lock"' EXIT
+fi
+if [ "$PLAN_ONLY" != 1 ]; then
     trap 'exit 130' INT
     trap 'exit 143' TERM
     mkdir -p "$OUT/logs"
@@ -115,7 +144,10 @@ else
     NPROC=${NPROC:-1}
 fi
 DEPTH=${DEPTH:-$([ "$SIZE" = cpu ] && echo 4 || echo 12)}
-if [ "$NGPU" -gt 0 ] || [ "$NPROC" -gt 1 ]; then
+if [ "$NNODES" -gt 1 ]; then  # every node runs this script; torchrun meets at node 0's address
+    LAUNCH="uv run --frozen torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR"
+    LAUNCH="$LAUNCH --master_port=$MASTER_PORT --nproc_per_node=$NPROC"
+elif [ "$NGPU" -gt 0 ] || [ "$NPROC" -gt 1 ]; then
     # torchrun picks one GPU per process (NCCL), or CPU processes talking over gloo
     LAUNCH="uv run --frozen torchrun --standalone --nproc_per_node=$NPROC"
 else

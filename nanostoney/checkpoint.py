@@ -41,7 +41,7 @@ from nanostoney import lora
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
 from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
-from nanostoney.gpt import GPT, GPTConfig, unwrap
+from nanostoney.gpt import GPT, NUMERICS, GPTConfig, unwrap
 from nanostoney.logging import scrub
 from nanostoney.tokenizer import Tokenizer
 
@@ -165,13 +165,22 @@ def config_from_dict(d, where):
     if unknown:
         raise UserError(f"{where} has model settings {unknown} that nanostoney's GPT does not "
                         f"implement (a newer architecture?); only {sorted(known)} are supported.")
-    missing = sorted(known - set(d))
+    missing = sorted(known - set(d) - set(NUMERICS))  # older checkpoints lack NUMERICS: nanochat's defaults
     if missing:
         raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
-    bad = sorted(k for k, v in d.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1)
+    bad = sorted(k for k, v in d.items()
+                 if k not in NUMERICS and (not isinstance(v, int) or isinstance(v, bool) or v < 1))
+    bad += [k for k, ok in (("norm_eps", norm_eps_ok(d.get("norm_eps"))),
+                            ("rope_dtype", d.get("rope_dtype", "bfloat16") in ("bfloat16", "float32"))) if not ok]
     if bad:
-        raise UserError(f"{where} has model settings {bad} that are not positive integers; the checkpoint is damaged.")
+        raise UserError(f"{where} has model settings {bad} that are out of range (sizes are positive integers, "
+                        f"norm_eps null or a small positive number, rope_dtype bfloat16 or float32); the "
+                        f"checkpoint is damaged.")
     return GPTConfig(**d)
+
+
+def norm_eps_ok(eps):
+    return eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1)
 
 
 def load_weights(model, sd, where):

@@ -10,6 +10,8 @@ process and never touch torch.distributed, so a laptop run needs no network setu
     print0(f"loss {loss.item():.3f}")
     cleanup()
 """
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -262,6 +264,76 @@ def check_shared(paths):
                 raise UserError(f"rank {rank} on {host} cannot see {flag} {path}, which rank 0 sees; put "
                                 f"checkpoints and outputs on a filesystem shared by every node, at the same "
                                 f"path (README, several nodes).")
+
+
+def check_same_inputs(files=(), tokenizer=None):
+    """Every rank reads the same corpus and the same tokenizer: nodes that downloaded different
+    shards or hold another copy of the data would skip or repeat data without a word. files: the
+    corpus's source paths (what is not a file, e.g. a hub id, is skipped), compared by folder,
+    name and size; tokenizer: compared by a hash of its vocabulary, merges and special tokens. One
+    all-gather of this small fingerprint (and, only where it differs, of the file lists); every
+    rank raises the same one-sentence UserError naming the ranks and what differs."""
+    if not _grouped():
+        return
+    # a file goes by its folder and name: nodes may keep a clone or a cache under different roots
+    listing = sorted((os.path.join(*os.path.normpath(f).split(os.sep)[-2:]), os.path.getsize(f))
+                     for f in set(files) if os.path.isfile(f))
+    mine = {"corpus": _digest(listing), "files": len(listing), "bytes": sum(n for _, n in listing),
+            "tokenizer": tokenizer and _digest(_tokenizer_spec(tokenizer)), "vocab": tokenizer and tokenizer.vocab_size}
+    everyone = gather_lists([(get_rank(), socket.gethostname(), mine)])
+    odd = [(r, host, fp) for r, host, fp in everyone if fp != everyone[0][2]]
+    if not odd:
+        return
+    ref, host0 = everyone[0][2], everyone[0][1]
+    corpus_odd = [r for r, _, fp in odd if fp["corpus"] != ref["corpus"]]
+    listings = gather_lists([listing]) if corpus_odd else None  # every rank sees the same odd list
+    what = []
+    if corpus_odd:
+        r = corpus_odd[0]
+        what.append(f"a different corpus ({_first_difference(listings[0], listings[r], r)}; rank {r} reads "
+                    f"{_size_words(everyone, r)}, rank 0 {_size_words(everyone, 0)})")
+    tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]
+    if tok_odd:
+        r, fp = tok_odd[0]
+        what.append(f"a different tokenizer (on rank {r} its vocabulary, merges and specials hash to "
+                    f"{fp['tokenizer']}, {fp['vocab']} tokens; on rank 0 to {ref['tokenizer']}, {ref['vocab']} tokens)")
+    ranks = ", ".join(f"{r} on {host}" for r, host, _ in odd)
+    cleanup()  # every rank is here: leave the group together (a rank exiting inside it can abort gloo)
+    if _env_int("LOCAL_RANK", 0) != 0:  # each node's local rank 0 says it (cli._say) before torchrun, seeing
+        time.sleep(5)                    # the first rank exit, stops the node's other ranks
+    raise UserError(f"rank{'s' if len(odd) > 1 else ''} {ranks} read{'' if len(odd) > 1 else 's'} "
+                    f"{' and '.join(what)} from rank 0 on {host0}; give every node the same corpus files "
+                    f"(the same download_corpus flags, the same data/) and the same tokenizer.")
+
+
+def _size_words(everyone, rank):
+    fp = everyone[rank][2]
+    return f"{fp['files']} files of {fp['bytes']:,} bytes"
+
+
+def _digest(x):
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tokenizer_spec(tokenizer):
+    """What makes a tokenizer's ids: its BPE vocabulary and merges, and the special tokens' ids
+    (not the JSON layout, which a `tokenizers` release may change)."""
+    spec = json.loads(tokenizer.hf.to_str())
+    return [spec["model"].get("vocab"), spec["model"].get("merges"),
+            sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))]
+
+
+def _first_difference(ref, other, rank):
+    """The first file, by name, where rank `rank`'s (name, bytes) list differs from rank 0's."""
+    a, b = dict(ref), dict(other)
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            return f"rank {rank} lacks {name}"
+        if name not in a:
+            return f"rank {rank} has {name}, which rank 0 lacks"
+        if a[name] != b[name]:
+            return f"rank {rank}'s {name} is {b[name]:,} bytes, rank 0's {a[name]:,}"
+    return f"rank {rank} has files of the same names and sizes, some twice"
 
 
 def barrier():

@@ -9,7 +9,9 @@
 
 Module names match nanochat's exactly (transformer.wte, transformer.h[i].attn.c_q, ...,
 lm_head), so a nanochat state dict loads with load_state_dict. The rotary cos/sin tables are
-kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits.
+kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits. A
+transformers NanoChat checkpoint differs only in arithmetic (RMSNorm eps 1e-6, float32 rotary
+tables): GPTConfig.norm_eps and rope_dtype, set by published.py.
 
 Precision: the caller chooses. On CUDA wrap forward in torch.autocast(bfloat16); on CPU run
 plain float32. Nothing in here assumes either.
@@ -41,6 +43,13 @@ class GPTConfig:
     n_head: int = 6      # query heads
     n_kv_head: int = 6   # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
+    # Arithmetic, not shape (NUMERICS): nanochat's defaults; transformers' NanoChat uses
+    # RMSNorm eps 1e-6 and float32 rotary tables, which published.py sets for its checkpoints.
+    norm_eps: float | None = None  # None: torch's default, the dtype's machine epsilon (nanochat)
+    rope_dtype: str = "bfloat16"   # "bfloat16" (nanochat) or "float32" (transformers)
+
+
+NUMERICS = ("norm_eps", "rope_dtype")  # optional in a saved config: older checkpoints lack them
 
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128):
@@ -58,9 +67,9 @@ def config_for_depth(depth, vocab_size, sequence_len, head_dim=128):
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
 
-def norm(x):
+def norm(x, eps=None):
     # RMSNorm without learnable weights
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 def apply_rotary(x, cos, sin):
@@ -97,6 +106,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.eps = config.norm_eps
         self.probes = probes  # the model's shared list; empty = probes off
 
     def forward(self, x, cos_sin, kv_cache=None, mask=None):
@@ -106,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)
+        q, k = norm(q, self.eps), norm(k, self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
@@ -141,10 +151,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx, probes)
         self.mlp = MLP(config)
+        self.eps = config.norm_eps
 
     def forward(self, x, cos_sin, kv_cache=None, mask=None):
-        x = x + self.attn(norm(x), cos_sin, kv_cache, mask)
-        x = x + self.mlp(norm(x))
+        x = x + self.attn(norm(x, self.eps), cos_sin, kv_cache, mask)
+        x = x + self.mlp(norm(x, self.eps))
         return x
 
 
@@ -190,7 +201,8 @@ class GPT(nn.Module):
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
         # bfloat16, as nanochat: an imported model reproduces its logits only with these values
-        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        dtype = getattr(torch, self.config.rope_dtype)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
 
     def get_device(self):
@@ -236,7 +248,7 @@ class GPT(nn.Module):
         """Token ids (B, T) -> residual stream after the last block (before the final norm)."""
         B, T = idx.shape
         cos_sin, mask = self._rotary_and_mask(B, T, kv_cache)
-        x = norm(self.transformer.wte(idx))
+        x = norm(self.transformer.wte(idx), self.config.norm_eps)
         if self.probes:
             for p in self.probes:
                 p.on_resid(0, x)
@@ -253,7 +265,7 @@ class GPT(nn.Module):
         """Residual stream (any layer) -> soft-capped float32 logits: final norm, lm_head,
         15*tanh(z/15). On the last layer's output this is exactly the model's logits; on an
         earlier layer's it is the logit lens."""
-        return softcap(self.lm_head(norm(x)).float())
+        return softcap(self.lm_head(norm(x, self.config.norm_eps)).float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         logits = self.lm_logits(self.trunk(idx, kv_cache))

@@ -26,10 +26,10 @@ import struct
 
 import torch
 
-from nanostoney.checkpoint import config_from_dict, load_weights
+from nanostoney.checkpoint import norm_eps_ok, config_from_dict, load_weights
 from nanostoney.errors import UserError
 from nanostoney.files import read_json, read_torch
-from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.gpt import GPT, SOFTCAP, GPTConfig
 from nanostoney.tokenizer import Tokenizer
 
 NANOCHAT_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -239,21 +239,34 @@ def _hf_state_dict(directory):
 
 
 def hf_config(cfg, where):
-    """GPTConfig from a transformers NanoChatConfig dict; settings gpt.py does not implement are refused."""
+    """GPTConfig from a transformers NanoChatConfig dict, honouring every field that changes
+    transformers' forward pass (modeling_nanochat.py): the RMSNorm eps, float32 rotary tables,
+    grouped kv heads, the sequence length; tie_word_embeddings is honoured by load_hf. A field
+    our GPT cannot compute (another activation, biases, rope theta or scaling, softcap, MLP
+    width, head size) is refused in one sentence. attention_dropout acts in training only, and
+    our fine-tuning never drops out."""
     n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     fixed = {"hidden_act": (cfg.get("hidden_act", "relu2"), "relu2"),
-             "final_logit_softcapping": (cfg.get("final_logit_softcapping", 15.0), 15.0),
-             "attention_bias": (cfg.get("attention_bias", False), False), "rope_theta": (rope, 10000.0),
+             "final_logit_softcapping": (cfg.get("final_logit_softcapping", SOFTCAP), SOFTCAP),
+             "attention_bias": (cfg.get("attention_bias", False), False),
+             "rope_theta": (rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), 10000.0),
+             "rope_type": (rope.get("rope_type", "default"), "default"),
              "intermediate_size": (cfg.get("intermediate_size", 4 * n_embd), 4 * n_embd),
-             "head_dim": (cfg.get("head_dim") or n_embd // n_head, n_embd // n_head)}
-    bad = {k: v for k, (v, want) in fixed.items() if v != want}
-    if bad:
-        raise UserError(f"{where} has settings {bad} that nanostoney's GPT (nanochat's architecture) does "
-                        f"not implement; only {', '.join(f'{k}={w}' for k, (_, w) in fixed.items())} load.")
+             "head_dim": (cfg.get("head_dim") or n_embd // max(n_head, 1), n_embd // max(n_head, 1))}
+    for k, (v, want) in fixed.items():
+        if v != want:
+            raise UserError(f"{where} sets {k}={v!r}, which nanostoney's GPT (nanochat's architecture) cannot "
+                            f"compute (it needs {k}={want!r}); this model cannot be loaded exactly.")
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if min(n_head, n_kv) < 1 or n_embd % n_head or (n_embd // n_head) % 2 or n_head % n_kv or not norm_eps_ok(eps):
+        raise UserError(f"{where} has hidden_size={n_embd}, num_attention_heads={n_head}, num_key_value_heads="
+                        f"{n_kv}, rms_norm_eps={eps!r}: heads must split the width evenly into even head sizes, "
+                        f"kv heads divide the heads, and the eps be a small positive number.")
     return GPTConfig(sequence_len=int(cfg.get("max_position_embeddings", 2048)), vocab_size=int(cfg["vocab_size"]),
-                     n_layer=int(cfg["num_hidden_layers"]), n_head=n_head,
-                     n_kv_head=int(cfg.get("num_key_value_heads") or n_head), n_embd=n_embd)
+                     n_layer=int(cfg["num_hidden_layers"]), n_head=n_head, n_kv_head=n_kv, n_embd=n_embd,
+                     norm_eps=float(eps), rope_dtype="float32")
 
 
 def load_hf(directory, device="cpu"):
@@ -269,7 +282,7 @@ def load_hf(directory, device="cpu"):
         for pat, rep in HF_KEYS:
             k = re.sub(pat, rep, k)
         sd[k] = v.float() if v.is_floating_point() else v
-    if "lm_head.weight" not in sd and raw.get("tie_word_embeddings") and "transformer.wte.weight" in sd:
+    if raw.get("tie_word_embeddings") and "transformer.wte.weight" in sd:  # transformers ties lm_head to it
         sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # ours is untied: a copy trains apart
     model = GPT(cfg)
     load_weights(model, sd, os.path.join(directory, "model.safetensors"))

@@ -34,7 +34,7 @@ import os
 
 from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, published, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
-from nanostoney.dist import check_shared, cleanup, init_dist, print0
+from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
@@ -158,6 +158,7 @@ def main(argv=None):
     train_corpus, val_corpus, sources = load_corpus(args, info)
     # the model after the corpus: a corpus conversion's transient memory must not stack on the weights
     model, tok = init_model(args) if args.init else fresh_model(args)
+    check_same_inputs(sources, tok)  # several nodes: the same corpus files and tokenizer on every rank
     config = model.config
     model.to(info.device)
     plan_steps(args, model.num_params(), total_batch)

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, grpo, letters, lora, optim, probes, rewards, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import (all_reduce_mean, all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist,
-                             map_over_ranks, print0)
+from nanostoney.dist import (all_reduce_mean, all_reduce_sum, autocast_ctx, check_same_inputs, check_shared, cleanup,
+                             init_dist, map_over_ranks, print0)
 from nanostoney.errors import UserError, run_main
 from nanostoney.evaluate import generate_completions, length_budget, task_accuracy
 from nanostoney.files import write_json
@@ -430,6 +430,7 @@ def main(argv=None):
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init, "--reward-model": args.reward_model})
     run = setup(args, info)
+    check_same_inputs(run.sources, run.tok)  # several nodes: the same task data and tokenizer on every rank
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
             "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards,

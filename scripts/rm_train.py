@@ -24,7 +24,7 @@ import torch
 
 from nanostoney import batches, checkpoint, cli, lora, reward_model, train
 from nanostoney.data import add_manifest_arg, check_sources
-from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
+from nanostoney.dist import autocast_ctx, check_same_inputs, check_shared, cleanup, init_dist, map_over_ranks, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
@@ -141,6 +141,7 @@ def main(argv=None):
     check_sources(sources, use="training", manifest=args.manifest)
     gpt, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
+    check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
     max_len = args.max_len or gpt.config.sequence_len
     pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
     eval_sets = {t.name: reward_model.build_pairs(t, tok, args.eval_split, args.eval_pairs, max_len) for t in tasks}

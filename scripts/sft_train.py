@@ -26,7 +26,7 @@ import os
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import check_shared, cleanup, init_dist, print0
+from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import run_main
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
@@ -110,6 +110,7 @@ def main(argv=None):
     weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
+    check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
     model.train()
     seq_len = args.sequence_len or model.config.sequence_len
     total_batch, accum = train.batch_geometry(args, info)

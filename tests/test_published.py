@@ -9,6 +9,8 @@ built from rustbpe's mergeable ranks) into <base>/tokenizer/tokenizer.pkl. The t
 directory is what convert_nanochat_checkpoints writes: config.json (model_type nanochat),
 model.safetensors with its key names, tokenizer.json.
 """
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -23,6 +25,7 @@ import torch
 
 from nanostoney import checkpoint, lora, published
 from nanostoney.errors import UserError
+from nanostoney.engine import Engine
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import SPECIAL_TOKENS
 from test_train import PY, ROOT, cli_error, env
@@ -138,7 +141,11 @@ def test_both_layouts_load_as_the_same_model(models):
     with torch.no_grad():  # the transformers converter stores every weight in bf16
         for p in m1.parameters():
             p.copy_(p.bfloat16().float())
-    assert torch.equal(m1(idx), m2(idx))  # then the same model through either layout
+    # the same weights; transformers' forward differs from nanochat's only in its numerics (RMSNorm
+    # eps 1e-6, float32 rotary tables), which the transformers layout carries into the config
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m1.state_dict().items())
+    assert m2.config == dataclasses.replace(m1.config, norm_eps=1e-6, rope_dtype="float32")
+    assert (m1(idx) - m2(idx)).abs().max() < 0.1
     text = "Which English word means îyâhe?"
     assert t1.encode(text) == t2.encode(text) and len(t1.encode(text)) < len(text.encode())  # merges kept
     for t in (t1, t2):
@@ -238,3 +245,128 @@ def test_bad_published_models_are_one_sentence(models, tmp_path, capsys):
     (odd / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="not a readable safetensors file"):
         published.load_hf(str(odd))
+
+
+# -----------------------------------------------------------------------------
+# the publishers' own files: ../shared/fixtures/published (README there), written by nanochat's
+# October-2025 code and by transformers 5.25's NanoChatForCausalLM, with their reference outputs
+
+def published_fixtures():
+    """The fixture folder: beside the clone (CI copies shared/ there) or inside it."""
+    for d in (ROOT.parent / "shared" / "fixtures" / "published", ROOT / "shared" / "fixtures" / "published"):
+        if d.is_dir():
+            return d
+    return None
+
+
+PUBLISHED = published_fixtures()
+FIXTURES = {"nanochat-cache": ("nanochat/cache/base_checkpoints", "nanochat"),  # nanochat's ~/.cache layout
+            "nanochat-flat": ("nanochat/flat", "nanochat"),  # a Hugging Face upload of nanochat's files
+            "transformers": ("hf", "hf")}  # NanoChatForCausalLM.save_pretrained
+needs_fixtures = pytest.mark.skipif(PUBLISHED is None, reason=f"no published-model fixtures at "
+                                    f"{ROOT.parent / 'shared' / 'fixtures' / 'published'} "
+                                    f"(copy shared/ beside the clone)")
+CHAT = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 plus 4 is 7."}]
+
+
+def fixture(name):
+    path, ref = FIXTURES[name]
+    return str(PUBLISHED / path), json.loads((PUBLISHED / ref / "reference.json").read_text())
+
+
+def tree_digest(root):
+    """{file: sha256} under root: the fixtures must come out of every run byte for byte."""
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", FIXTURES)
+def test_a_published_model_reproduces_its_publishers_outputs(name):
+    """Logits within 1e-4 of the publisher's own forward pass, the same 12 greedy tokens, the same
+    token ids from the tokenizer shipped with the model (and nanochat's chat rendering)."""
+    path, ref = fixture(name)
+    model, tok, meta = checkpoint.load_model(path)
+    assert meta["source"] == ("transformers" if name == "transformers" else "nanochat") and tok is not None
+    bos = tok.token_id("<|bos|>")
+    for text, ids, logits, greedy in zip(ref["texts"], ref["ids"], ref["logits"], ref["greedy"]):
+        assert [bos] + tok.encode(text) == ids
+        with torch.no_grad():
+            got = model(torch.tensor([ids]))[0]
+        want = torch.tensor(logits)
+        assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-4
+        assert Engine(model, tok, stop_ids=[]).generate([ids], len(greedy), temperature=0.0).tokens[0] == greedy
+    published.check_chat_tokens(tok, name)
+    if "chat_ids" in ref:  # nanochat's render_conversation of CHAT (decoded from chat_ids)
+        assert {k: tok.token_id(k) for k in ref["special"]} == ref["special"]
+        assert tok.decode(ref["chat_ids"]).endswith(CHAT[1]["content"] + "<|assistant_end|>")
+        assert tok.render_conversation(CHAT) == (ref["chat_ids"], ref["chat_mask"])
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", FIXTURES)
+def test_sft_then_grpo_from_a_published_model(name, tmp_path):
+    """The real scripts, two steps each: SFT from the published model (the transformers one fully
+    fine-tuned, so its numerics must survive our own checkpoint format), then GRPO from that; the
+    publishers' files are left byte for byte as they were."""
+    path, ref = fixture(name)
+    before = tree_digest(PUBLISHED)
+    sft, grpo = str(tmp_path / "sft"), str(tmp_path / "grpo")
+    how = ["--full"] if name == "transformers" else ["--lora-rank", "4"]
+    for script, argv in (("sft_train", SFT + ["--init", path, "--out", sft]),
+                         ("grpo_train", GRPO + ["--init", sft, "--out", grpo])):
+        argv = " ".join(argv).replace("--lora-rank 4", " ".join(how)).split()
+        r = subprocess.run([PY, "-m", f"scripts.{script}", *argv], capture_output=True, text=True, timeout=900,
+                           env=env(), cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+    base, _, _ = checkpoint.load_model(path)
+    ids = torch.tensor(ref["ids"][:1])
+    for run in (sft, grpo):
+        model, _, meta = checkpoint.load_model(run)
+        assert meta["step"] == 2 and model.config == base.config  # eps and rotary precision carried
+        assert bool(lora.lora_modules(model)) == (name != "transformers")
+        with torch.no_grad():
+            assert not torch.equal(model(ids), base(ids))  # trained, on top of the published weights
+    assert tree_digest(PUBLISHED) == before
+
+
+@needs_fixtures
+@pytest.mark.parametrize("field,value", [("rope_parameters", {"rope_theta": 500000.0, "rope_type": "default"}),
+                                         ("final_logit_softcapping", 30.0), ("attention_bias", True),
+                                         ("intermediate_size", 128), ("hidden_act", "gelu")])
+def test_a_transformers_setting_we_cannot_compute_is_one_sentence(field, value, tmp_path, capsys):
+    odd = tmp_path / "odd"
+    shutil.copytree(PUBLISHED / "hf", odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, field: value}))
+    code, err = cli_error("sft_train", SFT + ["--init", str(odd), "--out", str(tmp_path / "o")], capsys)
+    lines = err.strip().splitlines()
+    key = "rope_theta" if field == "rope_parameters" else field
+    assert code == 2 and len(lines) == 1 and f"sets {key}=" in lines[0] and "cannot be loaded exactly" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@needs_fixtures
+def test_tied_transformers_embeddings_are_the_lm_head(tmp_path):
+    tied = tmp_path / "tied"
+    shutil.copytree(PUBLISHED / "hf", tied)
+    sd = {k: v for k, v in published.read_safetensors(str(tied / "model.safetensors")).items() if k != "lm_head.weight"}
+    write_safetensors(tied / "model.safetensors", sd)  # save_pretrained leaves a tied lm_head out
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    model, _, _ = published.load_hf(str(tied))
+    assert torch.equal(model.lm_head.weight, sd["model.embed_tokens.weight"])
+
+
+def test_model_numerics_round_trip_and_bad_ones_are_one_sentence(tmp_path):
+    """Our checkpoints carry norm_eps and rope_dtype; one written before them loads with nanochat's
+    defaults; a damaged value is one sentence."""
+    model = GPT(GPTConfig(**CFG, norm_eps=1e-6, rope_dtype="float32"))
+    checkpoint.save_checkpoint(str(tmp_path / "run"), model, 1)
+    again, _, _ = checkpoint.load_model(str(tmp_path / "run"))
+    assert again.config == model.config and again.cos.dtype == torch.float32
+    old = checkpoint.config_from_dict(dict(CFG), "old")
+    assert old.norm_eps is None and old.rope_dtype == "bfloat16" and GPT(old).cos.dtype == torch.bfloat16
+    for bad in ({"norm_eps": "tiny"}, {"norm_eps": 0}, {"rope_dtype": "float16"}):
+        with pytest.raises(UserError, match=f"model settings \\['{next(iter(bad))}'\\] that are out of range"):
+            checkpoint.config_from_dict({**CFG, **bad}, "cfg")
