@@ -345,13 +345,13 @@ def take_lock(path, what, pid=None, command=None):
             if (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
                 return path  # this process holds it already (main() called twice in one process)
             if _stale(path, holder):
-                _say(f"note: taking over the stale lock {path} (" + (f"pid {holder['pid']} is no longer running)."
-                     if holder.get("pid") else "it is empty or unreadable and no run is writing it)."))
                 try:
                     _remove(path)
                 except OSError as e:
                     raise UserError(f"the stale lock {path} cannot be removed ({e.strerror}); remove it yourself "
                                     f"(no run is using it) or pick another output.") from None
+                _say(f"note: taking over the stale lock {path} (" + (f"pid {holder['pid']} is no longer running)."
+                     if holder.get("pid") else "it is empty or unreadable and no run is writing it)."))
                 continue
             raise UserError(_in_use(path, what, holder)) from None
         except OSError as e:

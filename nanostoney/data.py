@@ -270,7 +270,8 @@ def check_readable(path):
 def _first_column(path):
     import pyarrow.parquet as pq
     try:
-        return pq.ParquetFile(path).schema_arrow.names[0]
+        schema = pq.ParquetFile(path).schema_arrow  # the first text column (its check reads that one)
+        return next((f.name for f in schema if str(f.type) in ("string", "large_string")), schema.names[0])
     except Exception as e:
         raise UserError(f"{path}: not a readable parquet file ({e}).") from None
 
@@ -313,6 +314,10 @@ def _parquet_documents(path, text_key):
     if text_key not in table.schema_arrow.names:
         raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.schema_arrow.names)}); "
                         f"pass --text-column.")
+    kind = table.schema_arrow.field(text_key).type
+    if str(kind) not in ("string", "large_string"):
+        raise UserError(f"{path}: column {text_key!r} holds {kind}, not text; pass --text-column naming the text "
+                        f"column.")
     for batch in table.iter_batches(columns=[text_key]):
         yield from (t for t in batch.column(0).to_pylist() if t)
 

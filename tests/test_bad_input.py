@@ -180,6 +180,76 @@ def approved_missing(d, ws):
     shutil.copy(ws / "MANIFEST.yml", d / "MANIFEST.yml")
 
 
+def their_report(d, ws):
+    """A user's own site: an index.html, a metrics.json and figures/ of theirs."""
+    (d / "site" / "figures").mkdir(parents=True)
+    (d / "site" / "index.html").write_text("<p>my site</p>\n")
+    (d / "site" / "metrics.json").write_text('{"mine": true}\n')
+    (d / "site" / "figures" / "my_plot.png").write_bytes(b"\x89PNG mine")
+
+
+def their_tokenizer(d, ws):
+    (d / "hf").mkdir()
+    (d / "hf" / "tokenizer.json").write_text('{"mine": true}\n')
+
+
+def their_results(d, ws):
+    (d / "mine").mkdir()
+    (d / "mine" / "results.json").write_text('{"mine": true}\n')
+    (d / "mine" / "results.md").write_text("my table\n")
+
+
+def their_metrics(d, ws):
+    (d / "mine").mkdir()
+    (d / "mine" / "metrics.jsonl").write_text('{"mine": true}\n')
+
+
+def our_tokenizer(d, ws):
+    """A tokenizer folder an earlier tok_train made (our marker in it)."""
+    shutil.copytree(ws / "tok", d / "tok")
+    (d / "tok" / cli.MARKER).write_text("{}\n")
+
+
+def other_tokenizer(d, ws):
+    """The base run R, and a tokenizer of the same vocabulary size trained on other text."""
+    from nanostoney.tokenizer import Tokenizer
+    shutil.copytree(ws / "R", d / "R")
+    import random
+    rng = random.Random(1)
+    words = ["".join(rng.choice("qxzjvkwy") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    tok = Tokenizer.train([" ".join(rng.choice(words) for _ in range(30)) for _ in range(300)], 300)
+    assert tok.vocab_size == 300  # the same size as the run's: only the merges differ
+    tok.save(str(d / "tok2"))
+
+
+def look_alike_stoney(d, ws):
+    """A private file named like the approved Stoney set, with other content."""
+    (d / "stoney").mkdir()
+    (d / "stoney" / "stoney_valid.jsonl").write_text('{"text": "private words, never reviewed"}\n' * 50)
+
+
+def pooled_manifests(d, ws):
+    """Two manifests: one approves every *.jsonl beside it, the other marks x.jsonl unknown."""
+    (d / "x.jsonl").write_text('{"text": "under review"}\n' * 50)
+    (d / "broad.yml").write_text((ws / "MANIFEST.yml").read_text())
+    (d / "narrow").mkdir()
+    (d / "narrow" / "M.yml").write_text((ws / "MANIFEST.yml").read_text().replace("test_corpus", "under_review")
+                                        .replace('"*.jsonl"', '"x.jsonl"').replace("approved_for_training", "unknown"))
+
+
+def int_column(d, ws):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": list(range(100))}), d / "ints.parquet")
+    (d / "M.yml").write_text((ws / "MANIFEST.yml").read_text().replace('"*.jsonl"', '"*.parquet"'))
+
+
+def old_lock_dir(d, ws):
+    """A `.lock` nobody can read or remove as a file (a directory), left long ago."""
+    (d / "o" / ".lock").mkdir(parents=True)
+    os.utime(d / "o" / ".lock", (time.time() - 3600, time.time() - 3600))
+
+
 BASE = "scripts.base_train"
 EVAL_QUICK = ["--tasks", "stoney_mc", "--max-examples", "1", "--num-samples", "0", "--no-mauve", "--no-comet",
               "--wandb", "disabled", "--device", "cpu"]
@@ -188,6 +258,8 @@ SPEEDRUN = "run_stoney_small.sh"
 CASES = [
     # flags refused where they are parsed
     Case("depth_0", [BASE, "--depth", "0"], 2, "--depth"),
+    *([] if torch.cuda.is_available() else [Case("device_cuda_without_a_gpu", [BASE, "--device", "cuda"], 2,
+                                                 "--device", None, ["no usable CUDA GPU"])]),
     Case("depth_negative", [BASE, "--depth", "-2"], 2, "--depth"),
     Case("depth_without_value", [BASE, "--depth"], 2, "--depth"),
     Case("sequence_len_0", [BASE, "--sequence-len", "0"], 2, "--sequence-len"),
@@ -289,6 +361,62 @@ CASES = [
          "{d}/bad.jsonl:2", malformed),
     Case("tok_train_malformed_file", ["scripts.tok_train", "--data", "{d}/bad.jsonl", "--manifest", "{d}/MANIFEST.yml",
                                       "--out", "{d}/tok"], 2, "{d}/bad.jsonl:2", malformed),
+    # issue 29: a folder is ours only by its marker; an output is never an input; approval binds to content
+    Case("report_out_is_their_site", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R", "--out", "{d}/site"],
+         2, "{d}/site", their_report, ["index.html", "--overwrite"]),
+    Case("report_overwrite_their_site", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R", "--out",
+                                         "{d}/site", "--overwrite"], 2, "{d}/site", their_report, ["figures"]),
+    Case("tokenizer_overwrite_their_tokenizer", ["scripts.tok_train", "--out", "{d}/hf", "--overwrite"], 2, "{d}/hf",
+         their_tokenizer, ["tokenizer.json"]),
+    Case("sweep_overwrite_their_results", ["scripts.sweep", "--out", "{d}/mine", "--overwrite"], 2, "{d}/mine",
+         their_results, ["results.json"]),
+    Case("base_overwrite_their_metrics", [BASE, *tiny_base("{ws}", "{d}/mine", "--overwrite")], 2, "{d}/mine",
+         their_metrics, ["metrics.jsonl"]),
+    Case("eval_out_and_completions_the_same", ["scripts.eval", "--checkpoints", "{ws}/R", "--out", "{d}/r.json",
+                                               "--completions", "{d}/r.json", *EVAL_QUICK], 2, "--completions",
+         None, ["same path"]),
+    Case("eval_out_inside_a_checkpoint", ["scripts.eval", "--checkpoints", "{ws}/R", "--out", "{ws}/R/r.json",
+                                          *EVAL_QUICK], 2, "{ws}/R/r.json", None, ["inside"]),
+    Case("sft_out_is_its_init", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R", "--overwrite"], 2,
+         "--init {ws}/R", None, ["--out {ws}/R"]),
+    Case("sft_out_is_its_init_without_overwrite", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R"], 2,
+         "--init {ws}/R"),
+    Case("grpo_out_is_its_init", ["scripts.grpo_train", "--init", "{ws}/sft", "--out", "{ws}/sft", "--overwrite"], 2,
+         "--init {ws}/sft"),
+    Case("sft_out_inside_its_init", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R/step_000008/sft"], 2,
+         "--init {ws}/R", None, ["inside"]),
+    Case("base_out_holds_its_tokenizer", [BASE, *tiny_base("{ws}", "{ws}")], 2, "--tokenizer {ws}/tok", None,
+         ["holds"]),
+    Case("look_alike_stoney_file", [BASE, *tiny_base("{ws}", "{d}/o")[:2], "--data", "{d}/stoney/stoney_valid.jsonl",
+                                    *tiny_base("{ws}", "{d}/o")[6:]], 2, "{d}/stoney/stoney_valid.jsonl",
+         look_alike_stoney, ["stoney_valid_jsonl", "content"]),
+    Case("pooled_record_does_not_override_unknown", ["scripts.check_data", "--manifest", "{d}/broad.yml",
+                                                     "--manifest", "{d}/narrow/M.yml", "{d}/x.jsonl"], 2,
+         "{d}/x.jsonl", pooled_manifests, ["under_review", "most restrictive"]),
+    Case("resume_with_another_tokenizer", [BASE, *tiny_base("{ws}", "{d}/R", "--tokenizer", "{d}/tok2", "--resume",
+                                                            "--num-iterations", "12")], 2, "tokenizer", other_tokenizer),
+    Case("tok_train_over_our_tokenizer", ["scripts.tok_train", "--out", "{d}/tok"], 2, "{d}/tok", our_tokenizer,
+         ["tokenizer", "--overwrite"]),
+    Case("device_bogus", [BASE, "--device", "bogus"], 2, "--device"),
+    Case("depth_100000", [BASE, *tiny_base("{ws}", "{d}/o", "--depth", "100000")], 2, "--depth 100000"),
+    Case("out_empty", [BASE, *tiny_base("{ws}", "")], 2, "--out"),
+    Case("lora_rank_above_the_width", ["scripts.sft_train", "--init", "{ws}/R", "--lora-rank", "100000", "--out",
+                                       "{d}/o"], 2, "rank 100000", None, ["at most 64"]),
+    Case("download_tokens_nan", ["scripts.download_corpus", "--tokens", "nan", "--out", "{d}/o"], 2, "--tokens"),
+    Case("download_tokens_inf", ["scripts.download_corpus", "--tokens", "inf", "--out", "{d}/o"], 2, "--tokens"),
+    Case("download_out_is_a_file", ["scripts.download_corpus", "--num-shards", "1", "--out", "{d}/file"], 2,
+         "{d}/file", a_file),
+    Case("download_out_holds_their_files", ["scripts.download_corpus", "--num-shards", "1", "--out", "{d}/notes"], 2,
+         "{d}/notes", notes_dir),
+    Case("sweep_values_not_a_list", ["scripts.sweep", "--config", "{d}/sweep.yaml", "--out", "{d}/o"], 2, "lr",
+         sweep_yaml(b"program: scripts/sft_train.py\nparameters:\n  lr: {values: 5}\n")),
+    Case("sweep_program_not_a_script", ["scripts.sweep", "--config", "{d}/sweep.yaml", "--out", "{d}/o"], 2,
+         "/etc/passwd", sweep_yaml(b"program: /etc/passwd\nparameters:\n  lr: {values: [1]}\n")),
+    Case("parquet_text_column_of_integers", [BASE, *tiny_base("{ws}", "{d}/o")[:2], "--data", "{d}/ints.parquet",
+                                             "--manifest", "{d}/M.yml", *tiny_base("{ws}", "{d}/o")[6:]], 2,
+         "{d}/ints.parquet", int_column, ["int64", "--text-column"]),
+    Case("speedrun_out_holds_their_files", [SPEEDRUN, "--out", "{d}/notes"], 2, "{d}/notes", notes_dir),
+    Case("lock_that_cannot_be_removed", [BASE, *tiny_base("{ws}", "{d}/o")], 2, "{d}/o/.lock", old_lock_dir),
     # runs that fail: one sentence, exit 1, what was finished stays
     Case("loss_becomes_nan", [BASE, *tiny_base("{ws}", "{d}/nan", "--matrix-lr", "1e30", "--embedding-lr", "1e30",
                                                "--save-every", "1", "--eval-every", "0")], 1, "training stopped at step",
