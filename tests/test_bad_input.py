@@ -573,6 +573,63 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoint(ws, tmp_path):
     assert checkpoint.load_model(str(out))[2]["step"] >= 2
 
 
+def test_ctrl_c_while_importing_exits_130_in_one_line(ws, tmp_path):
+    """Ctrl-C in the first second, while torch and the package are still being imported: no
+    KeyboardInterrupt traceback from inside an import, exit 130, nothing written."""
+    out = tmp_path / "run"
+    proc = start_base(ws, out)
+    time.sleep(0.5)  # the imports alone take seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert len(error_lines(err)) == 1 and "stopped by Ctrl-C" in err, err
+    assert not out.exists()
+
+
+def test_eval_writes_its_side_files_into_a_folder_of_its_own(ws, tmp_path):
+    """eval --out mine/r.json: the results file, and metrics.jsonl / wandb/ in mine/r-logs/ (ours by
+    its marker), never beside the user's own files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text('{"mine": true}\n')
+    before = snapshot(mine)
+    r = subprocess.run([PY, "-m", "scripts.eval", "--checkpoints", str(ws / "R"), "--out", str(mine / "r.json"),
+                        *EVAL_QUICK], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p: h for p, h in snapshot(mine).items() if p in before} == before
+    assert sorted(os.listdir(mine)) == ["metrics.jsonl", "r-logs", "r.json"]
+    assert (mine / "r-logs" / "metrics.jsonl").exists() and cli.is_ours(mine / "r-logs")
+
+
+def test_full_disk_while_writing_the_lock_leaves_no_lock(ws, tmp_path):
+    """A lock that cannot be written (disk full) is one sentence, exit 2, and no empty .lock is
+    left to refuse the next run as "in use"."""
+    out = tmp_path / "run"
+    args = [PY, "-m", "scripts.base_train", *tiny_base(ws, out, "--num-iterations", "2", "--eval-every", "0",
+                                                       "--save-every", "0")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600,
+                       preexec_fn=file_size_limit(8))
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot write the lock {out / '.lock'} (File too large)")
+    assert not out.exists(), "the refused run left its output folder"
+    r = subprocess.run(args, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_empty_lock_left_long_ago_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    os.utime(out / ".lock", (time.time() - 3600, time.time() - 3600))
+    try:
+        cli.claim_out(str(out), training=False)
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        cli.release_locks()
+    assert "taking over the stale lock" in capsys.readouterr().err and not (out / ".lock").exists()
+
+
 def test_closed_stdout_is_not_a_traceback(ws):
     proc = subprocess.Popen([PY, "-m", "scripts.tok_eval", "--tokenizer", str(ws / "tok")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env(), cwd=ROOT)
