@@ -44,7 +44,8 @@ from nanostoney.errors import RunFailed, UserError
 from nanostoney.files import pid_alive
 
 MARKER, LOCK = ".nanostoney", ".lock"
-# names a stage writes into its output directory (a directory holding only these is ours)
+# names a stage writes into its output directory: a folder that is not ours (no marker) may be
+# written into with --overwrite only while it holds none of them
 RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged",
              "*.log")
 SHARED_FILES = ("metrics.jsonl", "wandb", "logs")

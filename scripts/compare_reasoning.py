@@ -17,7 +17,7 @@ teacher forced, with its answer sentence removed; --context cloze: the question 
 then the options' shared answer beginning, for a model that knows answers but cannot name
 letters). The report's summary is a few declared headline tests (interp.HEADLINES) with
 Holm-corrected p-values and Bonferroni-level intervals; every other table and figure is exploratory. Writes <out>/index.html (opens offline),
-<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built beside <out>, then each moved in whole,
+<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built in a temporary folder inside <out>, then each moved in whole,
 index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
 refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
 definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
