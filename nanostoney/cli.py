@@ -17,7 +17,7 @@ another signal. Nothing half-written is left behind on any of these paths: write
 temporary name first (files.py, checkpoint.py) and the lock goes with the process.
 
 An output directory is ours only when it holds our marker file (written when a run first
-claims it); names alone prove nothing. A run refuses a non-empty directory without the marker
+claims it), or holds nothing but directories with our marker; names alone prove nothing. A run refuses a non-empty directory without the marker
 unless told --overwrite, and even then replaces and deletes nothing of the user's: it refuses
 when a name it would write is already there, and otherwise only creates its own names. An
 output may not be, hold or sit inside an input of the same run (a checkpoint, a tokenizer),
@@ -463,8 +463,11 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
     if _rank() == 0:  # (the other ranks would see rank 0's own lock)
         _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
-    if entries and not is_ours(path):
-        _refuse_theirs(path, entries, own, overwrite, flag)
+    # (a folder holding only folders of ours, each with its marker, holds nothing of the user's: the
+    # parent of stages run one by one, such as out/ of out/tokenizer and out/base)
+    theirs = [] if is_ours(path) else [e for e in entries if not is_ours(os.path.join(path, e))]
+    if theirs:
+        _refuse_theirs(path, theirs, own, overwrite, flag)
     elif entries and training and not resume and not overwrite and \
             ("latest" in entries or any(e.startswith("step_") for e in entries)):
         raise UserError(f"{flag} {path} already holds the checkpoints of a run; pass --resume to continue it, "

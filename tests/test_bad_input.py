@@ -617,6 +617,28 @@ def test_full_disk_while_writing_the_lock_leaves_no_lock(ws, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def test_a_folder_is_ours_by_markers_not_by_names(tmp_path):
+    """Names we write prove nothing (a user's own metrics.jsonl, step_1/); a folder holding only
+    folders with our marker (out/ of stages run one by one) holds nothing of the user's."""
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / cli.MARKER).write_text("{}\n")
+    try:
+        cli.claim_out(str(out), training=False)
+        assert cli.is_ours(out)
+    finally:
+        cli.release_locks()
+    for theirs in ("metrics.jsonl", "step_000001"):
+        mine = tmp_path / f"mine_{theirs}"
+        shutil.copytree(out / "tokenizer", mine / "tokenizer")
+        (mine / theirs).write_text("mine\n")
+        for overwrite in (False, True):
+            with pytest.raises(UserError) as e:
+                cli.claim_out(str(mine), overwrite=overwrite)
+            assert theirs in str(e.value) and "tokenizer" not in str(e.value)
+        assert not cli.is_ours(mine) and not (mine / cli.LOCK).exists()
+
+
 def test_empty_lock_left_long_ago_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
