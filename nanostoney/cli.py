@@ -395,7 +395,7 @@ def release_locks():
     for leaf, top in _state["created"]:
         try:
             if os.listdir(leaf) in ([MARKER], []):  # (a lock that could not be written: not even the marker)
-                os.remove(os.path.join(leaf, MARKER))
+                _remove(os.path.join(leaf, MARKER))
                 while True:  # up to the first folder claim_out made
                     os.rmdir(leaf)
                     if leaf == top:
