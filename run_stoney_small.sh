@@ -279,10 +279,11 @@ pipeline() {
         if [ "$PRETRAIN" = web ]; then
             stage corpus_head $PY -m scripts.download_corpus --num-shards 8
             stage tokenizer $LAUNCH -m scripts.tok_train --vocab-size 65536 --data "$WEB" --max-chars 2000000000 \
-                --out "$OUT/tokenizer"
+                --out "$OUT/tokenizer" $(again tokenizer "$OUT/tokenizer" "")
             stage corpus $PY -m scripts.download_corpus --tokens "$WEB_TOKENS"
         else
-            stage tokenizer $LAUNCH -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS
+            stage tokenizer $LAUNCH -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS \
+                $(again tokenizer "$OUT/tokenizer" "")
         fi
         stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
             --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")

@@ -16,11 +16,13 @@ and the log file holding the traceback, which --debug prints instead); 130 Ctrl-
 another signal. Nothing half-written is left behind on any of these paths: writes go to a
 temporary name first (files.py, checkpoint.py) and the lock goes with the process.
 
-An output directory is ours when it holds our marker file (written when a run first claims
-it) or only names we write. A run refuses a non-empty directory that is not ours unless told
---overwrite, and even then deletes nothing of the user's: it only writes its own names there.
-A training run refuses a directory that already holds checkpoints unless told --resume (go
-on) or --overwrite (replace them). While a run writes, `<out>/.lock` names it (pid, host,
+An output directory is ours only when it holds our marker file (written when a run first
+claims it), or holds nothing but directories with our marker; names alone prove nothing. A run refuses a non-empty directory without the marker
+unless told --overwrite, and even then replaces and deletes nothing of the user's: it refuses
+when a name it would write is already there, and otherwise only creates its own names. An
+output may not be, hold or sit inside an input of the same run (a checkpoint, a tokenizer),
+--overwrite or not. A training run refuses a directory that already holds checkpoints unless
+told --resume (go on) or --overwrite (replace them). While a run writes, `<out>/.lock` names it (pid, host,
 command, start); a second run on the same directory is refused with that name. A lock whose
 process is gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
 """
@@ -42,7 +44,8 @@ from nanostoney.errors import RunFailed, UserError
 from nanostoney.files import pid_alive
 
 MARKER, LOCK = ".nanostoney", ".lock"
-# names a stage writes into its output directory (a directory holding only these is ours)
+# names a stage writes into its output directory: a folder that is not ours (no marker) may be
+# written into with --overwrite only while it holds none of them
 RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged",
              "*.log")
 SHARED_FILES = ("metrics.jsonl", "wandb", "logs")
@@ -101,6 +104,34 @@ def finite_float(lo=None, hi=None, lo_open=False):
     return parse
 
 
+def out_path(text):
+    """An output path: an empty one would silently become the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def device(text):
+    """auto, cpu, cuda, cuda:N or mps; a device this machine lacks is refused here, not in the run."""
+    kind, _, index = text.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DEVICES)} (or cuda:N), got {text!r}")
+    import torch  # lazy: the flag types work before anything heavy is imported
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA GPU; "
+                                         f"use cpu or auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has "
+                                         f"{torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if kind == "mps" and not (mps is not None and mps.is_available()):
+        raise argparse.ArgumentTypeError("'mps' asked for, but this machine has no Apple GPU; use cpu or auto")
+    return text
+
+
 probability = finite_float(0, 1)
 positive_float = finite_float(0, lo_open=True)
 nonneg_float = finite_float(0)
@@ -136,6 +167,8 @@ def _on_signal(signum, frame):
 
 
 def _install_signal_handlers():
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # scripts/__init__.py's quiet exit while importing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) == signal.SIG_DFL:  # keep nohup's SIG_IGN
             signal.signal(sig, _on_signal)
@@ -313,22 +346,40 @@ def take_lock(path, what, pid=None, command=None):
             if (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
                 return path  # this process holds it already (main() called twice in one process)
             if _stale(path, holder):
-                _say(f"note: taking over the stale lock {path} (pid {holder.get('pid', '?')} is no longer running).")
                 try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
+                    _remove(path)
+                except OSError as e:
+                    raise UserError(f"the stale lock {path} cannot be removed ({e.strerror}); remove it yourself "
+                                    f"(no run is using it) or pick another output.") from None
+                _say(f"note: taking over the stale lock {path} (" + (f"pid {holder['pid']} is no longer running)."
+                     if holder.get("pid") else "it is empty or unreadable and no run is writing it)."))
                 continue
             raise UserError(_in_use(path, what, holder)) from None
         except OSError as e:
-            raise UserError(f"cannot write in {os.path.dirname(path) or '.'} ({e.strerror}); pick a place you can "
-                            f"write to.") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
+            raise _cannot_lock(path, e) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me))
+        except OSError as e:  # disk full: no empty lock may stay behind to refuse the next run
+            _remove(path)
+            raise _cannot_lock(path, e) from None
         if pid is None:  # a lock held for another process (a shell script) is its to release
             _state["locks"].append((path, me["pid"]))
         return path
     raise UserError(f"could not lock {what}: other runs keep taking it; pick another output.")
+
+
+def _cannot_lock(path, e):
+    return UserError(f"cannot write the lock {path} ({e.strerror or e}); free some space or pick a place you can "
+                     f"write to.")
+
+
+def _remove(path):
+    """Remove a file (a lock); one that is already gone is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def release_locks():
@@ -343,8 +394,8 @@ def release_locks():
     _state["locks"].clear()
     for leaf, top in _state["created"]:
         try:
-            if os.listdir(leaf) == [MARKER]:
-                os.remove(os.path.join(leaf, MARKER))
+            if os.listdir(leaf) in ([MARKER], []):  # (a lock that could not be written: not even the marker)
+                _remove(os.path.join(leaf, MARKER))
                 while True:  # up to the first folder claim_out made
                     os.rmdir(leaf)
                     if leaf == top:
@@ -358,34 +409,73 @@ def release_locks():
 atexit.register(release_locks)
 
 
-def _is_ours(path, entries, own):
-    """Our marker, or nothing but names we write (or sub-directories holding our marker)."""
-    return os.path.exists(os.path.join(path, MARKER)) or all(
-        any(fnmatch.fnmatchcase(e, pat) for pat in own) or os.path.isfile(os.path.join(path, e, MARKER))
-        for e in entries)
+def is_ours(path):
+    """A directory nanostoney made: it holds our marker (names alone prove nothing)."""
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _inside(a, b):
+    """Is path a the same as, or inside, path b (links resolved)?"""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def refuse_overlap(path, inputs, flag="--out"):
+    """An output that is, holds or sits inside an input of the run ({flag: path}) would be written
+    over what the run reads: refused in one sentence naming both, whatever the flags."""
+    for name, inp in (inputs or {}).items():
+        if inp and os.path.exists(inp) and (_inside(path, inp) or _inside(inp, path)):
+            how = "is" if _inside(path, inp) and _inside(inp, path) else "is inside" if _inside(path, inp) else "holds"
+            raise UserError(f"{flag} {path} {how} {name} {inp}, which this run reads; pick an {flag} apart from "
+                            f"its inputs.")
+
+
+def _refuse_theirs(path, entries, own, overwrite, flag):
+    """A non-empty directory without our marker is the user's: refused, or with overwrite written
+    beside, as long as no name the run writes is already taken there."""
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    if not overwrite:
+        raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
+                        f"empty directory, or pass --overwrite to write beside them (nothing of theirs is "
+                        f"replaced or deleted).")
+    taken = [e for e in entries if any(fnmatch.fnmatchcase(e, pat) for pat in own)]
+    if taken:
+        raise UserError(f"{flag} {path} is not a nanostoney output and already holds {taken[0]}, a name this run "
+                        f"writes; pick a new or empty directory (nothing of theirs is replaced, even with "
+                        f"--overwrite).")
 
 
 def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=True, flag="--out", pid=None,
-              command=None):
+              command=None, inputs=None, finished=()):
     """Make `path` this run's output directory, or refuse in one sentence before any work:
-    a file; a directory holding files that are not ours (unless overwrite); with training,
-    one already holding checkpoints (unless resume or overwrite); one another run holds.
-    Rank 0 then creates it, locks it and marks it ours; unexpected errors log into it.
+    a file; one that is, holds or sits inside an input (`inputs`: {flag: path}); a directory
+    without our marker holding other files (unless overwrite, and then none may be named like
+    what we write, `own`); with training, one already holding checkpoints (unless resume or
+    overwrite), or without training one holding a `finished` name (unless overwrite); one another
+    run holds. Rank 0 then creates it, locks it and marks it ours;
+    unexpected errors log into it.
     pid, command: lock on behalf of that process (a shell script), which removes the lock itself."""
+    if not path:
+        raise UserError(f"{flag} is empty; pass a directory path.")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a directory; pick a directory path.")
+    refuse_overlap(path, inputs, flag)
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
     if _rank() == 0:  # (the other ranks would see rank 0's own lock)
         _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
-    if entries and not overwrite:
-        if not _is_ours(path, entries, own):
-            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
-                            f"empty directory, or pass --overwrite to write beside them (nothing of theirs is "
-                            f"deleted).")
-        if training and not resume and ("latest" in entries or any(e.startswith("step_") for e in entries)):
-            raise UserError(f"{flag} {path} already holds the checkpoints of a run; pass --resume to continue it, "
-                            f"--overwrite to train again over it, or pick a new {flag}.")
+    # (a folder holding only folders of ours, each with its marker, holds nothing of the user's: the
+    # parent of stages run one by one, such as out/ of out/tokenizer and out/base)
+    theirs = [] if is_ours(path) else [e for e in entries if not is_ours(os.path.join(path, e))]
+    if theirs:
+        _refuse_theirs(path, theirs, own, overwrite, flag)
+    elif entries and training and not resume and not overwrite and \
+            ("latest" in entries or any(e.startswith("step_") for e in entries)):
+        raise UserError(f"{flag} {path} already holds the checkpoints of a run; pass --resume to continue it, "
+                        f"--overwrite to train again over it, or pick a new {flag}.")
+    done = [e for e in entries if any(fnmatch.fnmatchcase(e, pat) for pat in finished)]
+    if done and not overwrite:
+        raise UserError(f"{flag} {path} already holds {done[0]} from an earlier run; pass --overwrite to replace it, "
+                        f"or pick a new {flag}.")
     if _rank() == 0:
         top = os.path.abspath(path)  # the first folder of path that does not exist yet
         while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
@@ -406,11 +496,15 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
     return path
 
 
-def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out"):
-    """The same for an output that is one file: refuse a directory, or an existing file that is
-    not ours (unless overwrite); create its folder; lock it (<file>.lock) on rank 0."""
+def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out", inputs=None):
+    """The same for an output that is one file: refuse a directory, an input of the run
+    (`inputs`), or an existing file that is not ours (unless overwrite: the user named that very
+    file); create its folder; lock it (<file>.lock) on rank 0."""
+    if not path:
+        raise UserError(f"{flag} is empty; pass a file path.")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; pass a file path such as {os.path.join(path, 'results.json')}.")
+    refuse_overlap(path, inputs, flag)
     if os.path.exists(path) and not overwrite and not is_ours(path):
         raise UserError(f"{flag} {path} already exists and was not written by nanostoney; pick another file name "
                         f"or pass --overwrite to replace it.")
@@ -424,18 +518,29 @@ def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--ou
     return path
 
 
+def refuse_same(outputs):
+    """Two outputs of one run ({flag: path}) may not be the same path (one would overwrite the other)."""
+    seen = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UserError(f"{seen[key]} and {flag} are the same path ({path}); give each output its own path.")
+        seen[key] = flag
+
+
 def main(argv=None):
-    """`python -m nanostoney.cli DIR --pid PID --own NAME...`: claim and lock DIR for a shell
-    script (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits."""
+    """`python -m nanostoney.cli DIR --pid PID`: claim and lock DIR for a shell script
+    (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits; a
+    non-empty DIR without our marker is refused (the script has no --overwrite)."""
     p = ArgumentParser(description="Claim and lock an output directory for a shell script.")
-    p.add_argument("directory")
+    p.add_argument("directory", type=out_path)
     p.add_argument("--pid", type=positive_int, required=True)
-    p.add_argument("--own", nargs="+", default=["*"], help="names the script writes there")
     p.add_argument("--flag", default="--out")
     p.add_argument("--command-line", default=None)
     args = p.parse_args(argv)
-    claim_out(args.directory, own=args.own, training=False, flag=args.flag, pid=args.pid,
-              command=args.command_line)
+    claim_out(args.directory, training=False, flag=args.flag, pid=args.pid, command=args.command_line)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@
 import fnmatch
 import functools
 import glob
+import hashlib
 import json
 import os
 import socket
@@ -269,7 +270,8 @@ def check_readable(path):
 def _first_column(path):
     import pyarrow.parquet as pq
     try:
-        return pq.ParquetFile(path).schema_arrow.names[0]
+        schema = pq.ParquetFile(path).schema_arrow  # the first text column (its check reads that one)
+        return next((f.name for f in schema if str(f.type) in ("string", "large_string")), schema.names[0])
     except Exception as e:
         raise UserError(f"{path}: not a readable parquet file ({e}).") from None
 
@@ -312,6 +314,10 @@ def _parquet_documents(path, text_key):
     if text_key not in table.schema_arrow.names:
         raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.schema_arrow.names)}); "
                         f"pass --text-column.")
+    kind = table.schema_arrow.field(text_key).type
+    if str(kind) not in ("string", "large_string"):
+        raise UserError(f"{path}: column {text_key!r} holds {kind}, not text; pass --text-column naming the text "
+                        f"column.")
     for batch in table.iter_batches(columns=[text_key]):
         yield from (t for t in batch.column(0).to_pylist() if t)
 
@@ -423,6 +429,66 @@ def _grants(rec, use):
             and use not in (rec["prohibited_uses"] or []))
 
 
+APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
+
+
+def _vetoes(rec, use):
+    """A matching record that refuses the use whatever the others say (the most restrictive record
+    wins): one that approves nothing (unknown, internal_only, restricted, removed_pending_review),
+    or an approval reaching as far as the use that prohibits it. (A training approval that
+    prohibits upload, as upstream writes it beside a release record, speaks only for training.)"""
+    status = rec["permission_status"]
+    if status not in APPROVALS:
+        return True
+    return use in (rec["prohibited_uses"] or []) and APPROVALS.index(status) >= APPROVALS.index(USES[use])
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, mtime, size):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    """sha256 of a local file's bytes (None when it is not a readable file); cached per version."""
+    try:
+        st = os.stat(path)
+        return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size) if os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
+def _same_content(rec, source):
+    """Approval binds to content: a record with `sha256` (one digest or a list) covers only a file
+    with those bytes, so a file of the same name elsewhere, with other content, is not approved."""
+    want = rec.get("sha256")
+    if not want:
+        return True
+    return file_sha256(str(source)) in ([want] if isinstance(want, str) else want)
+
+
+def _why_refused(source, use, matches, vetoes, where):
+    """Why no record lets `source` be used: the reason part of the gate's one sentence."""
+    if vetoes and len(matches) > 1:
+        r = vetoes[0]
+        return (f"manifest record {r['source_id']!r} marks it {r['permission_status']}"
+                + (f" and prohibits {use}" if use in (r["prohibited_uses"] or []) else "")
+                + f", and the most restrictive of its {len(matches)} matching records wins")
+    if not matches:
+        return f"it has no record in {where} (default-deny)"
+    bound = [r for r in matches if _grants(r, use) and not _same_content(r, source)]
+    if bound:
+        if not os.path.isfile(str(source)):
+            return f"it is not a file, so its content cannot be checked against record {bound[0]['source_id']!r}"
+        return (f"its content is not that of the file record {bound[0]['source_id']!r} approves (another sha256): "
+                f"a file of the same name with other content is not the reviewed one")
+    return "its manifest status is " + ", ".join(f"{r['permission_status']} (record {r['source_id']!r})"
+                                                for r in matches)
+
+
 def add_manifest_arg(parser):
     """The --manifest flag every script shares: repeatable, records pooled over all files given."""
     parser.add_argument("--manifest", action="append", default=None,
@@ -436,8 +502,10 @@ def check_sources(paths, use="training", manifest=None):
     `use`: "training", or "upload" / "public_release" / "publishing" (need approved_for_public_release).
     `manifest`: a path, or a list of paths whose records are pooled (each glob relative to its
     own manifest), e.g. the upstream manifest for Stoney plus ours for the math sets; default
-    data/SOURCE_MANIFEST.yml. Several matching records: any record granting the use allows it,
-    except that a matching restricted/removed_pending_review record always refuses."""
+    data/SOURCE_MANIFEST.yml. A record carrying sha256 covers only a file with those bytes. Several
+    matching records: the most restrictive wins (_vetoes: a record approving nothing, or one
+    prohibiting the use, refuses whatever the others grant); otherwise a record granting the use
+    allows it."""
     if use not in USES:
         raise UserError(f"unknown data use {use!r}; use one of {', '.join(USES)}.")
     manifests = manifest if isinstance(manifest, (list, tuple)) else [manifest]
@@ -454,13 +522,10 @@ def check_sources(paths, use="training", manifest=None):
             raise UserError(f"{source} may not be used for {use}: manifest record {r['source_id']!r} marks it "
                             f"{r['permission_status']}, which stops every workflow until its review is resolved "
                             f"in {where}.")
-        grant = next((r for r in matches if _grants(r, use)), None)
+        vetoes = [r for r in matches if _vetoes(r, use)]
+        grant = None if vetoes else next((r for r in matches if _grants(r, use) and _same_content(r, source)), None)
         if grant is None:
-            if matches:
-                status = "its manifest status is " + ", ".join(
-                    f"{r['permission_status']} (record {r['source_id']!r})" for r in matches)
-            else:
-                status = f"it has no record in {where} (default-deny)"
-            raise UserError(f"{source} may not be used for {use}: {status}; {fix}.")
+            raise UserError(f"{source} may not be used for {use}: {_why_refused(source, use, matches, vetoes, where)}; "
+                            f"{fix}.")
         approved.append((str(source), grant["source_id"]))
     return approved

@@ -160,6 +160,10 @@ class Corpus:
                 raise UserError(f"{path}: no {column!r} column (columns: {', '.join(names)}); "
                                 f"pass --text-column.")
             c = names.index(column)
+            kind = meta.schema.to_arrow_schema().field(column).type
+            if str(kind) not in ("string", "large_string"):
+                raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the "
+                                f"text column.")
             for rg in range(meta.num_row_groups):
                 g = meta.row_group(rg)
                 self.rows[(i, rg)] = g.num_rows

@@ -149,6 +149,11 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
     if not names:
         raise UserError(f"no linear layer matches the LoRA targets {', '.join(targets)}; "
                         f"valid ones look like {', '.join(ATTN_TARGETS + MLP_TARGETS)}.")
+    side, layer = min((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features), n)
+                       for n in names)
+    if rank > side:  # a rank past a layer's smaller side adds parameters and no capacity
+        raise UserError(f"LoRA rank {rank} is larger than {layer}, whose smaller side is {side} features; "
+                        f"use a rank of at most {side}.")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:

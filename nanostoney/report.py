@@ -767,12 +767,12 @@ REPORT_FILES = ("figures", "metrics.json", "index.html")  # what write_report pu
 
 
 def write_report(out_dir, metrics, logger=None):
-    """Build the report in a temporary directory beside out_dir, then move its files into
+    """Build the report in a temporary directory inside out_dir, then move its files into
     out_dir one by one (index.html last), each replacing our own previous one whole. Nothing else
     in out_dir is touched; a failure leaves out_dir as it was and names the file and the reason."""
     metrics = clean_json(metrics)
     out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")  # inside: nothing is written outside --out
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)

@@ -14,6 +14,8 @@ Chats are rendered like nanochat: `<|bos|>`, then `<|user_start|>...<|user_end|>
 user turn with a blank line between. The loss mask is 1 exactly on the assistant's content and
 its `<|assistant_end|>`.
 """
+import hashlib
+import json
 import os
 import pickle
 
@@ -195,6 +197,14 @@ class Tokenizer:
         write_text(os.path.join(path, "tokenizer.json"), self.hf.to_str(pretty=True))
         write_json(os.path.join(path, META_FILE), {"pattern": self.pattern, "special_tokens": self.special_tokens,
                                                    "vocab_size": self.vocab_size})
+
+    def fingerprint(self):
+        """sha256 of the vocabulary, the merges, the split pattern and the special tokens: two
+        tokenizers of the same size but other merges differ here (a --resume compares it)."""
+        model = json.loads(self.hf.to_str())["model"]
+        text = json.dumps([model.get("vocab"), model.get("merges"), self.pattern, self.special_tokens],
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ ids
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nanostoney import checkpoint, probes
-from nanostoney.cli import finite_float, nonneg_int, positive_float, positive_int, probability
+from nanostoney.cli import device, finite_float, nonneg_int, out_path, positive_float, positive_int, probability
 from nanostoney.dist import autocast_ctx, barrier, check_shared, print0
 from nanostoney.errors import RunFailed, UserError
 from nanostoney.optim import lr_multiplier, set_lr
@@ -69,7 +69,7 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
                    help="steps between attention-entropy logs (measured in that step's first forward); 0 = never")
     g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between loss/throughput logs")
     g.add_argument("--seed", type=nonneg_int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype: auto = bf16 on CUDA, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -77,7 +77,7 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     g.add_argument("--peak-flops", type=positive_float, default=None,
                    help="peak FLOP/s of one device for MFU; default: datasheet bf16 figure on CUDA "
                         "(H100 989e12), nominal fp32 peak on CPU (threads x clock x FLOPs/cycle)")
-    g.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl, wandb/)")
+    g.add_argument("--out", type=out_path, default=None, help="output directory (checkpoints, metrics.jsonl, wandb/)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: a checkpoint dir, or no value for the latest one in --out")
     g.add_argument("--overwrite", action="store_true",

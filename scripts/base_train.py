@@ -32,6 +32,8 @@ bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step
 import math
 import os
 
+import torch
+
 from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, published, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
@@ -128,6 +130,24 @@ def check_start(args):
                         f"python -m scripts.tok_train or pass --tokenizer.")
     if args.head_dim < 2:
         raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+    check_fits(args)
+
+
+def check_fits(args):
+    """A model that cannot fit is refused at the plan, not after minutes of allocating: its
+    transformer blocks alone (12 x layers x width^2 parameters, 16 bytes each with the gradient
+    and AdamW's two moments) against the memory of the GPU, or of the machine on CPU."""
+    width = 64 * args.depth
+    need = 16 * 12 * args.depth * width ** 2
+    on_gpu = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    if on_gpu:
+        have, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory of this machine"
+    if need > have:
+        raise UserError(f"--depth {args.depth} makes a model of about {12 * args.depth * width ** 2:.2g} parameters, "
+                        f"which needs about {need / 1e9:,.0f} GB for its weights, gradients and optimizer state, "
+                        f"more than the {have / 1e9:,.0f} GB of {where}; pick a smaller --depth.")
 
 
 def fresh_model(args):
@@ -151,7 +171,8 @@ def init_model(args):
 def main(argv=None):
     args = parse_args(argv)
     check_start(args)
-    out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None)
+    out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None,
+                        inputs={"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
@@ -165,7 +186,8 @@ def main(argv=None):
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
-                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key(), "init": args.init}
+                "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key(), "init": args.init,
+                "tokenizer": tok.fingerprint()}
     resumed = train.resume(args, out, model, optimizer, info, expect=geometry)
     start_step = resumed["step"]
     train_model = train.training_module(model, args, info, compile_default=True)

@@ -17,7 +17,7 @@ teacher forced, with its answer sentence removed; --context cloze: the question 
 then the options' shared answer beginning, for a model that knows answers but cannot name
 letters). The report's summary is a few declared headline tests (interp.HEADLINES) with
 Holm-corrected p-values and Bonferroni-level intervals; every other table and figure is exploratory. Writes <out>/index.html (opens offline),
-<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built beside <out>, then each moved in whole,
+<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built in a temporary folder inside <out>, then each moved in whole,
 index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
 refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
 definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
@@ -49,13 +49,13 @@ def parse_args(argv=None):
                    help="checkpoints to compare, in order (e.g. base=out/base sft=out/sft grpo=out/grpo)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--max-examples", type=cli.positive_int, default=16, help="examples per task and split")
-    p.add_argument("--out", default="out/report",
+    p.add_argument("--out", type=cli.out_path, default="out/report",
                    help="report directory (our files in it are replaced whole; nothing else is touched)")
     p.add_argument("--overwrite", action="store_true",
                    help="write the report into an --out that holds files nanostoney did not write (they are kept)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for checkpoints that carry none (default: the base checkpoint's, if named)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (auto: cuda when available)")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda (auto: cuda when available)")
     p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
     p.add_argument("--context", default="own", choices=interp.CONTEXTS,
@@ -152,7 +152,8 @@ def main(argv=None):
     device = info.device
     judge, judge_desc = interp.word_judge()
     extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES)
+    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES,
+                  inputs={f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})
     print0(f"report plan: {info.world_size} process(es) on {device.type}; {len(ckpts)} checkpoint(s) x "
            f"{len(tasks)} tasks x up to {args.max_examples} items per split, shared out over the processes")
     results, ck_cfg = {}, {}

@@ -11,13 +11,12 @@ script checks the gate passes them. Shards already there are kept; huggingface_h
 file under a temporary name and renames it, so an interrupted download leaves no half shard.
 Then: python -m scripts.base_train --data <that folder> (its last row group is the validation text).
 """
-import argparse
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from nanostoney import loader
+from nanostoney import cli, loader
 from nanostoney.data import add_manifest_arg, check_sources
 from nanostoney.errors import UserError, run_main
 
@@ -30,13 +29,17 @@ TOKENS_PER_SHARD = 50e6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Download FineWeb-Edu parquet shards for pretraining.")
+    p = cli.ArgumentParser(description="Download FineWeb-Edu parquet shards for pretraining.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--num-shards", type=int, help="shards to have (the first N)")
-    g.add_argument("--tokens", type=float, help=f"enough shards for this many training tokens "
-                                                f"(~{TOKENS_PER_SHARD / 1e6:.0f}M tokens a shard)")
-    p.add_argument("--out", default=None, help=f"folder (default <cache>/{FOLDER})")
-    p.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    g.add_argument("--num-shards", type=cli.positive_int, help="shards to have (the first N)")
+    g.add_argument("--tokens", type=cli.positive_float, help=f"enough shards for this many training tokens "
+                                                             f"(~{TOKENS_PER_SHARD / 1e6:.0f}M tokens a shard)")
+    p.add_argument("--out", type=cli.out_path, default=None,
+                   help=f"folder (default <cache>/{FOLDER}); a folder nanostoney did not make is refused unless "
+                        f"--overwrite, and even then no file of its is replaced")
+    p.add_argument("--overwrite", action="store_true",
+                   help="download into an --out that holds other files (none of theirs is replaced)")
+    p.add_argument("--workers", type=cli.positive_int, default=4, help="parallel downloads")
     add_manifest_arg(p)
     return p.parse_args(argv)
 
@@ -70,8 +73,11 @@ def main(argv=None):
     args = parse_args(argv)
     n = shards_needed(args)
     out = args.out or os.path.join(loader.cache_dir(), FOLDER)
-    os.makedirs(out, exist_ok=True)
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(out, shard_name(i)))]
+    # only the missing shards (and huggingface_hub's .cache) are written; our own cache folder is ours by
+    # its place, one named by --out by its marker
+    own = () if args.out is None else (".cache", *(shard_name(i) for i in missing))
+    cli.claim_out(out, overwrite=args.overwrite or args.out is None, training=False, own=own)
     print(f"{n} shards of {REPO} in {out}: {n - len(missing)} there, {len(missing)} to download")
     if missing:
         from tqdm import tqdm

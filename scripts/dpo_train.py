@@ -261,7 +261,8 @@ def main(argv=None):
     if args.compile:
         raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
                         "drop the flag.")
-    out = cli.claim_out(args.out or "out/dpo", overwrite=args.overwrite, resume=args.resume is not None)
+    out = cli.claim_out(args.out or "out/dpo", overwrite=args.overwrite, resume=args.resume is not None,
+                        inputs={"--init": args.init})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init})
     run = setup(args, info)

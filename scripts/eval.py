@@ -78,8 +78,9 @@ def parse_args(argv=None):
                    help="COMET on open answers when unbabel-comet and a checkpoint are installed")
     p.add_argument("--comet-model", default=None,
                    help="local COMET checkpoint (default: Unbabel/wmt22-comet-da in the local HF cache)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--out", default="out/eval/results.json", help="results JSON")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", type=cli.out_path, default="out/eval/results.json",
+                   help="results JSON (its metrics.jsonl and wandb/ go into the folder <out without .json>-logs/)")
     p.add_argument("--completions", default=None, help="also write every completion to this JSON-lines file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --out/--completions file that nanostoney did not write")
@@ -202,10 +203,21 @@ def check_flags(args):
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
         raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
                         f"directory, or leave it out to featurise with each evaluated model.")
-    cli.claim_out_file(args.out, overwrite=args.overwrite, is_ours=ours_results)
+    cli.refuse_same({"--out": args.out, "--completions": args.completions, "the log folder of --out": log_dir(args)})
+    inputs = {f"the {name} checkpoint": path for name, path in ckpts} | {"--mauve-featurizer": args.mauve_featurizer}
+    cli.claim_out_file(args.out, overwrite=args.overwrite, is_ours=ours_results, inputs=inputs)
     if args.completions:
-        cli.claim_out_file(args.completions, overwrite=args.overwrite, is_ours=ours_completions, flag="--completions")
+        cli.claim_out_file(args.completions, overwrite=args.overwrite, is_ours=ours_completions, flag="--completions",
+                           inputs=inputs)
+    cli.claim_out(log_dir(args), overwrite=args.overwrite, training=False, own=cli.SHARED_FILES, inputs=inputs,
+                  flag="the log folder of --out")
     return tasks_wanted, ckpts
+
+
+def log_dir(args):
+    """Where the run's metrics.jsonl, wandb/ and error logs go: a folder of ours beside the results
+    file (results.json -> results-logs/), never the folder the user keeps the file in."""
+    return os.path.splitext(args.out)[0] + "-logs"
 
 
 def ours_results(path):
@@ -278,7 +290,7 @@ def publish(args, results, config, ckpts, completions, timings, total):
         print(n)
     print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
     logger = from_args(args, config={**config, "checkpoints": {c: p for c, p in ckpts}},
-                       out_dir=os.path.dirname(os.path.abspath(args.out)))
+                       out_dir=log_dir(args))
     logger.summary({**flat_metrics(results), "eval/time_s": total})
     rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
             for c, r in results["checkpoints"].items() for group in ("tasks", "families")

@@ -426,7 +426,8 @@ def check_flags(args):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    out = cli.claim_out(args.out or "out/grpo", overwrite=args.overwrite, resume=args.resume is not None)
+    out = cli.claim_out(args.out or "out/grpo", overwrite=args.overwrite, resume=args.resume is not None,
+                        inputs={"--init": args.init, "--reward-model": args.reward_model})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init, "--reward-model": args.reward_model})
     run = setup(args, info)

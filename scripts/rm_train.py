@@ -126,7 +126,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume is not None:
         raise UserError("--resume: rm_train does not resume (it trains in about a minute); rerun it with --overwrite.")
-    out = cli.claim_out(args.out or "out/rm", overwrite=args.overwrite)
+    out = cli.claim_out(args.out or "out/rm", overwrite=args.overwrite, inputs={"--init": args.init})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init})
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]

@@ -104,7 +104,8 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
 
 def main(argv=None):
     args = parse_args(argv)
-    out = cli.claim_out(args.out or "out/sft", overwrite=args.overwrite, resume=args.resume is not None)
+    out = cli.claim_out(args.out or "out/sft", overwrite=args.overwrite, resume=args.resume is not None,
+                        inputs={"--init": args.init})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init})
     weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)

@@ -142,7 +142,7 @@ def main(argv=None):
     if args.resume is not None:
         raise UserError("--resume: star_train does not resume (each round starts again from --init); rerun it with "
                         "--overwrite.")
-    out = cli.claim_out(args.out or "out/star", overwrite=args.overwrite)
+    out = cli.claim_out(args.out or "out/star", overwrite=args.overwrite, inputs={"--init": args.init})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
     check_shared({"--init": args.init})
     mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)

@@ -39,6 +39,11 @@ def load_sweep(path):
         raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix the file.") from None
     if not isinstance(cfg, dict) or "program" not in cfg or not isinstance(cfg.get("parameters"), dict):
         raise UserError(f"{path} needs `program:` and a `parameters:` mapping (W&B sweep format).")
+    program = cfg["program"]
+    if not isinstance(program, str) or os.path.dirname(os.path.normpath(program)) != "scripts" or \
+            not program.endswith(".py") or not os.path.isfile(os.path.join(ROOT, program)):
+        raise UserError(f"{path}: program {program!r} is not one of the training scripts; name one as "
+                        f"scripts/NAME.py (e.g. scripts/sft_train.py).")
     if cfg.get("method", "grid") != "grid":
         raise UserError(f"{path}: method {cfg['method']!r}; the local runner does grids only "
                         f"(use `wandb agent` for random/bayes).")
@@ -49,8 +54,9 @@ def grid_points(parameters):
     """[{name: value}] over the cartesian product of every `values` list (fixed `value`s added)."""
     fixed, axes = {}, []
     for name, spec in parameters.items():
-        if not isinstance(spec, dict) or not ("values" in spec or "value" in spec):
-            raise UserError(f"sweep parameter {name!r} needs `values: [...]` or `value: x`.")
+        if not isinstance(spec, dict) or not ("values" in spec or "value" in spec) or \
+                "values" in spec and not isinstance(spec["values"], list):
+            raise UserError(f"sweep parameter {name!r} needs `values: [...]` (a list) or `value: x`.")
         if "values" in spec:
             axes.append((name, list(spec["values"])))
         else:
@@ -106,7 +112,7 @@ def main(argv=None):
         argv, extra = argv[:i], argv[i + 1:]
     p = cli.ArgumentParser(description="Run a W&B sweep grid locally (offline) and tabulate it.")
     p.add_argument("--config", default=os.path.join(ROOT, "sweep.yaml"))
-    p.add_argument("--out", default="out/sweep")
+    p.add_argument("--out", type=cli.out_path, default="out/sweep")
     p.add_argument("--overwrite", action="store_true",
                    help="rerun into an --out holding an earlier sweep (each point is passed --overwrite)")
     p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B mode of each point")
@@ -118,8 +124,9 @@ def main(argv=None):
     module = os.path.splitext(os.path.normpath(cfg["program"]))[0].replace(os.sep, ".")  # scripts.sft_train
     goal_key = (cfg.get("metric") or {}).get("name", "val/loss")
     if not args.dry_run:
-        cli.claim_out(args.out, overwrite=args.overwrite, training=False,
-                      own=("results.json", "results.md", "*.log") + cli.SHARED_FILES)
+        cli.claim_out(args.out, overwrite=args.overwrite, training=False, finished=("results.json",),
+                      own=("results.json", "results.md", "*.log", *(point_name(pt, axes) for pt in points))
+                      + cli.SHARED_FILES)
         if args.overwrite:
             extra = extra + ["--overwrite"]
     rows = []

@@ -30,15 +30,17 @@ PIECE_CHARS = 1 << 14
 BUFFER = 1024
 SAMPLE_BYTES = 10_000_000  # the text the compression is measured on (all of it when smaller)
 ENCODE_CHARS = 1 << 20  # the encoder keeps ~100 bytes per token: encode about 1M characters at a time
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")  # what Tokenizer.save writes
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Train the nanostoney BPE tokenizer.")
     p.add_argument("--vocab-size", type=cli.positive_int, default=4096,
                    help="total vocabulary: bytes + merges + special tokens")
-    p.add_argument("--out", default="out/tokenizer", help="directory to write tokenizer.json into")
+    p.add_argument("--out", type=cli.out_path, default="out/tokenizer", help="directory to write tokenizer.json into")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into an --out that holds files nanostoney did not write (they are kept)")
+                   help="replace the tokenizer an earlier run wrote in --out, or write into an --out that holds "
+                        "other files (none of theirs is replaced)")
     p.add_argument("--data", nargs="+", default=None,
                    help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
@@ -92,8 +94,8 @@ def main(argv=None):
     args = parse_args(argv)
     # under torchrun (the pipeline's --nproc) rank 0 trains and saves; the others wait for it
     info = init_dist("cpu")
-    out = cli.claim_out(args.out, overwrite=args.overwrite, training=False,
-                        own=("tokenizer.json", "tokenizer_meta.json") + cli.SHARED_FILES)
+    out = cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=TOKENIZER_FILES + cli.SHARED_FILES,
+                        finished=TOKENIZER_FILES)
     texts = corpus(args)  # on every rank: bad input stops them all, none waits
     if info.is_master:
         train(args, out, texts)

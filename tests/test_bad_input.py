@@ -180,6 +180,76 @@ def approved_missing(d, ws):
     shutil.copy(ws / "MANIFEST.yml", d / "MANIFEST.yml")
 
 
+def their_report(d, ws):
+    """A user's own site: an index.html, a metrics.json and figures/ of theirs."""
+    (d / "site" / "figures").mkdir(parents=True)
+    (d / "site" / "index.html").write_text("<p>my site</p>\n")
+    (d / "site" / "metrics.json").write_text('{"mine": true}\n')
+    (d / "site" / "figures" / "my_plot.png").write_bytes(b"\x89PNG mine")
+
+
+def their_tokenizer(d, ws):
+    (d / "hf").mkdir()
+    (d / "hf" / "tokenizer.json").write_text('{"mine": true}\n')
+
+
+def their_results(d, ws):
+    (d / "mine").mkdir()
+    (d / "mine" / "results.json").write_text('{"mine": true}\n')
+    (d / "mine" / "results.md").write_text("my table\n")
+
+
+def their_metrics(d, ws):
+    (d / "mine").mkdir()
+    (d / "mine" / "metrics.jsonl").write_text('{"mine": true}\n')
+
+
+def our_tokenizer(d, ws):
+    """A tokenizer folder an earlier tok_train made (our marker in it)."""
+    shutil.copytree(ws / "tok", d / "tok")
+    (d / "tok" / cli.MARKER).write_text("{}\n")
+
+
+def other_tokenizer(d, ws):
+    """The base run R, and a tokenizer of the same vocabulary size trained on other text."""
+    from nanostoney.tokenizer import Tokenizer
+    shutil.copytree(ws / "R", d / "R")
+    import random
+    rng = random.Random(1)
+    words = ["".join(rng.choice("qxzjvkwy") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    tok = Tokenizer.train([" ".join(rng.choice(words) for _ in range(30)) for _ in range(300)], 300)
+    assert tok.vocab_size == 300  # the same size as the run's: only the merges differ
+    tok.save(str(d / "tok2"))
+
+
+def look_alike_stoney(d, ws):
+    """A private file named like the approved Stoney set, with other content."""
+    (d / "stoney").mkdir()
+    (d / "stoney" / "stoney_valid.jsonl").write_text('{"text": "private words, never reviewed"}\n' * 50)
+
+
+def pooled_manifests(d, ws):
+    """Two manifests: one approves every *.jsonl beside it, the other marks x.jsonl unknown."""
+    (d / "x.jsonl").write_text('{"text": "under review"}\n' * 50)
+    (d / "broad.yml").write_text((ws / "MANIFEST.yml").read_text())
+    (d / "narrow").mkdir()
+    (d / "narrow" / "M.yml").write_text((ws / "MANIFEST.yml").read_text().replace("test_corpus", "under_review")
+                                        .replace('"*.jsonl"', '"x.jsonl"').replace("approved_for_training", "unknown"))
+
+
+def int_column(d, ws):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": list(range(100))}), d / "ints.parquet")
+    (d / "M.yml").write_text((ws / "MANIFEST.yml").read_text().replace('"*.jsonl"', '"*.parquet"'))
+
+
+def old_lock_dir(d, ws):
+    """A `.lock` nobody can read or remove as a file (a directory), left long ago."""
+    (d / "o" / ".lock").mkdir(parents=True)
+    os.utime(d / "o" / ".lock", (time.time() - 3600, time.time() - 3600))
+
+
 BASE = "scripts.base_train"
 EVAL_QUICK = ["--tasks", "stoney_mc", "--max-examples", "1", "--num-samples", "0", "--no-mauve", "--no-comet",
               "--wandb", "disabled", "--device", "cpu"]
@@ -188,6 +258,8 @@ SPEEDRUN = "run_stoney_small.sh"
 CASES = [
     # flags refused where they are parsed
     Case("depth_0", [BASE, "--depth", "0"], 2, "--depth"),
+    *([] if torch.cuda.is_available() else [Case("device_cuda_without_a_gpu", [BASE, "--device", "cuda"], 2,
+                                                 "--device", None, ["no usable CUDA GPU"])]),
     Case("depth_negative", [BASE, "--depth", "-2"], 2, "--depth"),
     Case("depth_without_value", [BASE, "--depth"], 2, "--depth"),
     Case("sequence_len_0", [BASE, "--sequence-len", "0"], 2, "--sequence-len"),
@@ -289,6 +361,62 @@ CASES = [
          "{d}/bad.jsonl:2", malformed),
     Case("tok_train_malformed_file", ["scripts.tok_train", "--data", "{d}/bad.jsonl", "--manifest", "{d}/MANIFEST.yml",
                                       "--out", "{d}/tok"], 2, "{d}/bad.jsonl:2", malformed),
+    # issue 29: a folder is ours only by its marker; an output is never an input; approval binds to content
+    Case("report_out_is_their_site", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R", "--out", "{d}/site"],
+         2, "{d}/site", their_report, ["index.html", "--overwrite"]),
+    Case("report_overwrite_their_site", ["scripts.compare_reasoning", "--checkpoints", "b={ws}/R", "--out",
+                                         "{d}/site", "--overwrite"], 2, "{d}/site", their_report, ["figures"]),
+    Case("tokenizer_overwrite_their_tokenizer", ["scripts.tok_train", "--out", "{d}/hf", "--overwrite"], 2, "{d}/hf",
+         their_tokenizer, ["tokenizer.json"]),
+    Case("sweep_overwrite_their_results", ["scripts.sweep", "--out", "{d}/mine", "--overwrite"], 2, "{d}/mine",
+         their_results, ["results.json"]),
+    Case("base_overwrite_their_metrics", [BASE, *tiny_base("{ws}", "{d}/mine", "--overwrite")], 2, "{d}/mine",
+         their_metrics, ["metrics.jsonl"]),
+    Case("eval_out_and_completions_the_same", ["scripts.eval", "--checkpoints", "{ws}/R", "--out", "{d}/r.json",
+                                               "--completions", "{d}/r.json", *EVAL_QUICK], 2, "--completions",
+         None, ["same path"]),
+    Case("eval_out_inside_a_checkpoint", ["scripts.eval", "--checkpoints", "{ws}/R", "--out", "{ws}/R/r.json",
+                                          *EVAL_QUICK], 2, "{ws}/R/r.json", None, ["inside"]),
+    Case("sft_out_is_its_init", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R", "--overwrite"], 2,
+         "--init {ws}/R", None, ["--out {ws}/R"]),
+    Case("sft_out_is_its_init_without_overwrite", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R"], 2,
+         "--init {ws}/R"),
+    Case("grpo_out_is_its_init", ["scripts.grpo_train", "--init", "{ws}/sft", "--out", "{ws}/sft", "--overwrite"], 2,
+         "--init {ws}/sft"),
+    Case("sft_out_inside_its_init", ["scripts.sft_train", "--init", "{ws}/R", "--out", "{ws}/R/step_000008/sft"], 2,
+         "--init {ws}/R", None, ["inside"]),
+    Case("base_out_holds_its_tokenizer", [BASE, *tiny_base("{ws}", "{ws}")], 2, "--tokenizer {ws}/tok", None,
+         ["holds"]),
+    Case("look_alike_stoney_file", [BASE, *tiny_base("{ws}", "{d}/o")[:2], "--data", "{d}/stoney/stoney_valid.jsonl",
+                                    *tiny_base("{ws}", "{d}/o")[6:]], 2, "{d}/stoney/stoney_valid.jsonl",
+         look_alike_stoney, ["stoney_valid_jsonl", "content"]),
+    Case("pooled_record_does_not_override_unknown", ["scripts.check_data", "--manifest", "{d}/broad.yml",
+                                                     "--manifest", "{d}/narrow/M.yml", "{d}/x.jsonl"], 2,
+         "{d}/x.jsonl", pooled_manifests, ["under_review", "most restrictive"]),
+    Case("resume_with_another_tokenizer", [BASE, *tiny_base("{ws}", "{d}/R", "--tokenizer", "{d}/tok2", "--resume",
+                                                            "--num-iterations", "12")], 2, "tokenizer", other_tokenizer),
+    Case("tok_train_over_our_tokenizer", ["scripts.tok_train", "--out", "{d}/tok"], 2, "{d}/tok", our_tokenizer,
+         ["tokenizer", "--overwrite"]),
+    Case("device_bogus", [BASE, "--device", "bogus"], 2, "--device"),
+    Case("depth_100000", [BASE, *tiny_base("{ws}", "{d}/o", "--depth", "100000")], 2, "--depth 100000"),
+    Case("out_empty", [BASE, *tiny_base("{ws}", "")], 2, "--out"),
+    Case("lora_rank_above_the_width", ["scripts.sft_train", "--init", "{ws}/R", "--lora-rank", "100000", "--out",
+                                       "{d}/o"], 2, "rank 100000", None, ["at most 64"]),
+    Case("download_tokens_nan", ["scripts.download_corpus", "--tokens", "nan", "--out", "{d}/o"], 2, "--tokens"),
+    Case("download_tokens_inf", ["scripts.download_corpus", "--tokens", "inf", "--out", "{d}/o"], 2, "--tokens"),
+    Case("download_out_is_a_file", ["scripts.download_corpus", "--num-shards", "1", "--out", "{d}/file"], 2,
+         "{d}/file", a_file),
+    Case("download_out_holds_their_files", ["scripts.download_corpus", "--num-shards", "1", "--out", "{d}/notes"], 2,
+         "{d}/notes", notes_dir),
+    Case("sweep_values_not_a_list", ["scripts.sweep", "--config", "{d}/sweep.yaml", "--out", "{d}/o"], 2, "lr",
+         sweep_yaml(b"program: scripts/sft_train.py\nparameters:\n  lr: {values: 5}\n")),
+    Case("sweep_program_not_a_script", ["scripts.sweep", "--config", "{d}/sweep.yaml", "--out", "{d}/o"], 2,
+         "/etc/passwd", sweep_yaml(b"program: /etc/passwd\nparameters:\n  lr: {values: [1]}\n")),
+    Case("parquet_text_column_of_integers", [BASE, *tiny_base("{ws}", "{d}/o")[:2], "--data", "{d}/ints.parquet",
+                                             "--manifest", "{d}/M.yml", *tiny_base("{ws}", "{d}/o")[6:]], 2,
+         "{d}/ints.parquet", int_column, ["int64", "--text-column"]),
+    Case("speedrun_out_holds_their_files", [SPEEDRUN, "--out", "{d}/notes"], 2, "{d}/notes", notes_dir),
+    Case("lock_that_cannot_be_removed", [BASE, *tiny_base("{ws}", "{d}/o")], 2, "{d}/o/.lock", old_lock_dir),
     # runs that fail: one sentence, exit 1, what was finished stays
     Case("loss_becomes_nan", [BASE, *tiny_base("{ws}", "{d}/nan", "--matrix-lr", "1e30", "--embedding-lr", "1e30",
                                                "--save-every", "1", "--eval-every", "0")], 1, "training stopped at step",
@@ -443,6 +571,85 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoint(ws, tmp_path):
         "interrupted: base_train stopped by Ctrl-C; checkpoints and outputs already written are intact."]
     assert not (out / ".lock").exists() and not [p for p in os.listdir(out) if ".tmp-" in p]
     assert checkpoint.load_model(str(out))[2]["step"] >= 2
+
+
+def test_ctrl_c_while_importing_exits_130_in_one_line(ws, tmp_path):
+    """Ctrl-C in the first second, while torch and the package are still being imported: no
+    KeyboardInterrupt traceback from inside an import, exit 130, nothing written."""
+    out = tmp_path / "run"
+    proc = start_base(ws, out)
+    time.sleep(0.5)  # the imports alone take seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert len(error_lines(err)) == 1 and "stopped by Ctrl-C" in err, err
+    assert not out.exists()
+
+
+def test_eval_writes_its_side_files_into_a_folder_of_its_own(ws, tmp_path):
+    """eval --out mine/r.json: the results file, and metrics.jsonl / wandb/ in mine/r-logs/ (ours by
+    its marker), never beside the user's own files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text('{"mine": true}\n')
+    before = snapshot(mine)
+    r = subprocess.run([PY, "-m", "scripts.eval", "--checkpoints", str(ws / "R"), "--out", str(mine / "r.json"),
+                        *EVAL_QUICK], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p: h for p, h in snapshot(mine).items() if p in before} == before
+    assert sorted(os.listdir(mine)) == ["metrics.jsonl", "r-logs", "r.json"]
+    assert (mine / "r-logs" / "metrics.jsonl").exists() and cli.is_ours(mine / "r-logs")
+
+
+def test_full_disk_while_writing_the_lock_leaves_no_lock(ws, tmp_path):
+    """A lock that cannot be written (disk full) is one sentence, exit 2, and no empty .lock is
+    left to refuse the next run as "in use"."""
+    out = tmp_path / "run"
+    args = [PY, "-m", "scripts.base_train", *tiny_base(ws, out, "--num-iterations", "2", "--eval-every", "0",
+                                                       "--save-every", "0")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600,
+                       preexec_fn=file_size_limit(8))
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot write the lock {out / '.lock'} (File too large)")
+    assert not out.exists(), "the refused run left its output folder"
+    r = subprocess.run(args, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_folder_is_ours_by_markers_not_by_names(tmp_path):
+    """Names we write prove nothing (a user's own metrics.jsonl, step_1/); a folder holding only
+    folders with our marker (out/ of stages run one by one) holds nothing of the user's."""
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / cli.MARKER).write_text("{}\n")
+    try:
+        cli.claim_out(str(out), training=False)
+        assert cli.is_ours(out)
+    finally:
+        cli.release_locks()
+    for theirs in ("metrics.jsonl", "step_000001"):
+        mine = tmp_path / f"mine_{theirs}"
+        shutil.copytree(out / "tokenizer", mine / "tokenizer")
+        (mine / theirs).write_text("mine\n")
+        for overwrite in (False, True):
+            with pytest.raises(UserError) as e:
+                cli.claim_out(str(mine), overwrite=overwrite)
+            assert theirs in str(e.value) and "tokenizer" not in str(e.value)
+        assert not cli.is_ours(mine) and not (mine / cli.LOCK).exists()
+
+
+def test_empty_lock_left_long_ago_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    os.utime(out / ".lock", (time.time() - 3600, time.time() - 3600))
+    try:
+        cli.claim_out(str(out), training=False)
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        cli.release_locks()
+    assert "taking over the stale lock" in capsys.readouterr().err and not (out / ".lock").exists()
 
 
 def test_closed_stdout_is_not_a_traceback(ws):

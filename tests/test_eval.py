@@ -112,7 +112,7 @@ def test_eval_json_structure_and_pass_at_k_monotone(tiny_ckpt):
     fam = entry["families"]["math"]
     assert fam["tasks"] == ["aqua_mc", "gsm8k"] and fam["n"] == 20 and "pass@4" in fam["metrics"]
     assert "cloze" not in fam["metrics"]  # pooled only over families of multiple-choice tasks
-    records = [json.loads(line) for line in open(tiny_ckpt.root / "metrics.jsonl")]  # the W&B-side record
+    records = [json.loads(line) for line in open(tiny_ckpt.root / "r1-logs" / "metrics.jsonl")]  # the W&B-side record
     summary = next(r for r in records if r.get("event") == "summary")
     assert summary["tiny/aqua_mc/pass@4"] == aqua["metrics"]["pass@4"]["value"]
     assert "tiny/math/accuracy_lo" in summary

@@ -32,8 +32,37 @@ def test_gate_reads_a_copied_manifest(tmp_path):
     shutil.copy(OURS, manifest)
     (tmp_path / "stoney").mkdir()
     f = tmp_path / "stoney" / "stoney_valid.jsonl"
-    f.write_text("{}\n")
+    shutil.copy(STONEY, f)  # the reviewed bytes, wherever they are kept (a clone, ../shared/data)
     assert check_sources([str(f)], "training", manifest=manifest) == [(str(f), "stoney_valid_jsonl")]
+
+
+@pytest.mark.parametrize("where", ["beside_its_manifest", "anywhere"])
+def test_a_file_named_like_an_approved_one_with_other_content_is_refused(tmp_path, where):
+    """Approval binds to content (the records' sha256), not to a file name: a private file called
+    stoney_valid.jsonl, beside a copied manifest or anywhere on disk, is not the reviewed one."""
+    manifest = tmp_path / "m" / "SOURCE_MANIFEST.yml"
+    manifest.parent.mkdir()
+    shutil.copy(OURS, manifest)
+    f = (manifest.parent if where == "beside_its_manifest" else tmp_path / "private") / "stoney" / "stoney_valid.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(STONEY.read_bytes() + b'{"messages": []}\n')  # one line more than the reviewed file
+    for m in (manifest, OURS):
+        with pytest.raises(UserError) as e:
+            check_sources([str(f)], "training", manifest=m)
+        msg = str(e.value)
+        assert str(f) in msg and "stoney_valid_jsonl" in msg and "content" in msg and msg.count(". ") == 0
+    shutil.copy(STONEY, f)
+    assert check_sources([str(f)], "training") == [(str(f), "stoney_valid_jsonl")]
+
+
+def test_every_bundled_record_binds_to_content():
+    path, records = load_manifest()
+    for rec in records:
+        if "://" not in rec["path_glob"] and not rec["path_glob"].startswith(("mmmlu/", "mmlu/", "fineweb")):
+            files = sorted(path.parent.glob(rec["path_glob"]))
+            assert files and rec.get("sha256"), rec["source_id"]
+            assert sorted(data.file_sha256(f) for f in files) == sorted(
+                [rec["sha256"]] if isinstance(rec["sha256"], str) else rec["sha256"]), rec["source_id"]
 
 
 def test_bundled_sources_are_approved_for_training_and_release():
@@ -104,6 +133,29 @@ def test_restricted_record_wins_over_an_approval(tmp_path):
     check_sources([str(tmp_path / "b.jsonl")], "training", manifest=m)
     with pytest.raises(UserError, match="removed_pending_review"):
         check_sources([str(tmp_path / "a.jsonl")], "training", manifest=m)
+
+
+@pytest.mark.parametrize("other", [
+    dict(permission_status="unknown", allowed_uses=[], prohibited_uses=["training"]),
+    dict(permission_status="internal_only", allowed_uses=[], prohibited_uses=[]),
+    dict(permission_status="approved_for_training", allowed_uses=[], prohibited_uses=["training"]),
+    dict(permission_status="approved_for_public_release", allowed_uses=["upload"], prohibited_uses=["training"]),
+])
+def test_most_restrictive_of_pooled_records_wins(tmp_path, other):
+    """A broad approval in one manifest (*.jsonl) does not override another manifest's unknown or
+    prohibiting record for the same file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    broad = _manifest(tmp_path / "a", [dict(source_id="all_jsonl", path_glob="*.jsonl",
+                                            permission_status="approved_for_training", allowed_uses=["training"],
+                                            prohibited_uses=[])])
+    narrow = _manifest(tmp_path / "b", [dict(source_id="under_review", path_glob="x.jsonl", **other)])
+    f = tmp_path / "a" / "x.jsonl"
+    check_sources([str(f)], "training", manifest=broad)
+    for pooled in ([broad, narrow], [narrow, broad]):
+        with pytest.raises(UserError) as e:
+            check_sources([str(f)], "training", manifest=pooled)
+        assert "under_review" in str(e.value) and "most restrictive" in str(e.value)
 
 
 @pytest.mark.parametrize("status,allowed,prohibited", [

@@ -255,6 +255,9 @@ def test_download_corpus_keeps_shards_and_fails_offline_in_one_sentence(tmp_path
     offline = {**env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     cmd = [PY, "-m", "scripts.download_corpus", "--out", str(out)]
     r = subprocess.run(cmd + ["--num-shards", "2"], capture_output=True, text=True, timeout=300, env=offline, cwd=ROOT)
+    assert r.returncode == 2 and "--overwrite" in r.stderr, r.stderr  # a folder of the user's: refused ...
+    r = subprocess.run(cmd + ["--num-shards", "2", "--overwrite"], capture_output=True, text=True, timeout=300,
+                       env=offline, cwd=ROOT)  # ... or written beside (no shard of theirs is replaced)
     assert r.returncode == 0 and "2 there, 0 to download" in r.stdout and "approved for training" in r.stdout, r.stderr
     r = subprocess.run(cmd + ["--tokens", "1.2e8"], capture_output=True, text=True, timeout=300, env=offline, cwd=ROOT)
     lines = r.stderr.strip().splitlines()
