@@ -105,6 +105,7 @@ def main(argv=None):
     model.train()
     seq_len = args.sequence_len or model.config.sequence_len
     total_batch, accum = train.batch_geometry(args, info)
+    mem = train.memory_plan("SFT", model, args, info, seq_len, accum, compile_default=True)
     optimizer = optim.optimizer_from_args(model, args)
 
     # data: --max-train-examples balanced, hash-chosen train conversations that fit, per task; val rows for the loss
@@ -132,6 +133,7 @@ def main(argv=None):
                      tokens_per_step=total_batch * mean_len,
                      extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
                            + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
+    print0(f"SFT {mem.describe()}")
 
     def validate(step):
         metrics = {"val/loss": evaluate.masked_loss(model, val_rows, pad_id, info)}
