@@ -119,3 +119,18 @@ def test_gpu_sizes_use_every_item_and_fit_80gb_at_depth_12_and_20(tmp_path, mode
         assert "1.00 epochs" in plans["base"]
         base = next(line for line in r.stdout.splitlines() if line.startswith("  base:"))
         assert "--head-dim 128" in base and "--eval-tokens 10485760" in base
+
+
+def test_a_bf16_embedding_starts_a_bf16_residual_under_autocast_and_still_runs_without():
+    """train.place casts the embedding to bf16 on CUDA (nanochat's memory saving); evaluation and
+    sampling may then run a plain fp32 forward, which must still work and match."""
+    torch.manual_seed(0)
+    m = GPT(config_for_depth(2, 256, 32, 64))
+    m.init_weights()
+    idx = torch.randint(0, 256, (2, 16))
+    m.transformer.wte.to(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.trunk(idx).dtype == torch.bfloat16  # the residual stream is bf16: half the activations
+    ref = GPT(config_for_depth(2, 256, 32, 64))
+    ref.load_state_dict(m.state_dict())  # fp32 copy of the same (bf16-rounded) embedding
+    assert torch.equal(m(idx), ref(idx))  # fp32 forward of the bf16 embedding: the fp32 model's logits
