@@ -137,7 +137,8 @@ def compiles(args, info, compile_default=False):
 def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compile_default=False, lm_head=True):
     """The estimated peak memory of one step on this device (memory.py), checked before any work:
     a UserError naming a --device-batch-size that fits (and the accumulation that keeps the global
-    batch) when it cannot fit. rows_per_item: rows in the forward per batch item (2 for a pair);
+    batch) when it cannot fit. accum: this run's accumulation steps, or None where the global batch
+    does not depend on the device batch (GRPO). rows_per_item: rows in the forward per batch item (2 for a pair);
     lm_head=False: the loss does not read the vocabulary logits."""
     compiled = compiles(args, info, compile_default)
     opt = getattr(args, "optimizer", "adamw")
@@ -149,7 +150,7 @@ def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compi
     if smaller is not False:
         rows = args.device_batch_size
         fix = ("not even one row per device fits: use a smaller model or a shorter --sequence-len" if smaller is None
-               else f"pass --device-batch-size {smaller}" + ("" if args.total_batch_size else
+               else f"pass --device-batch-size {smaller}" + ("" if args.total_batch_size or accum is None else
                     f" --grad-accum-steps {accum * rows // smaller}") + " (the global batch stays the same)")
         raise UserError(f"{stage} needs ~{plan.total / memory.GB:.1f} GB per device at --device-batch-size {rows} "
                         f"but {info.device} has {cap / memory.GB:.1f} GB (a plan may use "

@@ -6,11 +6,12 @@ not change what the stage trains on). It asserts what each stage plans: SFT and 
 item, each stage prints its memory plan, and the batch is the size's."""
 import re
 import subprocess
+import sys
 
 import pytest
 
 from nanostoney import checkpoint
-from test_train import ROOT, make_workspace
+from test_train import ROOT, base_cmd, final_weights, make_workspace, max_diff, run
 from test_world_sizes import env, launch
 
 SHRINK = {"base": [], "knowledge": [],
@@ -75,3 +76,20 @@ def test_every_stage_of_the_gpu_sizes_runs_at_two_ranks_with_their_flags(tmp_pat
     assert "GRPO plan: 2 process(es)" in r.stdout
     for stage in ("gpu_base", "base", "knowledge", "mid", "sft", "grpo"):
         assert checkpoint.latest_checkpoint(str(o / stage)) is not None, stage
+
+
+@pytest.mark.slow
+def test_compiled_ddp_with_accumulation_trains_as_plain_ddp(tmp_path):
+    """torch.compile(DDP(model)), as the GPU path trains (compile is on by default on CUDA), at 2
+    gloo ranks with 2 micro-steps (DDP's no_sync on the first): the same weights as plain DDP, up to
+    the compiler's reordering of float sums."""
+    ws = make_workspace(tmp_path / "ws")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    outs = {}
+    for name, extra in (("plain", ["--no-compile"]), ("compiled", ["--compile"])):
+        outs[name] = tmp_path / name
+        r = run(base_cmd(ws, outs[name], "--total-batch-size", "128", "--num-iterations", "3", "--save-every", "0",
+                         "--eval-every", "0", *extra, launcher=torchrun), timeout=1800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "(2 x 16 x 2 proc x 2 accum)" in r.stdout
+    assert max_diff(final_weights(outs["plain"]), final_weights(outs["compiled"])) < 1e-4
