@@ -24,6 +24,7 @@ matmul input and the residual in bf16 and recomputes the pointwise ops (17 chann
 fuses the soft-capped cross-entropy so the logits cost their bf16 value, one fp32 temporary and their
 bf16 gradient. bench/gpu_check.sh measures the real peak on a GPU.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -96,10 +97,8 @@ def capacity(device, local_world_size=1):
 def fitting_batch(plan_for, rows, fits):
     """The largest device batch below `rows` that divides it (so accumulation keeps the global
     batch) and whose plan fits; None when not even one row fits. plan_for(rows) -> MemoryPlan."""
-    for r in range(rows - 1, 0, -1):
-        if rows % r == 0 and fits(plan_for(r)):
-            return r
-    return None
+    divisors = {d for i in range(1, math.isqrt(rows) + 1) if rows % i == 0 for d in (i, rows // i)} - {rows}
+    return next((r for r in sorted(divisors, reverse=True) if fits(plan_for(r))), None)
 
 
 def check_fits(plan_for, rows, device, local_world_size=1):

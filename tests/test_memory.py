@@ -134,3 +134,15 @@ def test_a_bf16_embedding_starts_a_bf16_residual_under_autocast_and_still_runs_w
     ref = GPT(config_for_depth(2, 256, 32, 64))
     ref.load_state_dict(m.state_dict())  # fp32 copy of the same (bf16-rounded) embedding
     assert torch.equal(m(idx), ref(idx))  # fp32 forward of the bf16 embedding: the fp32 model's logits
+
+
+def test_base_train_refuses_a_batch_this_machine_cannot_hold_in_one_sentence(tmp_path):
+    from test_train import base_cmd, make_workspace, run
+    ws = make_workspace(tmp_path / "ws")
+    rows = 2 ** 22  # 4M rows of 16 tokens: terabytes of logits
+    r = run(base_cmd(ws, tmp_path / "out", "--device-batch-size", str(rows), "--total-batch-size", str(rows * 16)))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: base needs ~"), r.stderr[-2000:]
+    smaller = int(re.search(r"pass --device-batch-size (\d+) \(the global batch", lines[0]).group(1))
+    assert rows % smaller == 0 and smaller < rows
+    assert not list((tmp_path / "out").glob("step_*"))  # nothing trained, nothing saved
