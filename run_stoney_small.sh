@@ -204,7 +204,8 @@ case "$SIZE" in
         DEFAULT_BASE="--sequence-len 1024 --total-batch-size 65536 --device-batch-size 8 --num-iterations 200"
         DEFAULT_KNOWLEDGE="$DEFAULT_BASE"  # the bundled corpus read about 13 times, as the bundled base does
         # --pretrain web, nanochat's shapes: 2048-token rows, 0.5M-token steps, steps from 20 tokens per
-        # parameter, heads of 128 channels, ~10M validation tokens (20 x 524,288). Not nanochat's optimizer:
+        # parameter, heads of 128 channels, up to ~10M validation tokens (20 x 524,288; the held-out last
+        # row group of the shards may hold fewer: base_train's plan prints the rows). Not nanochat's optimizer:
         # AdamW for every weight (nanochat: Muon for the block matrices; ours is neither sharded across
         # ranks nor compiled), at a matrix LR of 1e-3 rather than the CPU-tuned 3e-3: between GPT-3's
         # 6e-4 (125M) and modded-nanogpt's tuned AdamW baseline 1.8e-3 (124M), unmeasured here. 16 rows per
