@@ -102,7 +102,7 @@ def main(argv=None):
     weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
-    model.train()
+    train.place(model, info).train()  # (a bf16 embedding under bf16 autocast on CUDA, as base_train)
     seq_len = args.sequence_len or model.config.sequence_len
     total_batch, accum = train.batch_geometry(args, info)
     mem = train.memory_plan("SFT", model, args, info, seq_len, accum, compile_default=True)

@@ -54,7 +54,7 @@ def memory_words(args, stage, a, vocab, seq_len, head_dim):
     words, fits = [], True
     for d in MEMORY_DEPTHS:
         full = stage in ("base", "knowledge") or getattr(a, "full", False)
-        m = model_at(d, vocab, seq_len, head_dim, None if full else a, embedding_bf16=stage in ("base", "knowledge"))
+        m = model_at(d, vocab, seq_len, head_dim, None if full else a, embedding_bf16=stage in ("base", "knowledge", "mid", "sft"))
         rows = a.device_batch_size * (2 if stage == "rm" else 1)
         compiled = a.compile if a.compile is not None else stage in ("base", "knowledge", "mid", "sft")
         plan = memory.estimate(m, rows, seq_len, "cuda", compiled, getattr(a, "optimizer", "adamw"),
