@@ -34,7 +34,8 @@ def task_items(names, cap):
     for name in names:
         exs = subset(get_task(name), "train", cap) if cap else get_task(name).examples("train")
         n += len(exs)
-        chars += sum(len(m["content"]) for ex in exs[:200] for m in ex["messages"]) * len(exs) / max(1, min(200, len(exs)))
+        sample = exs[:200]  # characters per item from the first 200
+        chars += sum(len(m["content"]) for ex in sample for m in ex["messages"]) * len(exs) / max(1, len(sample))
     return n, chars / CHARS_PER_TOKEN / max(1, n)
 
 
@@ -54,7 +55,8 @@ def memory_words(args, stage, a, vocab, seq_len, head_dim):
     words, fits = [], True
     for d in MEMORY_DEPTHS:
         full = stage in ("base", "knowledge") or getattr(a, "full", False)
-        m = model_at(d, vocab, seq_len, head_dim, None if full else a, embedding_bf16=stage in ("base", "knowledge", "mid", "sft"))
+        placed = stage in ("base", "knowledge", "mid", "sft")  # train.place: bf16 embedding on CUDA
+        m = model_at(d, vocab, seq_len, head_dim, None if full else a, embedding_bf16=placed)
         rows = a.device_batch_size * (2 if stage == "rm" else 1)
         compiled = a.compile if a.compile is not None else stage in ("base", "knowledge", "mid", "sft")
         plan = memory.estimate(m, rows, seq_len, "cuda", compiled, getattr(a, "optimizer", "adamw"),
@@ -89,12 +91,13 @@ def chat_line(args, stage, a):
         return (f"{a.num_iterations:,} steps x {per_step} prompts x {a.group_size} samples = {read:,} prompts "
                 f"(<= {read * a.group_size * a.max_new_tokens:,} sampled tokens) of {items:,} train items: "
                 f"{read / items:.2f} epochs")
-    per_step = a.total_batch_size or a.device_batch_size * args.world_size * (a.grad_accum_steps or 1)
+    accum = a.grad_accum_steps or a.default_grad_accum_steps
+    per_step = a.total_batch_size or a.device_batch_size * args.world_size * accum
     read = a.num_iterations * per_step
-    unit = "pairs" if stage == "rm" else "conversations"
-    return (f"{a.num_iterations:,} steps x {per_step} {unit} = {read:,} (~{read * per_item * (2 if stage == 'rm' else 1):,.0f} "
-            f"tokens) of {items:,} train items{'' if a.max_train_examples == 0 else f' (first {a.max_train_examples} per task)'}: "
-            f"{read / items:.2f} epochs")
+    unit, rows = ("pairs", 2) if stage == "rm" else ("conversations", 1)
+    first = "" if a.max_train_examples == 0 else f" (first {a.max_train_examples} per task)"
+    return (f"{a.num_iterations:,} steps x {per_step} {unit} = {read:,} (~{read * per_item * rows:,.0f} tokens) "
+            f"of {items:,} train items{first}: {read / items:.2f} epochs")
 
 
 def main(argv=None):
