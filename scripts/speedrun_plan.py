@@ -121,7 +121,7 @@ def main(argv=None):
             # GRPO trains on prompt + sampled completion, far shorter than the model's context
             rows_len = seq_len if name != "grpo" else min(seq_len, 2 * math.ceil(
                 task_items([t.split("=")[0] for t in a.tasks.split(",")], a.max_train_examples)[1]) + a.max_new_tokens)
-        print(f"  {name} plan: {words}; {memory_words(args, name, a, args.vocab_size, rows_len, head_dim)}")
+        print(f"{name} plan: {words}; {memory_words(args, name, a, args.vocab_size, rows_len, head_dim)}")
 
 
 if __name__ == "__main__":

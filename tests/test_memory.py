@@ -97,7 +97,7 @@ def test_estimate_matches_a_measured_cpu_peak(rows):
 
 
 def stage_plans(stdout):
-    return {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) plan: (.*)$", stdout, re.M)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(base|knowledge|mid|sft|rm|grpo) plan: (.*)$", stdout, re.M)}
 
 
 @pytest.mark.parametrize("mode", [["--size", "gpu"], ["--pretrain", "web"]])
