@@ -57,7 +57,7 @@ def test_every_stage_of_the_gpu_sizes_runs_at_two_ranks_with_their_flags(tmp_pat
     assert "65,536 tokens/step (8 x 1024 x 2 proc x 4 accum)" in r.stdout and "base memory plan: ~" in r.stdout
     r = run_stage("scripts.base_train", web["base"], "base", "--tokenizer", str(ws.tok), "--depth", "2",
                   "--out", str(o / "base"))
-    assert "524,288 tokens/step (16 x 2048 x 2 proc x 16 accum)" in r.stdout and "1 heads" in r.stdout  # head dim 128
+    assert "524,288 tokens/step (16 x 2048 x 2 proc x 8 accum)" in r.stdout and "1 heads" in r.stdout  # head dim 128
     assert "base memory plan: ~" in r.stdout
     r = run_stage("scripts.base_train", web["knowledge"], "knowledge", "--init", str(o / "base"),
                   "--out", str(o / "knowledge"))
