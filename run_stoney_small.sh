@@ -307,7 +307,7 @@ if [ "$PLAN_ONLY" = 1 ]; then
     [ -n "$FROM_NANOCHAT" ] || [ "$PRETRAIN" = web ] && plans+=(knowledge "$KNOWLEDGE_ARGS")
     [ "$PRETRAIN" = web ] && plans+=(mid "$MID_ARGS")
     $PY -m scripts.speedrun_plan --depth "$DEPTH" --world-size "$NPROC" \
-        --vocab-size "$([ "$PRETRAIN" = web ] && echo 65536 || echo 4096)" ${WEB_TOKENS:+--web-tokens "$WEB_TOKENS"} \
+        --vocab-size "$([ "$PRETRAIN" = web ] || [ -n "$FROM_NANOCHAT" ] && echo 65536 || echo 4096)" ${WEB_TOKENS:+--web-tokens "$WEB_TOKENS"} \
         "${plans[@]}" sft "$SFT_ARGS" rm "$RM_ARGS" grpo "$GRPO_ARGS"
     exit 0
 fi
