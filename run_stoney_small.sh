@@ -235,11 +235,23 @@ case "$SIZE" in
         # (base_train's plan says how often). A model worth probing: --pretrain web or --from-nanochat.
         DEFAULT_BASE="--sequence-len 1024 --total-batch-size 65536 --device-batch-size 8 --num-iterations 200"
         DEFAULT_KNOWLEDGE="$DEFAULT_BASE"  # the bundled corpus read about 13 times, as the bundled base does
-        # nanochat's recipe for --pretrain web: 2048-token rows, 0.5M-token steps, steps from 20 tokens per parameter
-        [ "$PRETRAIN" = web ] && DEFAULT_BASE="--data $WEB --sequence-len 2048 --total-batch-size 524288 --device-batch-size 32"
-        DEFAULT_SFT="--num-iterations 1000"
-        DEFAULT_RM="--num-iterations 300"
-        DEFAULT_GRPO="--num-iterations 200 --rewards accuracy=1,format=0.2,reward_model=0.2"
+        # --pretrain web, nanochat's shapes: 2048-token rows, 0.5M-token steps, steps from 20 tokens per
+        # parameter, heads of 128 channels, up to ~10M validation tokens (20 x 524,288; the held-out last
+        # row group of the shards may hold fewer: base_train's plan prints the rows). Not nanochat's optimizer:
+        # AdamW for every weight (nanochat: Muon for the block matrices; ours is neither sharded across
+        # ranks nor compiled), at a matrix LR of 1e-3 rather than the CPU-tuned 3e-3: between GPT-3's
+        # 6e-4 (125M) and modded-nanogpt's tuned AdamW baseline 1.8e-3 (124M), unmeasured here. 16 rows per
+        # device, not nanochat's 32: the memory plan puts 32 x 2048 at depth 20 over 80 GB (a second
+        # accumulation step on 8 GPUs keeps the global batch).
+        [ "$PRETRAIN" = web ] && DEFAULT_BASE="--data $WEB --sequence-len 2048 --total-batch-size 524288
+            --device-batch-size 16 --head-dim 128 --eval-tokens 10485760 --eval-every 250 --matrix-lr 1e-3"
+        # every train item (sft_train's default of 16 per task is the CPU size): 200 steps of 64
+        # conversations read the 4,975 stoney_mc + arith_mc items about 2.6 times
+        DEFAULT_SFT="--max-train-examples 0 --total-batch-size 64 --num-iterations 200"
+        # every train item: 150 steps of 128 pairs read the 9,950 pairs about 1.9 times
+        DEFAULT_RM="--max-train-examples 0 --total-batch-size 128 --num-iterations 150"
+        # every train item (grpo_train's default): 200 steps of 64 prompts read the 4,975 about 2.6 times
+        DEFAULT_GRPO="--num-iterations 200 --prompts-per-step 64 --rewards accuracy=1,format=0.2,reward_model=0.2"
         DEFAULT_EVAL="--max-examples 500 --num-samples 8"
         DEFAULT_REPORT="--max-examples 100" ;;
     tiny)  # every stage for real, a few steps each: the pipeline test (tests/test_pipeline.py)
@@ -320,7 +332,18 @@ if [ "$PRETRAIN" = web ]; then
          "$(awk "BEGIN {printf \"%.0f\", $WEB_TOKENS / 20e6}")M), from FineWeb-Edu shards in $WEB"
 fi
 PLAN=1 pipeline
-[ "$PLAN_ONLY" = 1 ] && exit 0
+if [ "$PLAN_ONLY" = 1 ]; then
+    # per training stage: items and epochs, tokens, steps, and the memory per GPU at depth 12 and 20
+    echo "stage plans (depth $DEPTH; memory on a GPU at depth 12 and 20):"
+    plans=()
+    [ -z "$FROM_NANOCHAT" ] && plans+=(base "$BASE_ARGS")
+    [ -n "$FROM_NANOCHAT" ] || [ "$PRETRAIN" = web ] && plans+=(knowledge "$KNOWLEDGE_ARGS")
+    [ "$PRETRAIN" = web ] && plans+=(mid "$MID_ARGS")
+    $PY -m scripts.speedrun_plan --depth "$DEPTH" --world-size "$NPROC" \
+        --vocab-size "$([ "$PRETRAIN" = web ] || [ -n "$FROM_NANOCHAT" ] && echo 65536 || echo 4096)" ${WEB_TOKENS:+--web-tokens "$WEB_TOKENS"} \
+        "${plans[@]}" sft "$SFT_ARGS" rm "$RM_ARGS" grpo "$GRPO_ARGS"
+    exit 0
+fi
 PLAN=0 pipeline
 
 echo

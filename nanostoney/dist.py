@@ -19,11 +19,16 @@ import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from nanostoney.errors import UserError
+
+# Rank 0 alone may work for many minutes while the others wait in a collective (eval's MAUVE
+# bootstraps, the report, writing a large checkpoint): NCCL's default 10 minutes would kill the run.
+GROUP_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass
@@ -120,15 +125,20 @@ def init_dist(device=None, seed=None):
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
+    # before the first CUDA allocation: segments that grow instead of fragmenting (nanochat, and
+    # what the memory plan assumes); a value the user set wins
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = pick_device(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             # device_id binds this rank to its GPU up front (no guessing inside NCCL).
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=GROUP_TIMEOUT)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=GROUP_TIMEOUT)
     # bf16 autocast on CUDA: matmuls in bf16, master weights and optimizer state stay fp32.
     # On CPU/mps we keep fp32: CPU bf16 is slow on most chips and the point there is testing.
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None

@@ -248,7 +248,11 @@ class GPT(nn.Module):
         """Token ids (B, T) -> residual stream after the last block (before the final norm)."""
         B, T = idx.shape
         cos_sin, mask = self._rotary_and_mask(B, T, kv_cache)
-        x = norm(self.transformer.wte(idx), self.config.norm_eps)
+        x = self.transformer.wte(idx)
+        if not torch.is_autocast_enabled(x.device.type):
+            # a bf16 embedding (train.place on CUDA) read by an fp32 forward (sampling, evaluation)
+            x = x.to(self.lm_head.weight.dtype)
+        x = norm(x, self.config.norm_eps)
         if self.probes:
             for p in self.probes:
                 p.on_resid(0, x)

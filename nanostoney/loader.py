@@ -4,7 +4,7 @@
     train_part, val_part = corpus.split_last()             # hold out the last row group
     loader = PretrainLoader(train_part, tok, seq_len, device_batch, accum, info, seed)
     x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
-    meta["data_position"] = loader.position()              # all ranks call it; resume from it
+    meta["data_position"] = loader.position(step)          # all ranks call it; resume from it
 
 Nothing ever holds the corpus: a corpus is a list of units (file, row group) read from the parquet
 footers, and a lane holds one row group's text column and the tokens of the documents it has
@@ -314,12 +314,14 @@ class PretrainLoader:
         self.mine = {m: Lane(corpus, tokenizer, seq_len, m * info.world_size + info.rank, self.lanes, seed,
                              position=states[m * info.world_size + info.rank]) for m in range(grad_accum)}
         self.next = (None, 0)
+        self.before = {}  # micro -> (step, the lane's position before that step's rows were read)
 
     def get(self, step, micro):
         if self.next[0] is not None and (step, micro) != self.next:
             raise RuntimeError(f"the streaming loader was asked for {(step, micro)} after {self.next}; "
                                f"batches must be read in order")
         self.next = (step, micro + 1) if micro + 1 < len(self.mine) else (step + 1, 0)
+        self.before[micro] = (step, self.mine[micro].position())
         rows = torch.from_numpy(np.stack([self.mine[micro].row() for _ in range(self.B)])).long()
         if self.info.device.type == "cuda":
             rows = rows.pin_memory()
@@ -331,9 +333,14 @@ class PretrainLoader:
         lane = self.mine[0]
         return lane.epoch(lane.position()[0])
 
-    def position(self):
-        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective (all ranks call it)."""
-        states = sorted(gather_lists([[m * self.info.world_size + self.info.rank, lane.position()]
+    def position(self, step=None):
+        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective (all ranks call it).
+        step: the position as of the start of that step, even when its first batches have already
+        been read (the training loop reads one micro-batch ahead); default: after the last read."""
+        def at(m, lane):
+            read, before = self.before.get(m, (None, None))
+            return before if step is not None and read is not None and read >= step else lane.position()
+        states = sorted(gather_lists([[m * self.info.world_size + self.info.rank, at(m, lane)]
                                       for m, lane in self.mine.items()]))
         return {"lanes": self.lanes, "states": [s for _, s in states]}
 

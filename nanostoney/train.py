@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nanostoney import checkpoint, probes
+from nanostoney import checkpoint, memory, probes
 from nanostoney.cli import device, finite_float, nonneg_int, out_path, positive_float, positive_int, probability
 from nanostoney.dist import autocast_ctx, barrier, check_shared, print0
 from nanostoney.errors import RunFailed, UserError
@@ -64,7 +64,8 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     g.add_argument("--sample-every", type=nonneg_int, default=sample_every,
                    help="steps between samples; 0 = only at the end")
     g.add_argument("--save-every", type=nonneg_int, default=save_every,
-                   help="steps between checkpoints; 0 = only at the end")
+                   help="steps between checkpoints; 0 = only at the end" + (
+                       "" if save_every is not None else " (default: about ten in a run, at least 250 steps apart)"))
     g.add_argument("--entropy-every", type=nonneg_int, default=entropy_every,
                    help="steps between attention-entropy logs (measured in that step's first forward); 0 = never")
     g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between loss/throughput logs")
@@ -128,12 +129,54 @@ def batch_geometry(args, info, rows_len=1):
     return args.total_batch_size, accum
 
 
+def compiles(args, info, compile_default=False):
+    """Whether training runs through torch.compile: --compile, else compile_default on CUDA."""
+    return args.compile if args.compile is not None else compile_default and info.device.type == "cuda"
+
+
+def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compile_default=False, lm_head=True):
+    """The estimated peak memory of one step on this device (memory.py), checked before any work:
+    a UserError naming a --device-batch-size that fits (and the accumulation that keeps the global
+    batch) when it cannot fit. accum: this run's accumulation steps, or None where the global batch
+    does not depend on the device batch (GRPO). rows_per_item: rows in the forward per batch item (2 for a pair);
+    lm_head=False: the loss does not read the vocabulary logits."""
+    compiled = compiles(args, info, compile_default)
+    opt = getattr(args, "optimizer", "adamw")
+
+    def plan_for(rows):
+        return memory.estimate(model, rows * rows_per_item, seq_len, info.device, compiled, opt, lm_head=lm_head)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    plan, smaller, cap = memory.check_fits(plan_for, args.device_batch_size, info.device, local)
+    if smaller is not False:
+        rows = args.device_batch_size
+        fix = ("not even one row per device fits: use a smaller model or a shorter --sequence-len" if smaller is None
+               else f"pass --device-batch-size {smaller}" + ("" if args.total_batch_size or accum is None else
+                    f" --grad-accum-steps {accum * rows // smaller}") + " (the global batch stays the same)")
+        raise UserError(f"{stage} needs ~{plan.total / memory.GB:.1f} GB per device at --device-batch-size {rows} "
+                        f"but {info.device} has {cap / memory.GB:.1f} GB (a plan may use "
+                        f"{memory.RESERVE:.0%} of it); {fix}.")
+    return plan
+
+
 def training_module(model, args, info, compile_default=False):
-    """The module to train through: torch.compile'd (--compile; by default `compile_default` on
-    CUDA, where it pays; on CPU compiling costs more than a short run saves) and DDP-wrapped
-    when there are several processes. `model` itself stays the plain module (saving, eval)."""
-    use = args.compile if args.compile is not None else compile_default and info.device.type == "cuda"
-    return wrap_ddp(torch.compile(model) if use else model, info)
+    """The module to train through: DDP-wrapped when there are several processes, then
+    torch.compile'd (--compile; by default `compile_default` on CUDA, where it pays; on CPU
+    compiling costs more than a short run saves). Compiling the DDP module (not DDP around a
+    compiled one) lets dynamo split the graph at DDP's buckets, so each bucket's all-reduce
+    overlaps the rest of the backward. `model` itself stays the plain module (saving, eval)."""
+    wrapped = wrap_ddp(model, info)
+    return torch.compile(wrapped) if compiles(args, info, compile_default) else wrapped
+
+
+def place(model, info):
+    """Move a freshly built or loaded model to the run's device. Under bf16 autocast on CUDA the
+    token embedding is cast to bf16, as nanochat does: the residual stream it starts is then bf16
+    (half the activation memory), and the optimizer tolerates a bf16 embedding. CPU and an
+    explicit --dtype float32 keep every weight fp32 (the CPU equivalence tests compare them)."""
+    model.to(info.device)
+    if info.device.type == "cuda" and info.autocast_dtype == torch.bfloat16:
+        model.transformer.wte.to(dtype=torch.bfloat16)
+    return model
 
 
 def print_plan(stage, info, model, steps, per_step, unit, per_step_detail="", tokens_per_step=None, extra=""):
@@ -223,22 +266,27 @@ def attention_entropy_metrics(probe):
 
 
 def wrap_ddp(model, info):
-    """DDP around the model when there are several processes (gloo on CPU, NCCL on CUDA)."""
+    """DDP around the model when there are several processes (gloo on CPU, NCCL on CUDA).
+    gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second
+    copy of them; broadcast_buffers=False: the only buffers (rotary tables) never change."""
     if not info.is_distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   broadcast_buffers=False)
 
 
-def train_step(info, model, train_model, optimizer, params, batches, loss_fn, grad_accum, grad_clip,
+def train_step(info, model, train_model, optimizer, params, batch, feed, loss_fn, grad_accum, grad_clip,
                measure_entropy=False):
-    """One optimizer step over the grad_accum micro-batches of `batches`. With measure_entropy
-    the first micro-batch's forward runs with the entropy probe attached (exact per-layer
-    attention entropy, no extra forward). Returns a dict of the step's statistics."""
+    """One optimizer step over grad_accum micro-batches: `batch` (read during the previous step)
+    and the next ones from `feed`. Each next batch is read right after a backward is queued,
+    before the step's device sync, so reading and tokenizing overlap the device's work (nanochat's
+    prefetch). With measure_entropy the first micro-batch's forward runs with the entropy probe
+    attached. Returns (the step's statistics, the next step's first batch or None)."""
     sync_device(info.device)
     t0 = time.perf_counter()
     loss_sum, tokens, extra, probe = torch.zeros((), device=info.device), 0, {}, None
-    for micro, batch in enumerate(batches):
+    for micro in range(grad_accum):
         # DDP all-reduces grads on every backward unless told not to: only on the last micro
         last = micro == grad_accum - 1
         sync = train_model.no_sync() if hasattr(train_model, "no_sync") and not last else nullcontext()
@@ -247,6 +295,7 @@ def train_step(info, model, train_model, optimizer, params, batches, loss_fn, gr
             with autocast_ctx(info):
                 loss, n, more = loss_fn(train_model, batch)
             (loss / grad_accum).backward()
+        batch = next(feed, None)  # the device is still busy with this backward
         probe = p if watch else probe
         loss_sum += loss.detach()
         tokens += n
@@ -256,8 +305,9 @@ def train_step(info, model, train_model, optimizer, params, batches, loss_fn, gr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync_device(info.device)
-    return {"loss": loss_sum.item() / grad_accum, "grad_norm": grad_norm.item(), "tokens": tokens,
-            "seconds": time.perf_counter() - t0, "extra": extra, "entropy": probe}
+    stats = {"loss": loss_sum.item() / grad_accum, "grad_norm": grad_norm.item(), "tokens": tokens,
+             "seconds": time.perf_counter() - t0, "extra": extra, "entropy": probe}
+    return stats, batch
 
 
 def step_metrics(stats, optimizer, mult, info, flops_per_token, peak):
@@ -279,7 +329,9 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
 
     get_batch(step, micro) -> a batch for loss_fn(model, batch) (default lm_loss: (x, y) on the
     device); it must be a pure function of its arguments (and the rank), which is what makes
-    --resume exact and DDP equal to accumulation.
+    --resume exact and DDP equal to accumulation. It is called in order, one micro-batch ahead:
+    when the callbacks of step s run, batch (s, 0) has already been read (a streaming loader's
+    resume position is therefore asked for as of a step: loader.PretrainLoader.position(step)).
     evaluate(step) -> dict of metrics, sample(step) -> None, save(step) -> None are called at
     their --*-every intervals (step = optimizer steps done) and once at the end; they run on
     every rank (evaluate and save may hold collectives). Every --entropy-every steps the
@@ -303,13 +355,14 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
     if start_step == 0 and evaluate is not None and args.eval_every > 0:
         run_eval(0)
     pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
+    feed = (get_batch(s, m) for s in range(start_step, n) for m in range(grad_accum))
+    batch = next(feed, None)
     for step in pbar:
         done = step + 1
         mult = lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         set_lr(optimizer, mult)
-        batches = (get_batch(step, micro) for micro in range(grad_accum))
-        stats = train_step(info, model, train_model, optimizer, params, batches, loss_fn, grad_accum,
-                           args.grad_clip, every(args.entropy_every, done))
+        stats, batch = train_step(info, model, train_model, optimizer, params, batch, feed, loss_fn, grad_accum,
+                                  args.grad_clip, every(args.entropy_every, done))
         check_finite(done, loss=stats["loss"], grad_norm=stats["grad_norm"])
         if every(args.log_every, done) or done == n:
             logger.log(step_metrics(stats, optimizer, mult, info, flops_per_token, peak), step=done)

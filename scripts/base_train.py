@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=cli.positive_int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32, help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=cli.nonneg_int, default=2, help="checkpoints to keep (0 = all)")
-    train.add_loop_args(p, num_iterations=None, device_batch_size=8, eval_every=100, save_every=250, unit="tokens",
+    train.add_loop_args(p, num_iterations=None, device_batch_size=8, eval_every=100, save_every=None, unit="tokens",
                         sample_every=250, entropy_every=50)
     optim.add_optim_args(p, optimizer="adamw")
     add_logging_args(p)
@@ -181,8 +181,11 @@ def main(argv=None):
     model, tok = init_model(args) if args.init else fresh_model(args)
     check_same_inputs(sources, tok)  # several nodes: the same corpus files and tokenizer on every rank
     config = model.config
-    model.to(info.device)
+    train.place(model, info)
+    mem = train.memory_plan("base", model, args, info, args.sequence_len, accum, compile_default=True)
     plan_steps(args, model.num_params(), total_batch)
+    if args.save_every is None:  # sized to the run: about ten checkpoints, none closer than 250 steps
+        args.save_every = max(250, math.ceil(args.num_iterations / 10))
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
     geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
@@ -200,7 +203,9 @@ def main(argv=None):
     train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
                      f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
                      extra=f"{corpus_words}; {len(val_rows)} validation rows; {config.n_head} heads, "
-                           f"vocab {config.vocab_size}")
+                           f"vocab {config.vocab_size}; a checkpoint every {args.save_every or args.num_iterations} "
+                           f"steps")
+    print0(f"base {mem.describe()}")
     run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
                   "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
                   "train_tokens": corpus_tokens, "val_tokens": val_rows.numel(), "data_sources": sources}
@@ -223,7 +228,7 @@ def main(argv=None):
         logger.log_table("samples", ["prompt", "completion"], rows, step=step)
 
     def save(step):
-        meta = {**geometry, "data_position": data.position(), "data_sources": sources,
+        meta = {**geometry, "data_position": data.position(step), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "knowledge" if args.init else "base"}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)

@@ -443,9 +443,15 @@ def main(argv=None):
                   "base_checkpoint": os.path.abspath(run.base_ckpt) if run.base_ckpt else None}
     logger = from_args(args, config=run_config, out_dir=out)
     P, G = args.prompts_per_step, args.group_size
+    # a micro-batch row is a prompt and its completion: the longest of the first prompts + --max-new-tokens
+    longest = max(len(run.tok.render_prompt({"messages": task.prompt(ex)}))
+                  for task, exs in zip(run.tasks, run.train_sets) for ex in exs[:64])
+    mem = train.memory_plan("GRPO", run.model, args, info,
+                            min(run.model.config.sequence_len, longest + args.max_new_tokens), None)
     train.print_plan("GRPO", info, run.model, n, P * G, "completions",
                      f"{P} prompts x G={G}; {P // info.world_size} prompts per process",
                      extra=plan_extra(args, run))
+    print0(f"GRPO {mem.describe()}")
 
     def save(step):
         train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},

@@ -143,6 +143,8 @@ def main(argv=None):
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
     check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
     max_len = args.max_len or gpt.config.sequence_len
+    total_batch, accum = train.batch_geometry(args, info)
+    mem = train.memory_plan("reward model", gpt, args, info, max_len, accum, rows_per_item=2, lm_head=False)
     pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
     eval_sets = {t.name: reward_model.build_pairs(t, tok, args.eval_split, args.eval_pairs, max_len) for t in tasks}
     if args.eval_sampled > 0:
@@ -157,7 +159,6 @@ def main(argv=None):
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    total_batch, accum = train.batch_geometry(args, info)
     logger = from_args(args, config={**vars(args), "model": vars(gpt.config), "pairs": counts,
                                      "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
                                      "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)},
@@ -170,6 +171,7 @@ def main(argv=None):
                            + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
                            + f"; held-out ({args.eval_split}) "
                            + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
+    print0(f"reward model {mem.describe()}")
 
     def batch(step, micro):
         g = batches.first_row(step, micro, accum, info.world_size, info.rank, args.device_batch_size)

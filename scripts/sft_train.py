@@ -112,9 +112,10 @@ def main(argv=None):
     model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
         args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
     check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
-    model.train()
+    train.place(model, info).train()  # (a bf16 embedding under bf16 autocast on CUDA, as base_train)
     seq_len = args.sequence_len or model.config.sequence_len
     total_batch, accum = train.batch_geometry(args, info)
+    mem = train.memory_plan("SFT", model, args, info, seq_len, accum, compile_default=True)
     optimizer = optim.optimizer_from_args(model, args)
 
     # data: --max-train-examples balanced, hash-chosen train conversations that fit, per task; val rows for the loss
@@ -142,6 +143,7 @@ def main(argv=None):
                      tokens_per_step=total_batch * mean_len,
                      extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
                            + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
+    print0(f"SFT {mem.describe()}")
 
     def validate(step):
         metrics = {"val/loss": evaluate.masked_loss(model, val_rows, pad_id, info)}
