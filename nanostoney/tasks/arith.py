@@ -13,9 +13,14 @@ operation (+ - * /) told by one of a few sentence templates:
 
     Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
     How many shells does Mia have now?
-    <think>7 + 5 = 12
-    12 / 2 = 6</think>
+    <think>Mia finds 5 more shells: 7 + 5 = 12
+    Mia gives away half of the shells: 12 / 2 = 6</think>
     Answer: 6
+
+Each chain line first re-reads its step's sentence from the question, then computes: the operand
+is then the next token after a prefix the model has just copied (induction), not a lookup it must
+learn from scratch (a depth-4 model copied the bare chain's operand at chance:
+docs/science_log.md, "Issue 25").
 
 Every value stays a whole number in 1..99, so a depth-4 model can learn the sums it needs.
 Splits: a hash of (template, numbers) decides train / val / test (80/10/10), so no held-out
@@ -83,13 +88,21 @@ def run(start, steps):
     return values
 
 
-def rationale(start, steps, values):
-    """One line per step: "12 - 3 = 9" (values may be wrong ones: distractors show their slip)."""
+def rationale(start, steps, values, phrases=None):
+    """One line per step: "Mia sells 3 stamps: 12 - 3 = 9", the step's sentence as the question
+    tells it (phrases[i]), then its equation; without phrases the bare equation. Values may be
+    wrong ones: distractors show their slip."""
     lines, a = [], start
-    for (op, n), v in zip(steps, values):
-        lines.append(f"{a} {op} {n} = {v}")
+    for i, ((op, n), v) in enumerate(zip(steps, values)):
+        equation = f"{a} {op} {n} = {v}"
+        lines.append(f"{phrases[i]}: {equation}" if phrases else equation)
         a = v
     return "\n".join(lines)
+
+
+def step_phrases(template, operands, name, obj):
+    """The question's sentence of each step without its full stop: what a chain line re-reads."""
+    return [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
 
 
 def sample_problem(rng, depth):
@@ -108,12 +121,11 @@ def make_problem(template, start, operands):
     steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
     values = run(start, steps)
     opening = START.format(name=name, n=start, obj=obj)
-    text = " ".join([opening]
-                    + [STEPS[t][2].format(name=name, n=n, obj=obj) for t, n in zip(template, operands)]
-                    + [QUESTION.format(name=name, obj=obj)])
+    phrases = step_phrases(template, operands, name, obj)
+    text = " ".join([opening] + [f"{s}." for s in phrases] + [QUESTION.format(name=name, obj=obj)])
     return {"key": key, "source_id": "arith:" + short_id(key), "question": text, "depth": len(template),
             "opening": opening, "start": start, "steps": steps, "values": values, "final": values[-1],
-            "rationale": rationale(start, steps, values)}
+            "phrases": phrases, "rationale": rationale(start, steps, values, phrases)}
 
 
 def generate(quota=None, seed=SEED):
@@ -156,28 +168,29 @@ def load_problems():
 def wrong_chains(p):
     """[(value, rationale)] of plausible wrong solutions: stop early, one wrong operation, one
     step off by one or two, one step skipped or done twice; later steps carry the slip through."""
-    start, steps, values = p["start"], p["steps"], p["values"]
+    start, steps, values, ph = p["start"], p["steps"], p["values"], p["phrases"]
     out = []
     for k in range(len(steps)):  # stopping early: an intermediate result (depth 1: the start)
         v = values[k - 1] if k else start
-        out.append((v, rationale(start, steps[:k], values[:k]) or p["opening"]))
+        out.append((v, rationale(start, steps[:k], values[:k], ph) or p["opening"]))
     swaps = {"+": "-*", "-": "+/", "*": "+/", "/": "-*"}
     for i, (op, n) in enumerate(steps):
         a = values[i - 1] if i else start
         for wrong_op in swaps[op]:
             v = apply(wrong_op, a, n)
-            out += _carried(start, steps, values, i, (wrong_op, n), v if v != a else None)
+            out += _carried(start, steps, values, i, (wrong_op, n), v if v != a else None, ph)
         for slip in (1, -1, 2, -2):
             v = values[i] + slip
-            out += _carried(start, steps, values, i, (op, n), v if 1 <= v <= MAX_VALUE else None)
-        for changed in (steps[:i] + steps[i + 1:], steps[:i + 1] + steps[i:]):  # skipped, done twice
+            out += _carried(start, steps, values, i, (op, n), v if 1 <= v <= MAX_VALUE else None, ph)
+        for changed, said in ((steps[:i] + steps[i + 1:], ph[:i] + ph[i + 1:]),  # skipped, done twice
+                              (steps[:i + 1] + steps[i:], ph[:i + 1] + ph[i:])):
             vals = run(start, changed) if changed else None
             if vals:
-                out.append((vals[-1], rationale(start, changed, vals)))
+                out.append((vals[-1], rationale(start, changed, vals, said)))
     return out
 
 
-def _carried(start, steps, values, i, step, v):
+def _carried(start, steps, values, i, step, v, phrases):
     """[(final, rationale)] when step i becomes `step` with result v, later steps unchanged."""
     if v is None:
         return []
@@ -185,7 +198,7 @@ def _carried(start, steps, values, i, step, v):
     if tail is None:
         return []
     wrong = values[:i] + [v] + tail
-    return [(wrong[-1], rationale(start, steps[:i] + [step] + steps[i + 1:], wrong))]
+    return [(wrong[-1], rationale(start, steps[:i] + [step] + steps[i + 1:], wrong, phrases))]
 
 
 def candidates(p):
