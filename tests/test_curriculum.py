@@ -115,3 +115,10 @@ def test_base_train_runs_the_curriculum_and_its_plan_lists_the_stages(tmp_path):
     r = subprocess.run(base_cmd(ws, tmp_path / "out3", "--arith-rows", "1", "--drill-rows", "1"),
                        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert r.returncode == 2 and "leave no corpus row" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_cpu_speedrun_plan_runs_the_curriculum(tmp_path):
+    from test_speedrun_plan import speedrun
+    r = speedrun("--size", "cpu", "--out", str(tmp_path / "o"))
+    base = next(line for line in r.stdout.splitlines() if line.startswith("  base:"))
+    assert r.returncode == 0 and "--copy-steps 400 --arith-rows 2 --drill-rows 1" in base, r.stdout
