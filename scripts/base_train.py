@@ -17,6 +17,11 @@ The text streams (nanostoney/loader.py): parquet row groups are read and tokeniz
 run needs them, so memory does not grow with the corpus; other text is converted once into
 parquet in the cache. Without --val-data the last row group of --data is held out.
 
+Curriculum (nanostoney/curriculum.py), on a fresh model reading the bundled corpus: --copy-steps
+of copy drills first (repeated spans, key-value and option lookups), then the corpus with
+--arith-rows rows of each device batch fresh train-split arith problems and --drill-rows rows of
+drills; the plan names the stages. --data / --init runs have none unless the flags ask.
+
 --init continues pretraining a checkpoint instead (a web base or a published nanochat model, with
 its architecture and tokenizer): the speedrun's knowledge stage, which lets such a model read the
 bundled corpus, so that held-out Stoney questions ask about facts it has read.
