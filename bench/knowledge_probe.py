@@ -13,20 +13,29 @@
 2. Letter binding: p(gold letter | the item as pretraining text states it, up to "which is
    option"), teacher forced. The letter can only come from reading the options: 0.20 means the
    model cannot map an answer to its letter, and then no MC accuracy can rise above chance.
-3. Induction: mean loss (nats) on the second copy of a repeated random token sequence minus the
-   first; near 0 = no in-context copying at all (letter binding is harder than copying).
+3. Induction: mean loss (nats) on the first copy of a repeated random token sequence minus the
+   second; near 0 = no in-context copying at all (letter binding is harder than copying).
+4. Reading the question (held-out `arith` val problems, --open-items per depth):
+   - operand copy, teacher forced on the gold text: is every token of a step's operand the
+     model's top prediction, where the chain line re-reads the step's sentence ("phrase": "Mia
+     finds |5") and in its equation ("equation": "7 + |5")? (shared/experiments/copy_wall's
+     sub-step: 0.3, guessing, for a model that learned the sums from bare chains);
+   - open accuracy by depth: the question, then the model's greedy chain and "Answer: N".
 Cheap (forward passes only), so it traces what a base model has against pretraining steps; the
 pipeline's own numbers (SFT/GRPO, generated answers, and their cloze accuracy: the question asked
 without options, each option's answer scored per character) come from scripts.eval.
 """
+import re
+
 import torch
 
 from nanostoney import cli
 from nanostoney.answers import LETTERS
 from nanostoney.cloze import option_logprobs
 from nanostoney.errors import UserError, run_main
+from nanostoney.evaluate import generate_completions
 from nanostoney.files import write_json
-from nanostoney.tasks import get_task
+from nanostoney.tasks import arith, get_task
 from nanostoney.tasks.subset import subset
 
 TASKS = ("stoney_mc", "stoney_mc_unseen", "arith_mc")
@@ -104,9 +113,73 @@ def induction_gain(model, tok, n=16, length=24, seed=0):
     return (loss[:, :length].mean() - loss[:, length + 1:].mean()).item()
 
 
-def probe_checkpoint(model, tok, names, split, items):
+def arith_problems(split, per_depth):
+    """The first per_depth held-out problems of each depth (the generator's order)."""
+    probs = arith.load_problems()[split]
+    return [p for d in arith.DEPTHS for p in [q for q in probs if q["depth"] == d][:per_depth]]
+
+
+def operand_spans(p, offset):
+    """{"phrase": [(start, end)], "equation": [...]}: character spans of each step's operand in
+    the gold chain (which starts at `offset` of the text); a phrase span only where the line
+    re-reads a sentence that states the operand (not "doubles", "half")."""
+    spans, pos = {"phrase": [], "equation": []}, offset
+    a = p["start"]
+    for line, (op, n), v in zip(p["rationale"].split("\n"), p["steps"], p["values"]):
+        phrase, _, _ = line.rpartition(": ")
+        m = re.search(rf"(?<!\d){n}(?!\d)", phrase)
+        if m:
+            spans["phrase"].append((pos + m.start(), pos + m.end()))
+        eq = line.rindex(f"{a} {op} {n} = ") + len(f"{a} {op} ")
+        spans["equation"].append((pos + eq, pos + eq + len(str(n))))
+        pos, a = pos + len(line) + 1, v
+    return spans
+
+
+@torch.no_grad()
+def operand_copy(model, tok, problems):
+    """{"phrase": [hit], "equation": [hit]}: teacher forced on each problem's gold text, is every
+    token of the operand the top prediction?"""
+    hits = {"phrase": [], "equation": []}
+    for p in problems:
+        head = p["question"] + "\n\n<think>"
+        text = head + p["rationale"] + f"</think>\nAnswer: {p['final']}"
+        enc = tok.hf.encode(text, add_special_tokens=False)
+        ids = [tok.bos_id] + enc.ids
+        top = model(torch.tensor([ids], device=model.get_device()))[0].argmax(-1).tolist()
+        for kind, spans in operand_spans(p, len(head)).items():
+            for a, b in spans:
+                toks = [j for j, (s, e) in enumerate(enc.offsets) if s < b and e > a]
+                hits[kind].append(int(all(top[j] == ids[j + 1] for j in toks)))
+    return hits
+
+
+def open_accuracy(model, tok, problems):
+    """[1 if the greedy "Answer: N" after the question is the final value] per problem."""
+    prompts = [[tok.bos_id] + tok.encode(p["question"] + "\n\n") for p in problems]
+    outs = generate_completions(model, tok, prompts, max_new_tokens=112)
+    answers = [re.search(r"Answer:\s*(-?\d+)", o[0]) for o in outs]
+    return [int(bool(m) and int(m.group(1)) == p["final"]) for m, p in zip(answers, problems)]
+
+
+def reading_probe(model, tok, split, per_depth):
+    """Operand copy and open accuracy by depth on held-out arith problems (probe 4)."""
+    from nanostoney.metrics import bootstrap_ci
+    problems = arith_problems(split, per_depth)
+    row = {f"operand_copy/{k}": {"n": len(h), "accuracy": bootstrap_ci([float(x) for x in h])}
+           for k, h in operand_copy(model, tok, problems).items() if h}
+    hits = open_accuracy(model, tok, problems)
+    for d in arith.DEPTHS:
+        h = [float(x) for x, p in zip(hits, problems) if p["depth"] == d]
+        row[f"arith_open/depth{d}"] = {"n": len(h), "accuracy": bootstrap_ci(h)}
+    return row
+
+
+def probe_checkpoint(model, tok, names, split, items, open_items=0):
     from nanostoney.metrics import bootstrap_ci
     row = {"induction_gain_nats": induction_gain(model, tok)}
+    if open_items:
+        row.update(reading_probe(model, tok, split, open_items))
     for n in names:
         task = get_task(n)
         exs = subset(task, split, items)
@@ -125,6 +198,8 @@ def main():
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--items", type=cli.nonneg_int, default=200, help="balanced, hash-chosen items per task (0 = all)")
+    p.add_argument("--open-items", type=cli.nonneg_int, default=25,
+                   help="held-out arith problems per depth for operand copy and open accuracy (0 = skip)")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     args = p.parse_args()
     from nanostoney.checkpoint import load_model
@@ -137,7 +212,7 @@ def main():
         model, tok, _ = load_model(ckpt)
         if tok is None:
             raise UserError(f"{ckpt} has no tokenizer; pass a checkpoint saved with one.")
-        rows[ckpt] = r = probe_checkpoint(model, tok, names, args.split, args.items)
+        rows[ckpt] = r = probe_checkpoint(model, tok, names, args.split, args.items, args.open_items)
         print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats; " + ", ".join(
             f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
             + (f" (p(gold letter) {v['p_gold_letter'][0]:.3f})" if "p_gold_letter" in v else "")

@@ -17,6 +17,11 @@ The text streams (nanostoney/loader.py): parquet row groups are read and tokeniz
 run needs them, so memory does not grow with the corpus; other text is converted once into
 parquet in the cache. Without --val-data the last row group of --data is held out.
 
+Curriculum (nanostoney/curriculum.py), on a fresh model reading the bundled corpus: --copy-steps
+of copy drills first (repeated spans, key-value and option lookups), then the corpus with
+--arith-rows rows of each device batch fresh train-split arith problems and --drill-rows rows of
+drills; the plan names the stages. --data / --init runs have none unless the flags ask.
+
 --init continues pretraining a checkpoint instead (a web base or a published nanochat model, with
 its architecture and tokenizer): the speedrun's knowledge stage, which lets such a model read the
 bundled corpus, so that held-out Stoney questions ask about facts it has read.
@@ -34,14 +39,17 @@ import os
 
 import torch
 
-from nanostoney import checkpoint, cli, corpus, evaluate, loader, optim, published, train
+from nanostoney import checkpoint, cli, corpus, curriculum, evaluate, loader, optim, published, train
 from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
 from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
+from nanostoney.tasks import arith
 from nanostoney.tokenizer import Tokenizer
 
+# measured on the CPU config: docs/science_log.md, "Issue 25"
+CURRICULUM = curriculum.Curriculum(copy_steps=400, arith_rows=2, drill_rows=1)
 SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows and buys 5 more.",
                   "Janet has three apples and"]
 
@@ -61,6 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--val-split", default="validation", help="split of a hub dataset given to --val-data")
     add_manifest_arg(p)
     corpus.add_corpus_args(p)
+    g = p.add_argument_group("curriculum (nanostoney/curriculum.py; default on a fresh model on the bundled corpus)")
+    g.add_argument("--copy-steps", type=cli.nonneg_int, default=None,
+                   help=f"first steps that read copy drills only (default {CURRICULUM.copy_steps}; else 0)")
+    g.add_argument("--arith-rows", type=cli.nonneg_int, default=None,
+                   help=f"rows of each device batch after the copy stage that are fresh train-split arith problems "
+                        f"(default {CURRICULUM.arith_rows}; else 0)")
+    g.add_argument("--drill-rows", type=cli.nonneg_int, default=None,
+                   help=f"rows of each device batch after the copy stage that are copy drills "
+                        f"(default {CURRICULUM.drill_rows}; else 0)")
     p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=cli.positive_int, default=64)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
@@ -81,6 +98,8 @@ def load_corpus(args, info):
     column = args.text_column
     train_src, val_src = expand_sources(args.data or []), expand_sources(args.val_data or [])
     sources = train_src + val_src if args.data else corpus.pretraining_sources(args.corpus_tasks)
+    if args.arith_rows and arith.GATE_NAME not in sources:  # the curriculum's fresh problems
+        sources = sources + [arith.GATE_NAME]
     check_sources([gate_name(s) for s in sources], use="training", manifest=args.manifest)
 
     def parquet():
@@ -97,6 +116,18 @@ def load_corpus(args, info):
     return train_text, loader.Corpus(val_files, column, what="validation corpus"), sources
 
 
+def make_curriculum(args):
+    """The run's curriculum: the flags, else CURRICULUM for a fresh model on the bundled corpus
+    and none for --data / --init (a web or published base reads its own corpus)."""
+    default = CURRICULUM if args.data is None and args.init is None else curriculum.Curriculum()
+    c = curriculum.Curriculum(*(default.__dict__[k] if getattr(args, k) is None else getattr(args, k)
+                                for k in ("copy_steps", "arith_rows", "drill_rows")), seed=args.seed)
+    if c.arith_rows + c.drill_rows >= args.device_batch_size:
+        raise UserError(f"--arith-rows {c.arith_rows} + --drill-rows {c.drill_rows} leave no corpus row of the "
+                        f"{args.device_batch_size}-row device batch; lower them or raise --device-batch-size.")
+    return c
+
+
 def plan_steps(args, num_params, total_batch):
     """--num-iterations, or enough steps for --target-param-data-ratio tokens per parameter."""
     if args.num_iterations is None:
@@ -104,12 +135,14 @@ def plan_steps(args, num_params, total_batch):
     return args.num_iterations
 
 
-def corpus_plan(args, num_params, total_batch, corpus, tok):
+def corpus_plan(args, num_params, total_batch, corpus, tok, plan):
     """(corpus tokens, the plan's words on them): what the run reads against what the corpus
-    holds, with a warning when that repeats it."""
+    holds (the curriculum's generated rows aside), with a warning when that repeats it."""
     tokens = args.num_iterations * total_batch
+    share = curriculum.corpus_rows(plan, args.device_batch_size) / args.device_batch_size
+    read = max(0, args.num_iterations - plan.copy_steps) * total_batch * share
     have, exact = loader.estimate_tokens(corpus, tok)
-    epochs = tokens / max(1, have)
+    epochs = read / max(1, have)
     words = (f"{tokens / num_params:.1f} tokens per parameter; training corpus {'' if exact else '~'}{have:,} tokens "
              f"({corpus.text_bytes / 1e6:,.1f} MB of text in {len(corpus.units):,} row groups): {epochs:.2f} epochs")
     if epochs > 1:
@@ -171,6 +204,8 @@ def init_model(args):
 def main(argv=None):
     args = parse_args(argv)
     check_start(args)
+    plan = make_curriculum(args)
+    args.arith_rows = plan.arith_rows
     out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None,
                         inputs={"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
     info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
@@ -188,23 +223,25 @@ def main(argv=None):
         args.save_every = max(250, math.ceil(args.num_iterations / 10))
     optimizer = optim.optimizer_from_args(model, args)
     # what must not change between a run and its --resume (the data order depends on it)
-    geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len,
+    geometry = {"total_batch_size": total_batch, "sequence_len": args.sequence_len, "curriculum": vars(plan),
                 "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key(), "init": args.init,
                 "tokenizer": tok.fingerprint()}
     resumed = train.resume(args, out, model, optimizer, info, expect=geometry)
     start_step = resumed["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
-    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len, args.device_batch_size, accum, info,
-                                 seed=args.seed, position=resumed.get("data_position"))
+    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len, curriculum.corpus_rows(plan, args.device_batch_size),
+                                 accum, info, seed=args.seed, position=resumed.get("data_position"))
+    get_batch = curriculum.batches(plan, data, tok, args.sequence_len, args.device_batch_size, info)
     val_rows = loader.validation_rows(val_corpus, tok, args.sequence_len, max(1, args.eval_tokens // args.sequence_len))
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
-    corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok)
+    corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok, plan)
     train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
                      f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
                      extra=f"{corpus_words}; {len(val_rows)} validation rows; {config.n_head} heads, "
                            f"vocab {config.vocab_size}; a checkpoint every {args.save_every or args.num_iterations} "
                            f"steps")
+    print0(plan.describe(args.num_iterations, args.device_batch_size))
     print0(f"base {mem.describe()}")
     run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
                   "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
@@ -233,7 +270,7 @@ def main(argv=None):
         train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
-    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=data.get,
+    final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=get_batch,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
                              sample=sample, save=save, train_model=train_model)
     logger.summary(final)

@@ -11,7 +11,7 @@ from nanostoney.tasks import arith, get_task
 from nanostoney.answers import LETTERS
 from nanostoney.tasks.base import baselines, split_by_hash
 
-LINE = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+LINE = re.compile(r"^(?:[^:\n]+: )?(\d+) ([-+*/]) (\d+) = (\d+)$")  # after the re-read sentence, if any
 
 
 def chain_value(think, start):

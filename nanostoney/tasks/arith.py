@@ -16,9 +16,14 @@ operation (+ - * /) told by one of a few sentence templates:
 
     Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
     How many shells does Mia have now?
-    <think>7 + 5 = 12
-    12 / 2 = 6</think>
+    <think>Mia finds 5 more shells: 7 + 5 = 12
+    Mia gives away half of the shells: 12 / 2 = 6</think>
     Answer: 6
+
+Each chain line first re-reads its step's sentence from the question, then computes: the operand
+is then the next token after a prefix the model has just copied (induction), not a lookup it must
+learn from scratch (a depth-4 model copied the bare chain's operand at chance:
+docs/science_log.md, "Issue 25").
 
 Every value stays a whole number in 1..99, so a depth-4 model can learn the sums it needs.
 Splits: a hash of (template, numbers) decides train / val / test (80/10/10), so no held-out
@@ -87,13 +92,21 @@ def run(start, steps):
     return values
 
 
-def rationale(start, steps, values):
-    """One line per step: "12 - 3 = 9" (values may be wrong ones: distractors show their slip)."""
+def rationale(start, steps, values, phrases=None):
+    """One line per step: "Mia sells 3 stamps: 12 - 3 = 9", the step's sentence as the question
+    tells it (phrases[i]), then its equation; without phrases the bare equation. Values may be
+    wrong ones: distractors show their slip."""
     lines, a = [], start
-    for (op, n), v in zip(steps, values):
-        lines.append(f"{a} {op} {n} = {v}")
+    for i, ((op, n), v) in enumerate(zip(steps, values)):
+        equation = f"{a} {op} {n} = {v}"
+        lines.append(f"{phrases[i]}: {equation}" if phrases else equation)
         a = v
     return "\n".join(lines)
+
+
+def step_phrases(template, operands, name, obj):
+    """The question's sentence of each step without its full stop: what a chain line re-reads."""
+    return [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
 
 
 def sample_problem(rng, depth):
@@ -112,12 +125,12 @@ def make_problem(template, start, operands):
     steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
     values = run(start, steps)
     opening = START.format(name=name, n=start, obj=obj)
-    text = " ".join([opening]
-                    + [STEPS[t][2].format(name=name, n=n, obj=obj) for t, n in zip(template, operands)]
-                    + [QUESTION.format(name=name, obj=obj)])
+    phrases = step_phrases(template, operands, name, obj)
+    text = " ".join([opening] + [f"{s}." for s in phrases] + [QUESTION.format(name=name, obj=obj)])
     return {"key": key, "source_id": "arith:" + short_id(key), "question": text, "depth": len(template),
             "opening": opening, "start": start, "steps": steps, "values": values, "final": values[-1],
-            "rationale": rationale(start, steps, values)}
+            "phrases": phrases, "rationale": rationale(start, steps, values, phrases),
+            "template": tuple(template), "name": name, "obj": obj}
 
 
 def generate(quota=None, seed=SEED):
@@ -195,8 +208,26 @@ def wrong_chains(p):
             if not values or values[-1] == p["final"] or key in seen:
                 continue
             seen.add(key)
-            out.append((values[-1], rationale(start, steps, values)))
+            out.append((values[-1], rationale(start, steps, values, misread_phrases(p, steps))))
     return out
+
+
+def misread_phrases(p, steps):
+    """The sentence each line of a misread chain re-reads: as the misreading would tell it (the
+    misread number, the wrong operation's sentence), so the chain agrees with itself line by line
+    and only the question shows the misreading."""
+    return [told(p, i, op, n) for i, (op, n) in enumerate(steps)]
+
+
+def told(p, i, op, n):
+    """Step (op, n) told by the question's template at position i when that template can tell it,
+    else by the first of the question's templates, then of all templates, that can."""
+    order = tuple(p["template"][i:i + 1]) + tuple(p["template"]) + tuple(range(len(STEPS)))
+    for t in order:
+        sop, fixed, text = STEPS[t]
+        if sop == op and fixed in (None, n):
+            return text.format(name=p["name"], n=n, obj=p["obj"]).rstrip(".")
+    raise ValueError(f"no sentence tells the step {op} {n}")
 
 
 def candidates(p):
