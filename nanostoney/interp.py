@@ -50,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from nanostoney import cloze, probes
+from nanostoney.patching import blocks_from  # noqa: F401 (also interp.blocks_from)
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.dist import get_rank, map_over_ranks
@@ -681,15 +682,6 @@ def first_decodable(decodable):
         return float("nan")
     wrong = np.nonzero(~d)[0]
     return float(wrong[-1] + 1) if wrong.size else 0.0
-
-
-def blocks_from(gpt, x, layer):
-    """Run blocks layer.. on the residual stream x [B, T, C] entering block `layer` (no cache):
-    the rest of GPT.trunk, so ablations in layer l can reuse the clean stream before it."""
-    cos_sin, mask = gpt._rotary_and_mask(x.size(0), x.size(1), None)
-    for block in gpt.transformer.h[layer:]:
-        x = block(x, cos_sin, None, mask)
-    return x
 
 
 @torch.no_grad()
