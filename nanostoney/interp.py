@@ -41,6 +41,8 @@ one ablation per batch row, each row starting from the clean residual stream at 
 layer it ablates (blocks before it cannot change). The per-item passes (item_records,
 ablate_single, ablate_sets) are functions of a list of items, so ranks can share the items.
 """
+import itertools
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -123,10 +125,12 @@ DEFINITIONS = {
     "logit_lens": "for each depth l (0 = embeddings, l = after block l), the residual stream at the answer "
                   "slot read through the final norm and lm_head: log-prob of the answer token, top-1 rate "
                   "(rank 1), mean log10 rank, and for multiple choice the letter accuracy; the last depth is the "
-                  "model's own output. decodable: the correct letter wins among the five (MC) or the answer token "
-                  "is top-1 (open).",
-    "lens_first": "the first depth from which the answer stays decodable through the output; undefined for an "
-                  "item whose answer is not decodable at the output.",
+                  "model's own output. decodable (one rule for every family, interp.decodable): the answer token is "
+                  "top-1 of the whole vocabulary at that depth.",
+    "lens_first": "the first block depth (l >= 1, after block l) from which the answer stays decodable "
+                  "through the output; undefined for an item whose answer is not decodable at the output. Depth 0 "
+                  "(the embeddings) is left out: it decodes frequent answer words without reading the question; "
+                  "lens_embedding reports that rate as a baseline.",
     "ablation": "drop in the answer's log-prob (base minus ablated; positive = the head helps) when one head's "
                 "output is set to zero (zero) or to its mean over every position of every analysed prompt of "
                 "this checkpoint (mean), one head at a time.",
@@ -665,23 +669,33 @@ def analyse_item(model, item, keep_full=False):
     if item.letter_ids is not None:
         choice = logits[:, item.letter_ids].argmax(-1)
         rec["lens_choice"] = (choice == item.answer_index).float().cpu().numpy()
-    rec["lens_decodable"] = rec.get("lens_choice", rec["lens_top1"])
+    rec["lens_decodable"] = decodable(logits, item.target)  # one rule, every family
+    rec["lens_embedding"] = float(rec["lens_decodable"][0])  # a baseline: word frequency, not reading
     rec["lens_first"] = first_decodable(rec["lens_decodable"])
-    rec["accuracy"] = float(rec["lens_decodable"][-1])
+    rec["accuracy"] = float(rec.get("lens_choice", rec["lens_top1"])[-1])
     rec["answer_logprob"] = float(rec["lens_logprob"][-1])
     out_sum = torch.stack(probe.out_sum)  # [L, H, D]
     full = torch.stack(probe.full).numpy() if keep_full else None
     return rec, out_sum, full
 
 
+def decodable(logits, target):
+    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits
+    [depths, V]: THE decodability rule of the report, the same for every family (a margin among a
+    few candidates would mean different things for five letters and for a number)."""
+    rank = (logits > logits[:, target][:, None]).sum(-1) + 1
+    return (rank == 1).float().cpu().numpy()
+
+
 def first_decodable(decodable):
-    """The first depth from which the answer stays decodable through the output (NaN when the
-    output itself does not decode it)."""
-    d = np.asarray(decodable) > 0.5
+    """The first block depth (1..n_layer) from which the answer stays decodable through the output
+    (NaN when the output itself does not decode it). Depth 0, the embeddings, is left out: it
+    "decodes" a frequent answer word without reading anything (lens_embedding reports it)."""
+    d = np.asarray(decodable)[1:] > 0.5
     if not d[-1]:
         return float("nan")
     wrong = np.nonzero(~d)[0]
-    return float(wrong[-1] + 1) if wrong.size else 0.0
+    return float(wrong[-1] + 2) if wrong.size else 1.0
 
 
 @torch.no_grad()
@@ -774,7 +788,7 @@ def interval(values, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # one checkpoint, every statistic
 
-SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first")
+SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first", "lens_embedding")
 ARRAY_KEYS = ("entropy", "entropy_answer", "entropy_norm", "entropy_answer_norm", "previous_token", "sink",
               "struct_mass", "lex_mass", "struct_share",
               "lex_share", "option_lookup", "option_share", "lens_logprob", "lens_top1", "lens_log10_rank",
@@ -922,25 +936,52 @@ def choose_heads(recs, families, k):
     return topk
 
 
+RANDOM_SETS = 100  # the least number of random k-head sets behind "top-k heads beat random heads"
+
+
 def random_head_sets(n_layer, n_head, k, n_sets, seed):
-    rng = np.random.default_rng(seed)
-    return [[(int(i // n_head), int(i % n_head)) for i in rng.choice(n_layer * n_head, k, replace=False)]
-            for _ in range(n_sets)]
+    """The null's k-head sets: every one of the C(n, k) sets when there are at most n_sets of them,
+    else n_sets distinct sets drawn afresh (seeded), never a few fixed ones."""
+    n = n_layer * n_head
+    as_heads = lambda s: [(int(i // n_head), int(i % n_head)) for i in s]  # noqa: E731
+    if math.comb(n, k) <= n_sets:
+        return [as_heads(s) for s in itertools.combinations(range(n), k)]
+    rng, seen, out = np.random.default_rng(seed), set(), []
+    while len(out) < n_sets:
+        s = tuple(sorted(int(i) for i in rng.choice(n, k, replace=False)))
+        if s not in seen:
+            seen.add(s)
+            out.append(as_heads(s))
+    return out
+
+
+def null_complete(n_layer, n_head, k, n_sets):
+    """Whether n_sets random k-head sets make the null: RANDOM_SETS of them, or all C(n, k)."""
+    return n_sets >= min(RANDOM_SETS, math.comb(n_layer * n_head, k))
 
 
 def ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress=True, info=None):
-    """Pass 3: each family's top-k heads, and random k-head sets, ablated together; per record
-    topk_<mode> = {"own", <other family>, "random" (mean over the random sets)}."""
+    """Pass 3: each family's top-k heads, and (mean ablation only, the headline's) random k-head
+    sets, ablated together; per record topk_<mode> = {"own", <other family>, "random" (mean over
+    the random sets; NaN when too few sets for the null, null_complete)}, and random_sets_mean:
+    the drop of each random set (the null distribution of one k-set's drop)."""
     L, H = gpt.config.n_layer, gpt.config.n_head
-    sets = {mode: [topk[mode][f] for f in families] + random_sets for mode in ABLATION_MODES}
+    sets = {mode: [topk[mode][f] for f in families] + (random_sets if mode == HEADLINE_MODE else [])
+            for mode in ABLATION_MODES}
     rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
     drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=_bar("ablate top-k", progress, info))
+    k = len(next(iter(topk[HEADLINE_MODE].values())))
+    enough = bool(random_sets) and null_complete(L, H, k, len(random_sets))
     for it, rec, drop in zip(items, recs, drops):
-        for m, mode in enumerate(ABLATION_MODES):
-            dm = drop[m * len(sets[mode]):(m + 1) * len(sets[mode])]
+        start = 0
+        for mode in ABLATION_MODES:
+            dm = drop[start:start + len(sets[mode])]
+            start += len(sets[mode])
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
-            d["random"] = float(dm[len(families):].mean()) if random_sets else float("nan")
+            d["random"] = float(dm[len(families):].mean()) if enough and mode == HEADLINE_MODE else float("nan")
             rec[f"topk_{mode}"] = d
+            if mode == HEADLINE_MODE:
+                rec["random_sets_mean"] = np.asarray(dm[len(families):], dtype=np.float64)
 
 
 def in_group(rec, grp):
@@ -1040,7 +1081,7 @@ def context_samples(tokenizer, items, n=2):
     return out
 
 
-def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=3,
+def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=RANDOM_SETS,
                    n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1,
                    judge=None, progress=True, info=None):
     """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each

@@ -64,7 +64,9 @@ def parse_args(argv=None):
                         "without options and the options' shared answer beginning (cloze: a model that knows "
                         "answers but cannot name letters)")
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
-    p.add_argument("--random-sets", type=cli.nonneg_int, default=3, help="random k-head sets (control)")
+    p.add_argument("--random-sets", type=cli.nonneg_int, default=interp.RANDOM_SETS,
+                   help="random k-head sets drawn afresh for the null of \"top-k heads beat random\" (all of them when "
+                        "there are fewer; under 100 the test is left out)")
     p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
     p.add_argument("--induction-len", type=cli.positive_int, default=32, help="length of the repeated random block")
     p.add_argument("--figure-examples", type=cli.nonneg_int, default=1, help="example prompts drawn per family")
