@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanostoney import cloze, probes
+from nanostoney import cloze, minimal_pairs, patching, probes
 from nanostoney.patching import blocks_from  # noqa: F401 (also interp.blocks_from)
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
@@ -1081,6 +1081,24 @@ def context_samples(tokenizer, items, n=2):
     return out
 
 
+def trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, progress=True, info=None):
+    """(pairs, traces): activation patching on the minimal pairs of the held-out items, read on
+    the model's own reasoning (minimal_pairs); none for the cloze context, which has no reasoning."""
+    if context == "cloze":
+        return [], []
+    contexts, verdicts = {}, {}
+    for name, rows in chosen.items():
+        task = examples[name][0]
+        for _, ex in rows:
+            k = (name, ex["id"])
+            contexts[k] = context_text(ex, completions[k], context)
+            verdicts[k] = bool(task.evaluate(ex, completions[k]))
+    pairs = minimal_pairs.build_pairs(tokenizer, examples, chosen, completions, contexts, verdicts, max_len)
+    pairs = [p for p in pairs if max(p.clean + p.corrupt + [p.target, p.foil]) < gpt.config.vocab_size]
+    traces = map_over_ranks(lambda p: patching.trace_pair(gpt, p), pairs, info, wrap=_bar("patch", progress, info))
+    return pairs, traces
+
+
 def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=RANDOM_SETS,
                    n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1,
                    judge=None, progress=True, info=None):
@@ -1114,6 +1132,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     topk = choose_heads(recs, families, k)
     random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
     ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress, info)
+    pairs, traces = trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, progress, info)
     if (info.rank if info is not None else get_rank()) != 0:
         return None
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
@@ -1132,6 +1151,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     out["per_example"] = [{"key": r["key"], "split": r["split"], "subset": r["subset"],
                            "own_correct": r["own_correct"], "answer_logprob": round(r["answer_logprob"], 5),
                            "accuracy": r["accuracy"], "lens_first": r["lens_first"]} for r in recs]
+    out["patching"] = patching.summary(pairs, traces, n_boot, seed)
     out["_recs"] = recs  # raw per-example arrays for the headline tests and paired deltas (dropped before writing)
     return out
 

@@ -46,6 +46,7 @@ class Pair:
     foil: int          # the corrupted answer's token at the slot
     slot: str = "answer"      # "answer" or "operand" (math: an operand the chain copies)
     own_correct: bool = None  # the model's own greedy answer to the clean item is right
+    direction: str = None     # Stoney: s2e (term -> gloss) or e2s (gloss -> term)
 
 
 def blocks_from(gpt, x, layer):
@@ -122,16 +123,17 @@ def sites(traces):
     return out
 
 
-def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0):
+def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0, m=None):
     """Every site's mean restored LD with a sign-flip p, Holm-corrected over all sites:
     {"sites": [...] (largest mean first), "n", "gap" (mean LD(clean) - LD(corrupt)), "m"}.
-    A site passes when p_holm < alpha and its interval (Bonferroni level) lies above 0.
+    A site passes when p_holm < alpha and its interval (Bonferroni level alpha / m; m: the
+    number of sites, or more when the caller corrects several groups together) lies above 0.
     Fewer than MIN_PAIRS pairs: no site is tested (an empty list)."""
     if len(traces) < MIN_PAIRS:
         return {"sites": [], "n": len(traces), "gap": None, "m": 0, "alpha": alpha}
     gap = float(np.mean([t["ld_clean"] - t["ld_corrupt"] for t in traces]))
     by_site = sites(traces)
-    m = len(by_site)
+    m = m or len(by_site)
     rows = []
     for name, vals in by_site.items():
         r = mean_difference(vals, n_boot=n_boot, n_perm=n_perm, seed=seed + stable_hash(name) % 2 ** 31,
@@ -143,6 +145,35 @@ def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0):
         row["passes"] = bool(p < alpha and row["lo"] > 0)
     rows.sort(key=lambda r: -r["mean"])
     return {"sites": rows, "n": len(traces), "gap": gap, "m": m, "alpha": alpha}
+
+
+def group_names(pair):
+    """The groups a pair is summarised in: its family and slot (declared), then by direction
+    (Stoney) and by whether the model's own answer is right (exploratory)."""
+    base = f"{pair.family}/{pair.slot}"
+    out = [base] + ([f"{base}/{pair.direction}"] if pair.direction else [])
+    return out + ([f"{base}/{'right' if pair.own_correct else 'wrong'}"] if pair.own_correct is not None else [])
+
+
+def summary(pairs, traces, n_boot=2000, seed=0, alpha=ALPHA):
+    """{"groups": {name: site_tests}, "declared": [names], "m", "per_pair": [...]}. The declared
+    groups (each family at its slot) are Holm-corrected together, over every site of each; the
+    others (directions, right / wrong) are exploratory, each corrected over its own sites."""
+    by = {}
+    for p, t in zip(pairs, traces):
+        for g in group_names(p):
+            by.setdefault(g, []).append(t)
+    declared = sorted(g for g in by if g.count("/") == 1 and len(by[g]) >= MIN_PAIRS)
+    m = sum(len(sites(by[g])) for g in declared)
+    out = {g: site_tests(ts, alpha, n_boot, seed=seed, m=m if g in declared else None) for g, ts in by.items()}
+    rows = [r for g in declared for r in out[g]["sites"]]
+    for r, p in zip(rows, holm([r["p"] for r in rows]) if rows else []):
+        r["p_holm"] = float(p)
+        r["passes"] = bool(p < alpha and r["lo"] > 0)
+    per_pair = [{"key": p.key, "family": p.family, "slot": p.slot, "direction": p.direction,
+                 "own_correct": p.own_correct, "gap": round(t["ld_clean"] - t["ld_corrupt"], 5)}
+                for p, t in zip(pairs, traces)]
+    return {"groups": out, "declared": declared, "m": m, "alpha": alpha, "n_pairs": len(pairs), "per_pair": per_pair}
 
 
 def top_head(tests):
