@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from nanostoney import report_causal
 from nanostoney.files import write_failed, write_json
 from nanostoney.interp import ABLATION_MODES, HEADLINE_MODE, HEADLINES, LEXICAL_REGIONS, MIN_N, OUTCOME_GROUPS, \
     SPLIT_GROUPS, STRUCT_REGIONS
@@ -680,10 +681,14 @@ def render_html(metrics, figs):
     ck_desc = ", ".join(f"{n} = {c['path']}" for n, c in cfg["checkpoints"].items())
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>nanostoney reasoning report</title>"
              f"<style>{CSS}</style></head><body>",
-             "<h1>Which heads and layers carry the answer: Stoney Nakoda vs math</h1>",
+             "<h1>How the model reaches its answer: Stoney Nakoda vs math</h1>",
+             "<div class=summary>" + "".join(f"<p>{esc(s)}</p>" for s in report_causal.lead(metrics)) + "</div>",
+             report_causal.table(metrics),
              f"<div class=meta>{esc(ck_desc)} · tasks {esc(', '.join(cfg['tasks']))} · up to {cfg['max_examples']} "
-             f"examples per task and split (held-out = val + test) · context: {esc(cfg['context'])} · "
+             f"examples per task and split (held-out = val + test) · context: {esc(cfg['context'])}"
+             f"{' (a storage probe, not reasoning)' if cfg['context'] == 'cloze' else ''} · "
              f"{esc(metrics['created'])}</div>",
+             "<h2>Ablation, logit lens and attention: declared tests</h2>",
              "<div class=summary><ul>" + "".join(f"<li>{esc(s)}</li>" for s in metrics["summary"]) + "</ul></div>",
              fig_html(figs.get("headline", [])), headline_table(metrics), contexts_html(metrics),
              "<h2>Exploratory (uncorrected 95% intervals; not claims)</h2>",

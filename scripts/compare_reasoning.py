@@ -7,10 +7,12 @@
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
-hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc (family
-"stoney": held-out items ask about facts read in pretraining, never asked in training) vs
-arith_mc (family "math": generated multi-step problems, held out by template and numbers);
-aqua_mc, gsm8k_mc and stoney_lexicon by --tasks. Up to --max-examples examples of each task from
+hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_lexicon
+(family "stoney": held-out items ask about facts read in pretraining, never asked in training, in
+both directions) vs arith (family "math": generated multi-step problems, held out by template and
+numbers), both open: the model writes its chain and its answer itself; stoney_mc, arith_mc,
+aqua_mc and gsm8k_mc by --tasks. The first screen is causal: activation patching on minimal pairs
+of the held-out items (nanostoney.minimal_pairs, nanostoney.patching), Holm-corrected. Up to --max-examples examples of each task from
 each split (tasks.subset: balanced and hash-ordered, the same for every checkpoint). Each item is read after the
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
 teacher forced, with its answer sentence removed; --context cloze: the question without options,
@@ -40,7 +42,7 @@ from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
 
-DEFAULT_TASKS = ("stoney_mc", "arith_mc")
+DEFAULT_TASKS = ("stoney_lexicon", "arith")  # open answers: the model writes its answer itself
 
 
 def parse_args(argv=None):
