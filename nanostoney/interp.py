@@ -75,6 +75,7 @@ ABLATION_MODES = ("zero", "mean")
 HEADLINE_MODE = "mean"  # the ablation the headline tests use (zero ablation stays exploratory)
 ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "sink": 0.5, "option_lookup": 0.3}
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+DIRECTIONS = {"s2e": "term → gloss", "e2s": "gloss → term"}
 ALPHA = 0.05  # family-wise error rate of the headline tests
 MIN_N = 10  # items a side for a headline test: 10 sign flips reach p = 2 / 2**10 at best
 
@@ -227,6 +228,7 @@ class Item:
     tokens: list = field(default_factory=list)  # display strings
     own_correct: bool = None   # the model's own greedy completion of the prompt is right
     depth: int = 0             # reasoning steps of an arith item (1-4); 0 for other tasks
+    direction: str = None      # Stoney lexicon items: s2e (term -> gloss) or e2s (gloss -> term)
 
     @property
     def key(self):
@@ -478,7 +480,8 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     lex = ([other] * 2 + token_lexical(lexical_char_labels(text, task.family, judge), u_off) + [other] * 2
            + token_lexical(lexical_char_labels(gold, task.family, judge), a_off[:k]))
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
-                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0)
+                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0,
+                direction=example.get("direction"))
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
@@ -900,6 +903,7 @@ def item_records(gpt, items, figure_keys=(), progress=True, info=None):
     for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
                    outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth,
+                   direction=it.direction,
                    chance=1 / len(it.letter_ids) if it.letter_ids else None)  # a guess among the options
         recs.append(rec)
         if full is not None:
@@ -992,7 +996,7 @@ def group_summaries(recs, families, task_names, n_boot, seed):
     """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}},
     "depths": {family: {depth: summary of its held-out items}}} for the groups train, heldout,
     heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
-    out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}}
+    out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}, "directions": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
@@ -1003,6 +1007,10 @@ def group_summaries(recs, families, task_names, n_boot, seed):
         held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("depth")]
         for d in sorted({r["depth"] for r in held}):
             out["depths"].setdefault(fam, {})[str(d)] = summarize([r for r in held if r["depth"] == d], n_boot, seed)
+        held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("direction")]
+        for d in sorted({r["direction"] for r in held}):  # term -> gloss and gloss -> term apart
+            out["directions"].setdefault(fam, {})[DIRECTIONS.get(d, d)] = summarize(
+                [r for r in held if r["direction"] == d], n_boot, seed)
     for name in task_names:
         out["tasks"][name] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
@@ -1139,7 +1147,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)
     out.update(n_items=groups["n_items"], skipped=skipped, families=groups["families"], tasks=groups["tasks"],
-               depths=groups["depths"])
+               depths=groups["depths"], directions=groups["directions"])
     vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
     ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
     out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),

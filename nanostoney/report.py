@@ -599,11 +599,11 @@ def cell_text(s):
 
 
 TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
-              ("lens_first", "first decodable depth"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
+              ("lens_first", "first decodable depth"), ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
               ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
               ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
-              ("topk_mean:own", "top-k mean-ablation drop (own)"),
+              ("chance", "chance (baseline)"), ("topk_mean:own", "top-k mean-ablation drop (own)"),
               ("topk_mean:random", "random-k mean-ablation drop")]
 
 
@@ -617,10 +617,11 @@ def table(metrics, ck):
             if s:
                 rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
                             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
-    for fam, by in res.get("depths", {}).items():  # arith: held-out items by reasoning depth
-        for d, s in by.items():
-            rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}-step</td><td class=l>heldout</td><td>{s['n']}</td>" +
-                        "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
+    strata = [(fam, f"{d}-step", s) for fam, by in res.get("depths", {}).items() for d, s in by.items()]
+    strata += [(fam, d, s) for fam, by in res.get("directions", {}).items() for d, s in by.items()]
+    for fam, d, s in strata:  # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
+        rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}</td><td class=l>heldout</td><td>{s['n']}</td>" +
+                    "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
     task_rows = []
     for task, by in res["tasks"].items():
         for grp, s in by.items():

@@ -357,10 +357,17 @@ def test_heads_are_chosen_on_the_selection_subset_only():
 def test_held_out_math_items_are_summarised_by_reasoning_depth():
     recs = fake_recs(np.random.default_rng(0))
     for i, r in enumerate(recs):
-        r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0)
+        r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0,
+                 direction=("s2e", "e2s")[i % 2] if r["family"] == "stoney" else None)
     out = interp.group_summaries(recs, ["stoney", "math"], ["stoney_mc", "math_mc"], n_boot=50, seed=0)
     held = [r for r in recs if r["family"] == "math" and r["group"] == "heldout"]
     assert set(out["depths"]) == {"math"}  # stoney items have no depth
+    # ... and Stoney's by direction: term -> gloss and gloss -> term are reported apart
+    s_held = [r for r in recs if r["family"] == "stoney" and r["group"] == "heldout"]
+    assert {d: s["n"] for d, s in out["directions"]["stoney"].items()} == {
+        "term → gloss": sum(r["direction"] == "s2e" for r in s_held),
+        "gloss → term": sum(r["direction"] == "e2s" for r in s_held)}
+    assert set(out["directions"]) == {"stoney"}
     assert {d: s["n"] for d, s in out["depths"]["math"].items()} == {
         str(d): sum(r["depth"] == d for r in held) for d in (1, 2, 3, 4) if any(r["depth"] == d for r in held)}
     assert "lens_first" in out["depths"]["math"][next(iter(out["depths"]["math"]))]
