@@ -151,6 +151,17 @@ DEFINITIONS = {
                 "bootstrap intervals at the Bonferroni level 1 - 0.05/m for m tests (simultaneous 95%). A result "
                 "is significant when its Holm p is below 0.05 and its interval excludes 0. A test enters only with "
                 "at least 10 items a side (decided before looking at the outcome).",
+    "minimal_pair": "one held-out item read twice with the model's own assistant text held fixed: clean, and with "
+                    "one thing in the question changed (math: an operand the model's chain copies from the question, "
+                    "read where the chain writes it; Stoney: the term, from another item of the same task and "
+                    "direction, read at the answer after the model's own rationale); the two prompts have the "
+                    "same length and differ in at most 4 tokens (nanostoney.minimal_pairs).",
+    "patching": "activation patching: one activation of the clean run copied into the corrupted run (the residual "
+                "stream entering each block at the changed token and at the slot, and each head's output at the "
+                "slot); restored = LD(patched) - LD(corrupt), LD = logit of the clean answer's token minus the "
+                "corrupted answer's at the slot, in nats; 'of the gap' = mean restored / mean (LD(clean) - "
+                "LD(corrupt)). A site passes when its sign-flip p, Holm-corrected over every site of both "
+                "families, is below 0.05 and its Bonferroni-level interval lies above 0 (nanostoney.patching).",
     "roles": "a head gets a role when its score is at least the threshold: " +
              ", ".join(f"{k} >= {v}" for k, v in ROLE_THRESHOLDS.items()) + ".",
     "role_thresholds": ROLE_THRESHOLDS,

@@ -34,7 +34,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import cli, interp, lora, published, report
+from nanostoney import cli, interp, lora, published, report, report_causal
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -209,7 +209,7 @@ def main(argv=None):
         if logger is not None:
             logger.finish()
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
-    for line in metrics["summary"]:
+    for line in report_causal.lead(metrics) + metrics["summary"]:
         print(" -", line)
     cleanup()
     return out
