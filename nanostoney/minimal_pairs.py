@@ -48,10 +48,9 @@ def slot_tokens(tokenizer, text, char, clean, other):
     continuations tokenize the context differently or start with the same token."""
     a = tokenizer.encode(text[:char] + clean)
     b = tokenizer.encode(text[:char] + other)
-    k, used = 0, 0
-    while k < len(a) and used + len(tokenizer.decode([a[k]])) <= char:
-        used += len(tokenizer.decode([a[k]]))
-        k += 1
+    # the longest run of tokens that decodes to a prefix of text[:char] (a character split over
+    # byte tokens decodes to a prefix only once all of its bytes are in)
+    k = max(j for j in range(len(a) + 1) if text[:char].startswith(tokenizer.decode(a[:j])))
     if k >= len(a) or k >= len(b) or a[:k] != b[:k] or a[k] == b[k]:
         return None
     return a[:k], a[k], b[k]
