@@ -108,16 +108,19 @@ def answer_start(text):
     return i + len(text[i:]) - len(text[i:].lstrip())
 
 
-def term_pairs(tokenizer, task, rows, max_len):
+def term_pairs(tokenizer, task, rows, max_len, donors=None):
     """The Stoney pairs: rows [(example, context text, own_correct)] of one task; each item is
-    paired with the first other item of its direction (hash order) whose prompt differs from its
-    own in at most MAX_CHANGED tokens, and read at the answer slot after its own context."""
+    paired with the first donor (default: the rows' examples; any example of the task, hash order)
+    of its direction whose prompt has as many tokens as its own and differs in at most
+    MAX_CHANGED of them, and read at the answer slot after its own context."""
+    by_len = {}
+    for d in donors if donors is not None else [ex for ex, _, _ in rows]:
+        by_len.setdefault((d.get("direction"), len(tokenizer.render_prompt(task.prompt(d)))), []).append(d)
     out = []
     for ex, context, own_correct in rows:
-        donors = sorted((d for d, _, _ in rows if d["id"] != ex["id"] and d.get("direction") == ex.get("direction")),
-                        key=lambda d: stable_hash(f"{ex['id']}/{d['id']}"))
+        same = by_len.get((ex.get("direction"), len(tokenizer.render_prompt(task.prompt(ex)))), [])
         gold = answer_after(ex["messages"][-1]["content"])
-        for d in donors:
+        for d in sorted((d for d in same if d["id"] != ex["id"]), key=lambda d: stable_hash(f"{ex['id']}/{d['id']}")):
             pair = make_pair(tokenizer, f"{task.name}/{ex['id']}", task.family, (task.prompt(ex), task.prompt(d)),
                              context, answer_start(context), (gold, answer_after(d["messages"][-1]["content"])),
                              "answer", own_correct, max_len)
@@ -143,5 +146,6 @@ def build_pairs(tokenizer, examples, chosen, completions, contexts, verdicts, ma
         else:
             rows = [(ex, contexts[(name, ex["id"])], verdicts[(name, ex["id"])]) for ex in held
                     if (name, ex["id"]) in contexts]
-            out += term_pairs(tokenizer, task, rows, max_len)
+            donors = [d for split, exs in examples[name][1].items() if split != "train" for d in exs]
+            out += term_pairs(tokenizer, task, rows, max_len, donors)
     return out
