@@ -67,7 +67,8 @@ def lead(metrics):
         n = pat["n_pairs"] if pat else 0
         return [f"{last}: {n} minimal pairs on the model's own reasoning, too few to test any family "
                 f"(10 a family needed); raise --max-examples.", seeds_sentence(metrics)]
-    found = " ".join(group_sentence(g, pat["groups"][g]) for g in pat["declared"])
+    main = sorted((g for g in pat["groups"] if g.count("/") == 1), key=lambda g: g not in pat["declared"])
+    found = " ".join(group_sentence(g, pat["groups"][g]) for g in main)
     return [f"{last}: {found}", f"Holm-Bonferroni over all {pat['m']} sites of both families; intervals at the "
             f"Bonferroni level.", seeds_sentence(metrics)]
 
