@@ -228,10 +228,12 @@ def fake_traces(n, planted, seed=0, L=2, H=2):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        heads = rng.normal(0, 0.3, (L, H))
+        heads, resid = rng.normal(0, 0.3, (L, H)), rng.normal(0, 0.3, (2, L + 1))
+        gap = 3.0 if planted else float(rng.normal(0, 0.3))
         if planted:
             heads[planted] += 2.5
-        out.append({"ld_clean": 3.0, "ld_corrupt": 0.0, "resid": rng.normal(0, 0.3, (2, L + 1)), "heads": heads})
+        resid[1, -1] = gap  # the whole stream at the slot after the last block restores the gap exactly
+        out.append({"ld_clean": gap, "ld_corrupt": 0.0, "resid": resid, "heads": heads})
     return out
 
 
@@ -249,6 +251,9 @@ def test_first_screen_says_what_patching_found_and_how_sure():
     assert "one training run" in lead[-1]
     html = report_causal.table(metrics)
     assert html.count("<b>yes</b>") >= 1 and "stoney/answer/s2e" in html
+    rows = html.split("</table>")[0].split("<tr>")[2:]
+    assert all("%" in r for r in rows if "stoney/answer" in r)  # a real gap: its share is shown
+    assert all("%" not in r and "—" in r for r in rows if "math/operand" in r)  # no gap: no share of it
     metrics["seeds"] = {"n_seeds": 3, "claims": {"stoney head 1.0": {"every_seed": True},
                                                  "math resid": {"every_seed": False}}}
     assert report_causal.lead(metrics)[-1] == ("Over 3 training seeds, 1 of 2 claims hold in every seed: "
