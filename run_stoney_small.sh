@@ -220,7 +220,8 @@ case "$SIZE" in
         # 2000 base steps store the held-out Stoney facts; a CPU-sized model picks held-out answers
         # well above chance by cloze (eval's "cloze": each option's answer scored, no options shown)
         # but cannot read a letter off the options, so its greedy letter accuracy stays at chance
-        # (BENCHMARKS.md, "Issue 16"). The report therefore probes the cloze slot (--context cloze).
+        # (BENCHMARKS.md, "Issue 16"). The report reads the open tasks on the model's own reasoning
+        # (compare_reasoning's default): 100 items per split, 200 held-out items per family.
         DEFAULT_TOK=""
         # the curriculum (nanostoney/curriculum.py, base_train's defaults, named here for the plan):
         # copy drills first, then the corpus with fresh train-split arith and drill rows
@@ -230,7 +231,7 @@ case "$SIZE" in
         DEFAULT_RM="--num-iterations 100"
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
         DEFAULT_EVAL="--max-examples 100 --num-samples 2 --tasks stoney_mc,stoney_mc_unseen,arith_mc,arith"
-        DEFAULT_REPORT="--max-examples 32 --context cloze" ;;
+        DEFAULT_REPORT="--max-examples 100" ;;
     gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
         # The bundled corpus is about 1M tokens: 200 steps of 65,536 tokens read it about 13 times
@@ -280,6 +281,8 @@ GRPO_ARGS=${GRPO_ARGS-$DEFAULT_GRPO}
 EVAL_ARGS=${EVAL_ARGS-$DEFAULT_EVAL}
 REPORT_ARGS=${REPORT_ARGS-$DEFAULT_REPORT}
 COMMON="--wandb $WANDB"
+# SEED=N: the training seed of every training stage (bench/report_seeds.py trains one run per seed)
+TRAIN="$COMMON --seed ${SEED:-0}"
 # midtraining (nanochat's mid stage): every weight, on the chat format of the Stoney conversations
 # and the math tasks, so the chat tokens are learned before the LoRA stages
 MID_ARGS=${MID_ARGS-"--full --lr 1e-3 --tasks stoney_qa=1,stoney_lexicon=1,stoney_mc=1,arith=1,arith_mc=1,gsm8k=1,gsm8k_mc=1,aqua_mc=1
@@ -301,27 +304,27 @@ pipeline() {
                 $(again tokenizer "$OUT/tokenizer" "")
         fi
         stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
-            --out "$OUT/base" --run-name base $COMMON $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
+            --out "$OUT/base" --run-name base $TRAIN $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
     fi
     init="$BASE"
     if [ -n "$FROM_NANOCHAT" ] || [ "$PRETRAIN" = web ]; then
         # continued pretraining on the bundled corpus: the Stoney facts held-out questions ask about,
         # which neither the web nor a published model has read
         stage knowledge $LAUNCH -m scripts.base_train --init "$BASE" --out "$OUT/knowledge" --run-name knowledge \
-            $COMMON $KNOWLEDGE_ARGS $(again knowledge "$OUT/knowledge" "$KNOWLEDGE_ARGS")
+            $TRAIN $KNOWLEDGE_ARGS $(again knowledge "$OUT/knowledge" "$KNOWLEDGE_ARGS")
         init="$OUT/knowledge"
     fi
     if [ "$PRETRAIN" = web ]; then
-        stage mid $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/mid" --run-name mid $COMMON $MID_ARGS \
+        stage mid $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/mid" --run-name mid $TRAIN $MID_ARGS \
             $(again mid "$OUT/mid" "$MID_ARGS")
         init="$OUT/mid"
     fi
-    stage sft $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/sft" --run-name sft $COMMON $SFT_ARGS \
+    stage sft $LAUNCH -m scripts.sft_train --init "$init" --out "$OUT/sft" --run-name sft $TRAIN $SFT_ARGS \
         $(again sft "$OUT/sft" "$SFT_ARGS")
-    stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $COMMON $RM_ARGS \
+    stage rm $LAUNCH -m scripts.rm_train --init "$OUT/sft" --out "$OUT/rm" --run-name rm $TRAIN $RM_ARGS \
         $(again rm "$OUT/rm" "$RM_ARGS")
     stage grpo $LAUNCH -m scripts.grpo_train --init "$OUT/sft" --reward-model "$OUT/rm" --out "$OUT/grpo" \
-        --run-name grpo $COMMON $GRPO_ARGS $(again grpo "$OUT/grpo" "$GRPO_ARGS")
+        --run-name grpo $TRAIN $GRPO_ARGS $(again grpo "$OUT/grpo" "$GRPO_ARGS")
     stage eval $LAUNCH -m scripts.eval --checkpoints base="$BASE" sft="$OUT/sft" grpo="$OUT/grpo" \
         --out "$OUT/eval/results.json" --run-name eval $COMMON $EVAL_ARGS
     stage report $LAUNCH -m scripts.compare_reasoning --checkpoints base="$BASE" sft="$OUT/sft" grpo="$OUT/grpo" \

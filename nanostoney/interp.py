@@ -41,6 +41,8 @@ one ablation per batch row, each row starting from the clean residual stream at 
 layer it ablates (blocks before it cannot change). The per-item passes (item_records,
 ablate_single, ablate_sets) are functions of a list of items, so ranks can share the items.
 """
+import itertools
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -49,7 +51,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanostoney import cloze, probes
+from nanostoney import cloze, minimal_pairs, patching, probes
+from nanostoney.patching import blocks_from  # noqa: F401 (also interp.blocks_from)
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.dist import get_rank, map_over_ranks
@@ -72,6 +75,7 @@ ABLATION_MODES = ("zero", "mean")
 HEADLINE_MODE = "mean"  # the ablation the headline tests use (zero ablation stays exploratory)
 ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "sink": 0.5, "option_lookup": 0.3}
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+DIRECTIONS = {"s2e": "term → gloss", "e2s": "gloss → term"}
 ALPHA = 0.05  # family-wise error rate of the headline tests
 MIN_N = 10  # items a side for a headline test: 10 sign flips reach p = 2 / 2**10 at best
 
@@ -122,10 +126,12 @@ DEFINITIONS = {
     "logit_lens": "for each depth l (0 = embeddings, l = after block l), the residual stream at the answer "
                   "slot read through the final norm and lm_head: log-prob of the answer token, top-1 rate "
                   "(rank 1), mean log10 rank, and for multiple choice the letter accuracy; the last depth is the "
-                  "model's own output. decodable: the correct letter wins among the five (MC) or the answer token "
-                  "is top-1 (open).",
-    "lens_first": "the first depth from which the answer stays decodable through the output; undefined for an "
-                  "item whose answer is not decodable at the output.",
+                  "model's own output. decodable (one rule for every family, interp.decodable): the answer token is "
+                  "top-1 of the whole vocabulary at that depth.",
+    "lens_first": "the first block depth (l >= 1, after block l) from which the answer stays decodable "
+                  "through the output; undefined for an item whose answer is not decodable at the output. Depth 0 "
+                  "(the embeddings) is left out: it decodes frequent answer words without reading the question; "
+                  "lens_embedding reports that rate as a baseline.",
     "ablation": "drop in the answer's log-prob (base minus ablated; positive = the head helps) when one head's "
                 "output is set to zero (zero) or to its mean over every position of every analysed prompt of "
                 "this checkpoint (mean), one head at a time.",
@@ -145,6 +151,17 @@ DEFINITIONS = {
                 "bootstrap intervals at the Bonferroni level 1 - 0.05/m for m tests (simultaneous 95%). A result "
                 "is significant when its Holm p is below 0.05 and its interval excludes 0. A test enters only with "
                 "at least 10 items a side (decided before looking at the outcome).",
+    "minimal_pair": "one held-out item read twice with the model's own assistant text held fixed: clean, and with "
+                    "one thing in the question changed (math: an operand the model's chain copies from the question, "
+                    "read where the chain writes it; Stoney: the term, from another item of the same task and "
+                    "direction, read at the answer after the model's own rationale); the two prompts have the "
+                    "same length and differ in at most 4 tokens (nanostoney.minimal_pairs).",
+    "patching": "activation patching: one activation of the clean run copied into the corrupted run (the residual "
+                "stream entering each block at the changed token and at the slot, and each head's output at the "
+                "slot); restored = LD(patched) - LD(corrupt), LD = logit of the clean answer's token minus the "
+                "corrupted answer's at the slot, in nats; 'of the gap' = mean restored / mean (LD(clean) - "
+                "LD(corrupt)). A site passes when its sign-flip p, Holm-corrected over every site of both "
+                "families, is below 0.05 and its Bonferroni-level interval lies above 0 (nanostoney.patching).",
     "roles": "a head gets a role when its score is at least the threshold: " +
              ", ".join(f"{k} >= {v}" for k, v in ROLE_THRESHOLDS.items()) + ".",
     "role_thresholds": ROLE_THRESHOLDS,
@@ -222,6 +239,7 @@ class Item:
     tokens: list = field(default_factory=list)  # display strings
     own_correct: bool = None   # the model's own greedy completion of the prompt is right
     depth: int = 0             # reasoning steps of an arith item (1-4); 0 for other tasks
+    direction: str = None      # Stoney lexicon items: s2e (term -> gloss) or e2s (gloss -> term)
 
     @property
     def key(self):
@@ -473,7 +491,8 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     lex = ([other] * 2 + token_lexical(lexical_char_labels(text, task.family, judge), u_off) + [other] * 2
            + token_lexical(lexical_char_labels(gold, task.family, judge), a_off[:k]))
     item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
-                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0)
+                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0,
+                direction=example.get("direction"))
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
@@ -664,32 +683,33 @@ def analyse_item(model, item, keep_full=False):
     if item.letter_ids is not None:
         choice = logits[:, item.letter_ids].argmax(-1)
         rec["lens_choice"] = (choice == item.answer_index).float().cpu().numpy()
-    rec["lens_decodable"] = rec.get("lens_choice", rec["lens_top1"])
+    rec["lens_decodable"] = decodable(logits, item.target)  # one rule, every family
+    rec["lens_embedding"] = float(rec["lens_decodable"][0])  # a baseline: word frequency, not reading
     rec["lens_first"] = first_decodable(rec["lens_decodable"])
-    rec["accuracy"] = float(rec["lens_decodable"][-1])
+    rec["accuracy"] = float(rec.get("lens_choice", rec["lens_top1"])[-1])
     rec["answer_logprob"] = float(rec["lens_logprob"][-1])
     out_sum = torch.stack(probe.out_sum)  # [L, H, D]
     full = torch.stack(probe.full).numpy() if keep_full else None
     return rec, out_sum, full
 
 
+def decodable(logits, target):
+    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits
+    [depths, V]: THE decodability rule of the report, the same for every family (a margin among a
+    few candidates would mean different things for five letters and for a number)."""
+    rank = (logits > logits[:, target][:, None]).sum(-1) + 1
+    return (rank == 1).float().cpu().numpy()
+
+
 def first_decodable(decodable):
-    """The first depth from which the answer stays decodable through the output (NaN when the
-    output itself does not decode it)."""
-    d = np.asarray(decodable) > 0.5
+    """The first block depth (1..n_layer) from which the answer stays decodable through the output
+    (NaN when the output itself does not decode it). Depth 0, the embeddings, is left out: it
+    "decodes" a frequent answer word without reading anything (lens_embedding reports it)."""
+    d = np.asarray(decodable)[1:] > 0.5
     if not d[-1]:
         return float("nan")
     wrong = np.nonzero(~d)[0]
-    return float(wrong[-1] + 1) if wrong.size else 0.0
-
-
-def blocks_from(gpt, x, layer):
-    """Run blocks layer.. on the residual stream x [B, T, C] entering block `layer` (no cache):
-    the rest of GPT.trunk, so ablations in layer l can reuse the clean stream before it."""
-    cos_sin, mask = gpt._rotary_and_mask(x.size(0), x.size(1), None)
-    for block in gpt.transformer.h[layer:]:
-        x = block(x, cos_sin, None, mask)
-    return x
+    return float(wrong[-1] + 2) if wrong.size else 1.0
 
 
 @torch.no_grad()
@@ -782,7 +802,7 @@ def interval(values, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # one checkpoint, every statistic
 
-SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first")
+SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first", "lens_embedding")
 ARRAY_KEYS = ("entropy", "entropy_answer", "entropy_norm", "entropy_answer_norm", "previous_token", "sink",
               "struct_mass", "lex_mass", "struct_share",
               "lex_share", "option_lookup", "option_share", "lens_logprob", "lens_top1", "lens_log10_rank",
@@ -894,6 +914,7 @@ def item_records(gpt, items, figure_keys=(), progress=True, info=None):
     for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
                    outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth,
+                   direction=it.direction,
                    chance=1 / len(it.letter_ids) if it.letter_ids else None)  # a guess among the options
         recs.append(rec)
         if full is not None:
@@ -930,25 +951,52 @@ def choose_heads(recs, families, k):
     return topk
 
 
+RANDOM_SETS = 100  # the least number of random k-head sets behind "top-k heads beat random heads"
+
+
 def random_head_sets(n_layer, n_head, k, n_sets, seed):
-    rng = np.random.default_rng(seed)
-    return [[(int(i // n_head), int(i % n_head)) for i in rng.choice(n_layer * n_head, k, replace=False)]
-            for _ in range(n_sets)]
+    """The null's k-head sets: every one of the C(n, k) sets when there are at most n_sets of them,
+    else n_sets distinct sets drawn afresh (seeded), never a few fixed ones."""
+    n = n_layer * n_head
+    as_heads = lambda s: [(int(i // n_head), int(i % n_head)) for i in s]  # noqa: E731
+    if math.comb(n, k) <= n_sets:
+        return [as_heads(s) for s in itertools.combinations(range(n), k)]
+    rng, seen, out = np.random.default_rng(seed), set(), []
+    while len(out) < n_sets:
+        s = tuple(sorted(int(i) for i in rng.choice(n, k, replace=False)))
+        if s not in seen:
+            seen.add(s)
+            out.append(as_heads(s))
+    return out
+
+
+def null_complete(n_layer, n_head, k, n_sets):
+    """Whether n_sets random k-head sets make the null: RANDOM_SETS of them, or all C(n, k)."""
+    return n_sets >= min(RANDOM_SETS, math.comb(n_layer * n_head, k))
 
 
 def ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress=True, info=None):
-    """Pass 3: each family's top-k heads, and random k-head sets, ablated together; per record
-    topk_<mode> = {"own", <other family>, "random" (mean over the random sets)}."""
+    """Pass 3: each family's top-k heads, and (mean ablation only, the headline's) random k-head
+    sets, ablated together; per record topk_<mode> = {"own", <other family>, "random" (mean over
+    the random sets; NaN when too few sets for the null, null_complete)}, and random_sets_mean:
+    the drop of each random set (the null distribution of one k-set's drop)."""
     L, H = gpt.config.n_layer, gpt.config.n_head
-    sets = {mode: [topk[mode][f] for f in families] + random_sets for mode in ABLATION_MODES}
+    sets = {mode: [topk[mode][f] for f in families] + (random_sets if mode == HEADLINE_MODE else [])
+            for mode in ABLATION_MODES}
     rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
     drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=_bar("ablate top-k", progress, info))
+    k = len(next(iter(topk[HEADLINE_MODE].values())))
+    enough = bool(random_sets) and null_complete(L, H, k, len(random_sets))
     for it, rec, drop in zip(items, recs, drops):
-        for m, mode in enumerate(ABLATION_MODES):
-            dm = drop[m * len(sets[mode]):(m + 1) * len(sets[mode])]
+        start = 0
+        for mode in ABLATION_MODES:
+            dm = drop[start:start + len(sets[mode])]
+            start += len(sets[mode])
             d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
-            d["random"] = float(dm[len(families):].mean()) if random_sets else float("nan")
+            d["random"] = float(dm[len(families):].mean()) if enough and mode == HEADLINE_MODE else float("nan")
             rec[f"topk_{mode}"] = d
+            if mode == HEADLINE_MODE:
+                rec["random_sets_mean"] = np.asarray(dm[len(families):], dtype=np.float64)
 
 
 def in_group(rec, grp):
@@ -959,7 +1007,7 @@ def group_summaries(recs, families, task_names, n_boot, seed):
     """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}},
     "depths": {family: {depth: summary of its held-out items}}} for the groups train, heldout,
     heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
-    out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}}
+    out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}, "directions": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
@@ -970,6 +1018,10 @@ def group_summaries(recs, families, task_names, n_boot, seed):
         held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("depth")]
         for d in sorted({r["depth"] for r in held}):
             out["depths"].setdefault(fam, {})[str(d)] = summarize([r for r in held if r["depth"] == d], n_boot, seed)
+        held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("direction")]
+        for d in sorted({r["direction"] for r in held}):  # term -> gloss and gloss -> term apart
+            out["directions"].setdefault(fam, {})[DIRECTIONS.get(d, d)] = summarize(
+                [r for r in held if r["direction"] == d], n_boot, seed)
     for name in task_names:
         out["tasks"][name] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
@@ -1048,7 +1100,25 @@ def context_samples(tokenizer, items, n=2):
     return out
 
 
-def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=3,
+def trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, progress=True, info=None):
+    """(pairs, traces): activation patching on the minimal pairs of the held-out items, read on
+    the model's own reasoning (minimal_pairs); none for the cloze context, which has no reasoning."""
+    if context == "cloze":
+        return [], []
+    contexts, verdicts = {}, {}
+    for name, rows in chosen.items():
+        task = examples[name][0]
+        for _, ex in rows:
+            k = (name, ex["id"])
+            contexts[k] = context_text(ex, completions[k], context)
+            verdicts[k] = bool(task.evaluate(ex, completions[k]))
+    pairs = minimal_pairs.build_pairs(tokenizer, examples, chosen, completions, contexts, verdicts, max_len)
+    pairs = [p for p in pairs if max(p.clean + p.corrupt + [p.target, p.foil]) < gpt.config.vocab_size]
+    traces = map_over_ranks(lambda p: patching.trace_pair(gpt, p), pairs, info, wrap=_bar("patch", progress, info))
+    return pairs, traces
+
+
+def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top_k=5, n_random_sets=RANDOM_SETS,
                    n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None, figure_examples=1,
                    judge=None, progress=True, info=None):
     """Every statistic for one model. examples: {task: (Task, {split: [example]})}; of each
@@ -1081,13 +1151,14 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     topk = choose_heads(recs, families, k)
     random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
     ablate_sets(gpt, items, recs, means, families, topk, random_sets, progress, info)
+    pairs, traces = trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, progress, info)
     if (info.rank if info is not None else get_rank()) != 0:
         return None
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
     groups = group_summaries(recs, families, list(examples), n_boot, seed)
     out.update(n_items=groups["n_items"], skipped=skipped, families=groups["families"], tasks=groups["tasks"],
-               depths=groups["depths"])
+               depths=groups["depths"], directions=groups["directions"])
     vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
     ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
     out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),
@@ -1099,6 +1170,7 @@ def run_checkpoint(model, tokenizer, examples, *, limit=None, context="own", top
     out["per_example"] = [{"key": r["key"], "split": r["split"], "subset": r["subset"],
                            "own_correct": r["own_correct"], "answer_logprob": round(r["answer_logprob"], 5),
                            "accuracy": r["accuracy"], "lens_first": r["lens_first"]} for r in recs]
+    out["patching"] = patching.summary(pairs, traces, n_boot, seed)
     out["_recs"] = recs  # raw per-example arrays for the headline tests and paired deltas (dropped before writing)
     return out
 

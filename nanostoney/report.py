@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from nanostoney import report_causal
 from nanostoney.files import write_failed, write_json
 from nanostoney.interp import ABLATION_MODES, HEADLINE_MODE, HEADLINES, LEXICAL_REGIONS, MIN_N, OUTCOME_GROUPS, \
     SPLIT_GROUPS, STRUCT_REGIONS
@@ -598,11 +599,11 @@ def cell_text(s):
 
 
 TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
-              ("lens_first", "first decodable depth"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
+              ("lens_first", "first decodable depth"), ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
               ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
               ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
-              ("topk_mean:own", "top-k mean-ablation drop (own)"),
+              ("chance", "chance (baseline)"), ("topk_mean:own", "top-k mean-ablation drop (own)"),
               ("topk_mean:random", "random-k mean-ablation drop")]
 
 
@@ -616,10 +617,11 @@ def table(metrics, ck):
             if s:
                 rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
                             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
-    for fam, by in res.get("depths", {}).items():  # arith: held-out items by reasoning depth
-        for d, s in by.items():
-            rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}-step</td><td class=l>heldout</td><td>{s['n']}</td>" +
-                        "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
+    strata = [(fam, f"{d}-step", s) for fam, by in res.get("depths", {}).items() for d, s in by.items()]
+    strata += [(fam, d, s) for fam, by in res.get("directions", {}).items() for d, s in by.items()]
+    for fam, d, s in strata:  # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
+        rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}</td><td class=l>heldout</td><td>{s['n']}</td>" +
+                    "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
     task_rows = []
     for task, by in res["tasks"].items():
         for grp, s in by.items():
@@ -680,10 +682,14 @@ def render_html(metrics, figs):
     ck_desc = ", ".join(f"{n} = {c['path']}" for n, c in cfg["checkpoints"].items())
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>nanostoney reasoning report</title>"
              f"<style>{CSS}</style></head><body>",
-             "<h1>Which heads and layers carry the answer: Stoney Nakoda vs math</h1>",
+             "<h1>How the model reaches its answer: Stoney Nakoda vs math</h1>",
+             "<div class=summary>" + "".join(f"<p>{esc(s)}</p>" for s in report_causal.lead(metrics)) + "</div>",
+             report_causal.table(metrics),
              f"<div class=meta>{esc(ck_desc)} · tasks {esc(', '.join(cfg['tasks']))} · up to {cfg['max_examples']} "
-             f"examples per task and split (held-out = val + test) · context: {esc(cfg['context'])} · "
+             f"examples per task and split (held-out = val + test) · context: {esc(cfg['context'])}"
+             f"{' (a storage probe, not reasoning)' if cfg['context'] == 'cloze' else ''} · "
              f"{esc(metrics['created'])}</div>",
+             "<h2>Ablation, logit lens and attention: declared tests</h2>",
              "<div class=summary><ul>" + "".join(f"<li>{esc(s)}</li>" for s in metrics["summary"]) + "</ul></div>",
              fig_html(figs.get("headline", [])), headline_table(metrics), contexts_html(metrics),
              "<h2>Exploratory (uncorrected 95% intervals; not claims)</h2>",

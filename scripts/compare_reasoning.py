@@ -7,10 +7,12 @@
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
 Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
-hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_mc (family
-"stoney": held-out items ask about facts read in pretraining, never asked in training) vs
-arith_mc (family "math": generated multi-step problems, held out by template and numbers);
-aqua_mc, gsm8k_mc and stoney_lexicon by --tasks. Up to --max-examples examples of each task from
+hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_lexicon
+(family "stoney": held-out items ask about facts read in pretraining, never asked in training, in
+both directions) vs arith (family "math": generated multi-step problems, held out by template and
+numbers), both open: the model writes its chain and its answer itself; stoney_mc, arith_mc,
+aqua_mc and gsm8k_mc by --tasks. The first screen is causal: activation patching on minimal pairs
+of the held-out items (nanostoney.minimal_pairs, nanostoney.patching), Holm-corrected. Up to --max-examples examples of each task from
 each split (tasks.subset: balanced and hash-ordered, the same for every checkpoint). Each item is read after the
 model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
 teacher forced, with its answer sentence removed; --context cloze: the question without options,
@@ -32,7 +34,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import cli, interp, lora, published, report
+from nanostoney import cli, interp, lora, published, report, report_causal
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -40,7 +42,7 @@ from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
 
-DEFAULT_TASKS = ("stoney_mc", "arith_mc")
+DEFAULT_TASKS = ("stoney_lexicon", "arith")  # open answers: the model writes its answer itself
 
 
 def parse_args(argv=None):
@@ -64,7 +66,9 @@ def parse_args(argv=None):
                         "without options and the options' shared answer beginning (cloze: a model that knows "
                         "answers but cannot name letters)")
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
-    p.add_argument("--random-sets", type=cli.nonneg_int, default=3, help="random k-head sets (control)")
+    p.add_argument("--random-sets", type=cli.nonneg_int, default=interp.RANDOM_SETS,
+                   help="random k-head sets drawn afresh for the null of \"top-k heads beat random\" (all of them when "
+                        "there are fewer; under 100 the test is left out)")
     p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
     p.add_argument("--induction-len", type=cli.positive_int, default=32, help="length of the repeated random block")
     p.add_argument("--figure-examples", type=cli.nonneg_int, default=1, help="example prompts drawn per family")
@@ -206,7 +210,7 @@ def main(argv=None):
         if logger is not None:
             logger.finish()
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
-    for line in metrics["summary"]:
+    for line in report_causal.lead(metrics) + metrics["summary"]:
         print(" -", line)
     cleanup()
     return out

@@ -1,5 +1,6 @@
 """interp: scores checked on planted ground truth (hand-set weights and hand-made patterns), and
 the answer position / region labels checked on a small tokenizer."""
+import itertools
 import math
 
 import numpy as np
@@ -356,10 +357,17 @@ def test_heads_are_chosen_on_the_selection_subset_only():
 def test_held_out_math_items_are_summarised_by_reasoning_depth():
     recs = fake_recs(np.random.default_rng(0))
     for i, r in enumerate(recs):
-        r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0)
+        r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0,
+                 direction=("s2e", "e2s")[i % 2] if r["family"] == "stoney" else None)
     out = interp.group_summaries(recs, ["stoney", "math"], ["stoney_mc", "math_mc"], n_boot=50, seed=0)
     held = [r for r in recs if r["family"] == "math" and r["group"] == "heldout"]
     assert set(out["depths"]) == {"math"}  # stoney items have no depth
+    # ... and Stoney's by direction: term -> gloss and gloss -> term are reported apart
+    s_held = [r for r in recs if r["family"] == "stoney" and r["group"] == "heldout"]
+    assert {d: s["n"] for d, s in out["directions"]["stoney"].items()} == {
+        "term → gloss": sum(r["direction"] == "s2e" for r in s_held),
+        "gloss → term": sum(r["direction"] == "e2s" for r in s_held)}
+    assert set(out["directions"]) == {"stoney"}
     assert {d: s["n"] for d, s in out["depths"]["math"].items()} == {
         str(d): sum(r["depth"] == d for r in held) for d in (1, 2, 3, 4) if any(r["depth"] == d for r in held)}
     assert "lens_first" in out["depths"]["math"][next(iter(out["depths"]["math"]))]
@@ -391,3 +399,59 @@ def test_headline_reports_a_planted_effect():
     t = next(t for t in h["tests"] if t["kind"] == "topk_vs_random" and t["checkpoint"] == "grpo"
              and t["family"] == "stoney")
     assert t["lo"] > 0.5 and h["interval_level"] == pytest.approx(1 - 0.05 / h["m"])
+
+
+def test_decodability_is_one_rule_for_both_families(monkeypatch):
+    """A Stoney multiple-choice item and a math item are judged by the same function: top-1 of
+    the whole vocabulary, never "the letter wins among five" for one family only."""
+    model = random_model(4)
+    ids = torch.randint(0, 61, (12,)).tolist()
+    mc = interp.Item(task="stoney_mc", family="stoney", split="val", id="a", ids=ids, target=5,
+                     struct=np.zeros(12, dtype=int), lexical=np.zeros(12, dtype=int), answer_index=0,
+                     letter_ids=[5, 6, 7, 8, 9])
+    calls = []
+    rule = interp.decodable
+    monkeypatch.setattr(interp, "decodable", lambda logits, target: calls.append(target) or rule(logits, target))
+    recs = [interp.analyse_item(model, it)[0] for it in (mc, fake_item(ids, target=5))]
+    assert calls == [5, 5]
+    assert np.array_equal(recs[0]["lens_decodable"], recs[0]["lens_top1"])
+    assert np.array_equal(recs[0]["lens_decodable"], recs[1]["lens_decodable"])
+    # with five letters the letter wins far more often than the token is top-1: the rules differ
+    assert "lens_choice" in recs[0] and "lens_choice" not in recs[1]
+
+
+def test_first_decodable_depth_leaves_out_the_embeddings():
+    assert interp.first_decodable([1, 0, 1, 1]) == 2.0
+    assert interp.first_decodable([1, 1, 1]) == 1.0  # decodable at the embeddings: a baseline, not depth 0
+    assert interp.first_decodable([0, 1, 1]) == 1.0
+    assert np.isnan(interp.first_decodable([1, 1, 0]))
+
+
+def test_random_head_null_has_at_least_100_sets_or_all_of_them():
+    every = interp.random_head_sets(2, 2, 2, interp.RANDOM_SETS, seed=0)
+    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted(map(sorted, every)) == sorted(sorted(c) for c in itertools.combinations(heads, 2))
+    drawn = interp.random_head_sets(4, 4, 5, interp.RANDOM_SETS, seed=0)
+    assert len(drawn) == 100 and len({tuple(sorted(s)) for s in drawn}) == 100
+    assert all(len(set(s)) == 5 for s in drawn)
+    assert drawn != interp.random_head_sets(4, 4, 5, interp.RANDOM_SETS, seed=1)
+    assert interp.null_complete(2, 2, 2, 6) and interp.null_complete(4, 4, 5, 100)
+    assert not interp.null_complete(4, 4, 5, 3)
+
+
+def test_top_heads_vs_random_is_left_out_with_a_small_null():
+    """Three random sets are no null: the record's random drop is NaN and the test untestable."""
+    model = random_model(5)
+    items = [fake_item(torch.randint(0, 61, (10,)).tolist(), target=3) for _ in range(12)]
+    for i, it in enumerate(items):
+        it.id, it.split = f"x{i}", "test"
+    recs = [dict(interp.analyse_item(model, it)[0], family="math", key=it.key, subset="score", group="heldout")
+            for it in items]
+    topk = {m: {"math": [(0, 0), (1, 1)]} for m in interp.ABLATION_MODES}
+    means = torch.zeros(2, 4, 16)
+    for sets, ok in ((interp.random_head_sets(2, 4, 2, 3, 0), False), (interp.random_head_sets(2, 4, 2, 100, 0), True)):
+        interp.ablate_sets(model, items, recs, means, ["math"], topk, sets, progress=False)
+        assert np.isnan(recs[0]["topk_mean"]["random"]) != ok
+        assert len(recs[0]["random_sets_mean"]) == len(sets)
+        h = interp.headline_tests(interp.checkpoint_specs("m", recs, ["math"]), n_boot=200, n_perm=199)
+        assert (h["m"] == 1) == ok

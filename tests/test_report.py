@@ -219,3 +219,44 @@ def test_the_summary_says_first_when_a_family_is_not_above_chance():
     said = report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"])
     assert "held-out stoney (chance 0.20) or math" in said[0] and "--context cloze" in said[0]
     assert "--context cloze" not in report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"], "cloze")[0]
+
+
+def fake_traces(n, planted, seed=0, L=2, H=2):
+    """Patching traces of n pairs: noise everywhere, and head `planted` (if any) restoring most of
+    a 3-nat gap."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        heads, resid = rng.normal(0, 0.3, (L, H)), rng.normal(0, 0.3, (2, L + 1))
+        gap = 3.0 if planted else float(rng.normal(0, 0.3))
+        if planted:
+            heads[planted] += 2.5
+        resid[1, -1] = gap  # the whole stream at the slot after the last block restores the gap exactly
+        out.append({"ld_clean": gap, "ld_corrupt": 0.0, "resid": resid, "heads": heads})
+    return out
+
+
+def test_first_screen_says_what_patching_found_and_how_sure():
+    from nanostoney import patching, report_causal
+    pairs = ([patching.Pair(f"s{i}", "stoney", [0], [0], 0, 1, 2, "answer", i % 2 == 0, "s2e") for i in range(12)]
+             + [patching.Pair(f"m{i}", "math", [0], [0], 0, 1, 2, "operand", True) for i in range(12)])
+    traces = fake_traces(12, (1, 0)) + fake_traces(12, None, seed=1)
+    summ = patching.summary(pairs, traces, n_boot=200)
+    metrics = {"config": {"context": "own"}, "checkpoints": {"grpo": {"patching": summ}}}
+    lead = report_causal.lead(metrics)
+    assert 2 <= len(lead) <= 3
+    assert "head 1.0 at the slot" in lead[0] and "Stoney" in lead[0]
+    assert "math, at each operand" in lead[0] and "no layer or head restores" in lead[0]
+    assert "one training run" in lead[-1]
+    html = report_causal.table(metrics)
+    assert html.count("<b>yes</b>") >= 1 and "stoney/answer/s2e" in html
+    rows = html.split("</table>")[0].split("<tr>")[2:]
+    assert all("%" in r for r in rows if "stoney/answer" in r)  # a real gap: its share is shown
+    assert all("%" not in r and "—" in r for r in rows if "math/operand" in r)  # no gap: no share of it
+    metrics["seeds"] = {"n_seeds": 3, "claims": {"stoney head 1.0": {"every_seed": True},
+                                                 "math resid": {"every_seed": False}}}
+    assert report_causal.lead(metrics)[-1] == ("Over 3 training seeds, 1 of 2 claims hold in every seed: "
+                                                "stoney head 1.0.")
+    metrics["config"]["context"] = "cloze"
+    assert "storage probe" in report_causal.lead(metrics)[0]

@@ -1,0 +1,185 @@
+"""Causal tracing: activation patching on minimal pairs.
+
+A minimal pair is one context twice, the second with one question token changed (an operand in
+math, a term in Stoney): `clean` and `corrupt` have the same length and differ from position
+`pos` on, for a few tokens at most. At the last position (the slot) the clean run predicts
+`target` (the clean answer's token) and the corrupted run should predict `foil` (the corrupted
+answer's). The logit difference LD = logit[target] - logit[foil] at the slot measures which
+answer the run holds.
+
+Patching copies one activation of the clean run into the corrupted run and reads LD again:
+- the residual stream entering block l (l = 0..n_layer; n_layer = after the last block) at the
+  changed token `pos` and at the slot: where the question's information sits, layer by layer;
+- each head's output (before c_proj) at the slot: which heads move the changed token's
+  information to the slot.
+restored = LD(patched) - LD(corrupt), in nats; its share of LD(clean) - LD(corrupt) is the
+fraction restored. The test of a site is whether mean restored > 0 over pairs (sign flips),
+Holm-corrected over every site: on a model that does not read the changed token for its answer,
+clean and corrupt are exchangeable and nothing passes (tests/test_patching.py plants a copying
+head and checks both ways).
+
+Each patched run starts from the corrupted residual stream entering the patched layer (blocks
+before it cannot change), one patch per batch row, as interp's ablations do.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanostoney import probes
+from nanostoney.gpt import unwrap
+from nanostoney.metrics import holm, mean_difference
+from nanostoney.tasks.base import stable_hash
+
+ALPHA = 0.05
+MIN_PAIRS = 10  # fewer pairs cannot reach a corrected significance level over many sites
+
+
+@dataclass
+class Pair:
+    key: str           # task/id (and the slot, when an item gives several pairs)
+    family: str
+    clean: list        # token ids; the last one is the slot
+    corrupt: list      # the same length; differs from clean at pos (and maybe a few tokens after)
+    pos: int           # the first changed token
+    target: int        # the clean answer's token at the slot
+    foil: int          # the corrupted answer's token at the slot
+    slot: str = "answer"      # "answer" or "operand" (math: an operand the chain copies)
+    own_correct: bool = None  # the model's own greedy answer to the clean item is right
+    direction: str = None     # Stoney: s2e (term -> gloss) or e2s (gloss -> term)
+
+
+def blocks_from(gpt, x, layer):
+    """Run blocks layer.. on the residual stream x [B, T, C] entering block `layer` (no cache):
+    the rest of GPT.trunk, so an intervention in layer l can reuse the stream before it."""
+    cos_sin, mask = gpt._rotary_and_mask(x.size(0), x.size(1), None)
+    for block in gpt.transformer.h[layer:]:
+        x = block(x, cos_sin, None, mask)
+    return x
+
+
+class HeadPatch(probes.Probe):
+    """Batch row b replaces head heads[b] = (layer, head) of its output at query `pos` with the
+    clean run's (clean[layer]: [H, T, D]); rows with heads[b] None are left alone."""
+
+    def __init__(self, clean, heads, pos=-1):
+        self.clean, self.heads, self.pos = clean, heads, pos
+
+    @torch.compiler.disable
+    def on_attn(self, layer, q, k, v, y, mask):
+        rows = [(b, h) for b, lh in enumerate(self.heads) if lh is not None and lh[0] == layer
+                for h in [lh[1]]]
+        if not rows:
+            return y
+        y = y.clone()
+        for b, h in rows:
+            y[b, h, self.pos] = self.clean[layer][h, self.pos].to(y.dtype)
+        return y
+
+
+def logit_diff(gpt, h, target, foil):
+    """[B] LD at the last position of the final residual stream h [B, T, C]."""
+    logits = gpt.lm_logits(h[:, -1])
+    return (logits[:, target] - logits[:, foil]).float().cpu()
+
+
+@torch.no_grad()
+def trace_pair(model, pair):
+    """{"ld_clean", "ld_corrupt", "resid": [2, L + 1] restored at (pos, slot) per layer,
+    "heads": [L, H] restored per head patched at the slot} for one minimal pair."""
+    gpt = unwrap(model)
+    L, H = gpt.config.n_layer, gpt.config.n_head
+    dev = gpt.get_device()
+    with probes.capture(gpt, patterns=False, head_outputs=True) as cap, probes.residuals(gpt) as res:
+        ld_clean = float(logit_diff(gpt, gpt.trunk(torch.tensor([pair.clean], device=dev)), pair.target, pair.foil))
+    clean_heads = [o[0] for o in cap.head_outputs]
+    clean_resid = [r[0] for r in res.resid]
+    with probes.residuals(gpt) as res:
+        ld_corrupt = float(logit_diff(gpt, gpt.trunk(torch.tensor([pair.corrupt], device=dev)), pair.target, pair.foil))
+    corrupt_resid = [r[0] for r in res.resid]
+    resid = torch.zeros(2, L + 1)
+    for layer in range(L + 1):
+        x = corrupt_resid[layer].expand(2, -1, -1).clone()
+        for row, p in enumerate((pair.pos, len(pair.clean) - 1)):
+            x[row, p] = clean_resid[layer][p]
+        resid[:, layer] = logit_diff(gpt, blocks_from(gpt, x, layer), pair.target, pair.foil) - ld_corrupt
+    heads = torch.zeros(L, H)
+    for layer in range(L):
+        with probes.attach(gpt, HeadPatch(clean_heads, [(layer, h) for h in range(H)])):
+            x = blocks_from(gpt, corrupt_resid[layer].expand(H, -1, -1), layer)
+        heads[layer] = logit_diff(gpt, x, pair.target, pair.foil) - ld_corrupt
+    return {"ld_clean": ld_clean, "ld_corrupt": ld_corrupt, "resid": resid.numpy(), "heads": heads.numpy()}
+
+
+def sites(traces):
+    """{site name: [restored per pair]}: resid/pos/l, resid/slot/l and head/l.h."""
+    out = {}
+    for t in traces:
+        for row, where in enumerate(("pos", "slot")):
+            for layer, v in enumerate(t["resid"][row]):
+                out.setdefault(f"resid/{where}/{layer}", []).append(float(v))
+        for (layer, h), v in np.ndenumerate(t["heads"]):
+            out.setdefault(f"head/{layer}.{h}", []).append(float(v))
+    return out
+
+
+def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0, m=None):
+    """Every site's mean restored LD with a sign-flip p, Holm-corrected over all sites:
+    {"sites": [...] (largest mean first), "n", "gap" (mean LD(clean) - LD(corrupt)), "m"}.
+    A site passes when p_holm < alpha and its interval (Bonferroni level alpha / m; m: the
+    number of sites, or more when the caller corrects several groups together) lies above 0.
+    Fewer than MIN_PAIRS pairs: no site is tested (an empty list)."""
+    if len(traces) < MIN_PAIRS:
+        return {"sites": [], "n": len(traces), "gap": None, "m": 0, "alpha": alpha}
+    gap = float(np.mean([t["ld_clean"] - t["ld_corrupt"] for t in traces]))
+    by_site = sites(traces)
+    m = m or len(by_site)
+    rows = []
+    for name, vals in by_site.items():
+        r = mean_difference(vals, n_boot=n_boot, n_perm=n_perm, seed=seed + stable_hash(name) % 2 ** 31,
+                            alpha=alpha / m)
+        rows.append({"site": name, "mean": r["diff"], "lo": r["lo"], "hi": r["hi"], "p": r["p"],
+                     "fraction": r["diff"] / gap if gap else float("nan"), "n": r["n"]})
+    for row, p in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = float(p)
+        row["passes"] = bool(p < alpha and row["lo"] > 0)
+    rows.sort(key=lambda r: -r["mean"])
+    return {"sites": rows, "n": len(traces), "gap": gap, "m": m, "alpha": alpha}
+
+
+def group_names(pair):
+    """The groups a pair is summarised in: its family and slot (declared), then by direction
+    (Stoney) and by whether the model's own answer is right (exploratory)."""
+    base = f"{pair.family}/{pair.slot}"
+    out = [base] + ([f"{base}/{pair.direction}"] if pair.direction else [])
+    return out + ([f"{base}/{'right' if pair.own_correct else 'wrong'}"] if pair.own_correct is not None else [])
+
+
+def summary(pairs, traces, n_boot=2000, seed=0, alpha=ALPHA):
+    """{"groups": {name: site_tests}, "declared": [names], "m", "per_pair": [...]}. The declared
+    groups (each family at its slot) are Holm-corrected together, over every site of each; the
+    others (directions, right / wrong) are exploratory, each corrected over its own sites."""
+    by = {}
+    for p, t in zip(pairs, traces):
+        for g in group_names(p):
+            by.setdefault(g, []).append(t)
+    declared = sorted(g for g in by if g.count("/") == 1 and len(by[g]) >= MIN_PAIRS)
+    m = sum(len(sites(by[g])) for g in declared)
+    out = {g: site_tests(ts, alpha, n_boot, seed=seed, m=m if g in declared else None) for g, ts in by.items()}
+    rows = [r for g in declared for r in out[g]["sites"]]
+    for r, p in zip(rows, holm([r["p"] for r in rows]) if rows else []):
+        r["p_holm"] = float(p)
+        r["passes"] = bool(p < alpha and r["lo"] > 0)
+    per_pair = [{"key": p.key, "family": p.family, "slot": p.slot, "direction": p.direction,
+                 "own_correct": p.own_correct, "gap": round(t["ld_clean"] - t["ld_corrupt"], 5)}
+                for p, t in zip(pairs, traces)]
+    return {"groups": out, "declared": declared, "m": m, "alpha": alpha, "n_pairs": len(pairs), "per_pair": per_pair}
+
+
+def top_head(tests):
+    """(layer, head) of the head site with the largest mean restored LD, or None."""
+    heads = [r for r in tests["sites"] if r["site"].startswith("head/")]
+    if not heads:
+        return None
+    layer, head = heads[0]["site"][len("head/"):].split(".")
+    return int(layer), int(head)
