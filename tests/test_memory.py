@@ -12,6 +12,8 @@ import torch
 from nanostoney import memory, train
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, config_for_depth
+from nanostoney.tasks import get_task
+from scripts import sft_train
 from test_speedrun_plan import speedrun
 from test_train import ROOT, env
 
@@ -114,7 +116,8 @@ def test_gpu_sizes_use_every_item_and_fit_80gb_at_depth_12_and_20(tmp_path, mode
         assert epochs <= 3 or "more than 3: " in words, (name, words)  # repeats only where it says why
     for name in ("sft", "rm"):  # every train item, not the CPU size's first few
         assert "first " not in plans[name] and "(first" not in plans[name]
-    assert "4,975 train items" in plans["sft"] and "9,950 train items" in plans["rm"]
+    every = sum(len(get_task(t.split("=")[0]).examples("train")) for t in sft_train.DEFAULT_TASKS.split(","))
+    assert f"of {every:,} train items" in plans["sft"], plans["sft"]
     if "web" in mode:
         assert "1.00 epochs" in plans["base"]
         base = next(line for line in r.stdout.splitlines() if line.startswith("  base:"))
