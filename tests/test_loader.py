@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanostoney import loader
+from nanostoney import curriculum, loader
 from nanostoney.errors import UserError
 from test_train import PY, ROOT, base_cmd, cli_error, env, final_weights, make_workspace, max_diff, run
 
@@ -286,8 +286,10 @@ def test_steps_come_from_the_token_budget_and_a_repeated_corpus_is_warned_about(
     assert base_train.plan_steps(SimpleNamespace(num_iterations=7, target_param_data_ratio=20.0), 1000, 64) == 7
     corpus = loader.Corpus(shards, "text")
     have, _ = loader.estimate_tokens(corpus, tok)
-    once = SimpleNamespace(num_iterations=max(1, have // 2 // 64))  # reads half the corpus
-    tokens, words = base_train.corpus_plan(once, 1000, 64, corpus, tok)
+    once = SimpleNamespace(num_iterations=max(1, have // 2 // 64), device_batch_size=4)  # reads half the corpus
+    no_curriculum = curriculum.Curriculum()
+    tokens, words = base_train.corpus_plan(once, 1000, 64, corpus, tok, no_curriculum)
     assert tokens == have and "0.49 epochs" in words and "warning" not in capsys.readouterr().out
-    _, words = base_train.corpus_plan(SimpleNamespace(num_iterations=3 * have // 64), 1000, 64, corpus, tok)
+    thrice = SimpleNamespace(num_iterations=3 * have // 64, device_batch_size=4)
+    _, words = base_train.corpus_plan(thrice, 1000, 64, corpus, tok, no_curriculum)
     assert "epochs" in words and "reads its training corpus 3.0 times" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Each reward function ranks hand-written good completions above bad ones, for every task kind;
 weights parse from the command-line string and combine into a logged total."""
+import re
 import pytest
 import torch
 
@@ -260,7 +261,7 @@ def test_chain_credits_the_gold_lines_up_to_the_first_wrong_one():
     lines = gold(ex).split("</think>")[0][len("<think>"):].split("\n")
     assert rewards.chain(ex, gold(ex), task) == 1.0
     assert rewards.chain(ex, "<think>" + lines[0] + "</think>\nAnswer: 1", task) == pytest.approx(1 / 3)
-    a, op, b, _, c = lines[1].split()[:5]
+    a, op, b, c = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", lines[1]).groups()  # after the re-read sentence
     broken = [lines[0], f"{a} {op} {b} = {int(c) + 1}", lines[2]]
     assert rewards.chain(ex, "<think>" + "\n".join(broken) + "</think>\nAnswer: 0", task) == pytest.approx(1 / 3)
     assert rewards.chain(ex, "Answer: " + ex["answer"], task) == 0.0
