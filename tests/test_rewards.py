@@ -1,6 +1,7 @@
 """Each reward function ranks hand-written good completions above bad ones, for every task kind;
 weights parse from the command-line string and combine into a logged total."""
 import re
+
 import pytest
 import torch
 
