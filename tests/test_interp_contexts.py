@@ -85,17 +85,21 @@ class Judge:
 def test_no_answer_text_in_the_probed_context(tok, name):
     task = get_task(name)
     examples = interp.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
-    caught = 0
+    caught = stating = 0
     for ex in examples:
-        # the checker is not blind: the uncut gold context gives the answer away
-        caught += bool(leaks(tok, ex, interp.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
+        # the checker is not blind: a gold rationale that states the answer gives it away uncut
+        # (the open Stoney answers' rationale, "Looking up `term`.", states nothing to catch)
+        think = gold_text(ex).split("</think>")[0]
+        if any(re.search(r"(?<!\w)" + re.escape(a.strip()) + r"(?!\w)", think, re.I) for a in answer_strings(ex)):
+            stating += 1
+            caught += bool(leaks(tok, ex, interp.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
         for completion in completions(ex):
             for context in interp.RATIONALE_CONTEXTS:
                 item = interp.prepare_item(tok, task, ex, "val", Judge(), interp.context_text(ex, completion, context))
                 assert not leaks(tok, ex, item.ids), (ex["id"], context, completion, tok.decode(item.ids))
                 assert tok.decode(item.ids).rstrip().endswith("Answer:")  # the slot: the answer comes next
                 assert answer_after(gold_text(ex)).startswith(tok.decode([item.target]).strip())
-    assert caught >= 0.9 * len(examples)
+    assert caught >= 0.9 * stating
 
 
 @pytest.mark.parametrize("name", [n for n in TASKS if get_task(n).kind == "mc"])
