@@ -30,11 +30,12 @@ def run_seeds(args, extra):
             out = os.path.join(args.out, f"seed_{seed}")
             if os.path.exists(os.path.join(out, "grpo_eval.json")):
                 continue
-            os.makedirs(out, exist_ok=True)
+            os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)  # beside the run's folder: that is the stage's
             cmd = [sys.executable, "-m", "scripts.grpo_train", "--init", args.init,  # an unfinished seed again
                    "--out", out, "--seed", str(seed), "--overwrite"] + extra
-            log = open(os.path.join(out, "run.log"), "w")
-            print(f"seed {seed}: {' '.join(cmd[1:])} (log in {out}/run.log)", flush=True)
+            log_path = os.path.join(args.out, "logs", f"seed_{seed}.log")
+            log = open(log_path, "w")
+            print(f"seed {seed}: {' '.join(cmd[1:])} (log in {log_path})", flush=True)
             running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         if not running:
             break
@@ -42,7 +43,7 @@ def run_seeds(args, extra):
         code = proc.wait()
         log.close()
         if code != 0:
-            raise UserError(f"seed {seed} failed with exit code {code}; see {args.out}/seed_{seed}/run.log.")
+            raise UserError(f"seed {seed} failed with exit code {code}; see {args.out}/logs/seed_{seed}.log.")
     results = {}
     for seed in args.seeds:
         with open(os.path.join(args.out, f"seed_{seed}", "grpo_eval.json")) as f:

@@ -47,11 +47,11 @@ def train_all(args, env):
             outs[f"{method}_{seed}"] = out
             if os.path.isfile(os.path.join(out, "latest")):
                 continue
-            os.makedirs(out, exist_ok=True)
+            os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)  # beside the run's folder: that is the stage's
             cmd = [sys.executable, "-m", f"scripts.{method}_train", "--init", args.init, "--out", out, "--seed",
                    str(seed), "--overwrite", "--tasks", ",".join(args.tasks), "--wandb", "disabled",
                    *shlex.split(getattr(args, method) or "")]
-            run(cmd, os.path.join(out, "run.log"), env)
+            run(cmd, os.path.join(args.out, "logs", f"{method}_seed{seed}.log"), env)
     return outs
 
 
