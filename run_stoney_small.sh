@@ -123,6 +123,14 @@ if [ "$PLAN_ONLY" != 1 ] && [ "$NODE_RANK" = 0 ]; then  # a plan changes nothing
     $PY -m nanostoney.cli "$OUT" --pid $$ --command-line "bash $0 $*"
     trap 'rm -f "$OUT/.lock"' EXIT
 fi
+if [ "$PLAN_ONLY" != 1 ] && [ "$NODE_RANK" != 0 ]; then
+    # node 0 claims the shared $OUT (its marker); writing here first would make it a folder not ours
+    for _ in $(seq 600); do [ -e "$OUT/.nanostoney" ] && break; sleep 1; done
+    if ! [ -e "$OUT/.nanostoney" ]; then
+        echo "error: node 0 has not claimed $OUT in 10 minutes; start node 0 with the same --out (a folder both nodes share)." >&2
+        exit 2
+    fi
+fi
 if [ "$PLAN_ONLY" != 1 ]; then
     trap 'exit 130' INT
     trap 'exit 143' TERM
