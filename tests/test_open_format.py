@@ -11,15 +11,10 @@ from nanostoney import checkpoint
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tasks import get_task
 from scripts import sft_train
+from test_grpo import byte_tokenizer
 
 OPEN = ("arith", "stoney_lexicon", "stoney_verb")
 MC = ("arith_mc", "stoney_mc")
-
-
-def byte_tokenizer():
-    from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-    ranks = {bytes([i]): i for i in range(256)}
-    return Tokenizer.from_mergeable_ranks(ranks, SPLIT_PATTERN, {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
 
 
 @pytest.fixture(scope="module")
