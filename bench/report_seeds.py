@@ -6,7 +6,7 @@
 Trains --seeds runs end to end (run_stoney_small.sh with SEED=s and --out OUT/seed_s; arguments
 after `--` go to it; a finished stage is not rerun, so an interrupted bench continues), then reads
 each run's report (OUT/seed_s/report/metrics.json) and tabulates every claim per seed and pooled:
-- each declared headline test (interp.HEADLINES) of the last checkpoint, by test id;
+- each declared headline test (nanostoney.interp.definitions.HEADLINES) of the last checkpoint, by test id;
 - each patched site of each declared patching group (patching.summary) of the last checkpoint.
 A claim holds in every seed when it is significant (passes its correction) in every seed with the
 same sign. Pooled: the mean of the per-seed effects and their range (the seeds are the unit: an
@@ -22,8 +22,9 @@ import sys
 
 import numpy as np
 
-from nanostoney import cli, report
+from nanostoney import cli
 from nanostoney.errors import UserError, run_main
+from nanostoney.interp import render
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,11 +115,11 @@ def main(argv=None):
     seeds = {"n_seeds": args.seeds, "runs": outs, "claims": claims}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "seeds.json"), "w") as f:
-        json.dump(report.clean_json(seeds), f, indent=1)
+        json.dump(render.clean_json(seeds), f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary_md(claims, args.seeds))
     first = dict(reports[0], seeds=seeds)
-    report.write_report(os.path.join(args.out, "report"), first)
+    render.write_report(os.path.join(args.out, "report"), first)
     held = [c for c, v in claims.items() if v["every_seed"]]
     print(f"{len(held)} of {len(claims)} claims hold in every one of {args.seeds} seeds; "
           f"{os.path.join(args.out, 'summary.md')}, report in {os.path.join(args.out, 'report', 'index.html')}")

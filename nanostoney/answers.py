@@ -15,6 +15,7 @@ LETTERS = "ABCDE"  # option letters in order; a task with n options uses the fir
 MARKER = "Answer:"
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+WORD_RE = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")  # a word of letters (with inner apostrophes, hyphens)
 
 
 def format_answer(reasoning, answer):

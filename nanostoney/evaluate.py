@@ -43,6 +43,7 @@ threads made one fit take seconds on 2 cores, and one thread also makes it repro
 import contextlib
 import math
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -56,6 +57,7 @@ from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
 from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, mauve_score, pass_at_k, pass_at_k_by_task
+from nanostoney.published import resolve
 from nanostoney.tasks.base import stable_hash
 
 # task -> which text of a completion is compared with which reference by chrF++:
@@ -386,3 +388,31 @@ def masked_loss(model, rows, pad_id, info, batch_size=16):
     all_reduce_sum(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def named_checkpoints(specs):
+    """{name: local path} of checkpoint arguments, in order: NAME=PATH, or a PATH named by its folder
+    (a step dir by its run and step, "base@60"; a second folder of the same name gets "-2"). A name
+    given twice, a malformed NAME=PATH or a path that does not exist is an error; hf:OWNER/NAME
+    becomes its local copy."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or os.sep in name:
+            norm = os.path.normpath(spec)
+            base, path = os.path.basename(norm), spec
+            if re.fullmatch(r"step_\d+", base):
+                base = f"{os.path.basename(os.path.dirname(os.path.abspath(norm)))}@{int(base[5:])}"
+            name, i = base, 2
+            while name in out:
+                name, i = f"{base}-{i}", i + 1
+        elif not name or not path:
+            raise UserError(f"checkpoint {spec!r} is malformed; write NAME=PATH.")
+        elif name in out:
+            raise UserError(f"checkpoint name {name!r} is given twice; give each checkpoint its own name.")
+        path = resolve(os.path.expanduser(path))
+        if not os.path.exists(path):
+            raise UserError(f"checkpoint {name} = {path} does not exist; pass a checkpoint directory (a run dir, "
+                            f"step dir, LoRA adapter dir, nanochat or transformers dir) or hf:OWNER/NAME.")
+        out[name] = path
+    return out

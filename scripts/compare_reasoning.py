@@ -6,26 +6,16 @@
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
-Checkpoints: our run/step dirs, LoRA adapter dirs, nanochat or transformers NanoChat dirs,
-hf:OWNER/NAME (anything nanostoney.checkpoint.load_model takes). Tasks: default stoney_lexicon
-(family "stoney": held-out items ask about facts read in pretraining, never asked in training, in
-both directions) vs arith (family "math": generated multi-step problems, held out by template and
-numbers), both open: the model writes its chain and its answer itself; stoney_mc, arith_mc,
-aqua_mc and gsm8k_mc by --tasks. The first screen is causal: activation patching on minimal pairs
-of the held-out items (nanostoney.minimal_pairs, nanostoney.patching), Holm-corrected. Up to --max-examples examples of each task from
-each split (tasks.subset: balanced and hash-ordered, the same for every checkpoint). Each item is read after the
-model's own greedy rationale with its answer sentence removed (--context gold: the gold rationale,
-teacher forced, with its answer sentence removed; --context cloze: the question without options,
-then the options' shared answer beginning, for a model that knows answers but cannot name
-letters). The report's summary is a few declared headline tests (interp.HEADLINES) with
-Holm-corrected p-values and Bonferroni-level intervals; every other table and figure is exploratory. Writes <out>/index.html (opens offline),
-<out>/figures/*.png and <out>/metrics.json (every number and the configuration): built in a temporary folder inside <out>, then each moved in whole,
-index.html last; nothing else in <out> is touched, and a directory holding files we did not write is
-refused unless --overwrite. With --wandb the figures and tables go to W&B too. The
-definitions of the statistics are in nanostoney/interp.py (DEFINITIONS) and in the report.
-Under torchrun the generations, per-item forwards and ablations are shared out over the ranks and
-gathered in order; rank 0 computes the statistics and writes the report, whose numbers do not
-depend on the number of processes. On CUDA the forwards run under bf16 autocast, LoRA adapters merged.
+Checkpoints: anything nanostoney.checkpoint.load_model takes (our run/step dirs, LoRA adapters,
+nanochat or transformers dirs, hf:OWNER/NAME). Tasks: stoney_lexicon (family "stoney") vs arith
+(family "math") by default, both open; stoney_mc, arith_mc, aqua_mc, gsm8k_mc by --tasks. Up to
+--max-examples items of each task and split, the same for every checkpoint. The first screen is
+activation patching on minimal pairs of held-out items; then a few declared headline tests
+(Holm-corrected); everything else is exploratory. Writes <out>/index.html (opens offline),
+<out>/figures/*.png and <out>/metrics.json, each moved into place whole, index.html last; an
+--out holding files we did not write is refused unless --overwrite. The statistics are defined
+in nanostoney/interp/definitions.py and in the report. Under torchrun the work is shared out
+over the ranks; the numbers do not depend on the number of processes.
 """
 import os
 import sys
@@ -34,12 +24,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanostoney import cli, interp, lora, published, report, report_causal
+from nanostoney import cli, evaluate, lora
 from nanostoney.checkpoint import git_commit, load_model
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
+from nanostoney.interp import ablation, causal, contexts, items, render, run, stats
+from nanostoney.interp.definitions import CONTEXTS, DEFINITIONS
 from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
+from nanostoney.tasks.stoney import Lang, load_corpus
 from nanostoney.tokenizer import Tokenizer
 
 DEFAULT_TASKS = ("stoney_lexicon", "arith")  # open answers: the model writes its answer itself
@@ -60,13 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda (auto: cuda when available)")
     p.add_argument("--max-len", type=cli.positive_int, default=None,
                    help="skip prompts longer than this many tokens (default: each model's sequence_len)")
-    p.add_argument("--context", default="own", choices=interp.CONTEXTS,
+    p.add_argument("--context", default="own", choices=CONTEXTS,
                    help="what precedes the answer slot: the model's own greedy rationale, its answer sentence "
                         "removed (own), the gold one (gold, teacher forced), or for multiple choice the question "
                         "without options and the options' shared answer beginning (cloze: a model that knows "
                         "answers but cannot name letters)")
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="heads ablated together per family")
-    p.add_argument("--random-sets", type=cli.nonneg_int, default=interp.RANDOM_SETS,
+    p.add_argument("--random-sets", type=cli.nonneg_int, default=ablation.RANDOM_SETS,
                    help="random k-head sets drawn afresh for the null of \"top-k heads beat random\" (all of them when "
                         "there are fewer; under 100 the test is left out)")
     p.add_argument("--induction-seqs", type=cli.positive_int, default=16)
@@ -86,23 +79,6 @@ def parse_args(argv=None):
                    help="torch CPU threads (default: torch's own; 1 is fastest on a shared, busy machine)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-def parse_checkpoints(specs):
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = os.path.basename(os.path.normpath(spec)), spec
-        if not name or not path:
-            raise UserError(f"--checkpoints entry {spec!r} is malformed; write NAME=PATH.")
-        if name in out:
-            raise UserError(f"checkpoint name {name!r} is given twice; give each checkpoint its own name.")
-        path = published.resolve(os.path.expanduser(path))  # hf:OWNER/NAME -> its local copy
-        if not os.path.exists(path):
-            raise UserError(f"checkpoint {name} = {path} does not exist; check the path.")
-        out[name] = path
-    return out
 
 
 def parse_deltas(specs, names):
@@ -129,40 +105,33 @@ def base_tokenizer(meta):
     return None
 
 
-def check_ranges(args):
-    """The one range the flag types do not say: an induction block needs two tokens to repeat."""
-    if args.induction_len < 2:
+def word_judge():
+    """(judge(word) -> "s" | "e", description): the Stoney task's own language judge."""
+    lang = Lang([c for convs in load_corpus()["convs"].values() for c in convs])
+    return lang.word, "nanostoney.tasks.stoney.Lang over the bundled conversations"
+
+
+def check_flags(args):
+    """(checkpoints, deltas, tasks, examples): every flag checked before any model is loaded."""
+    if args.induction_len < 2:  # the one range the flag types do not say: a block needs two tokens to repeat
         raise UserError(f"--induction-len {args.induction_len} is out of range; use 2 or more.")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    check_ranges(args)
-    ckpts = parse_checkpoints(args.checkpoints)
+    ckpts = evaluate.named_checkpoints(args.checkpoints)
     deltas = parse_deltas(args.delta, list(ckpts))
     tasks = [get_task(name, source=args.source) for name in args.tasks]
-    examples = {t.name: (t, interp.select_examples(t, args.max_examples, args.seed)) for t in tasks}
-    for t, by in examples.values():  # fail before loading any model
-        interp.answer_cue(t, next(ex for rows in by.values() for ex in rows))
+    examples = {t.name: (t, items.select_examples(t, args.max_examples, args.seed)) for t in tasks}
+    for t, by in examples.values():
+        contexts.answer_cue(t, next(ex for rows in by.values() for ex in rows))
         if args.context == "cloze" and t.kind != "mc":
             raise UserError(f"--context cloze needs multiple-choice tasks and {t.name} has no options; "
                             f"drop it from --tasks or use --context own.")
-    families = sorted({t.family for t in tasks}, key=lambda f: (f != "stoney", f))
-    info = init_dist(args.device)
-    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})
-    device = info.device
-    judge, judge_desc = interp.word_judge()
-    extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=report.REPORT_FILES + cli.SHARED_FILES,
-                  inputs={f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer})
-    print0(f"report plan: {info.world_size} process(es) on {device.type}; {len(ckpts)} checkpoint(s) x "
-           f"{len(tasks)} tasks x up to {args.max_examples} items per split, shared out over the processes")
-    results, ck_cfg = {}, {}
+    return ckpts, deltas, tasks, examples
+
+
+def measure(args, ckpts, examples, judge, extra_tok, info):
+    """({name: summary}, {name: per-item records}, {name: its configuration}) of every checkpoint."""
+    summaries, recs, ck_cfg = {}, {}, {}
     for name, path in tqdm(list(ckpts.items()), desc="checkpoints", disable=args.no_progress or not info.is_master):
-        model, tok, meta = load_model(path, device=device)
+        model, tok, meta = load_model(path, device=info.device)
         lora.merge_lora(model)  # only read here, never saved: the merged weights are the same function
         tok = tok or extra_tok or base_tokenizer(meta)
         if tok is None:
@@ -171,46 +140,69 @@ def main(argv=None):
                f"{model.num_params() / 1e6:.2f}M params")
         t1 = time.time()
         with autocast_ctx(info):
-            results[name] = interp.run_checkpoint(
-                model, tok, examples, limit=args.max_examples, top_k=args.top_k, n_random_sets=args.random_sets,
-                n_induction=args.induction_seqs, induction_len=args.induction_len, seed=args.seed,
-                n_boot=args.n_boot, max_len=args.max_len, figure_examples=args.figure_examples,
-                context=args.context, judge=judge, progress=not args.no_progress, info=info)
+            summaries[name], recs[name] = run.run_checkpoint(
+                model, tok, examples, judge=judge, limit=args.max_examples, top_k=args.top_k,
+                n_random_sets=args.random_sets, n_induction=args.induction_seqs, induction_len=args.induction_len,
+                seed=args.seed, n_boot=args.n_boot, max_len=args.max_len, figure_examples=args.figure_examples,
+                context=args.context, progress=not args.no_progress, info=info)
         if info.is_master:
-            ck_cfg[name] = {"path": os.path.abspath(path), "model": results[name]["model"],
+            ck_cfg[name] = {"path": os.path.abspath(path), "model": summaries[name]["model"],
                             "step": meta.get("step"), "source": meta.get("source", "nanostoney"),
                             "seconds": round(time.time() - t1, 1)}
         del model
+    return summaries, recs, ck_cfg
+
+
+def publish(args, metrics):
+    """Write the report into --out (and to W&B with --wandb); returns its folder."""
+    logger = None
+    if args.wandb != "disabled":
+        logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+                        run_name=args.run_name, config=metrics["config"], out_dir=args.out)
+    try:
+        out = render.write_report(args.out, metrics, logger=logger)
+    finally:
+        if logger is not None:
+            logger.finish()
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpts, deltas, tasks, examples = check_flags(args)
+    families = sorted({t.family for t in tasks}, key=lambda f: (f != "stoney", f))
+    info = init_dist(args.device)
+    inputs = {f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--tokenizer": args.tokenizer}
+    check_shared(inputs)
+    judge, judge_desc = word_judge()
+    extra_tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=render.REPORT_FILES + cli.SHARED_FILES,
+                  inputs=inputs)
+    print0(f"report plan: {info.world_size} process(es) on {info.device.type}; {len(ckpts)} checkpoint(s) x "
+           f"{len(tasks)} tasks x up to {args.max_examples} items per split, shared out over the processes")
+    summaries, recs, ck_cfg = measure(args, ckpts, examples, judge, extra_tok, info)
     if not info.is_master:
         cleanup()
         return None
-    delta_out = {f"{new} vs {old}": interp.paired_delta(results, new, old, args.n_boot, args.seed)
-                 for new, old in deltas}
-    headline = interp.headlines(results, deltas, families, seed=args.seed)
-    for r in results.values():
-        r.pop("_recs")
+    delta_out = {f"{new} vs {old}": stats.paired_delta(recs, new, old, args.n_boot, args.seed) for new, old in deltas}
+    headline = stats.headlines(recs, deltas, families, seed=args.seed)
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
     config.update(checkpoints=ck_cfg, families=families,
-                  family_of={t.name: t.family for t in tasks}, device=device.type, world_size=info.world_size,
+                  family_of={t.name: t.family for t in tasks}, device=info.device.type, world_size=info.world_size,
                   word_judge=judge_desc,
                   candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
                   deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
                   git_commit=git_commit(), torch_version=torch.__version__,
                   command="python -m scripts.compare_reasoning " + " ".join(sys.argv[1:] if argv is None else argv))
-    metrics = {"config": config, "definitions": interp.DEFINITIONS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "headline": headline, "checkpoints": results, "deltas": delta_out}
-    metrics["summary"] = report.summary(metrics)
-    logger = None
-    if args.wandb != "disabled":
-        logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                        run_name=args.run_name, config=config, out_dir=args.out)
-    try:
-        out = report.write_report(args.out, metrics, logger=logger)
-    finally:
-        if logger is not None:
-            logger.finish()
+    metrics = {"config": config, "definitions": DEFINITIONS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "headline": headline, "checkpoints": summaries, "deltas": delta_out}
+    metrics["summary"] = render.summary(metrics)
+    out = publish(args, metrics)
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - t0:.0f}s)")
-    for line in report_causal.lead(metrics) + metrics["summary"]:
+    for line in causal.lead(metrics) + metrics["summary"]:
         print(" -", line)
     cleanup()
     return out

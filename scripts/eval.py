@@ -28,10 +28,9 @@ computed on rank 0. The numbers do not depend on the number of processes.
 import argparse
 import json
 import os
-import re
 import time
 
-from nanostoney import cli, cloze, evaluate, lora, published
+from nanostoney import cli, cloze, evaluate, lora
 from nanostoney.checkpoint import load_model
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError, run_main
@@ -86,29 +85,6 @@ def parse_args(argv=None):
                    help="replace an --out/--completions file that nanostoney did not write")
     add_logging_args(p)
     return p.parse_args(argv)
-
-
-def parse_checkpoints(specs):
-    """[(name, path)]: NAME=PATH, or PATH named by its folder (a step dir by run and step)."""
-    out, seen = [], set()
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path or os.sep in name:
-            path = spec
-            norm = os.path.normpath(path)
-            name = os.path.basename(norm)
-            if re.fullmatch(r"step_\d+", name):
-                name = f"{os.path.basename(os.path.dirname(os.path.abspath(norm)))}@{int(name[5:])}"
-        base, i = name, 2
-        while name in seen:
-            name, i = f"{base}-{i}", i + 1
-        seen.add(name)
-        path = published.resolve(path)  # hf:OWNER/NAME -> its local copy
-        if not os.path.exists(path):
-            raise UserError(f"checkpoint {path} does not exist; pass a checkpoint directory (a run "
-                            f"dir, step dir, LoRA adapter dir, nanochat or transformers dir) or hf:OWNER/NAME.")
-        out.append((name, path))
-    return out
 
 
 def parse_tasks(specs):
@@ -197,14 +173,14 @@ def write_completions(path, rows):
 # -----------------------------------------------------------------------------
 
 def check_flags(args):
-    """(task names, [(name, path)]): bad flags fail before any slow work."""
+    """(task names, {name: path}): bad flags fail before any slow work."""
     tasks_wanted = parse_tasks(args.tasks)
-    ckpts = parse_checkpoints(args.checkpoints)
+    ckpts = evaluate.named_checkpoints(args.checkpoints)
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
         raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
                         f"directory, or leave it out to featurise with each evaluated model.")
     cli.refuse_same({"--out": args.out, "--completions": args.completions, "the log folder of --out": log_dir(args)})
-    inputs = {f"the {name} checkpoint": path for name, path in ckpts} | {"--mauve-featurizer": args.mauve_featurizer}
+    inputs = {f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--mauve-featurizer": args.mauve_featurizer}
     cli.claim_out_file(args.out, overwrite=args.overwrite, is_ours=ours_results, inputs=inputs)
     if args.completions:
         cli.claim_out_file(args.completions, overwrite=args.overwrite, is_ours=ours_completions, flag="--completions",
@@ -289,7 +265,7 @@ def publish(args, results, config, ckpts, completions, timings, total):
     for n in results["notes"]:
         print(n)
     print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
-    logger = from_args(args, config={**config, "checkpoints": {c: p for c, p in ckpts}},
+    logger = from_args(args, config={**config, "checkpoints": ckpts},
                        out_dir=log_dir(args))
     logger.summary({**flat_metrics(results), "eval/time_s": total})
     rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
@@ -304,7 +280,7 @@ def main(argv=None):
     tasks_wanted, ckpts = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
-    check_shared({f"the {name} checkpoint": path for name, path in ckpts}
+    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()}
                  | {"--mauve-featurizer": args.mauve_featurizer})
     tasks = [get_task(n) for n in tasks_wanted]
     examples = {t.name: subset(t, args.split, args.max_examples) for t in tasks}
@@ -322,7 +298,7 @@ def main(argv=None):
            f"{', '.join(f'{t} ({len(x)})' for t, x in examples.items())} [{args.split}], greedy + "
            f"{args.num_samples} samples/prompt at T={args.temperature}, at most {args.max_new_tokens} new tokens, "
            f"batches of {args.batch_size} completions shared out over the processes")
-    for name, path in ckpts:
+    for name, path in ckpts.items():
         t0 = time.perf_counter()
         results["checkpoints"][name] = evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info,
                                                            results["notes"], completions)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanostoney import interp, probes
+from nanostoney import probes
+from nanostoney.interp import ablation, attention, contexts, definitions, items, patching, run, stats
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks.base import MCTask, mc_example
@@ -54,24 +55,24 @@ def random_prompts(n=4, T=32, vocab=40, seed=0):
 
 def fake_item(ids, target=3):
     T = len(ids)
-    return interp.Item(task="t", family="math", split="val", id="x", ids=list(ids), target=target,
+    return items.Item(task="t", family="math", split="val", id="x", ids=list(ids), target=target,
                        struct=np.zeros(T, dtype=int), lexical=np.zeros(T, dtype=int))
 
 
 def test_planted_heads_are_classified():
     model = planted_model()
-    s = interp.pattern_scores(model, random_prompts())
+    s = attention.pattern_scores(model, random_prompts())
     prev, sink = s["previous_token"].mean(0), s["sink"].mean(0)   # [L, H]
     assert prev[0, 0] > 0.7 and sink[0, 1] > 0.95
-    ind = interp.induction_scores(model, 40, n_seqs=4, n_rep=12, bos_id=BOS)["induction"].mean(0)
-    roles = interp.classify_heads({"previous_token": prev, "sink": sink, "induction": ind})
+    ind = attention.induction_scores(model, 40, n_seqs=4, n_rep=12, bos_id=BOS)["induction"].mean(0)
+    roles = attention.classify_heads({"previous_token": prev, "sink": sink, "induction": ind})
     assert roles["previous_token"] == [(0, 0)]
     assert roles["sink"] == [(0, 1)]
     assert roles["induction"] == []
     # the per-example pipeline agrees with the batch scores
     x = random_prompts(1)[0].tolist()
-    rec, _, _ = interp.analyse_item(model, fake_item(x))
-    s1 = interp.pattern_scores(model, [x])
+    rec, _, _ = attention.analyse_item(model, fake_item(x))
+    s1 = attention.pattern_scores(model, [x])
     assert np.allclose(rec["previous_token"], s1["previous_token"][0], atol=1e-5)
     assert np.allclose(rec["sink"], s1["sink"][0], atol=1e-5)
 
@@ -85,24 +86,24 @@ def test_scores_on_hand_made_patterns():
     for j in range(n):
         ind[1 + n + j] = 0
         ind[1 + n + j, 2 + j] = 1
-    assert interp.previous_token_score(prev) == 1.0
-    assert interp.induction_score(prev, n) == 0.0
-    assert interp.induction_score(ind, n) == 1.0
-    assert interp.sink_score(prev) == pytest.approx(1 / (T - 1))
-    assert interp.normalized_entropy(prev) == 0.0
+    assert attention.previous_token_score(prev) == 1.0
+    assert attention.induction_score(prev, n) == 0.0
+    assert attention.induction_score(ind, n) == 1.0
+    assert attention.sink_score(prev) == pytest.approx(1 / (T - 1))
+    assert attention.normalized_entropy(prev) == 0.0
     rows = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
-    assert torch.allclose(interp.region_mass(rows, torch.tensor([0, 1, 1, -1]), 2), torch.tensor([[0.5, 0.5]]))
+    assert torch.allclose(attention.region_mass(rows, torch.tensor([0, 1, 1, -1]), 2), torch.tensor([[0.5, 0.5]]))
 
 
 def test_uniform_attention_has_entropy_log_n():
     for n in (1, 2, 7, 50):
-        assert interp.pattern_entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), abs=1e-5)
+        assert attention.pattern_entropy(torch.full((n,), 1.0 / n)).item() == pytest.approx(math.log(n), abs=1e-5)
     model = planted_model()
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_q.weight.zero_()   # every score 0: uniform over the visible keys
     T = 20
-    rec, _, _ = interp.analyse_item(model, fake_item(random_prompts(1, T)[0].tolist()))
+    rec, _, _ = attention.analyse_item(model, fake_item(random_prompts(1, T)[0].tolist()))
     assert np.allclose(rec["entropy_answer"], math.log(T), atol=1e-5)
     assert np.allclose(rec["entropy"], np.log(np.arange(1, T + 1)).mean(), atol=1e-4)
     assert np.allclose(rec["entropy_norm"], 1.0, atol=1e-4) and np.allclose(rec["entropy_answer_norm"], 1.0, atol=1e-4)
@@ -126,7 +127,7 @@ def test_ablating_a_head_with_zero_output_projection_changes_nothing():
     item = fake_item(torch.randint(0, 61, (12,)).tolist(), target=7)
     means = torch.randn(2, 4, 16)
     for mean in (None, means):
-        drops = interp.ablation_drops(model, item, mean)
+        drops = ablation.ablation_drops(model, item, mean)
         assert drops.shape == (2, 4)
         assert drops[1, 2] == 0.0
         assert np.abs(drops).max() > 1e-4
@@ -140,11 +141,11 @@ def test_ablating_a_head_with_zero_output_projection_changes_nothing():
             with probes.ablate(model, **kw):
                 return (base - torch.log_softmax(model(x)[0, -1], -1)[7]).item()
 
-    assert interp.ablation_drops(model, item)[0, 1] == pytest.approx(full_drop(heads=[(0, 1)]), abs=1e-5)
-    assert interp.ablation_drops(model, item, means)[1, 3] == pytest.approx(
+    assert ablation.ablation_drops(model, item)[0, 1] == pytest.approx(full_drop(heads=[(0, 1)]), abs=1e-5)
+    assert ablation.ablation_drops(model, item, means)[1, 3] == pytest.approx(
         full_drop(heads=[(1, 3)], mean=means), abs=1e-5)
-    rows = [(interp.head_set_scale(2, 4, [(0, 2), (1, 0)]), False), (torch.ones(2, 4), False)]
-    d = interp.ablation_logprob_drops(model, item.ids, 7, rows, means)
+    rows = [(ablation.head_set_scale(2, 4, [(0, 2), (1, 0)]), False), (torch.ones(2, 4), False)]
+    d = ablation.ablation_logprob_drops(model, item.ids, 7, rows, means)
     assert d[0].item() == pytest.approx(full_drop(heads=[(0, 2), (1, 0)]), abs=1e-5) and d[1] == 0
     assert not model.probes
 
@@ -155,13 +156,13 @@ def test_blocks_from_continues_the_trunk():
     with torch.no_grad(), probes.residuals(model) as res:
         out = model.trunk(x)
         for layer in range(3):
-            assert torch.allclose(interp.blocks_from(model, res.resid[layer], layer), out, atol=1e-6)
+            assert torch.allclose(patching.blocks_from(model, res.resid[layer], layer), out, atol=1e-6)
 
 
 def test_logit_lens_at_the_last_layer_is_the_output():
     model = random_model(1)
     ids = torch.randint(0, 61, (10,)).tolist()
-    rec, _, _ = interp.analyse_item(model, fake_item(ids, target=5))
+    rec, _, _ = attention.analyse_item(model, fake_item(ids, target=5))
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids]))[0, -1], -1)
     assert rec["lens_logprob"].shape == (3,)
@@ -174,12 +175,12 @@ def test_logit_lens_at_the_last_layer_is_the_output():
 def test_bootstrap_matches_metrics_and_skips_nan():
     rng = np.random.default_rng(3)
     v = rng.normal(size=25)
-    b = interp.interval(v, n_boot=300, seed=4)
+    b = stats.interval(v, n_boot=300, seed=4)
     point, lo, hi = bootstrap_ci(v, n_boot=300, seed=4)
     assert (b["mean"], b["lo"], b["hi"]) == pytest.approx((point, lo, hi), abs=1e-6)
-    m = interp.interval(np.stack([v, np.full(25, np.nan)], 1), n_boot=300, seed=4)
+    m = stats.interval(np.stack([v, np.full(25, np.nan)], 1), n_boot=300, seed=4)
     assert m["mean"][0] == pytest.approx(point, abs=1e-6) and m["mean"][1] is None or math.isnan(m["mean"][1])
-    a = interp.interval(rng.normal(size=(30, 2, 3)), n_boot=100)
+    a = stats.interval(rng.normal(size=(30, 2, 3)), n_boot=100)
     assert np.shape(a["lo"]) == (2, 3) and (np.array(a["lo"]) <= np.array(a["mean"])).all()
 
 
@@ -224,12 +225,12 @@ def joined(item, mask):
 
 
 def test_answer_position_and_regions(tok):
-    item = interp.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge, gold(STONEY))
+    item = items.prepare_item(tok, FakeTask("fake_mc", "stoney"), STONEY, "train", judge, gold(STONEY))
     assert item.group == "train" and item.ids[0] == tok.bos_id
     assert tok.decode(item.ids).endswith("Answer:") or tok.decode(item.ids).endswith("Answer: ")
     assert tok.decode(item.ids + [item.target]).endswith("Answer: E")
     assert item.ids[:len(tok.render_prompt(STONEY["messages"]))] == tok.render_prompt(STONEY["messages"])
-    R = interp.STRUCT_REGIONS
+    R = definitions.STRUCT_REGIONS
     assert item.struct[0] == R.index("bos") and item.struct[1] == R.index("template")
     assert joined(item, item.struct == R.index("question")).strip() == "Which Stoney Nakoda term means 'cloud'?"
     assert joined(item, item.option == 4).strip() == "E) nohâṯẖi"
@@ -238,7 +239,7 @@ def test_answer_position_and_regions(tok):
     assert item.answer_index == 4
     if item.letter_ids is not None:
         assert item.letter_ids[4] == item.target and len(set(item.letter_ids)) == 5
-    L = interp.LEXICAL_REGIONS
+    L = definitions.LEXICAL_REGIONS
     stoney_text = joined(item, item.lexical == L.index("stoney_term"))
     for w in ("châmnî", "gamubi", "snasnan", "nohâṯẖi"):
         assert w in stoney_text
@@ -247,9 +248,9 @@ def test_answer_position_and_regions(tok):
 
 
 def test_math_labels(tok):
-    item = interp.prepare_item(tok, FakeTask("fake_math", "math"), MATH, "val", judge, gold(MATH))
+    item = items.prepare_item(tok, FakeTask("fake_math", "math"), MATH, "val", judge, gold(MATH))
     assert item.group == "heldout"
-    L = interp.LEXICAL_REGIONS
+    L = definitions.LEXICAL_REGIONS
     digits = joined(item, item.lexical == L.index("digit"))
     assert "48" in digits and "144" in digits and "Natalia" not in digits
     assert "+" in joined(item, item.lexical == L.index("operator"))
@@ -261,18 +262,18 @@ def test_math_labels(tok):
 def test_context_cuts_the_answer_sentence(tok):
     """The gold rationale of both examples is one answer sentence: nothing of it is left."""
     for ex, letter in ((STONEY, "E"), (MATH, "A")):
-        for context in interp.RATIONALE_CONTEXTS:
-            text = interp.context_text(ex, gold(ex), context)
+        for context in definitions.RATIONALE_CONTEXTS:
+            text = contexts.context_text(ex, gold(ex), context)
             assert text == f"<think></think>\nAnswer: {letter}"
-            item = interp.prepare_item(tok, FakeTask("fake", "stoney"), ex, "val", judge, text)
+            item = items.prepare_item(tok, FakeTask("fake", "stoney"), ex, "val", judge, text)
             read = tok.decode(item.ids + [item.target])
             assert read.endswith(f"<|assistant_start|><think></think>\nAnswer: {letter}")
     # steps before the sentence that states the answer stay; the model's own answer is cut as well
     own = "<think>48/2 = 24.\nThen 24 + 48 = 72, so (A).</think>\nAnswer: A"
-    assert interp.context_text(MATH, own) == "<think>48/2 = 24.</think>\nAnswer: A"
+    assert contexts.context_text(MATH, own) == "<think>48/2 = 24.</think>\nAnswer: A"
     wrong = "<think>48/2 = 24.\nHalf again is 12.\nSo 48+24+12 = 144.\nThe answer is 144.</think>\nAnswer: D"
-    assert interp.context_text(MATH, wrong) == "<think>48/2 = 24.\nHalf again is 12.</think>\nAnswer: A"
-    assert interp.context_text(MATH, wrong, "gold") == "<think></think>\nAnswer: A"
+    assert contexts.context_text(MATH, wrong) == "<think>48/2 = 24.\nHalf again is 12.</think>\nAnswer: A"
+    assert contexts.context_text(MATH, wrong, "gold") == "<think></think>\nAnswer: A"
 
 
 def test_run_checkpoint_on_a_tiny_model(tok):
@@ -281,12 +282,12 @@ def test_run_checkpoint_on_a_tiny_model(tok):
     model.init_weights()
     examples = {"fake_mc": (FakeTask("fake_mc", "stoney"), {"train": [STONEY], "val": [STONEY]}),
                 "fake_math": (FakeTask("fake_math", "math"), {"train": [MATH], "test": [MATH]})}
-    out = interp.run_checkpoint(model, tok, examples, top_k=2, n_induction=2, n_boot=50, judge=judge,
-                                progress=False)
+    out, recs = run.run_checkpoint(model, tok, examples, top_k=2, n_induction=2, n_boot=50, judge=judge,
+                                   progress=False)
     assert set(out["families"]) == {"stoney", "math", "all"}
     s = out["families"]["stoney"]["heldout"]
     assert s["n"] == 1 and np.shape(s["ablate_zero"]["mean"]) == (2, 2)
-    assert np.shape(s["struct_mass:all"]["mean"]) == (len(interp.STRUCT_REGIONS),)
+    assert np.shape(s["struct_mass:all"]["mean"]) == (len(definitions.STRUCT_REGIONS),)
     assert sum(s["struct_mass:all"]["mean"]) == pytest.approx(1.0, abs=1e-4)
     assert out["topk"]["k"] == 2 and len(out["topk"]["heads"]["zero"]["math"]) == 2
     assert out["overlap"]["zero"]["families"] == ["stoney", "math"]
@@ -294,13 +295,13 @@ def test_run_checkpoint_on_a_tiny_model(tok):
     assert np.shape(out["examples"][0]["answer_rows"])[:2] == (2, 2)
     # init_weights zeroes every output projection: no head can matter yet
     assert np.abs(np.array(s["ablate_zero"]["mean"])).max() == 0.0
-    delta = interp.paired_delta({"a": out, "b": out}, "a", "b", n_boot=50)
+    delta = stats.paired_delta({"a": recs, "b": recs}, "a", "b", n_boot=50)
     assert delta["n_paired"] == 2 and delta["families"]["stoney"]["all"]["answer_logprob"]["mean"] == 0.0
     # the model's own greedy answers split the held-out items (a random model gets them wrong)
     assert out["context"] == "own" and s["own_correct"]["mean"] == 0.0
     assert out["families"]["stoney"]["heldout_wrong"]["n"] == 1 and "heldout_right" not in out["families"]["stoney"]
-    assert {r["subset"] for r in out["_recs"] if r["split"] == "train"} == {"select"}
-    gold = interp.run_checkpoint(model, tok, examples, context="gold", top_k=2, n_induction=2, n_boot=50,
+    assert {r["subset"] for r in recs if r["split"] == "train"} == {"select"}
+    gold, _ = run.run_checkpoint(model, tok, examples, context="gold", top_k=2, n_induction=2, n_boot=50,
                                  judge=judge, progress=False)
     assert gold["context"] == "gold"
     assert [c["text"] for c in gold["contexts"]] == ["<think></think>\nAnswer:"] * 2  # one answer sentence: all cut
@@ -310,13 +311,13 @@ def test_run_checkpoint_on_a_tiny_model(tok):
 # subsets and headline tests
 
 def test_selection_and_score_subsets_are_disjoint():
-    items = [interp.Item(task=t, family="math", split=s, id=f"x{i}", ids=[0], target=0, struct=np.zeros(1),
-                         lexical=np.zeros(1)) for t in ("a", "b") for s in ("train", "val", "test") for i in range(200)]
-    select = {it.key + it.split for it in items if it.subset == "select"}
-    score = {it.key + it.split for it in items if it.subset == "score"}
-    assert select.isdisjoint(score) and len(select) + len(score) == len(items)
-    assert all(it.subset == "select" for it in items if it.split == "train")  # held-out items are the score ones
-    held = [it for it in items if it.group == "heldout"]
+    its = [items.Item(task=t, family="math", split=s, id=f"x{i}", ids=[0], target=0, struct=np.zeros(1),
+                       lexical=np.zeros(1)) for t in ("a", "b") for s in ("train", "val", "test") for i in range(200)]
+    select = {it.key + it.split for it in its if it.subset == "select"}
+    score = {it.key + it.split for it in its if it.subset == "score"}
+    assert select.isdisjoint(score) and len(select) + len(score) == len(its)
+    assert all(it.subset == "select" for it in its if it.split == "train")  # held-out its are the score ones
+    held = [it for it in its if it.group == "heldout"]
     assert 0.4 < sum(it.subset == "score" for it in held) / len(held) < 0.6   # a hash half, not a prefix
     assert {it.subset for it in held if it.id == "x7"} == {held[7].subset}  # by task and id: the same every time
 
@@ -345,10 +346,10 @@ def test_heads_are_chosen_on_the_selection_subset_only():
         r["ablate_zero"] = r["ablate_mean"]
         r["ablate_mean"] = np.zeros((3, 2))
         r["ablate_mean"][(0, 0) if r["subset"] == "select" else (2, 1)] = 5.0
-    heads = interp.choose_heads(recs, ["stoney", "math"], 1)
+    heads = ablation.choose_heads(recs, ["stoney", "math"], 1)
     assert heads["mean"] == {"stoney": [(0, 0)], "math": [(0, 0)]}
     # and the headline scores them on held-out score items only
-    specs = interp.checkpoint_specs("ck", recs, ["stoney", "math"])
+    specs = stats.checkpoint_specs("ck", recs, ["stoney", "math"])
     n_score = sum(r["family"] == "stoney" and r["group"] == "heldout" and r["subset"] == "score" for r in recs)
     topk = [s for s in specs if s[0]["kind"] == "topk_vs_random" and s[0]["family"] == "stoney"][0]
     assert len(topk[1]) == n_score and 0 < n_score < len(recs) / 2
@@ -359,7 +360,7 @@ def test_held_out_math_items_are_summarised_by_reasoning_depth():
     for i, r in enumerate(recs):
         r.update(task=f"{r['family']}_mc", outcome=None, depth=1 + i % 4 if r["family"] == "math" else 0,
                  direction=("s2e", "e2s")[i % 2] if r["family"] == "stoney" else None)
-    out = interp.group_summaries(recs, ["stoney", "math"], ["stoney_mc", "math_mc"], n_boot=50, seed=0)
+    out = stats.group_summaries(recs, ["stoney", "math"], ["stoney_mc", "math_mc"], n_boot=50, seed=0)
     held = [r for r in recs if r["family"] == "math" and r["group"] == "heldout"]
     assert set(out["depths"]) == {"math"}  # stoney items have no depth
     # ... and Stoney's by direction: term -> gloss and gloss -> term are reported apart
@@ -375,8 +376,8 @@ def test_held_out_math_items_are_summarised_by_reasoning_depth():
 
 def run_headlines(seed, shift_old=None, shift_new=None):
     rng = np.random.default_rng(seed)
-    results = {"sft": {"_recs": fake_recs(rng, shift=shift_old)}, "grpo": {"_recs": fake_recs(rng, shift=shift_new)}}
-    return interp.headlines(results, [("grpo", "sft")], ["stoney", "math"], n_boot=2000, n_perm=4999, seed=seed)
+    recs = {"sft": fake_recs(rng, shift=shift_old), "grpo": fake_recs(rng, shift=shift_new)}
+    return stats.headlines(recs, [("grpo", "sft")], ["stoney", "math"], n_boot=2000, n_perm=4999, seed=seed)
 
 
 def test_headline_on_a_planted_null_reports_nothing():
@@ -406,13 +407,13 @@ def test_decodability_is_one_rule_for_both_families(monkeypatch):
     the whole vocabulary, never "the letter wins among five" for one family only."""
     model = random_model(4)
     ids = torch.randint(0, 61, (12,)).tolist()
-    mc = interp.Item(task="stoney_mc", family="stoney", split="val", id="a", ids=ids, target=5,
+    mc = items.Item(task="stoney_mc", family="stoney", split="val", id="a", ids=ids, target=5,
                      struct=np.zeros(12, dtype=int), lexical=np.zeros(12, dtype=int), answer_index=0,
                      letter_ids=[5, 6, 7, 8, 9])
     calls = []
-    rule = interp.decodable
-    monkeypatch.setattr(interp, "decodable", lambda logits, target: calls.append(target) or rule(logits, target))
-    recs = [interp.analyse_item(model, it)[0] for it in (mc, fake_item(ids, target=5))]
+    rule = attention.decodable
+    monkeypatch.setattr(attention, "decodable", lambda logits, target: calls.append(target) or rule(logits, target))
+    recs = [attention.analyse_item(model, it)[0] for it in (mc, fake_item(ids, target=5))]
     assert calls == [5, 5]
     assert np.array_equal(recs[0]["lens_decodable"], recs[0]["lens_top1"])
     assert np.array_equal(recs[0]["lens_decodable"], recs[1]["lens_decodable"])
@@ -421,37 +422,37 @@ def test_decodability_is_one_rule_for_both_families(monkeypatch):
 
 
 def test_first_decodable_depth_leaves_out_the_embeddings():
-    assert interp.first_decodable([1, 0, 1, 1]) == 2.0
-    assert interp.first_decodable([1, 1, 1]) == 1.0  # decodable at the embeddings: a baseline, not depth 0
-    assert interp.first_decodable([0, 1, 1]) == 1.0
-    assert np.isnan(interp.first_decodable([1, 1, 0]))
+    assert attention.first_decodable([1, 0, 1, 1]) == 2.0
+    assert attention.first_decodable([1, 1, 1]) == 1.0  # decodable at the embeddings: a baseline, not depth 0
+    assert attention.first_decodable([0, 1, 1]) == 1.0
+    assert np.isnan(attention.first_decodable([1, 1, 0]))
 
 
 def test_random_head_null_has_at_least_100_sets_or_all_of_them():
-    every = interp.random_head_sets(2, 2, 2, interp.RANDOM_SETS, seed=0)
+    every = ablation.random_head_sets(2, 2, 2, ablation.RANDOM_SETS, seed=0)
     heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert sorted(map(sorted, every)) == sorted(sorted(c) for c in itertools.combinations(heads, 2))
-    drawn = interp.random_head_sets(4, 4, 5, interp.RANDOM_SETS, seed=0)
+    drawn = ablation.random_head_sets(4, 4, 5, ablation.RANDOM_SETS, seed=0)
     assert len(drawn) == 100 and len({tuple(sorted(s)) for s in drawn}) == 100
     assert all(len(set(s)) == 5 for s in drawn)
-    assert drawn != interp.random_head_sets(4, 4, 5, interp.RANDOM_SETS, seed=1)
-    assert interp.null_complete(2, 2, 2, 6) and interp.null_complete(4, 4, 5, 100)
-    assert not interp.null_complete(4, 4, 5, 3)
+    assert drawn != ablation.random_head_sets(4, 4, 5, ablation.RANDOM_SETS, seed=1)
+    assert ablation.null_complete(2, 2, 2, 6) and ablation.null_complete(4, 4, 5, 100)
+    assert not ablation.null_complete(4, 4, 5, 3)
 
 
 def test_top_heads_vs_random_is_left_out_with_a_small_null():
     """Three random sets are no null: the record's random drop is NaN and the test untestable."""
     model = random_model(5)
-    items = [fake_item(torch.randint(0, 61, (10,)).tolist(), target=3) for _ in range(12)]
-    for i, it in enumerate(items):
+    its = [fake_item(torch.randint(0, 61, (10,)).tolist(), target=3) for _ in range(12)]
+    for i, it in enumerate(its):
         it.id, it.split = f"x{i}", "test"
-    recs = [dict(interp.analyse_item(model, it)[0], family="math", key=it.key, subset="score", group="heldout")
-            for it in items]
-    topk = {m: {"math": [(0, 0), (1, 1)]} for m in interp.ABLATION_MODES}
+    recs = [dict(attention.analyse_item(model, it)[0], family="math", key=it.key, subset="score", group="heldout")
+            for it in its]
+    topk = {m: {"math": [(0, 0), (1, 1)]} for m in definitions.ABLATION_MODES}
     means = torch.zeros(2, 4, 16)
-    for sets, ok in ((interp.random_head_sets(2, 4, 2, 3, 0), False), (interp.random_head_sets(2, 4, 2, 100, 0), True)):
-        interp.ablate_sets(model, items, recs, means, ["math"], topk, sets, progress=False)
+    for sets, ok in ((ablation.random_head_sets(2, 4, 2, 3, 0), False), (ablation.random_head_sets(2, 4, 2, 100, 0), True)):
+        ablation.ablate_sets(model, its, recs, means, ["math"], topk, sets)
         assert np.isnan(recs[0]["topk_mean"]["random"]) != ok
         assert len(recs[0]["random_sets_mean"]) == len(sets)
-        h = interp.headline_tests(interp.checkpoint_specs("m", recs, ["math"]), n_boot=200, n_perm=199)
+        h = stats.headline_tests(stats.checkpoint_specs("m", recs, ["math"]), n_boot=200, n_perm=199)
         assert (h["m"] == 1) == ok

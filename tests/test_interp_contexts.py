@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from nanostoney import interp
+from nanostoney.interp import contexts, definitions, items
 from nanostoney.answers import LETTERS, answer_after
 from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.subset import subset
@@ -84,7 +84,7 @@ class Judge:
 @pytest.mark.parametrize("name", TASKS)
 def test_no_answer_text_in_the_probed_context(tok, name):
     task = get_task(name)
-    examples = interp.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
+    examples = items.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
     caught = stating = 0
     for ex in examples:
         # the checker is not blind: a gold rationale that states the answer gives it away uncut
@@ -92,10 +92,10 @@ def test_no_answer_text_in_the_probed_context(tok, name):
         think = gold_text(ex).split("</think>")[0]
         if any(re.search(r"(?<!\w)" + re.escape(a.strip()) + r"(?!\w)", think, re.I) for a in answer_strings(ex)):
             stating += 1
-            caught += bool(leaks(tok, ex, interp.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
+            caught += bool(leaks(tok, ex, items.prepare_item(tok, task, ex, "val", Judge(), gold_text(ex)).ids))
         for completion in completions(ex):
-            for context in interp.RATIONALE_CONTEXTS:
-                item = interp.prepare_item(tok, task, ex, "val", Judge(), interp.context_text(ex, completion, context))
+            for context in definitions.RATIONALE_CONTEXTS:
+                item = items.prepare_item(tok, task, ex, "val", Judge(), contexts.context_text(ex, completion, context))
                 assert not leaks(tok, ex, item.ids), (ex["id"], context, completion, tok.decode(item.ids))
                 assert tok.decode(item.ids).rstrip().endswith("Answer:")  # the slot: the answer comes next
                 assert answer_after(gold_text(ex)).startswith(tok.decode([item.target]).strip())
@@ -107,11 +107,11 @@ def test_cloze_context_has_no_options_and_no_answer_text(tok, name):
     """The cloze slot reads the question without options, then only what every option's answer
     shares: nothing in it tells the gold from a distractor."""
     task = get_task(name)
-    examples = interp.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
-    slots = [(ex, interp.cloze_slot(task, ex)) for ex in examples]
+    examples = items.select_examples(task, N_ITEMS)["val"][:N_ITEMS]
+    slots = [(ex, contexts.cloze_slot(task, ex)) for ex in examples]
     assert sum(s is None for _, s in slots) <= 0.2 * len(examples)  # (its number as an operand, a start value)
     for ex, (prompt, gold, slot, answers) in [(ex, s) for ex, s in slots if s is not None]:
-        item = interp.prepare_item(tok, task, ex, "val", Judge(), None, (prompt, gold, slot, answers))
+        item = items.prepare_item(tok, task, ex, "val", Judge(), None, (prompt, gold, slot, answers))
         start = item.ids.index(tok.token_id("<|assistant_start|>")) + 1
         read = tok.decode(item.ids[:start])
         assert not any(f"\n{L}) " in read for L in LETTERS), read  # no option lines

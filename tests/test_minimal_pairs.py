@@ -2,7 +2,7 @@
 prompts of one length that differ in a few tokens, read at the right slot."""
 import pytest
 
-from nanostoney import minimal_pairs
+from nanostoney.interp import pairs as minimal_pairs
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from nanostoney import data, interp, letters, reward_model
+from nanostoney import data, letters, reward_model
 from nanostoney.answers import answer_after, parse_letter
 from nanostoney.errors import UserError
+from nanostoney.interp import items
 from nanostoney.tasks import get_task, mmlu
 
 SUBJECTS = ("abstract_algebra", "anatomy", "virology")
@@ -157,6 +158,6 @@ def test_four_options_through_the_mc_machinery(copies):
     assert torch.equal(letters.letter_summary(pol, pol, [0, 1, 2], [4, 4, 4])["kl"], torch.zeros(3))
     # and the report's items: option regions and the answer index over four options
     ex = task.examples("val")[0]
-    item = interp.prepare_item(tok, task, ex, "val", lambda w: "e", ex["messages"][-1]["content"])
+    item = items.prepare_item(tok, task, ex, "val", lambda w: "e", ex["messages"][-1]["content"])
     assert item.answer_index == "ABCD".index(ex["answer"]) and len(item.letter_ids) == 4
     assert set(item.option[item.option >= 0].tolist()) == {0, 1, 2, 3}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanostoney import interp, patching, probes
+from nanostoney import probes
+from nanostoney.interp import ablation, attention, items, patching
 from nanostoney.gpt import GPT, GPTConfig
 
 BOS, EQ = 0, 30
@@ -93,11 +94,11 @@ def test_patching_finds_the_planted_head_and_ablation_and_the_lens_agree():
     assert not by["resid/slot/1"]["passes"] and not by["resid/pos/2"]["passes"]
     # ablation and the lens name the same head and layer
     for p in pairs[:4]:
-        item = interp.Item(task="t", family="math", split="val", id=p.key, ids=p.clean, target=p.target,
+        item = items.Item(task="t", family="math", split="val", id=p.key, ids=p.clean, target=p.target,
                            struct=np.zeros(len(p.clean), dtype=int), lexical=np.zeros(len(p.clean), dtype=int))
-        drops = interp.ablation_drops(model, item)
+        drops = ablation.ablation_drops(model, item)
         assert np.unravel_index(drops.argmax(), drops.shape) == PLANT
-        rec, _, _ = interp.analyse_item(model, item)
+        rec, _, _ = attention.analyse_item(model, item)
         assert rec["lens_first"] == PLANT[0] + 1
 
 

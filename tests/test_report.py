@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanostoney import report
+from nanostoney.interp import render
 from nanostoney.checkpoint import save_checkpoint
 from nanostoney.errors import RunFailed, run_main
 from nanostoney.gpt import GPT, GPTConfig
@@ -94,7 +94,7 @@ def test_report_end_to_end(checkpoints, tmp_path, capsys):
                  "0_example_0.png", "delta_0.png"):
         assert f"figures/{name}" in imgs
     # re-rendering from the saved numbers alone works
-    report.render(m, str(tmp_path))
+    render.render(m, str(tmp_path))
     assert os.path.isfile(tmp_path / "index.html")
 
 
@@ -108,15 +108,15 @@ def test_disk_full_while_writing_the_report_keeps_the_old_one(tmp_path, monkeypa
         (out / name).write_text(text)
     before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    def render(metrics, directory):
+    def fail_halfway(metrics, directory):
         path = os.path.join(directory, "figures", "entropy_by_layer.png")
         os.makedirs(os.path.dirname(path))
         with open(path, "wb") as f:
             f.write(b"half a png")
         raise OSError(errno.ENOSPC, "No space left on device", path)
-    monkeypatch.setattr(report, "render", render)
+    monkeypatch.setattr(render, "render", fail_halfway)
     with pytest.raises(RunFailed) as e:
-        report.write_report(str(out), {"config": {}})
+        render.write_report(str(out), {"config": {}})
     assert "entropy_by_layer.png" in str(e.value) and "No space left on device" in str(e.value)
     assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["report"]
@@ -137,7 +137,7 @@ def test_one_head_model_report_shows_undefined_statistics_as_na(checkpoints, tmp
 
 def test_clean_json_makes_strict_json():
     import numpy as np
-    x = report.clean_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2)], "c": np.array([np.inf, 0.0])})
+    x = render.clean_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2)], "c": np.array([np.inf, 0.0])})
     assert x == {"a": None, "b": [1.5, 2], "c": [None, 0.0]}
     json.dumps(x, allow_nan=False)
 
@@ -213,12 +213,12 @@ def test_the_summary_says_first_when_a_family_is_not_above_chance():
         fam = lambda lo: {"heldout": {"own_correct": {"mean": lo + 0.1, "lo": lo, "hi": lo + 0.2, "n": 50},
                                       "chance": {"mean": 0.2, "lo": 0.2, "hi": 0.2, "n": 50}}}
         return {"families": {"stoney": fam(lo_stoney), "math": fam(lo_math)}}
-    assert report.at_chance_sentence(res(0.3, 0.25), "grpo", ["stoney", "math"]) == []
-    said = report.at_chance_sentence(res(0.3, 0.1), "grpo", ["stoney", "math"])
+    assert render.at_chance_sentence(res(0.3, 0.25), "grpo", ["stoney", "math"]) == []
+    said = render.at_chance_sentence(res(0.3, 0.1), "grpo", ["stoney", "math"])
     assert len(said) == 1 and "not above chance on held-out math (chance 0.20)" in said[0] and "stoney" not in said[0]
-    said = report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"])
+    said = render.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"])
     assert "held-out stoney (chance 0.20) or math" in said[0] and "--context cloze" in said[0]
-    assert "--context cloze" not in report.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"], "cloze")[0]
+    assert "--context cloze" not in render.at_chance_sentence(res(0.2, 0.1), "sft", ["stoney", "math"], "cloze")[0]
 
 
 def fake_traces(n, planted, seed=0, L=2, H=2):
@@ -238,25 +238,25 @@ def fake_traces(n, planted, seed=0, L=2, H=2):
 
 
 def test_first_screen_says_what_patching_found_and_how_sure():
-    from nanostoney import patching, report_causal
+    from nanostoney.interp import causal, patching
     pairs = ([patching.Pair(f"s{i}", "stoney", [0], [0], 0, 1, 2, "answer", i % 2 == 0, "s2e") for i in range(12)]
              + [patching.Pair(f"m{i}", "math", [0], [0], 0, 1, 2, "operand", True) for i in range(12)])
     traces = fake_traces(12, (1, 0)) + fake_traces(12, None, seed=1)
     summ = patching.summary(pairs, traces, n_boot=200)
     metrics = {"config": {"context": "own"}, "checkpoints": {"grpo": {"patching": summ}}}
-    lead = report_causal.lead(metrics)
+    lead = causal.lead(metrics)
     assert 2 <= len(lead) <= 3
     assert "head 1.0 at the slot" in lead[0] and "Stoney" in lead[0]
     assert "math, at each operand" in lead[0] and "no layer or head restores" in lead[0]
     assert "one training run" in lead[-1]
-    html = report_causal.table(metrics)
+    html = causal.table(metrics)
     assert html.count("<b>yes</b>") >= 1 and "stoney/answer/s2e" in html
     rows = html.split("</table>")[0].split("<tr>")[2:]
     assert all("%" in r for r in rows if "stoney/answer" in r)  # a real gap: its share is shown
     assert all("%" not in r and "—" in r for r in rows if "math/operand" in r)  # no gap: no share of it
     metrics["seeds"] = {"n_seeds": 3, "claims": {"stoney head 1.0": {"every_seed": True},
                                                  "math resid": {"every_seed": False}}}
-    assert report_causal.lead(metrics)[-1] == ("Over 3 training seeds, 1 of 2 claims hold in every seed: "
+    assert causal.lead(metrics)[-1] == ("Over 3 training seeds, 1 of 2 claims hold in every seed: "
                                                 "stoney head 1.0.")
     metrics["config"]["context"] = "cloze"
-    assert "storage probe" in report_causal.lead(metrics)[0]
+    assert "storage probe" in causal.lead(metrics)[0]

@@ -41,7 +41,7 @@ import re
 import unicodedata
 
 from nanostoney import data
-from nanostoney.answers import LETTERS, answer_part, format_answer
+from nanostoney.answers import LETTERS, WORD_RE, answer_part, format_answer
 from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
 from nanostoney.tasks.base import (SPLITS, MCTask, Task, balanced_slots, mc_example, normalize, short_id, stable_hash,
@@ -82,7 +82,6 @@ QUOTE_RE = re.compile(
     r"|“(?P<cq>[^”\n]+)”"
     r"|(?<![\w'])'(?P<sq>(?=\S)[^'\n]*?(?:'\w[^'\n]*?)*)(?<=\S)'(?!\w)")
 STONEY_LETTERS = set("îâûṯẖôÎÂÛṮẖÔ")
-WORD_RE = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 POS_RE = re.compile(
     r"^(?:an?\s+|the\s+)?(?:(?:active|stative|impersonal|reflexive|reciprocal|transitive|intransitive|alienable|"
     r"inalienable|dependent|unspecified|possessive|causative|passive|plural|singular|proper|common|verbal|nominal|"

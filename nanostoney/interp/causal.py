@@ -1,5 +1,5 @@
 """The report's first screen: what activation patching found, in two or three sentences, and the
-corrected table they are read from (nanostoney.patching.summary per checkpoint). Every number
+corrected table they are read from (patching.summary per checkpoint). Every number
 comes from the metrics of the run the report describes; the seeds line only from a replication
 summary (bench/report_seeds.py) written for this run, never from another."""
 import html

@@ -18,7 +18,7 @@ any tokenizer works.
 import re
 
 from nanostoney.answers import MARKER, answer_after
-from nanostoney.patching import Pair
+from nanostoney.interp.patching import Pair
 from nanostoney.tasks.base import stable_hash
 
 MAX_CHANGED = 4  # tokens a corrupted prompt may differ in: one operand or one term, not a new question

@@ -1,0 +1,250 @@
+"""Items: one example as the token ids the model reads up to its answer slot, the answer's token,
+and a label per token (structural region, lexical class, option line) that attention mass is
+summed over."""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nanostoney.answers import WORD_RE, option_letters
+from nanostoney.errors import UserError
+from nanostoney.interp.contexts import cloze_slot, context_text, letter_slot
+from nanostoney.interp.definitions import LEXICAL_REGIONS, OUTCOME_GROUPS, STRUCT_REGIONS
+from nanostoney.tasks.base import stable_hash
+from nanostoney.tasks.subset import subset
+from nanostoney.tokenizer import SYSTEM_JOIN
+
+OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+
+
+@dataclass
+class Item:
+    task: str
+    family: str
+    split: str
+    id: str
+    ids: list                 # context tokens; the last one is the answer position
+    target: int               # the answer's first token (scored at the answer position)
+    struct: np.ndarray        # [T] index into STRUCT_REGIONS
+    lexical: np.ndarray       # [T] index into LEXICAL_REGIONS
+    option: np.ndarray = None  # [T] option index 0..4 of each token's option line, -1 elsewhere
+    answer_index: int = None   # index of the correct option (MC)
+    letter_ids: list = None    # the five candidate answer tokens (MC)
+    tokens: list = field(default_factory=list)  # display strings
+    own_correct: bool = None   # the model's own greedy completion of the prompt is right
+    depth: int = 0             # reasoning steps of an arith item (1-4); 0 for other tasks
+    direction: str = None      # Stoney lexicon items: s2e (term -> gloss) or e2s (gloss -> term)
+
+    @property
+    def key(self):
+        return f"{self.task}/{self.id}"
+
+    @property
+    def group(self):
+        return "train" if self.split == "train" else "heldout"
+
+    @property
+    def outcome(self):
+        """heldout_right / heldout_wrong by the model's own greedy answer; None for train items."""
+        if self.group != "heldout" or self.own_correct is None:
+            return None
+        return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
+
+    @property
+    def subset(self):
+        """"select" (heads are chosen here: train items and a hash half of the held-out ones) or
+        "score" (the other held-out items: chosen heads are scored here)."""
+        return "select" if self.split == "train" or stable_hash(f"subset/{self.key}") % 2 == 0 else "score"
+
+    @property
+    def pos(self):
+        return len(self.ids) - 1
+
+
+def token_offsets(tokenizer, text):
+    """(ids, [(char_start, char_end)]) of `text` as tokenizer.encode tokenizes it."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None:
+        enc = hf.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+    ids, offsets, pos = tokenizer.encode(text), [], 0  # decode token by token
+    for i in ids:
+        piece = tokenizer.decode([i])
+        start = text.find(piece, pos) if piece else pos
+        start = pos if start < 0 else start
+        offsets.append((start, start + len(piece)))
+        pos = start + len(piece)
+    return ids, offsets
+
+
+def first_char_label(char_labels, offsets, text):
+    """Per token: the label of its first non-space character (of its first character if blank)."""
+    out = []
+    for a, b in offsets:
+        j = next((c for c in range(a, b) if not text[c].isspace()), a)
+        out.append(char_labels[j] if j < len(char_labels) else -1)
+    return out
+
+
+def lexical_char_labels(text, family, judge):
+    """Per character: index into LEXICAL_REGIONS before token-level priority is applied."""
+    lab = np.full(len(text), LEXICAL_REGIONS.index("other"))
+    if family == "stoney":
+        for m in WORD_RE.finditer(text):
+            cls = "stoney_term" if judge(m.group(0)) == "s" else "english"
+            lab[m.start():m.end()] = LEXICAL_REGIONS.index(cls)
+    else:
+        for m in WORD_RE.finditer(text):
+            lab[m.start():m.end()] = LEXICAL_REGIONS.index("english")
+    for i, ch in enumerate(text):
+        if ch.isdigit() or (ch in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()):
+            lab[i] = LEXICAL_REGIONS.index("digit")
+        elif ch in OPERATOR_CHARS and not (ch == "-" and 0 < i < len(text) - 1 and text[i - 1].isalpha()
+                                           and text[i + 1].isalpha()):
+            lab[i] = LEXICAL_REGIONS.index("operator")
+    return lab
+
+
+def token_lexical(char_lab, offsets):
+    """A token takes the highest-priority class among its characters (order of LEXICAL_REGIONS,
+    except that digit and operator outrank words)."""
+    priority = [LEXICAL_REGIONS.index(c) for c in ("digit", "operator", "stoney_term", "english", "other")]
+    out = []
+    for a, b in offsets:
+        present = set(char_lab[a:b].tolist()) if b > a else {LEXICAL_REGIONS.index("other")}
+        out.append(next(c for c in priority if c in present))
+    return out
+
+
+def user_text(prompt):
+    """The first user turn as the tokenizer renders it (the system message folded in)."""
+    msgs = [m for m in prompt]
+    if msgs and msgs[0]["role"] == "system":
+        return msgs[0]["content"] + SYSTEM_JOIN + msgs[1]["content"]
+    return msgs[0]["content"]
+
+
+def display_token(text):
+    """A token's text for figure labels (newlines, tabs and other control characters made visible)."""
+    text = text.replace("\n", "↵").replace("\t", "⇥")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
+    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
+    holds the gold answer (context_text makes one): the context is the prompt and every token of
+    `assistant` before the answer's first token. slot: a (prompt, assistant, slot, candidates) of
+    cloze_slot instead (assistant is then ignored)."""
+    prompt, gold, start, candidates = slot or letter_slot(task, example, assistant)
+    prompt_ids = tokenizer.render_prompt(prompt)
+    text = user_text(prompt)
+    u_ids, u_off = token_offsets(tokenizer, text)
+    bos, us, ue, ast = (tokenizer.token_id(s) for s in ("<|bos|>", "<|user_start|>", "<|user_end|>",
+                                                         "<|assistant_start|>"))
+    if prompt_ids != [bos, us] + u_ids + [ue, ast]:
+        raise UserError(f"task {task.name} renders prompts of more than one user turn; interp needs "
+                        f"single-turn prompts.")
+    a_ids, a_off = token_offsets(tokenizer, gold)
+    k = next(j for j, (a, b) in enumerate(a_off) if b > start)  # first token touching the answer
+    ids = prompt_ids + a_ids[:k]
+    # structure labels
+    R = {name: i for i, name in enumerate(STRUCT_REGIONS)}
+    ch = np.full(len(text), R["prompt_other"])
+    regions = example.get("regions", {})
+    for name in ("system", "question", "options"):
+        if name in regions:
+            a, b = regions[name]
+            ch[a:b] = R[name]
+    think_end = gold.find("</think>")
+    think_end = think_end + len("</think>") if think_end >= 0 else 0
+    a_ch = np.where(np.arange(len(gold)) < think_end, R["rationale"], R["answer_cue"])
+    struct = ([R["bos"], R["template"]] + first_char_label(ch, u_off, text) + [R["template"]] * 2
+              + first_char_label(a_ch, a_off[:k], gold))
+    # lexical labels
+    other = LEXICAL_REGIONS.index("other")
+    lex = ([other] * 2 + token_lexical(lexical_char_labels(text, task.family, judge), u_off) + [other] * 2
+           + token_lexical(lexical_char_labels(gold, task.family, judge), a_off[:k]))
+    item = Item(task=task.name, family=task.family, split=split, id=example["id"], ids=ids, target=a_ids[k],
+                struct=np.array(struct), lexical=np.array(lex), depth=example.get("depth") or 0,
+                direction=example.get("direction"))
+    if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
+        mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
+    # labels from the text each token covers, so a character split over byte tokens still reads well
+    item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
+                   ["<|user_end|>", "<|assistant_start|>"] + [display_token(gold[a:b]) for a, b in a_off[:k]])
+    return item
+
+
+def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
+    """Option-line labels, the correct option's index and each option's token at the slot
+    (`candidates`: the assistant text each option would have; its token there)."""
+    regions, k = example["regions"], len(head_ids)
+    options = option_letters(len(example["choices"]))
+    ch_opt = np.full(len(text), -1)
+    for n, c in enumerate(options):
+        a, b = regions[f"option_{c}"]
+        ch_opt[a:b] = n  # (past the end of a cloze prompt, which has no options: no label)
+    item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
+    letters = []
+    for candidate in candidates:
+        c_ids = tokenizer.encode(candidate)
+        letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
+    answer = str(example.get("answer", "")).strip()
+    if answer in options:
+        item.answer_index = options.index(answer)
+        if None not in letters and len(set(letters)) == len(options):  # else the tokenizer splits letters unevenly
+            item.letter_ids = letters
+
+
+def select_examples(task, n, seed=0, spare=10):
+    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
+    tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
+    order). fitting_examples keeps the first n that fit the model's context, so a few over-long
+    prompts do not shrink the sample, and any prefix of the order stays balanced."""
+    splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
+    return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
+
+
+def fitting_examples(tokenizer, examples, limit, max_len):
+    """({task: [(split, example)]}, {task: number passed over}): of each split's list the first
+    `limit` examples whose prompt and gold assistant text fit in max_len tokens."""
+    chosen, skipped = {}, {}
+    for name, (task, by_split) in examples.items():
+        chosen[name] = []
+        for split, rows in by_split.items():
+            kept = 0
+            for ex in rows:
+                if limit is not None and kept >= limit:
+                    break
+                n = len(tokenizer.render_prompt(task.prompt(ex))) + len(tokenizer.encode(ex["messages"][-1]["content"]))
+                if n > max_len:
+                    skipped[name] = skipped.get(name, 0) + 1
+                    continue
+                chosen[name].append((split, ex))
+                kept += 1
+    return chosen, skipped
+
+
+
+def build_items(tokenizer, examples, chosen, completions, judge, context, max_len, vocab_size):
+    """(items, {task: number skipped}): an Item per chosen example, read after its context
+    (context_text of the model's completion, or cloze_slot); one whose context does not fit in
+    max_len tokens (or the model's vocabulary), or has no cloze slot, is skipped. completions: {(task, id): the model's
+    greedy completion}, for "cloze" {(task, id): whether its cloze pick is right}."""
+    items, skipped = [], {}
+    for name, pairs in chosen.items():
+        task = examples[name][0]
+        for split, ex in pairs:
+            if context == "cloze":
+                slot = cloze_slot(task, ex)
+                it = slot and prepare_item(tokenizer, task, ex, split, judge, None, slot)
+            else:
+                completion = completions[(name, ex["id"])]
+                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
+            if it is None or len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
+                skipped[name] = skipped.get(name, 0) + 1
+                continue
+            it.own_correct = completions[(name, ex["id"])] if context == "cloze" else bool(task.evaluate(ex, completion))
+            items.append(it)
+    if not items:
+        raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")
+    return items, skipped

@@ -1,0 +1,214 @@
+"""One checkpoint, every statistic: its greedy answers (or cloze picks), an Item per example, one
+forward per item (attention, lens), the head ablations, activation patching on minimal pairs, and
+the summaries the report draws. The per-item passes are functions of a list of items, so under
+torchrun they are shared out over the ranks and gathered in order (the same numbers at any world
+size)."""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanostoney import cloze
+from nanostoney.dist import get_rank, map_over_ranks
+from nanostoney.evaluate import complete_task
+from nanostoney.gpt import unwrap
+from nanostoney.interp import patching
+from nanostoney.interp.ablation import RANDOM_SETS, ablate_sets, ablate_single, choose_heads, random_head_sets
+from nanostoney.interp.attention import analyse_item, classify_heads, induction_scores
+from nanostoney.interp.contexts import context_text
+from nanostoney.interp.definitions import ABLATION_MODES
+from nanostoney.interp.items import build_items, fitting_examples
+from nanostoney.interp.pairs import build_pairs
+from nanostoney.interp.stats import group_summaries, head_maps, interval, spearman
+
+SLOT_ROOM = 16  # tokens kept free after a model's own rationale for the answer slot ("Answer: X")
+
+
+def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
+    """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
+    up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
+    `chunk` examples shared out over the ranks (the chunks do not depend on the world size)."""
+    out = {}
+    for name, pairs in chosen.items():
+        if not pairs:
+            continue
+        task, exs = examples[name][0], [ex for _, ex in pairs]
+        longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
+        chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
+        budget = max(1, max_len - longest - SLOT_ROOM)  # the answer slot follows the context
+        done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
+                              chunks, info)
+        greedy = [g for part in done for g in part]
+        out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
+    return out
+
+
+def cloze_verdicts(model, tokenizer, examples, chosen, info=None):
+    """{(task, id): whether the model's cloze pick of the example is the gold option} (multiple-choice
+    tasks only: scripts.compare_reasoning checks)."""
+    out = {}
+    for name, pairs in chosen.items():
+        task, exs = examples[name][0], [ex for _, ex in pairs]
+        right = cloze.cloze_correct(model, tokenizer, task, exs, info)
+        out.update({(name, ex["id"]): bool(r) for ex, r in zip(exs, right)})
+    return out
+
+
+
+def figure_item_keys(items, families, n):
+    """The items drawn as example figures: each family's first n held-out items (any if none)."""
+    keys = set()
+    for fam in families:
+        held = [it for it in items if it.family == fam and it.group == "heldout"] or \
+            [it for it in items if it.family == fam]
+        keys |= {it.key for it in held[:n]}
+    return keys
+
+
+def _bar(desc, progress, info):
+    """A progress bar around this rank's share of the items (rank 0 only)."""
+    rank = info.rank if info is not None else get_rank()
+    return lambda idx: tqdm(idx, desc=desc, disable=not progress or rank != 0, leave=False)
+
+
+def item_records(gpt, items, figure_keys=(), info=None, wrap=None):
+    """Pass 1, one forward per item: (records, every head's output summed over all positions
+    [L, H, head_dim], the number of positions, {key: full patterns} of the figure items). Under
+    torchrun the items are shared out over the ranks and every rank gets all results, summed in
+    item order (the same numbers at any world size)."""
+    done = map_over_ranks(lambda it: analyse_item(gpt, it, keep_full=it.key in figure_keys), items, info, wrap)
+    out_sum = torch.stack([s for _, s, _ in done]).sum(0)
+    n_pos = sum(len(it.ids) for it in items)
+    recs, figures = [], {}
+    for it, (rec, _, full) in zip(items, done):
+        rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
+                   outcome=it.outcome, subset=it.subset, own_correct=float(it.own_correct), depth=it.depth,
+                   direction=it.direction,
+                   chance=1 / len(it.letter_ids) if it.letter_ids else None)  # a guess among the options
+        recs.append(rec)
+        if full is not None:
+            figures[it.key] = {"id": it.id, "task": it.task, "family": it.family, "split": it.split,
+                               "tokens": it.tokens, "struct": it.struct.tolist(), "full": full}
+    return recs, out_sum, n_pos, figures
+
+
+
+def head_roles(out, k, topk, random_sets, families):
+    """{"roles", "topk", "overlap"}: head roles from the all-items scores, the top-k heads and
+    how much the first two families' heads overlap."""
+    every = out["families"]["all"]["all"]
+    scores = {"previous_token": every["previous_token"]["mean"], "sink": every["sink"]["mean"],
+              "induction": out["induction"]["induction"]["mean"],
+              "option_lookup": every["option_lookup"]["mean"] if "option_lookup" in every else None}
+    overlap = {}
+    if len(families) >= 2:
+        a, b = families[:2]
+        for mode in ABLATION_MODES:
+            sa, sb = set(topk[mode][a]), set(topk[mode][b])
+            ma = out["families"][a]["all"][f"ablate_{mode}"]["mean"]
+            mb = out["families"][b]["all"][f"ablate_{mode}"]["mean"]
+            overlap[mode] = {"families": [a, b], "jaccard": len(sa & sb) / len(sa | sb),
+                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(ma, mb)}
+    return {"roles": {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()},
+            "topk": {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
+                     "random_sets": [[list(h) for h in s] for s in random_sets],
+                     "chosen_on": "each family's selection subset (train items and a hash half of the "
+                                  "held-out items)"},
+            "overlap": overlap}
+
+
+def example_figures(figures, topk):
+    """Example attention figures: the answer row of every head and the full pattern of the
+    family's most important head (largest mean zero-ablation drop)."""
+    out = []
+    for f in figures.values():
+        lh = topk["zero"][f["family"]][0]
+        full = f.pop("full")
+        f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=list(lh),
+                 pattern=np.round(full[lh[0], lh[1]].astype(np.float32), 4).tolist())
+        out.append(f)
+    return out
+
+
+def context_samples(tokenizer, items, n=2):
+    """The first n probed contexts of each task, as the model read them after the prompt (the
+    report shows them, so a reader can check that no answer is in them)."""
+    out, seen = [], {}
+    for it in items:
+        if seen.get(it.task, 0) < n and it.group == "heldout":
+            seen[it.task] = seen.get(it.task, 0) + 1
+            k = it.ids.index(tokenizer.token_id("<|assistant_start|>")) + 1
+            out.append({"task": it.task, "id": it.id, "own_correct": it.own_correct,
+                        "text": tokenizer.decode(it.ids[k:])})
+    return out
+
+
+def trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, info=None, wrap=None):
+    """(pairs, traces): activation patching on the minimal pairs of the held-out items, read on
+    the model's own reasoning (minimal_pairs); none for the cloze context, which has no reasoning."""
+    if context == "cloze":
+        return [], []
+    contexts, verdicts = {}, {}
+    for name, rows in chosen.items():
+        task = examples[name][0]
+        for _, ex in rows:
+            k = (name, ex["id"])
+            contexts[k] = context_text(ex, completions[k], context)
+            verdicts[k] = bool(task.evaluate(ex, completions[k]))
+    pairs = build_pairs(tokenizer, examples, chosen, completions, contexts, verdicts, max_len)
+    pairs = [p for p in pairs if max(p.clean + p.corrupt + [p.target, p.foil]) < gpt.config.vocab_size]
+    traces = map_over_ranks(lambda p: patching.trace_pair(gpt, p), pairs, info, wrap)
+    return pairs, traces
+
+
+def run_checkpoint(model, tokenizer, examples, *, judge, limit=None, context="own", top_k=5,
+                   n_random_sets=RANDOM_SETS, n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None,
+                   figure_examples=1, progress=True, info=None):
+    """(summary, records) of one model. examples: {task: (Task, {split: [example]})}; of each list
+    the first `limit` examples whose prompt and gold fit in max_len tokens are read after their
+    `context` ("own", "gold": context_text; "cloze": cloze_slot). judge(word) -> "s" | "e" tells
+    Stoney words from English ones. summary is JSON-able (per family and group the bootstrap
+    summaries, head roles, top-k heads, head maps, example figures, patching); records are the
+    per-item arrays the headline tests and paired deltas read. Under torchrun (info: a DistInfo)
+    the work is shared out over the ranks; ranks other than 0 return (None, None)."""
+    gpt = unwrap(model).eval()
+    c = gpt.config
+    max_len = max_len or c.sequence_len
+    chosen, skipped = fitting_examples(tokenizer, examples, limit, max_len)
+    if context == "cloze":
+        completions = cloze_verdicts(gpt, tokenizer, examples, chosen, info)
+    else:
+        completions = own_completions(gpt, tokenizer, examples, chosen, max_len, info)
+    items, too_long = build_items(tokenizer, examples, chosen, completions, judge, context, max_len, c.vocab_size)
+    for name, n in too_long.items():
+        skipped[name] = skipped.get(name, 0) + n
+    families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
+    bar = lambda desc: _bar(desc, progress, info)  # noqa: E731
+    recs, out_sum, n_pos, figures = item_records(gpt, items, figure_item_keys(items, families, figure_examples),
+                                                 info, bar("analyse"))
+    means = out_sum / n_pos
+    ablate_single(gpt, items, recs, means, info, bar("ablate heads"))
+    k = max(1, min(top_k, c.n_layer * c.n_head - 1))
+    topk = choose_heads(recs, families, k)
+    random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
+    ablate_sets(gpt, items, recs, means, families, topk, random_sets, info, bar("ablate top-k"))
+    pairs, traces = trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, info, bar("patch"))
+    if (info.rank if info is not None else get_rank()) != 0:
+        return None, None
+    out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
+                     "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}
+    groups = group_summaries(recs, families, list(examples), n_boot, seed)
+    out.update(n_items=groups["n_items"], skipped=skipped, families=groups["families"], tasks=groups["tasks"],
+               depths=groups["depths"], directions=groups["directions"])
+    vocab = min(c.vocab_size, tokenizer.vocab_size - len(getattr(tokenizer, "special_tokens", [])))
+    ind = induction_scores(gpt, vocab, n_induction, induction_len, seed, tokenizer.bos_id)
+    out["induction"] = {"n_rep": ind["n_rep"], "induction": interval(ind["induction"], n_boot, seed),
+                        "previous_token_random": interval(ind["previous_token_random"], n_boot, seed)}
+    out.update(head_roles(out, k, topk, random_sets, families))
+    out["head_maps"] = head_maps(recs, families)
+    out["examples"] = example_figures(figures, topk)
+    out["contexts"] = context_samples(tokenizer, items)
+    out["per_example"] = [{"key": r["key"], "split": r["split"], "subset": r["subset"],
+                           "own_correct": r["own_correct"], "answer_logprob": round(r["answer_logprob"], 5),
+                           "accuracy": r["accuracy"], "lens_first": r["lens_first"]} for r in recs]
+    out["patching"] = patching.summary(pairs, traces, n_boot, seed)
+    return out, recs
