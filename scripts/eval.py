@@ -180,7 +180,8 @@ def check_flags(args):
         raise UserError(f"--mauve-featurizer {args.mauve_featurizer} does not exist; pass a checkpoint "
                         f"directory, or leave it out to featurise with each evaluated model.")
     cli.refuse_same({"--out": args.out, "--completions": args.completions, "the log folder of --out": log_dir(args)})
-    inputs = {f"the {name} checkpoint": path for name, path in ckpts.items()} | {"--mauve-featurizer": args.mauve_featurizer}
+    inputs = {f"the {name} checkpoint": path for name, path in ckpts.items()}
+    inputs["--mauve-featurizer"] = args.mauve_featurizer
     cli.claim_out_file(args.out, overwrite=args.overwrite, is_ours=ours_results, inputs=inputs)
     if args.completions:
         cli.claim_out_file(args.completions, overwrite=args.overwrite, is_ours=ours_completions, flag="--completions",

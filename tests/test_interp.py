@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanostoney import probes
-from nanostoney.interp import ablation, attention, contexts, definitions, items, patching, run, stats
 from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.interp import ablation, attention, contexts, definitions, items, patching, run, stats
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks.base import MCTask, mc_example
 from nanostoney.tasks.stoney import STONEY_LETTERS

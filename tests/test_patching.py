@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanostoney import probes
-from nanostoney.interp import ablation, attention, items, patching
 from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.interp import ablation, attention, items, patching
+from test_interp import random_model
 
 BOS, EQ = 0, 30
 OPERANDS = range(10, 30)    # tokens an item asks the model to copy
@@ -123,15 +124,9 @@ def test_patching_a_head_equals_a_full_forward_with_that_head_replaced():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_on_random_models_nothing_passes(seed):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, n_embd=64))
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "lm_head" in name:
-                p.normal_(0, 0.1)
+    model = random_model(seed)
     pairs = operand_pairs(30, seed=seed, vocab_ops=range(1, 40), fillers=range(40, 61))
-    tests = patching.site_tests([patching.trace_pair(model.eval(), p) for p in pairs], n_perm=4999)
+    tests = patching.site_tests([patching.trace_pair(model, p) for p in pairs], n_perm=4999)
     assert tests["m"] == 2 * 3 + 2 * 4 and tests["n"] == 30
     assert not any(r["passes"] for r in tests["sites"])
 

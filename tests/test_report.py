@@ -9,10 +9,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanostoney.interp import render
 from nanostoney.checkpoint import save_checkpoint
 from nanostoney.errors import RunFailed, run_main
 from nanostoney.gpt import GPT, GPTConfig
+from nanostoney.interp import render
 from nanostoney.tokenizer import Tokenizer
 from scripts import compare_reasoning
 

@@ -61,8 +61,8 @@ DEFINITIONS = {
     "logit_lens": "for each depth l (0 = embeddings, l = after block l), the residual stream at the answer "
                   "slot read through the final norm and lm_head: log-prob of the answer token, top-1 rate "
                   "(rank 1), mean log10 rank, and for multiple choice the letter accuracy; the last depth is the "
-                  "model's own output. decodable (one rule for every family, interp.attention.decodable): the answer token is "
-                  "top-1 of the whole vocabulary at that depth.",
+                  "model's own output. decodable (one rule for every family, interp.attention.decodable): the answer "
+                  "token is top-1 of the whole vocabulary at that depth.",
     "lens_first": "the first block depth (l >= 1, after block l) from which the answer stays decodable "
                   "through the output; undefined for an item whose answer is not decodable at the output. Depth 0 "
                   "(the embeddings) is left out: it decodes frequent answer words without reading the question; "

@@ -36,6 +36,22 @@ def families_of(metrics):
     return [f for f in metrics["config"]["families"]]
 
 
+def _band(ax, s, c, label, style="-", alpha=0.12):
+    """A summary's mean as a line over layers (or depths), its interval as a band."""
+    x = np.arange(len(arr(s)))
+    ax.plot(x, arr(s), style, color=c, marker="o", ms=3, label=label)
+    ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=c, alpha=alpha, lw=0)
+
+
+def _bar_group(ax, s, b, n_bars, w, c, grp, label):
+    """Bar b of n_bars per region (a summary's mean with its interval); returns the bars' x."""
+    m = arr(s)
+    x = np.arange(len(m)) + (b - (n_bars - 1) / 2) * w
+    ax.bar(x, m, w, color=c, alpha=1.0 if grp == "train" else 0.55, label=label)
+    ax.errorbar(x, m, [m - arr(s, "lo"), arr(s, "hi") - m], fmt="none", color="k", lw=0.7, capsize=1.5)
+    return x
+
+
 def _save(fig, path, title=None, layout=True):
     """Title the figure (top left), lay it out (unless the caller did), write it and close it."""
     if title:
@@ -101,11 +117,8 @@ def _layer_lines(ax, metrics, ck, key, show_n=False):
             s = metrics["checkpoints"][ck]["families"].get(fam, {}).get(grp, {}).get(key)
             if not s:
                 continue
-            m = arr(s)
-            x = np.arange(len(m))
             label = f"{fam} ({grp}, n={s['n']})" if show_n else f"{fam} ({grp})"
-            ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=label)
-            ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+            _band(ax, s, color(fam, i), label, GROUP_STYLES[grp])
 
 
 def fig_logit_lens(metrics, path):
@@ -157,9 +170,7 @@ def fig_lens_curves(metrics, path):
             s = metrics["checkpoints"][ck]["families"].get(fam, {}).get("heldout", {}).get("lens_decodable")
             if not s:
                 continue
-            m, x = arr(s), np.arange(len(arr(s)))
-            ax.plot(x, m, marker="o", ms=3, color=EXTRA_COLORS[i % len(EXTRA_COLORS)], label=f"{ck} (n={s['n']})")
-            ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=EXTRA_COLORS[i % len(EXTRA_COLORS)], alpha=0.1, lw=0)
+            _band(ax, s, EXTRA_COLORS[i % len(EXTRA_COLORS)], f"{ck} (n={s['n']})", alpha=0.1)
         ax.axhline(0.2, color="#999", lw=0.8, ls=":")  # chance among five letters
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(fam)
@@ -264,11 +275,7 @@ def fig_regions(metrics, ck, path):
         w = 0.8 / max(1, len(bars))
         for b, (fam, grp) in enumerate(bars):
             s, sh = res[fam][grp][key], res[fam][grp].get(share_key)
-            x = np.arange(len(names)) + (b - (len(bars) - 1) / 2) * w
-            m = arr(s)
-            ax.bar(x, m, w, color=color(fam, b), alpha=1.0 if grp == "train" else 0.55,
-                   label=f"{fam} ({grp}, n={s['n']})")
-            ax.errorbar(x, m, [m - arr(s, "lo"), arr(s, "hi") - m], fmt="none", color="k", lw=0.7, capsize=1.5)
+            x = _bar_group(ax, s, b, len(bars), w, color(fam, b), grp, f"{fam} ({grp}, n={s['n']})")
             if sh:
                 ax.scatter(x, arr(sh), marker="_", s=60, color="k", zorder=3)
         ax.set_xticks(range(len(names)))
@@ -351,17 +358,14 @@ def fig_delta(metrics, name, d, path):
     plt = _plt()
     fams = [f for f in families_of(metrics) if f in d["families"]]
     fig, axes = plt.subplots(1, 3, figsize=(12, 2.9))
-    for ax, key, title, x0 in [(axes[0], "entropy:layer", "Δ attention entropy by layer (nats)", 0),
-                               (axes[1], "lens_logprob", "Δ logit-lens answer log-prob", 0)]:
+    for ax, key, title in [(axes[0], "entropy:layer", "Δ attention entropy by layer (nats)"),
+                           (axes[1], "lens_logprob", "Δ logit-lens answer log-prob")]:
         for i, fam in enumerate(fams):
             for grp in SPLIT_GROUPS:
                 s = d["families"][fam].get(grp, {}).get(key)
                 if not s:
                     continue
-                m = arr(s)
-                x = np.arange(len(m)) + x0
-                ax.plot(x, m, GROUP_STYLES[grp], color=color(fam, i), marker="o", ms=3, label=f"{fam} ({grp})")
-                ax.fill_between(x, arr(s, "lo"), arr(s, "hi"), color=color(fam, i), alpha=0.12, lw=0)
+                _band(ax, s, color(fam, i), f"{fam} ({grp})", GROUP_STYLES[grp])
         ax.axhline(0, color="#666", lw=0.6)
         ax.set_title(title)
         ax.set_xlabel("layer" if key == "entropy:layer" else "depth")
@@ -372,10 +376,7 @@ def fig_delta(metrics, name, d, path):
     w = 0.8 / max(1, len(bars))
     for b, (fam, grp) in enumerate(bars):
         s = d["families"][fam][grp]["struct_mass:all"]
-        x = np.arange(len(STRUCT_REGIONS)) + (b - (len(bars) - 1) / 2) * w
-        m = arr(s)
-        ax.bar(x, m, w, color=color(fam, b), alpha=1.0 if grp == "train" else 0.55, label=f"{fam} ({grp})")
-        ax.errorbar(x, m, [m - arr(s, "lo"), arr(s, "hi") - m], fmt="none", color="k", lw=0.7, capsize=1.5)
+        _bar_group(ax, s, b, len(bars), w, color(fam, b), grp, f"{fam} ({grp})")
     ax.axhline(0, color="#666", lw=0.6)
     ax.set_xticks(range(len(STRUCT_REGIONS)))
     ax.set_xticklabels(STRUCT_REGIONS, rotation=30, ha="right")

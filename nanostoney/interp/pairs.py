@@ -1,4 +1,4 @@
-"""Minimal pairs on the model's own reasoning, for activation patching (nanostoney.patching).
+"""Minimal pairs on the model's own reasoning, for activation patching (patching.py).
 
 Every pair holds the assistant text fixed (the model's own completion, teacher forced in both
 runs) and changes one thing in the question, so that the two rendered prompts have the same
@@ -9,7 +9,7 @@ number of tokens and differ in a few of them (at most MAX_CHANGED):
   is where the chain writes the operand; target and foil are the two numbers' tokens.
 - Stoney, the answer slot: the question of another item of the same task and direction that
   differs from this one only in its term (or gloss); the slot is the answer after the model's
-  own rationale (cut before it states an answer, interp.context_text); target and foil are the
+  own rationale (cut before it states an answer, contexts.context_text); target and foil are the
   two items' gold answers' tokens there. Multiple-choice prompts differ in their options as
   well, so they make no pairs.
 No chain format is assumed beyond the equation regex; tokens are found by encoding prefixes, so

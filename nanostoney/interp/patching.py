@@ -19,7 +19,7 @@ clean and corrupt are exchangeable and nothing passes (tests/test_patching.py pl
 head and checks both ways).
 
 Each patched run starts from the corrupted residual stream entering the patched layer (blocks
-before it cannot change), one patch per batch row, as interp's ablations do.
+before it cannot change), one patch per batch row, as the ablations do (ablation.py).
 """
 from dataclasses import dataclass
 

@@ -208,18 +208,15 @@ TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
 def table(metrics, ck):
     res = metrics["checkpoints"][ck]
     head = "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLS)
-    rows = []
-    for fam in families_of(metrics) + ["all"]:
-        for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
-            s = res["families"].get(fam, {}).get(grp)
-            if s:
-                rows.append(f"<tr><td class=l>{esc(fam)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
-                            "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
-    strata = [(fam, f"{d}-step", s) for fam, by in res.get("depths", {}).items() for d, s in by.items()]
-    strata += [(fam, d, s) for fam, by in res.get("directions", {}).items() for d, s in by.items()]
-    for fam, d, s in strata:  # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
-        rows.append(f"<tr><td class=l>{esc(fam)}, {esc(d)}</td><td class=l>heldout</td><td>{s['n']}</td>" +
-                    "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>")
+    groups = [(esc(fam), grp, res["families"][fam][grp]) for fam in families_of(metrics) + ["all"]
+              for grp in SPLIT_GROUPS + OUTCOME_GROUPS if res["families"].get(fam, {}).get(grp)]
+    # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
+    groups += [(f"{esc(fam)}, {esc(d)}-step", "heldout", s) for fam, by in res.get("depths", {}).items()
+               for d, s in by.items()]
+    groups += [(f"{esc(fam)}, {esc(d)}", "heldout", s) for fam, by in res.get("directions", {}).items()
+               for d, s in by.items()]
+    rows = [f"<tr><td class=l>{label}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
+            "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>" for label, grp, s in groups]
     task_rows = []
     for task, by in res["tasks"].items():
         for grp, s in by.items():
