@@ -9,12 +9,10 @@ A model can answer a multiple-choice item in two ways, and scripts.eval reports 
   is X."), and its choice is the answer it finds most likely per character. Neither the options
   nor a letter is in the context.
 This is OLMES's cloze formulation ("CF", per-character normalisation; Gu et al. 2024), the standard
-for small models: naming an answer's letter ("MCF") emerges late in training, long after a model
-can tell the right answer (BENCHMARKS.md, "Issue 16": a depth-4 CPU model ranks held-out Stoney
-facts at 0.84 and cannot read a letter off the options at all). Per character, not summed: a sum
-favours short answers (an arith chain that stops early), per character is tokenizer-free.
-Only the text where the five answers differ is scored (their shared beginning is the same
-evidence for each).
+for small models: naming an answer's letter emerges late in training, long after a model can tell
+the right answer. Per character, not summed: a sum favours short answers, per character is
+tokenizer-free. Only the text where the answers differ is scored (their shared beginning is the
+same evidence for each).
 """
 from contextlib import nullcontext
 
@@ -106,7 +104,8 @@ def option_logprobs(model, rows, max_batch_tokens=16384):
 
 def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
     """The letter each example's cloze picks (the answer with the highest log-probability per
-    character; of tied answers, as AQuA's repeated options are, the first). Under torchrun the batches are shared out over ranks; every rank gets the list."""
+    character; of tied answers, as AQuA's repeated options are, the first). Under torchrun the
+    batches are shared out over ranks; every rank gets the list."""
     model = unwrap(model)
     batches = [examples[i:i + batch_items] for i in range(0, len(examples), batch_items)]
 

@@ -19,8 +19,8 @@ import sys
 import traceback
 
 PRELOAD = ["torch", "numpy", "tokenizers", "yaml", "tqdm", "nanostoney.cli", "nanostoney.train",
-           "nanostoney.checkpoint", "nanostoney.evaluate", "nanostoney.grpo", "nanostoney.interp",
-           "nanostoney.report", "nanostoney.tasks"]
+           "nanostoney.checkpoint", "nanostoney.evaluate", "nanostoney.grpo", "nanostoney.interp.run",
+           "nanostoney.interp.render", "nanostoney.tasks"]
 SCRIPTS = ["base_train", "sft_train", "rm_train", "grpo_train", "star_train", "eval", "compare_reasoning",
            "tok_train", "tok_eval", "check_data", "sweep"]
 

@@ -451,7 +451,8 @@ def test_top_heads_vs_random_is_left_out_with_a_small_null():
     topk = {m: {"math": [(0, 0), (1, 1)]} for m in definitions.ABLATION_MODES}
     means = torch.zeros(2, 4, 16)
     for sets, ok in ((ablation.random_head_sets(2, 4, 2, 3, 0), False), (ablation.random_head_sets(2, 4, 2, 100, 0), True)):
-        ablation.ablate_sets(model, its, recs, means, ["math"], topk, sets)
+        for rec, drops in zip(recs, ablation.ablate_sets(model, its, means, ["math"], topk, sets)):
+            rec.update(drops)
         assert np.isnan(recs[0]["topk_mean"]["random"]) != ok
         assert len(recs[0]["random_sets_mean"]) == len(sets)
         h = stats.headline_tests(stats.checkpoint_specs("m", recs, ["math"]), n_boot=200, n_perm=199)

@@ -92,13 +92,12 @@ def drops_of(gpt, rows, means):
     return lambda it: ablation_logprob_drops(gpt, it.ids, it.target, rows, means).numpy()
 
 
-def ablate_single(gpt, items, recs, means, info=None, wrap=None):
-    """Pass 2: every head ablated alone, zero and mean mode, into each record ([L, H] drops)."""
+def ablate_single(gpt, items, means, info=None, wrap=None):
+    """Pass 2, per item: {"ablate_zero", "ablate_mean"}, the [L, H] drops of every head ablated alone."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
     drops = map_over_ranks(drops_of(gpt, single, means), items, info, wrap=wrap)
-    for rec, d in zip(recs, drops):
-        rec["ablate_zero"], rec["ablate_mean"] = d.reshape(2, L, H)
+    return [dict(zip(("ablate_zero", "ablate_mean"), d.reshape(2, L, H))) for d in drops]
 
 
 def choose_heads(recs, families, k):
@@ -136,9 +135,9 @@ def null_complete(n_layer, n_head, k, n_sets):
     return n_sets >= min(RANDOM_SETS, math.comb(n_layer * n_head, k))
 
 
-def ablate_sets(gpt, items, recs, means, families, topk, random_sets, info=None, wrap=None):
+def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=None):
     """Pass 3: each family's top-k heads, and (mean ablation only, the headline's) random k-head
-    sets, ablated together; per record topk_<mode> = {"own", <other family>, "random" (mean over
+    sets, ablated together. Per item: topk_<mode> = {"own", <other family>, "random" (mean over
     the random sets; NaN when too few sets for the null, null_complete)}, and random_sets_mean:
     the drop of each random set (the null distribution of one k-set's drop)."""
     L, H = gpt.config.n_layer, gpt.config.n_head
@@ -148,8 +147,9 @@ def ablate_sets(gpt, items, recs, means, families, topk, random_sets, info=None,
     drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=wrap)
     k = len(next(iter(topk[HEADLINE_MODE].values())))
     enough = bool(random_sets) and null_complete(L, H, k, len(random_sets))
-    for it, rec, drop in zip(items, recs, drops):
-        start = 0
+    out = []
+    for it, drop in zip(items, drops):
+        rec, start = {}, 0
         for mode in ABLATION_MODES:
             dm = drop[start:start + len(sets[mode])]
             start += len(sets[mode])
@@ -158,3 +158,5 @@ def ablate_sets(gpt, items, recs, means, families, topk, random_sets, info=None,
             rec[f"topk_{mode}"] = d
             if mode == HEADLINE_MODE:
                 rec["random_sets_mean"] = np.asarray(dm[len(families):], dtype=np.float64)
+        out.append(rec)
+    return out

@@ -186,11 +186,14 @@ def run_checkpoint(model, tokenizer, examples, *, judge, limit=None, context="ow
     recs, out_sum, n_pos, figures = item_records(gpt, items, figure_item_keys(items, families, figure_examples),
                                                  info, bar("analyse"))
     means = out_sum / n_pos
-    ablate_single(gpt, items, recs, means, info, bar("ablate heads"))
+    for rec, drops in zip(recs, ablate_single(gpt, items, means, info, bar("ablate heads"))):
+        rec.update(drops)
     k = max(1, min(top_k, c.n_layer * c.n_head - 1))
     topk = choose_heads(recs, families, k)
     random_sets = random_head_sets(c.n_layer, c.n_head, k, n_random_sets, seed)
-    ablate_sets(gpt, items, recs, means, families, topk, random_sets, info, bar("ablate top-k"))
+    sets = ablate_sets(gpt, items, means, families, topk, random_sets, info, bar("ablate top-k"))
+    for rec, drops in zip(recs, sets):
+        rec.update(drops)
     pairs, traces = trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, info, bar("patch"))
     if (info.rank if info is not None else get_rank()) != 0:
         return None, None
