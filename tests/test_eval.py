@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nanostoney import answers, checkpoint, dist, evaluate, lora, metrics
+from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
 from scripts import eval as eval_script
 
@@ -156,6 +157,22 @@ def test_lora_adapter_dir_evaluates(tiny_ckpt):
     assert all(m.merged for _, m in lora.lora_modules(merged))
     x = torch.randint(0, merged.config.vocab_size, (2, 12))
     assert torch.allclose(merged(x), model(x), atol=1e-4)
+
+
+def test_checkpoint_arguments_are_named_one_way_for_eval_and_the_report(tmp_path):
+    """A path is named by its folder (a step dir by run and step), a second folder of that name
+    gets -2; NAME=PATH names itself, and a name given twice, NAME= or a missing path is refused."""
+    run = tmp_path / "run"
+    for d in (run / "step_000060", tmp_path / "a" / "sft", tmp_path / "b" / "sft"):
+        d.mkdir(parents=True)
+    got = evaluate.named_checkpoints([str(run / "step_000060"), str(tmp_path / "a" / "sft"),
+                                      str(tmp_path / "b" / "sft"), f"mine={run}"])
+    assert got == {"run@60": str(run / "step_000060"), "sft": str(tmp_path / "a" / "sft"),
+                   "sft-2": str(tmp_path / "b" / "sft"), "mine": str(run)}
+    for specs, words in ((["x="], "malformed"), ([f"a={run}", f"a={run}"], "given twice"),
+                         ([str(tmp_path / "nope")], "does not exist")):
+        with pytest.raises(UserError, match=words):
+            evaluate.named_checkpoints(specs)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -7,7 +7,6 @@ a file:// URL) beside its figures and metrics.json.
 metrics.json (`render(json.load(...), out_dir)`). The files are built under a temporary name
 and moved into place, so a reader never sees half a report.
 """
-import html
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import numpy as np
 
 from nanostoney.files import write_failed, write_json
 from nanostoney.interp import causal
+from nanostoney.interp.causal import esc
 from nanostoney.interp.definitions import HEADLINE_MODE, HEADLINES, MIN_N, OUTCOME_GROUPS, SPLIT_GROUPS
 from nanostoney.interp.figures import fig_ablation, fig_delta, fig_delta_maps, fig_entropy, fig_example, \
     fig_head_maps, fig_lens_curves, fig_logit_lens, fig_regions, fig_roles, fig_topk, families_of
@@ -173,10 +173,6 @@ table{border-collapse:collapse;font-size:11.5px;margin:6px 0}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right} th{background:#f3f3f3} td.l{text-align:left}
 details{margin:6px 0} pre{font-size:11px;background:#fafafa;padding:6px;overflow:auto}
 """
-
-
-def esc(x):
-    return html.escape(str(x))
 
 
 def num(x, spec=".3g"):
