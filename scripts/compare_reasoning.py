@@ -40,8 +40,9 @@ DEFAULT_TASKS = ("stoney_lexicon", "arith")  # open answers: the model writes it
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Interpretability report: Stoney Nakoda vs math reasoning.")
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH",
-                   help="checkpoints to compare, in order (e.g. base=out/base sft=out/sft grpo=out/grpo)")
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]PATH",
+                   help="checkpoints to compare, in order (e.g. base=out/base sft=out/sft grpo=out/grpo; a bare "
+                        "PATH is named by its folder)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--max-examples", type=cli.positive_int, default=16, help="examples per task and split")
     p.add_argument("--out", type=cli.out_path, default="out/report",
