@@ -45,7 +45,7 @@ def missing_paths(doc, names):
         target = m.group(1)
         if "://" not in target and not target.startswith("mailto:") and not (doc.parent / target).exists():
             missing.append(target)
-    return missing
+    return list(dict.fromkeys(missing))
 
 
 def test_every_file_the_docs_name_is_in_the_repository():
