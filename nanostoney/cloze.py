@@ -10,7 +10,7 @@ A model can answer a multiple-choice item in two ways, and scripts.eval reports 
   nor a letter is in the context.
 This is OLMES's cloze formulation ("CF", per-character normalisation; Gu et al. 2024), the standard
 for small models: naming an answer's letter ("MCF") emerges late in training, long after a model
-can tell the right answer (BENCHMARKS.md, "Issue 16": a depth-4 CPU model ranks held-out Stoney
+can tell the right answer (BENCHMARKS.md, "What the base stores": a depth-4 CPU model ranks held-out Stoney
 facts at 0.84 and cannot read a letter off the options at all). Per character, not summed: a sum
 favours short answers (an arith chain that stops early), per character is tokenizer-free.
 Only the text where the five answers differ is scored (their shared beginning is the same
