@@ -1,5 +1,6 @@
 """The docs a reader follows: every file they name is in the repository, and BENCHMARKS.md is a
 reference (figures with their commands), not a diary keyed by issue numbers."""
+import os
 import re
 from pathlib import Path
 
@@ -20,12 +21,13 @@ LINK = re.compile(r"\]\(([^)\s#]+)[^)]*\)")
 ISSUE = re.compile(r"(?<![\w&/#])#\d+\b|\b[Ii]ssues?\s+#?\d+")
 
 
-def tracked_names():
-    skip = {".git", ".venv", "target", "out", "__pycache__", ".pytest_cache", ".scratch"}
+def repo_file_names():
+    """Names of the files a clone holds: build outputs, environments and run folders left out."""
+    skip = {"target", "out", "runs", "wandb", "__pycache__"}
     names = set()
-    for p in ROOT.rglob("*"):
-        if not skip.intersection(p.relative_to(ROOT).parts):
-            names.add(p.name)
+    for _, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and (d == ".ci" or not d.startswith("."))]
+        names.update(files)
     return names
 
 
@@ -49,7 +51,7 @@ def missing_paths(doc, names):
 
 
 def test_every_file_the_docs_name_is_in_the_repository():
-    names = tracked_names()
+    names = repo_file_names()
     missing = {doc.relative_to(ROOT).as_posix(): missing_paths(doc, names) for doc in DOCS}
     missing = {doc: paths for doc, paths in missing.items() if paths}
     assert not missing, f"the docs name files the repository lacks: {missing}"
