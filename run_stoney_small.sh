@@ -16,10 +16,10 @@
 #   bash run_stoney_small.sh --from-nanochat hf:OWNER/NAME   # or a local nanochat / transformers dir:
 #                                            #   knowledge -> SFT -> reward model -> GRPO -> eval -> report on it
 # (knowledge: the published or web base reads the bundled corpus, so held-out Stoney questions ask
-# about facts it has read; README, "Tasks")
+# about facts it has read; README, "The experiment: tasks")
 #   bash run_stoney_small.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # on each node (rank 1 on the
 #                                            #   other): every torchrun stage spans the nodes; $OUT, checkpoints and
-#                                            #   --from-nanochat on a filesystem all nodes share (README, several nodes)
+#                                            #   --from-nanochat on a filesystem all nodes share (docs/RUNNING.md)
 #   bash run_stoney_small.sh --plan ...      # print the plan and stop
 #   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE KNOWLEDGE MID SFT RM GRPO
 #                                                                 #   EVAL REPORT)
@@ -27,7 +27,7 @@
 # A training stage that was stopped midway (Ctrl-C, a kill, a crash) continues from its last
 # checkpoint on the next run (--resume: base, sft, grpo) or trains again (--overwrite: rm);
 # $OUT is locked while the script runs, so a second run on it is refused.
-# Batch sizes are per device, so the global batch grows with --nproc (see README, "World sizes").
+# Batch sizes are per device, so the global batch grows with --nproc (see docs/RUNNING.md, "World sizes").
 # W&B: online when WANDB_API_KEY is set (the server is checked once here; unreachable = offline
 # run files), offline run files otherwise; WANDB_MODE=disabled turns it off.
 set -euo pipefail
@@ -228,7 +228,7 @@ case "$SIZE" in
         # 2000 base steps store the held-out Stoney facts; a CPU-sized model picks held-out answers
         # well above chance by cloze (eval's "cloze": each option's answer scored, no options shown)
         # but cannot read a letter off the options, so its greedy letter accuracy stays at chance
-        # (BENCHMARKS.md, "Issue 16"). The report reads the open tasks on the model's own reasoning
+        # (BENCHMARKS.md, "Eval"). The report reads the open tasks on the model's own reasoning
         # (compare_reasoning's default): 100 items per split, 200 held-out items per family.
         DEFAULT_TOK=""
         # the curriculum (nanostoney/curriculum.py, base_train's defaults, named here for the plan):

@@ -18,7 +18,7 @@
 4. Reading the question (held-out `arith` val problems, --open-items per depth):
    - operand copy, teacher forced on the gold text: is every token of a step's operand the
      model's top prediction, where the chain line re-reads the step's sentence ("phrase": "Mia
-     finds |5") and in its equation ("equation": "7 + |5")? (shared/experiments/copy_wall's
+     finds |5") and in its equation ("equation": "7 + |5")? (a side experiment's (docs/LOG.md)
      sub-step: 0.3, guessing, for a model that learned the sums from bare chains);
    - open accuracy by depth: the question, then the model's greedy chain and "Answer: N".
 Cheap (forward passes only), so it traces what a base model has against pretraining steps; the

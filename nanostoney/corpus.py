@@ -14,7 +14,7 @@ Default, pretraining_texts():
   train terms only. This is Part 3.1's "mixed training": questions about some facts in the
   pretraining text teach the model to answer from what it read, and the held-out terms are
   never asked. (LoRA SFT alone, from a base that had never seen a question, did not learn to
-  copy a term or map a value to its letter in 300 steps: .scratch/science_log.md.) Add gsm8k,
+  copy a term or map a value to its letter in 300 steps: docs/science_log.md.) Add gsm8k,
   aqua_mc for larger models; `arith` alone gives the corpus without questions.
 
 validation_texts() is held-out text for the base model's val bpb: the val split of the same

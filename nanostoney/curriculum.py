@@ -1,8 +1,8 @@
 """The pretraining curriculum: copying first, then the knowledge and task text.
 
 A depth-4 model pretrained on the bundled corpus alone never learns to copy from its context
-(induction gain about -0.2 nats; BENCHMARKS.md, "the letter wall"), and fresh arithmetic alone
-teaches the sums but not to read the operand (shared/experiments/copy_wall). So the run has stages:
+(induction gain about -0.2 nats; BENCHMARKS.md, "Eval"), and fresh arithmetic alone
+teaches the sums but not to read the operand (a side experiment; docs/LOG.md). So the run has stages:
 
 1. copy (the first copy_steps steps): every row is drills generated for that step: repeated
    random token spans (induction), key-value lookups ("zami = 41 ... zami = 41") and option

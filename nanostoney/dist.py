@@ -95,7 +95,7 @@ def check_gpus_usable():
     driver = f"NVIDIA driver {driver}" if driver else "an NVIDIA driver nvidia-smi could not report"
     built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
     raise UserError(f"{len(gpus)} GPU(s) are visible but torch {torch.__version__}, built for {built}, cannot "
-                    f"use them with {driver}; install a driver for {built} (README, GPUs), or run on CPU "
+                    f"use them with {driver}; install a driver for {built} (docs/RUNNING.md, GPUs), or run on CPU "
                     f"on purpose with --device cpu or CUDA_VISIBLE_DEVICES=.")
 
 
@@ -273,7 +273,7 @@ def check_shared(paths):
             if on_rank0 and not here:
                 raise UserError(f"rank {rank} on {host} cannot see {flag} {path}, which rank 0 sees; put "
                                 f"checkpoints and outputs on a filesystem shared by every node, at the same "
-                                f"path (README, several nodes).")
+                                f"path (docs/RUNNING.md, several nodes).")
 
 
 def check_same_inputs(files=(), tokenizer=None):
