@@ -351,6 +351,15 @@ def barrier():
         dist.barrier()
 
 
+def local_rank_0_first(fn, info):
+    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
+    the others find it (no two processes write the same shard at once)."""
+    if info.local_rank == 0:
+        out = fn()
+    barrier()
+    return out if info.local_rank == 0 else fn()
+
+
 def cleanup():
     """Leave the process group (torchrun otherwise warns about a leaked group at exit), once
     every rank is here. Then give the GIL away for a moment: gloo's worker thread frees the last

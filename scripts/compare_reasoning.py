@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from nanostoney import cli, interp, lora, published, report, report_causal
 from nanostoney.checkpoint import git_commit, load_model
+from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer

@@ -11,7 +11,8 @@ import torch
 
 from nanostoney import report
 from nanostoney.checkpoint import save_checkpoint
-from nanostoney.errors import RunFailed, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import RunFailed
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.tokenizer import Tokenizer
 from scripts import compare_reasoning
