@@ -44,10 +44,6 @@ class DistInfo:
     def is_distributed(self):
         return self.world_size > 1
 
-    @property
-    def device_type(self):
-        return self.device.type
-
 
 def _env_int(name, default):
     value = os.environ.get(name)

@@ -222,12 +222,6 @@ class Logger:
             self._jsonl.close()
             self._jsonl = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.finish()
-
 
 def from_args(args, config=None, out_dir=None):
     """A Logger from the flags of add_logging_args."""
