@@ -250,7 +250,8 @@ def check_readable(path):
         raise UserError(f"{path} does not exist or is not a file; check the path.")
     if str(path).endswith(".parquet"):  # its first text column (the check reads that one)
         schema = open_parquet(str(path)).schema_arrow
-        next(_parquet_documents(str(path), next((f.name for f in schema if is_text(f.type)), schema.names[0])), None)
+        column = next((f.name for f in schema if is_text(f.type)), (schema.names or ["text"])[0])
+        next(_parquet_documents(str(path), column), None)
     elif str(path).endswith(".txt"):
         for _ in _text_blocks(str(path), 1 << 20):
             pass
