@@ -244,12 +244,9 @@ def run_main(main):
     try:
         main()
         sys.stdout.flush()
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         _say(f"error: {e}")
-        code = 2
-    except RunFailed as e:
-        _say(f"error: {e}")
-        code = 1
+        code = 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         _say(f"interrupted: {stage} stopped by Ctrl-C; checkpoints and outputs already written are intact.")
         code = 130
