@@ -23,7 +23,8 @@ import sysconfig
 import threading
 import time
 
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = """schema_version: "1.0"

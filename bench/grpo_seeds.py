@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 from nanostoney import cli
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 
 
 def run_seeds(args, extra):

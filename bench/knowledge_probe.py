@@ -31,8 +31,9 @@ import torch
 
 from nanostoney import cli
 from nanostoney.answers import LETTERS
+from nanostoney.cli import run_main
 from nanostoney.cloze import option_logprobs
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.evaluate import generate_completions
 from nanostoney.files import write_json
 from nanostoney.tasks import arith, get_task

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from nanostoney import cli
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 from nanostoney.files import write_json, write_text
 from nanostoney.metrics import holm, mean_difference
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from nanostoney import cli, probes
-from nanostoney.errors import run_main
+from nanostoney.cli import run_main
 from nanostoney.engine import Engine
 from nanostoney.gpt import GPT, config_for_depth
 

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from nanostoney import cli
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 from nanostoney.interp import render
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

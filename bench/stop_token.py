@@ -12,8 +12,9 @@ distribution); GRPO and pass@k sample, so this is the check to run before RL.
 import torch
 
 from nanostoney import checkpoint, cli
+from nanostoney.cli import run_main
 from nanostoney.engine import Engine
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.tasks import get_task
 from nanostoney.tasks.subset import subset
 

@@ -28,7 +28,7 @@ import sysconfig
 import time
 
 from nanostoney import cli
-from nanostoney.errors import run_main
+from nanostoney.cli import run_main
 from nanostoney.tokenizer import SPLIT_PATTERN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

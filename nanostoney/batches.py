@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from nanostoney.data import check_sources
 from nanostoney.errors import UserError
+from nanostoney.governance import check_sources
 from nanostoney.tasks import get_task, sources_for_tasks
 
 

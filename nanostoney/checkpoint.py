@@ -32,17 +32,18 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from nanostoney import lora
+from nanostoney import lora, published
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
 from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
-from nanostoney.gpt import GPT, NUMERICS, GPTConfig, unwrap
+from nanostoney.gpt import GPT, unwrap
 from nanostoney.logging import scrub
+from nanostoney.published import check_same_shape, config_from_dict, load_weights
 from nanostoney.tokenizer import Tokenizer
 
 FORMAT = "nanostoney-checkpoint-1"
@@ -50,7 +51,6 @@ LATEST = "latest"
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.json", "meta.json"
 OPTIM_FILE, RNG_FILE, TOKENIZER_DIR = "optim.pt", "rng.pt", "tokenizer"
 STEP_RE = re.compile(r"^step_(\d+)$")
-SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
 
 
 def step_dir_name(step):
@@ -128,6 +128,25 @@ def _read_json(path):
     return read_json(path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
 
 
+def _read_config(ckpt):
+    path = os.path.join(ckpt, CONFIG_FILE)
+    return config_from_dict(_read_json(path), path)
+
+
+def _apply_saved_lora(model, sd, ckpt):
+    """Adapters shaped as the checkpoint's adapter config says, when its weights hold LoRA keys."""
+    if any(k.endswith(".lora_A") for k in sd):
+        acfg = lora.read_adapter_config(ckpt)
+        lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
+
+
+def _meta_of(ckpt):
+    """read_meta, or {} when there is no meta.json; "checkpoint" names the directory."""
+    meta = read_meta(ckpt) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
+    meta.setdefault("checkpoint", os.path.abspath(ckpt))
+    return meta
+
+
 def read_meta(ckpt):
     """A checkpoint's meta.json: a JSON object with an integer step, else one sentence."""
     path = os.path.join(ckpt, META_FILE)
@@ -136,69 +155,6 @@ def read_meta(ckpt):
         raise UserError(f"{path} is not a checkpoint's meta (a JSON object with an integer 'step'); the "
                         f"checkpoint is damaged: point at another one.")
     return meta
-
-
-def describe(cfg):
-    return ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
-
-
-def describe_weights(sd):
-    """The shape a state dict implies (heads are not visible in weights, widths are)."""
-    def get(k):
-        return sd.get(k, sd.get("_orig_mod." + k))
-    wte, ck = get("transformer.wte.weight"), get("transformer.h.0.attn.c_k.weight")
-    layers = {int(m.group(1)) for k in sd for m in [re.search(r"transformer\.h\.(\d+)\.", k)] if m}
-    parts = []
-    if wte is not None:
-        parts += [f"vocab_size={wte.shape[0]}", f"n_embd={wte.shape[1]}"]
-    parts.append(f"n_layer={max(layers) + 1 if layers else 0}")
-    if ck is not None:
-        parts.append(f"kv width={ck.shape[0]}")
-    return ", ".join(parts)
-
-
-def config_from_dict(d, where):
-    if not isinstance(d, dict):
-        raise UserError(f"{where} is not a model config (a JSON object); the checkpoint is damaged.")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise UserError(f"{where} has model settings {unknown} that nanostoney's GPT does not "
-                        f"implement (a newer architecture?); only {sorted(known)} are supported.")
-    missing = sorted(known - set(d) - set(NUMERICS))  # older checkpoints lack NUMERICS: nanochat's defaults
-    if missing:
-        raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
-    bad = sorted(k for k, v in d.items()
-                 if k not in NUMERICS and (not isinstance(v, int) or isinstance(v, bool) or v < 1))
-    bad += [k for k, ok in (("norm_eps", norm_eps_ok(d.get("norm_eps"))),
-                            ("rope_dtype", d.get("rope_dtype", "bfloat16") in ("bfloat16", "float32"))) if not ok]
-    if bad:
-        raise UserError(f"{where} has model settings {bad} that are out of range (sizes are positive integers, "
-                        f"norm_eps null or a small positive number, rope_dtype bfloat16 or float32); the "
-                        f"checkpoint is damaged.")
-    return GPTConfig(**d)
-
-
-def norm_eps_ok(eps):
-    return eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1)
-
-
-def load_weights(model, sd, where):
-    """load_state_dict with the failure modes turned into one sentence naming both shapes."""
-    own = model.state_dict()
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if bad or missing or extra:
-        raise UserError(f"{where} holds a model of shape ({describe_weights(sd)}) but the model "
-                        f"being loaded is ({describe(model.config)}); load it with its own config."
-                        + (f" (missing keys {missing[:3]}, unexpected {extra[:3]})" if missing or extra else ""))
-    model.load_state_dict(sd, strict=True)
-
-
-def check_same_shape(cfg_a, cfg_b, where):
-    if any(getattr(cfg_a, k) != getattr(cfg_b, k) for k in SHAPE_FIELDS):
-        raise UserError(f"{where} holds a model of shape ({describe(cfg_a)}) but the model being "
-                        f"loaded is ({describe(cfg_b)}); build the model from the checkpoint's config.")
 
 
 # -----------------------------------------------------------------------------
@@ -368,13 +324,12 @@ def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
     objects built by the caller. path: a step dir or a run dir (its latest). Returns meta."""
     ckpt = _resolve(path)
     model = unwrap(model)
-    cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
+    cfg = _read_config(ckpt)
     check_same_shape(cfg, model.config, ckpt)
     if os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
         sd = read_torch(os.path.join(ckpt, MODEL_FILE))
-        if any(k.endswith(".lora_A") for k in sd) and not lora.lora_modules(model):
-            acfg = lora.read_adapter_config(ckpt)
-            lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
+        if not lora.lora_modules(model):
+            _apply_saved_lora(model, sd, ckpt)
         load_weights(model, sd, ckpt)
     else:
         lora.load_adapters(model, ckpt)
@@ -422,7 +377,6 @@ def load_model(path, device="cpu"):
     path: our run dir or step dir, a LoRA adapter dir, or a published model (published.py): a
     nanochat checkpoint dir, a transformers NanoChat dir, or hf:OWNER/NAME.
     """
-    from nanostoney import published  # it builds on this module's loading helpers
     path = published.resolve(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
@@ -439,16 +393,12 @@ def load_model(path, device="cpu"):
         raise UserError(f"{path} is not a checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} (nanostoney), "
                         f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), model_XXXXXX.pt + "
                         f"meta_XXXXXX.json (nanochat), or config.json + model.safetensors (transformers).")
-    cfg = config_from_dict(_read_json(os.path.join(ckpt, CONFIG_FILE)), os.path.join(ckpt, CONFIG_FILE))
+    cfg = _read_config(ckpt)
     sd = read_torch(os.path.join(ckpt, MODEL_FILE))
     model = GPT(cfg)
-    if any(k.endswith(".lora_A") for k in sd):
-        acfg = lora.read_adapter_config(ckpt)
-        lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
+    _apply_saved_lora(model, sd, ckpt)
     load_weights(model, sd, ckpt)
-    meta = read_meta(ckpt) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
-    meta.setdefault("checkpoint", os.path.abspath(ckpt))
-    return model.to(device).eval(), _load_tokenizer(ckpt, cfg), meta
+    return model.to(device).eval(), _load_tokenizer(ckpt, cfg), _meta_of(ckpt)
 
 
 def _load_adapter_dir(path, device):
@@ -458,12 +408,10 @@ def _load_adapter_dir(path, device):
                         f"with load_model(base) and then lora.load_adapters(model, '{path}').")
     model, tokenizer, base_meta = load_model(base, device="cpu")
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        cfg = config_from_dict(_read_json(os.path.join(path, CONFIG_FILE)), os.path.join(path, CONFIG_FILE))
+        cfg = _read_config(path)
         check_same_shape(cfg, model.config, f"the base of {path} ({base})")
     lora.load_adapters(model, path)
-    meta = read_meta(path) if os.path.isfile(os.path.join(path, META_FILE)) else {}
-    meta.setdefault("checkpoint", os.path.abspath(path))
-    meta["base"] = base_meta
+    meta = {**_meta_of(path), "base": base_meta}
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
 
 
@@ -479,7 +427,6 @@ def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", drop
       become the base that adapter saves name (for a published model: its local directory).
     - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
     """
-    from nanostoney import published
     local = published.resolve(init)
     if published.kind(local):
         model, tok, meta = published.load(local, device=device)

@@ -40,7 +40,7 @@ import tempfile
 import time
 import traceback
 
-from nanostoney.errors import RunFailed, UserError
+from nanostoney.errors import RunFailed, UserError, first_line, mask_secrets
 from nanostoney.files import pid_alive
 
 MARKER, LOCK = ".nanostoney", ".lock"
@@ -217,11 +217,7 @@ def _write_traceback(stage):
     rank = _rank()
     name = f"{stage}-error{f'-rank{rank}' if rank else ''}.log"
     text = f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}"
-    try:
-        from nanostoney.logging import mask_secrets  # lazy: the runner works before anything imports
-        text = mask_secrets(text)
-    except Exception:
-        pass
+    text = mask_secrets(text)
     for folder in (_state["log_dir"], None):
         try:
             if folder is None:
@@ -238,15 +234,6 @@ def _write_traceback(stage):
     return None
 
 
-def _first_line(e):
-    """`Type: first line of the message`, secrets masked (the traceback keeps the rest)."""
-    try:
-        from nanostoney.logging import first_line  # lazy: the runner works before anything imports
-        return f"{type(e).__name__}: {first_line(e)}"
-    except Exception:  # the failure may be that very import
-        return type(e).__name__
-
-
 def run_main(main):
     """Run an entry point's main(); every way out is one line on stderr and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("NANOSTONEY_DEBUG") == "1"
@@ -257,12 +244,9 @@ def run_main(main):
     try:
         main()
         sys.stdout.flush()
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         _say(f"error: {e}")
-        code = 2
-    except RunFailed as e:
-        _say(f"error: {e}")
-        code = 1
+        code = 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         _say(f"interrupted: {stage} stopped by Ctrl-C; checkpoints and outputs already written are intact.")
         code = 130
@@ -290,7 +274,7 @@ def _unexpected(stage, debug):
         traceback.print_exc()
     log = _write_traceback(stage)
     where = f"the traceback is in {log}" if log else "the traceback could not be written to a file"
-    _say(f"error: {stage} failed ({_first_line(e)}); {where}"
+    _say(f"error: {stage} failed ({type(e).__name__}: {first_line(e)}); {where}"
          + ("." if debug else "; rerun with --debug to print it."), every_rank=True)
     return 1
 

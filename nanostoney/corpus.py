@@ -26,7 +26,9 @@ import random
 
 from nanostoney import cli
 from nanostoney.errors import UserError
+from nanostoney.tasks import TASK_NAMES, TASKS, get_task, sources_for_tasks
 from nanostoney.tasks.base import stable_hash
+from nanostoney.tasks.stoney import load_corpus
 
 FACT_TEMPLATES = (
     "`{term}` means '{gloss}'.",
@@ -50,7 +52,6 @@ def conversation_text(conv):
 
 
 def extraction_pairs():
-    from nanostoney.tasks.stoney import load_corpus
     lexicon = load_corpus()["lexicon"]
     return [p for part in EXTRACTION for p in lexicon[part]]
 
@@ -88,7 +89,6 @@ def augment_count(text):
 def task_list(spec):
     """--corpus-tasks: "arith_mc,gsm8k" -> ["arith_mc", "gsm8k"], each a known task that may be
     training text (a control task may not)."""
-    from nanostoney.tasks import TASK_NAMES, TASKS
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"names no task; e.g. {','.join(CORPUS_TASKS)}")
@@ -111,8 +111,6 @@ def add_corpus_args(parser, augment=True):
 
 def pretraining_texts(augment=0, tasks=CORPUS_TASKS):
     """The documents of the default pretraining corpus (see the module docstring)."""
-    from nanostoney.tasks import get_task
-    from nanostoney.tasks.stoney import load_corpus
     check_augment(augment)
     convs = load_corpus()["convs"]
     texts = [conversation_text(c) for part in EXTRACTION for c in convs[part]]
@@ -124,8 +122,6 @@ def pretraining_texts(augment=0, tasks=CORPUS_TASKS):
 
 
 def validation_texts(tasks=CORPUS_TASKS):
-    from nanostoney.tasks import get_task
-    from nanostoney.tasks.stoney import load_corpus
     texts = [conversation_text(c) for c in load_corpus()["convs"]["unseen_val"]]
     for name in tasks:
         texts += [task_text(ex) for ex in get_task(name).examples("val")]
@@ -133,5 +129,4 @@ def validation_texts(tasks=CORPUS_TASKS):
 
 
 def pretraining_sources(tasks=CORPUS_TASKS):
-    from nanostoney.tasks import sources_for_tasks
     return sources_for_tasks(["stoney_qa", *tasks])

@@ -44,10 +44,6 @@ class DistInfo:
     def is_distributed(self):
         return self.world_size > 1
 
-    @property
-    def device_type(self):
-        return self.device.type
-
 
 def _env_int(name, default):
     value = os.environ.get(name)
@@ -349,6 +345,15 @@ def _first_difference(ref, other, rank):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def local_rank_0_first(fn, info):
+    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
+    the others find it (no two processes write the same shard at once)."""
+    if info.local_rank == 0:
+        out = fn()
+    barrier()
+    return out if info.local_rank == 0 else fn()
 
 
 def cleanup():

@@ -27,13 +27,11 @@ tokens the uninterrupted run would have read next, at any world size with the sa
 lanes (tests/test_loader.py checks 1 and 2 ranks bitwise).
 
 Text that is not parquet (the bundled corpus, txt/jsonl/json files, hub datasets) is written once
-into parquet shards in the cache (NANOSTONEY_CACHE, default ~/.cache/nanostoney), keyed by a hash
-of its content, and read through the same code. Documents are tokenized DOC_BATCH at a time with
+into cached parquet shards (sources.parquet_files) and read through the same code. Documents are tokenized DOC_BATCH at a time with
 `tokenizers`' encode_batch, which runs on Rust threads without the GIL.
 """
 import hashlib
 import os
-import random
 from collections import deque
 
 import numpy as np
@@ -41,101 +39,9 @@ import torch
 
 from nanostoney.dist import gather_lists
 from nanostoney.errors import UserError
+from nanostoney.sources import check_text_column, open_parquet, parquet_error
 
 DOC_BATCH = 128       # documents read and tokenized at a time
-CACHE_ROW_GROUP = 64  # documents per row group in the shards we write (units small enough to mix)
-
-
-def cache_dir():
-    return os.environ.get("NANOSTONEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanostoney")
-
-
-def _arrow_error(path, e, fix):
-    first = (str(e).splitlines() or [""])[0][:200]
-    return UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {first}); {fix}.")
-
-
-# -----------------------------------------------------------------------------
-# parquet files and the cache of converted text
-
-def _write_shard(path, docs, column):
-    """docs (an iterable of str) -> a parquet file at `path`, CACHE_ROW_GROUP rows per row group,
-    written to a temporary name and renamed (a killed writer leaves no half shard)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    schema = pa.schema([(column, pa.string())])
-    rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema, write_statistics=False) as writer:
-            chunk = []
-            for doc in docs:
-                chunk.append(doc)
-                if len(chunk) == CACHE_ROW_GROUP:
-                    writer.write_table(pa.table({column: chunk}, schema=schema))
-                    rows, chunk = rows + len(chunk), []
-            if chunk:
-                writer.write_table(pa.table({column: chunk}, schema=schema))
-                rows += len(chunk)
-        if rows == 0:
-            raise UserError(f"{path}: the source holds no documents; check the files and --text-column.")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def cached_shard(name, key, docs, column="text"):
-    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only."""
-    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
-    return path if os.path.isfile(path) else _write_shard(path, docs, column)
-
-
-def texts_shard(name, texts, column="text", seed=0):
-    """A list of texts (the bundled corpus) as one cached shard, documents in a seeded shuffled
-    order so that each row group mixes the tasks the texts come from."""
-    order = list(texts)
-    random.Random(seed).shuffle(order)
-    h = hashlib.sha256(f"{seed}\0".encode())
-    for t in order:
-        h.update(t.encode())
-        h.update(b"\0")
-    return cached_shard(name, h.hexdigest(), order, column)
-
-
-def file_shard(path, column="text"):
-    """A txt/jsonl/json file as a cached shard (keyed by the file's bytes and the column)."""
-    from nanostoney.data import iter_documents
-    h = hashlib.sha256(f"{column}\0".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return cached_shard(stem, h.hexdigest(), (t for t in iter_documents(path, column) if t), column)
-
-
-def hub_shard(name, split, column="text"):
-    """A Hugging Face hub dataset split as a cached shard (keyed by its `datasets` fingerprint)."""
-    from nanostoney.data import hub_documents
-    fingerprint, docs = hub_documents(name, split, column)
-    key = hashlib.sha256(f"{name}\0{split}\0{column}\0{fingerprint}".encode()).hexdigest()
-    return cached_shard(name.replace("/", "--"), key, docs, column)
-
-
-def parquet_files(sources, column="text", split="train"):
-    """Parquet paths for expanded --data sources (data.expand_sources): parquet files as they
-    are, other files and hub datasets converted once into the cache. Gate the sources first."""
-    out = []
-    for src in sources:
-        if src.endswith(".parquet"):
-            out.append(src)
-        elif os.path.isfile(src):
-            out.append(file_shard(src, column))
-        else:
-            out.append(hub_shard(src, split, column))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -147,23 +53,12 @@ class Corpus:
     footer read and checked (readable, has the text column), so bad input fails before training."""
 
     def __init__(self, files, column="text", units=None, what="corpus"):
-        import pyarrow.parquet as pq  # lazy: the core path imports without pyarrow
         self.files, self.column, self.what = list(files), column, what
         self.rows, self.nbytes = {}, {}  # per unit: documents, uncompressed text bytes
         for i, path in enumerate(self.files):
-            try:
-                meta = pq.ParquetFile(path).metadata
-                names = meta.schema.to_arrow_schema().names
-            except Exception as e:
-                raise _arrow_error(path, e, "re-download or remove it") from None
-            if column not in names:
-                raise UserError(f"{path}: no {column!r} column (columns: {', '.join(names)}); "
-                                f"pass --text-column.")
-            c = names.index(column)
-            kind = meta.schema.to_arrow_schema().field(column).type
-            if str(kind) not in ("string", "large_string"):
-                raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the "
-                                f"text column.")
+            table = open_parquet(path)
+            check_text_column(path, table.schema_arrow, column)
+            meta, c = table.metadata, table.schema_arrow.names.index(column)
             for rg in range(meta.num_row_groups):
                 g = meta.row_group(rg)
                 self.rows[(i, rg)] = g.num_rows
@@ -198,18 +93,17 @@ class Corpus:
 
     def texts(self, unit, start=0):
         """(index of the first, texts) of the unit's documents from `start` on, DOC_BATCH at a time."""
-        import pyarrow.parquet as pq
         i, rg = unit
         path, index = self.files[i], 0
         try:
-            for batch in pq.ParquetFile(path).iter_batches(DOC_BATCH, row_groups=[rg], columns=[self.column]):
+            for batch in open_parquet(path).iter_batches(DOC_BATCH, row_groups=[rg], columns=[self.column]):
                 n = batch.num_rows
                 if index + n > start:
                     skip = max(0, start - index)
                     yield index + skip, batch.column(0).slice(skip).to_pylist()
                 index += n
         except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-            raise _arrow_error(f"{path} (row group {rg})", e, "re-download or remove it") from None
+            raise parquet_error(f"{path} (row group {rg})", e) from None
 
 
 # -----------------------------------------------------------------------------
@@ -383,12 +277,3 @@ def estimate_tokens(corpus, tokenizer, sample_bytes=1 << 20):
                 return int(corpus.text_bytes * tokens / nbytes), False
     return tokens, True
 
-
-def local_rank_0_first(fn, info):
-    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
-    the others find it (no two processes write the same shard at once)."""
-    from nanostoney.dist import barrier
-    if info.local_rank == 0:
-        out = fn()
-    barrier()
-    return out if info.local_rank == 0 else fn()

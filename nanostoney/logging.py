@@ -24,52 +24,21 @@ key/token/secret, and messages from a failed wandb.init have secret values maske
 import functools
 import json
 import os
-import re
 import socket
 import threading
 import time
 import urllib.parse
 
-from nanostoney.data import check_sources
 from nanostoney.dist import get_rank
-from nanostoney.errors import UserError
+from nanostoney.errors import REDACTED, UserError, first_line, looks_secret, mask_secrets
+from nanostoney.governance import check_sources
 
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_PROJECT = "nanostoney"
-REDACTED = "<redacted>"
-# name parts (split on _ - . space) that mark a secret: api_key, hf_token, WANDB_API_KEY, ...
-_SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "credential",
-                 "credentials", "auth", "bearer", "cookie"}
-
-
-def _looks_secret(name):
-    parts = re.split(r"[_\-.\s/]+", str(name).lower())
-    return any(p in _SECRET_PARTS for p in parts)
-
-
-def secret_values():
-    """Values of environment variables whose names look secret (to mask them in any text)."""
-    return [v for k, v in os.environ.items() if _looks_secret(k) and len(v) >= 6]
-
-
-def mask_secrets(text):
-    """Replace every secret environment value inside `text` with <redacted>."""
-    text = str(text)
-    for value in secret_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def first_line(e):
-    """The first non-blank line of an exception's message, secrets masked."""
-    lines = [ln.strip() for ln in mask_secrets(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(e).__name__
-
-
 def scrub(obj):
     """A copy of a (nested) config with secret-looking keys and secret values redacted."""
     if isinstance(obj, dict):
-        return {k: (REDACTED if _looks_secret(k) else scrub(v)) for k, v in obj.items()}
+        return {k: (REDACTED if looks_secret(k) else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub(v) for v in obj]
     if isinstance(obj, str):
@@ -252,12 +221,6 @@ class Logger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.finish()
 
 
 def from_args(args, config=None, out_dir=None):

@@ -23,18 +23,19 @@ import json
 import os
 import re
 import struct
+from dataclasses import fields
 
 import torch
 
-from nanostoney.checkpoint import norm_eps_ok, config_from_dict, load_weights
 from nanostoney.errors import UserError
 from nanostoney.files import read_json, read_torch
-from nanostoney.gpt import GPT, SOFTCAP, GPTConfig
+from nanostoney.gpt import GPT, NUMERICS, SOFTCAP, GPTConfig
 from nanostoney.tokenizer import Tokenizer
 
 NANOCHAT_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 HF_PREFIX = "hf:"
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
 
 
 # -----------------------------------------------------------------------------
@@ -99,6 +100,73 @@ def check_chat_tokens(tokenizer, where):
         raise UserError(f"the tokenizer of {where} has no {', '.join(missing)} special token (it has "
                         f"{', '.join(has) or 'none'}), which the chat format needs; use the model's nanochat "
                         f"tokenizer.")
+
+
+# -----------------------------------------------------------------------------
+# configs and weights of any origin, checked into our GPT (checkpoint.py uses them too)
+
+
+def describe(cfg):
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
+
+
+def describe_weights(sd):
+    """The shape a state dict implies (heads are not visible in weights, widths are)."""
+    def get(k):
+        return sd.get(k, sd.get("_orig_mod." + k))
+    wte, ck = get("transformer.wte.weight"), get("transformer.h.0.attn.c_k.weight")
+    layers = {int(m.group(1)) for k in sd for m in [re.search(r"transformer\.h\.(\d+)\.", k)] if m}
+    parts = []
+    if wte is not None:
+        parts += [f"vocab_size={wte.shape[0]}", f"n_embd={wte.shape[1]}"]
+    parts.append(f"n_layer={max(layers) + 1 if layers else 0}")
+    if ck is not None:
+        parts.append(f"kv width={ck.shape[0]}")
+    return ", ".join(parts)
+
+
+def config_from_dict(d, where):
+    if not isinstance(d, dict):
+        raise UserError(f"{where} is not a model config (a JSON object); the checkpoint is damaged.")
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"{where} has model settings {unknown} that nanostoney's GPT does not "
+                        f"implement (a newer architecture?); only {sorted(known)} are supported.")
+    missing = sorted(known - set(d) - set(NUMERICS))  # older checkpoints lack NUMERICS: nanochat's defaults
+    if missing:
+        raise UserError(f"{where} lacks model settings {missing}; the checkpoint is incomplete.")
+    bad = sorted(k for k, v in d.items()
+                 if k not in NUMERICS and (not isinstance(v, int) or isinstance(v, bool) or v < 1))
+    bad += [k for k, ok in (("norm_eps", norm_eps_ok(d.get("norm_eps"))),
+                            ("rope_dtype", d.get("rope_dtype", "bfloat16") in ("bfloat16", "float32"))) if not ok]
+    if bad:
+        raise UserError(f"{where} has model settings {bad} that are out of range (sizes are positive integers, "
+                        f"norm_eps null or a small positive number, rope_dtype bfloat16 or float32); the "
+                        f"checkpoint is damaged.")
+    return GPTConfig(**d)
+
+
+def norm_eps_ok(eps):
+    return eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1)
+
+
+def load_weights(model, sd, where):
+    """load_state_dict with the failure modes turned into one sentence naming both shapes."""
+    own = model.state_dict()
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if bad or missing or extra:
+        raise UserError(f"{where} holds a model of shape ({describe_weights(sd)}) but the model "
+                        f"being loaded is ({describe(model.config)}); load it with its own config."
+                        + (f" (missing keys {missing[:3]}, unexpected {extra[:3]})" if missing or extra else ""))
+    model.load_state_dict(sd, strict=True)
+
+
+def check_same_shape(cfg_a, cfg_b, where):
+    if any(getattr(cfg_a, k) != getattr(cfg_b, k) for k in SHAPE_FIELDS):
+        raise UserError(f"{where} holds a model of shape ({describe(cfg_a)}) but the model being "
+                        f"loaded is ({describe(cfg_b)}); build the model from the checkpoint's config.")
 
 
 # -----------------------------------------------------------------------------

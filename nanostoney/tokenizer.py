@@ -42,15 +42,9 @@ def bytes_to_unicode():
     """GPT-2's reversible map from bytes to printable characters, which `tokenizers`' ByteLevel
     uses to store byte tokens as strings: printable Latin-1 bytes stand for themselves, the
     rest are shifted to code points 256 and up."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(shifted)) for b in range(256)}
 
 
 def merges_from_ranks(ranks):

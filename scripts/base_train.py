@@ -40,11 +40,13 @@ import os
 import torch
 
 from nanostoney import checkpoint, cli, corpus, curriculum, evaluate, loader, optim, published, train
-from nanostoney.data import add_manifest_arg, check_sources, expand_sources, gate_name
-from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, local_rank_0_first, print0
+from nanostoney.errors import UserError
+from nanostoney.governance import add_manifest_arg, check_sources
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.logging import add_logging_args, from_args
+from nanostoney.sources import expand_sources, gate_name, parquet_files, texts_shard
 from nanostoney.tasks import arith
 from nanostoney.tokenizer import Tokenizer
 
@@ -104,12 +106,11 @@ def load_corpus(args, info):
 
     def parquet():
         if args.data is None:  # the bundled corpus (nanostoney/corpus.py) and its validation text
-            return ([loader.texts_shard("bundled-train", corpus.pretraining_texts(args.augment, args.corpus_tasks),
-                                        column)],
-                    [loader.texts_shard("bundled-val", corpus.validation_texts(args.corpus_tasks), column)])
-        return loader.parquet_files(train_src, column), loader.parquet_files(val_src, column, args.val_split)
+            return ([texts_shard("bundled-train", corpus.pretraining_texts(args.augment, args.corpus_tasks), column)],
+                    [texts_shard("bundled-val", corpus.validation_texts(args.corpus_tasks), column)])
+        return parquet_files(train_src, column), parquet_files(val_src, column, args.val_split)
 
-    train_files, val_files = loader.local_rank_0_first(parquet, info)
+    train_files, val_files = local_rank_0_first(parquet, info)
     train_text = loader.Corpus(train_files, column, what="training corpus")
     if not val_files:
         return (*train_text.split_last(), sources)

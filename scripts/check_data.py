@@ -11,8 +11,10 @@ each task with --tasks); any problem (unapproved source, missing, non-UTF-8 or m
 nothing.
 """
 from nanostoney import cli
-from nanostoney.data import add_manifest_arg, check_readable, check_sources, load_manifest
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
+from nanostoney.governance import add_manifest_arg, check_sources, load_manifest
+from nanostoney.sources import check_readable
 from nanostoney.tasks import get_task, sources_for_tasks
 from nanostoney.tasks.base import SPLITS
 

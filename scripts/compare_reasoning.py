@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from nanostoney import cli, evaluate, lora
 from nanostoney.checkpoint import git_commit, load_model
+from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, print0
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.interp import ablation, causal, contexts, items, render, run, stats
 from nanostoney.interp.definitions import CONTEXTS, DEFINITIONS
 from nanostoney.logging import MODES, Logger

@@ -17,8 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from nanostoney import cli, loader
-from nanostoney.data import add_manifest_arg, check_sources
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
+from nanostoney.governance import add_manifest_arg, check_sources
+from nanostoney.sources import cache_dir
 
 REPO = "karpathy/fineweb-edu-100b-shuffle"
 FOLDER = "fineweb-edu-100b-shuffle"
@@ -72,7 +74,7 @@ def fetch(i, out, attempts=3):
 def main(argv=None):
     args = parse_args(argv)
     n = shards_needed(args)
-    out = args.out or os.path.join(loader.cache_dir(), FOLDER)
+    out = args.out or os.path.join(cache_dir(), FOLDER)
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(out, shard_name(i)))]
     # only the missing shards (and huggingface_hub's .cache) are written; our own cache folder is ours by
     # its place, one named by --out by its marker

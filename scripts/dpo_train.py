@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, dpo, grpo, letters, lora, optim, probes, reward_model, train
-from nanostoney.data import add_manifest_arg
+from nanostoney.cli import run_main
 from nanostoney.dist import all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
 from nanostoney.engine import Engine
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.evaluate import task_accuracy
 from nanostoney.files import write_json
+from nanostoney.governance import add_manifest_arg
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task

@@ -32,8 +32,9 @@ import time
 
 from nanostoney import cli, cloze, evaluate, lora
 from nanostoney.checkpoint import load_model
+from nanostoney.cli import run_main
 from nanostoney.dist import check_shared, cleanup, init_dist, print0
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci, model_features

@@ -39,10 +39,11 @@ import torch
 from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, grpo, letters, lora, optim, probes, rewards, train
-from nanostoney.data import add_manifest_arg
+from nanostoney.governance import add_manifest_arg
 from nanostoney.dist import (all_reduce_mean, all_reduce_sum, autocast_ctx, check_same_inputs, check_shared, cleanup,
                              init_dist, map_over_ranks, print0)
-from nanostoney.errors import UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 from nanostoney.evaluate import generate_completions, length_budget, task_accuracy
 from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args

@@ -23,10 +23,11 @@ import os
 import torch
 
 from nanostoney import batches, checkpoint, cli, lora, reward_model, train
-from nanostoney.data import add_manifest_arg, check_sources
+from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, check_same_inputs, check_shared, cleanup, init_dist, map_over_ranks, print0
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.files import write_json
+from nanostoney.governance import add_manifest_arg, check_sources
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task, sources_for_tasks

@@ -25,10 +25,10 @@ import os
 
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
-from nanostoney.data import add_manifest_arg
+from nanostoney.cli import run_main
 from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
-from nanostoney.errors import run_main
 from nanostoney.files import write_json
+from nanostoney.governance import add_manifest_arg
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import TASKS, get_task
 from nanostoney.tasks.subset import subset

@@ -19,11 +19,12 @@ import os
 import torch
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
-from nanostoney.data import add_manifest_arg
+from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
 from nanostoney.engine import Engine
-from nanostoney.errors import UserError, run_main
+from nanostoney.errors import UserError
 from nanostoney.files import write_json
+from nanostoney.governance import add_manifest_arg
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import get_task
 from nanostoney.tasks.subset import subset

@@ -21,7 +21,8 @@ import time
 import yaml
 
 from nanostoney import cli
-from nanostoney.errors import RunFailed, UserError, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import RunFailed, UserError
 from nanostoney.files import read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

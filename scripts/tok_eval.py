@@ -14,7 +14,7 @@ in smaller pieces. `--compare` takes another tokenizer dir: ours, or nanochat's 
 import os
 
 from nanostoney import cli
-from nanostoney.errors import run_main
+from nanostoney.cli import run_main
 from nanostoney.tasks import get_task
 from nanostoney.tokenizer import Tokenizer
 

@@ -17,10 +17,11 @@ first SAMPLE_BYTES of it.
 import time
 
 from nanostoney import cli
-from nanostoney.data import add_manifest_arg, check_sources, gated_sources, stream_documents
-from nanostoney.dist import barrier, cleanup, init_dist
-from nanostoney.errors import run_main
+from nanostoney.cli import run_main
 from nanostoney.corpus import add_corpus_args, pretraining_sources, pretraining_texts
+from nanostoney.dist import barrier, cleanup, init_dist
+from nanostoney.governance import add_manifest_arg, check_sources, gated_sources
+from nanostoney.sources import stream_documents
 from nanostoney.tokenizer import Tokenizer
 
 SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]

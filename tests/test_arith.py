@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from nanostoney.data import check_sources
-from nanostoney.errors import UserError
-from nanostoney.tasks import arith, get_task
 from nanostoney.answers import LETTERS
+from nanostoney.errors import UserError
+from nanostoney.governance import check_sources
+from nanostoney.tasks import arith, get_task
 from nanostoney.tasks.base import baselines, split_by_hash
 
 LINE = re.compile(r"^(?:[^:\n]+: )?(\d+) ([-+*/]) (\d+) = (\d+)$")  # after the re-read sentence, if any

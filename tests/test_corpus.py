@@ -146,9 +146,10 @@ def test_knowledge_probe_scores_the_gold_letter_and_the_gold_statement():
 
 
 def test_the_default_corpus_passes_the_gate_as_base_train_names_it():
-    """base_train gates its sources through data.gate_name, which must leave generated:// alone
+    """base_train gates its sources through sources.gate_name, which must leave generated:// alone
     (it once became hf://generated://..., refused: the default run could not start)."""
-    from nanostoney.data import check_sources, gate_name
+    from nanostoney.governance import check_sources
+    from nanostoney.sources import gate_name
     names = [gate_name(s) for s in corpus.pretraining_sources()]
     assert "generated://nanostoney/arith" in names and not [n for n in names if n.startswith("hf://generated")]
     check_sources(names, use="training")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nanostoney import data
-from nanostoney.errors import UserError, run_main
+from nanostoney import sources
+from nanostoney.cli import run_main
+from nanostoney.errors import UserError
 from nanostoney.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,17 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bundled_files_load_with_expected_rows():
     for family, part, n in [("stoney", "all", 2000), ("aqua", "train", 254), ("aqua", "heldout", 254),
                             ("gsm8k", "train", 7473), ("gsm8k", "test", 1319)]:
-        rows, path = data.bundled_rows(family, part)
+        rows, path = sources.bundled_rows(family, part)
         assert len(rows) == n, path
         assert Path(path).is_file()
 
 
 def test_cached_reader_returns_fresh_rows():
     path = ROOT / "data" / "aqua_rat" / "test.json"
-    plain = data.read_jsonl(path)
-    assert plain == data.load_local(path)
-    data.load_local(path)[0]["question"] = "changed"  # a caller's edit does not reach the cache
-    assert data.load_local(path) == plain
+    plain = sources.read_jsonl(path)
+    assert plain == sources.load_local(path)
+    sources.load_local(path)[0]["question"] = "changed"  # a caller's edit does not reach the cache
+    assert sources.load_local(path) == plain
 
 
 def _write(path, lines):
@@ -108,29 +109,29 @@ def test_bad_input_exits_with_code_2(tmp_path, capsys):
 
 def test_hub_explicit_failure_is_an_error_and_auto_falls_back(monkeypatch, capsys):
     def offline(family):
-        raise UserError(f"could not load {data.HUB[family][0]} from the Hugging Face Hub (ConnectionError); ...")
-    monkeypatch.setattr(data, "_load_hub", offline)
+        raise UserError(f"could not load {sources.HUB[family][0]} from the Hugging Face Hub (ConnectionError); ...")
+    monkeypatch.setattr(sources, "_load_hub", offline)
     with pytest.raises(UserError, match="could not load deepmind/aqua_rat"):
-        data.hub_rows("aqua", "hub")
-    assert data.hub_rows("aqua", "bundled") is None
-    assert data.hub_rows("aqua", "auto") is None
+        sources.hub_rows("aqua", "hub")
+    assert sources.hub_rows("aqua", "bundled") is None
+    assert sources.hub_rows("aqua", "auto") is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreachable" in err and "aqua_rat/dev.json" in err
     # a task built with source="auto" then uses the bundled files
     task = get_task("aqua_mc", source="auto")
     assert len(task.examples("train")) == 254
-    assert task.sources() == [str(data.bundled_path("aqua", p)) for p in ("train", "heldout")]
+    assert task.sources() == [str(sources.bundled_path("aqua", p)) for p in ("train", "heldout")]
 
 
 def test_hub_rows_replace_only_the_training_pool(monkeypatch):
     """With a (fake) hub copy, train comes from it minus anything held out; val/test stay bundled."""
     bundled = get_task("aqua_mc")
     held = bundled.examples("test")[0]
-    test_rows = data.read_jsonl(ROOT / "data" / "aqua_rat" / "test.json")
+    test_rows = sources.read_jsonl(ROOT / "data" / "aqua_rat" / "test.json")
     leaked = next(r for r in test_rows if r["question"].strip() in held["messages"][0]["content"])
     fresh = dict(leaked, question="A brand new problem: what is 2 + 2?")
-    monkeypatch.setattr(data, "_load_hub", lambda family: [leaked, fresh])
-    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(sources, "_load_hub", lambda family: [leaked, fresh])
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
     from nanostoney.tasks import aqua
     # a fresh cache for this test only: the fake hub rows must not outlive it
     monkeypatch.setattr(aqua, "load_problems", functools.lru_cache(maxsize=None)(aqua.load_problems.__wrapped__))

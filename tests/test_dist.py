@@ -99,7 +99,7 @@ def fake_gpus(monkeypatch, smi_lines=None, driver=None, visible=None):
 
 
 def exit_and_stderr(main, capsys):
-    from nanostoney.errors import run_main
+    from nanostoney.cli import run_main
     try:
         run_main(main)
         code = 0

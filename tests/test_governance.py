@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nanostoney import data
-from nanostoney.data import check_sources, glob_matches, load_manifest
+from nanostoney import governance
 from nanostoney.errors import UserError
+from nanostoney.governance import check_sources, glob_matches, load_manifest
 from nanostoney.tasks import sources_for_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def test_every_bundled_record_binds_to_content():
         if "://" not in rec["path_glob"] and not rec["path_glob"].startswith(("mmmlu/", "mmlu/", "fineweb")):
             files = sorted(path.parent.glob(rec["path_glob"]))
             assert files and rec.get("sha256"), rec["source_id"]
-            assert sorted(data.file_sha256(f) for f in files) == sorted(
+            assert sorted(governance.file_sha256(f) for f in files) == sorted(
                 [rec["sha256"]] if isinstance(rec["sha256"], str) else rec["sha256"]), rec["source_id"]
 
 
@@ -219,6 +219,6 @@ def test_check_data_script_exit_codes(tmp_path):
 
 
 def test_default_manifest_path_is_the_shipped_one():
-    assert data.DEFAULT_MANIFEST == OURS
+    assert governance.DEFAULT_MANIFEST == OURS
     path, records = load_manifest()
     assert path == OURS and len(records) >= 4

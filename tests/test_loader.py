@@ -237,7 +237,7 @@ def test_memory_does_not_grow_with_the_corpus(ws, tmp_path):
 
 
 def test_the_web_corpus_record_approves_only_fineweb_shards(tmp_path):
-    from nanostoney.data import check_sources
+    from nanostoney.governance import check_sources
     ok = tmp_path / "fineweb-edu-100b-shuffle" / "shard_00007.parquet"
     assert check_sources([str(ok)], use="training") == [(str(ok), "fineweb_edu_100b_shuffle")]
     for other in (tmp_path / "other" / "shard_00007.parquet", tmp_path / "fineweb-edu-100b-shuffle" / "x.parquet"):

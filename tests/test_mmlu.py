@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from nanostoney import data, letters, reward_model
+from nanostoney import governance, letters, reward_model
 from nanostoney.answers import answer_after, parse_letter
 from nanostoney.errors import UserError
 from nanostoney.interp import items
@@ -114,7 +114,7 @@ def test_the_hub_id_code_path_reads_openai_mmmlu_yo_ng(copies, tmp_path, monkeyp
 
 
 def manifest_without_mmlu(path):
-    doc = yaml.safe_load(data.DEFAULT_MANIFEST.read_text())
+    doc = yaml.safe_load(governance.DEFAULT_MANIFEST.read_text())
     doc["records"] = [r for r in doc["records"] if "mmlu" not in r["source_id"]]
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -124,13 +124,13 @@ def manifest_without_mmlu(path):
 def test_the_gate_passes_mmlu_only_with_its_records(copies, tmp_path, local):
     srcs = [s for name in ("mmlu_yo", "mmlu_en")
             for s in get_task(name, data_dir=copies if local else tmp_path).sources()]
-    assert [sid for _, sid in data.check_sources(srcs)] == (
+    assert [sid for _, sid in governance.check_sources(srcs)] == (
         ["mmmlu_yoruba_local", "mmlu_english_local"] if local else ["mmmlu_yoruba_hub", "mmlu_english_hub"])
     bare = manifest_without_mmlu(tmp_path / "MANIFEST.yml")
     with pytest.raises(UserError, match="may not be used for training: it has no record"):
-        data.check_sources(srcs[:1], manifest=bare)
+        governance.check_sources(srcs[:1], manifest=bare)
     with pytest.raises(UserError, match="may not be used for upload"):   # training only, no release record
-        data.check_sources(srcs[:1], use="upload")
+        governance.check_sources(srcs[:1], use="upload")
 
 
 def test_a_file_in_another_schema_is_one_sentence(tmp_path):

@@ -19,7 +19,7 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 WORKER = textwrap.dedent("""
     import os, sys
     from nanostoney.dist import check_same_inputs, cleanup, init_dist
-    from nanostoney.errors import run_main
+    from nanostoney.cli import run_main
     from nanostoney.tokenizer import Tokenizer
 
     root, case = sys.argv[1], sys.argv[2]

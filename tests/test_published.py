@@ -365,8 +365,8 @@ def test_model_numerics_round_trip_and_bad_ones_are_one_sentence(tmp_path):
     checkpoint.save_checkpoint(str(tmp_path / "run"), model, 1)
     again, _, _ = checkpoint.load_model(str(tmp_path / "run"))
     assert again.config == model.config and again.cos.dtype == torch.float32
-    old = checkpoint.config_from_dict(dict(CFG), "old")
+    old = published.config_from_dict(dict(CFG), "old")
     assert old.norm_eps is None and old.rope_dtype == "bfloat16" and GPT(old).cos.dtype == torch.bfloat16
     for bad in ({"norm_eps": "tiny"}, {"norm_eps": 0}, {"rope_dtype": "float16"}):
         with pytest.raises(UserError, match=f"model settings \\['{next(iter(bad))}'\\] that are out of range"):
-            checkpoint.config_from_dict({**CFG, **bad}, "cfg")
+            published.config_from_dict({**CFG, **bad}, "cfg")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nanostoney.checkpoint import save_checkpoint
-from nanostoney.errors import RunFailed, run_main
+from nanostoney.cli import run_main
+from nanostoney.errors import RunFailed
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.interp import render
 from nanostoney.tokenizer import Tokenizer

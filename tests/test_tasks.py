@@ -237,8 +237,8 @@ def test_chrf_matches_sacrebleu():
 
 
 def test_extractor_on_hand_written_sentences():
-    from nanostoney import data
-    lang = Lang(_conversations(*data.bundled_rows("stoney", "all")))  # English/Stoney judged from the corpus
+    from nanostoney import sources
+    lang = Lang(_conversations(*sources.bundled_rows("stoney", "all")))  # English/Stoney judged from the corpus
 
     def found(text):
         return {(t, g) for t, g, _ in extract_pairs(text, lang)}

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanostoney import batches, evaluate, loader, optim, train
+from nanostoney import batches, evaluate, loader, optim, sources, train
+from nanostoney.cli import run_main
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.muon import Muon, orthogonalize
@@ -182,7 +183,7 @@ def test_bpb_of_a_uniform_model_is_log2_vocab_per_byte(ws):
     model.init_weights()
     torch.nn.init.zeros_(model.lm_head.weight)
     docs = ["Ada has 12 stones.", "Bo found 7 more.", "Îyâhe Nakoda ṯ ẖ û — multi-byte text"] * 3
-    path = loader.texts_shard("bpb-test", docs)
+    path = sources.texts_shard("bpb-test", docs)
     rows = loader.validation_rows(loader.Corpus([path]), tok, 16, max_rows=100)
     assert len(rows) >= 3
     info = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"), is_distributed=False,
@@ -237,7 +238,7 @@ def test_malformed_shard_gives_one_sentence_and_exit_2(ws, tmp_path):
 def cli_error(script, argv, capsys):
     """Run a script's main() in this process the way its __main__ does; (exit code, stderr)."""
     module = importlib.import_module(f"scripts.{script}")
-    from nanostoney.errors import run_main
+    from nanostoney.cli import run_main
     with pytest.raises(SystemExit) as e:
         run_main(lambda: module.main(argv))
     return e.value.code, capsys.readouterr().err

@@ -12,7 +12,7 @@ the original assistant text: it is the chrF reference). Splits are deterministic
 disjoint by *source* (conversation or problem). `python -m nanostoney.tasks` prints split
 sizes and an example per task; `--baselines` prints the surface-cue baselines of the MC tasks.
 """
-from nanostoney.data import SOURCES
+from nanostoney.sources import SOURCES
 from nanostoney.errors import UserError
 from nanostoney.tasks.aqua import AquaMC
 from nanostoney.tasks.arith import Arith, ArithMC

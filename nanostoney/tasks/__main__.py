@@ -4,7 +4,7 @@ Prints each task's split sizes and one rendered example; with --baselines, the s
 baselines of the multiple-choice tasks (each should be near the 20% chance level)."""
 import argparse
 
-from nanostoney.errors import run_main
+from nanostoney.cli import run_main
 from nanostoney.tasks import BUNDLED_TASKS, get_task
 from nanostoney.tasks.base import SPLITS, baselines
 from nanostoney.tasks.mmlu import check_alignment

@@ -12,9 +12,9 @@ import functools
 import random
 import re
 
-from nanostoney import data
 from nanostoney.answers import LETTERS
 from nanostoney.errors import UserError
+from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
 from nanostoney.tasks.base import MCTask, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
 
 OPTION_RE = re.compile(r"^\s*([A-E])\s*\)\s*(.*)$", re.DOTALL)
@@ -72,15 +72,15 @@ def _problems(rows, path):
 @functools.lru_cache(maxsize=None)
 def load_problems(source="bundled", data_dir=None):
     """({split: [problem]}, [sources]), read once per process."""
-    held_rows, held_path = data.bundled_rows("aqua", "heldout", data_dir)
+    held_rows, held_path = bundled_rows("aqua", "heldout", data_dir)
     held = _problems(held_rows, held_path)
     val = [p for p in held if split_by_hash(p["source_id"], val=0.5, test=0.5) == "val"]
     test = [p for p in held if split_by_hash(p["source_id"], val=0.5, test=0.5) == "test"]
-    hub = data.hub_rows("aqua", source)
+    hub = hub_rows("aqua", source)
     if hub:
         pool, used = _problems(*hub), [hub[1], held_path]
     else:
-        train_rows, train_path = data.bundled_rows("aqua", "train", data_dir)
+        train_rows, train_path = bundled_rows("aqua", "train", data_dir)
         pool, used = _problems(train_rows, train_path), [train_path, held_path]
     held_ids = {p["source_id"] for p in held}
     seen, train = set(held_ids), []
@@ -95,10 +95,10 @@ def sources(source="bundled", data_dir=None):
     """The files (and hub id) behind aqua_mc, known without loading except for "auto"."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
-    held = str(data.bundled_path("aqua", "heldout", data_dir))
+    held = str(bundled_path("aqua", "heldout", data_dir))
     if source == "hub":
-        return [data.hub_label("aqua"), held]
-    return [str(data.bundled_path("aqua", "train", data_dir)), held]
+        return [hub_label("aqua"), held]
+    return [str(bundled_path("aqua", "train", data_dir)), held]
 
 
 class AquaMC(MCTask):

@@ -15,9 +15,9 @@ import functools
 import operator
 import re
 
-from nanostoney import data
 from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
 from nanostoney.errors import UserError
+from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
 from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash
 
 CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -176,15 +176,15 @@ def _problems(rows, path):
 def load_problems(source="bundled", data_dir=None):
     """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc (same problems, same
     splits), read once per process."""
-    test_rows, test_path = data.bundled_rows("gsm8k", "test", data_dir)
+    test_rows, test_path = bundled_rows("gsm8k", "test", data_dir)
     test = _problems(test_rows, test_path)
     held_ids = {p["source_id"] for p in test}
-    train_rows, train_path = data.bundled_rows("gsm8k", "train", data_dir)
+    train_rows, train_path = bundled_rows("gsm8k", "train", data_dir)
     bundled_train = _problems(train_rows, train_path)
     # val: a hashed slice of the bundled train file (kept even when the hub supplies train)
     val = [p for p in bundled_train if split_by_hash(p["source_id"], val=VAL_FRACTION, test=0) == "val"]
     held_ids |= {p["source_id"] for p in val}
-    hub = data.hub_rows("gsm8k", source)
+    hub = hub_rows("gsm8k", source)
     pool, used = (_problems(*hub), [hub[1], train_path, test_path]) if hub else (bundled_train, [train_path, test_path])
     train = [p for p in pool if p["source_id"] not in held_ids]
     return {"train": _dedupe(train), "val": _dedupe(val), "test": _dedupe(test)}, used
@@ -204,8 +204,8 @@ def sources(source="bundled", data_dir=None):
     (where it depends on whether the hub answered)."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
-    paths = [str(data.bundled_path("gsm8k", part, data_dir)) for part in ("train", "test")]
-    return ([data.hub_label("gsm8k")] if source == "hub" else []) + paths
+    paths = [str(bundled_path("gsm8k", part, data_dir)) for part in ("train", "test")]
+    return ([hub_label("gsm8k")] if source == "hub" else []) + paths
 
 
 class GSM8KTask(Task):

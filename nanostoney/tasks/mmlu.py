@@ -27,9 +27,9 @@ import csv
 import functools
 import os
 
-from nanostoney import data
 from nanostoney.answers import LETTERS
 from nanostoney.errors import UserError
+from nanostoney.sources import HUB, bundled_path, hub_dataset, hub_label, parquet_rows, read_jsonl
 from nanostoney.tasks.base import MCTask, mc_example, split_by_hash
 
 EXTS = (".csv", ".jsonl", ".parquet")
@@ -38,13 +38,9 @@ EXTS = (".csv", ".jsonl", ".parquet")
 def read_table(path):
     """Rows (dicts) of a .csv (the hub's MMMLU files), .jsonl or .parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # lazy: only parquet copies need it
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e}).") from None
+        return parquet_rows(path)
     if path.endswith(".jsonl"):
-        return data.read_jsonl(path)
+        return read_jsonl(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
@@ -89,14 +85,14 @@ def alignment(yoruba, english):
 
 def local_copy(family, data_dir=None):
     """The local file of `family` under the data directory (any of EXTS), or None."""
-    stem = os.path.splitext(data.bundled_path(family, "all", data_dir))[0]
+    stem = os.path.splitext(bundled_path(family, "all", data_dir))[0]
     return next((stem + e for e in EXTS if os.path.isfile(stem + e)), None)
 
 
 def sources(family, source="bundled", data_dir=None):
     """What the task reads: the local copy when present (and not source="hub"), else the hub id."""
     path = None if source == "hub" else local_copy(family, data_dir)
-    return [path] if path else [data.hub_label(family)]
+    return [path] if path else [hub_label(family)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,8 +100,8 @@ def load_items(family, source="bundled", data_dir=None):
     """{item id: (subject, question, choices, letter)} of the local copy or the hub."""
     path = sources(family, source, data_dir)[0]
     if path.startswith("hf://"):
-        name, config, split = data.HUB[family]
-        rows, where = data.hub_dataset(name, config, split).to_list(), path
+        name, config, split = HUB[family]
+        rows, where = hub_dataset(name, config, split).to_list(), path
     else:
         rows, where = read_table(path), path
     if not rows:

@@ -40,10 +40,10 @@ import random
 import re
 import unicodedata
 
-from nanostoney import data
 from nanostoney.answers import LETTERS, WORD_RE, answer_part, format_answer
 from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
+from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
 from nanostoney.tasks.base import (SPLITS, MCTask, Task, balanced_slots, mc_example, normalize, short_id, stable_hash,
                                    user_regions)
 
@@ -495,14 +495,14 @@ def assign_splits(convs, lexicon):
 def load_corpus(source="bundled", data_dir=None):
     """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once; the
     parts are train/val/test (extraction) and unseen_val/unseen_test (control)."""
-    rows, path = data.bundled_rows("stoney", "all", data_dir)
+    rows, path = bundled_rows("stoney", "all", data_dir)
     convs = _conversations(rows, path)
     conv_split, lexicon = assign_splits(convs, build_lexicon(convs))
     parts = [part for part, _ in GROUP_PARTS]
     out = {"convs": {s: [c for c in convs if conv_split[c["source_id"]] == s] for s in parts},
            "lexicon": {s: [p for p in lexicon if p["split"] == s] for s in parts},
            "sources": [path]}
-    hub = data.hub_rows("stoney", source)
+    hub = hub_rows("stoney", source)
     if hub:
         out = _with_hub_train(out, *hub, path)
     return out
@@ -537,8 +537,8 @@ def sources(source="bundled", data_dir=None):
     refuse the hub set before it is downloaded), except for "auto"."""
     if source == "auto":
         return list(load_corpus(source, data_dir)["sources"])
-    path = str(data.bundled_path("stoney", "all", data_dir))
-    return [data.hub_label("stoney"), path] if source == "hub" else [path]
+    path = str(bundled_path("stoney", "all", data_dir))
+    return [hub_label("stoney"), path] if source == "hub" else [path]
 
 
 class StoneyTask(Task):

@@ -1,40 +1,31 @@
-"""Data: reading files (the bundled sets, --data corpora, hub copies) and the governance gate.
+"""Sources: reading any txt / jsonl / json / parquet file or hub dataset, with one error path.
 
-1. Reading. Every task reads rows through `bundled_rows` (the JSON-lines files under data/) or
+1. Task data. Every task reads rows through `bundled_rows` (the JSON-lines files under data/) or
    `hub_rows` (the full sets on the Hugging Face Hub, for users who are online). The bundled
    files are the default. Asking for the hub explicitly (source="hub") and failing is an
    error; preferring it (source="auto") and failing prints one sentence and falls back to the
-   bundled file. Pretraining and tokenizer corpora given with --data (txt / jsonl / json /
-   parquet files, directories, globs or a hub id) are expanded by `expand_sources`, named for
-   the gate by `gate_name` and read one document at a time by `iter_documents`, with errors
-   that name the file and line (pretraining streams them through loader.py).
-
-2. The governance gate, `check_sources(paths, use)`. Stoney Nakoda is the language of a First
-   Nations community and the upstream project runs a default-deny policy: every source that
-   enters training must match a record in SOURCE_MANIFEST.yml with permission_status
-   approved_for_training, and every upload/publish needs approved_for_public_release. We
-   read the upstream schema unchanged, so `--manifest` can point at the upstream repo's own
-   manifest. Derived data (tasks, distractors, preference pairs) inherits its source's
-   status: every task knows the files behind it (`tasks.sources_for_tasks`), and training
-   scripts gate those.
+   bundled file.
+2. Corpora given with --data (files, directories, globs or a hub id) are expanded by
+   `expand_sources`, named for the governance gate (governance.py) by `gate_name` and read one
+   document at a time by `iter_documents`, with errors that name the file and line.
+3. Pretraining reads parquet only (loader.py): other text is written once into parquet shards in
+   the cache (NANOSTONEY_CACHE, default ~/.cache/nanostoney), keyed by a hash of its content.
+A parquet file that cannot be read is always the same sentence (`parquet_error`).
 """
-import fnmatch
 import functools
 import glob
 import hashlib
 import json
 import os
+import random
 import socket
 import sys
 import urllib.parse
-from pathlib import Path, PurePosixPath
-
-import yaml
+from pathlib import Path
 
 from nanostoney.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MANIFEST = DATA_DIR / "SOURCE_MANIFEST.yml"
 
 # Bundled files, relative to the data directory. AQuA's bundled dev set is our train split
 # and its test set is cut into val/test; the Stoney file is cut 80/10/10 (see tasks/).
@@ -257,23 +248,16 @@ def check_readable(path):
         return
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist or is not a file; check the path.")
-    if str(path).endswith(".parquet"):
-        next(_parquet_documents(str(path), _first_column(str(path))), None)
+    if str(path).endswith(".parquet"):  # its first text column (the check reads that one)
+        schema = open_parquet(str(path)).schema_arrow
+        column = next((f.name for f in schema if is_text(f.type)), (schema.names or ["text"])[0])
+        next(_parquet_documents(str(path), column), None)
     elif str(path).endswith(".txt"):
         for _ in _text_blocks(str(path), 1 << 20):
             pass
     else:
         for _ in iter_jsonl(path):
             pass
-
-
-def _first_column(path):
-    import pyarrow.parquet as pq
-    try:
-        schema = pq.ParquetFile(path).schema_arrow  # the first text column (its check reads that one)
-        return next((f.name for f in schema if str(f.type) in ("string", "large_string")), schema.names[0])
-    except Exception as e:
-        raise UserError(f"{path}: not a readable parquet file ({e}).") from None
 
 
 def pieces(text, max_chars):
@@ -305,19 +289,48 @@ def _text_blocks(path, max_chars):
         raise UserError(f"{path}: not UTF-8 text; convert it or leave it out.") from None
 
 
-def _parquet_documents(path, text_key):
-    import pyarrow.parquet as pq  # lazy: only --data parquet needs pyarrow
+def parquet_error(where, e):
+    """The one sentence for a parquet file (or a row group of one) that cannot be read."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return UserError(f"{where}: not a readable parquet file ({type(e).__name__}: {first}); re-download or "
+                     f"remove it.")
+
+
+def open_parquet(path):
+    """pq.ParquetFile(path): its footer read, or parquet_error."""
+    import pyarrow.parquet as pq  # lazy: the core path imports without pyarrow
     try:
-        table = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:
-        raise UserError(f"{path}: not a readable parquet file ({e}).") from None
-    if text_key not in table.schema_arrow.names:
-        raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(table.schema_arrow.names)}); "
-                        f"pass --text-column.")
-    kind = table.schema_arrow.field(text_key).type
-    if str(kind) not in ("string", "large_string"):
-        raise UserError(f"{path}: column {text_key!r} holds {kind}, not text; pass --text-column naming the text "
+        raise parquet_error(path, e) from None
+
+
+def parquet_rows(path):
+    """Every row of a parquet file as a dict."""
+    table = open_parquet(path)
+    try:
+        return table.read().to_pylist()
+    except Exception as e:
+        raise parquet_error(path, e) from None
+
+
+def is_text(kind):
+    return str(kind) in ("string", "large_string")
+
+
+def check_text_column(path, schema, column):
+    """A UserError unless the arrow `schema` of `path` has a text column named `column`."""
+    if column not in schema.names:
+        raise UserError(f"{path}: no {column!r} column (columns: {', '.join(schema.names)}); pass --text-column.")
+    kind = schema.field(column).type
+    if not is_text(kind):
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the text "
                         f"column.")
+
+
+def _parquet_documents(path, text_key):
+    table = open_parquet(path)
+    check_text_column(path, table.schema_arrow, text_key)
     for batch in table.iter_batches(columns=[text_key]):
         yield from (t for t in batch.column(0).to_pylist() if t)
 
@@ -332,13 +345,6 @@ def hub_documents(name, split="train", text_key="text"):
     return ds._fingerprint, (t for batch in ds.iter(batch_size=1024) for t in batch[text_key] if t)
 
 
-def gated_sources(values, manifest=None):
-    """The files and hub ids of --data values, once the gate has approved every one for training."""
-    sources = expand_sources(values)
-    check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
-    return sources
-
-
 def stream_documents(sources, text_key="text", split="train", max_chars=None):
     """The documents of gated sources one at a time (iter_documents per local file)."""
     for src in sources:
@@ -350,182 +356,88 @@ def stream_documents(sources, text_key="text", split="train", max_chars=None):
 
 
 # -----------------------------------------------------------------------------
-# the governance gate
+# the cache of text converted to parquet (what pretraining reads)
 
-STATUSES = ("unknown", "internal_only", "approved_for_training", "approved_for_public_release",
-            "restricted", "removed_pending_review")
-BLOCKING = ("restricted", "removed_pending_review")  # a removal request stops every workflow
-REQUIRED_KEYS = ("source_id", "path_glob", "data_type", "origin", "rights_holder", "permission_status",
-                 "license", "allowed_uses", "prohibited_uses", "contains_sensitive_content",
-                 "review_contact", "notes")
-# Each use the gate knows and the status a record needs to grant it (upstream's vocabulary).
-USES = {"training": "approved_for_training", "upload": "approved_for_public_release",
-        "public_release": "approved_for_public_release", "publishing": "approved_for_public_release"}
+CACHE_ROW_GROUP = 64  # documents per row group in the shards we write (units small enough to mix)
 
 
-def _read_yaml(path):
+def cache_dir():
+    return os.environ.get("NANOSTONEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanostoney")
+
+
+def _write_shard(path, docs, column):
+    """docs (an iterable of str) -> a parquet file at `path`, CACHE_ROW_GROUP rows per row group,
+    written to a temporary name and renamed (a killed writer leaves no half shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    schema = pa.schema([(column, pa.string())])
+    rows = 0
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"manifest {path} is not valid YAML ({type(e).__name__}: {first}); fix the file.") from None
+        with pq.ParquetWriter(tmp, schema, write_statistics=False) as writer:
+            chunk = []
+            for doc in docs:
+                chunk.append(doc)
+                if len(chunk) == CACHE_ROW_GROUP:
+                    writer.write_table(pa.table({column: chunk}, schema=schema))
+                    rows, chunk = rows + len(chunk), []
+            if chunk:
+                writer.write_table(pa.table({column: chunk}, schema=schema))
+                rows += len(chunk)
+        if rows == 0:
+            raise UserError(f"{path}: the source holds no documents; check the files and --text-column.")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
-@functools.lru_cache(maxsize=16)
-def _load_manifest(path, mtime):
-    doc = _read_yaml(Path(path))
-    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or not doc["records"]:
-        raise UserError(f"manifest {path} needs a non-empty `records:` list (see data/source_manifest.schema.json).")
-    for k, rec in enumerate(doc["records"]):
-        if not isinstance(rec, dict):
-            raise UserError(f"manifest {path}: record {k} is not a mapping; see data/source_manifest.schema.json.")
-        missing = [key for key in REQUIRED_KEYS if key not in rec]
-        if missing:
-            raise UserError(f"manifest {path}: record {rec.get('source_id', k)!r} lacks {', '.join(missing)}; "
-                            "every record needs all fields of data/source_manifest.schema.json.")
-        if rec["permission_status"] not in STATUSES:
-            raise UserError(f"manifest {path}: record {rec['source_id']!r} has permission_status "
-                            f"{rec['permission_status']!r}; use one of {', '.join(STATUSES)}.")
-    return tuple(doc["records"])
+def cached_shard(name, key, docs, column="text"):
+    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only."""
+    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
+    return path if os.path.isfile(path) else _write_shard(path, docs, column)
 
 
-def load_manifest(path=None):
-    """(resolved manifest path, records). The schema's required fields and status values are
-    checked here so a broken manifest fails with one sentence, not a KeyError later."""
-    path = Path(path or DEFAULT_MANIFEST).resolve()
-    if not path.is_file():
-        raise UserError(f"manifest {path} does not exist; pass --manifest pointing at a SOURCE_MANIFEST.yml.")
-    return path, _load_manifest(str(path), path.stat().st_mtime_ns)
+def texts_shard(name, texts, column="text", seed=0):
+    """A list of texts (the bundled corpus) as one cached shard, documents in a seeded shuffled
+    order so that each row group mixes the tasks the texts come from."""
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    h = hashlib.sha256(f"{seed}\0".encode())
+    for t in order:
+        h.update(t.encode())
+        h.update(b"\0")
+    return cached_shard(name, h.hexdigest(), order, column)
 
 
-def glob_matches(path_glob, source, manifest_dir):
-    """Does a manifest record's path_glob cover `source` (a file path, an hf:// id or the
-    generated:// name of a generated task)?
-
-    Globs are relative to the manifest's directory (fnmatch per path component, so `*`
-    never crosses a `/`). A file outside that directory is matched on its trailing
-    components instead, so the upstream manifest's "OpenAIFineTune/*.jsonl" covers
-    ".../OpenAIFineTune/stoney_train.jsonl" wherever the user keeps the upstream files."""
-    if "://" in path_glob or "://" in str(source):  # hf://owner/name, generated://nanostoney/arith
-        return fnmatch.fnmatchcase(str(source), path_glob)
-    pattern = PurePosixPath(path_glob).parts
-    p = Path(source).resolve()
-    try:
-        parts = p.relative_to(manifest_dir).parts
-        if len(parts) != len(pattern):
-            return False
-    except ValueError:
-        parts = p.parts[-len(pattern):]
-        if len(parts) != len(pattern):
-            return False
-    return all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pattern))
-
-
-def _grants(rec, use):
-    """A record grants a use when its status is the one the use needs and, as upstream says,
-    "subject to allowed_uses": the use is allowed and not prohibited. Public release does not
-    imply training (upstream: training requires approved_for_training)."""
-    return (rec["permission_status"] == USES[use] and use in (rec["allowed_uses"] or [])
-            and use not in (rec["prohibited_uses"] or []))
-
-
-APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
-
-
-def _vetoes(rec, use):
-    """A matching record that refuses the use whatever the others say (the most restrictive record
-    wins): one that approves nothing (unknown, internal_only, restricted, removed_pending_review),
-    or an approval reaching as far as the use that prohibits it. (A training approval that
-    prohibits upload, as upstream writes it beside a release record, speaks only for training.)"""
-    status = rec["permission_status"]
-    if status not in APPROVALS:
-        return True
-    return use in (rec["prohibited_uses"] or []) and APPROVALS.index(status) >= APPROVALS.index(USES[use])
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path, mtime, size):
-    h = hashlib.sha256()
+def file_shard(path, column="text"):
+    """A txt/jsonl/json file as a cached shard (keyed by the file's bytes and the column)."""
+    h = hashlib.sha256(f"{column}\0".encode())
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return cached_shard(stem, h.hexdigest(), (t for t in iter_documents(path, column) if t), column)
 
 
-def file_sha256(path):
-    """sha256 of a local file's bytes (None when it is not a readable file); cached per version."""
-    try:
-        st = os.stat(path)
-        return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size) if os.path.isfile(path) else None
-    except OSError:
-        return None
+def hub_shard(name, split, column="text"):
+    """A Hugging Face hub dataset split as a cached shard (keyed by its `datasets` fingerprint)."""
+    fingerprint, docs = hub_documents(name, split, column)
+    key = hashlib.sha256(f"{name}\0{split}\0{column}\0{fingerprint}".encode()).hexdigest()
+    return cached_shard(name.replace("/", "--"), key, docs, column)
 
 
-def _same_content(rec, source):
-    """Approval binds to content: a record with `sha256` (one digest or a list) covers only a file
-    with those bytes, so a file of the same name elsewhere, with other content, is not approved."""
-    want = rec.get("sha256")
-    if not want:
-        return True
-    return file_sha256(str(source)) in ([want] if isinstance(want, str) else want)
-
-
-def _why_refused(source, use, matches, vetoes, where):
-    """Why no record lets `source` be used: the reason part of the gate's one sentence."""
-    if vetoes and len(matches) > 1:
-        r = vetoes[0]
-        return (f"manifest record {r['source_id']!r} marks it {r['permission_status']}"
-                + (f" and prohibits {use}" if use in (r["prohibited_uses"] or []) else "")
-                + f", and the most restrictive of its {len(matches)} matching records wins")
-    if not matches:
-        return f"it has no record in {where} (default-deny)"
-    bound = [r for r in matches if _grants(r, use) and not _same_content(r, source)]
-    if bound:
-        if not os.path.isfile(str(source)):
-            return f"it is not a file, so its content cannot be checked against record {bound[0]['source_id']!r}"
-        return (f"its content is not that of the file record {bound[0]['source_id']!r} approves (another sha256): "
-                f"a file of the same name with other content is not the reviewed one")
-    return "its manifest status is " + ", ".join(f"{r['permission_status']} (record {r['source_id']!r})"
-                                                for r in matches)
-
-
-def add_manifest_arg(parser):
-    """The --manifest flag every script shares: repeatable, records pooled over all files given."""
-    parser.add_argument("--manifest", action="append", default=None,
-                        help="governance manifest (repeat the flag for several); default data/SOURCE_MANIFEST.yml")
-
-
-def check_sources(paths, use="training", manifest=None):
-    """The governance gate. Refuses (UserError, one sentence: the file, its status, how to record
-    approval) any source without a manifest record granting `use`. Returns [(source, source_id)].
-
-    `use`: "training", or "upload" / "public_release" / "publishing" (need approved_for_public_release).
-    `manifest`: a path, or a list of paths whose records are pooled (each glob relative to its
-    own manifest), e.g. the upstream manifest for Stoney plus ours for the math sets; default
-    data/SOURCE_MANIFEST.yml. A record carrying sha256 covers only a file with those bytes. Several
-    matching records: the most restrictive wins (_vetoes: a record approving nothing, or one
-    prohibiting the use, refuses whatever the others grant); otherwise a record granting the use
-    allows it."""
-    if use not in USES:
-        raise UserError(f"unknown data use {use!r}; use one of {', '.join(USES)}.")
-    manifests = manifest if isinstance(manifest, (list, tuple)) else [manifest]
-    loaded = [load_manifest(m) for m in manifests]
-    where = " or ".join(str(p) for p, _ in loaded)
-    fix = (f"if the rights holders approve it, add a record for it with permission_status {USES[use]} "
-           f"and '{use}' in allowed_uses to {loaded[0][0]}")
-    approved = []
-    for source in paths:
-        matches = [r for p, recs in loaded for r in recs if glob_matches(str(r["path_glob"]), source, p.parent)]
-        blocking = [r for r in matches if r["permission_status"] in BLOCKING]
-        if blocking:
-            r = blocking[0]
-            raise UserError(f"{source} may not be used for {use}: manifest record {r['source_id']!r} marks it "
-                            f"{r['permission_status']}, which stops every workflow until its review is resolved "
-                            f"in {where}.")
-        vetoes = [r for r in matches if _vetoes(r, use)]
-        grant = None if vetoes else next((r for r in matches if _grants(r, use) and _same_content(r, source)), None)
-        if grant is None:
-            raise UserError(f"{source} may not be used for {use}: {_why_refused(source, use, matches, vetoes, where)}; "
-                            f"{fix}.")
-        approved.append((str(source), grant["source_id"]))
-    return approved
+def parquet_files(sources, column="text", split="train"):
+    """Parquet paths for expanded --data sources (expand_sources): parquet files as they
+    are, other files and hub datasets converted once into the cache. Gate the sources first."""
+    out = []
+    for src in sources:
+        if src.endswith(".parquet"):
+            out.append(src)
+        elif os.path.isfile(src):
+            out.append(file_shard(src, column))
+        else:
+            out.append(hub_shard(src, split, column))
+    return out
