@@ -112,7 +112,7 @@ def at_chance_sentence(res, last, families, context="own"):
                                           "answers part, which needs no letter (a small model is often above chance there).")
     return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
             f"model does at the answer slot (the answer format, a preferred option), not a reached answer. A claim "
-            f"about how the answer is reached needs a model above chance (BENCHMARKS.md, "SFT").{hint}"]
+            f"about how the answer is reached needs a model above chance (BENCHMARKS.md, section SFT).{hint}"]
 
 
 def summary(metrics):
