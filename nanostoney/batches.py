@@ -79,6 +79,37 @@ def mixture_schedule(sizes, weights, n, seed=0):
     return schedule
 
 
+def depth_curriculum(schedule, train_sets, per_step, n_steps):
+    """The prompt schedule with every entry of a task whose train items have several depths
+    (arith, arith_mc) redrawn among its items no deeper than the step's stage: with D depths,
+    stage k (depth <= k-th smallest) covers steps [(k-1) n / D, k n / D). Other tasks as they were."""
+    depths = [sorted({ex["depth"] for ex in s if ex.get("depth")}) for s in train_sets]
+    out = []
+    for j, (t, i) in enumerate(schedule):
+        ds = depths[t]
+        if len(ds) < 2:
+            out.append((t, i))
+            continue
+        limit = ds[min(len(ds) - 1, (j // per_step) * len(ds) // n_steps)]
+        pool = [k for k, ex in enumerate(train_sets[t]) if ex.get("depth", 0) <= limit]
+        out.append((t, pool[i % len(pool)]))
+    return out
+
+
+def curriculum_stages(schedule, train_sets, per_step):
+    """"steps a-b: depth <= d" per stage of the schedule, for the plan (first deep task)."""
+    deep = next((t for t, s in enumerate(train_sets) if len({ex.get("depth") for ex in s}) > 1), None)
+    if deep is None:
+        return "no task with several depths"
+    stages = {}
+    for j, (t, i) in enumerate(schedule):
+        if t == deep:
+            d = train_sets[t][i]["depth"]
+            lo, hi = stages.get(d, (j // per_step, j // per_step))
+            stages[d] = (lo, j // per_step)
+    return "; ".join(f"steps {lo + 1}-{hi + 1}: depth <= {d}" for d, (lo, hi) in sorted(stages.items()))
+
+
 def collate(rows, pad_id, device):
     """rows of (ids, mask) -> x (B, L), y (B, L) with y = next token where mask is 1, else -1."""
     L = max(len(ids) for ids, _ in rows) - 1
