@@ -22,19 +22,16 @@ entropy per layer, and for MC tasks the letter diagnostics of nanostoney/letters
 answers. At the start and the end: greedy val accuracy of --eval-tasks and the implicit-reward
 accuracy on held-out (val) ground-truth pairs, with 95% bootstrap intervals, in <out>/dpo_eval.json.
 """
+import argparse
 import os
-from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
-from nanostoney import batches, checkpoint, cli, dpo, grpo, letters, lora, optim, probes, reward_model, train
+from nanostoney import batches, cli, dpo, letters, lora, optim, policy, probes, reward_model, stage, train
 from nanostoney.data import add_manifest_arg
-from nanostoney.dist import all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
+from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks, print0
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
-from nanostoney.evaluate import task_accuracy
-from nanostoney.files import write_json
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task
@@ -59,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (on-policy pairs)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--beta", type=cli.positive_float, default=0.1, help="DPO beta: larger stays nearer the reference")
-    p.add_argument("--reference", default="init", choices=grpo.REFERENCES,
+    p.add_argument("--reference", default="init", choices=policy.REFERENCES,
                    help="the policy at the start, or the base weights with adapters off")
     p.add_argument("--letter-every", type=cli.nonneg_int, default=1, help="steps between MC letter diagnostics; 0 = never")
     p.add_argument("--eval-pairs", type=cli.nonneg_int, default=32, help="held-out (val) pairs per task, start and end")
@@ -160,22 +157,14 @@ def heldout_table(model, reference, held, cfg, info, seed=0):
     return out
 
 
-def accuracy_table(model, tok, eval_tasks, n, args, info):
-    """{task: {"n", "accuracy": (point, lo, hi)}}: greedy val accuracy with a bootstrap interval."""
-    out = {}
-    for task in eval_tasks:
-        correct = task_accuracy(model, tok, task, subset(task, "val", n), info, args.max_new_tokens)
-        out[task.name] = {"n": len(correct), "accuracy": bootstrap_ci([float(c) for c in correct], seed=args.seed)}
-    model.train()
-    return out
-
-
 def measure(run, when):
     """The held-out pair table and (if asked) the greedy accuracy table, printed and returned."""
     args, info = run.args, run.info
     row = {"pairs": heldout_table(run.model, run.reference, run.held, run.cfg, info, args.seed)}
     if args.final_eval_examples > 0:
-        row["accuracy"] = accuracy_table(run.model, run.tok, run.eval_tasks, args.final_eval_examples, args, info)
+        row["accuracy"] = {t.name: stage.greedy_accuracy(run.model, run.tok, t, args.final_eval_examples, info,
+                                                         args.max_new_tokens, args.seed)[0] for t in run.eval_tasks}
+        run.model.train()
     for kind, table in row.items():
         print0(f"{when} {'held-out pair' if kind == 'pairs' else 'val'} accuracy: "
                + ", ".join(f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
@@ -187,9 +176,9 @@ def letter_metrics(run, drawn):
     """letters/* of the policy vs the reference at the answer slot after the chosen answers of
     this step's multiple-choice pairs (a collective: every rank calls it)."""
     mc = [p for p in drawn if get_task(p["task"]).kind == "mc"]
-    view = SimpleNamespace(prompts=[p["prompt"] for p in mc], completions=[p["chosen"] for p in mc])
     rows = [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)]
-    sums = letters.letter_sums(run.model, run.reference, view, rows, run.mc_names, run.letters, run.stop_ids, run.cfg)
+    sums = letters.letter_sums(run.model, run.reference, [p["prompt"] for p in mc], [p["chosen"] for p in mc], rows,
+                               run.mc_names, run.letters, run.stop_ids, run.cfg)
     return letters.finish(sums, run.mc_names)
 
 
@@ -232,28 +221,22 @@ def dpo_update(run, step):
 
 
 def setup(args, info):
-    mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
-    eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
-    model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
-        args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
-    reference = grpo.make_reference(model, args.reference)  # before any resume moves the policy
+    mix, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
+    reference = policy.make_reference(model, args.reference)  # before any resume moves the policy
     cfg = dpo.DPOConfig(beta=args.beta, micro_batch=args.device_batch_size, grad_clip=args.grad_clip,
-                        autocast=lambda: autocast_ctx(info)).check()
+                        autocast=lambda: autocast_ctx(info))
     pools, weights, names, counts = training_pairs(args, model, tok, tasks, mix, info)
     held = {t.name: ground_truth_pairs(t, tok, "val", args.eval_pairs, model.config.sequence_len)
             for t in tasks} if args.eval_pairs > 0 else {}
     total_batch, accum = train.batch_geometry(args, info)
     schedule = batches.mixture_schedule([len(p) for p in pools], weights, args.num_iterations * total_batch, args.seed)
-    letter_ids = letters.letter_tokens(tok.encode)
-    mc_names = [t.name for t in tasks if t.kind == "mc" and t.name in names]
-    if letter_ids is None and mc_names and args.letter_every:
-        print0("note: 'Answer: X' is not one token per letter in this tokenizer; letter diagnostics are off.")
-    return SimpleNamespace(args=args, info=info, tasks=tasks, eval_tasks=eval_tasks, sources=sources, model=model,
-                           tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg,
-                           pools=pools, counts=counts, held=held, schedule=schedule, total_batch=total_batch,
-                           accum=accum, optimizer=optim.optimizer_from_args(model, args), letters=letter_ids,
-                           mc_names=mc_names, params=[p for p in model.parameters() if p.requires_grad],
-                           stop_ids=[tok.token_id("<|assistant_end|>"), tok.token_id("<|bos|>")])
+    letter_ids, mc_names = stage.letter_setup(tok, [t for t in tasks if t.name in names], args.letter_every)
+    return argparse.Namespace(
+        args=args, info=info, tasks=tasks, eval_tasks=stage.eval_tasks(args.eval_tasks), sources=sources,
+        model=model, tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg, pools=pools,
+        counts=counts, held=held, schedule=schedule, total_batch=total_batch, accum=accum,
+        optimizer=optim.optimizer_from_args(model, args), letters=letter_ids, mc_names=mc_names,
+        params=stage.trainable(model), stop_ids=stage.stop_ids(tok))
 
 
 def main(argv=None):
@@ -261,10 +244,7 @@ def main(argv=None):
     if args.compile:
         raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
                         "drop the flag.")
-    out = cli.claim_out(args.out or "out/dpo", overwrite=args.overwrite, resume=args.resume is not None,
-                        inputs={"--init": args.init})
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--init": args.init})
+    out, info = stage.start(args, "dpo", {"--init": args.init})
     run = setup(args, info)
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
@@ -281,34 +261,19 @@ def main(argv=None):
                      extra=f"{'full' if args.full else 'LoRA'} from {run.init_ckpt}; beta={args.beta}; {args.pairs} "
                            f"pairs " + ", ".join(f"{k}={v['ground_truth']}+{v['on_policy']}"
                                                  for k, v in run.counts.items()))
-
-    def save(step):
-        train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
-                       base_checkpoint=run.base_ckpt, tokenizer=run.tok, replace=args.overwrite)
-
+    save = stage.saver(out, run.model, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
+                       run.base_ckpt, run.tok, args)
     report = {"init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n, "pairs": run.counts}
     if start_step == 0:
         report["start"] = measure(run, "start")
-    pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
-    for step in pbar:
-        optim.set_lr(run.optimizer, optim.lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio,
-                                                        args.final_lr_frac))
-        metrics = dpo_update(run, step)
-        train.check_finite(step + 1, loss=metrics["loss"], grad_norm=metrics["grad_norm"])
-        logger.log(metrics, step=step + 1)
-        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
-                         margin=f"{metrics['rewards/margin']:.3f}")
-        if train.every(args.save_every, step + 1) and step + 1 < n:
-            save(step + 1)
-    pbar.close()
+    stage.step_loop(args, info, run.optimizer, start_step, lambda step: dpo_update(run, step), logger, save,
+                    finite=lambda m: {"loss": m["loss"], "grad_norm": m["grad_norm"]},
+                    postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['rewards/accuracy']:.2f}",
+                                       "margin": f"{m['rewards/margin']:.3f}"})
     report["final"] = measure(run, "final")
     logger.summary({f"final/{kind}/{k}": v["accuracy"][0] for kind, t in report["final"].items() for k, v in t.items()})
     save(n)
-    if info.is_master:
-        write_json(os.path.join(out, "dpo_eval.json"), report)
-    logger.finish()
-    print0(f"done: checkpoint and dpo_eval.json in {out}")
-    cleanup()
+    stage.finish(info, logger, out, "dpo_eval.json", report, f"done: checkpoint and dpo_eval.json in {out}")
 
 
 if __name__ == "__main__":
