@@ -324,10 +324,11 @@ def test_grpo_train_rejects_bad_flags_in_one_sentence(tiny_sft):
 def test_star_train_script_keeps_correct_rationales_and_fine_tunes_on_them(tiny_sft, monkeypatch):
     import json
     import os
+    from nanostoney import star
     from scripts import star_train
     root, sft = tiny_sft
     calls = []
-    real_collect = star_train.collect
+    real_collect = star.collect
 
     def collect(model, tok, task, examples, args, info, seed, hint=False):
         calls.append(hint)
@@ -335,7 +336,7 @@ def test_star_train_script_keeps_correct_rationales_and_fine_tunes_on_them(tiny_
         # a random tiny model never answers right: pretend prompt 0 was solved, so SFT runs
         return [] if hint else [(0, "<think>x</think>\nAnswer: " + examples[0]["answer"])]
 
-    monkeypatch.setattr(star_train, "collect", collect)
+    monkeypatch.setattr(star, "collect", collect)
     out = str(root / "star")
     star_train.main(COMMON + ["--init", sft, "--out", out, "--rounds", "2", "--prompts-per-round", "2",
                               "--samples-per-prompt", "2", "--num-iterations", "1", "--eval-examples", "2",
