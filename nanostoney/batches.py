@@ -17,6 +17,7 @@ import torch
 from nanostoney.data import check_sources
 from nanostoney.errors import UserError
 from nanostoney.tasks import get_task, sources_for_tasks
+from nanostoney.tasks.subset import subset
 
 
 def first_row(step, micro, grad_accum, world_size, rank, device_batch):
@@ -178,7 +179,6 @@ def render_train_sets(tokenizer, tasks, max_tokens, limit=0, drop_truncated=True
     """Per task: (`limit` train examples that fit, their rendered rows; 0 = all), taken in the
     balanced hash order of tasks.subset. Renders in chunks so a small limit does not tokenize a
     whole 7k-example task."""
-    from nanostoney.tasks.subset import subset
     examples, rendered = [], []
     for task in tasks:
         exs = subset(task, "train")
