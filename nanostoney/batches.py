@@ -42,24 +42,30 @@ def parse_mixture(spec):
         except ValueError:
             weight = float("nan")
         if not math.isfinite(weight):
-            raise UserError(f"--tasks: weight {w!r} of {name!r} is not a finite number; write name=weight.")
+            raise UserError(f"weight {w!r} of {name!r} is not a finite number; write name=weight.")
         if weight < 0:
-            raise UserError(f"--tasks: weight of {name!r} is negative; weights must be >= 0.")
+            raise UserError(f"weight of {name!r} is negative; weights must be >= 0.")
         weights[name.strip()] = weight
     if not weights or sum(weights.values()) <= 0:
-        raise UserError("--tasks names no task with a positive weight; e.g. --tasks stoney_mc=1,gsm8k_mc=1.")
+        raise UserError("no task with a positive weight; e.g. stoney_mc=1,gsm8k_mc=1.")
     return weights
 
 
-def training_tasks(spec, manifest=None):
-    """({name: weight}, [Task], sources) for a "name=weight,..." mixture, after the governance
-    gate has approved every source for training (else a one-sentence UserError)."""
+def mixture_tasks(spec):
+    """({name: weight}, [Task]) of a "name=weight,..." mixture of known tasks, none a control."""
     weights = parse_mixture(spec)
     tasks = [get_task(n) for n in weights]  # unknown names: one-sentence UserError
     for t in tasks:
         if t.control:
-            raise UserError(f"--tasks: {t.name} is a control (no training text may hold its items); "
+            raise UserError(f"{t.name} is a control (no training text may hold its items); "
                             f"train on {t.name.replace('_unseen', '')} instead.")
+    return weights, tasks
+
+
+def training_tasks(spec, manifest=None):
+    """({name: weight}, [Task], sources) of a mixture (mixture_tasks), after the governance
+    gate has approved every source for training (else a one-sentence UserError)."""
+    weights, tasks = mixture_tasks(spec)
     sources = sources_for_tasks(list(weights))
     check_sources(sources, use="training", manifest=manifest)
     return weights, tasks, sources

@@ -253,7 +253,7 @@ def load_reward_model(path, device="cpu"):
     head = meta.get("reward_head")
     if not head:
         raise UserError(f"{ckpt} is not a reward model checkpoint (meta.json has no reward_head); "
-                        f"pass the --out of python -m scripts.rm_train.")
+                        f"pass the output directory of python -m scripts.rm_train.")
     rm = RewardModel(gpt)
     w = torch.tensor(head["weight"], dtype=torch.float32)
     if w.numel() != gpt.config.n_embd:

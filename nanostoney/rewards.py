@@ -266,8 +266,8 @@ class LearnedReward:
 
 
 def _reward_model_missing(example, completion, task):
-    raise UserError("reward 'reward_model' needs a trained reward model; pass its checkpoint "
-                    "(e.g. --reward-model PATH) so a LearnedReward can be built.")
+    raise UserError("reward 'reward_model' needs a trained reward model: build the rewards with its "
+                    "checkpoint loaded (reward_model.load_reward_model), so a LearnedReward can score.")
 
 
 REWARDS = {

@@ -9,6 +9,7 @@ the end of a run.
     stage.step_loop(args, info, optimizer, start_step, step_fn, logger, save, ...)
     stage.finish(info, logger, out, "grpo_eval.json", report, f"done: checkpoint and grpo_eval.json in {out}")
 """
+import argparse
 import os
 
 from tqdm import tqdm
@@ -21,6 +22,16 @@ from nanostoney.files import write_json
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task
 from nanostoney.tasks.subset import subset
+
+
+def task_mixture(text):
+    """The argparse type of --tasks: a name=weight,... mixture of known tasks, none a control
+    (checked where the flag is parsed, so the error names it)."""
+    try:
+        batches.mixture_tasks(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def start(args, name, inputs):

@@ -44,7 +44,8 @@ PAIR_KINDS = ("ground_truth", "on_policy", "both")
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="DPO (LoRA or full) from an SFT checkpoint.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="training pairs: name=weight,... (train splits)")
+    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
+                   help="training pairs: name=weight,... (train splits)")
     p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc",
                    help="comma list evaluated on their val split")
     add_manifest_arg(p)

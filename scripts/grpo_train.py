@@ -53,7 +53,8 @@ DEFAULT_EVAL_TASKS = "arith,stoney_lexicon,stoney_lexicon_unseen,arith_mc,stoney
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="GRPO (LoRA or full) from an SFT checkpoint.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="training prompts: name=weight,... (train splits)")
+    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
+                   help="training prompts: name=weight,... (train splits)")
     p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, help="comma list evaluated on their val split")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=0,
                    help="N balanced, hash-chosen train examples per task (0 = all)")

@@ -36,7 +36,8 @@ DEFAULT_TASKS = "stoney_mc,stoney_lexicon,arith_mc,arith"
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Reward model (Bradley-Terry) on ground-truth pairs.")
     p.add_argument("--init", default="out/sft", help="trunk: SFT output (adapter dir, run dir or step dir)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list of tasks to build pairs from")
+    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
+                   help="comma list of tasks to build pairs from")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
                    help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])

@@ -41,7 +41,8 @@ DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Supervised fine-tuning (LoRA or full) on chat tasks.")
     p.add_argument("--init", default="out/base", help="base checkpoint: a run dir (its latest step) or a step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="mixture: name=weight,... (train splits only)")
+    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
+                   help="mixture: name=weight,... (train splits only)")
     p.add_argument("--max-train-examples", type=cli.nonneg_int, default=16,
                    help="use only the first N train examples of each task that fit --sequence-len (0 = all); "
                         "small N = learnable in minutes on CPU")

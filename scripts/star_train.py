@@ -29,7 +29,8 @@ DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
     p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="name=weight,... (train prompts; weights mix the SFT)")
+    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
+                   help="name=weight,... (train prompts; weights mix the SFT)")
     p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc")
     p.add_argument("--eval-examples", type=cli.nonneg_int, default=64,
                    help="val items per eval task after each round; 0 = skip")
