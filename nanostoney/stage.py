@@ -15,6 +15,7 @@ import os
 from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, letters, optim, train
+from nanostoney.data import add_manifest_arg
 from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError
 from nanostoney.evaluate import task_accuracy
@@ -32,6 +33,22 @@ def task_mixture(text):
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def parser(description, init, init_help, tasks, tasks_help, eval_tasks=None, max_train=None,
+           eval_help="comma list evaluated on their val split",
+           max_train_help="N balanced, hash-chosen train examples per task (0 = all)"):
+    """The flags every stage opens with: --init, --tasks (a mixture), --max-train-examples,
+    --eval-tasks, --manifest (the last three where given a default)."""
+    p = cli.ArgumentParser(description=description)
+    p.add_argument("--init", default=init, help=init_help)
+    p.add_argument("--tasks", type=task_mixture, default=tasks, help=tasks_help)
+    if max_train is not None:
+        p.add_argument("--max-train-examples", type=cli.nonneg_int, default=max_train, help=max_train_help)
+    if eval_tasks is not None:
+        p.add_argument("--eval-tasks", default=eval_tasks, help=eval_help)
+    add_manifest_arg(p)
+    return p
 
 
 def start(args, name, inputs):

@@ -28,7 +28,6 @@ import os
 import torch
 
 from nanostoney import batches, cli, dpo, letters, lora, optim, policy, probes, reward_model, stage, train
-from nanostoney.data import add_manifest_arg
 from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks, print0
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
@@ -42,16 +41,11 @@ PAIR_KINDS = ("ground_truth", "on_policy", "both")
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="DPO (LoRA or full) from an SFT checkpoint.")
-    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
-                   help="training pairs: name=weight,... (train splits)")
-    p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc",
-                   help="comma list evaluated on their val split")
-    add_manifest_arg(p)
+    p = stage.parser("DPO (LoRA or full) from an SFT checkpoint.", "out/sft",
+                     "SFT output: adapter dir, run dir or step dir", DEFAULT_TASKS,
+                     "training pairs: name=weight,... (train splits)", "stoney_mc,stoney_mc_unseen,arith_mc", 1000,
+                     max_train_help="train examples per task for ground-truth pairs, a balanced subset (0 = all)")
     p.add_argument("--pairs", default="ground_truth", choices=PAIR_KINDS, help="where the preference pairs come from")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="train examples per task for ground-truth pairs, a balanced subset (0 = all)")
     p.add_argument("--on-policy-prompts", type=cli.positive_int, default=32, help="train prompts per task sampled")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (on-policy pairs)")

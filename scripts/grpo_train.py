@@ -35,7 +35,6 @@ import functools
 import os
 
 from nanostoney import batches, cli, grpo, lora, optim, policy, rewards, stage, train
-from nanostoney.data import add_manifest_arg
 from nanostoney.dist import autocast_ctx, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.evaluate import generate_completions, length_budget
@@ -51,14 +50,9 @@ DEFAULT_EVAL_TASKS = "arith,stoney_lexicon,stoney_lexicon_unseen,arith_mc,stoney
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="GRPO (LoRA or full) from an SFT checkpoint.")
-    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
-                   help="training prompts: name=weight,... (train splits)")
-    p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, help="comma list evaluated on their val split")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=0,
-                   help="N balanced, hash-chosen train examples per task (0 = all)")
-    add_manifest_arg(p)
+    p = stage.parser("GRPO (LoRA or full) from an SFT checkpoint.", "out/sft",
+                     "SFT output: adapter dir, run dir or step dir", DEFAULT_TASKS,
+                     "training prompts: name=weight,... (train splits)", DEFAULT_EVAL_TASKS, 0)
     p.add_argument("--rewards", default="accuracy=1,format=0.2",
                    help="weighted reward functions: accuracy, chain (partial credit per gold line), format, "
                         "reasoning_steps, length, repetition, chrf, reward_model")

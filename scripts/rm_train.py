@@ -23,7 +23,6 @@ import os
 import torch
 
 from nanostoney import batches, cli, lora, reward_model, stage, train
-from nanostoney.data import add_manifest_arg
 from nanostoney.dist import autocast_ctx, map_over_ranks, print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import add_logging_args, from_args
@@ -34,12 +33,10 @@ DEFAULT_TASKS = "stoney_mc,stoney_lexicon,arith_mc,arith"
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Reward model (Bradley-Terry) on ground-truth pairs.")
-    p.add_argument("--init", default="out/sft", help="trunk: SFT output (adapter dir, run dir or step dir)")
-    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
-                   help="comma list of tasks to build pairs from")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
+    p = stage.parser("Reward model (Bradley-Terry) on ground-truth pairs.", "out/sft",
+                     "trunk: SFT output (adapter dir, run dir or step dir)", DEFAULT_TASKS,
+                     "comma list of tasks to build pairs from", max_train=1000,
+                     max_train_help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])
     p.add_argument("--eval-pairs", type=cli.positive_int, default=100, help="held-out pairs per task")
     p.add_argument("--sampled-negatives", type=cli.nonneg_int, default=0,
@@ -49,7 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--sample-max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
-    add_manifest_arg(p)
     lora.add_lora_args(p, targets="all")
     p.add_argument("--lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
     p.add_argument("--head-lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the scalar head")

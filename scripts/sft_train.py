@@ -24,7 +24,6 @@ per step) unless --total-batch-size fixes the global batch.
 import os
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, stage, train
-from nanostoney.data import add_manifest_arg
 from nanostoney.dist import print0
 from nanostoney.errors import run_main
 from nanostoney.logging import add_logging_args, from_args
@@ -39,14 +38,11 @@ DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Supervised fine-tuning (LoRA or full) on chat tasks.")
-    p.add_argument("--init", default="out/base", help="base checkpoint: a run dir (its latest step) or a step dir")
-    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
-                   help="mixture: name=weight,... (train splits only)")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=16,
-                   help="use only the first N train examples of each task that fit --sequence-len (0 = all); "
-                        "small N = learnable in minutes on CPU")
-    add_manifest_arg(p)
+    p = stage.parser("Supervised fine-tuning (LoRA or full) on chat tasks.", "out/base",
+                     "base checkpoint: a run dir (its latest step) or a step dir", DEFAULT_TASKS,
+                     "mixture: name=weight,... (train splits only)", max_train=16,
+                     max_train_help="use only the first N train examples of each task that fit --sequence-len "
+                                    "(0 = all); small N = learnable in minutes on CPU")
     lora.add_lora_args(p, rank=32)
     p.add_argument("--sequence-len", type=cli.positive_int, default=None, help="max tokens per conversation; default: the base model's")
     p.add_argument("--keep-truncated", action="store_true",

@@ -17,7 +17,6 @@ go to <out>/star_eval.json; the last round's model is saved in <out>.
 import os
 
 from nanostoney import cli, evaluate, lora, optim, stage, star, train
-from nanostoney.data import add_manifest_arg
 from nanostoney.dist import print0
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import add_logging_args, from_args
@@ -27,14 +26,11 @@ DEFAULT_TASKS = "stoney_mc=1,arith_mc=1"
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="STaR: sample rationales, keep the correct ones, SFT, repeat.")
-    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", type=stage.task_mixture, default=DEFAULT_TASKS,
-                   help="name=weight,... (train prompts; weights mix the SFT)")
-    p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc")
+    p = stage.parser("STaR: sample rationales, keep the correct ones, SFT, repeat.", "out/sft",
+                     "SFT output: adapter dir, run dir or step dir", DEFAULT_TASKS,
+                     "name=weight,... (train prompts; weights mix the SFT)", "stoney_mc,stoney_mc_unseen,arith_mc")
     p.add_argument("--eval-examples", type=cli.nonneg_int, default=64,
                    help="val items per eval task after each round; 0 = skip")
-    add_manifest_arg(p)
     p.add_argument("--rounds", type=cli.positive_int, default=2)
     p.add_argument("--prompts-per-round", type=cli.positive_int, default=64, help="train prompts per task per round")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
