@@ -42,11 +42,6 @@ class DPOConfig:
     grad_clip: float = 1.0     # 0 = none
     autocast: object = None    # a context factory for forwards (dist.autocast_ctx), or None
 
-    def check(self):
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        return self
-
 
 # -----------------------------------------------------------------------------
 # the maths

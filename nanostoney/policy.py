@@ -18,6 +18,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from nanostoney import lora, probes
+from nanostoney.dist import map_over_ranks
+from nanostoney.engine import Engine
 from nanostoney.gpt import unwrap
 
 REFERENCES = ("init", "base")
@@ -92,6 +94,28 @@ def reference_logps(reference, prompts, completions, device, autocast_factory=No
         out = sequence_logps(ref, prompts, completions, device, autocast_factory)[:2]
         ref.train(was_training)
     return out
+
+
+@torch.no_grad()
+def sample_completions(model, tok, conversations, samples, max_new_tokens, temperature, seed, info=None,
+                       autocast_factory=None):
+    """[[(completion ids, text, stopped)] * samples] per conversation's prompt (a message list),
+    sampled in fixed chunks of 8 prompts shared out over the ranks, the chunk at i seeded by
+    seed + i: the same samples at any world size. text leaves out the closing <|assistant_end|>."""
+    engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
+
+    def chunk(i):
+        prompts = [tok.render_prompt({"messages": m}) for m in conversations[i:i + 8]]
+        with autocast(autocast_factory):
+            gen = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed + i,
+                                  num_samples=samples)
+        out = [[] for _ in prompts]
+        for r, toks in enumerate(gen.tokens):
+            out[gen.prompt_index[r]].append((toks, tok.decode(toks[:-1] if toks and toks[-1] == stop else toks),
+                                             gen.stopped[r]))
+        return out
+
+    return [rows for part in map_over_ranks(chunk, list(range(0, len(conversations), 8)), info) for rows in part]
 
 
 @contextmanager

@@ -12,8 +12,8 @@ stage's own batches, loss and loop (scripts/star_train.py runs the rounds).
 import torch
 
 from nanostoney import batches, optim, train
-from nanostoney.dist import autocast_ctx, map_over_ranks
-from nanostoney.engine import Engine
+from nanostoney.dist import autocast_ctx
+from nanostoney.policy import sample_completions
 
 
 def hinted(task, ex):
@@ -23,30 +23,15 @@ def hinted(task, ex):
     return msgs
 
 
-@torch.no_grad()
 def collect(model, tok, task, examples, args, info, seed, hint=False):
-    """[(example index, completion text)] of correct samples, in fixed chunks of 8 prompts shared
-    out over the ranks (chunk i draws with seed + i: the same rationales at any world size)."""
+    """[(example index, completion text)] of the correct samples (policy.sample_completions: the
+    same rationales at any world size)."""
     model.eval()
-    engine = Engine(model, tok)
-    stop = tok.token_id("<|assistant_end|>")
-
-    def chunk_kept(i):
-        chunk = range(i, min(i + 8, len(examples)))
-        prompts = [tok.render_prompt({"messages": hinted(task, examples[j]) if hint else task.prompt(examples[j])})
-                   for j in chunk]
-        with autocast_ctx(info):
-            gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, seed=seed + i,
-                                  num_samples=args.samples_per_prompt)
-        kept = []
-        for r, toks in enumerate(gen.tokens):
-            j = chunk[gen.prompt_index[r]]
-            text = tok.decode(toks[:-1] if toks and toks[-1] == stop else toks)
-            if gen.stopped[r] and task.evaluate(examples[j], text):
-                kept.append((j, text))
-        return kept
-
-    return [k for part in map_over_ranks(chunk_kept, list(range(0, len(examples), 8)), info) for k in part]
+    got = sample_completions(model, tok, [hinted(task, ex) if hint else task.prompt(ex) for ex in examples],
+                             args.samples_per_prompt, args.max_new_tokens, args.temperature, seed, info,
+                             lambda: autocast_ctx(info))
+    return [(j, text) for j, rows in enumerate(got) for _, text, stopped in rows
+            if stopped and task.evaluate(examples[j], text)]
 
 
 def sample_round(model, tok, tasks, kept, args, info, seed):

@@ -29,7 +29,6 @@ import torch
 
 from nanostoney import batches, cli, dpo, letters, lora, optim, policy, probes, reward_model, stage, train
 from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks, print0
-from nanostoney.engine import Engine
 from nanostoney.errors import UserError, run_main
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
@@ -74,32 +73,23 @@ def ground_truth_pairs(task, tok, split, limit, max_len):
     return dpo.pairs_from_conversations(reward_model.build_pairs(task, tok, split, limit, max_len))
 
 
-@torch.no_grad()
 def on_policy_pairs(model, tok, task, args, info, max_len):
-    """(correct sample, wrong sample) pairs of the policy on hashed train prompts, in fixed chunks
-    of 8 prompts shared out over the ranks (chunk i seeded by i: the same pairs at any world size)."""
+    """(correct sample, wrong sample) pairs of the policy on hashed train prompts (the sampling
+    shared out over the ranks: the same pairs at any world size)."""
     model.eval()
-    engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
     exs = subset(task, "train", args.on_policy_prompts, salt=f"dpo/{task.name}/{args.seed}")
-
-    def chunk_pairs(i):
-        chunk = exs[i:i + 8]
-        prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
-        with autocast_ctx(info):
-            gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature,
-                                  seed=args.seed * 7919 + i, num_samples=args.samples_per_prompt)
-        out = []
-        for j, ex in enumerate(chunk):
-            rows = [r for r in range(len(gen.tokens)) if gen.prompt_index[r] == j]
-            texts = [tok.decode([t for t in gen.tokens[r] if t != stop]) for r in rows]
-            correct = [gen.stopped[r] and task.evaluate(ex, t) for r, t in zip(rows, texts)]
-            pick = dpo.on_policy_pair([gen.tokens[r] for r in rows], correct)
-            if pick and len(prompts[j]) + max(map(len, pick)) <= max_len:
-                out.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
-                            "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompts[j], "chosen": pick[0], "rejected": pick[1]})
-        return out
-
-    pairs = [p for part in map_over_ranks(chunk_pairs, list(range(0, len(exs), 8)), info) for p in part]
+    got = policy.sample_completions(model, tok, [task.prompt(ex) for ex in exs], args.samples_per_prompt,
+                                    args.max_new_tokens, args.temperature, args.seed * 7919, info,
+                                    lambda: autocast_ctx(info))
+    pairs = []
+    for ex, rows in zip(exs, got):
+        prompt = tok.render_prompt({"messages": task.prompt(ex)})
+        pick = dpo.on_policy_pair([ids for ids, _, _ in rows], [stopped and task.evaluate(ex, text)
+                                                                for _, text, stopped in rows])
+        if pick and len(prompt) + max(map(len, pick)) <= max_len:
+            pairs.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
+                          "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompt,
+                          "chosen": pick[0], "rejected": pick[1]})
     model.train()
     return pairs
 

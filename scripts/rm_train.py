@@ -81,16 +81,10 @@ def family_table(rm, eval_sets, info, seed=0):
 
 
 def policy_pairs(gpt, tok, task, split, n, args, info, max_len):
-    """Gold vs the init policy's wrong samples on n balanced items of a split, in chunks shared
-    over the ranks (each chunk seeded by its position, so any world size gives the same pairs)."""
-    exs = subset(task, split, n)
-    chunks = [(i, exs[i:i + 8]) for i in range(0, len(exs), 8)]
-
-    def sample(chunk):
-        with autocast_ctx(info):
-            return reward_model.sampled_pairs(gpt, tok, task, chunk[1], args.samples_per_prompt,
-                                              args.sample_max_new_tokens, seed=args.seed + chunk[0], max_len=max_len)
-    return [p for part in map_over_ranks(sample, chunks, info) for p in part]
+    """Gold vs the init policy's wrong samples on n balanced items of a split."""
+    return reward_model.sampled_pairs(gpt, tok, task, subset(task, split, n), args.samples_per_prompt,
+                                      args.sample_max_new_tokens, seed=args.seed, max_len=max_len, info=info,
+                                      autocast_factory=lambda: autocast_ctx(info))
 
 
 def training_pairs(args, gpt, tok, tasks, max_len, info):
