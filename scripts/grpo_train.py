@@ -142,30 +142,33 @@ def pass_line(when, name, row, args, start=None):
     return line + (f"  pass@{args.pass_k} {row[f'pass@{args.pass_k}'][0]:.3f}" if args.pass_k > 0 else "")
 
 
-def measure(run, report, logger, when):
-    """Val pass@k ("start": the SFT model; "final") and the reward on the probe prompts, into the report."""
-    args, info, step = run.args, run.info, 0 if when == "start" else run.args.num_iterations
-    if run.probe and when == "final":
-        report["train_reward_final"] = grpo.probe_reward(run.model, run.tok, run.probe, run.tasks, run.cfg,
-                                                         run.reward_fn_for, info, args.seed)
-        logger.summary({f"final/train_reward/{k}": v for k, v in report["train_reward_final"].items()})
-        start_r = report.get("train_reward_start", {})
-        print0("final reward on training prompts: " + ", ".join(
-            f"{k} {v:.3f} (start {start_r.get(k, float('nan')):.3f})" for k, v in report["train_reward_final"].items()))
-    if args.final_eval_examples > 0:
-        report[when] = evaluate_tasks(run.model, run.tok, run.eval_tasks, args.final_eval_examples, args, info,
-                                      seed=args.seed)
-        logger.log(eval_metrics(report[when]), step=step)
-        if when == "final":
-            logger.summary(eval_metrics(report["final"], "final"))
-        for name, row in report[when].items():
-            start = report.get("start", {}).get(name, {}).get("pass@1", [float("nan")])[0]
-            print0(pass_line(when, name, row, args, start=start if when == "final" else None))
-    if run.probe and when == "start":
-        report["train_reward_start"] = grpo.probe_reward(run.model, run.tok, run.probe, run.tasks, run.cfg,
-                                                         run.reward_fn_for, info, args.seed)
-        print0("start reward on training prompts: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in report["train_reward_start"].items()))
+def measure_pass(run, report, logger, when):
+    """Val pass@k of the SFT model ("start") or the trained one ("final"), into the report."""
+    args, info = run.args, run.info
+    if args.final_eval_examples <= 0:
+        return
+    report[when] = evaluate_tasks(run.model, run.tok, run.eval_tasks, args.final_eval_examples, args, info,
+                                  seed=args.seed)
+    logger.log(eval_metrics(report[when]), step=0 if when == "start" else args.num_iterations)
+    if when == "final":
+        logger.summary(eval_metrics(report["final"], "final"))
+    for name, row in report[when].items():
+        start = report.get("start", {}).get(name, {}).get("pass@1", [float("nan")])[0]
+        print0(pass_line(when, name, row, args, start=start if when == "final" else None))
+
+
+def measure_reward(run, report, logger, when):
+    """The mean reward on the probe prompts (fixed samples: only the policy differs), into the report."""
+    if not run.probe:
+        return
+    got = report[f"train_reward_{when}"] = grpo.probe_reward(run.model, run.tok, run.probe, run.tasks, run.cfg,
+                                                             run.reward_fn_for, run.info, run.args.seed)
+    start = report.get("train_reward_start", {})
+    if when == "final":
+        logger.summary({f"final/train_reward/{k}": v for k, v in got.items()})
+    print0(f"{when} reward on training prompts: " + ", ".join(
+        f"{k} {v:.3f}" + (f" (start {start.get(k, float('nan')):.3f})" if when == "final" else "")
+        for k, v in got.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +281,8 @@ def main(argv=None):
                        run.base_ckpt, run.tok, args)
     report = {"chance": 0.2, "init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n}
     if start_step == 0:
-        measure(run, report, logger, "start")
+        measure_pass(run, report, logger, "start")
+        measure_reward(run, report, logger, "start")
 
     def after(done, metrics, pbar):
         if info.is_master and train.every(args.log_every, done):
@@ -293,7 +297,8 @@ def main(argv=None):
                                       "reward": m["reward/mean"]},
                     postfix=lambda m: {"r": f"{m['reward/mean']:.3f}", "kl": f"{m['kl/mean']:.4f}",
                                        "len": f"{m['completion/length']:.0f}"}, after=after)
-    measure(run, report, logger, "final")
+    measure_reward(run, report, logger, "final")
+    measure_pass(run, report, logger, "final")
     save(n)
     stage.finish(info, logger, out, "grpo_eval.json", report, f"done: checkpoint and grpo_eval.json in {out}")
 
