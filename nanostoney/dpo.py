@@ -8,7 +8,7 @@ where log pi(y|x) sums the log-probs of the COMPLETION tokens only (the prompt i
 chosen). beta * (log pi - log ref) is the implicit reward of a completion; its margin (chosen
 minus rejected) and the share of pairs where it is positive (accuracy) are what DPO moves.
 The reference is GRPO's (policy.make_reference): the LoRA model with its adapters off / the
-adapters as they were at the start (no second model in memory), or a frozen copy under --full.
+adapters as they were at the start (no second model in memory), or a frozen copy in full fine-tuning.
 At the start with fresh adapters the policy IS the reference, every logit is 0 and the loss
 is exactly log 2.
 

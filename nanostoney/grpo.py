@@ -4,7 +4,7 @@ One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
 
   1. sample   for each prompt, G completions with the Engine (KV cache, batched)
   2. score    reward_fn(prompt_index, completions) -> total per row (+ each function's part)
-  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (--no-std-scaling: no division);
+  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (std_scaling=False: no division);
               a group whose rewards are all equal says nothing about which completion was better:
               it is skipped (no log-probs, no loss, not in the normalisers; counted in the metrics,
               and a step where every group is equal takes no optimizer step at all). With
@@ -17,8 +17,8 @@ One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
   5. update   mu inner epochs over the same rollouts, one optimizer step each, minimising
                  -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * k3,   rho = exp(logp - logp_old)
                  k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, >= 0 KL estimate)
-              normalised per token over the whole batch (--loss-norm token) or per sequence
-              then over sequences (--loss-norm sequence, the paper's 1/G sum 1/|o| sum).
+              normalised per token over the whole batch (loss_norm "token") or per sequence
+              then over sequences ("sequence", the paper's 1/G sum 1/|o| sum).
 
 Nothing here knows about text: prompts and completions are token-id lists and the reward is a
 callable, so a test can train "emit token 3" on a tiny model without a tokenizer.

@@ -8,7 +8,7 @@ Every reward is a callable `fn(example, completion, task) -> float`:
 One signature means GRPO never special-cases a reward: it calls `combine(...)` (or
 `combine_batch(...)` for a group) and logs the total and each part under its name.
 
-    weights = parse_weights("accuracy=1,format=0.2,repetition=0.1")   # from --rewards
+    weights = parse_weights("accuracy=1,format=0.2,repetition=0.1")   # the run's weights
     fns = build_rewards(weights, reward_model=rm, tokenizer=tok)      # once; rm only if weighted
     totals, parts = combine_batch(weights, [ex] * G, completions, task, fns)  # one GRPO group
     # parts = {"accuracy": [1.0, 0.0, ...], "format": [...], ...}: log the mean of each
