@@ -17,6 +17,7 @@ import torch
 from nanostoney.errors import UserError
 from nanostoney.governance import check_sources
 from nanostoney.tasks import get_task, sources_for_tasks
+from nanostoney.tasks.subset import subset
 
 
 def first_row(step, micro, grad_accum, world_size, rank, device_batch):
@@ -41,24 +42,30 @@ def parse_mixture(spec):
         except ValueError:
             weight = float("nan")
         if not math.isfinite(weight):
-            raise UserError(f"--tasks: weight {w!r} of {name!r} is not a finite number; write name=weight.")
+            raise UserError(f"weight {w!r} of {name!r} is not a finite number; write name=weight.")
         if weight < 0:
-            raise UserError(f"--tasks: weight of {name!r} is negative; weights must be >= 0.")
+            raise UserError(f"weight of {name!r} is negative; weights must be >= 0.")
         weights[name.strip()] = weight
     if not weights or sum(weights.values()) <= 0:
-        raise UserError("--tasks names no task with a positive weight; e.g. --tasks stoney_mc=1,gsm8k_mc=1.")
+        raise UserError("no task with a positive weight; e.g. stoney_mc=1,gsm8k_mc=1.")
     return weights
 
 
-def training_tasks(spec, manifest=None):
-    """({name: weight}, [Task], sources) for a "name=weight,..." mixture, after the governance
-    gate has approved every source for training (else a one-sentence UserError)."""
+def mixture_tasks(spec):
+    """({name: weight}, [Task]) of a "name=weight,..." mixture of known tasks, none a control."""
     weights = parse_mixture(spec)
     tasks = [get_task(n) for n in weights]  # unknown names: one-sentence UserError
     for t in tasks:
         if t.control:
-            raise UserError(f"--tasks: {t.name} is a control (no training text may hold its items); "
+            raise UserError(f"{t.name} is a control (no training text may hold its items); "
                             f"train on {t.name.replace('_unseen', '')} instead.")
+    return weights, tasks
+
+
+def training_tasks(spec, manifest=None):
+    """({name: weight}, [Task], sources) of a mixture (mixture_tasks), after the governance
+    gate has approved every source for training (else a one-sentence UserError)."""
+    weights, tasks = mixture_tasks(spec)
     sources = sources_for_tasks(list(weights))
     check_sources(sources, use="training", manifest=manifest)
     return weights, tasks, sources
@@ -77,6 +84,37 @@ def mixture_schedule(sizes, weights, n, seed=0):
             orders[t] = torch.randperm(sizes[t], generator=g).tolist()[::-1]  # pop() from the end
         schedule.append((t, orders[t].pop()))
     return schedule
+
+
+def depth_curriculum(schedule, train_sets, per_step, n_steps):
+    """The prompt schedule with every entry of a task whose train items have several depths
+    (arith, arith_mc) redrawn among its items no deeper than the step's stage: with D depths,
+    stage k (depth <= k-th smallest) covers steps [(k-1) n / D, k n / D). Other tasks as they were."""
+    depths = [sorted({ex["depth"] for ex in s if ex.get("depth")}) for s in train_sets]
+    out = []
+    for j, (t, i) in enumerate(schedule):
+        ds = depths[t]
+        if len(ds) < 2:
+            out.append((t, i))
+            continue
+        limit = ds[min(len(ds) - 1, (j // per_step) * len(ds) // n_steps)]
+        pool = [k for k, ex in enumerate(train_sets[t]) if ex.get("depth", 0) <= limit]
+        out.append((t, pool[i % len(pool)]))
+    return out
+
+
+def curriculum_stages(schedule, train_sets, per_step):
+    """"steps a-b: depth <= d" per stage of the schedule, for the plan (first deep task)."""
+    deep = next((t for t, s in enumerate(train_sets) if len({ex.get("depth") for ex in s}) > 1), None)
+    if deep is None:
+        return "no task with several depths"
+    stages = {}
+    for j, (t, i) in enumerate(schedule):
+        if t == deep:
+            d = train_sets[t][i]["depth"]
+            lo, hi = stages.get(d, (j // per_step, j // per_step))
+            stages[d] = (lo, j // per_step)
+    return "; ".join(f"steps {lo + 1}-{hi + 1}: depth <= {d}" for d, (lo, hi) in sorted(stages.items()))
 
 
 def collate(rows, pad_id, device):
@@ -147,7 +185,6 @@ def render_train_sets(tokenizer, tasks, max_tokens, limit=0, drop_truncated=True
     """Per task: (`limit` train examples that fit, their rendered rows; 0 = all), taken in the
     balanced hash order of tasks.subset. Renders in chunks so a small limit does not tokenize a
     whole 7k-example task."""
-    from nanostoney.tasks.subset import subset
     examples, rendered = [], []
     for task in tasks:
         exs = subset(task, "train")

@@ -7,13 +7,13 @@ For a prompt x with a preferred completion y_w and a dispreferred one y_l, the l
 where log pi(y|x) sums the log-probs of the COMPLETION tokens only (the prompt is given, not
 chosen). beta * (log pi - log ref) is the implicit reward of a completion; its margin (chosen
 minus rejected) and the share of pairs where it is positive (accuracy) are what DPO moves.
-The reference is GRPO's (grpo.make_reference): the LoRA model with its adapters off / the
-adapters as they were at the start (no second model in memory), or a frozen copy under --full.
+The reference is GRPO's (policy.make_reference): the LoRA model with its adapters off / the
+adapters as they were at the start (no second model in memory), or a frozen copy in full fine-tuning.
 At the start with fresh adapters the policy IS the reference, every logit is 0 and the loss
 is exactly log 2.
 
     cfg = DPOConfig(beta=0.1, micro_batch=8)
-    reference = grpo.make_reference(model, "init")
+    reference = policy.make_reference(model, "init")
     stats = dpo_step(model, optimizer, [pairs of micro-batch 1, ...], cfg, reference, n_pairs=...)
 
 A pair is (prompt ids, chosen completion ids, rejected completion ids); completions end with
@@ -25,17 +25,14 @@ Several processes: each rank takes its own pairs, the loss is divided by the pai
 ranks (n_pairs) and gradients are summed by dist.sync_grads, so N ranks take the step one
 process takes with every pair (tests/test_dpo.py).
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nanostoney import probes
 from nanostoney.dist import sync_grads
-from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
-from nanostoney.grpo import pack, token_logprobs
+from nanostoney.policy import reference_logps, sequence_logps
 
 
 @dataclass
@@ -44,11 +41,6 @@ class DPOConfig:
     micro_batch: int = 8       # pairs per forward (2 x rows: chosen and rejected together)
     grad_clip: float = 1.0     # 0 = none
     autocast: object = None    # a context factory for forwards (dist.autocast_ctx), or None
-
-    def check(self):
-        if not self.beta > 0:
-            raise UserError(f"--beta must be > 0 (DPO divides by nothing but scales by it), got {self.beta}.")
-        return self
 
 
 # -----------------------------------------------------------------------------
@@ -70,38 +62,6 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta, n_pairs):
                  "reward_rejected": rejected.sum().item(), "margin": margin.sum().item(),
                  "accuracy": (margin > 0).float().sum().item()}
     return loss, stats
-
-
-def sequence_logps(model, prompts, completions, device, autocast=None, attn_entropy=None):
-    """(summed completion log-probs (B,), per-token log-probs (B, L), mask (B, L)) of each
-    (prompt, completion) row under `model`, in one right-padded forward (grpo.pack)."""
-    idx, pos, targets, mask, valid = pack(prompts, completions, device)
-    mb = _Packed(idx, pos, targets)
-    if attn_entropy is not None:
-        attn_entropy.valid = valid
-    with probes.attach(model, attn_entropy) if attn_entropy is not None else nullcontext():
-        with autocast() if autocast is not None else nullcontext():
-            logp = token_logprobs(model, mb)[0].float()
-    m = mask.float()
-    return (logp * m).sum(1), logp, m
-
-
-@dataclass
-class _Packed:  # what token_logprobs reads of a grpo.MicroBatch
-    idx: torch.Tensor
-    pos: torch.Tensor
-    targets: torch.Tensor
-
-
-@torch.no_grad()
-def reference_logps(reference, prompts, completions, device, autocast=None):
-    """Summed completion log-probs under the reference policy, in eval mode."""
-    with reference() as ref:
-        was_training = ref.training
-        ref.eval()
-        out = sequence_logps(ref, prompts, completions, device, autocast)[:2]
-        ref.train(was_training)
-    return out
 
 
 def pair_forward(model, reference, pairs, cfg, device, attn_entropy=None):

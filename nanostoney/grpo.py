@@ -4,7 +4,7 @@ One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
 
   1. sample   for each prompt, G completions with the Engine (KV cache, batched)
   2. score    reward_fn(prompt_index, completions) -> total per row (+ each function's part)
-  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (--no-std-scaling: no division);
+  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (std_scaling=False: no division);
               a group whose rewards are all equal says nothing about which completion was better:
               it is skipped (no log-probs, no loss, not in the normalisers; counted in the metrics,
               and a step where every group is equal takes no optimizer step at all). With
@@ -17,14 +17,14 @@ One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
   5. update   mu inner epochs over the same rollouts, one optimizer step each, minimising
                  -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * k3,   rho = exp(logp - logp_old)
                  k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, >= 0 KL estimate)
-              normalised per token over the whole batch (--loss-norm token) or per sequence
-              then over sequences (--loss-norm sequence, the paper's 1/G sum 1/|o| sum).
+              normalised per token over the whole batch (loss_norm "token") or per sequence
+              then over sequences ("sequence", the paper's 1/G sum 1/|o| sum).
 
 Nothing here knows about text: prompts and completions are token-id lists and the reward is a
 callable, so a test can train "emit token 3" on a tiny model without a tokenizer.
 
     cfg = GRPOConfig(group_size=8, max_new_tokens=128, clip_eps=0.2, kl_beta=0.04)
-    reference = make_reference(model, "init")          # adapters off / snapshot / frozen copy
+    reference = policy.make_reference(model, "init")   # adapters off / snapshot / frozen copy
     stats = grpo_step(model, optimizer, prompts, reward_fn, cfg, reference, seed=step)
 
 grpo_step is experience() (sample, score, prepare) then learn() (update); a caller that
@@ -35,21 +35,19 @@ Several processes: each rank takes its own prompts (a group never spans ranks), 
 normalised by the token / sequence count of all ranks, and gradients are summed over ranks
 by `dist.sync_grads` (no DDP wrapper: the forward here is trunk + gathered logits, not forward()).
 """
-import copy
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from nanostoney import lora, probes
-from nanostoney.dist import all_reduce_sum, sync_grads
+from nanostoney import letters, probes, rewards, train
+from nanostoney.dist import all_reduce_mean, all_reduce_sum, map_over_ranks, sync_grads
 from nanostoney.engine import Engine
-from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
+from nanostoney.policy import autocast, pack, token_logprobs
 
 LOSS_NORMS = ("token", "sequence")
-REFERENCES = ("init", "base")
 
 
 @dataclass
@@ -71,16 +69,14 @@ class GRPOConfig:
     shuffle_rewards: bool = False  # the control run: rewards permuted across the batch before the advantages
 
     def check(self):
+        """The limits the maths needs (the scripts refuse bad flags before they get here)."""
         if self.group_size < 2:
-            raise UserError(f"--group-size must be at least 2 (advantages compare within a group), got {self.group_size}.")
+            raise ValueError(f"a group needs at least 2 completions to compare, got {self.group_size}")
         if self.loss_norm not in LOSS_NORMS:
-            raise UserError(f"--loss-norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}.")
-        if self.inner_epochs < 1:
-            raise UserError(f"--inner-epochs must be at least 1, got {self.inner_epochs}.")
-        if not 0 < self.clip_eps < 1:
-            raise UserError(f"--clip-eps must be in (0, 1), got {self.clip_eps}.")
-        if self.kl_beta < 0:
-            raise UserError(f"--kl-beta must be >= 0, got {self.kl_beta}.")
+            raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        if self.inner_epochs < 1 or not 0 < self.clip_eps < 1 or self.kl_beta < 0:
+            raise ValueError(f"need inner_epochs >= 1, 0 < clip_eps < 1 and kl_beta >= 0, got {self.inner_epochs}, "
+                             f"{self.clip_eps}, {self.kl_beta}")
         return self
 
 
@@ -131,7 +127,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, 
     elif loss_norm == "sequence":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     else:
-        raise UserError(f"--loss-norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}.")
+        raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}")
     with torch.no_grad():
         # the clip removes the gradient where the clipped term is the smaller one: rho > 1+eps
         # with A > 0, or rho < 1-eps with A < 0
@@ -168,7 +164,7 @@ def sample(model, prompts, cfg, seed=0):
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    with _autocast(cfg):  # bf16 on CUDA: rollouts are most of a step's time
+    with autocast(cfg.autocast):  # bf16 on CUDA: rollouts are most of a step's time
         gen = Engine(model, stop_ids=cfg.stop_ids).generate(
             prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
             num_samples=cfg.group_size)
@@ -223,48 +219,6 @@ class MicroBatch:
     ref_logp: torch.Tensor = None
 
 
-def pack(prompts, completions, device):
-    """Right-padded inputs for the training forward. Right padding needs no attention mask: a
-    causal model never lets a real token see the pads after it, and positions start at 0."""
-    B = len(prompts)
-    seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions)]
-    T = max(len(s) for s in seqs)
-    L = max(1, max(len(c) for c in completions))
-    idx = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    targets = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for r, (p, c, s) in enumerate(zip(prompts, completions, seqs)):
-        idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        n = len(c)
-        if n:
-            targets[r, :n] = torch.tensor(c, dtype=torch.long)
-            mask[r, :n] = 1
-        # token j of the completion is predicted at position len(p) - 1 + j; pads point at a
-        # valid position and are masked out
-        pos[r] = (len(p) - 1 + torch.arange(L)).clamp(max=T - 1)
-    valid = torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
-    return idx.to(device), pos.to(device), targets.to(device), mask.to(device), valid.to(device)
-
-
-def completion_logits(model, idx, pos):
-    """Logits (B, L, V) at the positions that predict the completion tokens only: the prompt's
-    positions go through the trunk but never through lm_head (saves B x P x V floats)."""
-    h = model.trunk(idx)
-    h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
-    return model.lm_logits(h)
-
-
-def token_logprobs(model, mb, with_entropy=False):
-    """(logp, token_entropy): log p(completion token) (B, L) under `model`, and the entropy of
-    the policy's next-token distribution at each of those positions (B, L) if asked, else None."""
-    logits = completion_logits(model, mb.idx, mb.pos)
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, mb.targets[..., None]).squeeze(-1)
-    token_entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    return logp, token_entropy
-
-
 def micro_batches(rollout, size, device):
     """The kept rows (all rows when score() has not chosen) in micro-batches of `size`."""
     out = []
@@ -274,10 +228,6 @@ def micro_batches(rollout, size, device):
         tensors = pack([rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], device)
         out.append(MicroBatch(*tensors, rows))
     return out
-
-
-def _autocast(cfg):
-    return cfg.autocast() if cfg.autocast is not None else nullcontext()
 
 
 @torch.no_grad()
@@ -297,8 +247,8 @@ def prepare(model, rollout, cfg, reference=None, attn_entropy=None):
         for mb in rollout.batches:
             if attn_entropy is not None:
                 attn_entropy.valid = mb.valid
-            with _autocast(cfg):
-                logp, token_entropy = token_logprobs(model, mb, with_entropy=True)
+            with autocast(cfg.autocast):
+                logp, token_entropy = token_logprobs(model, mb.idx, mb.pos, mb.targets, with_entropy=True)
             mb.old_logp = logp.float()
             m = mb.mask.float()
             s["tokens"] += m.sum().item()
@@ -312,8 +262,8 @@ def prepare(model, rollout, cfg, reference=None, attn_entropy=None):
         with reference() as ref:
             ref.eval()
             for mb in rollout.batches:
-                with _autocast(cfg):
-                    mb.ref_logp = token_logprobs(ref, mb)[0].float()
+                with autocast(cfg.autocast):
+                    mb.ref_logp = token_logprobs(ref, mb.idx, mb.pos, mb.targets)[0].float()
                 s["kl"] += (kl_k3(mb.old_logp, mb.ref_logp) * mb.mask).sum().item()
     model.train(was_training)
     return s
@@ -338,8 +288,8 @@ def update(model, optimizer, rollout, cfg, params=None):
     for epoch in range(cfg.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         for mb in rollout.batches:
-            with _autocast(cfg):
-                logp = token_logprobs(model, mb)[0]
+            with autocast(cfg.autocast):
+                logp = token_logprobs(model, mb.idx, mb.pos, mb.targets)[0]
             loss, st = policy_loss(logp.float(), mb.old_logp, mb.ref_logp, adv[mb.rows], mb.mask,
                                    cfg.clip_eps, beta, cfg.loss_norm, n_tokens, n_seqs)
             loss.backward()
@@ -355,54 +305,6 @@ def update(model, optimizer, rollout, cfg, params=None):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return s
-
-
-# -----------------------------------------------------------------------------
-# the reference policy
-
-
-@contextmanager
-def swapped_adapters(model, snapshot):
-    """Inside the block the LoRA adapters hold `snapshot` (a lora_state_dict); restored after."""
-    own = lora.lora_state_dict(model)
-    saved = {k: v.detach().clone() for k, v in own.items()}
-    with torch.no_grad():
-        for k, v in snapshot.items():
-            own[k].copy_(v)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                own[k].copy_(v)
-
-
-def make_reference(model, kind="init"):
-    """A callable returning a context manager that yields the reference policy.
-
-    LoRA model, kind "base": the frozen weights with the adapters disabled (no copy).
-    LoRA model, kind "init": the policy as it is now, i.e. at the start of RL. When every
-      lora_B is zero (fresh adapters) this is the same function as "base" and costs nothing;
-      otherwise (RL continues the SFT adapters) a snapshot of the adapter tensors (r x (in+out)
-      per layer, small) is swapped in for the reference forwards.
-    Model without adapters (full fine-tuning): a frozen copy made now.
-    """
-    if kind not in REFERENCES:
-        raise UserError(f"--reference must be one of {', '.join(REFERENCES)}, got {kind!r}.")
-    model = unwrap(model)
-    if lora.lora_modules(model):
-        fresh = all(bool((m.lora_B == 0).all()) for _, m in lora.lora_modules(model))
-        if kind == "base" or fresh:
-            return lambda: lora.disable_adapters(model)
-        snapshot = {k: v.detach().clone() for k, v in lora.lora_state_dict(model).items()}
-        return lambda: swapped_adapters(model, snapshot)
-    if kind == "base":
-        raise UserError("--reference base needs LoRA adapters (the base is the model with them off); "
-                        "with --full the reference is the initial model (--reference init).")
-    frozen = copy.deepcopy(model).eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    return lambda: nullcontext(frozen)
 
 
 # -----------------------------------------------------------------------------
@@ -471,3 +373,113 @@ def summarize(ro, cfg):
     if ro.times:
         out["time/step_s"] = sum(ro.times.values())
     return out
+
+
+# -----------------------------------------------------------------------------
+# a step on task prompts: their rewards, the letter diagnostics, the logged metrics
+
+
+class RewardFn:
+    """reward_fn(prompt_index, completions) for grpo.score over the prompts `items` [(task index,
+    example)]: each completion's weighted rewards, scored per task in one batch."""
+
+    def __init__(self, items, tasks, tok, weights, fns, stop_ids):
+        self.items, self.tasks, self.tok = items, tasks, tok
+        self.weights, self.fns, self.stop_ids = weights, fns, stop_ids
+
+    def __call__(self, prompt_index, completions):
+        texts = [self.tok.decode([t for t in c if t not in self.stop_ids]) for c in completions]
+        n = len(completions)
+        totals, parts = [0.0] * n, {k: [0.0] * n for k in self.weights}
+        by_task = {}
+        for r in range(n):
+            by_task.setdefault(self.items[prompt_index[r]][0], []).append(r)
+        for ti, rows in by_task.items():
+            exs = [self.items[prompt_index[r]][1] for r in rows]
+            t_, p_ = rewards.combine_batch(self.weights, exs, [texts[r] for r in rows], self.tasks[ti], self.fns)
+            for j, r in enumerate(rows):
+                totals[r] = t_[j]
+                for k in self.weights:
+                    parts[k][r] = p_[k][j]
+        return totals, parts
+
+
+def task_reward_metrics(ro, items, tasks, weights):
+    """reward/<task>/mean and reward/<task>/<reward> over all ranks' rows of each task."""
+    sums = []
+    for ti in range(len(tasks)):
+        rows = [r for r, pi in enumerate(ro.prompt_index) if items[pi][0] == ti]
+        sums += [float(len(rows)), float(ro.rewards[rows].sum()) if rows else 0.0]
+        sums += [float(ro.parts[k][rows].sum()) if rows else 0.0 for k in weights]
+    sums = all_reduce_sum(sums)
+    out, width = {}, 2 + len(weights)
+    for ti, task in enumerate(tasks):
+        cnt, total, *parts = sums[ti * width:(ti + 1) * width]
+        if cnt > 0:
+            out[f"reward/{task.name}/mean"] = total / cnt
+            out.update({f"reward/{task.name}/{k}": v / cnt for k, v in zip(weights, parts)})
+    return out
+
+
+def probe_items(schedule, train_sets, n_tasks, k):
+    """[(task index, example)]: the first k distinct training prompts per task in schedule order."""
+    seen = {t: [] for t in range(n_tasks)}
+    for t, i in schedule:
+        if len(seen[t]) < k and i not in seen[t]:
+            seen[t].append(i)
+    return [(t, train_sets[t][i]) for t in range(n_tasks) for i in seen[t]]
+
+
+@torch.no_grad()
+def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
+    """{task name: mean total reward} over G samples of each probe prompt, same seed every call,
+    so start and end differ only by the policy (fixed chunks of 8 prompts shared out over the
+    ranks, chunk i seeded by i: the same numbers at any world size)."""
+    def chunk_rewards(i):
+        chunk = items[i:i + 8]
+        ro = sample(model, [tok.render_prompt({"messages": tasks[t].prompt(ex)}) for t, ex in chunk],
+                         cfg, seed=seed * 7919 + i)
+        score(ro, reward_fn_for(chunk), cfg)
+        return [(chunk[pi][0], float(ro.rewards[r])) for r, pi in enumerate(ro.prompt_index)]
+
+    got = [x for part in map_over_ranks(chunk_rewards, list(range(0, len(items), 8)), info) for x in part]
+    by_task = {}
+    for t, r in got:
+        by_task.setdefault(tasks[t].name, []).append(r)
+    return {name: sum(rs) / len(rs) for name, rs in by_task.items()}
+
+
+def rl_step(step, run):
+    """One GRPO step on this rank's share of the step's prompts; returns the logged metrics."""
+    args, info, model, cfg = run.args, run.info, run.model, run.cfg
+    done, P = step + 1, args.prompts_per_step
+    entries = run.schedule[step * P:(step + 1) * P][info.rank::info.world_size]
+    items = [(ti, run.train_sets[ti][i]) for ti, i in entries]
+    prompts = [run.tok.render_prompt({"messages": run.tasks[ti].prompt(ex)}) for ti, ex in items]
+    seed = (args.seed * 1_000_003 + step) * info.world_size + info.rank
+    measure = train.every(args.entropy_every, done)
+    ent = probes.EntropyProbe(model.config.n_layer, model.config.n_head) if measure else None
+    train.sync_device(info.device)
+    ro = experience(model, prompts, run.reward_fn_for(items), cfg, run.reference, seed, ent)
+    # the letter diagnostics measure the policy that sampled, before the update moves it
+    t0 = time.perf_counter()
+    sums = None
+    if run.letters and run.mc_names and train.every(args.letter_every, done):
+        mc_rows = [(r, run.tasks[items[pi][0]].name, items[pi][1]["answer"], len(items[pi][1]["choices"]))
+                   for r, pi in enumerate(ro.prompt_index) if run.tasks[items[pi][0]].kind == "mc"]
+        sums = letters.letter_sums(model, run.reference, ro.prompts, ro.completions, mc_rows, run.mc_names,
+                                   run.letters, cfg.stop_ids, cfg)
+    ro.times["letters"] = time.perf_counter() - t0
+    learn(model, run.optimizer, ro, cfg, run.params)
+    train.sync_device(info.device)
+    metrics = summarize(ro, cfg)
+    if measure:
+        metrics.update(train.attention_entropy_metrics(ent.all_reduce()))
+    metrics = all_reduce_mean(metrics)
+    metrics.update(task_reward_metrics(ro, items, run.tasks, run.weights))
+    if sums is not None:
+        metrics.update(letters.finish(sums, run.mc_names))
+    metrics["train/lr_mult"] = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["initial_lr"]
+    metrics["rollout/tokens_per_s"] = (sum(len(c) for c in ro.completions) * info.world_size
+                                       / max(ro.times["sample"], 1e-9))
+    return metrics

@@ -12,17 +12,15 @@ completion had the answer (answer_found), the share whose argmax is the gold (ar
 and the counts of predicted letters.
 
     letters = letter_tokens(tok.encode)      # None when "Answer: X" is not one token per letter
-    sums = letter_sums(model, reference, rollout, mc_rows, task_names, letters, stop_ids, cfg)
+    sums = letter_sums(model, reference, prompts, completions, mc_rows, task_names, letters, stop_ids, cfg)
     metrics = finish(sums, task_names)       # a collective: every rank calls it
 """
-from contextlib import nullcontext
-
 import torch
 
 from nanostoney.answers import LETTERS, MARKER
 from nanostoney.dist import all_reduce_sum
 from nanostoney.gpt import unwrap
-from nanostoney.grpo import completion_logits
+from nanostoney.policy import autocast as autocast_of, completion_logits
 
 STATS = ("n", "kl", "margin", "found", "correct") + tuple(f"count_{L}" for L in LETTERS)
 
@@ -71,7 +69,7 @@ def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=N
             for r, s in enumerate(chunk):
                 idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
             last = torch.tensor([len(s) - 1 for s in chunk])
-            with autocast() if autocast is not None else nullcontext():
+            with autocast_of(autocast):
                 logits = completion_logits(m, idx.to(device), last[:, None].to(device))[:, 0]
             out.append(logits.float()[:, ids].cpu())
         return torch.cat(out)
@@ -100,15 +98,16 @@ def letter_summary(policy, ref, gold, n_options=None):
     return {"kl": kl, "margin": gold_logit - others, "pred": policy.argmax(1)}
 
 
-def letter_sums(model, reference, rollout, mc_rows, task_names, letters, stop_ids, cfg):
+def letter_sums(model, reference, prompts, completions, mc_rows, task_names, letters, stop_ids, cfg):
     """Per task of task_names, sums of the letter statistics (STATS) over this rank's rows.
-    mc_rows: [(rollout row, task name, gold letter, number of options)] of the multiple-choice rows."""
+    mc_rows: [(row of prompts / completions, task name, gold letter, number of options)] of the
+    multiple-choice rows."""
     sums = {f"{name}/{k}": 0.0 for name in task_names for k in STATS}
     if not mc_rows:
         return sums
     marker, letter_ids = letters
-    contexts = [letter_context(rollout.completions[r], marker, stop_ids) for r, *_ in mc_rows]
-    seqs = [rollout.prompts[r] + context for (r, *_), (_, context) in zip(mc_rows, contexts)]
+    contexts = [letter_context(completions[r], marker, stop_ids) for r, *_ in mc_rows]
+    seqs = [prompts[r] + context for (r, *_), (_, context) in zip(mc_rows, contexts)]
     policy, ref = letter_logits(model, reference, seqs, letter_ids, cfg.micro_batch, cfg.autocast)
     gold = [LETTERS.index(g) for _, _, g, _ in mc_rows]
     st = letter_summary(policy, ref, gold, [n for *_, n in mc_rows])

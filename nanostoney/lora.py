@@ -15,6 +15,7 @@ like nn.Linear's own init (kaiming-uniform), so the first gradient step on B is 
         ref_logits = model(x)
     save_adapters(model, "out/sft_lora", base_checkpoint="out/base/step_001000")
 """
+import argparse
 import fnmatch
 import math
 import os
@@ -98,10 +99,19 @@ def add_lora_args(parser, rank=16, alpha=32.0, targets="all,head", dropout=0.0):
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
     g.add_argument("--lora-rank", type=positive_int, default=rank, help="adapter rank r")
     g.add_argument("--lora-alpha", type=positive_float, default=alpha, help="adapter scale is alpha / rank")
-    g.add_argument("--lora-targets", default=targets,
+    g.add_argument("--lora-targets", type=_targets_arg, default=targets,
                    help="comma list or alias: attn, mlp, all, head (lm_head), q, k, v, o")
     g.add_argument("--lora-dropout", type=probability, default=dropout)
     return parser
+
+
+def _targets_arg(text):
+    """The argparse type of --lora-targets (the error then names the flag)."""
+    try:
+        parse_targets(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_targets(targets):
@@ -116,7 +126,7 @@ def parse_targets(targets):
             if name not in out:
                 out.append(name)
     if not out:
-        raise UserError("no LoRA targets given; use e.g. --lora-targets attn.c_q,attn.c_v (or attn, mlp, all).")
+        raise UserError("no LoRA targets given; name some, e.g. attn.c_q,attn.c_v (or attn, mlp, all).")
     return tuple(out)
 
 

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanostoney import checkpoint
-from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
+from nanostoney.policy import sample_completions
 from nanostoney.tasks.base import normalize, stable_hash
 from nanostoney.tasks.subset import subset
 
@@ -200,24 +200,16 @@ def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
 
 
 def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, seed=0,
-                  max_len=None, temperature=1.0):
-    """Gold vs wrong answers sampled from `model` (e.g. the SFT policy) on `examples` (train
-    items of `task`): every sampled completion the task's verifier rejects becomes a pair."""
+                  max_len=None, temperature=1.0, info=None, autocast_factory=None):
+    """Gold vs wrong answers sampled from `model` (e.g. the SFT policy) on `examples` of `task`:
+    every sampled completion the task's verifier rejects becomes a pair (the sampling shared out
+    over the ranks of `info`, policy.sample_completions)."""
     exs = list(examples)
-    if not exs:
-        return []
-    stop = tokenizer.token_id("<|assistant_end|>")
-    engine = Engine(model, tokenizer)
+    got = sample_completions(model, tokenizer, [task.prompt(ex) for ex in exs], samples, max_new_tokens,
+                             temperature, seed, info, autocast_factory)
     pairs = []
-    for i in range(0, len(exs), 8):
-        chunk = exs[i:i + 8]
-        prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
-        gen = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed + i,
-                              num_samples=samples)
-        for r, toks in enumerate(gen.tokens):
-            ex = chunk[gen.prompt_index[r]]
-            toks = toks[:-1] if toks and toks[-1] == stop else toks
-            text = tokenizer.decode(toks)
+    for ex, rows in zip(exs, got):
+        for _, text, _ in rows:
             if text.strip() and not task.evaluate(ex, text):
                 p = make_pair(task, tokenizer, ex, ex["messages"][-1]["content"], text, "sampled", max_len)
                 if p:
@@ -253,7 +245,7 @@ def load_reward_model(path, device="cpu"):
     head = meta.get("reward_head")
     if not head:
         raise UserError(f"{ckpt} is not a reward model checkpoint (meta.json has no reward_head); "
-                        f"pass the --out of python -m scripts.rm_train.")
+                        f"pass the output directory of python -m scripts.rm_train.")
     rm = RewardModel(gpt)
     w = torch.tensor(head["weight"], dtype=torch.float32)
     if w.numel() != gpt.config.n_embd:

@@ -8,7 +8,7 @@ Every reward is a callable `fn(example, completion, task) -> float`:
 One signature means GRPO never special-cases a reward: it calls `combine(...)` (or
 `combine_batch(...)` for a group) and logs the total and each part under its name.
 
-    weights = parse_weights("accuracy=1,format=0.2,repetition=0.1")   # from --rewards
+    weights = parse_weights("accuracy=1,format=0.2,repetition=0.1")   # the run's weights
     fns = build_rewards(weights, reward_model=rm, tokenizer=tok)      # once; rm only if weighted
     totals, parts = combine_batch(weights, [ex] * G, completions, task, fns)  # one GRPO group
     # parts = {"accuracy": [1.0, 0.0, ...], "format": [...], ...}: log the mean of each
@@ -266,8 +266,8 @@ class LearnedReward:
 
 
 def _reward_model_missing(example, completion, task):
-    raise UserError("reward 'reward_model' needs a trained reward model; pass its checkpoint "
-                    "(e.g. --reward-model PATH) so a LearnedReward can be built.")
+    raise UserError("reward 'reward_model' needs a trained reward model: build the rewards with its "
+                    "checkpoint loaded (reward_model.load_reward_model), so a LearnedReward can score.")
 
 
 REWARDS = {

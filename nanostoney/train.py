@@ -113,12 +113,8 @@ def batch_geometry(args, info, rows_len=1):
     is device batch x rows_len x world size x --grad-accum-steps, so the same flags work on 1, 3
     or 8 processes. An explicit --total-batch-size fixes the global batch instead (the same
     optimizer steps on any world size, as the N-ranks-vs-one-process tests need)."""
-    if args.device_batch_size < 1:
-        raise UserError(f"--device-batch-size must be at least 1, got {args.device_batch_size}.")
     if args.total_batch_size is None:
         accum = args.grad_accum_steps if args.grad_accum_steps is not None else args.default_grad_accum_steps
-        if accum < 1:
-            raise UserError(f"--grad-accum-steps must be at least 1, got {accum}.")
         return args.device_batch_size * rows_len * info.world_size * accum, accum
     accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, rows_len, info.world_size,
                              args.batch_unit)

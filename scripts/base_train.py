@@ -34,14 +34,15 @@ rows; 2048-token steps; 2000 steps, about 4M tokens) takes about 16 minutes on 2
 The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the same val
 bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
 """
+import functools
 import math
 import os
 
 import torch
 
-from nanostoney import checkpoint, cli, corpus, curriculum, evaluate, loader, optim, published, train
+from nanostoney import checkpoint, cli, corpus, curriculum, evaluate, loader, optim, published, stage, train
 from nanostoney.cli import run_main
-from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, local_rank_0_first, print0
+from nanostoney.dist import check_same_inputs, cleanup, local_rank_0_first, print0
 from nanostoney.errors import UserError
 from nanostoney.governance import add_manifest_arg, check_sources
 from nanostoney.gpt import GPT, config_for_depth
@@ -202,15 +203,37 @@ def init_model(args):
     return model, tok
 
 
+def print_plan(args, info, model, total_batch, accum, train_corpus, tok, plan, val_rows, mem):
+    """The plan on rank 0; returns the corpus tokens."""
+    corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok, plan)
+    train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
+                     f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
+                     extra=f"{corpus_words}; {val_rows} validation rows; {model.config.n_head} heads, "
+                           f"vocab {model.config.vocab_size}; a checkpoint every "
+                           f"{args.save_every or args.num_iterations} steps")
+    print0(plan.describe(args.num_iterations, args.device_batch_size))
+    print0(f"base {mem.describe()}")
+    return corpus_tokens
+
+
+def sample(model, tok, args, info, logger, step):
+    """Greedy continuations of SAMPLE_PROMPTS, printed and logged as a table (rank 0)."""
+    if not info.is_master or args.sample_tokens <= 0:
+        return
+    prompts = [[tok.bos_id] + tok.encode(p) for p in SAMPLE_PROMPTS]
+    outs = evaluate.generate_completions(model, tok, prompts, max_new_tokens=args.sample_tokens)
+    rows = [[p, c[0]] for p, c in zip(SAMPLE_PROMPTS, outs)]
+    for p, c in rows:
+        print0(f"  sample | {p}{c!r}")
+    logger.log_table("samples", ["prompt", "completion"], rows, step=step)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_start(args)
     plan = make_curriculum(args)
     args.arith_rows = plan.arith_rows
-    out = cli.claim_out(args.out or "out/base", overwrite=args.overwrite, resume=args.resume is not None,
-                        inputs={"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
+    out, info = stage.start(args, "base", {"--init": args.init} if args.init else {"--tokenizer": args.tokenizer})
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
     train_corpus, val_corpus, sources = load_corpus(args, info)
     # the model after the corpus: a corpus conversion's transient memory must not stack on the weights
@@ -236,14 +259,7 @@ def main(argv=None):
     val_rows = loader.validation_rows(val_corpus, tok, args.sequence_len, max(1, args.eval_tokens // args.sequence_len))
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
-    corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok, plan)
-    train.print_plan("base", info, model, args.num_iterations, total_batch, "tokens",
-                     f"{args.device_batch_size} x {args.sequence_len} x {info.world_size} proc x {accum} accum",
-                     extra=f"{corpus_words}; {len(val_rows)} validation rows; {config.n_head} heads, "
-                           f"vocab {config.vocab_size}; a checkpoint every {args.save_every or args.num_iterations} "
-                           f"steps")
-    print0(plan.describe(args.num_iterations, args.device_batch_size))
-    print0(f"base {mem.describe()}")
+    corpus_tokens = print_plan(args, info, model, total_batch, accum, train_corpus, tok, plan, len(val_rows), mem)
     run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
                   "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
                   "train_tokens": corpus_tokens, "val_tokens": val_rows.numel(), "data_sources": sources}
@@ -255,16 +271,6 @@ def main(argv=None):
         print0(f"step {step}: val bpb {bpb:.4f}")
         return {"val/bpb": bpb}
 
-    def sample(step):
-        if not info.is_master or args.sample_tokens <= 0:
-            return
-        prompts = [[tok.bos_id] + tok.encode(p) for p in SAMPLE_PROMPTS]
-        outs = evaluate.generate_completions(model, tok, prompts, max_new_tokens=args.sample_tokens)
-        rows = [[p, c[0]] for p, c in zip(SAMPLE_PROMPTS, outs)]
-        for p, c in rows:
-            print0(f"  sample | {p}{c!r}")
-        logger.log_table("samples", ["prompt", "completion"], rows, step=step)
-
     def save(step):
         meta = {**geometry, "data_position": data.position(step), "data_sources": sources,
                 "num_iterations": args.num_iterations, "stage": "knowledge" if args.init else "base"}
@@ -273,7 +279,7 @@ def main(argv=None):
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=get_batch,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
-                             sample=sample, save=save, train_model=train_model)
+                             sample=functools.partial(sample, model, tok, args, info, logger), save=save, train_model=train_model)
     logger.summary(final)
     logger.finish()
     print0(f"done: val bpb {final.get('val/bpb', float('nan')):.4f}; checkpoint in {out}")

@@ -22,20 +22,15 @@ entropy per layer, and for MC tasks the letter diagnostics of nanostoney/letters
 answers. At the start and the end: greedy val accuracy of --eval-tasks and the implicit-reward
 accuracy on held-out (val) ground-truth pairs, with 95% bootstrap intervals, in <out>/dpo_eval.json.
 """
+import argparse
 import os
-from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
-from nanostoney import batches, checkpoint, cli, dpo, grpo, letters, lora, optim, probes, reward_model, train
+from nanostoney import batches, cli, dpo, letters, lora, optim, policy, probes, reward_model, stage, train
 from nanostoney.cli import run_main
-from nanostoney.dist import all_reduce_sum, autocast_ctx, check_shared, cleanup, init_dist, map_over_ranks, print0
-from nanostoney.engine import Engine
+from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks, print0
 from nanostoney.errors import UserError
-from nanostoney.evaluate import task_accuracy
-from nanostoney.files import write_json
-from nanostoney.governance import add_manifest_arg
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks import get_task
@@ -46,21 +41,17 @@ PAIR_KINDS = ("ground_truth", "on_policy", "both")
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="DPO (LoRA or full) from an SFT checkpoint.")
-    p.add_argument("--init", default="out/sft", help="SFT output: adapter dir, run dir or step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="training pairs: name=weight,... (train splits)")
-    p.add_argument("--eval-tasks", default="stoney_mc,stoney_mc_unseen,arith_mc",
-                   help="comma list evaluated on their val split")
-    add_manifest_arg(p)
+    p = stage.parser("DPO (LoRA or full) from an SFT checkpoint.", "out/sft",
+                     "SFT output: adapter dir, run dir or step dir", DEFAULT_TASKS,
+                     "training pairs: name=weight,... (train splits)", "stoney_mc,stoney_mc_unseen,arith_mc", 1000,
+                     max_train_help="train examples per task for ground-truth pairs, a balanced subset (0 = all)")
     p.add_argument("--pairs", default="ground_truth", choices=PAIR_KINDS, help="where the preference pairs come from")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="train examples per task for ground-truth pairs, a balanced subset (0 = all)")
     p.add_argument("--on-policy-prompts", type=cli.positive_int, default=32, help="train prompts per task sampled")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (on-policy pairs)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--beta", type=cli.positive_float, default=0.1, help="DPO beta: larger stays nearer the reference")
-    p.add_argument("--reference", default="init", choices=grpo.REFERENCES,
+    p.add_argument("--reference", default="init", choices=policy.REFERENCES,
                    help="the policy at the start, or the base weights with adapters off")
     p.add_argument("--letter-every", type=cli.nonneg_int, default=1, help="steps between MC letter diagnostics; 0 = never")
     p.add_argument("--eval-pairs", type=cli.nonneg_int, default=32, help="held-out (val) pairs per task, start and end")
@@ -83,32 +74,23 @@ def ground_truth_pairs(task, tok, split, limit, max_len):
     return dpo.pairs_from_conversations(reward_model.build_pairs(task, tok, split, limit, max_len))
 
 
-@torch.no_grad()
 def on_policy_pairs(model, tok, task, args, info, max_len):
-    """(correct sample, wrong sample) pairs of the policy on hashed train prompts, in fixed chunks
-    of 8 prompts shared out over the ranks (chunk i seeded by i: the same pairs at any world size)."""
+    """(correct sample, wrong sample) pairs of the policy on hashed train prompts (the sampling
+    shared out over the ranks: the same pairs at any world size)."""
     model.eval()
-    engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
     exs = subset(task, "train", args.on_policy_prompts, salt=f"dpo/{task.name}/{args.seed}")
-
-    def chunk_pairs(i):
-        chunk = exs[i:i + 8]
-        prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in chunk]
-        with autocast_ctx(info):
-            gen = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature,
-                                  seed=args.seed * 7919 + i, num_samples=args.samples_per_prompt)
-        out = []
-        for j, ex in enumerate(chunk):
-            rows = [r for r in range(len(gen.tokens)) if gen.prompt_index[r] == j]
-            texts = [tok.decode([t for t in gen.tokens[r] if t != stop]) for r in rows]
-            correct = [gen.stopped[r] and task.evaluate(ex, t) for r, t in zip(rows, texts)]
-            pick = dpo.on_policy_pair([gen.tokens[r] for r in rows], correct)
-            if pick and len(prompts[j]) + max(map(len, pick)) <= max_len:
-                out.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
-                            "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompts[j], "chosen": pick[0], "rejected": pick[1]})
-        return out
-
-    pairs = [p for part in map_over_ranks(chunk_pairs, list(range(0, len(exs), 8)), info) for p in part]
+    got = policy.sample_completions(model, tok, [task.prompt(ex) for ex in exs], args.samples_per_prompt,
+                                    args.max_new_tokens, args.temperature, args.seed * 7919, info,
+                                    lambda: autocast_ctx(info))
+    pairs = []
+    for ex, rows in zip(exs, got):
+        prompt = tok.render_prompt({"messages": task.prompt(ex)})
+        pick = dpo.on_policy_pair([ids for ids, _, _ in rows], [stopped and task.evaluate(ex, text)
+                                                                for _, text, stopped in rows])
+        if pick and len(prompt) + max(map(len, pick)) <= max_len:
+            pairs.append({"task": task.name, "family": task.family, "id": ex["id"], "kind": "on_policy",
+                          "answer": ex["answer"], "options": len(ex.get("choices") or []), "prompt": prompt,
+                          "chosen": pick[0], "rejected": pick[1]})
     model.train()
     return pairs
 
@@ -161,22 +143,14 @@ def heldout_table(model, reference, held, cfg, info, seed=0):
     return out
 
 
-def accuracy_table(model, tok, eval_tasks, n, args, info):
-    """{task: {"n", "accuracy": (point, lo, hi)}}: greedy val accuracy with a bootstrap interval."""
-    out = {}
-    for task in eval_tasks:
-        correct = task_accuracy(model, tok, task, subset(task, "val", n), info, args.max_new_tokens)
-        out[task.name] = {"n": len(correct), "accuracy": bootstrap_ci([float(c) for c in correct], seed=args.seed)}
-    model.train()
-    return out
-
-
 def measure(run, when):
     """The held-out pair table and (if asked) the greedy accuracy table, printed and returned."""
     args, info = run.args, run.info
     row = {"pairs": heldout_table(run.model, run.reference, run.held, run.cfg, info, args.seed)}
     if args.final_eval_examples > 0:
-        row["accuracy"] = accuracy_table(run.model, run.tok, run.eval_tasks, args.final_eval_examples, args, info)
+        row["accuracy"] = {t.name: stage.greedy_accuracy(run.model, run.tok, t, args.final_eval_examples, info,
+                                                         args.max_new_tokens, args.seed)[0] for t in run.eval_tasks}
+        run.model.train()
     for kind, table in row.items():
         print0(f"{when} {'held-out pair' if kind == 'pairs' else 'val'} accuracy: "
                + ", ".join(f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
@@ -188,9 +162,9 @@ def letter_metrics(run, drawn):
     """letters/* of the policy vs the reference at the answer slot after the chosen answers of
     this step's multiple-choice pairs (a collective: every rank calls it)."""
     mc = [p for p in drawn if get_task(p["task"]).kind == "mc"]
-    view = SimpleNamespace(prompts=[p["prompt"] for p in mc], completions=[p["chosen"] for p in mc])
     rows = [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)]
-    sums = letters.letter_sums(run.model, run.reference, view, rows, run.mc_names, run.letters, run.stop_ids, run.cfg)
+    sums = letters.letter_sums(run.model, run.reference, [p["prompt"] for p in mc], [p["chosen"] for p in mc], rows,
+                               run.mc_names, run.letters, run.stop_ids, run.cfg)
     return letters.finish(sums, run.mc_names)
 
 
@@ -233,28 +207,22 @@ def dpo_update(run, step):
 
 
 def setup(args, info):
-    mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
-    eval_tasks = [get_task(n.strip()) for n in args.eval_tasks.split(",") if n.strip()]
-    model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
-        args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
-    reference = grpo.make_reference(model, args.reference)  # before any resume moves the policy
+    mix, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
+    reference = policy.make_reference(model, args.reference)  # before any resume moves the policy
     cfg = dpo.DPOConfig(beta=args.beta, micro_batch=args.device_batch_size, grad_clip=args.grad_clip,
-                        autocast=lambda: autocast_ctx(info)).check()
+                        autocast=lambda: autocast_ctx(info))
     pools, weights, names, counts = training_pairs(args, model, tok, tasks, mix, info)
     held = {t.name: ground_truth_pairs(t, tok, "val", args.eval_pairs, model.config.sequence_len)
             for t in tasks} if args.eval_pairs > 0 else {}
     total_batch, accum = train.batch_geometry(args, info)
     schedule = batches.mixture_schedule([len(p) for p in pools], weights, args.num_iterations * total_batch, args.seed)
-    letter_ids = letters.letter_tokens(tok.encode)
-    mc_names = [t.name for t in tasks if t.kind == "mc" and t.name in names]
-    if letter_ids is None and mc_names and args.letter_every:
-        print0("note: 'Answer: X' is not one token per letter in this tokenizer; letter diagnostics are off.")
-    return SimpleNamespace(args=args, info=info, tasks=tasks, eval_tasks=eval_tasks, sources=sources, model=model,
-                           tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg,
-                           pools=pools, counts=counts, held=held, schedule=schedule, total_batch=total_batch,
-                           accum=accum, optimizer=optim.optimizer_from_args(model, args), letters=letter_ids,
-                           mc_names=mc_names, params=[p for p in model.parameters() if p.requires_grad],
-                           stop_ids=[tok.token_id("<|assistant_end|>"), tok.token_id("<|bos|>")])
+    letter_ids, mc_names = stage.letter_setup(tok, [t for t in tasks if t.name in names], args.letter_every)
+    return argparse.Namespace(
+        args=args, info=info, tasks=tasks, eval_tasks=stage.eval_tasks(args.eval_tasks), sources=sources,
+        model=model, tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg, pools=pools,
+        counts=counts, held=held, schedule=schedule, total_batch=total_batch, accum=accum,
+        optimizer=optim.optimizer_from_args(model, args), letters=letter_ids, mc_names=mc_names,
+        params=stage.trainable(model), stop_ids=stage.stop_ids(tok))
 
 
 def main(argv=None):
@@ -262,10 +230,7 @@ def main(argv=None):
     if args.compile:
         raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
                         "drop the flag.")
-    out = cli.claim_out(args.out or "out/dpo", overwrite=args.overwrite, resume=args.resume is not None,
-                        inputs={"--init": args.init})
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--init": args.init})
+    out, info = stage.start(args, "dpo", {"--init": args.init})
     run = setup(args, info)
     n = args.num_iterations
     mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
@@ -282,34 +247,19 @@ def main(argv=None):
                      extra=f"{'full' if args.full else 'LoRA'} from {run.init_ckpt}; beta={args.beta}; {args.pairs} "
                            f"pairs " + ", ".join(f"{k}={v['ground_truth']}+{v['on_policy']}"
                                                  for k, v in run.counts.items()))
-
-    def save(step):
-        train.save_run(out, run.model, step, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
-                       base_checkpoint=run.base_ckpt, tokenizer=run.tok, replace=args.overwrite)
-
+    save = stage.saver(out, run.model, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
+                       run.base_ckpt, run.tok, args)
     report = {"init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n, "pairs": run.counts}
     if start_step == 0:
         report["start"] = measure(run, "start")
-    pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
-    for step in pbar:
-        optim.set_lr(run.optimizer, optim.lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio,
-                                                        args.final_lr_frac))
-        metrics = dpo_update(run, step)
-        train.check_finite(step + 1, loss=metrics["loss"], grad_norm=metrics["grad_norm"])
-        logger.log(metrics, step=step + 1)
-        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
-                         margin=f"{metrics['rewards/margin']:.3f}")
-        if train.every(args.save_every, step + 1) and step + 1 < n:
-            save(step + 1)
-    pbar.close()
+    stage.step_loop(args, info, run.optimizer, start_step, lambda step: dpo_update(run, step), logger, save,
+                    finite=lambda m: {"loss": m["loss"], "grad_norm": m["grad_norm"]},
+                    postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['rewards/accuracy']:.2f}",
+                                       "margin": f"{m['rewards/margin']:.3f}"})
     report["final"] = measure(run, "final")
     logger.summary({f"final/{kind}/{k}": v["accuracy"][0] for kind, t in report["final"].items() for k, v in t.items()})
     save(n)
-    if info.is_master:
-        write_json(os.path.join(out, "dpo_eval.json"), report)
-    logger.finish()
-    print0(f"done: checkpoint and dpo_eval.json in {out}")
-    cleanup()
+    stage.finish(info, logger, out, "dpo_eval.json", report, f"done: checkpoint and dpo_eval.json in {out}")
 
 
 if __name__ == "__main__":

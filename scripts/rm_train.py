@@ -22,26 +22,22 @@ import os
 
 import torch
 
-from nanostoney import batches, checkpoint, cli, lora, reward_model, train
+from nanostoney import batches, cli, lora, reward_model, stage, train
 from nanostoney.cli import run_main
-from nanostoney.dist import autocast_ctx, check_same_inputs, check_shared, cleanup, init_dist, map_over_ranks, print0
+from nanostoney.dist import autocast_ctx, map_over_ranks, print0
 from nanostoney.errors import UserError
-from nanostoney.files import write_json
-from nanostoney.governance import add_manifest_arg, check_sources
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.metrics import bootstrap_ci
-from nanostoney.tasks import get_task, sources_for_tasks
 from nanostoney.tasks.subset import subset
 
 DEFAULT_TASKS = "stoney_mc,stoney_lexicon,arith_mc,arith"
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Reward model (Bradley-Terry) on ground-truth pairs.")
-    p.add_argument("--init", default="out/sft", help="trunk: SFT output (adapter dir, run dir or step dir)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list of tasks to build pairs from")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=1000,
-                   help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
+    p = stage.parser("Reward model (Bradley-Terry) on ground-truth pairs.", "out/sft",
+                     "trunk: SFT output (adapter dir, run dir or step dir)", DEFAULT_TASKS,
+                     "comma list of tasks to build pairs from", max_train=1000,
+                     max_train_help="N balanced, hash-chosen train examples per task to build pairs from (0 = all)")
     p.add_argument("--eval-split", default="val", choices=["val", "test"])
     p.add_argument("--eval-pairs", type=cli.positive_int, default=100, help="held-out pairs per task")
     p.add_argument("--sampled-negatives", type=cli.nonneg_int, default=0,
@@ -51,7 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--sample-max-new-tokens", type=cli.positive_int, default=128)
     p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
-    add_manifest_arg(p)
     lora.add_lora_args(p, targets="all")
     p.add_argument("--lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
     p.add_argument("--head-lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the scalar head")
@@ -87,16 +82,10 @@ def family_table(rm, eval_sets, info, seed=0):
 
 
 def policy_pairs(gpt, tok, task, split, n, args, info, max_len):
-    """Gold vs the init policy's wrong samples on n balanced items of a split, in chunks shared
-    over the ranks (each chunk seeded by its position, so any world size gives the same pairs)."""
-    exs = subset(task, split, n)
-    chunks = [(i, exs[i:i + 8]) for i in range(0, len(exs), 8)]
-
-    def sample(chunk):
-        with autocast_ctx(info):
-            return reward_model.sampled_pairs(gpt, tok, task, chunk[1], args.samples_per_prompt,
-                                              args.sample_max_new_tokens, seed=args.seed + chunk[0], max_len=max_len)
-    return [p for part in map_over_ranks(sample, chunks, info) for p in part]
+    """Gold vs the init policy's wrong samples on n balanced items of a split."""
+    return reward_model.sampled_pairs(gpt, tok, task, subset(task, split, n), args.samples_per_prompt,
+                                      args.sample_max_new_tokens, seed=args.seed, max_len=max_len, info=info,
+                                      autocast_factory=lambda: autocast_ctx(info))
 
 
 def training_pairs(args, gpt, tok, tasks, max_len, info):
@@ -123,47 +112,28 @@ def accuracy_line(table, when):
     return f"{when}: " + ", ".join(f"{k} {v['accuracy'][0]:.3f}" for k, v in table.items())
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.resume is not None:
-        raise UserError("--resume: rm_train does not resume (it trains in about a minute); rerun it with --overwrite.")
-    out = cli.claim_out(args.out or "out/rm", overwrite=args.overwrite, inputs={"--init": args.init})
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--init": args.init})
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
-        raise UserError("--tasks names no task; e.g. --tasks stoney_mc,arith_mc.")
-    tasks = [get_task(n) for n in names]
-    for t in tasks:
-        if t.control:
-            raise UserError(f"--tasks: {t.name} is a control (no training text may hold its items); "
-                            f"use {t.name.replace('_unseen', '')} instead.")
-    sources = sources_for_tasks(names)
-    check_sources(sources, use="training", manifest=args.manifest)
-    gpt, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
-        args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
-    check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
-    max_len = args.max_len or gpt.config.sequence_len
-    total_batch, accum = train.batch_geometry(args, info)
-    mem = train.memory_plan("reward model", gpt, args, info, max_len, accum, rows_per_item=2, lm_head=False)
-    pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
+def held_out_pairs(args, gpt, tok, tasks, max_len, info):
+    """{task (or task/policy): pairs} from --eval-split: ground truth, and the init policy's own
+    wrong answers (--eval-sampled)."""
     eval_sets = {t.name: reward_model.build_pairs(t, tok, args.eval_split, args.eval_pairs, max_len) for t in tasks}
     if args.eval_sampled > 0:
         for t in tasks:
             eval_sets[f"{t.name}/policy"] = policy_pairs(gpt, tok, t, args.eval_split, args.eval_sampled, args, info,
                                                          max_len)
+    return eval_sets
 
-    rm = reward_model.RewardModel(gpt).to(info.device)
-    optimizer = torch.optim.AdamW([{"params": [p for p in gpt.parameters() if p.requires_grad], "lr": args.lr,
-                                    "role": "trunk"},
+
+def make_optimizer(rm, gpt, args):
+    """AdamW over the trunk's trainable weights (--lr) and the head (--head-lr)."""
+    optimizer = torch.optim.AdamW([{"params": stage.trainable(gpt), "lr": args.lr, "role": "trunk"},
                                    {"params": list(rm.head.parameters()), "lr": args.head_lr, "role": "head"}],
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    logger = from_args(args, config={**vars(args), "model": vars(gpt.config), "pairs": counts,
-                                     "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
-                                     "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)},
-                       out_dir=out)
+    return optimizer
+
+
+def print_plan(args, info, rm, pairs, counts, eval_sets, total_batch, accum, init_ckpt, mem):
     mean_len = sum(len(p["chosen"]) + len(p["rejected"]) for p in pairs) / len(pairs)
     train.print_plan("reward model", info, rm, args.num_iterations, total_batch, "pairs",
                      f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
@@ -173,6 +143,26 @@ def main(argv=None):
                            + f"; held-out ({args.eval_split}) "
                            + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
     print0(f"reward model {mem.describe()}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume is not None:
+        raise UserError("--resume: rm_train does not resume (it trains in about a minute); rerun it with --overwrite.")
+    out, info = stage.start(args, "rm", {"--init": args.init})
+    mix, tasks, sources, gpt, tok, init_ckpt, base_ckpt = stage.load(args, info)
+    max_len = args.max_len or gpt.config.sequence_len
+    total_batch, accum = train.batch_geometry(args, info)
+    mem = train.memory_plan("reward model", gpt, args, info, max_len, accum, rows_per_item=2, lm_head=False)
+    pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
+    eval_sets = held_out_pairs(args, gpt, tok, tasks, max_len, info)
+    rm = reward_model.RewardModel(gpt).to(info.device)
+    optimizer = make_optimizer(rm, gpt, args)
+    logger = from_args(args, config={**vars(args), "model": vars(gpt.config), "pairs": counts,
+                                     "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
+                                     "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)},
+                       out_dir=out)
+    print_plan(args, info, rm, pairs, counts, eval_sets, total_batch, accum, init_ckpt, mem)
 
     def batch(step, micro):
         g = batches.first_row(step, micro, accum, info.world_size, info.rank, args.device_batch_size)
@@ -189,7 +179,7 @@ def main(argv=None):
         return {f"rm/acc/{k}": v["accuracy"][0] for k, v in tables[step].items()}
 
     def save(step):
-        meta = {"init": os.path.abspath(init_ckpt), "tasks": names, "seed": args.seed, "data_sources": sources,
+        meta = {"init": os.path.abspath(init_ckpt), "tasks": list(mix), "seed": args.seed, "data_sources": sources,
                 "pairs": counts, **reward_model.head_meta(rm)}
         train.save_run(out, gpt, step, optimizer, info, meta, base_checkpoint=base_ckpt, replace=args.overwrite)
 
@@ -200,12 +190,9 @@ def main(argv=None):
                      loss_fn=lambda model, b: reward_model.pair_loss(model, b, info.device))
     print0(accuracy_line(tables[n], "held-out pairwise accuracy after"))
     logger.summary({f"final/rm/acc/{k}": v["accuracy"][0] for k, v in tables[n].items()})
-    if info.is_master:
-        write_json(os.path.join(out, "rm_eval.json"),
-                   {"split": args.eval_split, "pairs": counts, "before": tables[0], "after": tables[n]})
-    logger.finish()
-    print0(f"done: reward model and rm_eval.json in {out}")
-    cleanup()
+    stage.finish(info, logger, out, "rm_eval.json",
+                 {"split": args.eval_split, "pairs": counts, "before": tables[0], "after": tables[n]},
+                 f"done: reward model and rm_eval.json in {out}")
 
 
 if __name__ == "__main__":

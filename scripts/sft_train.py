@@ -23,12 +23,9 @@ per step) unless --total-batch-size fixes the global batch.
 """
 import os
 
-
-from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, train
+from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, stage, train
 from nanostoney.cli import run_main
-from nanostoney.dist import check_same_inputs, check_shared, cleanup, init_dist, print0
-from nanostoney.files import write_json
-from nanostoney.governance import add_manifest_arg
+from nanostoney.dist import print0
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import TASKS, get_task
 from nanostoney.tasks.subset import subset
@@ -41,13 +38,11 @@ DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Supervised fine-tuning (LoRA or full) on chat tasks.")
-    p.add_argument("--init", default="out/base", help="base checkpoint: a run dir (its latest step) or a step dir")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="mixture: name=weight,... (train splits only)")
-    p.add_argument("--max-train-examples", type=cli.nonneg_int, default=16,
-                   help="use only the first N train examples of each task that fit --sequence-len (0 = all); "
-                        "small N = learnable in minutes on CPU")
-    add_manifest_arg(p)
+    p = stage.parser("Supervised fine-tuning (LoRA or full) on chat tasks.", "out/base",
+                     "base checkpoint: a run dir (its latest step) or a step dir", DEFAULT_TASKS,
+                     "mixture: name=weight,... (train splits only)", max_train=16,
+                     max_train_help="use only the first N train examples of each task that fit --sequence-len "
+                                    "(0 = all); small N = learnable in minutes on CPU")
     lora.add_lora_args(p, rank=32)
     p.add_argument("--sequence-len", type=cli.positive_int, default=None, help="max tokens per conversation; default: the base model's")
     p.add_argument("--keep-truncated", action="store_true",
@@ -102,16 +97,20 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
     return report
 
 
+def print_plan(args, info, model, weights, rendered, total_batch, accum, init_ckpt, mem):
+    mean_len = sum(len(ids) for r in rendered for ids, _ in r) / sum(len(r) for r in rendered)
+    train.print_plan("SFT", info, model, args.num_iterations, total_batch, "conversations",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
+                           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
+    print0(f"SFT {mem.describe()}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out = cli.claim_out(args.out or "out/sft", overwrite=args.overwrite, resume=args.resume is not None,
-                        inputs={"--init": args.init})
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
-    check_shared({"--init": args.init})
-    weights, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
-    model, tok, init_ckpt, base_ckpt = checkpoint.load_for_training(
-        args.init, args.full, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, info.device)
-    check_same_inputs(sources, tok)  # several nodes: the same task data and tokenizer on every rank
+    out, info = stage.start(args, "sft", {"--init": args.init})
+    weights, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
     train.place(model, info).train()  # (a bf16 embedding under bf16 autocast on CUDA, as base_train)
     seq_len = args.sequence_len or model.config.sequence_len
     total_batch, accum = train.batch_geometry(args, info)
@@ -132,18 +131,13 @@ def main(argv=None):
             "max_train_examples": args.max_train_examples, "optimizer": args.optimizer}
     start_step = train.resume(args, out, model, optimizer, info, expect=mode)["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
-    run_config = {**vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
-                  "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "train_examples": {n: len(r) for n, r in zip(weights, rendered)}, "data_sources": sources,
-                  "base_checkpoint": os.path.abspath(init_ckpt)}
-    logger = from_args(args, config=run_config, out_dir=out)
-    mean_len = sum(len(ids) for r in rendered for ids, _ in r) / sum(len(r) for r in rendered)
-    train.print_plan("SFT", info, model, args.num_iterations, total_batch, "conversations",
-                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
-                     tokens_per_step=total_batch * mean_len,
-                     extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
-                           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
-    print0(f"SFT {mem.describe()}")
+    logger = from_args(args, config={**vars(args), "model": vars(model.config), "grad_accum": accum,
+                                     "world_size": info.world_size, "trainable_params": sum(
+                                         p.numel() for p in stage.trainable(model)),
+                                     "train_examples": {n: len(r) for n, r in zip(weights, rendered)},
+                                     "data_sources": sources, "base_checkpoint": os.path.abspath(init_ckpt)},
+                       out_dir=out)
+    print_plan(args, info, model, weights, rendered, total_batch, accum, init_ckpt, mem)
 
     def validate(step):
         metrics = {"val/loss": evaluate.masked_loss(model, val_rows, pad_id, info)}
@@ -154,25 +148,18 @@ def main(argv=None):
         print0(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
-    def save(step):
-        meta = {**mode, "stage": "sft", "num_iterations": args.num_iterations}
-        train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt, tokenizer=tok,
-                       replace=args.overwrite)
-
+    save = stage.saver(out, model, optimizer, info, {**mode, "stage": "sft", "num_iterations": args.num_iterations},
+                       base_ckpt, tok, args)
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
                              grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
                              save=save, train_model=train_model)
     report = final_report(args, model, tok, tasks, train_sets, loader, final, info, logger)
-    if info.is_master:
-        write_json(os.path.join(out, "sft_eval.json"), report)
     if args.save_merged and not args.full and info.is_master:
         lora.remove_lora(model, merge=True)
         checkpoint.save_checkpoint(os.path.join(out, "merged"), model, args.num_iterations, tokenizer=tok,
                                    meta={**mode, "stage": "sft-merged"}, replace=args.overwrite)
     logger.summary(final)
-    logger.finish()
-    print0(f"done: adapters/checkpoint in {out}")
-    cleanup()
+    stage.finish(info, logger, out, "sft_eval.json", report, f"done: adapters/checkpoint in {out}")
 
 
 if __name__ == "__main__":

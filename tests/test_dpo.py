@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from nanostoney import dpo, grpo, lora, probes
+from nanostoney import dpo, lora, policy, probes
 from test_grpo import V, byte_tokenizer, prompts, tiny
 
 
@@ -45,7 +45,7 @@ def lora_model(seed=0):
 
 def test_loss_is_log_2_at_the_start_with_fresh_adapters():
     model = lora_model()
-    ref = grpo.make_reference(model, "init")
+    ref = policy.make_reference(model, "init")
     pairs = toy_pairs(6, 1)
     pi_w, pi_l, ref_w, ref_l, kl, tokens = dpo.pair_forward(model, ref, pairs, dpo.DPOConfig(), "cpu")
     assert torch.equal(pi_w.detach(), ref_w) and torch.equal(pi_l.detach(), ref_l)
@@ -66,7 +66,7 @@ def test_loss_is_minus_log_sigmoid_of_beta_times_the_margin():
 
 def train(steps, beta=0.1, lr=0.02, seed=0):
     model = lora_model(seed)
-    ref = grpo.make_reference(model, "init")
+    ref = policy.make_reference(model, "init")
     opt = torch.optim.AdamW(lora.lora_parameters(model), lr=lr)
     cfg = dpo.DPOConfig(beta=beta, micro_batch=8)
     pairs = toy_pairs(16, 1)
@@ -97,7 +97,7 @@ def test_larger_beta_moves_the_log_ratios_less():
 
 def test_full_finetune_uses_a_frozen_copy_and_base_reference_ignores_adapters():
     model = tiny(0)
-    ref = grpo.make_reference(model)
+    ref = policy.make_reference(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     pairs = toy_pairs(8, 1)
     first = dpo.dpo_step(model, opt, [pairs], dpo.DPOConfig(), ref, n_pairs=8)
@@ -107,7 +107,7 @@ def test_full_finetune_uses_a_frozen_copy_and_base_reference_ignores_adapters():
 
 def test_attention_entropy_probe_sees_the_first_micro_batch():
     model = lora_model()
-    ref = grpo.make_reference(model)
+    ref = policy.make_reference(model)
     opt = torch.optim.SGD(lora.lora_parameters(model), lr=0.0)
     ent = probes.EntropyProbe(1, 2)
     dpo.dpo_step(model, opt, [toy_pairs(2, 1)], dpo.DPOConfig(), ref, n_pairs=2, attn_entropy=ent)
@@ -152,7 +152,7 @@ def fixed_step(rank=0, world=1):
     with torch.no_grad():  # adapters as a trained SFT leaves them: reference "init" is a snapshot
         for p in lora.lora_parameters(model):
             p.add_(0.05)
-    ref = grpo.make_reference(model, "init")
+    ref = policy.make_reference(model, "init")
     opt = torch.optim.SGD(lora.lora_parameters(model), lr=0.5)
     g = torch.Generator().manual_seed(3)
     pairs = [(p, torch.randint(0, V, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist(),

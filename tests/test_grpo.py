@@ -5,7 +5,7 @@ sign or the ratio wrong)."""
 import pytest
 import torch
 
-from nanostoney import grpo, letters, lora, probes
+from nanostoney import grpo, letters, lora, policy, probes
 from nanostoney.gpt import GPT, GPTConfig
 
 V, TARGET = 8, 3
@@ -47,7 +47,7 @@ def setup(seed=0, beta=0.0, lr=0.01, **cfg_kw):
     lora.apply_lora(model, rank=4, alpha=8, targets=("all", "lm_head"))
     opt = torch.optim.AdamW(lora.lora_parameters(model), lr=lr)
     cfg = grpo.GRPOConfig(group_size=8, max_new_tokens=4, kl_beta=beta, micro_batch=32, **cfg_kw)
-    return model, opt, cfg, grpo.make_reference(model)
+    return model, opt, cfg, policy.make_reference(model)
 
 
 def train(steps, **kw):
@@ -151,8 +151,8 @@ def test_reference_init_is_the_policy_at_the_start_even_with_trained_adapters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.tensor([prompts()[0]])
     start = model(x)
-    ref_init = grpo.make_reference(model, "init")
-    ref_base = grpo.make_reference(model, "base")
+    ref_init = policy.make_reference(model, "init")
+    ref_base = policy.make_reference(model, "base")
     grpo.grpo_step(model, opt, prompts(), emit_target, cfg, ref_init, seed=0)
     assert not torch.allclose(model(x), start)
     with ref_init() as r:
@@ -182,7 +182,7 @@ def test_sequence_norm_and_inner_epochs_also_learn():
 
 def test_full_finetune_uses_a_frozen_copy_as_reference():
     model = tiny(0)
-    ref = grpo.make_reference(model)
+    ref = policy.make_reference(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cfg = grpo.GRPOConfig(group_size=8, max_new_tokens=4, kl_beta=0.04, micro_batch=32)
     hist = [grpo.grpo_step(model, opt, prompts(), emit_target, cfg, ref, seed=s)[0] for s in range(6)]
@@ -244,7 +244,7 @@ def test_letter_slot_and_letter_stats():
     ro = grpo.Rollout(prompts=[[0, 1], [0, 1]], completions=[[2, 4, 6], [3, 3, 3]], prompt_index=[0, 0],
                       stopped=[False, False], engine_logprobs=[[0.0] * 3] * 2)
     mb = grpo.micro_batches(ro, 4, "cpu")[0]
-    packed = grpo.completion_logits(model, mb.idx, mb.pos)
+    packed = policy.completion_logits(model, mb.idx, mb.pos)
     seqs = [ro.prompts[0] + ro.completions[0][:2], ro.prompts[1] + ro.completions[1][:0]]
     pol, rf = letters.letter_logits(model, ref, seqs, ids)
     for row, k in ((0, 2), (1, 0)):
@@ -324,10 +324,11 @@ def test_grpo_train_rejects_bad_flags_in_one_sentence(tiny_sft):
 def test_star_train_script_keeps_correct_rationales_and_fine_tunes_on_them(tiny_sft, monkeypatch):
     import json
     import os
+    from nanostoney import star
     from scripts import star_train
     root, sft = tiny_sft
     calls = []
-    real_collect = star_train.collect
+    real_collect = star.collect
 
     def collect(model, tok, task, examples, args, info, seed, hint=False):
         calls.append(hint)
@@ -335,7 +336,7 @@ def test_star_train_script_keeps_correct_rationales_and_fine_tunes_on_them(tiny_
         # a random tiny model never answers right: pretend prompt 0 was solved, so SFT runs
         return [] if hint else [(0, "<think>x</think>\nAnswer: " + examples[0]["answer"])]
 
-    monkeypatch.setattr(star_train, "collect", collect)
+    monkeypatch.setattr(star, "collect", collect)
     out = str(root / "star")
     star_train.main(COMMON + ["--init", sft, "--out", out, "--rounds", "2", "--prompts-per-round", "2",
                               "--samples-per-prompt", "2", "--num-iterations", "1", "--eval-examples", "2",
@@ -477,7 +478,7 @@ def test_shuffled_rewards_do_not_teach_the_toy_task():
 
 
 def test_depth_curriculum_starts_shallow_and_reaches_every_depth():
-    from scripts.grpo_train import curriculum_stages, depth_curriculum
+    from nanostoney.batches import curriculum_stages, depth_curriculum
     exs = [{"id": str(i), "depth": 1 + i % 4} for i in range(40)]
     flat = [{"id": "s" + str(i)} for i in range(5)]
     schedule = [(t, i) for _ in range(40) for t, i in ((0, _ % 40), (1, _ % 5))]  # 2 prompts per step, 40 steps

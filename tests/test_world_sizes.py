@@ -243,15 +243,16 @@ def test_grpo_on_three_ranks_measures_what_one_process_measures(ckpts, tmp_path)
 
 STAR_WORKER = """
 import sys
+from nanostoney import star
 from scripts import star_train
-real = star_train.collect
+real = star.collect
 
 def collect(model, tok, task, examples, args, info, seed, hint=False):
     real(model, tok, task, examples, args, info, seed, hint)   # sampling runs for real, on every rank
     # a random tiny model never answers right: pretend prompt 0 was solved, so the SFT round runs
     return [] if hint else [(0, "<think>x</think>\\nAnswer: " + examples[0]["answer"])]
 
-star_train.collect = collect
+star.collect = collect
 sys.argv = ["star_train"] + sys.argv[1:]
 star_train.run_main(star_train.main)
 """
