@@ -7,9 +7,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("wandb", "mauve", "datasets", "pyarrow", "sacrebleu", "matplotlib", "tqdm", "transformers",
          "huggingface_hub", "faiss", "sklearn", "comet")
-CORE = ("gpt", "lora", "muon", "optim", "engine", "probes", "tokenizer", "data", "tasks", "batches", "train",
+CORE = ("gpt", "lora", "muon", "optim", "engine", "probes", "tokenizer", "governance", "sources", "tasks", "batches", "train",
         "checkpoint", "dist", "logging", "files", "cli", "answers", "metrics", "evaluate", "rewards", "reward_model", "grpo",
-        "letters", "loader", "published")
+        "letters", "loader", "published", "policy", "dpo")
 
 CHECK = f"""
 import importlib, sys
