@@ -2,7 +2,7 @@
 
 Default, pretraining_texts():
 - Stoney: every conversation of the EXTRACTION groups (the train, val and test parts of
-  tasks/stoney.py; user and assistant turns, without the fixed system message), so every fact
+  tasks/stoney_corpus.py; user and assistant turns, without the fixed system message), so every fact
   a Stoney val/test question asks about was read in pretraining. The control groups (the
   *_unseen tasks) are in no text here.
 - augment=K: also K renderings of each extraction pair (term <-> gloss) in varied sentence
@@ -28,7 +28,7 @@ from nanostoney import cli
 from nanostoney.errors import UserError
 from nanostoney.tasks import TASK_NAMES, TASKS, get_task, sources_for_tasks
 from nanostoney.tasks.base import stable_hash
-from nanostoney.tasks.stoney import load_corpus
+from nanostoney.tasks.stoney_corpus import load_corpus
 
 FACT_TEMPLATES = (
     "`{term}` means '{gloss}'.",

@@ -33,7 +33,7 @@ from nanostoney.interp import ablation, causal, contexts, items, render, run, st
 from nanostoney.interp.definitions import CONTEXTS, DEFINITIONS
 from nanostoney.logging import MODES, Logger
 from nanostoney.tasks import get_task
-from nanostoney.tasks.stoney import Lang, load_corpus
+from nanostoney.tasks.stoney_corpus import Lang, load_corpus
 from nanostoney.tokenizer import Tokenizer
 
 DEFAULT_TASKS = ("stoney_lexicon", "arith")  # open answers: the model writes its answer itself
@@ -110,7 +110,7 @@ def base_tokenizer(meta):
 def word_judge():
     """(judge(word) -> "s" | "e", description): the Stoney task's own language judge."""
     lang = Lang([c for convs in load_corpus()["convs"].values() for c in convs])
-    return lang.word, "nanostoney.tasks.stoney.Lang over the bundled conversations"
+    return lang.word, "nanostoney.tasks.stoney_corpus.Lang over the bundled conversations"
 
 
 def check_flags(args):

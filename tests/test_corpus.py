@@ -10,7 +10,7 @@ import pytest
 from nanostoney import corpus
 from nanostoney.errors import UserError
 from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
-from nanostoney.tasks.stoney import load_corpus
+from nanostoney.tasks.stoney_corpus import load_corpus
 from nanostoney.tasks.subset import subset
 
 HELD_OUT = ("val", "test")

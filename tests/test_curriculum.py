@@ -50,12 +50,12 @@ def test_generated_rows_are_a_function_of_seed_step_and_rank(tok):
 def test_drills_and_fresh_problems_read_no_file(tok, monkeypatch):
     """Generated rows read no data (Stoney text above all): random tokens, pseudo-words, numbers
     and arith's generator, nothing opened."""
-    from nanostoney.tasks import stoney
+    from nanostoney.tasks import stoney_corpus
 
     def refuse(*a, **k):
         raise AssertionError("the curriculum read a file")
     monkeypatch.setattr(builtins, "open", refuse)
-    monkeypatch.setattr(stoney, "load_corpus", refuse)
+    monkeypatch.setattr(stoney_corpus, "load_corpus", refuse)
     c = curriculum.Curriculum(copy_steps=1, arith_rows=1, drill_rows=1)
     for step in range(4):
         c.generated(step, 0, 0, 3, tok, 64)

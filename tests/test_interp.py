@@ -12,7 +12,7 @@ from nanostoney.gpt import GPT, GPTConfig
 from nanostoney.interp import ablation, attention, contexts, definitions, items, patching, run, stats
 from nanostoney.metrics import bootstrap_ci
 from nanostoney.tasks.base import MCTask, mc_example
-from nanostoney.tasks.stoney import STONEY_LETTERS
+from nanostoney.tasks.stoney_corpus import STONEY_LETTERS
 from nanostoney.tokenizer import Tokenizer
 
 BOS = 0

@@ -16,7 +16,7 @@ from nanostoney.errors import UserError
 from nanostoney.metrics import sentence_chrf
 from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
 from nanostoney.tasks.base import SPLITS, baselines, normalize
-from nanostoney.tasks.stoney import GROUP_PARTS, Lang, _conversations, extract_pairs, load_corpus
+from nanostoney.tasks.stoney_corpus import GROUP_PARTS, Lang, _conversations, extract_pairs, load_corpus
 from nanostoney.tasks.subset import subset
 
 MC_TASKS = [n for n in TASK_NAMES if get_task(n).kind == "mc"]

@@ -7,7 +7,7 @@
 Step one is recall (the term's gloss, read in pretraining, never asked about for a held-out
 term); step two reads the recalled gloss: a "to ..." meaning is a verb. The approved data (data/stoney/stoney_valid.jsonl)
 carries no part-of-speech or category labels, only text, so the label is the one the lexicon
-derives from the text itself (tasks/stoney.py gloss_kind): a gloss of the form "to ..." is a
+derives from the text itself (tasks/stoney_corpus.py gloss_kind): a gloss of the form "to ..." is a
 verb. The answer is the word "yes" or "no", never a letter.
 
 Stoney verbs mostly end in -ch (about 77% of verbs, 22% of the rest), so the spelling alone
