@@ -578,7 +578,11 @@ def test_ctrl_c_while_importing_exits_130_in_one_line(ws, tmp_path):
     KeyboardInterrupt traceback from inside an import, exit 130, nothing written."""
     out = tmp_path / "run"
     proc = start_base(ws, out)
-    time.sleep(0.5)  # the imports alone take seconds
+    # a signal between fork and exec is lost with the forked image: wait for the exec first
+    deadline = time.time() + 60
+    while b"scripts.base_train" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the imports alone take seconds
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
