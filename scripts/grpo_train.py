@@ -90,7 +90,7 @@ def parse_args(argv=None):
     train.add_loop_args(p, num_iterations=40, device_batch_size=16, eval_every=0, save_every=0,
                         entropy_every=1, warmup_steps=0, warmdown_ratio=0.0)
     # lr 3e-4 with 8 prompts per step raised training reward in 3 of 3 seeds on CPU; lr 1e-3 with 4
-    # prompts drifted (KL 0.4) without raising it (BENCHMARKS.md, GRPO over three seeds)
+    # prompts drifted (KL 0.4) without raising it (docs/LOG.md, 2026-11-21: GRPO over three seeds)
     optim.add_optim_args(p, optimizer="adamw", matrix_lr=3e-4, embedding_lr=1e-3, unembedding_lr=1e-4,
                          matrix_flags=("--lr", "--matrix-lr"))
     add_logging_args(p)
