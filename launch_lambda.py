@@ -575,11 +575,9 @@ def tarball(repo, files):
 def run_command(argv, **kwargs):
     """Run ssh. argv never holds a secret (secrets travel on stdin), and children get our environment
     minus the secrets, so even an ssh config with `SendEnv *` cannot leak them. Tests put a fake ssh
-    first on PATH, or pass another runner to Remote. Each child runs in its own session: a Ctrl-C at
-    the terminal reaches the launcher alone, which decides what to stop (otherwise the ssh starting
-    the run could die of the same signal first and read as a failed start)."""
+    first on PATH, or pass another runner to Remote."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    return subprocess.run(argv, env=env, start_new_session=True, **kwargs)
+    return subprocess.run(argv, env=env, **kwargs)
 
 
 class Remote:

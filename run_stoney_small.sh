@@ -168,7 +168,7 @@ if [ "$PRETRAIN" = web ] && [ "$NGPU" -eq 0 ] && [ "$PLAN_ONLY" != 1 ]; then
 fi
 [ "$PLAN_ONLY" = 1 ] || echo "$MODE" > "$OUT/.mode"
 if [ "$PRETRAIN" = web ]; then
-    WEB=$($PY -c "import os; from nanostoney.loader import cache_dir; print(os.path.join(cache_dir(), 'fineweb-edu-100b-shuffle'))")
+    WEB=$($PY -c "import os; from nanostoney.sources import cache_dir; print(os.path.join(cache_dir(), 'fineweb-edu-100b-shuffle'))")
     # base_train's budget: 20 tokens per parameter of the depth-$DEPTH model with a 65,536-token vocabulary
     WEB_TOKENS=$($PY -c "import torch; from nanostoney.gpt import GPT, config_for_depth
 with torch.device('meta'): print(20 * GPT(config_for_depth($DEPTH, 65536, 2048)).num_params())")
