@@ -1,8 +1,14 @@
 """Every test (and every process a test starts) writes converted corpora into a temporary
-cache, never into ~/.cache/nanostoney."""
+cache, never into ~/.cache/nanostoney. And every process a test starts receives Ctrl-C and
+SIGQUIT: a shell without job control starts background commands with both ignored, children
+inherit that, and the signal tests would then see their signals ignored (a run that never stops)."""
 import os
+import signal
 
 import pytest
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python handler: SIG_DFL again after exec
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True, scope="session")

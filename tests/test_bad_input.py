@@ -562,7 +562,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(ws, tmp_path):
 
 def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoint(ws, tmp_path):
     out = tmp_path / "run"
-    proc = start_base(ws, out, "--num-iterations", "100000", "--save-every", "2", "--eval-every", "0")
+    proc = start_base(ws, out, "--num-iterations", "2000", "--save-every", "2", "--eval-every", "0")
     wait_for(out / "latest", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
