@@ -1,7 +1,8 @@
 """Every test (and every process a test starts) writes converted corpora into a temporary
-cache, never into ~/.cache/nanostoney. And every process a test starts receives Ctrl-C and
-SIGQUIT: a shell without job control starts background commands with both ignored, children
-inherit that, and the signal tests would then see their signals ignored (a run that never stops)."""
+cache, never into ~/.cache/nanostoney. And every process a test starts receives Ctrl-C, SIGQUIT
+and SIGHUP: a shell without job control starts background commands with the first two ignored,
+nohup ignores the third, children inherit that, and the signal tests would then see their
+signals ignored (a run that never stops). A test that wants nohup's behaviour runs nohup itself."""
 import os
 import signal
 
@@ -9,6 +10,7 @@ import pytest
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python handler: SIG_DFL again after exec
 signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True, scope="session")
