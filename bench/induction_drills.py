@@ -7,7 +7,6 @@ bench.knowledge_probe's induction gain every 100 steps (and the gain on the alph
 One JSON line per 100 steps: step, gain on random ordinary tokens, gain on the alphabet, seconds.
 Results and the machine they ran on: docs/science_log.md, "When copying starts".
 """
-import argparse
 import json
 import random
 import time
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 
 from bench.knowledge_probe import induction_gain
-from nanostoney import optim
+from nanostoney import cli, optim
+from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.tokenizer import Tokenizer
@@ -35,17 +35,8 @@ def alphabet_row(rng, tok, seq_len, alphabet):
     return np.array(ids[:seq_len + 1], dtype=np.int64)
 
 
-def alphabet_gain(model, tok, alphabet, n=16, length=24):
-    """induction_gain over sequences drawn from the alphabet."""
-    x = torch.randint(FIRST_ORDINARY, FIRST_ORDINARY + alphabet, (n, length), generator=torch.Generator().manual_seed(0))
-    seq = torch.cat([torch.full((n, 1), tok.bos_id), x, x], 1)
-    logp = torch.log_softmax(model(seq).float(), -1)
-    loss = -logp[:, :-1].gather(-1, seq[:, 1:, None]).squeeze(-1)
-    return (loss[:, :length].mean() - loss[:, length + 1:].mean()).item()
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="out/tokenizer")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
@@ -68,7 +59,7 @@ def main():
             with torch.no_grad():
                 model.eval()
                 row = {"step": step, "gain": round(induction_gain(model, tok), 3),
-                       "alphabet_gain": round(alphabet_gain(model, tok, args.alphabet), 3) if args.alphabet else None,
+                       "alphabet_gain": round(induction_gain(model, tok, high=FIRST_ORDINARY + args.alphabet), 3) if args.alphabet else None,
                        "seconds": round(time.time() - t0)}
                 model.train()
             print(json.dumps(row), flush=True)
@@ -83,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -103,10 +103,11 @@ def letter_binding(model, tok, exs):
 
 
 @torch.no_grad()
-def induction_gain(model, tok, n=16, length=24, seed=0):
-    """Loss on the first copy of n random token sequences minus the loss on the second copy."""
+def induction_gain(model, tok, n=16, length=24, seed=0, high=None):
+    """Loss on the first copy of n random token sequences minus the loss on the second copy
+    (tokens from the ordinary range, or from 256 up to `high`)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(256, tok.vocab_size - len(tok.special_tokens), (n, length),  # ordinary tokens
+    x = torch.randint(256, high or tok.vocab_size - len(tok.special_tokens), (n, length),  # ordinary tokens
                       generator=g)
     seq = torch.cat([torch.full((n, 1), tok.bos_id), x, x], 1).to(model.get_device())
     logp = torch.log_softmax(model(seq).float(), -1)
