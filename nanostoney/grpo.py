@@ -1,39 +1,15 @@
-"""GRPO: group-relative policy optimisation, on token ids and a reward callable.
+"""GRPO (DeepSeekMath, arXiv 2402.03300, sec. 4.1, with TRL's knobs) on token ids and a reward callable.
 
-One step, as DeepSeekMath (arXiv 2402.03300, sec. 4.1) with TRL's knobs:
+One step: sample G completions per prompt (Engine) -> score (reward_fn) -> group advantages
+(r - mean) / (std + eps); a group whose rewards are all equal carries no signal and is skipped
+-> prepare old and reference log-probs in eval mode with the very micro-batches the update
+uses (the first ratio is then exactly 1) -> update: inner_epochs optimizer steps minimising
+-min(rho A, clip(rho) A) + beta * k3, normalised per token ("token") or per sequence ("sequence").
+cfg.shuffle_rewards (the control run) permutes the rewards across the batch first.
 
-  1. sample   for each prompt, G completions with the Engine (KV cache, batched)
-  2. score    reward_fn(prompt_index, completions) -> total per row (+ each function's part)
-  3. advantage  A_i = (r_i - mean(group)) / (std(group) + eps)    (std_scaling=False: no division);
-              a group whose rewards are all equal says nothing about which completion was better:
-              it is skipped (no log-probs, no loss, not in the normalisers; counted in the metrics,
-              and a step where every group is equal takes no optimizer step at all). With
-              cfg.shuffle_rewards (the control run) the rewards are first permuted across the
-              batch, so the update follows rewards that no longer belong to their completions.
-  4. prepare  old log-probs and reference log-probs, one no-grad forward each, in eval mode and
-              with the very micro-batches the update uses: the first update's ratio is then
-              exactly 1 (the engine's own log-probs come from a KV-cached, left-padded forward
-              and differ in the last bits; we keep them only to report the gap)
-  5. update   mu inner epochs over the same rollouts, one optimizer step each, minimising
-                 -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * k3,   rho = exp(logp - logp_old)
-                 k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, >= 0 KL estimate)
-              normalised per token over the whole batch (loss_norm "token") or per sequence
-              then over sequences ("sequence", the paper's 1/G sum 1/|o| sum).
-
-Nothing here knows about text: prompts and completions are token-id lists and the reward is a
-callable, so a test can train "emit token 3" on a tiny model without a tokenizer.
-
-    cfg = GRPOConfig(group_size=8, max_new_tokens=128, clip_eps=0.2, kl_beta=0.04)
-    reference = policy.make_reference(model, "init")   # adapters off / snapshot / frozen copy
-    stats = grpo_step(model, optimizer, prompts, reward_fn, cfg, reference, seed=step)
-
-grpo_step is experience() (sample, score, prepare) then learn() (update); a caller that
-measures something of the policy that sampled, before it moves (scripts/grpo_train.py: the
-multiple-choice letter diagnostics of nanostoney/letters.py), calls the two halves itself.
-
-Several processes: each rank takes its own prompts (a group never spans ranks), the loss is
-normalised by the token / sequence count of all ranks, and gradients are summed over ranks
-by `dist.sync_grads` (no DDP wrapper: the forward here is trunk + gathered logits, not forward()).
+grpo_step is experience() then learn(); a caller measuring the policy that sampled before it
+moves (letters.py) calls the two halves itself. Several processes: each rank takes its own
+prompts, the loss is normalised by all ranks' counts and dist.sync_grads sums the gradients.
 """
 import time
 from contextlib import nullcontext
@@ -46,9 +22,6 @@ from nanostoney.dist import all_reduce_mean, all_reduce_sum, map_over_ranks, syn
 from nanostoney.engine import Engine
 from nanostoney.gpt import unwrap
 from nanostoney.policy import autocast, pack, token_logprobs
-
-LOSS_NORMS = ("token", "sequence")
-
 
 @dataclass
 class GRPOConfig:
@@ -68,27 +41,13 @@ class GRPOConfig:
     autocast: object = None        # a context factory for forwards (dist.autocast_ctx), or None
     shuffle_rewards: bool = False  # the control run: rewards permuted across the batch before the advantages
 
-    def check(self):
-        """The limits the maths needs (the scripts refuse bad flags before they get here)."""
-        if self.group_size < 2:
-            raise ValueError(f"a group needs at least 2 completions to compare, got {self.group_size}")
-        if self.loss_norm not in LOSS_NORMS:
-            raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
-        if self.inner_epochs < 1 or not 0 < self.clip_eps < 1 or self.kl_beta < 0:
-            raise ValueError(f"need inner_epochs >= 1, 0 < clip_eps < 1 and kl_beta >= 0, got {self.inner_epochs}, "
-                             f"{self.clip_eps}, {self.kl_beta}")
-        return self
-
 
 # -----------------------------------------------------------------------------
 # the maths: advantages, k3, the clipped objective
 
 
 def group_advantages(rewards, group_size, std_scaling=True, eps=1e-4):
-    """(r - mean of its group) / (std of its group + eps); rows are group-major (G consecutive
-    rows per prompt, as Engine.generate(num_samples=G) returns them). A group whose rewards are
-    all equal gets advantage 0: it carries no signal about which completion was better.
-    std is the population std (divide by G), as TRL."""
+    """(r - group mean) / (group population std + eps), as TRL; rows are group-major (G per prompt)."""
     r = torch.as_tensor(rewards, dtype=torch.float32)
     if r.numel() % group_size:
         raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
@@ -100,34 +59,27 @@ def group_advantages(rewards, group_size, std_scaling=True, eps=1e-4):
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(policy || reference) on samples from the policy:
-    exp(ref - logp) - (ref - logp) - 1 >= 0, exactly 0 where the two agree. The log-ratio is
-    clamped to +-20 so one wild token cannot produce an inf."""
+    """Per-token k3 estimate of KL(policy || reference), Schulman's unbiased and >= 0 one; the
+    log-ratio is clamped to +-20 so one wild token cannot produce an inf."""
     d = (ref_logp - logp).clamp(-20.0, 20.0)
     return torch.exp(d) - d - 1.0
 
 
 def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, n_tokens, n_seqs):
-    """The clipped surrogate plus beta * k3 for one micro-batch, scaled so that summing it over
-    all micro-batches (and ranks) gives the batch loss: `n_tokens` / `n_seqs` are the totals of
-    the whole batch on all ranks. logp etc. are (B, L) over completion tokens; adv is (B,).
-
-    Returns (loss, stats) with stats summed over this micro-batch's tokens (for logging):
-    pg, kl, clipped (tokens whose gradient the clip removed), ratio deviation."""
+    """The clipped surrogate plus beta * k3 of one micro-batch ((B, L) tensors, adv (B,)), scaled by
+    the whole batch's n_tokens / n_seqs on all ranks so the micro-batches' losses sum to the batch
+    loss. Returns (loss, stats summed over its tokens: pg, kl, clipped, ratio_dev)."""
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
-    unclipped = ratio * a
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * a
-    pg = -torch.min(unclipped, clipped)
+    pg = -torch.min(ratio * a, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * a)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_token = pg + beta * kl if beta else pg
     if loss_norm == "token":
         loss = (per_token * mask).sum() / n_tokens
-    elif loss_norm == "sequence":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     else:
-        raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}")
+        assert loss_norm == "sequence", f"loss_norm is 'token' or 'sequence', got {loss_norm!r}"
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     with torch.no_grad():
         # the clip removes the gradient where the clipped term is the smaller one: rho > 1+eps
         # with A > 0, or rho < 1-eps with A < 0
@@ -176,10 +128,8 @@ def sample(model, prompts, cfg, seed=0):
 
 
 def score(rollout, reward_fn, cfg, seed=0):
-    """Rewards, advantages and the rows kept. reward_fn(prompt_index, completions) returns a list
-    of totals or (totals, {name: list}) with each reward function's raw values. With
-    cfg.shuffle_rewards the advantages come from the rewards permuted across the batch (a
-    permutation drawn from `seed`), the control run."""
+    """Rewards, advantages and the rows kept. reward_fn(prompt_index, completions) returns totals
+    or (totals, {name: raw values}); cfg.shuffle_rewards permutes them (drawn from `seed`) first."""
     out = reward_fn(rollout.prompt_index, rollout.completions)
     totals, parts = out if isinstance(out, tuple) else (out, {})
     if len(totals) != len(rollout.completions):
@@ -191,7 +141,8 @@ def score(rollout, reward_fn, cfg, seed=0):
         perm = torch.randperm(len(totals), generator=torch.Generator().manual_seed(seed))
         rollout.train_rewards = rollout.rewards[perm]
     rollout.advantages = group_advantages(rollout.train_rewards, cfg.group_size, cfg.std_scaling, cfg.adv_eps)
-    rollout.keep = informative_rows(rollout.train_rewards, cfg.group_size)
+    skip = equal_groups(rollout.train_rewards, cfg.group_size)
+    rollout.keep = [r for r in range(len(totals)) if not skip[r // cfg.group_size]]
     return rollout
 
 
@@ -199,12 +150,6 @@ def equal_groups(rewards, group_size):
     """BoolTensor (groups,): the groups (group-major rows) whose rewards are all equal."""
     g = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
     return (g == g[:, :1]).all(1)
-
-
-def informative_rows(rewards, group_size):
-    """The rows of the groups whose rewards are not all equal, in order."""
-    skip = equal_groups(rewards, group_size)
-    return [r for r in range(len(rewards)) if not skip[r // group_size]]
 
 
 @dataclass
@@ -221,22 +166,17 @@ class MicroBatch:
 
 def micro_batches(rollout, size, device):
     """The kept rows (all rows when score() has not chosen) in micro-batches of `size`."""
-    out = []
     kept = rollout.keep if rollout.keep is not None else list(range(len(rollout.completions)))
-    for i in range(0, len(kept), size):
-        rows = kept[i:i + size]
-        tensors = pack([rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], device)
-        out.append(MicroBatch(*tensors, rows))
-    return out
+    chunks = [kept[i:i + size] for i in range(0, len(kept), size)]
+    return [MicroBatch(*pack([rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], device), rows)
+            for rows in chunks]
 
 
 @torch.no_grad()
 def prepare(model, rollout, cfg, reference=None, attn_entropy=None):
-    """Old and reference log-probs per micro-batch, in eval mode, plus the diagnostics that come
-    free with the old-policy forward: token entropy, KL(policy || reference) by k3, the gap to the
-    Engine's log-probs. `attn_entropy`: a probes.EntropyProbe, attached during the old-policy
-    forwards only and told each micro-batch's real tokens (the caller keeps it and reads it after).
-    Returns a dict of summed statistics."""
+    """Old and reference log-probs per micro-batch in eval mode, and summed diagnostics: token
+    entropy, k3 KL to the reference, the gap to the Engine's log-probs. `attn_entropy`: a
+    probes.EntropyProbe attached during the old-policy forwards only."""
     model = unwrap(model)
     device = model.get_device()
     was_training = model.training
@@ -270,8 +210,7 @@ def prepare(model, rollout, cfg, reference=None, attn_entropy=None):
 
 
 def update(model, optimizer, rollout, cfg, params=None):
-    """cfg.inner_epochs optimizer steps over the prepared micro-batches, the loss normalised by
-    the completion tokens / rows of all ranks. Returns summed statistics of every epoch."""
+    """cfg.inner_epochs optimizer steps over the prepared micro-batches; summed statistics."""
     model = unwrap(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     n_tokens, n_seqs = all_reduce_sum([sum(mb.mask.sum().item() for mb in rollout.batches),
@@ -312,9 +251,7 @@ def update(model, optimizer, rollout, cfg, params=None):
 
 
 def experience(model, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None):
-    """The first half of a step: sample -> score -> prepare. Returns the Rollout, with
-    prepare()'s statistics in .stats and the time of each phase in .times."""
-    cfg.check()
+    """sample -> score -> prepare: the Rollout, with prepare's statistics and each phase's time."""
     t0 = time.perf_counter()
     ro = sample(model, prompts, cfg, seed=seed)
     t1 = time.perf_counter()
@@ -326,7 +263,7 @@ def experience(model, prompts, reward_fn, cfg, reference=None, seed=0, attn_entr
 
 
 def learn(model, optimizer, rollout, cfg, params=None):
-    """The second half of a step: update() on a prepared rollout; its statistics join .stats."""
+    """update() on a prepared rollout; its statistics join .stats."""
     t0 = time.perf_counter()
     upd = update(model, optimizer, rollout, cfg, params)
     rollout.stats.update({f"update/{k}": v for k, v in upd.items()})
@@ -335,9 +272,7 @@ def learn(model, optimizer, rollout, cfg, params=None):
 
 
 def grpo_step(model, optimizer, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None, params=None):
-    """sample -> score -> prepare -> update. Returns (stats, rollout); stats are means:
-    reward_mean/std, kl (policy that sampled vs reference, before this step's update),
-    clip_frac, token entropy, length, and the time of each phase."""
+    """experience -> learn. Returns (summarize's metrics, rollout)."""
     ro = learn(model, optimizer, experience(model, prompts, reward_fn, cfg, reference, seed, attn_entropy),
                cfg, params)
     return summarize(ro, cfg), ro
@@ -358,18 +293,16 @@ def summarize(ro, cfg):
            "rollout/engine_logprob_gap": prep["engine_gap"]}
     g = ro.rewards.view(-1, cfg.group_size)
     out["adv/zero_groups"] = (g.std(1, unbiased=False) == 0).float().mean().item()
-    skipped = equal_groups(ro.train_rewards, cfg.group_size)
-    out["groups/skipped"] = skipped.float().sum().item()  # this rank's count (a caller's mean over ranks: per rank)
-    out["groups/skipped_frac"] = skipped.float().mean().item()
-    out["update/skipped"] = prep["update/skipped"]
-    out["reward/shuffled"] = float(cfg.shuffle_rewards)
-    # the control's evidence: the share of rows whose advantage came from another row's reward
-    out["reward/shuffle_moved"] = (ro.train_rewards != ro.rewards).float().mean().item()
+    skipped = equal_groups(ro.train_rewards, cfg.group_size).float()
+    # groups/skipped is this rank's count; shuffle_moved, the control's evidence: rows whose
+    # advantage came from another row's reward
+    out.update({"groups/skipped": skipped.sum().item(), "groups/skipped_frac": skipped.mean().item(),
+                "update/skipped": prep["update/skipped"], "reward/shuffled": float(cfg.shuffle_rewards),
+                "reward/shuffle_moved": (ro.train_rewards != ro.rewards).float().mean().item()})
     for name, v in (ro.parts or {}).items():
         out[f"reward/{name}/mean"] = v.mean().item()
         out[f"reward/{name}/std"] = v.std(unbiased=False).item()
-    for k, v in ro.times.items():
-        out[f"time/{k}_s"] = v
+    out.update({f"time/{k}_s": v for k, v in ro.times.items()})
     if ro.times:
         out["time/step_s"] = sum(ro.times.values())
     return out
@@ -380,8 +313,8 @@ def summarize(ro, cfg):
 
 
 class RewardFn:
-    """reward_fn(prompt_index, completions) for grpo.score over the prompts `items` [(task index,
-    example)]: each completion's weighted rewards, scored per task in one batch."""
+    """reward_fn(prompt_index, completions) over the prompts `items` [(task index, example)]:
+    the weighted rewards, scored per task in one batch."""
 
     def __init__(self, items, tasks, tok, weights, fns, stop_ids):
         self.items, self.tasks, self.tok = items, tasks, tok
@@ -389,11 +322,10 @@ class RewardFn:
 
     def __call__(self, prompt_index, completions):
         texts = [self.tok.decode([t for t in c if t not in self.stop_ids]) for c in completions]
-        n = len(completions)
-        totals, parts = [0.0] * n, {k: [0.0] * n for k in self.weights}
+        totals, parts = [0.0] * len(texts), {k: [0.0] * len(texts) for k in self.weights}
         by_task = {}
-        for r in range(n):
-            by_task.setdefault(self.items[prompt_index[r]][0], []).append(r)
+        for r, pi in enumerate(prompt_index):
+            by_task.setdefault(self.items[pi][0], []).append(r)
         for ti, rows in by_task.items():
             exs = [self.items[prompt_index[r]][1] for r in rows]
             t_, p_ = rewards.combine_batch(self.weights, exs, [texts[r] for r in rows], self.tasks[ti], self.fns)
@@ -432,9 +364,8 @@ def probe_items(schedule, train_sets, n_tasks, k):
 
 @torch.no_grad()
 def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
-    """{task name: mean total reward} over G samples of each probe prompt, same seed every call,
-    so start and end differ only by the policy (fixed chunks of 8 prompts shared out over the
-    ranks, chunk i seeded by i: the same numbers at any world size)."""
+    """{task name: mean total reward} over G samples of each probe prompt, same seed every call
+    (chunks of 8 prompts over the ranks, chunk i seeded by i: the same at any world size)."""
     def chunk_rewards(i):
         chunk = items[i:i + 8]
         ro = sample(model, [tok.render_prompt({"messages": tasks[t].prompt(ex)}) for t, ex in chunk],
