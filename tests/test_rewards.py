@@ -7,7 +7,7 @@ import torch
 
 from nanostoney import rewards
 from nanostoney.errors import UserError
-from nanostoney.rewards import (LearnedReward, build_rewards, combine, combine_batch,
+from nanostoney.rewards import (LearnedReward, build_rewards, combine_batch,
                                 parse_weights)
 from nanostoney.tasks import get_task
 
@@ -214,10 +214,11 @@ def test_unknown_reward_lists_valid_names():
 def test_combine_total_is_weighted_sum(case):
     ex, task = case
     w = parse_weights("accuracy=1,format=0.2,reasoning_steps=0.3,length=0.1,repetition=0.1,chrf=0.4")
-    total, parts = combine(w, ex, good(ex, task), task)
+    (total,), parts = combine_batch(w, [ex], [good(ex, task)], task)
+    parts = {k: v[0] for k, v in parts.items()}
     assert set(parts) == set(w)
     assert total == pytest.approx(sum(w[k] * parts[k] for k in w))
-    bad_total, _ = combine(w, ex, "I do not know I do not know I do not know", task)
+    (bad_total,), _ = combine_batch(w, [ex], ["I do not know I do not know I do not know"], task)
     assert total > bad_total
 
 
