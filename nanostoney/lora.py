@@ -1,16 +1,11 @@
 """LoRA: train a low-rank update W + (alpha/r) B A of chosen linear layers, base frozen.
 
-LoRALinear *is* an nn.Linear that keeps the base `weight` Parameter (the very same tensor,
-no copy) and adds `lora_A` (r x in) and `lora_B` (out x r). So while adapters are applied the
-base keys of the state dict are unchanged (`...attn.c_q.weight`) and the adapters sit next to
-them (`...attn.c_q.lora_A`, `...lora_B`); `remove_lora(model, merge=True)` folds B A into the
-weights and leaves a plain GPT whose state dict is an ordinary checkpoint.
-
-B starts at zero, so a freshly applied model computes exactly the base function. A starts
-like nn.Linear's own init (kaiming-uniform), so the first gradient step on B is not zero.
+LoRALinear is an nn.Linear sharing the base `weight` Parameter (no copy) plus `lora_A` (r x in)
+and `lora_B` (out x r), so the base state-dict keys are unchanged and the adapters sit beside them;
+remove_lora(model, merge=True) leaves a plain GPT. B starts at zero (a fresh model computes the
+base function exactly); A starts as nn.Linear's own init, so the first gradient on B is not zero.
 
     names = apply_lora(model, rank=8, alpha=16)      # freezes everything but the adapters
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
     with disable_adapters(model):                    # the base model: GRPO's KL reference
         ref_logits = model(x)
     save_adapters(model, "out/sft_lora", base_checkpoint="out/base/step_001000")
@@ -50,11 +45,8 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a new weight
-        if rank < 1:
-            raise UserError(f"LoRA rank must be at least 1, got {rank}.")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
         w = base.weight
@@ -92,9 +84,8 @@ class LoRALinear(nn.Linear):
 
 
 def add_lora_args(parser, rank=16, alpha=32.0, targets="all,head", dropout=0.0):
-    """The fine-tuning flags of SFT, the reward model, GRPO and STaR (defaults differ per stage).
-    Rank, alpha, targets and dropout shape fresh adapters; an --init that already carries
-    adapters keeps its own (checkpoint.load_for_training)."""
+    """The fine-tuning flags of SFT, the reward model, GRPO and STaR (defaults differ per stage); they
+    shape fresh adapters only (an init that carries adapters keeps its own)."""
     g = parser.add_argument_group("LoRA")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
     g.add_argument("--lora-rank", type=positive_int, default=rank, help="adapter rank r")
@@ -120,11 +111,7 @@ def parse_targets(targets):
         return DEFAULT_TARGETS
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    out = []
-    for t in targets:
-        for name in ALIASES.get(t, (t,)):
-            if name not in out:
-                out.append(name)
+    out = list(dict.fromkeys(name for t in targets for name in ALIASES.get(t, (t,))))
     if not out:
         raise UserError("no LoRA targets given; name some, e.g. attn.c_q,attn.c_v (or attn, mlp, all).")
     return tuple(out)
@@ -147,10 +134,7 @@ def _set_submodule(model, name, module):
 
 
 def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
-    """Wrap every nn.Linear whose name matches a target; freeze all other parameters.
-
-    Returns the names of the wrapped modules. Raises UserError when no module matches.
-    """
+    """Wrap every nn.Linear whose name matches a target and freeze the rest; the wrapped names."""
     targets = parse_targets(targets)
     if lora_modules(model):
         raise UserError("this model already has LoRA adapters; remove_lora() before applying new ones.")
@@ -161,9 +145,9 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
                         f"valid ones look like {', '.join(ATTN_TARGETS + MLP_TARGETS)}.")
     side, layer = min((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features), n)
                        for n in names)
-    if rank > side:  # a rank past a layer's smaller side adds parameters and no capacity
-        raise UserError(f"LoRA rank {rank} is larger than {layer}, whose smaller side is {side} features; "
-                        f"use a rank of at most {side}.")
+    if not 1 <= rank <= side:  # a rank past a layer's smaller side adds parameters and no capacity
+        raise UserError(f"LoRA rank {rank} is not between 1 and {side}, the smaller side of {layer}; "
+                        f"use a rank in that range.")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
@@ -185,11 +169,8 @@ def lora_state_dict(model):
 
 @contextmanager
 def disable_adapters(model):
-    """Inside the block the model computes the base function (the frozen weights alone).
-
-    No copy of the model is made: GRPO's reference policy costs no memory. Merged adapters are
-    unmerged for the duration and merged back after.
-    """
+    """Inside the block the model computes the base function, without a copy (merged adapters are
+    unmerged for the block and merged back after)."""
     mods = [m for _, m in lora_modules(model)]
     state = [(m.enabled, m.merged) for m in mods]
     for m in mods:
@@ -216,29 +197,19 @@ def unmerge_lora(model):
 
 
 def remove_lora(model, merge=True):
-    """Replace every LoRALinear by a plain nn.Linear holding the same weight (merged first when
-    merge=True, else the base weight). The result is a plain model: base state-dict keys, all
-    parameters trainable again."""
+    """A plain model again: every LoRALinear replaced by an nn.Linear holding its weight (B A merged
+    in when merge=True, else the base weight), every parameter trainable."""
     for name, m in lora_modules(model):
-        if merge:
-            m.merge()
-        else:
-            m.unmerge()
+        (m.merge if merge else m.unmerge)()
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight = m.weight
-        if m.bias is not None:
-            lin.bias = m.bias
+        lin.weight, lin.bias = m.weight, m.bias
         _set_submodule(model, name, lin)
     if hasattr(model, "lora_config"):
         del model.lora_config
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-def _rel_or_abs(path, start):
-    return {"path": os.path.abspath(path), "relpath": os.path.relpath(os.path.abspath(path), start)}
 
 
 def adapter_config(model, base_checkpoint=None, at=None):
@@ -252,7 +223,8 @@ def adapter_config(model, base_checkpoint=None, at=None):
     cfg["format"] = FORMAT
     cfg["modules"] = [n for n, _ in lora_modules(model)]
     if base_checkpoint is not None:
-        cfg["base_checkpoint"] = _rel_or_abs(base_checkpoint, at or os.getcwd())
+        path = os.path.abspath(base_checkpoint)
+        cfg["base_checkpoint"] = {"path": path, "relpath": os.path.relpath(path, at or os.getcwd())}
     return cfg
 
 
@@ -266,11 +238,8 @@ def write_adapter_files(model, directory, base_checkpoint=None):
 
 
 def save_adapters(model, path, base_checkpoint=None):
-    """Write the adapters alone (a small directory) naming the base checkpoint they fit.
-
-    The base is recorded both absolute and relative to the adapter dir's parent, so the pair
-    can be moved together. Written to a temporary name and renamed: never half a directory.
-    """
+    """The adapters alone in a small directory naming their base checkpoint (absolute, and relative
+    to the directory's parent, so the pair can move together); written whole or not at all."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
