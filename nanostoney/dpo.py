@@ -1,29 +1,12 @@
-"""DPO: direct preference optimisation (Rafailov et al. 2023, arXiv 2305.18290), on token ids.
-
-For a prompt x with a preferred completion y_w and a dispreferred one y_l, the loss is
+"""DPO (Rafailov et al. 2023, arXiv 2305.18290) on token ids: for a prompt x, chosen y_w, rejected y_l,
 
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 
-where log pi(y|x) sums the log-probs of the COMPLETION tokens only (the prompt is given, not
-chosen). beta * (log pi - log ref) is the implicit reward of a completion; its margin (chosen
-minus rejected) and the share of pairs where it is positive (accuracy) are what DPO moves.
-The reference is GRPO's (policy.make_reference): the LoRA model with its adapters off / the
-adapters as they were at the start (no second model in memory), or a frozen copy in full fine-tuning.
-At the start with fresh adapters the policy IS the reference, every logit is 0 and the loss
-is exactly log 2.
-
-    cfg = DPOConfig(beta=0.1, micro_batch=8)
-    reference = policy.make_reference(model, "init")
-    stats = dpo_step(model, optimizer, [pairs of micro-batch 1, ...], cfg, reference, n_pairs=...)
-
-A pair is (prompt ids, chosen completion ids, rejected completion ids); completions end with
-their stop token, as rollouts do. `pairs_from_conversations` turns the reward model's pairs
-(whole rendered conversations, reward_model.build_pairs / sampled_pairs) into that shape;
-`on_policy_pairs` pairs a correct with a wrong sample of the same prompt (STaR-then-DPO).
-
-Several processes: each rank takes its own pairs, the loss is divided by the pairs of all
-ranks (n_pairs) and gradients are summed by dist.sync_grads, so N ranks take the step one
-process takes with every pair (tests/test_dpo.py).
+with log pi(y|x) summed over the COMPLETION tokens only. beta * (log pi - log ref) is a completion's
+implicit reward. The reference is GRPO's (policy.make_reference), so with fresh adapters the first
+loss is exactly log 2. A pair is (prompt ids, chosen ids, rejected ids), completions ending with
+their stop token. Several processes: each rank takes its own pairs, the loss is divided by all
+ranks' pairs (n_pairs) and dist.sync_grads sums the gradients.
 """
 from dataclasses import dataclass
 
@@ -48,10 +31,8 @@ class DPOConfig:
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta, n_pairs):
-    """Sum over these pairs of -log sigmoid(beta * margin of log-ratios), divided by n_pairs
-    (all pairs of the step on all ranks: summing the micro-batches' losses gives the mean).
-    Inputs are (B,) summed completion log-probs. Returns (loss, stats summed over the pairs):
-    loss, chosen/rejected implicit rewards, margin, accuracy (margin > 0)."""
+    """The DPO loss of (B,) summed completion log-probs, summed over these pairs and divided by the
+    step's n_pairs on all ranks; (loss, stats summed over the pairs)."""
     chosen = beta * (pi_w - ref_w)
     rejected = beta * (pi_l - ref_l)
     per_pair = F.softplus(-(chosen - rejected))  # = -log sigmoid(.), stable for large margins
@@ -65,8 +46,8 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta, n_pairs):
 
 
 def pair_forward(model, reference, pairs, cfg, device, attn_entropy=None):
-    """Policy (with grad) and reference log-probs of a micro-batch of pairs: chosen rows first,
-    then rejected, in one forward each. Returns (pi_w, pi_l, ref_w, ref_l, kl_sum, tokens)."""
+    """(pi_w, pi_l, ref_w, ref_l, kl_sum, tokens) of a micro-batch of pairs, chosen and rejected rows
+    in one forward each (the policy's with grad)."""
     prompts = [p for p, _, _ in pairs] * 2
     completions = [w for _, w, _ in pairs] + [l for _, _, l in pairs]
     ref_seq, ref_tok = reference_logps(reference, prompts, completions, device, cfg.autocast)
@@ -83,10 +64,8 @@ def pair_forward(model, reference, pairs, cfg, device, attn_entropy=None):
 
 
 def dpo_step(model, optimizer, micro_batches, cfg, reference, n_pairs, params=None, attn_entropy=None):
-    """One optimizer step over this rank's micro-batches of pairs; the loss is the mean over
-    n_pairs (all ranks' pairs of the step). attn_entropy: a probes.EntropyProbe attached to the
-    first micro-batch's policy forward. Returns the step's statistics, summed over this rank's
-    pairs (and tokens, for kl), plus grad_norm; all_reduce them and divide by n_pairs to log."""
+    """One optimizer step over this rank's micro-batches of pairs (attn_entropy, a probes.EntropyProbe,
+    on the first one's forward). Returns statistics summed over this rank's pairs, and grad_norm."""
     model = unwrap(model)
     device = model.get_device()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -127,8 +106,7 @@ def summarize(sums):
 
 
 def split_conversation_pair(chosen_ids, rejected_ids, prompt_len):
-    """(prompt, chosen completion, rejected completion) of two whole rendered conversations that
-    share their first prompt_len tokens (the rendered prompt up to <|assistant_start|>)."""
+    """(prompt, chosen completion, rejected completion) of two rendered conversations sharing their prompt."""
     if chosen_ids[:prompt_len] != rejected_ids[:prompt_len]:
         raise ValueError("the two conversations of a pair do not share their prompt")
     return list(chosen_ids[:prompt_len]), list(chosen_ids[prompt_len:]), list(rejected_ids[prompt_len:])
@@ -144,8 +122,7 @@ def pairs_from_conversations(rm_pairs):
 
 
 def on_policy_pair(samples, correct):
-    """(first correct sample, first wrong sample) of one prompt's samples, or None when the
-    policy got them all right or all wrong (nothing to prefer)."""
+    """(first correct sample, first wrong sample) of one prompt's samples, or None (nothing to prefer)."""
     good = [s for s, c in zip(samples, correct) if c]
     bad = [s for s, c in zip(samples, correct) if not c]
     return (good[0], bad[0]) if good and bad else None

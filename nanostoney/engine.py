@@ -1,30 +1,16 @@
 """KV cache and batched sampling: the rollout engine for chat, evaluation and GRPO.
 
-    engine = Engine(model, tokenizer)              # tokenizer only supplies the stop tokens
-    out = engine.generate(prompts, max_new_tokens=256, temperature=1.0, top_k=None,
-                          top_p=None, seed=0, num_samples=4)
-    out.tokens[r]     list of completion ids of row r (the stop token included if hit)
-    out.ids           LongTensor (R, L) the same ids padded with 0, L = longest completion
-    out.mask          LongTensor (R, L) 1 on real completion tokens (stop token included)
-    out.logprobs      FloatTensor (R, L) log p(token) under the plain model (see below), 0 on pads
-    out.prompt_index  row r -> index of its prompt; rows are prompt-major:
-                      r = prompt_index * num_samples + sample
-    out.stopped       list[bool], whether row r ended on a stop token
+    out = Engine(model, tokenizer).generate(prompts, max_new_tokens=256, temperature=1.0, seed=0, num_samples=4)
+    out.tokens[r]       completion ids of row r (the stop token included if hit); rows are prompt-major
+    out.ids, out.mask   the same padded with 0 (R, L), and 1 on real tokens
+    out.logprobs        (R, L) log p(token) of the plain model at temperature 1, whatever temperature,
+                        top_k or top_p drew the sample: what GRPO's ratio and KL need
+    out.prompt_index, out.stopped
 
-Log-probs: `logprobs` is log_softmax(logits) of the model itself at temperature 1, with no
-top-k / top-p truncation -- the quantity GRPO's policy ratio and KL need, whatever settings
-were used to draw the sample. (`temperature`, `top_k`, `top_p` only shape how the next token is
-drawn.) temperature=0 means greedy argmax.
-
-How batching stays exact: prompts are left-padded to a common length, and the cache records
-each row's padding. The model gives a row's first real token rotary position 0 and hides the
-pad keys from every query, so a row decodes as it would alone. Each distinct prompt is
-prefilled once; its cache rows are then repeated num_samples times. Rows that stop keep being
-fed (their output is masked) until every row stopped or max_new_tokens is reached.
-
-`generate(..., use_cache=False)` recomputes the whole sequence every step with no cache and no
-padding (rows grouped by prompt length): the reference for the equivalence tests and the
-no-cache baseline of bench/model_bench.py.
+Exact batching: prompts are left-padded and the cache records each row's padding; the model gives
+a row's first real token rotary position 0 and hides the pad keys, so a row decodes as it would
+alone. Each prompt is prefilled once and its cache rows repeated num_samples times.
+use_cache=False recomputes every step without cache or padding: the tests' reference.
 """
 from dataclasses import dataclass
 
@@ -36,11 +22,8 @@ from nanostoney.gpt import unwrap
 
 
 class KVCache:
-    """Keys and values of every layer for B rows, preallocated to max_len slots.
-
-    pos: slots filled so far (shared by all rows); pad: None or LongTensor (B,), the number
-    of left-padding slots of each row. The model calls insert() once per layer and advances pos.
-    """
+    """Keys and values of every layer for B rows in max_len slots. pos: slots filled (all rows);
+    pad: None or (B,) left-padding slots per row. The model inserts per layer and advances pos."""
 
     def __init__(self, n_layer, batch_size, n_kv_head, head_dim, max_len, pad=None):
         self.shape = (n_layer, 2, batch_size, n_kv_head, max_len, head_dim)
@@ -102,11 +85,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 class Engine:
     def __init__(self, model, tokenizer=None, stop_ids=None):
         self.model = unwrap(model)
-        if stop_ids is None:
-            stop_ids = []
-            if tokenizer is not None:
-                stop_ids = [tokenizer.token_id("<|assistant_end|>"), tokenizer.token_id("<|bos|>")]
-        self.stop_ids = list(stop_ids)
+        if stop_ids is None and tokenizer is not None:
+            stop_ids = [tokenizer.token_id("<|assistant_end|>"), tokenizer.token_id("<|bos|>")]
+        self.stop_ids = list(stop_ids or [])
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -122,8 +103,7 @@ class Engine:
                             f"or lower max_new_tokens.")
         stop = torch.tensor(self.stop_ids if stop_ids is None else list(stop_ids),
                             dtype=torch.long, device=device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         R = len(prompts) * num_samples
         step = self._cached_steps if use_cache else self._uncached_steps
         ids = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
@@ -143,9 +123,8 @@ class Engine:
             if not alive.any() or t == max_new_tokens - 1:
                 break
             logits = steps.send(nxt)
-        ids, mask, logp = ids[:, :n], mask[:, :n], logp[:, :n]
-        # the generator yields the last-position logits each step; close it
         steps.close()
+        ids, mask, logp = ids[:, :n], mask[:, :n], logp[:, :n]
         lengths = mask.sum(1).tolist()
         tokens = [ids[r, :lengths[r]].tolist() for r in range(R)]
         L = max(lengths)

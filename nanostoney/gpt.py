@@ -1,29 +1,15 @@
 """The GPT: nanochat's October-2025 architecture, written out so every line can be read.
 
-- token embedding, then a parameter-free RMSNorm (no weights anywhere in the norms)
-- blocks: x + attn(norm(x)), x + mlp(norm(x))
-- attention: bias-free q/k/v/proj, rotary embeddings (base 10000, head dim split in halves),
-  then RMSNorm of q and k ("QK norm"), grouped-query attention, causal SDPA
-- MLP: 4x width, ReLU^2
-- final norm, untied lm_head, logits soft-capped to 15*tanh(z/15) in float32
+Token embedding, parameter-free RMSNorm, blocks x + attn(norm(x)), x + mlp(norm(x)); attention
+bias-free with rotary embeddings, QK norm, GQA and causal SDPA; MLP 4x ReLU^2; final norm, untied
+lm_head, logits soft-capped to 15*tanh(z/15) in float32. Module names match nanochat's, so its
+state dicts load; rotary tables in bfloat16 as nanochat's (GPTConfig.norm_eps and rope_dtype give
+transformers' NanoChat arithmetic, set by published.py). The caller chooses the precision.
 
-Module names match nanochat's exactly (transformer.wte, transformer.h[i].attn.c_q, ...,
-lm_head), so a nanochat state dict loads with load_state_dict. The rotary cos/sin tables are
-kept in bfloat16 like nanochat's; an imported model then reproduces nanochat's logits. A
-transformers NanoChat checkpoint differs only in arithmetic (RMSNorm eps 1e-6, float32 rotary
-tables): GPTConfig.norm_eps and rope_dtype, set by published.py.
-
-Precision: the caller chooses. On CUDA wrap forward in torch.autocast(bfloat16); on CPU run
-plain float32. Nothing in here assumes either.
-
-KV cache (see engine.KVCache): forward(idx, kv_cache=cache) reads `cache.pos` (slots already
-filled), `cache.pad` (None or a LongTensor [B] of left-padding per row) and calls
-`cache.insert(layer, k, v) -> (k_all, v_all)`; forward advances `cache.pos` by T at the end.
-A row with pad p has its first real token in slot p, and that token gets rotary position 0.
-
-Probes (see probes.py) hang on `model.probes`, a plain list shared by every attention module.
-It is empty by default, and each forward only checks `if self.probes:` -- nothing else runs
-and torch.compile sees no probe code while it is empty.
+KV cache (engine.KVCache): forward reads `cache.pos` and `cache.pad` (left padding per row, whose
+first real token gets rotary position 0), calls `cache.insert(layer, k, v)` and advances pos.
+Probes (probes.py) hang on `model.probes`, a list shared by every attention module; while it is
+empty a forward only checks `if self.probes:` and torch.compile sees no probe code.
 """
 import math
 from dataclasses import dataclass
@@ -53,12 +39,8 @@ NUMERICS = ("norm_eps", "rope_dtype")  # optional in a saved config: older check
 
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128):
-    """nanochat's sizing rule: width = 64 * depth, heads of about head_dim channels.
-
-    nanochat takes ceil(n_embd / head_dim) heads; where that count does not divide the width
-    into even-sized heads (e.g. depth 5: 320 / 3), nanochat would fail, so we take the next
-    count that does. For every depth nanochat accepts the result is the same as nanochat's.
-    """
+    """nanochat's sizing rule: width = 64 * depth, ceil(width / head_dim) heads, or the next count
+    that splits the width into even-sized heads where nanochat would fail (depth 5: 320 / 3)."""
     n_embd = depth * 64
     n_head = max(1, math.ceil(n_embd / head_dim))
     while n_embd % n_head or (n_embd // n_head) % 2:
@@ -177,9 +159,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """nanochat's init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))),
-        embedding N(0, 1), every residual output projection zero (each block starts as the
-        identity), lm_head tiny so the first logits are near uniform but not exactly tied."""
+        """nanochat's init; residual output projections zero (each block starts as the identity),
+        lm_head tiny (first logits near uniform but not exactly tied)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 fan_out, fan_in = m.weight.shape
@@ -212,9 +193,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self):
-        """Training FLOPs per token (forward + backward), as nanochat / PaLM appendix B:
-        6 per non-embedding parameter, plus 12 * layers * heads * head_dim * seq_len for the
-        attention score and value matmuls (counted over the full, not causal, T x T)."""
+        """Training FLOPs per token as nanochat / PaLM appendix B: 6 per non-embedding parameter
+        plus the attention matmuls over the full (not causal) T x T."""
         c = self.config
         n = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
@@ -266,9 +246,7 @@ class GPT(nn.Module):
         return x
 
     def lm_logits(self, x):
-        """Residual stream (any layer) -> soft-capped float32 logits: final norm, lm_head,
-        15*tanh(z/15). On the last layer's output this is exactly the model's logits; on an
-        earlier layer's it is the logit lens."""
+        """Residual stream -> soft-capped float32 logits (on an earlier layer's: the logit lens)."""
         return softcap(self.lm_head(norm(x, self.config.norm_eps)).float())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):

@@ -1,15 +1,10 @@
-"""Multiple-choice letter diagnostics for RL: what the policy would answer, A-E (A-D for a
-four-option task), and how far that has moved from the reference policy.
+"""Multiple-choice letter diagnostics for RL: which letter the policy would answer, and how far its
+letter distribution has moved from the reference policy's.
 
-For each multiple-choice rollout row the context before the answer letter is: the completion
-up to its "Answer: " marker when the marker is followed by a token (the answer was found), else
-the completion without its stop token with the marker appended (the answer forced into the gold
-format after the model's own reasoning). One no-grad forward of the contexts under the policy
-and one under the reference give the five letter logits at the last position. Per task, summed
-over rows and ranks, then averaged: the KL(policy || reference) of the letter distributions
-renormalised over A-E, the margin (gold logit minus the best other), the share of rows whose
-completion had the answer (answer_found), the share whose argmax is the gold (argmax_correct),
-and the counts of predicted letters.
+A row's context is its completion up to "Answer: " when a token follows the marker, else the
+completion without its stop token plus the marker (the answer forced after its own reasoning).
+Per task, over rows and ranks: KL(policy || reference) of the letter distributions over the row's
+options, the gold logit's margin over the best other, answer_found, argmax_correct, letter counts.
 
     letters = letter_tokens(tok.encode)      # None when "Answer: X" is not one token per letter
     sums = letter_sums(model, reference, prompts, completions, mc_rows, task_names, letters, stop_ids, cfg)
@@ -20,7 +15,7 @@ import torch
 from nanostoney.answers import LETTERS, MARKER
 from nanostoney.dist import all_reduce_sum
 from nanostoney.gpt import unwrap
-from nanostoney.policy import autocast as autocast_of, completion_logits
+from nanostoney.policy import autocast as autocast_of, completion_logits, pack
 
 STATS = ("n", "kl", "margin", "found", "correct") + tuple(f"count_{L}" for L in LETTERS)
 
@@ -37,9 +32,7 @@ def letter_tokens(encode):
 
 
 def letter_context(completion, marker, stop_ids=()):
-    """(found, context): the completion tokens before its answer letter when it wrote the marker
-    followed by a token (found), else the completion without its stop token followed by the
-    marker (the answer forced into the gold format)."""
+    """(found, context): see the module's docstring."""
     c, n = list(completion), len(marker)
     for j in range(len(c) - n, -1, -1):
         if c[j:j + n] == list(marker):
@@ -53,8 +46,7 @@ def letter_context(completion, marker, stop_ids=()):
 
 @torch.no_grad()
 def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=None):
-    """(policy, reference) logits over letter_ids at the last position of each sequence, each
-    (len(seqs), len(letter_ids)) float32 on CPU."""
+    """(policy, reference) logits over letter_ids at each sequence's last position, float32 on CPU."""
     model = unwrap(model)
     device = model.get_device()
     ids = torch.tensor(letter_ids, device=device)
@@ -65,12 +57,9 @@ def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=N
         out = []
         for i in range(0, len(seqs), micro_batch):
             chunk = seqs[i:i + micro_batch]
-            idx = torch.zeros(len(chunk), max(len(s) for s in chunk), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-            last = torch.tensor([len(s) - 1 for s in chunk])
+            idx, last = pack(chunk, [[0]] * len(chunk), device)[:2]  # the one position predicts after s
             with autocast_of(autocast):
-                logits = completion_logits(m, idx.to(device), last[:, None].to(device))[:, 0]
+                logits = completion_logits(m, idx, last)[:, 0]
             out.append(logits.float()[:, ids].cpu())
         return torch.cat(out)
 
@@ -82,10 +71,8 @@ def letter_logits(model, reference, seqs, letter_ids, micro_batch=16, autocast=N
 
 
 def letter_summary(policy, ref, gold, n_options=None):
-    """Per row, from policy and reference logits over the 5 letters (R, 5), the gold letter index
-    and the row's number of options (default 5): kl = KL(policy || reference) of the letter
-    distributions renormalised over the row's own letters (A-D for four options), margin =
-    policy logit of the gold letter minus the best other, pred = policy argmax."""
+    """Per row of (R, 5) letter logits: kl (over the row's own n_options letters), margin (gold
+    logit minus the best other) and pred (policy argmax)."""
     policy, ref = policy.float().cpu(), ref.float().cpu()
     if n_options is not None:  # letters past the row's options: far below, but finite (0 * finite = 0 in kl)
         beyond = torch.arange(policy.size(1))[None, :] >= torch.as_tensor(n_options)[:, None]
@@ -99,9 +86,7 @@ def letter_summary(policy, ref, gold, n_options=None):
 
 
 def letter_sums(model, reference, prompts, completions, mc_rows, task_names, letters, stop_ids, cfg):
-    """Per task of task_names, sums of the letter statistics (STATS) over this rank's rows.
-    mc_rows: [(row of prompts / completions, task name, gold letter, number of options)] of the
-    multiple-choice rows."""
+    """Per task, sums of STATS over this rank's mc_rows [(row, task name, gold letter, options)]."""
     sums = {f"{name}/{k}": 0.0 for name in task_names for k in STATS}
     if not mc_rows:
         return sums

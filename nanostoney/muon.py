@@ -1,29 +1,17 @@
 """Muon: momentum, then orthogonalise the update, for the 2-D weight matrices of the blocks.
 
-Plain SGD-momentum on a weight matrix tends to move along a few dominant directions (its
-update is nearly low-rank). Muon replaces the momentum matrix M = U S V^T by roughly U V^T:
-every singular direction moves by the same amount, so the step is "as large as it can be"
-in spectral norm. Computing U V^T exactly needs an SVD; a few Newton–Schulz iterations of an
-odd polynomial get close enough (singular values land in about [0.7, 1.2], which is fine).
-
-Only for matrices inside the transformer blocks: embeddings and the output head are not
-linear maps between hidden spaces in the same sense and stay on AdamW (as in nanochat and
-Keller Jordan's modded-nanogpt, where Muon comes from).
-
-Under DDP every rank holds the same averaged gradient, so every rank runs the same update;
-simple, and the extra work is small next to the forward/backward at our sizes.
+SGD-momentum on a matrix moves along a few dominant directions; Muon replaces the momentum
+M = U S V^T by about U V^T (a few Newton-Schulz iterations, not an SVD), so every singular
+direction moves alike. Embeddings and the head stay on AdamW, as in nanochat and modded-nanogpt.
+Under DDP every rank holds the same averaged gradient and runs the same update.
 """
 import torch
 
 
 @torch.no_grad()
 def orthogonalize(G, steps=5):
-    """Approximately U V^T for G = U S V^T, by a quintic Newton–Schulz iteration.
-
-    The coefficients (a, b, c) pick the polynomial a x + b x^3 + c x^5 that pushes small
-    singular values up fastest while keeping all of them inside a band near 1 after 5 steps.
-    bf16 on GPU (the iteration is robust to it and it is the hot loop); fp32 elsewhere.
-    """
+    """About U V^T for G = U S V^T by a quintic Newton-Schulz iteration, whose coefficients push small
+    singular values up fastest while keeping all near 1; bf16 on GPU (robust, the hot loop), else fp32."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
@@ -39,12 +27,8 @@ def orthogonalize(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with (Nesterov) momentum whose update is orthogonalised. Params must be 2-D.
-
-    lr is in "spectral units": the update U V^T has spectral norm ~1, scaled by
-    sqrt(max(1, rows/cols)) so tall matrices (e.g. the MLP's down-projection input) get a
-    per-element step comparable to wide ones.
-    """
+    """SGD with (Nesterov) momentum whose update is orthogonalised; params must be 2-D. lr is in
+    spectral units, scaled by sqrt(max(1, rows/cols)) so tall matrices step like wide ones."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)

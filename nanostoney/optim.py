@@ -3,11 +3,8 @@
     optimizer = build_optimizer(model, "adamw")         # or "muon": Muon for matrices + AdamW
     set_lr(optimizer, lr_multiplier(step, num_iterations, warmup_steps=10))
 
-- nanochat's split (Muon for block matrices, AdamW for embeddings and the head) or plain
-  AdamW, one object with state_dict() for checkpoints; only parameters that require grad are
-  optimized, so LoRA just works.
-- LR schedule: linear warmup, constant, linear warmdown to a floor; a pure function of the
-  step, so a resumed run is at the same point of the schedule without saving anything.
+nanochat's split (Muon for block matrices, AdamW for embeddings and the head) or plain AdamW, as
+one object. The LR schedule is a pure function of the step, so a resumed run needs nothing saved.
 """
 import torch
 
@@ -67,13 +64,8 @@ class Optimizers:
 
 def build_optimizer(model, kind="adamw", matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004,
                     scalar_lr=0.01, weight_decay=0.0, betas=(0.8, 0.95)):
-    """Parameter groups by role, only over parameters that require grad (so LoRA just works).
-
-    Roles: "matrix" = 2-D weights inside transformer.h and every LoRA A/B, "embedding" = wte,
-    "unembedding" = lm_head, "scalar" = anything else. AdamW LRs of embedding/head are scaled
-    by (n_embd / 768)^-0.5 as nanochat does, so the same flags suit every depth.
-    Each group remembers its initial_lr; set_lr multiplies it by the schedule.
-    """
+    """Parameter groups by role over the parameters that require grad (so LoRA just works); AdamW LRs
+    of embedding and head scaled by (n_embd / 768)^-0.5 as nanochat's; set_lr scales initial_lr."""
     if kind not in MATRIX_LR:
         raise UserError(f"unknown --optimizer {kind!r}; use muon or adamw.")
     matrix_lr = MATRIX_LR[kind] if matrix_lr is None else matrix_lr

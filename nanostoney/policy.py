@@ -1,10 +1,5 @@
-"""The policy's log-probs of completions, and the reference policy it is held near: what GRPO,
-DPO and the letter diagnostics share.
-
-A row is (prompt ids, completion ids). `pack` right-pads rows for one training forward;
-`token_logprobs` gives log p(completion token) at each completion position, reading lm_head
-only there; `make_reference` returns the policy at the start of RL (or the base weights) as a
-context manager, without a second model in memory where LoRA allows it.
+"""The policy's log-probs of completions and the reference policy it is held near: what GRPO, DPO
+and the letter diagnostics share. A row is (prompt ids, completion ids).
 
     reference = make_reference(model, "init")
     idx, pos, targets, mask, valid = pack(prompts, completions, device)
@@ -31,9 +26,8 @@ def autocast(factory):
 
 
 def pack(prompts, completions, device):
-    """Right-padded inputs for the training forward. Right padding needs no attention mask: a
-    causal model never lets a real token see the pads after it, and positions start at 0.
-    Returns (idx (B, T), pos (B, L), targets (B, L), mask (B, L), valid (B, T))."""
+    """Right-padded (idx (B, T), pos (B, L), targets (B, L), mask (B, L), valid (B, T)); right padding
+    needs no attention mask, as no real token of a causal model sees the pads after it."""
     B = len(prompts)
     seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions)]
     T = max(len(s) for s in seqs)
@@ -44,10 +38,9 @@ def pack(prompts, completions, device):
     mask = torch.zeros(B, L, dtype=torch.long)
     for r, (p, c, s) in enumerate(zip(prompts, completions, seqs)):
         idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        n = len(c)
-        if n:
-            targets[r, :n] = torch.tensor(c, dtype=torch.long)
-            mask[r, :n] = 1
+        if c:
+            targets[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[r, :len(c)] = 1
         # token j of the completion is predicted at position len(p) - 1 + j; pads point at a
         # valid position and are masked out
         pos[r] = (len(p) - 1 + torch.arange(L)).clamp(max=T - 1)
@@ -56,16 +49,14 @@ def pack(prompts, completions, device):
 
 
 def completion_logits(model, idx, pos):
-    """Logits (B, L, V) at the positions that predict the completion tokens only: the prompt's
-    positions go through the trunk but never through lm_head (saves B x P x V floats)."""
+    """Logits (B, L, V) at the positions `pos` only: the prompt never goes through lm_head."""
     h = model.trunk(idx)
     h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
     return model.lm_logits(h)
 
 
 def token_logprobs(model, idx, pos, targets, with_entropy=False):
-    """(logp, token_entropy): log p(completion token) (B, L) under `model`, and the entropy of
-    the policy's next-token distribution at each of those positions (B, L) if asked, else None."""
+    """(log p(completion token) (B, L), the next-token entropy there (B, L) if asked else None)."""
     logp_all = torch.log_softmax(completion_logits(model, idx, pos), -1)
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     token_entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
@@ -73,8 +64,7 @@ def token_logprobs(model, idx, pos, targets, with_entropy=False):
 
 
 def sequence_logps(model, prompts, completions, device, autocast_factory=None, attn_entropy=None):
-    """(summed completion log-probs (B,), per-token log-probs (B, L), mask (B, L)) of each
-    (prompt, completion) row under `model`, in one right-padded forward."""
+    """(summed completion log-probs (B,), per-token log-probs (B, L), mask (B, L)) in one forward."""
     idx, pos, targets, mask, valid = pack(prompts, completions, device)
     if attn_entropy is not None:
         attn_entropy.valid = valid
@@ -99,9 +89,8 @@ def reference_logps(reference, prompts, completions, device, autocast_factory=No
 @torch.no_grad()
 def sample_completions(model, tok, conversations, samples, max_new_tokens, temperature, seed, info=None,
                        autocast_factory=None):
-    """[[(completion ids, text, stopped)] * samples] per conversation's prompt (a message list),
-    sampled in fixed chunks of 8 prompts shared out over the ranks, the chunk at i seeded by
-    seed + i: the same samples at any world size. text leaves out the closing <|assistant_end|>."""
+    """[[(completion ids, text without <|assistant_end|>, stopped)] * samples] per conversation's
+    prompt, in chunks of 8 over the ranks, chunk i seeded by seed + i: the same at any world size."""
     engine, stop = Engine(model, tok), tok.token_id("<|assistant_end|>")
 
     def chunk(i):
@@ -121,29 +110,18 @@ def sample_completions(model, tok, conversations, samples, max_new_tokens, tempe
 @contextmanager
 def swapped_adapters(model, snapshot):
     """Inside the block the LoRA adapters hold `snapshot` (a lora_state_dict); restored after."""
-    own = lora.lora_state_dict(model)
-    saved = {k: v.detach().clone() for k, v in own.items()}
-    with torch.no_grad():
-        for k, v in snapshot.items():
-            own[k].copy_(v)
+    saved = {k: v.detach().clone() for k, v in lora.lora_state_dict(model).items()}
+    lora.load_adapter_state(model, snapshot)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                own[k].copy_(v)
+        lora.load_adapter_state(model, saved)
 
 
 def make_reference(model, kind="init"):
-    """A callable returning a context manager that yields the reference policy.
-
-    LoRA model, kind "base": the frozen weights with the adapters disabled (no copy).
-    LoRA model, kind "init": the policy as it is now, i.e. at the start of RL. When every
-      lora_B is zero (fresh adapters) this is the same function as "base" and costs nothing;
-      otherwise (RL continues the SFT adapters) a snapshot of the adapter tensors (r x (in+out)
-      per layer, small) is swapped in for the reference forwards.
-    Model without adapters (full fine-tuning): a frozen copy made now; "base" has no meaning.
-    """
+    """A callable returning a context manager that yields the reference policy. With LoRA, "base" and
+    "init" on fresh adapters (B = 0) are the model with its adapters off, "init" otherwise swaps in a
+    snapshot of today's adapters; without LoRA, "init" is a frozen copy made now."""
     if kind not in REFERENCES:
         raise ValueError(f"the reference must be one of {', '.join(REFERENCES)}, got {kind!r}")
     model = unwrap(model)

@@ -1,24 +1,14 @@
-"""A learned reward: the GPT trunk with a scalar head, trained with the Bradley-Terry loss.
+"""A learned reward: the GPT trunk with a scalar head on the last token, trained with Bradley-Terry.
 
     rm = RewardModel(gpt)                           # gpt: a GPT, with LoRA applied or not
     r = rm(idx, last)                               # (B,) scores, one per right-padded row
-    loss = bt_loss(r_chosen, r_rejected)            # -log sigmoid(r_c - r_r), mean over pairs
     rm.score([[ids...], [ids...]])                  # (B,) for rewards.LearnedReward
     save_reward_model(out, rm, step, base_checkpoint=...); load_reward_model(out)
 
-The score of a sequence is head(final_norm(h_last)), where h_last is the residual stream at
-its last token. Sequences are whole rendered conversations (prompt + answer + <|assistant_end|>,
-tokenizer.render_conversation), the same rendering rewards.LearnedReward scores, so the last
-token has seen the question and the whole answer. lm_head is not used.
-
-Pairs come from the ground truth of each task's TRAIN split (`build_pairs`): the gold answer
-against a wrong answer whose rationale argues for it (see `rejected_text`), and optionally
-against wrong answers sampled from the SFT model (`sampled_pairs`). Held-out pairs come from
-the val (or test) split the same way; `pairwise_accuracy` is the share of pairs ranked right.
-
-Saving goes through checkpoint.save_checkpoint: LoRA adapters (naming their base) or the
-full trunk, and the head's n_embd + 1 numbers in meta.json["reward_head"] (written in the
-same atomic save as the rest; JSON floats round-trip float32 exactly).
+A scored sequence is a whole rendered conversation (prompt + answer + <|assistant_end|>), as
+rewards.LearnedReward renders it. Pairs: the gold answer against a ground-truth wrong one
+(build_pairs) or against the SFT model's wrong samples (sampled_pairs). The head's n_embd + 1
+numbers are saved in meta.json["reward_head"] (JSON floats round-trip float32 exactly).
 """
 import os
 import random
@@ -30,7 +20,7 @@ import torch.nn.functional as F
 from nanostoney import checkpoint
 from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
-from nanostoney.policy import sample_completions
+from nanostoney.policy import pack, sample_completions
 from nanostoney.tasks.base import normalize, stable_hash
 from nanostoney.tasks.subset import subset
 
@@ -80,14 +70,10 @@ class RewardModel(nn.Module):
         return torch.cat(out)
 
 
-def pad_right(seqs, device, pad_id=0):
+def pad_right(seqs, device):
     """(idx (B, T), last (B,)) for a list of id lists, padded at the end."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
-    return idx.to(device), last.to(device)
+    idx, pos = pack(seqs, [[0]] * len(seqs), device)[:2]  # the one "completion" position is the last token
+    return idx, pos[:, 0]
 
 
 def bt_loss(r_chosen, r_rejected):
@@ -104,8 +90,7 @@ def pair_forward(rm, pairs, device):
 
 
 def pair_loss(rm, pairs, device):
-    """The reward model's loss for train.train_loop: (Bradley-Terry loss of a batch of pair
-    dicts, tokens in the forward, {"train/pair_accuracy": share of pairs ranked right})."""
+    """(Bradley-Terry loss of a batch of pair dicts, tokens in the forward, {"train/pair_accuracy"})."""
     c, r = pair_forward(rm, [(p["chosen"], p["rejected"]) for p in pairs], device)
     tokens = 2 * len(pairs) * max(len(ids) for p in pairs for ids in (p["chosen"], p["rejected"]))
     return bt_loss(c, r), tokens, {"train/pair_accuracy": (c > r).float().mean()}
@@ -113,8 +98,7 @@ def pair_loss(rm, pairs, device):
 
 @torch.no_grad()
 def pairwise_accuracy(rm, pairs, batch_size=16):
-    """Share of (chosen, rejected) id pairs with score(chosen) > score(rejected) (ties count
-    half), plus the mean margin."""
+    """(share of (chosen, rejected) id pairs ranked right, ties half; mean margin)."""
     if not pairs:
         return float("nan"), float("nan")
     c = rm.score([p[0] for p in pairs], batch_size)
@@ -127,25 +111,13 @@ def pairwise_accuracy(rm, pairs, batch_size=16):
 # pairs from ground truth
 
 
-def _stable_rng(key):
-    return random.Random(stable_hash(key))
-
-
 def rejected_text(task, example, others=None):
-    """A wrong answer with a rationale that argues for it, the ground-truth negative of a pair,
-    or None where the task has none (then only sampled negatives pair it).
-
-    mc:      a wrong option (chosen by a hash of the id) with that option's own rationale,
-             example["option_rationales"][letter]: for arith_mc the wrong-step chain that leads
-             to it, for stoney_mc the gold's sentence asserting the distractor's gloss (term);
-             only knowing the fact or doing the sums tells it from the gold
-    numeric: one of example["wrong_answers"] (arith: a wrong-step chain and its result)
-    open:    another example's answer (same split; for the lexicon the same direction), in
-             the answer and wherever the gold answer appears in the reasoning
-    GSM8K and AQuA have no such rationale for their wrong answers (only the gold's, with the
-    number changed, which a model can reject by checking consistency), so they give None."""
+    """A wrong answer with a rationale arguing for it (chosen by a hash of the id), or None: mc, a
+    wrong option's own rationale (option_rationales); numeric, one of wrong_answers; open, another
+    example's answer (same direction) put in place of the gold's. GSM8K and AQuA have none: only
+    the gold rationale with the number changed, which consistency alone rejects."""
     gold = example["messages"][-1]["content"]
-    rng = _stable_rng("rm/" + example["id"])
+    rng = random.Random(stable_hash("rm/" + example["id"]))
     if task.kind == "mc":
         options = example.get("option_rationales")
         if not options:
@@ -172,10 +144,8 @@ def rejected_text(task, example, others=None):
 
 
 def build_pairs(task, tokenizer, split, max_examples=0, max_len=None):
-    """Ground-truth pairs of one task and split: list of dicts with the task, family, example
-    id, and chosen / rejected token ids (whole rendered conversations), from max_examples
-    balanced, hash-chosen examples (tasks.subset; 0 = all). Examples without a usable
-    negative, or longer than max_len tokens, are skipped."""
+    """Ground-truth pair dicts (make_pair) of max_examples hash-chosen examples of a split (0 = all),
+    skipping those without a usable negative or longer than max_len tokens."""
     exs = subset(task, split, max_examples)
     pairs = []
     for ex in exs:
@@ -196,14 +166,13 @@ def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
         return None
     # prompt_len: where the answers start (DPO scores the completion tokens only)
     return {"task": task.name, "family": task.family, "id": example["id"], "kind": kind, "answer": example["answer"],
-            "options": len(example.get("choices") or []), "chosen": ids[0], "rejected": ids[1], "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
+            "options": len(example.get("choices") or []), "chosen": ids[0], "rejected": ids[1],
+            "prompt_len": len(tokenizer.render_prompt({"messages": prompt}))}
 
 
 def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, seed=0,
                   max_len=None, temperature=1.0, info=None, autocast_factory=None):
-    """Gold vs wrong answers sampled from `model` (e.g. the SFT policy) on `examples` of `task`:
-    every sampled completion the task's verifier rejects becomes a pair (the sampling shared out
-    over the ranks of `info`, policy.sample_completions)."""
+    """Pairs of the gold against every sample of `model` (e.g. the SFT policy) the verifier rejects."""
     exs = list(examples)
     got = sample_completions(model, tokenizer, [task.prompt(ex) for ex in exs], samples, max_new_tokens,
                              temperature, seed, info, autocast_factory)

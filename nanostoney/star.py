@@ -1,8 +1,6 @@
-"""STaR (Zelikman et al. 2022, arXiv 2203.14465): rejection-sampling fine-tuning, the baseline
-RL is compared against. One round samples rationales on train prompts, keeps those the task's
-verifier accepts (with rationalisation: failed prompts retried with the answer as a hint, the
-rationale kept without it), then fine-tunes on every rationale kept so far through the SFT
-stage's own batches, loss and loop (scripts/star_train.py runs the rounds).
+"""STaR (Zelikman et al. 2022, arXiv 2203.14465): rejection-sampling fine-tuning, RL's baseline. A
+round keeps the sampled rationales the verifier accepts (failed prompts retried with the answer as
+a hint, kept without it), then fine-tunes on all kept so far with the SFT stage's batches and loop.
 
     kept = {task.name: {} for task in tasks}
     record = sample_round(model, tok, tasks, kept, args, info, seed)
@@ -24,8 +22,7 @@ def hinted(task, ex):
 
 
 def collect(model, tok, task, examples, args, info, seed, hint=False):
-    """[(example index, completion text)] of the correct samples (policy.sample_completions: the
-    same rationales at any world size)."""
+    """[(example index, completion text)] of the correct samples."""
     model.eval()
     got = sample_completions(model, tok, [hinted(task, ex) if hint else task.prompt(ex) for ex in examples],
                              args.samples_per_prompt, args.max_new_tokens, args.temperature, seed, info,
