@@ -105,19 +105,15 @@ def summarize(sums):
 # pairs
 
 
-def split_conversation_pair(chosen_ids, rejected_ids, prompt_len):
-    """(prompt, chosen completion, rejected completion) of two rendered conversations sharing their prompt."""
-    if chosen_ids[:prompt_len] != rejected_ids[:prompt_len]:
-        raise ValueError("the two conversations of a pair do not share their prompt")
-    return list(chosen_ids[:prompt_len]), list(chosen_ids[prompt_len:]), list(rejected_ids[prompt_len:])
-
-
 def pairs_from_conversations(rm_pairs):
-    """reward_model pair dicts (with prompt_len) -> dicts with prompt / chosen / rejected completions."""
+    """reward_model pair dicts (whole conversations sharing their first prompt_len ids) -> the same
+    dicts with the prompt and the chosen / rejected completions."""
     out = []
     for p in rm_pairs:
-        prompt, w, l = split_conversation_pair(p["chosen"], p["rejected"], p["prompt_len"])
-        out.append({**p, "prompt": prompt, "chosen": w, "rejected": l})
+        w, l, n = p["chosen"], p["rejected"], p["prompt_len"]
+        if w[:n] != l[:n]:
+            raise ValueError("the two conversations of a pair do not share their prompt")
+        out.append({**p, "prompt": list(w[:n]), "chosen": list(w[n:]), "rejected": list(l[n:])})
     return out
 
 

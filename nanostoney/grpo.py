@@ -23,6 +23,7 @@ from nanostoney.engine import Engine
 from nanostoney.gpt import unwrap
 from nanostoney.policy import autocast, pack, token_logprobs
 
+
 @dataclass
 class GRPOConfig:
     group_size: int = 8            # G completions per prompt

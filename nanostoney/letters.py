@@ -17,7 +17,7 @@ from nanostoney.dist import all_reduce_sum
 from nanostoney.gpt import unwrap
 from nanostoney.policy import autocast as autocast_of, completion_logits, pack
 
-STATS = ("n", "kl", "margin", "found", "correct") + tuple(f"count_{L}" for L in LETTERS)
+STATS = ("n", "kl", "margin", "answer_found", "argmax_correct") + tuple(f"count_{L}" for L in LETTERS)
 
 
 def letter_tokens(encode):
@@ -101,8 +101,8 @@ def letter_sums(model, reference, prompts, completions, mc_rows, task_names, let
         sums[f"{name}/n"] += 1
         sums[f"{name}/kl"] += st["kl"][j].item()
         sums[f"{name}/margin"] += st["margin"][j].item()
-        sums[f"{name}/found"] += float(found)
-        sums[f"{name}/correct"] += float(pred == gold[j])
+        sums[f"{name}/answer_found"] += float(found)
+        sums[f"{name}/argmax_correct"] += float(pred == gold[j])
         sums[f"{name}/count_{LETTERS[pred]}"] += 1
     return sums
 
@@ -111,22 +111,13 @@ def finish(sums, task_names):
     """The logged letters/* metrics from every rank's letter_sums (sums them over ranks)."""
     keys = sorted(sums)
     vals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
-    out, total = {}, {k: 0.0 for k in ("n", "kl", "margin")}
+    out = {f"letters/{name}/count_{L}": vals[f"{name}/count_{L}"] for name in task_names for L in LETTERS}
     for name in task_names:
-        cnt = vals[f"{name}/n"]
-        for L in LETTERS:
-            out[f"letters/{name}/count_{L}"] = vals[f"{name}/count_{L}"]
-        if cnt == 0:
-            continue
-        out[f"letters/{name}/kl"] = vals[f"{name}/kl"] / cnt
-        out[f"letters/{name}/margin"] = vals[f"{name}/margin"] / cnt
-        out[f"letters/{name}/answer_found"] = vals[f"{name}/found"] / cnt
-        out[f"letters/{name}/argmax_correct"] = vals[f"{name}/correct"] / cnt
-        for k in total:
-            total[k] += vals[f"{name}/{k}"]
+        if cnt := vals[f"{name}/n"]:
+            out.update({f"letters/{name}/{k}": vals[f"{name}/{k}"] / cnt for k in STATS[1:5]})
+    total = {k: sum(vals[f"{name}/{k}"] for name in task_names) for k in ("n", "kl", "margin")}
     if total["n"]:
         out["letters/kl"] = total["kl"] / total["n"]
         out["letters/margin"] = total["margin"] / total["n"]
-    for L in LETTERS:
-        out[f"letters/count_{L}"] = sum(vals[f"{name}/count_{L}"] for name in task_names)
+    out.update({f"letters/count_{L}": sum(vals[f"{name}/count_{L}"] for name in task_names) for L in LETTERS})
     return out

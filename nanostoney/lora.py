@@ -107,8 +107,6 @@ def _targets_arg(text):
 
 def parse_targets(targets):
     """"attn.c_q,attn.c_v" or ["attn", "mlp"] or aliases (attn, mlp, all, head, q, k, v, o) -> tuple."""
-    if targets is None:
-        return DEFAULT_TARGETS
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     out = list(dict.fromkeys(name for t in targets for name in ALIASES.get(t, (t,))))
@@ -125,12 +123,6 @@ def _matches(name, pattern):
 def lora_modules(model):
     """(name, LoRALinear) pairs, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def _set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
@@ -151,7 +143,7 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
-        _set_submodule(model, n, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
+        model.set_submodule(n, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
     model.lora_config = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout),
                          "targets": list(targets)}
     return names
@@ -204,7 +196,7 @@ def remove_lora(model, merge=True):
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
         lin.weight, lin.bias = m.weight, m.bias
-        _set_submodule(model, name, lin)
+        model.set_submodule(name, lin)
     if hasattr(model, "lora_config"):
         del model.lora_config
     for p in model.parameters():

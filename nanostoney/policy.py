@@ -122,8 +122,7 @@ def make_reference(model, kind="init"):
     """A callable returning a context manager that yields the reference policy. With LoRA, "base" and
     "init" on fresh adapters (B = 0) are the model with its adapters off, "init" otherwise swaps in a
     snapshot of today's adapters; without LoRA, "init" is a frozen copy made now."""
-    if kind not in REFERENCES:
-        raise ValueError(f"the reference must be one of {', '.join(REFERENCES)}, got {kind!r}")
+    assert kind in REFERENCES, f"the reference is one of {', '.join(REFERENCES)}, got {kind!r}"
     model = unwrap(model)
     if lora.lora_modules(model):
         fresh = all(bool((m.lora_B == 0).all()) for _, m in lora.lora_modules(model))
@@ -131,8 +130,7 @@ def make_reference(model, kind="init"):
             return lambda: lora.disable_adapters(model)
         snapshot = {k: v.detach().clone() for k, v in lora.lora_state_dict(model).items()}
         return lambda: swapped_adapters(model, snapshot)
-    if kind == "base":
-        raise ValueError("a base reference needs LoRA adapters (the base is the model with them off)")
+    assert kind == "init", "a base reference needs LoRA adapters (the base is the model with them off)"
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -3,7 +3,7 @@
     rm = RewardModel(gpt)                           # gpt: a GPT, with LoRA applied or not
     r = rm(idx, last)                               # (B,) scores, one per right-padded row
     rm.score([[ids...], [ids...]])                  # (B,) for rewards.LearnedReward
-    save_reward_model(out, rm, step, base_checkpoint=...); load_reward_model(out)
+    checkpoint.save_checkpoint(out, gpt, step, meta=head_meta(rm)); load_reward_model(out)
 
 A scored sequence is a whole rendered conversation (prompt + answer + <|assistant_end|>), as
 rewards.LearnedReward renders it. Pairs: the gold answer against a ground-truth wrong one
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nanostoney import checkpoint
 from nanostoney.errors import UserError
-from nanostoney.gpt import norm, unwrap
+from nanostoney.gpt import norm
 from nanostoney.policy import pack, sample_completions
 from nanostoney.tasks.base import normalize, stable_hash
 from nanostoney.tasks.subset import subset
@@ -197,16 +197,8 @@ def head_meta(rm):
     return {"stage": "reward_model", "reward_head": head}
 
 
-def save_reward_model(out_dir, rm, step, optimizer=None, base_checkpoint=None, meta=None,
-                      tokenizer=None, rng_states=None):
-    """Adapters (or the full trunk) through checkpoint.save_checkpoint, with the head in meta."""
-    return checkpoint.save_checkpoint(out_dir, unwrap(rm.gpt), step, optimizer=optimizer,
-                                      meta={**(meta or {}), **head_meta(rm)}, tokenizer=tokenizer,
-                                      rng_states=rng_states, base_checkpoint=base_checkpoint)
-
-
 def load_reward_model(path, device="cpu"):
-    """(RewardModel in eval mode, tokenizer or None, meta) from save_reward_model's output."""
+    """(RewardModel in eval mode, tokenizer or None, meta) of a checkpoint whose meta has head_meta."""
     ckpt = checkpoint.latest_checkpoint(path) if os.path.isdir(path) else None
     if ckpt is None:
         raise UserError(f"reward model {path}: no checkpoint there; train one with python -m scripts.rm_train.")

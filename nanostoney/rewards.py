@@ -35,10 +35,7 @@ def _kind(example, task):
 
 def _gold_text(example):
     """The gold assistant message (the last assistant turn), or "" when the example has none."""
-    for m in reversed(example.get("messages", [])):
-        if m["role"] == "assistant":
-            return m["content"]
-    return ""
+    return next((m["content"] for m in reversed(example.get("messages", [])) if m["role"] == "assistant"), "")
 
 
 def _valid_answer(value, kind):
@@ -75,19 +72,14 @@ def format_reward(example, completion, task):
     if kind == "open":
         return think + (0.5 if answer_part(text) else 0.0)
     lines = [ln.strip() for ln in after_think(text).splitlines() if ln.strip()]
-    n = len(MARKER)
-    ans_lines = [ln for ln in lines if ln.startswith(MARKER)]
-    answer = 0.0
-    if lines and lines[-1].startswith(MARKER) and _valid_answer(lines[-1][n:], kind):
-        answer = 0.5
-    elif any(_valid_answer(ln[n:], kind) for ln in ans_lines):
-        answer = 0.25
-    elif ans_lines:
-        # an Answer line whose value starts with a valid answer ("Answer: C) 600") is half right
-        first = ans_lines[-1][n:].strip().split()
-        if first and _valid_answer(first[0].rstrip(").:,"), kind):
-            answer = 0.25
-    return think + answer
+    values = [ln[len(MARKER):] for ln in lines if ln.startswith(MARKER)]
+    if lines and lines[-1].startswith(MARKER) and _valid_answer(values[-1], kind):
+        return think + 0.5
+    # an Answer line whose value starts with a valid answer ("Answer: C) 600") is half right
+    first = values[-1].split()[:1] if values else []
+    if any(_valid_answer(v, kind) for v in values) or (first and _valid_answer(first[0].rstrip(").:,"), kind)):
+        return think + 0.25
+    return think
 
 
 def _steps(think):

@@ -116,7 +116,7 @@ def test_save_and_load_round_trip_and_learned_reward(tmp_path):
         rm.head.bias.fill_(0.25)
     seqs = [[tok.bos_id, 65, 66, 67], [tok.bos_id, 70]]
     want = rm.score(seqs)
-    reward_model.save_reward_model(str(tmp_path / "rm"), rm, 3, base_checkpoint=base)
+    checkpoint.save_checkpoint(str(tmp_path / "rm"), gpt, 3, meta=reward_model.head_meta(rm), base_checkpoint=base)
     loaded, loaded_tok, meta = reward_model.load_reward_model(str(tmp_path / "rm"))
     assert torch.equal(loaded.score(seqs), want)
     assert loaded_tok is not None and meta["stage"] == "reward_model"
