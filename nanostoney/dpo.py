@@ -2,11 +2,9 @@
 
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 
-with log pi(y|x) summed over the COMPLETION tokens only. beta * (log pi - log ref) is a completion's
-implicit reward. The reference is GRPO's (policy.make_reference), so with fresh adapters the first
-loss is exactly log 2. A pair is (prompt ids, chosen ids, rejected ids), completions ending with
-their stop token. Several processes: each rank takes its own pairs, the loss is divided by all
-ranks' pairs (n_pairs) and dist.sync_grads sums the gradients.
+with log pi(y|x) summed over the completion tokens only; beta * (log pi - log ref) is a completion's
+implicit reward. The reference is GRPO's (policy.make_reference). A pair is (prompt ids, chosen ids,
+rejected ids). Each rank takes its own pairs; the loss is divided by all ranks' pairs (n_pairs).
 """
 from dataclasses import dataclass
 
@@ -26,15 +24,10 @@ class DPOConfig:
     autocast: object = None    # a context factory for forwards (dist.autocast_ctx), or None
 
 
-# -----------------------------------------------------------------------------
-# the maths
-
-
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta, n_pairs):
     """The DPO loss of (B,) summed completion log-probs, summed over these pairs and divided by the
     step's n_pairs on all ranks; (loss, stats summed over the pairs)."""
-    chosen = beta * (pi_w - ref_w)
-    rejected = beta * (pi_l - ref_l)
+    chosen, rejected = beta * (pi_w - ref_w), beta * (pi_l - ref_l)
     per_pair = F.softplus(-(chosen - rejected))  # = -log sigmoid(.), stable for large margins
     loss = per_pair.sum() / n_pairs
     with torch.no_grad():
@@ -57,10 +50,6 @@ def pair_forward(model, reference, pairs, cfg, device, attn_entropy=None):
     kl = ((pi_tok.detach() - ref_tok) * mask).sum().item()
     B = len(pairs)
     return pi_seq[:B], pi_seq[B:], ref_seq[:B], ref_seq[B:], kl, mask.sum().item()
-
-
-# -----------------------------------------------------------------------------
-# one step
 
 
 def dpo_step(model, optimizer, micro_batches, cfg, reference, n_pairs, params=None, attn_entropy=None):
@@ -99,10 +88,6 @@ def summarize(sums):
     return {"loss": sums["loss"] / n, "rewards/chosen": sums["reward_chosen"] / n,
             "rewards/rejected": sums["reward_rejected"] / n, "rewards/margin": sums["margin"] / n,
             "rewards/accuracy": sums["accuracy"] / n, "kl_proxy": sums["kl"] / tok}
-
-
-# -----------------------------------------------------------------------------
-# pairs
 
 
 def pairs_from_conversations(rm_pairs):

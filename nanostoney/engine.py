@@ -7,9 +7,8 @@
                         top_k or top_p drew the sample: what GRPO's ratio and KL need
     out.prompt_index, out.stopped
 
-Exact batching: prompts are left-padded and the cache records each row's padding; the model gives
-a row's first real token rotary position 0 and hides the pad keys, so a row decodes as it would
-alone. Each prompt is prefilled once and its cache rows repeated num_samples times.
+Exact batching: prompts are left-padded, and the model gives a row's first real token rotary
+position 0 and hides the pad keys, so a row decodes as it would alone. Each prompt is prefilled once.
 use_cache=False recomputes every step without cache or padding: the tests' reference.
 """
 from dataclasses import dataclass
@@ -44,9 +43,9 @@ class KVCache:
         """Each row becomes n consecutive rows (prefill once, then sample n times)."""
         if n == 1:
             return self
-        out = KVCache(self.shape[0], self.shape[2] * n, self.shape[3], self.shape[5], self.shape[4])
+        out = KVCache(self.shape[0], self.shape[2] * n, self.shape[3], self.shape[5], self.shape[4],
+                      pad=None if self.pad is None else self.pad.repeat_interleave(n))
         out.pos = self.pos
-        out.pad = None if self.pad is None else self.pad.repeat_interleave(n)
         out.kv = None if self.kv is None else self.kv.repeat_interleave(n, dim=2)
         return out
 

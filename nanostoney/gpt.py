@@ -29,8 +29,6 @@ class GPTConfig:
     n_head: int = 6      # query heads
     n_kv_head: int = 6   # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
-    # Arithmetic, not shape (NUMERICS): nanochat's defaults; transformers' NanoChat uses
-    # RMSNorm eps 1e-6 and float32 rotary tables, which published.py sets for its checkpoints.
     norm_eps: float | None = None  # None: torch's default, the dtype's machine epsilon (nanochat)
     rope_dtype: str = "bfloat16"   # "bfloat16" (nanochat) or "float32" (transformers)
 
@@ -104,9 +102,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert(self.layer_idx, k, v)
         n_rep = self.n_head // self.n_kv_head
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        # mask None means causal aligned to the end: query i of Tq sees keys <= Tk - Tq + i.
-        # That is plain causal when Tq == Tk and "see everything" for one decoded token.
-        # Every other case (chunks after a cache, left padding) gets an explicit bool mask.
+        # mask None: causal aligned to the end (plain causal when Tq == Tk, everything for one decoded
+        # token); chunks after a cache and left padding get an explicit bool mask.
         if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -159,8 +156,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """nanochat's init; residual output projections zero (each block starts as the identity),
-        lm_head tiny (first logits near uniform but not exactly tied)."""
+        """nanochat's init: residual output projections zero (blocks start as the identity), lm_head tiny."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 fan_out, fan_in = m.weight.shape
@@ -193,8 +189,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self):
-        """Training FLOPs per token as nanochat / PaLM appendix B: 6 per non-embedding parameter
-        plus the attention matmuls over the full (not causal) T x T."""
+        """Training FLOPs per token as nanochat / PaLM appendix B (attention over the full T x T)."""
         c = self.config
         n = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len

@@ -7,9 +7,8 @@ uses (the first ratio is then exactly 1) -> update: inner_epochs optimizer steps
 -min(rho A, clip(rho) A) + beta * k3, normalised per token ("token") or per sequence ("sequence").
 cfg.shuffle_rewards (the control run) permutes the rewards across the batch first.
 
-grpo_step is experience() then learn(); a caller measuring the policy that sampled before it
-moves (letters.py) calls the two halves itself. Several processes: each rank takes its own
-prompts, the loss is normalised by all ranks' counts and dist.sync_grads sums the gradients.
+grpo_step is experience() then learn(): rl_step measures the letters in between. Each rank takes
+its own prompts; the loss is normalised by all ranks' counts.
 """
 import time
 from contextlib import nullcontext
@@ -41,10 +40,6 @@ class GRPOConfig:
     stop_ids: list = field(default_factory=list)
     autocast: object = None        # a context factory for forwards (dist.autocast_ctx), or None
     shuffle_rewards: bool = False  # the control run: rewards permuted across the batch before the advantages
-
-
-# -----------------------------------------------------------------------------
-# the maths: advantages, k3, the clipped objective
 
 
 def group_advantages(rewards, group_size, std_scaling=True, eps=1e-4):
@@ -91,10 +86,6 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, 
     return loss, stats
 
 
-# -----------------------------------------------------------------------------
-# rollouts and their log-probs
-
-
 @dataclass
 class Rollout:
     prompts: list            # per row: prompt ids (each prompt repeated G times, group-major)
@@ -122,8 +113,7 @@ def sample(model, prompts, cfg, seed=0):
             prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
             num_samples=cfg.group_size)
     model.train(was_training)
-    R = len(gen.tokens)
-    lps = [gen.logprobs[r, :len(gen.tokens[r])].tolist() for r in range(R)]
+    lps = [gen.logprobs[r, :len(t)].tolist() for r, t in enumerate(gen.tokens)]
     return Rollout(prompts=[list(prompts[i]) for i in gen.prompt_index], completions=gen.tokens,
                    prompt_index=list(gen.prompt_index), stopped=list(gen.stopped), engine_logprobs=lps)
 
@@ -222,8 +212,7 @@ def update(model, optimizer, rollout, cfg, params=None):
         s["skipped"] = 1.0
         return s
     adv = rollout.advantages.to(model.get_device())
-    has_ref = any(mb.ref_logp is not None for mb in rollout.batches)
-    beta = cfg.kl_beta if has_ref else 0.0
+    beta = cfg.kl_beta if any(mb.ref_logp is not None for mb in rollout.batches) else 0.0
     model.train()
     for epoch in range(cfg.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -245,10 +234,6 @@ def update(model, optimizer, rollout, cfg, params=None):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return s
-
-
-# -----------------------------------------------------------------------------
-# one whole step
 
 
 def experience(model, prompts, reward_fn, cfg, reference=None, seed=0, attn_entropy=None):
@@ -286,19 +271,18 @@ def summarize(ro, cfg):
     lengths = torch.tensor([float(len(c)) for c in ro.completions])
     out = {"reward/mean": ro.rewards.mean().item(), "reward/std": ro.rewards.std(unbiased=False).item(),
            "kl/mean": prep["kl"] / tok, "policy/entropy": prep["token_entropy"] / tok,
-           "clip_frac": prep["update/clipped"] / upd_tok,
+           "clip_frac": prep["update/clipped"] / upd_tok, "grad_norm": prep["update/grad_norm"],
            "loss/pg": prep["update/pg"] / upd_tok, "loss/kl_k3": prep["update/kl"] / upd_tok,
            "ratio/max_dev": prep["update/ratio_dev"], "ratio/max_dev_first_epoch": prep["update/ratio_dev_first"],
-           "grad_norm": prep["update/grad_norm"],
            "completion/length": lengths.mean().item(), "completion/stopped": sum(ro.stopped) / len(ro.stopped),
            "rollout/engine_logprob_gap": prep["engine_gap"]}
-    g = ro.rewards.view(-1, cfg.group_size)
-    out["adv/zero_groups"] = (g.std(1, unbiased=False) == 0).float().mean().item()
+    zero = (ro.rewards.view(-1, cfg.group_size).std(1, unbiased=False) == 0).float()
     skipped = equal_groups(ro.train_rewards, cfg.group_size).float()
     # groups/skipped is this rank's count; shuffle_moved, the control's evidence: rows whose
     # advantage came from another row's reward
-    out.update({"groups/skipped": skipped.sum().item(), "groups/skipped_frac": skipped.mean().item(),
-                "update/skipped": prep["update/skipped"], "reward/shuffled": float(cfg.shuffle_rewards),
+    out.update({"adv/zero_groups": zero.mean().item(), "groups/skipped": skipped.sum().item(),
+                "groups/skipped_frac": skipped.mean().item(), "update/skipped": prep["update/skipped"],
+                "reward/shuffled": float(cfg.shuffle_rewards),
                 "reward/shuffle_moved": (ro.train_rewards != ro.rewards).float().mean().item()})
     for name, v in (ro.parts or {}).items():
         out[f"reward/{name}/mean"] = v.mean().item()

@@ -3,8 +3,6 @@ letter distribution has moved from the reference policy's.
 
 A row's context is its completion up to "Answer: " when a token follows the marker, else the
 completion without its stop token plus the marker (the answer forced after its own reasoning).
-Per task, over rows and ranks: KL(policy || reference) of the letter distributions over the row's
-options, the gold logit's margin over the best other, answer_found, argmax_correct, letter counts.
 
     letters = letter_tokens(tok.encode)      # None when "Answer: X" is not one token per letter
     sums = letter_sums(model, reference, prompts, completions, mc_rows, task_names, letters, stop_ids, cfg)

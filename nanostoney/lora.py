@@ -1,9 +1,7 @@
 """LoRA: train a low-rank update W + (alpha/r) B A of chosen linear layers, base frozen.
 
-LoRALinear is an nn.Linear sharing the base `weight` Parameter (no copy) plus `lora_A` (r x in)
-and `lora_B` (out x r), so the base state-dict keys are unchanged and the adapters sit beside them;
-remove_lora(model, merge=True) leaves a plain GPT. B starts at zero (a fresh model computes the
-base function exactly); A starts as nn.Linear's own init, so the first gradient on B is not zero.
+LoRALinear is an nn.Linear sharing the base `weight` (no copy) plus `lora_A` (r x in) and `lora_B`
+(out x r): the base state-dict keys are unchanged. B starts at zero, so a fresh model computes the base.
 
     names = apply_lora(model, rank=8, alpha=16)      # freezes everything but the adapters
     with disable_adapters(model):                    # the base model: GRPO's KL reference
@@ -68,24 +66,19 @@ class LoRALinear(nn.Linear):
         return y
 
     @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
+    def merge(self, merged=True):
+        """Fold B A into the weight, or with merged=False take it back out; a no-op when already so."""
+        if self.merged != merged:
+            delta = self.delta_weight().to(self.weight.dtype)
+            self.weight += delta if merged else -delta
+            self.merged = merged
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
 def add_lora_args(parser, rank=16, alpha=32.0, targets="all,head", dropout=0.0):
-    """The fine-tuning flags of SFT, the reward model, GRPO and STaR (defaults differ per stage); they
-    shape fresh adapters only (an init that carries adapters keeps its own)."""
+    """The LoRA flags of the fine-tuning stages; an init that carries adapters keeps its own shape."""
     g = parser.add_argument_group("LoRA")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
     g.add_argument("--lora-rank", type=positive_int, default=rank, help="adapter rank r")
@@ -161,20 +154,18 @@ def lora_state_dict(model):
 
 @contextmanager
 def disable_adapters(model):
-    """Inside the block the model computes the base function, without a copy (merged adapters are
-    unmerged for the block and merged back after)."""
+    """Inside the block the model computes the base function, without a copy."""
     mods = [m for _, m in lora_modules(model)]
     state = [(m.enabled, m.merged) for m in mods]
     for m in mods:
-        m.unmerge()
+        m.merge(False)
         m.enabled = False
     try:
         yield model
     finally:
         for m, (enabled, merged) in zip(mods, state):
             m.enabled = enabled
-            if merged:
-                m.merge()
+            m.merge(merged)
 
 
 def merge_lora(model):
@@ -185,14 +176,13 @@ def merge_lora(model):
 
 def unmerge_lora(model):
     for _, m in lora_modules(model):
-        m.unmerge()
+        m.merge(False)
 
 
 def remove_lora(model, merge=True):
-    """A plain model again: every LoRALinear replaced by an nn.Linear holding its weight (B A merged
-    in when merge=True, else the base weight), every parameter trainable."""
+    """A plain, all-trainable model again: each LoRALinear an nn.Linear (B A merged in when merge)."""
     for name, m in lora_modules(model):
-        (m.merge if merge else m.unmerge)()
+        m.merge(merge)
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
         lin.weight, lin.bias = m.weight, m.bias
@@ -230,8 +220,7 @@ def write_adapter_files(model, directory, base_checkpoint=None):
 
 
 def save_adapters(model, path, base_checkpoint=None):
-    """The adapters alone in a small directory naming their base checkpoint (absolute, and relative
-    to the directory's parent, so the pair can move together); written whole or not at all."""
+    """The adapters alone in a directory naming their base checkpoint; written whole or not at all."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -261,8 +250,7 @@ def read_adapter_config(path):
 
 
 def base_checkpoint_of(path):
-    """The base checkpoint an adapter dir was trained on (relative location first, so a moved
-    pair still resolves), or None when the adapters do not name one."""
+    """The base checkpoint of an adapter dir (relative location first: a moved pair resolves), or None."""
     ref = read_adapter_config(path).get("base_checkpoint")
     if not ref:
         return None

@@ -33,9 +33,7 @@ def pack(prompts, completions, device):
     T = max(len(s) for s in seqs)
     L = max(1, max(len(c) for c in completions))
     idx = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    targets = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
+    pos, targets, mask = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
     for r, (p, c, s) in enumerate(zip(prompts, completions, seqs)):
         idx[r, :len(s)] = torch.tensor(s, dtype=torch.long)
         if c:
@@ -119,9 +117,8 @@ def swapped_adapters(model, snapshot):
 
 
 def make_reference(model, kind="init"):
-    """A callable returning a context manager that yields the reference policy. With LoRA, "base" and
-    "init" on fresh adapters (B = 0) are the model with its adapters off, "init" otherwise swaps in a
-    snapshot of today's adapters; without LoRA, "init" is a frozen copy made now."""
+    """A callable giving a context yielding the reference: with LoRA the adapters off ("base", or fresh) or
+    a snapshot of today's swapped in ("init"); without, a frozen copy made now."""
     assert kind in REFERENCES, f"the reference is one of {', '.join(REFERENCES)}, got {kind!r}"
     model = unwrap(model)
     if lora.lora_modules(model):

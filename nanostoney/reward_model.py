@@ -5,10 +5,8 @@
     rm.score([[ids...], [ids...]])                  # (B,) for rewards.LearnedReward
     checkpoint.save_checkpoint(out, gpt, step, meta=head_meta(rm)); load_reward_model(out)
 
-A scored sequence is a whole rendered conversation (prompt + answer + <|assistant_end|>), as
-rewards.LearnedReward renders it. Pairs: the gold answer against a ground-truth wrong one
-(build_pairs) or against the SFT model's wrong samples (sampled_pairs). The head's n_embd + 1
-numbers are saved in meta.json["reward_head"] (JSON floats round-trip float32 exactly).
+A scored sequence is a whole rendered conversation, as rewards.LearnedReward renders it. Pairs:
+the gold against a ground-truth wrong answer (build_pairs) or the SFT model's wrong samples.
 """
 import os
 import random
@@ -107,15 +105,10 @@ def pairwise_accuracy(rm, pairs, batch_size=16):
     return wins.mean().item(), (c - r).mean().item()
 
 
-# -----------------------------------------------------------------------------
-# pairs from ground truth
-
-
 def rejected_text(task, example, others=None):
-    """A wrong answer with a rationale arguing for it (chosen by a hash of the id), or None: mc, a
-    wrong option's own rationale (option_rationales); numeric, one of wrong_answers; open, another
-    example's answer (same direction) put in place of the gold's. GSM8K and AQuA have none: only
-    the gold rationale with the number changed, which consistency alone rejects."""
+    """A wrong answer with a rationale arguing for it (hash-chosen), or None: mc, a wrong option's own
+    rationale; numeric, one of wrong_answers; open, another example's answer in place of the gold's.
+    GSM8K and AQuA have none (the gold rationale with the number changed fails on consistency alone)."""
     gold = example["messages"][-1]["content"]
     rng = random.Random(stable_hash("rm/" + example["id"]))
     if task.kind == "mc":
@@ -147,21 +140,17 @@ def build_pairs(task, tokenizer, split, max_examples=0, max_len=None):
     """Ground-truth pair dicts (make_pair) of max_examples hash-chosen examples of a split (0 = all),
     skipping those without a usable negative or longer than max_len tokens."""
     exs = subset(task, split, max_examples)
-    pairs = []
-    for ex in exs:
-        bad = rejected_text(task, ex, exs)
-        if bad is None or bad == ex["messages"][-1]["content"]:
-            continue
-        p = make_pair(task, tokenizer, ex, ex["messages"][-1]["content"], bad, "ground_truth", max_len)
-        if p:
-            pairs.append(p)
-    return pairs
+    pairs = [make_pair(task, tokenizer, ex, bad, "ground_truth", max_len)
+             for ex in exs for bad in [rejected_text(task, ex, exs)]
+             if bad is not None and bad != ex["messages"][-1]["content"]]
+    return [p for p in pairs if p]
 
 
-def make_pair(task, tokenizer, example, chosen, rejected, kind, max_len=None):
+def make_pair(task, tokenizer, example, rejected, kind, max_len=None):
+    """The pair dict of the example's gold answer (chosen) and `rejected`, or None past max_len tokens."""
     prompt = task.prompt(example)
     ids = [tokenizer.render_conversation({"messages": prompt + [{"role": "assistant", "content": t}]})[0]
-           for t in (chosen, rejected)]
+           for t in (example["messages"][-1]["content"], rejected)]
     if max_len and max(len(i) for i in ids) > max_len:
         return None
     # prompt_len: where the answers start (DPO scores the completion tokens only)
@@ -176,18 +165,9 @@ def sampled_pairs(model, tokenizer, task, examples, samples, max_new_tokens, see
     exs = list(examples)
     got = sample_completions(model, tokenizer, [task.prompt(ex) for ex in exs], samples, max_new_tokens,
                              temperature, seed, info, autocast_factory)
-    pairs = []
-    for ex, rows in zip(exs, got):
-        for _, text, _ in rows:
-            if text.strip() and not task.evaluate(ex, text):
-                p = make_pair(task, tokenizer, ex, ex["messages"][-1]["content"], text, "sampled", max_len)
-                if p:
-                    pairs.append(p)
-    return pairs
-
-
-# -----------------------------------------------------------------------------
-# save / load
+    pairs = [make_pair(task, tokenizer, ex, text, "sampled", max_len)
+             for ex, rows in zip(exs, got) for _, text, _ in rows if text.strip() and not task.evaluate(ex, text)]
+    return [p for p in pairs if p]
 
 
 def head_meta(rm):

@@ -1,15 +1,12 @@
 """Reward functions for GRPO: every reward is `fn(example, completion, task) -> float`.
 
-`example` is a task example dict, `completion` the decoded assistant text, `task` the Task that
-made the example (its `kind` and its verifier `evaluate`). One signature, so GRPO never special-
-cases a reward: combine_batch weights them and returns each part for logging. The learned reward
-model is the one with state: build_rewards wraps it as LearnedReward, scoring a batch in one call.
-
-Ranges: length in [-0.5, 0.5], repetition in [-1, 0], the others in [0, 1]. GRPO standardises the
-weighted total within each group, so only the relative weights matter.
+`completion` is the decoded assistant text, `task` the Task that made `example` (its kind and its
+verifier). combine_batch weights the rewards and returns each part for logging. Ranges: length in
+[-0.5, 0.5], repetition in [-1, 0], the others in [0, 1]; only the relative weights matter.
 """
 import math
 import re
+from itertools import takewhile
 
 import torch
 
@@ -22,9 +19,6 @@ from nanostoney.tasks.base import EQUATION_RE
 # a well-formed numeric answer line: the number and nothing else ("$", "," and "%" allowed)
 NUMERIC_ANSWER_RE = re.compile(r"[-+]?\$?\s*\d[\d,]*(?:\.\d+)?%?")
 
-
-# -----------------------------------------------------------------------------
-# small helpers shared by the rewards
 
 def _kind(example, task):
     """The answer kind ("mc", "numeric", "open"): from the task, else from the example."""
@@ -47,9 +41,6 @@ def _valid_answer(value, kind):
         return NUMERIC_ANSWER_RE.fullmatch(value) is not None
     return len(value) > 0
 
-
-# -----------------------------------------------------------------------------
-# the reward functions
 
 def accuracy(example, completion, task):
     """1 if the task's verifier accepts the completion, else 0."""
@@ -83,8 +74,7 @@ def format_reward(example, completion, task):
 
 
 def _steps(think):
-    """Distinct reasoning steps: lines and sentences inside the think block, case-folded and
-    deduplicated, ignoring fragments shorter than 3 characters (bullets, stray numbers)."""
+    """Distinct case-folded lines and sentences of a think block, ignoring bullets and stray numbers."""
     steps = {" ".join(p.split()).lower().rstrip(".!?;") for p in re.split(r"\n+|(?<=[.!?;])\s+", think)}
     return sum(len(p) >= 3 for p in steps)
 
@@ -96,13 +86,7 @@ def chain(example, completion, task):
     if not gold:
         return accuracy(example, completion, task)
     got = EQUATION_RE.findall(rationale_part(completion))
-    right = 0
-    for g, c in zip(gold, got):
-        if _same_line(g, c):
-            right += 1
-        else:
-            break
-    return right / len(gold)
+    return sum(1 for _ in takewhile(lambda pair: _same_line(*pair), zip(gold, got))) / len(gold)
 
 
 def _same_line(a, b):
@@ -118,10 +102,8 @@ def reasoning_steps(example, completion, task, target=3):
 
 
 def length(example, completion, task, target=None, max_len=None):
-    """Kimi k1.5's length penalty (arXiv 2501.12599, sec. 2.3.3) with the group's min/max lengths
-    replaced by target and max_len characters: lam = 0.5 - clip((len - target) / (max_len - target),
-    0, 1); lam if correct else min(0, lam). Defaults: the gold message's length (at least 64) and
-    4x that (at least 256), so a terse gold does not punish every completion."""
+    """Kimi k1.5's length penalty (arXiv 2501.12599, 2.3.3), the group's min/max lengths replaced by
+    target and max_len characters (defaults: the gold's length, at least 64, and 4x that, at least 256)."""
     gold = len(_gold_text(example))
     target = target if target is not None else max(64, gold)
     max_len = max_len if max_len is not None else max(256, 4 * target)
@@ -160,10 +142,8 @@ def chrf(example, completion, task):
 
 
 class LearnedReward:
-    """The learned reward model (`rm.score(ids_batch) -> (B,)`, reward_model.py) as a reward. It
-    scores the whole rendered conversation, the rendering it was trained on. squash="sigmoid" maps
-    a score to the Bradley-Terry chance of beating a score-0 answer, so one unbounded reward cannot
-    drown the bounded ones; squash=None returns raw scores."""
+    """The reward model (`rm.score(ids_batch) -> (B,)`) on whole rendered conversations; "sigmoid" maps a
+    score to its Bradley-Terry chance of beating a score-0 answer, so it cannot drown bounded rewards."""
 
     def __init__(self, rm, tokenizer, squash="sigmoid"):
         assert squash in ("sigmoid", None), f"squash is 'sigmoid' or None, got {squash!r}"
@@ -195,27 +175,15 @@ def _reward_model_missing(example, completion, task):
                     "checkpoint loaded (reward_model.load_reward_model), so a LearnedReward can score.")
 
 
-REWARDS = {
-    "accuracy": accuracy,
-    "format": format_reward,
-    "chain": chain,
-    "reasoning_steps": reasoning_steps,
-    "length": length,
-    "repetition": repetition,
-    "chrf": chrf,
-    "reward_model": _reward_model_missing,  # replaced by LearnedReward(rm, tok) via build_rewards
-}
+# "reward_model" is replaced by LearnedReward(rm, tok) in build_rewards
+REWARDS = {"accuracy": accuracy, "format": format_reward, "chain": chain, "reasoning_steps": reasoning_steps,
+           "length": length, "repetition": repetition, "chrf": chrf, "reward_model": _reward_model_missing}
 
-
-# -----------------------------------------------------------------------------
-# weights and combination
 
 def parse_weights(spec):
     """"accuracy=1,format=0.2" -> {"accuracy": 1.0, "format": 0.2}; a bare name means weight 1."""
     weights = {}
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
+    for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in REWARDS:

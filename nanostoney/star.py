@@ -32,8 +32,7 @@ def collect(model, tok, task, examples, args, info, seed, hint=False):
 
 
 def sample_round(model, tok, tasks, kept, args, info, seed):
-    """Sample (and rationalise) every task's prompts of this round; add the correct rationales to
-    `kept` ({task: {(example index, text): None}}, insertion-ordered). Returns the round's record."""
+    """Add this round's correct rationales to `kept` ({task: {(example index, text): None}}); its record."""
     record = {"sampled_correct": {}, "kept_total": {}}
     for t_idx, task in enumerate(tasks):
         exs = task.examples("train")
