@@ -104,12 +104,11 @@ class Engine:
                             dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(seed)
         R = len(prompts) * num_samples
-        step = self._cached_steps if use_cache else self._uncached_steps
         ids = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
         logp = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
         alive = torch.ones(R, dtype=torch.bool, device=device)
         mask = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
-        steps = step(prompts, num_samples, max_new_tokens)
+        steps = (self._cached_steps if use_cache else self._uncached_steps)(prompts, num_samples, max_new_tokens)
         logits = next(steps)
         n = 0
         for t in range(max_new_tokens):

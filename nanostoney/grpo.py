@@ -354,7 +354,7 @@ def probe_reward(model, tok, items, tasks, cfg, reward_fn_for, info, seed):
     def chunk_rewards(i):
         chunk = items[i:i + 8]
         ro = sample(model, [tok.render_prompt({"messages": tasks[t].prompt(ex)}) for t, ex in chunk],
-                         cfg, seed=seed * 7919 + i)
+                    cfg, seed=seed * 7919 + i)
         score(ro, reward_fn_for(chunk), cfg)
         return [(chunk[pi][0], float(ro.rewards[r])) for r, pi in enumerate(ro.prompt_index)]
 

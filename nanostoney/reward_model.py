@@ -59,11 +59,8 @@ class RewardModel(nn.Module):
             raise UserError("the reward model needs at least one sequence and no empty sequence.")
         was_training = self.training
         self.eval()
-        device = self.head.weight.device
-        out = []
-        for i in range(0, len(ids_batch), batch_size):
-            idx, last = pad_right(ids_batch[i:i + batch_size], device)
-            out.append(self(idx, last).cpu())
+        dev = self.head.weight.device
+        out = [self(*pad_right(ids_batch[i:i + batch_size], dev)).cpu() for i in range(0, len(ids_batch), batch_size)]
         self.train(was_training)
         return torch.cat(out)
 
@@ -81,9 +78,7 @@ def bt_loss(r_chosen, r_rejected):
 
 def pair_forward(rm, pairs, device):
     """Chosen and rejected scores of a list of (chosen ids, rejected ids) in one forward."""
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    idx, last = pad_right(seqs, device)
-    s = rm(idx, last)
+    s = rm(*pad_right([c for c, _ in pairs] + [r for _, r in pairs], device))
     return s[:len(pairs)], s[len(pairs):]
 
 
