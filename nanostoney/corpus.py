@@ -1,31 +1,17 @@
 """The pretraining corpus: the text the base model and the tokenizer read.
 
-Default, pretraining_texts():
-- Stoney: every conversation of the EXTRACTION groups (the train, val and test parts of
-  tasks/stoney_corpus.py; user and assistant turns, without the fixed system message), so every fact
-  a Stoney val/test question asks about was read in pretraining. The control groups (the
-  *_unseen tasks) are in no text here.
-- augment=K: also K renderings of each extraction pair (term <-> gloss) in varied sentence
-  templates (FACT_TEMPLATES), as glossary pages of PAGE facts, each rendering in another order.
-  Physics of Language Models 3.1 found that such augmentation decides whether a model that
-  read facts can answer questions about facts it was never asked about.
-- tasks (default CORPUS_TASKS = arith_mc, stoney_mc): the TRAIN split of these tasks as text
-  (question, options, rationale, answer): the arith train problems, and questions about the
-  train terms only. This is Part 3.1's "mixed training": questions about some facts in the
-  pretraining text teach the model to answer from what it read, and the held-out terms are
-  never asked. (LoRA SFT alone, from a base that had never seen a question, did not learn to
-  copy a term or map a value to its letter in 300 steps: docs/science_log.md.) Add gsm8k,
-  aqua_mc for larger models; `arith` alone gives the corpus without questions.
-
-validation_texts() is held-out text for the base model's val bpb: the val split of the same
-tasks and the conversations of the unseen_val control groups (read without a gradient, so
-they stay unseen). pretraining_sources() names what the governance gate checks.
+pretraining_texts(): every Stoney conversation of the EXTRACTION groups (so every fact a Stoney
+val/test question asks about was read; the *_unseen control groups are in no text), `augment`
+renderings of each extraction fact as glossary pages (Physics of Language Models 3.1: augmentation
+decides whether a model answers about facts it was never asked about), and the TRAIN split of
+`tasks` as text, Part 3.1's "mixed training" (questions about some facts teach answering from
+what was read; held-out terms are never asked). validation_texts(): the val splits and the
+unseen_val conversations, for the base model's val bpb.
 """
 import argparse
 import random
 
 from nanostoney import cli
-from nanostoney.errors import UserError
 from nanostoney.tasks import TASK_NAMES, TASKS, get_task, sources_for_tasks
 from nanostoney.tasks.base import stable_hash
 from nanostoney.tasks.stoney_corpus import load_corpus
@@ -57,8 +43,7 @@ def extraction_pairs():
 
 
 def fact_pages(pairs, k):
-    """K renderings of every pair, PAGE to a page: rendering r of a pair uses template
-    (hash + r) mod len(FACT_TEMPLATES), so K <= 8 renderings are K different sentences."""
+    """K renderings of every pair, PAGE to a page; rendering r uses template (hash + r) mod len(FACT_TEMPLATES)."""
     pages = []
     for r in range(k):
         order = sorted(pairs, key=lambda p: stable_hash(f"fact-order/{r}/{p['term_key']}"))
@@ -69,17 +54,10 @@ def fact_pages(pairs, k):
 
 
 def task_text(ex):
-    """A task example as plain text: its turns joined by blank lines."""
     return "\n\n".join(m["content"] for m in ex["messages"])
 
 
-def check_augment(k):
-    if not 0 <= k <= MAX_AUGMENT:
-        raise UserError(f"--augment {k} is out of range; use 0 (no fact renderings) to {MAX_AUGMENT}.")
-
-
 def augment_count(text):
-    """--augment: renderings of each extraction fact, 0..MAX_AUGMENT."""
     k = cli.nonneg_int(text)
     if k > MAX_AUGMENT:
         raise argparse.ArgumentTypeError(f"must be 0 (no fact renderings) to {MAX_AUGMENT}, got {text!r}")
@@ -87,8 +65,7 @@ def augment_count(text):
 
 
 def task_list(spec):
-    """--corpus-tasks: "arith_mc,gsm8k" -> ["arith_mc", "gsm8k"], each a known task that may be
-    training text (a control task may not)."""
+    """"arith_mc,gsm8k" -> ["arith_mc", "gsm8k"], each a known task that is not a control."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"names no task; e.g. {','.join(CORPUS_TASKS)}")
@@ -101,7 +78,6 @@ def task_list(spec):
 
 
 def add_corpus_args(parser, augment=True):
-    """--corpus-tasks (and --augment), shared by base_train and tok_train."""
     parser.add_argument("--corpus-tasks", type=task_list, default=",".join(CORPUS_TASKS),
                         help="tasks whose train split is pretraining text besides the Stoney conversations")
     if augment:
@@ -110,8 +86,6 @@ def add_corpus_args(parser, augment=True):
 
 
 def pretraining_texts(augment=0, tasks=CORPUS_TASKS):
-    """The documents of the default pretraining corpus (see the module docstring)."""
-    check_augment(augment)
     convs = load_corpus()["convs"]
     texts = [conversation_text(c) for part in EXTRACTION for c in convs[part]]
     texts += fact_pages(extraction_pairs(), augment)

@@ -6,29 +6,20 @@
     x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
     meta["data_position"] = loader.position(step)          # all ranks call it; resume from it
 
-Nothing ever holds the corpus: a corpus is a list of units (file, row group) read from the parquet
-footers, and a lane holds one row group's text column and the tokens of the documents it has
-started, so memory is the same for 1 MB or 1 TB of text.
+A corpus is a list of units (file, row group) from the parquet footers; a lane holds one row
+group's text and the tokens of the documents it has started, so memory does not grow with the data.
 
 Lanes. The run reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane
-k = m x world_size + r. Lane k takes the units g = k, k + L, k + 2L, ... of an endless sequence
-in which epoch e is a seeded permutation of all units (g // U is the epoch, U units), so with
-accumulation 1 rank r reads row groups r, r + world, ..., and a run of 2 processes x 1 micro-step
-reads exactly the rows of 1 process x 2 micro-steps (tests/test_ddp.py). Within a lane every
-non-empty document becomes <|bos|> + its tokens, the documents are joined into one stream and
-cut into rows of seq_len + 1 tokens that overlap by one (inputs, shifted targets), so every token
-is a target once and nothing is cropped (rows may start mid-document: nanochat's original
-packing; its later BOS-aligned best-fit crops about a third of the tokens and resumes only
-approximately).
+k = m x world_size + r, which takes units g = k, k + L, k + 2L, ... of an endless sequence whose
+epoch g // U is a seeded permutation of the U units: 2 processes x 1 micro-step read exactly the
+rows of 1 process x 2 micro-steps. A lane joins <|bos|> + tokens of each non-empty document into
+one stream cut into rows of seq_len + 1 tokens overlapping by one, so every token is a target
+once and none is cropped (nanochat's original packing; its BOS-aligned best-fit crops about a
+third of the tokens and resumes only approximately).
 
-Resume. A lane's position is (j, d, o): its j-th unit, document d of that row group, token o of
-that document's stream. position() gathers every lane's; a run resumed from it reads exactly the
-tokens the uninterrupted run would have read next, at any world size with the same number of
-lanes (tests/test_loader.py checks 1 and 2 ranks bitwise).
-
-Text that is not parquet (the bundled corpus, txt/jsonl/json files, hub datasets) is written once
-into cached parquet shards (sources.parquet_files) and read through the same code. Documents are tokenized DOC_BATCH at a time with
-`tokenizers`' encode_batch, which runs on Rust threads without the GIL.
+Resume. A lane's position is (j, d, o): its j-th unit, document d of it, token o of that
+document. A run resumed from position() reads exactly the tokens the uninterrupted run would
+have, at any world size with the same number of lanes.
 """
 import hashlib
 import os
@@ -47,12 +38,11 @@ DOC_BATCH = 128       # documents read and tokenized at a time
 # -----------------------------------------------------------------------------
 # a corpus: units (file, row group) from the parquet footers
 
-
 class Corpus:
     """Parquet files read as units (file index, row group). Every file is opened once here, its
     footer read and checked (readable, has the text column), so bad input fails before training."""
 
-    def __init__(self, files, column="text", units=None, what="corpus"):
+    def __init__(self, files, column="text", what="corpus"):
         self.files, self.column, self.what = list(files), column, what
         self.rows, self.nbytes = {}, {}  # per unit: documents, uncompressed text bytes
         for i, path in enumerate(self.files):
@@ -63,7 +53,7 @@ class Corpus:
                 g = meta.row_group(rg)
                 self.rows[(i, rg)] = g.num_rows
                 self.nbytes[(i, rg)] = max(0, g.column(c).total_uncompressed_size - 4 * g.num_rows)
-        self.units = [u for u in self.rows if self.rows[u] > 0] if units is None else list(units)
+        self.units = [u for u in self.rows if self.rows[u] > 0]
         if not self.units:
             raise UserError(f"the {what} ({', '.join(self.files[:3])}) holds no rows; check the files.")
 
@@ -81,11 +71,11 @@ class Corpus:
 
     @property
     def text_bytes(self):
-        """Approximate UTF-8 bytes of text (the column's uncompressed size less length prefixes)."""
+        """Approximate UTF-8 bytes of text: the column's uncompressed size less length prefixes."""
         return sum(self.nbytes[u] for u in self.units)
 
     def key(self):
-        """Names and sizes of the units' files: what must not change between a run and its resume."""
+        """The units' file names and sizes: what must not change between a run and its resume."""
         h = hashlib.sha256(self.column.encode())
         for i, rg in self.units:
             h.update(f"\0{os.path.basename(self.files[i])}:{rg}:{self.rows[(i, rg)]}".encode())
@@ -109,12 +99,9 @@ class Corpus:
 # -----------------------------------------------------------------------------
 # one lane: a stream of packed rows
 
-
 class Lane:
-    """Rows of seq_len + 1 tokens from units g = lane, lane + lanes, ... (see the module docstring).
-
-    position: (j, d, o) to start from (default the beginning). shuffle=False reads the units in
-    their natural order, each epoch alike (validation)."""
+    """Rows of seq_len + 1 tokens from units g = lane, lane + lanes, ..., from `position` (j, d, o)
+    on. shuffle=False reads the units in their natural order, each epoch alike (validation)."""
 
     def __init__(self, corpus, tokenizer, seq_len, lane=0, lanes=1, seed=0, shuffle=True, position=None):
         self.corpus, self.tok, self.T = corpus, tokenizer, seq_len
@@ -191,7 +178,6 @@ class Lane:
 # -----------------------------------------------------------------------------
 # the training loader and the validation rows
 
-
 class PretrainLoader:
     """get(step, micro) -> (x, y) of this rank on its device, read from lane micro x world + rank.
     Batches must be taken in order (the training loop does); position() is the resume state."""
@@ -228,9 +214,8 @@ class PretrainLoader:
         return lane.epoch(lane.position()[0])
 
     def position(self, step=None):
-        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective (all ranks call it).
-        step: the position as of the start of that step, even when its first batches have already
-        been read (the training loop reads one micro-batch ahead); default: after the last read."""
+        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective. step: as of the start
+        of that step, though the training loop has read one micro-batch ahead; default: now."""
         def at(m, lane):
             read, before = self.before.get(m, (None, None))
             return before if step is not None and read is not None and read >= step else lane.position()
@@ -241,8 +226,7 @@ class PretrainLoader:
 
 def validation_rows(corpus, tokenizer, seq_len, max_rows):
     """The first max_rows rows of seq_len + 1 tokens of a corpus read in order, once (fewer if it
-    is shorter): the same rows at any world size, tokenized once per run, memory bounded by
-    --eval-tokens rather than by the corpus."""
+    is shorter): the same rows at any world size."""
     lane = Lane(corpus, tokenizer, seq_len, shuffle=False)
     rows = []
     while len(rows) < max_rows and lane.epoch(lane.position()[0]) == 0:
@@ -264,9 +248,8 @@ def eval_batches(rows, device_batch, info):
 
 
 def estimate_tokens(corpus, tokenizer, sample_bytes=1 << 20):
-    """(tokens in the corpus, exact?): counted when the corpus has at most about sample_bytes of
-    text; else tokens per text byte measured on its first documents times the text bytes that
-    the parquet footers give (an estimate: no need to tokenize a web corpus to plan a run)."""
+    """(tokens in the corpus, exact?): counted up to about sample_bytes of text, else extrapolated
+    to the footers' text bytes from the tokens per byte of the first documents."""
     tokens = nbytes = 0
     for unit in corpus.units:
         for _, texts in corpus.texts(unit):

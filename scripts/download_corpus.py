@@ -3,13 +3,10 @@
     python -m scripts.download_corpus --num-shards 8        # about 0.8 GB: the tokenizer's text
     python -m scripts.download_corpus --tokens 3.7e9        # enough shards for 3.7B training tokens
 
-The shards are nanochat's karpathy/fineweb-edu-100b-shuffle: FineWeb-Edu (ODC-By 1.0) re-packed
-in shuffled parquet files of about 250M characters (about 100 MB) each, shard_00000 .. shard_01822.
-They go to <cache>/fineweb-edu-100b-shuffle/ (NANOSTONEY_CACHE, default ~/.cache/nanostoney), the
-files that record fineweb_edu_100b_shuffle of data/SOURCE_MANIFEST.yml approves for training; the
-script checks the gate passes them. Shards already there are kept; huggingface_hub writes each
-file under a temporary name and renames it, so an interrupted download leaves no half shard.
-Then: python -m scripts.base_train --data <that folder> (its last row group is the validation text).
+nanochat's karpathy/fineweb-edu-100b-shuffle: FineWeb-Edu (ODC-By 1.0) in shuffled parquet shards
+of about 250M characters, into <cache>/fineweb-edu-100b-shuffle/, which the manifest record
+fineweb_edu_100b_shuffle approves (the gate is checked). Shards already there are kept; each is
+written under a temporary name and renamed. Then: python -m scripts.base_train --data <that folder>.
 """
 import math
 import os
@@ -76,8 +73,7 @@ def main(argv=None):
     n = shards_needed(args)
     out = args.out or os.path.join(cache_dir(), FOLDER)
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(out, shard_name(i)))]
-    # only the missing shards (and huggingface_hub's .cache) are written; our own cache folder is ours by
-    # its place, one named by --out by its marker
+    # only the missing shards (and huggingface_hub's .cache) are written; the cache folder is ours by its place
     own = () if args.out is None else (".cache", *(shard_name(i) for i in missing))
     cli.claim_out(out, overwrite=args.overwrite or args.out is None, training=False, own=own)
     print(f"{n} shards of {REPO} in {out}: {n - len(missing)} there, {len(missing)} to download")
