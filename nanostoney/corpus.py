@@ -89,17 +89,14 @@ def pretraining_texts(augment=0, tasks=CORPUS_TASKS):
     convs = load_corpus()["convs"]
     texts = [conversation_text(c) for part in EXTRACTION for c in convs[part]]
     texts += fact_pages(extraction_pairs(), augment)
-    for name in tasks:
-        texts += [task_text(ex) for ex in get_task(name).examples("train")]
+    texts += [task_text(ex) for name in tasks for ex in get_task(name).examples("train")]
     random.Random(0).shuffle(texts)  # families interleaved through the stream
     return texts
 
 
 def validation_texts(tasks=CORPUS_TASKS):
-    texts = [conversation_text(c) for c in load_corpus()["convs"]["unseen_val"]]
-    for name in tasks:
-        texts += [task_text(ex) for ex in get_task(name).examples("val")]
-    return texts
+    return ([conversation_text(c) for c in load_corpus()["convs"]["unseen_val"]]
+            + [task_text(ex) for name in tasks for ex in get_task(name).examples("val")])
 
 
 def pretraining_sources(tasks=CORPUS_TASKS):

@@ -147,8 +147,7 @@ def check_sources(paths, use="training", manifest=None):
     each glob relative to its own manifest; default data/SOURCE_MANIFEST.yml."""
     if use not in USES:
         raise UserError(f"unknown data use {use!r}; use one of {', '.join(USES)}.")
-    manifests = manifest if isinstance(manifest, (list, tuple)) else [manifest]
-    loaded = [load_manifest(m) for m in manifests]
+    loaded = [load_manifest(m) for m in (manifest if isinstance(manifest, (list, tuple)) else [manifest])]
     where = " or ".join(str(p) for p, _ in loaded)
     fix = (f"if the rights holders approve it, add a record for it with permission_status {USES[use]} "
            f"and '{use}' in allowed_uses to {loaded[0][0]}")

@@ -6,20 +6,15 @@
     x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
     meta["data_position"] = loader.position(step)          # all ranks call it; resume from it
 
-A corpus is a list of units (file, row group) from the parquet footers; a lane holds one row
-group's text and the tokens of the documents it has started, so memory does not grow with the data.
-
-Lanes. The run reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane
-k = m x world_size + r, which takes units g = k, k + L, k + 2L, ... of an endless sequence whose
-epoch g // U is a seeded permutation of the U units: 2 processes x 1 micro-step read exactly the
-rows of 1 process x 2 micro-steps. A lane joins <|bos|> + tokens of each non-empty document into
-one stream cut into rows of seq_len + 1 tokens overlapping by one, so every token is a target
-once and none is cropped (nanochat's original packing; its BOS-aligned best-fit crops about a
-third of the tokens and resumes only approximately).
-
-Resume. A lane's position is (j, d, o): its j-th unit, document d of it, token o of that
-document. A run resumed from position() reads exactly the tokens the uninterrupted run would
-have, at any world size with the same number of lanes.
+Units (file, row group) come from the parquet footers and a lane holds one row group at a time,
+so memory does not grow with the data. The run reads L = world_size x grad_accum lanes; micro-step
+m of rank r reads lane k = m x world_size + r, which takes units k, k + L, k + 2L, ... of an endless
+sequence of seeded permutations of the units: 2 processes x 1 micro-step read the rows of 1 x 2.
+A lane joins <|bos|> + tokens of each document into rows of seq_len + 1 tokens overlapping by one,
+so every token is a target once and none is cropped (nanochat's original packing; its best-fit
+crops about a third of the tokens). A lane's position (j, d, o) is its j-th unit, document d of
+it, token o of that: a resume reads exactly what the uninterrupted run would have, at any world
+size with the same number of lanes.
 """
 import hashlib
 import os
@@ -126,8 +121,9 @@ class Lane:
             self._perms[epoch] = torch.randperm(len(self.corpus.units), generator=g)
         return self.corpus.units[int(self._perms[epoch][i])]
 
-    def epoch(self, j):
-        return (self.lane + j * self.lanes) // len(self.corpus.units)
+    def epoch(self):
+        """Passes over the corpus finished before the current unit."""
+        return (self.lane + self.buf[0][0] * self.lanes) // len(self.corpus.units)
 
     def _documents(self, j, d):
         """(j, d, tokens) of every non-empty document from unit j, document d on, forever."""
@@ -152,22 +148,16 @@ class Lane:
         need = self.T + 1
         while self.buffered - self.off < need:
             self._pull()
-        parts, n = [], 0
-        for k, (_, _, toks) in enumerate(self.buf):
-            piece = toks[self.off:] if k == 0 else toks
-            parts.append(piece[:need - n])
-            n += len(parts[-1])
+        parts, n, off = [], 0, self.off
+        for _, _, toks in self.buf:
+            parts.append(toks[off:off + need - n])
+            n, off = n + len(parts[-1]), 0
             if n == need:
                 break
-        left = self.T
-        while left:  # at least one token stays buffered: the row's last is the next row's first
-            avail = len(self.buf[0][2]) - self.off
-            if avail > left:
-                self.off += left
-                break
-            left -= avail
+        self.off += self.T
+        while self.off >= len(self.buf[0][2]):  # a token stays buffered: the row's last is the next's first
+            self.off -= len(self.buf[0][2])
             self.buffered -= len(self.buf.popleft()[2])
-            self.off = 0
         return np.concatenate(parts)
 
     def position(self):
@@ -184,13 +174,11 @@ class PretrainLoader:
 
     def __init__(self, corpus, tokenizer, seq_len, device_batch, grad_accum, info, seed=0, position=None):
         self.B, self.info, self.lanes = device_batch, info, grad_accum * info.world_size
-        states = [None] * self.lanes
-        if position is not None:
-            if not isinstance(position, dict) or position.get("lanes") != self.lanes:
-                had = position.get("lanes") if isinstance(position, dict) else "a different loader"
-                raise UserError(f"the checkpoint read {had} data lanes but this run reads {self.lanes} "
-                                f"(processes x accumulation); resume with the original --device-batch-size.")
-            states = position["states"]
+        if position is not None and (not isinstance(position, dict) or position.get("lanes") != self.lanes):
+            had = position.get("lanes") if isinstance(position, dict) else "a different loader"
+            raise UserError(f"the checkpoint read {had} data lanes but this run reads {self.lanes} "
+                            f"(processes x accumulation); resume with the original --device-batch-size.")
+        states = [None] * self.lanes if position is None else position["states"]
         self.mine = {m: Lane(corpus, tokenizer, seq_len, m * info.world_size + info.rank, self.lanes, seed,
                              position=states[m * info.world_size + info.rank]) for m in range(grad_accum)}
         self.next = (None, 0)
@@ -208,11 +196,6 @@ class PretrainLoader:
         rows = rows.to(self.info.device, non_blocking=True)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def epoch(self):
-        """Epochs this rank's first lane has started (0 during the first pass)."""
-        lane = self.mine[0]
-        return lane.epoch(lane.position()[0])
-
     def position(self, step=None):
         """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective. step: as of the start
         of that step, though the training loop has read one micro-batch ahead; default: now."""
@@ -229,9 +212,9 @@ def validation_rows(corpus, tokenizer, seq_len, max_rows):
     is shorter): the same rows at any world size."""
     lane = Lane(corpus, tokenizer, seq_len, shuffle=False)
     rows = []
-    while len(rows) < max_rows and lane.epoch(lane.position()[0]) == 0:
+    while len(rows) < max_rows and lane.epoch() == 0:
         rows.append(lane.row())
-    if lane.epoch(lane.position()[0]) > 0 and rows:
+    if lane.epoch() > 0 and rows:
         rows.pop()  # that row wrapped around into the corpus again
     if not rows:
         raise UserError(f"the {corpus.what} has fewer than {seq_len + 1} tokens, not one sequence; "

@@ -143,9 +143,7 @@ def _load_hub(family):
 
 def hub_rows(family, source):
     """(rows, "hf://id") of the hub's training pool, or None when the bundled file should be used."""
-    if source not in SOURCES:
-        raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}.")
-    if source == "bundled":
+    if source == "bundled":  # (get_task has checked `source`)
         return None
     try:
         rows = _load_hub(family)
@@ -268,8 +266,7 @@ def _text_blocks(path, max_chars):
 
 def parquet_error(where, e):
     first = (str(e).splitlines() or [""])[0][:200]
-    return UserError(f"{where}: not a readable parquet file ({type(e).__name__}: {first}); re-download or "
-                     f"remove it.")
+    return UserError(f"{where}: not a readable parquet file ({type(e).__name__}: {first}); re-download or remove it.")
 
 
 def open_parquet(path):
@@ -297,8 +294,7 @@ def check_text_column(path, schema, column):
         raise UserError(f"{path}: no {column!r} column (columns: {', '.join(schema.names)}); pass --text-column.")
     kind = schema.field(column).type
     if not is_text(kind):
-        raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the text "
-                        f"column.")
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the text column.")
 
 
 def _parquet_documents(path, text_key):
@@ -320,10 +316,8 @@ def hub_documents(name, split="train", text_key="text"):
 def stream_documents(sources, text_key="text", split="train", max_chars=None):
     """The documents of gated sources one at a time."""
     for src in sources:
-        if os.path.isfile(src):
-            yield from iter_documents(src, text_key, max_chars)
-        else:
-            yield from _cut(hub_documents(src, split, text_key)[1], max_chars)
+        yield from (iter_documents(src, text_key, max_chars) if os.path.isfile(src)
+                    else _cut(hub_documents(src, split, text_key)[1], max_chars))
 
 
 # -----------------------------------------------------------------------------
@@ -336,9 +330,12 @@ def cache_dir():
     return os.environ.get("NANOSTONEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanostoney")
 
 
-def _write_shard(path, docs, column):
-    """docs -> a parquet file at `path`, CACHE_ROW_GROUP rows a row group, written to a temporary
-    name and renamed (a killed writer leaves no half shard)."""
+def cached_shard(name, key, docs, column="text"):
+    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only, CACHE_ROW_GROUP rows a
+    row group, to a temporary name then renamed (a killed writer leaves no half shard)."""
+    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
+    if os.path.isfile(path):
+        return path
     import pyarrow as pa
     import pyarrow.parquet as pq
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -358,12 +355,6 @@ def _write_shard(path, docs, column):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def cached_shard(name, key, docs, column="text"):
-    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only."""
-    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
-    return path if os.path.isfile(path) else _write_shard(path, docs, column)
 
 
 def texts_shard(name, texts, column="text", seed=0):

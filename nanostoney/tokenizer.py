@@ -19,12 +19,9 @@ from nanostoney.files import read_json, write_json, write_text
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document and conversation
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # nanochat's tool use; unused here, kept for id parity
-    "<|output_start|>", "<|output_end|>",
+SPECIAL_TOKENS = [  # nanochat's; the python and output tokens are its tool use, unused here, kept for id parity
+    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
 ]
 SYSTEM_JOIN = "\n\n"  # system message + this + first user message (nanostoney.tasks uses the same)
 META_FILE = "tokenizer_meta.json"
@@ -87,11 +84,10 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
+    def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN, num_threads=None, buffer_size=8192):
         """Trains on an iterable of strings. `vocab_size` counts everything: 256 bytes, the
         merges, and the special tokens. The trainer holds `buffer_size` strings at a time."""
         import nanostoney_rustbpe  # lazy: the compiled trainer is needed to train, not to load
-        pattern = pattern or SPLIT_PATTERN
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
             raise UserError(f"vocab_size {vocab_size} is too small: it must be at least "
@@ -203,12 +199,11 @@ class Tokenizer:
 
     def token_byte_lengths(self):
         """Bytes of text each id stands for (0 for special tokens): for bits-per-byte."""
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        byte_chars, special = set(bytes_to_unicode().values()), set(self._special_ids.values())
         out = [0] * self.vocab_size
-        special = set(self._special_ids.values())
         for s, i in self.hf.get_vocab(with_added_tokens=True).items():
             if i not in special:
-                out[i] = len(s) if all(c in byte_of for c in s) else len(s.encode())
+                out[i] = len(s) if set(s) <= byte_chars else len(s.encode())
         return out
 
     # ------------------------------------------------------------------ chat
@@ -231,22 +226,17 @@ class Tokenizer:
                 raise UserError(f"message {i} content must be a string")
         return messages
 
-    def render_conversation(self, conversation, max_tokens=None):
+    def render_conversation(self, conversation):
         """(ids, mask) for training; mask is 1 on assistant content and `<|assistant_end|>`."""
-        ids, mask, _ = self.render_conversation_with_spans(conversation)
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return self.render_conversation_with_spans(conversation)[:2]
 
     def render_conversation_with_spans(self, conversation, regions=None):
         """(ids, mask, spans): spans["turns"] the (role, start, end) token range of each turn's content,
         spans[name] the tokens overlapping each of `regions` ({name: (char_start, char_end)} in the
         first user turn's text, system message included)."""
         ids, mask, spans = [self.bos_id], [0], {"turns": []}
-        for i, m in enumerate(self._turns(conversation)):
-            user = m["role"] == "user"
-            start_tok, end_tok = ("<|user_start|>", "<|user_end|>") if user else ("<|assistant_start|>", "<|assistant_end|>")
-            ids.append(self.token_id(start_tok))
+        for i, m in enumerate(self._turns(conversation)):  # roles checked: user, assistant, user, ...
+            ids.append(self.token_id(f"<|{m['role']}_start|>"))
             mask.append(0)
             if i == 0 and regions:
                 enc = self.hf.encode(m["content"], add_special_tokens=False)
@@ -258,8 +248,8 @@ class Tokenizer:
             else:
                 content = self.encode(m["content"])
             spans["turns"].append((m["role"], len(ids), len(ids) + len(content)))
-            ids += content + [self.token_id(end_tok)]
-            mask += [0 if user else 1] * (len(content) + 1)
+            ids += content + [self.token_id(f"<|{m['role']}_end|>")]
+            mask += [int(m["role"] == "assistant")] * (len(content) + 1)
         return ids, mask, spans
 
     def render_prompt(self, conversation):

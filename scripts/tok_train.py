@@ -76,15 +76,9 @@ class Reading:
 
 
 def count_tokens(tok, texts):
-    """Tokens of the whole text, encoded about ENCODE_CHARS characters at a time."""
-    n, batch, chars = 0, [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= ENCODE_CHARS:
-            n += sum(map(len, tok.encode_batch(batch)))
-            batch, chars = [], 0
-    return n + sum(map(len, tok.encode_batch(batch)))
+    """Tokens of the texts (pieces, or short bundled texts), encoded about ENCODE_CHARS characters at a time."""
+    k = ENCODE_CHARS // PIECE_CHARS
+    return sum(len(ids) for i in range(0, len(texts), k) for ids in tok.encode_batch(texts[i:i + k]))
 
 
 def main(argv=None):
