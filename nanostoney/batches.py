@@ -20,9 +20,6 @@ def first_row(step, micro, grad_accum, world_size, rank, device_batch):
     return ((step * grad_accum + micro) * world_size + rank) * device_batch
 
 
-# -----------------------------------------------------------------------------
-# SFT mixtures
-
 def parse_mixture(spec):
     """"stoney_mc=2,gsm8k_mc=1" -> {"stoney_mc": 2.0, "gsm8k_mc": 1.0} (a bare name weighs 1)."""
     weights = {}

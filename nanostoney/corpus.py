@@ -1,12 +1,9 @@
 """The pretraining corpus: the text the base model and the tokenizer read.
 
-pretraining_texts(): every Stoney conversation of the EXTRACTION groups (so every fact a Stoney
-val/test question asks about was read; the *_unseen control groups are in no text), `augment`
-renderings of each extraction fact as glossary pages (Physics of Language Models 3.1: augmentation
-decides whether a model answers about facts it was never asked about), and the TRAIN split of
-`tasks` as text, Part 3.1's "mixed training" (questions about some facts teach answering from
-what was read; held-out terms are never asked). validation_texts(): the val splits and the
-unseen_val conversations, for the base model's val bpb.
+pretraining_texts(): the Stoney conversations of the EXTRACTION groups (every fact a val/test
+question asks about; no *_unseen control), `augment` renderings of each of their facts (Physics of
+Language Models 3.1: augmentation decides whether a model answers about facts never asked about),
+and the TRAIN split of `tasks` (3.1's "mixed training"). validation_texts(): for the val bpb.
 """
 import argparse
 import random

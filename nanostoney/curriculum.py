@@ -1,12 +1,10 @@
 """The pretraining curriculum: copying first, then the knowledge and task text.
 
 A depth-4 model pretrained on the bundled corpus alone never learns to copy from its context
-(induction gain about -0.2 nats; BENCHMARKS.md), and fresh arithmetic alone teaches the sums but
-not to read the operand. So the first copy_steps steps are all drills (repeated random token spans,
-key-value and option lookups); the rest reads the corpus with `arith_rows` rows of each device batch
-fresh train-split arithmetic problems and `drill_rows` rows of drills, so copying keeps a gradient.
-Every generated row is a pure function of (seed, step, micro, rank): a resume needs nothing saved.
-Nothing here reads Stoney data.
+(BENCHMARKS.md). So the first copy_steps steps are drills (repeated random token spans, key-value and
+option lookups); then each device batch is the corpus plus `arith_rows` fresh train-split arithmetic
+problems and `drill_rows` drills. Generated rows are a pure function of (seed, step, micro, rank), so
+a resume needs nothing saved; none reads Stoney data.
 """
 import random
 from dataclasses import dataclass
@@ -21,9 +19,8 @@ from nanostoney.tasks.base import split_by_hash
 ARITH_DEPTHS = (1, 2, 2, 3, 3, 4)  # depths weighted 1:2:2:1, as copy_wall's corpus
 SYLLABLES = ("ka", "mo", "ri", "ta", "ne", "su", "lo", "pi", "zu", "ve", "do", "ha", "mi", "ro", "te", "ba")
 FIRST_ORDINARY = 256  # token ids below are byte-level merges' raw bytes; the probe draws from here too
-# Half of the span rows draw from this many tokens only: with each of 3,840 tokens seen a few
-# dozen times, 400 steps of spans from the whole vocabulary grew no copying at all (induction
-# gain +0.02 nats); a small alphabet lets the attention pattern form first (docs/science_log.md).
+# Half of the span rows draw from this many tokens only: 400 steps of spans from the whole vocabulary
+# grew no copying at all; a small alphabet lets the attention pattern form first (docs/science_log.md).
 SMALL_ALPHABET = 128
 
 

@@ -20,6 +20,7 @@ DEFAULT_MANIFEST = DATA_DIR / "SOURCE_MANIFEST.yml"
 STATUSES = ("unknown", "internal_only", "approved_for_training", "approved_for_public_release",
             "restricted", "removed_pending_review")
 BLOCKING = ("restricted", "removed_pending_review")  # a removal request stops every workflow
+APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
 REQUIRED_KEYS = ("source_id", "path_glob", "data_type", "origin", "rights_holder", "permission_status",
                  "license", "allowed_uses", "prohibited_uses", "contains_sensitive_content",
                  "review_contact", "notes")
@@ -79,9 +80,6 @@ def _grants(rec, use):
     Public release does not imply training."""
     return (rec["permission_status"] == USES[use] and use in (rec["allowed_uses"] or [])
             and use not in (rec["prohibited_uses"] or []))
-
-
-APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
 
 
 def _vetoes(rec, use):

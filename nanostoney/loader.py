@@ -6,15 +6,12 @@
     x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
     meta["data_position"] = loader.position(step)          # all ranks call it; resume from it
 
-Units (file, row group) come from the parquet footers and a lane holds one row group at a time,
-so memory does not grow with the data. The run reads L = world_size x grad_accum lanes; micro-step
-m of rank r reads lane k = m x world_size + r, which takes units k, k + L, k + 2L, ... of an endless
-sequence of seeded permutations of the units: 2 processes x 1 micro-step read the rows of 1 x 2.
-A lane joins <|bos|> + tokens of each document into rows of seq_len + 1 tokens overlapping by one,
-so every token is a target once and none is cropped (nanochat's original packing; its best-fit
-crops about a third of the tokens). A lane's position (j, d, o) is its j-th unit, document d of
-it, token o of that: a resume reads exactly what the uninterrupted run would have, at any world
-size with the same number of lanes.
+A lane holds one unit (file, row group) at a time, so memory does not grow with the data. The run
+reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane k = m x world_size + r:
+units k, k + L, ... of seeded permutations of all units, so 2 processes x 1 micro-step read the rows
+of 1 x 2. Documents (<|bos|> + tokens) are joined and cut into rows of seq_len + 1 overlapping by one:
+every token is a target once, none cropped (nanochat's original packing). A lane's position (unit,
+document, token) resumes exactly at any world size with the same number of lanes.
 """
 import hashlib
 import os

@@ -81,8 +81,6 @@ class Tokenizer:
         self.special_tokens = list(special_tokens)
         self._special_ids = {s: hf.token_to_id(s) for s in self.special_tokens}
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
     def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN, num_threads=None, buffer_size=8192):
         """Trains on an iterable of strings. `vocab_size` counts everything: 256 bytes, the
@@ -170,8 +168,6 @@ class Tokenizer:
                           sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-    # ------------------------------------------------------------------ ids
-
     @property
     def vocab_size(self):
         return self.hf.get_vocab_size(with_added_tokens=True)
@@ -205,8 +201,6 @@ class Tokenizer:
             if i not in special:
                 out[i] = len(s) if set(s) <= byte_chars else len(s.encode())
         return out
-
-    # ------------------------------------------------------------------ chat
 
     def _turns(self, conversation):
         """Messages with the system message folded into the first user turn, checked to alternate."""
