@@ -198,8 +198,7 @@ def _record_text(rec, where, text_key):
         try:
             return "\n".join(m["content"] for m in rec["messages"])
         except (TypeError, KeyError):
-            pass
-        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.")
+            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.") from None
     raise UserError(f"{where}: the record has no string {text_key!r} field (nor 'messages'); "
                     f"pass --text-column to name the text field.")
 
