@@ -1,14 +1,9 @@
-"""Which rows form which SFT batch: deterministic and resumable.
+"""Which rows form which SFT batch: a precomputed schedule of (task, example) draws by mixture weight.
 
-Every batch is a pure function of (step, micro-step, rank): sequence number
-    g = ((step * grad_accum + micro) * world_size + rank) * device_batch
-is the first row a process takes. The data "state" is therefore just the step, so
-- --resume continues with exactly the rows an uninterrupted run would have seen, and
-- 2 processes x 1 micro-step see the same rows as 1 process x 2 micro-steps (the DDP test).
-
-A precomputed schedule of (task, example) draws by mixture weight; rows are padded to the
-longest in the micro-batch, with targets -1 outside assistant tokens. (Pretraining text
-streams through nanostoney/loader.py instead: a corpus does not fit a precomputed schedule.)
+Every batch is a pure function of (step, micro-step, rank) (first_row), so the data state is just
+the step: a resume continues with exactly the rows an uninterrupted run would have seen, and 2
+processes x 1 micro-step see the rows of 1 process x 2. Rows are padded to the longest in the
+micro-batch, targets -1 outside assistant tokens.
 """
 import math
 
@@ -21,21 +16,14 @@ from nanostoney.tasks.subset import subset
 
 
 def first_row(step, micro, grad_accum, world_size, rank, device_batch):
-    """Index of the first sequence that (step, micro, rank) takes; see the module docstring."""
+    """Index of the first sequence that (step, micro, rank) takes."""
     return ((step * grad_accum + micro) * world_size + rank) * device_batch
-
-
-# -----------------------------------------------------------------------------
-# SFT mixtures
 
 
 def parse_mixture(spec):
     """"stoney_mc=2,gsm8k_mc=1" -> {"stoney_mc": 2.0, "gsm8k_mc": 1.0} (a bare name weighs 1)."""
     weights = {}
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in filter(None, map(str.strip, spec.split(","))):
         name, _, w = part.partition("=")
         try:
             weight = float(w) if w else 1.0
@@ -63,8 +51,7 @@ def mixture_tasks(spec):
 
 
 def training_tasks(spec, manifest=None):
-    """({name: weight}, [Task], sources) of a mixture (mixture_tasks), after the governance
-    gate has approved every source for training (else a one-sentence UserError)."""
+    """({name: weight}, [Task], sources) of a mixture, once the gate has approved every source for training."""
     weights, tasks = mixture_tasks(spec)
     sources = sources_for_tasks(list(weights))
     check_sources(sources, use="training", manifest=manifest)
@@ -73,7 +60,7 @@ def training_tasks(spec, manifest=None):
 
 def mixture_schedule(sizes, weights, n, seed=0):
     """n draws of (task index, example index): task by weight, then each task's examples in a
-    seeded shuffled order, reshuffled after every pass. Deterministic in (sizes, weights, n, seed)."""
+    seeded shuffled order, reshuffled after every pass."""
     g = torch.Generator().manual_seed(seed)
     probs = torch.tensor(weights, dtype=torch.float64)
     tasks = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=g).tolist()
@@ -94,12 +81,11 @@ def depth_curriculum(schedule, train_sets, per_step, n_steps):
     out = []
     for j, (t, i) in enumerate(schedule):
         ds = depths[t]
-        if len(ds) < 2:
-            out.append((t, i))
-            continue
-        limit = ds[min(len(ds) - 1, (j // per_step) * len(ds) // n_steps)]
-        pool = [k for k, ex in enumerate(train_sets[t]) if ex.get("depth", 0) <= limit]
-        out.append((t, pool[i % len(pool)]))
+        if len(ds) >= 2:
+            limit = ds[min(len(ds) - 1, (j // per_step) * len(ds) // n_steps)]
+            pool = [k for k, ex in enumerate(train_sets[t]) if ex.get("depth", 0) <= limit]
+            i = pool[i % len(pool)]
+        out.append((t, i))
     return out
 
 
@@ -111,9 +97,7 @@ def curriculum_stages(schedule, train_sets, per_step):
     stages = {}
     for j, (t, i) in enumerate(schedule):
         if t == deep:
-            d = train_sets[t][i]["depth"]
-            lo, hi = stages.get(d, (j // per_step, j // per_step))
-            stages[d] = (lo, j // per_step)
+            stages.setdefault(train_sets[t][i]["depth"], [j // per_step, 0])[1] = j // per_step
     return "; ".join(f"steps {lo + 1}-{hi + 1}: depth <= {d}" for d, (lo, hi) in sorted(stages.items()))
 
 
@@ -124,50 +108,32 @@ def collate(rows, pad_id, device):
     y = torch.full((len(rows), L), -1, dtype=torch.long)
     for r, (ids, mask) in enumerate(rows):
         ids_t = torch.tensor(ids, dtype=torch.long)
-        m = torch.tensor(mask[1:], dtype=torch.bool)
-        n = len(ids) - 1
-        x[r, :n] = ids_t[:-1]
-        y[r, :n] = torch.where(m, ids_t[1:], torch.full_like(ids_t[1:], -1))
+        x[r, :len(ids) - 1] = ids_t[:-1]
+        y[r, :len(ids) - 1] = ids_t[1:].masked_fill(~torch.tensor(mask[1:], dtype=torch.bool), -1)
     return x.to(device), y.to(device)
 
 
 class SFTBatches:
-    """get(step, micro) -> (x, y) of this rank from a precomputed mixture schedule.
-
-    rendered: per task, a list of (ids, mask) already rendered and truncated to seq_len + 1.
-    """
+    """get(step, micro) -> (x, y) of this rank; rendered: per task, (ids, mask) rows of at most seq_len + 1."""
 
     def __init__(self, rendered, weights, num_iterations, device_batch, grad_accum, info, pad_id, seed=0):
         self.rendered, self.B, self.accum, self.info, self.pad_id = rendered, device_batch, grad_accum, info, pad_id
         n = num_iterations * grad_accum * info.world_size * device_batch
         self.schedule = mixture_schedule([len(r) for r in rendered], weights, n, seed)
 
-    def rows(self, step, micro):
-        g = first_row(step, micro, self.accum, self.info.world_size, self.info.rank, self.B)
-        return [self.rendered[t][i] for t, i in self.schedule[g:g + self.B]]
-
     def first_drawn(self, task, k):
-        """Indices of the first k distinct examples of `task` in the order the run draws them
-        (the "trained items" an accuracy check should use)."""
-        seen = []
-        for t, i in self.schedule:
-            if t == task and i not in seen:
-                seen.append(i)
-                if len(seen) == k:
-                    break
-        return seen
+        """The first k distinct examples of `task` in the order the run draws them (its trained items)."""
+        return list(dict.fromkeys(i for t, i in self.schedule if t == task))[:k]
 
     def get(self, step, micro):
-        return collate(self.rows(step, micro), self.pad_id, self.info.device)
+        g = first_row(step, micro, self.accum, self.info.world_size, self.info.rank, self.B)
+        return collate([self.rendered[t][i] for t, i in self.schedule[g:g + self.B]], self.pad_id, self.info.device)
 
 
 def render_examples(tokenizer, examples, max_tokens, drop_truncated=True):
-    """(ids, mask) rows of task examples, at most max_tokens each. Returns (rows, kept indices).
-
-    drop_truncated: leave out conversations longer than max_tokens. Our answers come last
-    ("... Answer: C"), so a cut conversation would teach the model to ramble without
-    answering. Otherwise they are cut, and only those with no assistant token left dropped.
-    """
+    """(rows, kept indices): (ids, mask) of task examples, at most max_tokens each. drop_truncated leaves
+    out longer conversations (the answer comes last, so a cut one teaches rambling without answering);
+    otherwise they are cut, and dropped only when no assistant token is left."""
     rows, kept = [], []
     for i, ex in enumerate(examples):
         ids, mask = tokenizer.render_conversation({"messages": ex["messages"]})
@@ -182,9 +148,8 @@ def render_examples(tokenizer, examples, max_tokens, drop_truncated=True):
 
 
 def render_train_sets(tokenizer, tasks, max_tokens, limit=0, drop_truncated=True):
-    """Per task: (`limit` train examples that fit, their rendered rows; 0 = all), taken in the
-    balanced hash order of tasks.subset. Renders in chunks so a small limit does not tokenize a
-    whole 7k-example task."""
+    """Per task: `limit` train examples that fit (0 = all) in tasks.subset's order, and their rows;
+    rendered in chunks so a small limit does not tokenize a whole task."""
     examples, rendered = [], []
     for task in tasks:
         exs = subset(task, "train")

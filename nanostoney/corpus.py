@@ -1,31 +1,14 @@
 """The pretraining corpus: the text the base model and the tokenizer read.
 
-Default, pretraining_texts():
-- Stoney: every conversation of the EXTRACTION groups (the train, val and test parts of
-  tasks/stoney_corpus.py; user and assistant turns, without the fixed system message), so every fact
-  a Stoney val/test question asks about was read in pretraining. The control groups (the
-  *_unseen tasks) are in no text here.
-- augment=K: also K renderings of each extraction pair (term <-> gloss) in varied sentence
-  templates (FACT_TEMPLATES), as glossary pages of PAGE facts, each rendering in another order.
-  Physics of Language Models 3.1 found that such augmentation decides whether a model that
-  read facts can answer questions about facts it was never asked about.
-- tasks (default CORPUS_TASKS = arith_mc, stoney_mc): the TRAIN split of these tasks as text
-  (question, options, rationale, answer): the arith train problems, and questions about the
-  train terms only. This is Part 3.1's "mixed training": questions about some facts in the
-  pretraining text teach the model to answer from what it read, and the held-out terms are
-  never asked. (LoRA SFT alone, from a base that had never seen a question, did not learn to
-  copy a term or map a value to its letter in 300 steps: docs/science_log.md.) Add gsm8k,
-  aqua_mc for larger models; `arith` alone gives the corpus without questions.
-
-validation_texts() is held-out text for the base model's val bpb: the val split of the same
-tasks and the conversations of the unseen_val control groups (read without a gradient, so
-they stay unseen). pretraining_sources() names what the governance gate checks.
+pretraining_texts(): the Stoney conversations of the EXTRACTION groups (every fact a val/test
+question asks about; no *_unseen control), `augment` renderings of each of their facts (Physics of
+Language Models 3.1: augmentation decides whether a model answers about facts never asked about),
+and the TRAIN split of `tasks` (3.1's "mixed training"). validation_texts(): for the val bpb.
 """
 import argparse
 import random
 
 from nanostoney import cli
-from nanostoney.errors import UserError
 from nanostoney.tasks import TASK_NAMES, TASKS, get_task, sources_for_tasks
 from nanostoney.tasks.base import stable_hash
 from nanostoney.tasks.stoney_corpus import load_corpus
@@ -57,8 +40,7 @@ def extraction_pairs():
 
 
 def fact_pages(pairs, k):
-    """K renderings of every pair, PAGE to a page: rendering r of a pair uses template
-    (hash + r) mod len(FACT_TEMPLATES), so K <= 8 renderings are K different sentences."""
+    """K renderings of every pair, PAGE to a page; rendering r uses template (hash + r) mod len(FACT_TEMPLATES)."""
     pages = []
     for r in range(k):
         order = sorted(pairs, key=lambda p: stable_hash(f"fact-order/{r}/{p['term_key']}"))
@@ -69,17 +51,10 @@ def fact_pages(pairs, k):
 
 
 def task_text(ex):
-    """A task example as plain text: its turns joined by blank lines."""
     return "\n\n".join(m["content"] for m in ex["messages"])
 
 
-def check_augment(k):
-    if not 0 <= k <= MAX_AUGMENT:
-        raise UserError(f"--augment {k} is out of range; use 0 (no fact renderings) to {MAX_AUGMENT}.")
-
-
 def augment_count(text):
-    """--augment: renderings of each extraction fact, 0..MAX_AUGMENT."""
     k = cli.nonneg_int(text)
     if k > MAX_AUGMENT:
         raise argparse.ArgumentTypeError(f"must be 0 (no fact renderings) to {MAX_AUGMENT}, got {text!r}")
@@ -87,8 +62,7 @@ def augment_count(text):
 
 
 def task_list(spec):
-    """--corpus-tasks: "arith_mc,gsm8k" -> ["arith_mc", "gsm8k"], each a known task that may be
-    training text (a control task may not)."""
+    """"arith_mc,gsm8k" -> ["arith_mc", "gsm8k"], each a known task that is not a control."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"names no task; e.g. {','.join(CORPUS_TASKS)}")
@@ -101,7 +75,6 @@ def task_list(spec):
 
 
 def add_corpus_args(parser, augment=True):
-    """--corpus-tasks (and --augment), shared by base_train and tok_train."""
     parser.add_argument("--corpus-tasks", type=task_list, default=",".join(CORPUS_TASKS),
                         help="tasks whose train split is pretraining text besides the Stoney conversations")
     if augment:
@@ -110,22 +83,17 @@ def add_corpus_args(parser, augment=True):
 
 
 def pretraining_texts(augment=0, tasks=CORPUS_TASKS):
-    """The documents of the default pretraining corpus (see the module docstring)."""
-    check_augment(augment)
     convs = load_corpus()["convs"]
     texts = [conversation_text(c) for part in EXTRACTION for c in convs[part]]
     texts += fact_pages(extraction_pairs(), augment)
-    for name in tasks:
-        texts += [task_text(ex) for ex in get_task(name).examples("train")]
+    texts += [task_text(ex) for name in tasks for ex in get_task(name).examples("train")]
     random.Random(0).shuffle(texts)  # families interleaved through the stream
     return texts
 
 
 def validation_texts(tasks=CORPUS_TASKS):
-    texts = [conversation_text(c) for c in load_corpus()["convs"]["unseen_val"]]
-    for name in tasks:
-        texts += [task_text(ex) for ex in get_task(name).examples("val")]
-    return texts
+    return ([conversation_text(c) for c in load_corpus()["convs"]["unseen_val"]]
+            + [task_text(ex) for name in tasks for ex in get_task(name).examples("val")])
 
 
 def pretraining_sources(tasks=CORPUS_TASKS):

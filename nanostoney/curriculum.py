@@ -1,20 +1,10 @@
 """The pretraining curriculum: copying first, then the knowledge and task text.
 
 A depth-4 model pretrained on the bundled corpus alone never learns to copy from its context
-(induction gain about -0.2 nats; BENCHMARKS.md, "Eval"), and fresh arithmetic alone
-teaches the sums but not to read the operand (a side experiment; docs/LOG.md). So the run has stages:
-
-1. copy (the first copy_steps steps): every row is drills generated for that step: repeated
-   random token spans (induction), key-value lookups ("zami = 41 ... zami = 41") and option
-   lookups ("... The answer is 88, which is option C.").
-2. tasks (the rest): the corpus (the Stoney knowledge and the task text) with `arith_rows` rows
-   of each device batch arithmetic problems drawn fresh for that batch (open format, train-split
-   combinations only: never a fixed list to memorise, never a held-out combination) and
-   `drill_rows` rows of drills, so copying keeps a gradient.
-
-Every generated row is a pure function of (seed, step, micro, rank), so a resumed run reads the
-same rows and nothing needs saving. Nothing here reads Stoney data: drills are random tokens,
-pseudo-words and numbers.
+(BENCHMARKS.md). So the first copy_steps steps are drills (repeated random token spans, key-value and
+option lookups); then each device batch is the corpus plus `arith_rows` fresh train-split arithmetic
+problems and `drill_rows` drills. Generated rows are a pure function of (seed, step, micro, rank), so
+a resume needs nothing saved; none reads Stoney data.
 """
 import random
 from dataclasses import dataclass
@@ -29,9 +19,8 @@ from nanostoney.tasks.base import split_by_hash
 ARITH_DEPTHS = (1, 2, 2, 3, 3, 4)  # depths weighted 1:2:2:1, as copy_wall's corpus
 SYLLABLES = ("ka", "mo", "ri", "ta", "ne", "su", "lo", "pi", "zu", "ve", "do", "ha", "mi", "ro", "te", "ba")
 FIRST_ORDINARY = 256  # token ids below are byte-level merges' raw bytes; the probe draws from here too
-# Half of the span rows draw from this many tokens only: with each of 3,840 tokens seen a few
-# dozen times, 400 steps of spans from the whole vocabulary grew no copying at all (induction
-# gain +0.02 nats); a small alphabet lets the attention pattern form first (docs/science_log.md).
+# Half of the span rows draw from this many tokens only: 400 steps of spans from the whole vocabulary
+# grew no copying at all; a small alphabet lets the attention pattern form first (docs/science_log.md).
 SMALL_ALPHABET = 128
 
 
@@ -42,22 +31,17 @@ class Curriculum:
     drill_rows: int = 0
     seed: int = 0
 
-    def stages(self, num_iterations, device_batch):
-        """[(name, first step, last step + 1, what a device batch holds)] for the plan."""
-        corpus_rows = device_batch - self.arith_rows - self.drill_rows
-        out = []
-        if self.copy_steps:
-            out.append(("copy", 0, min(self.copy_steps, num_iterations),
-                        f"{device_batch} drill rows (repeated spans, key-value and option lookups)"))
-        if self.copy_steps < num_iterations:
-            out.append(("tasks", self.copy_steps, num_iterations,
-                        f"{corpus_rows} corpus rows + {self.arith_rows} fresh train-split arith rows + "
-                        f"{self.drill_rows} drill rows"))
-        return out
-
     def describe(self, num_iterations, device_batch):
-        return "curriculum: " + "; ".join(f"{name} steps {a}-{b}: {what}"
-                                          for name, a, b, what in self.stages(num_iterations, device_batch))
+        """The plan's line: each stage's steps and what a device batch holds."""
+        stages = []
+        if self.copy_steps:
+            stages.append(f"copy steps 0-{min(self.copy_steps, num_iterations)}: {device_batch} drill rows "
+                          f"(repeated spans, key-value and option lookups)")
+        if self.copy_steps < num_iterations:
+            stages.append(f"tasks steps {self.copy_steps}-{num_iterations}: "
+                          f"{device_batch - self.arith_rows - self.drill_rows} corpus rows + {self.arith_rows} "
+                          f"fresh train-split arith rows + {self.drill_rows} drill rows")
+        return "curriculum: " + "; ".join(stages)
 
     def generated(self, step, micro, rank, rows, tok, seq_len):
         """(drill rows, arith rows) generated for this step, as arrays of seq_len + 1 tokens."""
@@ -103,8 +87,7 @@ def pack(rng, tok, seq_len, make_text):
 
 
 def fresh_problem(rng):
-    """An arith problem drawn from rng whose (template, numbers) combination is in the train
-    split: the held-out val/test combinations are never generated."""
+    """An arith problem whose (template, numbers) combination is in the train split, never a held-out one."""
     while True:
         drawn = arith.sample_problem(rng, rng.choice(ARITH_DEPTHS))
         if drawn is None:
@@ -115,7 +98,7 @@ def fresh_problem(rng):
 
 
 def arith_text(rng):
-    """A fresh problem as the open `arith` task states it (question, chain, answer)."""
+    """A fresh problem as the open `arith` task states it."""
     p = fresh_problem(rng)
     return p["question"] + "\n\n" + arith.answer_text(p["final"], p["rationale"])
 
@@ -146,8 +129,7 @@ def option_text(rng):
 
 
 def span_row(rng, tok, seq_len):
-    """Random ordinary tokens, each span repeated 2-3 times with random tokens between: the
-    second copy is predictable only by looking back (the probe's random-token induction)."""
+    """Spans of random ordinary tokens, each repeated 2-3 times with random tokens between."""
     top = tok.vocab_size - len(tok.special_tokens)
     hi = min(top, FIRST_ORDINARY + SMALL_ALPHABET) if rng.random() < 0.5 else top
     ids = []

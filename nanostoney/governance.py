@@ -1,12 +1,9 @@
 """The governance gate, `check_sources(paths, use)`: default-deny, approval bound to content.
 
-Stoney Nakoda is the language of a First Nations community and the upstream project runs a
-default-deny policy: every source that enters training must match a record in
-SOURCE_MANIFEST.yml with permission_status approved_for_training, and every upload/publish needs
-approved_for_public_release. We read the upstream schema unchanged, so `--manifest` can point at
-the upstream repo's own manifest. Derived data (tasks, distractors, preference pairs) inherits
-its source's status: every task knows the files behind it (`tasks.sources_for_tasks`), and
-training scripts gate those.
+Stoney Nakoda belongs to its First Nations community: every source that enters training needs a
+SOURCE_MANIFEST.yml record approved_for_training, every upload/publish approved_for_public_release.
+The schema is upstream's, unchanged, so the upstream manifest can be read as is. Derived data
+inherits its source's status (every task names its files: `tasks.sources_for_tasks`).
 """
 import fnmatch
 import functools
@@ -23,6 +20,7 @@ DEFAULT_MANIFEST = DATA_DIR / "SOURCE_MANIFEST.yml"
 STATUSES = ("unknown", "internal_only", "approved_for_training", "approved_for_public_release",
             "restricted", "removed_pending_review")
 BLOCKING = ("restricted", "removed_pending_review")  # a removal request stops every workflow
+APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
 REQUIRED_KEYS = ("source_id", "path_glob", "data_type", "origin", "rights_holder", "permission_status",
                  "license", "allowed_uses", "prohibited_uses", "contains_sensitive_content",
                  "review_contact", "notes")
@@ -31,17 +29,13 @@ USES = {"training": "approved_for_training", "upload": "approved_for_public_rele
         "public_release": "approved_for_public_release", "publishing": "approved_for_public_release"}
 
 
-def _read_yaml(path):
+@functools.lru_cache(maxsize=16)
+def _load_manifest(path, mtime):
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"manifest {path} is not valid YAML ({type(e).__name__}: {first}); fix the file.") from None
-
-
-@functools.lru_cache(maxsize=16)
-def _load_manifest(path, mtime):
-    doc = _read_yaml(Path(path))
     if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or not doc["records"]:
         raise UserError(f"manifest {path} needs a non-empty `records:` list (see data/source_manifest.schema.json).")
     for k, rec in enumerate(doc["records"]):
@@ -58,8 +52,7 @@ def _load_manifest(path, mtime):
 
 
 def load_manifest(path=None):
-    """(resolved manifest path, records). The schema's required fields and status values are
-    checked here so a broken manifest fails with one sentence, not a KeyError later."""
+    """(resolved manifest path, records), its required fields and statuses checked."""
     path = Path(path or DEFAULT_MANIFEST).resolve()
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist; pass --manifest pointing at a SOURCE_MANIFEST.yml.")
@@ -67,12 +60,9 @@ def load_manifest(path=None):
 
 
 def glob_matches(path_glob, source, manifest_dir):
-    """Does a manifest record's path_glob cover `source` (a file path, an hf:// id or the
-    generated:// name of a generated task)?
-
-    Globs are relative to the manifest's directory (fnmatch per path component, so `*`
-    never crosses a `/`). A file outside that directory is matched on its trailing
-    components instead, so the upstream manifest's "OpenAIFineTune/*.jsonl" covers
+    """Does a record's path_glob cover `source` (a file, an hf:// id or a generated:// name)? Globs
+    are relative to the manifest's directory, per path component (`*` never crosses a `/`); a file
+    outside it is matched on its trailing components, so upstream's "OpenAIFineTune/*.jsonl" covers
     ".../OpenAIFineTune/stoney_train.jsonl" wherever the user keeps the upstream files."""
     if "://" in path_glob or "://" in str(source):  # hf://owner/name, generated://nanostoney/arith
         return fnmatch.fnmatchcase(str(source), path_glob)
@@ -80,35 +70,25 @@ def glob_matches(path_glob, source, manifest_dir):
     p = Path(source).resolve()
     try:
         parts = p.relative_to(manifest_dir).parts
-        if len(parts) != len(pattern):
-            return False
     except ValueError:
         parts = p.parts[-len(pattern):]
-        if len(parts) != len(pattern):
-            return False
-    return all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pattern))
+    return len(parts) == len(pattern) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pattern))
 
 
 def _grants(rec, use):
-    """A record grants a use when its status is the one the use needs and, as upstream says,
-    "subject to allowed_uses": the use is allowed and not prohibited. Public release does not
-    imply training (upstream: training requires approved_for_training)."""
+    """The status the use needs and, "subject to allowed_uses", the use allowed and not prohibited.
+    Public release does not imply training."""
     return (rec["permission_status"] == USES[use] and use in (rec["allowed_uses"] or [])
             and use not in (rec["prohibited_uses"] or []))
 
 
-APPROVALS = ("approved_for_training", "approved_for_public_release")  # in order of reach
-
-
 def _vetoes(rec, use):
-    """A matching record that refuses the use whatever the others say (the most restrictive record
-    wins): one that approves nothing (unknown, internal_only, restricted, removed_pending_review),
-    or an approval reaching as far as the use that prohibits it. (A training approval that
-    prohibits upload, as upstream writes it beside a release record, speaks only for training.)"""
+    """Does a matching record refuse the use whatever the others say (the most restrictive wins)?
+    One that approves nothing does, or an approval reaching as far as the use that prohibits it (a
+    training approval that prohibits upload, beside a release record, speaks only for training)."""
     status = rec["permission_status"]
-    if status not in APPROVALS:
-        return True
-    return use in (rec["prohibited_uses"] or []) and APPROVALS.index(status) >= APPROVALS.index(USES[use])
+    return status not in APPROVALS or (use in (rec["prohibited_uses"] or [])
+                                       and APPROVALS.index(status) >= APPROVALS.index(USES[use]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,7 +101,7 @@ def _sha256(path, mtime, size):
 
 
 def file_sha256(path):
-    """sha256 of a local file's bytes (None when it is not a readable file); cached per version."""
+    """sha256 of a file's bytes (None when it is not a readable file); cached per version."""
     try:
         st = os.stat(path)
         return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size) if os.path.isfile(path) else None
@@ -130,16 +110,12 @@ def file_sha256(path):
 
 
 def _same_content(rec, source):
-    """Approval binds to content: a record with `sha256` (one digest or a list) covers only a file
-    with those bytes, so a file of the same name elsewhere, with other content, is not approved."""
+    """Approval binds to content: a record with `sha256` (one or a list) covers only files with those bytes."""
     want = rec.get("sha256")
-    if not want:
-        return True
-    return file_sha256(str(source)) in ([want] if isinstance(want, str) else want)
+    return not want or file_sha256(str(source)) in ([want] if isinstance(want, str) else want)
 
 
 def _why_refused(source, use, matches, vetoes, where):
-    """Why no record lets `source` be used: the reason part of the gate's one sentence."""
     if vetoes and len(matches) > 1:
         r = vetoes[0]
         return (f"manifest record {r['source_id']!r} marks it {r['permission_status']}"
@@ -164,20 +140,12 @@ def add_manifest_arg(parser):
 
 
 def check_sources(paths, use="training", manifest=None):
-    """The governance gate. Refuses (UserError, one sentence: the file, its status, how to record
-    approval) any source without a manifest record granting `use`. Returns [(source, source_id)].
-
-    `use`: "training", or "upload" / "public_release" / "publishing" (need approved_for_public_release).
-    `manifest`: a path, or a list of paths whose records are pooled (each glob relative to its
-    own manifest), e.g. the upstream manifest for Stoney plus ours for the math sets; default
-    data/SOURCE_MANIFEST.yml. A record carrying sha256 covers only a file with those bytes. Several
-    matching records: the most restrictive wins (_vetoes: a record approving nothing, or one
-    prohibiting the use, refuses whatever the others grant); otherwise a record granting the use
-    allows it."""
+    """The gate: [(source, source_id)], or a one-sentence UserError for the first source without a
+    record granting `use` (a key of USES). `manifest`: a path or a list whose records are pooled,
+    each glob relative to its own manifest; default data/SOURCE_MANIFEST.yml."""
     if use not in USES:
         raise UserError(f"unknown data use {use!r}; use one of {', '.join(USES)}.")
-    manifests = manifest if isinstance(manifest, (list, tuple)) else [manifest]
-    loaded = [load_manifest(m) for m in manifests]
+    loaded = [load_manifest(m) for m in (manifest if isinstance(manifest, (list, tuple)) else [manifest])]
     where = " or ".join(str(p) for p, _ in loaded)
     fix = (f"if the rights holders approve it, add a record for it with permission_status {USES[use]} "
            f"and '{use}' in allowed_uses to {loaded[0][0]}")
@@ -200,7 +168,7 @@ def check_sources(paths, use="training", manifest=None):
 
 
 def gated_sources(values, manifest=None):
-    """The files and hub ids of --data values, once the gate has approved every one for training."""
+    """The files and hub ids of --data values, once the gate has approved all for training."""
     sources = expand_sources(values)
     check_sources([gate_name(s) for s in sources], use="training", manifest=manifest)
     return sources

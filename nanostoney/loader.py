@@ -6,29 +6,12 @@
     x, y = loader.get(step, micro)                         # in order: step 0 micro 0, 1, ...
     meta["data_position"] = loader.position(step)          # all ranks call it; resume from it
 
-Nothing ever holds the corpus: a corpus is a list of units (file, row group) read from the parquet
-footers, and a lane holds one row group's text column and the tokens of the documents it has
-started, so memory is the same for 1 MB or 1 TB of text.
-
-Lanes. The run reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane
-k = m x world_size + r. Lane k takes the units g = k, k + L, k + 2L, ... of an endless sequence
-in which epoch e is a seeded permutation of all units (g // U is the epoch, U units), so with
-accumulation 1 rank r reads row groups r, r + world, ..., and a run of 2 processes x 1 micro-step
-reads exactly the rows of 1 process x 2 micro-steps (tests/test_ddp.py). Within a lane every
-non-empty document becomes <|bos|> + its tokens, the documents are joined into one stream and
-cut into rows of seq_len + 1 tokens that overlap by one (inputs, shifted targets), so every token
-is a target once and nothing is cropped (rows may start mid-document: nanochat's original
-packing; its later BOS-aligned best-fit crops about a third of the tokens and resumes only
-approximately).
-
-Resume. A lane's position is (j, d, o): its j-th unit, document d of that row group, token o of
-that document's stream. position() gathers every lane's; a run resumed from it reads exactly the
-tokens the uninterrupted run would have read next, at any world size with the same number of
-lanes (tests/test_loader.py checks 1 and 2 ranks bitwise).
-
-Text that is not parquet (the bundled corpus, txt/jsonl/json files, hub datasets) is written once
-into cached parquet shards (sources.parquet_files) and read through the same code. Documents are tokenized DOC_BATCH at a time with
-`tokenizers`' encode_batch, which runs on Rust threads without the GIL.
+A lane holds one unit (file, row group) at a time, so memory does not grow with the data. The run
+reads L = world_size x grad_accum lanes; micro-step m of rank r reads lane k = m x world_size + r:
+units k, k + L, ... of seeded permutations of all units, so 2 processes x 1 micro-step read the rows
+of 1 x 2. Documents (<|bos|> + tokens) are joined and cut into rows of seq_len + 1 overlapping by one:
+every token is a target once, none cropped (nanochat's original packing). A lane's position (unit,
+document, token) resumes exactly at any world size with the same number of lanes.
 """
 import hashlib
 import os
@@ -47,12 +30,11 @@ DOC_BATCH = 128       # documents read and tokenized at a time
 # -----------------------------------------------------------------------------
 # a corpus: units (file, row group) from the parquet footers
 
-
 class Corpus:
     """Parquet files read as units (file index, row group). Every file is opened once here, its
     footer read and checked (readable, has the text column), so bad input fails before training."""
 
-    def __init__(self, files, column="text", units=None, what="corpus"):
+    def __init__(self, files, column="text", what="corpus"):
         self.files, self.column, self.what = list(files), column, what
         self.rows, self.nbytes = {}, {}  # per unit: documents, uncompressed text bytes
         for i, path in enumerate(self.files):
@@ -63,7 +45,7 @@ class Corpus:
                 g = meta.row_group(rg)
                 self.rows[(i, rg)] = g.num_rows
                 self.nbytes[(i, rg)] = max(0, g.column(c).total_uncompressed_size - 4 * g.num_rows)
-        self.units = [u for u in self.rows if self.rows[u] > 0] if units is None else list(units)
+        self.units = [u for u in self.rows if self.rows[u] > 0]
         if not self.units:
             raise UserError(f"the {what} ({', '.join(self.files[:3])}) holds no rows; check the files.")
 
@@ -81,11 +63,11 @@ class Corpus:
 
     @property
     def text_bytes(self):
-        """Approximate UTF-8 bytes of text (the column's uncompressed size less length prefixes)."""
+        """Approximate UTF-8 bytes of text: the column's uncompressed size less length prefixes."""
         return sum(self.nbytes[u] for u in self.units)
 
     def key(self):
-        """Names and sizes of the units' files: what must not change between a run and its resume."""
+        """The units' file names and sizes: what must not change between a run and its resume."""
         h = hashlib.sha256(self.column.encode())
         for i, rg in self.units:
             h.update(f"\0{os.path.basename(self.files[i])}:{rg}:{self.rows[(i, rg)]}".encode())
@@ -109,12 +91,9 @@ class Corpus:
 # -----------------------------------------------------------------------------
 # one lane: a stream of packed rows
 
-
 class Lane:
-    """Rows of seq_len + 1 tokens from units g = lane, lane + lanes, ... (see the module docstring).
-
-    position: (j, d, o) to start from (default the beginning). shuffle=False reads the units in
-    their natural order, each epoch alike (validation)."""
+    """Rows of seq_len + 1 tokens from units g = lane, lane + lanes, ..., from `position` (j, d, o)
+    on. shuffle=False reads the units in their natural order, each epoch alike (validation)."""
 
     def __init__(self, corpus, tokenizer, seq_len, lane=0, lanes=1, seed=0, shuffle=True, position=None):
         self.corpus, self.tok, self.T = corpus, tokenizer, seq_len
@@ -139,8 +118,9 @@ class Lane:
             self._perms[epoch] = torch.randperm(len(self.corpus.units), generator=g)
         return self.corpus.units[int(self._perms[epoch][i])]
 
-    def epoch(self, j):
-        return (self.lane + j * self.lanes) // len(self.corpus.units)
+    def epoch(self):
+        """Passes over the corpus finished before the current unit."""
+        return (self.lane + self.buf[0][0] * self.lanes) // len(self.corpus.units)
 
     def _documents(self, j, d):
         """(j, d, tokens) of every non-empty document from unit j, document d on, forever."""
@@ -165,22 +145,16 @@ class Lane:
         need = self.T + 1
         while self.buffered - self.off < need:
             self._pull()
-        parts, n = [], 0
-        for k, (_, _, toks) in enumerate(self.buf):
-            piece = toks[self.off:] if k == 0 else toks
-            parts.append(piece[:need - n])
-            n += len(parts[-1])
+        parts, n, off = [], 0, self.off
+        for _, _, toks in self.buf:
+            parts.append(toks[off:off + need - n])
+            n, off = n + len(parts[-1]), 0
             if n == need:
                 break
-        left = self.T
-        while left:  # at least one token stays buffered: the row's last is the next row's first
-            avail = len(self.buf[0][2]) - self.off
-            if avail > left:
-                self.off += left
-                break
-            left -= avail
+        self.off += self.T
+        while self.off >= len(self.buf[0][2]):  # a token stays buffered: the row's last is the next's first
+            self.off -= len(self.buf[0][2])
             self.buffered -= len(self.buf.popleft()[2])
-            self.off = 0
         return np.concatenate(parts)
 
     def position(self):
@@ -191,20 +165,17 @@ class Lane:
 # -----------------------------------------------------------------------------
 # the training loader and the validation rows
 
-
 class PretrainLoader:
     """get(step, micro) -> (x, y) of this rank on its device, read from lane micro x world + rank.
     Batches must be taken in order (the training loop does); position() is the resume state."""
 
     def __init__(self, corpus, tokenizer, seq_len, device_batch, grad_accum, info, seed=0, position=None):
         self.B, self.info, self.lanes = device_batch, info, grad_accum * info.world_size
-        states = [None] * self.lanes
-        if position is not None:
-            if not isinstance(position, dict) or position.get("lanes") != self.lanes:
-                had = position.get("lanes") if isinstance(position, dict) else "a different loader"
-                raise UserError(f"the checkpoint read {had} data lanes but this run reads {self.lanes} "
-                                f"(processes x accumulation); resume with the original --device-batch-size.")
-            states = position["states"]
+        if position is not None and (not isinstance(position, dict) or position.get("lanes") != self.lanes):
+            had = position.get("lanes") if isinstance(position, dict) else "a different loader"
+            raise UserError(f"the checkpoint read {had} data lanes but this run reads {self.lanes} "
+                            f"(processes x accumulation); resume with the original --device-batch-size.")
+        states = [None] * self.lanes if position is None else position["states"]
         self.mine = {m: Lane(corpus, tokenizer, seq_len, m * info.world_size + info.rank, self.lanes, seed,
                              position=states[m * info.world_size + info.rank]) for m in range(grad_accum)}
         self.next = (None, 0)
@@ -222,15 +193,9 @@ class PretrainLoader:
         rows = rows.to(self.info.device, non_blocking=True)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def epoch(self):
-        """Epochs this rank's first lane has started (0 during the first pass)."""
-        lane = self.mine[0]
-        return lane.epoch(lane.position()[0])
-
     def position(self, step=None):
-        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective (all ranks call it).
-        step: the position as of the start of that step, even when its first batches have already
-        been read (the training loop reads one micro-batch ahead); default: after the last read."""
+        """{"lanes": L, "states": [[j, d, o] of lane 0, 1, ...]}; a collective. step: as of the start
+        of that step, though the training loop has read one micro-batch ahead; default: now."""
         def at(m, lane):
             read, before = self.before.get(m, (None, None))
             return before if step is not None and read is not None and read >= step else lane.position()
@@ -241,13 +206,12 @@ class PretrainLoader:
 
 def validation_rows(corpus, tokenizer, seq_len, max_rows):
     """The first max_rows rows of seq_len + 1 tokens of a corpus read in order, once (fewer if it
-    is shorter): the same rows at any world size, tokenized once per run, memory bounded by
-    --eval-tokens rather than by the corpus."""
+    is shorter): the same rows at any world size."""
     lane = Lane(corpus, tokenizer, seq_len, shuffle=False)
     rows = []
-    while len(rows) < max_rows and lane.epoch(lane.position()[0]) == 0:
+    while len(rows) < max_rows and lane.epoch() == 0:
         rows.append(lane.row())
-    if lane.epoch(lane.position()[0]) > 0 and rows:
+    if lane.epoch() > 0 and rows:
         rows.pop()  # that row wrapped around into the corpus again
     if not rows:
         raise UserError(f"the {corpus.what} has fewer than {seq_len + 1} tokens, not one sequence; "
@@ -264,9 +228,8 @@ def eval_batches(rows, device_batch, info):
 
 
 def estimate_tokens(corpus, tokenizer, sample_bytes=1 << 20):
-    """(tokens in the corpus, exact?): counted when the corpus has at most about sample_bytes of
-    text; else tokens per text byte measured on its first documents times the text bytes that
-    the parquet footers give (an estimate: no need to tokenize a web corpus to plan a run)."""
+    """(tokens in the corpus, exact?): counted up to about sample_bytes of text, else extrapolated
+    to the footers' text bytes from the tokens per byte of the first documents."""
     tokens = nbytes = 0
     for unit in corpus.units:
         for _, texts in corpus.texts(unit):

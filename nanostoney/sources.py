@@ -1,20 +1,14 @@
-"""Sources: reading any txt / jsonl / json / parquet file or hub dataset, with one error path.
+"""Reading txt / jsonl / json / parquet files and hub datasets, with errors that name the file.
 
-1. Task data. Every task reads rows through `bundled_rows` (the JSON-lines files under data/) or
-   `hub_rows` (the full sets on the Hugging Face Hub, for users who are online). The bundled
-   files are the default. Asking for the hub explicitly (source="hub") and failing is an
-   error; preferring it (source="auto") and failing prints one sentence and falls back to the
-   bundled file.
-2. Corpora given with --data (files, directories, globs or a hub id) are expanded by
-   `expand_sources`, named for the governance gate (governance.py) by `gate_name` and read one
-   document at a time by `iter_documents`, with errors that name the file and line.
-3. Pretraining reads parquet only (loader.py): other text is written once into parquet shards in
-   the cache (NANOSTONEY_CACHE, default ~/.cache/nanostoney), keyed by a hash of its content.
-A parquet file that cannot be read is always the same sentence (`parquet_error`).
+Tasks read `bundled_rows` (data/) or `hub_rows` (source "hub" fails loudly, "auto" falls back to
+the bundled file). --data corpora are expanded (`expand_sources`) and named for the governance
+gate (`gate_name`); pretraining reads parquet only, so other text is written once into parquet
+shards in the cache (NANOSTONEY_CACHE, default ~/.cache/nanostoney), keyed by a hash of its content.
 """
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -59,8 +53,7 @@ def hub_label(family):
 # JSON-lines files
 
 def iter_jsonl(path):
-    """(line number, value) of every non-blank line of a JSON-lines file. A bad line or a file
-    that is not UTF-8 is a UserError naming it, so the user can open the file at the right place."""
+    """(line number, value) of every non-blank line; a bad line or non-UTF-8 file is a UserError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -77,8 +70,7 @@ def iter_jsonl(path):
 
 def read_jsonl(path):
     """Rows (JSON objects) of a JSON-lines file."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"data file {path} does not exist; check the path (bundled files live under {DATA_DIR}).")
     rows = []
     for lineno, row in iter_jsonl(path):
@@ -95,13 +87,10 @@ def _read_jsonl_cached(path, mtime, size):
 
 
 def load_local(path):
-    """Rows of a local JSON-lines file, cached per process (keyed on the file's mtime and size,
-    so an edited file is re-read). Returns a fresh list."""
+    """Rows of a JSON-lines file, cached per process version (mtime, size); a fresh list."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; check the path (bundled files live under {DATA_DIR}).")
-    st = path.stat()
-    rows = _read_jsonl_cached(path, st.st_mtime_ns, st.st_size)
+    st = path.stat() if path.is_file() else None
+    rows = _read_jsonl_cached(path, st and st.st_mtime_ns, st and st.st_size)
     if not rows:
         raise UserError(f"data file {path} has no rows; point at a file with one JSON object per line.")
     return [dict(r) for r in rows]
@@ -121,8 +110,7 @@ def bundled_rows(family, part, data_dir=None):
 # the Hugging Face Hub
 
 def _hub_reachable(timeout=3.0):
-    """A quick TCP check of the hub, so an offline machine learns it in seconds rather than
-    after `datasets`' retries. Skipped when the user runs the hub offline from its cache."""
+    """A quick TCP check, so an offline machine learns it in seconds rather than after `datasets`' retries."""
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") or os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true"):
         return True
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -154,12 +142,8 @@ def _load_hub(family):
 
 
 def hub_rows(family, source):
-    """(rows, "hf://id") of the hub's training pool, or None when the bundled file should be
-    used: source "bundled" never touches the network; "hub" fails loudly; "auto" says in
-    one sentence that the hub is unreachable and returns None."""
-    if source not in SOURCES:
-        raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}.")
-    if source == "bundled":
+    """(rows, "hf://id") of the hub's training pool, or None when the bundled file should be used."""
+    if source == "bundled":  # (get_task has checked `source`)
         return None
     try:
         rows = _load_hub(family)
@@ -178,28 +162,22 @@ def hub_rows(family, source):
 # --data corpora: documents of files, directories, globs or a hub dataset
 
 def expand_sources(sources):
-    """Files and hub ids from --data values: a file, a directory (its data files, sorted),
-    a glob, or an owner/name hub dataset id (kept as is)."""
+    """Files and hub ids of --data values: a file, a directory (its data files, sorted), a glob, a hub id."""
     out = []
     for src in sources:
+        pattern = any(ch in src for ch in "*?[")
         if os.path.isdir(src):
-            files = sorted(f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
-                           if f.endswith(TEXT_EXTS))
-            if not files:
-                raise UserError(f"--data {src}: the directory has no {'/'.join(TEXT_EXTS)} files.")
-            out.extend(files)
-        elif os.path.isfile(src):
-            out.append(src)
-        elif any(ch in src for ch in "*?["):
-            files = sorted(glob.glob(src))
-            if not files:
-                raise UserError(f"--data {src}: the pattern matches no file.")
-            out.extend(files)
-        elif looks_like_hub_id(src):
-            out.append(src)
+            files = sorted(f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True) if f.endswith(TEXT_EXTS))
+            why = f"the directory has no {'/'.join(TEXT_EXTS)} files"
+        elif os.path.isfile(src) or looks_like_hub_id(src) and not pattern:
+            files, why = [src], None
+        elif pattern:
+            files, why = sorted(glob.glob(src)), "the pattern matches no file"
         else:
-            raise UserError(f"--data {src}: no such file or directory (nor a hub dataset id "
-                            f"like owner/name).")
+            raise UserError(f"--data {src}: no such file or directory (nor a hub dataset id like owner/name).")
+        if not files:
+            raise UserError(f"--data {src}: {why}.")
+        out += files
     return out
 
 
@@ -220,49 +198,46 @@ def _record_text(rec, where, text_key):
         try:
             return "\n".join(m["content"] for m in rec["messages"])
         except (TypeError, KeyError):
-            pass
-        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.")
+            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects.") from None
     raise UserError(f"{where}: the record has no string {text_key!r} field (nor 'messages'); "
                     f"pass --text-column to name the text field.")
 
 
 def iter_documents(path, text_key="text", max_chars=None):
-    """Documents of one local file, one at a time: .txt is one document; .jsonl/.json one per
-    line; .parquet one per row of the text column (a batch of rows at a time). max_chars: long documents come in pieces of at most that
-    many characters (cut after whitespace where there is some) and a .txt is read in blocks, so
-    memory stays bounded by the longest JSON line whatever the size of the file."""
+    """Documents of one local file: a .txt is one, a .jsonl/.json one a line, a .parquet one a row.
+    max_chars: documents come in pieces of at most that many characters (a .txt read in blocks)."""
     if path.endswith(".parquet"):
         docs = _parquet_documents(path, text_key)
     elif path.endswith(".txt"):
         docs = _text_blocks(path, max_chars)
     else:
         docs = (_record_text(rec, f"{path}:{lineno}", text_key) for lineno, rec in iter_jsonl(path))
+    return _cut(docs, max_chars)
+
+
+def _cut(docs, max_chars):
     for doc in docs:
         yield from (pieces(doc, max_chars) if max_chars else [doc])
 
 
 def check_readable(path):
-    """A UserError naming `path` (and the line) when it is missing, not UTF-8, or malformed; the
-    file is streamed, so any size is fine. Hub ids (hf://...) are not read."""
-    if str(path).startswith("hf://") or looks_like_hub_id(str(path)) and not os.path.exists(path):
+    """A UserError naming `path` (and the line) when it is missing, not UTF-8, or malformed. Hub ids are not read."""
+    path = str(path)
+    if path.startswith("hf://") or looks_like_hub_id(path) and not os.path.exists(path):
         return
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist or is not a file; check the path.")
-    if str(path).endswith(".parquet"):  # its first text column (the check reads that one)
-        schema = open_parquet(str(path)).schema_arrow
+    if path.endswith(".parquet"):  # its first text column (the check reads that one)
+        schema = open_parquet(path).schema_arrow
         column = next((f.name for f in schema if is_text(f.type)), (schema.names or ["text"])[0])
-        next(_parquet_documents(str(path), column), None)
-    elif str(path).endswith(".txt"):
-        for _ in _text_blocks(str(path), 1 << 20):
-            pass
+        next(_parquet_documents(path, column), None)
     else:
-        for _ in iter_jsonl(path):
+        for _ in _text_blocks(path, 1 << 20) if path.endswith(".txt") else iter_jsonl(path):
             pass
 
 
 def pieces(text, max_chars):
-    """`text` in consecutive pieces of at most max_chars, each cut just before a whitespace
-    (the last in the second half of the piece, if any), so a cut rarely splits a word."""
+    """`text` in pieces of at most max_chars, each cut before the last whitespace of its second half, if any."""
     while len(text) > max_chars:
         cut = max(text.rfind(" ", max_chars // 2, max_chars), text.rfind("\n", max_chars // 2, max_chars))
         cut = cut if cut > 0 else max_chars
@@ -273,7 +248,6 @@ def pieces(text, max_chars):
 
 
 def _text_blocks(path, max_chars):
-    """A .txt file: the whole file as one document, or (max_chars) blocks of it read in turn."""
     try:
         with open(path, encoding="utf-8") as f:
             if not max_chars:
@@ -290,14 +264,11 @@ def _text_blocks(path, max_chars):
 
 
 def parquet_error(where, e):
-    """The one sentence for a parquet file (or a row group of one) that cannot be read."""
     first = (str(e).splitlines() or [""])[0][:200]
-    return UserError(f"{where}: not a readable parquet file ({type(e).__name__}: {first}); re-download or "
-                     f"remove it.")
+    return UserError(f"{where}: not a readable parquet file ({type(e).__name__}: {first}); re-download or remove it.")
 
 
 def open_parquet(path):
-    """pq.ParquetFile(path): its footer read, or parquet_error."""
     import pyarrow.parquet as pq  # lazy: the core path imports without pyarrow
     try:
         return pq.ParquetFile(path)
@@ -306,7 +277,6 @@ def open_parquet(path):
 
 
 def parquet_rows(path):
-    """Every row of a parquet file as a dict."""
     table = open_parquet(path)
     try:
         return table.read().to_pylist()
@@ -319,13 +289,11 @@ def is_text(kind):
 
 
 def check_text_column(path, schema, column):
-    """A UserError unless the arrow `schema` of `path` has a text column named `column`."""
     if column not in schema.names:
         raise UserError(f"{path}: no {column!r} column (columns: {', '.join(schema.names)}); pass --text-column.")
     kind = schema.field(column).type
     if not is_text(kind):
-        raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the text "
-                        f"column.")
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text; pass --text-column naming the text column.")
 
 
 def _parquet_documents(path, text_key):
@@ -336,8 +304,7 @@ def _parquet_documents(path, text_key):
 
 
 def hub_documents(name, split="train", text_key="text"):
-    """(the dataset's fingerprint, its documents) of a Hugging Face hub dataset split (needs the
-    network, or its `datasets` cache); the documents stream a batch of rows at a time."""
+    """(the dataset's fingerprint, its documents streamed) of a hub dataset split."""
     ds = hub_dataset(name, split=split)
     if text_key not in ds.column_names:
         raise UserError(f"hub dataset {name}: no {text_key!r} column (columns: "
@@ -346,13 +313,10 @@ def hub_documents(name, split="train", text_key="text"):
 
 
 def stream_documents(sources, text_key="text", split="train", max_chars=None):
-    """The documents of gated sources one at a time (iter_documents per local file)."""
+    """The documents of gated sources one at a time."""
     for src in sources:
-        if os.path.isfile(src):
-            yield from iter_documents(src, text_key, max_chars)
-        else:
-            yield from (p for doc in hub_documents(src, split, text_key)[1]
-                        for p in (pieces(doc, max_chars) if max_chars else [doc]))
+        yield from (iter_documents(src, text_key, max_chars) if os.path.isfile(src)
+                    else _cut(hub_documents(src, split, text_key)[1], max_chars))
 
 
 # -----------------------------------------------------------------------------
@@ -365,9 +329,12 @@ def cache_dir():
     return os.environ.get("NANOSTONEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanostoney")
 
 
-def _write_shard(path, docs, column):
-    """docs (an iterable of str) -> a parquet file at `path`, CACHE_ROW_GROUP rows per row group,
-    written to a temporary name and renamed (a killed writer leaves no half shard)."""
+def cached_shard(name, key, docs, column="text"):
+    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only, CACHE_ROW_GROUP rows a
+    row group, to a temporary name then renamed (a killed writer leaves no half shard)."""
+    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
+    if os.path.isfile(path):
+        return path
     import pyarrow as pa
     import pyarrow.parquet as pq
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -376,13 +343,8 @@ def _write_shard(path, docs, column):
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema, write_statistics=False) as writer:
-            chunk = []
-            for doc in docs:
-                chunk.append(doc)
-                if len(chunk) == CACHE_ROW_GROUP:
-                    writer.write_table(pa.table({column: chunk}, schema=schema))
-                    rows, chunk = rows + len(chunk), []
-            if chunk:
+            docs = iter(docs)
+            while chunk := list(itertools.islice(docs, CACHE_ROW_GROUP)):
                 writer.write_table(pa.table({column: chunk}, schema=schema))
                 rows += len(chunk)
         if rows == 0:
@@ -394,26 +356,16 @@ def _write_shard(path, docs, column):
     return path
 
 
-def cached_shard(name, key, docs, column="text"):
-    """<cache>/corpus/<name>-<key>.parquet, written from `docs` the first time only."""
-    path = os.path.join(cache_dir(), "corpus", f"{name}-{key[:20]}.parquet")
-    return path if os.path.isfile(path) else _write_shard(path, docs, column)
-
-
 def texts_shard(name, texts, column="text", seed=0):
-    """A list of texts (the bundled corpus) as one cached shard, documents in a seeded shuffled
-    order so that each row group mixes the tasks the texts come from."""
+    """Texts as one cached shard, in a seeded shuffled order so that each row group mixes their tasks."""
     order = list(texts)
     random.Random(seed).shuffle(order)
-    h = hashlib.sha256(f"{seed}\0".encode())
-    for t in order:
-        h.update(t.encode())
-        h.update(b"\0")
-    return cached_shard(name, h.hexdigest(), order, column)
+    key = hashlib.sha256(f"{seed}\0".encode() + b"".join(t.encode() + b"\0" for t in order)).hexdigest()
+    return cached_shard(name, key, order, column)
 
 
 def file_shard(path, column="text"):
-    """A txt/jsonl/json file as a cached shard (keyed by the file's bytes and the column)."""
+    """A txt/jsonl/json file as a cached shard, keyed by its bytes and the column."""
     h = hashlib.sha256(f"{column}\0".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -423,21 +375,13 @@ def file_shard(path, column="text"):
 
 
 def hub_shard(name, split, column="text"):
-    """A Hugging Face hub dataset split as a cached shard (keyed by its `datasets` fingerprint)."""
+    """A hub dataset split as a cached shard, keyed by its `datasets` fingerprint."""
     fingerprint, docs = hub_documents(name, split, column)
     key = hashlib.sha256(f"{name}\0{split}\0{column}\0{fingerprint}".encode()).hexdigest()
     return cached_shard(name.replace("/", "--"), key, docs, column)
 
 
 def parquet_files(sources, column="text", split="train"):
-    """Parquet paths for expanded --data sources (expand_sources): parquet files as they
-    are, other files and hub datasets converted once into the cache. Gate the sources first."""
-    out = []
-    for src in sources:
-        if src.endswith(".parquet"):
-            out.append(src)
-        elif os.path.isfile(src):
-            out.append(file_shard(src, column))
-        else:
-            out.append(hub_shard(src, split, column))
-    return out
+    """Parquet paths of gated, expanded sources: other files and hub datasets converted once into the cache."""
+    return [src if src.endswith(".parquet") else file_shard(src, column) if os.path.isfile(src)
+            else hub_shard(src, split, column) for src in sources]

@@ -1,18 +1,10 @@
-"""Tokenizer: trained by our Rust BPE (rustbpe/), run by Hugging Face `tokenizers`.
+"""Tokenizer: trained by our Rust BPE (rustbpe/), run by Hugging Face `tokenizers` with the same ids.
 
-Training is byte-level BPE over chunks cut by a GPT-4-style regex (nanochat's variant, numbers in
-groups of at most two digits). The learned merges are then loaded into a `tokenizers` BPE model
-with the same split regex, so batched encoding and decoding are fast, and the ids are exactly
-the trainer's (tests/test_tokenizer.py checks this on all bundled text).
-
-Ids: 0..255 are the raw bytes, then one id per merge in the order learned, then the special
-tokens below, so `vocab_size` includes the specials. The specials are nanochat's, in nanochat's
-order, so a nanochat tokenizer (`from_nanochat_pickle`) maps one to one.
-
-Chats are rendered like nanochat: `<|bos|>`, then `<|user_start|>...<|user_end|>` and
-`<|assistant_start|>...<|assistant_end|>` turns; a system message is prepended to the first
-user turn with a blank line between. The loss mask is 1 exactly on the assistant's content and
-its `<|assistant_end|>`.
+Byte-level BPE over chunks cut by nanochat's GPT-4-style regex (numbers in groups of at most two
+digits). Ids: the 256 bytes, one per merge in the order learned, then nanochat's special tokens in
+nanochat's order (so a nanochat tokenizer maps one to one); `vocab_size` includes the specials.
+Chats are rendered like nanochat's, a system message prepended to the first user turn; the loss
+mask is 1 exactly on the assistant's content and its `<|assistant_end|>`.
 """
 import hashlib
 import json
@@ -27,44 +19,32 @@ from nanostoney.files import read_json, write_json, write_text
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document and conversation
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # nanochat's tool use; unused here, kept for id parity
-    "<|output_start|>", "<|output_end|>",
+SPECIAL_TOKENS = [  # nanochat's; the python and output tokens are its tool use, unused here, kept for id parity
+    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
 ]
 SYSTEM_JOIN = "\n\n"  # system message + this + first user message (nanostoney.tasks uses the same)
 META_FILE = "tokenizer_meta.json"
 
 
 def bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable characters, which `tokenizers`' ByteLevel
-    uses to store byte tokens as strings: printable Latin-1 bytes stand for themselves, the
-    rest are shifted to code points 256 and up."""
+    """GPT-2's reversible map from bytes to the printable characters `tokenizers`' ByteLevel stores them as."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = iter(range(256, 512))
     return {b: chr(b) if b in keep else chr(next(shifted)) for b in range(256)}
 
 
 def merges_from_ranks(ranks):
-    """Recovers each token's merge (left bytes, right bytes) from tiktoken-style ranks: BPE the
-    token's bytes with only the merges ranked below it; what is left is the two parts it was
-    made from."""
+    """Each token's merge (left bytes, right bytes) from tiktoken-style ranks: BPE the token's
+    bytes with only the merges ranked below it; the two parts left are what it was made from."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) == 1:
             continue
         parts = [bytes([b]) for b in token]
-        while True:
-            best = None
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < rank and (best is None or r < best[0]):
-                    best = (r, i)
-            if best is None:
-                break
-            i = best[1]
+        while pairs := [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:]))
+                        if ranks.get(a + b, rank) < rank]:
+            i = min(pairs)[1]
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) != 2:
             raise UserError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens; "
@@ -74,9 +54,8 @@ def merges_from_ranks(ranks):
 
 
 def build_hf_tokenizer(token_bytes, merges, pattern, special_tokens):
-    """A `tokenizers` byte-level BPE with ids 0..len(token_bytes)-1 as given, merges in rank
-    order, then the special tokens. The split regex runs first, then the byte mapping
-    (ByteLevel with use_regex=False and no prefix space, so it adds nothing of its own)."""
+    """A `tokenizers` byte-level BPE with ids 0..len(token_bytes)-1 as given, merges in rank order,
+    then the special tokens; the split regex runs first, then ByteLevel's byte mapping alone."""
     char = bytes_to_unicode()
     as_str = lambda b: "".join(char[x] for x in b)
     vocab = {as_str(t): i for i, t in enumerate(token_bytes)}
@@ -102,14 +81,11 @@ class Tokenizer:
         self.special_tokens = list(special_tokens)
         self._special_ids = {s: hf.token_to_id(s) for s in self.special_tokens}
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
-    def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
+    def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN, num_threads=None, buffer_size=8192):
         """Trains on an iterable of strings. `vocab_size` counts everything: 256 bytes, the
         merges, and the special tokens. The trainer holds `buffer_size` strings at a time."""
         import nanostoney_rustbpe  # lazy: the compiled trainer is needed to train, not to load
-        pattern = pattern or SPLIT_PATTERN
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
             raise UserError(f"vocab_size {vocab_size} is too small: it must be at least "
@@ -123,21 +99,15 @@ class Tokenizer:
         if rust.vocab_size < 256 + num_merges:
             raise UserError(f"the training text only supports {rust.vocab_size - 256} merges, fewer than the "
                             f"{num_merges} that vocab_size {vocab_size} needs; lower --vocab-size or add text")
-        tok = cls.from_rustbpe(rust)
+        token_bytes = [b for b, _ in sorted(rust.get_mergeable_ranks(), key=lambda x: x[1])]
+        merges = [(token_bytes[a], token_bytes[b]) for a, b in rust.get_merges()]
+        tok = cls(build_hf_tokenizer(token_bytes, merges, rust.get_pattern(), SPECIAL_TOKENS), rust.get_pattern())
         tok.rust = rust  # kept for tests that compare the two encoders
         return tok
 
     @classmethod
-    def from_rustbpe(cls, rust):
-        token_bytes = [b for b, _ in sorted(rust.get_mergeable_ranks(), key=lambda x: x[1])]
-        merges = [(token_bytes[a], token_bytes[b]) for a, b in rust.get_merges()]
-        hf = build_hf_tokenizer(token_bytes, merges, rust.get_pattern(), SPECIAL_TOKENS)
-        return cls(hf, rust.get_pattern(), SPECIAL_TOKENS)
-
-    @classmethod
     def from_mergeable_ranks(cls, ranks, pattern, special_tokens):
-        """From tiktoken-style data: {token bytes: id} and {special string: id}, where the ids of
-        the specials follow the ranks in order (as in nanochat)."""
+        """From tiktoken-style {token bytes: id} and {special string: id}, specials after the ranks."""
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise UserError("mergeable ranks must be the ids 0..N-1 without gaps")
@@ -150,8 +120,7 @@ class Tokenizer:
 
     @classmethod
     def from_nanochat_pickle(cls, path):
-        """From nanochat's tokenizer.pkl (a pickled tiktoken Encoding). tiktoken is not needed:
-        the pickle holds the Encoding's constructor arguments, which we read directly."""
+        """From nanochat's tokenizer.pkl: the pickled tiktoken Encoding's arguments, read without tiktoken."""
         if not os.path.isfile(path):
             raise UserError(f"no nanochat tokenizer at {path}; pass the tokenizer.pkl from nanochat's tokenizer dir")
         with open(path, "rb") as f:
@@ -193,14 +162,11 @@ class Tokenizer:
                                                    "vocab_size": self.vocab_size})
 
     def fingerprint(self):
-        """sha256 of the vocabulary, the merges, the split pattern and the special tokens: two
-        tokenizers of the same size but other merges differ here (a --resume compares it)."""
+        """sha256 of the vocabulary, merges, split pattern and special tokens (a resume compares it)."""
         model = json.loads(self.hf.to_str())["model"]
         text = json.dumps([model.get("vocab"), model.get("merges"), self.pattern, self.special_tokens],
                           sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    # ------------------------------------------------------------------ ids
 
     @property
     def vocab_size(self):
@@ -229,19 +195,15 @@ class Tokenizer:
 
     def token_byte_lengths(self):
         """Bytes of text each id stands for (0 for special tokens): for bits-per-byte."""
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        byte_chars, special = set(bytes_to_unicode().values()), set(self._special_ids.values())
         out = [0] * self.vocab_size
-        special = set(self._special_ids.values())
         for s, i in self.hf.get_vocab(with_added_tokens=True).items():
             if i not in special:
-                out[i] = len(s) if all(c in byte_of for c in s) else len(s.encode())
+                out[i] = len(s) if set(s) <= byte_chars else len(s.encode())
         return out
 
-    # ------------------------------------------------------------------ chat
-
     def _turns(self, conversation):
-        """Messages with the system message folded into the first user turn, checked to
-        alternate user, assistant, user, ..."""
+        """Messages with the system message folded into the first user turn, checked to alternate."""
         messages = conversation["messages"] if isinstance(conversation, dict) else conversation
         messages = [dict(m) for m in messages]
         if messages and messages[0].get("role") == "system":
@@ -258,23 +220,17 @@ class Tokenizer:
                 raise UserError(f"message {i} content must be a string")
         return messages
 
-    def render_conversation(self, conversation, max_tokens=None):
+    def render_conversation(self, conversation):
         """(ids, mask) for training; mask is 1 on assistant content and `<|assistant_end|>`."""
-        ids, mask, _ = self.render_conversation_with_spans(conversation)
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return self.render_conversation_with_spans(conversation)[:2]
 
     def render_conversation_with_spans(self, conversation, regions=None):
-        """(ids, mask, spans). spans["turns"] lists (role, start, end) token ranges of each turn's
-        content. With `regions` ({name: (char_start, char_end)} in the first user turn's text,
-        system message included, as nanostoney.tasks gives them), spans[name] is the token range
-        (start, end) covering that text: every token that overlaps it."""
+        """(ids, mask, spans): spans["turns"] the (role, start, end) token range of each turn's content,
+        spans[name] the tokens overlapping each of `regions` ({name: (char_start, char_end)} in the
+        first user turn's text, system message included)."""
         ids, mask, spans = [self.bos_id], [0], {"turns": []}
-        for i, m in enumerate(self._turns(conversation)):
-            user = m["role"] == "user"
-            start_tok, end_tok = ("<|user_start|>", "<|user_end|>") if user else ("<|assistant_start|>", "<|assistant_end|>")
-            ids.append(self.token_id(start_tok))
+        for i, m in enumerate(self._turns(conversation)):  # roles checked: user, assistant, user, ...
+            ids.append(self.token_id(f"<|{m['role']}_start|>"))
             mask.append(0)
             if i == 0 and regions:
                 enc = self.hf.encode(m["content"], add_special_tokens=False)
@@ -286,13 +242,12 @@ class Tokenizer:
             else:
                 content = self.encode(m["content"])
             spans["turns"].append((m["role"], len(ids), len(ids) + len(content)))
-            ids += content + [self.token_id(end_tok)]
-            mask += [0 if user else 1] * (len(content) + 1)
+            ids += content + [self.token_id(f"<|{m['role']}_end|>")]
+            mask += [int(m["role"] == "assistant")] * (len(content) + 1)
         return ids, mask, spans
 
     def render_prompt(self, conversation):
-        """Ids to generate the next assistant turn from: the conversation without its final
-        assistant message (if any), then `<|assistant_start|>`."""
+        """Ids to generate the next assistant turn from: no final assistant message, then <|assistant_start|>."""
         messages = conversation["messages"] if isinstance(conversation, dict) else conversation
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]

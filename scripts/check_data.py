@@ -5,10 +5,8 @@
     python -m scripts.check_data --manifest ../StoneyNakoda/SOURCE_MANIFEST.yml \\
         --use training ../StoneyNakoda/OpenAIFineTune/stoney_train.jsonl
 
-Prints one "ok" line per approved source that exists and reads whole (and the split sizes of
-each task with --tasks); any problem (unapproved source, missing, non-UTF-8 or malformed file
-(with its line), empty split, unknown task) is one sentence on stderr and exit code 2. Writes
-nothing.
+Prints one "ok" line per approved source that exists and reads whole (and each task's split
+sizes); any problem is one sentence on stderr and exit code 2. Writes nothing.
 """
 from nanostoney import cli
 from nanostoney.cli import run_main

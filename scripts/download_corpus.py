@@ -3,13 +3,10 @@
     python -m scripts.download_corpus --num-shards 8        # about 0.8 GB: the tokenizer's text
     python -m scripts.download_corpus --tokens 3.7e9        # enough shards for 3.7B training tokens
 
-The shards are nanochat's karpathy/fineweb-edu-100b-shuffle: FineWeb-Edu (ODC-By 1.0) re-packed
-in shuffled parquet files of about 250M characters (about 100 MB) each, shard_00000 .. shard_01822.
-They go to <cache>/fineweb-edu-100b-shuffle/ (NANOSTONEY_CACHE, default ~/.cache/nanostoney), the
-files that record fineweb_edu_100b_shuffle of data/SOURCE_MANIFEST.yml approves for training; the
-script checks the gate passes them. Shards already there are kept; huggingface_hub writes each
-file under a temporary name and renames it, so an interrupted download leaves no half shard.
-Then: python -m scripts.base_train --data <that folder> (its last row group is the validation text).
+nanochat's karpathy/fineweb-edu-100b-shuffle: FineWeb-Edu (ODC-By 1.0) in shuffled parquet shards
+of about 250M characters, into <cache>/fineweb-edu-100b-shuffle/, which the manifest record
+fineweb_edu_100b_shuffle approves (the gate is checked). Shards already there are kept; each is
+written under a temporary name and renamed. Then: python -m scripts.base_train --data <that folder>.
 """
 import math
 import os
@@ -25,6 +22,7 @@ from nanostoney.sources import cache_dir
 REPO = "karpathy/fineweb-edu-100b-shuffle"
 FOLDER = "fineweb-edu-100b-shuffle"
 NUM_SHARDS = 1823
+SHARD = "shard_{:05d}.parquet"
 # about 250M characters a shard at about 4.8 characters per token (nanochat's 65,536-token
 # tokenizer on FineWeb-Edu): a planning figure; base_train prints the measured estimate
 TOKENS_PER_SHARD = 50e6
@@ -46,46 +44,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def shards_needed(args):
-    n = args.num_shards if args.num_shards is not None else math.ceil(args.tokens / TOKENS_PER_SHARD)
-    if not 1 <= n <= NUM_SHARDS:
-        raise UserError(f"{n} shards asked for; {REPO} has 1 to {NUM_SHARDS}.")
-    return n
-
-
-def shard_name(i):
-    return f"shard_{i:05d}.parquet"
-
-
 def fetch(i, out, attempts=3):
     """One shard into `out` (a few attempts with a pause, then one sentence)."""
     from huggingface_hub import constants, hf_hub_download  # lazy: only this script downloads
     for attempt in range(attempts):
         try:
-            return hf_hub_download(REPO, shard_name(i), repo_type="dataset", local_dir=out)
+            return hf_hub_download(REPO, SHARD.format(i), repo_type="dataset", local_dir=out)
         except Exception as e:
             if constants.HF_HUB_OFFLINE or attempt == attempts - 1:
                 why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else type(e).__name__
-                raise UserError(f"could not download {shard_name(i)} of {REPO} ({why}); check the "
+                raise UserError(f"could not download {SHARD.format(i)} of {REPO} ({why}); check the "
                                 f"connection and run again (the shards already in {out} are kept).") from None
             time.sleep(2 ** attempt)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    n = shards_needed(args)
+    n = args.num_shards if args.num_shards is not None else math.ceil(args.tokens / TOKENS_PER_SHARD)
+    if not 1 <= n <= NUM_SHARDS:
+        raise UserError(f"{n} shards asked for; {REPO} has 1 to {NUM_SHARDS}.")
     out = args.out or os.path.join(cache_dir(), FOLDER)
-    missing = [i for i in range(n) if not os.path.isfile(os.path.join(out, shard_name(i)))]
-    # only the missing shards (and huggingface_hub's .cache) are written; our own cache folder is ours by
-    # its place, one named by --out by its marker
-    own = () if args.out is None else (".cache", *(shard_name(i) for i in missing))
+    files = [os.path.join(out, SHARD.format(i)) for i in range(n)]
+    missing = [i for i, f in enumerate(files) if not os.path.isfile(f)]
+    # only the missing shards (and huggingface_hub's .cache) are written; the cache folder is ours by its place
+    own = () if args.out is None else (".cache", *(SHARD.format(i) for i in missing))
     cli.claim_out(out, overwrite=args.overwrite or args.out is None, training=False, own=own)
     print(f"{n} shards of {REPO} in {out}: {n - len(missing)} there, {len(missing)} to download")
     if missing:
         from tqdm import tqdm
-        with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        with ThreadPoolExecutor(args.workers) as pool:
             list(tqdm(pool.map(lambda i: fetch(i, out), missing), total=len(missing), desc="shards"))
-    files = [os.path.join(out, shard_name(i)) for i in range(n)]
     corpus = loader.Corpus(files, what="downloaded corpus")  # every footer readable, a text column
     check_sources(files, use="training", manifest=args.manifest)
     size = sum(os.path.getsize(f) for f in files)

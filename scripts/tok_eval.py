@@ -3,13 +3,9 @@
     python -m scripts.tok_eval                                   # out/tokenizer
     python -m scripts.tok_eval --tokenizer out/tokenizer --compare ~/.cache/nanochat/tokenizer
 
-Families, all from the held-out (val + test) splits so the vocabulary never saw them:
-  stoney_terms     Stoney Nakoda terms (stoney_lexicon, English -> Stoney answers)
-  english_glosses  the English glosses of Stoney terms (stoney_lexicon, Stoney -> English answers)
-  stoney_answers   the assistant answers of the Stoney conversations (bilingual prose)
-  math             GSM8K and AQuA problems with their worked solutions
-A Stoney term costing many more tokens per byte than its English gloss means the model sees it
-in smaller pieces. `--compare` takes another tokenizer dir: ours, or nanochat's (tokenizer.pkl).
+Families from the held-out splits: stoney_terms and english_glosses (stoney_lexicon's answers),
+stoney_answers (the Stoney conversations' assistant turns), math (GSM8K and AQuA with solutions).
+`--compare` takes another tokenizer dir: ours, or nanochat's (tokenizer.pkl).
 """
 import os
 
@@ -36,8 +32,7 @@ def family_texts(splits):
 def compression(tok, texts):
     """(bytes per token, tokens per text)."""
     n_tokens = sum(map(len, tok.encode_batch(texts)))
-    n_bytes = sum(len(t.encode()) for t in texts)
-    return n_bytes / max(n_tokens, 1), n_tokens / max(len(texts), 1)
+    return sum(len(t.encode()) for t in texts) / max(n_tokens, 1), n_tokens / max(len(texts), 1)
 
 
 def main(argv=None):
@@ -49,19 +44,12 @@ def main(argv=None):
 
     paths = [args.tokenizer] + ([args.compare] if args.compare else [])
     toks = [Tokenizer.load(path) for path in paths]
-    fam = family_texts(args.splits.split(","))
-
-    header = f"{'family':16s} {'texts':>6s}"
-    for path, tok in zip(paths, toks):
-        header += f" | {os.path.basename(os.path.normpath(path))[:16] + f' V={tok.vocab_size}':>25s}"
-    print(header)
+    names = [os.path.basename(os.path.normpath(path))[:16] + f" V={tok.vocab_size}" for path, tok in zip(paths, toks)]
+    print(f"{'family':16s} {'texts':>6s}" + "".join(f" | {name:>25s}" for name in names))
     print(f"{'':23s}" + " | bytes/token tokens/text" * len(toks))
-    for family, texts in fam.items():
-        row = f"{family:16s} {len(texts):6d}"
-        for tok in toks:
-            bpt, tpt = compression(tok, texts) if texts else (float("nan"), float("nan"))
-            row += f" | {bpt:11.2f} {tpt:11.1f}"
-        print(row)
+    for family, texts in family_texts(args.splits.split(",")).items():
+        scores = [compression(tok, texts) if texts else (float("nan"), float("nan")) for tok in toks]
+        print(f"{family:16s} {len(texts):6d}" + "".join(f" | {bpt:11.2f} {tpt:11.1f}" for bpt, tpt in scores))
 
 
 if __name__ == "__main__":

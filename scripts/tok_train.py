@@ -6,13 +6,9 @@
         --max-chars 2000000000                                   # nanochat's 2B characters of web text
     torchrun --nproc_per_node=8 -m scripts.tok_train     # works too: rank 0 trains, the others wait
 
-Default corpus: base_train's default pretraining text (nanostoney/corpus.py, without fact
-renderings), so no control term and no held-out arith problem shapes the vocabulary. `--data` takes the same files/dirs/globs/hub ids as
-scripts.base_train; every source passes the governance gate first. `--vocab-size` counts the 256
-byte tokens and the special tokens too, so it is the model's vocabulary size. The text streams
-into the trainer in pieces (PIECE_CHARS, cut before a space), up to --max-chars, so memory does
-not grow with the corpus or with the length of one line; the compression is measured on the
-first SAMPLE_BYTES of it.
+Default corpus: base_train's pretraining text without fact renderings, so no control term and no
+held-out arith problem shapes the vocabulary; `--data` takes what scripts.base_train takes, gated
+first. `--vocab-size` counts the bytes and special tokens too: it is the model's vocabulary size.
 """
 import time
 
@@ -24,9 +20,10 @@ from nanostoney.governance import add_manifest_arg, check_sources, gated_sources
 from nanostoney.sources import stream_documents
 from nanostoney.tokenizer import Tokenizer
 
-SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.", "12345 + 678 = 13023"]
-# the trainer and the encoder see text in pieces of at most this many characters, BUFFER of them
-# at a time, so memory is bounded whatever the corpus (a 50 MB one-line JSONL took 10 GB encoded whole)
+SAMPLES = ["îchiyach", "yuṯẖach", "owîchakiyayaktach", "Janet’s ducks lay 16 eggs per day.",
+           "12345 + 678 = 13023"]
+# text in pieces of at most this many characters, BUFFER at a time, so memory is bounded whatever the
+# corpus (a 50 MB one-line JSONL took 10 GB encoded whole)
 PIECE_CHARS = 1 << 14
 BUFFER = 1024
 SAMPLE_BYTES = 10_000_000  # the text the compression is measured on (all of it when smaller)
@@ -42,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the tokenizer an earlier run wrote in --out, or write into an --out that holds "
                         "other files (none of theirs is replaced)")
-    p.add_argument("--data", nargs="+", default=None,
-                   help="training text: files (txt/jsonl/json/parquet), dirs, globs or a hub id; default: the bundled corpus")
+    p.add_argument("--data", nargs="+", default=None, help="training text: files (txt/jsonl/json/parquet), "
+                   "dirs, globs or a hub id; default: the bundled corpus")
     p.add_argument("--text-column", default="text", help="field/column holding the text in jsonl/parquet/hub data")
     add_manifest_arg(p)
     add_corpus_args(p, augment=False)
@@ -53,7 +50,7 @@ def parse_args(argv=None):
 
 
 def corpus(args):
-    """The training text in pieces, after the governance gate (an iterator)."""
+    """The training text in pieces, after the governance gate."""
     if args.data is None:
         check_sources(pretraining_sources(args.corpus_tasks), use="training", manifest=args.manifest)
         return iter(pretraining_texts(0, args.corpus_tasks))
@@ -62,8 +59,7 @@ def corpus(args):
 
 
 class Reading:
-    """Passes text through up to max_chars (0 = all), counting pieces and bytes and keeping the
-    first SAMPLE_BYTES to measure the trained tokenizer on."""
+    """Text up to max_chars (0 = all), counted, its first SAMPLE_BYTES kept to measure the tokenizer on."""
 
     def __init__(self, texts, max_chars):
         self.texts, self.max_chars, self.pieces, self.chars, self.bytes, self.sample = texts, max_chars, 0, 0, 0, []
@@ -80,21 +76,14 @@ class Reading:
 
 
 def count_tokens(tok, texts):
-    """Tokens of the whole text, encoded about ENCODE_CHARS characters at a time."""
-    n, batch, chars = 0, [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= ENCODE_CHARS:
-            n += sum(map(len, tok.encode_batch(batch)))
-            batch, chars = [], 0
-    return n + sum(map(len, tok.encode_batch(batch)))
+    """Tokens of the texts (pieces, or short bundled texts), encoded about ENCODE_CHARS characters at a time."""
+    k = ENCODE_CHARS // PIECE_CHARS
+    return sum(len(ids) for i in range(0, len(texts), k) for ids in tok.encode_batch(texts[i:i + k]))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # under torchrun (the pipeline's --nproc) rank 0 trains and saves; the others wait for it
-    info = init_dist("cpu")
+    info = init_dist("cpu")  # under torchrun rank 0 trains and saves; the others wait for it
     out = cli.claim_out(args.out, overwrite=args.overwrite, training=False, own=TOKENIZER_FILES + cli.SHARED_FILES,
                         finished=TOKENIZER_FILES)
     texts = corpus(args)  # on every rank: bad input stops them all, none waits
