@@ -70,8 +70,7 @@ def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="toke
     """Micro-steps per optimizer step so that device_batch x rows_len x world_size x accum = total."""
     per_pass = device_batch * rows_len * world_size
     if total_batch <= 0 or total_batch % per_pass != 0:
-        what = f"{device_batch} x {rows_len} x {world_size} processes" if unit == "tokens" else \
-            f"{device_batch} x {world_size} processes"
+        what = f"{device_batch} x " + (f"{rows_len} x " if unit == "tokens" else "") + f"{world_size} processes"
         raise UserError(f"--total-batch-size {total_batch} {unit} is not a positive multiple of "
                         f"{per_pass} ({what}); pick a multiple, change --device-batch-size, or leave "
                         f"--total-batch-size out to scale it with the world size.")
@@ -93,7 +92,6 @@ def batch_geometry(args, info, rows_len=1):
 
 
 def compiles(args, info, compile_default=False):
-    """Whether training runs through torch.compile: --compile, else compile_default on CUDA."""
     return args.compile if args.compile is not None else compile_default and info.device.type == "cuda"
 
 
@@ -118,10 +116,9 @@ def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compi
 def training_module(model, args, info, compile_default=False):
     """DDP (several processes), then compiled: compiling the DDP module lets dynamo split the graph at
     DDP's buckets, so each all-reduce overlaps the backward. `model` stays the plain module."""
-    wrapped = model
-    if info.is_distributed:
-        wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True, broadcast_buffers=False)
+    wrapped = model if not info.is_distributed else DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None, gradient_as_bucket_view=True,
+        broadcast_buffers=False)
     return torch.compile(wrapped) if compiles(args, info, compile_default) else wrapped
 
 
@@ -147,7 +144,6 @@ def print_plan(stage, info, model, steps, per_step, unit, per_step_detail="", to
 
 
 def every(k, step):
-    """Is `step` (optimizer steps done) one of the --*-every k points? Never when k is 0."""
     return k > 0 and step % k == 0
 
 

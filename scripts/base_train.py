@@ -4,11 +4,9 @@
     torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
         --sequence-len 2048 --data ~/.cache/nanostoney/fineweb-edu-100b-shuffle   # 32 x 2048 x 8 = 524288 tokens/step
 
-The bundled corpus by default (nanostoney/corpus.py), else `--data` (files, dirs, globs or a hub
-dataset, streamed by nanostoney/loader.py), all through the governance gate first. A fresh model on
-the bundled corpus runs the curriculum (nanostoney/curriculum.py); --init continues pretraining a
-checkpoint (the speedrun's knowledge stage). AdamW by default: Muon gave the same bpb per step on
-the CPU config at ~19% more compute (BENCHMARKS.md).
+The bundled corpus (nanostoney/corpus.py) or `--data`, streamed by nanostoney/loader.py after the
+governance gate. A fresh model on the bundled corpus runs the curriculum (nanostoney/curriculum.py);
+--init continues pretraining a checkpoint (the speedrun's knowledge stage).
 """
 import functools
 import math

@@ -4,8 +4,7 @@
     python -m scripts.dpo_train --init out/sft --pairs on_policy --on-policy-prompts 64   # STaR-then-DPO
     torchrun --nproc_per_node=8 -m scripts.dpo_train --init out/sft ...   # 8 x 8 pairs per step
 
-Pairs (nanostoney/dpo.py) from the TRAIN splits of --tasks: ground_truth, on_policy (a correct over
-a wrong sample of the init policy: STaR-then-DPO) or both. Greedy val accuracy of --eval-tasks and
+Pairs (nanostoney/dpo.py) from the TRAIN splits of --tasks. Greedy val accuracy of --eval-tasks and
 the implicit-reward accuracy on held-out pairs, at the start and the end with 95% bootstrap
 intervals, in <out>/dpo_eval.json.
 """
@@ -103,16 +102,14 @@ def training_pairs(args, model, tok, tasks, mix, info):
 def heldout_table(model, reference, held, cfg, info, seed=0):
     """{task: {"n", "accuracy": (point, lo, hi), "margin"}}: the share of held-out pairs whose
     implicit reward prefers the chosen answer (fixed chunks of 8 shared out over the ranks)."""
+    def margins(chunk):
+        pi_w, pi_l, ref_w, ref_l, _, _ = dpo.pair_forward(model, reference, dpo.as_triples(chunk), cfg,
+                                                          model.get_device())
+        return (cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l))).tolist()
     out = {}
     for name, pairs in held.items():
         if not pairs:
             continue
-
-        def margins(chunk):
-            pi_w, pi_l, ref_w, ref_l, _, _ = dpo.pair_forward(model, reference, dpo.as_triples(chunk), cfg,
-                                                              model.get_device())
-            return (cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l))).tolist()
-
         m = [x for part in map_over_ranks(margins, [pairs[i:i + 8] for i in range(0, len(pairs), 8)], info)
              for x in part]
         out[name] = {"n": len(m), "accuracy": bootstrap_ci([float(x > 0) for x in m], seed=seed),

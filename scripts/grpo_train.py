@@ -6,11 +6,9 @@ with a KL penalty to the reference. LoRA by default.
         --reward-model out/rm --kl-beta 0.04 --inner-epochs 2 --loss-norm sequence
     torchrun --nproc_per_node=8 -m scripts.grpo_train --init out/sft ...   # 8 x 8 = 64 prompts per step
 
-Prompts: the TRAIN splits of --tasks, --prompts-per-rank per process (a group stays on its rank),
---group-size completions each, rewarded by verifiers (nanostoney/rewards.py). The KL reference is
-the policy at the start (--reference init) or the base weights (--reference base); --shuffle-rewards
-is the control run. Val pass@1 and pass@k of --eval-tasks at the start and the end, with 95%
-bootstrap intervals, in <out>/grpo_eval.json.
+Prompts from the TRAIN splits of --tasks (a group stays on its rank), rewarded by verifiers
+(nanostoney/rewards.py); --shuffle-rewards is the control run. Val pass@1 and pass@k of
+--eval-tasks at the start and the end, with 95% bootstrap intervals, in <out>/grpo_eval.json.
 """
 import argparse
 import functools

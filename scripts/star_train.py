@@ -4,11 +4,9 @@ RL is compared against.
     python -m scripts.star_train --init out/sft --out out/star                      # CPU default
     python -m scripts.star_train --init out/sft --rounds 3 --rationalize ...
 
-Each round (nanostoney/star.py): sample rationales on TRAIN prompts, keep those the verifier
-accepts (with --rationalize, failed prompts retried with the answer as a hint, kept without it),
-then SFT on every rationale kept so far in train.train_loop, from --init again as in the paper
-(--continue: from the previous round). Greedy val accuracy of --eval-tasks after every round and
-the kept counts go to <out>/star_eval.json; the last round's model is saved in <out>.
+Each round (nanostoney/star.py): sample rationales on TRAIN prompts, keep those the verifier accepts,
+then SFT on every rationale kept so far, from --init again as in the paper (--continue: from the
+previous round). Greedy val accuracy after every round goes to <out>/star_eval.json.
 """
 import os
 
