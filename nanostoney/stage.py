@@ -1,17 +1,10 @@
 """What every fine-tuning stage (scripts/{sft,rm,grpo,dpo,star}_train.py) does the same way:
-claim --out and start the processes, load the tasks and the policy, the ids it stops on and
-answers with, the step loop of the RL stages, the greedy val accuracy with its interval, and
-the end of a run.
-
-    out, info = stage.start(args, "grpo", {"--init": args.init})
-    mix, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
-    ...
-    stage.step_loop(args, info, optimizer, start_step, step_fn, logger, save, ...)
-    stage.finish(info, logger, out, "grpo_eval.json", report, f"done: checkpoint and grpo_eval.json in {out}")
-"""
+its opening flags, start (claim --out, start the processes), load (tasks and policy), the RL
+stages' step loop, greedy val accuracy with its interval, and finish."""
 import argparse
 import os
 
+import torch
 from tqdm import tqdm
 
 from nanostoney import batches, checkpoint, cli, letters, optim, train
@@ -26,8 +19,7 @@ from nanostoney.tasks.subset import subset
 
 
 def task_mixture(text):
-    """The argparse type of --tasks: a name=weight,... mixture of known tasks, none a control
-    (checked where the flag is parsed, so the error names it)."""
+    """The argparse type of --tasks: a name=weight,... mixture of known tasks, none a control."""
     try:
         batches.mixture_tasks(text)
     except UserError as e:
@@ -38,8 +30,7 @@ def task_mixture(text):
 def parser(description, init, init_help, tasks, tasks_help, eval_tasks=None, max_train=None,
            eval_help="comma list evaluated on their val split",
            max_train_help="N balanced, hash-chosen train examples per task (0 = all)"):
-    """The flags every stage opens with: --init, --tasks (a mixture), --max-train-examples,
-    --eval-tasks, --manifest (the last three where given a default)."""
+    """The flags every stage opens with (--max-train-examples and --eval-tasks where given a default)."""
     p = cli.ArgumentParser(description=description)
     p.add_argument("--init", default=init, help=init_help)
     p.add_argument("--tasks", type=task_mixture, default=tasks, help=tasks_help)
@@ -52,18 +43,19 @@ def parser(description, init, init_help, tasks, tasks_help, eval_tasks=None, max
 
 
 def start(args, name, inputs):
-    """(out, info): --out claimed (default out/<name>), the processes started with the run's
-    seed and dtype, and the input paths checked to be the same on every node."""
+    """(out, info): --out claimed (default out/<name>), the processes started with the run's seed and
+    --dtype (auto: dist's choice), and the input paths checked to be the same on every node."""
     out = cli.claim_out(args.out or f"out/{name}", overwrite=args.overwrite, resume=args.resume is not None,
                         inputs=inputs)
-    info = train.apply_dtype(init_dist(args.device, seed=args.seed), args.dtype)
+    info = init_dist(args.device, seed=args.seed)
+    if args.dtype != "auto":
+        info.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     check_shared(inputs)
     return out, info
 
 
 def load_policy(args, info):
-    """(model, tok, init checkpoint, base checkpoint): --init with fresh or loaded LoRA adapters
-    (or every weight trainable with --full), on the run's device."""
+    """(model, tok, init checkpoint, base checkpoint): --init with LoRA adapters (or --full)."""
     if getattr(args, "reference", None) == "base" and args.full:
         raise UserError("--reference base needs LoRA adapters (the base is the model with them off); "
                         "with --full the reference is the initial model (--reference init).")
@@ -72,9 +64,8 @@ def load_policy(args, info):
 
 
 def load(args, info):
-    """(mixture, tasks, sources, model, tok, init checkpoint, base checkpoint): the --tasks
-    mixture after the governance gate, and the policy; several nodes must hold the same task
-    data and tokenizer."""
+    """(mixture, tasks, sources, model, tok, init checkpoint, base checkpoint): --tasks after the
+    governance gate, and the policy; several nodes must hold the same task data and tokenizer."""
     mix, tasks, sources = batches.training_tasks(args.tasks, args.manifest)
     model, tok, init_ckpt, base_ckpt = load_policy(args, info)
     check_same_inputs(sources, tok)
@@ -82,12 +73,10 @@ def load(args, info):
 
 
 def eval_tasks(spec):
-    """The tasks of a comma list (--eval-tasks)."""
     return [get_task(n.strip()) for n in spec.split(",") if n.strip()]
 
 
 def stop_ids(tok):
-    """The tokens a completion ends on."""
     return [tok.token_id("<|assistant_end|>"), tok.token_id("<|bos|>")]
 
 
@@ -105,24 +94,20 @@ def trainable(model):
 
 
 def saver(out, model, optimizer, info, meta, base_ckpt, tok, args):
-    """save(step): a checkpoint of the run with `meta` (every rank calls it)."""
-    def save(step):
-        train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt, tokenizer=tok,
-                       replace=args.overwrite)
-    return save
+    """save(step) on every rank: a checkpoint of the run with `meta`."""
+    return lambda step: train.save_run(out, model, step, optimizer, info, meta, base_checkpoint=base_ckpt,
+                                       tokenizer=tok, replace=args.overwrite)
 
 
 def greedy_accuracy(model, tok, task, n, info, max_new_tokens, seed):
-    """{"n", "accuracy": (point, lo, hi)}: greedy accuracy on n val items with a 95% bootstrap
-    interval, and the per-item results (the list of bools) beside it."""
+    """({"n", "accuracy": (point, lo, hi)}, per-item bools): greedy accuracy on n val items, 95% interval."""
     correct = task_accuracy(model, tok, task, subset(task, "val", n), info, max_new_tokens)
     return {"n": len(correct), "accuracy": bootstrap_ci([float(c) for c in correct], seed=seed)}, correct
 
 
 def step_loop(args, info, optimizer, start_step, step_fn, logger, save, finite, postfix, after=None):
-    """The RL stages' loop: for each step the LR schedule, step_fn(step) -> metrics, a stop at
-    the first non-finite finite(metrics), the log, after(done, metrics, pbar) and the
-    checkpoints of --save-every (the last step's is the caller's)."""
+    """The RL stages' loop: LR schedule, step_fn(step) -> metrics, a stop at the first non-finite
+    finite(metrics), the log, after(done, metrics, pbar), --save-every (the last save is the caller's)."""
     n = args.num_iterations
     pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
     for step in pbar:
@@ -141,7 +126,6 @@ def step_loop(args, info, optimizer, start_step, step_fn, logger, save, finite, 
 
 
 def finish(info, logger, out, report_name, report, done_line):
-    """The report written by rank 0, the logger closed, the processes ended."""
     if info.is_master:
         write_json(os.path.join(out, report_name), report)
     logger.finish()

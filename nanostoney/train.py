@@ -1,21 +1,8 @@
-"""The training loop shared by pretraining, SFT, the reward model and STaR's SFT rounds.
-
-    accum = grad_accum_steps(total_batch, device_batch, seq_len, world_size)
-    start = resume(args.resume, out, model, optimizer, info, expect=geometry)   # 0 without --resume
-    train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=loader.get,
-               grad_accum=accum, start_step=start, logger=logger, evaluate=..., save=...)
-
-What lives here and why:
-- the loop's flags (add_loop_args; the optimizer's and its schedule are in optim.py).
-- batch geometry: the global batch is fixed by the user; gradient accumulation fills in what
-  world_size x device_batch does not cover, so 1 CPU and 8 GPUs take the same optimiser steps.
-- the loss, as a function loss_fn(model, batch) -> (loss, tokens, extra metrics): lm_loss
-  for pretraining and SFT, reward_model.pair_loss for the reward model.
-- throughput: tokens/s and MFU (model FLOPs / peak FLOPs of the device).
-- DDP, and the checkpoint glue: model + optimizer + RNG + step, and resume from it.
-Which tokens form which batch is in loader.py (pretraining) and batches.py (SFT); what
-evaluations measure is in evaluate.py.
-"""
+"""The training loop shared by pretraining, SFT, the reward model and STaR's SFT rounds: the
+loop's flags, batch geometry (accumulation fills in what world_size x device batch does not cover),
+memory plan, DDP/compile, throughput and MFU, and the checkpoint glue (save, --resume).
+The loss is loss_fn(model, batch) -> (loss, tokens, extra metrics): lm_loss, or e.g.
+reward_model.pair_loss. Which tokens form a batch is loader.py / batches.py's business."""
 import argparse
 import math
 import os
@@ -32,15 +19,10 @@ from nanostoney.dist import autocast_ctx, barrier, check_shared, print0
 from nanostoney.errors import RunFailed, UserError
 from nanostoney.optim import lr_multiplier, set_lr
 
-# -----------------------------------------------------------------------------
-# flags and geometry
-
 
 def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save_every, unit="rows",
-                  grad_accum_steps=1, sample_every=0, entropy_every=0, warmup_steps=0, warmdown_ratio=0.2,
-                  final_lr_frac=0.0, grad_clip=1.0, log_every=1):
-    """Flags of the step loop (defaults differ between stages, so they are arguments). unit: what
-    --total-batch-size counts (tokens for pretraining; conversations, pairs...)."""
+                  grad_accum_steps=1, sample_every=0, entropy_every=0, warmup_steps=0, warmdown_ratio=0.2):
+    """Flags of the step loop, with each stage's defaults. unit: what --total-batch-size counts."""
     g = parser.add_argument_group("loop")
     g.add_argument("--num-iterations", type=positive_int, default=num_iterations, help="optimizer steps")
     g.add_argument("--device-batch-size", type=positive_int, default=device_batch_size,
@@ -56,19 +38,16 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     g.add_argument("--warmup-steps", type=nonneg_int, default=warmup_steps, help="linear LR warmup")
     g.add_argument("--warmdown-ratio", type=probability, default=warmdown_ratio,
                    help="fraction of the run at the end with the LR decaying linearly")
-    g.add_argument("--final-lr-frac", type=probability, default=final_lr_frac,
-                   help="LR at the end of warmdown, as a fraction of the initial LR")
-    g.add_argument("--grad-clip", type=finite_float(0), default=grad_clip, help="max grad norm; 0 = no clipping")
-    g.add_argument("--eval-every", type=nonneg_int, default=eval_every,
-                   help="steps between evaluations; 0 = only at the end")
-    g.add_argument("--sample-every", type=nonneg_int, default=sample_every,
-                   help="steps between samples; 0 = only at the end")
+    g.add_argument("--final-lr-frac", type=probability, default=0.0, help="LR after warmdown, share of the initial")
+    g.add_argument("--grad-clip", type=finite_float(0), default=1.0, help="max grad norm; 0 = no clipping")
+    g.add_argument("--eval-every", type=nonneg_int, default=eval_every, help="steps between evals; 0 = only at the end")
+    g.add_argument("--sample-every", type=nonneg_int, default=sample_every, help="steps between samples; 0 = at end")
     g.add_argument("--save-every", type=nonneg_int, default=save_every,
                    help="steps between checkpoints; 0 = only at the end" + (
                        "" if save_every is not None else " (default: about ten in a run, at least 250 steps apart)"))
     g.add_argument("--entropy-every", type=nonneg_int, default=entropy_every,
                    help="steps between attention-entropy logs (measured in that step's first forward); 0 = never")
-    g.add_argument("--log-every", type=positive_int, default=log_every, help="steps between loss/throughput logs")
+    g.add_argument("--log-every", type=positive_int, default=1, help="steps between loss/throughput logs")
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -87,21 +66,11 @@ def add_loop_args(parser, *, num_iterations, device_batch_size, eval_every, save
     return parser
 
 
-def apply_dtype(info, dtype):
-    """--dtype: override dist's choice of autocast dtype (auto = bf16 on CUDA, fp32 elsewhere)."""
-    if dtype == "float32":
-        info.autocast_dtype = None
-    elif dtype == "bfloat16":
-        info.autocast_dtype = torch.bfloat16
-    return info
-
-
 def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="tokens"):
     """Micro-steps per optimizer step so that device_batch x rows_len x world_size x accum = total."""
     per_pass = device_batch * rows_len * world_size
     if total_batch <= 0 or total_batch % per_pass != 0:
-        what = f"{device_batch} x {rows_len} x {world_size} processes" if unit == "tokens" else \
-            f"{device_batch} x {world_size} processes"
+        what = f"{device_batch} x " + (f"{rows_len} x " if unit == "tokens" else "") + f"{world_size} processes"
         raise UserError(f"--total-batch-size {total_batch} {unit} is not a positive multiple of "
                         f"{per_pass} ({what}); pick a multiple, change --device-batch-size, or leave "
                         f"--total-batch-size out to scale it with the world size.")
@@ -109,10 +78,7 @@ def grad_accum_steps(total_batch, device_batch, rows_len, world_size, unit="toke
 
 
 def batch_geometry(args, info, rows_len=1):
-    """(total batch, grad accum steps) of a run. Batch sizes are per device: by default the total
-    is device batch x rows_len x world size x --grad-accum-steps, so the same flags work on 1, 3
-    or 8 processes. An explicit --total-batch-size fixes the global batch instead (the same
-    optimizer steps on any world size, as the N-ranks-vs-one-process tests need)."""
+    """(total batch, grad accum steps): per device by default, so it scales with the world size."""
     if args.total_batch_size is None:
         accum = args.grad_accum_steps if args.grad_accum_steps is not None else args.default_grad_accum_steps
         return args.device_batch_size * rows_len * info.world_size * accum, accum
@@ -126,23 +92,16 @@ def batch_geometry(args, info, rows_len=1):
 
 
 def compiles(args, info, compile_default=False):
-    """Whether training runs through torch.compile: --compile, else compile_default on CUDA."""
     return args.compile if args.compile is not None else compile_default and info.device.type == "cuda"
 
 
 def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compile_default=False, lm_head=True):
-    """The estimated peak memory of one step on this device (memory.py), checked before any work:
-    a UserError naming a --device-batch-size that fits (and the accumulation that keeps the global
-    batch) when it cannot fit. accum: this run's accumulation steps, or None where the global batch
-    does not depend on the device batch (GRPO). rows_per_item: rows in the forward per batch item (2 for a pair);
-    lm_head=False: the loss does not read the vocabulary logits."""
-    compiled = compiles(args, info, compile_default)
-    opt = getattr(args, "optimizer", "adamw")
-
-    def plan_for(rows):
-        return memory.estimate(model, rows * rows_per_item, seq_len, info.device, compiled, opt, lm_head=lm_head)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    plan, smaller, cap = memory.check_fits(plan_for, args.device_batch_size, info.device, local)
+    """The estimated peak memory of one step (memory.py), refused before any work when it does not fit.
+    accum: None where the global batch does not depend on the device batch (GRPO)."""
+    compiled, opt = compiles(args, info, compile_default), getattr(args, "optimizer", "adamw")
+    plan, smaller, cap = memory.check_fits(
+        lambda rows: memory.estimate(model, rows * rows_per_item, seq_len, info.device, compiled, opt, lm_head=lm_head),
+        args.device_batch_size, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     if smaller is not False:
         rows = args.device_batch_size
         fix = ("not even one row per device fits: use a smaller model or a shorter --sequence-len" if smaller is None
@@ -155,20 +114,16 @@ def memory_plan(stage, model, args, info, seq_len, accum, rows_per_item=1, compi
 
 
 def training_module(model, args, info, compile_default=False):
-    """The module to train through: DDP-wrapped when there are several processes, then
-    torch.compile'd (--compile; by default `compile_default` on CUDA, where it pays; on CPU
-    compiling costs more than a short run saves). Compiling the DDP module (not DDP around a
-    compiled one) lets dynamo split the graph at DDP's buckets, so each bucket's all-reduce
-    overlaps the rest of the backward. `model` itself stays the plain module (saving, eval)."""
-    wrapped = wrap_ddp(model, info)
+    """DDP (several processes), then compiled: compiling the DDP module lets dynamo split the graph at
+    DDP's buckets, so each all-reduce overlaps the backward. `model` stays the plain module."""
+    wrapped = model if not info.is_distributed else DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None, gradient_as_bucket_view=True,
+        broadcast_buffers=False)
     return torch.compile(wrapped) if compiles(args, info, compile_default) else wrapped
 
 
 def place(model, info):
-    """Move a freshly built or loaded model to the run's device. Under bf16 autocast on CUDA the
-    token embedding is cast to bf16, as nanochat does: the residual stream it starts is then bf16
-    (half the activation memory), and the optimizer tolerates a bf16 embedding. CPU and an
-    explicit --dtype float32 keep every weight fp32 (the CPU equivalence tests compare them)."""
+    """On the run's device; a bf16 token embedding under bf16 autocast on CUDA (nanochat: half the activations)."""
     model.to(info.device)
     if info.device.type == "cuda" and info.autocast_dtype == torch.bfloat16:
         model.transformer.wte.to(dtype=torch.bfloat16)
@@ -176,14 +131,12 @@ def place(model, info):
 
 
 def print_plan(stage, info, model, steps, per_step, unit, per_step_detail="", tokens_per_step=None, extra=""):
-    """What a run is about to do, on rank 0, before it starts: world size, model size, batch,
-    steps and totals (tokens_per_step: exact, or an estimate, for stages that count rows)."""
+    """What a run is about to do (rank 0): world size, model size, batch, steps and totals."""
     c = model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    tokens = ""
-    if tokens_per_step:
-        tokens = f"; ~{tokens_per_step:,.0f} tokens/step, ~{tokens_per_step * steps:,.0f} tokens in all"
+    tokens = f"; ~{tokens_per_step:,.0f} tokens/step, ~{tokens_per_step * steps:,.0f} tokens in all" \
+        if tokens_per_step else ""
     print0(f"{stage} plan: {info.world_size} process(es) on {info.device.type}; depth {c.n_layer} "
            f"(width {c.n_embd}), {total / 1e6:.2f}M params, {trainable:,} trainable; {per_step:,} {unit}/step"
            f"{f' ({per_step_detail})' if per_step_detail else ''} x {steps} steps = {per_step * steps:,} {unit}"
@@ -191,12 +144,8 @@ def print_plan(stage, info, model, steps, per_step, unit, per_step_detail="", to
 
 
 def every(k, step):
-    """Is `step` (optimizer steps done) one of the --*-every k points? Never when k is 0."""
     return k > 0 and step % k == 0
 
-
-# -----------------------------------------------------------------------------
-# throughput
 
 # dense bf16 peak of one device (no sparsity), for MFU
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12,
@@ -204,13 +153,8 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12
 
 
 def cpu_peak_flops():
-    """Nominal fp32 peak of the cores this process computes on: threads x clock x FLOPs/cycle,
-    with 64 FLOPs/cycle for AVX-512 (2 FMA units x 16 lanes x 2), 32 for AVX2+FMA, 8 otherwise.
-
-    A datasheet-style figure, not a measurement: on a shared VM a measured matmul rate swings
-    with the neighbours' load (we saw 36-240 GFLOP/s on one 2-core VM within minutes), which
-    would make MFU meaningless. The Xeon VM used for the CPU figures: 2 x 2.7 GHz x 64 = 346 GFLOP/s.
-    """
+    """Nominal fp32 peak: threads x clock x FLOPs/cycle (64 for AVX-512, 32 for AVX2+FMA, else 8).
+    Not a measurement: on a shared VM a measured matmul rate swings with the neighbours' load."""
     mhz, flags = None, ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -226,8 +170,7 @@ def cpu_peak_flops():
 
 
 def peak_flops(device, override=None):
-    """Peak FLOP/s of one device (one process), for MFU: --peak-flops if given; on CUDA the
-    datasheet bf16 dense figure of the card (unknown cards: None, no MFU); on CPU cpu_peak_flops()."""
+    """Peak FLOP/s of one device for MFU (None for an unknown GPU)."""
     if override:
         return override
     device = torch.device(device)
@@ -242,13 +185,8 @@ def sync_device(device):
         torch.cuda.synchronize(device)
 
 
-# -----------------------------------------------------------------------------
-# the step loop
-
-
 def lm_loss(model, batch):
-    """Next-token cross-entropy of a batch (x, y) (targets -1 are ignored): the loss of
-    pretraining and SFT. Returns (loss, tokens in the forward, extra metrics)."""
+    """Next-token cross-entropy of (x, y), targets -1 ignored: (loss, tokens, extra metrics)."""
     x, y = batch
     return model(x, y), x.numel(), {}
 
@@ -256,36 +194,20 @@ def lm_loss(model, batch):
 def attention_entropy_metrics(probe):
     """{"attn/entropy/layer_i": mean over heads (nats), "attn/entropy_mean"} from an EntropyProbe."""
     per_layer = probe.per_layer_head.float().mean(1).tolist()
-    out = {f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)}
-    out["attn/entropy_mean"] = sum(per_layer) / max(1, len(per_layer))
-    return out
-
-
-def wrap_ddp(model, info):
-    """DDP around the model when there are several processes (gloo on CPU, NCCL on CUDA).
-    gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second
-    copy of them; broadcast_buffers=False: the only buffers (rotary tables) never change."""
-    if not info.is_distributed:
-        return model
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                   broadcast_buffers=False)
+    return {**{f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)},
+            "attn/entropy_mean": sum(per_layer) / max(1, len(per_layer))}
 
 
 def train_step(info, model, train_model, optimizer, params, batch, feed, loss_fn, grad_accum, grad_clip,
                measure_entropy=False):
-    """One optimizer step over grad_accum micro-batches: `batch` (read during the previous step)
-    and the next ones from `feed`. Each next batch is read right after a backward is queued,
-    before the step's device sync, so reading and tokenizing overlap the device's work (nanochat's
-    prefetch). With measure_entropy the first micro-batch's forward runs with the entropy probe
-    attached. Returns (the step's statistics, the next step's first batch or None)."""
+    """(statistics, next batch) of one step over `batch` and the next micro-batches from `feed`, each
+    read right after a backward is queued, so reading overlaps the device's work (nanochat's prefetch)."""
     sync_device(info.device)
     t0 = time.perf_counter()
     loss_sum, tokens, extra, probe = torch.zeros((), device=info.device), 0, {}, None
     for micro in range(grad_accum):
         # DDP all-reduces grads on every backward unless told not to: only on the last micro
-        last = micro == grad_accum - 1
-        sync = train_model.no_sync() if hasattr(train_model, "no_sync") and not last else nullcontext()
+        sync = train_model.no_sync() if hasattr(train_model, "no_sync") and micro < grad_accum - 1 else nullcontext()
         watch = micro == 0 and measure_entropy
         with sync, (probes.attention_entropy_probe(model) if watch else nullcontext()) as p:
             with autocast_ctx(info):
@@ -306,34 +228,13 @@ def train_step(info, model, train_model, optimizer, params, batch, feed, loss_fn
     return stats, batch
 
 
-def step_metrics(stats, optimizer, mult, info, flops_per_token, peak):
-    """The logged numbers of one step (throughput per process, times world_size for the run)."""
-    tok_per_s = stats["tokens"] / stats["seconds"]
-    metrics = {"train/loss": stats["loss"], "train/lr_mult": mult, "train/grad_norm": stats["grad_norm"],
-               "train/tokens_per_s": tok_per_s * info.world_size, "train/step_time_s": stats["seconds"],
-               **stats["extra"]}
-    for g in optimizer.param_groups:
-        metrics[f"lr/{g.get('role', 'group')}"] = g["lr"]
-    if peak:
-        metrics["train/mfu"] = flops_per_token * tok_per_s / peak
-    return metrics
-
-
 def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_step, logger, loss_fn=lm_loss,
                evaluate=None, sample=None, save=None, train_model=None):
-    """Run optimizer steps start_step .. args.num_iterations - 1; returns the last eval metrics.
-
-    get_batch(step, micro) -> a batch for loss_fn(model, batch) (default lm_loss: (x, y) on the
-    device); it must be a pure function of its arguments (and the rank), which is what makes
-    --resume exact and DDP equal to accumulation. It is called in order, one micro-batch ahead:
-    when the callbacks of step s run, batch (s, 0) has already been read (a streaming loader's
-    resume position is therefore asked for as of a step: loader.PretrainLoader.position(step)).
-    evaluate(step) -> dict of metrics, sample(step) -> None, save(step) -> None are called at
-    their --*-every intervals (step = optimizer steps done) and once at the end; they run on
-    every rank (evaluate and save may hold collectives). Every --entropy-every steps the
-    attention entropy of the step's first forward is logged.
-    train_model: the (DDP-wrapped / compiled) module to train through; default `model`.
-    """
+    """Optimizer steps start_step .. args.num_iterations - 1; returns the last eval metrics.
+    get_batch(step, micro) must be a pure function of its arguments and the rank (exact --resume,
+    DDP equal to accumulation); it is called one micro-batch ahead, so when step s's callbacks
+    run, batch (s, 0) has been read. evaluate(step) -> metrics, sample(step), save(step) run on
+    every rank at their --*-every intervals and once at the end."""
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     train_model = model if train_model is None else train_model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -346,8 +247,8 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
         last_metrics.update(metrics)
         logger.log(metrics, step=step)
 
-    callbacks = [(run_eval if evaluate is not None else None, args.eval_every), (sample, args.sample_every),
-                 (save, args.save_every)]
+    callbacks = [(c, k) for c, k in [(evaluate and run_eval, args.eval_every), (sample, args.sample_every),
+                                     (save, args.save_every)] if c is not None]
     if start_step == 0 and evaluate is not None and args.eval_every > 0:
         run_eval(0)
     pbar = tqdm(range(start_step, n), initial=start_step, total=n, disable=not info.is_master, dynamic_ncols=True)
@@ -361,24 +262,27 @@ def train_loop(*, info, model, optimizer, args, get_batch, grad_accum, start_ste
                                   args.grad_clip, every(args.entropy_every, done))
         check_finite(done, loss=stats["loss"], grad_norm=stats["grad_norm"])
         if every(args.log_every, done) or done == n:
-            logger.log(step_metrics(stats, optimizer, mult, info, flops_per_token, peak), step=done)
-            tok_s = stats["tokens"] / stats["seconds"] * info.world_size
-            pbar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tok_s:.0f}")
+            tok_per_s = stats["tokens"] / stats["seconds"]  # of this process; x world_size for the run
+            metrics = {"train/loss": stats["loss"], "train/lr_mult": mult, "train/grad_norm": stats["grad_norm"],
+                       "train/tokens_per_s": tok_per_s * info.world_size, "train/step_time_s": stats["seconds"],
+                       **stats["extra"], **{f"lr/{g.get('role', 'group')}": g["lr"] for g in optimizer.param_groups}}
+            if peak:
+                metrics["train/mfu"] = flops_per_token * tok_per_s / peak
+            logger.log(metrics, step=done)
+            pbar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tok_per_s * info.world_size:.0f}")
         if stats["entropy"] is not None:
             logger.log(attention_entropy_metrics(stats["entropy"].all_reduce()), step=done)
         for callback, k in callbacks:
-            if callback is not None and every(k, done) and done < n:
+            if every(k, done) and done < n:
                 callback(done)
     pbar.close()
     for callback, _ in callbacks:  # and once at the end
-        if callback is not None:
-            callback(n)
+        callback(n)
     return last_metrics
 
 
 def check_finite(step, **values):
-    """Stop the run (RunFailed, exit 1) at the first NaN/inf loss: nothing of that step is saved,
-    so the last checkpoint stays the last good one."""
+    """RunFailed at the first NaN/inf: nothing of that step is saved, the last checkpoint stays good."""
     bad = [f"the {k.replace('_', ' ')} is {v}" for k, v in values.items() if not math.isfinite(v)]
     if bad:
         raise RunFailed(f"training stopped at step {step}: {' and '.join(bad)}; nothing of this step was saved "
@@ -386,51 +290,36 @@ def check_finite(step, **values):
                         f"start again, or --resume from that checkpoint.")
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: save, resume
-
-
-def save_run(out_dir, model, step, optimizer, info, meta, tokenizer_dir=None, base_checkpoint=None,
-             keep_last=None, tokenizer=None, replace=False):
-    """A checkpoint from rank 0 with every rank's RNG state (call on all ranks). Pass the
-    tokenizer (tokenizer_dir or the object) so the checkpoint loads on its own; replace:
-    --overwrite (an older run's checkpoint of the same step may be replaced)."""
+def save_run(out_dir, model, step, optimizer, info, meta, base_checkpoint=None, keep_last=None, tokenizer=None,
+             replace=False):
+    """A checkpoint from rank 0 with every rank's RNG state (every rank calls it)."""
     states = checkpoint.gather_rng_states()
-    path = None
     if info.is_master:
-        path = checkpoint.save_checkpoint(out_dir, model, step, optimizer=optimizer, meta=meta,
-                                          tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, rng_states=states,
-                                          base_checkpoint=base_checkpoint, keep_last=keep_last, replace=replace)
+        checkpoint.save_checkpoint(out_dir, model, step, optimizer=optimizer, meta=meta, tokenizer=tokenizer,
+                                   rng_states=states, base_checkpoint=base_checkpoint, keep_last=keep_last,
+                                   replace=replace)
     barrier()  # nobody runs ahead (and e.g. exits) before the checkpoint is complete
-    return path
 
 
 def resume(args, out_dir, model, optimizer, info, expect=None):
-    """The meta of the checkpoint --resume names (a directory, or "latest": the newest under
-    --out), after restoring weights, optimizer and this rank's RNG: its "step" is the step to
-    start from ({"step": 0} without --resume). expect: {key: value} of run settings that must match the checkpoint's meta
-    (batch geometry, seed...), else the data order would silently differ from the original run.
-    History is never rewritten: --num-iterations must go past the saved step, and --out must not
-    already hold a later step of the run (unless --overwrite)."""
+    """The meta of the --resume checkpoint ({"step": 0} without), after restoring it. expect: settings that
+    must match (else the data order would silently differ); no later step of the run is ever replaced."""
     if args.resume is None:
         return {"step": 0}
-    check_shared({"--resume": out_dir if args.resume == "latest" else args.resume})
-    if args.resume != "latest":
-        if not os.path.isdir(args.resume):
-            raise UserError(f"--resume {args.resume}: no such checkpoint directory.")
-        path = checkpoint.latest_checkpoint(args.resume)
-        if path is None:
-            raise UserError(f"--resume {args.resume} holds no complete checkpoint (no meta.json, no `latest`).")
-    else:
-        path = checkpoint.latest_checkpoint(out_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint under {out_dir}; start without --resume.")
+    named = args.resume != "latest"
+    check_shared({"--resume": args.resume if named else out_dir})
+    if named and not os.path.isdir(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint directory.")
+    path = checkpoint.latest_checkpoint(args.resume if named else out_dir)
+    if path is None:
+        raise UserError(f"--resume {args.resume} holds no complete checkpoint (no meta.json, no `latest`)." if named
+                        else f"--resume: no checkpoint under {out_dir}; start without --resume.")
     saved = checkpoint.read_meta(path)["step"]
     if args.num_iterations <= saved:
         raise UserError(f"--resume {path} is at step {saved} and --num-iterations {args.num_iterations} does not "
                         f"go past it; pass a larger --num-iterations to continue that run (nothing was written).")
     later = [name for step, name in checkpoint.saved_steps(out_dir) if step > saved] if os.path.isdir(out_dir) else []
-    if later and not getattr(args, "overwrite", False):
+    if later and not args.overwrite:
         raise UserError(f"--resume from step {saved}: {out_dir} already holds the later {later[0]}, which going on "
                         f"from here would replace; resume from the latest checkpoint, or pass --overwrite.")
     meta = checkpoint.load_checkpoint(path, model, optimizer, rank=info.rank)

@@ -1,7 +1,6 @@
-"""The entry points (python -m scripts.X). Importing torch and the package takes seconds; a
-Ctrl-C in that time ends the process quietly with 130 (nothing has been written yet), instead of
-a KeyboardInterrupt traceback from deep inside an import. nanostoney.cli.run_main puts Python's
-own Ctrl-C back once the script runs, so a run then unwinds and releases what it holds."""
+"""The entry points (python -m scripts.X). A Ctrl-C during the seconds of importing torch ends the
+process quietly with 130 (nothing written yet) instead of a traceback from inside an import;
+nanostoney.cli.run_main puts Python's own Ctrl-C back once the script runs."""
 import os
 import signal
 import sys

@@ -4,35 +4,9 @@
     torchrun --nproc_per_node=8 -m scripts.base_train --depth 20 --device-batch-size 32 \
         --sequence-len 2048 --data ~/.cache/nanostoney/fineweb-edu-100b-shuffle   # 32 x 2048 x 8 = 524288 tokens/step
 
-Batch sizes are per device: a step is --device-batch-size rows of --sequence-len tokens on each
-process, x --grad-accum-steps (so the global batch grows with the world size); an explicit
---total-batch-size fixes the global batch instead and must be a multiple of the per-pass size.
-
-Default corpus (nanostoney/corpus.py): the Stoney extraction conversations, --augment K renderings
-of each extraction fact, and the train split of --corpus-tasks (default arith_mc,stoney_mc; add
-gsm8k,aqua_mc for larger models); validation text is their val split and the control
-conversations (read without a gradient). `--data` takes parquet/txt/jsonl/json files,
-directories or globs, or a hub dataset id; every source passes the governance gate first.
-The text streams (nanostoney/loader.py): parquet row groups are read and tokenized as the
-run needs them, so memory does not grow with the corpus; other text is converted once into
-parquet in the cache. Without --val-data the last row group of --data is held out.
-
-Curriculum (nanostoney/curriculum.py), on a fresh model reading the bundled corpus: --copy-steps
-of copy drills first (repeated spans, key-value and option lookups), then the corpus with
---arith-rows rows of each device batch fresh train-split arith problems and --drill-rows rows of
-drills; the plan names the stages. --data / --init runs have none unless the flags ask.
-
---init continues pretraining a checkpoint instead (a web base or a published nanochat model, with
-its architecture and tokenizer): the speedrun's knowledge stage, which lets such a model read the
-bundled corpus, so that held-out Stoney questions ask about facts it has read.
-
-Steps: --num-iterations, or else --target-param-data-ratio tokens per parameter (nanochat's 20).
-The plan printed at the start gives the corpus tokens (estimated from a sample for a large
-corpus) and the epochs, with a warning when the run would read the corpus more than once.
-The CPU configuration of run_stoney_small.sh (depth 4 = 256 wide, 4 heads of 64; 256-token
-rows; 2048-token steps; 2000 steps, about 4M tokens) takes about 16 minutes on 2 quiet cores.
-The default optimizer is AdamW: on this CPU config Muon (--optimizer muon) reached the same val
-bpb per step (0.959 vs 0.959 after 300 steps) at about 19% more compute per step; see BENCHMARKS.md.
+The bundled corpus (nanostoney/corpus.py) or `--data`, streamed by nanostoney/loader.py after the
+governance gate. A fresh model on the bundled corpus runs the curriculum (nanostoney/curriculum.py);
+--init continues pretraining a checkpoint (the speedrun's knowledge stage).
 """
 import functools
 import math
@@ -41,7 +15,6 @@ import os
 import torch
 
 from nanostoney import checkpoint, cli, corpus, curriculum, evaluate, loader, optim, published, stage, train
-from nanostoney.cli import run_main
 from nanostoney.dist import check_same_inputs, cleanup, local_rank_0_first, print0
 from nanostoney.errors import UserError
 from nanostoney.governance import add_manifest_arg, check_sources
@@ -51,7 +24,7 @@ from nanostoney.sources import expand_sources, gate_name, parquet_files, texts_s
 from nanostoney.tasks import arith
 from nanostoney.tokenizer import Tokenizer
 
-# measured on the CPU config: docs/science_log.md, "Issue 25"
+# measured on the CPU config (docs/science_log.md)
 CURRICULUM = curriculum.Curriculum(copy_steps=400, arith_rows=2, drill_rows=1)
 SAMPLE_PROMPTS = ["The Stoney Nakoda word for", "Question: A farmer has 12 cows and buys 5 more.",
                   "Janet has three apples and"]
@@ -87,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=cli.positive_float, default=20.0,
                    help="training tokens per parameter; sets the steps when --num-iterations is not given")
     p.add_argument("--eval-tokens", type=cli.positive_int, default=32768, help="validation tokens per evaluation")
-    p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32, help="tokens per periodic sample (0 = no samples)")
+    p.add_argument("--sample-tokens", type=cli.nonneg_int, default=32,
+                   help="tokens per periodic sample (0 = no samples)")
     p.add_argument("--keep-last", type=cli.nonneg_int, default=2, help="checkpoints to keep (0 = all)")
     train.add_loop_args(p, num_iterations=None, device_batch_size=8, eval_every=100, save_every=None, unit="tokens",
                         sample_every=250, entropy_every=50)
@@ -95,9 +69,9 @@ def parse_args(argv=None):
     add_logging_args(p)
     return p.parse_args(argv)
 
+
 def load_corpus(args, info):
-    """(train corpus, validation corpus, the sources behind them), after the governance gate.
-    Text that is not parquet is converted into the cache first (once, by local rank 0)."""
+    """(train corpus, validation corpus, sources) after the governance gate, as parquet."""
     column = args.text_column
     train_src, val_src = expand_sources(args.data or []), expand_sources(args.val_data or [])
     sources = train_src + val_src if args.data else corpus.pretraining_sources(args.corpus_tasks)
@@ -119,8 +93,7 @@ def load_corpus(args, info):
 
 
 def make_curriculum(args):
-    """The run's curriculum: the flags, else CURRICULUM for a fresh model on the bundled corpus
-    and none for --data / --init (a web or published base reads its own corpus)."""
+    """The flags, else CURRICULUM for a fresh model on the bundled corpus and none for --data / --init."""
     default = CURRICULUM if args.data is None and args.init is None else curriculum.Curriculum()
     c = curriculum.Curriculum(*(default.__dict__[k] if getattr(args, k) is None else getattr(args, k)
                                 for k in ("copy_steps", "arith_rows", "drill_rows")), seed=args.seed)
@@ -138,8 +111,7 @@ def plan_steps(args, num_params, total_batch):
 
 
 def corpus_plan(args, num_params, total_batch, corpus, tok, plan):
-    """(corpus tokens, the plan's words on them): what the run reads against what the corpus
-    holds (the curriculum's generated rows aside), with a warning when that repeats it."""
+    """(corpus tokens, the plan's words): what the run reads of the corpus against what it holds."""
     tokens = args.num_iterations * total_batch
     share = curriculum.corpus_rows(plan, args.device_batch_size) / args.device_batch_size
     read = max(0, args.num_iterations - plan.copy_steps) * total_batch * share
@@ -154,7 +126,9 @@ def corpus_plan(args, num_params, total_batch, corpus, tok, plan):
 
 
 def check_start(args):
-    """What the run starts from exists, before the output dir is claimed and the corpus is read."""
+    """What the run starts from exists, before --out is claimed and the corpus read; and a fresh model
+    whose blocks alone (12 x layers x width^2 parameters, 16 bytes each with gradient and AdamW
+    moments) exceed the GPU's or machine's memory is refused before minutes of allocating."""
     if args.init:
         if not os.path.exists(published.resolve(args.init)):
             raise UserError(f"--init {args.init} does not exist; pass a checkpoint directory (a base run, a nanochat "
@@ -165,13 +139,6 @@ def check_start(args):
                         f"python -m scripts.tok_train or pass --tokenizer.")
     if args.head_dim < 2:
         raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
-    check_fits(args)
-
-
-def check_fits(args):
-    """A model that cannot fit is refused at the plan, not after minutes of allocating: its
-    transformer blocks alone (12 x layers x width^2 parameters, 16 bytes each with the gradient
-    and AdamW's two moments) against the memory of the GPU, or of the machine on CPU."""
     width = 64 * args.depth
     need = 16 * 12 * args.depth * width ** 2
     on_gpu = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
@@ -185,16 +152,13 @@ def check_fits(args):
                         f"more than the {have / 1e9:,.0f} GB of {where}; pick a smaller --depth.")
 
 
-def fresh_model(args):
-    """(model with nanochat's initialisation, tokenizer) for --depth on --tokenizer."""
-    tok = Tokenizer.load(args.tokenizer)
-    model = GPT(config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim))
-    model.init_weights()
-    return model, tok
-
-
-def init_model(args):
-    """(model, tokenizer) that --init names, every weight trainable (adapters merged in)."""
+def load_model(args):
+    """(model, tokenizer): fresh with nanochat's initialisation, or --init's with every weight trainable."""
+    if not args.init:
+        tok = Tokenizer.load(args.tokenizer)
+        model = GPT(config_for_depth(args.depth, tok.vocab_size, args.sequence_len, args.head_dim))
+        model.init_weights()
+        return model, tok
     model, tok, ckpt, _ = checkpoint.load_for_training(args.init, full=True)
     if args.sequence_len > model.config.sequence_len:
         raise UserError(f"--sequence-len {args.sequence_len} is longer than the {model.config.sequence_len} positions "
@@ -237,9 +201,8 @@ def main(argv=None):
     total_batch, accum = train.batch_geometry(args, info, args.sequence_len)
     train_corpus, val_corpus, sources = load_corpus(args, info)
     # the model after the corpus: a corpus conversion's transient memory must not stack on the weights
-    model, tok = init_model(args) if args.init else fresh_model(args)
+    model, tok = load_model(args)
     check_same_inputs(sources, tok)  # several nodes: the same corpus files and tokenizer on every rank
-    config = model.config
     train.place(model, info)
     mem = train.memory_plan("base", model, args, info, args.sequence_len, accum, compile_default=True)
     plan_steps(args, model.num_params(), total_batch)
@@ -251,19 +214,19 @@ def main(argv=None):
                 "seed": args.seed, "optimizer": args.optimizer, "corpus": train_corpus.key(), "init": args.init,
                 "tokenizer": tok.fingerprint()}
     resumed = train.resume(args, out, model, optimizer, info, expect=geometry)
-    start_step = resumed["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
-    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len, curriculum.corpus_rows(plan, args.device_batch_size),
-                                 accum, info, seed=args.seed, position=resumed.get("data_position"))
+    data = loader.PretrainLoader(train_corpus, tok, args.sequence_len,
+                                 curriculum.corpus_rows(plan, args.device_batch_size), accum, info, seed=args.seed,
+                                 position=resumed.get("data_position"))
     get_batch = curriculum.batches(plan, data, tok, args.sequence_len, args.device_batch_size, info)
     val_rows = loader.validation_rows(val_corpus, tok, args.sequence_len, max(1, args.eval_tokens // args.sequence_len))
     token_bytes = evaluate.token_byte_lengths(tok, info.device)
 
     corpus_tokens = print_plan(args, info, model, total_batch, accum, train_corpus, tok, plan, len(val_rows), mem)
-    run_config = {**vars(args), "model": vars(config), "grad_accum": accum, "world_size": info.world_size,
-                  "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
-                  "train_tokens": corpus_tokens, "val_tokens": val_rows.numel(), "data_sources": sources}
-    logger = from_args(args, config=run_config, out_dir=out)
+    logger = from_args(args, out_dir=out, config={
+        **vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
+        "num_params": model.num_params(), "flops_per_token": model.estimate_flops(), "train_tokens": corpus_tokens,
+        "val_tokens": val_rows.numel(), "data_sources": sources})
 
     def validate(step):
         bpb = evaluate.evaluate_bpb(model, loader.eval_batches(val_rows, args.device_batch_size, info),
@@ -278,8 +241,9 @@ def main(argv=None):
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
     final = train.train_loop(info=info, model=model, optimizer=optimizer, args=args, get_batch=get_batch,
-                             grad_accum=accum, start_step=start_step, logger=logger, evaluate=validate,
-                             sample=functools.partial(sample, model, tok, args, info, logger), save=save, train_model=train_model)
+                             grad_accum=accum, start_step=resumed["step"], logger=logger, evaluate=validate,
+                             sample=functools.partial(sample, model, tok, args, info, logger), save=save,
+                             train_model=train_model)
     logger.summary(final)
     logger.finish()
     print0(f"done: val bpb {final.get('val/bpb', float('nan')):.4f}; checkpoint in {out}")
@@ -287,4 +251,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -4,23 +4,9 @@
     python -m scripts.dpo_train --init out/sft --pairs on_policy --on-policy-prompts 64   # STaR-then-DPO
     torchrun --nproc_per_node=8 -m scripts.dpo_train --init out/sft ...   # 8 x 8 pairs per step
 
-Pairs (nanostoney/dpo.py), from the TRAIN splits of --tasks (after the governance gate):
-  ground_truth  the gold answer over the same answer made wrong (reward_model.build_pairs: MC
-                another letter with its option's text, numeric a nearby number, open another gloss)
-  on_policy     a correct over a wrong sample of the init policy on the same prompt (prompts
-                chosen by a hash of their ids, --samples-per-prompt each; a prompt solved always
-                or never gives no pair): the STaR-then-DPO recipe
-  both          the two pools together
-Each step draws --device-batch-size pairs per micro-step on every rank from a seeded mixture of
-the tasks (weights of --tasks), so --resume and any world size see the same pairs.
-The reference is the policy at the start (--reference init: fresh adapters switched off, or the
-SFT adapters as loaded) or the base weights (--reference base); with --full a frozen copy.
-
-Logged every step (W&B and <out>/metrics.jsonl): loss, implicit rewards of chosen and rejected,
-their margin and accuracy, the KL proxy (mean log pi - log ref over the pairs' tokens), attention
-entropy per layer, and for MC tasks the letter diagnostics of nanostoney/letters.py on the chosen
-answers. At the start and the end: greedy val accuracy of --eval-tasks and the implicit-reward
-accuracy on held-out (val) ground-truth pairs, with 95% bootstrap intervals, in <out>/dpo_eval.json.
+Pairs (nanostoney/dpo.py) from the TRAIN splits of --tasks. Greedy val accuracy of --eval-tasks and
+the implicit-reward accuracy on held-out pairs, at the start and the end with 95% bootstrap
+intervals, in <out>/dpo_eval.json.
 """
 import argparse
 import os
@@ -28,7 +14,6 @@ import os
 import torch
 
 from nanostoney import batches, cli, dpo, letters, lora, optim, policy, probes, reward_model, stage, train
-from nanostoney.cli import run_main
 from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks, print0
 from nanostoney.errors import UserError
 from nanostoney.logging import add_logging_args, from_args
@@ -53,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=cli.positive_float, default=0.1, help="DPO beta: larger stays nearer the reference")
     p.add_argument("--reference", default="init", choices=policy.REFERENCES,
                    help="the policy at the start, or the base weights with adapters off")
-    p.add_argument("--letter-every", type=cli.nonneg_int, default=1, help="steps between MC letter diagnostics; 0 = never")
+    p.add_argument("--letter-every", type=cli.nonneg_int, default=1,
+                   help="steps between MC letter diagnostics; 0 = never")
     p.add_argument("--eval-pairs", type=cli.nonneg_int, default=32, help="held-out (val) pairs per task, start and end")
     p.add_argument("--final-eval-examples", type=cli.nonneg_int, default=64,
                    help="val items per eval task, greedy, at the start and the end; 0 = skip")
@@ -66,17 +52,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# -----------------------------------------------------------------------------
-# pairs
-
-
 def ground_truth_pairs(task, tok, split, limit, max_len):
     return dpo.pairs_from_conversations(reward_model.build_pairs(task, tok, split, limit, max_len))
 
 
 def on_policy_pairs(model, tok, task, args, info, max_len):
-    """(correct sample, wrong sample) pairs of the policy on hashed train prompts (the sampling
-    shared out over the ranks: the same pairs at any world size)."""
+    """(correct, wrong) sample pairs of the policy on hashed train prompts (any world size: the same pairs)."""
     model.eval()
     exs = subset(task, "train", args.on_policy_prompts, salt=f"dpo/{task.name}/{args.seed}")
     got = policy.sample_completions(model, tok, [task.prompt(ex) for ex in exs], args.samples_per_prompt,
@@ -96,8 +77,7 @@ def on_policy_pairs(model, tok, task, args, info, max_len):
 
 
 def training_pairs(args, model, tok, tasks, mix, info):
-    """(per-task pair pools, their mixture weights, names, counts), built from the init policy
-    before anything trains (or resumes), so the pools are the same at every start."""
+    """(pair pools, mixture weights, task names, counts) from the init policy: the same at every start."""
     max_len = model.config.sequence_len
     pools, weights, names, counts = [], [], [], {}
     for task in tasks:
@@ -118,33 +98,27 @@ def training_pairs(args, model, tok, tasks, mix, info):
     return pools, weights, names, counts
 
 
-# -----------------------------------------------------------------------------
-# measurements: held-out pairs, greedy accuracy, letters
-
-
 @torch.no_grad()
 def heldout_table(model, reference, held, cfg, info, seed=0):
     """{task: {"n", "accuracy": (point, lo, hi), "margin"}}: the share of held-out pairs whose
     implicit reward prefers the chosen answer (fixed chunks of 8 shared out over the ranks)."""
+    def margins(chunk):
+        pi_w, pi_l, ref_w, ref_l, _, _ = dpo.pair_forward(model, reference, dpo.as_triples(chunk), cfg,
+                                                          model.get_device())
+        return (cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l))).tolist()
     out = {}
-    device = model.get_device()
     for name, pairs in held.items():
         if not pairs:
             continue
-
-        def margins(i):
-            pi_w, pi_l, ref_w, ref_l, _, _ = dpo.pair_forward(model, reference, dpo.as_triples(pairs[i:i + 8]), cfg,
-                                                              device)
-            return (cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l))).tolist()
-
-        m = [x for part in map_over_ranks(margins, list(range(0, len(pairs), 8)), info) for x in part]
+        m = [x for part in map_over_ranks(margins, [pairs[i:i + 8] for i in range(0, len(pairs), 8)], info)
+             for x in part]
         out[name] = {"n": len(m), "accuracy": bootstrap_ci([float(x > 0) for x in m], seed=seed),
                      "margin": sum(m) / len(m)}
     return out
 
 
 def measure(run, when):
-    """The held-out pair table and (if asked) the greedy accuracy table, printed and returned."""
+    """The held-out pair table and (if asked) the greedy accuracy table, printed."""
     args, info = run.args, run.info
     row = {"pairs": heldout_table(run.model, run.reference, run.held, run.cfg, info, args.seed)}
     if args.final_eval_examples > 0:
@@ -158,40 +132,22 @@ def measure(run, when):
     return row
 
 
-def letter_metrics(run, drawn):
-    """letters/* of the policy vs the reference at the answer slot after the chosen answers of
-    this step's multiple-choice pairs (a collective: every rank calls it)."""
-    mc = [p for p in drawn if get_task(p["task"]).kind == "mc"]
-    rows = [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)]
-    sums = letters.letter_sums(run.model, run.reference, [p["prompt"] for p in mc], [p["chosen"] for p in mc], rows,
-                               run.mc_names, run.letters, run.stop_ids, run.cfg)
-    return letters.finish(sums, run.mc_names)
-
-
-# -----------------------------------------------------------------------------
-# the run
-
-
-def step_pairs(run, step):
-    """This rank's micro-batches of pair dicts for `step` (batches.first_row over the schedule)."""
-    B, accum, info = run.args.device_batch_size, run.accum, run.info
-    out = []
-    for micro in range(accum):
-        g = batches.first_row(step, micro, accum, info.world_size, info.rank, B)
-        out.append([run.pools[t][i] for t, i in run.schedule[g:g + B]])
-    return out
-
-
 def dpo_update(run, step):
-    """One DPO step; returns the logged metrics (averaged over all ranks' pairs)."""
-    args, info = run.args, run.info
+    """One DPO step on this rank's micro-batches of the schedule; the metrics over all ranks' pairs."""
+    args, info, B = run.args, run.info, run.args.device_batch_size
     done = step + 1
-    drawn = step_pairs(run, step)
-    measure_entropy = train.every(args.entropy_every, done)
-    ent = probes.EntropyProbe(run.model.config.n_layer, run.model.config.n_head) if measure_entropy else None
-    lm = None
+    firsts = [batches.first_row(step, m, run.accum, info.world_size, info.rank, B) for m in range(run.accum)]
+    drawn = [[run.pools[t][i] for t, i in run.schedule[g:g + B]] for g in firsts]
+    ent = probes.EntropyProbe(run.model.config.n_layer, run.model.config.n_head) \
+        if train.every(args.entropy_every, done) else None
+    lm = {}
     if run.letters and run.mc_names and train.every(args.letter_every, done):
-        lm = letter_metrics(run, [p for mb in drawn for p in mb])  # the policy before this step moves it
+        # letters/* after the chosen answers of the MC pairs, on the policy before this step moves it (a collective)
+        mc = [p for mb in drawn for p in mb if get_task(p["task"]).kind == "mc"]
+        lm = letters.finish(letters.letter_sums(
+            run.model, run.reference, [p["prompt"] for p in mc], [p["chosen"] for p in mc],
+            [(r, p["task"], p["answer"], p["options"]) for r, p in enumerate(mc)], run.mc_names, run.letters,
+            run.stop_ids, run.cfg), run.mc_names)
     s = dpo.dpo_step(run.model, run.optimizer, [dpo.as_triples(mb) for mb in drawn], run.cfg, run.reference,
                      run.total_batch, run.params, ent)
     keys = sorted(s)
@@ -201,12 +157,15 @@ def dpo_update(run, step):
     metrics["train/lr_mult"] = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["initial_lr"]
     if ent is not None:
         metrics.update(train.attention_entropy_metrics(ent.all_reduce()))
-    if lm:
-        metrics.update(lm)
-    return metrics
+    return metrics | lm
 
 
-def setup(args, info):
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compile:
+        raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
+                        "drop the flag.")
+    out, info = stage.start(args, "dpo", {"--init": args.init})
     mix, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
     reference = policy.make_reference(model, args.reference)  # before any resume moves the policy
     cfg = dpo.DPOConfig(beta=args.beta, micro_batch=args.device_batch_size, grad_clip=args.grad_clip,
@@ -217,42 +176,30 @@ def setup(args, info):
     total_batch, accum = train.batch_geometry(args, info)
     schedule = batches.mixture_schedule([len(p) for p in pools], weights, args.num_iterations * total_batch, args.seed)
     letter_ids, mc_names = stage.letter_setup(tok, [t for t in tasks if t.name in names], args.letter_every)
-    return argparse.Namespace(
-        args=args, info=info, tasks=tasks, eval_tasks=stage.eval_tasks(args.eval_tasks), sources=sources,
-        model=model, tok=tok, init_ckpt=init_ckpt, base_ckpt=base_ckpt, reference=reference, cfg=cfg, pools=pools,
-        counts=counts, held=held, schedule=schedule, total_batch=total_batch, accum=accum,
-        optimizer=optim.optimizer_from_args(model, args), letters=letter_ids, mc_names=mc_names,
-        params=stage.trainable(model), stop_ids=stage.stop_ids(tok))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.compile:
-        raise UserError("--compile is not supported by dpo_train (the gathered-logit forward runs eagerly); "
-                        "drop the flag.")
-    out, info = stage.start(args, "dpo", {"--init": args.init})
-    run = setup(args, info)
+    optimizer = optim.optimizer_from_args(model, args)
+    run = argparse.Namespace(args=args, info=info, eval_tasks=stage.eval_tasks(args.eval_tasks), model=model, tok=tok,
+                             reference=reference, cfg=cfg, pools=pools, held=held, schedule=schedule,
+                             total_batch=total_batch, accum=accum, optimizer=optimizer, letters=letter_ids,
+                             mc_names=mc_names, params=stage.trainable(model), stop_ids=stage.stop_ids(tok))
     n = args.num_iterations
-    mode = {"init": os.path.abspath(run.init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
-            "pairs": args.pairs, "total_batch": run.total_batch}
-    start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
-    logger = from_args(args, config={**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
-                                     "pairs_per_task": run.counts, "data_sources": run.sources,
-                                     "init_checkpoint": os.path.abspath(run.init_ckpt)}, out_dir=out)
-    mean_len = sum(len(p["prompt"]) * 2 + len(p["chosen"]) + len(p["rejected"]) for pool in run.pools
-                   for p in pool) / sum(len(pool) for pool in run.pools)
-    train.print_plan("DPO", info, run.model, n, run.total_batch, "pairs",
-                     f"{args.device_batch_size} x {info.world_size} proc x {run.accum} accum",
-                     tokens_per_step=run.total_batch * mean_len,
-                     extra=f"{'full' if args.full else 'LoRA'} from {run.init_ckpt}; beta={args.beta}; {args.pairs} "
-                           f"pairs " + ", ".join(f"{k}={v['ground_truth']}+{v['on_policy']}"
-                                                 for k, v in run.counts.items()))
-    save = stage.saver(out, run.model, run.optimizer, info, {**mode, "stage": "dpo", "num_iterations": n},
-                       run.base_ckpt, run.tok, args)
-    report = {"init": os.path.abspath(run.init_ckpt), "args": vars(args), "steps": n, "pairs": run.counts}
+    mode = {"init": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed, "tasks": args.tasks,
+            "pairs": args.pairs, "total_batch": total_batch}
+    start_step = train.resume(args, out, model, optimizer, info, expect=mode)["step"]
+    logger = from_args(args, out_dir=out, config={
+        **vars(args), "model": vars(model.config), "world_size": info.world_size, "pairs_per_task": counts,
+        "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)})
+    mean_len = sum(len(p["prompt"]) * 2 + len(p["chosen"]) + len(p["rejected"]) for pool in pools
+                   for p in pool) / sum(len(pool) for pool in pools)
+    train.print_plan("DPO", info, model, n, total_batch, "pairs",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else 'LoRA'} from {init_ckpt}; beta={args.beta}; {args.pairs} pairs "
+                           + ", ".join(f"{k}={v['ground_truth']}+{v['on_policy']}" for k, v in counts.items()))
+    save = stage.saver(out, model, optimizer, info, {**mode, "stage": "dpo", "num_iterations": n}, base_ckpt, tok, args)
+    report = {"init": os.path.abspath(init_ckpt), "args": vars(args), "steps": n, "pairs": counts}
     if start_step == 0:
         report["start"] = measure(run, "start")
-    stage.step_loop(args, info, run.optimizer, start_step, lambda step: dpo_update(run, step), logger, save,
+    stage.step_loop(args, info, optimizer, start_step, lambda step: dpo_update(run, step), logger, save,
                     finite=lambda m: {"loss": m["loss"], "grad_norm": m["grad_norm"]},
                     postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['rewards/accuracy']:.2f}",
                                        "margin": f"{m['rewards/margin']:.3f}"})
@@ -263,4 +210,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

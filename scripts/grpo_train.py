@@ -6,36 +6,15 @@ with a KL penalty to the reference. LoRA by default.
         --reward-model out/rm --kl-beta 0.04 --inner-epochs 2 --loss-norm sequence
     torchrun --nproc_per_node=8 -m scripts.grpo_train --init out/sft ...   # 8 x 8 = 64 prompts per step
 
-Prompts come from the TRAIN splits of --tasks (a weighted mixture, after the governance gate);
-each step takes --prompts-per-rank of them on every process (a group stays on its rank), or
---prompts-per-step in all, split across the ranks, and samples --group-size completions each. The reference policy (KL) is the policy at the
-start of RL (--reference init: the SFT adapters as loaded, kept as a small snapshot; or fresh
-adapters switched off) or the base weights with the adapters off (--reference base); with
---full it is a frozen copy. Evaluation on the VAL split of --eval-tasks at the start (the
-SFT model), every --eval-every steps, and at the end: pass@1 (greedy) and pass@k (k samples).
-The start and end numbers, with 95% bootstrap intervals, go to <out>/grpo_eval.json.
-
-Rewards are verifiers (nanostoney/rewards.py): accuracy is the task's own check (arith: the final
-number; stoney_lexicon: the exact gloss or term; MC: the letter), chain adds partial credit per
-gold line up to the first wrong one. Groups whose rewards are all equal are skipped (grpo.py).
---depth-curriculum draws arith prompts at depth 1 first and deeper ones in later stages (the
-plan prints the stages); --shuffle-rewards is the control run: the same training with each
-step's rewards permuted across its batch, so any gain it shows is not from the verifier.
-
-Logged every step (W&B and <out>/metrics.jsonl): reward mean/std overall, per reward
-function and per task; the groups skipped (groups/skipped, groups/skipped_frac) and whether the
-rewards were shuffled (reward/shuffled, reward/shuffle_moved: the share of rows that got another
-row's reward); KL (k3, sampled policy vs reference); clip fraction; policy entropy at
-the sampled positions; completion length; attention entropy per layer; for MC tasks the
-letter diagnostics of nanostoney/letters.py, measured on the policy that sampled, before it
-moves; the time of each phase.
+Prompts from the TRAIN splits of --tasks (a group stays on its rank), rewarded by verifiers
+(nanostoney/rewards.py); --shuffle-rewards is the control run. Val pass@1 and pass@k of
+--eval-tasks at the start and the end, with 95% bootstrap intervals, in <out>/grpo_eval.json.
 """
 import argparse
 import functools
 import os
 
 from nanostoney import batches, cli, grpo, lora, optim, policy, rewards, stage, train
-from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, print0
 from nanostoney.errors import UserError
 from nanostoney.evaluate import generate_completions, length_budget
@@ -45,7 +24,7 @@ from nanostoney.reward_model import load_reward_model
 from nanostoney.tasks.subset import subset
 
 # the open tasks, rewarded by their verifiers (the final number; the exact gloss or term; yes / no),
-# with the multiple-choice ones (issue 25); eval: each with its *_unseen control
+# with the multiple-choice ones; eval: each with its *_unseen control
 DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 DEFAULT_EVAL_TASKS = "arith,stoney_lexicon,stoney_lexicon_unseen,arith_mc,stoney_mc,stoney_mc_unseen"
 
@@ -97,23 +76,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-
-# -----------------------------------------------------------------------------
-# evaluation: greedy pass@1 and sampled pass@k on val items
-
-
-def sampled_correct(model, tok, task, examples, k, temperature, max_new_tokens, info, seed=0):
-    """[[bool] * k per example] (ranks split the examples and gather)."""
-    prompts = [tok.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
-    texts = generate_completions(model, tok, prompts, info, num_samples=k, temperature=temperature,
-                                 max_new_tokens=length_budget(tok, examples, max_new_tokens), seed=seed,
-                                 desc=f"pass@{k} {task.name}")
-    return [[bool(task.evaluate(ex, t)) for t in ts] for ex, ts in zip(examples, texts)]
-
-
 def evaluate_tasks(model, tok, eval_tasks, n, args, info, seed=0):
-    """{task: {"n": items, "pass@1": (point, lo, hi), "items": {"id", "correct"}, "pass@k": ...}} on
-    the val split (the per-item greedy results let start and end be compared item by item)."""
+    """{task: {"n", "pass@1": (point, lo, hi), "items": {"id", "correct"}, "pass@k", "sampled_pass@1"}}
+    on n val items (the per-item greedy results let start and end be compared item by item)."""
     out = {}
     for task in eval_tasks:
         exs = subset(task, "val", n)
@@ -121,8 +86,11 @@ def evaluate_tasks(model, tok, eval_tasks, n, args, info, seed=0):
         row = {"n": row["n"], "pass@1": row["accuracy"],
                "items": {"id": [ex["id"] for ex in exs], "correct": [int(c) for c in greedy]}}
         if args.pass_k > 0:
-            samples = sampled_correct(model, tok, task, exs, args.pass_k, args.eval_temperature,
-                                      args.max_new_tokens, info, seed=seed)
+            texts = generate_completions(model, tok, [tok.render_prompt({"messages": task.prompt(ex)}) for ex in exs],
+                                         info, num_samples=args.pass_k, temperature=args.eval_temperature,
+                                         max_new_tokens=length_budget(tok, exs, args.max_new_tokens), seed=seed,
+                                         desc=f"pass@{args.pass_k} {task.name}")
+            samples = [[bool(task.evaluate(ex, t)) for t in ts] for ex, ts in zip(exs, texts)]
             vals = [pass_at_k(args.pass_k, sum(s), args.pass_k) for s in samples]
             row[f"pass@{args.pass_k}"] = bootstrap_ci(vals, seed=args.seed)
             row["sampled_pass@1"] = bootstrap_ci([sum(s) / len(s) for s in samples], seed=args.seed)
@@ -136,15 +104,8 @@ def eval_metrics(table, prefix="eval"):
             if k not in ("n", "items")}
 
 
-def pass_line(when, name, row, args, start=None):
-    line = f"{when} {name:>10}: pass@1 {row['pass@1'][0]:.3f}"
-    if start is not None:
-        line += f" [{row['pass@1'][1]:.3f}, {row['pass@1'][2]:.3f}] (start {start:.3f}, n={row['n']})"
-    return line + (f"  pass@{args.pass_k} {row[f'pass@{args.pass_k}'][0]:.3f}" if args.pass_k > 0 else "")
-
-
 def measure_pass(run, report, logger, when):
-    """Val pass@k of the SFT model ("start") or the trained one ("final"), into the report."""
+    """Val pass@k at the "start" (the SFT model) or the "final" one, into the report."""
     args, info = run.args, run.info
     if args.final_eval_examples <= 0:
         return
@@ -155,7 +116,10 @@ def measure_pass(run, report, logger, when):
         logger.summary(eval_metrics(report["final"], "final"))
     for name, row in report[when].items():
         start = report.get("start", {}).get(name, {}).get("pass@1", [float("nan")])[0]
-        print0(pass_line(when, name, row, args, start=start if when == "final" else None))
+        print0(f"{when} {name:>10}: pass@1 {row['pass@1'][0]:.3f}"
+               + (f" [{row['pass@1'][1]:.3f}, {row['pass@1'][2]:.3f}] (start {start:.3f}, n={row['n']})"
+                  if when == "final" else "")
+               + (f"  pass@{args.pass_k} {row[f'pass@{args.pass_k}'][0]:.3f}" if args.pass_k > 0 else ""))
 
 
 def measure_reward(run, report, logger, when):
@@ -170,10 +134,6 @@ def measure_reward(run, report, logger, when):
     print0(f"{when} reward on training prompts: " + ", ".join(
         f"{k} {v:.3f}" + (f" (start {start.get(k, float('nan')):.3f})" if when == "final" else "")
         for k, v in got.items()))
-
-
-# -----------------------------------------------------------------------------
-# the run
 
 
 def check_flags(args):
@@ -205,8 +165,7 @@ def check_flags(args):
 
 
 def setup(args, info, weights):
-    """Everything a run needs, as a namespace: tasks and their prompt schedule (a pure function
-    of (step, rank), so --resume continues it exactly), policy, reference, rewards, optimizer."""
+    """Everything a run needs, as a namespace (the prompt schedule: a pure function of step and rank)."""
     mix, tasks, sources, model, tok, init_ckpt, base_ckpt = stage.load(args, info)
     reference = policy.make_reference(model, args.reference)  # before any resume moves the policy
     rm = load_reward_model(args.reward_model, device=info.device)[0] if "reward_model" in weights else None
@@ -253,15 +212,6 @@ def print_plan(args, run, info):
     print0(f"GRPO {mem.describe()}")
 
 
-def step_line(done, m, tasks):
-    per_task = " ".join(f"{t.name}={m.get(f'reward/{t.name}/mean', float('nan')):.2f}" for t in tasks)
-    return (f"step {done}: reward {m['reward/mean']:.3f} ({per_task}) kl {m['kl/mean']:.4f} "
-            f"clip {m['clip_frac']:.3f} ent {m['policy/entropy']:.2f} len {m['completion/length']:.0f} "
-            f"equal groups skipped {m['groups/skipped_frac']:.2f}{' (rewards shuffled)' if m['reward/shuffled'] else ''} | "
-            f"sample {m['time/sample_s']:.1f}s score {m['time/score_s']:.1f}s letters {m['time/letters_s']:.1f}s "
-            f"logprobs {m['time/logprobs_s']:.1f}s update {m['time/update_s']:.1f}s")
-
-
 def main(argv=None):
     args = parse_args(argv)
     weights = check_flags(args)
@@ -272,11 +222,11 @@ def main(argv=None):
             "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "rewards": args.rewards,
             "shuffle_rewards": args.shuffle_rewards, "depth_curriculum": args.depth_curriculum}
     start_step = train.resume(args, out, run.model, run.optimizer, info, expect=mode)["step"]
-    logger = from_args(args, config={**vars(args), "model": vars(run.model.config), "world_size": info.world_size,
-                                     "trainable_params": sum(p.numel() for p in run.params),
-                                     "data_sources": run.sources, "init_checkpoint": os.path.abspath(run.init_ckpt),
-                                     "base_checkpoint": os.path.abspath(run.base_ckpt) if run.base_ckpt else None},
-                       out_dir=out)
+    logger = from_args(args, out_dir=out, config={
+        **vars(args), "model": vars(run.model.config), "world_size": info.world_size,
+        "trainable_params": sum(p.numel() for p in run.params), "data_sources": run.sources,
+        "init_checkpoint": os.path.abspath(run.init_ckpt),
+        "base_checkpoint": os.path.abspath(run.base_ckpt) if run.base_ckpt else None})
     print_plan(args, run, info)
     save = stage.saver(out, run.model, run.optimizer, info, {**mode, "stage": "grpo", "num_iterations": n},
                        run.base_ckpt, run.tok, args)
@@ -285,9 +235,15 @@ def main(argv=None):
         measure_pass(run, report, logger, "start")
         measure_reward(run, report, logger, "start")
 
-    def after(done, metrics, pbar):
+    def after(done, m, pbar):
         if info.is_master and train.every(args.log_every, done):
-            pbar.write(step_line(done, metrics, run.tasks))
+            per_task = " ".join(f"{t.name}={m.get(f'reward/{t.name}/mean', float('nan')):.2f}" for t in run.tasks)
+            pbar.write(f"step {done}: reward {m['reward/mean']:.3f} ({per_task}) kl {m['kl/mean']:.4f} "
+                       f"clip {m['clip_frac']:.3f} ent {m['policy/entropy']:.2f} len {m['completion/length']:.0f} "
+                       f"equal groups skipped {m['groups/skipped_frac']:.2f}"
+                       f"{' (rewards shuffled)' if m['reward/shuffled'] else ''} | sample {m['time/sample_s']:.1f}s "
+                       f"score {m['time/score_s']:.1f}s letters {m['time/letters_s']:.1f}s "
+                       f"logprobs {m['time/logprobs_s']:.1f}s update {m['time/update_s']:.1f}s")
         if train.every(args.eval_every, done) and done < n and args.eval_examples > 0:
             table = evaluate_tasks(run.model, run.tok, run.eval_tasks, args.eval_examples, args, info,
                                    seed=args.seed + done)
@@ -305,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -1,29 +1,19 @@
-"""Train a reward model: the SFT trunk with a scalar head, Bradley-Terry loss on
-(chosen, rejected) pairs built from ground truth. LoRA by default.
+"""Train a reward model: the SFT trunk with a scalar head, Bradley-Terry loss on (chosen,
+rejected) pairs built from ground truth. LoRA by default.
 
     python -m scripts.rm_train --init out/sft --out out/rm                          # CPU default
     python -m scripts.rm_train --init out/sft --sampled-negatives 64 ...            # + SFT mistakes
     torchrun --nproc_per_node=8 -m scripts.rm_train --init out/sft ...   # 8 x 8 pairs x 2 accum per step
 
-Pairs (nanostoney/reward_model.py): from the TRAIN split of each task, the gold answer vs a
-wrong answer whose rationale argues for it (arith_mc / arith: a wrong-step chain; stoney_mc:
-the gold's sentence asserting a distractor; lexicon: another item's gloss); with
---sampled-negatives N, also gold vs the wrong answers the init model samples on N train prompts
-per task. Held-out pairs are built the same way from --eval-split (val by default), and, with
---eval-sampled N, from the init policy's own wrong answers on N held-out prompts per task (the
-negatives GRPO will show the reward model). The pairwise accuracy per task and per family
-(stoney / math; "/policy" for the sampled ones), before and after training, with 95% bootstrap
-intervals, goes to <out>/rm_eval.json. Training runs in the same loop as pretraining and SFT (train.train_loop,
-with reward_model.pair_loss as the loss). The reward model is saved through checkpoint.py
-(adapters naming their base, or the full trunk, plus the head) and loads with
-reward_model.load_reward_model.
+Pairs (nanostoney/reward_model.py): gold vs a wrong answer whose rationale argues for it, plus the
+init policy's own wrong samples (--sampled-negatives, --eval-sampled). Pairwise accuracy per task
+and family before and after, with 95% bootstrap intervals, in <out>/rm_eval.json.
 """
 import os
 
 import torch
 
 from nanostoney import batches, cli, lora, reward_model, stage, train
-from nanostoney.cli import run_main
 from nanostoney.dist import autocast_ctx, map_over_ranks, print0
 from nanostoney.errors import UserError
 from nanostoney.logging import add_logging_args, from_args
@@ -46,7 +36,8 @@ def parse_args(argv=None):
                    help="held-out prompts per task on which the init policy's wrong answers become eval pairs")
     p.add_argument("--samples-per-prompt", type=cli.positive_int, default=4)
     p.add_argument("--sample-max-new-tokens", type=cli.positive_int, default=128)
-    p.add_argument("--max-len", type=cli.positive_int, default=None, help="drop pairs longer than this; default the model's sequence_len")
+    p.add_argument("--max-len", type=cli.positive_int, default=None,
+                   help="drop pairs longer than this; default the model's sequence_len")
     lora.add_lora_args(p, targets="all")
     p.add_argument("--lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the trunk (adapters or all weights)")
     p.add_argument("--head-lr", type=cli.nonneg_float, default=1e-3, help="AdamW LR of the scalar head")
@@ -57,20 +48,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def scores(rm, seqs, info, batch_size=16):
-    """rm.score of every sequence, in fixed batches shared out over the ranks (gathered, in
-    order: the same numbers at any world size)."""
-    chunks = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
-    return torch.tensor([v for part in map_over_ranks(lambda c: rm.score(c).tolist(), chunks, info) for v in part])
-
-
 def family_table(rm, eval_sets, info, seed=0):
-    """{task or family: {"n", "accuracy": (point, lo, hi), "margin"}} from per-task pair lists."""
+    """{task or family: {"n", "accuracy": (point, lo, hi), "margin"}} from per-task pair lists (scored in
+    fixed batches of 16 shared out over the ranks: the same numbers at any world size)."""
     out, fam = {}, {}
     for name, pairs in eval_sets.items():
         if not pairs:
             continue
-        s = scores(rm, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], info)
+        seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        chunks = [seqs[i:i + 16] for i in range(0, len(seqs), 16)]
+        s = torch.tensor([v for part in map_over_ranks(lambda c: rm.score(c).tolist(), chunks, info) for v in part])
         c, r = s[:len(pairs)], s[len(pairs):]
         wins = ((c > r).float() + 0.5 * (c == r).float()).tolist()
         out[name] = {"n": len(wins), "accuracy": bootstrap_ci(wins, seed=seed), "margin": (c - r).mean().item()}
@@ -89,16 +76,13 @@ def policy_pairs(gpt, tok, task, split, n, args, info, max_len):
 
 
 def training_pairs(args, gpt, tok, tasks, max_len, info):
-    """(pairs in a seeded order, {task: {"ground_truth": n, "sampled": n}}): ground truth from
-    train, and optionally the init model's own mistakes (sampled before the trunk is touched,
-    so they are the SFT policy's)."""
+    """(pairs in a seeded order, counts per task and kind): sampled before the trunk is touched."""
     pairs, counts = [], {}
     for task in tasks:
         ps = reward_model.build_pairs(task, tok, "train", args.max_train_examples, max_len)
         if args.sampled_negatives > 0:
             ps += policy_pairs(gpt, tok, task, "train", args.sampled_negatives, args, info, max_len)
-        counts[task.name] = {"ground_truth": sum(p["kind"] == "ground_truth" for p in ps),
-                             "sampled": sum(p["kind"] == "sampled" for p in ps)}
+        counts[task.name] = {k: sum(p["kind"] == k for p in ps) for k in ("ground_truth", "sampled")}
         pairs += ps
     if not pairs:
         raise UserError(f"no training pairs for tasks {[t.name for t in tasks]}: none has a wrong answer with its "
@@ -113,36 +97,12 @@ def accuracy_line(table, when):
 
 
 def held_out_pairs(args, gpt, tok, tasks, max_len, info):
-    """{task (or task/policy): pairs} from --eval-split: ground truth, and the init policy's own
-    wrong answers (--eval-sampled)."""
+    """{task (or task/policy): pairs} from --eval-split: ground truth and the init policy's mistakes."""
     eval_sets = {t.name: reward_model.build_pairs(t, tok, args.eval_split, args.eval_pairs, max_len) for t in tasks}
-    if args.eval_sampled > 0:
-        for t in tasks:
-            eval_sets[f"{t.name}/policy"] = policy_pairs(gpt, tok, t, args.eval_split, args.eval_sampled, args, info,
-                                                         max_len)
+    for t in tasks if args.eval_sampled > 0 else ():
+        eval_sets[f"{t.name}/policy"] = policy_pairs(gpt, tok, t, args.eval_split, args.eval_sampled, args, info,
+                                                     max_len)
     return eval_sets
-
-
-def make_optimizer(rm, gpt, args):
-    """AdamW over the trunk's trainable weights (--lr) and the head (--head-lr)."""
-    optimizer = torch.optim.AdamW([{"params": stage.trainable(gpt), "lr": args.lr, "role": "trunk"},
-                                   {"params": list(rm.head.parameters()), "lr": args.head_lr, "role": "head"}],
-                                  betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    for g in optimizer.param_groups:
-        g["initial_lr"] = g["lr"]
-    return optimizer
-
-
-def print_plan(args, info, rm, pairs, counts, eval_sets, total_batch, accum, init_ckpt, mem):
-    mean_len = sum(len(p["chosen"]) + len(p["rejected"]) for p in pairs) / len(pairs)
-    train.print_plan("reward model", info, rm, args.num_iterations, total_batch, "pairs",
-                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
-                     tokens_per_step=total_batch * mean_len,
-                     extra=f"{'full' if args.full else 'LoRA'} on {init_ckpt}; train pairs "
-                           + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
-                           + f"; held-out ({args.eval_split}) "
-                           + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
-    print0(f"reward model {mem.describe()}")
 
 
 def main(argv=None):
@@ -157,26 +117,37 @@ def main(argv=None):
     pairs, counts = training_pairs(args, gpt, tok, tasks, max_len, info)
     eval_sets = held_out_pairs(args, gpt, tok, tasks, max_len, info)
     rm = reward_model.RewardModel(gpt).to(info.device)
-    optimizer = make_optimizer(rm, gpt, args)
-    logger = from_args(args, config={**vars(args), "model": vars(gpt.config), "pairs": counts,
-                                     "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
-                                     "data_sources": sources, "init_checkpoint": os.path.abspath(init_ckpt)},
-                       out_dir=out)
-    print_plan(args, info, rm, pairs, counts, eval_sets, total_batch, accum, init_ckpt, mem)
+    optimizer = torch.optim.AdamW([{"params": stage.trainable(gpt), "lr": args.lr, "role": "trunk"},
+                                   {"params": list(rm.head.parameters()), "lr": args.head_lr, "role": "head"}],
+                                  betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    logger = from_args(args, out_dir=out, config={
+        **vars(args), "model": vars(gpt.config), "pairs": counts,
+        "eval_pairs": {k: len(v) for k, v in eval_sets.items()}, "data_sources": sources,
+        "init_checkpoint": os.path.abspath(init_ckpt)})
+    mean_len = sum(len(p["chosen"]) + len(p["rejected"]) for p in pairs) / len(pairs)
+    train.print_plan("reward model", info, rm, args.num_iterations, total_batch, "pairs",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else 'LoRA'} on {init_ckpt}; train pairs "
+                           + ", ".join(f"{k}={v['ground_truth']}+{v['sampled']}" for k, v in counts.items())
+                           + f"; held-out ({args.eval_split}) "
+                           + ", ".join(f"{k}={len(v)}" for k, v in eval_sets.items()))
+    print0(f"reward model {mem.describe()}")
 
     def batch(step, micro):
         g = batches.first_row(step, micro, accum, info.world_size, info.rank, args.device_batch_size)
         return [pairs[(g + i) % len(pairs)] for i in range(args.device_batch_size)]
 
-    tables = {0: family_table(rm, eval_sets, info, args.seed)}
-    print0(accuracy_line(tables[0], "held-out pairwise accuracy before"))
-    logger.log({f"rm/acc/{k}": v["accuracy"][0] for k, v in tables[0].items()}, step=0)
+    tables = {}
 
     def validate(step):
         if step not in tables:
             tables[step] = family_table(rm, eval_sets, info, args.seed)
-            print0(accuracy_line(tables[step], f"step {step}"))
+            print0(accuracy_line(tables[step], f"step {step}" if step else "held-out pairwise accuracy before"))
         return {f"rm/acc/{k}": v["accuracy"][0] for k, v in tables[step].items()}
+    logger.log(validate(0), step=0)
 
     def save(step):
         meta = {"init": os.path.abspath(init_ckpt), "tasks": list(mix), "seed": args.seed, "data_sources": sources,
@@ -196,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -4,36 +4,20 @@
     python -m scripts.sft_train --init out/base --full --lr 1e-3 ...                # full fine-tune
     torchrun --nproc_per_node=8 -m scripts.sft_train --init out/base ...            # 8 GPUs
 
-The training set is a mixture of tasks by weight (--tasks name=weight,...), drawn from their
-TRAIN splits only; the files behind those tasks pass the governance gate first. Every
---eval-every steps: the masked val loss, and greedy accuracy (through the Engine) on a few
-trained items and a few val items of every task (open and multiple choice). At the end: the
-same on --final-eval-examples items with 95% bootstrap intervals and the share of answers that
-are a bare letter (an open question must get a number or a word), in <out>/sft_eval.json.
-Saves the LoRA adapters (small, naming their base checkpoint) and, with --save-merged, the
-merged weights as an ordinary checkpoint in <out>/merged.
-
-CPU defaults (LoRA r=32, alpha 32, on every linear layer, AdamW lr 5e-3, 600 steps of 8
-conversations per process, the first 16 fitting train items per task) are sized for about 5 minutes on 2
-quiet cores and a depth-4 base: enough to learn the trained items, not to generalise. Measured
-on that base: LoRA at lr 3e-3 barely moved in 150 steps, at 3e-2 it diverged; --full learns the
-trained items fastest (100% in 300 steps). On a GPU use all examples: --max-train-examples 0.
-Batch sizes are per device (--device-batch-size x processes x --grad-accum-steps conversations
-per step) unless --total-batch-size fixes the global batch.
+Trains on a --tasks mixture of TRAIN splits; val loss and greedy accuracy on trained vs val items
+(95% bootstrap intervals, share of bare-letter answers) go to <out>/sft_eval.json. Saves the LoRA
+adapters naming their base, and with --save-merged the merged weights in <out>/merged.
 """
 import os
 
 from nanostoney import batches, checkpoint, cli, evaluate, lora, optim, stage, train
-from nanostoney.cli import run_main
 from nanostoney.dist import print0
 from nanostoney.logging import add_logging_args, from_args
 from nanostoney.tasks import TASKS, get_task
 from nanostoney.tasks.subset import subset
 
 # the open tasks with the multiple-choice ones, so an open question is answered with a number or a
-# word and a letter only where options are given (issue 25): arith (its chain, then the number),
-# stoney_lexicon both directions ("Answer: <gloss or term>"), stoney_verb (two steps: the gloss,
-# then yes / no)
+# word, and a letter only where options are given
 DEFAULT_TASKS = "arith=1,stoney_lexicon=1,stoney_verb=1,arith_mc=1,stoney_mc=1"
 
 
@@ -44,7 +28,8 @@ def parse_args(argv=None):
                      max_train_help="use only the first N train examples of each task that fit --sequence-len "
                                     "(0 = all); small N = learnable in minutes on CPU")
     lora.add_lora_args(p, rank=32)
-    p.add_argument("--sequence-len", type=cli.positive_int, default=None, help="max tokens per conversation; default: the base model's")
+    p.add_argument("--sequence-len", type=cli.positive_int, default=None,
+                   help="max tokens per conversation; default: the base model's")
     p.add_argument("--keep-truncated", action="store_true",
                    help="train on conversations longer than --sequence-len, cut (default: leave them out, "
                         "since the answer comes last)")
@@ -65,9 +50,8 @@ def parse_args(argv=None):
 
 
 def item_sets(tasks, train_sets, loader, k):
-    """k trained items (in the order the run draws them) and k val items per task, and k val
-    items of its control twin (e.g. stoney_mc_unseen), which must stay at chance. stoney_qa
-    (chrF against one reference answer) is left to scripts.eval."""
+    """k trained items (in the order the run draws them) and k val items per task, and k val items
+    of its control twin (e.g. stoney_mc_unseen); stoney_qa (chrF) is left to scripts.eval."""
     sets = {}
     for t, task in enumerate(tasks):
         if task.name == "stoney_qa":
@@ -81,8 +65,7 @@ def item_sets(tasks, train_sets, loader, k):
 
 
 def final_report(args, model, tok, tasks, train_sets, loader, final, info, logger):
-    """{"chance", "step", "val_loss", "tasks": {task: {split: accuracy row}}}: accuracy with
-    intervals on trained items vs held-out (val) items."""
+    """{"chance", "step", "val_loss", "tasks": {task: {split: accuracy row}}}: trained vs val items."""
     report = {"chance": 0.2, "step": args.num_iterations, "val_loss": final.get("val/loss"), "tasks": {}}
     if args.final_eval_examples > 0:
         table = evaluate.accuracy_table(model, tok, item_sets(tasks, train_sets, loader, args.final_eval_examples),
@@ -92,19 +75,10 @@ def final_report(args, model, tok, tasks, train_sets, loader, final, info, logge
             logger.summary({f"final/acc/{name}/{split}": r["accuracy"],
                             f"final/letter_answers/{name}/{split}": r["letter_answers"]})
             print0(f"final {name:>10} {split:>5}: {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                   f"(n={r['n']}; answered {r['answered']:.2f}, with a letter {r['letter_answers']:.2f})" + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
-                                              for d, v in r["by_depth"].items()))
+                   f"(n={r['n']}; answered {r['answered']:.2f}, with a letter {r['letter_answers']:.2f})"
+                   + "".join(f"; depth {d} {v['accuracy']['value']:.2f} (n={v['n']})"
+                             for d, v in r["by_depth"].items()))
     return report
-
-
-def print_plan(args, info, model, weights, rendered, total_batch, accum, init_ckpt, mem):
-    mean_len = sum(len(ids) for r in rendered for ids, _ in r) / sum(len(r) for r in rendered)
-    train.print_plan("SFT", info, model, args.num_iterations, total_batch, "conversations",
-                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
-                     tokens_per_step=total_batch * mean_len,
-                     extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
-                           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
-    print0(f"SFT {mem.describe()}")
 
 
 def main(argv=None):
@@ -116,7 +90,6 @@ def main(argv=None):
     total_batch, accum = train.batch_geometry(args, info)
     mem = train.memory_plan("SFT", model, args, info, seq_len, accum, compile_default=True)
     optimizer = optim.optimizer_from_args(model, args)
-
     # data: --max-train-examples balanced, hash-chosen train conversations that fit, per task; val rows for the loss
     train_sets, rendered = batches.render_train_sets(tok, tasks, seq_len + 1, args.max_train_examples,
                                                      drop_truncated=not args.keep_truncated)
@@ -125,19 +98,23 @@ def main(argv=None):
                                 accum, info, pad_id, seed=args.seed)
     val_rows = [row for task in tasks for row in batches.render_examples(
         tok, subset(task, "val", args.eval_loss_examples), seq_len + 1, drop_truncated=False)[0]]
-
     mode = {"base_checkpoint": os.path.abspath(init_ckpt), "full": args.full, "seed": args.seed,
             "total_batch_size": total_batch, "tasks": args.tasks,
             "max_train_examples": args.max_train_examples, "optimizer": args.optimizer}
     start_step = train.resume(args, out, model, optimizer, info, expect=mode)["step"]
     train_model = train.training_module(model, args, info, compile_default=True)
-    logger = from_args(args, config={**vars(args), "model": vars(model.config), "grad_accum": accum,
-                                     "world_size": info.world_size, "trainable_params": sum(
-                                         p.numel() for p in stage.trainable(model)),
-                                     "train_examples": {n: len(r) for n, r in zip(weights, rendered)},
-                                     "data_sources": sources, "base_checkpoint": os.path.abspath(init_ckpt)},
-                       out_dir=out)
-    print_plan(args, info, model, weights, rendered, total_batch, accum, init_ckpt, mem)
+    logger = from_args(args, out_dir=out, config={
+        **vars(args), "model": vars(model.config), "grad_accum": accum, "world_size": info.world_size,
+        "trainable_params": sum(p.numel() for p in stage.trainable(model)),
+        "train_examples": {n: len(r) for n, r in zip(weights, rendered)}, "data_sources": sources,
+        "base_checkpoint": os.path.abspath(init_ckpt)})
+    mean_len = sum(len(ids) for r in rendered for ids, _ in r) / sum(len(r) for r in rendered)
+    train.print_plan("SFT", info, model, args.num_iterations, total_batch, "conversations",
+                     f"{args.device_batch_size} x {info.world_size} proc x {accum} accum",
+                     tokens_per_step=total_batch * mean_len,
+                     extra=f"{'full' if args.full else f'LoRA r={args.lora_rank}'} from {init_ckpt}; train examples "
+                           + ", ".join(f"{n}={len(r)}" for n, r in zip(weights, rendered)))
+    print0(f"SFT {mem.describe()}")
 
     def validate(step):
         metrics = {"val/loss": evaluate.masked_loss(model, val_rows, pad_id, info)}
@@ -163,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -3,11 +3,10 @@
     python -m scripts.speedrun_plan --depth 12 --vocab-size 65536 --world-size 8 \
         base "$BASE_ARGS" sft "$SFT_ARGS" rm "$RM_ARGS" grpo "$GRPO_ARGS"
 
-Per stage: the items it trains on (train-split examples, or corpus tokens) and how many epochs its
-steps read, its tokens and steps, and the estimated peak memory per device (nanostoney/memory.py) on
-a GPU at depth 12 and 20. Each stage's flags are parsed by that stage's own parser, so the plan
-uses exactly the defaults the stage will. Nothing is read but the tasks' train splits; token counts
-of conversations are estimated at CHARS_PER_TOKEN characters a token (marked ~).
+Per stage: its steps, tokens, the epochs they read of its train items (or corpus), and the
+estimated peak memory per device on a GPU at depth 12 and 20 (nanostoney/memory.py). Each stage's
+flags go through its own parser, so the plan uses its defaults. Conversation token counts are
+estimated at CHARS_PER_TOKEN characters a token (marked ~).
 """
 import argparse
 import math
@@ -39,34 +38,27 @@ def task_items(names, cap):
     return n, chars / CHARS_PER_TOKEN / max(1, n)
 
 
-def model_at(depth, vocab, seq_len, head_dim, lora_args=None, embedding_bf16=False):
-    """The stage's model on the meta device (no memory): LoRA-wrapped when lora_args is given."""
-    with torch.device("meta"):
-        m = GPT(config_for_depth(depth, vocab, seq_len, head_dim))
-    if embedding_bf16:
-        m.transformer.wte.to(dtype=torch.bfloat16)
-    if lora_args is not None:
-        lora.apply_lora(m, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_targets)
-    return m
-
-
-def memory_words(args, stage, a, vocab, seq_len, head_dim):
+def memory_words(stage, a, vocab, seq_len, head_dim):
     """"depth 12 ~x GB, depth 20 ~y GB per device (80 GB: fits)" for the stage's device batch on a GPU."""
     words, fits = [], True
+    full = stage in ("base", "knowledge") or getattr(a, "full", False)
+    placed = stage in ("base", "knowledge", "mid", "sft")  # train.place (bf16 embedding) and compiled by default
     for d in MEMORY_DEPTHS:
-        full = stage in ("base", "knowledge") or getattr(a, "full", False)
-        placed = stage in ("base", "knowledge", "mid", "sft")  # train.place: bf16 embedding on CUDA
-        m = model_at(d, vocab, seq_len, head_dim, None if full else a, embedding_bf16=placed)
-        rows = a.device_batch_size * (2 if stage == "rm" else 1)
-        compiled = a.compile if a.compile is not None else stage in ("base", "knowledge", "mid", "sft")
-        plan = memory.estimate(m, rows, seq_len, "cuda", compiled, getattr(a, "optimizer", "adamw"),
+        with torch.device("meta"):  # no memory
+            m = GPT(config_for_depth(d, vocab, seq_len, head_dim))
+        if placed:
+            m.transformer.wte.to(dtype=torch.bfloat16)
+        if not full:
+            lora.apply_lora(m, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets)
+        plan = memory.estimate(m, a.device_batch_size * (2 if stage == "rm" else 1), seq_len, "cuda",
+                               placed if a.compile is None else a.compile, getattr(a, "optimizer", "adamw"),
                                lm_head=stage != "rm")
         fits &= plan.total <= memory.RESERVE * DEVICE_GB * memory.GB
         words.append(f"depth {d} ~{plan.total / memory.GB:.1f} GB")
     return f"memory per device: {', '.join(words)} ({DEVICE_GB} GB GPU: {'fits' if fits else 'DOES NOT FIT'})"
 
 
-def base_line(args, stage, a):
+def base_line(args, a):
     total = a.total_batch_size or a.device_batch_size * a.sequence_len * args.world_size
     with torch.device("meta"):
         params = GPT(config_for_depth(args.depth, args.vocab_size, a.sequence_len, a.head_dim)).num_params()
@@ -78,11 +70,11 @@ def base_line(args, stage, a):
         text = sum(len(t.encode()) for t in corpus.pretraining_texts(a.augment, a.corpus_tasks))
         have, what = text / CHARS_PER_TOKEN, f"the bundled corpus (~{text / CHARS_PER_TOKEN / 1e6:.1f}M tokens)"
     why = "" if tokens <= 3 * have else " (more than 3: the bundled corpus is small; its plan warns)"
-    return (f"{steps:,} steps x {total:,} tokens = {tokens:,} tokens; {what}: {tokens / have:.2f} epochs{why}",
-            a.sequence_len, a.head_dim)
+    return f"{steps:,} steps x {total:,} tokens = {tokens:,} tokens; {what}: {tokens / have:.2f} epochs{why}"
 
 
 def chat_line(args, stage, a):
+    """(the plan's words, ~tokens per train item)."""
     names = [t.split("=")[0] for t in a.tasks.split(",") if t.strip()]
     items, per_item = task_items(names, a.max_train_examples)
     if stage == "grpo":
@@ -90,14 +82,14 @@ def chat_line(args, stage, a):
         read = a.num_iterations * per_step
         return (f"{a.num_iterations:,} steps x {per_step} prompts x {a.group_size} samples = {read:,} prompts "
                 f"(<= {read * a.group_size * a.max_new_tokens:,} sampled tokens) of {items:,} train items: "
-                f"{read / items:.2f} epochs")
+                f"{read / items:.2f} epochs", per_item)
     accum = a.grad_accum_steps or a.default_grad_accum_steps
     per_step = a.total_batch_size or a.device_batch_size * args.world_size * accum
     read = a.num_iterations * per_step
     unit, rows = ("pairs", 2) if stage == "rm" else ("conversations", 1)
     first = "" if a.max_train_examples == 0 else f" (first {a.max_train_examples} per task)"
     return (f"{a.num_iterations:,} steps x {per_step} {unit} = {read:,} (~{read * per_item * rows:,.0f} tokens) "
-            f"of {items:,} train items{first}: {read / items:.2f} epochs")
+            f"of {items:,} train items{first}: {read / items:.2f} epochs", per_item)
 
 
 def main(argv=None):
@@ -112,16 +104,15 @@ def main(argv=None):
     for name, flags in zip(args.stages[::2], args.stages[1::2]):
         a = PARSERS[name](shlex.split(flags))
         if name in ("base", "knowledge"):
-            words, s, h = base_line(args, name, a)
+            words = base_line(args, a)
             if name == "base":
-                seq_len, head_dim = s, h
+                seq_len, head_dim = a.sequence_len, a.head_dim
             rows_len = seq_len
         else:
-            words = chat_line(args, name, a)
+            words, per_item = chat_line(args, name, a)
             # GRPO trains on prompt + sampled completion, far shorter than the model's context
-            rows_len = seq_len if name != "grpo" else min(seq_len, 2 * math.ceil(
-                task_items([t.split("=")[0] for t in a.tasks.split(",")], a.max_train_examples)[1]) + a.max_new_tokens)
-        print(f"{name} plan: {words}; {memory_words(args, name, a, args.vocab_size, rows_len, head_dim)}")
+            rows_len = seq_len if name != "grpo" else min(seq_len, 2 * math.ceil(per_item) + a.max_new_tokens)
+        print(f"{name} plan: {words}; {memory_words(name, a, args.vocab_size, rows_len, head_dim)}")
 
 
 if __name__ == "__main__":

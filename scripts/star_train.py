@@ -4,20 +4,13 @@ RL is compared against.
     python -m scripts.star_train --init out/sft --out out/star                      # CPU default
     python -m scripts.star_train --init out/sft --rounds 3 --rationalize ...
 
-Each round: sample --samples-per-prompt rationales on --prompts-per-round TRAIN prompts per
-task with the current model; keep those the task's verifier accepts (deduplicated); with
---rationalize, prompts the model still failed are retried with the answer given as a hint,
-and correct rationales are kept WITHOUT the hint (the paper's rationalisation). Then SFT on
-every rationale kept so far, through the same loss, batches and loop as scripts/sft_train.py
-(nanostoney.batches.SFTBatches + nanostoney.train.train_loop). As in the paper each round
-fine-tunes again from --init (--continue trains on from the previous round instead).
-Greedy accuracy on the VAL split of --eval-tasks after every round, and the kept counts,
-go to <out>/star_eval.json; the last round's model is saved in <out>.
+Each round (nanostoney/star.py): sample rationales on TRAIN prompts, keep those the verifier accepts,
+then SFT on every rationale kept so far, from --init again as in the paper (--continue: from the
+previous round). Greedy val accuracy after every round goes to <out>/star_eval.json.
 """
 import os
 
 from nanostoney import cli, evaluate, lora, optim, stage, star, train
-from nanostoney.cli import run_main
 from nanostoney.dist import print0
 from nanostoney.errors import UserError
 from nanostoney.logging import add_logging_args, from_args
@@ -107,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -3,14 +3,9 @@
     python -m scripts.sweep                                   # sweep.yaml, out/sweep
     python -m scripts.sweep --config sweep.yaml --out out/sweep -- --num-iterations 40 --eval-every 0
 
-Reads the same sweep.yaml that `wandb sweep` takes (method grid: every combination of the
-`values` lists, plus the fixed `value`s), runs `program` (scripts/sft_train.py, as the module
-scripts.sft_train from the repo root) with --name=value flags as a W&B agent would, plus
-whatever follows `--` (small step counts for a laptop), each point into
-<out>/<point name>/. Then writes <out>/results.json and <out>/results.md: the final val loss
-and the final accuracies (from each run's sft_eval.json) per point. A point that fails is
-recorded with its error line; the others still run. Exit code 1 when every point failed (2
-when the grid has no point); --overwrite reruns into an --out holding an earlier sweep.
+Runs `program` of the sweep.yaml `wandb sweep` takes (method grid) once per point, with --name=value
+flags as a W&B agent would plus whatever follows `--`, into <out>/<point>/; then <out>/results.json
+and results.md (each sft_eval.json's val loss and accuracies). Exit 1 when every point failed.
 """
 import itertools
 import os
@@ -21,7 +16,6 @@ import time
 import yaml
 
 from nanostoney import cli
-from nanostoney.cli import run_main
 from nanostoney.errors import RunFailed, UserError
 from nanostoney.files import read_json, write_json, write_text
 
@@ -52,22 +46,18 @@ def load_sweep(path):
 
 
 def grid_points(parameters):
-    """[{name: value}] over the cartesian product of every `values` list (fixed `value`s added)."""
-    fixed, axes = {}, []
+    """([{name: value}] over the product of every `values` list, fixed `value`s added; the axis names)."""
     for name, spec in parameters.items():
         if not isinstance(spec, dict) or not ("values" in spec or "value" in spec) or \
                 "values" in spec and not isinstance(spec["values"], list):
             raise UserError(f"sweep parameter {name!r} needs `values: [...]` (a list) or `value: x`.")
-        if "values" in spec:
-            axes.append((name, list(spec["values"])))
-        else:
-            fixed[name] = spec["value"]
-    names = [n for n, _ in axes]
-    empty = [n for n, values in axes if not values]
+    axes = {name: spec["values"] for name, spec in parameters.items() if "values" in spec}
+    fixed = {name: spec["value"] for name, spec in parameters.items() if "values" not in spec}
+    empty = [n for n, values in axes.items() if not values]
     if empty:
         raise UserError(f"sweep parameter {empty[0]!r} has an empty `values` list, so the grid has no point; "
                         f"give it at least one value.")
-    return [{**dict(zip(names, combo)), **fixed} for combo in itertools.product(*[v for _, v in axes])], names
+    return [{**dict(zip(axes, combo)), **fixed} for combo in itertools.product(*axes.values())], list(axes)
 
 
 def point_name(point, axes):
@@ -75,27 +65,25 @@ def point_name(point, axes):
 
 
 def read_result(out_dir):
-    """Final numbers of one point from its sft_eval.json (None where a run wrote none)."""
+    """Final numbers of one point from its sft_eval.json ({} where a run wrote none)."""
     path = os.path.join(out_dir, "sft_eval.json")
     if not os.path.isfile(path):
         return {}
     rep = read_json(path)
-    res = {"val_loss": rep.get("val_loss")}
-    for task, splits in rep.get("tasks", {}).items():
-        for split, r in splits.items():
-            res[f"{task}/{split}"] = r["accuracy"]
-    return res
+    return {"val_loss": rep.get("val_loss"), **{f"{task}/{split}": r["accuracy"]
+                                               for task, splits in rep.get("tasks", {}).items()
+                                               for split, r in splits.items()}}
 
 
 def write_table(out, rows, axes, goal_key):
     cols = sorted({k for r in rows for k in r["result"]} - {"val_loss"})
     lines = ["| " + " | ".join(axes + ["val loss"] + cols + ["status", "s"]) + " |",
              "|" + "---|" * (len(axes) + len(cols) + 3)]
+    fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     for r in rows:
-        res = r["result"]
-        fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-        lines.append("| " + " | ".join([str(r["params"][a]) for a in axes] + [fmt(res.get("val_loss"))]
-                                      + [fmt(res.get(c)) for c in cols] + [r["status"], f"{r['seconds']:.0f}"]) + " |")
+        lines.append("| " + " | ".join([str(r["params"][a]) for a in axes] + [fmt(r["result"].get("val_loss"))]
+                                      + [fmt(r["result"].get(c)) for c in cols] + [r["status"], f"{r['seconds']:.0f}"])
+                     + " |")
     done = [r for r in rows if r["result"].get("val_loss") is not None]
     if done:
         best = min(done, key=lambda r: r["result"]["val_loss"])
@@ -107,10 +95,8 @@ def write_table(out, rows, axes, goal_key):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    i = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:i], argv[i + 1:]
     p = cli.ArgumentParser(description="Run a W&B sweep grid locally (offline) and tabulate it.")
     p.add_argument("--config", default=os.path.join(ROOT, "sweep.yaml"))
     p.add_argument("--out", type=cli.out_path, default="out/sweep")
@@ -119,7 +105,6 @@ def main(argv=None):
     p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B mode of each point")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
-
     cfg = load_sweep(args.config)
     points, axes = grid_points(cfg["parameters"])
     module = os.path.splitext(os.path.normpath(cfg["program"]))[0].replace(os.sep, ".")  # scripts.sft_train
@@ -146,8 +131,8 @@ def main(argv=None):
         rows.append({"name": name, "params": point, "status": status, "seconds": time.time() - t0,
                      "result": read_result(out_dir) if r.returncode == 0 else {}})
         print(f"  -> {status}: {rows[-1]['result']}", flush=True)
-        with open(os.path.join(out_dir if os.path.isdir(out_dir) else args.out, f"{name}.log"), "w") as f:
-            f.write(r.stdout + "\n--- stderr ---\n" + r.stderr)
+        write_text(os.path.join(out_dir if os.path.isdir(out_dir) else args.out, f"{name}.log"),
+                   r.stdout + "\n--- stderr ---\n" + r.stderr)
     if args.dry_run:
         return
     write_json(os.path.join(args.out, "results.json"), {"config": os.path.abspath(args.config), "extra_args": extra,
@@ -163,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

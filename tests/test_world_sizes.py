@@ -254,7 +254,7 @@ def collect(model, tok, task, examples, args, info, seed, hint=False):
 
 star.collect = collect
 sys.argv = ["star_train"] + sys.argv[1:]
-star_train.run_main(star_train.main)
+star_train.cli.run_main(star_train.main)
 """
 
 
