@@ -1,44 +1,22 @@
-"""Evaluate a model: on a task (batched generation through the Engine, then the task's
-metrics), and on held-out text during training (bits per byte, masked loss).
+"""Evaluate a model: on a task (batched generation through the Engine, then the task's metrics,
+for scripts/eval.py and the training scripts' periodic accuracy), and on held-out text during
+training (bits per byte, masked loss).
 
-    examples = subset(task, "val", 50)                  # nanostoney.tasks.subset
     greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
-    result = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
+    result, notes = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
     result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
-    task_accuracy(model, tok, task, examples, info)     # 0/1 per example (training scripts)
-    evaluate_bpb(model, batches, token_byte_lengths(tok), info)   # pretraining's val metric
 
-scripts/eval.py runs complete_task and score_task for every checkpoint x task; the training
-scripts use task_accuracy / accuracy_table for their periodic accuracy.
+Every metric has a 95% percentile-bootstrap interval over examples: accuracy (greedy, by
+task.evaluate); cloze for multiple choice (nanostoney.cloze: what the model knows, whether or not
+it can name the letter); answered (an "Answer:" line: "wrong" vs "never learned the format");
+pass@k over sampled completions; and for open answers (OPEN_TEXT) chrF++, MAUVE (the model's
+first sampled turns vs the gold turns: MAUVE compares distributions, greedy text is one mode)
+and COMET when installed (one system score, no interval).
 
-Completions stop at <|assistant_end|> or after the task's length budget: its longest
-reference plus 16 tokens, at most --max-new-tokens.
-
-What is measured (every number with a 95% percentile-bootstrap interval over examples):
-- accuracy: greedy completions scored by task.evaluate (stoney_qa: chrF >= 50, its verifier).
-- cloze (multiple choice): the option whose answer the model finds most likely per character,
-  asked without the options (nanostoney.cloze): what it knows, whether or not it can name the
-  letter. Both are reported: a small model is often above chance here and at chance on letters.
-- answered: share of greedy completions with an "Answer:" line (all tasks but stoney_qa,
-  whose references have none) -- separates "wrong" from "never learned the format".
-- pass@k: num_samples completions per prompt at `temperature`, k = 1, 2, 4, ... <= n, by the
-  unbiased estimator (metrics.pass_at_k); problems are the bootstrap unit.
-- chrF++ (open answers, OPEN_TEXT below): greedy hypothesis vs reference, corpus-level; the
-  interval resamples sentences and re-pools their n-gram statistics.
-- MAUVE (open answers): the whole assistant turn of the model vs the gold assistant turn,
-  both featurised by `featurize` (final hidden states of a model on disk, never a download).
-  The model's texts are its first *sampled* completions (MAUVE compares distributions; greedy
-  text is one mode of it), or the greedy ones when num_samples is 0. Pairs are resampled
-  together for the interval (mauve_boot k-means fits, the slow part).
-- COMET (open answers), only when the package and a checkpoint are on disk; one system
-  score, no interval (metrics.comet_score returns no segment scores).
-
-Determinism: the examples are a fixed subset (by a hash of their ids, so 50 is a prefix of
-100); generation batches are a fixed partition of the prompts and batch b samples with seed
-task_seed + b, so the same checkpoint and flags give the same completions, on 1 process or
-under torchrun (ranks take batches b = rank, rank + world, ... and the results are gathered).
-MAUVE's k-means runs single-threaded: faiss/OpenBLAS threads fighting torch's idle OpenMP
-threads made one fit take seconds on 2 cores, and one thread also makes it reproducible.
+Determinism: generation batches are a fixed partition of the prompts and batch b samples with
+seed + b, so 1 process and torchrun (rank r runs batches r, r + world, ...) give the same
+completions. MAUVE's k-means runs on one thread: faiss/OpenBLAS threads fighting torch's idle
+OpenMP threads made a fit take seconds on 2 cores, and one thread is reproducible.
 """
 import contextlib
 import math
@@ -73,37 +51,25 @@ ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, autocast_dtype=None)  # info
 # examples and prompts
 
 def task_seed(seed, task_name):
-    """Seed of one task's sampling: independent across tasks, so adding a task to the list
-    does not change another task's numbers."""
+    """Seed of one task's sampling: adding a task does not change another task's numbers."""
     return stable_hash(f"{seed}/{task_name}") % (2 ** 31)
 
 
 def powers_of_two(n):
     """1, 2, 4, ... up to n (and n itself when it is not a power of two)."""
-    ks, k = [], 1
-    while k <= n:
-        ks.append(k)
-        k *= 2
-    if n >= 1 and ks[-1] != n:
-        ks.append(n)
-    return ks
+    ks = [2 ** i for i in range(n.bit_length())]
+    return ks + [n] if ks and ks[-1] != n else ks
 
 
 # -----------------------------------------------------------------------------
 # generation
 
-
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
                          top_k=None, max_new_tokens=256, seed=0, batch_size=32, desc=None):
-    """Completions (decoded text, stop token dropped) for a list of prompt-id lists:
-    a list per prompt of num_samples strings. temperature 0 = greedy.
-
-    Prompts are cut into fixed batches of batch_size // num_samples prompts; batch b draws with
-    seed + b. Under torchrun, rank r runs batches r, r + world, ... and every rank returns the
-    whole list. Each batch generates at most max_new_tokens, fewer when a prompt would
-    overrun the model's rotary positions.
-    """
+    """[[num_samples decoded completions] per prompt] (stop token dropped; temperature 0 = greedy),
+    on every rank. Batches hold batch_size // num_samples prompts, batch b draws with seed + b, and
+    generates at most max_new_tokens, fewer where a prompt would overrun the rotary positions."""
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     model, info = unwrap(model), info or ONE_PROCESS
     engine = Engine(model, tokenizer)
@@ -136,18 +102,16 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):
-    """New tokens allowed on a task: its longest reference (in this tokenizer) plus a margin,
-    at most max_new_tokens. A model that answers like the references is never cut short,
-    and one that rambles costs ~50 tokens on lexicon/MC items instead of the full cap."""
+    """New tokens allowed on a task: its longest reference plus a margin, at most max_new_tokens (a
+    model that answers like the references is never cut short; one that rambles costs little)."""
     longest = max(len(tokenizer.encode(ex["messages"][-1]["content"])) for ex in examples)
     return max(1, min(max_new_tokens, longest + margin))
 
 
 def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, temperature=1.0,
                   top_k=None, max_new_tokens=256, seed=0, batch_size=32):
-    """(greedy: [str per example], sampled: [[str] * num_samples per example]) for a task.
-    sampled is empty lists when num_samples is 0. Generation stops at <|assistant_end|> or
-    after length_budget(...) tokens."""
+    """(greedy: [str per example], sampled: [[str] * num_samples per example], empty lists when
+    num_samples is 0), each at most length_budget(...) tokens."""
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
     max_new_tokens = length_budget(tokenizer, examples, max_new_tokens)
     greedy = generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
@@ -161,9 +125,6 @@ def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, te
     return greedy, sampled
 
 
-# -----------------------------------------------------------------------------
-# texts compared with references
-
 def open_pair(task, example, completion):
     """(hypothesis, reference) for chrF++ of an open-answer task."""
     if OPEN_TEXT[task.name] == "answer":
@@ -176,6 +137,11 @@ def open_pair(task, example, completion):
 
 def _ci(point, lo, hi):
     return {"value": float(point), "ci95": [float(lo), float(hi)]}
+
+
+def mean_ci(values, n_boot=1000, seed=0):
+    """{"value", "ci95"}: the mean of 0/1 (or any) values and its bootstrap interval."""
+    return _ci(*bootstrap_ci(np.array(values, dtype=float), n_boot=n_boot, seed=seed))
 
 
 @contextlib.contextmanager
@@ -206,36 +172,27 @@ def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
 
 
 def by_depth(examples, correct, n_boot=1000, seed=0):
-    """{depth: {"n", "accuracy": {"value", "ci95"}}} for tasks whose examples record a reasoning
-    depth (arith: steps 1-4); {} otherwise."""
+    """{depth: {"n", "accuracy": {"value", "ci95"}}} where examples record a depth (arith), else {}."""
     out = {}
     for d in sorted({ex["depth"] for ex in examples if ex.get("depth")}):
         c = [x for ex, x in zip(examples, correct) if ex.get("depth") == d]
-        out[str(d)] = {"n": len(c), "accuracy": _ci(*bootstrap_ci(np.array(c, dtype=float), n_boot=n_boot, seed=seed))}
+        out[str(d)] = {"n": len(c), "accuracy": mean_ci(c, n_boot, seed)}
     return out
 
 
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
                comet=True, comet_model=None, cloze=None):
-    """Metrics of one task from its completions: (result dict, notes).
-
-    cloze: for a multiple-choice task, [0/1 per example] from nanostoney.cloze (the model's pick
-    when each option's answer is scored, with no options or letters in the context): the
-    "cloze" metric, beside the greedy letter "accuracy".
-
-    featurize(texts) -> (N, d) array for MAUVE, or None to skip MAUVE. result holds
-    "metrics" ({name: {"value", "ci95"}}), "per_example" (ids and 0/1 outcomes, for paired
-    comparisons between checkpoints) and "samples" (the first N_SHOWN completions).
-    notes: sentences about what was skipped and why.
-    """
+    """(result, notes) of one task's completions. cloze: [0/1 per example] of a multiple-choice
+    task (nanostoney.cloze); featurize(texts) -> (N, d) array for MAUVE, or None to skip it.
+    result: "metrics" ({name: {"value", "ci95"}}), "per_example" (0/1 outcomes, for paired
+    comparisons) and "samples" (the first N_SHOWN); notes: what was skipped and why."""
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
-    metrics = {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}
-    if task.name not in ("stoney_qa", "stoney_qa_unseen"):
-        answered = [float(answer_after(c) is not None) for c in greedy]
-        metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
+    metrics = {"accuracy": mean_ci(correct, n_boot, seed)}
+    if task.name not in ("stoney_qa", "stoney_qa_unseen"):  # their references have no "Answer:"
+        metrics["answered"] = mean_ci([answer_after(c) is not None for c in greedy], n_boot, seed)
     if cloze is not None:
-        metrics["cloze"] = _ci(*bootstrap_ci(np.array(cloze, dtype=float), n_boot=n_boot, seed=seed))
+        metrics["cloze"] = mean_ci(cloze, n_boot, seed)
     n_samples = len(sampled[0]) if sampled else 0
     sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
     if n_samples:
@@ -274,9 +231,8 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
 
 
 def family_metrics(task_results, n_boot=1000, seed=0):
-    """Accuracy and pass@k pooled over the examples of each family's tasks (a micro-average:
-    bigger tasks weigh more), the control tasks (*_unseen) pooled apart as "<family> control".
-    task_results: {task: score_task result}."""
+    """Accuracy, cloze and pass@k pooled over the examples of each family's tasks (bigger tasks weigh
+    more), the controls (*_unseen) apart as "<family> control". task_results: {task: score_task result}."""
     out = {}
 
     def group(r):
@@ -284,12 +240,10 @@ def family_metrics(task_results, n_boot=1000, seed=0):
     for family in sorted({group(r) for r in task_results.values()}):
         members = [t for t, r in task_results.items() if group(r) == family]
         correct = [c for t in members for c in task_results[t]["per_example"]["correct"]]
-        entry = {"tasks": members, "n": len(correct),
-                 "metrics": {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}}
+        entry = {"tasks": members, "n": len(correct), "metrics": {"accuracy": mean_ci(correct, n_boot, seed)}}
         cloze = [task_results[t]["per_example"].get("cloze") for t in members]
         if all(c is not None for c in cloze):  # every member multiple choice
-            entry["metrics"]["cloze"] = _ci(*bootstrap_ci(np.array([x for c in cloze for x in c], dtype=float),
-                                                          n_boot=n_boot, seed=seed))
+            entry["metrics"]["cloze"] = mean_ci([x for c in cloze for x in c], n_boot, seed)
         ns = {task_results[t]["n_samples"] for t in members}
         if len(ns) == 1 and next(iter(ns)) > 0:
             n = ns.pop()
@@ -304,12 +258,9 @@ def family_metrics(task_results, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # during training: accuracy on chat tasks, bits per byte, masked loss
 
-
 def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16, texts=None):
-    """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
-    split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
-    at max_new_tokens): a model that has learned the format stops earlier anyway. `texts`: a
-    list that receives the completions."""
+    """[0/1 per example]: greedy completions (length_budget) scored by task.evaluate, on every
+    rank. `texts`: a list that receives the completions."""
     if not examples:
         return []
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
@@ -321,17 +272,16 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
 
 
 def letter_answer(text):
-    """Is the completion's answer a bare option letter ("C", "(C)", "C.")? An open question
-    answered this way was answered in the multiple-choice format, not with a number or a word."""
+    """Is the completion's answer a bare option letter ("C", "(C)", "C.")? (An open question answered
+    in the multiple-choice format.)"""
     answer = answer_after(text)
     return answer is not None and parse_letter(answer) is not None and len(answer.strip(" ()[]*.:")) == 1
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth",
-    "answered", "letter_answers"}} for item_sets = {(task, split): examples}; 95% percentile-bootstrap
-    interval over items (by_depth: the same per reasoning depth, for arith); answered / letter_answers:
-    the share of completions with an "Answer:" line / whose answer is a bare letter."""
+    """{(task name, split): {"n", "accuracy", "ci95", "correct", "by_depth", "answered", "letter_answers"}}
+    for item_sets = {(task, split): examples}; answered / letter_answers: shares of completions with an
+    "Answer:" line / whose answer is a bare letter."""
     table = {}
     for (task, split), exs in item_sets.items():
         texts = []
@@ -352,12 +302,9 @@ def token_byte_lengths(tokenizer, device="cpu"):
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes, info):
-    """Bits per byte over an iterable of (x, y) batches (this rank's share), summed over ranks.
-
-    bpb = sum of nats over target tokens / (ln 2 x sum of their UTF-8 bytes): comparable across
-    tokenizers (a loss per token is not). Targets that are special tokens (0 bytes) or ignored
-    (-1) count in neither sum.
-    """
+    """Bits per byte over (x, y) batches (this rank's share), summed over ranks: nats / (ln 2 x
+    UTF-8 bytes) of the targets, comparable across tokenizers. Special (0-byte) and ignored (-1)
+    targets count in neither sum."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, bytes
@@ -374,8 +321,7 @@ def evaluate_bpb(model, batches, token_bytes, info):
 
 @torch.no_grad()
 def masked_loss(model, rows, pad_id, info, batch_size=16):
-    """Mean loss (nats/token) over the 1-mask (assistant) tokens of rendered (ids, mask) rows,
-    all ranks together."""
+    """Mean loss (nats/token) over the assistant tokens of (ids, mask) rows, all ranks together."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -391,10 +337,8 @@ def masked_loss(model, rows, pad_id, info, batch_size=16):
 
 
 def named_checkpoints(specs):
-    """{name: local path} of checkpoint arguments, in order: NAME=PATH, or a PATH named by its folder
-    (a step dir by its run and step, "base@60"; a second folder of the same name gets "-2"). A name
-    given twice, a malformed NAME=PATH or a path that does not exist is an error; hf:OWNER/NAME
-    becomes its local copy."""
+    """{name: local path} of NAME=PATH or PATH arguments, in order; a PATH is named by its folder (a
+    step dir "base@60"; a repeated folder name gets "-2"); hf:OWNER/NAME becomes its local copy."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")

@@ -3,27 +3,17 @@
     python -m scripts.eval --checkpoints out/base out/sft out/grpo                  # CPU default
     python -m scripts.eval --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \
         --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
-
-The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) is sized for
-the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On a GPU, raise
---max-examples, --num-samples and --max-new-tokens.
     torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
-A checkpoint is our run or step dir, a LoRA adapter dir, or a published model (a nanochat
-checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME), given as a path (named by its
-folder) or name=path. A multiple-choice task also gets the baselines that never read the
-question (cloze_other_question: cloze with another item's question; cloze_no_question: the answer
-alone), which a model that reads its question keeps at chance. Every metric comes with a 95% bootstrap
-interval; what each one measures is in nanostoney/evaluate.py. The table is printed, written
-as JSON (--out, atomically; same checkpoint + flags = byte-identical file) and logged to W&B
-(offline run files unless WANDB_API_KEY is set; --wandb disabled for none).
-
-MAUVE features come from the evaluated model's own final hidden states, so each checkpoint is
-judged in its own feature space; pass --mauve-featurizer CHECKPOINT to measure every
-checkpoint with one fixed model (comparable across checkpoints). Nothing is ever downloaded:
-HF_HUB_OFFLINE is set before anything could try.
-Under torchrun the generation batches are spread over the ranks and gathered; the metrics are
-computed on rank 0. The numbers do not depend on the number of processes.
+The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) takes a few
+minutes for three depth-4 checkpoints on 2 cores. A checkpoint is our run or step dir, a LoRA
+adapter dir or a published model (nanochat dir, transformers NanoChat dir, hf:OWNER/NAME). A
+multiple-choice task also gets the baselines that never read the question (cloze with another
+item's question, and with none), which a model that reads its question keeps at chance. What each
+metric measures is in nanostoney/evaluate.py. The table is printed, written as JSON (--out; same
+checkpoint + flags = byte-identical file) and logged to W&B. MAUVE features come from each
+evaluated model (--mauve-featurizer: one fixed model, comparable across checkpoints). Nothing is
+ever downloaded. Under torchrun the numbers do not depend on the number of processes.
 """
 import argparse
 import json
@@ -37,7 +27,7 @@ from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError
 from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
-from nanostoney.metrics import bootstrap_ci, model_features
+from nanostoney.metrics import model_features
 from nanostoney.tasks import TASK_NAMES, get_task
 from nanostoney.tasks.base import with_other_question, without_question
 from nanostoney.tasks.subset import subset
@@ -116,9 +106,8 @@ def fmt(metric, entry):
     if entry is None:
         return ""
     v, ci = entry["value"], entry["ci95"]
-    if metric in ("chrf++",):  # sacrebleu's 0-100 scale
-        return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    d = 1 if metric == "chrf++" else 3  # chrF++ is on sacrebleu's 0-100 scale
+    return f"{v:.{d}f}" + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else "")
 
 
 def metric_order(names):
@@ -167,10 +156,6 @@ def flat_metrics(results):
     return out
 
 
-def write_completions(path, rows):
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 # -----------------------------------------------------------------------------
 
 def check_flags(args):
@@ -193,8 +178,7 @@ def check_flags(args):
 
 
 def log_dir(args):
-    """Where the run's metrics.jsonl, wandb/ and error logs go: a folder of ours beside the results
-    file (results.json -> results-logs/), never the folder the user keeps the file in."""
+    """The run's log folder, ours, beside the results file (results.json -> results-logs/)."""
     return os.path.splitext(args.out)[0] + "-logs"
 
 
@@ -217,8 +201,7 @@ def ours_completions(path):
 
 
 def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, notes, completions):
-    """The results entry of one checkpoint (tasks and families, on rank 0); appends to the run's
-    notes and completions."""
+    """The results entry of one checkpoint (on rank 0); appends to notes and completions."""
     model, tok, meta = load_for_eval(path, info.device)
     c = model.config
     print0(f"{name}: depth {c.n_layer} (width {c.n_embd}), {model.num_params() / 1e6:.2f}M params")
@@ -245,8 +228,7 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
                                               comet=comet, comet_model=args.comet_model, cloze=picked)
         notes += [n for n in task_notes if n not in notes]
         for k, got in blind.items():
-            point, lo, hi = bootstrap_ci([float(x) for x in got], n_boot=args.n_boot, seed=args.seed)
-            res["metrics"][k] = {"value": float(point), "ci95": [float(lo), float(hi)]}
+            res["metrics"][k] = evaluate.mean_ci(got, args.n_boot, args.seed)
         entry["tasks"][task.name] = res
         if args.completions:
             completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
@@ -262,13 +244,12 @@ def publish(args, results, config, ckpts, completions, timings, total):
     """Rank 0: the JSON file(s), the table on stdout, and the W&B run."""
     write_json(args.out, results)
     if args.completions:
-        write_completions(args.completions, completions)
+        write_text(args.completions, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in completions))
     print("\n" + format_table(results, args.split))
     for n in results["notes"]:
         print(n)
     print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
-    logger = from_args(args, config={**config, "checkpoints": ckpts},
-                       out_dir=log_dir(args))
+    logger = from_args(args, config={**config, "checkpoints": ckpts}, out_dir=log_dir(args))
     logger.summary({**flat_metrics(results), "eval/time_s": total})
     rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
             for c, r in results["checkpoints"].items() for group in ("tasks", "families")

@@ -1,15 +1,13 @@
-"""GSM8K: grade-school word problems. Two tasks over the same problems (and the same splits):
+"""GSM8K: grade-school word problems, two tasks over the same problems and splits.
 
 - gsm8k: open numeric answer, compared as a number ("1,080" == "1080.0").
-- gsm8k_mc: five sorted numeric options, the wrong ones being numbers a wrong reasoning step
-  gives: the problem's own calculation chain re-run with one operator slipped (+ - * /
-  swapped in one step, the error carried through later steps), the chain's intermediate
-  results (stopping early), and as a last resort scale slips. The gold's rank among the
-  sorted options is balanced across the five positions, so "pick the median / largest /
-  smallest" is worth 20%, and since options are sorted, so is the letter.
+- gsm8k_mc: five sorted numeric options, the wrong ones numbers a wrong step gives (the problem's
+  calculation chain re-run with one operator slipped and carried through, its intermediate
+  results, scale slips last). The gold's rank is balanced over the five, so "pick the median /
+  largest" is worth 20%, and so is the letter.
 
-Splits: the bundled train file minus a hashed ~7% slice is train, that slice is val, the
-bundled test file is test. A problem whose text is also in the test file never enters train.
+Splits: a hashed ~7% of the bundled train file is val, the rest train (or the hub's), the bundled
+test file test; a problem also held out never enters train.
 """
 import functools
 import operator
@@ -41,8 +39,8 @@ TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|(.))")
 
 @functools.lru_cache(maxsize=65536)
 def _eval(expr):
-    """Value of an arithmetic expression (+ - * / parentheses, unary minus), or None. A small
-    recursive-descent parser: safe on any input and much faster than eval()."""
+    """Value of an arithmetic expression (+ - * / parentheses, unary minus), or None: a recursive-descent
+    parser, safe on any input and much faster than eval()."""
     if not SAFE_EXPR.match(expr):
         return None
     tokens = [(float(n) if n else op) for n, op in TOKEN_RE.findall(expr) if n or op.strip()]
@@ -91,17 +89,13 @@ def _eval(expr):
 
 def calc_steps(answer_text):
     """The calculator annotations <<expr=value>> of a rationale, as (expr, value) pairs."""
-    steps = []
-    for expr, value in CALC_RE.findall(answer_text):
-        v = parse_number(value)
-        if v is not None and _eval(expr) is not None:
-            steps.append((expr.strip(), v))
-    return steps
+    return [(expr.strip(), v) for expr, value in CALC_RE.findall(answer_text)
+            if (v := parse_number(value)) is not None and _eval(expr) is not None]
 
 
 def _rerun(steps, i, new_value):
-    """Final value of the chain when step i yields `new_value`: later steps that use an earlier
-    result (the same number written in their expression) use the wrong one instead."""
+    """Final value of the chain when step i yields `new_value`: later steps that write an earlier
+    result use the wrong one instead."""
     wrong = {steps[i][1]: new_value}
     value = new_value
     for expr, old in steps[i + 1:]:
@@ -118,10 +112,9 @@ def _rerun(steps, i, new_value):
 def wrong_answers(steps, gold_value):
     """Numbers a wrong reasoning step gives, most plausible first."""
     out = []
-    for i, (expr, _) in enumerate(reversed(steps)):  # slips late in the chain first
-        i = len(steps) - 1 - i
-        ops = [m.start() for m in re.finditer(r"(?<=[\d)\s])[+\-*/]", expr)]
-        for pos in ops:
+    for i in reversed(range(len(steps))):  # slips late in the chain first
+        expr = steps[i][0]
+        for pos in [m.start() for m in re.finditer(r"(?<=[\d)\s])[+\-*/]", expr)]:
             for op in "+-*/":
                 if op != expr[pos]:
                     v = _eval(expr[:pos] + op + expr[pos + 1:])
@@ -133,9 +126,8 @@ def wrong_answers(steps, gold_value):
 
 
 def choose_options(gold_value, candidates, rank):
-    """Four distractors so that the gold is the `rank`-th smallest of five, or None if the
-    candidates cannot place it there. Distractors keep the gold's kind: whole numbers for a
-    whole-number answer, no negatives for a non-negative one, no near-duplicates."""
+    """The five sorted options with the gold `rank`-th smallest, or None when the candidates cannot
+    place it there. Distractors keep the gold's kind (whole, non-negative, magnitude), no duplicates."""
     whole = abs(gold_value - round(gold_value)) < 1e-9
     seen, below, above = {round(gold_value, 6)}, [], []
     for v in candidates:
@@ -152,11 +144,8 @@ def choose_options(gold_value, candidates, rank):
         (below if v < gold_value else above).append(v)
     if len(below) < rank or len(above) < 4 - rank:
         return None
-    # nearest first on a log scale: the gold then sits inside a cluster of look-alikes rather
-    # than next to far-off numbers that give away which end it is on
-    below = sorted(below, key=lambda v: -v)[:rank]
-    above = sorted(above, key=lambda v: v)[:4 - rank]
-    return sorted(below + [gold_value] + above)
+    # nearest first: the gold sits in a cluster of look-alikes, not beside far-off numbers
+    return sorted(sorted(below, key=lambda v: -v)[:rank] + [gold_value] + sorted(above)[:4 - rank])
 
 
 def _problems(rows, path):
@@ -174,8 +163,7 @@ def _problems(rows, path):
 
 @functools.lru_cache(maxsize=None)
 def load_problems(source="bundled", data_dir=None):
-    """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc (same problems, same
-    splits), read once per process."""
+    """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc, read once per process."""
     test_rows, test_path = bundled_rows("gsm8k", "test", data_dir)
     test = _problems(test_rows, test_path)
     held_ids = {p["source_id"] for p in test}
@@ -191,17 +179,14 @@ def load_problems(source="bundled", data_dir=None):
 
 
 def _dedupe(problems):
-    seen, out = set(), []
+    first = {}
     for p in problems:
-        if p["source_id"] not in seen:
-            seen.add(p["source_id"])
-            out.append(p)
-    return out
+        first.setdefault(p["source_id"], p)
+    return list(first.values())
 
 
 def sources(source="bundled", data_dir=None):
-    """The files (and hub id) behind the GSM8K tasks, known without loading except for "auto"
-    (where it depends on whether the hub answered)."""
+    """The files (and hub id) behind the GSM8K tasks, known without loading except for "auto"."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
     paths = [str(bundled_path("gsm8k", part, data_dir)) for part in ("train", "test")]
@@ -209,7 +194,6 @@ def sources(source="bundled", data_dir=None):
 
 
 class GSM8KTask(Task):
-    """What gsm8k and gsm8k_mc share: the problems, their splits and the files behind them."""
     family = "math"
 
     def sources(self):
@@ -242,9 +226,8 @@ class GSM8KMC(GSM8KTask, MCTask):
         return {split: self._mc(probs) for split, probs in self.problems().items()}
 
     def _mc(self, problems):
-        """Build the options each problem allows for each gold rank, then hand out ranks so the
-        five are used equally: the most constrained problems choose first, each taking its
-        least-used feasible rank. Options are sorted, so the rank is the letter."""
+        """The options each problem allows per gold rank; the most constrained problems choose first,
+        each its least-used feasible rank. Options are sorted, so the rank is the letter."""
         slots = balanced_slots([p["source_id"] for p in problems], salt="gsm8k_mc")
         feasible = []
         for p in problems:
@@ -261,8 +244,7 @@ class GSM8KMC(GSM8KTask, MCTask):
         out = []
         for p, by_rank in feasible:
             r = chosen[p["source_id"]]
-            letter = LETTERS[r]
-            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {letter}."
+            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {LETTERS[r]}."
             out.append(mc_example("gsm8k_mc/" + p["source_id"], p["source_id"], p["question"],
-                                  [format_number(v) for v in by_rank[r]], letter, reasoning))
+                                  [format_number(v) for v in by_rank[r]], LETTERS[r], reasoning))
         return out

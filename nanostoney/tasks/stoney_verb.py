@@ -4,17 +4,11 @@
     assistant: <think>Looking up `îbuṯẖach`: 'to be thirsty', so a verb.</think>
                Answer: yes
 
-Step one is recall (the term's gloss, read in pretraining, never asked about for a held-out
-term); step two reads the recalled gloss: a "to ..." meaning is a verb. The approved data (data/stoney/stoney_valid.jsonl)
-carries no part-of-speech or category labels, only text, so the label is the one the lexicon
-derives from the text itself (tasks/stoney_corpus.py gloss_kind): a gloss of the form "to ..." is a
-verb. The answer is the word "yes" or "no", never a letter.
-
-Stoney verbs mostly end in -ch (about 77% of verbs, 22% of the rest), so the spelling alone
-would answer most items without recall. Items are therefore chosen balanced: within every
-term ending (its last two letters), as many verbs as non-verbs, in hash order, so "answer by
-the ending" and "always yes" score 50%, the chance level. Splits and the *_unseen control
-follow the lexicon (extraction val/test; control terms no training text holds).
+Step one recalls the term's gloss (read in pretraining, never asked about for a held-out term);
+step two reads it: a "to ..." gloss is a verb (the approved data has no part-of-speech labels, so
+the label is stoney_corpus.gloss_kind's). Stoney verbs mostly end in -ch (77% of verbs, 22% of the
+rest), so items are balanced within every term ending: as many verbs as non-verbs, and "answer by
+the ending" or "always yes" scores 50%. Splits and the *_unseen control follow the lexicon.
 """
 import collections
 
@@ -37,8 +31,7 @@ def balanced_pairs(pairs):
     for p in pairs:
         by_end[normalize(p["term"])[-ENDING:]][is_verb(p)].append(p)
     out = []
-    for end in sorted(by_end):
-        sides = by_end[end]
+    for sides in by_end.values():
         n = min(len(sides[True]), len(sides[False]))
         for side in (True, False):
             out += sorted(sides[side], key=lambda p: stable_hash("stoney_verb/" + p["term_key"]))[:n]
