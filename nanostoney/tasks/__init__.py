@@ -7,10 +7,9 @@ gsm8k.py, mmlu.py).
     task.reward(ex, completion)              # float in [0, 1]
     task.evaluate(ex, completion)            # bool
 
-Every gold assistant turn reads "<think>{reasoning}</think>\\nAnswer: {answer}" (stoney_qa keeps
-the original assistant text: it is the chrF reference). Splits are deterministic and
-disjoint by *source* (conversation or problem). `python -m nanostoney.tasks` prints split
-sizes and an example per task; `--baselines` prints the surface-cue baselines of the MC tasks.
+Every gold assistant turn reads "<think>{reasoning}</think>\\nAnswer: {answer}" (stoney_qa keeps the
+original text, its chrF reference). Splits are deterministic and disjoint by *source* (conversation
+or problem). `python -m nanostoney.tasks` prints split sizes and an example per task.
 """
 from nanostoney.sources import SOURCES
 from nanostoney.errors import UserError
@@ -26,17 +25,14 @@ TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, StoneyVerb
                                   ArithMC, StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, StoneyVerbUnseen,
                                   MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
-# the tasks that read no network: the files under data/ and the generated ones (MMLU's are read
-# from a local copy or the hub)
+# the tasks that read no network (MMLU's are read from a local copy or the hub)
 BUNDLED_TASKS = tuple(n for n in TASK_NAMES if not n.startswith("mmlu_"))
 _BUILT = {}
 
 
 def get_task(name, source="bundled", data_dir=None):
-    """The task called `name`. source: "bundled" (default, the files under data/), "hub" (the
-    hub's training pool, an error if unreachable) or "auto" (hub if reachable, else bundled,
-    with a one-line note). data_dir: a directory laid out like data/ to read instead.
-    Tasks are cached per process, so examples are built once."""
+    """The task called `name`, cached per process. source: "bundled" (the files under data/), "hub" (the
+    hub's training pool) or "auto" (hub if reachable, else bundled); data_dir: one laid out like data/."""
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; valid tasks are {', '.join(TASK_NAMES)}.")
     if source not in SOURCES:
@@ -48,12 +44,7 @@ def get_task(name, source="bundled", data_dir=None):
 
 
 def sources_for_tasks(task_names, source="bundled", data_dir=None):
-    """The source files (or hf:// ids) behind the given tasks, for the governance gate:
-    derived data inherits its source's status, so gate these, not the task names."""
-    out = []
-    for name in task_names:
-        for s in get_task(name, source=source, data_dir=data_dir).sources():
-            if s not in out:
-                out.append(s)
-    return out
+    """The source files (or hf:// ids) behind the given tasks, for the governance gate: derived data
+    inherits its source's status, so gate these, not the task names."""
+    return list(dict.fromkeys(s for name in task_names for s in get_task(name, source, data_dir).sources()))
 

@@ -1,27 +1,21 @@
-"""The Stoney Nakoda corpus behind the Stoney tasks: the bundled conversations, the lexicon
-pulled out of them, and the split of every conversation group into train, held-out and control
-parts (the tasks themselves are in stoney.py).
+"""The Stoney Nakoda corpus behind the Stoney tasks (stoney.py): the bundled conversations, the
+lexicon pulled out of them, and their split into train, held-out and control parts.
 
-Splits: knowledge extraction (Physics of Language Models, Part 3.1). A pair can be stated in
-several conversations, and a term can be mentioned in a conversation that does not gloss it. So
-conversations are grouped (union-find) by the terms they mention and the glosses they share,
-and each group goes to one part by a hash of the group (GROUP_PARTS):
-- train (~60%), val (~10%), test (~10%): the EXTRACTION terms. Their conversations are in the
-  pretraining text (nanostoney.corpus); SFT and RL ask only about the train part, so a val or
-  test question asks about a fact the model read in pretraining but was never asked about.
-- unseen_val, unseen_test (~10% each): the CONTROL terms. No training text holds them (not
-  pretraining, not the tokenizer's text, not SFT, reward-model pairs or RL); the *_unseen tasks
-  ask about them, with distractors from the control pool only, and must stay at chance.
+Splits follow knowledge extraction (Physics of Language Models, Part 3.1). Conversations are grouped
+(union-find) by the terms they mention and the glosses they share, and each group goes to one part
+by a hash (GROUP_PARTS): train/val/test hold the EXTRACTION terms, whose conversations are in the
+pretraining text while SFT and RL ask only about train (a val question asks about a fact read but
+never asked about); unseen_val/unseen_test hold the CONTROL terms, in no training text at all, which
+the *_unseen tasks ask about and must stay at chance on.
 
-The extractor reads quoted spans (backticks, "double", 'single', “curly”) and keeps a pair
-only when the text states it in one of these shapes:
+The extractor keeps a pair only when the text states it in one of these shapes (quotes: backticks,
+"double", 'single', “curly”):
     `term` (gloss)              'gloss' (`term`)             "term" means "gloss"
     "term", meaning 'gloss'     "term" translates to "gloss"   the word for "gloss" is `term`
     "term". This verb means 'gloss'      `term` is the noun for 'gloss'
     Q: which term means 'gloss'?  A: (exactly one quoted term)      (and the reverse)
-Which side is Stoney is judged from the corpus itself (class Lang), hedged glosses ("likely")
-and part-of-speech labels ("active transitive verb") are dropped. data/README.md gives the
-pair count and the precision measured by hand.
+Which side is Stoney is judged from the corpus itself (class Lang); hedged glosses ("likely") and
+part-of-speech labels are dropped. data/README.md gives the pair count and measured precision.
 """
 import collections
 import functools
@@ -90,11 +84,7 @@ THIS_RE = re.compile(r"^(?:this|the|that)\s+(?:\w+\s+){0,3}?(?:term|phrase|word|
 
 def _spans(text):
     """Quoted spans as (start, end, inner text, quote kind)."""
-    out = []
-    for m in QUOTE_RE.finditer(text):
-        kind = m.lastgroup
-        out.append((m.start(), m.end(), m.group(kind), kind))
-    return out
+    return [(m.start(), m.end(), m.group(m.lastgroup), m.lastgroup) for m in QUOTE_RE.finditer(text)]
 
 
 def _sentences(text, spans):
@@ -127,12 +117,9 @@ def _trigrams(word):
 
 
 class Lang:
-    """Which language a span is in: "s" (Stoney), "e" (English) or None (can't tell).
-
-    Learned from the conversations themselves, so no word list is needed: English words are
-    those of the unquoted prose (seen in 2+ conversations); Stoney words are those of quoted
-    spans written with Stoney letters (î â û ṯ ẖ). A word in neither list is judged by a
-    character-trigram model of each side (Stoney spelling is distinctive: -ch, rh, îchiya)."""
+    """Which language a span is in: "s" (Stoney), "e" (English) or None, learned from the corpus:
+    English words are the unquoted prose's (in 2+ conversations), Stoney words those of quoted spans
+    with Stoney letters; any other word is judged by a character-trigram model of each side."""
 
     def __init__(self, convs):
         prose_seen, stoney = collections.Counter(), collections.Counter()
@@ -183,21 +170,14 @@ class Lang:
         return None
 
 
-def _lower_first(text):
-    """Undo sentence-initial capitals ("Gathkâch" -> "gathkâch"), which would otherwise mark an
-    option as different; a text with more capitals (a name, "I") is left alone."""
+def clean(text):
+    """A term or gloss with its whitespace collapsed, edge punctuation trimmed and a sentence-initial
+    capital undone ("Gathkâch" -> "gathkâch"; a text with more capitals, a name or "I", is kept)."""
+    text = " ".join(text.strip().strip(".,;:!?").split())
     if len(text) > 1 and text[0].isupper() and not any(ch.isupper() for ch in text[1:]) \
             and not re.match(r"I\b", text):
         return text[0].lower() + text[1:]
     return text
-
-
-def clean_term(text):
-    return _lower_first(" ".join(text.strip().strip(".,;:!?").split()))
-
-
-def clean_gloss(text):
-    return _lower_first(" ".join(text.strip().strip(".,;:!?").split()))
 
 
 # words between a term and its gloss that mean the text is contrasting, hedging or pointing elsewhere
@@ -301,18 +281,16 @@ def extract_pairs(text, lang):
 
 
 def _clean_pair(term, gl, rule):
-    """(term, gloss, rule) tidied, or None for a gloss that hedges or names a grammatical
-    category instead of a meaning."""
-    term, gl = clean_term(term), clean_gloss(gl)
+    """(term, gloss, rule) tidied, or None for a gloss that hedges or names a grammatical category."""
+    term, gl = clean(term), clean(gl)
     if not term or not gl or normalize(term) == normalize(gl) or HEDGE_RE.search(gl) or POS_RE.match(gl):
         return None
     return term, gl, rule
 
 
 def extract_qa_pair(conv, lang):
-    """A pair stated by the question/answer exchange itself: the question quotes one English
-    gloss and asks for a term, and the answer quotes exactly one Stoney term (or the reverse:
-    the question quotes one term and asks its meaning, the answer quotes one English gloss)."""
+    """A pair stated by the exchange itself: the question quotes one English gloss and asks for a
+    term, the answer quotes exactly one Stoney term (or the reverse)."""
     qs = [(s[2], lang(s[2])) for s in _spans(conv["user"])]
     ans = [(s[2], lang(s[2])) for s in _spans(conv["assistant"])]
     q_e = {normalize(t) for t, tag in qs if tag == "e"}
@@ -334,8 +312,8 @@ POS_WORD_RE = re.compile(r"\b(noun|verb|adjective|adverb)s?\b", re.I)
 
 
 def pos_near(text, term):
-    """The part of speech the text states for `term`: the one category (noun, verb, adjective,
-    adverb) named in the sentence where the term first appears, else None."""
+    """The one part of speech (noun, verb, adjective, adverb) named in the sentence where `term` first
+    appears, else None."""
     i = text.casefold().find(term.casefold())
     if i < 0:
         return None
@@ -347,8 +325,8 @@ def pos_near(text, term):
 
 
 def gloss_kind(gloss, pos=None):
-    """The kind a distractor must share: "verb" for a "to ..." gloss, else the part of speech the
-    text states ("noun", "adjective", "adverb"), else "word"/"phrase" by the gloss's length."""
+    """The kind a distractor must share: "verb" for a "to ..." gloss, else the stated part of speech,
+    else "word"/"phrase" by the gloss's length."""
     g = normalize(gloss)
     if g.startswith("to "):
         return "verb"
@@ -363,8 +341,8 @@ def coarse_kind(kind):
 
 
 def build_lexicon(convs):
-    """[{term, gloss, kind, sources}] deduplicated: a term keeps its most frequent gloss (ties:
-    the shorter, then alphabetical), written in its most frequent spelling."""
+    """[{term, gloss, kind, sources, ...}] with one entry per term: its most frequent gloss (a "to ..."
+    one, then the shorter, first on ties), each in its most frequent spelling."""
     lang = Lang(convs)
     glosses = collections.defaultdict(collections.Counter)   # term key -> gloss -> count
     spellings = collections.defaultdict(collections.Counter)
@@ -415,13 +393,11 @@ def mentions(convs, term_keys):
     out = {}
     for key in term_keys:
         words = [w.casefold() for w in WORD_RE.findall(key)]
-        ids = set.intersection(*(index.get(w, set()) for w in words)) if words else set()
-        out[key] = ids
+        out[key] = set.intersection(*(index.get(w, set()) for w in words)) if words else set()
     return out
 
 
-# the parts a conversation group can go to, with their shares (by a hash of the group): the
-# extraction parts first (val/test kept where the 80/10/10 split had them), then the controls
+# the parts a conversation group can go to, with their shares (val/test first: where the 80/10/10 split had them)
 GROUP_PARTS = (("val", 0.1), ("test", 0.1), ("unseen_val", 0.1), ("unseen_test", 0.1), ("train", 0.6))
 EXTRACTION = SPLITS
 CONTROL = {"val": "unseen_val", "test": "unseen_test"}
@@ -437,15 +413,12 @@ def group_part(key):
     return GROUP_PARTS[-1][0]
 
 
-# a "term" found in more conversations is a common word or particle: vague to ask about, and
-# it would glue the splits together
-MAX_MENTIONS = 10
+MAX_MENTIONS = 10  # a "term" in more conversations is a common word: vague, and it would glue the splits
 
 
 def assign_splits(convs, lexicon):
-    """({source_id: part}, lexicon with a "split" (its part) per pair). Union-find over
-    conversations: a pair's sources, every conversation mentioning its term, and the sources of
-    pairs that share a gloss are kept together; each group goes to one part (group_part)."""
+    """({source_id: part}, lexicon with each pair's "split"): union-find keeps a pair's sources, the
+    conversations mentioning its term and the sources of pairs sharing a gloss together."""
     parent = {c["source_id"]: c["source_id"] for c in convs}
 
     def find(x):
@@ -472,17 +445,13 @@ def assign_splits(convs, lexicon):
     groups = collections.defaultdict(list)
     for c in convs:
         groups[find(c["source_id"])].append(c["source_id"])
-    split = {}
-    for root, ids in groups.items():
-        s = group_part(min(ids))
-        split.update({i: s for i in ids})
+    split = {i: group_part(min(ids)) for ids in groups.values() for i in ids}
     return split, [dict(p, split=split[p["sources"][0]]) for p in lexicon]
 
 
 @functools.lru_cache(maxsize=None)
 def load_corpus(source="bundled", data_dir=None):
-    """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once; the
-    parts are train/val/test (extraction) and unseen_val/unseen_test (control)."""
+    """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once per process."""
     rows, path = bundled_rows("stoney", "all", data_dir)
     convs = _conversations(rows, path)
     conv_split, lexicon = assign_splits(convs, build_lexicon(convs))
@@ -497,9 +466,8 @@ def load_corpus(source="bundled", data_dir=None):
 
 
 def _with_hub_train(out, rows, label, path):
-    """The hub's conversations as the training pool, minus any conversation that is held out
-    here (extraction val/test or control) or mentions such a term, and minus pairs whose term or
-    gloss is held out."""
+    """The hub's conversations as the training pool, minus those held out here or mentioning a held-out
+    term, and minus pairs whose term or gloss is held out."""
     held_parts = [part for part, _ in GROUP_PARTS if part != "train"]
     held = [c for part in held_parts for c in out["convs"][part]]
     held_ids = {c["source_id"] for c in held}
