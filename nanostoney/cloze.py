@@ -1,12 +1,7 @@
-"""Multiple choice scored as a cloze: which option's answer the model finds most likely.
-
-scripts.eval reports both ways a model can answer: "accuracy" (greedy: read the lettered options,
-name a letter) and "cloze" (here): the question is asked WITHOUT the options, each option's answer
-is written out as the assistant would (its own worked chain where the task has one, else "The
-answer is X."), and the pick is the most likely per character. This is OLMES's cloze formulation
-(Gu et al. 2024), the standard for small models: naming a letter emerges long after a model can
-tell the right answer. Per character, not summed (a sum favours short answers), and only from where
-the answers differ (their shared beginning is the same evidence for each).
+"""Multiple choice scored as a cloze (OLMES, Gu et al. 2024): the question WITHOUT the options, each
+option's answer written out as the assistant would, and the pick is the most likely per character
+(a sum favours short answers), scored from where the answers differ. Naming a letter emerges long
+after a small model can tell the right answer; scripts.eval reports both.
 """
 from contextlib import nullcontext
 

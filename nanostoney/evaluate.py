@@ -1,22 +1,15 @@
-"""Evaluate a model: on a task (batched generation through the Engine, then the task's metrics,
-for scripts/eval.py and the training scripts' periodic accuracy), and on held-out text during
-training (bits per byte, masked loss).
+"""Evaluate a model on a task (batched generation, then the task's metrics) and on held-out text
+(bits per byte, masked loss).
 
     greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
     result, notes = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
     result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
 
-Every metric has a 95% percentile-bootstrap interval over examples: accuracy (greedy, by
-task.evaluate); cloze for multiple choice (nanostoney.cloze: what the model knows, whether or not
-it can name the letter); answered (an "Answer:" line: "wrong" vs "never learned the format");
-pass@k over sampled completions; and for open answers (OPEN_TEXT) chrF++, MAUVE (the model's
-first sampled turns vs the gold turns: MAUVE compares distributions, greedy text is one mode)
-and COMET when installed (one system score, no interval).
-
-Determinism: generation batches are a fixed partition of the prompts and batch b samples with
-seed + b, so 1 process and torchrun (rank r runs batches r, r + world, ...) give the same
-completions. MAUVE's k-means runs on one thread: faiss/OpenBLAS threads fighting torch's idle
-OpenMP threads made a fit take seconds on 2 cores, and one thread is reproducible.
+Metrics, each with a 95% bootstrap interval over examples: accuracy (greedy), cloze (multiple
+choice, nanostoney.cloze), answered (has an "Answer:" line), pass@k, and for open answers chrF++,
+MAUVE (sampled vs gold turns: it compares distributions) and COMET when installed (no interval).
+Batch b samples with seed + b over a fixed partition, so 1 process and torchrun agree. MAUVE's
+k-means runs on one thread: thread fights with torch's OpenMP made it slow, and one is reproducible.
 """
 import contextlib
 import math
@@ -38,9 +31,7 @@ from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, mauve_scor
 from nanostoney.published import resolve
 from nanostoney.tasks.base import stable_hash
 
-# task -> which text of a completion is compared with which reference by chrF++:
-# "answer": the open answer (after </think> / "Answer:") vs example["answer"];
-# "rationale": the <think> reasoning vs the gold reasoning.
+# task -> what chrF++ compares: the open answer vs example["answer"], or the <think> reasoning vs the gold's
 OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale",
              "stoney_qa_unseen": "answer", "stoney_lexicon_unseen": "answer"}
 N_SHOWN = 3  # completions kept verbatim in the results, per task
@@ -67,9 +58,8 @@ def powers_of_two(n):
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
                          top_k=None, max_new_tokens=256, seed=0, batch_size=32, desc=None):
-    """[[num_samples decoded completions] per prompt] (stop token dropped; temperature 0 = greedy),
-    on every rank. Batches hold batch_size // num_samples prompts, batch b draws with seed + b, and
-    generates at most max_new_tokens, fewer where a prompt would overrun the rotary positions."""
+    """[[num_samples decoded completions] per prompt] on every rank (temperature 0 = greedy). Batch b
+    of batch_size // num_samples prompts draws with seed + b, within the rotary positions."""
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     model, info = unwrap(model), info or ONE_PROCESS
     engine = Engine(model, tokenizer)
@@ -146,8 +136,7 @@ def mean_ci(values, n_boot=1000, seed=0):
 
 @contextlib.contextmanager
 def _mauve_quietly():
-    """One BLAS/OpenMP thread, and faiss's C-level "please provide at least N training points"
-    warnings (one per k-means fit on small samples) kept off the terminal."""
+    """One BLAS/OpenMP thread, and faiss's C-level warnings (one per k-means fit) off the terminal."""
     # lazy (heavy, eval only); importing mauve loads faiss and OpenBLAS, so the limit reaches them
     import mauve  # noqa: F401
     from threadpoolctl import threadpool_limits
@@ -182,10 +171,8 @@ def by_depth(examples, correct, n_boot=1000, seed=0):
 
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
                comet=True, comet_model=None, cloze=None):
-    """(result, notes) of one task's completions. cloze: [0/1 per example] of a multiple-choice
-    task (nanostoney.cloze); featurize(texts) -> (N, d) array for MAUVE, or None to skip it.
-    result: "metrics" ({name: {"value", "ci95"}}), "per_example" (0/1 outcomes, for paired
-    comparisons) and "samples" (the first N_SHOWN); notes: what was skipped and why."""
+    """(result, notes: what was skipped and why) of one task's completions. cloze: [0/1 per example]
+    (multiple choice); featurize(texts) -> (N, d) features for MAUVE, or None to skip it."""
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
     metrics = {"accuracy": mean_ci(correct, n_boot, seed)}
@@ -280,8 +267,7 @@ def letter_answer(text):
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
     """{(task name, split): {"n", "accuracy", "ci95", "correct", "by_depth", "answered", "letter_answers"}}
-    for item_sets = {(task, split): examples}; answered / letter_answers: shares of completions with an
-    "Answer:" line / whose answer is a bare letter."""
+    for item_sets = {(task, split): examples}."""
     table = {}
     for (task, split), exs in item_sets.items():
         texts = []
@@ -302,9 +288,8 @@ def token_byte_lengths(tokenizer, device="cpu"):
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes, info):
-    """Bits per byte over (x, y) batches (this rank's share), summed over ranks: nats / (ln 2 x
-    UTF-8 bytes) of the targets, comparable across tokenizers. Special (0-byte) and ignored (-1)
-    targets count in neither sum."""
+    """Bits per byte of the targets of (x, y) batches, all ranks (comparable across tokenizers);
+    special (0-byte) and ignored (-1) targets count in neither sum."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, bytes

@@ -31,8 +31,7 @@ def pass_at_k(n, c, k):
 
 def pass_at_k_by_task(correct_by_task, ks, n_boot=1000, seed=0, alpha=0.05):
     """{task: {"n_problems", "n_samples", "pass@k": (point, lo, hi)}} from {task: [[bool per sample]
-    per problem]}; k above n is skipped. The interval resamples problems: they, not samples, vary
-    between runs."""
+    per problem]}; the interval resamples problems."""
     table = {}
     for name, rows in correct_by_task.items():
         if not rows:
@@ -60,10 +59,8 @@ def resample(n, n_boot, seed):
 
 
 def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
-    """(point, lo, hi): stat(values) and its percentile-bootstrap (1 - alpha) interval over the
-    first axis. For corpus-level metrics pass np.arange(N) as values and a stat of index arrays.
-    The interval is widened to hold the point: with few items a skewed statistic's percentile
-    interval can miss it."""
+    """(point, lo, hi): stat(values) and its percentile-bootstrap interval over the first axis (for a
+    corpus-level stat, values = np.arange(N)), widened to hold the point, which few items can miss."""
     values = np.asarray(values)
     if values.shape[0] == 0:
         raise UserError("bootstrap_ci got no values; evaluate at least one example.")
@@ -78,9 +75,8 @@ def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
 
 
 def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
-    """bootstrap_ci of the mean of every entry of values [N, ...] at once, on the same resamples:
-    (point, lo, hi) arrays of shape values.shape[1:]. NaN entries are left out of their mean.
-    Resampled means are one product of resample counts with the values (memory stays N-sized)."""
+    """bootstrap_ci of the mean of every entry of values [N, ...] at once, on the same resamples (NaNs
+    left out), as one product of resample counts with the values."""
     v = np.asarray(values, dtype=np.float64)
     n = v.shape[0]
     flat = v.reshape(n, -1)
@@ -102,11 +98,9 @@ def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
 # tests of a difference of means, and the correction for testing many of them
 
 def mean_difference(a, b=None, paired=False, n_boot=10000, n_perm=9999, seed=0, alpha=0.05):
-    """{"diff", "lo", "hi", "p", "n"}: a difference of means, its percentile-bootstrap interval and
-    a two-sided permutation p. b None: mean(a) vs 0 (sign flips); paired: mean(a - b) over pairs;
-    else two independent samples (labels shuffled). NaNs are left out (a pair with one, whole).
-    p = (1 + #{|T*| >= |T|}) / (1 + n_perm) is never 0, so n_perm must be large when many tests
-    are corrected."""
+    """{"diff", "lo", "hi", "p", "n"}: a difference of means, its bootstrap interval and a two-sided
+    permutation p (never below 1 / (1 + n_perm)). b None: mean(a) vs 0; paired: mean(a - b); else
+    two independent samples. NaNs (a pair with one) are left out."""
     a = np.asarray(a, dtype=np.float64)
     if b is not None and paired:
         b = np.asarray(b, dtype=np.float64)
@@ -208,10 +202,8 @@ def mauve_score(p_features, q_features, seed=0, num_buckets="auto", kmeans_num_r
 
 def model_features(model, tokenizer, texts, device=None, pool="mean", batch_size=16,
                    max_tokens=None):
-    """(N, n_embd) float32: the GPT's normed final hidden states (what lm_head reads, without the
-    logits) of <|bos|> + text, cut to max_tokens (default sequence_len), mean-pooled or at the last
-    token (pool="last", as MAUVE's paper does with GPT-2). Right padding is harmless: the model is
-    causal and pooling reads real positions only."""
+    """(N, n_embd) float32: the GPT's normed final hidden states (what lm_head reads) of <|bos|> + text
+    cut to max_tokens, mean-pooled or at the last token (MAUVE's paper). Right padding is harmless."""
     model = unwrap(model)
     device = device or model.get_device()
     if pool not in ("mean", "last"):

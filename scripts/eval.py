@@ -5,15 +5,12 @@
         --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
     torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
-The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) takes a few
-minutes for three depth-4 checkpoints on 2 cores. A checkpoint is our run or step dir, a LoRA
-adapter dir or a published model (nanochat dir, transformers NanoChat dir, hf:OWNER/NAME). A
-multiple-choice task also gets the baselines that never read the question (cloze with another
-item's question, and with none), which a model that reads its question keeps at chance. What each
-metric measures is in nanostoney/evaluate.py. The table is printed, written as JSON (--out; same
-checkpoint + flags = byte-identical file) and logged to W&B. MAUVE features come from each
-evaluated model (--mauve-featurizer: one fixed model, comparable across checkpoints). Nothing is
-ever downloaded. Under torchrun the numbers do not depend on the number of processes.
+The CPU default takes a few minutes for three depth-4 checkpoints on 2 cores. A checkpoint is a
+run, step or LoRA dir or a published model (nanochat, transformers NanoChat, hf:OWNER/NAME).
+Multiple-choice tasks also get cloze with another item's question and with none (chance for a
+model that reads its question). Metrics: nanostoney/evaluate.py. Output: the table, --out JSON
+(byte-identical for the same inputs) and W&B. MAUVE features come from each evaluated model
+unless --mauve-featurizer names one. Nothing is downloaded.
 """
 import argparse
 import json

@@ -1,9 +1,8 @@
-"""AQuA-RAT: algebra word problems with five options A-E and a written rationale (the <think> block).
+"""AQuA-RAT: algebra word problems with five options and a rationale (the <think> block).
 
-The original gold letters are skewed (A 26%, E 12%), so the options are reordered to put the gold
-on a balanced letter, and letters the rationale names ("option C is too large") follow their
-options; its closing "Answer D" line is dropped. Splits: the bundled dev set (or the hub's 97k
-train split) is train; the bundled test set is cut in two by a hash of the question: val, test.
+The options are reordered to put the gold on a balanced letter (the original is skewed), and
+letters the rationale names follow their options. Splits: the bundled dev set (or the hub's) is
+train; the bundled test set is cut into val and test by a hash of the question.
 """
 import functools
 import random

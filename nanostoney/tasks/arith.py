@@ -1,12 +1,9 @@
 """Arithmetic word problems a small model can learn: generated, multi-step, exactly verified.
 
 - arith:    open numeric answer, compared as a number.
-- arith_mc: five sorted numeric options. Each wrong option is the question misread, then solved
-  correctly, with the rationale that argues for it (example["option_rationales"], read by the
-  reward model and cloze scoring). Every line of every chain is a true equation, so a checker of
-  "a op b = c" lines is at chance; the gold's rank (= its letter) is balanced over the five.
-
-A problem is a start value and 1-4 steps (its depth), each an operation told by a template:
+- arith_mc: five sorted numeric options, each wrong one the question misread, then solved
+  correctly, with its own rationale (example["option_rationales"]). Every chain line is a true
+  equation, so a line checker is at chance; the gold's rank (= letter) is balanced.
 
     Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
     How many shells does Mia have now?
@@ -14,12 +11,10 @@ A problem is a start value and 1-4 steps (its depth), each an operation told by 
     Mia gives away half of the shells: 12 / 2 = 6</think>
     Answer: 6
 
-Each chain line re-reads its step's sentence before computing, so the operand is the next token
-after a copied prefix (induction), not a lookup (docs/science_log.md, "Issue 25"). Values stay
-whole numbers in 1..99. Splits: a hash of (template, numbers) decides train / val / test (80/10/10)
-and also picks the names and objects, so a held-out combination has one wording and appears in no
-training text. Problems come from a fixed seed, no data file; the gate checks them as GATE_NAME
-(data/SOURCE_MANIFEST.yml, record arith_generated).
+A chain line re-reads its step's sentence first, so the operand is copied (induction), not looked
+up (docs/science_log.md, "Issue 25"). Values stay in 1..99. A hash of (template, numbers) picks
+the split (80/10/10) and the wording, so a held-out combination is in no training text. Problems
+come from a fixed seed; the gate checks them as GATE_NAME (data/SOURCE_MANIFEST.yml).
 """
 import functools
 import random

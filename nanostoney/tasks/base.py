@@ -1,7 +1,5 @@
 """What every task shares: the Task class, deterministic splits, the multiple-choice format
-and the surface-cue baselines (answers are written and read by nanostoney/answers.py).
-
-One format for all families, so that Stoney and math differ in content, not in shape:
+(one for all families, so Stoney and math differ in content, not shape) and the surface-cue baselines.
     user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks; MMLU stops at D)
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
@@ -30,8 +28,7 @@ def short_id(text):
 
 
 def split_by_hash(key, val=0.1, test=0.1):
-    """train/val/test from a hash of the *source* text, so everything derived from one
-    source lands in one split, whatever order the rows come in."""
+    """train/val/test by a hash of the *source*: all derived from one source lands in one split."""
     u = (stable_hash(key) % 10_000) / 10_000
     return "val" if u < val else "test" if u < val + test else "train"
 
@@ -56,8 +53,7 @@ def user_regions(system, user, regions):
 
 
 def render_mc(question, choices):
-    """(user text, regions) for an n-option question (n = 5 for ours, 4 for MMLU); regions are
-    char spans of the question, the options block and each option line."""
+    """(user text, regions: char spans of the question, the options block and each option line)."""
     option_letters(len(choices))  # 2..5 options
     text = question.strip() + "\n\n"
     regions = {"question": (0, len(question.strip()))}
@@ -73,12 +69,10 @@ def render_mc(question, choices):
 
 def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **extra):
     user, regions = render_mc(question, choices)
-    ex = {"id": eid, "source_id": source_id,
-          "messages": [{"role": "user", "content": user},
-                       {"role": "assistant", "content": format_answer(reasoning, answer_letter)}],
-          "answer": answer_letter, "regions": regions, "choices": list(choices)}
-    ex.update(extra)
-    return ex
+    return {"id": eid, "source_id": source_id,
+            "messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": format_answer(reasoning, answer_letter)}],
+            "answer": answer_letter, "regions": regions, "choices": list(choices), **extra}
 
 
 class Task(abc.ABC):

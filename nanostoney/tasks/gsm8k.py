@@ -1,13 +1,9 @@
-"""GSM8K: grade-school word problems, two tasks over the same problems and splits.
+"""GSM8K word problems: gsm8k (open numeric answer) and gsm8k_mc (five sorted options), same splits.
 
-- gsm8k: open numeric answer, compared as a number ("1,080" == "1080.0").
-- gsm8k_mc: five sorted numeric options, the wrong ones numbers a wrong step gives (the problem's
-  calculation chain re-run with one operator slipped and carried through, its intermediate
-  results, scale slips last). The gold's rank is balanced over the five, so "pick the median /
-  largest" is worth 20%, and so is the letter.
-
-Splits: a hashed ~7% of the bundled train file is val, the rest train (or the hub's), the bundled
-test file test; a problem also held out never enters train.
+gsm8k_mc's wrong options are numbers a wrong step gives: the calculation chain re-run with one
+operator slipped, its intermediate results, scale slips last; the gold's rank (= letter) is
+balanced. Splits: a hashed ~7% of the bundled train file is val, the test file test, the rest
+(or the hub's) train, never a held-out problem.
 """
 import functools
 import operator

@@ -1,16 +1,10 @@
-"""MMLU in Yoruba (openai/MMMLU, YO_NG) and in English (cais/mmlu): four options A-D, the same
-14,042 test questions in two languages, so language is the only change (both MIT licensed).
+"""MMLU in Yoruba (openai/MMMLU, YO_NG) and in English (cais/mmlu): four options, the same 14,042
+questions in two languages, so language is the only change.
 
-MMMLU rows: Question, A, B, C, D, Answer (letter), Subject; cais/mmlu rows: question, subject,
-choices, answer (0-3). Neither names the other's rows, but both keep MMLU's per-subject order, so
-an item is "mmlu:<subject>:<k>" in both tasks, which share their splits (80/10/10 by a hash of the
-id). A misaligned row would agree on the gold letter one time in four: `check_alignment` (printed
-by `python -m nanostoney.tasks --task mmlu_yo mmlu_en`) checks the assumption on the real files.
-
-Nothing is bundled: a local copy under data/ (the hub's file name, or its stem as .jsonl /
-.parquet, either schema) is read when present, else the hub. MMLU has no rationales: the gold
-reasoning is the closing line every MC task ends with, and the options keep their order (its "all
-of the above" options would not survive a reshuffle).
+Both keep MMLU's per-subject order, so an item is "mmlu:<subject>:<k>" in both and they share
+splits (80/10/10 by id hash); check_alignment tests this on the real files (a misaligned row
+agrees on the gold one time in four). Read from a local copy under data/ (either schema), else the
+hub. No rationales; the options keep their order ("all of the above" would not survive a shuffle).
 """
 import collections
 import csv

@@ -1,12 +1,9 @@
-"""Stoney Nakoda: three tasks over the bundled question/answer conversations (stoney_corpus.py).
+"""Stoney Nakoda tasks over the bundled conversations (stoney_corpus.py).
 
-- stoney_qa: the conversations themselves; the assistant text is the reference (reward = chrF /
-  100, evaluate = chrF >= 50).
-- stoney_lexicon: term <-> gloss pairs pulled out of the conversations, asked both ways; exact
-  match after normalize (diacritics kept; a leading "to"/article optional in English).
-- stoney_mc: the same pairs with five options. Distractors are other pairs of the same split and
-  kind (stoney_corpus.gloss_kind; terms with the same ending), never one that could also be right,
-  and the gold's length rank among the options is balanced ("pick the longest" stays at 20%).
+- stoney_qa: the conversations; reward = chrF / 100 against the original answer.
+- stoney_lexicon: term <-> gloss pairs asked both ways; exact match after normalize.
+- stoney_mc: the pairs with five options: other pairs of the same kind, never one that could also
+  be right, with the gold's length rank balanced ("pick the longest" stays at 20%).
 """
 import bisect
 import collections

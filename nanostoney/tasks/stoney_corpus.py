@@ -1,21 +1,13 @@
-"""The Stoney Nakoda corpus behind the Stoney tasks (stoney.py): the bundled conversations, the
-lexicon pulled out of them, and their split into train, held-out and control parts.
+"""The Stoney Nakoda corpus behind the Stoney tasks: the bundled conversations, the lexicon pulled
+out of them, and their split into parts (GROUP_PARTS).
 
-Splits follow knowledge extraction (Physics of Language Models, Part 3.1). Conversations are grouped
-(union-find) by the terms they mention and the glosses they share, and each group goes to one part
-by a hash (GROUP_PARTS): train/val/test hold the EXTRACTION terms, whose conversations are in the
-pretraining text while SFT and RL ask only about train (a val question asks about a fact read but
-never asked about); unseen_val/unseen_test hold the CONTROL terms, in no training text at all, which
-the *_unseen tasks ask about and must stay at chance on.
-
-The extractor keeps a pair only when the text states it in one of these shapes (quotes: backticks,
-"double", 'single', “curly”):
-    `term` (gloss)              'gloss' (`term`)             "term" means "gloss"
-    "term", meaning 'gloss'     "term" translates to "gloss"   the word for "gloss" is `term`
-    "term". This verb means 'gloss'      `term` is the noun for 'gloss'
-    Q: which term means 'gloss'?  A: (exactly one quoted term)      (and the reverse)
-Which side is Stoney is judged from the corpus itself (class Lang); hedged glosses ("likely") and
-part-of-speech labels are dropped. data/README.md gives the pair count and measured precision.
+Splits follow knowledge extraction (Physics of Language Models, Part 3.1): conversations grouped
+(union-find) by the terms they mention and the glosses they share go to one part each. The
+EXTRACTION parts' conversations are pretraining text, but SFT and RL ask only about train; the
+CONTROL parts (unseen_*) are in no training text, and the *_unseen tasks must stay at chance.
+The extractor keeps a pair only when the text states it in one of a few shapes (`term` (gloss),
+"term" means 'gloss', the word for "gloss" is `term`, a Q/A quoting one of each, ...); which
+side is Stoney is judged from the corpus itself (Lang). data/README.md gives the measured precision.
 """
 import collections
 import functools
@@ -46,13 +38,11 @@ def parse_conversation(row, where):
 
 
 def _conversations(rows, path):
-    out, seen = [], set()
+    out = {}
     for k, row in enumerate(rows):
-        c = parse_conversation(row, f"{path} row {k + 1}")
-        if c and c["source_id"] not in seen:
-            seen.add(c["source_id"])
-            out.append(c)
-    return out
+        if c := parse_conversation(row, f"{path} row {k + 1}"):
+            out.setdefault(c["source_id"], c)
+    return list(out.values())
 
 
 # -----------------------------------------------------------------------------
@@ -89,9 +79,7 @@ def _spans(text):
 
 def _sentences(text, spans):
     """Sentence (start, end) bounds; a full stop inside a quote does not end a sentence."""
-    inside = set()
-    for a, b, _, _ in spans:
-        inside.update(range(a, b))
+    inside = {i for a, b, _, _ in spans for i in range(a, b)}
     bounds, start = [], 0
     for m in re.finditer(r"[.!?]\s+", text):
         if m.start() not in inside:
@@ -102,13 +90,7 @@ def _sentences(text, spans):
 
 
 def _prose_and_quotes(text):
-    spans = _spans(text)
-    prose, last = [], 0
-    for a, b, _, _ in spans:
-        prose.append(text[last:a])
-        last = b
-    prose.append(text[last:])
-    return " ".join(prose), [s[2] for s in spans]
+    return QUOTE_RE.sub(" ", text), [s[2] for s in _spans(text)]
 
 
 def _trigrams(word):
@@ -190,10 +172,6 @@ LEAD_E_RE = re.compile(r"\b(?:for|express|expressing|translate|translating|say|s
 LEAD_FOR_RE = re.compile(r"\b(?:term|word|phrase|noun|verb|translation|expression|equivalent)\s+for\s*$", re.I)
 
 
-def _words(text):
-    return WORD_RE.findall(text)
-
-
 def _paren_pairs(text, spans, tags, lang):
     """`term` (gloss) and 'gloss' (`term`): a parenthesis right after a quoted span."""
     out = []
@@ -245,7 +223,7 @@ def extract_pairs(text, lang):
                 between = text[sb:c_at]
                 # a quoted part-of-speech label may sit between: `x` is an "active verb" meaning 'y'
                 between_spans = [xi for xa, _, xi, _ in spans if sb <= xa < c_at]
-                if len(_words(between)) <= 8 and not NOT_DIRECT_RE.search(between) \
+                if len(WORD_RE.findall(between)) <= 8 and not NOT_DIRECT_RE.search(between) \
                         and all(POS_RE.match(x.strip(" .,;:!?")) for x in between_spans):
                     out.append((si, inner, "means"))
             elif THIS_RE.match(before.strip()) and k_sent > 0:
@@ -259,8 +237,8 @@ def extract_pairs(text, lang):
             # `term` is the Stoney noun for 'gloss'
             sa, sb, si = prev_s[-1]
             between = text[sb:a]
-            if re.search(r"\bis\b", between) and len(_words(between)) <= 10 and not NOT_DIRECT_RE.search(between) \
-                    and not any(sb <= xa < a for xa, _, _, _ in spans):
+            if re.search(r"\bis\b", between) and len(WORD_RE.findall(between)) <= 10 \
+                    and not NOT_DIRECT_RE.search(between) and not any(sb <= xa < a for xa, _, _, _ in spans):
                 out.append((si, inner, "is-for"))
             continue
         if LEAD_E_RE.search(before):
@@ -268,7 +246,7 @@ def extract_pairs(text, lang):
             nxt = next(((xa, xb, xi, t) for (xa, xb, xi, _), t in zip(spans, tags) if xa > a), None)
             if nxt is not None and nxt[3] == "s" and nxt[0] < s_end:
                 between = text[b:nxt[0]]
-                if re.search(r"\b(?:is|be|use|used|uses)\b", between) and len(_words(between)) <= 12 \
+                if re.search(r"\b(?:is|be|use|used|uses)\b", between) and len(WORD_RE.findall(between)) <= 12 \
                         and not NOT_DIRECT_RE.search(between):
                     out.append((nxt[2], inner, "for-is"))
             elif nxt is None or nxt[0] >= s_end:
@@ -379,22 +357,14 @@ def build_lexicon(convs):
 # -----------------------------------------------------------------------------
 # splits: conversations grouped by shared terms and glosses, a group per split
 
-def _tokens(conv):
-    text = unicodedata.normalize("NFC", conv["user"] + " " + conv["assistant"])
-    return {w.casefold() for w in WORD_RE.findall(text)}
-
-
 def mentions(convs, term_keys):
     """{term_key: {source_id}} of the conversations whose text has every word of the term."""
     index = collections.defaultdict(set)
     for c in convs:
-        for w in _tokens(c):
-            index[w].add(c["source_id"])
-    out = {}
-    for key in term_keys:
-        words = [w.casefold() for w in WORD_RE.findall(key)]
-        out[key] = set.intersection(*(index.get(w, set()) for w in words)) if words else set()
-    return out
+        for w in WORD_RE.findall(unicodedata.normalize("NFC", c["user"] + " " + c["assistant"])):
+            index[w.casefold()].add(c["source_id"])
+    words = {key: [w.casefold() for w in WORD_RE.findall(key)] for key in term_keys}
+    return {key: set.intersection(*(index.get(w, set()) for w in ws)) if ws else set() for key, ws in words.items()}
 
 
 # the parts a conversation group can go to, with their shares (val/test first: where the 80/10/10 split had them)

@@ -1,14 +1,8 @@
-"""stoney_verb: a two-step Stoney question, so that Stoney hop counts can match arith's depth 2.
+"""stoney_verb: "Is `term` a verb in Stoney Nakoda? Answer yes or no." A two-step question (recall
+the gloss, then read it: a "to ..." gloss is a verb), so Stoney hop counts can match arith's depth 2.
 
-    user:      Is `îbuṯẖach` a verb in Stoney Nakoda? Answer yes or no.
-    assistant: <think>Looking up `îbuṯẖach`: 'to be thirsty', so a verb.</think>
-               Answer: yes
-
-Step one recalls the term's gloss (read in pretraining, never asked about for a held-out term);
-step two reads it: a "to ..." gloss is a verb (the approved data has no part-of-speech labels, so
-the label is stoney_corpus.gloss_kind's). Stoney verbs mostly end in -ch (77% of verbs, 22% of the
-rest), so items are balanced within every term ending: as many verbs as non-verbs, and "answer by
-the ending" or "always yes" scores 50%. Splits and the *_unseen control follow the lexicon.
+Stoney verbs mostly end in -ch, so items are balanced within every term ending (as many verbs as
+non-verbs): "answer by the ending" and "always yes" score 50%. Splits follow the lexicon.
 """
 import collections
 

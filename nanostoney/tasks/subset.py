@@ -1,12 +1,9 @@
-"""n examples of a task's split: hash-ordered and balanced, never a prefix of the split's list.
+"""n examples of a task's split: hash-ordered and balanced, never a prefix of the split's list
+(which carries structure: stoney_mc lists every e2s item first).
 
-    subset(task, "val", 64)           # 64 val items: directions, letters and depths balanced
-    balanced_order(examples, salt)    # the whole list in that order (its first n = the subset)
-
-Splits are stored in orders that carry structure (stoney_mc lists every e2s item first). Here
-examples are grouped into strata (direction, depth, gold letter or yes / no), each in hash order
-of the ids, and the next example comes from the stratum whose values have been taken least: every
-prefix is within one item of even on each (while the strata last).
+Examples are grouped into strata (direction, depth, gold letter or yes / no), each in hash order,
+and the next comes from the stratum whose values were taken least: every prefix is within one item
+of even on each, while the strata last.
 """
 import collections
 
