@@ -1,9 +1,5 @@
-"""How an answer is written and read: one format for every task, one parser for every reader.
-
-    <think>{reasoning}</think>
-    Answer: {answer}
-
-with a letter (multiple choice: A-E, A-D for four options), a number (numeric) or text (open).
+"""How an answer is written and read, for every task: "<think>{reasoning}</think>\nAnswer: {answer}",
+the answer a letter (multiple choice), a number (numeric) or text (open).
 """
 import re
 
@@ -79,6 +75,4 @@ def numbers_equal(a, b):
 
 def format_number(x):
     """72.0 -> "72", 0.5 -> "0.5"; the way a person writes an answer."""
-    if abs(x - round(x)) < 1e-9:
-        return str(int(round(x)))
-    return f"{x:.6f}".rstrip("0").rstrip(".")
+    return str(int(round(x))) if abs(x - round(x)) < 1e-9 else f"{x:.6f}".rstrip("0").rstrip(".")

@@ -1,8 +1,8 @@
 """Multiple choice scored as a cloze (OLMES, Gu et al. 2024): the question WITHOUT the options, each
-option's answer written out as the assistant would, and the pick is the most likely per character
-(a sum favours short answers), scored from where the answers differ. Naming a letter emerges long
-after a small model can tell the right answer; scripts.eval reports both.
+option's answer written out as the assistant would, the pick the most likely per character, scored
+from where the answers differ. A small model can tell the right answer long before it names a letter.
 """
+import os
 from contextlib import nullcontext
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from nanostoney.answers import LETTERS, format_answer, rationale_part
 from nanostoney.dist import autocast_ctx, map_over_ranks
 from nanostoney.gpt import unwrap
+from nanostoney.metrics import eval_mode
 
 
 def question_only(task, example):
@@ -30,15 +31,11 @@ def answer_texts(example):
 
 
 def common_prefix(texts):
-    n = 0
-    while all(len(t) > n and t[n] == texts[0][n] for t in texts):
-        n += 1
-    return n
+    return len(os.path.commonprefix(texts))
 
 
 def scored_rows(tokenizer, task, example):
-    """[(ids, first scored position, characters scored)] per option: the question-only prompt, then the
-    answer, scored from the first token that reaches where the answers differ."""
+    """[(ids, first scored position, characters scored)] per option, scored where the answers differ."""
     prompt = tokenizer.render_prompt({"messages": question_only(task, example)})
     texts = answer_texts(example)
     differ = common_prefix(texts) if len(set(texts)) > 1 else 0
@@ -65,8 +62,7 @@ def token_batches(rows, max_batch_tokens):
 
 @torch.no_grad()
 def option_logprobs(model, rows, max_batch_tokens=16384):
-    """Summed log-probability of each row's tokens from its first scored position on; a row longer than
-    the context loses prompt tokens from the left. A batch holds at most max_batch_tokens padded tokens."""
+    """Summed log-probability of each row from its first scored position (long rows cut on the left)."""
     context = model.config.sequence_len
     out = []
     for batch in token_batches(rows, max_batch_tokens):
@@ -85,8 +81,7 @@ def option_logprobs(model, rows, max_batch_tokens=16384):
 
 
 def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
-    """The letter each example's cloze picks (highest log-probability per character; the first of tied
-    answers, as AQuA's repeated options are), on every rank."""
+    """The letter each cloze picks (most likely per character; the first of tied answers), every rank."""
     model = unwrap(model)
     batches = [examples[i:i + batch_items] for i in range(0, len(examples), batch_items)]
 
@@ -102,16 +97,11 @@ def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
             i += n
         return picks
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         done = map_over_ranks(choose, batches, info)
-    finally:
-        model.train(was_training)
     return [p for part in done for p in part]
 
 
 def cloze_correct(model, tokenizer, task, examples, info=None):
     """[1 if the cloze picks the gold option else 0] per example."""
-    picks = cloze_choices(model, tokenizer, task, examples, info)
-    return [int(p == ex["answer"]) for p, ex in zip(picks, examples)]
+    return [int(p == ex["answer"]) for p, ex in zip(cloze_choices(model, tokenizer, task, examples, info), examples)]

@@ -1,15 +1,9 @@
-"""Evaluate a model on a task (batched generation, then the task's metrics) and on held-out text
-(bits per byte, masked loss).
+"""Evaluate a model on a task (batched generation, then metrics) and on held-out text (bpb, masked loss).
 
-    greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
-    result, notes = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
-    result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
-
-Metrics, each with a 95% bootstrap interval over examples: accuracy (greedy), cloze (multiple
-choice, nanostoney.cloze), answered (has an "Answer:" line), pass@k, and for open answers chrF++,
-MAUVE (sampled vs gold turns: it compares distributions) and COMET when installed (no interval).
-Batch b samples with seed + b over a fixed partition, so 1 process and torchrun agree. MAUVE's
-k-means runs on one thread: thread fights with torch's OpenMP made it slow, and one is reproducible.
+Every metric has a 95% bootstrap interval over examples: accuracy (greedy), cloze (nanostoney.cloze),
+answered ("Answer:" line), pass@k, and for open answers chrF++, MAUVE (sampled vs gold turns) and
+COMET (no interval). Batch b samples with seed + b, so 1 process and torchrun agree. MAUVE's k-means
+runs on one thread: fights with torch's OpenMP threads made it slow, and one is reproducible.
 """
 import contextlib
 import math
@@ -27,7 +21,8 @@ from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
-from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, mauve_score, pass_at_k, pass_at_k_by_task
+from nanostoney.metrics import (bootstrap_ci, chrf_pp_ci, comet_score, eval_mode, mauve_score, pass_at_k,
+                                pass_at_k_by_task)
 from nanostoney.published import resolve
 from nanostoney.tasks.base import stable_hash
 
@@ -37,9 +32,6 @@ OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "ration
 N_SHOWN = 3  # completions kept verbatim in the results, per task
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, autocast_dtype=None)  # info=None: this process alone
 
-
-# -----------------------------------------------------------------------------
-# examples and prompts
 
 def task_seed(seed, task_name):
     """Seed of one task's sampling: adding a task does not change another task's numbers."""
@@ -52,14 +44,10 @@ def powers_of_two(n):
     return ks + [n] if ks and ks[-1] != n else ks
 
 
-# -----------------------------------------------------------------------------
-# generation
-
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
                          top_k=None, max_new_tokens=256, seed=0, batch_size=32, desc=None):
-    """[[num_samples decoded completions] per prompt] on every rank (temperature 0 = greedy). Batch b
-    of batch_size // num_samples prompts draws with seed + b, within the rotary positions."""
+    """[[num_samples completions] per prompt] on every rank; batch b samples with seed + b."""
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     model, info = unwrap(model), info or ONE_PROCESS
     engine = Engine(model, tokenizer)
@@ -81,32 +69,25 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
         texts = [tokenizer.decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
         return [texts[j * num_samples:(j + 1) * num_samples] for j in range(len(chunk))]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         done = map_over_ranks(generate, list(range(len(batches))), info,
                               wrap=lambda idx: tqdm(idx, desc=desc, disable=info.rank != 0, leave=False))
-    finally:
-        model.train(was_training)
     return [c for part in done for c in part]
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):
-    """New tokens allowed on a task: its longest reference plus a margin, at most max_new_tokens (a
-    model that answers like the references is never cut short; one that rambles costs little)."""
+    """New tokens allowed on a task: its longest reference plus a margin, at most max_new_tokens."""
     longest = max(len(tokenizer.encode(ex["messages"][-1]["content"])) for ex in examples)
     return max(1, min(max_new_tokens, longest + margin))
 
 
 def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, temperature=1.0,
                   top_k=None, max_new_tokens=256, seed=0, batch_size=32):
-    """(greedy: [str per example], sampled: [[str] * num_samples per example], empty lists when
-    num_samples is 0), each at most length_budget(...) tokens."""
+    """(greedy [str], sampled [[str] * num_samples]) per example, within length_budget."""
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
     max_new_tokens = length_budget(tokenizer, examples, max_new_tokens)
-    greedy = generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
-                                  0, batch_size, desc=f"{task.name} greedy")
-    greedy = [g[0] for g in greedy]
+    greedy = [g[0] for g in generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
+                                                 0, batch_size, desc=f"{task.name} greedy")]
     if num_samples <= 0:
         return greedy, [[] for _ in examples]
     sampled = generate_completions(model, tokenizer, prompts, info, num_samples, temperature, top_k,
@@ -171,8 +152,7 @@ def by_depth(examples, correct, n_boot=1000, seed=0):
 
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
                comet=True, comet_model=None, cloze=None):
-    """(result, notes: what was skipped and why) of one task's completions. cloze: [0/1 per example]
-    (multiple choice); featurize(texts) -> (N, d) features for MAUVE, or None to skip it."""
+    """(result, notes) of one task; cloze: 0/1 per MC example; featurize: texts -> MAUVE features."""
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
     metrics = {"accuracy": mean_ci(correct, n_boot, seed)}
@@ -205,21 +185,18 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
                 notes.append(why)
             else:
                 metrics["comet"] = {"value": score, "ci95": None}
-    result = {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
-              "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
-              "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
-                              "n_correct_samples": [sum(s) for s in sample_correct],
-                              **({"cloze": list(cloze)} if cloze is not None else {})},
-              "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
-                           "reference": ex["messages"][-1]["content"], "greedy": g,
-                           "sampled": list(cs)}
-                          for ex, g, cs in list(zip(examples, greedy, sampled))[:N_SHOWN]]}
-    return result, notes
+    return {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
+           "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
+           "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
+                           "n_correct_samples": [sum(s) for s in sample_correct],
+                           **({"cloze": list(cloze)} if cloze is not None else {})},
+           "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
+                        "reference": ex["messages"][-1]["content"], "greedy": g, "sampled": list(cs)}
+                       for ex, g, cs in list(zip(examples, greedy, sampled))[:N_SHOWN]]}, notes
 
 
 def family_metrics(task_results, n_boot=1000, seed=0):
-    """Accuracy, cloze and pass@k pooled over the examples of each family's tasks (bigger tasks weigh
-    more), the controls (*_unseen) apart as "<family> control". task_results: {task: score_task result}."""
+    """Metrics pooled over the examples of each family's tasks, the controls apart ("<family> control")."""
     out = {}
 
     def group(r):
@@ -232,8 +209,7 @@ def family_metrics(task_results, n_boot=1000, seed=0):
         if all(c is not None for c in cloze):  # every member multiple choice
             entry["metrics"]["cloze"] = mean_ci([x for c in cloze for x in c], n_boot, seed)
         ns = {task_results[t]["n_samples"] for t in members}
-        if len(ns) == 1 and next(iter(ns)) > 0:
-            n = ns.pop()
+        if len(ns) == 1 and (n := ns.pop()) > 0:
             counts = [c for t in members for c in task_results[t]["per_example"]["n_correct_samples"]]
             for k in powers_of_two(n):
                 values = np.array([pass_at_k(n, c, k) for c in counts])
@@ -246,8 +222,7 @@ def family_metrics(task_results, n_boot=1000, seed=0):
 # during training: accuracy on chat tasks, bits per byte, masked loss
 
 def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16, texts=None):
-    """[0/1 per example]: greedy completions (length_budget) scored by task.evaluate, on every
-    rank. `texts`: a list that receives the completions."""
+    """[0/1 per example] of greedy completions on every rank; `texts` receives the completions."""
     if not examples:
         return []
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
@@ -259,15 +234,13 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
 
 
 def letter_answer(text):
-    """Is the completion's answer a bare option letter ("C", "(C)", "C.")? (An open question answered
-    in the multiple-choice format.)"""
+    """Is the answer a bare option letter ("C", "(C)")? (an open question answered as multiple choice)"""
     answer = answer_after(text)
     return answer is not None and parse_letter(answer) is not None and len(answer.strip(" ()[]*.:")) == 1
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95", "correct", "by_depth", "answered", "letter_answers"}}
-    for item_sets = {(task, split): examples}."""
+    """{(task name, split): {"n", "accuracy", "ci95", ...}} for {(task, split): examples}."""
     table = {}
     for (task, split), exs in item_sets.items():
         texts = []
@@ -288,42 +261,36 @@ def token_byte_lengths(tokenizer, device="cpu"):
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes, info):
-    """Bits per byte of the targets of (x, y) batches, all ranks (comparable across tokenizers);
-    special (0-byte) and ignored (-1) targets count in neither sum."""
-    was_training = model.training
-    model.eval()
+    """Bits per byte of the (x, y) batches' targets, all ranks; 0-byte and ignored targets left out."""
     stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, bytes
-    for x, y in batches:
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="none").reshape(-1).double()
-        y = y.reshape(-1)
-        counted = token_bytes[y.clamp(min=0)] * (y >= 0)
-        stats += torch.stack([(loss * (counted > 0)).sum(), counted.sum().double()])
+    with eval_mode(model):
+        for x, y in batches:
+            with autocast_ctx(info):
+                loss = model(x, y, loss_reduction="none").reshape(-1).double()
+            y = y.reshape(-1)
+            counted = token_bytes[y.clamp(min=0)] * (y >= 0)
+            stats += torch.stack([(loss * (counted > 0)).sum(), counted.sum().double()])
     nats, nbytes = all_reduce_sum(stats).tolist()
-    model.train(was_training)
     return float("nan") if nbytes == 0 else nats / (math.log(2) * nbytes)
 
 
 @torch.no_grad()
 def masked_loss(model, rows, pad_id, info, batch_size=16):
     """Mean loss (nats/token) over the assistant tokens of (ids, mask) rows, all ranks together."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     mine = rows[info.rank::info.world_size]
-    for i in range(0, len(mine), batch_size):
-        x, y = collate(mine[i:i + batch_size], pad_id, info.device)
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="sum")
-        total += torch.stack([loss.double(), (y >= 0).sum().double()])
+    with eval_mode(model):
+        for i in range(0, len(mine), batch_size):
+            x, y = collate(mine[i:i + batch_size], pad_id, info.device)
+            with autocast_ctx(info):
+                loss = model(x, y, loss_reduction="sum")
+            total += torch.stack([loss.double(), (y >= 0).sum().double()])
     all_reduce_sum(total)
-    model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 def named_checkpoints(specs):
-    """{name: local path} of NAME=PATH or PATH arguments, in order; a PATH is named by its folder (a
-    step dir "base@60"; a repeated folder name gets "-2"); hf:OWNER/NAME becomes its local copy."""
+    """{name: local path} of NAME=PATH or PATH (named by its folder, a step dir "base@60") arguments."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")

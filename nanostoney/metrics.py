@@ -1,9 +1,8 @@
-"""Evaluation metrics that work offline: pass@k, bootstrap intervals, tests of a difference, chrF, MAUVE, COMET.
-
-Every metric is deterministic given its inputs and seed. sacrebleu, mauve and comet are imported
-lazily (the training path needs none of them); MAUVE's features come from `model_features` (a
-GPT on disk), because mauve's own featuriser downloads gpt2-large.
+"""Evaluation metrics that work offline: pass@k, bootstrap intervals, tests of a difference, chrF,
+MAUVE (features from a GPT on disk: mauve's own featuriser downloads gpt2-large), COMET.
+Deterministic given inputs and seed; sacrebleu, mauve and comet are imported lazily.
 """
+import contextlib
 import functools
 import importlib.util
 import os
@@ -16,12 +15,22 @@ from nanostoney.errors import UserError
 from nanostoney.gpt import norm, unwrap
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 # -----------------------------------------------------------------------------
 # pass@k
 
 def pass_at_k(n, c, k):
-    """Unbiased pass@k (Chen et al. 2021, eq. 1): 1 - C(n-c, k) / C(n, k), as a running product
-    (no huge binomials)."""
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a running product."""
     if not (0 <= c <= n) or not (1 <= k <= n):
         raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
     if n - c < k:
@@ -30,8 +39,7 @@ def pass_at_k(n, c, k):
 
 
 def pass_at_k_by_task(correct_by_task, ks, n_boot=1000, seed=0, alpha=0.05):
-    """{task: {"n_problems", "n_samples", "pass@k": (point, lo, hi)}} from {task: [[bool per sample]
-    per problem]}; the interval resamples problems."""
+    """{task: {"n_problems", "n_samples", "pass@k": (point, lo, hi)}}; intervals resample problems."""
     table = {}
     for name, rows in correct_by_task.items():
         if not rows:
@@ -41,9 +49,7 @@ def pass_at_k_by_task(correct_by_task, ks, n_boot=1000, seed=0, alpha=0.05):
             raise ValueError(f"task {name!r}: every problem needs the same, non-zero number of samples")
         counts = [int(sum(bool(x) for x in r)) for r in rows]
         entry = {"n_problems": len(rows), "n_samples": n}
-        for k in ks:
-            if k > n:
-                continue
+        for k in [k for k in ks if k <= n]:
             values = np.array([pass_at_k(n, c, k) for c in counts])
             entry[f"pass@{k}"] = bootstrap_ci(values, n_boot=n_boot, seed=seed, alpha=alpha)
         table[name] = entry
@@ -59,8 +65,7 @@ def resample(n, n_boot, seed):
 
 
 def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
-    """(point, lo, hi): stat(values) and its percentile-bootstrap interval over the first axis (for a
-    corpus-level stat, values = np.arange(N)), widened to hold the point, which few items can miss."""
+    """(point, lo, hi): stat(values) and its percentile-bootstrap interval, widened to hold the point."""
     values = np.asarray(values)
     if values.shape[0] == 0:
         raise UserError("bootstrap_ci got no values; evaluate at least one example.")
@@ -75,8 +80,7 @@ def bootstrap_ci(values, stat=np.mean, n_boot=1000, seed=0, alpha=0.05):
 
 
 def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
-    """bootstrap_ci of the mean of every entry of values [N, ...] at once, on the same resamples (NaNs
-    left out), as one product of resample counts with the values."""
+    """bootstrap_ci of the mean of every entry of values [N, ...] at once (NaNs left out)."""
     v = np.asarray(values, dtype=np.float64)
     n = v.shape[0]
     flat = v.reshape(n, -1)
@@ -98,9 +102,7 @@ def bootstrap_means(values, n_boot=1000, seed=0, alpha=0.05):
 # tests of a difference of means, and the correction for testing many of them
 
 def mean_difference(a, b=None, paired=False, n_boot=10000, n_perm=9999, seed=0, alpha=0.05):
-    """{"diff", "lo", "hi", "p", "n"}: a difference of means, its bootstrap interval and a two-sided
-    permutation p (never below 1 / (1 + n_perm)). b None: mean(a) vs 0; paired: mean(a - b); else
-    two independent samples. NaNs (a pair with one) are left out."""
+    """{"diff", "lo", "hi", "p", "n"}: a difference of means (b None: vs 0), bootstrap and permutation."""
     a = np.asarray(a, dtype=np.float64)
     if b is not None and paired:
         b = np.asarray(b, dtype=np.float64)
@@ -133,8 +135,7 @@ def mean_difference(a, b=None, paired=False, n_boot=10000, n_perm=9999, seed=0, 
 
 
 def holm(pvalues):
-    """Holm-Bonferroni adjusted p-values, in the order given: family-wise error <= alpha under any
-    dependence."""
+    """Holm-Bonferroni adjusted p-values, in the order given."""
     p = np.asarray(pvalues, dtype=np.float64)
     m = p.size
     order = np.argsort(p, kind="stable")
@@ -159,9 +160,7 @@ def sentence_chrf(hypothesis, reference, word_order=0):
 
 
 def chrf_pp_ci(hyps, refs, n_boot=1000, seed=0, alpha=0.05):
-    """(point, lo, hi): corpus chrF++ (n-gram statistics pooled over pairs) and its bootstrap
-    interval over pairs. Per-pair statistics are extracted once and resamples only re-sum them,
-    as sacrebleu's own bootstrap does (through these two semi-private methods)."""
+    """(point, lo, hi): corpus chrF++ and its bootstrap over pairs (per-pair statistics re-summed)."""
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
         raise ValueError(f"chrf_pp_ci got {len(hyps)} hypotheses but {len(refs)} references")
@@ -180,8 +179,7 @@ def chrf_pp_ci(hyps, refs, n_boot=1000, seed=0, alpha=0.05):
 def mauve_score(p_features, q_features, seed=0, num_buckets="auto", kmeans_num_redo=5,
                 kmeans_max_iter=500, pca_max_data=-1, kmeans_explained_var=0.9,
                 mauve_scaling_factor=5):
-    """MAUVE (Pillutla et al. 2021) in (0, 1] between two (n, d) feature arrays; seeded k-means, so
-    the same number every run. Features are passed in: mauve never loads its own featuriser."""
+    """MAUVE (Pillutla et al. 2021) in (0, 1] between two (n, d) feature arrays; seeded."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     p, q = np.asarray(p_features, dtype=np.float32), np.asarray(q_features, dtype=np.float32)
@@ -202,8 +200,7 @@ def mauve_score(p_features, q_features, seed=0, num_buckets="auto", kmeans_num_r
 
 def model_features(model, tokenizer, texts, device=None, pool="mean", batch_size=16,
                    max_tokens=None):
-    """(N, n_embd) float32: the GPT's normed final hidden states (what lm_head reads) of <|bos|> + text
-    cut to max_tokens, mean-pooled or at the last token (MAUVE's paper). Right padding is harmless."""
+    """(N, n_embd) float32: the GPT's normed final hidden states, mean-pooled or at the last token."""
     model = unwrap(model)
     device = device or model.get_device()
     if pool not in ("mean", "last"):
@@ -213,26 +210,21 @@ def model_features(model, tokenizer, texts, device=None, pool="mean", batch_size
     max_tokens = max_tokens or model.config.sequence_len
     seqs = [([tokenizer.bos_id] + tokenizer.encode(t))[:max_tokens] for t in texts]
     feats = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(seqs), batch_size):
-                chunk = seqs[i:i + batch_size]
-                lens = torch.tensor([len(s) for s in chunk], device=device)
-                T = int(lens.max())
-                idx = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
-                for j, s in enumerate(chunk):
-                    idx[j, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-                h = norm(model.trunk(idx)).float()  # (B, T, C)
-                if pool == "mean":
-                    valid = (torch.arange(T, device=device)[None, :] < lens[:, None]).float()
-                    f = (h * valid[..., None]).sum(1) / lens[:, None].float()
-                else:
-                    f = h[torch.arange(len(chunk), device=device), lens - 1]
-                feats.append(f.cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            lens = torch.tensor([len(s) for s in chunk], device=device)
+            T = int(lens.max())
+            idx = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
+            for j, s in enumerate(chunk):
+                idx[j, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+            h = norm(model.trunk(idx)).float()  # (B, T, C)
+            if pool == "mean":
+                valid = (torch.arange(T, device=device)[None, :] < lens[:, None]).float()
+                f = (h * valid[..., None]).sum(1) / lens[:, None].float()
+            else:
+                f = h[torch.arange(len(chunk), device=device), lens - 1]
+            feats.append(f.cpu())
     return torch.cat(feats).numpy().astype(np.float32)
 
 
@@ -257,8 +249,7 @@ def _local_comet_checkpoint(model_path):
 
 
 def comet_score(srcs, hyps, refs, model_path=None, batch_size=8, gpus=0):
-    """(system score, "") when unbabel-comet and a checkpoint (model_path, else the offline HF cache's
-    COMET_MODEL) are on this machine, else (None, one sentence saying what is missing)."""
+    """(COMET system score, "") when installed with a local checkpoint, else (None, why not)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if importlib.util.find_spec("comet") is None:
         return None, "COMET skipped: the unbabel-comet package is not installed."

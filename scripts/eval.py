@@ -5,12 +5,9 @@
         --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
     torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
-The CPU default takes a few minutes for three depth-4 checkpoints on 2 cores. A checkpoint is a
-run, step or LoRA dir or a published model (nanochat, transformers NanoChat, hf:OWNER/NAME).
-Multiple-choice tasks also get cloze with another item's question and with none (chance for a
-model that reads its question). Metrics: nanostoney/evaluate.py. Output: the table, --out JSON
-(byte-identical for the same inputs) and W&B. MAUVE features come from each evaluated model
-unless --mauve-featurizer names one. Nothing is downloaded.
+A checkpoint is a run, step or LoRA dir, a nanochat / transformers NanoChat dir or hf:OWNER/NAME.
+Multiple-choice tasks also get cloze with another item's question and with none (chance for a model
+that reads its question). Output: the table, --out JSON and W&B. Nothing is downloaded.
 """
 import argparse
 import json
@@ -86,8 +83,7 @@ def parse_tasks(specs):
 
 
 def load_for_eval(path, device):
-    """(model, tokenizer, meta), LoRA adapters merged into the weights: the model is only
-    sampled here and never saved, so each adapted layer costs one matmul instead of three."""
+    """(model, tokenizer, meta), LoRA merged: sampled only, so one matmul per layer instead of three."""
     model, tok, meta = load_model(path, device=device)
     if tok is None:
         raise UserError(f"checkpoint {path} has no tokenizer; save it with its tokenizer/ (or put "
@@ -108,26 +104,21 @@ def fmt(metric, entry):
 
 
 def metric_order(names):
-    def key(m):
-        if m.startswith("pass@"):
-            return (2, int(m[5:]))
-        return ({"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}.get(m, 6), 0)
-    return sorted(names, key=key)
+    rank = {"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}
+    return sorted(names, key=lambda m: (2, int(m[5:])) if m.startswith("pass@") else (rank.get(m, 6), 0))
 
 
 def format_table(results, split):
     """One block per task (and per family), a row per checkpoint, a column per metric."""
+    ckpts = results["checkpoints"]
+    first = next(iter(ckpts.values()))
+    heads = [("tasks", t, f"{t} ({r['family']}, {r['kind']}; {split} n={r['n']})")
+             for t in results["config"]["tasks"] for r in [first["tasks"][t]]]
+    heads += [("families", f, f"{f} family, pooled over {', '.join(r['tasks'])} (n={r['n']})")
+              for f in sorted(first["families"]) for r in [first["families"][f]]]
     lines = []
-    ckpts = list(results["checkpoints"])
-    blocks = []
-    for task in results["config"]["tasks"]:
-        rows = [(c, results["checkpoints"][c]["tasks"][task]) for c in ckpts]
-        head = f"{task} ({rows[0][1]['family']}, {rows[0][1]['kind']}; {split} n={rows[0][1]['n']})"
-        blocks.append((head, rows))
-    for fam in sorted(results["checkpoints"][ckpts[0]]["families"]):
-        rows = [(c, results["checkpoints"][c]["families"][fam]) for c in ckpts]
-        blocks.append((f"{fam} family, pooled over {', '.join(rows[0][1]['tasks'])} (n={rows[0][1]['n']})", rows))
-    for head, rows in blocks:
+    for group, key, head in heads:
+        rows = [(c, r[group][key]) for c, r in ckpts.items()]
         metrics = metric_order({m for _, r in rows for m in r["metrics"]})
         table = [["checkpoint"] + metrics] + [[c] + [fmt(m, r["metrics"].get(m)) for m in metrics] for c, r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -140,23 +131,26 @@ def format_table(results, split):
     return "\n".join(lines)
 
 
+def metric_entries(results):
+    """[(checkpoint, task or family, its result, metric, {"value", "ci95"})] of every number."""
+    return [(c, t, tr, m, e) for c, r in results["checkpoints"].items() for group in ("tasks", "families")
+            for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+
+
 def flat_metrics(results):
     """{"ckpt/task/metric": value, ..._lo, ..._hi} for W&B."""
     out = {}
-    for c, r in results["checkpoints"].items():
-        for group in ("tasks", "families"):
-            for t, tr in r[group].items():
-                for m, e in tr["metrics"].items():
-                    out[f"{c}/{t}/{m}"] = e["value"]
-                    if e["ci95"]:
-                        out[f"{c}/{t}/{m}_lo"], out[f"{c}/{t}/{m}_hi"] = e["ci95"]
+    for c, t, _, m, e in metric_entries(results):
+        out[f"{c}/{t}/{m}"] = e["value"]
+        if e["ci95"]:
+            out[f"{c}/{t}/{m}_lo"], out[f"{c}/{t}/{m}_hi"] = e["ci95"]
     return out
 
 
 # -----------------------------------------------------------------------------
 
 def check_flags(args):
-    """(task names, {name: path}): bad flags fail before any slow work."""
+    """(task names, {name: path}, {what: input path}): bad flags fail before any slow work."""
     tasks_wanted = parse_tasks(args.tasks)
     ckpts = evaluate.named_checkpoints(args.checkpoints)
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
@@ -171,7 +165,7 @@ def check_flags(args):
                            inputs=inputs)
     cli.claim_out(log_dir(args), overwrite=args.overwrite, training=False, own=cli.SHARED_FILES, inputs=inputs,
                   flag="the log folder of --out")
-    return tasks_wanted, ckpts
+    return tasks_wanted, ckpts, inputs
 
 
 def log_dir(args):
@@ -248,20 +242,17 @@ def publish(args, results, config, ckpts, completions, timings, total):
     print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
     logger = from_args(args, config={**config, "checkpoints": ckpts}, out_dir=log_dir(args))
     logger.summary({**flat_metrics(results), "eval/time_s": total})
-    rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
-            for c, r in results["checkpoints"].items() for group in ("tasks", "families")
-            for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+    rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]] for c, t, tr, m, e in metric_entries(results)]
     logger.log_table("eval/results", ["checkpoint", "task", "metric", "value", "lo", "hi", "n"], rows)
     logger.finish()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tasks_wanted, ckpts = check_flags(args)
+    tasks_wanted, ckpts, inputs = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
-    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()}
-                 | {"--mauve-featurizer": args.mauve_featurizer})
+    check_shared(inputs)
     tasks = [get_task(n) for n in tasks_wanted]
     examples = {t.name: subset(t, args.split, args.max_examples) for t in tasks}
     featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None

@@ -1,15 +1,10 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, stoney_verb.py, arith.py, aqua.py,
-gsm8k.py, mmlu.py).
+"""Tasks: conversations with verifiers, one file per family.
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
     task.prompt(ex)                          # messages without the gold assistant turn
-    task.reward(ex, completion)              # float in [0, 1]
-    task.evaluate(ex, completion)            # bool
-
-Every gold assistant turn reads "<think>{reasoning}</think>\\nAnswer: {answer}" (stoney_qa keeps the
-original text, its chrF reference). Splits are deterministic and disjoint by *source* (conversation
-or problem). `python -m nanostoney.tasks` prints split sizes and an example per task.
+    task.reward(ex, completion)              # float in [0, 1]; task.evaluate(ex, completion): bool
+Splits are deterministic and disjoint by *source*. `python -m nanostoney.tasks` shows each task.
 """
 from nanostoney.sources import SOURCES
 from nanostoney.errors import UserError
@@ -31,8 +26,7 @@ _BUILT = {}
 
 
 def get_task(name, source="bundled", data_dir=None):
-    """The task called `name`, cached per process. source: "bundled" (the files under data/), "hub" (the
-    hub's training pool) or "auto" (hub if reachable, else bundled); data_dir: one laid out like data/."""
+    """The task called `name`, cached; source "bundled" (data/), "hub" or "auto" (hub if reachable)."""
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; valid tasks are {', '.join(TASK_NAMES)}.")
     if source not in SOURCES:
@@ -44,7 +38,6 @@ def get_task(name, source="bundled", data_dir=None):
 
 
 def sources_for_tasks(task_names, source="bundled", data_dir=None):
-    """The source files (or hf:// ids) behind the given tasks, for the governance gate: derived data
-    inherits its source's status, so gate these, not the task names."""
+    """The source files (or hf:// ids) behind the tasks: derived data inherits its source's status."""
     return list(dict.fromkeys(s for name in task_names for s in get_task(name, source, data_dir).sources()))
 

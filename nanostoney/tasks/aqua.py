@@ -1,8 +1,6 @@
-"""AQuA-RAT: algebra word problems with five options and a rationale (the <think> block).
-
-The options are reordered to put the gold on a balanced letter (the original is skewed), and
-letters the rationale names follow their options. Splits: the bundled dev set (or the hub's) is
-train; the bundled test set is cut into val and test by a hash of the question.
+"""AQuA-RAT: algebra word problems with five options and a rationale (the <think> block). The options
+are reordered to put the gold on a balanced letter, and letters the rationale names follow them.
+Splits: the bundled dev set (or the hub's) is train; the test set is cut into val and test by hash.
 """
 import functools
 import random
@@ -20,8 +18,7 @@ REF_RE = re.compile(r"\b(" + _REF + r")([A-E])\b", re.I)
 
 
 def relabel(problem, target):
-    """The problem with the gold at letter `target` (the wrong options in a fixed pseudo-random order)
-    and the rationale's letters renamed to match."""
+    """The problem with the gold at letter `target` and the rationale's letters renamed to match."""
     old = problem["choices"]
     gold = LETTERS.index(problem["answer"])
     wrong = [i for i in range(5) if i != gold]
@@ -84,10 +81,8 @@ def sources(source="bundled", data_dir=None):
     """The files (and hub id) behind aqua_mc, known without loading except for "auto"."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
-    held = str(bundled_path("aqua", "heldout", data_dir))
-    if source == "hub":
-        return [hub_label("aqua"), held]
-    return [str(bundled_path("aqua", "train", data_dir)), held]
+    train = hub_label("aqua") if source == "hub" else str(bundled_path("aqua", "train", data_dir))
+    return [train, str(bundled_path("aqua", "heldout", data_dir))]
 
 
 class AquaMC(MCTask):

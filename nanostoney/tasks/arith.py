@@ -1,9 +1,8 @@
 """Arithmetic word problems a small model can learn: generated, multi-step, exactly verified.
 
 - arith:    open numeric answer, compared as a number.
-- arith_mc: five sorted numeric options, each wrong one the question misread, then solved
-  correctly, with its own rationale (example["option_rationales"]). Every chain line is a true
-  equation, so a line checker is at chance; the gold's rank (= letter) is balanced.
+- arith_mc: five sorted numeric options, each wrong one the question misread, then solved right,
+  with its own rationale (every chain line a true equation); the gold's rank (letter) is balanced.
 
     Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
     How many shells does Mia have now?
@@ -11,17 +10,16 @@
     Mia gives away half of the shells: 12 / 2 = 6</think>
     Answer: 6
 
-A chain line re-reads its step's sentence first, so the operand is copied (induction), not looked
-up (docs/science_log.md, "Issue 25"). Values stay in 1..99. A hash of (template, numbers) picks
-the split (80/10/10) and the wording, so a held-out combination is in no training text. Problems
-come from a fixed seed; the gate checks them as GATE_NAME (data/SOURCE_MANIFEST.yml).
+A chain line re-reads its step first, so the operand is copied, not looked up (docs/science_log.md,
+"Issue 25"). A hash of (template, numbers) picks the split and the wording; the gate checks GATE_NAME.
 """
 import functools
 import random
 import re
 
 from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
-from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
+from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash,
+                                   stable_hash)
 
 GATE_NAME = "generated://nanostoney/arith"
 DEPTHS = (1, 2, 3, 4)
@@ -73,20 +71,10 @@ def run(start, steps):
     return values
 
 
-def rationale(start, steps, values, phrases=None):
-    """One line per step, "Mia sells 3 stamps: 12 - 3 = 9": the step's sentence (phrases[i], if given),
-    then its equation."""
-    lines, a = [], start
-    for i, ((op, n), v) in enumerate(zip(steps, values)):
-        equation = f"{a} {op} {n} = {v}"
-        lines.append(f"{phrases[i]}: {equation}" if phrases else equation)
-        a = v
-    return "\n".join(lines)
-
-
-def step_phrases(template, operands, name, obj):
-    """The question's sentence of each step without its full stop: what a chain line re-reads."""
-    return [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
+def rationale(start, steps, values, phrases):
+    """One line per step: its sentence, then its equation ("Mia sells 3 stamps: 12 - 3 = 9")."""
+    return "\n".join(f"{ph}: {a} {op} {n} = {v}"
+                     for ph, a, (op, n), v in zip(phrases, [start] + values[:-1], steps, values))
 
 
 def sample_problem(rng, depth):
@@ -105,7 +93,8 @@ def make_problem(template, start, operands):
     steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
     values = run(start, steps)
     opening = START.format(name=name, n=start, obj=obj)
-    phrases = step_phrases(template, operands, name, obj)
+    # each step's sentence without its full stop: what a chain line re-reads
+    phrases = [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
     text = " ".join([opening] + [f"{s}." for s in phrases] + [QUESTION.format(name=name, obj=obj)])
     return {"key": key, "source_id": "arith:" + short_id(key), "question": text, "depth": len(template),
             "opening": opening, "start": start, "steps": steps, "values": values, "final": values[-1],
@@ -114,14 +103,12 @@ def make_problem(template, start, operands):
 
 
 def generate(quota=None, seed=SEED):
-    """{split: [problem]}: per depth, (template, numbers) drawn from a seeded stream, each filed under
-    the split its hash names, until every split has its quota (or the combinations run out)."""
+    """{split: [problem]}: per depth, seeded draws filed under their hash split until quotas fill."""
     quota = quota or QUOTA
     out = {s: [] for s in quota}
     for depth in DEPTHS:
         rng = random.Random(f"{seed}/{depth}")
-        seen, have = set(), {s: 0 for s in quota}
-        misses = 0
+        seen, have, misses = set(), {s: 0 for s in quota}, 0
         while any(have[s] < quota[s] for s in quota) and misses < 20_000:
             drawn = sample_problem(rng, depth)
             if drawn is None or drawn in seen:
@@ -146,9 +133,7 @@ def load_problems():
 # wrong answers: chains whose every line is true, wrong only by how the question was read
 
 def misreadings(p):
-    """{kind: [(start, steps)]}: the question misread, each reading computed correctly: a step's
-    number or the start read as another number of the question or a nearby one (a doubling's 2 as
-    3), one or every step of an operation wrong, a step skipped or repeated, the last steps left out."""
+    """{kind: [(start, steps)]}: the question misread (a number, an operation, a step), solved right."""
     start, steps = p["start"], p["steps"]
     numbers = {int(x) for x in re.findall(r"\d+", p["question"])}
     out = {"operand": [], "start": [], "operation": [], "skipped": [], "repeated": [], "stopped": []}
@@ -179,21 +164,15 @@ def wrong_chains(p):
             if not values or values[-1] == p["final"] or key in seen:
                 continue
             seen.add(key)
-            out.append((values[-1], rationale(start, steps, values, misread_phrases(p, steps))))
+            # each line re-reads its step as the misreading tells it: only the question shows the slip
+            phrases = [told(p, i, op, n) for i, (op, n) in enumerate(steps)]
+            out.append((values[-1], rationale(start, steps, values, phrases)))
     return out
 
 
-def misread_phrases(p, steps):
-    """The sentence each line of a misread chain re-reads, as the misreading tells it: the chain agrees
-    with itself, and only the question shows the misreading."""
-    return [told(p, i, op, n) for i, (op, n) in enumerate(steps)]
-
-
 def told(p, i, op, n):
-    """Step (op, n) in words: by the question's template at i if it can tell it, else the first of the
-    question's templates, then of all templates, that can."""
-    order = tuple(p["template"][i:i + 1]) + tuple(p["template"]) + tuple(range(len(STEPS)))
-    for t in order:
+    """Step (op, n) in words: by the question's template at i if it can, else the first that can."""
+    for t in (*p["template"][i:i + 1], *p["template"], *range(len(STEPS))):
         sop, fixed, text = STEPS[t]
         if sop == op and fixed in (None, n):
             return text.format(name=p["name"], n=n, obj=p["obj"]).rstrip(".")
@@ -214,9 +193,7 @@ def _lines(why):
 
 
 def choose_options(p, rank):
-    """The five sorted (value, rationale) with the gold `rank`-th smallest, or None when the
-    candidates cannot place it there. Distractors as long as the gold come first (the line count
-    tells nothing), then a fixed pseudo-random order (nearest first would centre the gold)."""
+    """The five sorted (value, why), gold `rank`-th, same-length chains first, then a hash order."""
     g, cands = p["final"], candidates(p)
     order = sorted(cands, key=lambda v: (_lines(cands[v]) != p["depth"], stable_hash(f"{p['key']}/{v}")))
     low = [v for v in order if v < g][:rank]
@@ -254,11 +231,9 @@ class Arith(ArithTask):
         return {s: [self._example(p) for p in probs] for s, probs in load_problems().items()}
 
     def _example(self, p):
-        return {"id": "arith/" + p["source_id"], "source_id": p["source_id"], "depth": p["depth"],
-                "messages": [{"role": "user", "content": p["question"]},
-                             {"role": "assistant", "content": answer_text(p["final"], p["rationale"])}],
-                "answer": format_number(p["final"]), "regions": {"question": (0, len(p["question"]))},
-                "wrong_answers": [answer_text(v, why) for v, why in _distinct_wrong(p)]}
+        return open_example("arith/" + p["source_id"], p["source_id"], p["question"], p["rationale"],
+                            format_number(p["final"]), depth=p["depth"],
+                            wrong_answers=[answer_text(v, why) for v, why in _distinct_wrong(p)])
 
     def evaluate(self, example, completion):
         return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))

@@ -34,16 +34,14 @@ def split_by_hash(key, val=0.1, test=0.1):
 
 
 def normalize(text):
-    """Case-folded, whitespace-collapsed, trimmed of edge punctuation and quotes, diacritics KEPT
-    (î â û ṯ ẖ are distinct Stoney sounds); NFC on both sides of casefold."""
+    """Case-folded, spaces collapsed, edge punctuation trimmed, diacritics KEPT (distinct Stoney sounds)."""
     text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
     text = " ".join(text.split())
     return text.strip(" \t\n.,;:!?\"'`“”‘’()[]{}*_")
 
 
 def user_regions(system, user, regions):
-    """(user text as the tokenizer shows it, with the system message folded in; `regions` of `user`
-    shifted to it, plus a "system" span)."""
+    """(user text with the system message folded in as the tokenizer does, regions shifted to it)."""
     if not system:
         return user, dict(regions)
     shift = len(system) + len(SYSTEM_JOIN)
@@ -67,6 +65,13 @@ def render_mc(question, choices):
     return text, regions
 
 
+def open_example(eid, source_id, question, reasoning, answer, **extra):
+    user = [{"role": "user", "content": question}]
+    return {"id": eid, "source_id": source_id, **extra,
+            "messages": user + [{"role": "assistant", "content": format_answer(reasoning, answer)}],
+            "answer": answer, "regions": {"question": (0, len(question))}}
+
+
 def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **extra):
     user, regions = render_mc(question, choices)
     return {"id": eid, "source_id": source_id,
@@ -76,9 +81,7 @@ def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **ex
 
 
 class Task(abc.ABC):
-    """Examples per split (built once), a prompt, a reward in [0, 1] and a verifier. Subclasses set
-    name/family/kind and implement _build and sources. A control task asks about items no training
-    text holds: it has no train split and must score at chance."""
+    """Examples per split, a prompt, a reward in [0, 1] and a verifier; a control has no train split."""
     name = family = kind = None
     control = False
 
@@ -139,8 +142,7 @@ class MCTask(Task):
 # surface-cue baselines: pickers that never read the meaning. Each should be near 20%.
 
 def _best(scores):
-    """Indices of the best score, all of them when tied: a tie scores as a random choice among the
-    tied options, so a picker earns nothing from the letter order."""
+    """Indices of the best score, all when tied (a tie is a random choice: nothing from letter order)."""
     top = max(scores)
     return [i for i, x in enumerate(scores) if x == top]
 
@@ -151,8 +153,7 @@ def _ngrams(text, n=3):
 
 
 def _worked(ex):
-    """Each option's answer as a model would write it: its own rationale where the task has one
-    (arith_mc's chains: what cloze scoring reads), else the option text."""
+    """Each option's answer as written: its own rationale where the task has one, else the option."""
     return [ex.get("option_rationales", {}).get(L, c) for L, c in zip(LETTERS, ex["choices"])]
 
 
@@ -198,8 +199,7 @@ def equation_true(a, op, b, c):
 
 
 def pick_line_checker(ex):
-    """The options whose worked chain has the fewest false "a op b = c" lines: a checker that
-    never reads the question (None: no option has such a line)."""
+    """The options whose worked chain has the fewest false "a op b = c" lines (None: no such line)."""
     found = [EQUATION_RE.findall(w) for w in _worked(ex)]
     if not any(found):
         return None
@@ -218,15 +218,13 @@ PICKERS = {"line_checker": pick_line_checker,
 
 
 def answer_prior(train):
-    """The "answer alone" picker: the options most often gold in `train`, never reading the question
-    (what a model that memorised the training answers, not the facts, would pick)."""
+    """The "answer alone" picker: the options most often gold in `train`, never reading the question."""
     counts = collections.Counter(normalize(ex["choices"][LETTERS.index(ex["answer"])]) for ex in train)
     return lambda ex: _best([counts[normalize(c)] for c in ex["choices"]])
 
 
 def baselines(examples, train=None):
-    """{baseline: accuracy} over MC examples: each letter always, each surface-cue picker over the
-    examples it applies to (not median on words) and, given `train`, the answer prior."""
+    """{baseline: accuracy} of each letter, each picker where it applies and, given train, the prior."""
     out = {f"always_{L}": sum(ex["answer"] == L for ex in examples) / len(examples) for L in LETTERS}
     pickers = dict(PICKERS, **({"answer_prior": answer_prior(train)} if train else {}))
     for name, pick in pickers.items():
@@ -237,12 +235,10 @@ def baselines(examples, train=None):
 
 
 # -----------------------------------------------------------------------------
-# the model baselines that never read the question (scored by cloze in scripts.eval): a model that
-# reads its question is at chance on both; one that completes a remembered sentence is not.
+# the model baselines that never read the question (cloze in scripts.eval): chance for a model that reads it
 
 def with_other_question(examples, salt="other-question"):
-    """Each example with another example's prompt (a derangement in hash order, within its direction),
-    its own options, worked answers and gold."""
+    """Each example with another's prompt (a derangement in hash order within its direction)."""
     groups = {}
     for i, ex in enumerate(examples):
         groups.setdefault(ex.get("direction"), []).append(i)

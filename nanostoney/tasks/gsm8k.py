@@ -1,18 +1,15 @@
 """GSM8K word problems: gsm8k (open numeric answer) and gsm8k_mc (five sorted options), same splits.
-
-gsm8k_mc's wrong options are numbers a wrong step gives: the calculation chain re-run with one
-operator slipped, its intermediate results, scale slips last; the gold's rank (= letter) is
-balanced. Splits: a hashed ~7% of the bundled train file is val, the test file test, the rest
-(or the hub's) train, never a held-out problem.
+gsm8k_mc's wrong options are numbers a wrong step gives (an operator slipped and carried through, an
+intermediate result, a scale slip); the gold's rank (= letter) is balanced. Val: a hashed ~7% of train.
 """
 import functools
 import operator
 import re
 
-from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
+from nanostoney.answers import LETTERS, answer_after, format_number, numbers_equal, parse_number
 from nanostoney.errors import UserError
 from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
-from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash
+from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash
 
 CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 SAFE_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")
@@ -24,9 +21,8 @@ def split_answer(answer_text):
     body, sep, final = answer_text.rpartition("####")
     if not sep:
         return None, None
-    body = CALC_RE.sub("", body).strip()
     value = parse_number(final)
-    return body, (format_number(value) if value is not None else None)
+    return CALC_RE.sub("", body).strip(), (format_number(value) if value is not None else None)
 
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -35,8 +31,7 @@ TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|(.))")
 
 @functools.lru_cache(maxsize=65536)
 def _eval(expr):
-    """Value of an arithmetic expression (+ - * / parentheses, unary minus), or None: a recursive-descent
-    parser, safe on any input and much faster than eval()."""
+    """Value of an arithmetic expression, or None: a recursive-descent parser, safe and faster than eval."""
     if not SAFE_EXPR.match(expr):
         return None
     tokens = [(float(n) if n else op) for n, op in TOKEN_RE.findall(expr) if n or op.strip()]
@@ -52,7 +47,7 @@ def _eval(expr):
         if t == "-":
             return -atom()
         if t == "(":
-            v = sum_()
+            v = level()
             if peek() != ")":
                 raise ValueError
             pos += 1
@@ -61,23 +56,17 @@ def _eval(expr):
             return t
         raise ValueError
 
-    def level(operand, ops):  # operand (op operand)*, left to right
+    def level(k=0):  # k = 0: a sum of products, k = 1: a product of atoms; left to right
         nonlocal pos
-        v = operand()
-        while peek() in ops:
+        v = level(1) if k == 0 else atom()
+        while peek() in (("+", "-"), ("*", "/"))[k]:
             op = peek()
             pos += 1
-            v = OPERATORS[op](v, operand())
+            v = OPERATORS[op](v, level(1) if k == 0 else atom())
         return v
 
-    def product():
-        return level(atom, ("*", "/"))
-
-    def sum_():
-        return level(product, ("+", "-"))
-
     try:
-        v = sum_()
+        v = level()
     except (ValueError, ZeroDivisionError, OverflowError):
         return None
     return v if pos == len(tokens) and abs(v) < 1e15 else None
@@ -90,8 +79,7 @@ def calc_steps(answer_text):
 
 
 def _rerun(steps, i, new_value):
-    """Final value of the chain when step i yields `new_value`: later steps that write an earlier
-    result use the wrong one instead."""
+    """Final value of the chain when step i yields `new_value`, carried into the later steps."""
     wrong = {steps[i][1]: new_value}
     value = new_value
     for expr, old in steps[i + 1:]:
@@ -122,8 +110,7 @@ def wrong_answers(steps, gold_value):
 
 
 def choose_options(gold_value, candidates, rank):
-    """The five sorted options with the gold `rank`-th smallest, or None when the candidates cannot
-    place it there. Distractors keep the gold's kind (whole, non-negative, magnitude), no duplicates."""
+    """The five sorted options, gold `rank`-th smallest, distractors of its kind; None if impossible."""
     whole = abs(gold_value - round(gold_value)) < 1e-9
     seen, below, above = {round(gold_value, 6)}, [], []
     for v in candidates:
@@ -203,13 +190,8 @@ class GSM8K(GSM8KTask):
     name, kind = "gsm8k", "numeric"
 
     def _build(self):
-        return {split: [self._example(p) for p in probs] for split, probs in self.problems().items()}
-
-    def _example(self, p):
-        return {"id": "gsm8k/" + p["source_id"], "source_id": p["source_id"],
-                "messages": [{"role": "user", "content": p["question"]},
-                             {"role": "assistant", "content": format_answer(p["rationale"], p["final"])}],
-                "answer": p["final"], "regions": {"question": (0, len(p["question"]))}}
+        return {split: [open_example("gsm8k/" + p["source_id"], p["source_id"], p["question"], p["rationale"],
+                                     p["final"]) for p in probs] for split, probs in self.problems().items()}
 
     def evaluate(self, example, completion):
         return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
@@ -222,8 +204,7 @@ class GSM8KMC(GSM8KTask, MCTask):
         return {split: self._mc(probs) for split, probs in self.problems().items()}
 
     def _mc(self, problems):
-        """The options each problem allows per gold rank; the most constrained problems choose first,
-        each its least-used feasible rank. Options are sorted, so the rank is the letter."""
+        """Per problem its least-used feasible gold rank, most constrained first (the rank is the letter)."""
         slots = balanced_slots([p["source_id"] for p in problems], salt="gsm8k_mc")
         feasible = []
         for p in problems:

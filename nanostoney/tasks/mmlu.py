@@ -1,10 +1,6 @@
-"""MMLU in Yoruba (openai/MMMLU, YO_NG) and in English (cais/mmlu): four options, the same 14,042
-questions in two languages, so language is the only change.
-
-Both keep MMLU's per-subject order, so an item is "mmlu:<subject>:<k>" in both and they share
-splits (80/10/10 by id hash); check_alignment tests this on the real files (a misaligned row
-agrees on the gold one time in four). Read from a local copy under data/ (either schema), else the
-hub. No rationales; the options keep their order ("all of the above" would not survive a shuffle).
+"""MMLU in Yoruba (openai/MMMLU, YO_NG) and English (cais/mmlu): the same four-option questions in two
+languages, both in MMLU's per-subject order, so an item is "mmlu:<subject>:<k>" in both (check_alignment
+tests this). Read from a local copy under data/, else the hub; options keep their order.
 """
 import collections
 import csv

@@ -1,9 +1,6 @@
-"""Stoney Nakoda tasks over the bundled conversations (stoney_corpus.py).
-
-- stoney_qa: the conversations; reward = chrF / 100 against the original answer.
-- stoney_lexicon: term <-> gloss pairs asked both ways; exact match after normalize.
-- stoney_mc: the pairs with five options: other pairs of the same kind, never one that could also
-  be right, with the gold's length rank balanced ("pick the longest" stays at 20%).
+"""Stoney Nakoda tasks over the bundled conversations (stoney_corpus.py): stoney_qa (the conversations,
+reward = chrF / 100), stoney_lexicon (term <-> gloss pairs asked both ways, exact match after
+normalize) and stoney_mc (five options of the same kind, the gold's length rank balanced).
 """
 import bisect
 import collections
@@ -13,13 +10,12 @@ import re
 from nanostoney.answers import LETTERS, answer_part, format_answer
 from nanostoney.metrics import sentence_chrf
 from nanostoney.sources import bundled_path, hub_label
-from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, normalize, short_id, stable_hash,
-                                   user_regions)
+from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, normalize, open_example, short_id,
+                                   stable_hash, user_regions)
 from nanostoney.tasks.stoney_corpus import CONTROL, EXTRACTION, coarse_kind, load_corpus
 
 def sources(source="bundled", data_dir=None):
-    """The file (and hub id) behind the Stoney tasks, known without loading (the gate refuses the hub
-    set before it is downloaded), except for "auto"."""
+    """The file (and hub id) behind the Stoney tasks, known without loading except for "auto"."""
     if source == "auto":
         return list(load_corpus(source, data_dir)["sources"])
     path = str(bundled_path("stoney", "all", data_dir))
@@ -70,10 +66,8 @@ def english_key(text):
     return re.sub(r"^(?:to|a|an|the)\s+", "", normalize(text))
 
 
-# (question, gold reasoning) per task kind and direction. The question is phrased unlike every
-# pretraining sentence, so a held-out question never starts a sentence the model read; the answer
-# never restates the question's side, so the answer alone says nothing (cloze with another item's
-# question is at chance).
+# (question, gold reasoning): the question is unlike every pretraining sentence, and the answer never
+# restates the question's side, so the answer alone says nothing.
 Q_S2E = "Translate `{term}` from Stoney Nakoda into English."
 Q_E2S = "Translate '{gloss}' from English into Stoney Nakoda."
 LEXICON_TEXTS = {("open", "s2e"): (Q_S2E, "Looking up `{term}`."),
@@ -83,8 +77,7 @@ LEXICON_TEXTS = {("open", "s2e"): (Q_S2E, "Looking up `{term}`."),
 
 
 def lexicon_texts(kind, item, letter=None, choice=None):
-    """(question, gold reasoning) of a lexicon item; choice: an option asserted in the answer's place
-    (the reasoning that argues for a distractor)."""
+    """(question, gold reasoning) of an item; choice: an option asserted in the answer's place."""
     question, reasoning = LEXICON_TEXTS[(kind, item["dir"])]
     words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
     if choice is not None:
@@ -114,12 +107,9 @@ class StoneyLexicon(StoneyTask):
         return {s: [self._example(it) for it in _lexicon_items(pairs)] for s, pairs in self.parts("lexicon").items()}
 
     def _example(self, it):
-        question, reasoning = lexicon_texts(self.kind, it)
-        return {"id": f"{self.name}/{it['dir']}/{short_id(it['key'])}", "source_id": it["sources"][0],
-                "source_ids": it["sources"], "direction": it["dir"],
-                "messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": format_answer(reasoning, it["answer"])}],
-                "answer": it["answer"], "aliases": it["aliases"], "regions": {"question": (0, len(question))}}
+        return open_example(f"{self.name}/{it['dir']}/{short_id(it['key'])}", it["sources"][0],
+                            *lexicon_texts(self.kind, it), it["answer"], source_ids=it["sources"],
+                            direction=it["dir"], aliases=it["aliases"])
 
     def evaluate(self, example, completion):
         got = answer_part(completion)
@@ -137,16 +127,14 @@ def _content_words(text):
 
 
 class _Pool:
-    """Candidate options (text, info) of one kind sorted by length (ties by hash): distractors of
-    nearly the gold's length are found walking outwards from the gold's place."""
+    """Candidate options (text, info) sorted by length: distractors are found walking out from the gold."""
 
     def __init__(self, entries):
         self.items = sorted(((len(t), stable_hash(t), t, info) for t, info in entries), key=lambda x: x[:2])
         self.keys = [x[:2] for x in self.items]
 
     def pick(self, gold_text, rank, ok, distinct_endings=False):
-        """Four texts with the gold the `rank`-th shortest of five, nearest lengths first, each passing
-        ok(info). distinct_endings: no two of the five share their last two letters."""
+        """Four texts passing ok, the gold `rank`-th shortest of five; distinct_endings: no shared ending."""
         g = (len(gold_text), stable_hash(gold_text))
         i = bisect.bisect_left(self.keys, g)
         shorter, longer, seen = [], [], {normalize(gold_text)}
@@ -223,8 +211,7 @@ class StoneyMC(StoneyTask, MCTask):
         return sorted(out, key=lambda ex: ex["id"])
 
     def _distractors(self, it, info, pools, rank):
-        """Other pairs' glosses (s2e) or terms (e2s) of the gold's kind, never one that could also be
-        right (a term with the gold's gloss, a gloss sharing a content word with the gold's)."""
+        """Same-kind glosses (s2e) or terms (e2s), never one that could also be right."""
         me = info[it["pair"]["term_key"]]
         aliases = set(it["aliases"])
         words = set().union(*(info[a]["words"] for a in aliases if a in info), me["words"])

@@ -1,13 +1,9 @@
 """The Stoney Nakoda corpus behind the Stoney tasks: the bundled conversations, the lexicon pulled
-out of them, and their split into parts (GROUP_PARTS).
-
-Splits follow knowledge extraction (Physics of Language Models, Part 3.1): conversations grouped
-(union-find) by the terms they mention and the glosses they share go to one part each. The
-EXTRACTION parts' conversations are pretraining text, but SFT and RL ask only about train; the
-CONTROL parts (unseen_*) are in no training text, and the *_unseen tasks must stay at chance.
-The extractor keeps a pair only when the text states it in one of a few shapes (`term` (gloss),
-"term" means 'gloss', the word for "gloss" is `term`, a Q/A quoting one of each, ...); which
-side is Stoney is judged from the corpus itself (Lang). data/README.md gives the measured precision.
+out of them, and their split into parts (GROUP_PARTS), after knowledge extraction (Physics of
+Language Models, Part 3.1): conversation groups (union-find over shared terms and glosses) go to one
+part each. EXTRACTION parts are pretraining text, but SFT and RL ask only about train; CONTROL parts
+are in no training text (chance). A pair is kept only when the text states it in one of a few shapes
+(`term` (gloss), "term" means 'gloss', ...); which side is Stoney is judged from the corpus (Lang).
 """
 import collections
 import functools
@@ -99,9 +95,7 @@ def _trigrams(word):
 
 
 class Lang:
-    """Which language a span is in: "s" (Stoney), "e" (English) or None, learned from the corpus:
-    English words are the unquoted prose's (in 2+ conversations), Stoney words those of quoted spans
-    with Stoney letters; any other word is judged by a character-trigram model of each side."""
+    """Which language a span is in ("s", "e" or None), learned from the corpus: no word list needed."""
 
     def __init__(self, convs):
         prose_seen, stoney = collections.Counter(), collections.Counter()
@@ -153,8 +147,7 @@ class Lang:
 
 
 def clean(text):
-    """A term or gloss with its whitespace collapsed, edge punctuation trimmed and a sentence-initial
-    capital undone ("Gathkâch" -> "gathkâch"; a text with more capitals, a name or "I", is kept)."""
+    """A term or gloss tidied, a sentence-initial capital undone ("Gathkâch" -> "gathkâch")."""
     text = " ".join(text.strip().strip(".,;:!?").split())
     if len(text) > 1 and text[0].isupper() and not any(ch.isupper() for ch in text[1:]) \
             and not re.match(r"I\b", text):
@@ -267,8 +260,7 @@ def _clean_pair(term, gl, rule):
 
 
 def extract_qa_pair(conv, lang):
-    """A pair stated by the exchange itself: the question quotes one English gloss and asks for a
-    term, the answer quotes exactly one Stoney term (or the reverse)."""
+    """A pair stated by the exchange: a question quoting one gloss (term), the answer one term (gloss)."""
     qs = [(s[2], lang(s[2])) for s in _spans(conv["user"])]
     ans = [(s[2], lang(s[2])) for s in _spans(conv["assistant"])]
     q_e = {normalize(t) for t, tag in qs if tag == "e"}
@@ -290,8 +282,7 @@ POS_WORD_RE = re.compile(r"\b(noun|verb|adjective|adverb)s?\b", re.I)
 
 
 def pos_near(text, term):
-    """The one part of speech (noun, verb, adjective, adverb) named in the sentence where `term` first
-    appears, else None."""
+    """The one part of speech named in the sentence where `term` first appears, else None."""
     i = text.casefold().find(term.casefold())
     if i < 0:
         return None
@@ -303,8 +294,7 @@ def pos_near(text, term):
 
 
 def gloss_kind(gloss, pos=None):
-    """The kind a distractor must share: "verb" for a "to ..." gloss, else the stated part of speech,
-    else "word"/"phrase" by the gloss's length."""
+    """The kind a distractor must share: "verb" ("to ..."), the stated part of speech, word or phrase."""
     g = normalize(gloss)
     if g.startswith("to "):
         return "verb"
@@ -319,8 +309,7 @@ def coarse_kind(kind):
 
 
 def build_lexicon(convs):
-    """[{term, gloss, kind, sources, ...}] with one entry per term: its most frequent gloss (a "to ..."
-    one, then the shorter, first on ties), each in its most frequent spelling."""
+    """One pair per term: its most frequent gloss, each side in its most frequent spelling."""
     lang = Lang(convs)
     glosses = collections.defaultdict(collections.Counter)   # term key -> gloss -> count
     spellings = collections.defaultdict(collections.Counter)
@@ -330,10 +319,8 @@ def build_lexicon(convs):
     pos = collections.defaultdict(collections.Counter)
     for c in convs:
         for text in (c["user"], c["assistant"]):
-            pairs = extract_pairs(text, lang)
-            if text is c["assistant"]:
-                qa = extract_qa_pair(c, lang)
-                pairs += [qa] if qa else []
+            qa = extract_qa_pair(c, lang) if text is c["assistant"] else None
+            pairs = extract_pairs(text, lang) + ([qa] if qa else [])
             for term, gl, rule in pairs:
                 key = normalize(term)
                 glosses[key][normalize(gl)] += 1
@@ -387,8 +374,7 @@ MAX_MENTIONS = 10  # a "term" in more conversations is a common word: vague, and
 
 
 def assign_splits(convs, lexicon):
-    """({source_id: part}, lexicon with each pair's "split"): union-find keeps a pair's sources, the
-    conversations mentioning its term and the sources of pairs sharing a gloss together."""
+    """({source_id: part}, lexicon with each pair's split), one part per union-find group."""
     parent = {c["source_id"]: c["source_id"] for c in convs}
 
     def find(x):
@@ -436,11 +422,9 @@ def load_corpus(source="bundled", data_dir=None):
 
 
 def _with_hub_train(out, rows, label, path):
-    """The hub's conversations as the training pool, minus those held out here or mentioning a held-out
-    term, and minus pairs whose term or gloss is held out."""
+    """The hub as training pool, minus anything held out here or mentioning a held-out term or gloss."""
     held_parts = [part for part, _ in GROUP_PARTS if part != "train"]
-    held = [c for part in held_parts for c in out["convs"][part]]
-    held_ids = {c["source_id"] for c in held}
+    held_ids = {c["source_id"] for part in held_parts for c in out["convs"][part]}
     held_pairs = [p for part in held_parts for p in out["lexicon"][part]]
     held_terms = {p["term_key"] for p in held_pairs}
     held_glosses = {g for p in held_pairs for g in p["gloss_keys"]}

@@ -1,13 +1,11 @@
-"""stoney_verb: "Is `term` a verb in Stoney Nakoda? Answer yes or no." A two-step question (recall
-the gloss, then read it: a "to ..." gloss is a verb), so Stoney hop counts can match arith's depth 2.
-
-Stoney verbs mostly end in -ch, so items are balanced within every term ending (as many verbs as
-non-verbs): "answer by the ending" and "always yes" score 50%. Splits follow the lexicon.
+"""stoney_verb: "Is `term` a verb in Stoney Nakoda? Answer yes or no." Two steps (recall the gloss, read
+it: "to ..." is a verb), so Stoney hop counts can match arith's depth 2. Stoney verbs mostly end in
+-ch, so items are balanced within every term ending: "answer by the ending" scores 50%.
 """
 import collections
 
-from nanostoney.answers import answer_part, format_answer
-from nanostoney.tasks.base import normalize, short_id, stable_hash
+from nanostoney.answers import answer_part
+from nanostoney.tasks.base import normalize, open_example, short_id, stable_hash
 from nanostoney.tasks.stoney import StoneyTask
 
 QUESTION = "Is `{term}` a verb in Stoney Nakoda? Answer yes or no."
@@ -39,14 +37,9 @@ class StoneyVerb(StoneyTask):
         return {s: [self._example(p) for p in balanced_pairs(pairs)] for s, pairs in self.parts("lexicon").items()}
 
     def _example(self, p):
-        question = QUESTION.format(term=p["term"])
-        answer = "yes" if is_verb(p) else "no"
-        reasoning = REASONING[is_verb(p)].format(term=p["term"], gloss=p["gloss"])
-        return {"id": f"{self.name}/{short_id(p['term_key'])}", "source_id": p["sources"][0],
-                "source_ids": p["sources"], "depth": 2,
-                "messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": format_answer(reasoning, answer)}],
-                "answer": answer, "regions": {"question": (0, len(question))}}
+        return open_example(f"{self.name}/{short_id(p['term_key'])}", p["sources"][0], QUESTION.format(term=p["term"]),
+                            REASONING[is_verb(p)].format(term=p["term"], gloss=p["gloss"]),
+                            "yes" if is_verb(p) else "no", source_ids=p["sources"], depth=2)
 
     def evaluate(self, example, completion):
         return normalize(answer_part(completion)) == example["answer"]

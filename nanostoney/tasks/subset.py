@@ -1,9 +1,6 @@
-"""n examples of a task's split: hash-ordered and balanced, never a prefix of the split's list
-(which carries structure: stoney_mc lists every e2s item first).
-
-Examples are grouped into strata (direction, depth, gold letter or yes / no), each in hash order,
-and the next comes from the stratum whose values were taken least: every prefix is within one item
-of even on each, while the strata last.
+"""n examples of a task's split, hash-ordered and balanced (a split's own order carries structure):
+strata (direction, depth, gold letter or yes / no) are each in hash order, and the next example comes
+from the stratum whose values were taken least, so every prefix is within one item of even on each.
 """
 import collections
 
