@@ -1,13 +1,5 @@
-"""How an answer is written and read: one format for every task, one parser for every reader.
-
-Every gold assistant turn reads
-
-    <think>{reasoning}</think>
-    Answer: {answer}
-
-with a letter (multiple choice: A-E for five options, A-D for four), a number (numeric) or text (open). The tasks verify with
-these parsers, the rewards score the format with them, evaluation compares the answer and the
-reasoning parts with references, and the reward model makes wrong answers by splitting golds.
+"""How an answer is written and read, for every task: "<think>{reasoning}</think>\nAnswer: {answer}",
+the answer a letter (multiple choice), a number (numeric) or text (open).
 """
 import re
 
@@ -21,17 +13,6 @@ WORD_RE = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")  # a word of letters (wi
 def format_answer(reasoning, answer):
     """The gold assistant text of a task example."""
     return f"<think>{reasoning.strip()}</think>\n{MARKER} {answer}"
-
-
-def split_answer(text):
-    """(reasoning, answer) of a text written by format_answer, or None for any other shape."""
-    if not text.startswith("<think>") or "</think>" not in text:
-        return None
-    reasoning, _, rest = text[len("<think>"):].partition("</think>")
-    rest = rest.strip()
-    if not rest.startswith(MARKER):
-        return None
-    return reasoning, rest[len(MARKER):].strip()
 
 
 def answer_after(text):
@@ -52,21 +33,18 @@ def think_content(text):
 
 
 def answer_part(text):
-    """The answer of an open completion: after the think block, without an "Answer:" label
-    (the label is optional for open answers). Stripped."""
+    """The answer of an open completion: after the think block, without the (optional) "Answer:" label."""
     tail = after_think(text)
     after = answer_after(tail)
     return (after if after is not None else tail).strip()
 
 
 def rationale_part(text):
-    """The reasoning: inside <think>...</think> (or an unclosed <think>), else everything before
-    the last "Answer:"."""
+    """The reasoning: inside <think>...</think> (or an unclosed <think>), else before the last "Answer:"."""
     m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
     if m:
         return m.group(1).strip()
-    i = text.rfind(MARKER)
-    return (text if i < 0 else text[:i]).strip()
+    return text.rpartition(MARKER)[0].strip() if MARKER in text else text.strip()
 
 
 def option_letters(n):
@@ -78,21 +56,15 @@ def option_letters(n):
 
 def parse_letter(text):
     """"C", "C)", "(C)", "C) 600", "c." -> "C"; anything else -> None."""
-    if text is None:
-        return None
-    m = re.match(r"^[\s(\[*]*([A-Ea-e])(?![A-Za-z0-9])", text)
+    m = text and re.match(r"^[\s(\[*]*([A-Ea-e])(?![A-Za-z0-9])", text)
     return m.group(1).upper() if m else None
 
 
 def parse_number(text):
     """First number in `text` ("$1,080.00" -> 1080.0), or None."""
-    if text is None:
-        return None
-    m = NUMBER_RE.search(text.replace("$", "").replace("−", "-"))
-    if not m:
-        return None
+    m = text and NUMBER_RE.search(text.replace("$", "").replace("−", "-"))
     try:
-        return float(m.group(0).replace(",", ""))
+        return float(m.group(0).replace(",", "")) if m else None
     except ValueError:
         return None
 
@@ -103,6 +75,4 @@ def numbers_equal(a, b):
 
 def format_number(x):
     """72.0 -> "72", 0.5 -> "0.5"; the way a person writes an answer."""
-    if abs(x - round(x)) < 1e-9:
-        return str(int(round(x)))
-    return f"{x:.6f}".rstrip("0").rstrip(".")
+    return str(int(round(x))) if abs(x - round(x)) < 1e-9 else f"{x:.6f}".rstrip("0").rstrip(".")

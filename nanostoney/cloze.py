@@ -1,19 +1,8 @@
-"""Multiple choice scored as a cloze: which option's answer the model finds most likely.
-
-A model can answer a multiple-choice item in two ways, and scripts.eval reports both:
-- "accuracy" (greedy): it reads the question with its lettered options and writes a rationale and
-  a letter, so it must also find its answer among the options and name that option's letter;
-- "cloze accuracy" (this file): it is asked the question WITHOUT the options, each option's
-  answer is written out as the assistant would write it (arith_mc: the option's own worked
-  chain; Stoney: the statement of the fact; tasks without per-option rationales: "The answer
-  is X."), and its choice is the answer it finds most likely per character. Neither the options
-  nor a letter is in the context.
-This is OLMES's cloze formulation ("CF", per-character normalisation; Gu et al. 2024), the standard
-for small models: naming an answer's letter emerges late in training, long after a model can tell
-the right answer. Per character, not summed: a sum favours short answers, per character is
-tokenizer-free. Only the text where the answers differ is scored (their shared beginning is the
-same evidence for each).
+"""Multiple choice scored as a cloze (OLMES, Gu et al. 2024): the question WITHOUT the options, each
+option's answer written out as the assistant would, the pick the most likely per character, scored
+from where the answers differ. A small model can tell the right answer long before it names a letter.
 """
+import os
 from contextlib import nullcontext
 
 import torch
@@ -21,6 +10,7 @@ import torch
 from nanostoney.answers import LETTERS, format_answer, rationale_part
 from nanostoney.dist import autocast_ctx, map_over_ranks
 from nanostoney.gpt import unwrap
+from nanostoney.metrics import eval_mode
 
 
 def question_only(task, example):
@@ -34,27 +24,18 @@ def question_only(task, example):
 
 def answer_texts(example):
     """Each option's answer as the assistant would write it, with no letter in it."""
-    out = []
-    for letter, choice in zip(LETTERS, example["choices"]):
-        worked = example.get("option_rationales", {}).get(letter)
-        if worked is None:
-            reasoning = f"The answer is {choice}."
-        else:
-            reasoning = rationale_part(worked).replace(f", which is option {letter}", "")
-        out.append(format_answer(reasoning, choice))
-    return out
+    worked = example.get("option_rationales", {})
+    return [format_answer(f"The answer is {choice}." if L not in worked
+                          else rationale_part(worked[L]).replace(f", which is option {L}", ""), choice)
+            for L, choice in zip(LETTERS, example["choices"])]
 
 
 def common_prefix(texts):
-    n = 0
-    while all(len(t) > n and t[n] == texts[0][n] for t in texts):
-        n += 1
-    return n
+    return len(os.path.commonprefix(texts))
 
 
 def scored_rows(tokenizer, task, example):
-    """[(ids, first scored position, characters scored)] per option: the question-only prompt,
-    then the answer's tokens; scored from the first token that reaches where the answers differ."""
+    """[(ids, first scored position, characters scored)] per option, scored where the answers differ."""
     prompt = tokenizer.render_prompt({"messages": question_only(task, example)})
     texts = answer_texts(example)
     differ = common_prefix(texts) if len(set(texts)) > 1 else 0
@@ -81,10 +62,7 @@ def token_batches(rows, max_batch_tokens):
 
 @torch.no_grad()
 def option_logprobs(model, rows, max_batch_tokens=16384):
-    """Summed log-probability of each row's tokens from its first scored position on. A row longer
-    than the model's context (config.sequence_len) loses prompt tokens from the left, as a reader
-    of a long page would; batches hold at most max_batch_tokens padded tokens (their logits are
-    rows x tokens x vocabulary floats)."""
+    """Summed log-probability of each row from its first scored position (long rows cut on the left)."""
     context = model.config.sequence_len
     out = []
     for batch in token_batches(rows, max_batch_tokens):
@@ -103,9 +81,7 @@ def option_logprobs(model, rows, max_batch_tokens=16384):
 
 
 def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
-    """The letter each example's cloze picks (the answer with the highest log-probability per
-    character; of tied answers, as AQuA's repeated options are, the first). Under torchrun the
-    batches are shared out over ranks; every rank gets the list."""
+    """The letter each cloze picks (most likely per character; the first of tied answers), every rank."""
     model = unwrap(model)
     batches = [examples[i:i + batch_items] for i in range(0, len(examples), batch_items)]
 
@@ -121,16 +97,11 @@ def cloze_choices(model, tokenizer, task, examples, info=None, batch_items=8):
             i += n
         return picks
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         done = map_over_ranks(choose, batches, info)
-    finally:
-        model.train(was_training)
     return [p for part in done for p in part]
 
 
 def cloze_correct(model, tokenizer, task, examples, info=None):
     """[1 if the cloze picks the gold option else 0] per example."""
-    picks = cloze_choices(model, tokenizer, task, examples, info)
-    return [int(p == ex["answer"]) for p, ex in zip(picks, examples)]
+    return [int(p == ex["answer"]) for p, ex in zip(cloze_choices(model, tokenizer, task, examples, info), examples)]

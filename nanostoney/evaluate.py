@@ -1,44 +1,9 @@
-"""Evaluate a model: on a task (batched generation through the Engine, then the task's
-metrics), and on held-out text during training (bits per byte, masked loss).
+"""Evaluate a model on a task (batched generation, then metrics) and on held-out text (bpb, masked loss).
 
-    examples = subset(task, "val", 50)                  # nanostoney.tasks.subset
-    greedy, sampled = complete_task(model, tok, task, examples, info, num_samples=4, seed=0)
-    result = score_task(task, examples, greedy, sampled, featurize=..., seed=0)
-    result["metrics"]["accuracy"]      # {"value": 0.24, "ci95": [0.12, 0.36]}
-    task_accuracy(model, tok, task, examples, info)     # 0/1 per example (training scripts)
-    evaluate_bpb(model, batches, token_byte_lengths(tok), info)   # pretraining's val metric
-
-scripts/eval.py runs complete_task and score_task for every checkpoint x task; the training
-scripts use task_accuracy / accuracy_table for their periodic accuracy.
-
-Completions stop at <|assistant_end|> or after the task's length budget: its longest
-reference plus 16 tokens, at most --max-new-tokens.
-
-What is measured (every number with a 95% percentile-bootstrap interval over examples):
-- accuracy: greedy completions scored by task.evaluate (stoney_qa: chrF >= 50, its verifier).
-- cloze (multiple choice): the option whose answer the model finds most likely per character,
-  asked without the options (nanostoney.cloze): what it knows, whether or not it can name the
-  letter. Both are reported: a small model is often above chance here and at chance on letters.
-- answered: share of greedy completions with an "Answer:" line (all tasks but stoney_qa,
-  whose references have none) -- separates "wrong" from "never learned the format".
-- pass@k: num_samples completions per prompt at `temperature`, k = 1, 2, 4, ... <= n, by the
-  unbiased estimator (metrics.pass_at_k); problems are the bootstrap unit.
-- chrF++ (open answers, OPEN_TEXT below): greedy hypothesis vs reference, corpus-level; the
-  interval resamples sentences and re-pools their n-gram statistics.
-- MAUVE (open answers): the whole assistant turn of the model vs the gold assistant turn,
-  both featurised by `featurize` (final hidden states of a model on disk, never a download).
-  The model's texts are its first *sampled* completions (MAUVE compares distributions; greedy
-  text is one mode of it), or the greedy ones when num_samples is 0. Pairs are resampled
-  together for the interval (mauve_boot k-means fits, the slow part).
-- COMET (open answers), only when the package and a checkpoint are on disk; one system
-  score, no interval (metrics.comet_score returns no segment scores).
-
-Determinism: the examples are a fixed subset (by a hash of their ids, so 50 is a prefix of
-100); generation batches are a fixed partition of the prompts and batch b samples with seed
-task_seed + b, so the same checkpoint and flags give the same completions, on 1 process or
-under torchrun (ranks take batches b = rank, rank + world, ... and the results are gathered).
-MAUVE's k-means runs single-threaded: faiss/OpenBLAS threads fighting torch's idle OpenMP
-threads made one fit take seconds on 2 cores, and one thread also makes it reproducible.
+Every metric has a 95% bootstrap interval over examples: accuracy (greedy), cloze (nanostoney.cloze),
+answered ("Answer:" line), pass@k, and for open answers chrF++, MAUVE (sampled vs gold turns) and
+COMET (no interval). Batch b samples with seed + b, so 1 process and torchrun agree. MAUVE's k-means
+runs on one thread: fights with torch's OpenMP threads made it slow, and one is reproducible.
 """
 import contextlib
 import math
@@ -56,54 +21,33 @@ from nanostoney.dist import all_reduce_sum, autocast_ctx, map_over_ranks
 from nanostoney.engine import Engine
 from nanostoney.errors import UserError
 from nanostoney.gpt import unwrap
-from nanostoney.metrics import bootstrap_ci, chrf_pp_ci, comet_score, mauve_score, pass_at_k, pass_at_k_by_task
+from nanostoney.metrics import (bootstrap_ci, chrf_pp_ci, comet_score, eval_mode, mauve_score, pass_at_k,
+                                pass_at_k_by_task)
 from nanostoney.published import resolve
 from nanostoney.tasks.base import stable_hash
 
-# task -> which text of a completion is compared with which reference by chrF++:
-# "answer": the open answer (after </think> / "Answer:") vs example["answer"];
-# "rationale": the <think> reasoning vs the gold reasoning.
+# task -> what chrF++ compares: the open answer vs example["answer"], or the <think> reasoning vs the gold's
 OPEN_TEXT = {"stoney_qa": "answer", "stoney_lexicon": "answer", "gsm8k": "rationale",
              "stoney_qa_unseen": "answer", "stoney_lexicon_unseen": "answer"}
 N_SHOWN = 3  # completions kept verbatim in the results, per task
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, autocast_dtype=None)  # info=None: this process alone
 
 
-# -----------------------------------------------------------------------------
-# examples and prompts
-
 def task_seed(seed, task_name):
-    """Seed of one task's sampling: independent across tasks, so adding a task to the list
-    does not change another task's numbers."""
+    """Seed of one task's sampling: adding a task does not change another task's numbers."""
     return stable_hash(f"{seed}/{task_name}") % (2 ** 31)
 
 
 def powers_of_two(n):
     """1, 2, 4, ... up to n (and n itself when it is not a power of two)."""
-    ks, k = [], 1
-    while k <= n:
-        ks.append(k)
-        k *= 2
-    if n >= 1 and ks[-1] != n:
-        ks.append(n)
-    return ks
-
-
-# -----------------------------------------------------------------------------
-# generation
+    ks = [2 ** i for i in range(n.bit_length())]
+    return ks + [n] if ks and ks[-1] != n else ks
 
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, temperature=0.0,
                          top_k=None, max_new_tokens=256, seed=0, batch_size=32, desc=None):
-    """Completions (decoded text, stop token dropped) for a list of prompt-id lists:
-    a list per prompt of num_samples strings. temperature 0 = greedy.
-
-    Prompts are cut into fixed batches of batch_size // num_samples prompts; batch b draws with
-    seed + b. Under torchrun, rank r runs batches r, r + world, ... and every rank returns the
-    whole list. Each batch generates at most max_new_tokens, fewer when a prompt would
-    overrun the model's rotary positions.
-    """
+    """[[num_samples completions] per prompt] on every rank; batch b samples with seed + b."""
     from tqdm import tqdm  # lazy: the core path imports with torch, numpy and tokenizers only
     model, info = unwrap(model), info or ONE_PROCESS
     engine = Engine(model, tokenizer)
@@ -125,34 +69,25 @@ def generate_completions(model, tokenizer, prompts, info=None, num_samples=1, te
         texts = [tokenizer.decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
         return [texts[j * num_samples:(j + 1) * num_samples] for j in range(len(chunk))]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         done = map_over_ranks(generate, list(range(len(batches))), info,
                               wrap=lambda idx: tqdm(idx, desc=desc, disable=info.rank != 0, leave=False))
-    finally:
-        model.train(was_training)
     return [c for part in done for c in part]
 
 
 def length_budget(tokenizer, examples, max_new_tokens, margin=16):
-    """New tokens allowed on a task: its longest reference (in this tokenizer) plus a margin,
-    at most max_new_tokens. A model that answers like the references is never cut short,
-    and one that rambles costs ~50 tokens on lexicon/MC items instead of the full cap."""
+    """New tokens allowed on a task: its longest reference plus a margin, at most max_new_tokens."""
     longest = max(len(tokenizer.encode(ex["messages"][-1]["content"])) for ex in examples)
     return max(1, min(max_new_tokens, longest + margin))
 
 
 def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, temperature=1.0,
                   top_k=None, max_new_tokens=256, seed=0, batch_size=32):
-    """(greedy: [str per example], sampled: [[str] * num_samples per example]) for a task.
-    sampled is empty lists when num_samples is 0. Generation stops at <|assistant_end|> or
-    after length_budget(...) tokens."""
+    """(greedy [str], sampled [[str] * num_samples]) per example, within length_budget."""
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
     max_new_tokens = length_budget(tokenizer, examples, max_new_tokens)
-    greedy = generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
-                                  0, batch_size, desc=f"{task.name} greedy")
-    greedy = [g[0] for g in greedy]
+    greedy = [g[0] for g in generate_completions(model, tokenizer, prompts, info, 1, 0.0, None, max_new_tokens,
+                                                 0, batch_size, desc=f"{task.name} greedy")]
     if num_samples <= 0:
         return greedy, [[] for _ in examples]
     sampled = generate_completions(model, tokenizer, prompts, info, num_samples, temperature, top_k,
@@ -160,9 +95,6 @@ def complete_task(model, tokenizer, task, examples, info=None, num_samples=0, te
                                    desc=f"{task.name} x{num_samples}")
     return greedy, sampled
 
-
-# -----------------------------------------------------------------------------
-# texts compared with references
 
 def open_pair(task, example, completion):
     """(hypothesis, reference) for chrF++ of an open-answer task."""
@@ -178,10 +110,14 @@ def _ci(point, lo, hi):
     return {"value": float(point), "ci95": [float(lo), float(hi)]}
 
 
+def mean_ci(values, n_boot=1000, seed=0):
+    """{"value", "ci95"}: the mean of 0/1 (or any) values and its bootstrap interval."""
+    return _ci(*bootstrap_ci(np.array(values, dtype=float), n_boot=n_boot, seed=seed))
+
+
 @contextlib.contextmanager
 def _mauve_quietly():
-    """One BLAS/OpenMP thread, and faiss's C-level "please provide at least N training points"
-    warnings (one per k-means fit on small samples) kept off the terminal."""
+    """One BLAS/OpenMP thread, and faiss's C-level warnings (one per k-means fit) off the terminal."""
     # lazy (heavy, eval only); importing mauve loads faiss and OpenBLAS, so the limit reaches them
     import mauve  # noqa: F401
     from threadpoolctl import threadpool_limits
@@ -206,36 +142,24 @@ def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
 
 
 def by_depth(examples, correct, n_boot=1000, seed=0):
-    """{depth: {"n", "accuracy": {"value", "ci95"}}} for tasks whose examples record a reasoning
-    depth (arith: steps 1-4); {} otherwise."""
+    """{depth: {"n", "accuracy": {"value", "ci95"}}} where examples record a depth (arith), else {}."""
     out = {}
     for d in sorted({ex["depth"] for ex in examples if ex.get("depth")}):
         c = [x for ex, x in zip(examples, correct) if ex.get("depth") == d]
-        out[str(d)] = {"n": len(c), "accuracy": _ci(*bootstrap_ci(np.array(c, dtype=float), n_boot=n_boot, seed=seed))}
+        out[str(d)] = {"n": len(c), "accuracy": mean_ci(c, n_boot, seed)}
     return out
 
 
 def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mauve_boot=100, seed=0,
                comet=True, comet_model=None, cloze=None):
-    """Metrics of one task from its completions: (result dict, notes).
-
-    cloze: for a multiple-choice task, [0/1 per example] from nanostoney.cloze (the model's pick
-    when each option's answer is scored, with no options or letters in the context): the
-    "cloze" metric, beside the greedy letter "accuracy".
-
-    featurize(texts) -> (N, d) array for MAUVE, or None to skip MAUVE. result holds
-    "metrics" ({name: {"value", "ci95"}}), "per_example" (ids and 0/1 outcomes, for paired
-    comparisons between checkpoints) and "samples" (the first N_SHOWN completions).
-    notes: sentences about what was skipped and why.
-    """
+    """(result, notes) of one task; cloze: 0/1 per MC example; featurize: texts -> MAUVE features."""
     notes = []
     correct = [int(bool(task.evaluate(ex, c))) for ex, c in zip(examples, greedy)]
-    metrics = {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}
-    if task.name not in ("stoney_qa", "stoney_qa_unseen"):
-        answered = [float(answer_after(c) is not None) for c in greedy]
-        metrics["answered"] = _ci(*bootstrap_ci(np.array(answered), n_boot=n_boot, seed=seed))
+    metrics = {"accuracy": mean_ci(correct, n_boot, seed)}
+    if task.name not in ("stoney_qa", "stoney_qa_unseen"):  # their references have no "Answer:"
+        metrics["answered"] = mean_ci([answer_after(c) is not None for c in greedy], n_boot, seed)
     if cloze is not None:
-        metrics["cloze"] = _ci(*bootstrap_ci(np.array(cloze, dtype=float), n_boot=n_boot, seed=seed))
+        metrics["cloze"] = mean_ci(cloze, n_boot, seed)
     n_samples = len(sampled[0]) if sampled else 0
     sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
     if n_samples:
@@ -261,22 +185,18 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
                 notes.append(why)
             else:
                 metrics["comet"] = {"value": score, "ci95": None}
-    result = {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
-              "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
-              "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
-                              "n_correct_samples": [sum(s) for s in sample_correct],
-                              **({"cloze": list(cloze)} if cloze is not None else {})},
-              "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
-                           "reference": ex["messages"][-1]["content"], "greedy": g,
-                           "sampled": list(cs)}
-                          for ex, g, cs in list(zip(examples, greedy, sampled))[:N_SHOWN]]}
-    return result, notes
+    return {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
+           "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
+           "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
+                           "n_correct_samples": [sum(s) for s in sample_correct],
+                           **({"cloze": list(cloze)} if cloze is not None else {})},
+           "samples": [{"id": ex["id"], "prompt": ex["messages"][-2]["content"],
+                        "reference": ex["messages"][-1]["content"], "greedy": g, "sampled": list(cs)}
+                       for ex, g, cs in list(zip(examples, greedy, sampled))[:N_SHOWN]]}, notes
 
 
 def family_metrics(task_results, n_boot=1000, seed=0):
-    """Accuracy and pass@k pooled over the examples of each family's tasks (a micro-average:
-    bigger tasks weigh more), the control tasks (*_unseen) pooled apart as "<family> control".
-    task_results: {task: score_task result}."""
+    """Metrics pooled over the examples of each family's tasks, the controls apart ("<family> control")."""
     out = {}
 
     def group(r):
@@ -284,15 +204,12 @@ def family_metrics(task_results, n_boot=1000, seed=0):
     for family in sorted({group(r) for r in task_results.values()}):
         members = [t for t, r in task_results.items() if group(r) == family]
         correct = [c for t in members for c in task_results[t]["per_example"]["correct"]]
-        entry = {"tasks": members, "n": len(correct),
-                 "metrics": {"accuracy": _ci(*bootstrap_ci(np.array(correct, dtype=float), n_boot=n_boot, seed=seed))}}
+        entry = {"tasks": members, "n": len(correct), "metrics": {"accuracy": mean_ci(correct, n_boot, seed)}}
         cloze = [task_results[t]["per_example"].get("cloze") for t in members]
         if all(c is not None for c in cloze):  # every member multiple choice
-            entry["metrics"]["cloze"] = _ci(*bootstrap_ci(np.array([x for c in cloze for x in c], dtype=float),
-                                                          n_boot=n_boot, seed=seed))
+            entry["metrics"]["cloze"] = mean_ci([x for c in cloze for x in c], n_boot, seed)
         ns = {task_results[t]["n_samples"] for t in members}
-        if len(ns) == 1 and next(iter(ns)) > 0:
-            n = ns.pop()
+        if len(ns) == 1 and (n := ns.pop()) > 0:
             counts = [c for t in members for c in task_results[t]["per_example"]["n_correct_samples"]]
             for k in powers_of_two(n):
                 values = np.array([pass_at_k(n, c, k) for c in counts])
@@ -304,12 +221,8 @@ def family_metrics(task_results, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # during training: accuracy on chat tasks, bits per byte, masked loss
 
-
 def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, batch_size=16, texts=None):
-    """Greedy completions scored by task.evaluate: a 0/1 list in the order of `examples` (ranks
-    split the work and gather). Generation stops at the longest gold answer + 16 tokens (capped
-    at max_new_tokens): a model that has learned the format stops earlier anyway. `texts`: a
-    list that receives the completions."""
+    """[0/1 per example] of greedy completions on every rank; `texts` receives the completions."""
     if not examples:
         return []
     prompts = [tokenizer.render_prompt({"messages": task.prompt(ex)}) for ex in examples]
@@ -321,17 +234,13 @@ def task_accuracy(model, tokenizer, task, examples, info, max_new_tokens=256, ba
 
 
 def letter_answer(text):
-    """Is the completion's answer a bare option letter ("C", "(C)", "C.")? An open question
-    answered this way was answered in the multiple-choice format, not with a number or a word."""
+    """Is the answer a bare option letter ("C", "(C)")? (an open question answered as multiple choice)"""
     answer = answer_after(text)
     return answer is not None and parse_letter(answer) is not None and len(answer.strip(" ()[]*.:")) == 1
 
 
 def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0):
-    """{(task name, split): {"n", "accuracy", "ci95": [lo, hi], "correct": [0/1...], "by_depth",
-    "answered", "letter_answers"}} for item_sets = {(task, split): examples}; 95% percentile-bootstrap
-    interval over items (by_depth: the same per reasoning depth, for arith); answered / letter_answers:
-    the share of completions with an "Answer:" line / whose answer is a bare letter."""
+    """{(task name, split): {"n", "accuracy", "ci95", ...}} for {(task, split): examples}."""
     table = {}
     for (task, split), exs in item_sets.items():
         texts = []
@@ -352,49 +261,36 @@ def token_byte_lengths(tokenizer, device="cpu"):
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes, info):
-    """Bits per byte over an iterable of (x, y) batches (this rank's share), summed over ranks.
-
-    bpb = sum of nats over target tokens / (ln 2 x sum of their UTF-8 bytes): comparable across
-    tokenizers (a loss per token is not). Targets that are special tokens (0 bytes) or ignored
-    (-1) count in neither sum.
-    """
-    was_training = model.training
-    model.eval()
+    """Bits per byte of the (x, y) batches' targets, all ranks; 0-byte and ignored targets left out."""
     stats = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, bytes
-    for x, y in batches:
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="none").reshape(-1).double()
-        y = y.reshape(-1)
-        counted = token_bytes[y.clamp(min=0)] * (y >= 0)
-        stats += torch.stack([(loss * (counted > 0)).sum(), counted.sum().double()])
+    with eval_mode(model):
+        for x, y in batches:
+            with autocast_ctx(info):
+                loss = model(x, y, loss_reduction="none").reshape(-1).double()
+            y = y.reshape(-1)
+            counted = token_bytes[y.clamp(min=0)] * (y >= 0)
+            stats += torch.stack([(loss * (counted > 0)).sum(), counted.sum().double()])
     nats, nbytes = all_reduce_sum(stats).tolist()
-    model.train(was_training)
     return float("nan") if nbytes == 0 else nats / (math.log(2) * nbytes)
 
 
 @torch.no_grad()
 def masked_loss(model, rows, pad_id, info, batch_size=16):
-    """Mean loss (nats/token) over the 1-mask (assistant) tokens of rendered (ids, mask) rows,
-    all ranks together."""
-    was_training = model.training
-    model.eval()
+    """Mean loss (nats/token) over the assistant tokens of (ids, mask) rows, all ranks together."""
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     mine = rows[info.rank::info.world_size]
-    for i in range(0, len(mine), batch_size):
-        x, y = collate(mine[i:i + batch_size], pad_id, info.device)
-        with autocast_ctx(info):
-            loss = model(x, y, loss_reduction="sum")
-        total += torch.stack([loss.double(), (y >= 0).sum().double()])
+    with eval_mode(model):
+        for i in range(0, len(mine), batch_size):
+            x, y = collate(mine[i:i + batch_size], pad_id, info.device)
+            with autocast_ctx(info):
+                loss = model(x, y, loss_reduction="sum")
+            total += torch.stack([loss.double(), (y >= 0).sum().double()])
     all_reduce_sum(total)
-    model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 def named_checkpoints(specs):
-    """{name: local path} of checkpoint arguments, in order: NAME=PATH, or a PATH named by its folder
-    (a step dir by its run and step, "base@60"; a second folder of the same name gets "-2"). A name
-    given twice, a malformed NAME=PATH or a path that does not exist is an error; hf:OWNER/NAME
-    becomes its local copy."""
+    """{name: local path} of NAME=PATH or PATH (named by its folder, a step dir "base@60") arguments."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")

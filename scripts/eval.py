@@ -3,27 +3,11 @@
     python -m scripts.eval --checkpoints out/base out/sft out/grpo                  # CPU default
     python -m scripts.eval --checkpoints base=out/base sft=out/sft --tasks stoney_mc,gsm8k \
         --split test --max-examples 0 --num-samples 16 --max-new-tokens 512          # full run
-
-The CPU default (50 val examples per task, greedy + 2 samples, <= 128 new tokens) is sized for
-the laptop speedrun: a few minutes for three depth-4 checkpoints on 2 cores. On a GPU, raise
---max-examples, --num-samples and --max-new-tokens.
     torchrun --nproc_per_node=8 -m scripts.eval --checkpoints ...                   # 8 GPUs
 
-A checkpoint is our run or step dir, a LoRA adapter dir, or a published model (a nanochat
-checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME), given as a path (named by its
-folder) or name=path. A multiple-choice task also gets the baselines that never read the
-question (cloze_other_question: cloze with another item's question; cloze_no_question: the answer
-alone), which a model that reads its question keeps at chance. Every metric comes with a 95% bootstrap
-interval; what each one measures is in nanostoney/evaluate.py. The table is printed, written
-as JSON (--out, atomically; same checkpoint + flags = byte-identical file) and logged to W&B
-(offline run files unless WANDB_API_KEY is set; --wandb disabled for none).
-
-MAUVE features come from the evaluated model's own final hidden states, so each checkpoint is
-judged in its own feature space; pass --mauve-featurizer CHECKPOINT to measure every
-checkpoint with one fixed model (comparable across checkpoints). Nothing is ever downloaded:
-HF_HUB_OFFLINE is set before anything could try.
-Under torchrun the generation batches are spread over the ranks and gathered; the metrics are
-computed on rank 0. The numbers do not depend on the number of processes.
+A checkpoint is a run, step or LoRA dir, a nanochat / transformers NanoChat dir or hf:OWNER/NAME.
+Multiple-choice tasks also get cloze with another item's question and with none (chance for a model
+that reads its question). Output: the table, --out JSON and W&B. Nothing is downloaded.
 """
 import argparse
 import json
@@ -37,7 +21,7 @@ from nanostoney.dist import check_shared, cleanup, init_dist, print0
 from nanostoney.errors import UserError
 from nanostoney.files import write_json, write_text
 from nanostoney.logging import add_logging_args, from_args
-from nanostoney.metrics import bootstrap_ci, model_features
+from nanostoney.metrics import model_features
 from nanostoney.tasks import TASK_NAMES, get_task
 from nanostoney.tasks.base import with_other_question, without_question
 from nanostoney.tasks.subset import subset
@@ -99,8 +83,7 @@ def parse_tasks(specs):
 
 
 def load_for_eval(path, device):
-    """(model, tokenizer, meta), LoRA adapters merged into the weights: the model is only
-    sampled here and never saved, so each adapted layer costs one matmul instead of three."""
+    """(model, tokenizer, meta), LoRA merged: sampled only, so one matmul per layer instead of three."""
     model, tok, meta = load_model(path, device=device)
     if tok is None:
         raise UserError(f"checkpoint {path} has no tokenizer; save it with its tokenizer/ (or put "
@@ -116,32 +99,26 @@ def fmt(metric, entry):
     if entry is None:
         return ""
     v, ci = entry["value"], entry["ci95"]
-    if metric in ("chrf++",):  # sacrebleu's 0-100 scale
-        return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    d = 1 if metric == "chrf++" else 3  # chrF++ is on sacrebleu's 0-100 scale
+    return f"{v:.{d}f}" + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else "")
 
 
 def metric_order(names):
-    def key(m):
-        if m.startswith("pass@"):
-            return (2, int(m[5:]))
-        return ({"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}.get(m, 6), 0)
-    return sorted(names, key=key)
+    rank = {"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}
+    return sorted(names, key=lambda m: (2, int(m[5:])) if m.startswith("pass@") else (rank.get(m, 6), 0))
 
 
 def format_table(results, split):
     """One block per task (and per family), a row per checkpoint, a column per metric."""
+    ckpts = results["checkpoints"]
+    first = next(iter(ckpts.values()))
+    heads = [("tasks", t, f"{t} ({r['family']}, {r['kind']}; {split} n={r['n']})")
+             for t in results["config"]["tasks"] for r in [first["tasks"][t]]]
+    heads += [("families", f, f"{f} family, pooled over {', '.join(r['tasks'])} (n={r['n']})")
+              for f in sorted(first["families"]) for r in [first["families"][f]]]
     lines = []
-    ckpts = list(results["checkpoints"])
-    blocks = []
-    for task in results["config"]["tasks"]:
-        rows = [(c, results["checkpoints"][c]["tasks"][task]) for c in ckpts]
-        head = f"{task} ({rows[0][1]['family']}, {rows[0][1]['kind']}; {split} n={rows[0][1]['n']})"
-        blocks.append((head, rows))
-    for fam in sorted(results["checkpoints"][ckpts[0]]["families"]):
-        rows = [(c, results["checkpoints"][c]["families"][fam]) for c in ckpts]
-        blocks.append((f"{fam} family, pooled over {', '.join(rows[0][1]['tasks'])} (n={rows[0][1]['n']})", rows))
-    for head, rows in blocks:
+    for group, key, head in heads:
+        rows = [(c, r[group][key]) for c, r in ckpts.items()]
         metrics = metric_order({m for _, r in rows for m in r["metrics"]})
         table = [["checkpoint"] + metrics] + [[c] + [fmt(m, r["metrics"].get(m)) for m in metrics] for c, r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -154,27 +131,26 @@ def format_table(results, split):
     return "\n".join(lines)
 
 
+def metric_entries(results):
+    """[(checkpoint, task or family, its result, metric, {"value", "ci95"})] of every number."""
+    return [(c, t, tr, m, e) for c, r in results["checkpoints"].items() for group in ("tasks", "families")
+            for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+
+
 def flat_metrics(results):
     """{"ckpt/task/metric": value, ..._lo, ..._hi} for W&B."""
     out = {}
-    for c, r in results["checkpoints"].items():
-        for group in ("tasks", "families"):
-            for t, tr in r[group].items():
-                for m, e in tr["metrics"].items():
-                    out[f"{c}/{t}/{m}"] = e["value"]
-                    if e["ci95"]:
-                        out[f"{c}/{t}/{m}_lo"], out[f"{c}/{t}/{m}_hi"] = e["ci95"]
+    for c, t, _, m, e in metric_entries(results):
+        out[f"{c}/{t}/{m}"] = e["value"]
+        if e["ci95"]:
+            out[f"{c}/{t}/{m}_lo"], out[f"{c}/{t}/{m}_hi"] = e["ci95"]
     return out
-
-
-def write_completions(path, rows):
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # -----------------------------------------------------------------------------
 
 def check_flags(args):
-    """(task names, {name: path}): bad flags fail before any slow work."""
+    """(task names, {name: path}, {what: input path}): bad flags fail before any slow work."""
     tasks_wanted = parse_tasks(args.tasks)
     ckpts = evaluate.named_checkpoints(args.checkpoints)
     if args.mauve_featurizer and not os.path.exists(args.mauve_featurizer):
@@ -189,12 +165,11 @@ def check_flags(args):
                            inputs=inputs)
     cli.claim_out(log_dir(args), overwrite=args.overwrite, training=False, own=cli.SHARED_FILES, inputs=inputs,
                   flag="the log folder of --out")
-    return tasks_wanted, ckpts
+    return tasks_wanted, ckpts, inputs
 
 
 def log_dir(args):
-    """Where the run's metrics.jsonl, wandb/ and error logs go: a folder of ours beside the results
-    file (results.json -> results-logs/), never the folder the user keeps the file in."""
+    """The run's log folder, ours, beside the results file (results.json -> results-logs/)."""
     return os.path.splitext(args.out)[0] + "-logs"
 
 
@@ -217,8 +192,7 @@ def ours_completions(path):
 
 
 def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, notes, completions):
-    """The results entry of one checkpoint (tasks and families, on rank 0); appends to the run's
-    notes and completions."""
+    """The results entry of one checkpoint (on rank 0); appends to notes and completions."""
     model, tok, meta = load_for_eval(path, info.device)
     c = model.config
     print0(f"{name}: depth {c.n_layer} (width {c.n_embd}), {model.num_params() / 1e6:.2f}M params")
@@ -245,8 +219,7 @@ def evaluate_checkpoint(name, path, tasks, examples, featurizer, args, info, not
                                               comet=comet, comet_model=args.comet_model, cloze=picked)
         notes += [n for n in task_notes if n not in notes]
         for k, got in blind.items():
-            point, lo, hi = bootstrap_ci([float(x) for x in got], n_boot=args.n_boot, seed=args.seed)
-            res["metrics"][k] = {"value": float(point), "ci95": [float(lo), float(hi)]}
+            res["metrics"][k] = evaluate.mean_ci(got, args.n_boot, args.seed)
         entry["tasks"][task.name] = res
         if args.completions:
             completions += [{"checkpoint": name, "task": task.name, "id": ex["id"], "greedy": g, "sampled": s}
@@ -262,28 +235,24 @@ def publish(args, results, config, ckpts, completions, timings, total):
     """Rank 0: the JSON file(s), the table on stdout, and the W&B run."""
     write_json(args.out, results)
     if args.completions:
-        write_completions(args.completions, completions)
+        write_text(args.completions, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in completions))
     print("\n" + format_table(results, args.split))
     for n in results["notes"]:
         print(n)
     print(f"wrote {args.out}; {total:.1f} s in all (" + ", ".join(f"{c} {s:.1f} s" for c, s in timings.items()) + ")")
-    logger = from_args(args, config={**config, "checkpoints": ckpts},
-                       out_dir=log_dir(args))
+    logger = from_args(args, config={**config, "checkpoints": ckpts}, out_dir=log_dir(args))
     logger.summary({**flat_metrics(results), "eval/time_s": total})
-    rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]]
-            for c, r in results["checkpoints"].items() for group in ("tasks", "families")
-            for t, tr in r[group].items() for m, e in tr["metrics"].items()]
+    rows = [[c, t, m, e["value"], *(e["ci95"] or [None, None]), tr["n"]] for c, t, tr, m, e in metric_entries(results)]
     logger.log_table("eval/results", ["checkpoint", "task", "metric", "value", "lo", "hi", "n"], rows)
     logger.finish()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tasks_wanted, ckpts = check_flags(args)
+    tasks_wanted, ckpts, inputs = check_flags(args)
     t_start = time.perf_counter()
     info = init_dist(args.device)
-    check_shared({f"the {name} checkpoint": path for name, path in ckpts.items()}
-                 | {"--mauve-featurizer": args.mauve_featurizer})
+    check_shared(inputs)
     tasks = [get_task(n) for n in tasks_wanted]
     examples = {t.name: subset(t, args.split, args.max_examples) for t in tasks}
     featurizer = load_for_eval(args.mauve_featurizer, info.device)[:2] if args.mauve and args.mauve_featurizer else None

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sacrebleu.metrics import CHRF
 
 from nanostoney import metrics
 from nanostoney.errors import UserError
@@ -93,25 +94,10 @@ def test_bootstrap_empty_is_user_error():
 # -----------------------------------------------------------------------------
 # chrF++
 
-def test_chrf_pp_self_is_100_and_falls_when_perturbed():
-    refs = ["`hnustâch` means 'to complete something,' focusing on bringing a task to an end.",
-            "Janet sells 16 - 3 - 4 = 9 duck eggs a day."]
-    corpus, sents = metrics.chrf_pp(refs, refs)
-    assert corpus == pytest.approx(100.0) and sents == [pytest.approx(100.0)] * 2
-    light = [r.replace("a", "o", 2) for r in refs]
-    heavy = [" ".join(reversed(r.split()))[: len(r) // 2] for r in refs]
-    c_light, s_light = metrics.chrf_pp(light, refs)
-    c_heavy, _ = metrics.chrf_pp(heavy, refs)
-    assert 100.0 > c_light > c_heavy > 0.0
-    assert all(s < 100.0 for s in s_light)
-    with pytest.raises(ValueError):
-        metrics.chrf_pp(["a"], ["a", "b"])
-
-
 def test_chrf_pp_ci_matches_corpus_score():
     refs = [f"sentence number {i} about `wîchasta` and eggs" for i in range(30)]
     hyps = [r if i % 3 else r.replace("e", "a") for i, r in enumerate(refs)]
-    corpus, _ = metrics.chrf_pp(hyps, refs)
+    corpus = CHRF(word_order=2).corpus_score(hyps, [refs]).score
     point, lo, hi = metrics.chrf_pp_ci(hyps, refs, n_boot=200, seed=0)
     assert point == pytest.approx(corpus)
     assert lo < point < hi <= 100.0

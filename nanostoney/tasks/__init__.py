@@ -1,16 +1,10 @@
-"""Tasks: conversations with verifiers, one file per family (stoney.py, stoney_verb.py, arith.py, aqua.py,
-gsm8k.py, mmlu.py).
+"""Tasks: conversations with verifiers, one file per family.
 
     task = get_task("stoney_mc")             # or source="hub" / "auto", data_dir=...
     ex = task.examples("train")[0]           # {"id", "source_id", "messages", "answer", "regions", "choices"?}
     task.prompt(ex)                          # messages without the gold assistant turn
-    task.reward(ex, completion)              # float in [0, 1]
-    task.evaluate(ex, completion)            # bool
-
-Every gold assistant turn reads "<think>{reasoning}</think>\\nAnswer: {answer}" (stoney_qa keeps
-the original assistant text: it is the chrF reference). Splits are deterministic and
-disjoint by *source* (conversation or problem). `python -m nanostoney.tasks` prints split
-sizes and an example per task; `--baselines` prints the surface-cue baselines of the MC tasks.
+    task.reward(ex, completion)              # float in [0, 1]; task.evaluate(ex, completion): bool
+Splits are deterministic and disjoint by *source*. `python -m nanostoney.tasks` shows each task.
 """
 from nanostoney.sources import SOURCES
 from nanostoney.errors import UserError
@@ -26,17 +20,13 @@ TASKS = {cls.name: cls for cls in (StoneyQA, StoneyLexicon, StoneyMC, StoneyVerb
                                   ArithMC, StoneyQAUnseen, StoneyLexiconUnseen, StoneyMCUnseen, StoneyVerbUnseen,
                                   MMLUYoruba, MMLUEnglish)}
 TASK_NAMES = tuple(TASKS)
-# the tasks that read no network: the files under data/ and the generated ones (MMLU's are read
-# from a local copy or the hub)
+# the tasks that read no network (MMLU's are read from a local copy or the hub)
 BUNDLED_TASKS = tuple(n for n in TASK_NAMES if not n.startswith("mmlu_"))
 _BUILT = {}
 
 
 def get_task(name, source="bundled", data_dir=None):
-    """The task called `name`. source: "bundled" (default, the files under data/), "hub" (the
-    hub's training pool, an error if unreachable) or "auto" (hub if reachable, else bundled,
-    with a one-line note). data_dir: a directory laid out like data/ to read instead.
-    Tasks are cached per process, so examples are built once."""
+    """The task called `name`, cached; source "bundled" (data/), "hub" or "auto" (hub if reachable)."""
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; valid tasks are {', '.join(TASK_NAMES)}.")
     if source not in SOURCES:
@@ -48,12 +38,6 @@ def get_task(name, source="bundled", data_dir=None):
 
 
 def sources_for_tasks(task_names, source="bundled", data_dir=None):
-    """The source files (or hf:// ids) behind the given tasks, for the governance gate:
-    derived data inherits its source's status, so gate these, not the task names."""
-    out = []
-    for name in task_names:
-        for s in get_task(name, source=source, data_dir=data_dir).sources():
-            if s not in out:
-                out.append(s)
-    return out
+    """The source files (or hf:// ids) behind the tasks: derived data inherits its source's status."""
+    return list(dict.fromkeys(s for name in task_names for s in get_task(name, source, data_dir).sources()))
 

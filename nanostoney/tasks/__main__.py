@@ -1,7 +1,6 @@
 """python -m nanostoney.tasks [--baselines] [--source bundled|hub|auto] [--task NAME ...]
 
-Prints each task's split sizes and one rendered example; with --baselines, the surface-cue
-baselines of the multiple-choice tasks (each should be near the 20% chance level)."""
+Each task's split sizes and one example; --baselines: the MC tasks' surface-cue baselines (near chance)."""
 import argparse
 
 from nanostoney.cli import run_main
@@ -23,12 +22,9 @@ def main():
         print(f"== {name} ({task.family}, {task.kind})  " + "  ".join(f"{s}={n}" for s, n in sizes.items())
               + f"  sources: {', '.join(task.sources())}")
         if args.baselines:
-            if task.kind == "mc":
-                for split in SPLITS:
-                    if not sizes[split]:
-                        continue
-                    b = baselines(task.examples(split), train=task.splits()["train"])
-                    print(f"   {split:5s} " + "  ".join(f"{k}={v:.1%}" for k, v in b.items()))
+            for split in [s for s in SPLITS if sizes[s] and task.kind == "mc"]:
+                b = baselines(task.examples(split), train=task.splits()["train"])
+                print(f"   {split:5s} " + "  ".join(f"{k}={v:.1%}" for k, v in b.items()))
             continue
         ex = task.examples("val" if task.control else "train")[0]
         for m in ex["messages"]:

@@ -1,12 +1,6 @@
-"""AQuA-RAT: algebra word problems with five options A–E and a written rationale.
-
-The rationale becomes the <think> block and the letter the answer, the format every MC task
-shares. The original gold letters are skewed (in the bundled files A 26%, E 12%), so the
-options are reordered to put the gold on a balanced letter; the rationale's closing "Answer D"
-line is dropped (our "Answer:" line replaces it) and letters it names elsewhere ("option C is
-too large") are renamed to follow their options. Splits: the bundled dev set is train (or the
-hub's 97k train split when asked for), the bundled test set is cut in two by a hash of the
-question: val and test.
+"""AQuA-RAT: algebra word problems with five options and a rationale (the <think> block). The options
+are reordered to put the gold on a balanced letter, and letters the rationale names follow them.
+Splits: the bundled dev set (or the hub's) is train; the test set is cut into val and test by hash.
 """
 import functools
 import random
@@ -24,8 +18,7 @@ REF_RE = re.compile(r"\b(" + _REF + r")([A-E])\b", re.I)
 
 
 def relabel(problem, target):
-    """The problem with its options reordered so the gold sits at letter `target` (the wrong
-    options in a fixed pseudo-random order) and the rationale's letters renamed to match."""
+    """The problem with the gold at letter `target` and the rationale's letters renamed to match."""
     old = problem["choices"]
     gold = LETTERS.index(problem["answer"])
     wrong = [i for i in range(5) if i != gold]
@@ -43,8 +36,7 @@ def relabel(problem, target):
 
 
 def parse_problem(row, where):
-    """A problem dict from an AQuA row, or None for a row of another shape (the hub's 97k set has
-    a few with missing options); a row lacking the fields altogether is a UserError."""
+    """A problem dict from an AQuA row, or None for a malformed one (a few of the hub's 97k lack options)."""
     if not all(k in row for k in ("question", "options", "correct")):
         raise UserError(f"{where}: row lacks 'question', 'options' or 'correct'; AQuA rows need all three.")
     choices = []
@@ -61,12 +53,7 @@ def parse_problem(row, where):
 
 
 def _problems(rows, path):
-    out = []
-    for k, row in enumerate(rows):
-        p = parse_problem(row, f"{path} row {k + 1}")
-        if p:
-            out.append(p)
-    return out
+    return [p for k, row in enumerate(rows) if (p := parse_problem(row, f"{path} row {k + 1}"))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,9 +69,8 @@ def load_problems(source="bundled", data_dir=None):
     else:
         train_rows, train_path = bundled_rows("aqua", "train", data_dir)
         pool, used = _problems(train_rows, train_path), [train_path, held_path]
-    held_ids = {p["source_id"] for p in held}
-    seen, train = set(held_ids), []
-    for p in pool:  # a problem also in the held-out file, or repeated, enters train at most once and never if held out
+    seen, train = {p["source_id"] for p in held}, []
+    for p in pool:  # a repeated problem enters train once, a held-out one never
         if p["source_id"] not in seen:
             seen.add(p["source_id"])
             train.append(p)
@@ -95,10 +81,8 @@ def sources(source="bundled", data_dir=None):
     """The files (and hub id) behind aqua_mc, known without loading except for "auto"."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
-    held = str(bundled_path("aqua", "heldout", data_dir))
-    if source == "hub":
-        return [hub_label("aqua"), held]
-    return [str(bundled_path("aqua", "train", data_dir)), held]
+    train = hub_label("aqua") if source == "hub" else str(bundled_path("aqua", "train", data_dir))
+    return [train, str(bundled_path("aqua", "heldout", data_dir))]
 
 
 class AquaMC(MCTask):
@@ -115,9 +99,8 @@ class AquaMC(MCTask):
             out[split] = []
             for p in probs:
                 p = relabel(p, slots[p["source_id"]])
-                reasoning = p["rationale"] or "The rationale is missing."
-                chosen = p["choices"][LETTERS.index(p["answer"])]
-                reasoning += f"\nThe answer is {chosen}, which is option {p['answer']}."
+                reasoning = (f"{p['rationale'] or 'The rationale is missing.'}\nThe answer is "
+                             f"{p['choices'][LETTERS.index(p['answer'])]}, which is option {p['answer']}.")
                 out[split].append(mc_example("aqua_mc/" + p["source_id"], p["source_id"], p["question"],
                                              p["choices"], p["answer"], reasoning))
         return out

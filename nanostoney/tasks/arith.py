@@ -1,18 +1,8 @@
 """Arithmetic word problems a small model can learn: generated, multi-step, exactly verified.
 
 - arith:    open numeric answer, compared as a number.
-- arith_mc: five sorted numeric options. Each wrong option is the question misread and then
-  solved correctly, and carries the rationale that argues for it (example["option_rationales"],
-  used by the reward model's negatives and by cloze scoring): a step's number read as another
-  number of the question or a nearby value, the start misread, a wrong operation (in one step
-  or in every step of that kind), a step skipped or done twice, the last steps left out. Every
-  line of every chain is a true equation, so a checker that tests each "a op b = c" line without
-  reading the question is at chance. The gold's rank
-  among the sorted options is balanced across the five letters, so "pick the median / largest"
-  is worth 20%, and so is the letter.
-
-A problem is a start value and 1-4 steps (its depth, recorded as example["depth"]), each step an
-operation (+ - * /) told by one of a few sentence templates:
+- arith_mc: five sorted numeric options, each wrong one the question misread, then solved right,
+  with its own rationale (every chain line a true equation); the gold's rank (letter) is balanced.
 
     Mia has 7 shells. Mia finds 5 more shells. Then Mia gives away half of the shells.
     How many shells does Mia have now?
@@ -20,23 +10,16 @@ operation (+ - * /) told by one of a few sentence templates:
     Mia gives away half of the shells: 12 / 2 = 6</think>
     Answer: 6
 
-Each chain line first re-reads its step's sentence from the question, then computes: the operand
-is then the next token after a prefix the model has just copied (induction), not a lookup it must
-learn from scratch (a depth-4 model copied the bare chain's operand at chance:
-docs/science_log.md, "Issue 25").
-
-Every value stays a whole number in 1..99, so a depth-4 model can learn the sums it needs.
-Splits: a hash of (template, numbers) decides train / val / test (80/10/10), so no held-out
-(template, numbers) combination appears in any training text; the names and objects are
-chosen by the same hash, so a combination has exactly one wording. Problems are generated on
-the fly from a fixed seed, the same on every machine: no data file. The gate still checks
-them, under the name GATE_NAME (data/SOURCE_MANIFEST.yml, record arith_generated).
+A chain line re-reads its step first, so the operand is copied, not looked up (docs/science_log.md,
+"Issue 25"). A hash of (template, numbers) picks the split and the wording; the gate checks GATE_NAME.
 """
+import functools
 import random
 import re
 
 from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
-from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
+from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash,
+                                   stable_hash)
 
 GATE_NAME = "generated://nanostoney/arith"
 DEPTHS = (1, 2, 3, 4)
@@ -70,14 +53,10 @@ OPERANDS = {"+": range(1, 11), "-": range(1, 11), "*": range(2, 4), "/": range(2
 
 def apply(op, a, n):
     """a op n, or None when the result is not a whole number in 1..MAX_VALUE."""
-    if op == "+":
-        v = a + n
-    elif op == "-":
-        v = a - n
-    elif op == "*":
-        v = a * n
-    else:
+    if op == "/":
         v = a // n if a % n == 0 else None
+    else:
+        v = {"+": a + n, "-": a - n, "*": a * n}[op]
     return v if v is not None and 1 <= v <= MAX_VALUE else None
 
 
@@ -92,21 +71,10 @@ def run(start, steps):
     return values
 
 
-def rationale(start, steps, values, phrases=None):
-    """One line per step: "Mia sells 3 stamps: 12 - 3 = 9", the step's sentence as the question
-    tells it (phrases[i]), then its equation; without phrases the bare equation. Values may be
-    wrong ones: distractors show their slip."""
-    lines, a = [], start
-    for i, ((op, n), v) in enumerate(zip(steps, values)):
-        equation = f"{a} {op} {n} = {v}"
-        lines.append(f"{phrases[i]}: {equation}" if phrases else equation)
-        a = v
-    return "\n".join(lines)
-
-
-def step_phrases(template, operands, name, obj):
-    """The question's sentence of each step without its full stop: what a chain line re-reads."""
-    return [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
+def rationale(start, steps, values, phrases):
+    """One line per step: its sentence, then its equation ("Mia sells 3 stamps: 12 - 3 = 9")."""
+    return "\n".join(f"{ph}: {a} {op} {n} = {v}"
+                     for ph, a, (op, n), v in zip(phrases, [start] + values[:-1], steps, values))
 
 
 def sample_problem(rng, depth):
@@ -125,7 +93,8 @@ def make_problem(template, start, operands):
     steps = [(STEPS[t][0], n) for t, n in zip(template, operands)]
     values = run(start, steps)
     opening = START.format(name=name, n=start, obj=obj)
-    phrases = step_phrases(template, operands, name, obj)
+    # each step's sentence without its full stop: what a chain line re-reads
+    phrases = [STEPS[t][2].format(name=name, n=n, obj=obj).rstrip(".") for t, n in zip(template, operands)]
     text = " ".join([opening] + [f"{s}." for s in phrases] + [QUESTION.format(name=name, obj=obj)])
     return {"key": key, "source_id": "arith:" + short_id(key), "question": text, "depth": len(template),
             "opening": opening, "start": start, "steps": steps, "values": values, "final": values[-1],
@@ -134,15 +103,12 @@ def make_problem(template, start, operands):
 
 
 def generate(quota=None, seed=SEED):
-    """{split: [problem]}: per depth, draw (template, numbers) combinations from a seeded stream
-    and file each under the split its hash names, until every split has its quota (or the
-    depth's combinations run out: depth 1 has about a thousand)."""
+    """{split: [problem]}: per depth, seeded draws filed under their hash split until quotas fill."""
     quota = quota or QUOTA
     out = {s: [] for s in quota}
     for depth in DEPTHS:
         rng = random.Random(f"{seed}/{depth}")
-        seen, have = set(), {s: 0 for s in quota}
-        misses = 0
+        seen, have, misses = set(), {s: 0 for s in quota}, 0
         while any(have[s] < quota[s] for s in quota) and misses < 20_000:
             drawn = sample_problem(rng, depth)
             if drawn is None or drawn in seen:
@@ -158,25 +124,16 @@ def generate(quota=None, seed=SEED):
     return out
 
 
-_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def load_problems():
-    if "splits" not in _CACHE:
-        _CACHE["splits"] = generate()
-    return _CACHE["splits"]
+    return generate()
 
 
 # -----------------------------------------------------------------------------
 # wrong answers: chains whose every line is true, wrong only by how the question was read
 
 def misreadings(p):
-    """{kind: [(start, steps)]}: the question read wrongly, each reading computed correctly:
-    - operand: one step's number read as another number of the question or a nearby value (a
-      "doubles" / "half" step's 2 read as 3, and the reverse);
-    - start: the start read as another number of the question or a nearby value;
-    - operation: one step's operation wrong, or every step of that operation wrong alike;
-    - skipped / repeated: a step left out, or done twice; stopped: the last steps left out."""
+    """{kind: [(start, steps)]}: the question misread (a number, an operation, a step), solved right."""
     start, steps = p["start"], p["steps"]
     numbers = {int(x) for x in re.findall(r"\d+", p["question"])}
     out = {"operand": [], "start": [], "operation": [], "skipped": [], "repeated": [], "stopped": []}
@@ -198,8 +155,7 @@ SWAPS = {"+": "-*", "-": "+/", "*": "+/", "/": "-*"}
 
 
 def wrong_chains(p):
-    """[(value, rationale)] of the misreadings whose chain stays in 1..99, each line true (the
-    rationale's numbers are the misread ones, every result computed right), final != gold."""
+    """[(value, rationale)] of the distinct misreadings whose chain stays in 1..99 and misses the gold."""
     out, seen = [], set()
     for readings in misreadings(p).values():
         for start, steps in readings:
@@ -208,22 +164,15 @@ def wrong_chains(p):
             if not values or values[-1] == p["final"] or key in seen:
                 continue
             seen.add(key)
-            out.append((values[-1], rationale(start, steps, values, misread_phrases(p, steps))))
+            # each line re-reads its step as the misreading tells it: only the question shows the slip
+            phrases = [told(p, i, op, n) for i, (op, n) in enumerate(steps)]
+            out.append((values[-1], rationale(start, steps, values, phrases)))
     return out
 
 
-def misread_phrases(p, steps):
-    """The sentence each line of a misread chain re-reads: as the misreading would tell it (the
-    misread number, the wrong operation's sentence), so the chain agrees with itself line by line
-    and only the question shows the misreading."""
-    return [told(p, i, op, n) for i, (op, n) in enumerate(steps)]
-
-
 def told(p, i, op, n):
-    """Step (op, n) told by the question's template at position i when that template can tell it,
-    else by the first of the question's templates, then of all templates, that can."""
-    order = tuple(p["template"][i:i + 1]) + tuple(p["template"]) + tuple(range(len(STEPS)))
-    for t in order:
+    """Step (op, n) in words: by the question's template at i if it can, else the first that can."""
+    for t in (*p["template"][i:i + 1], *p["template"], *range(len(STEPS))):
         sop, fixed, text = STEPS[t]
         if sop == op and fixed in (None, n):
             return text.format(name=p["name"], n=n, obj=p["obj"]).rstrip(".")
@@ -231,8 +180,7 @@ def told(p, i, op, n):
 
 
 def candidates(p):
-    """{wrong value: rationale}: per wrong value the first misreading (in misreadings' order)
-    with as many lines as the gold, else the first of any length."""
+    """{wrong value: rationale}: per value the first misreading as long as the gold, else the first."""
     out = {}
     for v, why in wrong_chains(p):
         if v not in out or (_lines(out[v]) != p["depth"] and _lines(why) == p["depth"]):
@@ -245,11 +193,8 @@ def _lines(why):
 
 
 def choose_options(p, rank):
-    """Four wrong (value, rationale) so the gold is the `rank`-th smallest of five, drawn in a
-    fixed pseudo-random order (not nearest first, which would put the gold at the centre of a
-    cluster of misreadings), chains of the gold's length first, or None when the candidates cannot place the gold there."""
+    """The five sorted (value, why), gold `rank`-th, same-length chains first, then a hash order."""
     g, cands = p["final"], candidates(p)
-    # chains as long as the gold's first, so the number of lines tells nothing
     order = sorted(cands, key=lambda v: (_lines(cands[v]) != p["depth"], stable_hash(f"{p['key']}/{v}")))
     low = [v for v in order if v < g][:rank]
     high = [v for v in order if v > g][:4 - rank]
@@ -286,11 +231,9 @@ class Arith(ArithTask):
         return {s: [self._example(p) for p in probs] for s, probs in load_problems().items()}
 
     def _example(self, p):
-        return {"id": "arith/" + p["source_id"], "source_id": p["source_id"], "depth": p["depth"],
-                "messages": [{"role": "user", "content": p["question"]},
-                             {"role": "assistant", "content": answer_text(p["final"], p["rationale"])}],
-                "answer": format_number(p["final"]), "regions": {"question": (0, len(p["question"]))},
-                "wrong_answers": [answer_text(v, why) for v, why in _distinct_wrong(p)]}
+        return open_example("arith/" + p["source_id"], p["source_id"], p["question"], p["rationale"],
+                            format_number(p["final"]), depth=p["depth"],
+                            wrong_answers=[answer_text(v, why) for v, why in _distinct_wrong(p)])
 
     def evaluate(self, example, completion):
         return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
@@ -312,9 +255,7 @@ class ArithMC(ArithTask, MCTask):
         return {s: self._mc(probs) for s, probs in load_problems().items()}
 
     def _mc(self, problems):
-        """As gsm8k_mc: the options each problem allows per gold rank; the most constrained
-        problems choose first, each its least-used feasible rank, per depth (so every depth is
-        letter-balanced). Options are sorted, so the rank is the letter."""
+        """As gsm8k_mc, per depth (so every depth is letter-balanced)."""
         out, total = [], [0] * 5  # total: over all depths, the tie-breaker that balances the whole split
         for depth in DEPTHS:
             probs = [p for p in problems if p["depth"] == depth]
@@ -328,9 +269,7 @@ class ArithMC(ArithTask, MCTask):
                 total[r] += 1
                 chosen[p["source_id"]] = r
             for p, by in feasible:
-                r = chosen[p["source_id"]]
-                options = by[r]
-                letter = LETTERS[r]
+                options, letter = by[chosen[p["source_id"]]], LETTERS[chosen[p["source_id"]]]
                 out.append(mc_example(
                     "arith_mc/" + p["source_id"], p["source_id"], p["question"],
                     [format_number(v) for v, _ in options], letter, mc_reasoning(p["final"], p["rationale"], letter),

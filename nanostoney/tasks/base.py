@@ -1,7 +1,5 @@
 """What every task shares: the Task class, deterministic splits, the multiple-choice format
-and the surface-cue baselines (answers are written and read by nanostoney/answers.py).
-
-One format for all families, so that Stoney and math differ in content, not in shape:
+(one for all families, so Stoney and math differ in content, not shape) and the surface-cue baselines.
     user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks; MMLU stops at D)
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
@@ -21,7 +19,7 @@ SPLITS = ("train", "val", "test")
 
 
 def stable_hash(text):
-    """An integer hash that is the same on every machine and Python run (unlike hash())."""
+    """An integer hash, the same on every machine and run (unlike hash())."""
     return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:15], 16)
 
 
@@ -30,25 +28,20 @@ def short_id(text):
 
 
 def split_by_hash(key, val=0.1, test=0.1):
-    """train/val/test from a hash of the *source* text, so everything derived from one
-    source lands in one split, whatever order the rows come in."""
+    """train/val/test by a hash of the *source*: all derived from one source lands in one split."""
     u = (stable_hash(key) % 10_000) / 10_000
     return "val" if u < val else "test" if u < val + test else "train"
 
 
 def normalize(text):
-    """Case-folded, whitespace-collapsed, trimmed of surrounding punctuation and quotes, with
-    diacritics KEPT (î â û ṯ ẖ are distinct Stoney sounds). NFC on both sides of casefold
-    so composed and decomposed spellings compare equal."""
+    """Case-folded, spaces collapsed, edge punctuation trimmed, diacritics KEPT (distinct Stoney sounds)."""
     text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
     text = " ".join(text.split())
     return text.strip(" \t\n.,;:!?\"'`“”‘’()[]{}*_")
 
 
 def user_regions(system, user, regions):
-    """(rendered user text, regions) where the rendered text is what the tokenizer shows the
-    model: the system message (if any) prepended to the user turn. `regions` are spans in
-    `user`; they are shifted and a "system" span is added."""
+    """(user text with the system message folded in as the tokenizer does, regions shifted to it)."""
     if not system:
         return user, dict(regions)
     shift = len(system) + len(SYSTEM_JOIN)
@@ -58,8 +51,7 @@ def user_regions(system, user, regions):
 
 
 def render_mc(question, choices):
-    """(user text, regions) for an n-option question (n = 5 for ours, 4 for MMLU); regions are
-    char spans of the question, the options block and each option line."""
+    """(user text, regions: char spans of the question, the options block and each option line)."""
     option_letters(len(choices))  # 2..5 options
     text = question.strip() + "\n\n"
     regions = {"question": (0, len(question.strip()))}
@@ -73,23 +65,23 @@ def render_mc(question, choices):
     return text, regions
 
 
+def open_example(eid, source_id, question, reasoning, answer, **extra):
+    user = [{"role": "user", "content": question}]
+    return {"id": eid, "source_id": source_id, **extra,
+            "messages": user + [{"role": "assistant", "content": format_answer(reasoning, answer)}],
+            "answer": answer, "regions": {"question": (0, len(question))}}
+
+
 def mc_example(eid, source_id, question, choices, answer_letter, reasoning, **extra):
     user, regions = render_mc(question, choices)
-    ex = {"id": eid, "source_id": source_id,
-          "messages": [{"role": "user", "content": user},
-                       {"role": "assistant", "content": format_answer(reasoning, answer_letter)}],
-          "answer": answer_letter, "regions": regions, "choices": list(choices)}
-    ex.update(extra)
-    return ex
+    return {"id": eid, "source_id": source_id,
+            "messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": format_answer(reasoning, answer_letter)}],
+            "answer": answer_letter, "regions": regions, "choices": list(choices), **extra}
 
 
 class Task(abc.ABC):
-    """A task: examples per split, a prompt, a reward in [0, 1] and a verifier.
-
-    Subclasses set name/family/kind and implement `_build() -> {split: [example]}` and
-    `sources() -> [file path or hf:// id]`. Examples are built once per (task, source,
-    data_dir) per process. A control task (control = True) asks about items no training text
-    holds: it has no train split and must score at chance."""
+    """Examples per split, a prompt, a reward in [0, 1] and a verifier; a control has no train split."""
     name = family = kind = None
     control = False
 
@@ -149,55 +141,38 @@ class MCTask(Task):
 # -----------------------------------------------------------------------------
 # surface-cue baselines: pickers that never read the meaning. Each should be near 20%.
 
+def _best(scores):
+    """Indices of the best score, all when tied (a tie is a random choice: nothing from letter order)."""
+    top = max(scores)
+    return [i for i, x in enumerate(scores) if x == top]
+
+
 def _ngrams(text, n=3):
     t = " ".join(text.casefold().split())
     return {t[i:i + n] for i in range(max(0, len(t) - n + 1))}
 
 
-def _question_text(example):
-    user = example["messages"][-2]["content"]
-    a, b = example["regions"]["question"]
-    return user[a:b]
-
-
-def _best(scores):
-    """Indices of the best score (all of them when tied): a tie is scored as a random choice
-    among the tied options, so a picker earns nothing from the letter order."""
-    top = max(scores)
-    return [i for i, x in enumerate(scores) if x == top]
-
-
-def pick_longest(ex):
-    return _best([len(c) for c in ex["choices"]])
-
-
-def pick_shortest(ex):
-    return _best([-len(c) for c in ex["choices"]])
-
-
 def _worked(ex):
-    """Each option's answer as a model would write it: its own rationale where the task has one
-    (arith_mc's chains: what cloze scoring reads), else the option text."""
+    """Each option's answer as written: its own rationale where the task has one, else the option."""
     return [ex.get("option_rationales", {}).get(L, c) for L, c in zip(LETTERS, ex["choices"])]
-
-
-def pick_longest_worked(ex):
-    return _best([len(w) for w in _worked(ex)])
-
-
-def pick_shortest_worked(ex):
-    return _best([-len(w) for w in _worked(ex)])
-
-
-def pick_most_similar(ex):
-    """Most character-3-gram overlap with the question (share of the option's 3-grams)."""
-    q = _ngrams(_question_text(ex))
-    return _best([len(q & _ngrams(c)) / max(1, len(_ngrams(c))) for c in ex["choices"]])
 
 
 def _numbers(ex):
     nums = [parse_number(c) for c in ex["choices"]]
     return None if any(n is None for n in nums) else nums
+
+
+def _ending_counts(ex):
+    """Per option, how many options (itself included) share its last two characters."""
+    ends = [normalize(c)[-2:] for c in ex["choices"]]
+    return [ends.count(e) for e in ends]
+
+
+def pick_most_similar(ex):
+    """Most character-3-gram overlap with the question (share of the option's 3-grams)."""
+    a, b = ex["regions"]["question"]
+    q = _ngrams(ex["messages"][-2]["content"][a:b])
+    return _best([len(q & _ngrams(c)) / max(1, len(_ngrams(c))) for c in ex["choices"]])
 
 
 def pick_median_number(ex):
@@ -214,18 +189,6 @@ def pick_central_number(ex):
     return _best([-sum(abs(a - b) for b in logs) for a in logs])
 
 
-def pick_odd_ending(ex):
-    """The option whose last two characters the fewest other options share."""
-    ends = [normalize(c)[-2:] for c in ex["choices"]]
-    return _best([-ends.count(e) for e in ends])
-
-
-def pick_common_ending(ex):
-    """The option whose last two characters the most other options share."""
-    ends = [normalize(c)[-2:] for c in ex["choices"]]
-    return _best([ends.count(e) for e in ends])
-
-
 EQUATION_RE = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/x×]) (-?\d+(?:\.\d+)?) = (-?\d+(?:\.\d+)?)")
 
 
@@ -236,57 +199,46 @@ def equation_true(a, op, b, c):
 
 
 def pick_line_checker(ex):
-    """The options whose worked chain has the fewest false "a op b = c" lines: a checker that
-    tests the arithmetic of each line and never reads the question (None: no option has a line)."""
+    """The options whose worked chain has the fewest false "a op b = c" lines (None: no such line)."""
     found = [EQUATION_RE.findall(w) for w in _worked(ex)]
     if not any(found):
         return None
     return _best([-sum(not equation_true(*eq) for eq in eqs) for eqs in found])
 
 
-PICKERS = {"line_checker": pick_line_checker, "longest": pick_longest, "shortest": pick_shortest, "longest_worked": pick_longest_worked,
-           "shortest_worked": pick_shortest_worked, "most_similar_to_question": pick_most_similar,
+PICKERS = {"line_checker": pick_line_checker,
+           "longest": lambda ex: _best([len(c) for c in ex["choices"]]),
+           "shortest": lambda ex: _best([-len(c) for c in ex["choices"]]),
+           "longest_worked": lambda ex: _best([len(w) for w in _worked(ex)]),
+           "shortest_worked": lambda ex: _best([-len(w) for w in _worked(ex)]),
+           "most_similar_to_question": pick_most_similar,
            "median_number": pick_median_number, "central_number": pick_central_number,
-           "odd_ending_out": pick_odd_ending, "common_ending": pick_common_ending}
+           "odd_ending_out": lambda ex: _best([-n for n in _ending_counts(ex)]),
+           "common_ending": lambda ex: _best(_ending_counts(ex))}
 
 
 def answer_prior(train):
-    """The "answer alone" picker: the options that were the gold answer most often in `train`
-    (training examples), never reading the question: what a model that memorised the training
-    answers, not the facts, would pick."""
+    """The "answer alone" picker: the options most often gold in `train`, never reading the question."""
     counts = collections.Counter(normalize(ex["choices"][LETTERS.index(ex["answer"])]) for ex in train)
     return lambda ex: _best([counts[normalize(c)] for c in ex["choices"]])
 
 
 def baselines(examples, train=None):
-    """{baseline: accuracy} over MC examples: each letter always, each surface-cue picker
-    (pickers that do not apply to an example, e.g. median on words, are skipped) and, given the
-    task's `train` examples, the answer prior."""
-    out = {}
-    for letter in LETTERS:
-        out[f"always_{letter}"] = sum(ex["answer"] == letter for ex in examples) / len(examples)
+    """{baseline: accuracy} of each letter, each picker where it applies and, given train, the prior."""
+    out = {f"always_{L}": sum(ex["answer"] == L for ex in examples) / len(examples) for L in LETTERS}
     pickers = dict(PICKERS, **({"answer_prior": answer_prior(train)} if train else {}))
     for name, pick in pickers.items():
-        hits = total = 0
-        for ex in examples:
-            best = pick(ex)
-            if best is None:
-                continue
-            total += 1
-            hits += (LETTERS.index(ex["answer"]) in best) / len(best)
-        if total:
-            out[name] = hits / total
+        picked = [(ex, best) for ex in examples if (best := pick(ex)) is not None]
+        if picked:
+            out[name] = sum((LETTERS.index(ex["answer"]) in best) / len(best) for ex, best in picked) / len(picked)
     return out
 
 
 # -----------------------------------------------------------------------------
-# the model baselines that never read the question: the same items, scored (scripts.eval, by
-# cloze) with another item's question or with none. A model that reads its question is at
-# chance on both; one that completes a remembered sentence, or checks the answer alone, is not.
+# the model baselines that never read the question (cloze in scripts.eval): chance for a model that reads it
 
 def with_other_question(examples, salt="other-question"):
-    """Each example with another example's prompt (same direction where the task has two: a
-    derangement in hash order), its own options, worked answers and gold."""
+    """Each example with another's prompt (a derangement in hash order within its direction)."""
     groups = {}
     for i, ex in enumerate(examples):
         groups.setdefault(ex.get("direction"), []).append(i)
@@ -305,7 +257,6 @@ def without_question(examples):
 
 
 def balanced_slots(keys, k=5, salt=""):
-    """Assign each key a slot 0..k-1 so that counts differ by at most one, in an order fixed
-    by the keys' hashes (not by file order): used for the gold letter and the gold's rank."""
+    """{key: slot 0..k-1}, counts within one of each other, in hash order of the keys (not file order)."""
     order = sorted(keys, key=lambda s: stable_hash(salt + s))
     return {key: i % k for i, key in enumerate(order)}

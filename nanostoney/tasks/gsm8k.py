@@ -1,24 +1,15 @@
-"""GSM8K: grade-school word problems. Two tasks over the same problems (and the same splits):
-
-- gsm8k: open numeric answer, compared as a number ("1,080" == "1080.0").
-- gsm8k_mc: five sorted numeric options, the wrong ones being numbers a wrong reasoning step
-  gives: the problem's own calculation chain re-run with one operator slipped (+ - * /
-  swapped in one step, the error carried through later steps), the chain's intermediate
-  results (stopping early), and as a last resort scale slips. The gold's rank among the
-  sorted options is balanced across the five positions, so "pick the median / largest /
-  smallest" is worth 20%, and since options are sorted, so is the letter.
-
-Splits: the bundled train file minus a hashed ~7% slice is train, that slice is val, the
-bundled test file is test. A problem whose text is also in the test file never enters train.
+"""GSM8K word problems: gsm8k (open numeric answer) and gsm8k_mc (five sorted options), same splits.
+gsm8k_mc's wrong options are numbers a wrong step gives (an operator slipped and carried through, an
+intermediate result, a scale slip); the gold's rank (= letter) is balanced. Val: a hashed ~7% of train.
 """
 import functools
 import operator
 import re
 
-from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
+from nanostoney.answers import LETTERS, answer_after, format_number, numbers_equal, parse_number
 from nanostoney.errors import UserError
 from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
-from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, short_id, split_by_hash
+from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash
 
 CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 SAFE_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")
@@ -30,9 +21,8 @@ def split_answer(answer_text):
     body, sep, final = answer_text.rpartition("####")
     if not sep:
         return None, None
-    body = CALC_RE.sub("", body).strip()
     value = parse_number(final)
-    return body, (format_number(value) if value is not None else None)
+    return CALC_RE.sub("", body).strip(), (format_number(value) if value is not None else None)
 
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -41,8 +31,7 @@ TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|(.))")
 
 @functools.lru_cache(maxsize=65536)
 def _eval(expr):
-    """Value of an arithmetic expression (+ - * / parentheses, unary minus), or None. A small
-    recursive-descent parser: safe on any input and much faster than eval()."""
+    """Value of an arithmetic expression, or None: a recursive-descent parser, safe and faster than eval."""
     if not SAFE_EXPR.match(expr):
         return None
     tokens = [(float(n) if n else op) for n, op in TOKEN_RE.findall(expr) if n or op.strip()]
@@ -58,7 +47,7 @@ def _eval(expr):
         if t == "-":
             return -atom()
         if t == "(":
-            v = sum_()
+            v = level()
             if peek() != ")":
                 raise ValueError
             pos += 1
@@ -67,23 +56,17 @@ def _eval(expr):
             return t
         raise ValueError
 
-    def level(operand, ops):  # operand (op operand)*, left to right
+    def level(k=0):  # k = 0: a sum of products, k = 1: a product of atoms; left to right
         nonlocal pos
-        v = operand()
-        while peek() in ops:
+        v = level(1) if k == 0 else atom()
+        while peek() in (("+", "-"), ("*", "/"))[k]:
             op = peek()
             pos += 1
-            v = OPERATORS[op](v, operand())
+            v = OPERATORS[op](v, level(1) if k == 0 else atom())
         return v
 
-    def product():
-        return level(atom, ("*", "/"))
-
-    def sum_():
-        return level(product, ("+", "-"))
-
     try:
-        v = sum_()
+        v = level()
     except (ValueError, ZeroDivisionError, OverflowError):
         return None
     return v if pos == len(tokens) and abs(v) < 1e15 else None
@@ -91,17 +74,12 @@ def _eval(expr):
 
 def calc_steps(answer_text):
     """The calculator annotations <<expr=value>> of a rationale, as (expr, value) pairs."""
-    steps = []
-    for expr, value in CALC_RE.findall(answer_text):
-        v = parse_number(value)
-        if v is not None and _eval(expr) is not None:
-            steps.append((expr.strip(), v))
-    return steps
+    return [(expr.strip(), v) for expr, value in CALC_RE.findall(answer_text)
+            if (v := parse_number(value)) is not None and _eval(expr) is not None]
 
 
 def _rerun(steps, i, new_value):
-    """Final value of the chain when step i yields `new_value`: later steps that use an earlier
-    result (the same number written in their expression) use the wrong one instead."""
+    """Final value of the chain when step i yields `new_value`, carried into the later steps."""
     wrong = {steps[i][1]: new_value}
     value = new_value
     for expr, old in steps[i + 1:]:
@@ -118,10 +96,9 @@ def _rerun(steps, i, new_value):
 def wrong_answers(steps, gold_value):
     """Numbers a wrong reasoning step gives, most plausible first."""
     out = []
-    for i, (expr, _) in enumerate(reversed(steps)):  # slips late in the chain first
-        i = len(steps) - 1 - i
-        ops = [m.start() for m in re.finditer(r"(?<=[\d)\s])[+\-*/]", expr)]
-        for pos in ops:
+    for i in reversed(range(len(steps))):  # slips late in the chain first
+        expr = steps[i][0]
+        for pos in [m.start() for m in re.finditer(r"(?<=[\d)\s])[+\-*/]", expr)]:
             for op in "+-*/":
                 if op != expr[pos]:
                     v = _eval(expr[:pos] + op + expr[pos + 1:])
@@ -133,9 +110,7 @@ def wrong_answers(steps, gold_value):
 
 
 def choose_options(gold_value, candidates, rank):
-    """Four distractors so that the gold is the `rank`-th smallest of five, or None if the
-    candidates cannot place it there. Distractors keep the gold's kind: whole numbers for a
-    whole-number answer, no negatives for a non-negative one, no near-duplicates."""
+    """The five sorted options, gold `rank`-th smallest, distractors of its kind; None if impossible."""
     whole = abs(gold_value - round(gold_value)) < 1e-9
     seen, below, above = {round(gold_value, 6)}, [], []
     for v in candidates:
@@ -152,11 +127,8 @@ def choose_options(gold_value, candidates, rank):
         (below if v < gold_value else above).append(v)
     if len(below) < rank or len(above) < 4 - rank:
         return None
-    # nearest first on a log scale: the gold then sits inside a cluster of look-alikes rather
-    # than next to far-off numbers that give away which end it is on
-    below = sorted(below, key=lambda v: -v)[:rank]
-    above = sorted(above, key=lambda v: v)[:4 - rank]
-    return sorted(below + [gold_value] + above)
+    # nearest first: the gold sits in a cluster of look-alikes, not beside far-off numbers
+    return sorted(sorted(below, key=lambda v: -v)[:rank] + [gold_value] + sorted(above)[:4 - rank])
 
 
 def _problems(rows, path):
@@ -174,8 +146,7 @@ def _problems(rows, path):
 
 @functools.lru_cache(maxsize=None)
 def load_problems(source="bundled", data_dir=None):
-    """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc (same problems, same
-    splits), read once per process."""
+    """({split: [problem]}, [sources]) shared by gsm8k and gsm8k_mc, read once per process."""
     test_rows, test_path = bundled_rows("gsm8k", "test", data_dir)
     test = _problems(test_rows, test_path)
     held_ids = {p["source_id"] for p in test}
@@ -191,17 +162,14 @@ def load_problems(source="bundled", data_dir=None):
 
 
 def _dedupe(problems):
-    seen, out = set(), []
+    first = {}
     for p in problems:
-        if p["source_id"] not in seen:
-            seen.add(p["source_id"])
-            out.append(p)
-    return out
+        first.setdefault(p["source_id"], p)
+    return list(first.values())
 
 
 def sources(source="bundled", data_dir=None):
-    """The files (and hub id) behind the GSM8K tasks, known without loading except for "auto"
-    (where it depends on whether the hub answered)."""
+    """The files (and hub id) behind the GSM8K tasks, known without loading except for "auto"."""
     if source == "auto":
         return list(load_problems(source, data_dir)[1])
     paths = [str(bundled_path("gsm8k", part, data_dir)) for part in ("train", "test")]
@@ -209,7 +177,6 @@ def sources(source="bundled", data_dir=None):
 
 
 class GSM8KTask(Task):
-    """What gsm8k and gsm8k_mc share: the problems, their splits and the files behind them."""
     family = "math"
 
     def sources(self):
@@ -223,13 +190,8 @@ class GSM8K(GSM8KTask):
     name, kind = "gsm8k", "numeric"
 
     def _build(self):
-        return {split: [self._example(p) for p in probs] for split, probs in self.problems().items()}
-
-    def _example(self, p):
-        return {"id": "gsm8k/" + p["source_id"], "source_id": p["source_id"],
-                "messages": [{"role": "user", "content": p["question"]},
-                             {"role": "assistant", "content": format_answer(p["rationale"], p["final"])}],
-                "answer": p["final"], "regions": {"question": (0, len(p["question"]))}}
+        return {split: [open_example("gsm8k/" + p["source_id"], p["source_id"], p["question"], p["rationale"],
+                                     p["final"]) for p in probs] for split, probs in self.problems().items()}
 
     def evaluate(self, example, completion):
         return numbers_equal(parse_number(answer_after(completion)), float(example["answer"]))
@@ -242,9 +204,7 @@ class GSM8KMC(GSM8KTask, MCTask):
         return {split: self._mc(probs) for split, probs in self.problems().items()}
 
     def _mc(self, problems):
-        """Build the options each problem allows for each gold rank, then hand out ranks so the
-        five are used equally: the most constrained problems choose first, each taking its
-        least-used feasible rank. Options are sorted, so the rank is the letter."""
+        """Per problem its least-used feasible gold rank, most constrained first (the rank is the letter)."""
         slots = balanced_slots([p["source_id"] for p in problems], salt="gsm8k_mc")
         feasible = []
         for p in problems:
@@ -261,8 +221,7 @@ class GSM8KMC(GSM8KTask, MCTask):
         out = []
         for p, by_rank in feasible:
             r = chosen[p["source_id"]]
-            letter = LETTERS[r]
-            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {letter}."
+            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {LETTERS[r]}."
             out.append(mc_example("gsm8k_mc/" + p["source_id"], p["source_id"], p["question"],
-                                  [format_number(v) for v in by_rank[r]], letter, reasoning))
+                                  [format_number(v) for v in by_rank[r]], LETTERS[r], reasoning))
         return out

@@ -1,28 +1,8 @@
-"""MMLU in Yoruba (openai/MMMLU, configuration YO_NG) and in English (cais/mmlu): four options
-A-D, chance 0.25, the same questions in two languages so that language is the only change.
-
-What the dataset cards say (read offline; nothing here was downloaded):
-- openai/MMMLU is MMLU's test set (14,042 questions, 57 subjects) translated by professional
-  translators into 14 locales, one CSV per locale (test/mmlu_YO-NG.csv), one split ("test"),
-  columns Question, A, B, C, D, Answer (a letter), Subject (older revisions add an unnamed
-  index column). Licence MIT.
-- cais/mmlu, configuration "all", split "test": the same 14,042 questions, columns question,
-  subject, choices (four strings), answer (0-3). Licence MIT.
-- Neither has an id that names the other's row. Both list each subject's questions in MMLU's
-  original per-subject order, so an item is (subject, position within its subject): id
-  "mmlu:<subject>:<k>" in both tasks, which share their splits item for item. A translation
-  keeps the gold letter and a misaligned row would agree one time in four, so
-  `alignment(yoruba rows, english rows)` (the share of shared ids with the same gold letter)
-  checks the assumption on the real files; `python -m nanostoney.tasks --task mmlu_yo mmlu_en`
-  prints it.
-
-Nothing is bundled: a local copy under data/ (the hub's own file name, or the same stem as
-.jsonl / .parquet, in either schema) is read when present; otherwise the hub (through
-`datasets`). sources() names what will be read, so the governance gate checks the real thing.
-MMLU has no rationales: the gold reasoning is the closing line every MC task ends with ("The
-answer is X, which is option C."), and the options keep their original order (MMLU's "all of
-the above" options would not survive a reshuffle). Splits: 80/10/10 by a hash of the item id.
+"""MMLU in Yoruba (openai/MMMLU, YO_NG) and English (cais/mmlu): the same four-option questions in two
+languages, both in MMLU's per-subject order, so an item is "mmlu:<subject>:<k>" in both (check_alignment
+tests this). Read from a local copy under data/, else the hub; options keep their order.
 """
+import collections
 import csv
 import functools
 import os
@@ -49,8 +29,7 @@ def read_table(path):
 
 
 def parse_row(row, where):
-    """(subject, question, [4 choices], gold letter) of an MMMLU row (Question, A-D, Answer,
-    Subject) or a cais/mmlu row (question, choices, answer 0-3, subject)."""
+    """(subject, question, [4 choices], gold letter) of an MMMLU or a cais/mmlu row."""
     if "Question" in row:
         choices, answer, question, subject = [row.get(k) for k in "ABCD"], row.get("Answer"), row["Question"], \
             row.get("Subject")
@@ -68,12 +47,11 @@ def parse_row(row, where):
 
 def items(rows, where):
     """{item id: (subject, question, choices, letter)}, the id being (subject, position in subject)."""
-    out, seen = {}, {}
+    out, seen = {}, collections.Counter()
     for r, row in enumerate(rows):
-        subject, q, choices, answer = parse_row(row, f"{where} row {r + 1}")
-        k = seen.get(subject, 0)
-        seen[subject] = k + 1
-        out[f"mmlu:{subject}:{k}"] = (subject, q, choices, answer)
+        item = parse_row(row, f"{where} row {r + 1}")
+        out[f"mmlu:{item[0]}:{seen[item[0]]}"] = item
+        seen[item[0]] += 1
     return out
 
 
@@ -99,14 +77,10 @@ def sources(family, source="bundled", data_dir=None):
 def load_items(family, source="bundled", data_dir=None):
     """{item id: (subject, question, choices, letter)} of the local copy or the hub."""
     path = sources(family, source, data_dir)[0]
-    if path.startswith("hf://"):
-        name, config, split = HUB[family]
-        rows, where = hub_dataset(name, config, split).to_list(), path
-    else:
-        rows, where = read_table(path), path
+    rows = hub_dataset(*HUB[family]).to_list() if path.startswith("hf://") else read_table(path)
     if not rows:
-        raise UserError(f"{where} holds no rows; point at the MMMLU / MMLU test file.")
-    return items(rows, where)
+        raise UserError(f"{path} holds no rows; point at the MMMLU / MMLU test file.")
+    return items(rows, path)
 
 
 class _MMLU(MCTask):

@@ -1,17 +1,6 @@
-"""Stoney Nakoda: three tasks over the 2000 bundled question/answer conversations.
-
-- stoney_qa: the conversations themselves (system, user, assistant). The assistant text is
-  the reference: reward = chrF / 100, evaluate = chrF >= 50.
-- stoney_lexicon: Stoney term <-> English gloss pairs pulled out of the conversations, asked in
-  both directions; reward by normalised exact match (case and edge punctuation ignored,
-  diacritics kept: î â û ṯ ẖ are distinct sounds; a leading "to"/article optional in English).
-- stoney_mc: the same pairs as five-option questions in the AQuA format. Distractors come from
-  other pairs of the same split and kind (a "to ..." verb gloss, else the part of speech the
-  text states, else one word vs a phrase; terms with the same ending), never one that could
-  also be right, and are picked so the gold's length rank among the options is balanced,
-  which keeps "pick the longest/shortest" at 20%.
-
-The conversations, the lexicon extracted from them and the splits are in stoney_corpus.py.
+"""Stoney Nakoda tasks over the bundled conversations (stoney_corpus.py): stoney_qa (the conversations,
+reward = chrF / 100), stoney_lexicon (term <-> gloss pairs asked both ways, exact match after
+normalize) and stoney_mc (five options of the same kind, the gold's length rank balanced).
 """
 import bisect
 import collections
@@ -21,16 +10,12 @@ import re
 from nanostoney.answers import LETTERS, answer_part, format_answer
 from nanostoney.metrics import sentence_chrf
 from nanostoney.sources import bundled_path, hub_label
-from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, normalize, short_id, stable_hash,
-                                   user_regions)
+from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, normalize, open_example, short_id,
+                                   stable_hash, user_regions)
 from nanostoney.tasks.stoney_corpus import CONTROL, EXTRACTION, coarse_kind, load_corpus
 
-# -----------------------------------------------------------------------------
-# the tasks
-
 def sources(source="bundled", data_dir=None):
-    """The file (and hub id) behind the Stoney tasks, known without loading (so the gate can
-    refuse the hub set before it is downloaded), except for "auto"."""
+    """The file (and hub id) behind the Stoney tasks, known without loading except for "auto"."""
     if source == "auto":
         return list(load_corpus(source, data_dir)["sources"])
     path = str(bundled_path("stoney", "all", data_dir))
@@ -38,8 +23,6 @@ def sources(source="bundled", data_dir=None):
 
 
 class StoneyTask(Task):
-    """control = True: the *_unseen twin of a task, asking about the control terms (val and
-    test from unseen_val and unseen_test; no train split)."""
     family = "stoney"
 
     def sources(self):
@@ -57,11 +40,8 @@ class StoneyTask(Task):
 
 
 class StoneyQA(StoneyTask):
-    """The conversations as they are; reward = chrF of the answer against the original / 100.
-    evaluate() counts chrF >= CHRF_PASS as correct (a loose bar: the reference is one of many
-    good answers)."""
     name, kind = "stoney_qa", "open"
-    CHRF_PASS = 50.0
+    CHRF_PASS = 50.0  # a loose bar: the reference is one of many good answers
 
     def _build(self):
         return {s: [self._example(c) for c in convs] for s, convs in self.parts("convs").items()}
@@ -82,30 +62,22 @@ class StoneyQA(StoneyTask):
 
 
 def english_key(text):
-    """Normalised English gloss, also without a leading "to"/article ("to be thirsty" ==
-    "be thirsty"), so the dictionary form is not the only accepted one."""
-    g = normalize(text)
-    return re.sub(r"^(?:to|a|an|the)\s+", "", g)
+    """Normalised English gloss without a leading "to"/article ("to be thirsty" == "be thirsty")."""
+    return re.sub(r"^(?:to|a|an|the)\s+", "", normalize(text))
 
 
-# the question and the gold reasoning of a lexicon item, per task kind and direction. The
-# question is phrased unlike every sentence of the pretraining text (nanostoney.corpus: "`term`
-# means 'gloss'.", the conversations), so a held-out question is never the start of a sentence
-# the model read; and the answer never restates the question's term or gloss ("It means ..."),
-# so the answer alone (an option's worked text, scored by cloze) says nothing without the question:
-# scored with another item's question it is at chance. The open answer is the gloss or the term
-# itself ("Answer: to run"), never a letter.
-LEXICON_TEXTS = {
-    ("open", "s2e"): ("Translate `{term}` from Stoney Nakoda into English.", "Looking up `{term}`."),
-    ("open", "e2s"): ("Translate '{gloss}' from English into Stoney Nakoda.", "Looking up '{gloss}'."),
-    ("mc", "s2e"): ("Translate `{term}` from Stoney Nakoda into English.", "It means '{gloss}', which is option {letter}."),
-    ("mc", "e2s"): ("Translate '{gloss}' from English into Stoney Nakoda.", "It is `{term}`, which is option {letter}."),
-}
+# (question, gold reasoning): the question is unlike every pretraining sentence, and the answer never
+# restates the question's side, so the answer alone says nothing.
+Q_S2E = "Translate `{term}` from Stoney Nakoda into English."
+Q_E2S = "Translate '{gloss}' from English into Stoney Nakoda."
+LEXICON_TEXTS = {("open", "s2e"): (Q_S2E, "Looking up `{term}`."),
+                 ("open", "e2s"): (Q_E2S, "Looking up '{gloss}'."),
+                 ("mc", "s2e"): (Q_S2E, "It means '{gloss}', which is option {letter}."),
+                 ("mc", "e2s"): (Q_E2S, "It is `{term}`, which is option {letter}.")}
 
 
 def lexicon_texts(kind, item, letter=None, choice=None):
-    """(question, gold reasoning) of a lexicon item for an open or an MC task (whose gold is `letter`).
-    choice: an option asserted in the answer's place (the reasoning that argues for a distractor)."""
+    """(question, gold reasoning) of an item; choice: an option asserted in the answer's place."""
     question, reasoning = LEXICON_TEXTS[(kind, item["dir"])]
     words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
     if choice is not None:
@@ -114,10 +86,8 @@ def lexicon_texts(kind, item, letter=None, choice=None):
 
 
 def _lexicon_items(pairs):
-    """Questions in both directions: one per term (Stoney -> English), one per gloss
-    (English -> Stoney, any term with that gloss accepted)."""
-    items = []
-    by_gloss = collections.defaultdict(list)
+    """Questions both ways: one per term (s2e), one per gloss (e2s, any term with that gloss accepted)."""
+    items, by_gloss = [], collections.defaultdict(list)
     for p in pairs:
         by_gloss[p["gloss_key"]].append(p)
         items.append({"dir": "s2e", "key": p["term_key"], "pair": p, "prompt_text": p["term"], "answer": p["gloss"],
@@ -137,12 +107,9 @@ class StoneyLexicon(StoneyTask):
         return {s: [self._example(it) for it in _lexicon_items(pairs)] for s, pairs in self.parts("lexicon").items()}
 
     def _example(self, it):
-        question, reasoning = lexicon_texts(self.kind, it)
-        return {"id": f"{self.name}/{it['dir']}/{short_id(it['key'])}", "source_id": it["sources"][0],
-                "source_ids": it["sources"], "direction": it["dir"],
-                "messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": format_answer(reasoning, it["answer"])}],
-                "answer": it["answer"], "aliases": it["aliases"], "regions": {"question": (0, len(question))}}
+        return open_example(f"{self.name}/{it['dir']}/{short_id(it['key'])}", it["sources"][0],
+                            *lexicon_texts(self.kind, it), it["answer"], source_ids=it["sources"],
+                            direction=it["dir"], aliases=it["aliases"])
 
     def evaluate(self, example, completion):
         got = answer_part(completion)
@@ -160,18 +127,14 @@ def _content_words(text):
 
 
 class _Pool:
-    """Candidate options of one kind, sorted by length (ties by hash), for picking distractors
-    of nearly the gold's length: walk outwards from the gold's place, skipping the excluded."""
+    """Candidate options (text, info) sorted by length: distractors are found walking out from the gold."""
 
     def __init__(self, entries):
-        # entries: (text, info) with info the candidate's pair (for the exclusion test)
         self.items = sorted(((len(t), stable_hash(t), t, info) for t, info in entries), key=lambda x: x[:2])
         self.keys = [x[:2] for x in self.items]
 
     def pick(self, gold_text, rank, ok, distinct_endings=False):
-        """Four texts with the gold the `rank`-th shortest of five, nearest lengths first.
-        distinct_endings: no two of the five share their last two letters (so that when the
-        gold's ending is rare, it is not the odd one out)."""
+        """Four texts passing ok, the gold `rank`-th shortest of five; distinct_endings: no shared ending."""
         g = (len(gold_text), stable_hash(gold_text))
         i = bisect.bisect_left(self.keys, g)
         shorter, longer, seen = [], [], {normalize(gold_text)}
@@ -227,12 +190,9 @@ class StoneyMC(StoneyTask, MCTask):
         counts = {"letter": [0] * 5, "length": [0] * 5}
         out = []
         for it, iid in sorted(zip(items, ids), key=lambda x: letter_slot[x[1]]):
-            distractors, rank = None, None
             ranks = sorted(range(5), key=lambda r: (counts["length"][r], (r - length_slot[iid]) % 5))
-            for rank in ranks:
-                distractors = self._distractors(it, info, pools, rank)
-                if distractors:
-                    break
+            rank, distractors = next(((r, d) for r in ranks if (d := self._distractors(it, info, pools, r))),
+                                     (None, None))
             if not distractors:
                 continue  # too few same-kind options in this split (rare)
             counts["length"][rank] += 1
@@ -251,9 +211,7 @@ class StoneyMC(StoneyTask, MCTask):
         return sorted(out, key=lambda ex: ex["id"])
 
     def _distractors(self, it, info, pools, rank):
-        """Other pairs' glosses (s2e) or terms (e2s) of the same kind as the gold, never one that
-        could also be right: not a term with the gold's gloss, not a gloss sharing a content
-        word with any gloss of the gold. For terms, the same ending first."""
+        """Same-kind glosses (s2e) or terms (e2s), never one that could also be right."""
         me = info[it["pair"]["term_key"]]
         aliases = set(it["aliases"])
         words = set().union(*(info[a]["words"] for a in aliases if a in info), me["words"])
@@ -277,7 +235,6 @@ class StoneyMC(StoneyTask, MCTask):
 
 
 # the controls: the same tasks over the control terms, which no training text holds
-
 
 class StoneyQAUnseen(StoneyQA):
     name, control = "stoney_qa_unseen", True

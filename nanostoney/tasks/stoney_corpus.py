@@ -1,27 +1,9 @@
-"""The Stoney Nakoda corpus behind the Stoney tasks: the bundled conversations, the lexicon
-pulled out of them, and the split of every conversation group into train, held-out and control
-parts (the tasks themselves are in stoney.py).
-
-Splits: knowledge extraction (Physics of Language Models, Part 3.1). A pair can be stated in
-several conversations, and a term can be mentioned in a conversation that does not gloss it. So
-conversations are grouped (union-find) by the terms they mention and the glosses they share,
-and each group goes to one part by a hash of the group (GROUP_PARTS):
-- train (~60%), val (~10%), test (~10%): the EXTRACTION terms. Their conversations are in the
-  pretraining text (nanostoney.corpus); SFT and RL ask only about the train part, so a val or
-  test question asks about a fact the model read in pretraining but was never asked about.
-- unseen_val, unseen_test (~10% each): the CONTROL terms. No training text holds them (not
-  pretraining, not the tokenizer's text, not SFT, reward-model pairs or RL); the *_unseen tasks
-  ask about them, with distractors from the control pool only, and must stay at chance.
-
-The extractor reads quoted spans (backticks, "double", 'single', “curly”) and keeps a pair
-only when the text states it in one of these shapes:
-    `term` (gloss)              'gloss' (`term`)             "term" means "gloss"
-    "term", meaning 'gloss'     "term" translates to "gloss"   the word for "gloss" is `term`
-    "term". This verb means 'gloss'      `term` is the noun for 'gloss'
-    Q: which term means 'gloss'?  A: (exactly one quoted term)      (and the reverse)
-Which side is Stoney is judged from the corpus itself (class Lang), hedged glosses ("likely")
-and part-of-speech labels ("active transitive verb") are dropped. data/README.md gives the
-pair count and the precision measured by hand.
+"""The Stoney Nakoda corpus behind the Stoney tasks: the bundled conversations, the lexicon pulled
+out of them, and their split into parts (GROUP_PARTS), after knowledge extraction (Physics of
+Language Models, Part 3.1): conversation groups (union-find over shared terms and glosses) go to one
+part each. EXTRACTION parts are pretraining text, but SFT and RL ask only about train; CONTROL parts
+are in no training text (chance). A pair is kept only when the text states it in one of a few shapes
+(`term` (gloss), "term" means 'gloss', ...); which side is Stoney is judged from the corpus (Lang).
 """
 import collections
 import functools
@@ -52,13 +34,11 @@ def parse_conversation(row, where):
 
 
 def _conversations(rows, path):
-    out, seen = [], set()
+    out = {}
     for k, row in enumerate(rows):
-        c = parse_conversation(row, f"{path} row {k + 1}")
-        if c and c["source_id"] not in seen:
-            seen.add(c["source_id"])
-            out.append(c)
-    return out
+        if c := parse_conversation(row, f"{path} row {k + 1}"):
+            out.setdefault(c["source_id"], c)
+    return list(out.values())
 
 
 # -----------------------------------------------------------------------------
@@ -90,18 +70,12 @@ THIS_RE = re.compile(r"^(?:this|the|that)\s+(?:\w+\s+){0,3}?(?:term|phrase|word|
 
 def _spans(text):
     """Quoted spans as (start, end, inner text, quote kind)."""
-    out = []
-    for m in QUOTE_RE.finditer(text):
-        kind = m.lastgroup
-        out.append((m.start(), m.end(), m.group(kind), kind))
-    return out
+    return [(m.start(), m.end(), m.group(m.lastgroup), m.lastgroup) for m in QUOTE_RE.finditer(text)]
 
 
 def _sentences(text, spans):
     """Sentence (start, end) bounds; a full stop inside a quote does not end a sentence."""
-    inside = set()
-    for a, b, _, _ in spans:
-        inside.update(range(a, b))
+    inside = {i for a, b, _, _ in spans for i in range(a, b)}
     bounds, start = [], 0
     for m in re.finditer(r"[.!?]\s+", text):
         if m.start() not in inside:
@@ -112,13 +86,7 @@ def _sentences(text, spans):
 
 
 def _prose_and_quotes(text):
-    spans = _spans(text)
-    prose, last = [], 0
-    for a, b, _, _ in spans:
-        prose.append(text[last:a])
-        last = b
-    prose.append(text[last:])
-    return " ".join(prose), [s[2] for s in spans]
+    return QUOTE_RE.sub(" ", text), [s[2] for s in _spans(text)]
 
 
 def _trigrams(word):
@@ -127,12 +95,7 @@ def _trigrams(word):
 
 
 class Lang:
-    """Which language a span is in: "s" (Stoney), "e" (English) or None (can't tell).
-
-    Learned from the conversations themselves, so no word list is needed: English words are
-    those of the unquoted prose (seen in 2+ conversations); Stoney words are those of quoted
-    spans written with Stoney letters (î â û ṯ ẖ). A word in neither list is judged by a
-    character-trigram model of each side (Stoney spelling is distinctive: -ch, rh, îchiya)."""
+    """Which language a span is in ("s", "e" or None), learned from the corpus: no word list needed."""
 
     def __init__(self, convs):
         prose_seen, stoney = collections.Counter(), collections.Counter()
@@ -183,21 +146,13 @@ class Lang:
         return None
 
 
-def _lower_first(text):
-    """Undo sentence-initial capitals ("Gathkâch" -> "gathkâch"), which would otherwise mark an
-    option as different; a text with more capitals (a name, "I") is left alone."""
+def clean(text):
+    """A term or gloss tidied, a sentence-initial capital undone ("Gathkâch" -> "gathkâch")."""
+    text = " ".join(text.strip().strip(".,;:!?").split())
     if len(text) > 1 and text[0].isupper() and not any(ch.isupper() for ch in text[1:]) \
             and not re.match(r"I\b", text):
         return text[0].lower() + text[1:]
     return text
-
-
-def clean_term(text):
-    return _lower_first(" ".join(text.strip().strip(".,;:!?").split()))
-
-
-def clean_gloss(text):
-    return _lower_first(" ".join(text.strip().strip(".,;:!?").split()))
 
 
 # words between a term and its gloss that mean the text is contrasting, hedging or pointing elsewhere
@@ -208,10 +163,6 @@ ASKS_TERM_RE = re.compile(r"\b(?:term|word|phrase|verb|noun|express|say|translat
 ASKS_MEANING_RE = re.compile(r"\b(?:mean|meaning|translat\w*|english)\b", re.I)
 LEAD_E_RE = re.compile(r"\b(?:for|express|expressing|translate|translating|say|saying)\s*$", re.I)
 LEAD_FOR_RE = re.compile(r"\b(?:term|word|phrase|noun|verb|translation|expression|equivalent)\s+for\s*$", re.I)
-
-
-def _words(text):
-    return WORD_RE.findall(text)
 
 
 def _paren_pairs(text, spans, tags, lang):
@@ -265,7 +216,7 @@ def extract_pairs(text, lang):
                 between = text[sb:c_at]
                 # a quoted part-of-speech label may sit between: `x` is an "active verb" meaning 'y'
                 between_spans = [xi for xa, _, xi, _ in spans if sb <= xa < c_at]
-                if len(_words(between)) <= 8 and not NOT_DIRECT_RE.search(between) \
+                if len(WORD_RE.findall(between)) <= 8 and not NOT_DIRECT_RE.search(between) \
                         and all(POS_RE.match(x.strip(" .,;:!?")) for x in between_spans):
                     out.append((si, inner, "means"))
             elif THIS_RE.match(before.strip()) and k_sent > 0:
@@ -279,8 +230,8 @@ def extract_pairs(text, lang):
             # `term` is the Stoney noun for 'gloss'
             sa, sb, si = prev_s[-1]
             between = text[sb:a]
-            if re.search(r"\bis\b", between) and len(_words(between)) <= 10 and not NOT_DIRECT_RE.search(between) \
-                    and not any(sb <= xa < a for xa, _, _, _ in spans):
+            if re.search(r"\bis\b", between) and len(WORD_RE.findall(between)) <= 10 \
+                    and not NOT_DIRECT_RE.search(between) and not any(sb <= xa < a for xa, _, _, _ in spans):
                 out.append((si, inner, "is-for"))
             continue
         if LEAD_E_RE.search(before):
@@ -288,7 +239,7 @@ def extract_pairs(text, lang):
             nxt = next(((xa, xb, xi, t) for (xa, xb, xi, _), t in zip(spans, tags) if xa > a), None)
             if nxt is not None and nxt[3] == "s" and nxt[0] < s_end:
                 between = text[b:nxt[0]]
-                if re.search(r"\b(?:is|be|use|used|uses)\b", between) and len(_words(between)) <= 12 \
+                if re.search(r"\b(?:is|be|use|used|uses)\b", between) and len(WORD_RE.findall(between)) <= 12 \
                         and not NOT_DIRECT_RE.search(between):
                     out.append((nxt[2], inner, "for-is"))
             elif nxt is None or nxt[0] >= s_end:
@@ -301,18 +252,15 @@ def extract_pairs(text, lang):
 
 
 def _clean_pair(term, gl, rule):
-    """(term, gloss, rule) tidied, or None for a gloss that hedges or names a grammatical
-    category instead of a meaning."""
-    term, gl = clean_term(term), clean_gloss(gl)
+    """(term, gloss, rule) tidied, or None for a gloss that hedges or names a grammatical category."""
+    term, gl = clean(term), clean(gl)
     if not term or not gl or normalize(term) == normalize(gl) or HEDGE_RE.search(gl) or POS_RE.match(gl):
         return None
     return term, gl, rule
 
 
 def extract_qa_pair(conv, lang):
-    """A pair stated by the question/answer exchange itself: the question quotes one English
-    gloss and asks for a term, and the answer quotes exactly one Stoney term (or the reverse:
-    the question quotes one term and asks its meaning, the answer quotes one English gloss)."""
+    """A pair stated by the exchange: a question quoting one gloss (term), the answer one term (gloss)."""
     qs = [(s[2], lang(s[2])) for s in _spans(conv["user"])]
     ans = [(s[2], lang(s[2])) for s in _spans(conv["assistant"])]
     q_e = {normalize(t) for t, tag in qs if tag == "e"}
@@ -334,8 +282,7 @@ POS_WORD_RE = re.compile(r"\b(noun|verb|adjective|adverb)s?\b", re.I)
 
 
 def pos_near(text, term):
-    """The part of speech the text states for `term`: the one category (noun, verb, adjective,
-    adverb) named in the sentence where the term first appears, else None."""
+    """The one part of speech named in the sentence where `term` first appears, else None."""
     i = text.casefold().find(term.casefold())
     if i < 0:
         return None
@@ -347,8 +294,7 @@ def pos_near(text, term):
 
 
 def gloss_kind(gloss, pos=None):
-    """The kind a distractor must share: "verb" for a "to ..." gloss, else the part of speech the
-    text states ("noun", "adjective", "adverb"), else "word"/"phrase" by the gloss's length."""
+    """The kind a distractor must share: "verb" ("to ..."), the stated part of speech, word or phrase."""
     g = normalize(gloss)
     if g.startswith("to "):
         return "verb"
@@ -363,8 +309,7 @@ def coarse_kind(kind):
 
 
 def build_lexicon(convs):
-    """[{term, gloss, kind, sources}] deduplicated: a term keeps its most frequent gloss (ties:
-    the shorter, then alphabetical), written in its most frequent spelling."""
+    """One pair per term: its most frequent gloss, each side in its most frequent spelling."""
     lang = Lang(convs)
     glosses = collections.defaultdict(collections.Counter)   # term key -> gloss -> count
     spellings = collections.defaultdict(collections.Counter)
@@ -374,10 +319,8 @@ def build_lexicon(convs):
     pos = collections.defaultdict(collections.Counter)
     for c in convs:
         for text in (c["user"], c["assistant"]):
-            pairs = extract_pairs(text, lang)
-            if text is c["assistant"]:
-                qa = extract_qa_pair(c, lang)
-                pairs += [qa] if qa else []
+            qa = extract_qa_pair(c, lang) if text is c["assistant"] else None
+            pairs = extract_pairs(text, lang) + ([qa] if qa else [])
             for term, gl, rule in pairs:
                 key = normalize(term)
                 glosses[key][normalize(gl)] += 1
@@ -401,27 +344,17 @@ def build_lexicon(convs):
 # -----------------------------------------------------------------------------
 # splits: conversations grouped by shared terms and glosses, a group per split
 
-def _tokens(conv):
-    text = unicodedata.normalize("NFC", conv["user"] + " " + conv["assistant"])
-    return {w.casefold() for w in WORD_RE.findall(text)}
-
-
 def mentions(convs, term_keys):
     """{term_key: {source_id}} of the conversations whose text has every word of the term."""
     index = collections.defaultdict(set)
     for c in convs:
-        for w in _tokens(c):
-            index[w].add(c["source_id"])
-    out = {}
-    for key in term_keys:
-        words = [w.casefold() for w in WORD_RE.findall(key)]
-        ids = set.intersection(*(index.get(w, set()) for w in words)) if words else set()
-        out[key] = ids
-    return out
+        for w in WORD_RE.findall(unicodedata.normalize("NFC", c["user"] + " " + c["assistant"])):
+            index[w.casefold()].add(c["source_id"])
+    words = {key: [w.casefold() for w in WORD_RE.findall(key)] for key in term_keys}
+    return {key: set.intersection(*(index.get(w, set()) for w in ws)) if ws else set() for key, ws in words.items()}
 
 
-# the parts a conversation group can go to, with their shares (by a hash of the group): the
-# extraction parts first (val/test kept where the 80/10/10 split had them), then the controls
+# the parts a conversation group can go to, with their shares (val/test first: where the 80/10/10 split had them)
 GROUP_PARTS = (("val", 0.1), ("test", 0.1), ("unseen_val", 0.1), ("unseen_test", 0.1), ("train", 0.6))
 EXTRACTION = SPLITS
 CONTROL = {"val": "unseen_val", "test": "unseen_test"}
@@ -437,15 +370,11 @@ def group_part(key):
     return GROUP_PARTS[-1][0]
 
 
-# a "term" found in more conversations is a common word or particle: vague to ask about, and
-# it would glue the splits together
-MAX_MENTIONS = 10
+MAX_MENTIONS = 10  # a "term" in more conversations is a common word: vague, and it would glue the splits
 
 
 def assign_splits(convs, lexicon):
-    """({source_id: part}, lexicon with a "split" (its part) per pair). Union-find over
-    conversations: a pair's sources, every conversation mentioning its term, and the sources of
-    pairs that share a gloss are kept together; each group goes to one part (group_part)."""
+    """({source_id: part}, lexicon with each pair's split), one part per union-find group."""
     parent = {c["source_id"]: c["source_id"] for c in convs}
 
     def find(x):
@@ -472,17 +401,13 @@ def assign_splits(convs, lexicon):
     groups = collections.defaultdict(list)
     for c in convs:
         groups[find(c["source_id"])].append(c["source_id"])
-    split = {}
-    for root, ids in groups.items():
-        s = group_part(min(ids))
-        split.update({i: s for i in ids})
+    split = {i: group_part(min(ids)) for ids in groups.values() for i in ids}
     return split, [dict(p, split=split[p["sources"][0]]) for p in lexicon]
 
 
 @functools.lru_cache(maxsize=None)
 def load_corpus(source="bundled", data_dir=None):
-    """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once; the
-    parts are train/val/test (extraction) and unseen_val/unseen_test (control)."""
+    """{"convs": {part: [conv]}, "lexicon": {part: [pair]}, "sources": [...]}, built once per process."""
     rows, path = bundled_rows("stoney", "all", data_dir)
     convs = _conversations(rows, path)
     conv_split, lexicon = assign_splits(convs, build_lexicon(convs))
@@ -497,12 +422,9 @@ def load_corpus(source="bundled", data_dir=None):
 
 
 def _with_hub_train(out, rows, label, path):
-    """The hub's conversations as the training pool, minus any conversation that is held out
-    here (extraction val/test or control) or mentions such a term, and minus pairs whose term or
-    gloss is held out."""
+    """The hub as training pool, minus anything held out here or mentioning a held-out term or gloss."""
     held_parts = [part for part, _ in GROUP_PARTS if part != "train"]
-    held = [c for part in held_parts for c in out["convs"][part]]
-    held_ids = {c["source_id"] for c in held}
+    held_ids = {c["source_id"] for part in held_parts for c in out["convs"][part]}
     held_pairs = [p for part in held_parts for p in out["lexicon"][part]]
     held_terms = {p["term_key"] for p in held_pairs}
     held_glosses = {g for p in held_pairs for g in p["gloss_keys"]}

@@ -1,25 +1,11 @@
-"""stoney_verb: a two-step Stoney question, so that Stoney hop counts can match arith's depth 2.
-
-    user:      Is `îbuṯẖach` a verb in Stoney Nakoda? Answer yes or no.
-    assistant: <think>Looking up `îbuṯẖach`: 'to be thirsty', so a verb.</think>
-               Answer: yes
-
-Step one is recall (the term's gloss, read in pretraining, never asked about for a held-out
-term); step two reads the recalled gloss: a "to ..." meaning is a verb. The approved data (data/stoney/stoney_valid.jsonl)
-carries no part-of-speech or category labels, only text, so the label is the one the lexicon
-derives from the text itself (tasks/stoney_corpus.py gloss_kind): a gloss of the form "to ..." is a
-verb. The answer is the word "yes" or "no", never a letter.
-
-Stoney verbs mostly end in -ch (about 77% of verbs, 22% of the rest), so the spelling alone
-would answer most items without recall. Items are therefore chosen balanced: within every
-term ending (its last two letters), as many verbs as non-verbs, in hash order, so "answer by
-the ending" and "always yes" score 50%, the chance level. Splits and the *_unseen control
-follow the lexicon (extraction val/test; control terms no training text holds).
+"""stoney_verb: "Is `term` a verb in Stoney Nakoda? Answer yes or no." Two steps (recall the gloss, read
+it: "to ..." is a verb), so Stoney hop counts can match arith's depth 2. Stoney verbs mostly end in
+-ch, so items are balanced within every term ending: "answer by the ending" scores 50%.
 """
 import collections
 
-from nanostoney.answers import answer_part, format_answer
-from nanostoney.tasks.base import normalize, short_id, stable_hash
+from nanostoney.answers import answer_part
+from nanostoney.tasks.base import normalize, open_example, short_id, stable_hash
 from nanostoney.tasks.stoney import StoneyTask
 
 QUESTION = "Is `{term}` a verb in Stoney Nakoda? Answer yes or no."
@@ -37,8 +23,7 @@ def balanced_pairs(pairs):
     for p in pairs:
         by_end[normalize(p["term"])[-ENDING:]][is_verb(p)].append(p)
     out = []
-    for end in sorted(by_end):
-        sides = by_end[end]
+    for sides in by_end.values():
         n = min(len(sides[True]), len(sides[False]))
         for side in (True, False):
             out += sorted(sides[side], key=lambda p: stable_hash("stoney_verb/" + p["term_key"]))[:n]
@@ -52,14 +37,9 @@ class StoneyVerb(StoneyTask):
         return {s: [self._example(p) for p in balanced_pairs(pairs)] for s, pairs in self.parts("lexicon").items()}
 
     def _example(self, p):
-        question = QUESTION.format(term=p["term"])
-        answer = "yes" if is_verb(p) else "no"
-        reasoning = REASONING[is_verb(p)].format(term=p["term"], gloss=p["gloss"])
-        return {"id": f"{self.name}/{short_id(p['term_key'])}", "source_id": p["sources"][0],
-                "source_ids": p["sources"], "depth": 2,
-                "messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": format_answer(reasoning, answer)}],
-                "answer": answer, "regions": {"question": (0, len(question))}}
+        return open_example(f"{self.name}/{short_id(p['term_key'])}", p["sources"][0], QUESTION.format(term=p["term"]),
+                            REASONING[is_verb(p)].format(term=p["term"], gloss=p["gloss"]),
+                            "yes" if is_verb(p) else "no", source_ids=p["sources"], depth=2)
 
     def evaluate(self, example, completion):
         return normalize(answer_part(completion)) == example["answer"]

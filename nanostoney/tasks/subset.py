@@ -1,15 +1,6 @@
-"""n examples of a task's split: hash-ordered and balanced, never a prefix of the split's list.
-
-    subset(task, "val", 64)           # 64 val items: directions, letters and depths balanced
-    balanced_order(examples, salt)    # the whole list in that order (its first n = the subset)
-
-Splits are stored in orders that carry structure (stoney_mc lists every e2s item first), so
-the first n items of a split can be one translation direction, skewed letters or one depth.
-Here the examples are grouped into strata by what must be balanced (translation direction,
-gold letter of an MC item or yes / no, arith depth), each stratum is ordered by a hash of the
-ids, and the next example always comes from the stratum whose direction, letter and depth have been taken
-least so far: any prefix of the result has each of them within one item of even (while the
-strata last).
+"""n examples of a task's split, hash-ordered and balanced (a split's own order carries structure):
+strata (direction, depth, gold letter or yes / no) are each in hash order, and the next example comes
+from the stratum whose values were taken least, so every prefix is within one item of even on each.
 """
 import collections
 
@@ -20,15 +11,13 @@ YES_NO = ("yes", "no")  # the gold of a yes / no task (stoney_verb), balanced li
 
 
 def stratum(ex):
-    """What an example is balanced on: (direction, depth, gold letter or yes / no), "" / 0 where
-    it has none."""
+    """(direction, depth, gold letter or yes / no), "" / 0 where the example has none."""
     letter = ex["answer"] if (ex.get("choices") and ex.get("answer") in LETTERS) or ex.get("answer") in YES_NO else ""
     return (ex.get("direction") or "", ex.get("depth") or 0, letter)
 
 
 def balanced_order(examples, salt=""):
-    """All `examples`, each stratum in hash order of the ids, the strata interleaved so that every
-    prefix is as balanced as the strata allow on each of direction, depth and letter."""
+    """All `examples`, the strata interleaved so that every prefix is as balanced as they allow."""
     queues = collections.defaultdict(list)
     for ex in examples:
         queues[stratum(ex)].append(ex)
@@ -46,8 +35,7 @@ def balanced_order(examples, salt=""):
 
 
 def subset(task, split, n=0, salt=""):
-    """n balanced, hash-chosen examples of a task's split (n <= 0 or n >= its size: all of
-    them, in the balanced order). An empty split is task.examples' one-sentence UserError."""
+    """n balanced, hash-chosen examples of a task's split (n <= 0: all of them, in that order)."""
     exs = balanced_order(task.examples(split), salt or f"{task.name}/{split}")
     return exs if n <= 0 else exs[:n]
 
