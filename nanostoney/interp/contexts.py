@@ -1,13 +1,8 @@
-"""Contexts: what the model reads before the answer slot, with no answer in it.
-
-The slot follows the prompt, a rationale and "</think>\nAnswer:", so the next token is the
-answer's first (for multiple choice, the letter). The rationale ("own": the model's greedy
-completion; "gold": teacher forced) is cut before its first sentence that names an option letter
-or states the gold or the model's own answer: every MC gold rationale ends "..., which is option
-L.", and left in, the statistics would measure copying a letter a few tokens back. "cloze" reads
-the question without options, then the options' shared answer beginning (cloze.answer_texts), so
-the slot is where their answers part: for a model that knows answers but cannot name letters.
-"""
+"""Contexts: what the model reads before the answer slot, with no answer in it: the prompt, a
+rationale ("own": the model's greedy completion; "gold": teacher forced) cut before its first
+sentence that names an option letter or states an answer (else the statistics would measure
+copying a letter a few tokens back), then "</think>\nAnswer:"; or "cloze": the question without
+options, then the options' shared answer beginning, so the slot is where their answers part."""
 import re
 import unicodedata
 
@@ -27,8 +22,7 @@ def answer_value(text):
     """The number an answer text states ("$27.30", "64 minutes", "Rs. 4270", "4,800"), or None
     when it is not one number with at most a unit (a formula "12/25", a pair, "None of these")."""
     nums = NUMBER_RE.findall(text)
-    rest = NUMBER_RE.sub("", text)
-    if len(nums) != 1 or re.search(r"[^\sA-Za-z.%$€£₹/]", rest):
+    if len(nums) != 1 or re.search(r"[^\sA-Za-z.%$€£₹/]", NUMBER_RE.sub("", text)):
         return None
     return parse_number(nums[0])
 
@@ -54,9 +48,8 @@ def mention_positions(text, answers):
 def strip_answer(rationale, answers):
     """The rationale up to its first sentence (or ';' clause) that states an answer: names an
     option letter, says "the answer is" / "Answer:", or mentions one of `answers`."""
-    hits = mention_positions(rationale, answers)
     m = LETTER_NAMING.search(rationale)
-    hits += [m.start()] if m else []
+    hits = mention_positions(rationale, answers) + ([m.start()] if m else [])
     if not hits:
         return rationale.strip()
     first = min(hits)
@@ -104,15 +97,17 @@ def cloze_slot(task, example):
     return cloze.question_only(task, example), gold, slot, answers
 
 
+def answer_start(text):
+    """The character where the answer after the last "Answer:" starts."""
+    return len(text) - len(text[text.rfind(MARKER) + len(MARKER):].lstrip())
+
+
 def letter_slot(task, example, assistant):
     """(prompt, assistant, slot, candidates) after a rationale: the slot is the first character
     of the answer after the last "Answer:"; the candidates are the assistant text with each
     option letter in the answer's place."""
-    cue = assistant.rfind(MARKER)
-    start = cue + len(MARKER)
-    while start < len(assistant) and assistant[start].isspace():
-        start += 1
-    if cue < 0 or start >= len(assistant):
+    start = answer_start(assistant)
+    if MARKER not in assistant or start >= len(assistant):
         raise UserError(f"example {example['id']} of task {task.name} has no answer after 'Answer:'; fix the "
                         f"task data.")
     options = option_letters(len(example["choices"])) if example.get("choices") else ()
@@ -120,9 +115,7 @@ def letter_slot(task, example, assistant):
 
 
 def answer_cue(task, example):
-    """Where the gold assistant text's last "Answer:" starts; a UserError when there is none."""
-    cue = example["messages"][-1]["content"].rfind(MARKER)
-    if cue < 0:
+    """A UserError when the task's gold assistant text has no "Answer:" line."""
+    if MARKER not in example["messages"][-1]["content"]:
         raise UserError(f"task {task.name} has no 'Answer:' line in its gold answers, so it has no answer "
                         f"position; pick tasks with one (e.g. stoney_mc, stoney_lexicon, aqua_mc, gsm8k_mc).")
-    return cue
