@@ -154,7 +154,8 @@ def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None
     n_rep = max(2, min(n_rep, (gpt.config.sequence_len - 1) // 2))
     r = torch.randint(0, vocab_size, (n_seqs, n_rep), generator=torch.Generator().manual_seed(seed))
     x = torch.cat([torch.full((n_seqs, 1), bos_id if bos_id is not None else 0), r, r], 1).to(gpt.get_device())
-    probe = PatternProbe(gpt.config.n_layer, lambda p: torch.stack([induction_score(p, n_rep), previous_token_score(p)]))
+    probe = PatternProbe(gpt.config.n_layer,
+                         lambda p: torch.stack([induction_score(p, n_rep), previous_token_score(p)]))
     with probes.attach(gpt, probe):
         gpt(x)
     s = torch.stack(probe.out, 2).numpy()  # [2, N, L, H]

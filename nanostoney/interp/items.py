@@ -45,9 +45,8 @@ class Item:
     @property
     def outcome(self):
         """heldout_right / heldout_wrong by the model's own greedy answer; None for train items."""
-        if self.group != "heldout" or self.own_correct is None:
-            return None
-        return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
+        if self.group == "heldout" and self.own_correct is not None:
+            return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
 
     @property
     def subset(self):
@@ -88,13 +87,9 @@ def first_char_label(char_labels, offsets, text):
 def lexical_char_labels(text, family, judge):
     """Per character: index into LEXICAL_REGIONS before token-level priority is applied."""
     lab = np.full(len(text), LEXICAL_REGIONS.index("other"))
-    if family == "stoney":
-        for m in WORD_RE.finditer(text):
-            cls = "stoney_term" if judge(m.group(0)) == "s" else "english"
-            lab[m.start():m.end()] = LEXICAL_REGIONS.index(cls)
-    else:
-        for m in WORD_RE.finditer(text):
-            lab[m.start():m.end()] = LEXICAL_REGIONS.index("english")
+    for m in WORD_RE.finditer(text):
+        stoney = family == "stoney" and judge(m.group(0)) == "s"
+        lab[m.start():m.end()] = LEXICAL_REGIONS.index("stoney_term" if stoney else "english")
     for i, ch in enumerate(text):
         if ch.isdigit() or (ch in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()):
             lab[i] = LEXICAL_REGIONS.index("digit")
@@ -108,19 +103,15 @@ def token_lexical(char_lab, offsets):
     """A token takes the highest-priority class among its characters (order of LEXICAL_REGIONS,
     except that digit and operator outrank words)."""
     priority = [LEXICAL_REGIONS.index(c) for c in ("digit", "operator", "stoney_term", "english", "other")]
-    out = []
-    for a, b in offsets:
-        present = set(char_lab[a:b].tolist()) if b > a else {LEXICAL_REGIONS.index("other")}
-        out.append(next(c for c in priority if c in present))
-    return out
+    other = {LEXICAL_REGIONS.index("other")}
+    return [next(c for c in priority if c in (set(char_lab[a:b].tolist()) if b > a else other)) for a, b in offsets]
 
 
 def user_text(prompt):
     """The first user turn as the tokenizer renders it (the system message folded in)."""
-    msgs = [m for m in prompt]
-    if msgs and msgs[0]["role"] == "system":
-        return msgs[0]["content"] + SYSTEM_JOIN + msgs[1]["content"]
-    return msgs[0]["content"]
+    if prompt[0]["role"] == "system":
+        return prompt[0]["content"] + SYSTEM_JOIN + prompt[1]["content"]
+    return prompt[0]["content"]
 
 
 def display_token(text):
@@ -150,12 +141,9 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     R = {name: i for i, name in enumerate(STRUCT_REGIONS)}
     ch = np.full(len(text), R["prompt_other"])
     regions = example.get("regions", {})
-    for name in ("system", "question", "options"):
-        if name in regions:
-            a, b = regions[name]
-            ch[a:b] = R[name]
-    think_end = gold.find("</think>")
-    think_end = think_end + len("</think>") if think_end >= 0 else 0
+    for name in [n for n in ("system", "question", "options") if n in regions]:
+        ch[slice(*regions[name])] = R[name]
+    think_end = gold.find("</think>") + len("</think>") if "</think>" in gold else 0
     a_ch = np.where(np.arange(len(gold)) < think_end, R["rationale"], R["answer_cue"])
     struct = ([R["bos"], R["template"]] + first_char_label(ch, u_off, text) + [R["template"]] * 2
               + first_char_label(a_ch, a_off[:k], gold))
@@ -234,16 +222,16 @@ def build_items(tokenizer, examples, chosen, completions, judge, context, max_le
     for name, pairs in chosen.items():
         task = examples[name][0]
         for split, ex in pairs:
+            own = completions[(name, ex["id"])]
             if context == "cloze":
                 slot = cloze_slot(task, ex)
                 it = slot and prepare_item(tokenizer, task, ex, split, judge, None, slot)
             else:
-                completion = completions[(name, ex["id"])]
-                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
+                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, own, context))
             if it is None or len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
                 skipped[name] = skipped.get(name, 0) + 1
                 continue
-            it.own_correct = completions[(name, ex["id"])] if context == "cloze" else bool(task.evaluate(ex, completion))
+            it.own_correct = own if context == "cloze" else bool(task.evaluate(ex, own))
             items.append(it)
     if not items:
         raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")

@@ -124,7 +124,8 @@ def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0, m=None):
     m = m or len(by_site)
     rows = []
     for name, vals in by_site.items():
-        r = mean_difference(vals, n_boot=n_boot, n_perm=n_perm, seed=seed + stable_hash(name) % 2 ** 31, alpha=alpha / m)
+        r = mean_difference(vals, n_boot=n_boot, n_perm=n_perm, seed=seed + stable_hash(name) % 2 ** 31,
+                            alpha=alpha / m)
         rows.append({"site": name, "mean": r["diff"], "lo": r["lo"], "hi": r["hi"], "p": r["p"],
                      "fraction": r["diff"] / gap if gap else float("nan"), "n": r["n"]})
     correct(rows, alpha)

@@ -1,12 +1,6 @@
-"""The reasoning report: a self-contained index.html (no scripts, no network: it opens offline from
-a file:// URL) beside its figures and metrics.json.
-
-    write_report(out_dir, metrics, logger=None)
-
-`metrics` is what scripts/compare_reasoning.py builds: a report can be re-rendered from a saved
-metrics.json (`render(json.load(...), out_dir)`). The files are built under a temporary name
-and moved into place, so a reader never sees half a report.
-"""
+"""The reasoning report: a self-contained index.html (no scripts, no network: it opens offline) beside
+its figures and metrics.json, drawn from the metrics alone (`render(json.load(...), out_dir)` redraws
+a saved one); write_report moves each file into place whole."""
 import json
 import math
 import os
@@ -109,7 +103,8 @@ def at_chance_sentence(res, last, families, context="own"):
     if not low:
         return []
     hint = "" if context == "cloze" else (" For multiple choice, --context cloze probes the slot where the options' "
-                                          "answers part, which needs no letter (a small model is often above chance there).")
+                                          "answers part, which needs no letter (a small model is often above chance "
+                                          "there).")
     return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
             f"model does at the answer slot (the answer format, a preferred option), not a reached answer. A claim "
             f"about how the answer is reached needs a model above chance (BENCHMARKS.md, section SFT).{hint}"]
@@ -180,22 +175,23 @@ def num(x, spec=".3g"):
     return "n/a" if x is None else format(x, spec)
 
 
+def scalar(s):
+    """Whether a summary holds one number (not an array, not undefined)."""
+    return bool(s) and s.get("mean") is not None and not isinstance(s["mean"], list)
+
+
 def cell(s):
-    if not s or s.get("mean") is None or isinstance(s["mean"], list):
-        return "—"
-    return f"{num(s['mean'])} <span class=meta>[{num(s.get('lo'))}, {num(s.get('hi'))}]</span>"
+    return f"{num(s['mean'])} <span class=meta>[{num(s.get('lo'))}, {num(s.get('hi'))}]</span>" if scalar(s) else "—"
 
 
 def cell_text(s):
-    if not s or s.get("mean") is None or isinstance(s["mean"], list):
-        return "—"
-    return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})"
+    return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})" if scalar(s) else "—"
 
 
-TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
-              ("lens_first", "first decodable depth"), ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
-              ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
-              ("previous_token:all", "prev-token"),
+TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"), ("lens_first", "first decodable depth"),
+              ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"),
+              ("entropy:all", "entropy"), ("entropy_norm:all", "entropy / max"),
+              ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"), ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
               ("chance", "chance (baseline)"), ("topk_mean:own", "top-k mean-ablation drop (own)"),
               ("topk_mean:random", "random-k mean-ablation drop")]
@@ -213,12 +209,10 @@ def table(metrics, ck):
                for d, s in by.items()]
     rows = [f"<tr><td class=l>{label}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>" for label, grp, s in groups]
-    task_rows = []
-    for task, by in res["tasks"].items():
-        for grp, s in by.items():
-            task_rows.append(f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>"
-                             f"<td>{cell(s.get('accuracy'))}</td><td>{cell(s.get('answer_logprob'))}</td>"
-                             f"<td>{cell(s.get('entropy:all'))}</td><td>{cell(s.get('sink:all'))}</td></tr>")
+    task_cols = ("accuracy", "answer_logprob", "entropy:all", "sink:all")
+    task_rows = [f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
+                 "".join(f"<td>{cell(s.get(k))}</td>" for k in task_cols) + "</tr>"
+                 for task, by in res["tasks"].items() for grp, s in by.items()]
     ov = "; ".join(f"{m}: Jaccard {num(o['jaccard'], '.2f')} (shared {o['shared']}), "
                    f"Spearman {num(o['spearman'], '.2f')}"
                    for m, o in res.get("overlap", {}).items())
@@ -396,22 +390,17 @@ def write_report(out_dir, metrics, logger=None):
 
 def log_to(logger, metrics, figs, out_dir):
     """The report's figures and tables in W&B (and the run's jsonl)."""
-    for section, items in figs.items():
-        for name, _ in items:
-            logger.log_image(f"report/{os.path.splitext(name)[0]}", os.path.join(out_dir, "figures", name))
+    for name, _ in [f for items in figs.values() for f in items]:
+        logger.log_image(f"report/{os.path.splitext(name)[0]}", os.path.join(out_dir, "figures", name))
     cols = ["checkpoint", "family", "split", "n"] + [k for k, _ in TABLE_COLS]
     rows, scalars = [], {}
     for ck, res in metrics["checkpoints"].items():
         for fam, by in res["families"].items():
             for grp, s in by.items():
-                vals = []
-                for k, _ in TABLE_COLS:
-                    v = s.get(k)
-                    ok = v and not isinstance(v.get("mean"), list) and v.get("mean") is not None
-                    vals.append(v["mean"] if ok else None)
-                    if ok and grp in SPLIT_GROUPS:
-                        scalars[f"report/{ck}/{fam}/{grp}/{k}"] = v["mean"]
-                rows.append([ck, fam, grp, s["n"]] + vals)
+                vals = {k: s[k]["mean"] if scalar(s.get(k)) else None for k, _ in TABLE_COLS}
+                rows.append([ck, fam, grp, s["n"]] + list(vals.values()))
+                if grp in SPLIT_GROUPS:
+                    scalars.update({f"report/{ck}/{fam}/{grp}/{k}": v for k, v in vals.items() if v is not None})
     logger.log_table("report/summary", cols, rows)
     hcols = ["id", "diff", "lo", "hi", "p", "p_holm", "significant"]
     logger.log_table("report/headline", hcols, [[t[c] for c in hcols] for t in metrics["headline"]["tests"]])
