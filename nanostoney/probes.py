@@ -1,32 +1,18 @@
-"""Probes: measurements and interventions inside the attention module.
+"""Probes: measurements and interventions inside the attention module, free when off (each forward
+checks the model's `probes` list, empty unless a probe is attached). Each helper is a context manager
+that attaches a probe to the GPT inside any DDP or torch.compile wrapper; they nest:
+attention_entropy_probe (exact entropy per layer and head), capture (patterns, per-head outputs),
+ablate (zero or mean ablation of heads), residuals (the stream entering each block, for the logit lens).
+A probe subclasses Probe: on_attn(layer, q, k, v, y, mask) -> y gets q, k, v (B, H, T, head_dim) after
+rotary and QK norm (k, v repeated to H heads), the per-head outputs y and the mask (None = causal,
+aligned to the last key; else bool, True = visible); on_resid(layer, x). They run eagerly.
 
-Free when off: the model keeps a list `model.probes` (shared by every attention module), empty
-unless a probe is attached; each forward pays one `if` on it. Every helper below is a context
-manager that attaches a probe to the GPT inside any DDP or torch.compile wrapper; they nest.
-
-    with probes.attention_entropy_probe(model) as ent:   # exact attention entropy, no T x T
-        loss = model(x, y)          # any number of forwards; ent.valid = (B, T) bool before a
-    ent.per_layer_head              # right-padded forward; [n_layer, n_head] nats, mean over
-    ent.all_reduce()                # batch, queries and forwards; optional DDP mean over ranks
-    with probes.capture(model, head_outputs=True) as cap:   # short prompts only
-        model(x)                    # cap.patterns[l] [B, H, Tq, Tk]; cap.head_outputs[l] [B, H, Tq, hd]
-    with probes.ablate(model, heads=[(layer, head)], mean=means):   # zero (mean=None) or mean
-        model(x)                    # ablation: y <- s * y + (1 - s) * mean; or scale=[L, H]
-    with probes.residuals(model) as res:   # res.resid[0] embeddings after the first norm,
-        model(x)                           # res.resid[l + 1] after block l (logit lens)
-
-A probe subclasses Probe: on_attn(layer, q, k, v, y, mask) -> y and/or on_resid(layer, x). q, k, v
-are (B, H, T, head_dim) after rotary and QK norm, k and v repeated to H heads; y (B, H, Tq, hd)
-the per-head outputs; mask None (causal, aligned to the last key) or a bool mask broadcastable
-to (B, H, Tq, Tk), True = visible. Probe methods run eagerly (torch.compiler.disable).
-
-Entropy without T x T: with scores s_j = q.k_j / sqrt(d), H_i = lse_i - sum_j p_j s_j, and
-sum_j p_j s_j = q . (sum_j p_j k_j) / sqrt(d) is attention with k in the value slot. For lse a
-zero "sentinel" key (score 0) goes in front, with values [1, 0, ...] for real keys and [0, 1, ...]
-for the sentinel: the output is [sum_j exp(s_j) / Z, 1 / Z, ...], so lse = log(out[0]) - log(out[1]),
-a ratio of positive sums (no cancellation; QK norm keeps 1/Z from underflowing). A zero query in
-front keeps the fused causal kernel square. Exact to about 1e-6 nats in float32; in bfloat16 up
-to 1e-2 nats per query (pass dtype=torch.float32 for more).
+Entropy without T x T: with s_j = q.k_j / sqrt(d), H = lse - sum_j p_j s_j, and sum_j p_j s_j is
+attention with k in the value slot. For lse a zero "sentinel" key (score 0) goes in front, with values
+[1, 0, ...] for real keys and [0, 1, ...] for the sentinel: the output is [sum_j exp(s_j) / Z, 1 / Z, ...],
+so lse = log(out[0]) - log(out[1]), a ratio of positive sums (no cancellation; QK norm keeps 1/Z from
+underflowing). A zero query in front keeps the fused causal kernel square. Exact to about 1e-6 nats in
+float32, to 1e-2 per query in bfloat16.
 """
 import math
 from contextlib import contextmanager
@@ -45,9 +31,7 @@ def visible(mask, Tq, Tk, device):
     """The bool visibility mask (broadcastable to B, H, Tq, Tk) that the model used."""
     if mask is not None:
         return mask
-    i = torch.arange(Tq, device=device)[:, None]
-    j = torch.arange(Tk, device=device)[None, :]
-    return j <= (Tk - Tq) + i
+    return torch.arange(Tk, device=device)[None, :] <= (Tk - Tq) + torch.arange(Tq, device=device)[:, None]
 
 
 def attention_pattern(q, k, mask=None):
@@ -113,10 +97,8 @@ class EntropyProbe(Probe):
     rows, so that right padding adds no made-up queries (GRPO's packed rollouts)."""
 
     def __init__(self, n_layer, n_head, dtype=None):
-        self.dtype = dtype
-        self.sum = torch.zeros(n_layer, n_head)
-        self.count = torch.zeros(())
-        self.valid = None
+        self.dtype, self.valid = dtype, None
+        self.sum, self.count = torch.zeros(n_layer, n_head), torch.zeros(())
 
     @_eager
     def on_attn(self, layer, q, k, v, y, mask):
@@ -152,8 +134,7 @@ def attention_entropy_probe(model, dtype=None):
 class CaptureProbe(Probe):
     def __init__(self, n_layer, patterns=True, head_outputs=False):
         self.want_patterns, self.want_outputs = patterns, head_outputs
-        self.patterns = [None] * n_layer
-        self.head_outputs = [None] * n_layer
+        self.patterns, self.head_outputs = [None] * n_layer, [None] * n_layer
 
     @_eager
     def on_attn(self, layer, q, k, v, y, mask):

@@ -448,6 +448,5 @@ def test_top_heads_vs_random_is_left_out_with_a_small_null():
         for rec, drops in zip(recs, ablation.ablate_sets(model, its, means, ["math"], topk, sets)):
             rec.update(drops)
         assert np.isnan(recs[0]["topk_mean"]["random"]) != ok
-        assert len(recs[0]["random_sets_mean"]) == len(sets)
         h = stats.headline_tests(stats.checkpoint_specs("m", recs, ["math"]), n_boot=200, n_perm=199)
         assert (h["m"] == 1) == ok

@@ -111,7 +111,7 @@ def null_complete(n_layer, n_head, k, n_sets):
 def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=None):
     """Each family's top-k heads, and (headline mode only) the random k-head sets, ablated together.
     Per item: topk_<mode> = {"own", <other family>, "random" (mean over the random sets; NaN
-    without a complete null)}, and random_sets_mean: the drop of each random set."""
+    without a complete null)}."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     sets = {mode: [topk[mode][f] for f in families] + (random_sets if mode == HEADLINE_MODE else [])
             for mode in ABLATION_MODES}
@@ -127,7 +127,5 @@ def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=
             rec[f"topk_{mode}"] = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
             headline = enough and mode == HEADLINE_MODE
             rec[f"topk_{mode}"]["random"] = float(dm[len(families):].mean()) if headline else float("nan")
-            if mode == HEADLINE_MODE:
-                rec["random_sets_mean"] = np.asarray(dm[len(families):], dtype=np.float64)
         out.append(rec)
     return out

@@ -10,7 +10,6 @@ from nanostoney import cloze
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.errors import UserError
-from nanostoney.interp.definitions import RATIONALE_CONTEXTS
 
 # a sentence that names an option letter or announces the answer
 LETTER_NAMING = re.compile(r"(?i:\boption)\s*\(?[A-E]\b|\([A-E]\)|(?<!\w)[A-E]\)|(?i:\banswer\s*(?:is\b|:))")
@@ -66,10 +65,9 @@ def stated_answers(example, completion=None):
     """Texts whose mention states an answer: the gold answer (for MC the gold option's text) and
     the answer of the model's `completion` (its chosen option's text, or its open answer)."""
     gold = answer_after(example["messages"][-1]["content"]) or ""
-    out = [option_text(example, gold) if example.get("choices") else gold]
     own = answer_after(completion) if completion else None
-    if own:
-        out.append(option_text(example, parse_letter(own)) if example.get("choices") else own)
+    out = [option_text(example, gold) if example.get("choices") else gold]
+    out += [option_text(example, parse_letter(own)) if example.get("choices") else own] if own else []
     said = STATED_VALUE.search(completion or "")  # "The answer is 27, which is option D": 27 too
     return [a for a in out + [said.group(1) if said else None] if a]
 
@@ -78,8 +76,6 @@ def context_text(example, completion, context="own"):
     """The assistant text the answer slot is read after: "<think>{rationale}</think>\\nAnswer: {gold}",
     the rationale being the model's own (`completion`, context "own") or the gold one ("gold"),
     cut by strip_answer before it states the gold answer or the model's own answer."""
-    if context not in RATIONALE_CONTEXTS:
-        raise UserError(f"unknown context {context!r}; use one of {', '.join(RATIONALE_CONTEXTS)}.")
     gold = example["messages"][-1]["content"]
     rationale = unicodedata.normalize("NFC", rationale_part(completion if context == "own" else gold))
     return format_answer(strip_answer(rationale, stated_answers(example, completion)), answer_after(gold))

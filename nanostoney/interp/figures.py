@@ -242,8 +242,7 @@ def fig_topk(metrics, ck, path):
                    label=f"{src}'s top-{res['topk']['k']} heads" if src != "random" else "random heads (mean)")
             ax.errorbar(xs, ms, [[v["mean"] - v["lo"] for _, v in got], [v["hi"] - v["mean"] for _, v in got]],
                         fmt="none", color="k", lw=0.8, capsize=2)
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{f} items\n{g}" for f, g in groups])
+        ax.set_xticks(range(len(groups)), [f"{f} items\n{g}" for f, g in groups])
         ax.axhline(0, color="#666", lw=0.6)
         ax.set(title=f"{mode} ablation of k heads together", ylabel="drop in answer log-prob")
     axes[0][-1].legend(fontsize=6.5, frameon=False)
@@ -261,8 +260,7 @@ def fig_regions(metrics, ck, path):
         for x, fam, grp in _bars(ax, res, fams, key, lambda f, g, s: f"{f} ({g}, n={s['n']})"):
             if sh := res[fam][grp].get(share_key):
                 ax.scatter(x, arr(sh), marker="_", s=60, color="k", zorder=3)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(title=f"mass from the answer position: {title} (— = token share)",
                ylabel="mass (mean over layers and heads)")
     axes[1].legend(fontsize=6.5, frameon=False)
@@ -293,10 +291,9 @@ def fig_roles(metrics, ck, path):
 def _token_labels(ax, ex, T, step, fontsize, axes="x"):
     """Every step-th token as a tick label on the given axes, coloured by its structural region."""
     for a in axes:
-        getattr(ax, f"set_{a}ticks")(range(0, T, step))
-        labels = getattr(ax, f"set_{a}ticklabels")(ex["tokens"][::step], fontsize=fontsize,
-                                                   **({"rotation": 90} if a == "x" else {}))
-        for lab, r in zip(labels, ex["struct"][::step]):
+        getattr(ax, f"set_{a}ticks")(range(0, T, step), ex["tokens"][::step], fontsize=fontsize,
+                                     **({"rotation": 90} if a == "x" else {}))
+        for lab, r in zip(getattr(ax, f"get_{a}ticklabels")(), ex["struct"][::step]):
             lab.set_color(REGION_COLORS.get(STRUCT_REGIONS[r], "black"))
 
 
@@ -312,8 +309,7 @@ def fig_example(metrics, ck, ex, path):
     ax = fig.add_subplot(gs[0])
     im = ax.imshow(rows.reshape(L * H, T), aspect="auto", cmap="Blues", vmin=0, vmax=max(1e-6, rows.max()),
                    interpolation="nearest")
-    ax.set_yticks(range(L * H))
-    ax.set_yticklabels([f"L{l}.H{h}" for l in range(L) for h in range(H)], fontsize=5)
+    ax.set_yticks(range(L * H), [f"L{l}.H{h}" for l in range(L) for h in range(H)], fontsize=5)
     _token_labels(ax, ex, T, max(1, T // 160), 5)
     ax.set_title(f"{ck} — {ex['task']} ({ex['split']}) {ex['id']}: attention from the answer position "
                  f"(last token) for every head; token colours: " +
@@ -344,8 +340,7 @@ def fig_delta(metrics, name, d, path):
     axes[0].legend(fontsize=6.5, frameon=False)
     _bars(axes[2], d["families"], fams, "struct_mass:all", lambda f, g, s: f"{f} ({g})")
     axes[2].axhline(0, color="#666", lw=0.6)
-    axes[2].set_xticks(range(len(STRUCT_REGIONS)))
-    axes[2].set_xticklabels(STRUCT_REGIONS, rotation=30, ha="right")
+    axes[2].set_xticks(range(len(STRUCT_REGIONS)), STRUCT_REGIONS, rotation=30, ha="right")
     axes[2].set_title("Δ attention mass from the answer position")
     _save(fig, path, f"{name}: change per example, paired (n={d['n_paired']}); bands = 95% bootstrap")
 

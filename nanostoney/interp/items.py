@@ -77,11 +77,8 @@ def token_offsets(tokenizer, text):
 
 def first_char_label(char_labels, offsets, text):
     """Per token: the label of its first non-space character (of its first character if blank)."""
-    out = []
-    for a, b in offsets:
-        j = next((c for c in range(a, b) if not text[c].isspace()), a)
-        out.append(char_labels[j] if j < len(char_labels) else -1)
-    return out
+    first = [next((c for c in range(a, b) if not text[c].isspace()), a) for a, b in offsets]
+    return [char_labels[j] if j < len(char_labels) else -1 for j in first]
 
 
 def lexical_char_labels(text, family, judge):
@@ -172,10 +169,8 @@ def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
         a, b = regions[f"option_{c}"]
         ch_opt[a:b] = n  # (past the end of a cloze prompt, which has no options: no label)
     item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
-    letters = []
-    for candidate in candidates:
-        c_ids = tokenizer.encode(candidate)
-        letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
+    c_ids = [tokenizer.encode(candidate) for candidate in candidates]
+    letters = [c[k] if len(c) > k and c[:k] == head_ids else None for c in c_ids]
     answer = str(example.get("answer", "")).strip()
     if answer in options:
         item.answer_index = options.index(answer)
@@ -184,10 +179,8 @@ def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
 
 
 def select_examples(task, n, seed=0, spare=10):
-    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
-    tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
-    order). fitting_examples keeps the first n that fit the model's context, so a few over-long
-    prompts do not shrink the sample, and any prefix of the order stays balanced."""
+    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by tasks.subset
+    (salted by the seed), so that the first n that fit a model's context (fitting_examples) stay balanced."""
     splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
     return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
 

@@ -76,13 +76,11 @@ def other_numbers(n, key):
 
 def operand_pairs(tokenizer, task, example, completion, own_correct, max_len):
     """The math pairs of one item: one per operand its chain copies from the question."""
-    prompt = task.prompt(example)
+    prompt, out = task.prompt(example), []
     question = prompt[-1]["content"]
-    out = []
     for char, n in copied_operands(question, completion):
         for new in other_numbers(n, example["id"]):
-            corrupt = [dict(m) for m in prompt]
-            corrupt[-1]["content"] = whole_number(n).sub(new, question, count=1)
+            corrupt = prompt[:-1] + [{**prompt[-1], "content": whole_number(n).sub(new, question, count=1)}]
             pair = make_pair(tokenizer, f"{task.name}/{example['id']}@{char}", task.family, (prompt, corrupt),
                              completion, char, (n, new), "operand", own_correct, max_len)
             if pair is not None:

@@ -302,38 +302,30 @@ def render(metrics, out_dir):
     os.makedirs(fig_dir, exist_ok=True)
     figs = {"headline": [], "overview": []}
 
-    def add(section, name, caption, draw):
-        path = os.path.join(fig_dir, name)
-        if draw(path) is not False:
+    def add(section, name, caption, draw, *args):
+        if draw(metrics, *args, os.path.join(fig_dir, name)) is not False:
             figs.setdefault(section, []).append((name, caption))
 
     add("headline", "head_maps.png", "Which heads carry the answer: per-head ablation map of the last checkpoint "
-        "on held-out score items, per family (boxed: the top heads, chosen on the other items)",
-        lambda p: fig_head_maps(metrics, p))
+        "on held-out score items, per family (boxed: the top heads, chosen on the other items)", fig_head_maps)
     add("headline", "lens_curves.png", "Where the answer becomes decodable: logit lens at the answer slot per "
-        "family, a line per checkpoint", lambda p: fig_lens_curves(metrics, p))
+        "family, a line per checkpoint", fig_lens_curves)
     add("overview", "entropy_by_layer.png", "Attention entropy by layer: over all query positions, at the answer "
         "position, and normalised by its maximum (prompt-length free); solid = train split, dashed = held-out",
-        lambda p: fig_entropy(metrics, p))
+        fig_entropy)
     add("overview", "logit_lens.png", "Logit lens: answer log-prob, top-1 rate, MC option accuracy by depth",
-        lambda p: fig_logit_lens(metrics, p))
+        fig_logit_lens)
     for i, ck in enumerate(metrics["checkpoints"]):
-        add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head",
-            lambda p, ck=ck: fig_ablation(metrics, ck, "zero", p))
-        add(ck, f"{i}_regions.png", f"{ck}: attention mass per region", lambda p, ck=ck: fig_regions(metrics, ck, p))
-        add(ck, f"{i}_roles.png", f"{ck}: head roles", lambda p, ck=ck: fig_roles(metrics, ck, p))
-        add(ck, f"{i}_ablation_mean.png", f"{ck}: mean-ablation drop per head",
-            lambda p, ck=ck: fig_ablation(metrics, ck, "mean", p))
-        add(ck, f"{i}_topk.png", f"{ck}: top-k heads ablated together",
-            lambda p, ck=ck: fig_topk(metrics, ck, p))
+        add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head", fig_ablation, ck, "zero")
+        add(ck, f"{i}_regions.png", f"{ck}: attention mass per region", fig_regions, ck)
+        add(ck, f"{i}_roles.png", f"{ck}: head roles", fig_roles, ck)
+        add(ck, f"{i}_ablation_mean.png", f"{ck}: mean-ablation drop per head", fig_ablation, ck, "mean")
+        add(ck, f"{i}_topk.png", f"{ck}: top-k heads ablated together", fig_topk, ck)
         for j, ex in enumerate(metrics["checkpoints"][ck].get("examples", [])):
-            add(f"{ck}/examples", f"{i}_example_{j}.png", f"{ck}: {ex['task']} {ex['id']}",
-                lambda p, ck=ck, ex=ex: fig_example(metrics, ck, ex, p))
+            add(f"{ck}/examples", f"{i}_example_{j}.png", f"{ck}: {ex['task']} {ex['id']}", fig_example, ck, ex)
     for i, (name, d) in enumerate(metrics.get("deltas", {}).items()):
-        add(name, f"delta_{i}.png", f"{name}: entropy, logit lens, region mass", lambda p, d=d, n=name:
-            fig_delta(metrics, n, d, p))
-        add(name, f"delta_{i}_maps.png", f"{name}: per-head changes", lambda p, d=d, n=name:
-            fig_delta_maps(metrics, n, d, p))
+        add(name, f"delta_{i}.png", f"{name}: entropy, logit lens, region mass", fig_delta, name, d)
+        add(name, f"delta_{i}_maps.png", f"{name}: per-head changes", fig_delta_maps, name, d)
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(render_html(metrics, figs))
     return figs

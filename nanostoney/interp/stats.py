@@ -76,11 +76,8 @@ def group_summaries(recs, families, task_names, n_boot, seed):
     heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
     out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}, "directions": {}}
     for fam in families + ["all"]:
-        out["families"][fam] = {}
-        for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
-            sel = [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)]
-            if sel:
-                out["families"][fam][grp] = summarize(sel, n_boot, seed)
+        out["families"][fam] = {grp: summarize(sel, n_boot, seed) for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",)
+                                if (sel := [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)])}
     by_names = (("depth", str), ("direction", lambda d: DIRECTIONS.get(d, d)))  # arith steps; Stoney directions
     for fam, (by, name) in itertools.product(families, by_names):
         held = [r for r in heldout(recs, fam) if r.get(by)]
