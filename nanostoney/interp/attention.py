@@ -20,9 +20,8 @@ def previous_token_score(p):
 
 
 def normalized_entropy(p):
-    """[..., T, T] causal pattern -> [...]: mean over queries i >= 1 of H_i / log(i + 1), the
-    entropy as a share of its maximum (uniform over the i + 1 visible keys), which removes the
-    growth of entropy with prompt length."""
+    """[..., T, T] causal pattern -> [...]: mean over queries i >= 1 of H_i / log(i + 1), the entropy
+    as a share of its maximum over the i + 1 visible keys (free of the growth with prompt length)."""
     T = p.size(-1)
     return (pattern_entropy(p[..., 1:, :]) / torch.log(torch.arange(2, T + 1, device=p.device, dtype=p.dtype))).mean(-1)
 
@@ -42,9 +41,8 @@ def induction_score(p, n_rep, start=1):
 def region_mass(rows, labels, n_regions):
     """rows [..., T] attention, labels [T] region ids (-1 = none) -> [..., R] mass per region."""
     labels = torch.as_tensor(labels, device=rows.device)
-    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), n_regions).to(rows.dtype)
-    onehot = onehot * (labels >= 0)[:, None].to(rows.dtype)
-    return rows @ onehot
+    return rows @ (torch.nn.functional.one_hot(labels.clamp(min=0), n_regions).to(rows.dtype)
+                   * (labels >= 0)[:, None].to(rows.dtype))
 
 
 def classify_heads(scores):
@@ -54,9 +52,8 @@ def classify_heads(scores):
 
 
 class ItemProbe(probes.Probe):
-    """One forward of one prompt (batch 1): per layer, previous-token and sink scores, the answer
-    row of every head's pattern, per-head output sums (for mean ablation) and, when asked, the
-    full patterns (for figures). Patterns are formed one layer at a time and dropped."""
+    """One forward of one prompt: per layer the pattern scores, the answer row of every head's pattern,
+    per-head output sums (for mean ablation) and, when asked, the full patterns (for figures)."""
 
     def __init__(self, n_layer, pos, keep_full=False):
         self.pos, self.keep_full = pos, keep_full
@@ -129,17 +126,15 @@ def analyse_item(model, item, keep_full=False):
 
 
 def decodable(logits, target):
-    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits
-    [depths, V]: THE decodability rule of the report, the same for every family (a margin among a
-    few candidates would mean different things for five letters and for a number)."""
+    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits [depths, V]:
+    the report's one decodability rule (a margin among candidates would differ for letters and numbers)."""
     rank = (logits > logits[:, target][:, None]).sum(-1) + 1
     return (rank == 1).float().cpu().numpy()
 
 
 def first_decodable(decodable):
-    """The first block depth (1..n_layer) from which the answer stays decodable through the output
-    (NaN when the output itself does not decode it). Depth 0, the embeddings, is left out: it
-    "decodes" a frequent answer word without reading anything (lens_embedding reports it)."""
+    """The first block depth (1..n_layer) from which the answer stays decodable through the output (NaN
+    when the output does not decode it); depth 0 "decodes" a frequent answer word without reading."""
     d = np.asarray(decodable)[1:] > 0.5
     if not d[-1]:
         return float("nan")

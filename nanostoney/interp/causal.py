@@ -1,7 +1,6 @@
 """The report's first screen: what activation patching found, in two or three sentences, and the
-corrected table they are read from (patching.summary per checkpoint). Every number
-comes from the metrics of the run the report describes; the seeds line only from a replication
-summary (bench/report_seeds.py) written for this run, never from another."""
+corrected table they are read from. Every number comes from this run's metrics; the seeds line only
+from a replication summary (bench/report_seeds.py) written for this run."""
 import html
 
 SLOT_NAMES = {"stoney/answer": "Stoney, at the answer the model writes after its own rationale",

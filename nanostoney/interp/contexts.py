@@ -82,10 +82,9 @@ def context_text(example, completion, context="own"):
 
 
 def cloze_slot(task, example):
-    """(prompt, assistant, slot, candidates) of the cloze context: the question without its
-    options, the gold answer's text, the character where the options' answers first differ, and
-    every option's answer text (their tokens at the slot are the candidates); None when the
-    shared beginning already states the gold answer (an arith chain whose start value is it)."""
+    """(prompt, assistant, slot, candidates) of the cloze context: the question without options, the
+    gold answer's text, the character where the options' answers part, and every option's answer
+    text; None when their shared beginning already states the gold answer."""
     answers = cloze.answer_texts(example)
     gold, slot = answers[LETTERS.index(example["answer"])], cloze.common_prefix(answers)
     if mention_positions(gold[:slot], [option_text(example, example["answer"])]):

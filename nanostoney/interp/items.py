@@ -68,8 +68,7 @@ def token_offsets(tokenizer, text):
     ids, offsets, pos = tokenizer.encode(text), [], 0  # decode token by token
     for i in ids:
         piece = tokenizer.decode([i])
-        start = text.find(piece, pos) if piece else pos
-        start = pos if start < 0 else start
+        start = max(text.find(piece, pos), pos)  # where the piece is not found (a split character): here
         offsets.append((start, start + len(piece)))
         pos = start + len(piece)
     return ids, offsets
@@ -118,10 +117,8 @@ def display_token(text):
 
 
 def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
-    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
-    holds the gold answer (context_text makes one): the context is the prompt and every token of
-    `assistant` before the answer's first token. slot: a (prompt, assistant, slot, candidates) of
-    cloze_slot instead (assistant is then ignored)."""
+    """An Item for one example: the prompt and every token of `assistant` (context_text's) before the
+    answer after its last "Answer:"; or of `slot`, a cloze_slot (assistant is then ignored)."""
     prompt, gold, start, candidates = slot or letter_slot(task, example, assistant)
     prompt_ids = tokenizer.render_prompt(prompt)
     text = user_text(prompt)
@@ -205,12 +202,9 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
-
 def build_items(tokenizer, examples, chosen, completions, judge, context, max_len, vocab_size):
-    """(items, {task: number skipped}): an Item per chosen example, read after its context
-    (context_text of the model's completion, or cloze_slot); one whose context does not fit in
-    max_len tokens (or the model's vocabulary), or has no cloze slot, is skipped. completions: {(task, id): the model's
-    greedy completion}, for "cloze" {(task, id): whether its cloze pick is right}."""
+    """(items, {task: number skipped}): an Item per chosen example that fits max_len and the vocabulary.
+    completions: {(task, id): the model's greedy completion}, for "cloze" whether its cloze pick is right."""
     items, skipped = [], {}
     for name, pairs in chosen.items():
         task = examples[name][0]

@@ -142,9 +142,8 @@ def group_names(pair):
 
 
 def summary(pairs, traces, n_boot=2000, seed=0, alpha=ALPHA):
-    """{"groups": {name: site_tests}, "declared": [names], "m", "per_pair": [...]}. The declared
-    groups (each family at its slot) are Holm-corrected together, over every site of each; the
-    others (directions, right / wrong) are exploratory, each corrected over its own sites."""
+    """{"groups": {name: site_tests}, "declared", "m", "per_pair"}: the declared groups (each family at
+    its slot) Holm-corrected together; the exploratory ones each over its own sites."""
     by = {}
     for p, t in zip(pairs, traces):
         for g in group_names(p):

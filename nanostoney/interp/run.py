@@ -87,10 +87,9 @@ def head_roles(out, k, topk, random_sets, families):
         a, b = families[:2]
         for mode in ABLATION_MODES:
             sa, sb = set(topk[mode][a]), set(topk[mode][b])
-            ma = out["families"][a]["all"][f"ablate_{mode}"]["mean"]
-            mb = out["families"][b]["all"][f"ablate_{mode}"]["mean"]
+            maps = [out["families"][f]["all"][f"ablate_{mode}"]["mean"] for f in (a, b)]
             overlap[mode] = {"families": [a, b], "jaccard": len(sa & sb) / len(sa | sb),
-                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(ma, mb)}
+                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(*maps)}
     return {"roles": {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()},
             "topk": {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
                      "random_sets": [[list(h) for h in s] for s in random_sets],

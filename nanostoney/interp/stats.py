@@ -72,8 +72,7 @@ def in_group(rec, grp):
 
 def group_summaries(recs, families, task_names, n_boot, seed):
     """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}},
-    "depths": {family: {depth: summary of its held-out items}}} for the groups train, heldout,
-    heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
+    "depths"/"directions": {family: {value: summary of its held-out items}}}."""
     out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}, "directions": {}}
     for fam in families + ["all"]:
         out["families"][fam] = {grp: summarize(sel, n_boot, seed) for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",)
