@@ -73,19 +73,6 @@ class ItemProbe(probes.Probe):
         return y
 
 
-class PatternProbe(probes.Probe):
-    """Applies fn(pattern [B, H, T, T]) per layer and keeps the result (small scores only)."""
-
-    def __init__(self, n_layer, fn):
-        self.fn, self.out = fn, [None] * n_layer
-
-    @torch.compiler.disable
-    def on_attn(self, layer, q, k, v, y, mask):
-        with torch.no_grad():
-            self.out[layer] = self.fn(probes.attention_pattern(q, k, mask)).cpu()
-        return y
-
-
 @torch.no_grad()
 def analyse_item(model, item, keep_full=False):
     """Every per-example statistic of one item (numpy arrays), plus head-output sums."""
@@ -149,9 +136,8 @@ def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None
     n_rep = max(2, min(n_rep, (gpt.config.sequence_len - 1) // 2))
     r = torch.randint(0, vocab_size, (n_seqs, n_rep), generator=torch.Generator().manual_seed(seed))
     x = torch.cat([torch.full((n_seqs, 1), bos_id if bos_id is not None else 0), r, r], 1).to(gpt.get_device())
-    probe = PatternProbe(gpt.config.n_layer,
-                         lambda p: torch.stack([induction_score(p, n_rep), previous_token_score(p)]))
-    with probes.attach(gpt, probe):
+    with probes.capture(gpt) as cap:
         gpt(x)
-    s = torch.stack(probe.out, 2).numpy()  # [2, N, L, H]
+    scores = [torch.stack([induction_score(p, n_rep), previous_token_score(p)]).cpu() for p in cap.patterns]
+    s = torch.stack(scores, 2).numpy()  # [2, N, L, H]
     return {"induction": s[0], "previous_token_random": s[1], "n_rep": n_rep}

@@ -31,10 +31,7 @@ def mention_positions(text, answers):
     of that size appears (so "= 72" and "72.0" count, "172" does not), any answer as a whole word
     or phrase, ignoring case."""
     hits = []
-    for ans in answers:
-        ans = unicodedata.normalize("NFC", (ans or "").strip())
-        if not ans:
-            continue
+    for ans in filter(None, (unicodedata.normalize("NFC", (a or "").strip()) for a in answers)):
         value = answer_value(ans)
         if value is not None:
             hits += [m.start() for m in NUMBER_RE.finditer(text.replace("$", " "))
@@ -51,8 +48,7 @@ def strip_answer(rationale, answers):
     hits = mention_positions(rationale, answers) + ([m.start()] if m else [])
     if not hits:
         return rationale.strip()
-    first = min(hits)
-    starts = [0] + [e.end() for e in SENTENCE_END.finditer(rationale) if e.end() <= first]
+    starts = [0] + [e.end() for e in SENTENCE_END.finditer(rationale) if e.end() <= min(hits)]
     return rationale[:max(starts)].strip()
 
 

@@ -300,11 +300,10 @@ def _token_labels(ax, ex, T, step, fontsize, axes="x"):
 def fig_example(metrics, ck, ex, path):
     """Attention of every head from the answer position over the example's tokens, and the full
     pattern of the family's most important head."""
-    plt = _plt()
     rows = np.array(ex["answer_rows"], dtype=float)  # [L, H, T]
     L, H, T = rows.shape
     lower = min(7.5, 0.07 * T + 2)
-    fig = plt.figure(figsize=(min(22, max(9, 0.09 * T + 2)), 3.0 + 0.14 * L * H + lower))
+    fig = _plt().figure(figsize=(min(22, max(9, 0.09 * T + 2)), 3.0 + 0.14 * L * H + lower))
     gs = fig.add_gridspec(2, 1, height_ratios=[0.14 * L * H + 0.8, lower])
     ax = fig.add_subplot(gs[0])
     im = ax.imshow(rows.reshape(L * H, T), aspect="auto", cmap="Blues", vmin=0, vmax=max(1e-6, rows.max()),

@@ -14,6 +14,7 @@ from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import SYSTEM_JOIN
 
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+TEMPLATE = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")  # around a single user turn
 
 
 @dataclass
@@ -123,9 +124,8 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     prompt_ids = tokenizer.render_prompt(prompt)
     text = user_text(prompt)
     u_ids, u_off = token_offsets(tokenizer, text)
-    bos, us, ue, ast = (tokenizer.token_id(s) for s in ("<|bos|>", "<|user_start|>", "<|user_end|>",
-                                                         "<|assistant_start|>"))
-    if prompt_ids != [bos, us] + u_ids + [ue, ast]:
+    template = [tokenizer.token_id(s) for s in TEMPLATE]
+    if prompt_ids != template[:2] + u_ids + template[2:]:
         raise UserError(f"task {task.name} renders prompts of more than one user turn; interp needs "
                         f"single-turn prompts.")
     a_ids, a_off = token_offsets(tokenizer, gold)
@@ -151,8 +151,8 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
-    item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
-                   ["<|user_end|>", "<|assistant_start|>"] + [display_token(gold[a:b]) for a, b in a_off[:k]])
+    item.tokens = (list(TEMPLATE[:2]) + [display_token(text[a:b]) for a, b in u_off] + list(TEMPLATE[2:])
+                   + [display_token(gold[a:b]) for a, b in a_off[:k]])
     return item
 
 

@@ -203,10 +203,8 @@ def table(metrics, ck):
     groups = [(esc(fam), grp, res["families"][fam][grp]) for fam in families_of(metrics) + ["all"]
               for grp in SPLIT_GROUPS + OUTCOME_GROUPS if res["families"].get(fam, {}).get(grp)]
     # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
-    groups += [(f"{esc(fam)}, {esc(d)}-step", "heldout", s) for fam, by in res.get("depths", {}).items()
-               for d, s in by.items()]
-    groups += [(f"{esc(fam)}, {esc(d)}", "heldout", s) for fam, by in res.get("directions", {}).items()
-               for d, s in by.items()]
+    groups += [(f"{esc(fam)}, {esc(d)}{unit}", "heldout", s) for key, unit in (("depths", "-step"), ("directions", ""))
+               for fam, by in res.get(key, {}).items() for d, s in by.items()]
     rows = [f"<tr><td class=l>{label}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>" for label, grp, s in groups]
     task_cols = ("accuracy", "answer_logprob", "entropy:all", "sink:all")
