@@ -168,14 +168,19 @@ class AblateProbe(Probe):
         return y
 
 
+def head_set_scale(n_layer, n_head, heads):
+    """The [n_layer, n_head] scale that ablates `heads`, a list of (layer, head)."""
+    s = torch.ones(n_layer, n_head)
+    for layer, head in heads:
+        s[layer, head] = 0
+    return s
+
+
 def ablate(model, heads=None, scale=None, mean=None):
     """Zero (mean=None) or mean ablation of heads: list of (layer, head), or scale [L, H]."""
     c = unwrap(model).config
-    if scale is None:
-        scale = torch.ones(c.n_layer, c.n_head)
-        for layer, head in heads or []:
-            scale[layer, head] = 0.0
-    scale = torch.as_tensor(scale, dtype=torch.float32)
+    scale = torch.as_tensor(head_set_scale(c.n_layer, c.n_head, heads or []) if scale is None else scale,
+                            dtype=torch.float32)
     if tuple(scale.shape) != (c.n_layer, c.n_head):
         raise UserError(f"ablation scale has shape {tuple(scale.shape)}, expected ({c.n_layer}, {c.n_head}) = "
                         f"(n_layer, n_head).")

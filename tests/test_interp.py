@@ -138,7 +138,7 @@ def test_ablating_a_head_with_zero_output_projection_changes_nothing():
     assert ablation.ablation_drops(model, item)[0, 1] == pytest.approx(full_drop(heads=[(0, 1)]), abs=1e-5)
     assert ablation.ablation_drops(model, item, means)[1, 3] == pytest.approx(
         full_drop(heads=[(1, 3)], mean=means), abs=1e-5)
-    rows = [(ablation.head_set_scale(2, 4, [(0, 2), (1, 0)]), False), (torch.ones(2, 4), False)]
+    rows = [(probes.head_set_scale(2, 4, [(0, 2), (1, 0)]), False), (torch.ones(2, 4), False)]
     d = ablation.ablation_logprob_drops(model, item.ids, 7, rows, means)
     assert d[0].item() == pytest.approx(full_drop(heads=[(0, 2), (1, 0)]), abs=1e-5) and d[1] == 0
     assert not model.probes

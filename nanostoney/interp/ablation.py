@@ -40,15 +40,8 @@ def ablation_logprob_drops(model, ids, target, rows, mean=None, max_batch_tokens
     return drops
 
 
-def head_set_scale(n_layer, n_head, heads):
-    s = torch.ones(n_layer, n_head)
-    for layer, head in heads:
-        s[layer, head] = 0
-    return s
-
-
 def single_head_rows(n_layer, n_head, use_mean):
-    return [(head_set_scale(n_layer, n_head, [(l, h)]), use_mean) for l in range(n_layer) for h in range(n_head)]
+    return [(probes.head_set_scale(n_layer, n_head, [(l, h)]), use_mean) for l in range(n_layer) for h in range(n_head)]
 
 
 def ablation_drops(model, item, mean=None):
@@ -115,7 +108,7 @@ def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=
     L, H = gpt.config.n_layer, gpt.config.n_head
     sets = {mode: [topk[mode][f] for f in families] + (random_sets if mode == HEADLINE_MODE else [])
             for mode in ABLATION_MODES}
-    rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
+    rows = [(probes.head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
     drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=wrap)
     k = len(next(iter(topk[HEADLINE_MODE].values())))
     enough = bool(random_sets) and null_complete(L, H, k, len(random_sets))

@@ -53,7 +53,7 @@ class HeadPatch(probes.Probe):
 
     @torch.compiler.disable
     def on_attn(self, layer, q, k, v, y, mask):
-        rows = [(b, h) for b, (l, h) in enumerate(self.heads) if l == layer]
+        rows = [(b, h) for b, (at, h) in enumerate(self.heads) if at == layer]
         if rows:
             y = y.clone()
         for b, h in rows:

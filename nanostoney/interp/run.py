@@ -102,9 +102,9 @@ def example_figures(figures, topk):
     """Example attention figures: the answer row of every head and the full pattern of the
     family's most important head (largest mean zero-ablation drop)."""
     for f in figures.values():
-        (l, h), full = topk["zero"][f["family"]][0], f.pop("full")
-        f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=[l, h],
-                 pattern=np.round(full[l, h].astype(np.float32), 4).tolist())
+        (layer, head), full = topk["zero"][f["family"]][0], f.pop("full")
+        f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=[layer, head],
+                 pattern=np.round(full[layer, head].astype(np.float32), 4).tolist())
     return list(figures.values())
 
 

@@ -195,8 +195,7 @@ def headlines(recs, deltas, families, n_boot=10000, n_perm=9999, seed=0):
     """Every headline test of a report (each checkpoint, each NEW:OLD pair), corrected together.
     recs: {checkpoint: its per-item records (run_checkpoint's second value)}."""
     specs = [s for ck, rs in recs.items() for s in checkpoint_specs(ck, rs, families)]
-    for new, old in deltas:
-        specs += delta_specs(new, old, recs[new], recs[old], families)
+    specs += [s for new, old in deltas for s in delta_specs(new, old, recs[new], recs[old], families)]
     return headline_tests(specs, n_boot, n_perm, seed)
 
 
