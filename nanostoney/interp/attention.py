@@ -82,12 +82,10 @@ def analyse_item(model, item, keep_full=False):
             probes.residuals(gpt) as res:
         gpt(torch.tensor([item.ids], device=gpt.get_device()))
     rows = torch.stack(probe.rows).float()  # [L, H, T]
-    rec = {"entropy": ent.per_layer_head.cpu().numpy(),
-           "entropy_answer": pattern_entropy(rows).numpy(),
+    rec = {"entropy": ent.per_layer_head.cpu().numpy(), "entropy_answer": pattern_entropy(rows).numpy(),
            "entropy_norm": torch.stack(probe.norm_ent).numpy(),
            "entropy_answer_norm": (pattern_entropy(rows) / np.log(len(item.ids))).numpy(),
-           "previous_token": torch.stack(probe.prev).numpy(),
-           "sink": torch.stack(probe.sink).numpy(),
+           "previous_token": torch.stack(probe.prev).numpy(), "sink": torch.stack(probe.sink).numpy(),
            "struct_mass": region_mass(rows, item.struct, len(STRUCT_REGIONS)).numpy(),
            "lex_mass": region_mass(rows, item.lexical, len(LEXICAL_REGIONS)).numpy(),
            "struct_share": np.bincount(item.struct, minlength=len(STRUCT_REGIONS)) / len(item.ids),

@@ -4,8 +4,7 @@ import re
 
 import numpy as np
 
-from nanostoney.interp.definitions import ABLATION_MODES, HEADLINE_MODE, LEXICAL_REGIONS, SPLIT_GROUPS, \
-    STRUCT_REGIONS
+from nanostoney.interp.definitions import ABLATION_MODES, HEADLINE_MODE, LEXICAL_REGIONS, SPLIT_GROUPS, STRUCT_REGIONS
 
 FAMILY_COLORS = {"stoney": "#1b7f5c", "math": "#c0392b", "yoruba": "#2c6fbb", "english": "#d68910", "all": "#555555"}
 GROUP_STYLES = {"train": "-", "heldout": "--", "all": ":"}
@@ -102,8 +101,7 @@ def _layer_lines(ax, by, fams, key, show_n=False):
 def _layer_grid(metrics, rows, title, xlabel, path, show_n=False, decorate=None):
     """A panel per checkpoint (columns) and statistic (rows: (key, y label)), lines over layers."""
     cks = list(metrics["checkpoints"])
-    fig, axes = _plt().subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False,
-                                sharex="col")
+    fig, axes = _plt().subplots(len(rows), len(cks), figsize=(3.6 * len(cks) + 0.6, 6.6), squeeze=False, sharex="col")
     for c, ck in enumerate(cks):
         for r, (key, label) in enumerate(rows):
             ax = axes[r][c]

@@ -152,8 +152,7 @@ def delta_specs(new, old, recs_new, recs_old, families):
         same_depth = bool(pairs) and len(slot_entropy(pairs[0][0])) == len(slot_entropy(pairs[0][1]))
         for layer in range(len(slot_entropy(pairs[0][0])) if same_depth else 0):
             specs.append(({"kind": "delta_entropy_answer", "layer": layer, **head},
-                          [slot_entropy(n)[layer] for n, _ in pairs], [slot_entropy(o)[layer] for _, o in pairs],
-                          True))
+                          [slot_entropy(n)[layer] for n, _ in pairs], [slot_entropy(o)[layer] for _, o in pairs], True))
     return specs
 
 
