@@ -6,16 +6,12 @@
         --tokenizer ~/.cache/nanochat/tokenizer --device cuda --max-examples 200
     torchrun --nproc_per_node=8 -m scripts.compare_reasoning --checkpoints ...      # 8 GPUs
 
-Checkpoints: anything nanostoney.checkpoint.load_model takes (our run/step dirs, LoRA adapters,
-nanochat or transformers dirs, hf:OWNER/NAME). Tasks: stoney_lexicon (family "stoney") vs arith
-(family "math") by default, both open; stoney_mc, arith_mc, aqua_mc, gsm8k_mc by --tasks. Up to
---max-examples items of each task and split, the same for every checkpoint. The first screen is
-activation patching on minimal pairs of held-out items; then a few declared headline tests
-(Holm-corrected); everything else is exploratory. Writes <out>/index.html (opens offline),
-<out>/figures/*.png and <out>/metrics.json, each moved into place whole, index.html last; an
---out holding files we did not write is refused unless --overwrite. The statistics are defined
-in nanostoney/interp/definitions.py and in the report. Under torchrun the work is shared out
-over the ranks; the numbers do not depend on the number of processes.
+Checkpoints: anything checkpoint.load_model takes. Tasks: stoney_lexicon (family "stoney") vs arith
+(family "math") by default. The first screen is activation patching on minimal pairs of held-out
+items, then a few declared headline tests (Holm-corrected); the rest is exploratory. Writes
+<out>/index.html, figures/*.png and metrics.json, each moved into place whole; an --out holding
+files we did not write is refused unless --overwrite. Under torchrun the work is shared out over
+the ranks; the numbers do not depend on the number of processes.
 """
 import os
 import sys
@@ -85,9 +81,7 @@ def parse_args(argv=None):
 
 def parse_deltas(specs, names):
     if specs is None:
-        low = {n.lower(): n for n in names}
-        new = next((n for k, n in low.items() if "grpo" in k), None)
-        old = next((n for k, n in low.items() if "sft" in k), None)
+        new, old = (next((n for n in names if word in n.lower()), None) for word in ("grpo", "sft"))
         return [(new, old)] if new and old else []
     out = []
     for s in specs:
@@ -157,10 +151,9 @@ def measure(args, ckpts, examples, judge, extra_tok, info):
 
 def publish(args, metrics):
     """Write the report into --out (and to W&B with --wandb); returns its folder."""
-    logger = None
-    if args.wandb != "disabled":
-        logger = Logger(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                        run_name=args.run_name, config=metrics["config"], out_dir=args.out)
+    logger = None if args.wandb == "disabled" else Logger(
+        mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity, run_name=args.run_name,
+        config=metrics["config"], out_dir=args.out)
     try:
         out = render.write_report(args.out, metrics, logger=logger)
     finally:
@@ -191,14 +184,13 @@ def main(argv=None):
         return None
     delta_out = {f"{new} vs {old}": stats.paired_delta(recs, new, old, args.n_boot, args.seed) for new, old in deltas}
     headline = stats.headlines(recs, deltas, families, seed=args.seed)
-    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints",)}
-    config.update(checkpoints=ck_cfg, families=families,
-                  family_of={t.name: t.family for t in tasks}, device=info.device.type, world_size=info.world_size,
-                  word_judge=judge_desc,
-                  candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
-                  deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1),
-                  git_commit=git_commit(), torch_version=torch.__version__,
-                  command="python -m scripts.compare_reasoning " + " ".join(sys.argv[1:] if argv is None else argv))
+    config = {k: v for k, v in vars(args).items() if k != "checkpoints"} | dict(
+        checkpoints=ck_cfg, families=families, family_of={t.name: t.family for t in tasks}, device=info.device.type,
+        world_size=info.world_size, word_judge=judge_desc,
+        candidates={t: {s: len(v) for s, v in by.items()} for t, (_, by) in examples.items()},
+        deltas=[f"{n} vs {o}" for n, o in deltas], elapsed_s=round(time.time() - t0, 1), git_commit=git_commit(),
+        torch_version=torch.__version__,
+        command="python -m scripts.compare_reasoning " + " ".join(sys.argv[1:] if argv is None else argv))
     metrics = {"config": config, "definitions": DEFINITIONS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "headline": headline, "checkpoints": summaries, "deltas": delta_out}
     metrics["summary"] = render.summary(metrics)

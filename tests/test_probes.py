@@ -110,29 +110,6 @@ def test_capture_patterns_sum_to_one_and_match_recomputation():
         assert torch.allclose(cap.head_outputs[layer], p @ v, atol=1e-5)
 
 
-def test_region_mass():
-    model = tiny()
-    x = torch.randint(0, 61, (2, 10))
-    regions = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
-    with probes.region_mass(model, regions) as rm, probes.capture(model) as cap:
-        model(x)
-    mass = rm.mass
-    assert mass.shape == (2, 2, 4, 10, 3)
-    assert torch.allclose(mass.sum(-1), torch.ones(2, 2, 4, 10), atol=1e-5)
-    p = cap.patterns[1]
-    assert torch.allclose(mass[1, ..., 1], p[..., 2:5].sum(-1), atol=1e-6)
-    # one chosen query position per row
-    with probes.region_mass(model, regions, query_pos=torch.tensor([9, 6])) as rm2:
-        model(x)
-    assert rm2.mass.shape == (2, 2, 4, 3)
-    assert torch.allclose(rm2.mass[:, 1], mass[:, 1, :, 6], atol=1e-6)
-    assert torch.allclose(rm2.mass[:, 0], mass[:, 0, :, 9], atol=1e-6)
-    # unlabelled tokens (-1) carry mass into no region
-    with probes.region_mass(model, torch.tensor([-1] * 5 + [0] * 5), query_pos=9) as rm3:
-        model(x)
-    assert (rm3.mass.sum(-1) < 1 - 1e-3).all()
-
-
 def test_ablating_a_dead_head_changes_nothing_and_a_live_head_does():
     model = tiny()
     with torch.no_grad():
@@ -186,9 +163,8 @@ def test_probes_do_not_change_logits_or_gradients():
     loss_off.backward()
     grads_off = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    with probes.attention_entropy_probe(model), probes.capture(model, head_outputs=True), probes.residuals(model), \
-            probes.region_mass(model, torch.zeros(11, dtype=torch.long)):
-        assert len(model.probes) == 4
+    with probes.attention_entropy_probe(model), probes.capture(model, head_outputs=True), probes.residuals(model):
+        assert len(model.probes) == 3
         loss_on = model(x, x)
         loss_on.backward()
     assert not model.probes
@@ -231,11 +207,8 @@ def test_ddp_single_process(tmp_path):
         dist.destroy_process_group()
 
 
-def test_bad_region_labels():
+def test_bad_ablation_scale():
     from nanostoney.errors import UserError
     model = tiny()
-    with pytest.raises(UserError, match="label every prompt token"):
-        with probes.region_mass(model, torch.zeros(4, dtype=torch.long)):
-            model(torch.randint(0, 61, (1, 6)))
     with pytest.raises(UserError, match="n_layer, n_head"):
         probes.ablate(model, scale=torch.ones(3, 3))

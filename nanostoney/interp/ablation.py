@@ -16,59 +16,32 @@ from nanostoney.interp.patching import blocks_from
 RANDOM_SETS = 100  # the least number of random k-head sets behind "top-k heads beat random heads"
 
 
-class RowAblate(probes.Probe):
-    """Ablation that differs per batch row: scale [B, L, H], use_mean [B] (1 = mean, 0 = zero
-    ablation); head output y <- s*y + (1-s)*use_mean*mean, mean [L, H, head_dim]."""
-
-    def __init__(self, scale, mean=None, use_mean=None):
-        self.scale, self.mean, self.use_mean = scale, mean, use_mean
-
-    @torch.compiler.disable
-    def on_attn(self, layer, q, k, v, y, mask):
-        s = self.scale[:, layer].to(y.device, y.dtype)[:, :, None, None]  # [B, H, 1, 1]
-        y = y * s
-        if self.mean is not None:
-            w = (1 - s) * self.use_mean.to(y.device, y.dtype)[:, None, None, None]
-            y = y + w * self.mean[layer].to(y.device, y.dtype)[None, :, None, :]
-        return y
-
-
-
 @torch.no_grad()
 def ablation_logprob_drops(model, ids, target, rows, mean=None, max_batch_tokens=16384):
     """Drop of log p(target) at the last position of `ids` for each ablation in `rows`, a list of
-    (scale [L, H], use_mean) with scale 0 on the ablated heads. Blocks before a row's first
-    ablated layer are not recomputed: every row starts from the clean residual stream there,
-    batched with one clean row that gives the baseline under the same arithmetic."""
+    (scale [L, H], use_mean) with scale 0 on the ablated heads; each chunk of rows is batched with
+    one clean row that gives the baseline under the same arithmetic."""
     gpt = unwrap(model)
     L = gpt.config.n_layer
-    x = torch.tensor([ids], device=gpt.get_device())
     with probes.residuals(gpt) as res:
-        gpt.trunk(x)
+        gpt.trunk(torch.tensor([ids], device=gpt.get_device()))
     first = [int((s < 1).any(1).nonzero()[0]) if bool((s < 1).any()) else L for s, _ in rows]
     drops = torch.zeros(len(rows))
-    chunk = max(2, max_batch_tokens // len(ids))
+    chunk = max(2, max_batch_tokens // len(ids)) - 1
     for layer in sorted(set(first) - {L}):
         idx = [i for i, f in enumerate(first) if f == layer]
-        for part in [idx[j:j + chunk - 1] for j in range(0, len(idx), chunk - 1)]:
+        for part in [idx[j:j + chunk] for j in range(0, len(idx), chunk)]:
             scale = torch.stack([torch.ones(L, gpt.config.n_head)] + [rows[i][0] for i in part])
             use_mean = torch.tensor([0.0] + [float(rows[i][1]) for i in part])
-            with probes.attach(gpt, RowAblate(scale, mean, use_mean)):
+            with probes.attach(gpt, probes.AblateProbe(scale, mean, use_mean)):
                 h = blocks_from(gpt, res.resid[layer].expand(len(part) + 1, -1, -1), layer)[:, -1]
             lp = torch.log_softmax(gpt.lm_logits(h), -1)[:, target].cpu()
             drops[part] = lp[0] - lp[1:]
     return drops
 
 
-def head_set_scale(n_layer, n_head, heads):
-    s = torch.ones(n_layer, n_head)
-    for layer, head in heads:
-        s[layer, head] = 0
-    return s
-
-
 def single_head_rows(n_layer, n_head, use_mean):
-    return [(head_set_scale(n_layer, n_head, [(l, h)]), use_mean) for l in range(n_layer) for h in range(n_head)]
+    return [(probes.head_set_scale(n_layer, n_head, [(l, h)]), use_mean) for l in range(n_layer) for h in range(n_head)]
 
 
 def ablation_drops(model, item, mean=None):
@@ -78,13 +51,10 @@ def ablation_drops(model, item, mean=None):
     return ablation_logprob_drops(model, item.ids, item.target, rows, mean).view(c.n_layer, c.n_head).numpy()
 
 
-
 def top_heads(drops, k):
     """The k heads with the largest mean drop, [(layer, head)], largest first."""
     m = np.asarray(drops)
-    order = np.argsort(-m.ravel(), kind="stable")[:k]
-    return [(int(i // m.shape[1]), int(i % m.shape[1])) for i in order]
-
+    return [(int(i // m.shape[1]), int(i % m.shape[1])) for i in np.argsort(-m.ravel(), kind="stable")[:k]]
 
 
 def drops_of(gpt, rows, means):
@@ -93,7 +63,7 @@ def drops_of(gpt, rows, means):
 
 
 def ablate_single(gpt, items, means, info=None, wrap=None):
-    """Pass 2, per item: {"ablate_zero", "ablate_mean"}, the [L, H] drops of every head ablated alone."""
+    """Per item: {"ablate_zero", "ablate_mean"}, the [L, H] drops of every head ablated alone."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     single = single_head_rows(L, H, False) + single_head_rows(L, H, True)
     drops = map_over_ranks(drops_of(gpt, single, means), items, info, wrap=wrap)
@@ -101,33 +71,29 @@ def ablate_single(gpt, items, means, info=None, wrap=None):
 
 
 def choose_heads(recs, families, k):
-    """{mode: {family: its k heads with the largest mean single-head drop}}, chosen on the
-    family's selection subset only (all its items when that is empty), so the score subset
-    judges them out of sample."""
-    topk = {}
-    for mode in ABLATION_MODES:
-        topk[mode] = {}
-        for fam in families:
-            fr = [r for r in recs if r["family"] == fam]
-            chosen = [r for r in fr if r["subset"] == "select"] or fr
-            topk[mode][fam] = top_heads(np.mean([r[f"ablate_{mode}"] for r in chosen], 0), k)
+    """{mode: {family: its k heads with the largest mean single-head drop}}, chosen on the family's
+    selection subset (all its items when that is empty), so the score subset judges them out of sample."""
+    topk = {mode: {} for mode in ABLATION_MODES}
+    for mode, fam in itertools.product(ABLATION_MODES, families):
+        fr = [r for r in recs if r["family"] == fam]
+        chosen = [r for r in fr if r["subset"] == "select"] or fr
+        topk[mode][fam] = top_heads(np.mean([r[f"ablate_{mode}"] for r in chosen], 0), k)
     return topk
 
 
 def random_head_sets(n_layer, n_head, k, n_sets, seed):
-    """The null's k-head sets: every one of the C(n, k) sets when there are at most n_sets of them,
-    else n_sets distinct sets drawn afresh (seeded), never a few fixed ones."""
+    """The null's k-head sets: all C(n, k) when there are at most n_sets, else n_sets distinct
+    sets drawn afresh (seeded)."""
     n = n_layer * n_head
-    as_heads = lambda s: [(int(i // n_head), int(i % n_head)) for i in s]  # noqa: E731
     if math.comb(n, k) <= n_sets:
-        return [as_heads(s) for s in itertools.combinations(range(n), k)]
-    rng, seen, out = np.random.default_rng(seed), set(), []
-    while len(out) < n_sets:
-        s = tuple(sorted(int(i) for i in rng.choice(n, k, replace=False)))
-        if s not in seen:
-            seen.add(s)
-            out.append(as_heads(s))
-    return out
+        sets = list(itertools.combinations(range(n), k))
+    else:
+        rng, sets = np.random.default_rng(seed), []
+        while len(sets) < n_sets:
+            s = tuple(sorted(int(i) for i in rng.choice(n, k, replace=False)))
+            if s not in sets:
+                sets.append(s)
+    return [[(int(i // n_head), int(i % n_head)) for i in s] for s in sets]
 
 
 def null_complete(n_layer, n_head, k, n_sets):
@@ -136,14 +102,13 @@ def null_complete(n_layer, n_head, k, n_sets):
 
 
 def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=None):
-    """Pass 3: each family's top-k heads, and (mean ablation only, the headline's) random k-head
-    sets, ablated together. Per item: topk_<mode> = {"own", <other family>, "random" (mean over
-    the random sets; NaN when too few sets for the null, null_complete)}, and random_sets_mean:
-    the drop of each random set (the null distribution of one k-set's drop)."""
+    """Each family's top-k heads, and (headline mode only) the random k-head sets, ablated together.
+    Per item: topk_<mode> = {"own", <other family>, "random" (mean over the random sets; NaN
+    without a complete null)}."""
     L, H = gpt.config.n_layer, gpt.config.n_head
     sets = {mode: [topk[mode][f] for f in families] + (random_sets if mode == HEADLINE_MODE else [])
             for mode in ABLATION_MODES}
-    rows = [(head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
+    rows = [(probes.head_set_scale(L, H, hs), mode == "mean") for mode in ABLATION_MODES for hs in sets[mode]]
     drops = map_over_ranks(drops_of(gpt, rows, means), items, info, wrap=wrap)
     k = len(next(iter(topk[HEADLINE_MODE].values())))
     enough = bool(random_sets) and null_complete(L, H, k, len(random_sets))
@@ -151,12 +116,9 @@ def ablate_sets(gpt, items, means, families, topk, random_sets, info=None, wrap=
     for it, drop in zip(items, drops):
         rec, start = {}, 0
         for mode in ABLATION_MODES:
-            dm = drop[start:start + len(sets[mode])]
-            start += len(sets[mode])
-            d = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
-            d["random"] = float(dm[len(families):].mean()) if enough and mode == HEADLINE_MODE else float("nan")
-            rec[f"topk_{mode}"] = d
-            if mode == HEADLINE_MODE:
-                rec["random_sets_mean"] = np.asarray(dm[len(families):], dtype=np.float64)
+            dm, start = drop[start:start + len(sets[mode])], start + len(sets[mode])
+            rec[f"topk_{mode}"] = {("own" if f == it.family else f): float(dm[i]) for i, f in enumerate(families)}
+            headline = enough and mode == HEADLINE_MODE
+            rec[f"topk_{mode}"]["random"] = float(dm[len(families):].mean()) if headline else float("nan")
         out.append(rec)
     return out

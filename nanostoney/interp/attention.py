@@ -20,9 +20,8 @@ def previous_token_score(p):
 
 
 def normalized_entropy(p):
-    """[..., T, T] causal pattern -> [...]: mean over queries i >= 1 of H_i / log(i + 1), the
-    entropy as a share of its maximum (uniform over the i + 1 visible keys), which removes the
-    growth of entropy with prompt length."""
+    """[..., T, T] causal pattern -> [...]: mean over queries i >= 1 of H_i / log(i + 1), the entropy
+    as a share of its maximum over the i + 1 visible keys (free of the growth with prompt length)."""
     T = p.size(-1)
     return (pattern_entropy(p[..., 1:, :]) / torch.log(torch.arange(2, T + 1, device=p.device, dtype=p.dtype))).mean(-1)
 
@@ -42,32 +41,23 @@ def induction_score(p, n_rep, start=1):
 def region_mass(rows, labels, n_regions):
     """rows [..., T] attention, labels [T] region ids (-1 = none) -> [..., R] mass per region."""
     labels = torch.as_tensor(labels, device=rows.device)
-    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), n_regions).to(rows.dtype)
-    onehot = onehot * (labels >= 0)[:, None].to(rows.dtype)
-    return rows @ onehot
+    return rows @ (torch.nn.functional.one_hot(labels.clamp(min=0), n_regions).to(rows.dtype)
+                   * (labels >= 0)[:, None].to(rows.dtype))
 
 
-def classify_heads(scores, thresholds=None):
+def classify_heads(scores):
     """{role: [(layer, head), ...]} for every role score map [L, H] at or above its threshold."""
-    thresholds = thresholds or ROLE_THRESHOLDS
-    out = {}
-    for role, s in scores.items():
-        if role in thresholds and s is not None:
-            s = np.asarray(s)
-            out[role] = [(int(l), int(h)) for l, h in zip(*np.nonzero(s >= thresholds[role]))]
-    return out
-
+    return {role: [(int(l), int(h)) for l, h in zip(*np.nonzero(np.asarray(s) >= ROLE_THRESHOLDS[role]))]
+            for role, s in scores.items() if role in ROLE_THRESHOLDS and s is not None}
 
 
 class ItemProbe(probes.Probe):
-    """One forward of one prompt (batch 1): per layer, previous-token and sink scores, the answer
-    row of every head's pattern, per-head output sums (for mean ablation) and, when asked, the
-    full patterns (for figures). Patterns are formed one layer at a time and dropped."""
+    """One forward of one prompt: per layer the pattern scores, the answer row of every head's pattern,
+    per-head output sums (for mean ablation) and, when asked, the full patterns (for figures)."""
 
     def __init__(self, n_layer, pos, keep_full=False):
         self.pos, self.keep_full = pos, keep_full
-        self.prev, self.sink, self.rows = [None] * n_layer, [None] * n_layer, [None] * n_layer
-        self.full, self.out_sum, self.norm_ent = [None] * n_layer, [None] * n_layer, [None] * n_layer
+        self.prev, self.sink, self.rows, self.full, self.out_sum, self.norm_ent = ([None] * n_layer for _ in range(6))
 
     @torch.compiler.disable
     def on_attn(self, layer, q, k, v, y, mask):
@@ -83,81 +73,53 @@ class ItemProbe(probes.Probe):
         return y
 
 
-class PatternProbe(probes.Probe):
-    """Applies fn(pattern [B, H, T, T]) per layer and keeps the result (small scores only)."""
-
-    def __init__(self, n_layer, fn):
-        self.fn, self.out = fn, [None] * n_layer
-
-    @torch.compiler.disable
-    def on_attn(self, layer, q, k, v, y, mask):
-        with torch.no_grad():
-            self.out[layer] = self.fn(probes.attention_pattern(q, k, mask)).cpu()
-        return y
-
-
-
 @torch.no_grad()
 def analyse_item(model, item, keep_full=False):
     """Every per-example statistic of one item (numpy arrays), plus head-output sums."""
     gpt = unwrap(model)
-    c = gpt.config
-    device = gpt.get_device()
-    x = torch.tensor([item.ids], device=device)
-    probe = ItemProbe(c.n_layer, item.pos, keep_full)
+    probe = ItemProbe(gpt.config.n_layer, item.pos, keep_full)
     with probes.attention_entropy_probe(gpt, dtype=torch.float32) as ent, probes.attach(gpt, probe), \
             probes.residuals(gpt) as res:
-        gpt(x)
+        gpt(torch.tensor([item.ids], device=gpt.get_device()))
     rows = torch.stack(probe.rows).float()  # [L, H, T]
-    rec = {"entropy": ent.per_layer_head.cpu().numpy(),
-           "entropy_answer": pattern_entropy(rows).numpy(),
+    rec = {"entropy": ent.per_layer_head.cpu().numpy(), "entropy_answer": pattern_entropy(rows).numpy(),
            "entropy_norm": torch.stack(probe.norm_ent).numpy(),
            "entropy_answer_norm": (pattern_entropy(rows) / np.log(len(item.ids))).numpy(),
-           "previous_token": torch.stack(probe.prev).numpy(),
-           "sink": torch.stack(probe.sink).numpy(),
+           "previous_token": torch.stack(probe.prev).numpy(), "sink": torch.stack(probe.sink).numpy(),
            "struct_mass": region_mass(rows, item.struct, len(STRUCT_REGIONS)).numpy(),
            "lex_mass": region_mass(rows, item.lexical, len(LEXICAL_REGIONS)).numpy(),
            "struct_share": np.bincount(item.struct, minlength=len(STRUCT_REGIONS)) / len(item.ids),
            "lex_share": np.bincount(item.lexical, minlength=len(LEXICAL_REGIONS)) / len(item.ids)}
     if item.answer_index is not None and item.option is not None:
-        opt = torch.as_tensor(item.option)
-        on_opt = region_mass(rows, opt, 5).numpy()  # [L, H, 5]
+        on_opt = region_mass(rows, torch.as_tensor(item.option), 5).numpy()  # [L, H, 5]
         rec["option_lookup"] = on_opt[..., item.answer_index]
         rec["option_share"] = on_opt[..., item.answer_index] / np.maximum(on_opt.sum(-1), 1e-9)
     # logit lens: every depth's residual at the answer position through the final norm + lm_head
-    resid = torch.stack([r[0, item.pos] for r in res.resid])  # [L+1, C]
-    logits = gpt.lm_logits(resid)
-    logp = torch.log_softmax(logits, -1)
-    tgt = logits[:, item.target]
-    rec["lens_logprob"] = logp[:, item.target].cpu().numpy()
-    rank = (logits > tgt[:, None]).sum(-1) + 1
+    logits = gpt.lm_logits(torch.stack([r[0, item.pos] for r in res.resid]))  # [L+1, V]
+    rank = (logits > logits[:, item.target][:, None]).sum(-1) + 1
+    rec["lens_logprob"] = torch.log_softmax(logits, -1)[:, item.target].cpu().numpy()
     rec["lens_top1"] = (rank == 1).float().cpu().numpy()
     rec["lens_log10_rank"] = torch.log10(rank.float()).cpu().numpy()
     if item.letter_ids is not None:
-        choice = logits[:, item.letter_ids].argmax(-1)
-        rec["lens_choice"] = (choice == item.answer_index).float().cpu().numpy()
+        rec["lens_choice"] = (logits[:, item.letter_ids].argmax(-1) == item.answer_index).float().cpu().numpy()
     rec["lens_decodable"] = decodable(logits, item.target)  # one rule, every family
     rec["lens_embedding"] = float(rec["lens_decodable"][0])  # a baseline: word frequency, not reading
     rec["lens_first"] = first_decodable(rec["lens_decodable"])
     rec["accuracy"] = float(rec.get("lens_choice", rec["lens_top1"])[-1])
     rec["answer_logprob"] = float(rec["lens_logprob"][-1])
-    out_sum = torch.stack(probe.out_sum)  # [L, H, D]
-    full = torch.stack(probe.full).numpy() if keep_full else None
-    return rec, out_sum, full
+    return rec, torch.stack(probe.out_sum), torch.stack(probe.full).numpy() if keep_full else None
 
 
 def decodable(logits, target):
-    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits
-    [depths, V]: THE decodability rule of the report, the same for every family (a margin among a
-    few candidates would mean different things for five letters and for a number)."""
+    """[depths] 1.0 where the answer token is top-1 of the whole vocabulary in the lens logits [depths, V]:
+    the report's one decodability rule (a margin among candidates would differ for letters and numbers)."""
     rank = (logits > logits[:, target][:, None]).sum(-1) + 1
     return (rank == 1).float().cpu().numpy()
 
 
 def first_decodable(decodable):
-    """The first block depth (1..n_layer) from which the answer stays decodable through the output
-    (NaN when the output itself does not decode it). Depth 0, the embeddings, is left out: it
-    "decodes" a frequent answer word without reading anything (lens_embedding reports it)."""
+    """The first block depth (1..n_layer) from which the answer stays decodable through the output (NaN
+    when the output does not decode it); depth 0 "decodes" a frequent answer word without reading."""
     d = np.asarray(decodable)[1:] > 0.5
     if not d[-1]:
         return float("nan")
@@ -165,30 +127,15 @@ def first_decodable(decodable):
     return float(wrong[-1] + 2) if wrong.size else 1.0
 
 
-
-@torch.no_grad()
-def pattern_scores(model, x):
-    """{"previous_token", "sink"}: [B, L, H] scores of each row of the token batch x [B, T]."""
-    gpt = unwrap(model)
-    probe = PatternProbe(gpt.config.n_layer, lambda p: torch.stack([previous_token_score(p), sink_score(p)]))
-    with probes.attach(gpt, probe):
-        gpt(torch.as_tensor(x, device=gpt.get_device()))
-    s = torch.stack(probe.out, 2).numpy()  # [2, B, L, H]
-    return {"previous_token": s[0], "sink": s[1]}
-
-
 @torch.no_grad()
 def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None):
     """Per random sequence [N, L, H] induction and previous-token scores on <|bos|> + R + R."""
     gpt = unwrap(model)
-    c = gpt.config
-    n_rep = max(2, min(n_rep, (c.sequence_len - 1) // 2))
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randint(0, vocab_size, (n_seqs, n_rep), generator=g)
-    bos = torch.full((n_seqs, 1), bos_id if bos_id is not None else 0)
-    x = torch.cat([bos, r, r], 1).to(gpt.get_device())
-    probe = PatternProbe(c.n_layer, lambda p: torch.stack([induction_score(p, n_rep), previous_token_score(p)]))
-    with probes.attach(gpt, probe):
+    n_rep = max(2, min(n_rep, (gpt.config.sequence_len - 1) // 2))
+    r = torch.randint(0, vocab_size, (n_seqs, n_rep), generator=torch.Generator().manual_seed(seed))
+    x = torch.cat([torch.full((n_seqs, 1), bos_id if bos_id is not None else 0), r, r], 1).to(gpt.get_device())
+    with probes.capture(gpt) as cap:
         gpt(x)
-    s = torch.stack(probe.out, 2).numpy()  # [2, N, L, H]
+    scores = [torch.stack([induction_score(p, n_rep), previous_token_score(p)]).cpu() for p in cap.patterns]
+    s = torch.stack(scores, 2).numpy()  # [2, N, L, H]
     return {"induction": s[0], "previous_token_random": s[1], "n_rep": n_rep}

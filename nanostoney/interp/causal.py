@@ -1,7 +1,6 @@
 """The report's first screen: what activation patching found, in two or three sentences, and the
-corrected table they are read from (patching.summary per checkpoint). Every number
-comes from the metrics of the run the report describes; the seeds line only from a replication
-summary (bench/report_seeds.py) written for this run, never from another."""
+corrected table they are read from. Every number comes from this run's metrics; the seeds line only
+from a replication summary (bench/report_seeds.py) written for this run."""
 import html
 
 SLOT_NAMES = {"stoney/answer": "Stoney, at the answer the model writes after its own rationale",
@@ -87,15 +86,11 @@ def gap_is_real(g):
 
 
 def site_rows(name, g, top=TOP_SITES):
-    rows = []
     real = gap_is_real(g)
-    for r in g["sites"][:top]:
-        share = f"{100 * r['fraction']:.0f}%" if real else "—"
-        rows.append(f"<tr><td class=l>{esc(name)}</td><td class=l>{esc(site_words(r))}</td><td>{g['n']}</td>"
-                    f"<td>{r['mean']:+.3g} <span class=meta>[{r['lo']:+.3g}, {r['hi']:+.3g}]</span></td>"
-                    f"<td>{share}</td><td>{r['p_holm']:.2g}</td>"
-                    f"<td class=l>{'<b>yes</b>' if r['passes'] else 'no'}</td></tr>")
-    return rows
+    return [f"<tr><td class=l>{esc(name)}</td><td class=l>{esc(site_words(r))}</td><td>{g['n']}</td>"
+            f"<td>{r['mean']:+.3g} <span class=meta>[{r['lo']:+.3g}, {r['hi']:+.3g}]</span></td>"
+            f"<td>{format(100 * r['fraction'], '.0f') + '%' if real else '—'}</td><td>{r['p_holm']:.2g}</td>"
+            f"<td class=l>{'<b>yes</b>' if r['passes'] else 'no'}</td></tr>" for r in g["sites"][:top]]
 
 
 def table(metrics):

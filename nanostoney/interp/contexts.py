@@ -1,13 +1,8 @@
-"""Contexts: what the model reads before the answer slot, with no answer in it.
-
-The slot follows the prompt, a rationale and "</think>\nAnswer:", so the next token is the
-answer's first (for multiple choice, the letter). The rationale ("own": the model's greedy
-completion; "gold": teacher forced) is cut before its first sentence that names an option letter
-or states the gold or the model's own answer: every MC gold rationale ends "..., which is option
-L.", and left in, the statistics would measure copying a letter a few tokens back. "cloze" reads
-the question without options, then the options' shared answer beginning (cloze.answer_texts), so
-the slot is where their answers part: for a model that knows answers but cannot name letters.
-"""
+"""Contexts: what the model reads before the answer slot, with no answer in it: the prompt, a
+rationale ("own": the model's greedy completion; "gold": teacher forced) cut before its first
+sentence that names an option letter or states an answer (else the statistics would measure
+copying a letter a few tokens back), then "</think>\nAnswer:"; or "cloze": the question without
+options, then the options' shared answer beginning, so the slot is where their answers part."""
 import re
 import unicodedata
 
@@ -15,7 +10,6 @@ from nanostoney import cloze
 from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_answer, numbers_equal, \
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.errors import UserError
-from nanostoney.interp.definitions import RATIONALE_CONTEXTS
 
 # a sentence that names an option letter or announces the answer
 LETTER_NAMING = re.compile(r"(?i:\boption)\s*\(?[A-E]\b|\([A-E]\)|(?<!\w)[A-E]\)|(?i:\banswer\s*(?:is\b|:))")
@@ -27,8 +21,7 @@ def answer_value(text):
     """The number an answer text states ("$27.30", "64 minutes", "Rs. 4270", "4,800"), or None
     when it is not one number with at most a unit (a formula "12/25", a pair, "None of these")."""
     nums = NUMBER_RE.findall(text)
-    rest = NUMBER_RE.sub("", text)
-    if len(nums) != 1 or re.search(r"[^\sA-Za-z.%$€£₹/]", rest):
+    if len(nums) != 1 or re.search(r"[^\sA-Za-z.%$€£₹/]", NUMBER_RE.sub("", text)):
         return None
     return parse_number(nums[0])
 
@@ -38,10 +31,7 @@ def mention_positions(text, answers):
     of that size appears (so "= 72" and "72.0" count, "172" does not), any answer as a whole word
     or phrase, ignoring case."""
     hits = []
-    for ans in answers:
-        ans = unicodedata.normalize("NFC", (ans or "").strip())
-        if not ans:
-            continue
+    for ans in filter(None, (unicodedata.normalize("NFC", (a or "").strip()) for a in answers)):
         value = answer_value(ans)
         if value is not None:
             hits += [m.start() for m in NUMBER_RE.finditer(text.replace("$", " "))
@@ -54,13 +44,11 @@ def mention_positions(text, answers):
 def strip_answer(rationale, answers):
     """The rationale up to its first sentence (or ';' clause) that states an answer: names an
     option letter, says "the answer is" / "Answer:", or mentions one of `answers`."""
-    hits = mention_positions(rationale, answers)
     m = LETTER_NAMING.search(rationale)
-    hits += [m.start()] if m else []
+    hits = mention_positions(rationale, answers) + ([m.start()] if m else [])
     if not hits:
         return rationale.strip()
-    first = min(hits)
-    starts = [0] + [e.end() for e in SENTENCE_END.finditer(rationale) if e.end() <= first]
+    starts = [0] + [e.end() for e in SENTENCE_END.finditer(rationale) if e.end() <= min(hits)]
     return rationale[:max(starts)].strip()
 
 
@@ -73,10 +61,9 @@ def stated_answers(example, completion=None):
     """Texts whose mention states an answer: the gold answer (for MC the gold option's text) and
     the answer of the model's `completion` (its chosen option's text, or its open answer)."""
     gold = answer_after(example["messages"][-1]["content"]) or ""
-    out = [option_text(example, gold) if example.get("choices") else gold]
     own = answer_after(completion) if completion else None
-    if own:
-        out.append(option_text(example, parse_letter(own)) if example.get("choices") else own)
+    out = [option_text(example, gold) if example.get("choices") else gold]
+    out += [option_text(example, parse_letter(own)) if example.get("choices") else own] if own else []
     said = STATED_VALUE.search(completion or "")  # "The answer is 27, which is option D": 27 too
     return [a for a in out + [said.group(1) if said else None] if a]
 
@@ -85,18 +72,15 @@ def context_text(example, completion, context="own"):
     """The assistant text the answer slot is read after: "<think>{rationale}</think>\\nAnswer: {gold}",
     the rationale being the model's own (`completion`, context "own") or the gold one ("gold"),
     cut by strip_answer before it states the gold answer or the model's own answer."""
-    if context not in RATIONALE_CONTEXTS:
-        raise UserError(f"unknown context {context!r}; use one of {', '.join(RATIONALE_CONTEXTS)}.")
     gold = example["messages"][-1]["content"]
     rationale = unicodedata.normalize("NFC", rationale_part(completion if context == "own" else gold))
     return format_answer(strip_answer(rationale, stated_answers(example, completion)), answer_after(gold))
 
 
 def cloze_slot(task, example):
-    """(prompt, assistant, slot, candidates) of the cloze context: the question without its
-    options, the gold answer's text, the character where the options' answers first differ, and
-    every option's answer text (their tokens at the slot are the candidates); None when the
-    shared beginning already states the gold answer (an arith chain whose start value is it)."""
+    """(prompt, assistant, slot, candidates) of the cloze context: the question without options, the
+    gold answer's text, the character where the options' answers part, and every option's answer
+    text; None when their shared beginning already states the gold answer."""
     answers = cloze.answer_texts(example)
     gold, slot = answers[LETTERS.index(example["answer"])], cloze.common_prefix(answers)
     if mention_positions(gold[:slot], [option_text(example, example["answer"])]):
@@ -104,15 +88,17 @@ def cloze_slot(task, example):
     return cloze.question_only(task, example), gold, slot, answers
 
 
+def answer_start(text):
+    """The character where the answer after the last "Answer:" starts."""
+    return len(text) - len(text[text.rfind(MARKER) + len(MARKER):].lstrip())
+
+
 def letter_slot(task, example, assistant):
     """(prompt, assistant, slot, candidates) after a rationale: the slot is the first character
     of the answer after the last "Answer:"; the candidates are the assistant text with each
     option letter in the answer's place."""
-    cue = assistant.rfind(MARKER)
-    start = cue + len(MARKER)
-    while start < len(assistant) and assistant[start].isspace():
-        start += 1
-    if cue < 0 or start >= len(assistant):
+    start = answer_start(assistant)
+    if MARKER not in assistant or start >= len(assistant):
         raise UserError(f"example {example['id']} of task {task.name} has no answer after 'Answer:'; fix the "
                         f"task data.")
     options = option_letters(len(example["choices"])) if example.get("choices") else ()
@@ -120,9 +106,7 @@ def letter_slot(task, example, assistant):
 
 
 def answer_cue(task, example):
-    """Where the gold assistant text's last "Answer:" starts; a UserError when there is none."""
-    cue = example["messages"][-1]["content"].rfind(MARKER)
-    if cue < 0:
+    """A UserError when the task's gold assistant text has no "Answer:" line."""
+    if MARKER not in example["messages"][-1]["content"]:
         raise UserError(f"task {task.name} has no 'Answer:' line in its gold answers, so it has no answer "
                         f"position; pick tasks with one (e.g. stoney_mc, stoney_lexicon, aqua_mc, gsm8k_mc).")
-    return cue

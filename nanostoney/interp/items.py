@@ -14,6 +14,7 @@ from nanostoney.tasks.subset import subset
 from nanostoney.tokenizer import SYSTEM_JOIN
 
 OPERATOR_CHARS = set("+-−*×÷/=^%<>")
+TEMPLATE = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")  # around a single user turn
 
 
 @dataclass
@@ -45,9 +46,8 @@ class Item:
     @property
     def outcome(self):
         """heldout_right / heldout_wrong by the model's own greedy answer; None for train items."""
-        if self.group != "heldout" or self.own_correct is None:
-            return None
-        return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
+        if self.group == "heldout" and self.own_correct is not None:
+            return OUTCOME_GROUPS[0] if self.own_correct else OUTCOME_GROUPS[1]
 
     @property
     def subset(self):
@@ -69,8 +69,7 @@ def token_offsets(tokenizer, text):
     ids, offsets, pos = tokenizer.encode(text), [], 0  # decode token by token
     for i in ids:
         piece = tokenizer.decode([i])
-        start = text.find(piece, pos) if piece else pos
-        start = pos if start < 0 else start
+        start = max(text.find(piece, pos), pos)  # where the piece is not found (a split character): here
         offsets.append((start, start + len(piece)))
         pos = start + len(piece)
     return ids, offsets
@@ -78,23 +77,16 @@ def token_offsets(tokenizer, text):
 
 def first_char_label(char_labels, offsets, text):
     """Per token: the label of its first non-space character (of its first character if blank)."""
-    out = []
-    for a, b in offsets:
-        j = next((c for c in range(a, b) if not text[c].isspace()), a)
-        out.append(char_labels[j] if j < len(char_labels) else -1)
-    return out
+    first = [next((c for c in range(a, b) if not text[c].isspace()), a) for a, b in offsets]
+    return [char_labels[j] if j < len(char_labels) else -1 for j in first]
 
 
 def lexical_char_labels(text, family, judge):
     """Per character: index into LEXICAL_REGIONS before token-level priority is applied."""
     lab = np.full(len(text), LEXICAL_REGIONS.index("other"))
-    if family == "stoney":
-        for m in WORD_RE.finditer(text):
-            cls = "stoney_term" if judge(m.group(0)) == "s" else "english"
-            lab[m.start():m.end()] = LEXICAL_REGIONS.index(cls)
-    else:
-        for m in WORD_RE.finditer(text):
-            lab[m.start():m.end()] = LEXICAL_REGIONS.index("english")
+    for m in WORD_RE.finditer(text):
+        stoney = family == "stoney" and judge(m.group(0)) == "s"
+        lab[m.start():m.end()] = LEXICAL_REGIONS.index("stoney_term" if stoney else "english")
     for i, ch in enumerate(text):
         if ch.isdigit() or (ch in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()):
             lab[i] = LEXICAL_REGIONS.index("digit")
@@ -108,19 +100,15 @@ def token_lexical(char_lab, offsets):
     """A token takes the highest-priority class among its characters (order of LEXICAL_REGIONS,
     except that digit and operator outrank words)."""
     priority = [LEXICAL_REGIONS.index(c) for c in ("digit", "operator", "stoney_term", "english", "other")]
-    out = []
-    for a, b in offsets:
-        present = set(char_lab[a:b].tolist()) if b > a else {LEXICAL_REGIONS.index("other")}
-        out.append(next(c for c in priority if c in present))
-    return out
+    other = {LEXICAL_REGIONS.index("other")}
+    return [next(c for c in priority if c in (set(char_lab[a:b].tolist()) if b > a else other)) for a, b in offsets]
 
 
 def user_text(prompt):
     """The first user turn as the tokenizer renders it (the system message folded in)."""
-    msgs = [m for m in prompt]
-    if msgs and msgs[0]["role"] == "system":
-        return msgs[0]["content"] + SYSTEM_JOIN + msgs[1]["content"]
-    return msgs[0]["content"]
+    if prompt[0]["role"] == "system":
+        return prompt[0]["content"] + SYSTEM_JOIN + prompt[1]["content"]
+    return prompt[0]["content"]
 
 
 def display_token(text):
@@ -130,17 +118,14 @@ def display_token(text):
 
 
 def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
-    """An Item for one example read after `assistant`, an assistant text whose last "Answer:" line
-    holds the gold answer (context_text makes one): the context is the prompt and every token of
-    `assistant` before the answer's first token. slot: a (prompt, assistant, slot, candidates) of
-    cloze_slot instead (assistant is then ignored)."""
+    """An Item for one example: the prompt and every token of `assistant` (context_text's) before the
+    answer after its last "Answer:"; or of `slot`, a cloze_slot (assistant is then ignored)."""
     prompt, gold, start, candidates = slot or letter_slot(task, example, assistant)
     prompt_ids = tokenizer.render_prompt(prompt)
     text = user_text(prompt)
     u_ids, u_off = token_offsets(tokenizer, text)
-    bos, us, ue, ast = (tokenizer.token_id(s) for s in ("<|bos|>", "<|user_start|>", "<|user_end|>",
-                                                         "<|assistant_start|>"))
-    if prompt_ids != [bos, us] + u_ids + [ue, ast]:
+    template = [tokenizer.token_id(s) for s in TEMPLATE]
+    if prompt_ids != template[:2] + u_ids + template[2:]:
         raise UserError(f"task {task.name} renders prompts of more than one user turn; interp needs "
                         f"single-turn prompts.")
     a_ids, a_off = token_offsets(tokenizer, gold)
@@ -150,12 +135,9 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     R = {name: i for i, name in enumerate(STRUCT_REGIONS)}
     ch = np.full(len(text), R["prompt_other"])
     regions = example.get("regions", {})
-    for name in ("system", "question", "options"):
-        if name in regions:
-            a, b = regions[name]
-            ch[a:b] = R[name]
-    think_end = gold.find("</think>")
-    think_end = think_end + len("</think>") if think_end >= 0 else 0
+    for name in [n for n in ("system", "question", "options") if n in regions]:
+        ch[slice(*regions[name])] = R[name]
+    think_end = gold.find("</think>") + len("</think>") if "</think>" in gold else 0
     a_ch = np.where(np.arange(len(gold)) < think_end, R["rationale"], R["answer_cue"])
     struct = ([R["bos"], R["template"]] + first_char_label(ch, u_off, text) + [R["template"]] * 2
               + first_char_label(a_ch, a_off[:k], gold))
@@ -169,8 +151,8 @@ def prepare_item(tokenizer, task, example, split, judge, assistant, slot=None):
     if example.get("choices") and all(f"option_{c}" in regions for c in option_letters(len(example["choices"]))):
         mc_fields(item, tokenizer, example, text, u_off, candidates, a_ids[:k])
     # labels from the text each token covers, so a character split over byte tokens still reads well
-    item.tokens = (["<|bos|>", "<|user_start|>"] + [display_token(text[a:b]) for a, b in u_off] +
-                   ["<|user_end|>", "<|assistant_start|>"] + [display_token(gold[a:b]) for a, b in a_off[:k]])
+    item.tokens = (list(TEMPLATE[:2]) + [display_token(text[a:b]) for a, b in u_off] + list(TEMPLATE[2:])
+                   + [display_token(gold[a:b]) for a, b in a_off[:k]])
     return item
 
 
@@ -184,10 +166,8 @@ def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
         a, b = regions[f"option_{c}"]
         ch_opt[a:b] = n  # (past the end of a cloze prompt, which has no options: no label)
     item.option = np.array([-1, -1] + first_char_label(ch_opt, u_off, text) + [-1] * (2 + k))
-    letters = []
-    for candidate in candidates:
-        c_ids = tokenizer.encode(candidate)
-        letters.append(c_ids[k] if len(c_ids) > k and c_ids[:k] == head_ids else None)
+    c_ids = [tokenizer.encode(candidate) for candidate in candidates]
+    letters = [c[k] if len(c) > k and c[:k] == head_ids else None for c in c_ids]
     answer = str(example.get("answer", "")).strip()
     if answer in options:
         item.answer_index = options.index(answer)
@@ -196,10 +176,8 @@ def mc_fields(item, tokenizer, example, text, u_off, candidates, head_ids):
 
 
 def select_examples(task, n, seed=0, spare=10):
-    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by
-    tasks.subset (salted by the seed; the same for every checkpoint; never a prefix of the stored
-    order). fitting_examples keeps the first n that fit the model's context, so a few over-long
-    prompts do not shrink the sample, and any prefix of the order stays balanced."""
+    """{split: [example]}: up to n * spare examples per split, balanced and hash-ordered by tasks.subset
+    (salted by the seed), so that the first n that fit a model's context (fitting_examples) stay balanced."""
     splits = ("val", "test") if task.control else ("train", "val", "test")  # a control has no train split
     return {split: subset(task, split, n * spare, salt=f"{seed}/{task.name}/{split}") for split in splits}
 
@@ -224,26 +202,23 @@ def fitting_examples(tokenizer, examples, limit, max_len):
     return chosen, skipped
 
 
-
 def build_items(tokenizer, examples, chosen, completions, judge, context, max_len, vocab_size):
-    """(items, {task: number skipped}): an Item per chosen example, read after its context
-    (context_text of the model's completion, or cloze_slot); one whose context does not fit in
-    max_len tokens (or the model's vocabulary), or has no cloze slot, is skipped. completions: {(task, id): the model's
-    greedy completion}, for "cloze" {(task, id): whether its cloze pick is right}."""
+    """(items, {task: number skipped}): an Item per chosen example that fits max_len and the vocabulary.
+    completions: {(task, id): the model's greedy completion}, for "cloze" whether its cloze pick is right."""
     items, skipped = [], {}
     for name, pairs in chosen.items():
         task = examples[name][0]
         for split, ex in pairs:
+            own = completions[(name, ex["id"])]
             if context == "cloze":
                 slot = cloze_slot(task, ex)
                 it = slot and prepare_item(tokenizer, task, ex, split, judge, None, slot)
             else:
-                completion = completions[(name, ex["id"])]
-                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, completion, context))
+                it = prepare_item(tokenizer, task, ex, split, judge, context_text(ex, own, context))
             if it is None or len(it.ids) > max_len or max(it.ids + [it.target]) >= vocab_size:
                 skipped[name] = skipped.get(name, 0) + 1
                 continue
-            it.own_correct = completions[(name, ex["id"])] if context == "cloze" else bool(task.evaluate(ex, completion))
+            it.own_correct = own if context == "cloze" else bool(task.evaluate(ex, own))
             items.append(it)
     if not items:
         raise UserError(f"every selected example is longer than {max_len} tokens; raise --max-len.")

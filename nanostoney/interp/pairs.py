@@ -1,23 +1,17 @@
-"""Minimal pairs on the model's own reasoning, for activation patching (patching.py).
-
-Every pair holds the assistant text fixed (the model's own completion, teacher forced in both
-runs) and changes one thing in the question, so that the two rendered prompts have the same
-number of tokens and differ in a few of them (at most MAX_CHANGED):
-- math, the operand slots: each number the model's own chain copies from the question (an
-  operand of an "a op b = c" line, words before the equation tolerated, that the question states
-  and no earlier line computed). The corrupted question states another number there; the slot
-  is where the chain writes the operand; target and foil are the two numbers' tokens.
+"""Minimal pairs on the model's own reasoning, for activation patching (patching.py). Each pair holds
+the model's own assistant text fixed and changes one thing in the question, so that the rendered
+prompts have the same length and differ in at most MAX_CHANGED tokens:
+- math, the operand slots: a number the chain copies from the question (an operand of an
+  "a op b = c" line that the question states and no earlier line computed) is replaced; read
+  where the chain writes it, target and foil the two numbers' tokens.
 - Stoney, the answer slot: the question of another item of the same task and direction that
-  differs from this one only in its term (or gloss); the slot is the answer after the model's
-  own rationale (cut before it states an answer, contexts.context_text); target and foil are the
-  two items' gold answers' tokens there. Multiple-choice prompts differ in their options as
-  well, so they make no pairs.
-No chain format is assumed beyond the equation regex; tokens are found by encoding prefixes, so
-any tokenizer works.
+  differs only in its term; read at the answer after the model's own rationale (contexts.py).
+  Multiple-choice prompts differ in their options as well, so they make no pairs.
 """
 import re
 
-from nanostoney.answers import MARKER, answer_after
+from nanostoney.answers import answer_after
+from nanostoney.interp.contexts import answer_start
 from nanostoney.interp.patching import Pair
 from nanostoney.tasks.base import stable_hash
 
@@ -46,8 +40,7 @@ def slot_tokens(tokenizer, text, char, clean, other):
     """(context ids, target, foil) where `text` continues at `char` with `clean` or with `other`:
     the context is every token of text[:char] + clean that ends before `char`; None when the two
     continuations tokenize the context differently or start with the same token."""
-    a = tokenizer.encode(text[:char] + clean)
-    b = tokenizer.encode(text[:char] + other)
+    a, b = tokenizer.encode(text[:char] + clean), tokenizer.encode(text[:char] + other)
     # the longest run of tokens that decodes to a prefix of text[:char] (a character split over
     # byte tokens decodes to a prefix only once all of its bytes are in)
     k = max(j for j in range(len(a) + 1) if text[:char].startswith(tokenizer.decode(a[:j])))
@@ -74,10 +67,6 @@ def make_pair(tokenizer, key, family, prompts, text, char, answers, slot, own_co
                 target=target, foil=foil, slot=slot, own_correct=own_correct)
 
 
-def replace_number(question, n, new):
-    return whole_number(n).sub(new, question, count=1)
-
-
 def other_numbers(n, key):
     """Numbers with as many digits as n, near it first, in an order salted by `key`."""
     v = int(float(n))
@@ -87,13 +76,11 @@ def other_numbers(n, key):
 
 def operand_pairs(tokenizer, task, example, completion, own_correct, max_len):
     """The math pairs of one item: one per operand its chain copies from the question."""
-    prompt = task.prompt(example)
+    prompt, out = task.prompt(example), []
     question = prompt[-1]["content"]
-    out = []
     for char, n in copied_operands(question, completion):
         for new in other_numbers(n, example["id"]):
-            corrupt = [dict(m) for m in prompt]
-            corrupt[-1]["content"] = replace_number(question, n, new)
+            corrupt = prompt[:-1] + [{**prompt[-1], "content": whole_number(n).sub(new, question, count=1)}]
             pair = make_pair(tokenizer, f"{task.name}/{example['id']}@{char}", task.family, (prompt, corrupt),
                              completion, char, (n, new), "operand", own_correct, max_len)
             if pair is not None:
@@ -102,17 +89,10 @@ def operand_pairs(tokenizer, task, example, completion, own_correct, max_len):
     return out
 
 
-def answer_start(text):
-    """The character where the answer after the last "Answer:" starts."""
-    i = text.rfind(MARKER) + len(MARKER)
-    return i + len(text[i:]) - len(text[i:].lstrip())
-
-
 def term_pairs(tokenizer, task, rows, max_len, donors=None):
-    """The Stoney pairs: rows [(example, context text, own_correct)] of one task; each item is
-    paired with the first donor (default: the rows' examples; any example of the task, hash order)
-    of its direction whose prompt has as many tokens as its own and differs in at most
-    MAX_CHANGED of them, and read at the answer slot after its own context."""
+    """The Stoney pairs: rows [(example, context text, own_correct)] of one task; each item is paired
+    with the first donor (default: the rows' examples), in hash order, of its direction whose prompt
+    makes a pair with its own, read at the answer slot after its own context."""
     by_len = {}
     for d in donors if donors is not None else [ex for ex, _, _ in rows]:
         by_len.setdefault((d.get("direction"), len(tokenizer.render_prompt(task.prompt(d)))), []).append(d)

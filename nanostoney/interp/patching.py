@@ -1,25 +1,11 @@
-"""Causal tracing: activation patching on minimal pairs.
-
-A minimal pair is one context twice, the second with one question token changed (an operand in
-math, a term in Stoney): `clean` and `corrupt` have the same length and differ from position
-`pos` on, for a few tokens at most. At the last position (the slot) the clean run predicts
-`target` (the clean answer's token) and the corrupted run should predict `foil` (the corrupted
-answer's). The logit difference LD = logit[target] - logit[foil] at the slot measures which
-answer the run holds.
-
-Patching copies one activation of the clean run into the corrupted run and reads LD again:
-- the residual stream entering block l (l = 0..n_layer; n_layer = after the last block) at the
-  changed token `pos` and at the slot: where the question's information sits, layer by layer;
-- each head's output (before c_proj) at the slot: which heads move the changed token's
-  information to the slot.
-restored = LD(patched) - LD(corrupt), in nats; its share of LD(clean) - LD(corrupt) is the
-fraction restored. The test of a site is whether mean restored > 0 over pairs (sign flips),
-Holm-corrected over every site: on a model that does not read the changed token for its answer,
-clean and corrupt are exchangeable and nothing passes (tests/test_patching.py plants a copying
-head and checks both ways).
-
-Each patched run starts from the corrupted residual stream entering the patched layer (blocks
-before it cannot change), one patch per batch row, as the ablations do (ablation.py).
+"""Causal tracing: activation patching on minimal pairs (pairs.py). `clean` and `corrupt` are one
+context with a question token changed from `pos` on; at the last position (the slot) LD =
+logit[target] - logit[foil] says which answer a run holds. Patching copies one clean activation
+into the corrupted run: the residual stream entering each block at `pos` and at the slot, or a
+head's output at the slot; restored = LD(patched) - LD(corrupt). A site passes when its mean
+restored is > 0 (sign flips, Holm-corrected over every site): on a model that does not read the
+changed token, clean and corrupt are exchangeable and nothing passes. Each patched run starts from
+the corrupted residual stream entering the patched layer, one patch per batch row.
 """
 from dataclasses import dataclass
 
@@ -28,10 +14,10 @@ import torch
 
 from nanostoney import probes
 from nanostoney.gpt import unwrap
+from nanostoney.interp.definitions import ALPHA
 from nanostoney.metrics import holm, mean_difference
 from nanostoney.tasks.base import stable_hash
 
-ALPHA = 0.05
 MIN_PAIRS = 10  # fewer pairs cannot reach a corrected significance level over many sites
 
 
@@ -60,18 +46,16 @@ def blocks_from(gpt, x, layer):
 
 class HeadPatch(probes.Probe):
     """Batch row b replaces head heads[b] = (layer, head) of its output at query `pos` with the
-    clean run's (clean[layer]: [H, T, D]); rows with heads[b] None are left alone."""
+    clean run's (clean[layer]: [H, T, D])."""
 
     def __init__(self, clean, heads, pos=-1):
         self.clean, self.heads, self.pos = clean, heads, pos
 
     @torch.compiler.disable
     def on_attn(self, layer, q, k, v, y, mask):
-        rows = [(b, h) for b, lh in enumerate(self.heads) if lh is not None and lh[0] == layer
-                for h in [lh[1]]]
-        if not rows:
-            return y
-        y = y.clone()
+        rows = [(b, h) for b, (at, h) in enumerate(self.heads) if at == layer]
+        if rows:
+            y = y.clone()
         for b, h in rows:
             y[b, h, self.pos] = self.clean[layer][h, self.pos].to(y.dtype)
         return y
@@ -89,25 +73,23 @@ def trace_pair(model, pair):
     "heads": [L, H] restored per head patched at the slot} for one minimal pair."""
     gpt = unwrap(model)
     L, H = gpt.config.n_layer, gpt.config.n_head
-    dev = gpt.get_device()
+    ld = lambda h: logit_diff(gpt, h, pair.target, pair.foil)  # noqa: E731
     with probes.capture(gpt, patterns=False, head_outputs=True) as cap, probes.residuals(gpt) as res:
-        ld_clean = float(logit_diff(gpt, gpt.trunk(torch.tensor([pair.clean], device=dev)), pair.target, pair.foil))
-    clean_heads = [o[0] for o in cap.head_outputs]
-    clean_resid = [r[0] for r in res.resid]
+        ld_clean = float(ld(gpt.trunk(torch.tensor([pair.clean], device=gpt.get_device()))))
+    clean_heads, clean_resid = [o[0] for o in cap.head_outputs], [r[0] for r in res.resid]
     with probes.residuals(gpt) as res:
-        ld_corrupt = float(logit_diff(gpt, gpt.trunk(torch.tensor([pair.corrupt], device=dev)), pair.target, pair.foil))
+        ld_corrupt = float(ld(gpt.trunk(torch.tensor([pair.corrupt], device=gpt.get_device()))))
     corrupt_resid = [r[0] for r in res.resid]
     resid = torch.zeros(2, L + 1)
     for layer in range(L + 1):
         x = corrupt_resid[layer].expand(2, -1, -1).clone()
         for row, p in enumerate((pair.pos, len(pair.clean) - 1)):
             x[row, p] = clean_resid[layer][p]
-        resid[:, layer] = logit_diff(gpt, blocks_from(gpt, x, layer), pair.target, pair.foil) - ld_corrupt
+        resid[:, layer] = ld(blocks_from(gpt, x, layer)) - ld_corrupt
     heads = torch.zeros(L, H)
     for layer in range(L):
         with probes.attach(gpt, HeadPatch(clean_heads, [(layer, h) for h in range(H)])):
-            x = blocks_from(gpt, corrupt_resid[layer].expand(H, -1, -1), layer)
-        heads[layer] = logit_diff(gpt, x, pair.target, pair.foil) - ld_corrupt
+            heads[layer] = ld(blocks_from(gpt, corrupt_resid[layer].expand(H, -1, -1), layer)) - ld_corrupt
     return {"ld_clean": ld_clean, "ld_corrupt": ld_corrupt, "resid": resid.numpy(), "heads": heads.numpy()}
 
 
@@ -123,12 +105,18 @@ def sites(traces):
     return out
 
 
+def correct(rows, alpha):
+    """Holm-correct the sites' p-values together; a site passes when p_holm < alpha and lo > 0."""
+    for r, p in zip(rows, holm([r["p"] for r in rows]) if rows else []):
+        r["p_holm"] = float(p)
+        r["passes"] = bool(p < alpha and r["lo"] > 0)
+
+
 def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0, m=None):
     """Every site's mean restored LD with a sign-flip p, Holm-corrected over all sites:
-    {"sites": [...] (largest mean first), "n", "gap" (mean LD(clean) - LD(corrupt)), "m"}.
-    A site passes when p_holm < alpha and its interval (Bonferroni level alpha / m; m: the
-    number of sites, or more when the caller corrects several groups together) lies above 0.
-    Fewer than MIN_PAIRS pairs: no site is tested (an empty list)."""
+    {"sites": [...] (largest mean first), "n", "gap" (mean LD(clean) - LD(corrupt)), "m"}; intervals
+    at the Bonferroni level alpha / m (m: the number of sites, or more when several groups are
+    corrected together). Fewer than MIN_PAIRS pairs: no site is tested."""
     if len(traces) < MIN_PAIRS:
         return {"sites": [], "n": len(traces), "gap": None, "m": 0, "alpha": alpha}
     gap = float(np.mean([t["ld_clean"] - t["ld_corrupt"] for t in traces]))
@@ -140,9 +128,7 @@ def site_tests(traces, alpha=ALPHA, n_boot=2000, n_perm=9999, seed=0, m=None):
                             alpha=alpha / m)
         rows.append({"site": name, "mean": r["diff"], "lo": r["lo"], "hi": r["hi"], "p": r["p"],
                      "fraction": r["diff"] / gap if gap else float("nan"), "n": r["n"]})
-    for row, p in zip(rows, holm([r["p"] for r in rows])):
-        row["p_holm"] = float(p)
-        row["passes"] = bool(p < alpha and row["lo"] > 0)
+    correct(rows, alpha)
     rows.sort(key=lambda r: -r["mean"])
     return {"sites": rows, "n": len(traces), "gap": gap, "m": m, "alpha": alpha}
 
@@ -156,9 +142,8 @@ def group_names(pair):
 
 
 def summary(pairs, traces, n_boot=2000, seed=0, alpha=ALPHA):
-    """{"groups": {name: site_tests}, "declared": [names], "m", "per_pair": [...]}. The declared
-    groups (each family at its slot) are Holm-corrected together, over every site of each; the
-    others (directions, right / wrong) are exploratory, each corrected over its own sites."""
+    """{"groups": {name: site_tests}, "declared", "m", "per_pair"}: the declared groups (each family at
+    its slot) Holm-corrected together; the exploratory ones each over its own sites."""
     by = {}
     for p, t in zip(pairs, traces):
         for g in group_names(p):
@@ -166,20 +151,8 @@ def summary(pairs, traces, n_boot=2000, seed=0, alpha=ALPHA):
     declared = sorted(g for g in by if g.count("/") == 1 and len(by[g]) >= MIN_PAIRS)
     m = sum(len(sites(by[g])) for g in declared)
     out = {g: site_tests(ts, alpha, n_boot, seed=seed, m=m if g in declared else None) for g, ts in by.items()}
-    rows = [r for g in declared for r in out[g]["sites"]]
-    for r, p in zip(rows, holm([r["p"] for r in rows]) if rows else []):
-        r["p_holm"] = float(p)
-        r["passes"] = bool(p < alpha and r["lo"] > 0)
+    correct([r for g in declared for r in out[g]["sites"]], alpha)
     per_pair = [{"key": p.key, "family": p.family, "slot": p.slot, "direction": p.direction,
                  "own_correct": p.own_correct, "gap": round(t["ld_clean"] - t["ld_corrupt"], 5)}
                 for p, t in zip(pairs, traces)]
     return {"groups": out, "declared": declared, "m": m, "alpha": alpha, "n_pairs": len(pairs), "per_pair": per_pair}
-
-
-def top_head(tests):
-    """(layer, head) of the head site with the largest mean restored LD, or None."""
-    heads = [r for r in tests["sites"] if r["site"].startswith("head/")]
-    if not heads:
-        return None
-    layer, head = heads[0]["site"][len("head/"):].split(".")
-    return int(layer), int(head)

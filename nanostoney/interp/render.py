@@ -1,12 +1,6 @@
-"""The reasoning report: a self-contained index.html (no scripts, no network: it opens offline from
-a file:// URL) beside its figures and metrics.json.
-
-    write_report(out_dir, metrics, logger=None)
-
-`metrics` is what scripts/compare_reasoning.py builds: a report can be re-rendered from a saved
-metrics.json (`render(json.load(...), out_dir)`). The files are built under a temporary name
-and moved into place, so a reader never sees half a report.
-"""
+"""The reasoning report: a self-contained index.html (no scripts, no network: it opens offline) beside
+its figures and metrics.json, drawn from the metrics alone (`render(json.load(...), out_dir)` redraws
+a saved one); write_report moves each file into place whole."""
 import json
 import math
 import os
@@ -109,7 +103,8 @@ def at_chance_sentence(res, last, families, context="own"):
     if not low:
         return []
     hint = "" if context == "cloze" else (" For multiple choice, --context cloze probes the slot where the options' "
-                                          "answers part, which needs no letter (a small model is often above chance there).")
+                                          "answers part, which needs no letter (a small model is often above chance "
+                                          "there).")
     return [f"{last} is not above chance on held-out {' or '.join(low)}: the heads and layers below carry what the "
             f"model does at the answer slot (the answer format, a preferred option), not a reached answer. A claim "
             f"about how the answer is reached needs a model above chance (BENCHMARKS.md, section SFT).{hint}"]
@@ -180,22 +175,23 @@ def num(x, spec=".3g"):
     return "n/a" if x is None else format(x, spec)
 
 
+def scalar(s):
+    """Whether a summary holds one number (not an array, not undefined)."""
+    return bool(s) and s.get("mean") is not None and not isinstance(s["mean"], list)
+
+
 def cell(s):
-    if not s or s.get("mean") is None or isinstance(s["mean"], list):
-        return "—"
-    return f"{num(s['mean'])} <span class=meta>[{num(s.get('lo'))}, {num(s.get('hi'))}]</span>"
+    return f"{num(s['mean'])} <span class=meta>[{num(s.get('lo'))}, {num(s.get('hi'))}]</span>" if scalar(s) else "—"
 
 
 def cell_text(s):
-    if not s or s.get("mean") is None or isinstance(s["mean"], list):
-        return "—"
-    return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})"
+    return f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n = {s['n']})" if scalar(s) else "—"
 
 
-TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"),
-              ("lens_first", "first decodable depth"), ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"), ("entropy:all", "entropy"),
-              ("entropy_norm:all", "entropy / max"), ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"),
-              ("previous_token:all", "prev-token"),
+TABLE_COLS = [("own_correct", "own accuracy"), ("accuracy", "slot accuracy"), ("lens_first", "first decodable depth"),
+              ("lens_embedding", "decodable at the embeddings (baseline)"), ("answer_logprob", "answer log-prob"),
+              ("entropy:all", "entropy"), ("entropy_norm:all", "entropy / max"),
+              ("entropy_answer:all", "entropy @answer"), ("sink:all", "sink"), ("previous_token:all", "prev-token"),
               ("option_lookup:all", "option lookup"), ("option_share:all", "option share"),
               ("chance", "chance (baseline)"), ("topk_mean:own", "top-k mean-ablation drop (own)"),
               ("topk_mean:random", "random-k mean-ablation drop")]
@@ -207,18 +203,14 @@ def table(metrics, ck):
     groups = [(esc(fam), grp, res["families"][fam][grp]) for fam in families_of(metrics) + ["all"]
               for grp in SPLIT_GROUPS + OUTCOME_GROUPS if res["families"].get(fam, {}).get(grp)]
     # arith by reasoning depth, Stoney by direction (term → gloss, gloss → term)
-    groups += [(f"{esc(fam)}, {esc(d)}-step", "heldout", s) for fam, by in res.get("depths", {}).items()
-               for d, s in by.items()]
-    groups += [(f"{esc(fam)}, {esc(d)}", "heldout", s) for fam, by in res.get("directions", {}).items()
-               for d, s in by.items()]
+    groups += [(f"{esc(fam)}, {esc(d)}{unit}", "heldout", s) for key, unit in (("depths", "-step"), ("directions", ""))
+               for fam, by in res.get(key, {}).items() for d, s in by.items()]
     rows = [f"<tr><td class=l>{label}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
             "".join(f"<td>{cell(s.get(k))}</td>" for k, _ in TABLE_COLS) + "</tr>" for label, grp, s in groups]
-    task_rows = []
-    for task, by in res["tasks"].items():
-        for grp, s in by.items():
-            task_rows.append(f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>"
-                             f"<td>{cell(s.get('accuracy'))}</td><td>{cell(s.get('answer_logprob'))}</td>"
-                             f"<td>{cell(s.get('entropy:all'))}</td><td>{cell(s.get('sink:all'))}</td></tr>")
+    task_cols = ("accuracy", "answer_logprob", "entropy:all", "sink:all")
+    task_rows = [f"<tr><td class=l>{esc(task)}</td><td class=l>{esc(grp)}</td><td>{s['n']}</td>" +
+                 "".join(f"<td>{cell(s.get(k))}</td>" for k in task_cols) + "</tr>"
+                 for task, by in res["tasks"].items() for grp, s in by.items()]
     ov = "; ".join(f"{m}: Jaccard {num(o['jaccard'], '.2f')} (shared {o['shared']}), "
                    f"Spearman {num(o['spearman'], '.2f')}"
                    for m, o in res.get("overlap", {}).items())
@@ -308,38 +300,30 @@ def render(metrics, out_dir):
     os.makedirs(fig_dir, exist_ok=True)
     figs = {"headline": [], "overview": []}
 
-    def add(section, name, caption, draw):
-        path = os.path.join(fig_dir, name)
-        if draw(path) is not False:
+    def add(section, name, caption, draw, *args):
+        if draw(metrics, *args, os.path.join(fig_dir, name)) is not False:
             figs.setdefault(section, []).append((name, caption))
 
     add("headline", "head_maps.png", "Which heads carry the answer: per-head ablation map of the last checkpoint "
-        "on held-out score items, per family (boxed: the top heads, chosen on the other items)",
-        lambda p: fig_head_maps(metrics, p))
+        "on held-out score items, per family (boxed: the top heads, chosen on the other items)", fig_head_maps)
     add("headline", "lens_curves.png", "Where the answer becomes decodable: logit lens at the answer slot per "
-        "family, a line per checkpoint", lambda p: fig_lens_curves(metrics, p))
+        "family, a line per checkpoint", fig_lens_curves)
     add("overview", "entropy_by_layer.png", "Attention entropy by layer: over all query positions, at the answer "
         "position, and normalised by its maximum (prompt-length free); solid = train split, dashed = held-out",
-        lambda p: fig_entropy(metrics, p))
+        fig_entropy)
     add("overview", "logit_lens.png", "Logit lens: answer log-prob, top-1 rate, MC option accuracy by depth",
-        lambda p: fig_logit_lens(metrics, p))
+        fig_logit_lens)
     for i, ck in enumerate(metrics["checkpoints"]):
-        add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head",
-            lambda p, ck=ck: fig_ablation(metrics, ck, "zero", p))
-        add(ck, f"{i}_regions.png", f"{ck}: attention mass per region", lambda p, ck=ck: fig_regions(metrics, ck, p))
-        add(ck, f"{i}_roles.png", f"{ck}: head roles", lambda p, ck=ck: fig_roles(metrics, ck, p))
-        add(ck, f"{i}_ablation_mean.png", f"{ck}: mean-ablation drop per head",
-            lambda p, ck=ck: fig_ablation(metrics, ck, "mean", p))
-        add(ck, f"{i}_topk.png", f"{ck}: top-k heads ablated together",
-            lambda p, ck=ck: fig_topk(metrics, ck, p))
+        add("overview", f"{i}_ablation_zero.png", f"{ck}: zero-ablation drop per head", fig_ablation, ck, "zero")
+        add(ck, f"{i}_regions.png", f"{ck}: attention mass per region", fig_regions, ck)
+        add(ck, f"{i}_roles.png", f"{ck}: head roles", fig_roles, ck)
+        add(ck, f"{i}_ablation_mean.png", f"{ck}: mean-ablation drop per head", fig_ablation, ck, "mean")
+        add(ck, f"{i}_topk.png", f"{ck}: top-k heads ablated together", fig_topk, ck)
         for j, ex in enumerate(metrics["checkpoints"][ck].get("examples", [])):
-            add(f"{ck}/examples", f"{i}_example_{j}.png", f"{ck}: {ex['task']} {ex['id']}",
-                lambda p, ck=ck, ex=ex: fig_example(metrics, ck, ex, p))
+            add(f"{ck}/examples", f"{i}_example_{j}.png", f"{ck}: {ex['task']} {ex['id']}", fig_example, ck, ex)
     for i, (name, d) in enumerate(metrics.get("deltas", {}).items()):
-        add(name, f"delta_{i}.png", f"{name}: entropy, logit lens, region mass", lambda p, d=d, n=name:
-            fig_delta(metrics, n, d, p))
-        add(name, f"delta_{i}_maps.png", f"{name}: per-head changes", lambda p, d=d, n=name:
-            fig_delta_maps(metrics, n, d, p))
+        add(name, f"delta_{i}.png", f"{name}: entropy, logit lens, region mass", fig_delta, name, d)
+        add(name, f"delta_{i}_maps.png", f"{name}: per-head changes", fig_delta_maps, name, d)
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(render_html(metrics, figs))
     return figs
@@ -396,22 +380,17 @@ def write_report(out_dir, metrics, logger=None):
 
 def log_to(logger, metrics, figs, out_dir):
     """The report's figures and tables in W&B (and the run's jsonl)."""
-    for section, items in figs.items():
-        for name, _ in items:
-            logger.log_image(f"report/{os.path.splitext(name)[0]}", os.path.join(out_dir, "figures", name))
+    for name, _ in [f for items in figs.values() for f in items]:
+        logger.log_image(f"report/{os.path.splitext(name)[0]}", os.path.join(out_dir, "figures", name))
     cols = ["checkpoint", "family", "split", "n"] + [k for k, _ in TABLE_COLS]
     rows, scalars = [], {}
     for ck, res in metrics["checkpoints"].items():
         for fam, by in res["families"].items():
             for grp, s in by.items():
-                vals = []
-                for k, _ in TABLE_COLS:
-                    v = s.get(k)
-                    ok = v and not isinstance(v.get("mean"), list) and v.get("mean") is not None
-                    vals.append(v["mean"] if ok else None)
-                    if ok and grp in SPLIT_GROUPS:
-                        scalars[f"report/{ck}/{fam}/{grp}/{k}"] = v["mean"]
-                rows.append([ck, fam, grp, s["n"]] + vals)
+                vals = {k: s[k]["mean"] if scalar(s.get(k)) else None for k, _ in TABLE_COLS}
+                rows.append([ck, fam, grp, s["n"]] + list(vals.values()))
+                if grp in SPLIT_GROUPS:
+                    scalars.update({f"report/{ck}/{fam}/{grp}/{k}": v for k, v in vals.items() if v is not None})
     logger.log_table("report/summary", cols, rows)
     hcols = ["id", "diff", "lo", "hi", "p", "p_holm", "significant"]
     logger.log_table("report/headline", hcols, [[t[c] for c in hcols] for t in metrics["headline"]["tests"]])

@@ -1,8 +1,7 @@
 """One checkpoint, every statistic: its greedy answers (or cloze picks), an Item per example, one
-forward per item (attention, lens), the head ablations, activation patching on minimal pairs, and
-the summaries the report draws. The per-item passes are functions of a list of items, so under
-torchrun they are shared out over the ranks and gathered in order (the same numbers at any world
-size)."""
+forward per item (attention, lens), the head ablations, patching on minimal pairs and the summaries.
+Under torchrun the per-item passes are shared out over the ranks and gathered in order (the same
+numbers at any world size)."""
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -24,34 +23,29 @@ SLOT_ROOM = 16  # tokens kept free after a model's own rationale for the answer 
 
 
 def own_completions(model, tokenizer, examples, chosen, max_len, info=None, chunk=16):
-    """{(task, id): the model's greedy completion of the example's prompt} (evaluate.complete_task:
-    up to the task's longest reference + 16 tokens, and within max_len). Generated in chunks of
-    `chunk` examples shared out over the ranks (the chunks do not depend on the world size)."""
+    """{(task, id): the model's greedy completion of the example's prompt}, within max_len, generated
+    in chunks of `chunk` examples shared out over the ranks (the chunks do not depend on the world size)."""
     out = {}
     for name, pairs in chosen.items():
         if not pairs:
             continue
         task, exs = examples[name][0], [ex for _, ex in pairs]
         longest = max(len(tokenizer.render_prompt(task.prompt(ex))) for ex in exs)
-        chunks = [exs[i:i + chunk] for i in range(0, len(exs), chunk)]
         budget = max(1, max_len - longest - SLOT_ROOM)  # the answer slot follows the context
         done = map_over_ranks(lambda part: complete_task(model, tokenizer, task, part, max_new_tokens=budget)[0],
-                              chunks, info)
-        greedy = [g for part in done for g in part]
-        out.update({(name, ex["id"]): g for ex, g in zip(exs, greedy)})
+                              [exs[i:i + chunk] for i in range(0, len(exs), chunk)], info)
+        out.update({(name, ex["id"]): g for ex, g in zip(exs, [g for part in done for g in part])})
     return out
 
 
 def cloze_verdicts(model, tokenizer, examples, chosen, info=None):
-    """{(task, id): whether the model's cloze pick of the example is the gold option} (multiple-choice
-    tasks only: scripts.compare_reasoning checks)."""
+    """{(task, id): whether the model's cloze pick of the example is the gold option} (MC tasks)."""
     out = {}
     for name, pairs in chosen.items():
-        task, exs = examples[name][0], [ex for _, ex in pairs]
-        right = cloze.cloze_correct(model, tokenizer, task, exs, info)
+        exs = [ex for _, ex in pairs]
+        right = cloze.cloze_correct(model, tokenizer, examples[name][0], exs, info)
         out.update({(name, ex["id"]): bool(r) for ex, r in zip(exs, right)})
     return out
-
 
 
 def figure_item_keys(items, families, n):
@@ -64,20 +58,10 @@ def figure_item_keys(items, families, n):
     return keys
 
 
-def _bar(desc, progress, info):
-    """A progress bar around this rank's share of the items (rank 0 only)."""
-    rank = info.rank if info is not None else get_rank()
-    return lambda idx: tqdm(idx, desc=desc, disable=not progress or rank != 0, leave=False)
-
-
 def item_records(gpt, items, figure_keys=(), info=None, wrap=None):
-    """Pass 1, one forward per item: (records, every head's output summed over all positions
-    [L, H, head_dim], the number of positions, {key: full patterns} of the figure items). Under
-    torchrun the items are shared out over the ranks and every rank gets all results, summed in
-    item order (the same numbers at any world size)."""
+    """One forward per item: (records, every head's output summed over all positions [L, H, head_dim]
+    in item order, the number of positions, {key: full patterns} of the figure items)."""
     done = map_over_ranks(lambda it: analyse_item(gpt, it, keep_full=it.key in figure_keys), items, info, wrap)
-    out_sum = torch.stack([s for _, s, _ in done]).sum(0)
-    n_pos = sum(len(it.ids) for it in items)
     recs, figures = [], {}
     for it, (rec, _, full) in zip(items, done):
         rec.update(task=it.task, family=it.family, split=it.split, group=it.group, id=it.id, key=it.key,
@@ -88,8 +72,7 @@ def item_records(gpt, items, figure_keys=(), info=None, wrap=None):
         if full is not None:
             figures[it.key] = {"id": it.id, "task": it.task, "family": it.family, "split": it.split,
                                "tokens": it.tokens, "struct": it.struct.tolist(), "full": full}
-    return recs, out_sum, n_pos, figures
-
+    return recs, torch.stack([s for _, s, _ in done]).sum(0), sum(len(it.ids) for it in items), figures
 
 
 def head_roles(out, k, topk, random_sets, families):
@@ -104,10 +87,9 @@ def head_roles(out, k, topk, random_sets, families):
         a, b = families[:2]
         for mode in ABLATION_MODES:
             sa, sb = set(topk[mode][a]), set(topk[mode][b])
-            ma = out["families"][a]["all"][f"ablate_{mode}"]["mean"]
-            mb = out["families"][b]["all"][f"ablate_{mode}"]["mean"]
+            maps = [out["families"][f]["all"][f"ablate_{mode}"]["mean"] for f in (a, b)]
             overlap[mode] = {"families": [a, b], "jaccard": len(sa & sb) / len(sa | sb),
-                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(ma, mb)}
+                             "shared": sorted([list(h) for h in sa & sb]), "spearman": spearman(*maps)}
     return {"roles": {r: [list(h) for h in hs] for r, hs in classify_heads(scores).items()},
             "topk": {"k": k, "heads": {m: {f: [list(h) for h in hs] for f, hs in v.items()} for m, v in topk.items()},
                      "random_sets": [[list(h) for h in s] for s in random_sets],
@@ -119,14 +101,11 @@ def head_roles(out, k, topk, random_sets, families):
 def example_figures(figures, topk):
     """Example attention figures: the answer row of every head and the full pattern of the
     family's most important head (largest mean zero-ablation drop)."""
-    out = []
     for f in figures.values():
-        lh = topk["zero"][f["family"]][0]
-        full = f.pop("full")
-        f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=list(lh),
-                 pattern=np.round(full[lh[0], lh[1]].astype(np.float32), 4).tolist())
-        out.append(f)
-    return out
+        (layer, head), full = topk["zero"][f["family"]][0], f.pop("full")
+        f.update(answer_rows=np.round(full[:, :, -1].astype(np.float32), 4).tolist(), head=[layer, head],
+                 pattern=np.round(full[layer, head].astype(np.float32), 4).tolist())
+    return list(figures.values())
 
 
 def context_samples(tokenizer, items, n=2):
@@ -147,13 +126,9 @@ def trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len,
     the model's own reasoning (minimal_pairs); none for the cloze context, which has no reasoning."""
     if context == "cloze":
         return [], []
-    contexts, verdicts = {}, {}
-    for name, rows in chosen.items():
-        task = examples[name][0]
-        for _, ex in rows:
-            k = (name, ex["id"])
-            contexts[k] = context_text(ex, completions[k], context)
-            verdicts[k] = bool(task.evaluate(ex, completions[k]))
+    keys = [(name, ex) for name, rows in chosen.items() for _, ex in rows]
+    contexts = {(n, ex["id"]): context_text(ex, completions[(n, ex["id"])], context) for n, ex in keys}
+    verdicts = {(n, ex["id"]): bool(examples[n][0].evaluate(ex, completions[(n, ex["id"])])) for n, ex in keys}
     pairs = build_pairs(tokenizer, examples, chosen, completions, contexts, verdicts, max_len)
     pairs = [p for p in pairs if max(p.clean + p.corrupt + [p.target, p.foil]) < gpt.config.vocab_size]
     traces = map_over_ranks(lambda p: patching.trace_pair(gpt, p), pairs, info, wrap)
@@ -163,26 +138,23 @@ def trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len,
 def run_checkpoint(model, tokenizer, examples, *, judge, limit=None, context="own", top_k=5,
                    n_random_sets=RANDOM_SETS, n_induction=16, induction_len=32, seed=0, n_boot=1000, max_len=None,
                    figure_examples=1, progress=True, info=None):
-    """(summary, records) of one model. examples: {task: (Task, {split: [example]})}; of each list
-    the first `limit` examples whose prompt and gold fit in max_len tokens are read after their
-    `context` ("own", "gold": context_text; "cloze": cloze_slot). judge(word) -> "s" | "e" tells
-    Stoney words from English ones. summary is JSON-able (per family and group the bootstrap
-    summaries, head roles, top-k heads, head maps, example figures, patching); records are the
-    per-item arrays the headline tests and paired deltas read. Under torchrun (info: a DistInfo)
-    the work is shared out over the ranks; ranks other than 0 return (None, None)."""
+    """(summary, records) of one model. examples: {task: (Task, {split: [example]})}; of each list the
+    first `limit` examples that fit in max_len tokens are read after their `context`. judge(word) ->
+    "s" | "e" tells Stoney words from English ones. summary is JSON-able; records are the per-item
+    arrays the headline tests and paired deltas read. Ranks other than 0 return (None, None)."""
     gpt = unwrap(model).eval()
     c = gpt.config
     max_len = max_len or c.sequence_len
     chosen, skipped = fitting_examples(tokenizer, examples, limit, max_len)
-    if context == "cloze":
-        completions = cloze_verdicts(gpt, tokenizer, examples, chosen, info)
-    else:
-        completions = own_completions(gpt, tokenizer, examples, chosen, max_len, info)
+    completions = cloze_verdicts(gpt, tokenizer, examples, chosen, info) if context == "cloze" else \
+        own_completions(gpt, tokenizer, examples, chosen, max_len, info)
     items, too_long = build_items(tokenizer, examples, chosen, completions, judge, context, max_len, c.vocab_size)
     for name, n in too_long.items():
         skipped[name] = skipped.get(name, 0) + n
     families = sorted({it.family for it in items}, key=lambda f: (f != "stoney", f))
-    bar = lambda desc: _bar(desc, progress, info)  # noqa: E731
+    rank = info.rank if info is not None else get_rank()
+    # a progress bar around this rank's share of the items (rank 0 only)
+    bar = lambda desc: lambda idx: tqdm(idx, desc=desc, disable=not progress or rank != 0, leave=False)  # noqa: E731
     recs, out_sum, n_pos, figures = item_records(gpt, items, figure_item_keys(items, families, figure_examples),
                                                  info, bar("analyse"))
     means = out_sum / n_pos
@@ -195,7 +167,7 @@ def run_checkpoint(model, tokenizer, examples, *, judge, limit=None, context="ow
     for rec, drops in zip(recs, sets):
         rec.update(drops)
     pairs, traces = trace_pairs(gpt, tokenizer, examples, chosen, completions, context, max_len, info, bar("patch"))
-    if (info.rank if info is not None else get_rank()) != 0:
+    if rank != 0:
         return None, None
     out = {"model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd,
                      "vocab_size": c.vocab_size, "sequence_len": c.sequence_len}, "context": context}

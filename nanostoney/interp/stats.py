@@ -1,6 +1,8 @@
 """Statistics over items: bootstrap intervals per family and item group (exploratory), the declared
 headline tests (permutation p-values, Holm-corrected across the whole report, intervals at the
 Bonferroni level) and the paired change between two checkpoints."""
+import itertools
+
 import numpy as np
 
 from nanostoney.interp.definitions import ABLATION_MODES, ALPHA, DIRECTIONS, HEADLINE_MODE, MIN_N, \
@@ -10,23 +12,14 @@ from nanostoney.tasks.base import stable_hash
 
 
 def interval(values, n_boot=1000, seed=0):
-    """{"mean", "lo", "hi", "n"} for values [N, ...]: the mean over examples and its bootstrap
-    95% interval per entry (metrics.bootstrap_means: NaN entries left out), rounded for the
-    report; None when there are no examples."""
+    """{"mean", "lo", "hi", "n"} for values [N, ...]: the mean over examples and its bootstrap 95%
+    interval per entry (NaN entries left out), rounded; None when there are no examples."""
     v = np.asarray(values, dtype=np.float64)
     if v.shape[0] == 0:
         return None
     point, lo, hi = bootstrap_means(v, n_boot, seed)
     r = (lambda a: np.round(a, 6).tolist()) if v.ndim > 1 else (lambda a: round(float(a), 6))
     return {"mean": r(point), "lo": r(lo), "hi": r(hi), "n": int(v.shape[0])}
-
-
-
-SCALAR_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first", "lens_embedding")
-ARRAY_KEYS = ("entropy", "entropy_answer", "entropy_norm", "entropy_answer_norm", "previous_token", "sink",
-              "struct_mass", "lex_mass", "struct_share",
-              "lex_share", "option_lookup", "option_share", "lens_logprob", "lens_top1", "lens_log10_rank",
-              "lens_choice", "lens_decodable", "ablate_zero", "ablate_mean")
 
 
 def derived(recs, key):
@@ -37,27 +30,27 @@ def derived(recs, key):
         return None
     shape = np.shape(next(v for v in vals if v is not None))
     arr = np.stack([np.full(shape, np.nan) if v is None else np.asarray(v, dtype=np.float64) for v in vals])
-    if red == "layer":      # mean over heads: [N, L] (or [N, L, R])
-        arr = arr.mean(2)
-    elif red == "all":      # mean over layers and heads: [N] (or [N, R])
-        arr = arr.mean((1, 2))
-    return arr
+    # layer: mean over heads, [N, L] (or [N, L, R]); all: over layers and heads, [N] (or [N, R])
+    return {"layer": lambda a: a.mean(2), "all": lambda a: a.mean((1, 2))}.get(red, lambda a: a)(arr)
 
 
-SUMMARY_KEYS = (list(SCALAR_KEYS) + list(ARRAY_KEYS) +
-                ["entropy:layer", "entropy:all", "entropy_answer:layer", "entropy_answer:all", "entropy_norm:layer",
-                 "entropy_norm:all", "entropy_answer_norm:layer", "entropy_answer_norm:all",
-                 "previous_token:all", "sink:all", "option_lookup:all", "option_share:all",
-                 "struct_mass:all", "lex_mass:all", "struct_mass:layer", "ablate_zero:all", "ablate_mean:all",
-                 "chance"])
+SUMMARY_KEYS = ("answer_logprob", "accuracy", "own_correct", "lens_first", "lens_embedding", "entropy",
+                "entropy_answer", "entropy_norm", "entropy_answer_norm", "previous_token", "sink", "struct_mass",
+                "lex_mass", "struct_share", "lex_share", "option_lookup", "option_share", "lens_logprob",
+                "lens_top1", "lens_log10_rank", "lens_choice", "lens_decodable", "ablate_zero", "ablate_mean",
+                "entropy:layer", "entropy:all", "entropy_answer:layer", "entropy_answer:all", "entropy_norm:layer",
+                "entropy_norm:all", "entropy_answer_norm:layer", "entropy_answer_norm:all", "previous_token:all",
+                "sink:all", "option_lookup:all", "option_share:all", "struct_mass:all", "lex_mass:all",
+                "struct_mass:layer", "ablate_zero:all", "ablate_mean:all", "chance")
+
+
+def intervals(recs, keys, n_boot, seed):
+    """{"n", key: interval} for each of `keys` the records hold."""
+    return {"n": len(recs)} | {k: interval(a, n_boot, seed) for k in keys if (a := derived(recs, k)) is not None}
 
 
 def summarize(recs, n_boot=1000, seed=0):
-    out = {"n": len(recs)}
-    for key in SUMMARY_KEYS:
-        arr = derived(recs, key)
-        if arr is not None:
-            out[key] = interval(arr, n_boot, seed)
+    out = intervals(recs, SUMMARY_KEYS, n_boot, seed)
     for mode in ABLATION_MODES:
         for name in sorted({k for r in recs for k in r.get(f"topk_{mode}", {})}):
             arr = np.array([r.get(f"topk_{mode}", {}).get(name, np.nan) for r in recs], dtype=np.float64)
@@ -66,13 +59,11 @@ def summarize(recs, n_boot=1000, seed=0):
 
 
 def spearman(a, b):
-    ra = np.argsort(np.argsort(np.ravel(a))).astype(float)
-    rb = np.argsort(np.argsort(np.ravel(b))).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    ra, rb = (np.argsort(np.argsort(np.ravel(x))).astype(float) for x in (a, b))
+    return float("nan") if ra.std() == 0 or rb.std() == 0 else float(np.corrcoef(ra, rb)[0, 1])
 
 
+TASK_KEYS = ("own_correct", "answer_logprob", "accuracy", "entropy:all", "sink:all", "option_lookup:all")
 
 
 def in_group(rec, grp):
@@ -81,36 +72,23 @@ def in_group(rec, grp):
 
 def group_summaries(recs, families, task_names, n_boot, seed):
     """{"n_items", "families": {family or all: {group: summary}}, "tasks": {task: {group: scalars}},
-    "depths": {family: {depth: summary of its held-out items}}} for the groups train, heldout,
-    heldout_right, heldout_wrong and all; depths only where items record one (arith: 1-4 steps)."""
+    "depths"/"directions": {family: {value: summary of its held-out items}}}."""
     out = {"n_items": {}, "families": {}, "tasks": {}, "depths": {}, "directions": {}}
     for fam in families + ["all"]:
-        out["families"][fam] = {}
-        for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",):
-            sel = [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)]
-            if sel:
-                out["families"][fam][grp] = summarize(sel, n_boot, seed)
-    for fam in families:
-        held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("depth")]
-        for d in sorted({r["depth"] for r in held}):
-            out["depths"].setdefault(fam, {})[str(d)] = summarize([r for r in held if r["depth"] == d], n_boot, seed)
-        held = [r for r in recs if r["family"] == fam and r["group"] == "heldout" and r.get("direction")]
-        for d in sorted({r["direction"] for r in held}):  # term -> gloss and gloss -> term apart
-            out["directions"].setdefault(fam, {})[DIRECTIONS.get(d, d)] = summarize(
-                [r for r in held if r["direction"] == d], n_boot, seed)
+        out["families"][fam] = {grp: summarize(sel, n_boot, seed) for grp in SPLIT_GROUPS + OUTCOME_GROUPS + ("all",)
+                                if (sel := [r for r in recs if fam in (r["family"], "all") and in_group(r, grp)])}
+    by_names = (("depth", str), ("direction", lambda d: DIRECTIONS.get(d, d)))  # arith steps; Stoney directions
+    for fam, (by, name) in itertools.product(families, by_names):
+        held = [r for r in heldout(recs, fam) if r.get(by)]
+        for d in sorted({r[by] for r in held}):
+            out[by + "s"].setdefault(fam, {})[name(d)] = summarize([r for r in held if r[by] == d], n_boot, seed)
     for name in task_names:
         out["tasks"][name] = {}
         for grp in SPLIT_GROUPS + OUTCOME_GROUPS:
             sel = [r for r in recs if r["task"] == name and in_group(r, grp)]
             out["n_items"][f"{name}/{grp}"] = len(sel)
             if sel:
-                s = {"n": len(sel)}
-                for key in ("own_correct", "answer_logprob", "accuracy", "entropy:all", "sink:all",
-                            "option_lookup:all"):
-                    arr = derived(sel, key)
-                    if arr is not None:
-                        s[key] = interval(arr, n_boot, seed)
-                out["tasks"][name][grp] = s
+                out["tasks"][name][grp] = intervals(sel, TASK_KEYS, n_boot, seed)
     return out
 
 
@@ -119,12 +97,9 @@ def head_maps(recs, families, mode=HEADLINE_MODE):
     items: the out-of-sample map the report's first figure shows."""
     out = {}
     for fam in families:
-        sel = [r[f"ablate_{mode}"] for r in recs if r["family"] == fam and r["group"] == "heldout"
-               and r["subset"] == "score"]
-        if sel:
+        if sel := [r[f"ablate_{mode}"] for r in heldout(recs, fam, score_only=True)]:
             out[fam] = {"mean": np.mean(sel, 0).round(6).tolist(), "n": len(sel), "mode": mode}
     return out
-
 
 
 def topk_drop(rec, heads):
@@ -177,43 +152,35 @@ def delta_specs(new, old, recs_new, recs_old, families):
         same_depth = bool(pairs) and len(slot_entropy(pairs[0][0])) == len(slot_entropy(pairs[0][1]))
         for layer in range(len(slot_entropy(pairs[0][0])) if same_depth else 0):
             specs.append(({"kind": "delta_entropy_answer", "layer": layer, **head},
-                          [slot_entropy(n)[layer] for n, _ in pairs], [slot_entropy(o)[layer] for _, o in pairs],
-                          True))
+                          [slot_entropy(n)[layer] for n, _ in pairs], [slot_entropy(o)[layer] for _, o in pairs], True))
     return specs
+
+
+def sides(x, y, paired):
+    """x and y as float arrays (paired: without the pairs that hold a NaN)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = ~np.isnan(x - y) if paired else slice(None)
+    return x[ok], y[ok]
 
 
 def testable(x, y, paired):
     """MIN_N values on each side (MIN_N complete pairs when paired): fewer could not reach a
     corrected significance level, and would only dilute the correction of the others."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if paired:
-        return x.size > 0 and int((~np.isnan(x - y)).sum()) >= MIN_N
-    return int((~np.isnan(x)).sum()) >= MIN_N and int((~np.isnan(y)).sum()) >= MIN_N
-
-
-def side_means(x, y, paired):
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if paired:
-        ok = ~np.isnan(x - y)
-        x, y = x[ok], y[ok]
-    return float(np.nanmean(x)), float(np.nanmean(y))
+    return min(int((~np.isnan(v)).sum()) for v in sides(x, y, paired)) >= MIN_N
 
 
 def headline_tests(specs, n_boot=10000, n_perm=9999, seed=0, alpha=ALPHA):
-    """Run the declared tests and correct them together: {"tests": [...], "m", "alpha",
-    "correction", "interval_level"}. Each test gets the difference of means with a bootstrap
-    interval at the Bonferroni level 1 - alpha/m (simultaneous coverage for all m), a
-    two-sided permutation p and its Holm-Bonferroni adjusted p_holm. significant: p_holm < alpha
-    and the interval excludes 0 (both must agree; with few items a bootstrap interval can be
-    narrower than the exact test allows). Tests with fewer than MIN_N items a side are left out
-    of m (and listed as untestable)."""
+    """Run the testable declared tests and correct them together: each gets the difference of means
+    with a bootstrap interval at the Bonferroni level 1 - alpha/m, a two-sided permutation p and its
+    Holm-adjusted p_holm. significant: p_holm < alpha and the interval excludes 0 (with few items a
+    bootstrap interval can be narrower than the exact test allows)."""
     ok = [s for s in specs if testable(*s[1:])]
     m = len(ok)
     tests = []
     for desc, x, y, paired in ok:
         tid = "/".join(f"{k}={v}" for k, v in desc.items())
         r = mean_difference(x, y, paired, n_boot, n_perm, seed + stable_hash(tid) % 2 ** 31, alpha / m)
-        mean_a, mean_b = side_means(x, y, paired)
+        mean_a, mean_b = (float(np.nanmean(v)) for v in sides(x, y, paired))
         tests.append({"id": tid, **desc, **r, "paired": paired, "mean_a": mean_a, "mean_b": mean_b})
     for t, p in zip(tests, holm([t["p"] for t in tests]) if tests else []):
         t["p_holm"] = float(p)
@@ -227,22 +194,21 @@ def headlines(recs, deltas, families, n_boot=10000, n_perm=9999, seed=0):
     """Every headline test of a report (each checkpoint, each NEW:OLD pair), corrected together.
     recs: {checkpoint: its per-item records (run_checkpoint's second value)}."""
     specs = [s for ck, rs in recs.items() for s in checkpoint_specs(ck, rs, families)]
-    for new, old in deltas:
-        specs += delta_specs(new, old, recs[new], recs[old], families)
+    specs += [s for new, old in deltas for s in delta_specs(new, old, recs[new], recs[old], families)]
     return headline_tests(specs, n_boot, n_perm, seed)
+
+
+DELTA_KEYS = ("answer_logprob", "accuracy", "entropy:layer", "entropy_answer:layer", "entropy_norm:layer",
+              "lens_logprob", "lens_top1", "struct_mass:all", "lex_mass:all", "previous_token", "sink",
+              "option_lookup", "ablate_zero", "ablate_mean", "entropy:all", "sink:all", "option_lookup:all")
 
 
 def paired_delta(recs, new, old, n_boot=1000, seed=0):
     """How `new` moved each statistic relative to `old`, paired by example id: per family and
     split group, the bootstrap mean of (new - old) per example. Array statistics are compared
     only when their shapes agree (same architecture)."""
-    rn = {r["key"]: r for r in recs[new]}
-    ro = {r["key"]: r for r in recs[old]}
+    rn, ro = ({r["key"]: r for r in recs[ck]} for ck in (new, old))
     ids = [i for i in rn if i in ro]
-    keys = ["answer_logprob", "accuracy", "entropy:layer", "entropy_answer:layer", "entropy_norm:layer",
-            "lens_logprob", "lens_top1",
-            "struct_mass:all", "lex_mass:all", "previous_token", "sink", "option_lookup", "ablate_zero",
-            "ablate_mean", "entropy:all", "sink:all", "option_lookup:all"]
     out = {"new": new, "old": old, "n_paired": len(ids), "families": {}}
     fams = sorted({rn[i]["family"] for i in ids}, key=lambda f: (f != "stoney", f))
     for fam in fams + ["all"]:
@@ -252,7 +218,7 @@ def paired_delta(recs, new, old, n_boot=1000, seed=0):
             if not sel:
                 continue
             d = {"n": len(sel)}
-            for key in keys:
+            for key in DELTA_KEYS:
                 a, b = derived([rn[i] for i in sel], key), derived([ro[i] for i in sel], key)
                 if a is not None and b is not None and a.shape == b.shape:
                     d[key] = interval(a - b, n_boot, seed)
