@@ -1,31 +1,21 @@
 """Checkpoints: our own directories (atomic, resumable) and published models, behind one load_model.
 
-A run directory holds one sub-directory per saved step and a `latest` pointer:
-
     out/
-      latest                  text: "step_000200" (replaced atomically, only after the save)
-      step_000200/
+      latest                  text: "step_000200", replaced atomically only after the save
+      step_000200/            written as step_000200.tmp-<pid>, fsynced, then renamed
         config.json           GPTConfig
-        model.pt              state dict (torch.save; keys as gpt.py, LoRA keys if adapters)
-        adapters.pt           instead of model.pt for an adapter-only LoRA checkpoint,
-        adapter_config.json   with rank/alpha/targets and the base checkpoint it fits
-        tokenizer/            a copy of the tokenizer dir, so the checkpoint is self-contained
-        optim.pt              optimizer state_dict (resume)
-        rng.pt                python/numpy/torch/cuda RNG states, one entry per rank (resume)
-        meta.json             step, time, git commit, data sources, whatever the caller adds
+        model.pt              state dict (LoRA keys too); or, adapter-only, adapters.pt and
+        adapter_config.json   rank/alpha/targets and the base checkpoint they fit
+        tokenizer/            a copy of the tokenizer, so the checkpoint is self-contained
+        optim.pt, rng.pt      optimizer state and every rank's RNG states (exact resume)
+        meta.json             step, time, git commit, data sources, ...; written last
 
-Atomicity: everything is written into `step_000200.tmp-<pid>`, fsynced, then renamed; the
-`latest` file is replaced with os.replace after that. A crash at any moment leaves `latest`
-naming a complete checkpoint (or absent), never a half-written one.
-
-Loading: `load_model(path)` takes a run dir (follows `latest`), a step dir, a LoRA adapter
-dir (loads its base, then the adapters), or a published model (published.py: a nanochat
-checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME). `load_checkpoint(path, model,
-optimizer)` restores weights, optimizer and RNG into objects the caller built: that is `--resume`.
-
-Only rank 0 saves (DDP keeps weights and optimizer identical on every rank); RNG states of
-all ranks come in through `gather_rng_states()`, which every rank must call.
+A crash at any moment leaves `latest` naming a complete checkpoint (or absent). load_model takes a
+run dir (its latest), a step dir, a LoRA adapter dir or a published model (published.py);
+load_checkpoint restores weights, optimizer and RNG into objects the caller built (--resume).
+Only rank 0 saves; every rank calls gather_rng_states().
 """
+import contextlib
 import os
 import random
 import re
@@ -43,7 +33,7 @@ from nanostoney.errors import UserError
 from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
 from nanostoney.gpt import GPT, unwrap
 from nanostoney.logging import scrub
-from nanostoney.published import check_same_shape, config_from_dict, load_weights
+from nanostoney.published import check_same_shape, check_vocab, config_from_dict, load_weights
 from nanostoney.tokenizer import Tokenizer
 
 FORMAT = "nanostoney-checkpoint-1"
@@ -103,25 +93,21 @@ def _fsync_tree(root):
     """Flush every file and directory under root to disk, so the rename publishes real bytes."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(dirpath, name))
         _fsync_dir(dirpath)
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path):
+    with contextlib.suppress(OSError):  # platforms without directory handles (Windows)
+        _fsync(path)
 
 
 def _read_json(path):
@@ -162,22 +148,12 @@ def read_meta(ckpt):
 
 def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
                     tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None, replace=False):
-    """Write out_dir/step_XXXXXX atomically and point out_dir/latest at it. Returns its path.
-
-    model: a GPT (DDP/compile wrappers are unwrapped). With LoRA adapters and base_checkpoint
-      given, only the adapters are written (a small checkpoint that names its base);
-      otherwise the full state dict (adapter keys included, if any).
-    optimizer: anything with state_dict() (a list of them works too).
-    meta: extra JSON-able run metadata; put the data files behind the run in meta["data_sources"].
-      Secret-looking keys are redacted.
-    tokenizer_dir / tokenizer: copied in (files of the dir) / saved in with tokenizer.save().
-    rng_states: gather_rng_states() from all ranks; default: this process only.
-    keep_last: keep only the newest N step directories up to this one (None keeps all).
-    replace: an existing directory of this step (another run's) may be replaced (--overwrite);
-      without it that is refused, so no checkpoint is ever overwritten by other weights.
-    A write that fails (disk full, permission) leaves every published checkpoint and `latest`
-    as they were and raises RunFailed naming the file and the reason.
-    """
+    """Write out_dir/step_XXXXXX atomically, point out_dir/latest at it and return its path; a
+    failed write leaves every checkpoint and `latest` as they were (RunFailed naming the file).
+    With LoRA adapters and base_checkpoint, only the adapters are written (naming their base).
+    optimizer: one or a list; meta: JSON-able, secrets redacted, data files in "data_sources";
+    rng_states: gather_rng_states() (default: this process's); keep_last: prune to the newest N;
+    replace: an existing directory of this step may be replaced (--overwrite), else refused."""
     model = unwrap(model)
     name = step_dir_name(step)
     final = os.path.join(out_dir, name)
@@ -319,7 +295,7 @@ def latest_checkpoint(out_dir):
 # -----------------------------------------------------------------------------
 # resume
 
-def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
+def load_checkpoint(path, model, optimizer=None, rank=0):
     """Restore weights (and optimizer, RNG of this rank) from one of our checkpoints into
     objects built by the caller. path: a step dir or a run dir (its latest). Returns meta."""
     ckpt = _resolve(path)
@@ -340,7 +316,7 @@ def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
                 o.load_state_dict(s)
         else:
             optimizer.load_state_dict(state)
-    if restore_rng and os.path.isfile(os.path.join(ckpt, RNG_FILE)):
+    if os.path.isfile(os.path.join(ckpt, RNG_FILE)):
         per_rank = read_torch(os.path.join(ckpt, RNG_FILE))["per_rank"]
         if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
             set_rng_state(per_rank[rank])
@@ -362,21 +338,14 @@ def _resolve(path):
 def _load_tokenizer(directory, cfg):
     """Our tokenizer from a checkpoint's tokenizer/ (None when the checkpoint has none)."""
     tdir = os.path.join(directory, TOKENIZER_DIR)
-    if not os.path.isdir(tdir):
-        return None
-    tok = Tokenizer.load(tdir)
-    if tok.vocab_size > cfg.vocab_size:  # ids past the embedding would crash much later
-        raise UserError(f"{tdir} has {tok.vocab_size} tokens but the model has vocab_size="
-                        f"{cfg.vocab_size}; the checkpoint was saved with the wrong tokenizer.")
+    tok = Tokenizer.load(tdir) if os.path.isdir(tdir) else None
+    check_vocab(tok, cfg, directory)
     return tok
 
 
 def load_model(path, device="cpu"):
-    """(model, tokenizer or None, meta) from any checkpoint we understand; model in eval mode.
-
-    path: our run dir or step dir, a LoRA adapter dir, or a published model (published.py): a
-    nanochat checkpoint dir, a transformers NanoChat dir, or hf:OWNER/NAME.
-    """
+    """(model in eval mode, tokenizer or None, meta) from our run dir or step dir, a LoRA adapter
+    dir, or a published model (published.py)."""
     path = published.resolve(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
@@ -416,17 +385,10 @@ def _load_adapter_dir(path, device):
 
 
 def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
-    """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None):
-    the model a fine-tuning stage (SFT, reward model, GRPO, STaR) starts from.
-
-    init: a run dir (its latest step), a step dir, a LoRA adapter dir (e.g. the SFT output), or a
-    published model (a nanochat checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME).
-    - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
-      adapter saves name the same base the init's adapters name.
-    - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
-      become the base that adapter saves name (for a published model: its local directory).
-    - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
-    """
+    """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None): what a
+    fine-tuning stage starts from, `init` being anything load_model reads. Adapters in the
+    checkpoint go on training (their base stays the base); without them fresh adapters go on the
+    loaded weights, which become the base; full: adapters merged, every parameter trains."""
     local = published.resolve(init)
     if published.kind(local):
         model, tok, meta = published.load(local, device=device)

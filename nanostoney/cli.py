@@ -1,33 +1,28 @@
-"""What every entry point shares: flags checked where they are parsed, one runner that turns
-any failure into one line, and the output directory a run owns (with its lock).
+"""What every entry point shares: flag types that refuse a bad value where it is parsed, one
+runner that turns any failure into one line and an exit code, and the output directory a run
+owns (with its lock).
 
     p = cli.ArgumentParser(description="...")             # a bad flag: one line, exit 2
     p.add_argument("--depth", type=cli.positive_int, default=4)
-    p.add_argument("--lr", type=cli.finite_float(0), default=3e-3)
     args = p.parse_args(argv)
     cli.claim_out(out, overwrite=args.overwrite, resume=args.resume is not None, own=cli.RUN_FILES)
     ...
     if __name__ == "__main__":
         cli.run_main(main)
 
-Exit codes: 0 done; 2 bad input (UserError: one sentence naming the problem and the fix);
-1 the run failed (RunFailed: one sentence; anything unexpected: one sentence naming the stage
-and the log file holding the traceback, which --debug prints instead); 130 Ctrl-C; 128+N
-another signal. Nothing half-written is left behind on any of these paths: writes go to a
-temporary name first (files.py, checkpoint.py) and the lock goes with the process.
+Exit codes: 0 done; 2 bad input (UserError); 1 the run failed (RunFailed, or anything unexpected:
+one sentence naming the stage and the log file holding the traceback, which --debug prints
+instead); 130 Ctrl-C; 128+N another signal. Writes go to a temporary name first (files.py,
+checkpoint.py) and the lock goes with the process, so none of these leaves anything half-written.
 
-An output directory is ours only when it holds our marker file (written when a run first
-claims it), or holds nothing but directories with our marker; names alone prove nothing. A run refuses a non-empty directory without the marker
-unless told --overwrite, and even then replaces and deletes nothing of the user's: it refuses
-when a name it would write is already there, and otherwise only creates its own names. An
-output may not be, hold or sit inside an input of the same run (a checkpoint, a tokenizer),
---overwrite or not. A training run refuses a directory that already holds checkpoints unless
-told --resume (go on) or --overwrite (replace them). While a run writes, `<out>/.lock` names it (pid, host,
-command, start); a second run on the same directory is refused with that name. A lock whose
-process is gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
+An output directory is ours only when it holds our marker file (names alone prove nothing), or
+holds nothing but directories with our marker. While a run writes, `<out>/.lock` names it (pid,
+host, command, start) and a second run on it is refused with that name; a lock whose process is
+gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
 """
 import argparse
 import atexit
+import contextlib
 import fnmatch
 import json
 import math
@@ -64,44 +59,30 @@ def _rank(var="RANK"):
 # flags: types that refuse a bad value where it is parsed
 
 
-def _number(text, kind, what):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+def _checked(kind, what, ok):
+    """A flag type: kind(text), refused in one line ("must be {what}") unless ok(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def positive_int(text):
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def nonneg_int(text):
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+positive_int = _checked(int, "a positive integer", lambda v: v >= 1)
+nonneg_int = _checked(int, "an integer >= 0", lambda v: v >= 0)
 
 
 def finite_float(lo=None, hi=None, lo_open=False):
     """A float in [lo, hi] ((lo, hi] with lo_open); NaN and inf are refused."""
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
-    if hi is not None:
-        bounds.append(f"<= {hi:g}")
-    what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-
-    def parse(text):
-        value = _number(text, float, what)
-        if not math.isfinite(value) or (lo is not None and (value < lo or lo_open and value == lo)) or \
-                (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    parse.__name__ = "finite_float"
-    return parse
+    bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
+    bounds += [f"<= {hi:g}"] if hi is not None else []
+    return _checked(float, f"a finite number {' and '.join(bounds)}".rstrip(),
+                    lambda v: math.isfinite(v) and (lo is None or v > lo or v == lo and not lo_open)
+                    and (hi is None or v <= hi))
 
 
 def out_path(text):
@@ -155,14 +136,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class Stopped(BaseException):
-    """SIGTERM/SIGHUP: unwinds like Ctrl-C so temporary files are removed and the lock released."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGTERM/SIGHUP (args[0]): unwinds like Ctrl-C so temporary files are removed and the lock released."""
 
 
-def _on_signal(signum, frame):
+def _on_signal(signum, _frame):
     raise Stopped(signum)
 
 
@@ -216,8 +193,7 @@ def _write_traceback(stage):
     returns the path, or None when it cannot be written anywhere."""
     rank = _rank()
     name = f"{stage}-error{f'-rank{rank}' if rank else ''}.log"
-    text = f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}"
-    text = mask_secrets(text)
+    text = mask_secrets(f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}")
     for folder in (_state["log_dir"], None):
         try:
             if folder is None:
@@ -251,19 +227,15 @@ def run_main(main):
         _say(f"interrupted: {stage} stopped by Ctrl-C; checkpoints and outputs already written are intact.")
         code = 130
     except Stopped as e:
-        _say(f"stopped: {stage} received {signal.Signals(e.signum).name}; checkpoints and outputs already "
+        _say(f"stopped: {stage} received {signal.Signals(e.args[0]).name}; checkpoints and outputs already "
              f"written are intact.")
-        code = 128 + e.signum
+        code = 128 + e.args[0]
     except BrokenPipeError:
-        if not _stdout_broken():
-            code = _unexpected(stage, debug)
-        else:  # the reader went away (e.g. `| head`): nothing left to say to it
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code = 141
+        code = 141 if _stdout_broken() else _unexpected(stage, debug)
     except Exception:
         code = _unexpected(stage, debug)
     release_locks()
-    if _stdout_broken():
+    if _stdout_broken():  # the reader went away (e.g. `| head`): nothing left to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
@@ -360,10 +332,8 @@ def _cannot_lock(path, e):
 
 def _remove(path):
     """Remove a file (a lock); one that is already gone is fine."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def release_locks():
@@ -371,13 +341,11 @@ def release_locks():
     stopped before writing anything) goes too, so a refused run leaves nothing behind."""
     for path, pid in _state["locks"]:
         if _read_lock(path).get("pid") == pid:
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(path)
-            except OSError:
-                pass
     _state["locks"].clear()
     for leaf, top in _state["created"]:
-        try:
+        with contextlib.suppress(OSError):
             if os.listdir(leaf) in ([MARKER], []):  # (a lock that could not be written: not even the marker)
                 _remove(os.path.join(leaf, MARKER))
                 while True:  # up to the first folder claim_out made
@@ -385,8 +353,6 @@ def release_locks():
                     if leaf == top:
                         break
                     leaf = os.path.dirname(leaf)
-        except OSError:
-            pass
     _state["created"].clear()
 
 
@@ -405,8 +371,7 @@ def _inside(a, b):
 
 
 def refuse_overlap(path, inputs, flag="--out"):
-    """An output that is, holds or sits inside an input of the run ({flag: path}) would be written
-    over what the run reads: refused in one sentence naming both, whatever the flags."""
+    """Refuse an output that is, holds or sits inside an input of the run ({flag: path}), whatever the flags."""
     for name, inp in (inputs or {}).items():
         if inp and os.path.exists(inp) and (_inside(path, inp) or _inside(inp, path)):
             how = "is" if _inside(path, inp) and _inside(inp, path) else "is inside" if _inside(path, inp) else "holds"
@@ -416,7 +381,7 @@ def refuse_overlap(path, inputs, flag="--out"):
 
 def _refuse_theirs(path, entries, own, overwrite, flag):
     """A non-empty directory without our marker is the user's: refused, or with overwrite written
-    beside, as long as no name the run writes is already taken there."""
+    beside, as long as no name the run writes (`own`) is already taken there."""
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     if not overwrite:
         raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
@@ -431,14 +396,10 @@ def _refuse_theirs(path, entries, own, overwrite, flag):
 
 def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=True, flag="--out", pid=None,
               command=None, inputs=None, finished=()):
-    """Make `path` this run's output directory, or refuse in one sentence before any work:
-    a file; one that is, holds or sits inside an input (`inputs`: {flag: path}); a directory
-    without our marker holding other files (unless overwrite, and then none may be named like
-    what we write, `own`); with training, one already holding checkpoints (unless resume or
-    overwrite), or without training one holding a `finished` name (unless overwrite); one another
-    run holds. Rank 0 then creates it, locks it and marks it ours;
-    unexpected errors log into it.
-    pid, command: lock on behalf of that process (a shell script), which removes the lock itself."""
+    """Make `path` this run's output directory, or refuse in one sentence before any work: a file,
+    an input's overlap, another's files (_refuse_theirs), with training checkpoints (unless resume or
+    overwrite), a `finished` name (unless overwrite), another run's lock. Rank 0 then creates, locks
+    and marks it; unexpected errors log into it. pid, command: lock for a shell script's process."""
     if not path:
         raise UserError(f"{flag} is empty; pass a directory path.")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -447,8 +408,7 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
     if _rank() == 0:  # (the other ranks would see rank 0's own lock)
         _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
-    # (a folder holding only folders of ours, each with its marker, holds nothing of the user's: the
-    # parent of stages run one by one, such as out/ of out/tokenizer and out/base)
+    # (folders of ours hold nothing of the user's: out/ of out/tokenizer and out/base)
     theirs = [] if is_ours(path) else [e for e in entries if not is_ours(os.path.join(path, e))]
     if theirs:
         _refuse_theirs(path, theirs, own, overwrite, flag)
@@ -481,9 +441,8 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
 
 
 def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out", inputs=None):
-    """The same for an output that is one file: refuse a directory, an input of the run
-    (`inputs`), or an existing file that is not ours (unless overwrite: the user named that very
-    file); create its folder; lock it (<file>.lock) on rank 0."""
+    """The same for an output that is one file (an existing one not ours only with overwrite: the user
+    named that very file); locked as <file>.lock on rank 0."""
     if not path:
         raise UserError(f"{flag} is empty; pass a file path.")
     if os.path.isdir(path):
@@ -497,7 +456,8 @@ def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--ou
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable place.") from None
+            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable place.") \
+                from None
         take_lock(f"{path}.lock", f"{flag} {path}")
     return path
 
@@ -516,8 +476,7 @@ def refuse_same(outputs):
 
 def main(argv=None):
     """`python -m nanostoney.cli DIR --pid PID`: claim and lock DIR for a shell script
-    (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits; a
-    non-empty DIR without our marker is refused (the script has no --overwrite)."""
+    (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits."""
     p = ArgumentParser(description="Claim and lock an output directory for a shell script.")
     p.add_argument("directory", type=out_path)
     p.add_argument("--pid", type=positive_int, required=True)

@@ -1,8 +1,6 @@
-"""Process setup: one code path for a laptop, one GPU, 8 GPUs, and several nodes.
-
-torchrun tells each process who it is through RANK / LOCAL_RANK / WORLD_SIZE (and
-MASTER_ADDR / MASTER_PORT for the rendezvous). When those are absent we are a plain single
-process and never touch torch.distributed, so a laptop run needs no network setup at all.
+"""Process setup: one code path for a laptop, one GPU, 8 GPUs, and several nodes. Without
+torchrun's RANK / LOCAL_RANK / WORLD_SIZE we are a plain single process and never touch
+torch.distributed; the collectives below are then identities, so callers never branch on it.
 
     info = init_dist()
     with autocast_ctx(info):
@@ -13,7 +11,6 @@ process and never touch torch.distributed, so a laptop run needs no network setu
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -50,27 +47,8 @@ def _env_int(name, default):
     return int(value) if value not in (None, "") else default
 
 
-def visible_gpus():
-    """GPUs this process is shown, whether or not torch can use them: the ids in
-    CUDA_VISIBLE_DEVICES when it is set (set empty, it hides every GPU), else the lines of
-    `nvidia-smi -L`; [] when there are none."""
-    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if ids is not None:
-        ids = ids.strip()
-        return [] if ids in ("", "-1", "none", "NoDevFiles") else ids.split(",")
-    smi = _nvidia_smi("-L")
-    return [line for line in (smi or "").splitlines() if line.startswith("GPU")]
-
-
-def driver_version():
-    """The NVIDIA driver version from nvidia-smi, or None when nvidia-smi does not run."""
-    out = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
-    return out.splitlines()[0].strip() if out and out.strip() else None
-
-
 def _nvidia_smi(*args):
-    if shutil.which("nvidia-smi") is None:
-        return None
+    """nvidia-smi's output, or None when it is missing or fails."""
     try:
         r = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -79,16 +57,19 @@ def _nvidia_smi(*args):
 
 
 def check_gpus_usable():
-    """Stop (UserError) when GPUs are visible but torch cannot use them: a CPU fallback would
-    run 8 slow CPU ranks on an 8-GPU node without a word. The usual cause is a driver older
-    than the CUDA version torch was built for."""
+    """Stop (UserError) when GPUs are visible but torch cannot use them (usually a driver older than
+    torch's CUDA): a CPU fallback would run 8 slow CPU ranks on an 8-GPU node without a word."""
     if torch.cuda.is_available():
         return
-    gpus = visible_gpus()
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")  # set empty, it hides every GPU
+    if ids is None:
+        gpus = [line for line in (_nvidia_smi("-L") or "").splitlines() if line.startswith("GPU")]
+    else:
+        gpus = [] if ids.strip() in ("", "-1", "none", "NoDevFiles") else ids.strip().split(",")
     if not gpus:
         return
-    driver = driver_version()
-    driver = f"NVIDIA driver {driver}" if driver else "an NVIDIA driver nvidia-smi could not report"
+    driver = (_nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader") or "").split()
+    driver = f"NVIDIA driver {driver[0]}" if driver else "an NVIDIA driver nvidia-smi could not report"
     built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
     raise UserError(f"{len(gpus)} GPU(s) are visible but torch {torch.__version__}, built for {built}, cannot "
                     f"use them with {driver}; install a driver for {built} (docs/RUNNING.md, GPUs), or run on CPU "
@@ -113,11 +94,8 @@ def pick_device(device=None, local_rank=0):
 
 
 def init_dist(device=None, seed=None):
-    """Join the torchrun process group if there is one; pick device and dtype.
-
-    device: None/"auto", or "cpu", "cuda", "mps" to force one. NCCL on CUDA, gloo otherwise.
-    seed: optional; seeds torch on every rank with the same value (so weights init alike).
-    """
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo otherwise); pick device
+    (pick_device) and dtype. seed: seeds torch alike on every rank (so weights init alike)."""
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -209,9 +187,8 @@ def all_reduce_mean(x):
 
 
 def sync_grads(params):
-    """Sum gradients over ranks (one flat all-reduce), for models trained without a DDP wrapper
-    (GRPO: its forward is trunk + gathered logits, not forward()). A parameter without a
-    gradient on this rank counts as zero."""
+    """Sum gradients over ranks (one flat all-reduce) for models trained without a DDP wrapper (GRPO's
+    forward is trunk + gathered logits); a parameter without a gradient on this rank counts as zero."""
     if not _grouped():
         return
     grads = []
@@ -221,10 +198,8 @@ def sync_grads(params):
         grads.append(p.grad)
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
 
 
 def gather_lists(items):
@@ -241,11 +216,9 @@ def get_world_size():
 
 
 def map_over_ranks(fn, items, info=None, wrap=None):
-    """[fn(x) for x in items] with the work shared out: rank r computes items r, r + world, ...
-    and every rank gets the whole list back, in order. When fn(x) depends only on x (seed it
-    from x's position, not the rank), the result is the same at any world size.
-    info: a DistInfo (default: this process's group); wrap: e.g. a progress bar around this
-    rank's indices."""
+    """[fn(x) for x in items] on every rank, rank r computing items r, r + world, ...; the same at
+    any world size when fn(x) depends only on x. info: a DistInfo (default: this process's group);
+    wrap: e.g. a progress bar around this rank's indices."""
     rank, world = (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
     idx = range(rank, len(items), world)
     mine = [(i, fn(items[i])) for i in (wrap(idx) if wrap is not None else idx)]
@@ -255,10 +228,9 @@ def map_over_ranks(fn, items, info=None, wrap=None):
 
 
 def check_shared(paths):
-    """Several nodes read what rank 0 reads: checkpoints, --init, tokenizers and outputs must sit
-    on a filesystem every node mounts at the same path. paths: {flag: path} (None is skipped).
-    Every rank checks them (one collective) and every rank raises the same one-sentence
-    UserError when a rank misses a path rank 0 sees, before any rank waits on the others."""
+    """Every rank raises the same one-sentence UserError when a rank misses a path ({flag: path},
+    None skipped) that rank 0 sees: several nodes read what rank 0 reads, so checkpoints, tokenizers
+    and outputs must sit on a filesystem every node mounts at the same path."""
     if not _grouped():
         return
     paths = {k: v for k, v in paths.items() if v}
@@ -273,12 +245,9 @@ def check_shared(paths):
 
 
 def check_same_inputs(files=(), tokenizer=None):
-    """Every rank reads the same corpus and the same tokenizer: nodes that downloaded different
-    shards or hold another copy of the data would skip or repeat data without a word. files: the
-    corpus's source paths (what is not a file, e.g. a hub id, is skipped), compared by folder,
-    name and size; tokenizer: compared by a hash of its vocabulary, merges and special tokens. One
-    all-gather of this small fingerprint (and, only where it differs, of the file lists); every
-    rank raises the same one-sentence UserError naming the ranks and what differs."""
+    """Every rank raises the same one-sentence UserError unless all read the same corpus files (by
+    folder, name and size; what is not a file is skipped) and tokenizer (by a hash of its vocabulary,
+    merges and specials): nodes holding other data would skip or repeat data without a word."""
     if not _grouped():
         return
     # a file goes by its folder and name: nodes may keep a clone or a cache under different roots
@@ -313,8 +282,7 @@ def check_same_inputs(files=(), tokenizer=None):
 
 
 def _size_words(everyone, rank):
-    fp = everyone[rank][2]
-    return f"{fp['files']} files of {fp['bytes']:,} bytes"
+    return f"{everyone[rank][2]['files']} files of {everyone[rank][2]['bytes']:,} bytes"
 
 
 def _digest(x):
@@ -357,11 +325,9 @@ def local_rank_0_first(fn, info):
 
 
 def cleanup():
-    """Leave the process group (torchrun otherwise warns about a leaked group at exit), once
-    every rank is here. Then give the GIL away for a moment: gloo's worker thread frees the last
-    collectives' tensors after they complete, which needs the GIL, while DDP's reducer, freed
-    later on the main thread with the GIL held, joins that thread (a deadlock seen at 2 CPU ranks,
-    py-spy: ~ProcessGroupGloo in join, the worker in ~AsyncAllgatherWork waiting for the GIL)."""
+    """Leave the process group (torchrun warns about a leaked one) once every rank is here, then
+    give the GIL away a moment: gloo's worker thread needs it to free the last collectives' tensors,
+    while DDP's reducer, freed later on the main thread holding it, joins that thread (a deadlock)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
