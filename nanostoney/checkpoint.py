@@ -41,14 +41,12 @@ LATEST = "latest"
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.json", "meta.json"
 OPTIM_FILE, RNG_FILE, TOKENIZER_DIR = "optim.pt", "rng.pt", "tokenizer"
 STEP_RE = re.compile(r"^step_(\d+)$")
+DAMAGED = "the checkpoint is incomplete or damaged, or the path is wrong"
 
 
 def step_dir_name(step):
     return f"step_{step:06d}"
 
-
-# -----------------------------------------------------------------------------
-# RNG state (exact resume)
 
 def rng_state():
     """This process's RNG states, in a form torch.load(weights_only=True) accepts."""
@@ -75,9 +73,6 @@ def gather_rng_states():
     """Every rank's rng_state(), as a list indexed by rank (call on all ranks)."""
     return gather_lists([rng_state()])
 
-
-# -----------------------------------------------------------------------------
-# small helpers
 
 def git_commit():
     """The commit of the code that wrote the checkpoint (None outside a git checkout)."""
@@ -110,13 +105,9 @@ def _fsync_dir(path):
         _fsync(path)
 
 
-def _read_json(path):
-    return read_json(path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
-
-
 def _read_config(ckpt):
     path = os.path.join(ckpt, CONFIG_FILE)
-    return config_from_dict(_read_json(path), path)
+    return config_from_dict(read_json(path, DAMAGED), path)
 
 
 def _apply_saved_lora(model, sd, ckpt):
@@ -136,15 +127,12 @@ def _meta_of(ckpt):
 def read_meta(ckpt):
     """A checkpoint's meta.json: a JSON object with an integer step, else one sentence."""
     path = os.path.join(ckpt, META_FILE)
-    meta = _read_json(path)
+    meta = read_json(path, DAMAGED)
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
         raise UserError(f"{path} is not a checkpoint's meta (a JSON object with an integer 'step'); the "
                         f"checkpoint is damaged: point at another one.")
     return meta
 
-
-# -----------------------------------------------------------------------------
-# saving
 
 def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
                     tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None, replace=False):
@@ -169,12 +157,11 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
         _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng_states, base_checkpoint)
         _publish(tmp, final)
         _set_latest(out_dir, name)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(final, e, kept=f"no checkpoint was replaced and {os.path.join(out_dir, LATEST)} "
-                           f"still names the last complete one") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(final, e, kept=f"no checkpoint was replaced and {os.path.join(out_dir, LATEST)} "
+                               f"still names the last complete one") from None
         raise
     if keep_last:
         _prune(out_dir, keep_last, keep=name)
@@ -220,11 +207,9 @@ def _copy_tokenizer(src, dst):
 
 
 def _publish(tmp, final):
-    """rename tmp -> final. An older directory of the same name (a re-run into the same out
-    dir) is moved aside first and deleted after, so `final` is never a mix of the two."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
+    """rename tmp -> final; an older `final` is moved aside first and deleted after, never mixed in."""
+    old = f"{final}.old-{os.getpid()}" if os.path.exists(final) else None
+    if old:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
@@ -244,8 +229,7 @@ def _set_latest(out_dir, name):
 
 
 def _remove_stale_tmp(out_dir):
-    """Leftovers of our saves that crashed (their process is gone; ours are removed on error).
-    Only our own names: a user's file that happens to end in .tmp-123 is not ours to delete."""
+    """Leftovers of our saves whose process crashed; only our own names (a user's x.tmp-123 is theirs)."""
     for entry in os.listdir(out_dir):
         m = re.fullmatch(r"(?:step_\d+|latest)\.(?:tmp|old)-(\d+)", entry)
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
@@ -258,17 +242,12 @@ def _remove_stale_tmp(out_dir):
 
 def saved_steps(out_dir):
     """[(step, step dir name)] of the complete checkpoints under a run dir, oldest first."""
-    out = []
-    for entry in os.listdir(out_dir):
-        m = STEP_RE.match(entry)
-        if m and os.path.isfile(os.path.join(out_dir, entry, META_FILE)):
-            out.append((int(m.group(1)), entry))
-    return sorted(out)
+    return sorted((int(m.group(1)), e) for e in os.listdir(out_dir)
+                  for m in [STEP_RE.match(e)] if m and os.path.isfile(os.path.join(out_dir, e, META_FILE)))
 
 
 def _prune(out_dir, keep_last, keep):
-    """Delete the older step directories, keeping the newest keep_last up to `keep` (steps past
-    it are another run's, written before an --overwrite: not this run's to prune)."""
+    """Keep the newest keep_last step directories up to `keep` (steps past it are another run's)."""
     upto = int(STEP_RE.match(keep).group(1))
     for _, entry in [d for d in saved_steps(out_dir) if d[0] <= upto][:-keep_last]:
         if entry != keep:
@@ -276,8 +255,7 @@ def _prune(out_dir, keep_last, keep):
 
 
 def latest_checkpoint(out_dir):
-    """The newest complete checkpoint under a run dir (following `latest`), or None.
-    A checkpoint directory itself is returned as is."""
+    """The newest complete checkpoint under a run dir (following `latest`), a step dir itself, or None."""
     if not os.path.isdir(out_dir):
         return None
     if os.path.isfile(os.path.join(out_dir, META_FILE)):
@@ -292,12 +270,8 @@ def latest_checkpoint(out_dir):
     return os.path.join(out_dir, steps[-1][1]) if steps else None
 
 
-# -----------------------------------------------------------------------------
-# resume
-
 def load_checkpoint(path, model, optimizer=None, rank=0):
-    """Restore weights (and optimizer, RNG of this rank) from one of our checkpoints into
-    objects built by the caller. path: a step dir or a run dir (its latest). Returns meta."""
+    """Restore weights, optimizer and this rank's RNG from a step or run dir into the caller's objects; meta."""
     ckpt = _resolve(path)
     model = unwrap(model)
     cfg = _read_config(ckpt)
@@ -332,9 +306,6 @@ def _resolve(path):
     return ckpt
 
 
-# -----------------------------------------------------------------------------
-# loading for use (eval, SFT on top of a base, GRPO, interp)
-
 def _load_tokenizer(directory, cfg):
     """Our tokenizer from a checkpoint's tokenizer/ (None when the checkpoint has none)."""
     tdir = os.path.join(directory, TOKENIZER_DIR)
@@ -344,8 +315,7 @@ def _load_tokenizer(directory, cfg):
 
 
 def load_model(path, device="cpu"):
-    """(model in eval mode, tokenizer or None, meta) from our run dir or step dir, a LoRA adapter
-    dir, or a published model (published.py)."""
+    """(model in eval mode, tokenizer or None, meta) of a run, step, LoRA adapter or published model dir."""
     path = published.resolve(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
@@ -354,11 +324,9 @@ def load_model(path, device="cpu"):
     if published.kind(path):
         return published.load(path, device=device)
     ckpt = latest_checkpoint(path) or path
-    has_model = os.path.isfile(os.path.join(ckpt, MODEL_FILE))
-    has_adapters = os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE))
-    if has_adapters and not has_model:
-        return _load_adapter_dir(ckpt, device)
-    if not has_model:
+    if not os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
+        if os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE)):
+            return _load_adapter_dir(ckpt, device)
         raise UserError(f"{path} is not a checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} (nanostoney), "
                         f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), model_XXXXXX.pt + "
                         f"meta_XXXXXX.json (nanochat), or config.json + model.safetensors (transformers).")

@@ -11,14 +11,10 @@ owns (with its lock).
         cli.run_main(main)
 
 Exit codes: 0 done; 2 bad input (UserError); 1 the run failed (RunFailed, or anything unexpected:
-one sentence naming the stage and the log file holding the traceback, which --debug prints
-instead); 130 Ctrl-C; 128+N another signal. Writes go to a temporary name first (files.py,
-checkpoint.py) and the lock goes with the process, so none of these leaves anything half-written.
-
-An output directory is ours only when it holds our marker file (names alone prove nothing), or
-holds nothing but directories with our marker. While a run writes, `<out>/.lock` names it (pid,
-host, command, start) and a second run on it is refused with that name; a lock whose process is
-gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
+one sentence naming the stage and the log holding the traceback); 130 Ctrl-C; 128+N another
+signal. Writes go to a temporary name first and the lock goes with the process, so none of these
+leaves anything half-written. An output directory is ours only when it holds our marker file
+(names alone prove nothing); `<out>/.lock` names the run writing it. Under torchrun only rank 0 locks.
 """
 import argparse
 import atexit
@@ -53,10 +49,6 @@ def _rank(var="RANK"):
         return int(os.environ.get(var) or 0)
     except ValueError:
         return 0
-
-
-# -----------------------------------------------------------------------------
-# flags: types that refuse a bad value where it is parsed
 
 
 def _checked(kind, what, ok):
@@ -131,10 +123,6 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# -----------------------------------------------------------------------------
-# the runner
-
-
 class Stopped(BaseException):
     """SIGTERM/SIGHUP (args[0]): unwinds like Ctrl-C so temporary files are removed and the lock released."""
 
@@ -172,8 +160,7 @@ def _say(line, every_rank=False):
 
 
 def _stdout_broken():
-    """Has the reader of stdout gone away (e.g. `| head`)? A pipe whose read end is closed polls
-    as an error; a file or a terminal does not."""
+    """Has the reader of stdout gone away (`| head`)? A closed pipe polls as an error, a file does not."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -189,8 +176,7 @@ def _stdout_broken():
 
 
 def _write_traceback(stage):
-    """The traceback into <out>/logs/<stage>-error.log (a temp file when there is no --out yet);
-    returns the path, or None when it cannot be written anywhere."""
+    """The traceback into <out>/logs/<stage>-error.log, else a temp file; its path, or None."""
     rank = _rank()
     name = f"{stage}-error{f'-rank{rank}' if rank else ''}.log"
     text = mask_secrets(f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}")
@@ -251,10 +237,6 @@ def _unexpected(stage, debug):
     return 1
 
 
-# -----------------------------------------------------------------------------
-# output directories and their lock
-
-
 def _read_lock(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -265,8 +247,7 @@ def _read_lock(path):
 
 
 def _stale(path, holder):
-    """A lock nobody holds any more: its process is gone (same host), or it was never written
-    whole and is old."""
+    """A lock nobody holds: its process is gone (same host), or it was never written whole and is old."""
     if not holder:
         try:
             return time.time() - os.path.getmtime(path) > 10
@@ -274,12 +255,6 @@ def _stale(path, holder):
             return True
     return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
         and not pid_alive(holder["pid"])
-
-
-def _refuse_if_locked(path, what):
-    holder = _read_lock(path) if os.path.exists(path) else None
-    if holder is not None and not _stale(path, holder) and holder.get("pid") != os.getpid():
-        raise UserError(_in_use(path, what, holder))
 
 
 def _in_use(path, what, holder):
@@ -290,8 +265,7 @@ def _in_use(path, what, holder):
 
 
 def take_lock(path, what, pid=None, command=None):
-    """Create the lock file `path` (O_EXCL) naming this run; refuse in one sentence when another
-    live run holds it. Released at exit (atexit; Ctrl-C and SIGTERM unwind to it)."""
+    """Create the lock `path` (O_EXCL) naming this run, or refuse in one sentence; released at exit."""
     me = {"pid": pid or os.getpid(), "host": socket.gethostname(), "command": command or _command_line(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):
@@ -337,8 +311,7 @@ def _remove(path):
 
 
 def release_locks():
-    """Remove our locks; and a directory claim_out created that got nothing but our marker (the run
-    stopped before writing anything) goes too, so a refused run leaves nothing behind."""
+    """Remove our locks, and any directory claim_out created that got nothing but our marker."""
     for path, pid in _state["locks"]:
         if _read_lock(path).get("pid") == pid:
             with contextlib.suppress(OSError):
@@ -380,8 +353,7 @@ def refuse_overlap(path, inputs, flag="--out"):
 
 
 def _refuse_theirs(path, entries, own, overwrite, flag):
-    """A non-empty directory without our marker is the user's: refused, or with overwrite written
-    beside, as long as no name the run writes (`own`) is already taken there."""
+    """The user's directory: refused, or with overwrite written beside if no name in `own` is taken."""
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     if not overwrite:
         raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
@@ -406,8 +378,10 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
         raise UserError(f"{flag} {path} is a file, not a directory; pick a directory path.")
     refuse_overlap(path, inputs, flag)
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
-    if _rank() == 0:  # (the other ranks would see rank 0's own lock)
-        _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
+    lock = os.path.join(path, LOCK)  # checked first: who holds it says more than what is in it
+    holder = _read_lock(lock) if _rank() == 0 and os.path.exists(lock) else None  # (others see rank 0's own)
+    if holder is not None and not _stale(lock, holder) and holder.get("pid") != os.getpid():
+        raise UserError(_in_use(lock, f"{flag} {path}", holder))
     # (folders of ours hold nothing of the user's: out/ of out/tokenizer and out/base)
     theirs = [] if is_ours(path) else [e for e in entries if not is_ours(os.path.join(path, e))]
     if theirs:
@@ -431,7 +405,7 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
             raise UserError(f"cannot create {flag} {path} ({e.strerror}); pick a directory you can write to.") from None
         if pid is None and not existed:
             _state["created"].append((os.path.abspath(path), top))
-        take_lock(os.path.join(path, LOCK), f"{flag} {path}", pid=pid, command=command)
+        take_lock(lock, f"{flag} {path}", pid=pid, command=command)
         marker = os.path.join(path, MARKER)
         if not os.path.exists(marker):
             with open(marker, "w", encoding="utf-8") as f:
@@ -441,8 +415,7 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
 
 
 def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out", inputs=None):
-    """The same for an output that is one file (an existing one not ours only with overwrite: the user
-    named that very file); locked as <file>.lock on rank 0."""
+    """The same for a one-file output (an existing one not ours only with overwrite), locked as <file>.lock."""
     if not path:
         raise UserError(f"{flag} is empty; pass a file path.")
     if os.path.isdir(path):
@@ -475,8 +448,7 @@ def refuse_same(outputs):
 
 
 def main(argv=None):
-    """`python -m nanostoney.cli DIR --pid PID`: claim and lock DIR for a shell script
-    (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits."""
+    """`python -m nanostoney.cli DIR --pid PID`: claim DIR for run_stoney_small.sh, which removes the lock."""
     p = ArgumentParser(description="Claim and lock an output directory for a shell script.")
     p.add_argument("directory", type=out_path)
     p.add_argument("--pid", type=positive_int, required=True)

@@ -43,8 +43,7 @@ class DistInfo:
 
 
 def _env_int(name, default):
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    return int(os.environ.get(name) or default)
 
 
 def _nvidia_smi(*args):
@@ -77,8 +76,7 @@ def check_gpus_usable():
 
 
 def pick_device(device=None, local_rank=0):
-    """"auto"/None: cuda:local_rank if there is a GPU, else mps (single process), else cpu.
-    GPUs that are visible but unusable stop the run (check_gpus_usable) instead of falling back."""
+    """"auto"/None: cuda:local_rank if there is a usable GPU, else mps (single process), else cpu."""
     if device not in (None, "", "auto"):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -99,8 +97,7 @@ def init_dist(device=None, seed=None):
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    # before the first CUDA allocation: segments that grow instead of fragmenting (nanochat, and
-    # what the memory plan assumes); a value the user set wins
+    # before the first CUDA allocation: segments that grow instead of fragmenting (as nanochat and the memory plan)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = pick_device(device, local_rank)
     if device.type == "cuda":
@@ -108,31 +105,25 @@ def init_dist(device=None, seed=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            # device_id binds this rank to its GPU up front (no guessing inside NCCL).
+        if device.type == "cuda":  # device_id binds this rank to its GPU up front
             dist.init_process_group(backend="nccl", device_id=device, timeout=GROUP_TIMEOUT)
         else:
             dist.init_process_group(backend="gloo", timeout=GROUP_TIMEOUT)
-    # bf16 autocast on CUDA: matmuls in bf16, master weights and optimizer state stay fp32.
-    # On CPU/mps we keep fp32: CPU bf16 is slow on most chips and the point there is testing.
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if seed is not None:
         torch.manual_seed(seed)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                    is_master=rank == 0, autocast_dtype=autocast_dtype)
+    # bf16 autocast on CUDA (master weights and optimizer state stay fp32); fp32 elsewhere: CPU bf16
+    # is slow on most chips and the point there is testing
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, is_master=rank == 0,
+                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 def autocast_ctx(info):
     """The mixed-precision context for forward passes (a no-op in fp32)."""
-    if info.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=info.device.type, dtype=info.autocast_dtype)
+    return nullcontext() if info.autocast_dtype is None else torch.autocast(info.device.type, info.autocast_dtype)
 
 
 def get_rank():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return _env_int("RANK", 0)
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else _env_int("RANK", 0)
 
 
 def is_master():
@@ -145,10 +136,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-# -----------------------------------------------------------------------------
-# collectives: every rank calls them the same number of times; in one process they are
-# identities, so callers never branch on the world size.
-
+# collectives: every rank calls them the same number of times
 def _grouped():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -158,8 +146,7 @@ def _reduce_device():
 
 
 def all_reduce_sum(x):
-    """Sum over ranks: a tensor (in place, returned) or a list of floats (a new list, summed in
-    float64)."""
+    """Sum over ranks: a tensor (in place, returned) or a list of floats (a new list, in float64)."""
     if isinstance(x, torch.Tensor):
         if _grouped():
             dist.all_reduce(x)
@@ -172,8 +159,7 @@ def all_reduce_sum(x):
 
 
 def all_reduce_mean(x):
-    """Mean over ranks: a tensor (in place, returned), a float, or a dict of floats (the same
-    keys on every rank; one collective for all of them)."""
+    """Mean over ranks: a tensor (in place, returned), a float, or a dict of floats (one collective)."""
     if not _grouped():
         return x
     n = dist.get_world_size()
@@ -216,9 +202,8 @@ def get_world_size():
 
 
 def map_over_ranks(fn, items, info=None, wrap=None):
-    """[fn(x) for x in items] on every rank, rank r computing items r, r + world, ...; the same at
-    any world size when fn(x) depends only on x. info: a DistInfo (default: this process's group);
-    wrap: e.g. a progress bar around this rank's indices."""
+    """[fn(x) for x in items] on every rank, rank r computing items r, r + world, ... (the same at any
+    world size when fn(x) depends only on x); wrap: e.g. a progress bar around this rank's indices."""
     rank, world = (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
     idx = range(rank, len(items), world)
     mine = [(i, fn(items[i])) for i in (wrap(idx) if wrap is not None else idx)]
@@ -228,9 +213,8 @@ def map_over_ranks(fn, items, info=None, wrap=None):
 
 
 def check_shared(paths):
-    """Every rank raises the same one-sentence UserError when a rank misses a path ({flag: path},
-    None skipped) that rank 0 sees: several nodes read what rank 0 reads, so checkpoints, tokenizers
-    and outputs must sit on a filesystem every node mounts at the same path."""
+    """Every rank raises the same one-sentence UserError when a rank misses a path ({flag: path}) that
+    rank 0 sees: checkpoints, tokenizers and outputs must sit on a filesystem every node mounts."""
     if not _grouped():
         return
     paths = {k: v for k, v in paths.items() if v}
@@ -290,8 +274,7 @@ def _digest(x):
 
 
 def _tokenizer_spec(tokenizer):
-    """What makes a tokenizer's ids: its BPE vocabulary and merges, and the special tokens' ids
-    (not the JSON layout, which a `tokenizers` release may change)."""
+    """What makes a tokenizer's ids (not its JSON layout, which a `tokenizers` release may change)."""
     spec = json.loads(tokenizer.hf.to_str())
     return [spec["model"].get("vocab"), spec["model"].get("merges"),
             sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))]
@@ -316,8 +299,7 @@ def barrier():
 
 
 def local_rank_0_first(fn, info):
-    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
-    the others find it (no two processes write the same shard at once)."""
+    """fn() on each node's local rank 0 (filling the cache), then on the other ranks (finding it)."""
     if info.local_rank == 0:
         out = fn()
     barrier()

@@ -1,13 +1,10 @@
-"""Run records: `<out_dir>/metrics.jsonl` (the config first, then one JSON object per call), so a
-run can be compared later even without wandb, and W&B behind the same calls:
-  mode "auto"     -> $WANDB_MODE if set, else "online" with WANDB_API_KEY and "offline" without
-  mode "online"   -> the server ($WANDB_BASE_URL or api.wandb.ai) is checked once, in seconds: one
-                     that cannot be reached or refuses the key is one line, and the run is recorded
-                     offline instead of stalling for minutes
-  mode "offline"  -> run files under <out_dir>/wandb/, `wandb sync` them later
-  mode "disabled" -> no W&B at all (the jsonl is still written)
-Only rank 0 logs; elsewhere every method is a no-op. The API key is never read into our objects:
-configs are scrubbed of anything that looks like a secret, and wandb's messages are masked.
+"""Run records: `<out_dir>/metrics.jsonl` (the config, then one JSON object per call), so runs can
+be compared even without wandb, and W&B behind the same calls. Mode "auto" is $WANDB_MODE if set,
+else "online" with WANDB_API_KEY and "offline" (run files under <out_dir>/wandb/, `wandb sync` them
+later) without; "online" checks the server once, in seconds, and records offline with a one-line
+note when it cannot be reached or refuses the key; "disabled" writes the jsonl alone. Only rank 0
+logs. The API key is never read into our objects: configs are scrubbed of anything that looks
+like a secret, and wandb's messages are masked.
 
     logger = Logger(mode="auto", project="nanostoney", config=vars(args), out_dir=out_dir)
     logger.log({"train/loss": 2.3}, step=step)
@@ -23,7 +20,6 @@ import urllib.parse
 
 from nanostoney.dist import get_rank
 from nanostoney.errors import REDACTED, UserError, first_line, looks_secret, mask_secrets
-from nanostoney.governance import check_sources
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -66,8 +62,7 @@ def _server():
 
 @functools.lru_cache(maxsize=1)
 def wandb_reachable(timeout=3.0):
-    """Can we open a TCP connection to the W&B server within `timeout` seconds? Name lookup
-    included: it runs in a thread, so a dead resolver cannot stall the run either."""
+    """Can we connect to the W&B server within `timeout` seconds (name lookup included, in a thread)?"""
     url, ok = _server(), []
 
     def connect():
@@ -161,21 +156,6 @@ class Logger:
         if self.active:
             self._write({"step": step, "time": time.time(), "image": name, "path": str(path)},
                         lambda run: run.log({name: self.wandb.Image(str(path))}, step=step))
-
-    def log_artifact(self, path, sources, name=None, type="model"):
-        """Upload a file/dir as a W&B artifact, but only if every data source it was made from
-        is approved for public release (raises UserError otherwise, before anything leaves)."""
-        check_sources(list(sources), use="public_release")
-        if self.active:
-            sources = [str(s) for s in sources]
-            self._write({"time": time.time(), "artifact": str(path), "sources": sources},
-                        lambda run: run.log_artifact(self._artifact(path, sources, name, type)))
-
-    def _artifact(self, path, sources, name, type):
-        art = self.wandb.Artifact(name or os.path.basename(os.path.normpath(str(path))), type=type,
-                                  metadata={"sources": sources})
-        (art.add_dir if os.path.isdir(path) else art.add_file)(str(path))
-        return art
 
     def summary(self, metrics):
         """Final numbers for the run (shown in the W&B run table)."""

@@ -1,17 +1,14 @@
-"""Peak memory of one training step on one device, estimated before any work is done.
+"""Peak memory of one training step on one device, estimated before any work is done:
 
     plan = estimate(model, rows=16, seq_len=2048, device=torch.device("cuda"), compiled=True)
     plan, smaller, cap = check_fits(plan_for, rows, device)   # smaller: a --device-batch-size that fits
 
-The peak is at the start of the backward: weights (plus under bf16 autocast the bf16 copy of
-every matrix), gradients (DDP's buckets, allocated for the whole run), optimizer state (AdamW two
-moments, Muon one momentum per block matrix), the activations the forward saved (ACT_BYTES per
-token, layer and channel, plus one layer's MLP gradients) and the logits with their gradient
-(LOGIT_BYTES per token and vocabulary entry). The fp32 eager constants were counted with
-autograd's saved-tensor hooks and are checked against a measured CPU peak (tests/test_memory.py);
-eager bf16 was counted the same way under CPU autocast; compiled assumes bf16 matmul inputs and
-residual, recomputed pointwise ops and a fused soft-capped cross-entropy. bench/gpu_check.sh
-measures the real peak on a GPU.
+The peak is at the start of the backward: weights (and autocast's bf16 copies), gradients,
+optimizer state, the activations saved for the backward and the logits with their gradient. The
+fp32 eager constants were counted with autograd's saved-tensor hooks and are checked against a
+measured CPU peak (tests/test_memory.py); eager bf16 likewise under CPU autocast; compiled assumes
+bf16 matmul inputs and residual, recomputed pointwise ops and a fused soft-capped cross-entropy.
+bench/gpu_check.sh measures the real peak on a GPU.
 """
 import math
 import os
@@ -44,9 +41,8 @@ class MemoryPlan:
 
 
 def estimate(model, rows, seq_len, device, compiled=False, optimizer="adamw", lm_head=True):
-    """A MemoryPlan for a training step of `rows` rows of `seq_len` tokens on one device, with bf16
-    autocast on CUDA (as dist.init_dist picks). lm_head=False: the loss reads the trunk (the reward
-    model). Parameters count in the dtype they have (a bf16 embedding on CUDA: train.place)."""
+    """A MemoryPlan for a step of `rows` rows of `seq_len` tokens, bf16 autocast on CUDA (as init_dist);
+    parameters count in their own dtype. lm_head=False: the loss reads the trunk (the reward model)."""
     bf16 = torch.device(device).type == "cuda"
     key = ("bf16" if bf16 else "fp32", bool(compiled and bf16))
     c, tokens = model.config, rows * seq_len

@@ -28,13 +28,8 @@ HF_PREFIX = "hf:"
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
 
 
-# -----------------------------------------------------------------------------
-# which format, and hf: ids
-
-
 def resolve(path):
-    """A local directory for `path`: hf:OWNER/NAME[/SUBDIR] downloaded (once) into the hub
-    cache, anything else as given."""
+    """A local directory for `path`: hf:OWNER/NAME[/SUBDIR] downloaded once, anything else as given."""
     if not str(path).startswith(HF_PREFIX):
         return path
     parts = str(path)[len(HF_PREFIX):].strip("/").split("/")
@@ -84,10 +79,6 @@ def check_chat_tokens(tokenizer, where):
         raise UserError(f"the tokenizer of {where} has no {', '.join(missing)} special token (it has "
                         f"{', '.join(has) or 'none'}), which the chat format needs; use the model's nanochat "
                         f"tokenizer.")
-
-
-# -----------------------------------------------------------------------------
-# configs and weights of any origin, checked into our GPT (checkpoint.py uses them too)
 
 
 def describe(cfg):
@@ -148,10 +139,6 @@ def check_same_shape(cfg_a, cfg_b, where):
                         f"loaded is ({describe(cfg_b)}); build the model from the checkpoint's config.")
 
 
-# -----------------------------------------------------------------------------
-# nanochat checkpoint directories
-
-
 def _nanochat_steps(directory):
     if not os.path.isdir(directory):
         return []
@@ -159,8 +146,7 @@ def _nanochat_steps(directory):
 
 
 def _nanochat_model_dir(path):
-    """path if it holds model_XXXXXX.pt files; else the deepest d<N> sub-folder that does
-    (nanochat's base_checkpoints/ layout, one folder per depth); else None."""
+    """path if it holds model_XXXXXX.pt files, else its deepest d<N> folder that does, else None."""
     if _nanochat_steps(path):
         return path
     if not os.path.isdir(path):
@@ -217,9 +203,6 @@ def check_vocab(tokenizer, cfg, where):
                         f"has vocab_size={cfg.vocab_size}; use the tokenizer the model was trained with.")
 
 
-# -----------------------------------------------------------------------------
-# the transformers layout
-
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -231,8 +214,7 @@ HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."),
 
 
 def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: u64 little-endian header size, the JSON header
-    ({name: {dtype, shape, data_offsets}}, "__metadata__"), then the bytes of every tensor."""
+    """{name: tensor} of a .safetensors file: u64 header size, JSON header, then the tensors' bytes."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
