@@ -136,12 +136,10 @@ def read_meta(ckpt):
 
 def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
                     tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None, replace=False):
-    """Write out_dir/step_XXXXXX atomically, point out_dir/latest at it and return its path; a
-    failed write leaves every checkpoint and `latest` as they were (RunFailed naming the file).
-    With LoRA adapters and base_checkpoint, only the adapters are written (naming their base).
-    optimizer: one or a list; meta: JSON-able, secrets redacted, data files in "data_sources";
-    rng_states: gather_rng_states() (default: this process's); keep_last: prune to the newest N;
-    replace: an existing directory of this step may be replaced (--overwrite), else refused."""
+    """Write out_dir/step_XXXXXX atomically, point `latest` at it, return its path; a failed write
+    leaves every checkpoint and `latest` as they were (RunFailed). With LoRA adapters and
+    base_checkpoint only the adapters are written. optimizer: one or a list; meta: JSON-able, secrets
+    redacted; rng_states: gather_rng_states(); replace: this step's directory may be replaced."""
     model = unwrap(model)
     name = step_dir_name(step)
     final = os.path.join(out_dir, name)
@@ -272,10 +270,13 @@ def latest_checkpoint(out_dir):
 
 def load_checkpoint(path, model, optimizer=None, rank=0):
     """Restore weights, optimizer and this rank's RNG from a step or run dir into the caller's objects; meta."""
-    ckpt = _resolve(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or --out of the run).")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"{path} holds no complete checkpoint (no meta.json, no `latest`).")
     model = unwrap(model)
-    cfg = _read_config(ckpt)
-    check_same_shape(cfg, model.config, ckpt)
+    check_same_shape(_read_config(ckpt), model.config, ckpt)
     if os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
         sd = read_torch(os.path.join(ckpt, MODEL_FILE))
         if not lora.lora_modules(model):
@@ -295,15 +296,6 @@ def load_checkpoint(path, model, optimizer=None, rank=0):
         if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
             set_rng_state(per_rank[rank])
     return read_meta(ckpt)
-
-
-def _resolve(path):
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path (or --out of the run).")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise UserError(f"{path} holds no complete checkpoint (no meta.json, no `latest`).")
-    return ckpt
 
 
 def _load_tokenizer(directory, cfg):
@@ -345,8 +337,7 @@ def _load_adapter_dir(path, device):
                         f"with load_model(base) and then lora.load_adapters(model, '{path}').")
     model, tokenizer, base_meta = load_model(base, device="cpu")
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        cfg = _read_config(path)
-        check_same_shape(cfg, model.config, f"the base of {path} ({base})")
+        check_same_shape(_read_config(path), model.config, f"the base of {path} ({base})")
     lora.load_adapters(model, path)
     meta = {**_meta_of(path), "base": base_meta}
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
@@ -377,8 +368,7 @@ def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", drop
     if full:
         if has_adapters:
             lora.remove_lora(model, merge=True)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return model, tok, ckpt, None
     if has_adapters:
         return model, tok, ckpt, lora.base_checkpoint_of(ckpt)

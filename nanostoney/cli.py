@@ -1,14 +1,11 @@
 """What every entry point shares: flag types that refuse a bad value where it is parsed, one
 runner that turns any failure into one line and an exit code, and the output directory a run
-owns (with its lock).
+owns (with its lock):
 
     p = cli.ArgumentParser(description="...")             # a bad flag: one line, exit 2
     p.add_argument("--depth", type=cli.positive_int, default=4)
-    args = p.parse_args(argv)
     cli.claim_out(out, overwrite=args.overwrite, resume=args.resume is not None, own=cli.RUN_FILES)
-    ...
-    if __name__ == "__main__":
-        cli.run_main(main)
+    cli.run_main(main)                                     # under if __name__ == "__main__"
 
 Exit codes: 0 done; 2 bad input (UserError); 1 the run failed (RunFailed, or anything unexpected:
 one sentence naming the stage and the log holding the traceback); 130 Ctrl-C; 128+N another
@@ -37,8 +34,7 @@ from nanostoney.files import pid_alive
 MARKER, LOCK = ".nanostoney", ".lock"
 # names a stage writes into its output directory: a folder that is not ours (no marker) may be
 # written into with --overwrite only while it holds none of them
-RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged",
-             "*.log")
+RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged", "*.log")
 SHARED_FILES = ("metrics.jsonl", "wandb", "logs")
 
 _state = {"log_dir": None, "locks": [], "created": []}
@@ -99,8 +95,7 @@ def device(text):
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has "
                                          f"{torch.cuda.device_count()} CUDA GPU(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if kind == "mps" and not (mps is not None and mps.is_available()):
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError("'mps' asked for, but this machine has no Apple GPU; use cpu or auto")
     return text
 

@@ -5,8 +5,6 @@ torch.distributed; the collectives below are then identities, so callers never b
     info = init_dist()
     with autocast_ctx(info):
         loss = model(x, y)
-    print0(f"loss {loss.item():.3f}")
-    cleanup()
 """
 import hashlib
 import json
@@ -126,23 +124,15 @@ def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else _env_int("RANK", 0)
 
 
-def is_master():
-    return get_rank() == 0
-
-
 def print0(*args, **kwargs):
     """print on rank 0 only, so an 8-GPU run does not print every line eight times."""
-    if is_master():
+    if get_rank() == 0:
         print(*args, **kwargs)
 
 
 # collectives: every rank calls them the same number of times
 def _grouped():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _reduce_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(x):
@@ -153,7 +143,7 @@ def all_reduce_sum(x):
         return x
     t = torch.tensor(x, dtype=torch.float64)
     if _grouped():
-        t = t.to(_reduce_device())
+        t = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
     return t.tolist()
 
@@ -197,14 +187,10 @@ def gather_lists(items):
     return [x for part in parts for x in part]
 
 
-def get_world_size():
-    return dist.get_world_size() if _grouped() else 1
-
-
 def map_over_ranks(fn, items, info=None, wrap=None):
     """[fn(x) for x in items] on every rank, rank r computing items r, r + world, ... (the same at any
     world size when fn(x) depends only on x); wrap: e.g. a progress bar around this rank's indices."""
-    rank, world = (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
+    rank, world = (info.rank, info.world_size) if info else (get_rank(), dist.get_world_size() if _grouped() else 1)
     idx = range(rank, len(items), world)
     mine = [(i, fn(items[i])) for i in (wrap(idx) if wrap is not None else idx)]
     if world > 1:  # (world 1 inside a group: one rank working alone, e.g. rank 0's samples)
@@ -240,15 +226,14 @@ def check_same_inputs(files=(), tokenizer=None):
     mine = {"corpus": _digest(listing), "files": len(listing), "bytes": sum(n for _, n in listing),
             "tokenizer": tokenizer and _digest(_tokenizer_spec(tokenizer)), "vocab": tokenizer and tokenizer.vocab_size}
     everyone = gather_lists([(get_rank(), socket.gethostname(), mine)])
-    odd = [(r, host, fp) for r, host, fp in everyone if fp != everyone[0][2]]
+    ref, host0 = everyone[0][2], everyone[0][1]
+    odd = [(r, host, fp) for r, host, fp in everyone if fp != ref]
     if not odd:
         return
-    ref, host0 = everyone[0][2], everyone[0][1]
     corpus_odd = [r for r, _, fp in odd if fp["corpus"] != ref["corpus"]]
-    listings = gather_lists([listing]) if corpus_odd else None  # every rank sees the same odd list
     what = []
-    if corpus_odd:
-        r = corpus_odd[0]
+    if corpus_odd:  # (every rank sees the same odd list, so every rank gathers)
+        r, listings = corpus_odd[0], gather_lists([listing])
         what.append(f"a different corpus ({_first_difference(listings[0], listings[r], r)}; rank {r} reads "
                     f"{_size_words(everyone, r)}, rank 0 {_size_words(everyone, 0)})")
     tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]

@@ -89,8 +89,7 @@ def add_logging_args(parser):
 
 
 class Logger:
-    def __init__(self, mode="auto", project=None, run_name=None, entity=None, config=None,
-                 out_dir=None, rank=None, tags=None):
+    def __init__(self, mode="auto", project=None, run_name=None, entity=None, config=None, out_dir=None, rank=None):
         self.active = (get_rank() if rank is None else rank) == 0
         self.mode, self.out_dir = resolve_mode(mode), out_dir
         self.run = self.wandb = self._jsonl = None  # self.wandb: the wandb module once a run has started
@@ -115,7 +114,7 @@ class Logger:
         init = dict(project=project or os.environ.get("WANDB_PROJECT") or "nanostoney",
                     entity=entity or os.environ.get("WANDB_ENTITY") or None,
                     name=run_name or os.environ.get("WANDB_NAME") or None,
-                    config=self.config, dir=out_dir, tags=tags, reinit="finish_previous")
+                    config=self.config, dir=out_dir, reinit="finish_previous")
         try:
             self.run = wandb.init(mode=self.mode, **init)
         except Exception as e:  # never let a message carrying the key escape
@@ -166,9 +165,8 @@ class Logger:
     def finish(self):
         if self.run is not None:
             self.run.finish()
-            # finish() can return before wandb's service process has flushed the run file (an
-            # offline .wandb file was once read back holding only its header); teardown waits for
-            # that process to exit, so the files are whole when we return
+            # finish() can return before wandb's service process has flushed the run file (an offline
+            # .wandb file once held only its header); teardown waits for that process to exit
             self.wandb.teardown()
             self.run = None
         if self._jsonl is not None:

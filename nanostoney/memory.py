@@ -1,14 +1,12 @@
-"""Peak memory of one training step on one device, estimated before any work is done:
+"""Peak memory of one training step on one device (at the start of its backward), estimated up front:
 
     plan = estimate(model, rows=16, seq_len=2048, device=torch.device("cuda"), compiled=True)
     plan, smaller, cap = check_fits(plan_for, rows, device)   # smaller: a --device-batch-size that fits
 
-The peak is at the start of the backward: weights (and autocast's bf16 copies), gradients,
-optimizer state, the activations saved for the backward and the logits with their gradient. The
-fp32 eager constants were counted with autograd's saved-tensor hooks and are checked against a
-measured CPU peak (tests/test_memory.py); eager bf16 likewise under CPU autocast; compiled assumes
-bf16 matmul inputs and residual, recomputed pointwise ops and a fused soft-capped cross-entropy.
-bench/gpu_check.sh measures the real peak on a GPU.
+The fp32 eager constants were counted with autograd's saved-tensor hooks and are checked against
+a measured CPU peak (tests/test_memory.py); eager bf16 likewise under CPU autocast; compiled
+assumes bf16 matmul inputs and residual, recomputed pointwise ops and a fused soft-capped
+cross-entropy. bench/gpu_check.sh measures the real peak on a GPU.
 """
 import math
 import os

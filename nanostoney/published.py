@@ -1,12 +1,11 @@
 """Models published elsewhere, loaded as our GPT (gpt.py keeps nanochat's module names):
 
-    path = resolve("hf:karpathy/nanochat-d32")       # downloaded once into the hub cache
-    model, tokenizer, meta = load(path)              # what checkpoint.load_model calls
+    model, tokenizer, meta = load(resolve("hf:karpathy/nanochat-d32"))   # what load_model calls
 
 - nanochat (Oct 2025): model_XXXXXX.pt + meta_XXXXXX.json, tokenizer.pkl beside them, in
   tokenizer/ beside them, or two levels up (nanochat's ~/.cache/nanochat/base_checkpoints/d20).
 - transformers (models/nanochat): config.json with model_type "nanochat", model.safetensors (or
-  an index of shards, read here without the `safetensors` package), tokenizer.json; keys renamed.
+  shards; read without the `safetensors` package), tokenizer.json.
 - hf:OWNER/NAME[/SUBDIR]: snapshot_download into the hub cache (optimizer shards left out).
 """
 import json
@@ -186,8 +185,8 @@ def load_nanochat(checkpoint_dir, device="cpu"):
         raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
     cfg = config_from_dict(meta["model_config"], meta_path)
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    raw = read_torch(model_path)
-    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
+    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v)
+          for k, v in read_torch(model_path).items()}
     model = GPT(cfg)
     load_weights(model, sd, model_path)
     tokenizer = _find_nanochat_tokenizer(checkpoint_dir)
@@ -204,8 +203,8 @@ def check_vocab(tokenizer, cfg, where):
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."),
            (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"transformer.h.\1.attn.c_\2."),
            (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
@@ -236,7 +235,7 @@ def read_safetensors(path):
 
 
 def _hf_state_dict(directory):
-    """The model's tensors, from model.safetensors or the shards its index names."""
+    """The model's tensors under our names, in fp32, from model.safetensors or the shards its index names."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
         shards = sorted(set(read_json(index, fix="re-download the model")["weight_map"].values()))
@@ -247,7 +246,10 @@ def _hf_state_dict(directory):
                         f"re-download the model.")
     sd = {}
     for shard in shards:
-        sd.update(read_safetensors(os.path.join(directory, shard)))
+        for k, v in read_safetensors(os.path.join(directory, shard)).items():
+            for pat, rep in HF_KEYS:
+                k = re.sub(pat, rep, k)
+            sd[k] = v.float() if v.is_floating_point() else v
     return sd
 
 
@@ -287,11 +289,7 @@ def load_hf(directory, device="cpu"):
         cfg = hf_config(raw, where)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where} lacks or garbles the setting {e}; it is not a complete NanoChat config.") from None
-    sd = {}
-    for k, v in _hf_state_dict(directory).items():
-        for pat, rep in HF_KEYS:
-            k = re.sub(pat, rep, k)
-        sd[k] = v.float() if v.is_floating_point() else v
+    sd = _hf_state_dict(directory)
     if raw.get("tie_word_embeddings") and "transformer.wte.weight" in sd:  # transformers ties lm_head to it
         sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # ours is untied: a copy trains apart
     model = GPT(cfg)
