@@ -10,10 +10,9 @@
         optim.pt, rng.pt      optimizer state and every rank's RNG states (exact resume)
         meta.json             step, time, git commit, data sources, ...; written last
 
-A crash at any moment leaves `latest` naming a complete checkpoint (or absent). load_model takes a
-run dir (its latest), a step dir, a LoRA adapter dir or a published model (published.py);
-load_checkpoint restores weights, optimizer and RNG into objects the caller built (--resume).
-Only rank 0 saves; every rank calls gather_rng_states().
+A crash at any moment leaves `latest` naming a complete checkpoint (or absent). Only rank 0 saves;
+every rank calls gather_rng_states(). load_checkpoint restores weights, optimizer and RNG into
+objects the caller built (--resume); load_model reads ours and published models (published.py).
 """
 import contextlib
 import os
@@ -178,8 +177,11 @@ def _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng
         save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, MODEL_FILE))
         if lora.lora_modules(model):
             write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+    if tokenizer_dir is not None:  # its files, not its sub-folders
+        os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+        for name in os.listdir(tokenizer_dir):
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, TOKENIZER_DIR))
     elif tokenizer is not None:
         tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
     if optimizer is not None:
@@ -192,16 +194,6 @@ def _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng
                  "config": asdict(model.config), **scrub(dict(meta or {}))}
     write_json(os.path.join(tmp, META_FILE), full_meta)  # last: its presence marks complete
     _fsync_tree(tmp)
-
-
-def _copy_tokenizer(src, dst):
-    if not os.path.isdir(src):
-        raise UserError(f"tokenizer directory {src} does not exist; train one with python -m scripts.tok_train.")
-    os.makedirs(dst)
-    for entry in os.listdir(src):
-        p = os.path.join(src, entry)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(dst, entry))
 
 
 def _publish(tmp, final):
@@ -286,11 +278,8 @@ def load_checkpoint(path, model, optimizer=None, rank=0):
         lora.load_adapters(model, ckpt)
     if optimizer is not None:
         state = read_torch(os.path.join(ckpt, OPTIM_FILE))
-        if isinstance(optimizer, (list, tuple)):
-            for o, s in zip(optimizer, state):
-                o.load_state_dict(s)
-        else:
-            optimizer.load_state_dict(state)
+        for o, s in zip(optimizer, state) if isinstance(optimizer, (list, tuple)) else [(optimizer, state)]:
+            o.load_state_dict(s)
     if os.path.isfile(os.path.join(ckpt, RNG_FILE)):
         per_rank = read_torch(os.path.join(ckpt, RNG_FILE))["per_rank"]
         if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
@@ -344,10 +333,9 @@ def _load_adapter_dir(path, device):
 
 
 def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
-    """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None): what a
-    fine-tuning stage starts from, `init` being anything load_model reads. Adapters in the
-    checkpoint go on training (their base stays the base); without them fresh adapters go on the
-    loaded weights, which become the base; full: adapters merged, every parameter trains."""
+    """(model, tokenizer, checkpoint dir, base that adapter saves name or None) a fine-tuning stage starts
+    from: the init's adapters go on training (on their base), else fresh adapters go on the loaded
+    weights (the base); full: adapters merged, every parameter trains."""
     local = published.resolve(init)
     if published.kind(local):
         model, tok, meta = published.load(local, device=device)

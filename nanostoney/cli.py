@@ -3,7 +3,6 @@ runner that turns any failure into one line and an exit code, and the output dir
 owns (with its lock):
 
     p = cli.ArgumentParser(description="...")             # a bad flag: one line, exit 2
-    p.add_argument("--depth", type=cli.positive_int, default=4)
     cli.claim_out(out, overwrite=args.overwrite, resume=args.resume is not None, own=cli.RUN_FILES)
     cli.run_main(main)                                     # under if __name__ == "__main__"
 
@@ -363,10 +362,9 @@ def _refuse_theirs(path, entries, own, overwrite, flag):
 
 def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=True, flag="--out", pid=None,
               command=None, inputs=None, finished=()):
-    """Make `path` this run's output directory, or refuse in one sentence before any work: a file,
-    an input's overlap, another's files (_refuse_theirs), with training checkpoints (unless resume or
-    overwrite), a `finished` name (unless overwrite), another run's lock. Rank 0 then creates, locks
-    and marks it; unexpected errors log into it. pid, command: lock for a shell script's process."""
+    """Make `path` this run's output directory (rank 0 creates, locks and marks it), or refuse in one
+    sentence: a file, an input, another run's lock, another's files, with training checkpoints (unless
+    resume or overwrite), a `finished` name (unless overwrite). pid, command: lock for a shell script."""
     if not path:
         raise UserError(f"{flag} is empty; pass a directory path.")
     if os.path.exists(path) and not os.path.isdir(path):

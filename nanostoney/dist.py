@@ -223,7 +223,7 @@ def check_same_inputs(files=(), tokenizer=None):
     # a file goes by its folder and name: nodes may keep a clone or a cache under different roots
     listing = sorted((os.path.join(*os.path.normpath(f).split(os.sep)[-2:]), os.path.getsize(f))
                      for f in set(files) if os.path.isfile(f))
-    mine = {"corpus": _digest(listing), "files": len(listing), "bytes": sum(n for _, n in listing),
+    mine = {"corpus": _digest(listing), "size": f"{len(listing)} files of {sum(n for _, n in listing):,} bytes",
             "tokenizer": tokenizer and _digest(_tokenizer_spec(tokenizer)), "vocab": tokenizer and tokenizer.vocab_size}
     everyone = gather_lists([(get_rank(), socket.gethostname(), mine)])
     ref, host0 = everyone[0][2], everyone[0][1]
@@ -235,7 +235,7 @@ def check_same_inputs(files=(), tokenizer=None):
     if corpus_odd:  # (every rank sees the same odd list, so every rank gathers)
         r, listings = corpus_odd[0], gather_lists([listing])
         what.append(f"a different corpus ({_first_difference(listings[0], listings[r], r)}; rank {r} reads "
-                    f"{_size_words(everyone, r)}, rank 0 {_size_words(everyone, 0)})")
+                    f"{everyone[r][2]['size']}, rank 0 {ref['size']})")
     tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]
     if tok_odd:
         r, fp = tok_odd[0]
@@ -248,10 +248,6 @@ def check_same_inputs(files=(), tokenizer=None):
     raise UserError(f"rank{'s' if len(odd) > 1 else ''} {ranks} read{'' if len(odd) > 1 else 's'} "
                     f"{' and '.join(what)} from rank 0 on {host0}; give every node the same corpus files "
                     f"(the same download_corpus flags, the same data/) and the same tokenizer.")
-
-
-def _size_words(everyone, rank):
-    return f"{everyone[rank][2]['files']} files of {everyone[rank][2]['bytes']:,} bytes"
 
 
 def _digest(x):

@@ -5,10 +5,6 @@ later) without; "online" checks the server once, in seconds, and records offline
 note when it cannot be reached or refuses the key; "disabled" writes the jsonl alone. Only rank 0
 logs. The API key is never read into our objects: configs are scrubbed of anything that looks
 like a secret, and wandb's messages are masked.
-
-    logger = Logger(mode="auto", project="nanostoney", config=vars(args), out_dir=out_dir)
-    logger.log({"train/loss": 2.3}, step=step)
-    logger.finish()
 """
 import functools
 import json

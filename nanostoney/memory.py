@@ -53,8 +53,7 @@ def estimate(model, rows, seq_len, device, compiled=False, optimizer="adamw", lm
     weights += 2 * sum(p.numel() for p in matmul) if bf16 else 0
     trainable = [p for _, p in named if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
-    one = optimizer == "muon"
-    states = sum(p.numel() * p.element_size() * (1 if one and id(p) in block else 2) for p in trainable)
+    states = sum(p.numel() * p.element_size() * (1 if optimizer == "muon" and id(p) in block else 2) for p in trainable)
     # and, at the backward's peak, the gradients of one layer's MLP (two 4x-wide tensors)
     activations = tokens * c.n_embd * (c.n_layer * ACT_BYTES[key] + 8 * (2 if bf16 else 4))
     logits = tokens * c.vocab_size * LOGIT_BYTES[key] if lm_head else 0

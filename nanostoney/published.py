@@ -254,9 +254,8 @@ def _hf_state_dict(directory):
 
 
 def hf_config(cfg, where):
-    """GPTConfig from a transformers NanoChatConfig dict, honouring every field that changes its
-    forward pass (modeling_nanochat.py; tie_word_embeddings in load_hf); a field our GPT cannot
-    compute is refused in one sentence. (attention_dropout acts in training only; ours never drops out.)"""
+    """GPTConfig from a transformers NanoChatConfig dict, honouring every field of its forward pass (tied
+    embeddings: load_hf), refusing one our GPT cannot compute (attention_dropout acts in training only)."""
     n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
