@@ -422,8 +422,8 @@ def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--ou
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable place.") \
-                from None
+            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable "
+                            f"place.") from None
         take_lock(f"{path}.lock", f"{flag} {path}")
     return path
 

@@ -89,7 +89,7 @@ class Logger:
         self.active = (get_rank() if rank is None else rank) == 0
         self.mode, self.out_dir = resolve_mode(mode), out_dir
         self.run = self.wandb = self._jsonl = None  # self.wandb: the wandb module once a run has started
-        self.config = scrub(dict(config if isinstance(config, dict) else vars(config) if config else {}))
+        self.config = scrub(dict(config or {}) if config is None or isinstance(config, dict) else vars(config))
         if not self.active:
             return
         if out_dir is not None:
