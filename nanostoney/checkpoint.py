@@ -1,31 +1,20 @@
 """Checkpoints: our own directories (atomic, resumable) and published models, behind one load_model.
 
-A run directory holds one sub-directory per saved step and a `latest` pointer:
-
     out/
-      latest                  text: "step_000200" (replaced atomically, only after the save)
-      step_000200/
+      latest                  text: "step_000200", replaced atomically only after the save
+      step_000200/            written as step_000200.tmp-<pid>, fsynced, then renamed
         config.json           GPTConfig
-        model.pt              state dict (torch.save; keys as gpt.py, LoRA keys if adapters)
-        adapters.pt           instead of model.pt for an adapter-only LoRA checkpoint,
-        adapter_config.json   with rank/alpha/targets and the base checkpoint it fits
-        tokenizer/            a copy of the tokenizer dir, so the checkpoint is self-contained
-        optim.pt              optimizer state_dict (resume)
-        rng.pt                python/numpy/torch/cuda RNG states, one entry per rank (resume)
-        meta.json             step, time, git commit, data sources, whatever the caller adds
+        model.pt              state dict (LoRA keys too); or, adapter-only, adapters.pt and
+        adapter_config.json   rank/alpha/targets and the base checkpoint they fit
+        tokenizer/            a copy of the tokenizer, so the checkpoint is self-contained
+        optim.pt, rng.pt      optimizer state and every rank's RNG states (exact resume)
+        meta.json             step, time, git commit, data sources, ...; written last
 
-Atomicity: everything is written into `step_000200.tmp-<pid>`, fsynced, then renamed; the
-`latest` file is replaced with os.replace after that. A crash at any moment leaves `latest`
-naming a complete checkpoint (or absent), never a half-written one.
-
-Loading: `load_model(path)` takes a run dir (follows `latest`), a step dir, a LoRA adapter
-dir (loads its base, then the adapters), or a published model (published.py: a nanochat
-checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME). `load_checkpoint(path, model,
-optimizer)` restores weights, optimizer and RNG into objects the caller built: that is `--resume`.
-
-Only rank 0 saves (DDP keeps weights and optimizer identical on every rank); RNG states of
-all ranks come in through `gather_rng_states()`, which every rank must call.
+A crash at any moment leaves `latest` naming a complete checkpoint (or absent). Only rank 0 saves;
+every rank calls gather_rng_states(). load_checkpoint restores weights, optimizer and RNG into
+objects the caller built (--resume); load_model reads ours and published models (published.py).
 """
+import contextlib
 import os
 import random
 import re
@@ -43,7 +32,7 @@ from nanostoney.errors import UserError
 from nanostoney.files import pid_alive, read_json, read_torch, save_torch, write_failed, write_json
 from nanostoney.gpt import GPT, unwrap
 from nanostoney.logging import scrub
-from nanostoney.published import check_same_shape, config_from_dict, load_weights
+from nanostoney.published import check_same_shape, check_vocab, config_from_dict, load_weights
 from nanostoney.tokenizer import Tokenizer
 
 FORMAT = "nanostoney-checkpoint-1"
@@ -51,14 +40,12 @@ LATEST = "latest"
 MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.json", "meta.json"
 OPTIM_FILE, RNG_FILE, TOKENIZER_DIR = "optim.pt", "rng.pt", "tokenizer"
 STEP_RE = re.compile(r"^step_(\d+)$")
+DAMAGED = "the checkpoint is incomplete or damaged, or the path is wrong"
 
 
 def step_dir_name(step):
     return f"step_{step:06d}"
 
-
-# -----------------------------------------------------------------------------
-# RNG state (exact resume)
 
 def rng_state():
     """This process's RNG states, in a form torch.load(weights_only=True) accepts."""
@@ -86,9 +73,6 @@ def gather_rng_states():
     return gather_lists([rng_state()])
 
 
-# -----------------------------------------------------------------------------
-# small helpers
-
 def git_commit():
     """The commit of the code that wrote the checkpoint (None outside a git checkout)."""
     try:
@@ -103,34 +87,26 @@ def _fsync_tree(root):
     """Flush every file and directory under root to disk, so the rename publishes real bytes."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(dirpath, name))
         _fsync_dir(dirpath)
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
 
-def _read_json(path):
-    return read_json(path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
+def _fsync_dir(path):
+    with contextlib.suppress(OSError):  # platforms without directory handles (Windows)
+        _fsync(path)
 
 
 def _read_config(ckpt):
     path = os.path.join(ckpt, CONFIG_FILE)
-    return config_from_dict(_read_json(path), path)
+    return config_from_dict(read_json(path, DAMAGED), path)
 
 
 def _apply_saved_lora(model, sd, ckpt):
@@ -150,34 +126,19 @@ def _meta_of(ckpt):
 def read_meta(ckpt):
     """A checkpoint's meta.json: a JSON object with an integer step, else one sentence."""
     path = os.path.join(ckpt, META_FILE)
-    meta = _read_json(path)
+    meta = read_json(path, DAMAGED)
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
         raise UserError(f"{path} is not a checkpoint's meta (a JSON object with an integer 'step'); the "
                         f"checkpoint is damaged: point at another one.")
     return meta
 
 
-# -----------------------------------------------------------------------------
-# saving
-
 def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_dir=None,
                     tokenizer=None, rng_states=None, base_checkpoint=None, keep_last=None, replace=False):
-    """Write out_dir/step_XXXXXX atomically and point out_dir/latest at it. Returns its path.
-
-    model: a GPT (DDP/compile wrappers are unwrapped). With LoRA adapters and base_checkpoint
-      given, only the adapters are written (a small checkpoint that names its base);
-      otherwise the full state dict (adapter keys included, if any).
-    optimizer: anything with state_dict() (a list of them works too).
-    meta: extra JSON-able run metadata; put the data files behind the run in meta["data_sources"].
-      Secret-looking keys are redacted.
-    tokenizer_dir / tokenizer: copied in (files of the dir) / saved in with tokenizer.save().
-    rng_states: gather_rng_states() from all ranks; default: this process only.
-    keep_last: keep only the newest N step directories up to this one (None keeps all).
-    replace: an existing directory of this step (another run's) may be replaced (--overwrite);
-      without it that is refused, so no checkpoint is ever overwritten by other weights.
-    A write that fails (disk full, permission) leaves every published checkpoint and `latest`
-    as they were and raises RunFailed naming the file and the reason.
-    """
+    """Write out_dir/step_XXXXXX atomically, point `latest` at it, return its path; a failed write
+    leaves every checkpoint and `latest` as they were (RunFailed). With LoRA adapters and
+    base_checkpoint only the adapters are written. optimizer: one or a list; meta: JSON-able, secrets
+    redacted; rng_states: gather_rng_states(); replace: this step's directory may be replaced."""
     model = unwrap(model)
     name = step_dir_name(step)
     final = os.path.join(out_dir, name)
@@ -193,12 +154,11 @@ def save_checkpoint(out_dir, model, step, optimizer=None, meta=None, tokenizer_d
         _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng_states, base_checkpoint)
         _publish(tmp, final)
         _set_latest(out_dir, name)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(final, e, kept=f"no checkpoint was replaced and {os.path.join(out_dir, LATEST)} "
-                           f"still names the last complete one") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(final, e, kept=f"no checkpoint was replaced and {os.path.join(out_dir, LATEST)} "
+                               f"still names the last complete one") from None
         raise
     if keep_last:
         _prune(out_dir, keep_last, keep=name)
@@ -217,8 +177,11 @@ def _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng
         save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, MODEL_FILE))
         if lora.lora_modules(model):
             write_json(os.path.join(tmp, lora.ADAPTER_CONFIG), lora.adapter_config(model))
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+    if tokenizer_dir is not None:  # its files, not its sub-folders
+        os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+        for name in os.listdir(tokenizer_dir):
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, TOKENIZER_DIR))
     elif tokenizer is not None:
         tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
     if optimizer is not None:
@@ -233,22 +196,10 @@ def _write_step(tmp, model, step, optimizer, meta, tokenizer_dir, tokenizer, rng
     _fsync_tree(tmp)
 
 
-def _copy_tokenizer(src, dst):
-    if not os.path.isdir(src):
-        raise UserError(f"tokenizer directory {src} does not exist; train one with python -m scripts.tok_train.")
-    os.makedirs(dst)
-    for entry in os.listdir(src):
-        p = os.path.join(src, entry)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(dst, entry))
-
-
 def _publish(tmp, final):
-    """rename tmp -> final. An older directory of the same name (a re-run into the same out
-    dir) is moved aside first and deleted after, so `final` is never a mix of the two."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
+    """rename tmp -> final; an older `final` is moved aside first and deleted after, never mixed in."""
+    old = f"{final}.old-{os.getpid()}" if os.path.exists(final) else None
+    if old:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
@@ -268,8 +219,7 @@ def _set_latest(out_dir, name):
 
 
 def _remove_stale_tmp(out_dir):
-    """Leftovers of our saves that crashed (their process is gone; ours are removed on error).
-    Only our own names: a user's file that happens to end in .tmp-123 is not ours to delete."""
+    """Leftovers of our saves whose process crashed; only our own names (a user's x.tmp-123 is theirs)."""
     for entry in os.listdir(out_dir):
         m = re.fullmatch(r"(?:step_\d+|latest)\.(?:tmp|old)-(\d+)", entry)
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
@@ -282,17 +232,12 @@ def _remove_stale_tmp(out_dir):
 
 def saved_steps(out_dir):
     """[(step, step dir name)] of the complete checkpoints under a run dir, oldest first."""
-    out = []
-    for entry in os.listdir(out_dir):
-        m = STEP_RE.match(entry)
-        if m and os.path.isfile(os.path.join(out_dir, entry, META_FILE)):
-            out.append((int(m.group(1)), entry))
-    return sorted(out)
+    return sorted((int(m.group(1)), e) for e in os.listdir(out_dir)
+                  for m in [STEP_RE.match(e)] if m and os.path.isfile(os.path.join(out_dir, e, META_FILE)))
 
 
 def _prune(out_dir, keep_last, keep):
-    """Delete the older step directories, keeping the newest keep_last up to `keep` (steps past
-    it are another run's, written before an --overwrite: not this run's to prune)."""
+    """Keep the newest keep_last step directories up to `keep` (steps past it are another run's)."""
     upto = int(STEP_RE.match(keep).group(1))
     for _, entry in [d for d in saved_steps(out_dir) if d[0] <= upto][:-keep_last]:
         if entry != keep:
@@ -300,8 +245,7 @@ def _prune(out_dir, keep_last, keep):
 
 
 def latest_checkpoint(out_dir):
-    """The newest complete checkpoint under a run dir (following `latest`), or None.
-    A checkpoint directory itself is returned as is."""
+    """The newest complete checkpoint under a run dir (following `latest`), a step dir itself, or None."""
     if not os.path.isdir(out_dir):
         return None
     if os.path.isfile(os.path.join(out_dir, META_FILE)):
@@ -316,16 +260,15 @@ def latest_checkpoint(out_dir):
     return os.path.join(out_dir, steps[-1][1]) if steps else None
 
 
-# -----------------------------------------------------------------------------
-# resume
-
-def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
-    """Restore weights (and optimizer, RNG of this rank) from one of our checkpoints into
-    objects built by the caller. path: a step dir or a run dir (its latest). Returns meta."""
-    ckpt = _resolve(path)
+def load_checkpoint(path, model, optimizer=None, rank=0):
+    """Restore weights, optimizer and this rank's RNG from a step or run dir into the caller's objects; meta."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or --out of the run).")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"{path} holds no complete checkpoint (no meta.json, no `latest`).")
     model = unwrap(model)
-    cfg = _read_config(ckpt)
-    check_same_shape(cfg, model.config, ckpt)
+    check_same_shape(_read_config(ckpt), model.config, ckpt)
     if os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
         sd = read_torch(os.path.join(ckpt, MODEL_FILE))
         if not lora.lora_modules(model):
@@ -335,48 +278,25 @@ def load_checkpoint(path, model, optimizer=None, rank=0, restore_rng=True):
         lora.load_adapters(model, ckpt)
     if optimizer is not None:
         state = read_torch(os.path.join(ckpt, OPTIM_FILE))
-        if isinstance(optimizer, (list, tuple)):
-            for o, s in zip(optimizer, state):
-                o.load_state_dict(s)
-        else:
-            optimizer.load_state_dict(state)
-    if restore_rng and os.path.isfile(os.path.join(ckpt, RNG_FILE)):
+        for o, s in zip(optimizer, state) if isinstance(optimizer, (list, tuple)) else [(optimizer, state)]:
+            o.load_state_dict(s)
+    if os.path.isfile(os.path.join(ckpt, RNG_FILE)):
         per_rank = read_torch(os.path.join(ckpt, RNG_FILE))["per_rank"]
         if rank < len(per_rank):  # a different world size cannot be resumed bit-exactly anyway
             set_rng_state(per_rank[rank])
     return read_meta(ckpt)
 
 
-def _resolve(path):
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path (or --out of the run).")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise UserError(f"{path} holds no complete checkpoint (no meta.json, no `latest`).")
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
-# loading for use (eval, SFT on top of a base, GRPO, interp)
-
 def _load_tokenizer(directory, cfg):
     """Our tokenizer from a checkpoint's tokenizer/ (None when the checkpoint has none)."""
     tdir = os.path.join(directory, TOKENIZER_DIR)
-    if not os.path.isdir(tdir):
-        return None
-    tok = Tokenizer.load(tdir)
-    if tok.vocab_size > cfg.vocab_size:  # ids past the embedding would crash much later
-        raise UserError(f"{tdir} has {tok.vocab_size} tokens but the model has vocab_size="
-                        f"{cfg.vocab_size}; the checkpoint was saved with the wrong tokenizer.")
+    tok = Tokenizer.load(tdir) if os.path.isdir(tdir) else None
+    check_vocab(tok, cfg, directory)
     return tok
 
 
 def load_model(path, device="cpu"):
-    """(model, tokenizer or None, meta) from any checkpoint we understand; model in eval mode.
-
-    path: our run dir or step dir, a LoRA adapter dir, or a published model (published.py): a
-    nanochat checkpoint dir, a transformers NanoChat dir, or hf:OWNER/NAME.
-    """
+    """(model in eval mode, tokenizer or None, meta) of a run, step, LoRA adapter or published model dir."""
     path = published.resolve(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
@@ -385,11 +305,9 @@ def load_model(path, device="cpu"):
     if published.kind(path):
         return published.load(path, device=device)
     ckpt = latest_checkpoint(path) or path
-    has_model = os.path.isfile(os.path.join(ckpt, MODEL_FILE))
-    has_adapters = os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE))
-    if has_adapters and not has_model:
-        return _load_adapter_dir(ckpt, device)
-    if not has_model:
+    if not os.path.isfile(os.path.join(ckpt, MODEL_FILE)):
+        if os.path.isfile(os.path.join(ckpt, lora.ADAPTER_FILE)):
+            return _load_adapter_dir(ckpt, device)
         raise UserError(f"{path} is not a checkpoint: expected {CONFIG_FILE} + {MODEL_FILE} (nanostoney), "
                         f"{lora.ADAPTER_CONFIG} + {lora.ADAPTER_FILE} (LoRA adapters), model_XXXXXX.pt + "
                         f"meta_XXXXXX.json (nanochat), or config.json + model.safetensors (transformers).")
@@ -408,25 +326,16 @@ def _load_adapter_dir(path, device):
                         f"with load_model(base) and then lora.load_adapters(model, '{path}').")
     model, tokenizer, base_meta = load_model(base, device="cpu")
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        cfg = _read_config(path)
-        check_same_shape(cfg, model.config, f"the base of {path} ({base})")
+        check_same_shape(_read_config(path), model.config, f"the base of {path} ({base})")
     lora.load_adapters(model, path)
     meta = {**_meta_of(path), "base": base_meta}
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
 
 
 def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", dropout=0.0, device="cpu"):
-    """(model, tokenizer, checkpoint dir, base checkpoint that adapter saves name, or None):
-    the model a fine-tuning stage (SFT, reward model, GRPO, STaR) starts from.
-
-    init: a run dir (its latest step), a step dir, a LoRA adapter dir (e.g. the SFT output), or a
-    published model (a nanochat checkpoint dir, a transformers NanoChat dir, hf:OWNER/NAME).
-    - LoRA adapters in the checkpoint, no --full: keep training those adapters (only they train);
-      adapter saves name the same base the init's adapters name.
-    - no adapters, no --full: fresh adapters (rank/alpha/targets) on the loaded weights, which
-      become the base that adapter saves name (for a published model: its local directory).
-    - --full: adapters (if any) merged into the weights; every parameter trains; saves are full.
-    """
+    """(model, tokenizer, checkpoint dir, base that adapter saves name or None) a fine-tuning stage starts
+    from: the init's adapters go on training (on their base), else fresh adapters go on the loaded
+    weights (the base); full: adapters merged, every parameter trains."""
     local = published.resolve(init)
     if published.kind(local):
         model, tok, meta = published.load(local, device=device)
@@ -447,8 +356,7 @@ def load_for_training(init, full=False, rank=16, alpha=32.0, targets="all", drop
     if full:
         if has_adapters:
             lora.remove_lora(model, merge=True)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return model, tok, ckpt, None
     if has_adapters:
         return model, tok, ckpt, lora.base_checkpoint_of(ckpt)

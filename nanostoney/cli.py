@@ -1,33 +1,20 @@
-"""What every entry point shares: flags checked where they are parsed, one runner that turns
-any failure into one line, and the output directory a run owns (with its lock).
+"""What every entry point shares: flag types that refuse a bad value where it is parsed, one
+runner that turns any failure into one line and an exit code, and the output directory a run
+owns (with its lock):
 
     p = cli.ArgumentParser(description="...")             # a bad flag: one line, exit 2
-    p.add_argument("--depth", type=cli.positive_int, default=4)
-    p.add_argument("--lr", type=cli.finite_float(0), default=3e-3)
-    args = p.parse_args(argv)
     cli.claim_out(out, overwrite=args.overwrite, resume=args.resume is not None, own=cli.RUN_FILES)
-    ...
-    if __name__ == "__main__":
-        cli.run_main(main)
+    cli.run_main(main)                                     # under if __name__ == "__main__"
 
-Exit codes: 0 done; 2 bad input (UserError: one sentence naming the problem and the fix);
-1 the run failed (RunFailed: one sentence; anything unexpected: one sentence naming the stage
-and the log file holding the traceback, which --debug prints instead); 130 Ctrl-C; 128+N
-another signal. Nothing half-written is left behind on any of these paths: writes go to a
-temporary name first (files.py, checkpoint.py) and the lock goes with the process.
-
-An output directory is ours only when it holds our marker file (written when a run first
-claims it), or holds nothing but directories with our marker; names alone prove nothing. A run refuses a non-empty directory without the marker
-unless told --overwrite, and even then replaces and deletes nothing of the user's: it refuses
-when a name it would write is already there, and otherwise only creates its own names. An
-output may not be, hold or sit inside an input of the same run (a checkpoint, a tokenizer),
---overwrite or not. A training run refuses a directory that already holds checkpoints unless
-told --resume (go on) or --overwrite (replace them). While a run writes, `<out>/.lock` names it (pid, host,
-command, start); a second run on the same directory is refused with that name. A lock whose
-process is gone (same host) is taken over with a note. Under torchrun only rank 0 locks.
+Exit codes: 0 done; 2 bad input (UserError); 1 the run failed (RunFailed, or anything unexpected:
+one sentence naming the stage and the log holding the traceback); 130 Ctrl-C; 128+N another
+signal. Writes go to a temporary name first and the lock goes with the process, so none of these
+leaves anything half-written. An output directory is ours only when it holds our marker file
+(names alone prove nothing); `<out>/.lock` names the run writing it. Under torchrun only rank 0 locks.
 """
 import argparse
 import atexit
+import contextlib
 import fnmatch
 import json
 import math
@@ -46,8 +33,7 @@ from nanostoney.files import pid_alive
 MARKER, LOCK = ".nanostoney", ".lock"
 # names a stage writes into its output directory: a folder that is not ours (no marker) may be
 # written into with --overwrite only while it holds none of them
-RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged",
-             "*.log")
+RUN_FILES = ("step_*", "latest", "latest.tmp-*", "metrics.jsonl", "wandb", "logs", "*_eval.json", "merged", "*.log")
 SHARED_FILES = ("metrics.jsonl", "wandb", "logs")
 
 _state = {"log_dir": None, "locks": [], "created": []}
@@ -60,48 +46,30 @@ def _rank(var="RANK"):
         return 0
 
 
-# -----------------------------------------------------------------------------
-# flags: types that refuse a bad value where it is parsed
+def _checked(kind, what, ok):
+    """A flag type: kind(text), refused in one line ("must be {what}") unless ok(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _number(text, kind, what):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-
-
-def positive_int(text):
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def nonneg_int(text):
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+positive_int = _checked(int, "a positive integer", lambda v: v >= 1)
+nonneg_int = _checked(int, "an integer >= 0", lambda v: v >= 0)
 
 
 def finite_float(lo=None, hi=None, lo_open=False):
     """A float in [lo, hi] ((lo, hi] with lo_open); NaN and inf are refused."""
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
-    if hi is not None:
-        bounds.append(f"<= {hi:g}")
-    what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-
-    def parse(text):
-        value = _number(text, float, what)
-        if not math.isfinite(value) or (lo is not None and (value < lo or lo_open and value == lo)) or \
-                (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    parse.__name__ = "finite_float"
-    return parse
+    bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
+    bounds += [f"<= {hi:g}"] if hi is not None else []
+    return _checked(float, f"a finite number {' and '.join(bounds)}".rstrip(),
+                    lambda v: math.isfinite(v) and (lo is None or v > lo or v == lo and not lo_open)
+                    and (hi is None or v <= hi))
 
 
 def out_path(text):
@@ -126,8 +94,7 @@ def device(text):
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has "
                                          f"{torch.cuda.device_count()} CUDA GPU(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if kind == "mps" and not (mps is not None and mps.is_available()):
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError("'mps' asked for, but this machine has no Apple GPU; use cpu or auto")
     return text
 
@@ -150,19 +117,11 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# -----------------------------------------------------------------------------
-# the runner
-
-
 class Stopped(BaseException):
-    """SIGTERM/SIGHUP: unwinds like Ctrl-C so temporary files are removed and the lock released."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGTERM/SIGHUP (args[0]): unwinds like Ctrl-C so temporary files are removed and the lock released."""
 
 
-def _on_signal(signum, frame):
+def _on_signal(signum, _frame):
     raise Stopped(signum)
 
 
@@ -195,8 +154,7 @@ def _say(line, every_rank=False):
 
 
 def _stdout_broken():
-    """Has the reader of stdout gone away (e.g. `| head`)? A pipe whose read end is closed polls
-    as an error; a file or a terminal does not."""
+    """Has the reader of stdout gone away (`| head`)? A closed pipe polls as an error, a file does not."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -212,12 +170,10 @@ def _stdout_broken():
 
 
 def _write_traceback(stage):
-    """The traceback into <out>/logs/<stage>-error.log (a temp file when there is no --out yet);
-    returns the path, or None when it cannot be written anywhere."""
+    """The traceback into <out>/logs/<stage>-error.log, else a temp file; its path, or None."""
     rank = _rank()
     name = f"{stage}-error{f'-rank{rank}' if rank else ''}.log"
-    text = f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}"
-    text = mask_secrets(text)
+    text = mask_secrets(f"{' '.join(sys.argv)}\n{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{traceback.format_exc()}")
     for folder in (_state["log_dir"], None):
         try:
             if folder is None:
@@ -251,19 +207,15 @@ def run_main(main):
         _say(f"interrupted: {stage} stopped by Ctrl-C; checkpoints and outputs already written are intact.")
         code = 130
     except Stopped as e:
-        _say(f"stopped: {stage} received {signal.Signals(e.signum).name}; checkpoints and outputs already "
+        _say(f"stopped: {stage} received {signal.Signals(e.args[0]).name}; checkpoints and outputs already "
              f"written are intact.")
-        code = 128 + e.signum
+        code = 128 + e.args[0]
     except BrokenPipeError:
-        if not _stdout_broken():
-            code = _unexpected(stage, debug)
-        else:  # the reader went away (e.g. `| head`): nothing left to say to it
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code = 141
+        code = 141 if _stdout_broken() else _unexpected(stage, debug)
     except Exception:
         code = _unexpected(stage, debug)
     release_locks()
-    if _stdout_broken():
+    if _stdout_broken():  # the reader went away (e.g. `| head`): nothing left to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
@@ -279,10 +231,6 @@ def _unexpected(stage, debug):
     return 1
 
 
-# -----------------------------------------------------------------------------
-# output directories and their lock
-
-
 def _read_lock(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -293,8 +241,7 @@ def _read_lock(path):
 
 
 def _stale(path, holder):
-    """A lock nobody holds any more: its process is gone (same host), or it was never written
-    whole and is old."""
+    """A lock nobody holds: its process is gone (same host), or it was never written whole and is old."""
     if not holder:
         try:
             return time.time() - os.path.getmtime(path) > 10
@@ -302,12 +249,6 @@ def _stale(path, holder):
             return True
     return holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
         and not pid_alive(holder["pid"])
-
-
-def _refuse_if_locked(path, what):
-    holder = _read_lock(path) if os.path.exists(path) else None
-    if holder is not None and not _stale(path, holder) and holder.get("pid") != os.getpid():
-        raise UserError(_in_use(path, what, holder))
 
 
 def _in_use(path, what, holder):
@@ -318,8 +259,7 @@ def _in_use(path, what, holder):
 
 
 def take_lock(path, what, pid=None, command=None):
-    """Create the lock file `path` (O_EXCL) naming this run; refuse in one sentence when another
-    live run holds it. Released at exit (atexit; Ctrl-C and SIGTERM unwind to it)."""
+    """Create the lock `path` (O_EXCL) naming this run, or refuse in one sentence; released at exit."""
     me = {"pid": pid or os.getpid(), "host": socket.gethostname(), "command": command or _command_line(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):
@@ -360,24 +300,19 @@ def _cannot_lock(path, e):
 
 def _remove(path):
     """Remove a file (a lock); one that is already gone is fine."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def release_locks():
-    """Remove our locks; and a directory claim_out created that got nothing but our marker (the run
-    stopped before writing anything) goes too, so a refused run leaves nothing behind."""
+    """Remove our locks, and any directory claim_out created that got nothing but our marker."""
     for path, pid in _state["locks"]:
         if _read_lock(path).get("pid") == pid:
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(path)
-            except OSError:
-                pass
     _state["locks"].clear()
     for leaf, top in _state["created"]:
-        try:
+        with contextlib.suppress(OSError):
             if os.listdir(leaf) in ([MARKER], []):  # (a lock that could not be written: not even the marker)
                 _remove(os.path.join(leaf, MARKER))
                 while True:  # up to the first folder claim_out made
@@ -385,8 +320,6 @@ def release_locks():
                     if leaf == top:
                         break
                     leaf = os.path.dirname(leaf)
-        except OSError:
-            pass
     _state["created"].clear()
 
 
@@ -405,8 +338,7 @@ def _inside(a, b):
 
 
 def refuse_overlap(path, inputs, flag="--out"):
-    """An output that is, holds or sits inside an input of the run ({flag: path}) would be written
-    over what the run reads: refused in one sentence naming both, whatever the flags."""
+    """Refuse an output that is, holds or sits inside an input of the run ({flag: path}), whatever the flags."""
     for name, inp in (inputs or {}).items():
         if inp and os.path.exists(inp) and (_inside(path, inp) or _inside(inp, path)):
             how = "is" if _inside(path, inp) and _inside(inp, path) else "is inside" if _inside(path, inp) else "holds"
@@ -415,8 +347,7 @@ def refuse_overlap(path, inputs, flag="--out"):
 
 
 def _refuse_theirs(path, entries, own, overwrite, flag):
-    """A non-empty directory without our marker is the user's: refused, or with overwrite written
-    beside, as long as no name the run writes is already taken there."""
+    """The user's directory: refused, or with overwrite written beside if no name in `own` is taken."""
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     if not overwrite:
         raise UserError(f"{flag} {path} already holds files nanostoney did not write ({shown}); pick a new or "
@@ -431,24 +362,20 @@ def _refuse_theirs(path, entries, own, overwrite, flag):
 
 def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=True, flag="--out", pid=None,
               command=None, inputs=None, finished=()):
-    """Make `path` this run's output directory, or refuse in one sentence before any work:
-    a file; one that is, holds or sits inside an input (`inputs`: {flag: path}); a directory
-    without our marker holding other files (unless overwrite, and then none may be named like
-    what we write, `own`); with training, one already holding checkpoints (unless resume or
-    overwrite), or without training one holding a `finished` name (unless overwrite); one another
-    run holds. Rank 0 then creates it, locks it and marks it ours;
-    unexpected errors log into it.
-    pid, command: lock on behalf of that process (a shell script), which removes the lock itself."""
+    """Make `path` this run's output directory (rank 0 creates, locks and marks it), or refuse in one
+    sentence: a file, an input, another run's lock, another's files, with training checkpoints (unless
+    resume or overwrite), a `finished` name (unless overwrite). pid, command: lock for a shell script."""
     if not path:
         raise UserError(f"{flag} is empty; pass a directory path.")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a directory; pick a directory path.")
     refuse_overlap(path, inputs, flag)
     entries = sorted(set(os.listdir(path)) - {MARKER, LOCK}) if os.path.isdir(path) else []
-    if _rank() == 0:  # (the other ranks would see rank 0's own lock)
-        _refuse_if_locked(os.path.join(path, LOCK), f"{flag} {path}")  # who holds it says more than what is in it
-    # (a folder holding only folders of ours, each with its marker, holds nothing of the user's: the
-    # parent of stages run one by one, such as out/ of out/tokenizer and out/base)
+    lock = os.path.join(path, LOCK)  # checked first: who holds it says more than what is in it
+    holder = _read_lock(lock) if _rank() == 0 and os.path.exists(lock) else None  # (others see rank 0's own)
+    if holder is not None and not _stale(lock, holder) and holder.get("pid") != os.getpid():
+        raise UserError(_in_use(lock, f"{flag} {path}", holder))
+    # (folders of ours hold nothing of the user's: out/ of out/tokenizer and out/base)
     theirs = [] if is_ours(path) else [e for e in entries if not is_ours(os.path.join(path, e))]
     if theirs:
         _refuse_theirs(path, theirs, own, overwrite, flag)
@@ -471,7 +398,7 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
             raise UserError(f"cannot create {flag} {path} ({e.strerror}); pick a directory you can write to.") from None
         if pid is None and not existed:
             _state["created"].append((os.path.abspath(path), top))
-        take_lock(os.path.join(path, LOCK), f"{flag} {path}", pid=pid, command=command)
+        take_lock(lock, f"{flag} {path}", pid=pid, command=command)
         marker = os.path.join(path, MARKER)
         if not os.path.exists(marker):
             with open(marker, "w", encoding="utf-8") as f:
@@ -481,9 +408,7 @@ def claim_out(path, *, overwrite=False, resume=False, own=RUN_FILES, training=Tr
 
 
 def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--out", inputs=None):
-    """The same for an output that is one file: refuse a directory, an input of the run
-    (`inputs`), or an existing file that is not ours (unless overwrite: the user named that very
-    file); create its folder; lock it (<file>.lock) on rank 0."""
+    """The same for a one-file output (an existing one not ours only with overwrite), locked as <file>.lock."""
     if not path:
         raise UserError(f"{flag} is empty; pass a file path.")
     if os.path.isdir(path):
@@ -497,7 +422,8 @@ def claim_out_file(path, *, overwrite=False, is_ours=lambda p: False, flag="--ou
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable place.") from None
+            raise UserError(f"cannot create {parent} for {flag} {path} ({e.strerror}); pick a writable "
+                            f"place.") from None
         take_lock(f"{path}.lock", f"{flag} {path}")
     return path
 
@@ -515,9 +441,7 @@ def refuse_same(outputs):
 
 
 def main(argv=None):
-    """`python -m nanostoney.cli DIR --pid PID`: claim and lock DIR for a shell script
-    (run_stoney_small.sh) whose process PID holds the lock and removes it when it exits; a
-    non-empty DIR without our marker is refused (the script has no --overwrite)."""
+    """`python -m nanostoney.cli DIR --pid PID`: claim DIR for run_stoney_small.sh, which removes the lock."""
     p = ArgumentParser(description="Claim and lock an output directory for a shell script.")
     p.add_argument("directory", type=out_path)
     p.add_argument("--pid", type=positive_int, required=True)

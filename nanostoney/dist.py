@@ -1,19 +1,14 @@
-"""Process setup: one code path for a laptop, one GPU, 8 GPUs, and several nodes.
-
-torchrun tells each process who it is through RANK / LOCAL_RANK / WORLD_SIZE (and
-MASTER_ADDR / MASTER_PORT for the rendezvous). When those are absent we are a plain single
-process and never touch torch.distributed, so a laptop run needs no network setup at all.
+"""Process setup: one code path for a laptop, one GPU, 8 GPUs, and several nodes. Without
+torchrun's RANK / LOCAL_RANK / WORLD_SIZE we are a plain single process and never touch
+torch.distributed; the collectives below are then identities, so callers never branch on it.
 
     info = init_dist()
     with autocast_ctx(info):
         loss = model(x, y)
-    print0(f"loss {loss.item():.3f}")
-    cleanup()
 """
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -46,31 +41,11 @@ class DistInfo:
 
 
 def _env_int(name, default):
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
-def visible_gpus():
-    """GPUs this process is shown, whether or not torch can use them: the ids in
-    CUDA_VISIBLE_DEVICES when it is set (set empty, it hides every GPU), else the lines of
-    `nvidia-smi -L`; [] when there are none."""
-    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if ids is not None:
-        ids = ids.strip()
-        return [] if ids in ("", "-1", "none", "NoDevFiles") else ids.split(",")
-    smi = _nvidia_smi("-L")
-    return [line for line in (smi or "").splitlines() if line.startswith("GPU")]
-
-
-def driver_version():
-    """The NVIDIA driver version from nvidia-smi, or None when nvidia-smi does not run."""
-    out = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
-    return out.splitlines()[0].strip() if out and out.strip() else None
+    return int(os.environ.get(name) or default)
 
 
 def _nvidia_smi(*args):
-    if shutil.which("nvidia-smi") is None:
-        return None
+    """nvidia-smi's output, or None when it is missing or fails."""
     try:
         r = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -79,16 +54,19 @@ def _nvidia_smi(*args):
 
 
 def check_gpus_usable():
-    """Stop (UserError) when GPUs are visible but torch cannot use them: a CPU fallback would
-    run 8 slow CPU ranks on an 8-GPU node without a word. The usual cause is a driver older
-    than the CUDA version torch was built for."""
+    """Stop (UserError) when GPUs are visible but torch cannot use them (usually a driver older than
+    torch's CUDA): a CPU fallback would run 8 slow CPU ranks on an 8-GPU node without a word."""
     if torch.cuda.is_available():
         return
-    gpus = visible_gpus()
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")  # set empty, it hides every GPU
+    if ids is None:
+        gpus = [line for line in (_nvidia_smi("-L") or "").splitlines() if line.startswith("GPU")]
+    else:
+        gpus = [] if ids.strip() in ("", "-1", "none", "NoDevFiles") else ids.strip().split(",")
     if not gpus:
         return
-    driver = driver_version()
-    driver = f"NVIDIA driver {driver}" if driver else "an NVIDIA driver nvidia-smi could not report"
+    driver = (_nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader") or "").split()
+    driver = f"NVIDIA driver {driver[0]}" if driver else "an NVIDIA driver nvidia-smi could not report"
     built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
     raise UserError(f"{len(gpus)} GPU(s) are visible but torch {torch.__version__}, built for {built}, cannot "
                     f"use them with {driver}; install a driver for {built} (docs/RUNNING.md, GPUs), or run on CPU "
@@ -96,8 +74,7 @@ def check_gpus_usable():
 
 
 def pick_device(device=None, local_rank=0):
-    """"auto"/None: cuda:local_rank if there is a GPU, else mps (single process), else cpu.
-    GPUs that are visible but unusable stop the run (check_gpus_usable) instead of falling back."""
+    """"auto"/None: cuda:local_rank if there is a usable GPU, else mps (single process), else cpu."""
     if device not in (None, "", "auto"):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -113,16 +90,12 @@ def pick_device(device=None, local_rank=0):
 
 
 def init_dist(device=None, seed=None):
-    """Join the torchrun process group if there is one; pick device and dtype.
-
-    device: None/"auto", or "cpu", "cuda", "mps" to force one. NCCL on CUDA, gloo otherwise.
-    seed: optional; seeds torch on every rank with the same value (so weights init alike).
-    """
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo otherwise); pick device
+    (pick_device) and dtype. seed: seeds torch alike on every rank (so weights init alike)."""
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    # before the first CUDA allocation: segments that grow instead of fragmenting (nanochat, and
-    # what the memory plan assumes); a value the user set wins
+    # before the first CUDA allocation: segments that grow instead of fragmenting (as nanochat and the memory plan)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = pick_device(device, local_rank)
     if device.type == "cuda":
@@ -130,72 +103,53 @@ def init_dist(device=None, seed=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            # device_id binds this rank to its GPU up front (no guessing inside NCCL).
+        if device.type == "cuda":  # device_id binds this rank to its GPU up front
             dist.init_process_group(backend="nccl", device_id=device, timeout=GROUP_TIMEOUT)
         else:
             dist.init_process_group(backend="gloo", timeout=GROUP_TIMEOUT)
-    # bf16 autocast on CUDA: matmuls in bf16, master weights and optimizer state stay fp32.
-    # On CPU/mps we keep fp32: CPU bf16 is slow on most chips and the point there is testing.
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if seed is not None:
         torch.manual_seed(seed)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                    is_master=rank == 0, autocast_dtype=autocast_dtype)
+    # bf16 autocast on CUDA (master weights and optimizer state stay fp32); fp32 elsewhere: CPU bf16
+    # is slow on most chips and the point there is testing
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, is_master=rank == 0,
+                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 def autocast_ctx(info):
     """The mixed-precision context for forward passes (a no-op in fp32)."""
-    if info.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=info.device.type, dtype=info.autocast_dtype)
+    return nullcontext() if info.autocast_dtype is None else torch.autocast(info.device.type, info.autocast_dtype)
 
 
 def get_rank():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return _env_int("RANK", 0)
-
-
-def is_master():
-    return get_rank() == 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else _env_int("RANK", 0)
 
 
 def print0(*args, **kwargs):
     """print on rank 0 only, so an 8-GPU run does not print every line eight times."""
-    if is_master():
+    if get_rank() == 0:
         print(*args, **kwargs)
 
 
-# -----------------------------------------------------------------------------
-# collectives: every rank calls them the same number of times; in one process they are
-# identities, so callers never branch on the world size.
-
+# collectives: every rank calls them the same number of times
 def _grouped():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _reduce_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def all_reduce_sum(x):
-    """Sum over ranks: a tensor (in place, returned) or a list of floats (a new list, summed in
-    float64)."""
+    """Sum over ranks: a tensor (in place, returned) or a list of floats (a new list, in float64)."""
     if isinstance(x, torch.Tensor):
         if _grouped():
             dist.all_reduce(x)
         return x
     t = torch.tensor(x, dtype=torch.float64)
     if _grouped():
-        t = t.to(_reduce_device())
+        t = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
     return t.tolist()
 
 
 def all_reduce_mean(x):
-    """Mean over ranks: a tensor (in place, returned), a float, or a dict of floats (the same
-    keys on every rank; one collective for all of them)."""
+    """Mean over ranks: a tensor (in place, returned), a float, or a dict of floats (one collective)."""
     if not _grouped():
         return x
     n = dist.get_world_size()
@@ -209,9 +163,8 @@ def all_reduce_mean(x):
 
 
 def sync_grads(params):
-    """Sum gradients over ranks (one flat all-reduce), for models trained without a DDP wrapper
-    (GRPO: its forward is trunk + gathered logits, not forward()). A parameter without a
-    gradient on this rank counts as zero."""
+    """Sum gradients over ranks (one flat all-reduce) for models trained without a DDP wrapper (GRPO's
+    forward is trunk + gathered logits); a parameter without a gradient on this rank counts as zero."""
     if not _grouped():
         return
     grads = []
@@ -221,10 +174,8 @@ def sync_grads(params):
         grads.append(p.grad)
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
 
 
 def gather_lists(items):
@@ -236,17 +187,10 @@ def gather_lists(items):
     return [x for part in parts for x in part]
 
 
-def get_world_size():
-    return dist.get_world_size() if _grouped() else 1
-
-
 def map_over_ranks(fn, items, info=None, wrap=None):
-    """[fn(x) for x in items] with the work shared out: rank r computes items r, r + world, ...
-    and every rank gets the whole list back, in order. When fn(x) depends only on x (seed it
-    from x's position, not the rank), the result is the same at any world size.
-    info: a DistInfo (default: this process's group); wrap: e.g. a progress bar around this
-    rank's indices."""
-    rank, world = (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
+    """[fn(x) for x in items] on every rank, rank r computing items r, r + world, ... (the same at any
+    world size when fn(x) depends only on x); wrap: e.g. a progress bar around this rank's indices."""
+    rank, world = (info.rank, info.world_size) if info else (get_rank(), dist.get_world_size() if _grouped() else 1)
     idx = range(rank, len(items), world)
     mine = [(i, fn(items[i])) for i in (wrap(idx) if wrap is not None else idx)]
     if world > 1:  # (world 1 inside a group: one rank working alone, e.g. rank 0's samples)
@@ -255,10 +199,8 @@ def map_over_ranks(fn, items, info=None, wrap=None):
 
 
 def check_shared(paths):
-    """Several nodes read what rank 0 reads: checkpoints, --init, tokenizers and outputs must sit
-    on a filesystem every node mounts at the same path. paths: {flag: path} (None is skipped).
-    Every rank checks them (one collective) and every rank raises the same one-sentence
-    UserError when a rank misses a path rank 0 sees, before any rank waits on the others."""
+    """Every rank raises the same one-sentence UserError when a rank misses a path ({flag: path}) that
+    rank 0 sees: checkpoints, tokenizers and outputs must sit on a filesystem every node mounts."""
     if not _grouped():
         return
     paths = {k: v for k, v in paths.items() if v}
@@ -273,31 +215,27 @@ def check_shared(paths):
 
 
 def check_same_inputs(files=(), tokenizer=None):
-    """Every rank reads the same corpus and the same tokenizer: nodes that downloaded different
-    shards or hold another copy of the data would skip or repeat data without a word. files: the
-    corpus's source paths (what is not a file, e.g. a hub id, is skipped), compared by folder,
-    name and size; tokenizer: compared by a hash of its vocabulary, merges and special tokens. One
-    all-gather of this small fingerprint (and, only where it differs, of the file lists); every
-    rank raises the same one-sentence UserError naming the ranks and what differs."""
+    """Every rank raises the same one-sentence UserError unless all read the same corpus files (by
+    folder, name and size; what is not a file is skipped) and tokenizer (by a hash of its vocabulary,
+    merges and specials): nodes holding other data would skip or repeat data without a word."""
     if not _grouped():
         return
     # a file goes by its folder and name: nodes may keep a clone or a cache under different roots
     listing = sorted((os.path.join(*os.path.normpath(f).split(os.sep)[-2:]), os.path.getsize(f))
                      for f in set(files) if os.path.isfile(f))
-    mine = {"corpus": _digest(listing), "files": len(listing), "bytes": sum(n for _, n in listing),
+    mine = {"corpus": _digest(listing), "size": f"{len(listing)} files of {sum(n for _, n in listing):,} bytes",
             "tokenizer": tokenizer and _digest(_tokenizer_spec(tokenizer)), "vocab": tokenizer and tokenizer.vocab_size}
     everyone = gather_lists([(get_rank(), socket.gethostname(), mine)])
-    odd = [(r, host, fp) for r, host, fp in everyone if fp != everyone[0][2]]
+    ref, host0 = everyone[0][2], everyone[0][1]
+    odd = [(r, host, fp) for r, host, fp in everyone if fp != ref]
     if not odd:
         return
-    ref, host0 = everyone[0][2], everyone[0][1]
     corpus_odd = [r for r, _, fp in odd if fp["corpus"] != ref["corpus"]]
-    listings = gather_lists([listing]) if corpus_odd else None  # every rank sees the same odd list
     what = []
-    if corpus_odd:
-        r = corpus_odd[0]
+    if corpus_odd:  # (every rank sees the same odd list, so every rank gathers)
+        r, listings = corpus_odd[0], gather_lists([listing])
         what.append(f"a different corpus ({_first_difference(listings[0], listings[r], r)}; rank {r} reads "
-                    f"{_size_words(everyone, r)}, rank 0 {_size_words(everyone, 0)})")
+                    f"{everyone[r][2]['size']}, rank 0 {ref['size']})")
     tok_odd = [(r, fp) for r, _, fp in odd if fp["tokenizer"] != ref["tokenizer"]]
     if tok_odd:
         r, fp = tok_odd[0]
@@ -312,18 +250,12 @@ def check_same_inputs(files=(), tokenizer=None):
                     f"(the same download_corpus flags, the same data/) and the same tokenizer.")
 
 
-def _size_words(everyone, rank):
-    fp = everyone[rank][2]
-    return f"{fp['files']} files of {fp['bytes']:,} bytes"
-
-
 def _digest(x):
     return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _tokenizer_spec(tokenizer):
-    """What makes a tokenizer's ids: its BPE vocabulary and merges, and the special tokens' ids
-    (not the JSON layout, which a `tokenizers` release may change)."""
+    """What makes a tokenizer's ids (not its JSON layout, which a `tokenizers` release may change)."""
     spec = json.loads(tokenizer.hf.to_str())
     return [spec["model"].get("vocab"), spec["model"].get("merges"),
             sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))]
@@ -348,8 +280,7 @@ def barrier():
 
 
 def local_rank_0_first(fn, info):
-    """fn() on each node's local rank 0, then on the other ranks: the first fills the cache,
-    the others find it (no two processes write the same shard at once)."""
+    """fn() on each node's local rank 0 (filling the cache), then on the other ranks (finding it)."""
     if info.local_rank == 0:
         out = fn()
     barrier()
@@ -357,11 +288,9 @@ def local_rank_0_first(fn, info):
 
 
 def cleanup():
-    """Leave the process group (torchrun otherwise warns about a leaked group at exit), once
-    every rank is here. Then give the GIL away for a moment: gloo's worker thread frees the last
-    collectives' tensors after they complete, which needs the GIL, while DDP's reducer, freed
-    later on the main thread with the GIL held, joins that thread (a deadlock seen at 2 CPU ranks,
-    py-spy: ~ProcessGroupGloo in join, the worker in ~AsyncAllgatherWork waiting for the GIL)."""
+    """Leave the process group (torchrun warns about a leaked one) once every rank is here, then
+    give the GIL away a moment: gloo's worker thread needs it to free the last collectives' tensors,
+    while DDP's reducer, freed later on the main thread holding it, joins that thread (a deadlock)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,13 +1,6 @@
-"""Files written whole or not at all, and read back with a one-sentence error.
-
-A reader (a person, a later stage, a resumed run) sees the old file or the new one, never half
-of one: every write goes to a temporary name beside the target and is renamed over it. A write
-that fails (disk full, no permission) removes its temporary file, leaves the old file as it
-was and says so in one sentence naming the file and the reason (RunFailed).
-
-    write_json("out/sft/sft_eval.json", report)
-    meta = read_json("out/base/step_000500/meta.json")
-"""
+"""Files written whole or not at all (a temporary name beside the target, renamed over it), and
+read back with a one-sentence error. A failed write removes its temporary file, leaves the old
+file as it was and says so in one sentence naming the file and the reason (RunFailed)."""
 import json
 import os
 
@@ -48,14 +41,13 @@ def pid_alive(pid):
     except ProcessLookupError:
         return False
     except OSError:  # it exists but is not ours to signal
-        return True
+        pass
     return True
 
 
 class _Writes:
-    """The file torch.save writes into: every write whole, and the exception of a failed one kept
-    (torch turns it into 'unexpected pos', which names neither the file nor the reason): an
-    OSError, or a Ctrl-C / SIGTERM arriving mid-write, which must stay one."""
+    """The file torch.save writes into, keeping the exception of a failed write (torch turns it
+    into 'unexpected pos', naming neither file nor reason): an OSError, or a Ctrl-C / SIGTERM."""
 
     def __init__(self, f):
         self.f, self.name, self.error = f, f.name, None
@@ -104,8 +96,7 @@ def read_json(path, fix="the file is damaged or the path is wrong"):
 
 
 def read_torch(path, fix="the file is damaged or not a torch checkpoint"):
-    """torch.load(weights_only) of `path`; a UserError naming the file when it is missing or
-    cannot be read (truncated, not a checkpoint)."""
+    """torch.load(weights_only) of `path`; a UserError naming the file when it is missing or unreadable."""
     import torch
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing; the checkpoint is incomplete or the path is wrong.")

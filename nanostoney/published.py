@@ -1,23 +1,12 @@
-"""Models published elsewhere, loaded as our GPT: nanochat's checkpoint directories, the Hugging
-Face transformers NanoChat layout, and hub ids hf:OWNER/NAME[/SUBDIR].
+"""Models published elsewhere, loaded as our GPT (gpt.py keeps nanochat's module names):
 
-    path = resolve("hf:karpathy/nanochat-d32")       # downloaded once into the hub cache
-    model, tokenizer, meta = load(path)              # what checkpoint.load_model calls
+    model, tokenizer, meta = load(resolve("hf:karpathy/nanochat-d32"))   # what load_model calls
 
-- nanochat (Oct 2025): model_XXXXXX.pt + meta_XXXXXX.json (its model_config), the tokenizer as
-  tokenizer.pkl beside them, in tokenizer/ beside them, or nanochat's ~/.cache/nanochat/tokenizer
-  two levels up (base_checkpoints/d20 -> tokenizer). The state dict's names are ours (gpt.py
-  keeps nanochat's module names).
+- nanochat (Oct 2025): model_XXXXXX.pt + meta_XXXXXX.json, tokenizer.pkl beside them, in
+  tokenizer/ beside them, or two levels up (nanochat's ~/.cache/nanochat/base_checkpoints/d20).
 - transformers (models/nanochat): config.json with model_type "nanochat", model.safetensors (or
-  an index of shards), tokenizer.json. Keys are renamed: model.embed_tokens -> transformer.wte,
-  model.layers.i.self_attn.{q,k,v,o}_proj -> transformer.h.i.attn.c_{q,k,v,proj},
-  model.layers.i.mlp.fc1/fc2 -> mlp.c_fc/c_proj. The format is read here (an 8-byte header
-  length, a JSON header, raw tensors), so the `safetensors` package is not needed.
-- hf:OWNER/NAME: snapshot_download into the hub cache (optimizer shards left out); with
-  HF_HUB_OFFLINE=1 a cached copy is used and a missing one is one sentence.
-
-Special tokens map by name: nanochat's are ours (tokenizer.SPECIAL_TOKENS); a tokenizer without
-one the chat format needs is refused by check_chat_tokens, naming it.
+  shards; read without the `safetensors` package), tokenizer.json.
+- hf:OWNER/NAME[/SUBDIR]: snapshot_download into the hub cache (optimizer shards left out).
 """
 import json
 import os
@@ -38,13 +27,8 @@ HF_PREFIX = "hf:"
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # sequence_len may differ
 
 
-# -----------------------------------------------------------------------------
-# which format, and hf: ids
-
-
 def resolve(path):
-    """A local directory for `path`: hf:OWNER/NAME[/SUBDIR] downloaded (once) into the hub
-    cache, anything else as given."""
+    """A local directory for `path`: hf:OWNER/NAME[/SUBDIR] downloaded once, anything else as given."""
     if not str(path).startswith(HF_PREFIX):
         return path
     parts = str(path)[len(HF_PREFIX):].strip("/").split("/")
@@ -72,19 +56,13 @@ def download(repo_id):
 
 def kind(path):
     """"nanochat", "hf" (transformers layout) or None (not a published format we read)."""
-    if not os.path.isdir(path):
-        return None
     if _nanochat_model_dir(path):
         return "nanochat"
-    cfg = os.path.join(path, "config.json")
-    if os.path.isfile(cfg):
-        try:
-            with open(cfg, encoding="utf-8") as f:
-                if json.load(f).get("model_type") == "nanochat":
-                    return "hf"
-        except (ValueError, AttributeError):
-            return None
-    return None
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return "hf" if json.load(f).get("model_type") == "nanochat" else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load(path, device="cpu"):
@@ -102,27 +80,18 @@ def check_chat_tokens(tokenizer, where):
                         f"tokenizer.")
 
 
-# -----------------------------------------------------------------------------
-# configs and weights of any origin, checked into our GPT (checkpoint.py uses them too)
-
-
 def describe(cfg):
     return ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
 
 
 def describe_weights(sd):
     """The shape a state dict implies (heads are not visible in weights, widths are)."""
-    def get(k):
-        return sd.get(k, sd.get("_orig_mod." + k))
-    wte, ck = get("transformer.wte.weight"), get("transformer.h.0.attn.c_k.weight")
+    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+    wte, ck = sd.get("transformer.wte.weight"), sd.get("transformer.h.0.attn.c_k.weight")
     layers = {int(m.group(1)) for k in sd for m in [re.search(r"transformer\.h\.(\d+)\.", k)] if m}
-    parts = []
-    if wte is not None:
-        parts += [f"vocab_size={wte.shape[0]}", f"n_embd={wte.shape[1]}"]
+    parts = [f"vocab_size={wte.shape[0]}", f"n_embd={wte.shape[1]}"] if wte is not None else []
     parts.append(f"n_layer={max(layers) + 1 if layers else 0}")
-    if ck is not None:
-        parts.append(f"kv width={ck.shape[0]}")
-    return ", ".join(parts)
+    return ", ".join(parts + ([f"kv width={ck.shape[0]}"] if ck is not None else []))
 
 
 def config_from_dict(d, where):
@@ -169,10 +138,6 @@ def check_same_shape(cfg_a, cfg_b, where):
                         f"loaded is ({describe(cfg_b)}); build the model from the checkpoint's config.")
 
 
-# -----------------------------------------------------------------------------
-# nanochat checkpoint directories
-
-
 def _nanochat_steps(directory):
     if not os.path.isdir(directory):
         return []
@@ -180,8 +145,7 @@ def _nanochat_steps(directory):
 
 
 def _nanochat_model_dir(path):
-    """path if it holds model_XXXXXX.pt files; else the deepest d<N> sub-folder that does
-    (nanochat's base_checkpoints/ layout, one folder per depth); else None."""
+    """path if it holds model_XXXXXX.pt files, else its deepest d<N> folder that does, else None."""
     if _nanochat_steps(path):
         return path
     if not os.path.isdir(path):
@@ -191,85 +155,65 @@ def _nanochat_model_dir(path):
     return os.path.join(path, depths[-1][1]) if depths else None
 
 
-def _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir):
-    """nanochat keeps tokenizer.pkl in ~/.cache/nanochat/tokenizer, two levels above
-    base_checkpoints/d20; published model folders often put it next to the weights."""
-    if tokenizer_dir is not None:
-        cands = [tokenizer_dir]
-    else:
-        c = os.path.abspath(checkpoint_dir)
-        cands = [c, os.path.join(c, "tokenizer"), os.path.join(os.path.dirname(c), "tokenizer"),
-                 os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")]
-    for d in cands:
+def _find_nanochat_tokenizer(checkpoint_dir):
+    """Beside the weights, in tokenizer/ beside or above them, or two levels up (nanochat's
+    ~/.cache/nanochat/tokenizer above base_checkpoints/d20); None when there is none."""
+    c = os.path.abspath(checkpoint_dir)
+    for d in (c, os.path.join(c, "tokenizer"), os.path.join(os.path.dirname(c), "tokenizer"),
+              os.path.join(os.path.dirname(os.path.dirname(c)), "tokenizer")):
         if os.path.isfile(os.path.join(d, "tokenizer.json")):
             return Tokenizer.load(d)
         if os.path.isfile(os.path.join(d, "tokenizer.pkl")):
             return Tokenizer.from_nanochat_pickle(os.path.join(d, "tokenizer.pkl"))
-    if tokenizer_dir is not None:
-        raise UserError(f"no tokenizer.pkl or tokenizer.json in {tokenizer_dir}; point --tokenizer "
-                        f"at nanochat's tokenizer directory.")
     return None
 
 
-def load_nanochat(checkpoint_dir, tokenizer_dir=None, device="cpu", step=None):
-    """Import a nanochat (Oct 2025) checkpoint: (model, tokenizer or None, meta).
-
-    Reads model_XXXXXX.pt (highest step unless `step` is given) and meta_XXXXXX.json. Keys
-    lose torch.compile's `_orig_mod.` prefix; bf16 tensors (nanochat keeps the embedding in
-    bf16 on GPU) become fp32, which is exact. The rotary tables are rebuilt in bf16 by gpt.py
-    exactly as nanochat builds them, so logits match nanochat's.
-    """
+def load_nanochat(checkpoint_dir, device="cpu"):
+    """(model, tokenizer or None, meta) of a nanochat (Oct 2025) checkpoint's highest step. Keys lose
+    torch.compile's `_orig_mod.` prefix; bf16 tensors become fp32 (exact); gpt.py rebuilds the
+    rotary tables in bf16 as nanochat does, so logits match nanochat's."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"nanochat checkpoint directory {checkpoint_dir} does not exist; check the path.")
     model_dir = _nanochat_model_dir(checkpoint_dir)
     if model_dir is None:
         raise UserError(f"{checkpoint_dir} has no nanochat model_XXXXXX.pt file; point at the folder "
                         f"holding model_*.pt and meta_*.json (e.g. base_checkpoints/d20).")
-    checkpoint_dir, steps = model_dir, _nanochat_steps(model_dir)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"{checkpoint_dir} has no model_{step:06d}.pt; available steps: {steps}.")
+    checkpoint_dir, step = model_dir, _nanochat_steps(model_dir)[-1]
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     meta = read_json(meta_path, fix="the checkpoint is incomplete or damaged, or the path is wrong")
     if "model_config" not in meta:
         raise UserError(f"{meta_path} has no model_config; it is not a nanochat checkpoint meta file.")
     cfg = config_from_dict(meta["model_config"], meta_path)
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    raw = read_torch(model_path)
-    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
+    sd = {k.removeprefix("_orig_mod."): (v.float() if v.is_floating_point() else v)
+          for k, v in read_torch(model_path).items()}
     model = GPT(cfg)
     load_weights(model, sd, model_path)
-    tokenizer = _find_nanochat_tokenizer(checkpoint_dir, tokenizer_dir)
-    _check_vocab(tokenizer, cfg, checkpoint_dir)
+    tokenizer = _find_nanochat_tokenizer(checkpoint_dir)
+    check_vocab(tokenizer, cfg, checkpoint_dir)
     meta = {**meta, "source": "nanochat", "step": step, "checkpoint": os.path.abspath(checkpoint_dir)}
     return model.to(device).eval(), tokenizer, meta
 
 
-def _check_vocab(tokenizer, cfg, where):
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # (a padded vocab is fine)
+def check_vocab(tokenizer, cfg, where):
+    """Ids past the model's embedding would crash much later (a padded vocabulary is fine)."""
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer found for {where} has {tokenizer.vocab_size} tokens but the model "
-                        f"has vocab_size={cfg.vocab_size}; pass the matching tokenizer.")
+                        f"has vocab_size={cfg.vocab_size}; use the tokenizer the model was trained with.")
 
-
-# -----------------------------------------------------------------------------
-# the transformers layout
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 HF_KEYS = [(r"^model\.embed_tokens\.", "transformer.wte."),
-           (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"transformer.h.\1.attn.c_q."),
-           (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"transformer.h.\1.attn.c_k."),
-           (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"transformer.h.\1.attn.c_v."),
+           (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"transformer.h.\1.attn.c_\2."),
            (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
            (r"^model\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.h.\1.mlp.c_fc."),
            (r"^model\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.h.\1.mlp.c_proj.")]
 
 
 def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: u64 little-endian header size, the JSON header
-    ({name: {dtype, shape, data_offsets}}, "__metadata__"), then the bytes of every tensor."""
+    """{name: tensor} of a .safetensors file: u64 header size, JSON header, then the tensors' bytes."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -291,7 +235,7 @@ def read_safetensors(path):
 
 
 def _hf_state_dict(directory):
-    """The model's tensors, from model.safetensors or the shards its index names."""
+    """The model's tensors under our names, in fp32, from model.safetensors or the shards its index names."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
         shards = sorted(set(read_json(index, fix="re-download the model")["weight_map"].values()))
@@ -302,17 +246,16 @@ def _hf_state_dict(directory):
                         f"re-download the model.")
     sd = {}
     for shard in shards:
-        sd.update(read_safetensors(os.path.join(directory, shard)))
+        for k, v in read_safetensors(os.path.join(directory, shard)).items():
+            for pat, rep in HF_KEYS:
+                k = re.sub(pat, rep, k)
+            sd[k] = v.float() if v.is_floating_point() else v
     return sd
 
 
 def hf_config(cfg, where):
-    """GPTConfig from a transformers NanoChatConfig dict, honouring every field that changes
-    transformers' forward pass (modeling_nanochat.py): the RMSNorm eps, float32 rotary tables,
-    grouped kv heads, the sequence length; tie_word_embeddings is honoured by load_hf. A field
-    our GPT cannot compute (another activation, biases, rope theta or scaling, softcap, MLP
-    width, head size) is refused in one sentence. attention_dropout acts in training only, and
-    our fine-tuning never drops out."""
+    """GPTConfig from a transformers NanoChatConfig dict, honouring every field of its forward pass (tied
+    embeddings: load_hf), refusing one our GPT cannot compute (attention_dropout acts in training only)."""
     n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -345,16 +288,12 @@ def load_hf(directory, device="cpu"):
         cfg = hf_config(raw, where)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where} lacks or garbles the setting {e}; it is not a complete NanoChat config.") from None
-    sd = {}
-    for k, v in _hf_state_dict(directory).items():
-        for pat, rep in HF_KEYS:
-            k = re.sub(pat, rep, k)
-        sd[k] = v.float() if v.is_floating_point() else v
+    sd = _hf_state_dict(directory)
     if raw.get("tie_word_embeddings") and "transformer.wte.weight" in sd:  # transformers ties lm_head to it
         sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # ours is untied: a copy trains apart
     model = GPT(cfg)
     load_weights(model, sd, os.path.join(directory, "model.safetensors"))
     tokenizer = Tokenizer.load(directory) if os.path.isfile(os.path.join(directory, "tokenizer.json")) else None
-    _check_vocab(tokenizer, cfg, directory)
+    check_vocab(tokenizer, cfg, directory)
     meta = {"source": "transformers", "model_type": "nanochat", "checkpoint": os.path.abspath(directory)}
     return model.to(device).eval(), tokenizer, meta

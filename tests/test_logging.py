@@ -126,18 +126,3 @@ def test_init_failure_message_masks_the_key(clean_env, tmp_path):
     assert FAKE_KEY not in str(e.value) and "auth failed" in str(e.value)
     assert e.value.__suppress_context__  # the original message is not chained into tracebacks
 
-
-def test_log_artifact_checks_sources_first(clean_env, tmp_path):
-    calls = []
-
-    def check_sources(paths, use="training", manifest=None):
-        calls.append((list(paths), use))
-        raise UserError("not approved for public_release")
-
-    clean_env.setattr(nlog, "check_sources", check_sources)
-    logger = nlog.Logger(mode="disabled", out_dir=str(tmp_path))
-    with pytest.raises(UserError, match="not approved"):
-        logger.log_artifact(str(tmp_path), ["data/stoney/stoney_valid.jsonl"])
-    logger.finish()
-    assert calls == [(["data/stoney/stoney_valid.jsonl"], "public_release")]
-    assert not any("artifact" in r for r in _jsonl(tmp_path))
