@@ -131,8 +131,8 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
     side, layer = min((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features), n)
                        for n in names)
     if not 1 <= rank <= side:  # a rank past a layer's smaller side adds parameters and no capacity
-        raise UserError(f"LoRA rank {rank} is not between 1 and {side}, the smaller side of {layer}; "
-                        f"use a rank in that range.")
+        raise UserError(f"LoRA rank {rank} is outside 1..{side} ({side}: the smaller side of {layer}); "
+                        f"use a rank of at least 1 and at most {side}.")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
