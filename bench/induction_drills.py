@@ -4,9 +4,11 @@ bench.knowledge_probe's induction gain every 100 steps (and the gain on the alph
 
     python -m bench.induction_drills --tokenizer out/tokenizer --optimizer muon --alphabet 64 --steps 1500
 
-One JSON line per 100 steps: step, gain on random ordinary tokens, gain on the alphabet, seconds.
+One JSON line per 100 steps: step, gain on random ordinary tokens, gain on the alphabet, the best
+head's induction and previous-token scores (interp.attention's), the training loss, seconds.
 Results and the machine they ran on: docs/science_log.md, "When copying starts".
 """
+import argparse
 import json
 import random
 import time
@@ -19,6 +21,7 @@ from nanostoney import cli, optim
 from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
 from nanostoney.gpt import GPT, config_for_depth
+from nanostoney.interp.attention import induction_scores
 from nanostoney.tokenizer import Tokenizer
 
 
@@ -35,40 +38,94 @@ def alphabet_row(rng, tok, seq_len, alphabet):
     return np.array(ids[:seq_len + 1], dtype=np.int64)
 
 
+def alphabet_at(step, grow, alphabet):
+    """The alphabet of this step: --grow "64:600,256:400" draws from 64 tokens for 600 steps, then
+    256 for 400, then --alphabet (0: span_row)."""
+    end = 0
+    for size, steps in grow:
+        end += steps
+        if step < end:
+            return size
+    return alphabet
+
+
+def grow_stages(text):
+    """--grow "64:600,256:400" -> [(64, 600), (256, 400)]."""
+    try:
+        return [tuple(int(v) for v in stage.split(":", 1)) for stage in text.split(",") if stage]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of ALPHABET:STEPS pairs such as 64:600,256:400")
+
+
+def drill_model(args, tok):
+    """The CPU speedrun's depth-4 model; --tie shares lm_head with the embedding (scaled by
+    --embedding-std so the logits start small)."""
+    torch.manual_seed(args.seed)
+    model = GPT(config_for_depth(4, tok.vocab_size, args.sequence_len, args.head_dim))
+    model.init_weights()
+    if args.tie:
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(args.embedding_std)
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def drill_optimizer(args, model):
+    """nanochat's groups (optim.py), or "plain": one AdamW over every parameter at --matrix-lr."""
+    if args.optimizer == "plain":
+        return torch.optim.AdamW(model.parameters(), lr=args.matrix_lr or 1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    return optim.build_optimizer(model, args.optimizer, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                 unembedding_lr=args.unembedding_lr)
+
+
+@torch.no_grad()
+def probe_row(model, tok, step, alphabet, loss, t0):
+    model.eval()
+    scores = induction_scores(model, tok.vocab_size - len(tok.special_tokens), n_seqs=8, n_rep=24, bos_id=tok.bos_id)
+    row = {"step": step, "gain": round(induction_gain(model, tok), 3),
+           "alphabet": alphabet,
+           "alphabet_gain": round(induction_gain(model, tok, high=FIRST_ORDINARY + alphabet), 3) if alphabet else None,
+           "induction_head": round(float(scores["induction"].mean(0).max()), 2),
+           "previous_token_head": round(float(scores["previous_token_random"].mean(0).max()), 2),
+           "loss": loss, "seconds": round(time.time() - t0)}
+    model.train()
+    return row
+
+
 def main():
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="out/tokenizer")
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon", "plain"])
     p.add_argument("--matrix-lr", type=float, default=None)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="0 freezes the embedding")
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--tie", action="store_true", help="lm_head is the embedding (its LR: --embedding-lr)")
+    p.add_argument("--embedding-std", type=float, default=0.05, help="with --tie: the embedding's init scale")
     p.add_argument("--alphabet", type=int, default=0, help="draw spans from this many tokens (0 = span_row)")
+    p.add_argument("--grow", type=grow_stages, default=[], help='alphabet stages before --alphabet, e.g. "64:600,256:400"')
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--sequence-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
     tok = Tokenizer.load(args.tokenizer)
-    torch.manual_seed(args.seed)
-    model = GPT(config_for_depth(4, tok.vocab_size, args.sequence_len, args.head_dim))
-    model.init_weights()
-    opt = optim.build_optimizer(model, args.optimizer, matrix_lr=args.matrix_lr)
-    rng, t0 = random.Random(args.seed), time.time()
+    model = drill_model(args, tok)
+    opt = drill_optimizer(args, model)
+    rng, t0, loss = random.Random(args.seed), time.time(), None
     for step in range(args.steps + 1):
+        alphabet = alphabet_at(step, args.grow, args.alphabet)
         if step % 100 == 0:
-            with torch.no_grad():
-                model.eval()
-                row = {"step": step, "gain": round(induction_gain(model, tok), 3),
-                       "alphabet_gain": round(induction_gain(model, tok, high=FIRST_ORDINARY + args.alphabet), 3) if args.alphabet else None,
-                       "seconds": round(time.time() - t0)}
-                model.train()
-            print(json.dumps(row), flush=True)
+            print(json.dumps(probe_row(model, tok, step, alphabet, loss, t0)), flush=True)
         if step == args.steps:
             break
-        rows = [alphabet_row(rng, tok, args.sequence_len, args.alphabet) if args.alphabet
+        rows = [alphabet_row(rng, tok, args.sequence_len, alphabet) if alphabet
                 else span_row(rng, tok, args.sequence_len) for _ in range(args.rows)]
         x = torch.from_numpy(np.stack(rows))
-        model(x[:, :-1].contiguous(), x[:, 1:].contiguous()).backward()
+        loss_t = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        loss_t.backward()
+        loss = round(loss_t.item(), 3)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
