@@ -20,6 +20,7 @@ from bench.knowledge_probe import induction_gain
 from nanostoney import cli, optim
 from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
+from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, config_for_depth
 from nanostoney.interp.attention import induction_scores
 from nanostoney.tokenizer import Tokenizer
@@ -95,22 +96,27 @@ def probe_row(model, tok, step, alphabet, loss, t0):
 def main():
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="out/tokenizer")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=cli.positive_int, default=500)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon", "plain"])
-    p.add_argument("--matrix-lr", type=float, default=None)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="0 freezes the embedding")
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=cli.positive_float, default=None)
+    p.add_argument("--head-dim", type=cli.positive_int, default=64)
+    p.add_argument("--embedding-lr", type=cli.nonneg_float, default=0.2, help="0 freezes the embedding")
+    p.add_argument("--unembedding-lr", type=cli.nonneg_float, default=0.004)
     p.add_argument("--tie", action="store_true", help="lm_head is the embedding (its LR: --embedding-lr)")
-    p.add_argument("--embedding-std", type=float, default=0.05, help="with --tie: the embedding's init scale")
-    p.add_argument("--alphabet", type=int, default=0, help="draw spans from this many tokens (0 = span_row)")
+    p.add_argument("--embedding-std", type=cli.positive_float, default=0.05, help="with --tie: the embedding's init scale")
+    p.add_argument("--alphabet", type=cli.nonneg_int, default=0, help="draw spans from this many tokens (0 = span_row)")
     p.add_argument("--grow", type=grow_stages, default=[], help='alphabet stages before --alphabet, e.g. "64:600,256:400"')
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--sequence-len", type=int, default=256)
+    p.add_argument("--rows", type=cli.positive_int, default=8)
+    p.add_argument("--sequence-len", type=cli.positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
     tok = Tokenizer.load(args.tokenizer)
+    if args.head_dim < 2:
+        raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+    ordinary = tok.vocab_size - len(tok.special_tokens) - FIRST_ORDINARY
+    if max([args.alphabet] + [size for size, _ in args.grow]) > ordinary:
+        raise UserError(f"an alphabet in --alphabet/--grow is larger than the tokenizer's {ordinary} ordinary tokens; use at most {ordinary}.")
     model = drill_model(args, tok)
     opt = drill_optimizer(args, model)
     rng, t0, loss = random.Random(args.seed), time.time(), None
