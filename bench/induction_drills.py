@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from bench.knowledge_probe import induction_gain
+from bench.knowledge_probe import induction_gain, order_gain
 from nanostoney import cli, optim
 from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
@@ -26,16 +26,20 @@ from nanostoney.interp.attention import induction_scores
 from nanostoney.tokenizer import Tokenizer
 
 
-def alphabet_row(rng, tok, seq_len, alphabet):
+def alphabet_row(rng, tok, seq_len, alphabet, local=0):
     """span_row's shape (a span of 8-40 tokens repeated 2-3 times, 0-6 tokens between) over the
-    first `alphabet` ordinary tokens only."""
-    draw = lambda: rng.randrange(FIRST_ORDINARY, FIRST_ORDINARY + alphabet)
+    first `alphabet` ordinary tokens (0: all of them). local > 0 draws the row's spans from `local`
+    of those tokens, chosen afresh for each row: every token of the row is then in its context, so
+    raising the context's tokens is worth little and only copying the next one lowers the loss,
+    and no fixed small set of tokens can be learned by heart."""
+    top = FIRST_ORDINARY + alphabet if alphabet else tok.vocab_size - len(tok.special_tokens)
+    pool = rng.sample(range(FIRST_ORDINARY, top), local) if local else range(FIRST_ORDINARY, top)
     ids = []
     while len(ids) < seq_len + 1:
-        span = [draw() for _ in range(rng.randint(8, 40))]
+        span = [rng.choice(pool) for _ in range(rng.randint(8, 40))]
         ids.append(tok.bos_id)
         for _ in range(rng.randint(2, 3)):
-            ids += span + [draw() for _ in range(rng.randint(0, 6))]
+            ids += span + [rng.choice(pool) for _ in range(rng.randint(0, 6))]
     return np.array(ids[:seq_len + 1], dtype=np.int64)
 
 
@@ -83,7 +87,7 @@ def drill_optimizer(args, model):
 def probe_row(model, tok, step, alphabet, loss, t0):
     model.eval()
     scores = induction_scores(model, tok.vocab_size - len(tok.special_tokens), n_seqs=8, n_rep=24, bos_id=tok.bos_id)
-    row = {"step": step, "gain": round(induction_gain(model, tok), 3),
+    row = {"step": step, "gain": round(induction_gain(model, tok), 3), "order_gain": round(order_gain(model, tok), 3),
            "alphabet": alphabet,
            "alphabet_gain": round(induction_gain(model, tok, high=FIRST_ORDINARY + alphabet), 3) if alphabet else None,
            "induction_head": round(float(scores["induction"].mean(0).max()), 2),
@@ -105,6 +109,8 @@ def main():
     p.add_argument("--tie", action="store_true", help="lm_head is the embedding (its LR: --embedding-lr)")
     p.add_argument("--embedding-std", type=cli.positive_float, default=0.05, help="with --tie: the embedding's init scale")
     p.add_argument("--alphabet", type=cli.nonneg_int, default=0, help="draw spans from this many tokens (0 = span_row)")
+    p.add_argument("--local", type=cli.nonneg_int, default=0,
+                   help="draw each row's spans from this many tokens of the alphabet, chosen afresh per row (0 = off)")
     p.add_argument("--grow", type=grow_stages, default=[], help='alphabet stages before --alphabet, e.g. "64:600,256:400"')
     p.add_argument("--rows", type=cli.positive_int, default=8)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
@@ -117,6 +123,8 @@ def main():
     ordinary = tok.vocab_size - len(tok.special_tokens) - FIRST_ORDINARY
     if max([args.alphabet] + [size for size, _ in args.grow]) > ordinary:
         raise UserError(f"an alphabet in --alphabet/--grow is larger than the tokenizer's {ordinary} ordinary tokens; use at most {ordinary}.")
+    if args.local > (args.alphabet or ordinary):
+        raise UserError(f"--local {args.local} is more tokens than the alphabet has ({args.alphabet or ordinary}); use fewer.")
     model = drill_model(args, tok)
     opt = drill_optimizer(args, model)
     rng, t0, loss = random.Random(args.seed), time.time(), None
@@ -126,7 +134,7 @@ def main():
             print(json.dumps(probe_row(model, tok, step, alphabet, loss, t0)), flush=True)
         if step == args.steps:
             break
-        rows = [alphabet_row(rng, tok, args.sequence_len, alphabet) if alphabet
+        rows = [alphabet_row(rng, tok, args.sequence_len, alphabet, args.local) if alphabet or args.local
                 else span_row(rng, tok, args.sequence_len) for _ in range(args.rows)]
         x = torch.from_numpy(np.stack(rows))
         loss_t = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())

@@ -103,16 +103,26 @@ def letter_binding(model, tok, exs):
 
 
 @torch.no_grad()
-def induction_gain(model, tok, n=16, length=24, seed=0, high=None):
+def induction_gain(model, tok, n=16, length=24, seed=0, high=None, shuffled=False):
     """Loss on the first copy of n random token sequences minus the loss on the second copy
-    (tokens from the ordinary range, or from 256 up to `high`)."""
+    (tokens from the ordinary range, or from 256 up to `high`). shuffled=True permutes each second
+    copy: the control for a model that only raises the tokens it has seen anywhere in the context,
+    which gains as much there, while a model that copies the next token gains less."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(256, high or tok.vocab_size - len(tok.special_tokens), (n, length),  # ordinary tokens
                       generator=g)
-    seq = torch.cat([torch.full((n, 1), tok.bos_id), x, x], 1).to(model.get_device())
+    second = torch.stack([row[torch.randperm(length, generator=g)] for row in x]) if shuffled else x
+    seq = torch.cat([torch.full((n, 1), tok.bos_id), x, second], 1).to(model.get_device())
     logp = torch.log_softmax(model(seq).float(), -1)
     loss = -logp[:, :-1].gather(-1, seq[:, 1:, None]).squeeze(-1).cpu()
     return (loss[:, :length].mean() - loss[:, length + 1:].mean()).item()
+
+
+def order_gain(model, tok, **kw):
+    """What copying in order adds: the loss on a shuffled second copy minus the loss on the exact
+    one (induction gain minus its shuffled control). Near 0 for a model that only raises the
+    tokens of its context, whatever its induction gain."""
+    return induction_gain(model, tok, **kw) - induction_gain(model, tok, shuffled=True, **kw)
 
 
 def arith_problems(split, per_depth):
@@ -179,7 +189,7 @@ def reading_probe(model, tok, split, per_depth):
 
 def probe_checkpoint(model, tok, names, split, items, open_items=0):
     from nanostoney.metrics import bootstrap_ci
-    row = {"induction_gain_nats": induction_gain(model, tok)}
+    row = {"induction_gain_nats": induction_gain(model, tok), "order_gain_nats": order_gain(model, tok)}
     if open_items:
         row.update(reading_probe(model, tok, split, open_items))
     for n in names:
@@ -215,7 +225,7 @@ def main():
         if tok is None:
             raise UserError(f"{ckpt} has no tokenizer; pass a checkpoint saved with one.")
         rows[ckpt] = r = probe_checkpoint(model, tok, names, args.split, args.items, args.open_items)
-        print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats; " + ", ".join(
+        print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats (in order {r['order_gain_nats']:+.2f}); " + ", ".join(
             f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
             + (f" (p(gold letter) {v['p_gold_letter'][0]:.3f})" if "p_gold_letter" in v else "")
             for k, v in r.items() if isinstance(v, dict)), flush=True)

@@ -286,6 +286,8 @@ CASES = [
     Case("bench_batch_0", ["bench.model_bench", "--batch", "0"], 2, "--batch"),
     Case("drills_grow_not_pairs", ["bench.induction_drills", "--grow", "64:x"], 2, "--grow"),
     Case("drills_rows_0", ["bench.induction_drills", "--rows", "0"], 2, "--rows"),
+    Case("drills_local_above_alphabet", ["bench.induction_drills", "--tokenizer", "{ws}/tok", "--alphabet", "16",
+                                         "--local", "17"], 2, "--local"),
     Case("augment_out_of_range", [BASE, "--augment", "999"], 2, "--augment"),
     Case("corpus_task_unknown", [BASE, "--corpus-tasks", "gsm9k"], 2, "gsm9k"),
     Case("corpus_task_is_a_control", ["scripts.tok_train", "--corpus-tasks", "stoney_qa_unseen"], 2,

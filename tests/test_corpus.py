@@ -4,8 +4,10 @@ one sentence and exit 2."""
 import argparse
 import collections
 import re
+import types
 
 import pytest
+import torch
 
 from nanostoney import corpus
 from nanostoney.errors import UserError
@@ -151,3 +153,37 @@ def test_the_default_corpus_passes_the_gate_as_base_train_names_it():
     names = [gate_name(s) for s in corpus.pretraining_sources()]
     assert "generated://nanostoney/arith" in names and not [n for n in names if n.startswith("hf://generated")]
     check_sources(names, use="training")
+
+
+class _RuleModel(torch.nn.Module):
+    """Logits from a rule, for the probe: "copy" predicts the token that followed the last earlier
+    occurrence of the current token; "bag" spreads its mass over every token seen so far."""
+    def __init__(self, rule, vocab_size):
+        super().__init__()
+        self.rule, self.vocab_size = rule, vocab_size
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                if self.rule == "bag":
+                    logits[b, t, row[:t + 1]] = 10.0
+                else:
+                    nxt = [row[j + 1] for j in range(t) if row[j] == row[t]]
+                    if nxt:
+                        logits[b, t, nxt[-1]] = 10.0
+        return logits
+
+
+def test_order_gain_tells_copying_from_raising_the_context():
+    """Both rule models gain on the second copy; only the copier gains more in order than shuffled
+    (the bag model's order gain is not positive: shuffling hides no token from it)."""
+    from bench.knowledge_probe import induction_gain, order_gain
+    tok = types.SimpleNamespace(vocab_size=600, special_tokens=["<|bos|>"] * 9, bos_id=591)
+    copier, bag = (_RuleModel(r, tok.vocab_size) for r in ("copy", "bag"))
+    assert induction_gain(copier, tok) > 5 and induction_gain(bag, tok) > 1
+    assert order_gain(copier, tok) > 5
+    assert order_gain(bag, tok) <= 0.01

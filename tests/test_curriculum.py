@@ -122,3 +122,15 @@ def test_the_cpu_speedrun_plan_runs_the_curriculum(tmp_path):
     r = speedrun("--size", "cpu", "--out", str(tmp_path / "o"))
     base = next(line for line in r.stdout.splitlines() if line.startswith("  base:"))
     assert r.returncode == 0 and "--copy-steps 400 --arith-rows 2 --drill-rows 1" in base, r.stdout
+
+
+def test_local_alphabet_rows_hold_few_tokens_chosen_afresh(tok):
+    """bench.induction_drills --local 16: each row's ordinary tokens are at most 16, all of
+    them from the row's own draw: two rows do not share their 16."""
+    from bench.induction_drills import alphabet_row
+    rng = random.Random(0)
+    rows = [alphabet_row(rng, tok, 64, 0, local=16) for _ in range(4)]
+    pools = [set(r.tolist()) - {tok.bos_id} for r in rows]
+    assert all(len(p) <= 16 and min(p) >= curriculum.FIRST_ORDINARY for p in pools)
+    assert all(len(r) == 65 for r in rows)
+    assert len(pools[0] & pools[1]) < 8
