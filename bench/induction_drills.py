@@ -1,12 +1,14 @@
 """When does the CPU speedrun's model start copying from its context? The depth-4 model trained
 on repeated-span drills alone (curriculum.span_row, or spans from a small alphabet), printing
-bench.knowledge_probe's induction gain every 100 steps (and the gain on the alphabet's tokens).
+bench.knowledge_probe's induction gain and order gain every 100 steps.
 
-    python -m bench.induction_drills --tokenizer out/tokenizer --optimizer muon --alphabet 64 --steps 1500
+    python -m bench.induction_drills --tokenizer out/tokenizer --optimizer muon --sequence-len 64 --rows 32 \
+        --tie --embedding-lr 0 --steps 4000 --out drilled      # copies over the whole vocabulary by ~4,000
 
-One JSON line per 100 steps: step, gain on random ordinary tokens, gain on the alphabet, the best
-head's induction and previous-token scores (interp.attention's), the training loss, seconds.
-Results and the machine they ran on: docs/science_log.md, "When copying starts".
+One JSON line per 100 steps and at the last: step, gain on random ordinary tokens, order gain (the
+gain less its shuffled-copy control), gain on the alphabet, the best head's induction and
+previous-token scores (interp.attention's), the training loss, seconds.
+Results and the machine they ran on: docs/science_log.md, "When copying starts", and the entries after it.
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import torch
 
 from bench.knowledge_probe import induction_gain, order_gain
 from nanostoney import cli, optim
+from nanostoney.checkpoint import save_checkpoint
 from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
 from nanostoney.errors import UserError
@@ -115,6 +118,7 @@ def main():
     p.add_argument("--rows", type=cli.positive_int, default=8)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="save the last step here as a checkpoint (bench.knowledge_probe reads it)")
     args = p.parse_args()
     torch.set_num_threads(1)
     tok = Tokenizer.load(args.tokenizer)
@@ -130,7 +134,7 @@ def main():
     rng, t0, loss = random.Random(args.seed), time.time(), None
     for step in range(args.steps + 1):
         alphabet = alphabet_at(step, args.grow, args.alphabet)
-        if step % 100 == 0:
+        if step % 100 == 0 or step == args.steps:
             print(json.dumps(probe_row(model, tok, step, alphabet, loss, t0)), flush=True)
         if step == args.steps:
             break
@@ -142,6 +146,8 @@ def main():
         loss = round(loss_t.item(), 3)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if args.out:  # a tied lm_head is saved as its own copy of the embedding: the file loads untied
+        save_checkpoint(args.out, model, args.steps, tokenizer=tok, meta={"drills": vars(args)})
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The pretraining curriculum (nanostoney/curriculum.py): copy drills first, then the corpus with
 fresh train-split arithmetic; the re-reading chain format; the probe's operand positions."""
 import builtins
+import json
 import random
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from nanostoney import curriculum
 from nanostoney.tasks import arith
@@ -134,3 +136,21 @@ def test_local_alphabet_rows_hold_few_tokens_chosen_afresh(tok):
     assert all(len(p) <= 16 and min(p) >= curriculum.FIRST_ORDINARY for p in pools)
     assert all(len(r) == 65 for r in rows)
     assert len(pools[0] & pools[1]) < 8
+
+
+def test_drills_save_a_checkpoint_the_probes_load(tmp_path):
+    """bench.induction_drills --out: the last step as a checkpoint; a tied lm_head comes back as its
+    own copy of the embedding (the file is an ordinary untied GPT), and the probe reads on the loaded
+    model what the script printed for its last step."""
+    from bench.knowledge_probe import order_gain
+    from nanostoney.checkpoint import load_model
+    ws = make_workspace(tmp_path / "ws")
+    r = subprocess.run([PY, "-m", "bench.induction_drills", "--tokenizer", str(ws.tok), "--steps", "2", "--rows", "1",
+                        "--sequence-len", "16", "--tie", "--embedding-lr", "0", "--out", str(tmp_path / "d")],
+                       cwd=ROOT, env=env(), check=True, capture_output=True, text=True)
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    model, tok, meta = load_model(str(tmp_path / "d"))
+    assert meta["drills"]["tie"] and meta["step"] == 2
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert last["step"] == 2 and round(order_gain(model, tok), 3) == last["order_gain"]
