@@ -20,7 +20,7 @@ import torch
 
 from bench.knowledge_probe import induction_gain, order_gain
 from nanostoney import cli, optim
-from nanostoney.checkpoint import save_checkpoint
+from nanostoney.checkpoint import load_model, save_checkpoint
 from nanostoney.cli import run_main
 from nanostoney.curriculum import FIRST_ORDINARY, span_row
 from nanostoney.errors import UserError
@@ -67,8 +67,14 @@ def grow_stages(text):
 
 def drill_model(args, tok):
     """The CPU speedrun's depth-4 model; --tie shares lm_head with the embedding (scaled by
-    --embedding-std so the logits start small)."""
+    --embedding-std so the logits start small). --init continues a drill checkpoint (--out),
+    untied: lm_head is its own copy of the embedding, as in nanochat."""
     torch.manual_seed(args.seed)
+    if args.init:
+        model, saved_tok, _ = load_model(args.init)
+        if saved_tok is None or saved_tok.vocab_size != tok.vocab_size:
+            raise UserError(f"--init {args.init} was not trained with --tokenizer {args.tokenizer}; pass the tokenizer it was.")
+        return model.train()
     model = GPT(config_for_depth(4, tok.vocab_size, args.sequence_len, args.head_dim))
     model.init_weights()
     if args.tie:
@@ -118,6 +124,7 @@ def main():
     p.add_argument("--rows", type=cli.positive_int, default=8)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from this drill checkpoint (--out), untied")
     p.add_argument("--out", default=None, help="save the last step here as a checkpoint (bench.knowledge_probe reads it)")
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -140,8 +140,8 @@ def test_local_alphabet_rows_hold_few_tokens_chosen_afresh(tok):
 
 def test_drills_save_a_checkpoint_the_probes_load(tmp_path):
     """bench.induction_drills --out: the last step as a checkpoint; a tied lm_head comes back as its
-    own copy of the embedding (the file is an ordinary untied GPT), and the probe reads on the loaded
-    model what the script printed for its last step."""
+    own copy of the embedding (the file is an ordinary untied GPT), the probe reads on the loaded
+    model what the script printed for its last step, and --init starts from those weights."""
     from bench.knowledge_probe import order_gain
     from nanostoney.checkpoint import load_model
     ws = make_workspace(tmp_path / "ws")
@@ -154,3 +154,8 @@ def test_drills_save_a_checkpoint_the_probes_load(tmp_path):
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
     assert last["step"] == 2 and round(order_gain(model, tok), 3) == last["order_gain"]
+    r = subprocess.run([PY, "-m", "bench.induction_drills", "--tokenizer", str(ws.tok), "--steps", "1", "--rows", "1",
+                        "--sequence-len", "16", "--init", str(tmp_path / "d")],
+                       cwd=ROOT, env=env(), check=True, capture_output=True, text=True)
+    first = json.loads(r.stdout.strip().splitlines()[0])  # --init continues from the saved weights
+    assert first["step"] == 0 and first["order_gain"] == last["order_gain"] and first["gain"] == last["gain"]
