@@ -18,14 +18,13 @@ import time
 import numpy as np
 import torch
 
-from bench.knowledge_probe import induction_gain, order_gain
 from nanostoney import cli, optim
 from nanostoney.checkpoint import load_model, save_checkpoint
 from nanostoney.cli import run_main
-from nanostoney.curriculum import FIRST_ORDINARY, span_row
+from nanostoney.curriculum import FIRST_ORDINARY, span_row, tie_embedding
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, config_for_depth
-from nanostoney.interp.attention import induction_scores
+from nanostoney.interp.attention import induction_gain, induction_scores, order_gain
 from nanostoney.tokenizer import Tokenizer
 
 
@@ -78,9 +77,7 @@ def drill_model(args, tok):
     model = GPT(config_for_depth(4, tok.vocab_size, args.sequence_len, args.head_dim))
     model.init_weights()
     if args.tie:
-        with torch.no_grad():
-            model.transformer.wte.weight.mul_(args.embedding_std)
-        model.lm_head.weight = model.transformer.wte.weight
+        tie_embedding(model, args.embedding_std)
     return model
 
 

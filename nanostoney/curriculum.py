@@ -147,3 +147,11 @@ def drill_row(rng, tok, seq_len):
     if u < 0.5:
         return span_row(rng, tok, seq_len)
     return pack(rng, tok, seq_len, lookup_text if u < 0.75 else option_text)
+
+
+def tie_embedding(model, std):
+    """lm_head becomes the token embedding, scaled to `std` so the first logits are small: the
+    copy stage's model (scripts/copy_train.py), whose frozen embedding lets copying form."""
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(std)
+    model.lm_head.weight = model.transformer.wte.weight

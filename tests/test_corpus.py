@@ -181,7 +181,7 @@ class _RuleModel(torch.nn.Module):
 def test_order_gain_tells_copying_from_raising_the_context():
     """Both rule models gain on the second copy; only the copier gains more in order than shuffled
     (the bag model's order gain is not positive: shuffling hides no token from it)."""
-    from bench.knowledge_probe import induction_gain, order_gain
+    from nanostoney.interp.attention import induction_gain, order_gain
     tok = types.SimpleNamespace(vocab_size=600, special_tokens=["<|bos|>"] * 9, bos_id=591)
     copier, bag = (_RuleModel(r, tok.vocab_size) for r in ("copy", "bag"))
     assert induction_gain(copier, tok) > 5 and induction_gain(bag, tok) > 1

@@ -142,7 +142,7 @@ def test_drills_save_a_checkpoint_the_probes_load(tmp_path):
     """bench.induction_drills --out: the last step as a checkpoint; a tied lm_head comes back as its
     own copy of the embedding (the file is an ordinary untied GPT), the probe reads on the loaded
     model what the script printed for its last step, and --init starts from those weights."""
-    from bench.knowledge_probe import order_gain
+    from nanostoney.interp.attention import order_gain
     from nanostoney.checkpoint import load_model
     ws = make_workspace(tmp_path / "ws")
     r = subprocess.run([PY, "-m", "bench.induction_drills", "--tokenizer", str(ws.tok), "--steps", "2", "--rows", "1",

@@ -139,3 +139,27 @@ def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None
     scores = [torch.stack([induction_score(p, n_rep), previous_token_score(p)]).cpu() for p in cap.patterns]
     s = torch.stack(scores, 2).numpy()  # [2, N, L, H]
     return {"induction": s[0], "previous_token_random": s[1], "n_rep": n_rep}
+
+
+# copying, read off the loss
+
+def induction_gain(model, tok, n=16, length=24, seed=0, high=None, shuffled=False):
+    """Loss on the first copy of n random token sequences minus the loss on the second copy
+    (tokens from the ordinary range, or from 256 up to `high`). shuffled=True permutes each second
+    copy: the control for a model that only raises the tokens it has seen anywhere in the context,
+    which gains as much there, while a model that copies the next token gains less."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(256, high or tok.vocab_size - len(tok.special_tokens), (n, length),  # ordinary tokens
+                      generator=g)
+    second = torch.stack([row[torch.randperm(length, generator=g)] for row in x]) if shuffled else x
+    seq = torch.cat([torch.full((n, 1), tok.bos_id), x, second], 1).to(model.get_device())
+    logp = torch.log_softmax(model(seq).float(), -1)
+    loss = -logp[:, :-1].gather(-1, seq[:, 1:, None]).squeeze(-1).cpu()
+    return (loss[:, :length].mean() - loss[:, length + 1:].mean()).item()
+
+
+def order_gain(model, tok, **kw):
+    """What copying in order adds: the loss on a shuffled second copy minus the loss on the exact
+    one (induction gain minus its shuffled control). Near 0 for a model that only raises the
+    tokens of its context, whatever its induction gain."""
+    return induction_gain(model, tok, **kw) - induction_gain(model, tok, shuffled=True, **kw)
