@@ -10,7 +10,8 @@
 #   bash run_stoney_small.sh --depth 12      # bigger model (or DEPTH=12 bash run_stoney_small.sh)
 #   bash run_stoney_small.sh --until sft     # stop after a stage
 #   bash run_stoney_small.sh --nproc 4       # every stage under torchrun with 4 processes (GPUs or CPU)
-#   bash run_stoney_small.sh --size tiny     # minutes-sized stages, for tests (sizes: tiny, cpu, gpu)
+#   bash run_stoney_small.sh --size tiny     # minutes-sized stages, for tests (sizes: tiny, cpu, cpu-long, gpu)
+#   bash run_stoney_small.sh --size cpu-long # CPU, a copy stage first: the model copies from its context
 #   bash run_stoney_small.sh --pretrain web  # GPUs: FineWeb-Edu -> 65k tokenizer -> base at 20 tokens
 #                                            #   per parameter -> knowledge -> mid (chat format, full) -> SFT -> ...
 #   bash run_stoney_small.sh --from-nanochat hf:OWNER/NAME   # or a local nanochat / transformers dir:
@@ -21,11 +22,11 @@
 #                                            #   other): every torchrun stage spans the nodes; $OUT, checkpoints and
 #                                            #   --from-nanochat on a filesystem all nodes share (docs/RUNNING.md)
 #   bash run_stoney_small.sh --plan ...      # print the plan and stop
-#   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (BASE KNOWLEDGE MID SFT RM GRPO
+#   BASE_ARGS="--num-iterations 50" bash run_stoney_small.sh    # a stage's flags (COPY BASE KNOWLEDGE MID SFT RM GRPO
 #                                                                 #   EVAL REPORT)
 #
 # A training stage that was stopped midway (Ctrl-C, a kill, a crash) continues from its last
-# checkpoint on the next run (--resume: base, sft, grpo) or trains again (--overwrite: rm);
+# checkpoint on the next run (--resume: copy, base, sft, grpo) or trains again (--overwrite: rm);
 # $OUT is locked while the script runs, so a second run on it is refused.
 # Batch sizes are per device, so the global batch grows with --nproc (see docs/RUNNING.md, "World sizes").
 # W&B: online when WANDB_API_KEY is set (the server is checked once here; unreachable = offline
@@ -33,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR, --nnodes N --node-rank R --master-addr HOST [--master-port P]"
+usage="use --force, --plan, --depth N, --out DIR, --until STAGE, --nproc N, --size tiny|cpu|cpu-long|gpu, --pretrain bundled|web, --from-nanochat ID_OR_DIR, --nnodes N --node-rank R --master-addr HOST [--master-port P]"
 value() {  # value FLAG VALUE: an option that takes a value has one
     if [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
         echo "error: $1 needs a value ($usage)" >&2; exit 2
@@ -81,15 +82,15 @@ if [ -n "$FROM_NANOCHAT" ] && [ "$PRETRAIN" = web ]; then
 fi
 MODE=$PRETRAIN
 [ -n "$FROM_NANOCHAT" ] && MODE="nanochat:$FROM_NANOCHAT"
-STAGES="corpus_head tokenizer corpus base knowledge mid sft rm grpo eval report"
+STAGES="corpus_head tokenizer corpus copy base knowledge mid sft rm grpo eval report"
 if [[ " $STAGES " != *" $UNTIL "* ]]; then
     echo "error: --until $UNTIL is not a stage; use one of: $STAGES" >&2; exit 2
 fi
 if [ -n "$NPROC" ] && ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --nproc $NPROC is not a positive whole number of processes (e.g. --nproc 8)." >&2; exit 2
 fi
-if [ -n "$SIZE" ] && ! [[ "$SIZE" =~ ^(tiny|cpu|gpu)$ ]]; then
-    echo "error: --size $SIZE is not one of tiny, cpu, gpu (the stage sizes to run)." >&2; exit 2
+if [ -n "$SIZE" ] && ! [[ "$SIZE" =~ ^(tiny|cpu|cpu-long|gpu)$ ]]; then
+    echo "error: --size $SIZE is not one of tiny, cpu, cpu-long, gpu (the stage sizes to run)." >&2; exit 2
 fi
 if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --nnodes $NNODES is not a positive whole number of nodes (e.g. --nnodes 2)." >&2; exit 2
@@ -151,7 +152,7 @@ else
     SIZE=${SIZE:-$([ "$PRETRAIN" = web ] && echo gpu || echo cpu)}  # (web on CPU: the plan of the GPU run)
     NPROC=${NPROC:-1}
 fi
-DEPTH=${DEPTH:-$([ "$SIZE" = cpu ] && echo 4 || echo 12)}
+DEPTH=${DEPTH:-$([[ "$SIZE" == cpu* ]] && echo 4 || echo 12)}
 if [ "$NNODES" -gt 1 ]; then  # every node runs this script; torchrun meets at node 0's address
     LAUNCH="uv run --frozen torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR"
     LAUNCH="$LAUNCH --master_port=$MASTER_PORT --nproc_per_node=$NPROC"
@@ -175,7 +176,7 @@ with torch.device('meta'): print(20 * GPT(config_for_depth($DEPTH, 65536, 2048))
 fi
 
 # again NAME DIR ARGS: what a training stage needs when DIR holds an earlier attempt: --resume
-# when it stopped midway after a checkpoint (base, knowledge, mid, sft, grpo), else --overwrite (train again).
+# when it stopped midway after a checkpoint (copy, base, knowledge, mid, sft, grpo), else --overwrite (train again).
 again() {
     local name=$1 dir=$2 iters latest
     if [ -z "$(ls "$dir" 2>/dev/null)" ]; then
@@ -184,7 +185,7 @@ again() {
     iters=$(grep -o -- '--num-iterations [0-9]*' <<< "$3" | tail -1 | cut -d' ' -f2)
     latest=$(sed -n 's/^step_0*\([0-9]\)/\1/p' "$dir/latest" 2>/dev/null || true)
     # (no --num-iterations: the steps come from the token budget, and base_train checks the step)
-    if [ "$FORCE" != 1 ] && [[ " base knowledge mid sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
+    if [ "$FORCE" != 1 ] && [[ " copy base knowledge mid sft grpo " == *" $name "* ]] && [ -n "$latest" ] && \
             { [ -z "$iters" ] || [ "$latest" -lt "$iters" ]; }; then
         echo "--resume"
     else
@@ -224,7 +225,7 @@ stage() {
 # Per-stage sizes; a stage's variable set in the environment wins (e.g. BASE_ARGS="--num-iterations 50").
 # Batch flags are per device: the defaults scale with the number of processes.
 case "$SIZE" in
-    cpu)  # 25 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
+    cpu|cpu-long)  # cpu: 25 minutes end to end on 2 idle cores, one process (stage times in BENCHMARKS.md).
         # 2000 base steps store the held-out Stoney facts; a CPU-sized model picks held-out answers
         # well above chance by cloze (eval's "cloze": each option's answer scored, no options shown)
         # but cannot read a letter off the options, so its greedy letter accuracy stays at chance
@@ -239,7 +240,13 @@ case "$SIZE" in
         DEFAULT_RM="--num-iterations 100"
         DEFAULT_GRPO="--num-iterations 30 --final-eval-examples 16 --rewards accuracy=1,format=0.2,reward_model=0.2"
         DEFAULT_EVAL="--max-examples 100 --num-samples 2 --tasks stoney_mc,stoney_mc_unseen,arith_mc,arith"
-        DEFAULT_REPORT="--max-examples 100" ;;
+        DEFAULT_REPORT="--max-examples 100"
+        if [ "$SIZE" = cpu-long ]; then
+            # copying first (scripts/copy_train.py): 4,000 steps of repeated random spans, lm_head tied to a
+            # frozen embedding; the base goes on from it untied, with the curriculum's rows (no drill-only steps)
+            DEFAULT_COPY="--num-iterations 4000 --eval-every 250"
+            DEFAULT_BASE="--num-iterations 2000 --eval-every 250 --arith-rows 2 --drill-rows 1"
+        fi ;;
     gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
         # The bundled corpus is about 1M tokens: 200 steps of 65,536 tokens read it about 13 times
@@ -281,6 +288,7 @@ case "$SIZE" in
         DEFAULT_REPORT="--max-examples 2 --n-boot 50 --induction-seqs 2 --random-sets 1" ;;
 esac
 TOK_ARGS=${TOK_ARGS-$DEFAULT_TOK}
+COPY_ARGS=${COPY_ARGS-${DEFAULT_COPY:-}}
 BASE_ARGS=${BASE_ARGS-$DEFAULT_BASE}
 KNOWLEDGE_ARGS=${KNOWLEDGE_ARGS-$DEFAULT_KNOWLEDGE}
 SFT_ARGS=${SFT_ARGS-$DEFAULT_SFT}
@@ -311,7 +319,13 @@ pipeline() {
             stage tokenizer $LAUNCH -m scripts.tok_train --out "$OUT/tokenizer" $TOK_ARGS \
                 $(again tokenizer "$OUT/tokenizer" "")
         fi
-        stage base $LAUNCH -m scripts.base_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" \
+        local start_from=(--tokenizer "$OUT/tokenizer" --depth "$DEPTH")
+        if [ -n "$COPY_ARGS" ]; then
+            stage copy $LAUNCH -m scripts.copy_train --tokenizer "$OUT/tokenizer" --depth "$DEPTH" --out "$OUT/copy" \
+                --run-name copy $TRAIN $COPY_ARGS $(again copy "$OUT/copy" "$COPY_ARGS")
+            start_from=(--init "$OUT/copy")
+        fi
+        stage base $LAUNCH -m scripts.base_train "${start_from[@]}" \
             --out "$OUT/base" --run-name base $TRAIN $BASE_ARGS $(again base "$OUT/base" "$BASE_ARGS")
     fi
     init="$BASE"

@@ -116,7 +116,7 @@ def _apply_saved_lora(model, sd, ckpt):
         lora.apply_lora(model, acfg["rank"], acfg["alpha"], acfg.get("dropout", 0.0), acfg["targets"])
 
 
-def _meta_of(ckpt):
+def read_meta_if_any(ckpt):
     """read_meta, or {} when there is no meta.json; "checkpoint" names the directory."""
     meta = read_meta(ckpt) if os.path.isfile(os.path.join(ckpt, META_FILE)) else {}
     meta.setdefault("checkpoint", os.path.abspath(ckpt))
@@ -316,7 +316,7 @@ def load_model(path, device="cpu"):
     model = GPT(cfg)
     _apply_saved_lora(model, sd, ckpt)
     load_weights(model, sd, ckpt)
-    return model.to(device).eval(), _load_tokenizer(ckpt, cfg), _meta_of(ckpt)
+    return model.to(device).eval(), _load_tokenizer(ckpt, cfg), read_meta_if_any(ckpt)
 
 
 def _load_adapter_dir(path, device):
@@ -328,7 +328,7 @@ def _load_adapter_dir(path, device):
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         check_same_shape(_read_config(path), model.config, f"the base of {path} ({base})")
     lora.load_adapters(model, path)
-    meta = {**_meta_of(path), "base": base_meta}
+    meta = {**read_meta_if_any(path), "base": base_meta}
     return model.to(device).eval(), _load_tokenizer(path, model.config) or tokenizer, meta
 
 

@@ -167,6 +167,13 @@ def load_model(args):
     return model, tok
 
 
+def stage_name(init):
+    """base for a fresh model or one from the copy stage (scripts.copy_train), else knowledge (continued pretraining)."""
+    if init is None:
+        return "base"
+    return "base" if checkpoint.read_meta_if_any(init).get("stage") == "copy" else "knowledge"
+
+
 def print_plan(args, info, model, total_batch, accum, train_corpus, tok, plan, val_rows, mem):
     """The plan on rank 0; returns the corpus tokens."""
     corpus_tokens, corpus_words = corpus_plan(args, model.num_params(), total_batch, train_corpus, tok, plan)
@@ -236,7 +243,7 @@ def main(argv=None):
 
     def save(step):
         meta = {**geometry, "data_position": data.position(step), "data_sources": sources,
-                "num_iterations": args.num_iterations, "stage": "knowledge" if args.init else "base"}
+                "num_iterations": args.num_iterations, "stage": stage_name(args.init)}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
