@@ -246,6 +246,8 @@ case "$SIZE" in
             # frozen embedding; the base goes on from it untied, with the curriculum's rows (no drill-only steps)
             DEFAULT_COPY="--num-iterations 4000 --eval-every 250"
             DEFAULT_BASE="--num-iterations 2000 --eval-every 250 --arith-rows 2 --drill-rows 1"
+            # and the open Stoney task by generation, both directions, against its unseen control
+            DEFAULT_EVAL="$DEFAULT_EVAL,stoney_lexicon,stoney_lexicon_unseen"
         fi ;;
     gpu)  # 8 x 1024 tokens x 8 GPUs = 65,536 tokens per step on 8 GPUs (web: 524,288)
         DEFAULT_TOK=""
