@@ -141,12 +141,13 @@ def mauve_with_ci(p_features, q_features, n_boot=100, seed=0):
                             n_boot=n_boot, seed=seed)
 
 
-def by_depth(examples, correct, n_boot=1000, seed=0):
-    """{depth: {"n", "accuracy": {"value", "ci95"}}} where examples record a depth (arith), else {}."""
+def by_field(examples, correct, field, n_boot=1000, seed=0):
+    """{value: {"n", "accuracy": {"value", "ci95"}}} over the examples that record `field` (arith's
+    "depth", the lexicon's "direction"), else {}."""
     out = {}
-    for d in sorted({ex["depth"] for ex in examples if ex.get("depth")}):
-        c = [x for ex, x in zip(examples, correct) if ex.get("depth") == d]
-        out[str(d)] = {"n": len(c), "accuracy": mean_ci(c, n_boot, seed)}
+    for v in sorted({str(ex[field]) for ex in examples if ex.get(field)}):
+        c = [x for ex, x in zip(examples, correct) if str(ex.get(field)) == v]
+        out[v] = {"n": len(c), "accuracy": mean_ci(c, n_boot, seed)}
     return out
 
 
@@ -186,7 +187,8 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
             else:
                 metrics["comet"] = {"value": score, "ci95": None}
     return {"family": task.family, "control": task.control, "kind": task.kind, "n": len(examples),
-           "n_samples": n_samples, "metrics": metrics, "by_depth": by_depth(examples, correct, n_boot, seed),
+           "n_samples": n_samples, "metrics": metrics, "by_depth": by_field(examples, correct, "depth", n_boot, seed),
+           "by_direction": by_field(examples, correct, "direction", n_boot, seed),
            "per_example": {"id": [ex["id"] for ex in examples], "correct": correct,
                            "n_correct_samples": [sum(s) for s in sample_correct],
                            **({"cloze": list(cloze)} if cloze is not None else {})},
@@ -248,7 +250,7 @@ def accuracy_table(model, tokenizer, item_sets, info, max_new_tokens=256, seed=0
         point, lo, hi = bootstrap_ci([float(c) for c in correct], seed=seed) if correct else (float("nan"),) * 3
         n = max(1, len(texts))
         table[(task.name, split)] = {"n": len(correct), "accuracy": point, "ci95": [lo, hi], "correct": correct,
-                                     "by_depth": by_depth(exs, correct, seed=seed),
+                                     "by_depth": by_field(exs, correct, "depth", seed=seed),
                                      "answered": sum(answer_after(t) is not None for t in texts) / n,
                                      "letter_answers": sum(letter_answer(t) for t in texts) / n}
     return table

@@ -30,7 +30,8 @@ from nanostoney.tokenizer import Tokenizer
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Train a fresh GPT to copy from its context (the stage before base_train).")
     p.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer dir from scripts.tok_train")
-    p.add_argument("--depth", type=cli.positive_int, default=4, help="layers; width = 64 x depth (nanochat's preset rule)")
+    p.add_argument("--depth", type=cli.positive_int, default=4,
+                   help="layers; width = 64 x depth (nanochat's preset rule)")
     p.add_argument("--head-dim", type=cli.positive_int, default=64)
     p.add_argument("--sequence-len", type=cli.positive_int, default=256,
                    help="the model's context: that of the base_train run that continues it")
@@ -76,7 +77,8 @@ def main(argv=None):
                         f"python -m scripts.tok_train or pass --tokenizer.")
     tok = Tokenizer.load(args.tokenizer)
     if args.head_dim < 2:
-        raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels per head.")
+        raise UserError(f"--head-dim {args.head_dim} is too small; rotary embeddings need at least 2 channels "
+                        f"per head.")
     out, info = stage.start(args, "copy", {"--tokenizer": args.tokenizer})
     total_batch, accum = train.batch_geometry(args, info, args.row_len)
     model = copy_model(args, tok)

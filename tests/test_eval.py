@@ -242,3 +242,19 @@ def test_mauve_interval_separates_distributions():
     same = evaluate.mauve_with_ci(p, q_same, n_boot=8, seed=0)
     far = evaluate.mauve_with_ci(p, q_far, n_boot=8, seed=0)
     assert same[1] <= same[0] <= same[2] and far[2] < same[1], (same, far)
+
+
+def test_open_lexicon_accuracy_is_reported_by_direction():
+    """Both directions of stoney_lexicon, each with its own interval (the gloss -> term one is the hard one)."""
+    from nanostoney.evaluate import by_field
+    from nanostoney.tasks import get_task
+    from nanostoney.tasks.subset import subset
+    exs = subset(get_task("stoney_lexicon"), "val", 20)
+    correct = [int(ex["direction"] == "s2e" or i % 4 == 0) for i, ex in enumerate(exs)]
+    got = by_field(exs, correct, "direction", n_boot=50)
+    assert set(got) == {"s2e", "e2s"} and sum(v["n"] for v in got.values()) == 20
+    for d, v in got.items():
+        mine = [c for ex, c in zip(exs, correct) if ex["direction"] == d]
+        assert v["accuracy"]["value"] == sum(mine) / len(mine)
+    assert got["s2e"]["accuracy"]["value"] == 1.0 > got["e2s"]["accuracy"]["value"]
+    assert by_field(exs, correct, "depth") == {}
