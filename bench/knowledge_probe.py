@@ -103,7 +103,6 @@ def letter_binding(model, tok, exs):
     return probs
 
 
-@torch.no_grad()
 def arith_problems(split, per_depth):
     """The first per_depth held-out problems of each depth (the generator's order)."""
     probs = arith.load_problems()[split]

@@ -9,8 +9,8 @@ trained on copy drills with nanochat's untied, trained embedding. Repeated rando
 in order over the whole vocabulary in 2,500-4,000 steps of 2,048 tokens (docs/science_log.md).
 This stage trains exactly that. Its checkpoint holds lm_head as its own copy of the embedding,
 so base_train --init continues it untied, as nanochat trains. Each evaluation prints the order
-gain (bench.knowledge_probe: the induction gain less its shuffled-copy control); copying is there
-when it passes ~1 nat.
+gain (interp.attention.order_gain: the induction gain less its shuffled-copy control);
+copying is there when it passes ~1 nat.
 """
 import os
 import random
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     add_logging_args(p)
     args = p.parse_args(argv)
     if args.row_len > args.sequence_len:
-        p.error(f"--row-len {args.row_len} is longer than the model's --sequence-len {args.sequence_len}")
+        p.error(f"--row-len {args.row_len} is longer than the model's --sequence-len {args.sequence_len}; "
+                f"lower --row-len or raise --sequence-len")
     return args
 
 

@@ -143,6 +143,7 @@ def induction_scores(model, vocab_size, n_seqs=16, n_rep=32, seed=0, bos_id=None
 
 # copying, read off the loss
 
+@torch.no_grad()
 def induction_gain(model, tok, n=16, length=24, seed=0, high=None, shuffled=False):
     """Loss on the first copy of n random token sequences minus the loss on the second copy
     (tokens from the ordinary range, or from 256 up to `high`). shuffled=True permutes each second
