@@ -20,7 +20,7 @@ def run_script(*args, timeout=3600):
 
 @pytest.mark.parametrize("args, words", [(["--nproc", "0"], "--nproc 0 is not a positive whole number"),
                                          (["--nproc", "two"], "--nproc two is not a positive whole number"),
-                                         (["--size", "huge"], "--size huge is not one of tiny, cpu, gpu")])
+                                         (["--size", "huge"], "--size huge is not one of tiny, cpu, cpu-long, gpu")])
 def test_bad_options_stop_before_any_work(args, words, tmp_path):
     r = run_script(*args, "--out", str(tmp_path / "out"), timeout=60)
     lines = r.stderr.strip().splitlines()
