@@ -241,9 +241,11 @@ def main(argv=None):
         print0(f"step {step}: val bpb {bpb:.4f}")
         return {"val/bpb": bpb}
 
+    stage_label = stage_name(args.init)  # read once: the --init checkpoint's meta does not change
+
     def save(step):
         meta = {**geometry, "data_position": data.position(step), "data_sources": sources,
-                "num_iterations": args.num_iterations, "stage": stage_name(args.init)}
+                "num_iterations": args.num_iterations, "stage": stage_label}
         train.save_run(out, model, step, optimizer, info, meta, tokenizer=tok,
                        keep_last=args.keep_last or None, replace=args.overwrite)
 
