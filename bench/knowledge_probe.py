@@ -14,7 +14,10 @@
    option"), teacher forced. The letter can only come from reading the options: 0.20 means the
    model cannot map an answer to its letter, and then no MC accuracy can rise above chance.
 3. Induction: mean loss (nats) on the first copy of a repeated random token sequence minus the
-   second; near 0 = no in-context copying at all (letter binding is harder than copying).
+   second; near 0 = no in-context copying at all (letter binding is harder than copying). The
+   order gain is that minus the same on a shuffled second copy (copying in order, not raising
+   the context's tokens), and per head, the order gain lost when that head's output is zeroed:
+   the heads the copying runs through.
 4. Reading the question (held-out `arith` val problems, --open-items per depth):
    - operand copy, teacher forced on the gold text: is every token of a step's operand the
      model's top prediction, where the chain line re-reads the step's sentence ("phrase": "Mia
@@ -36,7 +39,7 @@ from nanostoney.cloze import option_logprobs
 from nanostoney.errors import UserError
 from nanostoney.evaluate import generate_completions
 from nanostoney.files import write_json
-from nanostoney.interp.attention import induction_gain, order_gain
+from nanostoney.interp.attention import induction_gain, order_gain, order_gain_by_head
 from nanostoney.tasks import arith, get_task
 from nanostoney.tasks.subset import subset
 
@@ -167,7 +170,8 @@ def reading_probe(model, tok, split, per_depth):
 
 def probe_checkpoint(model, tok, names, split, items, open_items=0):
     from nanostoney.metrics import bootstrap_ci
-    row = {"induction_gain_nats": induction_gain(model, tok), "order_gain_nats": order_gain(model, tok)}
+    row = {"induction_gain_nats": induction_gain(model, tok), "order_gain_nats": order_gain(model, tok),
+           "order_gain_lost_by_head": order_gain_by_head(model, tok).round(3).tolist()}
     if open_items:
         row.update(reading_probe(model, tok, split, open_items))
     for n in names:
@@ -203,7 +207,10 @@ def main():
         if tok is None:
             raise UserError(f"{ckpt} has no tokenizer; pass a checkpoint saved with one.")
         rows[ckpt] = r = probe_checkpoint(model, tok, names, args.split, args.items, args.open_items)
-        print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats (in order {r['order_gain_nats']:+.2f}); " + ", ".join(
+        lost = torch.tensor(r["order_gain_lost_by_head"])
+        layer, head = divmod(int(lost.argmax()), lost.shape[1])
+        print(f"{ckpt}: induction gain {r['induction_gain_nats']:+.2f} nats (in order {r['order_gain_nats']:+.2f}; "
+              f"zeroing head {layer}.{head} loses the most of it, {lost.max():.2f}); " + ", ".join(
             f"{k} {v['accuracy'][0]:.3f} [{v['accuracy'][1]:.3f}, {v['accuracy'][2]:.3f}]"
             + (f" (p(gold letter) {v['p_gold_letter'][0]:.3f})" if "p_gold_letter" in v else "")
             for k, v in r.items() if isinstance(v, dict)), flush=True)

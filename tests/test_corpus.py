@@ -187,3 +187,21 @@ def test_order_gain_tells_copying_from_raising_the_context():
     assert induction_gain(copier, tok) > 5 and induction_gain(bag, tok) > 1
     assert order_gain(copier, tok) > 5
     assert order_gain(bag, tok) <= 0.01
+
+
+def test_order_gain_by_head_names_the_head_it_zeroes():
+    """Every output projection zero but head 2 of layer 1: zeroing any other head loses nothing,
+    zeroing that one loses what it adds (a layer or head mix-up would name another)."""
+    from nanostoney.gpt import GPT, GPTConfig
+    from nanostoney.interp.attention import order_gain_by_head
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=600, n_layer=2, n_head=4, n_kv_head=4, n_embd=64))
+    model.init_weights()  # zero output projections: no block writes to the residual stream
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.1)
+        model.transformer.h[1].attn.c_proj.weight[:, 2 * 16:3 * 16].normal_(0, 0.5)
+    tok = types.SimpleNamespace(vocab_size=600, special_tokens=["<|bos|>"] * 9, bos_id=591)
+    lost = order_gain_by_head(model.eval(), tok)
+    assert lost.shape == (2, 4) and abs(lost[1, 2]) > 1e-4
+    lost[1, 2] = 0
+    assert abs(lost).max() < 1e-5

@@ -164,3 +164,17 @@ def order_gain(model, tok, **kw):
     one (induction gain minus its shuffled control). Near 0 for a model that only raises the
     tokens of its context, whatever its induction gain."""
     return induction_gain(model, tok, **kw) - induction_gain(model, tok, shuffled=True, **kw)
+
+
+def order_gain_by_head(model, tok, **kw):
+    """[n_layer, n_head]: the order gain lost when that one head's output is zeroed. The heads the
+    copying runs through lose most of it; a model whose copying is spread over many heads loses
+    little to any one (then look at whole layers)."""
+    c = unwrap(model).config
+    full = order_gain(model, tok, **kw)
+    lost = np.zeros((c.n_layer, c.n_head))
+    for layer in range(c.n_layer):
+        for head in range(c.n_head):
+            with probes.ablate(model, [(layer, head)]):
+                lost[layer, head] = full - order_gain(model, tok, **kw)
+    return lost
