@@ -77,10 +77,11 @@ def summarize(results):
     """Markdown: training-prompt reward (start -> final) and held-out pass@1 (SFT -> GRPO) per task."""
     seeds = sorted(results)
     first = results[seeds[0]]
-    lines = [f"GRPO from {first['init']}, {first['steps']} steps, seeds {', '.join(map(str, seeds))}.", "",
-             "Mean reward on the fixed training prompts (G samples each, same seed before and after):", "",
-             "| task | " + " | ".join(f"seed {s}: start → final" for s in seeds) + " | change, mean ± sd |",
-             "|---" * (len(seeds) + 2) + "|"]
+    lines = [f"GRPO from {first['init']}, {first['steps']} steps, seeds {', '.join(map(str, seeds))}."]
+    if first.get("train_reward_start"):  # absent with --probe-prompts 0
+        lines += ["", "Mean reward on the fixed training prompts (G samples each, same seed before and after):", "",
+                  "| task | " + " | ".join(f"seed {s}: start → final" for s in seeds) + " | change, mean ± sd |",
+                  "|---" * (len(seeds) + 2) + "|"]
     for task in first.get("train_reward_start", {}):
         pairs = [(results[s]["train_reward_start"][task], results[s]["train_reward_final"][task]) for s in seeds]
         lines.append(f"| {task} | " + " | ".join(f"{a:.3f} → {b:.3f}" for a, b in pairs)

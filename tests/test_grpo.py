@@ -509,3 +509,20 @@ def test_grpo_train_control_run_logs_shuffled_rewards_and_skipped_groups(tiny_sf
     for r in steps:
         assert r["reward/shuffled"] == 1.0 and "reward/shuffle_moved" in r and "reward/chain/mean" in r
         assert 0 <= r["groups/skipped"] <= 2 and "update/skipped" in r
+
+
+def test_grpo_seeds_pools_each_items_change_over_seeds():
+    """bench.grpo_seeds: the pooled change is the bootstrap of each item's change averaged over
+    seeds; no reward table when the runs measured no training prompts (--probe-prompts 0)."""
+    from bench.grpo_seeds import paired_change, summarize
+
+    def run(start, final):
+        ids = list(range(len(start)))
+        return {"init": "sft", "steps": 3,
+                "start": {"arith": {"n": 4, "pass@1": [0.5, 0, 1], "items": {"id": ids, "correct": start}}},
+                "final": {"arith": {"n": 4, "pass@1": [0.5, 0, 1], "items": {"id": ids, "correct": final}}}}
+    results = {0: run([0, 0, 1, 1], [1, 1, 1, 1]), 1: run([0, 0, 1, 1], [1, 0, 1, 0])}
+    ch = paired_change(results, "arith", [0, 1])
+    assert ch[0][0] == 0.5 and ch[1][0] == 0.0 and ch["pooled"][0] == 0.25
+    md = summarize(results)
+    assert "training prompts" not in md and "+0.250" in md
