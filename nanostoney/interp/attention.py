@@ -169,7 +169,7 @@ def order_gain(model, tok, **kw):
 def order_gain_by_head(model, tok, **kw):
     """[n_layer, n_head]: the order gain lost when that one head's output is zeroed. The heads the
     copying runs through lose most of it; a model whose copying is spread over many heads loses
-    little to any one (then look at whole layers)."""
+    little to any one (then zero sets of heads with probes.ablate)."""
     c = unwrap(model).config
     full = order_gain(model, tok, **kw)
     lost = np.zeros((c.n_layer, c.n_head))
