@@ -24,6 +24,7 @@ from nanostoney.gpt import unwrap
 from nanostoney.metrics import (bootstrap_ci, chrf_pp_ci, comet_score, eval_mode, mauve_score, pass_at_k,
                                 pass_at_k_by_task)
 from nanostoney.published import resolve
+from nanostoney.rewards import CHAIN_ERRORS, chain_error, gold_lines
 from nanostoney.tasks.base import stable_hash
 
 # task -> what chrF++ compares: the open answer vs example["answer"], or the <think> reasoning vs the gold's
@@ -161,6 +162,11 @@ def score_task(task, examples, greedy, sampled, featurize=None, n_boot=1000, mau
         metrics["answered"] = mean_ci([answer_after(c) is not None for c in greedy], n_boot, seed)
     if cloze is not None:
         metrics["cloze"] = mean_ci(cloze, n_boot, seed)
+    if task.kind == "numeric" and any(gold_lines(ex) for ex in examples):
+        # where the written chains first go wrong: misreading the question vs wrong arithmetic
+        errors = [chain_error(ex, c) for ex, c in zip(examples, greedy)]
+        for kind in CHAIN_ERRORS:
+            metrics[f"first error: {kind}"] = mean_ci([e == kind for e in errors], n_boot, seed)
     n_samples = len(sampled[0]) if sampled else 0
     sample_correct = [[bool(task.evaluate(ex, c)) for c in cs] for ex, cs in zip(examples, sampled)]
     if n_samples:

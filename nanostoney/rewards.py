@@ -82,11 +82,38 @@ def _steps(think):
 def chain(example, completion, task):
     """The share of the gold's "a op b = c" lines the completion's reasoning writes in order, up to
     its first differing line; a gold without such lines (Stoney, MC) gets accuracy instead."""
-    gold = EQUATION_RE.findall(rationale_part(_gold_text(example)))
+    gold = gold_lines(example)
     if not gold:
         return accuracy(example, completion, task)
     got = EQUATION_RE.findall(rationale_part(completion))
     return sum(1 for _ in takewhile(lambda pair: _same_line(*pair), zip(gold, got))) / len(gold)
+
+
+def gold_lines(example):
+    """The (a, op, b, c) lines of the gold's reasoning."""
+    return EQUATION_RE.findall(rationale_part(_gold_text(example)))
+
+
+CHAIN_ERRORS = ("operand", "operator", "fact", "steps")
+
+
+def chain_error(example, completion):
+    """Where a completion's chain first leaves the gold's, the first differing line: "operand" (a
+    number read wrong: the start, a step's number, the previous result, or a step skipped),
+    "operator" (the right numbers, another operation), "fact" (the right numbers and operation, a
+    wrong result); "steps" when every line written is the gold's but lines are missing or added.
+    None when the lines are the gold's, or the gold has no "a op b = c" lines."""
+    gold, got = gold_lines(example), EQUATION_RE.findall(rationale_part(completion))
+    if not gold:
+        return None
+    for g, c in zip(gold, got):
+        if not all(numbers_equal(float(x), float(y)) for x, y in ((g[0], c[0]), (g[2], c[2]))):
+            return "operand"
+        if g[1] != c[1]:
+            return "operator"
+        if not numbers_equal(float(g[3]), float(c[3])):
+            return "fact"
+    return "steps" if len(got) != len(gold) else None
 
 
 def _same_line(a, b):

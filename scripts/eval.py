@@ -105,7 +105,7 @@ def fmt(metric, entry):
 
 def metric_order(names):
     rank = {"accuracy": 0, "cloze": 0.5, "answered": 1, "chrf++": 3, "mauve": 4, "comet": 5}
-    return sorted(names, key=lambda m: (2, int(m[5:])) if m.startswith("pass@") else (rank.get(m, 6), 0))
+    return sorted(names, key=lambda m: (2, int(m[5:]), m) if m.startswith("pass@") else (rank.get(m, 6), 0, m))
 
 
 def format_table(results, split):

@@ -272,3 +272,39 @@ def test_chain_credits_the_gold_lines_up_to_the_first_wrong_one():
     lex = get_task("stoney_lexicon")
     item = lex.examples("val")[0]
     assert rewards.chain(item, gold(item), lex) == 1.0 and rewards.chain(item, "Answer: zzz", lex) == 0.0
+
+
+def test_chain_error_names_the_first_line_that_leaves_the_gold():
+    """A wrong result is a fact error, other numbers an operand error (a misreading), the same
+    numbers under another operation an operator error; lines the gold's but too few are steps.
+    Each distractor chain (the question misread) is one of them; the gold and a task without
+    equation lines are none. score_task reports the shares for the open arith task only."""
+    from nanostoney import evaluate
+    task = get_task("arith")
+    ex = next(e for e in task.examples("val") if e["depth"] == 3)
+    lines = gold(ex).split("</think>")[0][len("<think>"):].split("\n")
+    head, eq = lines[1].rsplit(": ", 1)
+    a, op, b, c = re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", eq).groups()
+    other_op = "+" if op != "+" else "-"
+    def with_line2(line):
+        return "<think>" + "\n".join([lines[0], f"{head}: {line}", lines[2]]) + "</think>\nAnswer: 0"
+    assert rewards.chain_error(ex, gold(ex)) is None
+    assert rewards.chain_error(ex, with_line2(f"{a} {op} {b} = {int(c) + 1}")) == "fact"
+    assert rewards.chain_error(ex, with_line2(f"{a} {op} {int(b) + 1} = {c}")) == "operand"
+    assert rewards.chain_error(ex, with_line2(f"{int(a) + 1} {op} {b} = {c}")) == "operand"
+    assert rewards.chain_error(ex, with_line2(f"{a} {other_op} {b} = {c}")) == "operator"
+    assert rewards.chain_error(ex, "<think>" + lines[0] + "</think>\nAnswer: 1") == "steps"
+    assert rewards.chain_error(ex, "Answer: " + ex["answer"]) == "steps"
+    assert all(rewards.chain_error(ex, w) is not None for w in ex["wrong_answers"])
+    lex = get_task("stoney_lexicon")
+    assert rewards.chain_error(lex.examples("val")[0], "Answer: zzz") is None
+
+    exs = [ex] * 4
+    greedy = [gold(ex), with_line2(f"{a} {op} {b} = {int(c) + 1}"), gold(ex), "Answer: 7"]
+    m = evaluate.score_task(task, exs, greedy, [[] for _ in exs], comet=False)[0]["metrics"]
+    assert m["first error: fact"]["value"] == pytest.approx(0.25) and m["first error: steps"]["value"] == 0.25
+    assert m["first error: operand"]["value"] == 0.0 and m["first error: operator"]["value"] == 0.0
+    mc = get_task("arith_mc")
+    mc_exs = mc.examples("val")[:2]
+    assert not any(k.startswith("first error") for k in
+                   evaluate.score_task(mc, mc_exs, [gold(e) for e in mc_exs], [[], []], comet=False)[0]["metrics"])
