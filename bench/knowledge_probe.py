@@ -10,9 +10,10 @@
      control items about terms no training text holds.
    - arith_mc: the question, then each option's own chain "<think>...</think>\\nAnswer: v"
      (the gold's correct chain, or the wrong-step chain that argues for a distractor).
-2. Letter binding: p(gold letter | the item as pretraining text states it, up to "which is
-   option"), teacher forced. The letter can only come from reading the options: 0.20 means the
-   model cannot map an answer to its letter, and then no MC accuracy can rise above chance.
+2. Letter binding: p(gold letter | the item as pretraining text states it, up to the value its
+   gold names: "The answer is 72| C."), teacher forced. The letter can only come from reading the
+   options ("- 72 C"): 0.20 means the model cannot map an answer to its letter, and then no MC
+   accuracy can rise above chance.
 3. Induction: mean loss (nats) on the first copy of a repeated random token sequence minus the
    second; near 0 = no in-context copying at all (letter binding is harder than copying). The
    order gain is that minus the same on a shuffled second copy (copying in order, not raising
@@ -33,7 +34,7 @@ import re
 import torch
 
 from nanostoney import cli
-from nanostoney.answers import LETTERS
+from nanostoney.answers import LETTERS, picked
 from nanostoney.cli import run_main
 from nanostoney.cloze import option_logprobs
 from nanostoney.errors import UserError
@@ -41,6 +42,7 @@ from nanostoney.evaluate import generate_completions
 from nanostoney.files import write_json
 from nanostoney.interp.attention import induction_gain, order_gain, order_gain_by_head
 from nanostoney.tasks import arith, get_task
+from nanostoney.tasks.base import question_only_text
 from nanostoney.tasks.subset import subset
 
 TASKS = ("stoney_mc", "stoney_mc_unseen", "arith_mc")
@@ -61,8 +63,8 @@ def option_texts(task, ex):
                 prefix, cont = f"'{gloss}' in Stoney Nakoda is `", f"{choice}`."
         else:
             think = ex["option_rationales"][letter].split("</think>")[0]
-            chain = think.rsplit("\n", 1)[0]  # drop "The answer is v, which is option L."
-            prefix = ex["messages"][-2]["content"].split("\n\nA) ")[0] + "\n\n"
+            chain = think.rsplit("\n", 1)[0]  # drop "The answer is v L."
+            prefix = question_only_text(ex["messages"][-2]["content"]) + "\n\n"
             cont = f"{chain}</think>\nAnswer: {choice}"
         out.append((prefix + cont, len(prefix)))
     return out
@@ -87,15 +89,16 @@ def probe(model, tok, task, exs):
 
 
 def letter_context(ex):
-    """(the item as the pretraining text states it, up to "which is option"; that text + " L")."""
+    """(the item as the pretraining text states it, up to the value its gold picks; that text + " L")."""
     text = ex["messages"][-2]["content"] + "\n\n" + ex["messages"][-1]["content"]
-    cut = text.rindex("which is option") + len("which is option")
+    choice = ex["choices"][LETTERS.index(ex["answer"])]
+    cut = text.rindex(picked(choice, ex["answer"])) + len(choice)
     return text[:cut], text[:cut + 2]
 
 
 @torch.no_grad()
 def letter_binding(model, tok, exs):
-    """p(gold letter) after "which is option" in each item's plain-text form."""
+    """p(gold letter) after the picked value in each item's plain-text form."""
     probs = []
     for ex in exs:
         context, with_letter = letter_context(ex)

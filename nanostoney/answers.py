@@ -5,6 +5,7 @@ import re
 
 LETTERS = "ABCDE"  # option letters in order; a task with n options uses the first n (option_letters)
 MARKER = "Answer:"
+OPTION_MARK = "- "  # starts each option line
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 WORD_RE = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")  # a word of letters (with inner apostrophes, hyphens)
@@ -45,6 +46,20 @@ def rationale_part(text):
     if m:
         return m.group(1).strip()
     return text.rpartition(MARKER)[0].strip() if MARKER in text else text.strip()
+
+
+def option_line(letter, choice):
+    """One option of a multiple-choice question, its letter right after its text: "- 72 C". A small
+    model picks the letter by copying what followed the value it has just written, as an induction
+    head copies; with the letter first ("C) 72") it must read the token before a match, and a depth-4
+    model that copies did not learn that in 400 steps of option drills (docs/science_log.md)."""
+    return f"{OPTION_MARK}{choice} {letter}"
+
+
+def picked(choice, letter):
+    """How a gold reasoning states its pick: as its option line ends ("72 C"), so the letter is
+    the token that followed the choice there."""
+    return f"{choice} {letter}"
 
 
 def option_letters(n):

@@ -7,18 +7,17 @@ from contextlib import nullcontext
 
 import torch
 
-from nanostoney.answers import LETTERS, format_answer, rationale_part
+from nanostoney.answers import LETTERS, format_answer, picked, rationale_part
 from nanostoney.dist import autocast_ctx, map_over_ranks
 from nanostoney.gpt import unwrap
+from nanostoney.tasks.base import question_only_text
 from nanostoney.metrics import eval_mode
 
 
 def question_only(task, example):
     """The prompt messages with the options block cut off the last user turn."""
     messages = task.prompt(example)
-    content = messages[-1]["content"]
-    cut = content.rfind("\n\nA) ")
-    messages[-1] = {**messages[-1], "content": content[:cut] if cut >= 0 else content}
+    messages[-1] = {**messages[-1], "content": question_only_text(messages[-1]["content"])}
     return messages
 
 
@@ -26,7 +25,7 @@ def answer_texts(example):
     """Each option's answer as the assistant would write it, with no letter in it."""
     worked = example.get("option_rationales", {})
     return [format_answer(f"The answer is {choice}." if L not in worked
-                          else rationale_part(worked[L]).replace(f", which is option {L}", ""), choice)
+                          else rationale_part(worked[L]).replace(picked(choice, L), choice), choice)
             for L, choice in zip(LETTERS, example["choices"])]
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanostoney.answers import LETTERS, format_answer, format_number
+from nanostoney.answers import LETTERS, format_answer, format_number, option_line, picked
 from nanostoney.tasks import arith
 from nanostoney.tasks.base import split_by_hash
 
@@ -123,9 +123,9 @@ def option_text(rng):
         values.append(word(rng) + "s")
     values = [format_number(v) if isinstance(v, int) else v for v in values]
     k = rng.randrange(5)
-    options = "\n".join(f"{L}) {v}" for L, v in zip(LETTERS, values))
+    options = "\n".join(option_line(L, v) for L, v in zip(LETTERS, values))
     return (f"Which option is {values[k]}?\n\n{options}\n\n"
-            + format_answer(f"The answer is {values[k]}, which is option {LETTERS[k]}.", LETTERS[k]))
+            + format_answer(f"The answer is {picked(values[k], LETTERS[k])}.", LETTERS[k]))
 
 
 def span_row(rng, tok, seq_len):

@@ -69,7 +69,7 @@ def test_mc_options_are_wrong_steps_with_their_own_rationale():
             think = text.split("<think>")[1].split("</think>")[0]
             lines, last = think.rsplit("\n", 1)
             value = int(ex["choices"][LETTERS.index(letter)])
-            assert last == f"The answer is {value}, which is option {letter}."
+            assert last == f"The answer is {value} {letter}."
             assert text.endswith(f"Answer: {letter}") and task.evaluate(ex, text) == (letter == ex["answer"])
             assert chain_value(lines, first_operand(lines)) == value
         assert ex["messages"][-1]["content"] == ex["option_rationales"][ex["answer"]]

@@ -30,7 +30,7 @@ def test_answers_name_no_letter_and_the_question_no_options(name):
         for text, choice in zip(answers, ex["choices"]):
             assert text.endswith(f"Answer: {choice}") and not re.search(r"option\s*[A-E]\b", text), text
         asked = cloze.question_only(task, ex)[-1]["content"]
-        assert not any(f"\n{L}) " in asked for L in LETTERS) and asked in ex["messages"][-2]["content"]
+        assert not any(f"- {c} {L}" in asked for L, c in zip(LETTERS, ex["choices"])) and asked in ex["messages"][-2]["content"]
 
 
 def test_batched_scores_equal_one_row_at_a_time(tok):

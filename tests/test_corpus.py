@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from nanostoney.answers import LETTERS
 from nanostoney import corpus
 from nanostoney.errors import UserError
 from nanostoney.tasks import BUNDLED_TASKS as TASK_NAMES, get_task
@@ -82,7 +83,8 @@ def test_every_extraction_fact_is_in_the_pretraining_text():
             assert corpus.conversation_text(c) in texts
     blob = "\n".join(corpus.pretraining_texts(augment=2))
     for ex in get_task("stoney_mc").examples("val"):
-        term = re.search(r"`([^`]+)`", ex["messages"][0]["content"] + ex["messages"][-1]["content"]).group(1)
+        asked = re.search(r"`([^`]+)`", ex["messages"][0]["content"])  # s2e; e2s's term is its gold option
+        term = asked.group(1) if asked else ex["choices"][LETTERS.index(ex["answer"])]
         assert f"`{term}`" in blob
 
 
@@ -137,7 +139,8 @@ def test_knowledge_probe_scores_the_gold_letter_and_the_gold_statement():
         task = get_task(name)
         for ex in subset(task, "val", 10):
             context, with_letter = kp.letter_context(ex)
-            assert context.endswith("which is option") and with_letter == f"{context} {ex['answer']}"
+            choice = ex["choices"][LETTERS.index(ex["answer"])]
+            assert context.endswith(f" {choice}") and with_letter == f"{context} {ex['answer']}"
             texts = kp.option_texts(task, ex)
             prefixes = {t[:start] for t, start in texts}
             assert len(texts) == 5 and len(prefixes) == 1

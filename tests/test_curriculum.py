@@ -72,7 +72,7 @@ def test_drills_hold_what_they_teach():
     text = curriculum.option_text(rng)
     value = text.split("?")[0].removeprefix("Which option is ")
     letter = text.rstrip()[-1]
-    assert f"\n{letter}) {value}\n" in text + "\n" and text.endswith(f"which is option {letter}.</think>\nAnswer: {letter}")
+    assert f"\n- {value} {letter}\n" in text + "\n" and text.endswith(f"is {value} {letter}.</think>\nAnswer: {letter}")
 
 
 def test_chain_lines_reread_the_question():

@@ -195,9 +195,9 @@ class FakeTask(MCTask):
 
 STONEY = mc_example("s1", "src1", "Which Stoney Nakoda term means 'cloud'?",
                     ["châmnî", "gamubi", "snasnan", "wîchanâ", "nohâṯẖi"], "E",
-                    "'cloud' in Stoney Nakoda is `nohâṯẖi`, which is option E.")
+                    "'cloud' in Stoney Nakoda is nohâṯẖi E.")
 MATH = mc_example("m1", "src2", "Natalia sold 48 clips in April and half as many in May. How many in all?",
-                  ["72", "94", "98", "144", "216"], "A", "48/2 = 24 and 48+24 = 72, which is option A.")
+                  ["72", "94", "98", "144", "216"], "A", "48/2 = 24 and 48+24 = 72 A.")
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_answer_position_and_regions(tok):
     R = definitions.STRUCT_REGIONS
     assert item.struct[0] == R.index("bos") and item.struct[1] == R.index("template")
     assert joined(item, item.struct == R.index("question")).strip() == "Which Stoney Nakoda term means 'cloud'?"
-    assert joined(item, item.option == 4).strip() == "E) nohâṯẖi"
+    assert joined(item, item.option == 4).strip() == "- nohâṯẖi E"
     assert joined(item, item.struct == R.index("rationale")).startswith("<think>'cloud'")
     assert joined(item, item.struct == R.index("answer_cue")).strip() == "Answer:"
     assert item.answer_index == 4

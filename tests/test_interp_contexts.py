@@ -72,6 +72,7 @@ def completions(ex):
         other = LETTERS[(LETTERS.index(L) + 1) % 5]
         out += [f"<think>Some reasoning here.\nSo the right one is ({L}).</think>\nAnswer: {L}",
                 f"<think>Checking the options.\n{L}) {text}\nThat settles it.</think>\nAnswer: {L}",
+                f"<think>Checking the options.\n- {text} {L}\nThat settles it.</think>\nAnswer: {L}",
                 f"<think>It must be {ex['choices'][LETTERS.index(other)]}; option {other}.</think>\nAnswer: {other}"]
     return out
 
@@ -114,7 +115,7 @@ def test_cloze_context_has_no_options_and_no_answer_text(tok, name):
         item = items.prepare_item(tok, task, ex, "val", Judge(), None, (prompt, gold, slot, answers))
         start = item.ids.index(tok.token_id("<|assistant_start|>")) + 1
         read = tok.decode(item.ids[:start])
-        assert not any(f"\n{L}) " in read for L in LETTERS), read  # no option lines
+        assert not any(f"- {c} {L}" in read for L, c in zip(LETTERS, ex["choices"])), read  # no option lines
         shared = tok.decode(item.ids[start:])
         assert all(a.startswith(shared) for a in answers), (shared, answers)
         assert not leaks(tok, ex, item.ids), (ex["id"], shared)

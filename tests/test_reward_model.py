@@ -149,13 +149,13 @@ def conv(user, assistant):
 
 
 def argued(lines, value, letter):
-    return f"<think>{lines}\nThe answer is {value}, which is option {letter}.</think>\nAnswer: {letter}"
+    return f"<think>{lines}\nThe answer is {value} {letter}.</think>\nAnswer: {letter}"
 
 
 CHAINS = {"A": ("48/2 = 24.\n48-24 = 24.", 24), "B": ("48/2 = 24.\n48+24 = 71.", 71),
           "C": ("48/2 = 24.\n48+24 = 72.", 72), "D": ("48*2 = 96.\n96+24 = 120.", 120), "E": ("48+24 = 72.", 144)}
 MC = {"id": "mc1", "answer": "C", "choices": ["24", "71", "72", "120", "144"],
-      "messages": conv("How many clips?\n\nA) 24\nB) 71\nC) 72\nD) 120\nE) 144", argued(*CHAINS["C"], "C")),
+      "messages": conv("How many clips?\n\n- 24 A\n- 71 B\n- 72 C\n- 120 D\n- 144 E", argued(*CHAINS["C"], "C")),
       "option_rationales": {L: argued(lines, v, L) for L, (lines, v) in CHAINS.items()}}
 NUM = {"id": "n1", "answer": "72", "messages": conv("How many clips?", "<think>48+24 = 72.</think>\nAnswer: 72"),
        "wrong_answers": ["<think>48-24 = 24.</think>\nAnswer: 24", "<think>48+24 = 73.</think>\nAnswer: 73"]}

@@ -62,7 +62,7 @@ def test_examples_follow_the_contract(name):
                 assert len(ex["choices"]) == 5 and ex["answer"] in LETTERS
                 for letter, choice in zip(LETTERS, ex["choices"]):
                     s, e = ex["regions"][f"option_{letter}"]
-                    assert rendered[s:e] == f"{letter}) {choice}"
+                    assert rendered[s:e] == f"- {choice} {letter}"  # the letter right after its text
                 assert len({normalize(c) for c in ex["choices"]}) == 5, ex["choices"]
 
 

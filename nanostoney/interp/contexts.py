@@ -11,10 +11,11 @@ from nanostoney.answers import LETTERS, MARKER, NUMBER_RE, answer_after, format_
     option_letters, parse_letter, parse_number, rationale_part
 from nanostoney.errors import UserError
 
-# a sentence that names an option letter or announces the answer
-LETTER_NAMING = re.compile(r"(?i:\boption)\s*\(?[A-E]\b|\([A-E]\)|(?<!\w)[A-E]\)|(?i:\banswer\s*(?:is\b|:))")
+# a sentence that names an option letter (as an option line ends: "- 72 C", "It is 72 C.") or announces the answer
+LETTER_NAMING = re.compile(r"(?i:\boption)\s*\(?[A-E]\b|\([A-E]\)|(?<!\w)[A-E]\)|(?<=\S) [A-E](?=[.;\n]|$)"
+                           r"|(?i:\banswer\s*(?:is\b|:))")
 SENTENCE_END = re.compile(r"\n|[.!?;](?=\s)")
-STATED_VALUE = re.compile(r"(?i:answer is)\s*(.+?)\s*(?:,\s|\.\s|\.?$|\n|;)", re.MULTILINE)
+STATED_VALUE = re.compile(r"(?i:answer is)\s*(.+?)(?: [A-E])?\s*(?:,\s|\.\s|\.?$|\n|;)", re.MULTILINE)
 
 
 def answer_value(text):
@@ -64,7 +65,7 @@ def stated_answers(example, completion=None):
     own = answer_after(completion) if completion else None
     out = [option_text(example, gold) if example.get("choices") else gold]
     out += [option_text(example, parse_letter(own)) if example.get("choices") else own] if own else []
-    said = STATED_VALUE.search(completion or "")  # "The answer is 27, which is option D": 27 too
+    said = STATED_VALUE.search(completion or "")  # "The answer is 27 D": 27 too
     return [a for a in out + [said.group(1) if said else None] if a]
 
 

@@ -6,7 +6,7 @@ import functools
 import random
 import re
 
-from nanostoney.answers import LETTERS
+from nanostoney.answers import LETTERS, picked
 from nanostoney.errors import UserError
 from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
 from nanostoney.tasks.base import MCTask, balanced_slots, mc_example, short_id, split_by_hash, stable_hash
@@ -100,7 +100,7 @@ class AquaMC(MCTask):
             for p in probs:
                 p = relabel(p, slots[p["source_id"]])
                 reasoning = (f"{p['rationale'] or 'The rationale is missing.'}\nThe answer is "
-                             f"{p['choices'][LETTERS.index(p['answer'])]}, which is option {p['answer']}.")
+                             f"{picked(p['choices'][LETTERS.index(p['answer'])], p['answer'])}.")
                 out[split].append(mc_example("aqua_mc/" + p["source_id"], p["source_id"], p["question"],
                                              p["choices"], p["answer"], reasoning))
         return out

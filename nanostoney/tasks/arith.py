@@ -17,7 +17,8 @@ import functools
 import random
 import re
 
-from nanostoney.answers import LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number
+from nanostoney.answers import (LETTERS, answer_after, format_answer, format_number, numbers_equal, parse_number,
+                                picked)
 from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash,
                                    stable_hash)
 
@@ -214,7 +215,7 @@ def answer_text(value, reasoning, letter=None):
 
 
 def mc_reasoning(value, reasoning, letter):
-    return f"{reasoning}\nThe answer is {format_number(value)}, which is option {letter}."
+    return f"{reasoning}\nThe answer is {picked(format_number(value), letter)}."
 
 
 class ArithTask(Task):

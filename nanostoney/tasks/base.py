@@ -1,6 +1,6 @@
 """What every task shares: the Task class, deterministic splits, the multiple-choice format
 (one for all families, so Stoney and math differ in content, not shape) and the surface-cue baselines.
-    user:      "{question}\n\nA) ...\nB) ...\nC) ...\nD) ...\nE) ..."     (MC tasks; MMLU stops at D)
+    user:      "{question}\n\n- ... A\n- ... B\n- ... C\n- ... D\n- ... E"  (MC tasks; MMLU stops at D)
     assistant: "<think>{reasoning}</think>\nAnswer: {answer}"
 """
 import abc
@@ -11,7 +11,8 @@ import re
 import statistics
 import unicodedata
 
-from nanostoney.answers import LETTERS, answer_after, format_answer, option_letters, parse_letter, parse_number
+from nanostoney.answers import (LETTERS, OPTION_MARK, answer_after, format_answer, option_line, option_letters, parse_letter,
+                                parse_number)
 from nanostoney.errors import UserError
 from nanostoney.tokenizer import SYSTEM_JOIN  # how the tokenizer folds a system message into the user turn
 
@@ -57,12 +58,19 @@ def render_mc(question, choices):
     regions = {"question": (0, len(question.strip()))}
     start = len(text)
     for letter, choice in zip(LETTERS, choices):
-        line = f"{letter}) {choice}"
+        line = option_line(letter, choice)
         regions[f"option_{letter}"] = (len(text), len(text) + len(line))
         text += line + "\n"
     text = text.rstrip("\n")
     regions["options"] = (start, len(text))
     return text, regions
+
+
+def question_only_text(user_text):
+    """A rendered MC user text without its options block (the text itself when it has none): the
+    block is last, its lines joined by single newlines, so it starts at the last blank line."""
+    cut = user_text.rfind("\n\n" + OPTION_MARK)
+    return user_text[:cut] if cut >= 0 else user_text
 
 
 def open_example(eid, source_id, question, reasoning, answer, **extra):

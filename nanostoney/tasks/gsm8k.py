@@ -6,7 +6,7 @@ import functools
 import operator
 import re
 
-from nanostoney.answers import LETTERS, answer_after, format_number, numbers_equal, parse_number
+from nanostoney.answers import LETTERS, answer_after, format_number, numbers_equal, parse_number, picked
 from nanostoney.errors import UserError
 from nanostoney.sources import bundled_path, bundled_rows, hub_label, hub_rows
 from nanostoney.tasks.base import MCTask, Task, balanced_slots, mc_example, open_example, short_id, split_by_hash
@@ -221,7 +221,7 @@ class GSM8KMC(GSM8KTask, MCTask):
         out = []
         for p, by_rank in feasible:
             r = chosen[p["source_id"]]
-            reasoning = f"{p['rationale']}\nThe answer is {p['final']}, which is option {LETTERS[r]}."
+            reasoning = f"{p['rationale']}\nThe answer is {picked(p['final'], LETTERS[r])}."
             out.append(mc_example("gsm8k_mc/" + p["source_id"], p["source_id"], p["question"],
                                   [format_number(v) for v in by_rank[r]], LETTERS[r], reasoning))
         return out

@@ -7,7 +7,7 @@ import csv
 import functools
 import os
 
-from nanostoney.answers import LETTERS
+from nanostoney.answers import LETTERS, picked
 from nanostoney.errors import UserError
 from nanostoney.sources import HUB, bundled_path, hub_dataset, hub_label, parquet_rows, read_jsonl
 from nanostoney.tasks.base import MCTask, mc_example, split_by_hash
@@ -92,7 +92,7 @@ class _MMLU(MCTask):
     def _build(self):
         out = {"train": [], "val": [], "test": []}
         for iid, (subject, q, choices, letter) in load_items(self.data_family, self.source, self.data_dir).items():
-            reasoning = f"The answer is {choices[LETTERS.index(letter)]}, which is option {letter}."
+            reasoning = f"The answer is {picked(choices[LETTERS.index(letter)], letter)}."
             out[split_by_hash(iid)].append(mc_example(f"{self.name}/{iid}", iid, q, choices, letter, reasoning,
                                                       subject=subject))
         return out

@@ -7,7 +7,7 @@ import collections
 import random
 import re
 
-from nanostoney.answers import LETTERS, answer_part, format_answer
+from nanostoney.answers import LETTERS, answer_part, format_answer, picked
 from nanostoney.metrics import sentence_chrf
 from nanostoney.sources import bundled_path, hub_label
 from nanostoney.tasks.base import (MCTask, Task, balanced_slots, mc_example, normalize, open_example, short_id,
@@ -72,8 +72,8 @@ Q_S2E = "Translate `{term}` from Stoney Nakoda into English."
 Q_E2S = "Translate '{gloss}' from English into Stoney Nakoda."
 LEXICON_TEXTS = {("open", "s2e"): (Q_S2E, "Looking up `{term}`."),
                  ("open", "e2s"): (Q_E2S, "Looking up '{gloss}'."),
-                 ("mc", "s2e"): (Q_S2E, "It means '{gloss}', which is option {letter}."),
-                 ("mc", "e2s"): (Q_E2S, "It is `{term}`, which is option {letter}.")}
+                 ("mc", "s2e"): (Q_S2E, "It means {picked}."),
+                 ("mc", "e2s"): (Q_E2S, "It is {picked}.")}
 
 
 def lexicon_texts(kind, item, letter=None, choice=None):
@@ -82,6 +82,7 @@ def lexicon_texts(kind, item, letter=None, choice=None):
     words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
     if choice is not None:
         words["gloss" if item["dir"] == "s2e" else "term"] = choice
+    words["picked"] = picked(words["gloss" if item["dir"] == "s2e" else "term"], letter)
     return question.format(**words), reasoning.format(**words)
 
 
