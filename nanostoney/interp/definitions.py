@@ -55,7 +55,7 @@ DEFINITIONS = {
     "induction": "on <|bos|> + R + R (R: random tokens), mean attention from each token of the second copy onto "
                  "the token that followed its earlier occurrence; interval over random sequences.",
     "option_lookup": "multiple choice only: attention mass from the answer slot onto the tokens of the "
-                     "correct option's line ('E) 32400').",
+                     "correct option's line ('- 32400 E').",
     "option_share": "option_lookup divided by the mass on all five option lines (about 0.2 when a head does not "
                     "prefer the correct one).",
     "logit_lens": "for each depth l (0 = embeddings, l = after block l), the residual stream at the answer "
