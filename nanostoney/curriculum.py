@@ -116,16 +116,25 @@ def lookup_text(rng):
             + "\n".join(f"{k} = {table[k]}" for k in asked))
 
 
-def option_text(rng):
-    """Five options and a pick stated as the MC tasks state it: the letter is read off the options."""
+def option_values(rng):
+    """Five distinct option texts (numbers or made-up words) and the index of the one asked for."""
     values = rng.sample(range(1, 100), 5) if rng.random() < 0.5 else list({word(rng): 0 for _ in range(8)})[:5]
     while len(values) < 5:
         values.append(word(rng) + "s")
-    values = [format_number(v) if isinstance(v, int) else v for v in values]
-    k = rng.randrange(5)
-    options = "\n".join(option_line(L, v) for L, v in zip(LETTERS, values))
+    return [format_number(v) if isinstance(v, int) else v for v in values], rng.randrange(5)
+
+
+def option_drill(values, k, line=option_line, pick=picked):
+    """The question for values[k], the options, and the pick; line and pick: the option format
+    (the MC tasks' own, or another one bench.option_formats compares)."""
+    options = "\n".join(line(L, v) for L, v in zip(LETTERS, values))
     return (f"Which option is {values[k]}?\n\n{options}\n\n"
-            + format_answer(f"The answer is {picked(values[k], LETTERS[k])}.", LETTERS[k]))
+            + format_answer(f"The answer is {pick(values[k], LETTERS[k])}.", LETTERS[k]))
+
+
+def option_text(rng):
+    """Five options and a pick stated as the MC tasks state it: the letter is read off the options."""
+    return option_drill(*option_values(rng))
 
 
 def span_row(rng, tok, seq_len):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanostoney import curriculum
+from nanostoney.answers import LETTERS
 from nanostoney.tasks import arith
 from nanostoney.tokenizer import Tokenizer
 
@@ -159,3 +160,19 @@ def test_drills_save_a_checkpoint_the_probes_load(tmp_path):
                        cwd=ROOT, env=env(), check=True, capture_output=True, text=True)
     first = json.loads(r.stdout.strip().splitlines()[0])  # --init continues from the saved weights
     assert first["step"] == 0 and first["order_gain"] == last["order_gain"] and first["gain"] == last["gain"]
+
+
+def test_option_formats_stop_right_before_the_picked_letter():
+    """bench.option_formats: in every format the context ends where the pick's letter comes next,
+    and the tasks' own format is the letter_after one."""
+    from bench import option_formats
+    rng = random.Random(3)
+    for name, (line, pick) in option_formats.FORMATS.items():
+        for _ in range(20):
+            values, k = curriculum.option_values(rng)
+            text = curriculum.option_drill(values, k, line, pick)
+            context, before = option_formats.letter_slot(values, k, line, pick)
+            assert text.startswith(context + before + LETTERS[k]) and "<think>The answer is " + values[k] in context
+            assert "\n" + line(LETTERS[k], values[k]) + "\n" in text, name
+    values, k = curriculum.option_values(rng)
+    assert curriculum.option_drill(values, k, *option_formats.FORMATS["letter_after"]) == curriculum.option_drill(values, k)
