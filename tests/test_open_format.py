@@ -35,7 +35,7 @@ def test_default_mixture_holds_the_open_tasks():
 
 @pytest.mark.slow  # about 2 minutes on 2 shared cores
 @pytest.mark.xfail(reason="issue 25 open: since arith chains re-read their sentences (and arith_mc's end "
-                   "'which is option X'), this tiny model answers 1 of 4 held-out arith or stoney_lexicon "
+                   "by naming the option), this tiny model answers 1 of 4 held-out arith or stoney_lexicon "
                    "items with a letter (3 runs of 2026-12-06)", strict=False)
 def test_open_questions_are_never_answered_with_a_letter(tiny_base):
     root, base = tiny_base
