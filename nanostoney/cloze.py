@@ -10,8 +10,8 @@ import torch
 from nanostoney.answers import LETTERS, format_answer, picked, rationale_part
 from nanostoney.dist import autocast_ctx, map_over_ranks
 from nanostoney.gpt import unwrap
-from nanostoney.tasks.base import question_only_text
 from nanostoney.metrics import eval_mode
+from nanostoney.tasks.base import question_only_text
 
 
 def question_only(task, example):

@@ -175,4 +175,5 @@ def test_option_formats_stop_right_before_the_picked_letter():
             assert text.startswith(context + before + LETTERS[k]) and "<think>The answer is " + values[k] in context
             assert "\n" + line(LETTERS[k], values[k]) + "\n" in text, name
     values, k = curriculum.option_values(rng)
-    assert curriculum.option_drill(values, k, *option_formats.FORMATS["letter_after"]) == curriculum.option_drill(values, k)
+    tasks_format = option_formats.FORMATS["letter_after"]
+    assert curriculum.option_drill(values, k, *tasks_format) == curriculum.option_drill(values, k)

@@ -11,8 +11,8 @@ import re
 import statistics
 import unicodedata
 
-from nanostoney.answers import (LETTERS, OPTION_MARK, answer_after, format_answer, option_line, option_letters, parse_letter,
-                                parse_number)
+from nanostoney.answers import (LETTERS, OPTION_MARK, answer_after, format_answer, option_letters, option_line,
+                                parse_letter, parse_number)
 from nanostoney.errors import UserError
 from nanostoney.tokenizer import SYSTEM_JOIN  # how the tokenizer folds a system message into the user turn
 

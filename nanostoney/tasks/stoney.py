@@ -79,7 +79,7 @@ LEXICON_TEXTS = {("open", "s2e"): (Q_S2E, "Looking up `{term}`."),
 def lexicon_texts(kind, item, letter=None, choice=None):
     """(question, gold reasoning) of an item; choice: an option asserted in the answer's place."""
     question, reasoning = LEXICON_TEXTS[(kind, item["dir"])]
-    words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"], "letter": letter}
+    words = {"term": item["pair"]["term"], "gloss": item["pair"]["gloss"]}
     if choice is not None:
         words["gloss" if item["dir"] == "s2e" else "term"] = choice
     words["picked"] = picked(words["gloss" if item["dir"] == "s2e" else "term"], letter)
