@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python handler: SIG_DFL again after exec
 signal.signal(signal.SIGQUIT, signal.SIG_DFL)
@@ -22,3 +23,12 @@ def corpus_cache(tmp_path_factory):
         os.environ.pop("NANOSTONEY_CACHE", None)
     else:
         os.environ["NANOSTONEY_CACHE"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: more only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

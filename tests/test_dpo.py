@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from nanostoney import dpo, lora, policy, probes
-from test_grpo import V, byte_tokenizer, prompts, tiny
+from test_grpo import V, byte_tokenizer, prompts, tiny, two_rank_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GOOD, BAD = 3, 5  # the toy preference: completions of token 3 over completions of token 5
@@ -165,16 +160,7 @@ def fixed_step(rank=0, world=1):
 
 
 def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
-    out = tmp_path / "state.pt"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(out), here], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    two, one = torch.load(out), fixed_step()
+    two, one = two_rank_state(tmp_path, DDP_WORKER), fixed_step()
     start = lora.lora_state_dict(lora_model())
     assert any(not torch.equal(one[k], start[k] + 0.05) for k in one)   # the step moved something
     for k in one:

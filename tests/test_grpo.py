@@ -11,13 +11,7 @@ from nanostoney.gpt import GPT, GPTConfig
 V, TARGET = 8, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):
@@ -387,12 +381,13 @@ def fixed_update(rank=0, world=1, loss_norm="token"):
     return {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
 
 
-def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
+def two_rank_state(tmp_path, worker):
+    """Run `worker` (argv: output path, this folder) on 2 gloo ranks; the state dict it saved."""
     import os
     import subprocess
     import sys
     script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER)
+    script.write_text(worker)
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
@@ -401,7 +396,11 @@ def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
            str(script), str(out), here]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    two = torch.load(out)
+    return torch.load(out)
+
+
+def test_two_ranks_take_the_same_step_as_one_process(tmp_path):
+    two = two_rank_state(tmp_path, DDP_WORKER)
     start = lora.lora_state_dict(setup()[0])
     for norm in ("token", "sequence"):
         one = fixed_update(loss_norm=norm)

@@ -13,12 +13,7 @@ from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 V = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, vocab=V):

@@ -1,6 +1,5 @@
 """The Rust BPE trainer against a plain Python BPE, across thread counts, and its own encoder
 against the `tokenizers` one on all bundled text."""
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,9 +9,9 @@ from tokenizers import Regex, pre_tokenizers
 
 import nanostoney_rustbpe
 from nanostoney.tokenizer import SPLIT_PATTERN, Tokenizer
+from test_tokenizer import bundled_texts
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
 
 STONEY_CORPUS = """\
 îchiyach yuṯẖach îchiyach îyâ ûne âba îchiyach, yuṯẖach! 'ṯ ẖ î â û
@@ -20,21 +19,6 @@ Hayis îchiyach yuṯẖach 2024 1999 12345 7 07 0.5 3/4 îyâ âba âba ûne
   îchiyach\tyuṯẖach\n\n   yuṯẖach  îchiyach's they'll we've I'M
 1, 2, 3, 10, 20, 300, 4000 îchiyach yuṯẖach yuṯẖach yuṯẖach
 """
-
-
-def bundled_texts():
-    texts = []
-    for line in open(DATA / "stoney/stoney_valid.jsonl", encoding="utf-8"):
-        texts += [m["content"] for m in json.loads(line)["messages"]]
-    for name in ("aqua_rat/dev.json", "aqua_rat/test.json"):
-        for line in open(DATA / name, encoding="utf-8"):
-            d = json.loads(line)
-            texts += [d["question"], "\n".join(d["options"]), d["rationale"]]
-    for name in ("gsm8k/train.jsonl", "gsm8k/test.jsonl"):
-        for line in open(DATA / name, encoding="utf-8"):
-            d = json.loads(line)
-            texts += [d["question"], d["answer"]]
-    return texts
 
 
 def reference_bpe(texts, num_merges, pattern=SPLIT_PATTERN):
