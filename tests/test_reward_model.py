@@ -8,7 +8,7 @@ from nanostoney import checkpoint, lora, reward_model
 from nanostoney.answers import answer_after
 from nanostoney.errors import UserError
 from nanostoney.gpt import GPT, GPTConfig
-from nanostoney.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from test_grpo import byte_tokenizer
 
 V = 16
 
@@ -90,12 +90,6 @@ def test_score_reads_the_last_token_and_ignores_padding():
     assert rm.score([[0, 3, 4, 5, 6, 7]]).item() != rm.score([[0, 3, 4, 1, 6, 7]]).item()
     with pytest.raises(UserError):
         rm.score([[]])
-
-
-def byte_tokenizer():
-    ranks = {bytes([i]): i for i in range(256)}
-    specials = {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)}
-    return Tokenizer.from_mergeable_ranks(ranks, SPLIT_PATTERN, specials)
 
 
 def test_save_and_load_round_trip_and_learned_reward(tmp_path):
