@@ -25,9 +25,10 @@ def corpus_cache(tmp_path_factory):
         os.environ["NANOSTONEY_CACHE"] = old
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models on one thread: more only add contention on a shared machine."""
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning
+    OpenMP threads made a tiny training 20x slower. Restored after the module."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
